@@ -1,0 +1,22 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+# Both create .venv on first use and install placer into it.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/python -m pip install -q -e '.[test]' "$(TORCH_SPEC)"
+	touch $(STAMP)
+
+.PHONY: install demo test
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/placer optimize
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q

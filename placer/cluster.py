@@ -1,0 +1,180 @@
+"""The devices a placement may use: parsing `--devices` and `--memory` (DESIGN.md).
+
+`cuda:N` is a real GPU; `cpu` is the whole host; `cpu:0,cpu:1,...` are virtual CPU
+devices, each a worker with its own share of the host's cores, so that two of them
+really run concurrently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from placer.errors import DeviceSpecError
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30,
+    "t": 10**12, "tb": 10**12, "tib": 2**40,
+}
+
+
+@dataclass(frozen=True)
+class Link:
+    """A one-way connection between two devices: time = latency + bytes / bandwidth."""
+
+    latency_s: float
+    bandwidth_Bps: float
+
+    def transfer_s(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth_Bps
+
+
+# Nominal links before calibration. Virtual CPU devices share memory: a hand-off is
+# a thread wake-up, not a copy. PCIe 4 x16 for host<->GPU; NVLink-class for GPU<->GPU.
+DEFAULT_LINKS: dict[frozenset[str], Link] = {
+    frozenset({"cpu"}): Link(latency_s=30e-6, bandwidth_Bps=1e12),
+    frozenset({"cpu", "cuda"}): Link(latency_s=10e-6, bandwidth_Bps=12e9),
+    frozenset({"cuda"}): Link(latency_s=10e-6, bandwidth_Bps=50e9),
+}
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str  # as the user wrote it: "cpu", "cpu:1", "cuda:0"
+    kind: str  # "cpu" or "cuda": which profiled costs apply
+    torch_device: str  # where its tensors live: "cpu" or "cuda:N"
+    memory_bytes: int | None = None  # cap; None means the device's own limit
+    threads: int = 1  # intra-op threads of its worker (CPU devices)
+
+    @property
+    def is_virtual_cpu(self) -> bool:
+        return self.kind == "cpu" and ":" in self.name
+
+
+@dataclass(frozen=True)
+class Cluster:
+    devices: tuple[Device, ...]
+    links: dict[frozenset[str], Link] = field(default_factory=lambda: dict(DEFAULT_LINKS))
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.devices]
+
+    @property
+    def kinds(self) -> list[str]:
+        """The distinct device kinds, in first-seen order."""
+        return list(dict.fromkeys(d.kind for d in self.devices))
+
+    def index(self, name: str) -> int:
+        for i, d in enumerate(self.devices):
+            if d.name == name:
+                return i
+        raise DeviceSpecError(f"device {name!r} is not in this cluster ({','.join(self.names)})")
+
+    def link(self, a: int, b: int) -> Link:
+        """The link from device a to device b (a != b)."""
+        return self.links[frozenset({self.devices[a].kind, self.devices[b].kind})]
+
+    def with_links(self, links: dict[frozenset[str], Link]) -> "Cluster":
+        return replace(self, links={**self.links, **links})
+
+    def spec(self) -> str:
+        """The `--devices` string that rebuilds this cluster."""
+        return ",".join(self.names)
+
+
+def parse_size(text: str) -> int:
+    """'16GiB' -> 17179869184; '2GB' -> 2000000000; '512' -> 512."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise DeviceSpecError(f"cannot read memory size {text!r}: write e.g. 16GiB, 512MiB or 2GB")
+    number, unit = m.groups()
+    unit = (unit or "").lower()
+    if unit not in _UNITS:
+        raise DeviceSpecError(f"unknown memory unit in {text!r}: use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)")
+    return int(float(number) * _UNITS[unit])
+
+
+def default_device_spec() -> str:
+    """Every visible GPU plus the CPU; on a host without GPUs, two virtual CPU devices."""
+    if torch.cuda.is_available():
+        return ",".join([f"cuda:{i}" for i in range(torch.cuda.device_count())] + ["cpu"])
+    return "cpu:0,cpu:1"
+
+
+def host_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parse_cluster(devices: str | None = None, memory: str | None = None) -> Cluster:
+    """Build a Cluster from `--devices` and `--memory` strings (see module doc).
+
+    Raises DeviceSpecError for a malformed string, a duplicate, a device this host
+    lacks, mixing `cpu` with `cpu:N`, or a memory cap for a device not listed.
+    """
+    spec = devices if devices is not None else default_device_spec()
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    if not names:
+        raise DeviceSpecError(f"no devices in {spec!r}: write e.g. cpu:0,cpu:1 or cuda:0,cpu")
+    if len(set(names)) != len(names):
+        raise DeviceSpecError(f"a device is listed twice in {spec!r}")
+
+    parsed = []
+    for name in names:
+        m = _DEVICE_RE.match(name)
+        if not m:
+            raise DeviceSpecError(f"cannot read device {name!r}: write cpu, cpu:N or cuda:N")
+        parsed.append((name, m.group(1), None if m.group(2) is None else int(m.group(2))))
+
+    cpu_whole = [n for n, kind, idx in parsed if kind == "cpu" and idx is None]
+    cpu_virtual = [n for n, kind, idx in parsed if kind == "cpu" and idx is not None]
+    if cpu_whole and cpu_virtual:
+        raise DeviceSpecError("use either the whole host `cpu` or virtual devices `cpu:N`, not both")
+    for name, kind, idx in parsed:
+        if kind == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = 0 if idx is None else idx
+            if index >= count:
+                raise DeviceSpecError(f"device {name!r} does not exist on this host ({count} CUDA device(s) visible)")
+
+    cores = host_cores()
+    cpu_threads = max(1, cores // len(cpu_virtual)) if cpu_virtual else cores
+    caps = parse_memory(memory, names)
+    built = []
+    for name, kind, idx in parsed:
+        torch_device = "cpu" if kind == "cpu" else f"cuda:{idx or 0}"
+        threads = cpu_threads if kind == "cpu" else 1
+        built.append(Device(name=name, kind=kind, torch_device=torch_device, memory_bytes=caps.get(name), threads=threads))
+    return Cluster(devices=tuple(built))
+
+
+def parse_memory(memory: str | None, names: list[str]) -> dict[str, int]:
+    """'cuda:0=16GiB,cpu:1=2GiB' -> {device name: bytes}; every name must be a listed device."""
+    caps: dict[str, int] = {}
+    if not memory:
+        return caps
+    for part in memory.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise DeviceSpecError(f"cannot read memory cap {part!r}: write DEVICE=SIZE, e.g. cuda:0=16GiB")
+        name, size = (s.strip() for s in part.split("=", 1))
+        if name not in names:
+            raise DeviceSpecError(f"memory cap for {name!r}, which is not among the devices ({','.join(names)})")
+        caps[name] = parse_size(size)
+    return caps

@@ -1,0 +1,26 @@
+"""Every failure a user can cause is one of these: the CLI prints `error: <message>`
+and exits non-zero; API callers catch the specific type."""
+
+
+class PlacerError(Exception):
+    """Base class of placer's user-facing errors. The message is one clear line."""
+
+
+class WorkloadError(PlacerError):
+    """A workload file or zoo name cannot be loaded or does not follow the contract."""
+
+
+class CaptureError(PlacerError):
+    """The model cannot be traced into a graph, even at coarser grain."""
+
+
+class DeviceSpecError(PlacerError):
+    """A --devices or --memory string is malformed or names a device this host lacks."""
+
+
+class PlanError(PlacerError):
+    """A plan file is corrupt, of an unknown format, or made for another model."""
+
+
+class InfeasibleError(PlacerError):
+    """No placement of the requested kind fits the devices' memory or constraints."""

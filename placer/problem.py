@@ -1,0 +1,129 @@
+"""A placement problem: the grouped graph of a workload plus the cluster to place it on.
+
+A *placement* is a sequence of device indices, one per group (group ids are the
+GroupedGraph's node ids 0..n-1). Every method (baselines, RL) produces one; the
+simulator scores one; a Plan records one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import networkx as nx
+import numpy as np
+
+from graphs.workload import ExpertFn
+from placer.cluster import Cluster
+from placer.errors import InfeasibleError
+
+Placement = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GroupCosts:
+    """Dense arrays over groups and devices, derived once per problem (for speed)."""
+
+    fwd_ms: np.ndarray  # [groups, devices]
+    bwd_ms: np.ndarray  # [groups, devices]
+    opt_ms: np.ndarray  # [groups, devices] optimizer step for the group's parameters
+    param_bytes: np.ndarray  # [groups] parameters and buffers
+    grad_bytes: np.ndarray  # [groups]
+    opt_bytes: np.ndarray  # [groups] optimizer state
+    act_bytes: np.ndarray  # [groups] saved for backward
+    out_bytes: np.ndarray  # [groups]
+    edges: np.ndarray  # [edges, 2] (src, dst) group ids
+    edge_bytes: np.ndarray  # [edges]
+
+    @property
+    def compute_ms(self) -> np.ndarray:
+        return self.fwd_ms + self.bwd_ms
+
+    @property
+    def memory_bytes(self) -> np.ndarray:
+        """What a group pins on its device for a whole step."""
+        return self.param_bytes + self.grad_bytes + self.opt_bytes + self.act_bytes
+
+
+@dataclass(frozen=True)
+class PlacementProblem:
+    groups: nx.DiGraph  # GroupedGraph (see graphs/__init__.py)
+    cluster: Cluster
+    workload: str = ""  # the workload spec it came from, e.g. "zoo:nmt:small"
+    ops: nx.DiGraph | None = None  # the profiled OpGraph, when built from a model
+    expert: ExpertFn | None = None  # the workload's hand placement rule, if it has one
+
+    @property
+    def n_groups(self) -> int:
+        return self.groups.number_of_nodes()
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.cluster)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.groups.graph.get("fingerprint", "")
+
+    @cached_property
+    def costs(self) -> GroupCosts:
+        g = self.groups
+        n = g.number_of_nodes()
+        kinds = [d.kind for d in self.cluster.devices]
+
+        def per_device(attr: str) -> np.ndarray:
+            return np.array([[g.nodes[i][attr][k] for k in kinds] for i in range(n)], dtype=np.float64).reshape(n, len(kinds))
+
+        def per_group(attr: str) -> np.ndarray:
+            return np.array([g.nodes[i][attr] for i in range(n)], dtype=np.float64)
+
+        edges = np.array(sorted(g.edges()), dtype=np.int64).reshape(-1, 2)
+        return GroupCosts(
+            fwd_ms=per_device("fwd_ms"),
+            bwd_ms=per_device("bwd_ms"),
+            opt_ms=per_device("opt_ms"),
+            param_bytes=per_group("param_bytes"),
+            grad_bytes=per_group("grad_bytes"),
+            opt_bytes=per_group("opt_bytes"),
+            act_bytes=per_group("act_bytes"),
+            out_bytes=per_group("out_bytes"),
+            edges=edges,
+            edge_bytes=np.array([g.edges[int(u), int(v)]["bytes"] for u, v in edges], dtype=np.float64),
+        )
+
+    @cached_property
+    def colocation_sets(self) -> list[list[int]]:
+        """Sets of groups (size >= 2) that must share a device."""
+        return [sorted(s) for s in self.groups.graph.get("colocate", []) if len(s) > 1]
+
+    def memory_per_device(self, placement: Sequence[int]) -> np.ndarray:
+        """Bytes each device holds at its peak under the runtime's accounting
+        (parameters, gradients, optimizer state, and every activation saved for
+        backward, all live at the end of the forward pass)."""
+        return np.bincount(np.asarray(placement), weights=self.costs.memory_bytes, minlength=self.n_devices)
+
+    def violations(self, placement: Sequence[int]) -> list[str]:
+        """Why a placement is invalid or infeasible; empty when it is fine."""
+        p = np.asarray(placement)
+        if p.shape != (self.n_groups,):
+            return [f"placement has {p.size} entries for {self.n_groups} groups"]
+        if p.size and (p.min() < 0 or p.max() >= self.n_devices):
+            return [f"placement names a device index outside 0..{self.n_devices - 1}"]
+        problems = []
+        for members in self.colocation_sets:
+            if len({int(p[m]) for m in members}) > 1:
+                names = ", ".join(self.groups.nodes[m]["name"] for m in members)
+                problems.append(f"groups that share parameters are split across devices: {names}")
+        used = self.memory_per_device(p)
+        for i, device in enumerate(self.cluster.devices):
+            if device.memory_bytes is not None and used[i] > device.memory_bytes:
+                problems.append(f"{device.name} needs {int(used[i])} bytes but has {device.memory_bytes}")
+        return problems
+
+    def check(self, placement: Sequence[int]) -> Placement:
+        """Return the placement as a tuple, or raise InfeasibleError naming the first problem."""
+        problems = self.violations(placement)
+        if problems:
+            raise InfeasibleError(problems[0])
+        return tuple(int(d) for d in placement)
