@@ -7,15 +7,15 @@ simulator scores one; a Plan records one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import networkx as nx
 import numpy as np
 
-from graphs.workload import ExpertFn
-from placer.cluster import Cluster
+from graphs.workload import ExpertFn, Workload
+from placer.cluster import Cluster, parse_cluster
 from placer.errors import InfeasibleError
 
 Placement = tuple[int, ...]
@@ -127,3 +127,26 @@ class PlacementProblem:
         if problems:
             raise InfeasibleError(problems[0])
         return tuple(int(d) for d in placement)
+
+
+def build_problem(workload: str | Workload, devices: str | None = None, memory: str | None = None,
+                  max_groups: int = 256, cache_dir: str | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> PlacementProblem:
+    """Workload (a spec string or a loaded Workload) -> captured, profiled, grouped
+    placement problem on the cluster that `devices`/`memory` describe.
+
+    Profiling runs once per device kind of the cluster (CPU devices with their own
+    thread share) and is cached on disk, so a second call is near instant.
+    """
+    from graphs.capture import capture
+    from graphs.group import group
+    from graphs.profile import profile
+    from graphs.workload import load_workload
+
+    cluster = parse_cluster(devices, memory)
+    loaded = load_workload(workload) if isinstance(workload, str) else workload
+    cpu_threads = next((d.threads for d in cluster.devices if d.kind == "cpu"), None)
+    ops = profile(capture(loaded), loaded, kinds=cluster.kinds, threads=cpu_threads,
+                  cache_dir=cache_dir, progress=progress)
+    return PlacementProblem(groups=group(ops, max_groups=max_groups), cluster=cluster, workload=loaded.spec,
+                            ops=ops, expert=loaded.expert_placement)

@@ -1,0 +1,301 @@
+"""`placer optimize`: the whole job, from a workload to a measured plan and a report.
+
+    load + capture + profile + group      -> PlacementProblem          (graphs/)
+    every baseline, simulated + measured  -> calibration data          (placer.baselines, runtime)
+    fit the simulator to those measurements                            (envs.calibrate)
+    RL search on the calibrated simulator, measuring its best candidates (placer.rl)
+    the best *measured* placement         -> plan.json, results.json, report.{md,html}
+
+Every measurement is kept in DIR/measurements.json as soon as it is made, so that an
+interrupted run (Ctrl-C, a killed process) resumed with `--resume` repeats none of
+them, and the RL search checkpoints itself in DIR/search/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from graphs.bounds import lower_bound
+from graphs.workload import Workload, load_workload
+from placer.baselines import BASELINES, run_baselines
+from placer.cluster import host_cores
+from placer.errors import InfeasibleError
+from placer.plan import Plan, make_plan
+from placer.problem import Placement, PlacementProblem, build_problem
+from placer.runtime import measure as measure_plan
+from envs.calibrate import fit_calibration, load_calibration, save_calibration
+from envs.sim import Calibration, Simulator
+
+DEFAULT_WORKLOAD = "zoo:nmt:small"
+DEFAULT_BUDGET_S = 120.0
+
+
+@dataclass
+class Stage:
+    """What the progress display shows: a stage name and how far along it is."""
+
+    name: str
+    done: float = 0
+    total: float | None = None
+    info: dict = field(default_factory=dict)
+
+
+Progress = Callable[[Stage], None]
+
+
+def _quiet(stage: Stage) -> None:
+    pass
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value: object) -> object:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def environment(command: str = "") -> dict:
+    return {
+        "host": platform.node() + " (" + platform.platform() + ")",
+        "processor": platform.processor() or platform.machine(),
+        "cores": host_cores(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "placer": _placer_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command or " ".join(sys.argv),
+    }
+
+
+def _placer_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("placer")
+    except PackageNotFoundError:
+        return "dev"
+
+
+class MeasurementBook:
+    """Real measurements of placements, saved to disk as they are made and reused."""
+
+    def __init__(self, workload: Workload, problem: PlacementProblem, path: Path | None, iters: int):
+        self.workload, self.problem, self.path, self.iters = workload, problem, path, iters
+        self.entries: dict[str, dict] = {}
+        if path is not None and path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                if saved.get("fingerprint") == problem.fingerprint and saved.get("devices") == problem.cluster.names:
+                    self.entries = saved["entries"]
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                self.entries = {}  # a damaged book only costs re-measuring
+
+    @staticmethod
+    def key(placement: Sequence[int]) -> str:
+        return ",".join(str(int(d)) for d in placement)
+
+    def measure(self, placement: Sequence[int], method: str = "candidate") -> dict:
+        key = self.key(placement)
+        if key not in self.entries:
+            plan = make_plan(self.problem, placement, method)
+            result = measure_plan(self.workload, plan, self.problem.cluster, iters=self.iters)
+            self.entries[key] = result.to_json()
+            if self.path is not None:
+                write_json_atomic(self.path, {"fingerprint": self.problem.fingerprint,
+                                              "devices": self.problem.cluster.names, "entries": self.entries})
+        return self.entries[key]
+
+    def measured_ms(self, placement: Sequence[int]) -> float:
+        entry = self.measure(placement)
+        return entry["median_ms"] if entry["feasible"] else math.inf
+
+    def pairs(self) -> tuple[list[Placement], list[float]]:
+        """Every feasible measurement as (placements, ms), for calibration."""
+        placements, times = [], []
+        for key, entry in self.entries.items():
+            if entry["feasible"]:
+                placements.append(tuple(int(d) for d in key.split(",")))
+                times.append(entry["median_ms"])
+        return placements, times
+
+
+def method_entry(method: str, kind: str, placement: Placement | None, sim: Simulator, book: MeasurementBook | None,
+                 bound_ms: float, search_s: float, reason: str | None = None) -> dict:
+    """One row of results.json (schema: placer/report.py)."""
+    entry = {"method": method, "kind": kind, "feasible": False, "reason": reason, "simulated_ms": None,
+             "measured_ms": None, "iqr_ms": None, "peak_bytes": {}, "ratio_to_lower_bound": None,
+             "search_s": round(search_s, 3), "placement": list(placement) if placement is not None else None}
+    if placement is None:
+        return entry
+    simulated = sim.simulate(placement)
+    entry["simulated_ms"] = simulated.step_ms if simulated.feasible else None
+    entry["feasible"] = simulated.feasible
+    entry["reason"] = simulated.reason
+    if book is not None and simulated.feasible:
+        measured = book.measure(placement, method)
+        entry.update(feasible=measured["feasible"], reason=measured.get("reason"), peak_bytes=measured["peak_bytes"])
+        if measured["feasible"]:
+            entry.update(measured_ms=measured["median_ms"], iqr_ms=measured["iqr_ms"],
+                         ratio_to_lower_bound=measured["median_ms"] / bound_ms if bound_ms > 0 else None)
+    return entry
+
+
+def optimize(workload: str | None = None, devices: str | None = None, memory: str | None = None,
+             budget_s: float = DEFAULT_BUDGET_S, out_dir: Path | None = None, seed: int = 0, reward: str = "sim",
+             resume: bool = False, methods: Sequence[str] | None = None, measure_iters: int = 10,
+             max_groups: int = 256, max_samples: int | None = None, progress: Progress = _quiet,
+             command: str = "") -> dict:
+    """Run the whole job (module docstring) and return the results dict that it also
+    writes, with plan.json and the report, into out_dir (default placer-out/<name>)."""
+    from placer.report import write_report
+    from placer.rl.trainer import TrainConfig, train
+
+    spec = workload or DEFAULT_WORKLOAD
+    progress(Stage("loading workload"))
+    loaded = load_workload(spec, seed=seed)
+    out = Path(out_dir) if out_dir is not None else Path("placer-out") / loaded.name
+    out.mkdir(parents=True, exist_ok=True)
+
+    progress(Stage("profiling", 0, 1))
+    problem = build_problem(loaded, devices, memory, max_groups=max_groups,
+                            progress=lambda done, total: progress(Stage("profiling", done, total)))
+    bounds = lower_bound(problem.groups, [d.kind for d in problem.cluster.devices])
+    book = MeasurementBook(loaded, problem, out / "measurements.json", measure_iters)
+    sim = Simulator(problem, load_calibration(problem))
+
+    # Baselines: computed, simulated and measured; their measurements calibrate the simulator.
+    names = list(methods) if methods is not None else list(BASELINES)
+    rows: list[dict] = []
+    for i, name in enumerate(names):
+        progress(Stage("baselines", i, len(names), {"method": name}))
+        start = time.perf_counter()
+        outcome = run_baselines(problem, [name], seed=seed)[name]
+        elapsed = time.perf_counter() - start
+        if isinstance(outcome, InfeasibleError):
+            rows.append(method_entry(name, "baseline", None, sim, None, bounds.bound_ms, elapsed, reason=str(outcome)))
+        else:
+            rows.append(method_entry(name, "baseline", outcome, sim, book, bounds.bound_ms, elapsed))
+    progress(Stage("baselines", len(names), len(names)))
+
+    calibration = _recalibrate(problem, book, sim.calibration)
+    sim = Simulator(problem, calibration)
+    for row in rows:  # simulated times under the calibrated model, comparable with RL's
+        if row["placement"] is not None and row["simulated_ms"] is not None:
+            row["simulated_ms"] = sim.simulate(row["placement"]).step_ms
+
+    # RL search, warm-started from the best measured baseline.
+    feasible = [r for r in rows if r["measured_ms"] is not None]
+    warm = tuple(min(feasible, key=lambda r: r["measured_ms"])["placement"]) if feasible else None
+    state = {"sim": sim}
+
+    def score(placements: Sequence[Placement]) -> list[float]:
+        if reward == "measure":
+            return [book.measured_ms(p) for p in placements]
+        results = [state["sim"].simulate(p) for p in placements]
+        return [r.step_ms if r.feasible else math.inf for r in results]
+
+    def recalibrate(placements: list[Placement], times: list[float]) -> Callable:
+        state["sim"] = Simulator(problem, _recalibrate(problem, book, state["sim"].calibration))
+        return score
+
+    config = TrainConfig(seed=seed, budget_s=budget_s, **({"max_samples": max_samples} if max_samples else {}))
+    start = time.perf_counter()
+    result = train(problem, score, config, measure=book.measured_ms, warm_start=warm, out_dir=out / "search",
+                   resume=resume, recalibrate=recalibrate,
+                   on_progress=lambda info: progress(Stage("search", info["elapsed_s"], budget_s, info)))
+    sim = state["sim"]
+    rl_row = method_entry("rl", "rl", result.best, sim, book, bounds.bound_ms, time.perf_counter() - start)
+    rows.append(rl_row)
+
+    best = min((r for r in rows if r["measured_ms"] is not None), key=lambda r: r["measured_ms"], default=None)
+    if best is None:
+        raise InfeasibleError("no placement could be measured: every method is infeasible on these devices "
+                              "(raise --memory caps or add devices)")
+    chosen = tuple(best["placement"])
+    plan = make_plan(problem, chosen, best["method"], seed=seed, simulated_ms=sim.simulate(chosen).step_ms,
+                     measured_ms=best["measured_ms"])
+    plan.save(out / "plan.json")
+
+    timeline = sim.simulate(chosen, timeline=True).timeline
+    results = {
+        "workload": spec, "devices": problem.cluster.names,
+        "memory": {d.name: d.memory_bytes for d in problem.cluster.devices},
+        "seed": seed, "budget_s": budget_s, "reward": reward, "interrupted": result.interrupted,
+        "bounds": {"critical_path_ms": bounds.critical_path_ms, "work_ms": bounds.work_ms,
+                   "lower_bound_ms": bounds.bound_ms},
+        "environment": environment(command),
+        "methods": rows, "best": best["method"], "plan": "plan.json",
+        "curve": result.curve, "timeline": timeline,
+        "groups": {"names": [problem.groups.nodes[i]["name"] for i in range(problem.n_groups)],
+                   "edges": [list(e) for e in problem.costs.edges.tolist()],
+                   "compute_ms": problem.costs.compute_ms.min(axis=1).tolist(),
+                   "placement": list(chosen)},
+        "calibration": calibration.to_json(),
+        "notes": list(loaded.notes),
+    }
+    write_json_atomic(out / "results.json", results)
+    progress(Stage("report"))
+    paths = write_report(results, out)
+    results["paths"] = {"plan": str(out / "plan.json"), "results": str(out / "results.json"),
+                        **{k: str(v) for k, v in paths.items()}}
+    return results
+
+
+def _recalibrate(problem: PlacementProblem, book: MeasurementBook, current: Calibration) -> Calibration:
+    """Fit the simulator to every measurement so far (kept when there are too few)."""
+    placements, times = book.pairs()
+    if len(placements) < 2:
+        return current
+    calibration = fit_calibration(problem, placements, times, initial=current)
+    save_calibration(problem, calibration)
+    return calibration
+
+
+def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = None, measure_iters: int = 10,
+            progress: Progress = _quiet, command: str = "") -> dict:
+    """Measure the given plans side by side and write the same report as optimize."""
+    from placer.plan import load_plan
+    from placer.report import write_report
+
+    loaded = load_workload(workload)
+    out = Path(out_dir) if out_dir is not None else Path("placer-out") / f"{loaded.name}-compare"
+    out.mkdir(parents=True, exist_ok=True)
+    loaded_plans: list[Plan] = [load_plan(p) for p in plans]
+    devices = ",".join(loaded_plans[0].devices)
+    problem = build_problem(loaded, devices, max_groups=max(len(p.groups or []) for p in loaded_plans) or 256)
+    bounds = lower_bound(problem.groups, [d.kind for d in problem.cluster.devices])
+    rows = []
+    for i, (path, plan) in enumerate(zip(plans, loaded_plans)):
+        progress(Stage("measuring", i, len(loaded_plans), {"plan": str(path)}))
+        measured = measure_plan(loaded, plan, problem.cluster, iters=measure_iters).to_json()
+        rows.append({"method": f"{plan.method} ({Path(path).name})", "kind": "rl" if plan.method == "rl" else "baseline",
+                     "feasible": measured["feasible"], "reason": measured.get("reason"),
+                     "simulated_ms": plan.simulated_ms, "measured_ms": measured["median_ms"] if measured["feasible"] else None,
+                     "iqr_ms": measured["iqr_ms"] if measured["feasible"] else None, "peak_bytes": measured["peak_bytes"],
+                     "ratio_to_lower_bound": (measured["median_ms"] / bounds.bound_ms) if measured["feasible"] else None,
+                     "search_s": None, "placement": plan.placement})
+    best = min((r for r in rows if r["measured_ms"] is not None), key=lambda r: r["measured_ms"], default=None)
+    results = {"workload": workload, "devices": loaded_plans[0].devices, "seed": None,
+               "bounds": {"critical_path_ms": bounds.critical_path_ms, "work_ms": bounds.work_ms,
+                          "lower_bound_ms": bounds.bound_ms},
+               "environment": environment(command), "methods": rows, "best": best["method"] if best else None,
+               "plan": None, "curve": [], "timeline": [], "groups": None, "notes": list(loaded.notes)}
+    write_json_atomic(out / "results.json", results)
+    paths = write_report(results, out)
+    results["paths"] = {"results": str(out / "results.json"), **{k: str(v) for k, v in paths.items()}}
+    return results

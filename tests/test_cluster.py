@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from placer.cluster import host_cores, parse_cluster, parse_size
+from placer.errors import DeviceSpecError
+
+
+def test_virtual_cpu_devices_share_the_cores():
+    cluster = parse_cluster("cpu:0,cpu:1")
+    assert cluster.names == ["cpu:0", "cpu:1"]
+    assert all(d.kind == "cpu" and d.torch_device == "cpu" and d.is_virtual_cpu for d in cluster.devices)
+    assert all(d.threads == max(1, host_cores() // 2) for d in cluster.devices)
+    assert cluster.kinds == ["cpu"]
+
+
+def test_whole_host_cpu_gets_every_core():
+    (device,) = parse_cluster("cpu").devices
+    assert device.threads == host_cores() and not device.is_virtual_cpu
+
+
+def test_default_is_two_virtual_cpus_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("host has a GPU")
+    assert parse_cluster(None).names == ["cpu:0", "cpu:1"]
+
+
+@pytest.mark.parametrize("size,expected", [("16GiB", 16 * 2**30), ("2GB", 2 * 10**9), ("512", 512),
+                                           ("1.5MiB", int(1.5 * 2**20)), ("3 kib", 3 * 1024)])
+def test_parse_size(size, expected):
+    assert parse_size(size) == expected
+
+
+def test_memory_caps_apply_to_named_devices():
+    cluster = parse_cluster("cpu:0,cpu:1", "cpu:1=2GiB")
+    assert [d.memory_bytes for d in cluster.devices] == [None, 2 * 2**30]
+
+
+@pytest.mark.parametrize("devices,memory,message", [
+    ("gpu:0", None, "cannot read device"),
+    ("cpu:0,cpu:0", None, "listed twice"),
+    ("", None, "no devices"),
+    ("cpu,cpu:1", None, "either the whole host"),
+    ("cuda:7", None, "does not exist on this host"),
+    ("cpu:0", "cpu:1=1GiB", "not among the devices"),
+    ("cpu:0", "cpu:0", "DEVICE=SIZE"),
+    ("cpu:0", "cpu:0=lots", "cannot read memory size"),
+])
+def test_bad_specs_are_one_clear_line(devices, memory, message):
+    if devices == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("host has 8 GPUs")
+    with pytest.raises(DeviceSpecError, match=message) as info:
+        parse_cluster(devices, memory)
+    assert "\n" not in str(info.value)
+
+
+def test_links_default_by_kind():
+    cluster = parse_cluster("cpu:0,cpu:1")
+    link = cluster.link(0, 1)
+    assert link.transfer_s(0) == link.latency_s > 0
+    assert cluster.index("cpu:1") == 1
+    with pytest.raises(DeviceSpecError):
+        cluster.index("cpu:5")
