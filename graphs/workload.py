@@ -9,11 +9,19 @@ names a bundled workload instead (graphs.zoo).
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib.util
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
+
+from placer.errors import WorkloadError
 
 LossFn = Callable[..., torch.Tensor]
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -47,3 +55,99 @@ class Workload:
         """An independent copy with the same initial weights (each placement is measured
         on its own copy, so that moving parameters never leaks between runs)."""
         return copy.deepcopy(self.model)
+
+
+def load_workload(spec: str, seed: int = 0) -> Workload:
+    """Load a workload from a file path or `zoo:NAME[:SIZE]` (size "small" by default).
+
+    Torch's RNG is seeded with `seed` before the model and the inputs are built, so two
+    loads give equal weights and inputs. Every contract violation raises WorkloadError
+    with one line naming the file (or zoo name) and the problem.
+    """
+    if spec.startswith("zoo:"):
+        source, short_name = _zoo_source(spec)
+    else:
+        source, short_name = _import_file(spec), Path(spec).stem
+    for required in ("build_model", "example_inputs"):
+        if not callable(getattr(source, required, None)):
+            raise WorkloadError(f"{spec}: defines no {required}() function (a workload file needs "
+                                f"build_model() and example_inputs())")
+
+    torch.manual_seed(seed)
+    model = _call(spec, "build_model", source.build_model)
+    if not isinstance(model, nn.Module):
+        raise WorkloadError(f"{spec}: build_model() returned {type(model).__name__}, not a torch.nn.Module")
+    batch = _as_tensor_tuple(spec, _call(spec, "example_inputs", source.example_inputs))
+    leaf_modules = tuple(getattr(source, "leaf_modules", ()) or ())
+    bad = [repr(c) for c in leaf_modules if not isinstance(c, type)]
+    if bad:
+        raise WorkloadError(f"{spec}: leaf_modules must list module classes, got {', '.join(bad)}")
+    return Workload(
+        name=short_name, spec=spec, model=model, inputs=batch,
+        loss_fn=getattr(source, "loss_fn", None) or default_loss,
+        make_optimizer=getattr(source, "make_optimizer", None) or default_optimizer,
+        leaf_modules=leaf_modules,
+        expert_placement=getattr(source, "expert_placement", None),
+    )
+
+
+def _zoo_source(spec: str) -> tuple[object, str]:
+    """(the zoo's workload namespace with the size bound, short name) for `zoo:NAME[:SIZE]`."""
+    from graphs.zoo import workload_module  # imported late: the zoo pulls in every model definition
+
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[1]:
+        raise WorkloadError(f"{spec}: expected zoo:NAME or zoo:NAME:SIZE")
+    name, size = parts[1], parts[2] if len(parts) == 3 else "small"
+    return workload_module(name, size), f"{name}-{size}"
+
+
+def _import_file(path_str: str) -> ModuleType:
+    """Import a workload file under a unique module name (two files may share a stem)."""
+    path = Path(path_str)
+    if not path.is_file():
+        raise WorkloadError(f"{path_str}: no such file")
+    if path.suffix != ".py":
+        raise WorkloadError(f"{path_str}: not a Python file (a workload file ends in .py)")
+    source = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        compile(source, str(path), "exec")
+    except SyntaxError as exc:
+        raise WorkloadError(f"{path_str}: syntax error at line {exc.lineno}: {exc.msg}") from exc
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    stem = re.sub(r"\W", "_", path.stem)
+    module_name = f"placer_workload_{digest}_{stem}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module  # so that classes defined there pickle and deepcopy
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise WorkloadError(f"{path_str}: importing it raised {type(exc).__name__}: {_first_line(exc)}") from exc
+    return module
+
+
+def _call(label: str, what: str, fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except Exception as exc:
+        raise WorkloadError(f"{label}: {what}() raised {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _as_tensor_tuple(label: str, value: object) -> tuple[torch.Tensor, ...]:
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if not isinstance(value, (tuple, list)):
+        raise WorkloadError(f"{label}: example_inputs() returned {type(value).__name__}; "
+                            f"it must return a tuple of tensors")
+    for i, item in enumerate(value):
+        if not isinstance(item, torch.Tensor):
+            raise WorkloadError(f"{label}: example_inputs() item {i} is {type(item).__name__}, not a tensor; "
+                                f"it must return a tuple of tensors")
+    return tuple(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"

@@ -6,9 +6,11 @@ It reads the groups in topological order (their ids) and emits one device per gr
   features of its predecessors and of its successors, by a learned projection;
 - a bidirectional LSTM encodes the sequence of groups;
 - an LSTM decoder emits one device per group, fed the group's encoding, an embedding
-  of the previous group's device, and what it has placed so far on each device
-  (compute share and memory used); content-based attention over the encoder states
-  lets it look at the rest of the graph;
+  of the previous group's device, and per device: what it holds so far (share of the
+  compute, fraction of the memory cap), the group's relative cost there, and the
+  share of the group's input bytes produced there (so "stay beside your inputs" and
+  "balance the load" are easy to learn); content-based attention over the encoder
+  states lets it look at the rest of the graph;
 - logits are clipped as C * tanh(logits / C) and divided by a temperature.
 
 A per-step mask forbids a device where the group would certainly exceed the memory
@@ -38,6 +40,9 @@ MASKED = -1e9  # logit of a forbidden device: finite, so that 0 * logp stays 0 i
 
 
 class Seq2SeqPolicy(nn.Module):
+    """max_devices and hidden fix the weights' shapes (save_policy records them);
+    temperature and logit_clip only shape the output distribution and may be changed."""
+
     def __init__(self, problem: PlacementProblem | None = None, *, max_devices: int = 8, hidden: int = 64,
                  temperature: float = 1.0, logit_clip: float = 5.0):
         super().__init__()
@@ -48,8 +53,9 @@ class Seq2SeqPolicy(nn.Module):
         self.embed = nn.Sequential(nn.Linear(3 * N_FEATURES, hidden), nn.ReLU())
         self.encoder = nn.LSTM(hidden, hidden // 2, batch_first=True, bidirectional=True)
         self.device_embed = nn.Embedding(max_devices + 1, hidden // 4)  # the last one is "no previous group"
-        # Per device: valid, compute share placed, memory fraction used, this group's relative cost there.
-        self.decoder = nn.LSTMCell(2 * (hidden // 2) + hidden // 4 + 4 * max_devices, hidden)
+        # Per device: valid, compute share placed, memory fraction used, this group's relative
+        # cost there, and the share of its input bytes that comes from there.
+        self.decoder = nn.LSTM(2 * (hidden // 2) + hidden // 4 + 5 * max_devices, hidden, batch_first=True)
         self.query = nn.Linear(hidden, 2 * (hidden // 2), bias=False)
         self.combine = nn.Linear(hidden + 2 * (hidden // 2), hidden)
         self.out = nn.Linear(hidden, max_devices)
@@ -84,6 +90,12 @@ class Seq2SeqPolicy(nn.Module):
         caps = [dev.memory_bytes if dev.memory_bytes is not None else np.inf for dev in problem.cluster.devices]
         self._cap = torch.tensor(caps + [np.inf] * pad, dtype=torch.float64)
         self._memory = torch.from_numpy(costs.memory_bytes.astype(np.float64))
+        # Every edge with the share of its consumer's input bytes that it carries.
+        self._edge_src = torch.from_numpy(edges[:, 0])
+        self._edge_dst = torch.from_numpy(edges[:, 1])
+        into_bytes = np.bincount(edges[:, 1], weights=costs.edge_bytes, minlength=n).clip(min=1.0)
+        self._edge_share = torch.from_numpy(costs.edge_bytes / into_bytes[edges[:, 1]]).float()
+        self._edges_into = [torch.from_numpy(np.flatnonzero(edges[:, 1] == i)) for i in range(n)]
 
         # Colocation: every group of a set follows its first (lowest id) member, which
         # commits the whole set's memory when it is placed.
@@ -97,24 +109,20 @@ class Seq2SeqPolicy(nn.Module):
             for g in component:
                 leader[g] = first
             commit[first] = costs.memory_bytes[sorted(component)].sum()
-        self._leader = leader
+        self._leader = torch.tensor(leader)
+        self._is_follower = self._leader != torch.arange(n)
         self._commit = torch.from_numpy(commit)
+        self._n = n
         self.problem = problem
         return self
 
     # ----------------------------------------------------------------- public API
+    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """n placements drawn from the policy: (placements LongTensor [n, groups],
-        log-probabilities [n], entropies [n], summed over groups). Differentiable
-        unless called under torch.no_grad()."""
+        log-probabilities [n], entropies [n], summed over groups). Not differentiable:
+        take gradients through log_prob, which scores the whole sequence at once."""
         return self._decode(n, generator=generator)
-
-    def log_prob(self, placements: Tensor) -> tuple[Tensor, Tensor]:
-        """Log-probabilities [n] and entropies [n] of given placements [n, groups]
-        (teacher-forced: the decoder is fed the given devices)."""
-        placements = torch.as_tensor(placements, dtype=torch.long).reshape(-1, self._x.shape[0])
-        _, logp, entropy = self._decode(placements.shape[0], forced=placements)
-        return logp, entropy
 
     @torch.no_grad()
     def greedy(self) -> Placement:
@@ -122,65 +130,111 @@ class Seq2SeqPolicy(nn.Module):
         placements, _, _ = self._decode(1, greedy=True)
         return tuple(placements[0].tolist())
 
-    def mean_group_prob(self, placement: Placement) -> float:
-        """Geometric mean over groups of the probability of the placement's device:
-        how firmly the policy has learned a placement."""
-        with torch.no_grad():
-            logp, _ = self.log_prob(torch.tensor([placement]))
-        return float(torch.exp(logp[0] / len(placement)))
+    def log_prob(self, placements: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-probabilities [n] and entropies [n] of given placements [n, groups].
+
+        Teacher-forced: every step's inputs follow from the given placements, so the
+        decoder runs over the whole sequence in one call instead of step by step."""
+        self._require_problem()
+        placements = torch.as_tensor(placements, dtype=torch.long).reshape(-1, self._n)
+        batch, n, d = placements.shape[0], self._n, self.max_devices
+        encoded = self._encode()
+        onehot = nn.functional.one_hot(placements, d)  # [batch, n, d]
+        prev = torch.cat([torch.full((batch, 1), d), placements[:, :-1]], dim=1)
+        # What devices hold before each step: sums over the earlier groups, in the
+        # same order of additions as step-by-step decoding (the masks compare exactly).
+        load = _before(torch.cumsum(onehot * self._compute_share, dim=1))
+        used = _before(torch.cumsum(onehot * self._memory[:, None], dim=1))
+        inputs_from = torch.zeros(batch, n, d).index_add_(
+            1, self._edge_dst, onehot[:, self._edge_src].float() * self._edge_share[:, None])
+        allowed = self._allowed(used, self._commit, placements[:, self._leader], self._is_follower)
+        steps = self._step_inputs(encoded.expand(batch, -1, -1), prev, load, used, inputs_from, self._relative_cost)
+        hidden, _ = self.decoder(steps)
+        logp = self._log_probs(hidden, encoded, allowed)  # [batch, n, d]
+        chosen = logp.gather(2, placements[:, :, None]).squeeze(2).sum(1)
+        return chosen, _entropy(logp).sum(1)
 
     # ----------------------------------------------------------------- decoding
-    def _decode(self, batch: int, generator: torch.Generator | None = None, forced: Tensor | None = None,
+    def _decode(self, batch: int, generator: torch.Generator | None = None,
                 greedy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        if self.problem is None:
-            raise RuntimeError("attach(problem) the policy before decoding")
-        n = self._x.shape[0]
-        encoded, _ = self.encoder(self.embed(self._x).unsqueeze(0))
-        encoded = encoded[0]  # [n, enc]
-        h = encoded.new_zeros(batch, self.decoder.hidden_size)
-        c = torch.zeros_like(h)
-        prev = torch.full((batch,), self.max_devices, dtype=torch.long)
+        """Step-by-step decoding: each step's device is drawn (or the argmax) before the next."""
+        self._require_problem()
+        n, d = self._n, self.max_devices
+        encoded = self._encode()
+        cell = self.decoder
+        h = c = torch.zeros(batch, cell.hidden_size)
+        prev = torch.full((batch,), d, dtype=torch.long)
         placed = torch.zeros(batch, n, dtype=torch.long)
-        load = torch.zeros(batch, self.max_devices)
-        used = torch.zeros(batch, self.max_devices, dtype=torch.float64)
+        load = torch.zeros(batch, d)
+        used = torch.zeros(batch, d, dtype=torch.float64)
         rows = torch.arange(batch)
         log_probs, entropies = [], []
         for i in range(n):
-            allowed = self._allowed(i, placed, used)
-            used_frac = torch.nan_to_num((used / self._cap).float(), nan=0.0).clamp(max=2.0)
-            step_in = torch.cat([encoded[i].expand(batch, -1), self.device_embed(prev),
-                                 self._valid.float().expand(batch, -1), load, used_frac,
-                                 self._relative_cost[i].expand(batch, -1)], dim=1)
-            h, c = self.decoder(step_in, (h, c))
-            attention = torch.softmax(self.query(h) @ encoded.T, dim=1)  # [batch, n]
-            context = attention @ encoded
-            logits = self.out(torch.tanh(self.combine(torch.cat([h, context], dim=1))))
-            logits = self.logit_clip * torch.tanh(logits / self.logit_clip) / self.temperature
-            logp = torch.log_softmax(logits.masked_fill(~allowed, MASKED), dim=1)
-            if forced is not None:
-                device = forced[:, i]
-            elif greedy:
+            edges = self._edges_into[i]
+            producers = placed[:, self._edge_src[edges]]
+            inputs_from = (nn.functional.one_hot(producers, d) * self._edge_share[edges, None]).sum(1)
+            allowed = self._allowed(used, self._commit[i], placed[:, self._leader[i]], self._is_follower[i])
+            step_in = self._step_inputs(encoded[i].expand(batch, -1), prev, load, used, inputs_from,
+                                        self._relative_cost[i])
+            # One step of the decoder LSTM, without nn.LSTM's per-call overhead (3x faster here).
+            h, c = torch.lstm_cell(step_in, (h, c), cell.weight_ih_l0, cell.weight_hh_l0,
+                                   cell.bias_ih_l0, cell.bias_hh_l0)
+            logp = self._log_probs(h, encoded, allowed)  # [batch, d]
+            if greedy:
                 device = logp.argmax(dim=1)
             else:
-                device = torch.multinomial(logp.detach().exp(), 1, generator=generator).squeeze(1)
+                device = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
             log_probs.append(logp[rows, device])
-            entropies.append(-(logp.exp() * logp).sum(dim=1))
+            entropies.append(_entropy(logp))
             placed[:, i] = device
             prev = device
             load[rows, device] += self._compute_share[i, device]
             used[rows, device] += self._memory[i]
         return placed, torch.stack(log_probs, 1).sum(1), torch.stack(entropies, 1).sum(1)
 
-    def _allowed(self, i: int, placed: Tensor, used: Tensor) -> Tensor:
-        """[batch, max_devices] bool: where group i may go given the groups placed so far."""
-        batch = placed.shape[0]
-        leader = self._leader[i]
-        if leader != i:
-            allowed = torch.zeros(batch, self.max_devices, dtype=torch.bool)
-            allowed[torch.arange(batch), placed[:, leader]] = True
-            return allowed
-        allowed = self._valid & (used + self._commit[i] <= self._cap)
-        return torch.where(allowed.any(dim=1, keepdim=True), allowed, self._valid.expand(batch, -1))
+    def _encode(self) -> Tensor:
+        """[n, 2 * (hidden // 2)]: the bidirectional LSTM over the embedded groups."""
+        encoded, _ = self.encoder(self.embed(self._x).unsqueeze(0))
+        return encoded[0]
+
+    def _step_inputs(self, encoded: Tensor, prev: Tensor, load: Tensor, used: Tensor, inputs_from: Tensor,
+                     relative_cost: Tensor) -> Tensor:
+        """The decoder's input for one step ([batch, ...]) or every step ([batch, n, ...])."""
+        used_frac = torch.nan_to_num((used / self._cap).float(), nan=0.0).clamp(max=2.0)
+        shape = load.shape
+        return torch.cat([encoded, self.device_embed(prev), self._valid.float().expand(shape), load, used_frac,
+                          relative_cost.expand(shape), inputs_from.float()], dim=-1)
+
+    def _log_probs(self, hidden: Tensor, encoded: Tensor, allowed: Tensor) -> Tensor:
+        """Masked log-probabilities over devices from decoder states [..., hidden],
+        with content-based attention over the encoder states."""
+        attention = torch.softmax(self.query(hidden) @ encoded.T, dim=-1)
+        context = attention @ encoded
+        logits = self.out(torch.tanh(self.combine(torch.cat([hidden, context], dim=-1))))
+        logits = self.logit_clip * torch.tanh(logits / self.logit_clip) / self.temperature
+        return torch.log_softmax(logits.masked_fill(~allowed, MASKED), dim=-1)
+
+    def _allowed(self, used: Tensor, commit: Tensor, leader_device: Tensor, is_follower: Tensor) -> Tensor:
+        """Where a group may go ([..., max_devices] bool), given the bytes each device
+        holds before it, what placing it commits, and whether it must follow its
+        colocation leader's device."""
+        fits = self._valid & (used + commit[..., None] <= self._cap)
+        fits = torch.where(fits.any(dim=-1, keepdim=True), fits, self._valid)
+        follow = nn.functional.one_hot(leader_device, self.max_devices).bool()
+        return torch.where(is_follower[..., None], follow, fits)
+
+    def _require_problem(self) -> None:
+        if self.problem is None:
+            raise RuntimeError("attach(problem) the policy before decoding")
+
+
+def _before(cumulative: Tensor) -> Tensor:
+    """Exclusive prefix sums along dim 1 from inclusive ones: row i sums rows < i."""
+    return torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], dim=1)
+
+
+def _entropy(logp: Tensor) -> Tensor:
+    return -(logp.exp() * logp).sum(dim=-1)
 
 
 def save_policy(policy: Seq2SeqPolicy, path: Path | str) -> None:

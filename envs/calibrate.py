@@ -1,0 +1,141 @@
+"""Fitting the simulator to measured step times, and keeping the fit on disk.
+
+The profiled costs are measured op by op, in isolation; a whole placed step adds
+what profiling cannot see: how fast tensors really cross between devices, what a
+chunk dispatch costs, how compute slows when devices share a host. A few measured
+placements pin these down.
+
+The parameters are the compute scale of each device kind, each link's latency and
+time per byte, the chunk overhead and the loss time: the simulated step is
+piecewise linear in all of them, so the fit works on them directly, bounded below
+(no negative time, no infinite bandwidth). It is least squares on log step time
+(relative errors, so a 5 ms and a 500 ms placement count alike) plus a weak prior
+toward the initial values, so that a parameter the measurements cannot see stays
+where it was and a handful of measurements is enough.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from placer.cluster import Link
+from placer.problem import PlacementProblem
+from envs.sim import Calibration, Simulator
+
+MEASUREMENT_SPREAD = 0.05  # relative noise of a measured median step time
+PRIOR_SHARE = 0.1  # prior width of a time parameter: a tenth of a typical step (see _prior)
+MIN_SCALE = 0.01  # compute is at least 100x cheaper than profiled, never free
+MIN_MS_PER_MB = 1e-6  # bandwidth at most 1 PB/s: finite, so that it converts back
+MS_PER_MB = 1e9  # bandwidth_Bps = MS_PER_MB / (ms per megabyte)
+
+
+def _link_keys(problem: PlacementProblem) -> list[frozenset[str]]:
+    """The kind pairs of the links this cluster's devices can use."""
+    kinds = [d.kind for d in problem.cluster.devices]
+    keys = {frozenset({a, b}) for i, a in enumerate(kinds) for j, b in enumerate(kinds) if i != j}
+    return sorted(keys, key=sorted)
+
+
+def _pack(calibration: Calibration, kinds: list[str], keys: list[frozenset[str]]) -> np.ndarray:
+    """[scale per kind, (latency ms, ms per MB) per link, chunk overhead ms, loss ms]."""
+    values = [calibration.compute_scale.get(k, 1.0) for k in kinds]
+    for key in keys:
+        link = calibration.links[key]
+        values += [link.latency_s * 1e3, MS_PER_MB / link.bandwidth_Bps]
+    return np.array(values + [calibration.chunk_overhead_ms, calibration.loss_ms])
+
+
+def _unpack(theta: np.ndarray, base: Calibration, kinds: list[str], keys: list[frozenset[str]]) -> Calibration:
+    values = theta.tolist()
+    scale = {**base.compute_scale, **dict(zip(kinds, values))}
+    links = dict(base.links)
+    for i, key in enumerate(keys):
+        latency_ms, ms_per_mb = values[len(kinds) + 2 * i: len(kinds) + 2 * i + 2]
+        links[key] = Link(latency_ms / 1e3, MS_PER_MB / ms_per_mb)
+    return Calibration(compute_scale=scale, links=links, chunk_overhead_ms=values[-2], loss_ms=values[-1])
+
+
+def _prior(theta0: np.ndarray, n_kinds: int, n_links: int, step_ms: float,
+           mean_mb: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lower bounds and prior widths. A width is the parameter's own size or, when
+    larger, the value at which one transfer, one chunk or the loss would take a tenth
+    of a typical step (a compute scale may move by 1): a few widths are still far
+    more than any real effect, while a handful of noisy measurements cannot drag a
+    parameter they hardly see to an absurd value."""
+    lower = [MIN_SCALE] * n_kinds + [0.0, MIN_MS_PER_MB] * n_links + [0.0, 0.0]
+    tenth = PRIOR_SHARE * step_ms
+    typical = [1.0] * n_kinds + [tenth, tenth / max(mean_mb, 1e-6)] * n_links + [tenth, tenth]
+    return np.array(lower), np.maximum(np.abs(theta0), typical)
+
+
+def fit_calibration(problem: PlacementProblem, placements: Sequence[Sequence[int]], measured_ms: Sequence[float],
+                    initial: Calibration | None = None) -> Calibration:
+    """The calibration under which the simulator best reproduces `measured_ms` (the
+    measured step time of each placement). Works from a single measurement (the
+    prior then keeps all but the best-determined parameters near `initial`)."""
+    measured = np.asarray(measured_ms, dtype=np.float64)
+    if len(placements) != len(measured) or not len(measured):
+        raise ValueError(f"need one measured time per placement, got {len(placements)} placements "
+                         f"and {len(measured)} times")
+    if not np.all(np.isfinite(measured) & (measured > 0)):
+        raise ValueError("measured step times must be positive and finite (leave infeasible placements out)")
+    initial = initial or Calibration.default(problem.cluster)
+    kinds, keys = problem.cluster.kinds, _link_keys(problem)
+    theta0 = _pack(initial, kinds, keys)
+    mean_mb = float(problem.costs.edge_bytes.mean()) / 1e6 if len(problem.costs.edge_bytes) else 1.0
+    lower, width = _prior(theta0, len(kinds), len(keys), float(np.median(measured)), mean_mb)
+    log_measured = np.log(measured)
+    placements = [tuple(int(d) for d in p) for p in placements]
+
+    # The search runs on u = theta / width: every variable of order one, and the
+    # prior is simply u - u0. (Not on theta - theta0: least_squares sizes its first
+    # step by the norm of the start, which must not be zero.)
+    def residuals(u: np.ndarray) -> np.ndarray:
+        sim = Simulator(problem, _unpack(u * width, initial, kinds, keys))
+        simulated = np.array([sim.simulate(p).step_ms for p in placements])
+        fit = (np.log(np.maximum(simulated, 1e-9)) - log_measured) / MEASUREMENT_SPREAD
+        return np.concatenate([fit, u - u0])
+
+    u0 = theta0 / width
+    u_lower = lower / width
+    result = least_squares(residuals, np.maximum(u0, u_lower), bounds=(u_lower, np.inf), diff_step=1e-3)
+    return _unpack(result.x * width, initial, kinds, keys)
+
+
+def calibration_path(problem: PlacementProblem) -> Path:
+    """Where the calibration for this model on this cluster lives: beside the profile
+    cache ($PLACER_CACHE, default ~/.cache/placer), named by the model's fingerprint
+    and the device list."""
+    root = Path(os.environ.get("PLACER_CACHE") or Path.home() / ".cache" / "placer").expanduser()
+    name = f"{problem.fingerprint or problem.groups.graph.get('name', 'model')}-{problem.cluster.spec()}"
+    return root / "calibration" / (re.sub(r"[^A-Za-z0-9_.+-]+", "_", name) + ".json")
+
+
+def save_calibration(problem: PlacementProblem, calibration: Calibration) -> Path:
+    path = calibration_path(problem)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(calibration.to_json(), indent=2))
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    return path
+
+
+def load_calibration(problem: PlacementProblem) -> Calibration | None:
+    """The saved calibration, or None when there is none (or it is unreadable: it is
+    only a cache, so the caller falls back to the uncalibrated simulator)."""
+    path = calibration_path(problem)
+    if not path.exists():
+        return None
+    try:
+        return Calibration.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as err:
+        warnings.warn(f"ignoring unreadable calibration {path}: {err}")
+        return None

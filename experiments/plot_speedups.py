@@ -1,0 +1,100 @@
+"""Draw the figures of docs from experiments/table1.py's results:
+
+  docs/img/table1_speedup.png   RL's measured speedup over the fastest other method, per model
+  docs/img/search_curves.png    the RL search's best simulated and best measured step time
+                                against search seconds, one line per model, each relative
+                                to that model's best heuristic (below 1: RL is ahead)
+
+    .venv/bin/python experiments/plot_speedups.py            # reads results/table1.json
+    .venv/bin/python experiments/plot_speedups.py --quick    # reads table1_quick.json, writes under results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from placer.report import comparison_rows, save_figure
+from table1 import column_title  # this folder is on sys.path when run as a script
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+
+
+def plot_speedups(rows: list[dict], path: Path) -> Path | None:
+    """One bar per model: RL's speedup over the fastest other column of Table 1."""
+    rows = [r for r in rows if r.get("rl_speedup") is not None]
+    if not rows:
+        return None
+    fig = Figure(figsize=(max(5.0, 1.2 * len(rows) + 2), 4))
+    ax = fig.subplots()
+    x = np.arange(len(rows))
+    speedups = [r["rl_speedup"] for r in rows]
+    ax.bar(x, speedups, color=["#C44E52" if s >= 1 else "#7A8BA6" for s in speedups])
+    ax.axhline(1.0, color="black", linewidth=1)
+    for xi, s, r in zip(x, speedups, rows):
+        ax.annotate(f"{s:.2f}x\nvs {column_title(r['best_other'])}", (xi, s), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [f"{r['model']}\n({r['size']})" for r in rows])
+    ax.set_ylabel("RL speedup over best other (measured)")
+    ax.set_ylim(0, max(speedups) * 1.2)
+    ax.set_title("RL against the fastest other placement, per model")
+    return save_figure(fig, path)
+
+
+def plot_search_curves(runs: dict[str, dict], path: Path) -> Path | None:
+    """Best simulated and best measured step time vs search seconds, one line per model,
+    divided by the model's best heuristic measured time so that models share an axis."""
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2, sharey=True)
+    drawn = False
+    for i, (label, results) in enumerate(runs.items()):
+        rows = comparison_rows(results)
+        reference = next((r["measured_ms"] for r in rows
+                          if r["kind"] == "baseline" and r["measured_ms"] is not None), None)
+        curve = results.get("curve") or []
+        if reference is None or not curve:
+            continue
+        for ax, key in zip(axes, ("best_sim_ms", "best_measured_ms")):
+            points = [(p["elapsed_s"], p[key] / reference) for p in curve
+                      if p.get("elapsed_s") is not None and p.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), color=f"C{i % 10}", label=label, marker="." if len(points) < 20 else None)
+                drawn = True
+    if not drawn:
+        return None
+    for ax, title in zip(axes, ("best simulated", "best measured")):
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("search time (s)")
+        if ax.get_legend_handles_labels()[0]:  # e.g. no candidate was measured within the budget
+            ax.legend(fontsize=8)
+    axes[0].set_ylabel("step time / best heuristic's measured")
+    fig.suptitle("RL search progress per model (below 1: faster than the best heuristic)")
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", type=Path, default=None, help="table1.json (default: results/table1.json)")
+    parser.add_argument("--out", type=Path, default=None, help="image folder (default: docs/img)")
+    parser.add_argument("--quick", action="store_true",
+                        help="read table1_quick.json and write under results/quick_img, leaving docs alone")
+    args = parser.parse_args(argv)
+    table_path = args.table or RESULTS / ("table1_quick.json" if args.quick else "table1.json")
+    out = args.out or (RESULTS / "quick_img" if args.quick else DOCS_IMG)
+
+    table = json.loads(table_path.read_text())
+    rows = [r for r in table["rows"] if "error" not in r]
+    runs = {f"{r['model']} ({r['size']})": json.loads((table_path.parent / r["results"]).read_text())
+            for r in rows if (table_path.parent / r["results"]).is_file()}
+    for path in (plot_speedups(rows, out / "table1_speedup.png"),
+                 plot_search_curves(runs, out / "search_curves.png")):
+        print(path or "skipped: no data for this figure")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Capture a workload as an OpGraph: one node per torch.fx node, with shapes and bytes.
+
+The trace comes from `graphs.trace.trace_model` (the runtime traces through it too,
+so node names agree); shapes from a shape-propagating run of the traced module on
+the example batch. The schema is in graphs/__init__.py.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from graphs.trace import Traced, fingerprint, target_name, trace_model
+from graphs.workload import Workload
+
+# Coarse op categories (envs/features.py OP_TYPES), matched against the lowercased
+# name of a function/method target or of a leaf module's class. First match wins, so
+# specific names ("layer_norm", "log_softmax", "scaled_dot_product") come first.
+_NAME_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("scaled_dot_product", "multiheadattention", "attention")),
+    ("loss", ("loss", "cross_entropy", "nll")),
+    ("norm", ("norm",)),
+    ("lstm", ("lstm", "gru", "grucell", "rnn", "rnncell")),
+    ("embedding", ("embedding",)),
+    ("conv", ("conv",)),
+    ("pool", ("pool",)),
+    ("linear", ("linear", "addmm")),
+    ("matmul", ("matmul", "bmm", "mm", "einsum", "baddbmm")),
+    ("activation", ("relu", "gelu", "silu", "tanh", "sigmoid", "softmax", "elu", "mish", "hardswish",
+                    "softplus", "dropout")),
+    ("reshape", ("view", "reshape", "permute", "transpose", "flatten", "getitem", "getattr", "size",
+                 "contiguous", "chunk", "split", "squeeze", "unsqueeze", "expand", "cat", "stack",
+                 "identity", "narrow", "select", "unbind", "repeat", "t", "to", "type_as", "float")),
+    ("elementwise", ("add", "sub", "mul", "div", "neg", "exp", "log", "sqrt", "rsqrt", "pow", "clamp",
+                     "where", "masked_fill", "sum", "mean", "max", "min", "abs", "cumsum", "triu", "tril")),
+)
+_FIXED_CATEGORIES = {"placeholder": "input", "output": "output", "get_attr": "param"}
+
+
+def capture(workload: Workload) -> nx.DiGraph:
+    """Trace the workload's model and return its OpGraph.
+
+    Modules fx cannot trace become leaves (coarser grain); each such fallback is
+    appended to `workload.notes` and marks the graph's granularity "module".
+    Raises CaptureError when even the root module cannot be traced.
+    """
+    traced = trace_model(workload.model, workload.leaf_modules)
+    workload.notes.extend(traced.fallback_notes)
+    return capture_traced(traced, workload.model, workload.inputs, name=workload.name)
+
+
+def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str = "") -> nx.DiGraph:
+    """The OpGraph of an already traced model (see `capture`)."""
+    gm = traced.gm
+    propagate_shapes(gm, inputs)
+    canonical = _canonical_param_names(model)
+    g = nx.DiGraph(name=name, fingerprint=fingerprint(model, gm), granularity="module" if traced.leaf_paths else "op",
+                   leaf_paths=list(traced.leaf_paths))
+    for order, node in enumerate(gm.graph.nodes):
+        g.add_node(node.name, op=node.op, target=target_name(node), module=owning_module(node),
+                   op_type=op_type(node, gm), params=_params_used(node, gm, canonical),
+                   out_bytes=_meta_bytes(node.meta.get("tensor_meta")), order=order)
+    for node in gm.graph.nodes:
+        for src in node.all_input_nodes:
+            g.add_edge(src.name, node.name, bytes=_edge_bytes(src, node, g))
+    g.graph["colocate"] = colocation_sets(g)
+    return g
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Fill every node's meta["tensor_meta"]. Tried first on the meta device (shapes
+    only: no arithmetic and no copy of the weights, so fast even for big models); a
+    model that cannot run there (data-dependent code, tensors created on a fixed
+    device) gets a real forward pass instead."""
+    try:
+        weights = {name: torch.empty_like(t, device="meta") for name, t in _named_tensors(gm)}
+        torch.func.functional_call(_ShapePropRun(gm), weights, tuple(t.to("meta") for t in inputs))
+    except Exception:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+
+
+class _ShapePropRun(nn.Module):
+    """Runs ShapeProp as a module's forward, so that torch.func.functional_call can
+    swap the weights for meta tensors while it runs."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *inputs):
+        return ShapeProp(self.gm).propagate(*inputs)
+
+
+def _named_tensors(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    return [(f"gm.{name}", t) for name, t in list(gm.named_parameters()) + list(gm.named_buffers())]
+
+
+def owning_module(node: fx.Node) -> str:
+    """Qualified name of the innermost module whose forward created the node ("" for the
+    root). From fx's nn_module_stack when it recorded one; otherwise a call_module's own
+    path, a get_attr's parent path, or the root."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        key, value = next(reversed(stack.items()))
+        return value[0] if isinstance(value, tuple) else key  # (path, type) since torch 2.1; a type before
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "get_attr":
+        return str(node.target).rpartition(".")[0]
+    return ""
+
+
+def op_type(node: fx.Node, gm: fx.GraphModule) -> str:
+    """The node's coarse category (envs/features.py OP_TYPES)."""
+    if node.op in _FIXED_CATEGORIES:
+        return _FIXED_CATEGORIES[node.op]
+    if node.op == "call_module":
+        name = type(gm.get_submodule(node.target)).__name__.lower()
+    else:
+        name = target_name(node).rpartition(".")[2].lower().strip("_")
+    for category, keys in _NAME_CATEGORIES:
+        # Short keys ("mm", "t", "to") must match the whole name, longer ones a part of it.
+        if any(name == k or (len(k) > 3 and k in name) for k in keys):
+            return category
+    return "other"
+
+
+def colocation_sets(g: nx.DiGraph) -> list[list[str]]:
+    """Nodes that use the same parameter or buffer must share a device; overlapping sets
+    are merged. Sorted by fx order, so the result is deterministic."""
+    users: dict[str, list[str]] = {}
+    for name, data in g.nodes(data=True):
+        for param in data["params"]:
+            users.setdefault(param, []).append(name)
+    tied = nx.Graph()
+    for nodes in users.values():
+        if len(nodes) > 1:
+            nx.add_path(tied, nodes)
+    order = nx.get_node_attributes(g, "order")
+    sets = [sorted(c, key=order.__getitem__) for c in nx.connected_components(tied)]
+    return sorted(sets, key=lambda s: order[s[0]])
+
+
+def _canonical_param_names(model: nn.Module) -> dict[int, str]:
+    """id(tensor) -> the first name the model gives it, so a tied weight reached under two
+    names (decoder.weight is encoder.weight) is recognised as one tensor."""
+    names: dict[int, str] = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        names.setdefault(id(tensor), name)
+    return names
+
+
+def _params_used(node: fx.Node, gm: fx.GraphModule, canonical: dict[int, str]) -> dict[str, int]:
+    if node.op == "get_attr":
+        tensors: Iterable = [_fetch_attr(gm, str(node.target))]
+    elif node.op == "call_module":
+        sub = gm.get_submodule(node.target)
+        tensors = list(sub.parameters()) + list(sub.buffers())
+    else:
+        return {}
+    used = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and id(t) in canonical:
+            used[canonical[id(t)]] = t.numel() * t.element_size()
+    return used
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _meta_bytes(meta) -> int:
+    """Bytes of every tensor described by ShapeProp's (possibly nested) tensor_meta."""
+    if isinstance(meta, TensorMetadata):  # a NamedTuple: test before the tuple case
+        numel = 1
+        for d in meta.shape:
+            numel *= int(d)
+        return numel * torch.empty((), dtype=meta.dtype).element_size()
+    if isinstance(meta, (tuple, list)):
+        return sum(_meta_bytes(m) for m in meta)
+    if isinstance(meta, dict):
+        return sum(_meta_bytes(m) for m in meta.values())
+    return 0
+
+
+def _edge_bytes(src: fx.Node, dst: fx.Node, g: nx.DiGraph) -> int:
+    """What crosses src -> dst: the producer's output, except that indexing into a tuple
+    output (LSTM's (out, (h, c)), say) moves only the selected element."""
+    if dst.op == "call_function" and dst.target is operator.getitem and dst.args[0] is src:
+        return g.nodes[dst.name]["out_bytes"]
+    return g.nodes[src.name]["out_bytes"]

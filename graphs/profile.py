@@ -1,0 +1,340 @@
+"""Profile an OpGraph: measured time and memory per node, per device kind, cached on disk.
+
+How each number is obtained (all on a private copy of the model, so the user's
+weights are never touched):
+- one real forward of the traced module records every node's output, and, through
+  saved-tensor hooks, which node saved which tensors for backward (`act_bytes`:
+  de-duplicated by storage, parameters excluded, a tensor counted at its first saver);
+- each node is then re-run alone on detached copies of its recorded inputs: its
+  forward (with autograd recording, as in training) and, when its output needs a
+  gradient, its backward; the median of up to `repeats` samples, each long enough for
+  the clock's resolution not to matter. A slow node gets fewer samples (NODE_BUDGET_MS):
+  its relative noise is small, and repeating the convolutions of a big CNN five times
+  would multiply the profiling time for little gain;
+- an optimizer step on zero gradients gives the optimizer state's size per parameter
+  (`opt_bytes`); the median time of further steps is spread over the nodes by
+  parameter bytes (`opt_ms`).
+A shared parameter is counted at its first user only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.fx.node import map_aggregate
+
+from graphs.trace import fingerprint, trace_model
+from graphs.workload import Workload
+from placer.errors import CaptureError, DeviceSpecError, WorkloadError
+
+KINDS = ("cpu", "cuda")
+MIN_SAMPLE_MS = 0.5  # each timing sample runs a node this long at least
+MAX_INNER = 1000  # ... but repeats a tiny node at most this often per sample
+NODE_BUDGET_MS = 200.0  # no further samples once a node's samples took this long
+CACHE_VERSION = 1
+
+Progress = Callable[[int, int], None]
+
+
+def profile(ops: nx.DiGraph, workload: Workload, kinds: Sequence[str] = ("cpu",), threads: int | None = None,
+            repeats: int = 5, cache_dir: str | Path | None = None, progress: Progress | None = None) -> nx.DiGraph:
+    """An annotated copy of `ops` (schema in graphs/__init__.py) with measured costs on
+    every available kind in `kinds`; "cuda" is skipped with a note in `workload.notes`
+    where no GPU is visible. `threads` sets torch's CPU threads while profiling "cpu".
+    Results are cached under `cache_dir` (default: $PLACER_CACHE or ~/.cache/placer)."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise DeviceSpecError(f"cannot profile on device kind '{unknown[0]}'; known kinds: {', '.join(KINDS)}")
+    available = [k for k in dict.fromkeys(kinds) if k != "cuda" or torch.cuda.is_available()]
+    if "cuda" in kinds and "cuda" not in available:
+        workload.notes.append("cuda was not profiled: no GPU is visible")
+    if not available:
+        raise DeviceSpecError("no requested device kind is available to profile on (cuda requested, no GPU visible)")
+
+    cache = Path(cache_dir or os.environ.get("PLACER_CACHE") or Path.home() / ".cache" / "placer")
+    results, todo = {}, []
+    for kind in available:
+        key = _cache_key(ops, workload, kind, threads, repeats)
+        cached = _load_cache(cache, key, ops)
+        if cached is None:
+            todo.append((kind, key))
+        else:
+            results[kind] = cached
+    total = len(todo) * ops.number_of_nodes()
+    for i, (kind, key) in enumerate(todo):
+        step = None if progress is None else (lambda done, _, base=i * ops.number_of_nodes(): progress(base + done, total))
+        with _cpu_threads(threads if kind == "cpu" else None):
+            results[kind] = _measure(ops, workload, torch.device(kind), repeats, step)
+        _store_cache(cache, key, results[kind])
+    return _annotated(ops, results)
+
+
+def time_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None],
+            budget_ms: float = NODE_BUDGET_MS) -> tuple[float, object]:
+    """(median ms of `fn` over up to `repeats` samples, its last result). A first call
+    warms up and calibrates how many calls one sample needs to last MIN_SAMPLE_MS; for
+    a slow `fn` (one call per sample) it counts as a sample, the median absorbing its
+    warm-up, and sampling stops early once the samples took `budget_ms`."""
+    result, first_ms = _timed(fn, 1, sync)
+    inner = max(1, min(MAX_INNER, int(MIN_SAMPLE_MS / max(first_ms, 1e-6))))
+    samples = [first_ms] if inner == 1 else []
+    spent_ms = first_ms
+    while len(samples) < max(1, repeats) and not (samples and spent_ms >= budget_ms):
+        result, ms = _timed(fn, inner, sync)
+        samples.append(ms)
+        spent_ms += ms * inner
+    return statistics.median(samples), result
+
+
+def _timed(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> tuple[object, float]:
+    """(last result, ms per call) of `calls` back-to-back calls."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        result = fn()
+    sync()
+    return result, (time.perf_counter() - start) * 1e3 / calls
+
+
+def _measure(ops: nx.DiGraph, workload: Workload, device: torch.device, repeats: int,
+             progress: Progress | None) -> dict[str, dict]:
+    """{node name: {fwd_ms, bwd_ms, opt_ms, param_bytes, grad_bytes, opt_bytes, act_bytes}}."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = workload.fresh_model().to(device)
+    model.train()
+    inputs = tuple(t.to(device) for t in workload.inputs)
+    gm = trace_model(model, workload.leaf_modules, ops.graph.get("leaf_paths", ()), allow_fallback=False).gm
+    if fingerprint(model, gm) != ops.graph["fingerprint"]:
+        raise CaptureError(f"{workload.spec}: the graph to profile was captured from a different model "
+                           f"(fingerprint {ops.graph['fingerprint']})")
+
+    opt_state_bytes, step_ms = _optimizer_step(model, workload, repeats, sync)
+    recorder = _Recorder(gm, model)
+    recorder.record(*inputs)
+
+    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) or 1
+    counted: set[str] = set()
+    result = {}
+    nodes = list(gm.graph.nodes)
+    for done, node in enumerate(nodes, 1):
+        fwd = bwd = 0.0
+        if node.op.startswith("call_"):
+            try:
+                fwd, bwd = _time_node(node, gm, recorder.env, repeats, sync)
+            except Exception as exc:
+                raise CaptureError(f"{workload.spec}: cannot time node '{node.name}' ({ops.nodes[node.name]['target']}) "
+                                   f"on its own: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from exc
+        param = grad = opt = 0
+        for name, nbytes in ops.nodes[node.name]["params"].items():
+            if name in counted:
+                continue
+            counted.add(name)
+            param += nbytes
+            if named[name].requires_grad:
+                grad += nbytes
+                opt += opt_state_bytes.get(name, 0)
+        result[node.name] = {"fwd_ms": fwd, "bwd_ms": bwd, "opt_ms": step_ms * grad / trainable_bytes,
+                             "param_bytes": param, "grad_bytes": grad, "opt_bytes": opt,
+                             "act_bytes": recorder.saved_bytes.get(node.name, 0)}
+        if progress is not None:
+            progress(done, len(nodes))
+    return result
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the traced module once with autograd on, keeping every node's output (env)
+    and the bytes each node saves for backward."""
+
+    def __init__(self, gm: fx.GraphModule, model: torch.nn.Module):
+        super().__init__(gm, garbage_collect_values=False)
+        self.param_storages = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
+        self.seen_storages: set = set()
+        self.saved_bytes: dict[str, int] = {}
+        self.current = ""
+
+    def record(self, *inputs):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            return self.run(*inputs)
+
+    def run_node(self, n: fx.Node):
+        self.current = n.name
+        return super().run_node(n)
+
+    def _pack(self, t: torch.Tensor):
+        key = _storage_key(t)
+        if key not in self.param_storages and key not in self.seen_storages:
+            self.seen_storages.add(key)
+            self.saved_bytes[self.current] = self.saved_bytes.get(self.current, 0) + _storage_bytes(t)
+        return t
+
+
+def _time_node(node: fx.Node, gm: fx.GraphModule, env: dict, repeats: int, sync) -> tuple[float, float]:
+    """(forward ms, backward ms) of one node run alone on detached copies of its inputs."""
+    args, kwargs = map_aggregate((node.args, node.kwargs), lambda a: _as_leaf(env[a]) if isinstance(a, fx.Node) else a)
+    leaves = [t for t in _tensors((args, kwargs)) if t.requires_grad]
+    if node.op == "call_module":
+        fn = gm.get_submodule(node.target)
+        leaves += [p for p in fn.parameters() if p.requires_grad]
+    elif node.op == "call_method":
+        fn = lambda obj, *a, **k: getattr(obj, node.target)(*a, **k)  # noqa: E731
+    else:
+        fn = node.target
+
+    def forward():
+        with torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    def forward_on_copies():  # for an in-place op on a leaf that requires grad
+        with torch.enable_grad():
+            fresh_args, fresh_kwargs = map_aggregate((args, kwargs), _clone)
+            return fn(*fresh_args, **fresh_kwargs)
+
+    try:
+        fwd, output = time_ms(forward, repeats, sync)
+    except RuntimeError:
+        fwd, output = time_ms(forward_on_copies, repeats, sync)
+    outs = [t for t in _tensors(output) if t.requires_grad]
+    if not outs or not leaves:
+        return fwd, 0.0
+    grads = [torch.ones_like(t) for t in outs]
+    bwd, _ = time_ms(lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True),
+                     repeats, sync)
+    return fwd, bwd
+
+
+def _optimizer_step(model: torch.nn.Module, workload: Workload, repeats: int, sync) -> tuple[dict[str, int], float]:
+    """({parameter name: optimizer-state bytes}, median ms of a step), from steps on zero
+    gradients: the state and the step's cost do not depend on the gradients' values."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return {}, 0.0
+    try:
+        optimizer = workload.make_optimizer(params)
+    except Exception as exc:
+        raise WorkloadError(f"{workload.spec}: make_optimizer raised {type(exc).__name__}: {exc}") from exc
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # creates the optimizer state
+    state_bytes = {}
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p, {})
+        state_bytes[name] = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    step_ms, _ = time_ms(optimizer.step, repeats, sync)
+    model.zero_grad(set_to_none=True)
+    return state_bytes, step_ms
+
+
+def _annotated(ops: nx.DiGraph, results: dict[str, dict[str, dict]]) -> nx.DiGraph:
+    g = ops.copy()
+    g.graph["device_kinds"] = list(results)
+    first = next(iter(results.values()))
+    for name, data in g.nodes(data=True):
+        for attr in ("fwd_ms", "bwd_ms", "opt_ms"):
+            data[attr] = {kind: float(r[name][attr]) for kind, r in results.items()}
+        for attr in ("param_bytes", "grad_bytes", "opt_bytes", "act_bytes"):
+            data[attr] = int(first[name][attr])  # memory does not depend on the kind
+    return g
+
+
+# --- on-disk cache -----------------------------------------------------------------
+
+def _cache_key(ops: nx.DiGraph, workload: Workload, kind: str, threads: int | None, repeats: int) -> dict:
+    if kind == "cuda":
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"{platform.machine()}:{threads or torch.get_num_threads()} threads"
+    optimizer = workload.make_optimizer
+    return {
+        "version": CACHE_VERSION,
+        "fingerprint": ops.graph["fingerprint"],
+        "inputs": [[list(t.shape), str(t.dtype)] for t in workload.inputs],
+        "kind": kind,
+        "device": device,
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "optimizer": f"{getattr(optimizer, '__module__', '')}.{getattr(optimizer, '__qualname__', repr(optimizer))}",
+    }
+
+
+def _cache_path(cache: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache / f"profile-{key['fingerprint']}-{key['kind']}-{digest}.json"
+
+
+def _load_cache(cache: Path, key: dict, ops: nx.DiGraph) -> dict | None:
+    """The cached measurements, or None when absent, corrupt or made for another graph."""
+    try:
+        data = json.loads(_cache_path(cache, key).read_text())
+        if data["key"] == key and set(data["nodes"]) == set(ops.nodes):
+            return data["nodes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _store_cache(cache: Path, key: dict, nodes: dict) -> None:
+    """Write atomically, so that an interrupted run never leaves a half-written file."""
+    path = _cache_path(cache, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "nodes": nodes}))
+    os.replace(tmp, path)
+
+
+# --- small helpers -----------------------------------------------------------------
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None):
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _as_leaf(value):
+    """A detached copy (sharing storage) that requires grad where the original did."""
+    if not isinstance(value, torch.Tensor):
+        return map_aggregate(value, lambda v: _as_leaf(v) if isinstance(v, torch.Tensor) else v)
+    leaf = value.detach()
+    if value.requires_grad:
+        leaf.requires_grad_()
+    return leaf
+
+
+def _clone(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    found = []
+    map_aggregate(value, lambda v: found.append(v) if isinstance(v, torch.Tensor) else None)
+    return found
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        return (t.device.type, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, nested)
+        return ("id", id(t))
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return t.numel() * t.element_size()

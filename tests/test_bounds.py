@@ -1,0 +1,65 @@
+"""lower_bound and summarize on a hand-made grouped graph with known numbers."""
+
+import json
+
+import networkx as nx
+import pytest
+
+from graphs.bounds import LowerBound, lower_bound
+from graphs.summary import format_summary, summarize
+
+
+def grouped(costs_cpu, costs_cuda, edges):
+    """Groups with fwd = bwd = cost / 2 on each kind."""
+    g = nx.DiGraph(name="hand", fingerprint="f", device_kinds=["cpu", "cuda"], colocate=[])
+    for i, (cpu, cuda) in enumerate(zip(costs_cpu, costs_cuda)):
+        g.add_node(i, name=f"g{i}", members=[f"n{i}"], fwd_ms={"cpu": cpu / 2, "cuda": cuda / 2},
+                   bwd_ms={"cpu": cpu / 2, "cuda": cuda / 2}, opt_ms={"cpu": 0.0, "cuda": 0.0},
+                   param_bytes=10 * i, grad_bytes=10 * i, opt_bytes=0, act_bytes=1, out_bytes=4, op_mix={"linear": 1})
+    g.add_edges_from(edges, bytes=4)
+    return g
+
+
+# a diamond 0 -> {1, 2} -> 3 plus a lone group 4
+DIAMOND = grouped([2, 10, 4, 6, 8], [1, 1, 1, 1, 1], [(0, 1), (0, 2), (1, 3), (2, 3)])
+
+
+def test_critical_path_dominates_on_many_devices():
+    assert lower_bound(DIAMOND, ["cpu"] * 4) == LowerBound(critical_path_ms=18.0, work_ms=7.5, bound_ms=18.0)
+
+
+def test_work_dominates_on_one_device():
+    assert lower_bound(DIAMOND, ["cpu"]) == LowerBound(critical_path_ms=18.0, work_ms=30.0, bound_ms=30.0)
+
+
+def test_fastest_kind_present_is_used():
+    # with a GPU in the cluster every group costs 1 ms there
+    assert lower_bound(DIAMOND, ["cpu", "cuda"]) == LowerBound(critical_path_ms=3.0, work_ms=2.5, bound_ms=3.0)
+
+
+def test_unprofiled_kind_or_no_device_is_an_error():
+    cpu_only = grouped([1], [1], [])
+    for data in cpu_only.nodes.values():
+        del data["fwd_ms"]["cuda"], data["bwd_ms"]["cuda"]
+    with pytest.raises(ValueError, match="profiled on"):
+        lower_bound(cpu_only, ["cuda"])
+    with pytest.raises(ValueError):
+        lower_bound(DIAMOND, [])
+
+
+def test_summary_keys_and_text():
+    ops = nx.DiGraph(name="hand", fingerprint="f", device_kinds=["cpu", "cuda"], granularity="op")
+    for i in DIAMOND:
+        data = dict(DIAMOND.nodes[i])
+        ops.add_node(f"n{i}", **data)
+    ops.add_edges_from((f"n{u}", f"n{v}") for u, v in DIAMOND.edges())
+    s = summarize(ops, DIAMOND, ["cpu", "cpu"], notes=["a note"])
+    json.dumps(s)  # JSON-ready
+    assert (s["nodes"], s["edges"], s["groups"]) == (5, 4, 5)
+    assert s["param_bytes"] == 100 and s["memory"]["act_bytes"] == 5
+    assert s["compute_ms"] == {"cpu": 30.0, "cuda": 5.0}
+    assert s["critical_path_ms"] == 18.0 and s["lower_bound_ms"] == 18.0 and s["work_ms"] == 15.0
+    assert [h["name"] for h in s["heaviest_groups"]] == ["g1", "g4", "g3", "g2", "g0"]
+    assert s["heaviest_groups"][0] == {"name": "g1", "ms": 10.0, "bytes": 21}
+    text = format_summary(s)
+    assert "lower bound  18.00 ms" in text and "g1" in text and "note: a note" in text

@@ -1,0 +1,126 @@
+"""capture: the OpGraph schema, shapes and bytes, weight tying, untraceable models."""
+
+import networkx as nx
+import pytest
+import torch
+from torch import nn
+
+from graphs.capture import capture
+from graphs.workload import Workload
+from placer.errors import CaptureError
+
+NODE_ATTRS = {"op", "target", "module", "op_type", "params", "out_bytes", "order"}
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + x
+
+
+class Tied(nn.Module):
+    """An embedding whose weight the output projection reuses (weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.block = Block()
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(self.block(self.emb(tokens)))
+
+
+def workload(model, *inputs, **kw):
+    return Workload(name="t", spec="t.py", model=model, inputs=inputs, **kw)
+
+
+def test_schema_shapes_and_bytes():
+    g = capture(workload(Tied(), torch.randint(0, 20, (2, 5))))
+    assert nx.is_directed_acyclic_graph(g)
+    assert g.graph["name"] == "t" and g.graph["granularity"] == "op" and g.graph["leaf_paths"] == []
+    assert len(g.graph["fingerprint"]) == 16
+    for name, data in g.nodes(data=True):
+        assert NODE_ATTRS <= set(data), name
+    assert sorted(d["order"] for _, d in g.nodes(data=True)) == list(range(g.number_of_nodes()))
+    ops = {d["target"]: d for _, d in g.nodes(data=True)}
+    assert ops["tokens"]["op_type"] == "input" and ops["output"]["op_type"] == "output"
+    assert ops["emb"]["op_type"] == "embedding" and ops["emb"]["out_bytes"] == 2 * 5 * 8 * 4
+    assert ops["block.fc"]["op_type"] == "linear" and ops["block.fc"]["module"] == "block.fc"
+    assert ops["block.fc"]["params"] == {"block.fc.weight": 8 * 8 * 4, "block.fc.bias": 8 * 4}
+    relu = next(d for d in g.nodes.values() if d["target"] == "torch.relu")
+    assert relu["module"] == "block" and relu["op_type"] == "activation"
+    assert ops["head"]["out_bytes"] == 2 * 5 * 20 * 4
+    for u, v, data in g.edges(data=True):
+        assert data["bytes"] == g.nodes[u]["out_bytes"]
+
+
+def test_tied_weight_is_one_parameter_and_a_colocation_set():
+    g = capture(workload(Tied(), torch.randint(0, 20, (2, 5))))
+    users = [n for n, d in g.nodes(data=True) if "emb.weight" in d["params"]]
+    assert len(users) == 2  # the head reaches the same tensor under another name
+    assert g.graph["colocate"] == [users]
+
+
+def test_capture_leaves_the_model_alone():
+    model = Tied()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    capture(workload(model, torch.randint(0, 20, (2, 5))))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_leaf_modules_are_kept_whole():
+    g = capture(workload(Tied(), torch.randint(0, 20, (2, 5)), leaf_modules=(Block,)))
+    block = [d for d in g.nodes.values() if d["module"].startswith("block")]
+    assert len(block) == 1 and block[0]["op"] == "call_module" and block[0]["op_type"] == "other"
+    assert set(block[0]["params"]) == {"block.fc.weight", "block.fc.bias"}
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # fx cannot trace a branch on a value
+            return self.fc(x)
+        return -self.fc(x)
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.inner = DataDependent()
+
+    def forward(self, x):
+        return self.inner(self.pre(x))
+
+
+def test_untraceable_submodule_falls_back_to_a_leaf():
+    w = workload(Outer(), torch.randn(3, 4))
+    g = capture(w)
+    assert g.graph["granularity"] == "module" and g.graph["leaf_paths"] == ["inner"]
+    inner = [d for d in g.nodes.values() if d["target"] == "inner"]
+    assert len(inner) == 1 and inner[0]["op"] == "call_module" and inner[0]["out_bytes"] == 3 * 4 * 4
+    assert len(w.notes) == 1 and "'inner'" in w.notes[0] and "one unit" in w.notes[0]
+
+
+def test_untraceable_root_names_module_and_line():
+    w = workload(DataDependent(), torch.randn(3, 4))
+    with pytest.raises(CaptureError) as err:
+        capture(w)
+    message = str(err.value)
+    assert "DataDependent" in message and "test_capture.py:" in message and "if x.sum() > 0" in message
+    assert "leaf_modules" in message and "\n" not in message
+
+
+def test_capture_is_deterministic():
+    a = capture(workload(Tied(), torch.randint(0, 20, (2, 5))))
+    b = capture(workload(Tied(), torch.randint(0, 20, (2, 5))))
+    assert a.graph == b.graph and dict(a.nodes(data=True)) == dict(b.nodes(data=True))
+    assert list(a.edges(data=True)) == list(b.edges(data=True))

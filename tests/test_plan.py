@@ -1,0 +1,190 @@
+"""placer.plan: plan files (placer.plan/v1) and expanding placements into them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from graphs.capture import capture_traced
+from graphs.group import group
+from graphs.trace import fingerprint, trace_model
+from placer.cluster import parse_cluster
+from placer.errors import InfeasibleError, PlanError
+from placer.plan import FORMAT, Plan, derive_device_map, load_plan, make_plan, plan_from_assignment
+from placer.problem import PlacementProblem
+from placer.runtime import apply
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.dec = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.dec(self.enc(x)) + self.enc[0].bias.sum())
+
+
+def by_module(mapping: dict[str, str], default: str = "cpu:0"):
+    """Assign a node by the first module-path prefix in `mapping` it falls under."""
+    def assign(node) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = str(node.target) if node.op in ("call_module", "get_attr") else next(iter(stack.values()), ("",))[0]
+        return next((d for prefix, d in mapping.items() if path.startswith(prefix)), default)
+    return assign
+
+
+def test_save_and_load_round_trip(tmp_path):
+    plan = plan_from_assignment(Net(), by_module({"dec": "cpu:1"}), ["cpu:0", "cpu:1"], method="hand")
+    path = plan.save(tmp_path / "sub" / "plan.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == FORMAT
+    assert load_plan(path) == plan
+    assert load_plan(path, fingerprint=plan.fingerprint) == plan
+    assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temp file left behind
+
+
+def test_every_traced_node_is_assigned_and_the_device_map_is_accelerate_style():
+    model = Net()
+    plan = plan_from_assignment(model, by_module({"dec": "cpu:1"}), ["cpu:0", "cpu:1"])
+    gm = trace_model(model).gm
+    assert set(plan.assignment) == {n.name for n in gm.graph.nodes}
+    assert plan.fingerprint == fingerprint(model, gm)
+    assert plan.device_map == {"dec": "cpu:1", "enc": "cpu:0", "head": "cpu:0"}
+    whole = plan_from_assignment(model, lambda n: "cpu:1", ["cpu:0", "cpu:1"])
+    assert whole.device_map == {"": "cpu:1"}
+
+
+def test_device_map_lists_single_parameters_of_split_modules():
+    modules = {"a": "m", "b": "m.inner", "c": ""}
+    params = {"a": ["m.w"], "b": ["m.inner.w"], "c": []}
+    assignment = {"a": "cpu:0", "b": "cpu:1", "c": "cpu:0"}
+    assert derive_device_map(modules, params, assignment) == {"m.inner": "cpu:1", "m.w": "cpu:0"}
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "no such plan file"),
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    (json.dumps({"format": "placer.plan/v0"}), "unknown plan format"),
+    (json.dumps({"devices": []}), "unknown plan format"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}}), "lacks device_map, fingerprint"),
+    (json.dumps({"format": FORMAT, "devices": "cpu:0", "assignment": [], "device_map": {}, "fingerprint": "f"}),
+     "devices must be a list"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {"x": "cpu:7"}, "device_map": {},
+                 "fingerprint": "f"}), "cpu:7"),
+])
+def test_bad_plan_files_are_one_line_errors_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "plan.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(PlanError, match=message) as info:
+        load_plan(path)
+    assert "plan.json" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_fingerprint_mismatch_names_both_fingerprints(tmp_path):
+    plan = plan_from_assignment(Net(), lambda n: "cpu:0", ["cpu:0"])
+    path = plan.save(tmp_path / "plan.json")
+    with pytest.raises(PlanError, match=f"plan.json was made for another model \\(fingerprint {plan.fingerprint}, "
+                                        f"this model abc\\)"):
+        load_plan(path, fingerprint="abc")
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    path = Plan(devices=["cpu:0"], assignment={}, device_map={}, fingerprint="old").save(tmp_path / "plan.json")
+
+    def broken_dump(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", broken_dump)
+    with pytest.raises(OSError):
+        Plan(devices=["cpu:0"], assignment={}, device_map={}, fingerprint="new").save(path)
+    assert load_plan(path).fingerprint == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def grouped_problem(model: nn.Module, inputs, devices: str, max_groups: int = 3) -> PlacementProblem:
+    """A real capture and grouping with made-up costs (profiling is not under test)."""
+    traced = trace_model(model)
+    ops = capture_traced(traced, model, inputs, name="net")
+    ops.graph["device_kinds"] = ["cpu"]
+    for _, data in ops.nodes(data=True):
+        nbytes = sum(data["params"].values())
+        data.update(fwd_ms={"cpu": 0.1}, bwd_ms={"cpu": 0.2}, opt_ms={"cpu": 0.0}, param_bytes=nbytes,
+                    grad_bytes=nbytes, opt_bytes=nbytes, act_bytes=data["out_bytes"])
+    return PlacementProblem(groups=group(ops, max_groups=max_groups), cluster=parse_cluster(devices),
+                            workload="test:net", ops=ops)
+
+
+def test_make_plan_expands_groups_to_nodes_and_applies():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(4, 6)
+    problem = grouped_problem(model, (x,), "cpu:0,cpu:1")
+    placement = [i % 2 for i in range(problem.n_groups)]
+    plan = make_plan(problem, placement, method="alternate", seed=7, simulated_ms=1.5)
+    assert plan.placement == placement and plan.seed == 7 and plan.simulated_ms == 1.5
+    assert plan.workload == "test:net" and plan.fingerprint == problem.ops.graph["fingerprint"]
+    for g, members in enumerate(plan.groups):
+        assert members == problem.groups.nodes[g]["members"]
+        assert {plan.assignment[m] for m in members} == {f"cpu:{placement[g]}"}
+    assert set(plan.assignment) == set(problem.ops.nodes)
+    expected = Net()
+    expected.load_state_dict(model.state_dict())
+    placed = apply(model, plan)
+    torch.testing.assert_close(placed(x), expected(x))
+    placed.close()
+
+
+def test_make_plan_refuses_an_infeasible_placement():
+    problem = grouped_problem(Net(), (torch.randn(4, 6),), "cpu:0,cpu:1")
+    with pytest.raises(InfeasibleError):
+        make_plan(problem, [5] * problem.n_groups, method="bad")
+
+
+def test_plan_leaf_paths_reproduce_a_trace_with_leaf_classes():
+    """A workload's leaf_modules classes are not in the plan; its leaf paths are."""
+    class Opaque(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x  # data-dependent: fx cannot trace through it
+
+    class WithOpaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.opaque = Opaque()
+
+        def forward(self, x):
+            return self.opaque(self.lin(x))
+
+    model = WithOpaque()
+    plan = plan_from_assignment(model, lambda n: "cpu:1" if n.target == "opaque" else "cpu:0", ["cpu:0", "cpu:1"],
+                                leaf_modules=(Opaque,))
+    assert "opaque" in plan.leaf_paths
+    placed = apply(model, plan)
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(placed(x), model.opaque(model.lin(x)))
+    placed.close()
+
+
+def test_a_plan_from_the_whole_pipeline_applies_to_a_fresh_model(tmp_path):
+    """capture -> profile -> group -> placement -> plan file -> apply, as `placer optimize` does."""
+    from graphs.workload import Workload
+    from placer.problem import build_problem
+
+    torch.manual_seed(0)
+    workload = Workload(name="net", spec="test:net", model=Net(), inputs=(torch.randn(4, 6),))
+    problem = build_problem(workload, "cpu:0,cpu:1", max_groups=4, cache_dir=str(tmp_path / "cache"))
+    placement = [g % 2 for g in range(problem.n_groups)]
+    for tied in problem.colocation_sets:  # Net reads enc.0.bias in its own forward too
+        for g in tied:
+            placement[g] = placement[tied[0]]
+    path = make_plan(problem, placement, method="alternate").save(tmp_path / "plan.json")
+    placed = apply(workload.fresh_model(), path)
+    assert {c.device for c in placed.executor.chunks} == {"cpu:0", "cpu:1"}
+    torch.testing.assert_close(placed(*workload.inputs), workload.model(*workload.inputs))
+    placed.close()

@@ -1,0 +1,161 @@
+"""profile: measured costs and memory per node, stable between runs, cached on disk."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import graphs.profile as profile_module
+from graphs.capture import capture
+from graphs.profile import profile
+from graphs.workload import Workload
+
+MEMORY = ("param_bytes", "grad_bytes", "opt_bytes", "act_bytes")
+
+
+class TiedMLP(nn.Module):
+    """Embedding -> two linear layers -> output projection tied to the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("scale", torch.ones(32))
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        return self.head(self.fc2(torch.relu(self.fc1(h))) * self.scale)
+
+
+def make_workload(**kw):
+    torch.manual_seed(0)
+    return Workload(name="tied", spec="tied.py", model=TiedMLP(), inputs=(torch.randint(0, 50, (16, 8)),), **kw)
+
+
+def run(w, tmp_path, **kw):
+    return profile(capture(w), w, threads=1, repeats=3, cache_dir=tmp_path, **kw)
+
+
+def by_target(g):
+    return {d["target"]: d for d in g.nodes.values()}
+
+
+def test_costs_are_positive_and_memory_is_measured(tmp_path):
+    g = run(make_workload(), tmp_path)
+    assert g.graph["device_kinds"] == ["cpu"]
+    ops = by_target(g)
+    for name in ("emb", "fc1", "fc2", "head", "torch.relu"):
+        assert ops[name]["fwd_ms"]["cpu"] > 0 and ops[name]["bwd_ms"]["cpu"] > 0, name
+    assert ops["tokens"]["fwd_ms"]["cpu"] == 0 and ops["output"]["bwd_ms"]["cpu"] == 0
+    # the tied weight is counted once, at its first user; the buffer has no gradient
+    assert ops["emb"]["param_bytes"] == 50 * 32 * 4 and ops["head"]["param_bytes"] == 0
+    assert ops["scale"]["param_bytes"] == 32 * 4 and ops["scale"]["grad_bytes"] == 0
+    assert ops["fc1"]["grad_bytes"] == (32 * 64 + 64) * 4
+    # SGD with momentum keeps one buffer per parameter
+    assert ops["fc1"]["opt_bytes"] == ops["fc1"]["grad_bytes"] and ops["fc1"]["opt_ms"]["cpu"] > 0
+    total_params = sum(p.numel() * 4 for p in TiedMLP().parameters()) + 32 * 4
+    assert sum(d["param_bytes"] for d in g.nodes.values()) == total_params
+    # fc2 saves its input (relu's output, saved by relu first) and so adds nothing new;
+    # fc1 saves its input, the embedding's output
+    assert ops["fc1"]["act_bytes"] == 16 * 8 * 32 * 4
+    assert ops["torch.relu"]["act_bytes"] == 16 * 8 * 64 * 4
+    assert ops["fc2"]["act_bytes"] == 0
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.relu = nn.ReLU(inplace=True)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.relu(self.a(x))
+        y += x
+        return self.b(y.mul_(2))
+
+
+def test_in_place_ops_are_timed(tmp_path):
+    w = Workload(name="inplace", spec="inplace.py", model=InPlace(), inputs=(torch.randn(4, 8),))
+    g = run(w, tmp_path)
+    for data in g.nodes.values():
+        if data["op"].startswith("call_"):
+            assert data["fwd_ms"]["cpu"] > 0 and data["bwd_ms"]["cpu"] > 0, data["target"]
+
+
+def test_adam_state_is_twice_the_parameters(tmp_path):
+    w = make_workload(make_optimizer=lambda params: torch.optim.Adam(params))
+    ops = by_target(run(w, tmp_path))
+    assert ops["fc1"]["opt_bytes"] >= 2 * ops["fc1"]["grad_bytes"]
+
+
+def test_profile_does_not_touch_the_users_model(tmp_path):
+    w = make_workload()
+    before = {k: v.clone() for k, v in w.model.state_dict().items()}
+    run(w, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in w.model.state_dict().items())
+    assert all(p.grad is None for p in w.model.parameters())
+
+
+def test_two_uncached_runs_agree(tmp_path):
+    w = make_workload()
+    a, b = run(w, tmp_path / "a"), run(w, tmp_path / "b")
+    total_a = sum(d["fwd_ms"]["cpu"] + d["bwd_ms"]["cpu"] for d in a.nodes.values())
+    total_b = sum(d["fwd_ms"]["cpu"] + d["bwd_ms"]["cpu"] for d in b.nodes.values())
+    assert total_a > 0 and 1 / 5 < total_a / total_b < 5
+    for name in a.nodes:
+        assert all(a.nodes[name][m] == b.nodes[name][m] for m in MEMORY)
+
+
+def test_second_call_is_served_from_the_cache(tmp_path, monkeypatch):
+    w = make_workload()
+    ops = capture(w)
+    seen = []
+    first = profile(ops, w, threads=1, repeats=2, cache_dir=tmp_path, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (ops.number_of_nodes(), ops.number_of_nodes())
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again despite the cache")
+
+    monkeypatch.setattr(profile_module, "time_ms", no_timing)
+    second = profile(ops, w, threads=1, repeats=2, cache_dir=tmp_path)
+    assert dict(first.nodes(data=True)) == dict(second.nodes(data=True))
+    # another key (repeats) is a miss
+    with pytest.raises(AssertionError, match="timed again"):
+        profile(ops, w, threads=1, repeats=3, cache_dir=tmp_path)
+
+
+def test_corrupt_cache_is_ignored_and_rewritten(tmp_path):
+    w = make_workload()
+    ops = capture(w)
+    profile(ops, w, threads=1, repeats=1, cache_dir=tmp_path)
+    [path] = tmp_path.glob("profile-*.json")
+    path.write_text("{not json")
+    again = profile(ops, w, threads=1, repeats=1, cache_dir=tmp_path)
+    assert json.loads(path.read_text())["nodes"].keys() == set(again.nodes)
+
+
+def test_cpu_threads_are_restored(tmp_path):
+    before = torch.get_num_threads()
+    run(make_workload(), tmp_path)
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the note on a host without a GPU")
+def test_cuda_is_skipped_with_a_note_without_a_gpu(tmp_path):
+    w = make_workload()
+    g = run(w, tmp_path, kinds=("cpu", "cuda"))
+    assert g.graph["device_kinds"] == ["cpu"]
+    assert any("cuda" in note for note in w.notes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_and_cpu_are_both_profiled(tmp_path):
+    g = run(make_workload(), tmp_path, kinds=("cpu", "cuda"))
+    assert g.graph["device_kinds"] == ["cpu", "cuda"]
+    assert by_target(g)["fc1"]["fwd_ms"]["cuda"] > 0

@@ -1,0 +1,216 @@
+import itertools
+import math
+
+import networkx as nx
+import pytest
+import torch
+
+from envs.sim import Simulator
+from graphs.synthetic import random_grouped_graph
+from placer.cluster import parse_cluster
+from placer.errors import DeviceSpecError, InfeasibleError, PlanError
+from placer.problem import PlacementProblem
+from placer.rl.policy import Seq2SeqPolicy, load_policy, save_policy
+from placer.rl.trainer import TrainConfig, train
+
+
+def synthetic(n=12, devices="cpu:0,cpu:1", memory=None, tied_pairs=0, seed=3):
+    return PlacementProblem(random_grouped_graph(n, seed=seed, tied_pairs=tied_pairs), parse_cluster(devices, memory))
+
+
+def two_chains(length=10):
+    """Two independent chains, interleaved in id order (chain A even ids, chain B odd):
+    the fastest placement puts one chain on each device. A tensor crossing devices
+    costs half a group's forward time, so a chain that switches devices is slow."""
+    g = nx.DiGraph(name="two-chains", fingerprint="two-chains", device_kinds=["cpu"], colocate=[])
+    for i in range(2 * length):
+        g.add_node(i, name=f"chain{i % 2}.{i // 2}", members=[f"n{i}"], fwd_ms={"cpu": 1.0}, bwd_ms={"cpu": 2.0},
+                   opt_ms={"cpu": 0.0}, param_bytes=0, grad_bytes=0, opt_bytes=0, act_bytes=0, out_bytes=500_000_000,
+                   op_mix={"linear": 1})
+    for i in range(2 * length - 2):
+        g.add_edge(i, i + 2, bytes=500_000_000)
+    return PlacementProblem(g, parse_cluster("cpu:0,cpu:1"))
+
+
+def sim_score(problem):
+    sim = Simulator(problem)
+
+    def score(placements):
+        return [r.step_ms if r.feasible else math.inf for r in map(sim.simulate, placements)]
+    return score
+
+
+def policy_for(problem, seed=0):
+    torch.manual_seed(seed)
+    return Seq2SeqPolicy(problem, max_devices=4, hidden=32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The policy's tensors are tiny: extra threads only contend for the shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+QUICK = dict(batch_size=8, budget_s=None, hidden=32, imitation_steps=0, measure_every=3, checkpoint_every=2)
+
+
+# ----------------------------------------------------------------------------- policy
+def test_sample_shapes_and_teacher_forced_log_probs_match_sampling():
+    problem = synthetic(20, devices="cpu:0,cpu:1,cpu:2")
+    policy = policy_for(problem)
+    placements, logp, entropy = policy.sample(5, torch.Generator().manual_seed(0))
+    assert placements.shape == (5, 20) and logp.shape == (5,) and entropy.shape == (5,)
+    assert placements.min() >= 0 and placements.max() <= 2  # never a padding device
+    assert (entropy > 0).all() and (logp < 0).all()
+    again, entropy_again = policy.log_prob(placements)
+    assert torch.allclose(again, logp, atol=1e-4) and torch.allclose(entropy_again, entropy, atol=1e-4)
+    assert len(policy.greedy()) == 20
+
+
+@pytest.mark.parametrize("tied", [0, 1])
+def test_probabilities_of_all_placements_sum_to_one(tied):
+    problem = synthetic(4, tied_pairs=tied, seed=5)
+    policy = policy_for(problem)
+    everything = torch.tensor(list(itertools.product(range(2), repeat=4)))
+    with torch.no_grad():
+        logp, _ = policy.log_prob(everything)
+    assert float(logp.exp().sum()) == pytest.approx(1.0, abs=1e-5)
+    if tied:  # every placement that splits the tied groups has probability 0
+        a, b = problem.colocation_sets[0]
+        assert float(logp[everything[:, a] != everything[:, b]].exp().sum()) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_mask_keeps_a_group_off_a_device_it_cannot_fit():
+    free = synthetic(12)
+    big = int(free.costs.memory_bytes.argmax())
+    need = int(free.costs.memory_bytes[big])
+    problem = synthetic(12, memory=f"cpu:0={need - 1}B")
+    placements, _, _ = policy_for(problem).sample(64, torch.Generator().manual_seed(1))
+    assert (placements[:, big] == 1).all()
+    # cpu:0 never holds more than its cap: every group's placement there is checked against what is already on it
+    for p in placements.tolist():
+        assert problem.memory_per_device(p)[0] <= need - 1
+
+
+def test_colocated_groups_always_follow_their_leader():
+    problem = synthetic(16, tied_pairs=3)
+    placements, _, _ = policy_for(problem).sample(32, torch.Generator().manual_seed(2))
+    for members in problem.colocation_sets:
+        assert (placements[:, members] == placements[:, members[:1]]).all()
+
+
+def test_when_no_device_fits_every_device_stays_allowed():
+    problem = synthetic(12, memory="cpu:0=1B,cpu:1=1B")
+    placements, logp, _ = policy_for(problem).sample(16, torch.Generator().manual_seed(3))
+    assert set(placements.flatten().tolist()) == {0, 1} and torch.isfinite(logp).all()
+
+
+def test_saved_policy_transfers_to_another_problem_with_the_same_devices(tmp_path):
+    policy = policy_for(synthetic(12))
+    save_policy(policy, tmp_path / "policy.pt")
+    other = synthetic(30, seed=9)
+    loaded = load_policy(tmp_path / "policy.pt").attach(other)
+    placements, _, _ = loaded.sample(3, torch.Generator().manual_seed(0))
+    assert torch.allclose(loaded.log_prob(placements)[0], policy.attach(other).log_prob(placements)[0])
+    with pytest.raises(DeviceSpecError, match="at most 4 devices"):
+        loaded.attach(synthetic(6, devices="cpu:0,cpu:1,cpu:2,cpu:3,cpu:4"))
+    (tmp_path / "junk.pt").write_text("not a policy")
+    with pytest.raises(PlanError, match="junk.pt"):
+        load_policy(tmp_path / "junk.pt")
+
+
+# ----------------------------------------------------------------------------- trainer
+def test_imitation_makes_greedy_reproduce_the_warm_start():
+    problem = synthetic(16)
+    warm = tuple(int(d) for d in torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(4)))
+    config = TrainConfig(**{**QUICK, "imitation_steps": 300, "imitation_target": 0.97, "max_samples": 0})
+    result = train(problem, sim_score(problem), config, warm_start=warm)
+    assert result.policy.greedy() == warm and result.samples == 0
+    assert result.best == warm  # the warm start is a candidate from the beginning
+    with pytest.raises(InfeasibleError):
+        train(synthetic(16, memory="cpu:0=1B,cpu:1=1B"), sim_score(problem), config, warm_start=warm)
+
+
+@pytest.mark.parametrize("algo, updates", [("reinforce", 60), ("ppo", 30)])
+def test_search_finds_the_optimum_of_two_independent_chains(algo, updates):
+    problem = two_chains()
+    score = sim_score(problem)
+    optimum = score([tuple(i % 2 for i in range(20))])[0]
+    assert optimum < 0.6 * score([(0,) * 20])[0]  # the toy problem has a clear optimum
+    config = TrainConfig(**{**QUICK, "algo": algo, "max_samples": 8 * updates})
+    result = train(problem, score, config)
+    assert result.best_sim_ms <= 1.03 * optimum
+    means = [row["mean_ms"] for row in result.curve]
+    assert sum(means[-5:]) / 5 < sum(means[:5]) / 5  # the policy itself got better, not only lucky
+
+
+def test_same_seed_same_search():
+    problem = synthetic(12)
+    config = TrainConfig(**{**QUICK, "max_samples": 40})
+    first, second = (train(problem, sim_score(problem), config) for _ in range(2))
+    assert first.best == second.best
+    assert [r["mean_ms"] for r in first.curve] == [r["mean_ms"] for r in second.curve]
+
+
+def test_resumed_search_equals_an_uninterrupted_one(tmp_path):
+    problem = synthetic(12)
+    config = TrainConfig(**{**QUICK, "max_samples": 64})
+    straight = train(problem, sim_score(problem), config, out_dir=tmp_path / "straight")
+    half = train(problem, sim_score(problem), TrainConfig(**{**QUICK, "max_samples": 32}), out_dir=tmp_path / "split")
+    resumed = train(problem, sim_score(problem), config, out_dir=tmp_path / "split", resume=True)
+    assert half.updates == 4 and resumed.updates == 8 and resumed.samples == 64
+    assert resumed.best_sim_ms <= half.best_sim_ms
+    strip = [{k: v for k, v in row.items() if k != "elapsed_s"} for row in straight.curve]
+    assert [{k: v for k, v in row.items() if k != "elapsed_s"} for row in resumed.curve] == strip
+    assert resumed.best == straight.best
+    assert (tmp_path / "split" / "curve.csv").read_text().count("\n") == 9  # header + 8 updates
+    with pytest.raises(PlanError, match="another problem"):
+        train(synthetic(13), sim_score(synthetic(13)), config, out_dir=tmp_path / "split", resume=True)
+
+
+def test_ctrl_c_returns_the_best_so_far_and_leaves_a_checkpoint(tmp_path):
+    problem = synthetic(12)
+    score = sim_score(problem)
+    calls = []
+
+    def interrupted_score(placements):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return score(placements)
+
+    config = TrainConfig(**{**QUICK, "max_samples": 80})
+    result = train(problem, interrupted_score, config, out_dir=tmp_path)
+    assert result.interrupted and result.updates == 4 and math.isfinite(result.best_sim_ms)
+    assert score([result.best])[0] == result.best_sim_ms
+    other_width = TrainConfig(**{**QUICK, "max_samples": 80, "hidden": 16})
+    resumed = train(problem, score, other_width, out_dir=tmp_path, resume=True)
+    assert not resumed.interrupted and resumed.samples == 80 and resumed.curve[0]["update"] == 1
+    assert resumed.policy.config["hidden"] == 32  # the checkpoint's policy, whatever the new config says
+    assert resumed.best_sim_ms <= result.best_sim_ms
+
+
+def test_final_choice_is_the_best_measured_placement():
+    problem = synthetic(12)
+    score = sim_score(problem)
+    warm = (0,) * 12
+    measured_calls, recalibrations = [], []
+
+    def measure(placement):  # the "real" machine disagrees with the simulator: device 1 is slow
+        measured_calls.append(placement)
+        return score([placement])[0] * (1 + sum(placement))
+
+    def recalibrate(placements, times):
+        recalibrations.append(len(placements))
+        return score
+
+    config = TrainConfig(**{**QUICK, "max_samples": 48, "measure_top_k": 2})
+    result = train(problem, score, config, measure=measure, warm_start=warm, recalibrate=recalibrate)
+    assert warm in dict(result.measured)  # the heuristic is always measured
+    best, best_ms = min(result.measured, key=lambda pm: pm[1])
+    assert result.best == best and result.best_measured_ms == best_ms
+    assert len(set(measured_calls)) == len(measured_calls)  # nothing is measured twice
+    assert recalibrations == sorted(recalibrations) and len(recalibrations) == 3  # after updates 3 and 6, and the end

@@ -1,0 +1,255 @@
+"""The simulator's schedule on hand-made graphs with step times worked out by hand,
+its feasibility verdicts and timeline, and the calibration fit and cache."""
+
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+import numpy as np
+import pytest
+
+from envs.calibrate import calibration_path, fit_calibration, load_calibration, save_calibration
+from envs.sim import Calibration, Simulator
+from graphs.synthetic import random_grouped_graph
+from placer.cluster import Link, parse_cluster
+from placer.problem import PlacementProblem
+
+# 1 ms latency and 1 ms per 1000 bytes: transfers easy to add up by hand.
+SLOW_LINK = Link(latency_s=1e-3, bandwidth_Bps=1e6)
+
+
+def grouped(costs: list[tuple[float, float, float]], edges: dict[tuple[int, int], int] = (), colocate=(),
+            param_bytes: int = 0) -> nx.DiGraph:
+    """A GroupedGraph with (fwd_ms, bwd_ms, opt_ms) per group and bytes per edge."""
+    g = nx.DiGraph(name="tiny", fingerprint="tiny-fp", device_kinds=["cpu"], colocate=[list(c) for c in colocate])
+    for i, (f, b, o) in enumerate(costs):
+        g.add_node(i, name=f"g{i}", members=[f"n{i}"], fwd_ms={"cpu": f}, bwd_ms={"cpu": b}, opt_ms={"cpu": o},
+                   param_bytes=param_bytes, grad_bytes=0, opt_bytes=0, act_bytes=0, out_bytes=0, op_mix={"linear": 1})
+    for (u, v), nbytes in dict(edges).items():
+        g.add_edge(u, v, bytes=nbytes)
+    return g
+
+
+def simulator(graph: nx.DiGraph, devices: str = "cpu:0,cpu:1", memory: str | None = None,
+              overhead_ms: float = 0.0, loss_ms: float = 0.0) -> Simulator:
+    problem = PlacementProblem(graph, parse_cluster(devices, memory))
+    cal = Calibration({"cpu": 1.0}, {"cpu": SLOW_LINK}, chunk_overhead_ms=overhead_ms, loss_ms=loss_ms)
+    return Simulator(problem, cal)
+
+
+def test_chain_on_one_device_is_the_sum_of_its_work_plus_the_loss():
+    sim = simulator(grouped([(1, 2, 0), (2, 4, 0), (3, 6, 0)], {(0, 1): 10**6, (1, 2): 10**6}), loss_ms=0.5)
+    r = sim.simulate([0, 0, 0])
+    assert r.step_ms == pytest.approx(18.5)
+    assert r.busy_ms == pytest.approx((18.0, 0.0))
+    assert r.feasible and r.reason == ""
+
+
+def test_parallel_branches_on_two_devices_overlap():
+    sim = simulator(grouped([(2, 4, 0), (3, 6, 0)]))
+    # forward ends at max(2, 3) = 3; backward ends at max(3 + 4, 3 + 6)
+    assert sim.simulate([0, 1]).step_ms == pytest.approx(9.0)
+    assert sim.simulate([0, 0]).step_ms == pytest.approx(15.0)
+
+
+def test_cross_device_edge_pays_latency_and_bandwidth_both_ways():
+    sim = simulator(grouped([(1, 1, 0), (1, 1, 0)], {(0, 1): 2000}))
+    # fwd g0 0-1, send 1-4 (1 ms + 2000 B at 1 MB/s), fwd g1 4-5; bwd g1 5-6, gradient 6-9, bwd g0 9-10
+    assert sim.simulate([0, 1]).step_ms == pytest.approx(10.0)
+    assert sim.simulate([0, 0]).step_ms == pytest.approx(4.0)
+
+
+def test_transfers_on_one_link_wait_for_each_other():
+    sim = simulator(grouped([(1, 1, 0)] * 3, {(0, 2): 1000, (1, 2): 1000}))
+    # fwd: chunk g0 g1 on cpu:0 0-2; its two outputs queue on the link: 2-4, 4-6; g2 6-7.
+    # bwd: g2 7-8; its two gradients 8-10, 10-12; chunk g1 g0 12-14.
+    r = sim.simulate([0, 0, 1], timeline=True)
+    assert r.step_ms == pytest.approx(14.0)
+    sends = sorted((e["start_ms"], e["end_ms"]) for e in r.timeline if e["kind"] == "xfer" and e["device"] == "cpu:0")
+    assert sends == [pytest.approx((2.0, 4.0)), pytest.approx((4.0, 6.0))]
+
+
+def test_a_chunk_waits_for_all_its_inputs_and_hands_on_outputs_at_its_end():
+    sim = simulator(grouped([(1, 1, 0), (1, 1, 0), (1, 1, 0), (1, 1, 0)], {(0, 2): 1000, (1, 3): 0, (2, 3): 0}))
+    # fwd: g0 0-1, its output 1-3. cpu:1 runs g1 g2 as one chunk, which waits for it
+    # although g1 does not need it: 3-5; both outputs leave at 5 (5-6, 6-7); g3 7-8.
+    # bwd: g3 8-9; gradients 9-10, 10-11; chunk g2 g1 11-13; g0's gradient 13-15; g0 15-16.
+    assert sim.simulate([0, 1, 1, 0]).step_ms == pytest.approx(16.0)
+
+
+def test_the_optimizer_steps_after_the_whole_backward_cpu_devices_in_turn():
+    sim = simulator(grouped([(1, 3, 1), (1, 1, 2)]))
+    # loss at 1; backward: cpu:0 1-4, cpu:1 1-2; then the host updates cpu:0 4-5 and cpu:1 5-7
+    r = sim.simulate([0, 1], timeline=True)
+    assert r.step_ms == pytest.approx(7.0)
+    assert r.busy_ms == pytest.approx((5.0, 4.0))
+    updates = sorted((e["start_ms"], e["end_ms"], e["device"]) for e in r.timeline if e["kind"] == "opt")
+    assert updates == [(4.0, 5.0, "cpu:0"), (5.0, 7.0, "cpu:1")]
+    assert sim.simulate([0, 0]).step_ms == pytest.approx(1 + 1 + 3 + 1 + 1 + 2)
+
+
+@pytest.mark.parametrize("placement, expected", [
+    ((0, 0, 0, 0), 9.0),  # one chunk: 0.5 + 4 forward, 0.5 + 4 backward
+    ((0, 0, 1, 1), 5.0),  # two chunks side by side: 2.5 forward, 2.5 backward
+    ((0, 1, 0, 1), 6.0),  # four chunks, two per device: 3 forward, 3 backward
+])
+def test_every_contiguous_run_on_a_device_pays_one_chunk_overhead_per_pass(placement, expected):
+    sim = simulator(grouped([(1, 1, 0)] * 4), overhead_ms=0.5)
+    assert sim.simulate(placement).step_ms == pytest.approx(expected)
+
+
+def test_groups_whose_ops_interleave_in_fx_order_run_in_pieces_as_the_runtime_does():
+    """Two independent chains a->c (group 0) and b->d (group 1) traced in the order a,
+    b, c, d: the runtime's chunks follow fx order, so apart they make four chunks."""
+    ops = nx.DiGraph(name="tiny", fingerprint="tiny-fp")
+    for order, (name, ms) in enumerate([("a", 1.0), ("b", 1.0), ("c", 3.0), ("d", 1.0)]):
+        ops.add_node(name, op="call_function", order=order, fwd_ms={"cpu": ms}, bwd_ms={"cpu": ms})
+    ops.add_edge("a", "c", bytes=0)
+    ops.add_edge("b", "d", bytes=0)
+    groups = grouped([(4, 4, 0), (2, 2, 0)])
+    groups.nodes[0]["members"], groups.nodes[1]["members"] = ["a", "c"], ["b", "d"]
+    problem = PlacementProblem(groups, parse_cluster("cpu:0,cpu:1"), ops=ops)
+    sim = Simulator(problem, Calibration({"cpu": 1.0}, {"cpu": SLOW_LINK}, chunk_overhead_ms=0.5))
+    # forward: cpu:0 runs a 0-1.5 and c 1.5-5 (a chunk each, 0.5 ms overhead each), cpu:1 b and d;
+    # backward: c 5-8.5, a 8.5-10. As whole groups, cpu:0 would pay one overhead a pass: 9 ms.
+    assert sim.simulate([0, 1]).step_ms == pytest.approx(10.0)
+    assert sim.simulate([0, 0]).step_ms == pytest.approx(2 * (0.5 + 6))  # one chunk
+    pieces = [e["label"] for e in sim.simulate([0, 1], timeline=True).timeline if e["kind"] == "fwd"]
+    assert pieces == ["g0", "g1", "g0", "g1"]
+
+
+def test_compute_scale_multiplies_profiled_costs():
+    problem = PlacementProblem(grouped([(1, 2, 1), (2, 4, 1)], {(0, 1): 1}), parse_cluster("cpu:0,cpu:1"))
+    cal = Calibration({"cpu": 2.0}, {"cpu": SLOW_LINK}, chunk_overhead_ms=0.0)
+    assert Simulator(problem, cal).simulate([0, 0]).step_ms == pytest.approx(2 * 11)
+
+
+def test_memory_over_a_cap_is_infeasible_and_named():
+    sim = simulator(grouped([(1, 1, 0), (1, 1, 0)], param_bytes=1000), memory="cpu:0=1500B")
+    r = sim.simulate([0, 0])
+    assert not r.feasible and "cpu:0" in r.reason
+    assert r.peak_bytes == (2000, 0)
+    assert math.isfinite(r.step_ms)
+    assert sim.simulate([0, 1]).feasible
+
+
+def test_split_colocated_groups_are_infeasible():
+    sim = simulator(grouped([(1, 1, 0)] * 3, colocate=[(0, 2)]))
+    assert not sim.simulate([0, 1, 1]).feasible
+    assert "share parameters" in sim.simulate([0, 1, 1]).reason
+    assert sim.simulate([1, 0, 1]).feasible
+
+
+def test_malformed_placement_is_infeasible_not_a_crash():
+    sim = simulator(grouped([(1, 1, 0)] * 3))
+    for bad in ([0, 1], [0, 1, 2]):
+        r = sim.simulate(bad)
+        assert not r.feasible and r.step_ms == math.inf and r.reason
+
+
+def random_problem(n_groups: int = 30, devices: str = "cpu:0,cpu:1,cpu:2", seed: int = 0) -> PlacementProblem:
+    return PlacementProblem(random_grouped_graph(n_groups, seed=seed), parse_cluster(devices))
+
+
+def test_timeline_is_a_consistent_schedule():
+    problem = random_problem()
+    sim = Simulator(problem, Calibration({"cpu": 1.0}, {"cpu": SLOW_LINK}, chunk_overhead_ms=0.1, loss_ms=0.3))
+    placement = np.random.default_rng(1).integers(0, 3, problem.n_groups).tolist()
+    r = sim.simulate(placement, timeline=True)
+    events = r.timeline
+    assert max(e["end_ms"] for e in events) == pytest.approx(r.step_ms)
+    assert r.step_ms == sim.simulate(placement).step_ms
+    for name in problem.cluster.names:  # one worker per device: its compute never overlaps
+        work = sorted((e["start_ms"], e["end_ms"]) for e in events if e["device"] == name and e["kind"] != "xfer")
+        assert all(end <= nxt + 1e-9 for (_, end), (nxt, _) in zip(work, work[1:]))
+        assert sum(end - start for start, end in work) == pytest.approx(r.busy_ms[problem.cluster.index(name)])
+    for label in {e["label"] for e in events if e["kind"] == "xfer"}:  # one link carries one tensor at a time
+        sends = sorted((e["start_ms"], e["end_ms"]) for e in events if e["label"] == label)
+        assert all(end <= nxt + 1e-9 for (_, end), (nxt, _) in zip(sends, sends[1:]))
+    for kind in ("fwd", "bwd"):
+        assert sorted(e["group"] for e in events if e["kind"] == kind) == list(range(problem.n_groups))
+    start = {(e["kind"], e["group"]): e["start_ms"] for e in events if e["kind"] in ("fwd", "bwd")}
+    end = {(e["kind"], e["group"]): e["end_ms"] for e in events if e["kind"] in ("fwd", "bwd")}
+    last_fwd = max(v for (k, _), v in end.items() if k == "fwd")
+    assert min(v for (k, _), v in start.items() if k == "bwd") >= last_fwd + 0.3 - 1e-9
+    for u, v in problem.groups.edges:  # data and gradients arrive before they are used
+        assert start["fwd", v] >= end["fwd", u] - 1e-9
+        assert start["bwd", u] >= end["bwd", v] - 1e-9
+    for e in events:
+        if e["kind"] == "xfer":
+            src, dst = e["groups"]
+            assert e["start_ms"] >= end[("fwd" if src < dst else "bwd"), src] - 1e-9
+            assert start[("fwd" if src < dst else "bwd"), dst] >= e["end_ms"] - 1e-9
+
+
+def test_peak_memory_is_the_problems_accounting():
+    problem = random_problem()
+    placement = [i % 3 for i in range(problem.n_groups)]
+    expected = tuple(int(b) for b in problem.memory_per_device(placement))
+    assert Simulator(problem).simulate(placement).peak_bytes == expected
+
+
+def test_calibration_json_round_trip_and_link_spellings():
+    cal = Calibration({"cpu": 1.5, "cuda": 0.5}, {"cpu+cuda": (1e-5, 1e10), ("cuda",): Link(2e-5, 5e10)},
+                      chunk_overhead_ms=0.2, loss_ms=1.0)
+    assert cal.link("cuda", "cpu") == Link(1e-5, 1e10)
+    assert cal.link("cuda", "cuda") == Link(2e-5, 5e10)
+    assert Calibration.from_json(cal.to_json()) == cal
+
+
+TRUE_CALIBRATION = Calibration({"cpu": 1.3}, {"cpu": Link(0.5e-3, 1e9)}, chunk_overhead_ms=0.2, loss_ms=2.0)
+
+
+def measured_placements(problem: PlacementProblem, count: int) -> tuple[list[list[int]], list[float]]:
+    rng = np.random.default_rng(0)
+    placements = [rng.integers(0, problem.n_devices, problem.n_groups).tolist() for _ in range(count)]
+    placements.append([0] * problem.n_groups)
+    truth = Simulator(problem, TRUE_CALIBRATION)
+    return placements, [truth.simulate(p).step_ms for p in placements]
+
+
+def test_calibration_recovers_known_parameters():
+    problem = random_problem(40, "cpu:0,cpu:1", seed=3)
+    placements, measured = measured_placements(problem, 30)
+    fit = fit_calibration(problem, placements, measured)  # starts from the nominal, far-off calibration
+    assert fit.compute_scale["cpu"] == pytest.approx(1.3, rel=0.03)
+    assert fit.link("cpu", "cpu").latency_s == pytest.approx(0.5e-3, rel=0.03)
+    assert fit.link("cpu", "cpu").bandwidth_Bps == pytest.approx(1e9, rel=0.03)
+    assert fit.chunk_overhead_ms == pytest.approx(0.2, rel=0.1)
+    fitted = Simulator(problem, fit)
+    errors = [abs(fitted.simulate(p).step_ms / m - 1) for p, m in zip(placements, measured)]
+    assert max(errors) < 0.02
+
+
+def test_calibration_from_one_measurement_stays_sensible():
+    problem = random_problem(20, "cpu:0,cpu:1", seed=4)
+    placements, measured = measured_placements(problem, 1)
+    fit = fit_calibration(problem, placements[:1], measured[:1])
+    link = fit.link("cpu", "cpu")
+    assert fit.compute_scale["cpu"] > 0 and link.latency_s >= 0 and 0 < link.bandwidth_Bps < math.inf
+    assert fit.chunk_overhead_ms >= 0 and fit.loss_ms >= 0
+    assert Simulator(problem, fit).simulate(placements[0]).step_ms == pytest.approx(measured[0], rel=0.05)
+
+
+def test_fit_rejects_mismatched_or_unusable_measurements():
+    problem = random_problem(5, "cpu:0,cpu:1")
+    with pytest.raises(ValueError):
+        fit_calibration(problem, [[0] * 5], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        fit_calibration(problem, [[0] * 5], [math.inf])
+
+
+def test_calibration_is_saved_beside_the_profile_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLACER_CACHE", str(tmp_path))
+    problem = random_problem(5, "cpu:0,cpu:1")
+    assert load_calibration(problem) is None
+    path = save_calibration(problem, TRUE_CALIBRATION)
+    assert path == calibration_path(problem) and path.is_relative_to(tmp_path)
+    assert problem.fingerprint in path.name
+    assert load_calibration(problem) == TRUE_CALIBRATION
+    other = PlacementProblem(problem.groups, parse_cluster("cpu:0,cpu:1,cpu:2"))
+    assert calibration_path(other) != path and load_calibration(other) is None
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable calibration"):
+        assert load_calibration(problem) is None

@@ -1,0 +1,124 @@
+"""load_workload: the workload-file contract and zoo names, and one clear line per mistake."""
+
+import textwrap
+
+import pytest
+import torch
+
+from graphs.workload import default_loss, default_optimizer, load_workload
+from placer.errors import WorkloadError
+
+GOOD = """
+import torch
+from torch import nn
+
+def build_model():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+def example_inputs():
+    return (torch.randn(3, 4),)
+"""
+
+
+def write(tmp_path, text, name="model.py"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_good_file_loads_with_defaults(tmp_path):
+    w = load_workload(write(tmp_path, GOOD))
+    assert w.name == "model"
+    assert isinstance(w.model, torch.nn.Module)
+    assert len(w.inputs) == 1 and w.inputs[0].shape == (3, 4)
+    assert w.loss_fn is default_loss and w.make_optimizer is default_optimizer
+    assert w.leaf_modules == () and w.expert_placement is None
+
+
+def test_same_seed_same_weights_and_inputs(tmp_path):
+    path = write(tmp_path, GOOD)
+    a, b, c = load_workload(path), load_workload(path), load_workload(path, seed=1)
+    assert torch.equal(a.model[0].weight, b.model[0].weight) and torch.equal(a.inputs[0], b.inputs[0])
+    assert not torch.equal(a.model[0].weight, c.model[0].weight)
+
+
+def test_optional_hooks_and_single_tensor_input(tmp_path):
+    path = write(tmp_path, GOOD.replace("return (torch.randn(3, 4),)", "return torch.randn(3, 4)") + """
+class Block(nn.Module):
+    pass
+
+leaf_modules = [Block]
+
+def loss_fn(output, x):
+    return output.sum()
+
+def make_optimizer(params):
+    return torch.optim.Adam(params)
+
+def expert_placement(module_path, n_devices):
+    return 0
+""")
+    w = load_workload(path)
+    assert isinstance(w.inputs, tuple) and len(w.inputs) == 1
+    assert [c.__name__ for c in w.leaf_modules] == ["Block"]
+    assert w.loss_fn(torch.ones(2), None).item() == 2
+    assert isinstance(w.make_optimizer([torch.nn.Parameter(torch.ones(1))]), torch.optim.Adam)
+    assert w.expert_placement("x", 2) == 0
+
+
+def test_two_files_with_the_same_stem_do_not_collide(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = load_workload(write(tmp_path / "a", GOOD))
+    two = load_workload(write(tmp_path / "b", GOOD.replace("nn.Linear(8, 2)", "nn.Linear(8, 5)")))
+    assert one.model[2].out_features == 2 and two.model[2].out_features == 5
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("def build_model(:\n    pass\n", ["syntax error at line 1"]),
+    (GOOD.replace("def build_model", "def make_model"), ["build_model"]),
+    (GOOD.replace("def example_inputs", "def batch"), ["example_inputs"]),
+    (GOOD.replace("return nn.Sequential", "raise ValueError('no weights here')\n    return nn.Sequential"),
+     ["build_model()", "ValueError", "no weights here"]),
+    (GOOD.replace("return (torch.randn(3, 4),)", "return torch.randn(3, 4) / 0 + undefined_name"),
+     ["example_inputs()", "NameError"]),
+    (GOOD.replace("return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))", "return 42"),
+     ["build_model()", "int", "nn.Module"]),
+    (GOOD.replace("return (torch.randn(3, 4),)", "return {'x': torch.randn(3, 4)}"),
+     ["example_inputs()", "dict", "tuple of tensors"]),
+    (GOOD.replace("return (torch.randn(3, 4),)", "return (torch.randn(3, 4), 7)"),
+     ["example_inputs()", "item 1", "int"]),
+    ("import torch\nraise RuntimeError('broken at import')\n", ["importing", "RuntimeError", "broken at import"]),
+    (GOOD + "\nleaf_modules = ['Linear']\n", ["leaf_modules", "'Linear'"]),
+])
+def test_bad_files_give_one_line_naming_the_file(tmp_path, text, fragments):
+    path = write(tmp_path, text)
+    with pytest.raises(WorkloadError) as err:
+        load_workload(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(path)
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(WorkloadError, match="no such file"):
+        load_workload(str(tmp_path / "nope.py"))
+
+
+def test_not_a_python_file(tmp_path):
+    path = write(tmp_path, GOOD, name="model.txt")
+    with pytest.raises(WorkloadError, match=r"model\.txt: not a Python file"):
+        load_workload(path)
+
+
+def test_zoo_names():
+    zoo = pytest.importorskip("graphs.zoo")
+    name = sorted(zoo.ZOO)[0]
+    w = load_workload(f"zoo:{name}")
+    assert w.name == f"{name}-small" and w.spec == f"zoo:{name}"
+    for bad, fragments in [("zoo:nosuch", ["nosuch", name]), (f"zoo:{name}:huge", ["huge", "small"]),
+                           ("zoo:", ["zoo:NAME"])]:
+        with pytest.raises(WorkloadError) as err:
+            load_workload(bad)
+        assert all(f in str(err.value) for f in fragments) and "\n" not in str(err.value)
