@@ -6,7 +6,7 @@ chunk dispatch costs, how compute slows when devices share a host. A few measure
 placements pin these down.
 
 The parameters are the compute scale of each device kind, each link's latency and
-time per byte, the chunk overhead and the loss time: the simulated step is
+time per byte, and the chunk overhead (not the loss time: see _pack): the simulated step is
 piecewise linear in all of them, so the fit works on them directly, bounded below
 (no negative time, no infinite bandwidth). It is least squares on log step time
 (relative errors, so a 5 ms and a 500 ms placement count alike) plus a weak prior
@@ -45,12 +45,15 @@ def _link_keys(problem: PlacementProblem) -> list[frozenset[str]]:
 
 
 def _pack(calibration: Calibration, kinds: list[str], keys: list[frozenset[str]]) -> np.ndarray:
-    """[scale per kind, (latency ms, ms per MB) per link, chunk overhead ms, loss ms]."""
+    """[scale per kind, (latency ms, ms per MB) per link, chunk overhead ms]. The loss
+    time is not fitted: a constant that every placement pays can explain any set of
+    step times that the schedule fails to rank, and it then did, flattening every
+    reward (seen on zoo:rnnlm:small: compute scale at its floor, loss = the step)."""
     values = [calibration.compute_scale.get(k, 1.0) for k in kinds]
     for key in keys:
         link = calibration.links[key]
         values += [link.latency_s * 1e3, MS_PER_MB / link.bandwidth_Bps]
-    return np.array(values + [calibration.chunk_overhead_ms, calibration.loss_ms])
+    return np.array(values + [calibration.chunk_overhead_ms])
 
 
 def _unpack(theta: np.ndarray, base: Calibration, kinds: list[str], keys: list[frozenset[str]]) -> Calibration:
@@ -60,19 +63,19 @@ def _unpack(theta: np.ndarray, base: Calibration, kinds: list[str], keys: list[f
     for i, key in enumerate(keys):
         latency_ms, ms_per_mb = values[len(kinds) + 2 * i: len(kinds) + 2 * i + 2]
         links[key] = Link(latency_ms / 1e3, MS_PER_MB / ms_per_mb)
-    return Calibration(compute_scale=scale, links=links, chunk_overhead_ms=values[-2], loss_ms=values[-1])
+    return Calibration(compute_scale=scale, links=links, chunk_overhead_ms=values[-1], loss_ms=base.loss_ms)
 
 
 def _prior(theta0: np.ndarray, n_kinds: int, n_links: int, step_ms: float,
            mean_mb: float) -> tuple[np.ndarray, np.ndarray]:
     """Lower bounds and prior widths. A width is the parameter's own size or, when
-    larger, the value at which one transfer, one chunk or the loss would take a tenth
+    larger, the value at which one transfer, one chunk would take a tenth
     of a typical step (a compute scale may move by 1): a few widths are still far
     more than any real effect, while a handful of noisy measurements cannot drag a
     parameter they hardly see to an absurd value."""
-    lower = [MIN_SCALE] * n_kinds + [0.0, MIN_MS_PER_MB] * n_links + [0.0, 0.0]
+    lower = [MIN_SCALE] * n_kinds + [0.0, MIN_MS_PER_MB] * n_links + [0.0]
     tenth = PRIOR_SHARE * step_ms
-    typical = [1.0] * n_kinds + [tenth, tenth / max(mean_mb, 1e-6)] * n_links + [tenth, tenth]
+    typical = [1.0] * n_kinds + [tenth, tenth / max(mean_mb, 1e-6)] * n_links + [tenth]
     return np.array(lower), np.maximum(np.abs(theta0), typical)
 
 

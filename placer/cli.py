@@ -52,6 +52,9 @@ def stage_progress():
 
         def update(stage) -> None:
             if stage.name not in tasks:
+                for task in tasks.values():  # a new stage means the earlier ones are done
+                    done = bar.tasks[task].total or 1
+                    bar.update(task, total=done, completed=done)
                 tasks[stage.name] = bar.add_task(stage.name, total=stage.total, info="")
             info = stage.info
             if stage.name == "search":
@@ -80,8 +83,9 @@ def inspect(workload: str, devices: str | None, max_groups: int, as_json: bool) 
     from graphs.summary import format_summary, summarize
     from placer.problem import build_problem
 
-    problem = build_problem(_load(workload), devices, max_groups=max_groups)
-    summary = summarize(problem.ops, problem.groups, [d.kind for d in problem.cluster.devices])
+    loaded = _load(workload)
+    problem = build_problem(loaded, devices, max_groups=max_groups)
+    summary = summarize(problem.ops, problem.groups, [d.kind for d in problem.cluster.devices], notes=loaded.notes)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 

@@ -37,7 +37,7 @@ from placer.runtime import measure as measure_plan
 from envs.calibrate import fit_calibration, load_calibration, save_calibration
 from envs.sim import Calibration, Simulator
 
-DEFAULT_WORKLOAD = "zoo:nmt:small"
+DEFAULT_WORKLOAD = "zoo:nmt:medium"
 DEFAULT_BUDGET_S = 120.0
 
 
@@ -134,25 +134,29 @@ class MeasurementBook:
         return placements, times
 
 
-def method_entry(method: str, kind: str, placement: Placement | None, sim: Simulator, book: MeasurementBook | None,
-                 bound_ms: float, search_s: float, reason: str | None = None) -> dict:
-    """One row of results.json (schema: placer/report.py)."""
-    entry = {"method": method, "kind": kind, "feasible": False, "reason": reason, "simulated_ms": None,
-             "measured_ms": None, "iqr_ms": None, "peak_bytes": {}, "ratio_to_lower_bound": None,
-             "search_s": round(search_s, 3), "placement": list(placement) if placement is not None else None}
-    if placement is None:
-        return entry
-    simulated = sim.simulate(placement)
-    entry["simulated_ms"] = simulated.step_ms if simulated.feasible else None
-    entry["feasible"] = simulated.feasible
-    entry["reason"] = simulated.reason
-    if book is not None and simulated.feasible:
-        measured = book.measure(placement, method)
-        entry.update(feasible=measured["feasible"], reason=measured.get("reason"), peak_bytes=measured["peak_bytes"])
+def method_row(method: str, kind: str, placement: Sequence[int] | None, simulated_ms: float | None,
+               measured: dict | None, bound_ms: float, search_s: float | None, reason: str | None = None) -> dict:
+    """One row of results.json (schema: placer/report.py) from a simulated time and a
+    measurement (Measurement.to_json(); None when not measured)."""
+    row = {"method": method, "kind": kind, "feasible": reason is None, "reason": reason,
+           "simulated_ms": simulated_ms, "measured_ms": None, "iqr_ms": None, "peak_bytes": {},
+           "ratio_to_lower_bound": None, "search_s": None if search_s is None else round(search_s, 3),
+           "placement": list(placement) if placement is not None else None}
+    if measured is not None:
+        row.update(feasible=measured["feasible"], reason=measured.get("reason"), peak_bytes=measured["peak_bytes"])
         if measured["feasible"]:
-            entry.update(measured_ms=measured["median_ms"], iqr_ms=measured["iqr_ms"],
-                         ratio_to_lower_bound=measured["median_ms"] / bound_ms if bound_ms > 0 else None)
-    return entry
+            row.update(measured_ms=measured["median_ms"], iqr_ms=measured["iqr_ms"],
+                       ratio_to_lower_bound=measured["median_ms"] / bound_ms if bound_ms > 0 else None)
+    return row
+
+
+def evaluate(method: str, kind: str, placement: Placement, sim: Simulator, book: MeasurementBook,
+             bound_ms: float, search_s: float) -> dict:
+    """Simulate a placement and, when the simulator finds it feasible, measure it."""
+    simulated = sim.simulate(placement)
+    if not simulated.feasible:
+        return method_row(method, kind, placement, None, None, bound_ms, search_s, reason=simulated.reason)
+    return method_row(method, kind, placement, simulated.step_ms, book.measure(placement, method), bound_ms, search_s)
 
 
 def optimize(workload: str | None = None, devices: str | None = None, memory: str | None = None,
@@ -163,7 +167,6 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     """Run the whole job (module docstring) and return the results dict that it also
     writes, with plan.json and the report, into out_dir (default placer-out/<name>)."""
     from placer.report import write_report
-    from placer.rl.trainer import TrainConfig, train
 
     spec = workload or DEFAULT_WORKLOAD
     progress(Stage("loading workload"))
@@ -179,28 +182,78 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     sim = Simulator(problem, load_calibration(problem))
 
     # Baselines: computed, simulated and measured; their measurements calibrate the simulator.
-    names = list(methods) if methods is not None else list(BASELINES)
+    names = list(methods) if methods is not None else [*BASELINES, "rl"]
+    baselines = [n for n in names if n != "rl"]
     rows: list[dict] = []
-    for i, name in enumerate(names):
-        progress(Stage("baselines", i, len(names), {"method": name}))
+    for i, name in enumerate(baselines):
+        progress(Stage("baselines", i, len(baselines), {"method": name}))
         start = time.perf_counter()
         outcome = run_baselines(problem, [name], seed=seed)[name]
         elapsed = time.perf_counter() - start
         if isinstance(outcome, InfeasibleError):
-            rows.append(method_entry(name, "baseline", None, sim, None, bounds.bound_ms, elapsed, reason=str(outcome)))
+            rows.append(method_row(name, "baseline", None, None, None, bounds.bound_ms, elapsed, reason=str(outcome)))
         else:
-            rows.append(method_entry(name, "baseline", outcome, sim, book, bounds.bound_ms, elapsed))
-    progress(Stage("baselines", len(names), len(names)))
+            rows.append(evaluate(name, "baseline", outcome, sim, book, bounds.bound_ms, elapsed))
+    progress(Stage("baselines", len(baselines), len(baselines)))
 
     calibration = _recalibrate(problem, book, sim.calibration)
     sim = Simulator(problem, calibration)
     for row in rows:  # simulated times under the calibrated model, comparable with RL's
-        if row["placement"] is not None and row["simulated_ms"] is not None:
+        if row["simulated_ms"] is not None:
             row["simulated_ms"] = sim.simulate(row["placement"]).step_ms
 
-    # RL search, warm-started from the best measured baseline.
-    feasible = [r for r in rows if r["measured_ms"] is not None]
-    warm = tuple(min(feasible, key=lambda r: r["measured_ms"])["placement"]) if feasible else None
+    curve: list[dict] = []
+    interrupted = False
+    if "rl" in names:
+        sim, curve, interrupted, rl_row = _search(problem, sim, book, rows, bounds.bound_ms, budget_s, seed, reward,
+                                                  resume, max_samples, out, progress)
+        rows.append(rl_row)
+
+    best = min((r for r in rows if r["measured_ms"] is not None), key=lambda r: r["measured_ms"], default=None)
+    if best is None:
+        raise InfeasibleError("no placement could be measured: every method is infeasible on these devices "
+                              "(raise --memory caps or add devices)")
+    chosen = tuple(best["placement"])
+    plan = make_plan(problem, chosen, best["method"], seed=seed, simulated_ms=sim.simulate(chosen).step_ms,
+                     measured_ms=best["measured_ms"])
+    plan.save(out / "plan.json")
+
+    timeline = sim.simulate(chosen, timeline=True).timeline
+    results = {
+        "workload": spec, "devices": problem.cluster.names,
+        "memory": {d.name: d.memory_bytes for d in problem.cluster.devices},
+        "seed": seed, "budget_s": budget_s, "reward": reward, "interrupted": interrupted,
+        "bounds": {"critical_path_ms": bounds.critical_path_ms, "work_ms": bounds.work_ms,
+                   "lower_bound_ms": bounds.bound_ms},
+        "environment": environment(command),
+        "methods": rows, "best": best["method"], "plan": "plan.json",
+        "curve": curve, "timeline": timeline,
+        "groups": {"names": [problem.groups.nodes[i]["name"] for i in range(problem.n_groups)],
+                   "edges": [list(e) for e in problem.costs.edges.tolist()],
+                   "compute_ms": problem.costs.compute_ms.min(axis=1).tolist(),
+                   "placement": list(chosen)},
+        "calibration": calibration.to_json(),
+        "notes": list(loaded.notes),
+    }
+    write_json_atomic(out / "results.json", results)
+    progress(Stage("report"))
+    paths = write_report(results, out)
+    results["paths"] = {"plan": str(out / "plan.json"), "results": str(out / "results.json"),
+                        **{k: str(v) for k, v in paths.items()}}
+    return results
+
+
+def _search(problem: PlacementProblem, sim: Simulator, book: MeasurementBook, rows: list[dict], bound_ms: float,
+            budget_s: float, seed: int, reward: str, resume: bool, max_samples: int | None, out: Path,
+            progress: Progress) -> tuple[Simulator, list[dict], bool, dict]:
+    """The RL search, warm-started from the best measured baseline. Rewards come from
+    the simulator, re-calibrated whenever the trainer has new measurements (or, with
+    reward="measure", from a measurement of every sample). Returns the final
+    simulator, the learning curve, whether it was interrupted, and RL's row."""
+    from placer.rl.trainer import TrainConfig, train
+
+    measured_rows = [r for r in rows if r["measured_ms"] is not None]
+    warm = tuple(min(measured_rows, key=lambda r: r["measured_ms"])["placement"]) if measured_rows else None
     state = {"sim": sim}
 
     def score(placements: Sequence[Placement]) -> list[float]:
@@ -217,43 +270,9 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     start = time.perf_counter()
     result = train(problem, score, config, measure=book.measured_ms, warm_start=warm, out_dir=out / "search",
                    resume=resume, recalibrate=recalibrate,
-                   on_progress=lambda info: progress(Stage("search", info["elapsed_s"], budget_s, info)))
-    sim = state["sim"]
-    rl_row = method_entry("rl", "rl", result.best, sim, book, bounds.bound_ms, time.perf_counter() - start)
-    rows.append(rl_row)
-
-    best = min((r for r in rows if r["measured_ms"] is not None), key=lambda r: r["measured_ms"], default=None)
-    if best is None:
-        raise InfeasibleError("no placement could be measured: every method is infeasible on these devices "
-                              "(raise --memory caps or add devices)")
-    chosen = tuple(best["placement"])
-    plan = make_plan(problem, chosen, best["method"], seed=seed, simulated_ms=sim.simulate(chosen).step_ms,
-                     measured_ms=best["measured_ms"])
-    plan.save(out / "plan.json")
-
-    timeline = sim.simulate(chosen, timeline=True).timeline
-    results = {
-        "workload": spec, "devices": problem.cluster.names,
-        "memory": {d.name: d.memory_bytes for d in problem.cluster.devices},
-        "seed": seed, "budget_s": budget_s, "reward": reward, "interrupted": result.interrupted,
-        "bounds": {"critical_path_ms": bounds.critical_path_ms, "work_ms": bounds.work_ms,
-                   "lower_bound_ms": bounds.bound_ms},
-        "environment": environment(command),
-        "methods": rows, "best": best["method"], "plan": "plan.json",
-        "curve": result.curve, "timeline": timeline,
-        "groups": {"names": [problem.groups.nodes[i]["name"] for i in range(problem.n_groups)],
-                   "edges": [list(e) for e in problem.costs.edges.tolist()],
-                   "compute_ms": problem.costs.compute_ms.min(axis=1).tolist(),
-                   "placement": list(chosen)},
-        "calibration": calibration.to_json(),
-        "notes": list(loaded.notes),
-    }
-    write_json_atomic(out / "results.json", results)
-    progress(Stage("report"))
-    paths = write_report(results, out)
-    results["paths"] = {"plan": str(out / "plan.json"), "results": str(out / "results.json"),
-                        **{k: str(v) for k, v in paths.items()}}
-    return results
+                   on_progress=lambda info: progress(Stage("search", min(info["elapsed_s"], budget_s), budget_s, info)))
+    row = evaluate("rl", "rl", result.best, state["sim"], book, bound_ms, time.perf_counter() - start)
+    return state["sim"], result.curve, result.interrupted, row
 
 
 def _recalibrate(problem: PlacementProblem, book: MeasurementBook, current: Calibration) -> Calibration:
@@ -277,18 +296,18 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
     out.mkdir(parents=True, exist_ok=True)
     loaded_plans: list[Plan] = [load_plan(p) for p in plans]
     devices = ",".join(loaded_plans[0].devices)
-    problem = build_problem(loaded, devices, max_groups=max(len(p.groups or []) for p in loaded_plans) or 256)
+    problem = build_problem(loaded, devices)
     bounds = lower_bound(problem.groups, [d.kind for d in problem.cluster.devices])
+    methods = [plan.method for plan in loaded_plans]
     rows = []
     for i, (path, plan) in enumerate(zip(plans, loaded_plans)):
         progress(Stage("measuring", i, len(loaded_plans), {"plan": str(path)}))
         measured = measure_plan(loaded, plan, problem.cluster, iters=measure_iters).to_json()
-        rows.append({"method": f"{plan.method} ({Path(path).name})", "kind": "rl" if plan.method == "rl" else "baseline",
-                     "feasible": measured["feasible"], "reason": measured.get("reason"),
-                     "simulated_ms": plan.simulated_ms, "measured_ms": measured["median_ms"] if measured["feasible"] else None,
-                     "iqr_ms": measured["iqr_ms"] if measured["feasible"] else None, "peak_bytes": measured["peak_bytes"],
-                     "ratio_to_lower_bound": (measured["median_ms"] / bounds.bound_ms) if measured["feasible"] else None,
-                     "search_s": None, "placement": plan.placement})
+        # Bare method names let the report find `single`; files tell apart plans of one method.
+        name = plan.method if methods.count(plan.method) == 1 else f"{plan.method} ({Path(path).name})"
+        row = method_row(name, "rl" if plan.method == "rl" else "baseline", plan.placement, plan.simulated_ms,
+                         measured, bounds.bound_ms, None)
+        rows.append({**row, "plan": str(path)})
     best = min((r for r in rows if r["measured_ms"] is not None), key=lambda r: r["measured_ms"], default=None)
     results = {"workload": workload, "devices": loaded_plans[0].devices, "seed": None,
                "bounds": {"critical_path_ms": bounds.critical_path_ms, "work_ms": bounds.work_ms,

@@ -74,8 +74,7 @@ class InPlace(nn.Module):
         self.b = nn.Linear(8, 8)
 
     def forward(self, x):
-        y = self.relu(self.a(x))
-        y += x
+        y = self.relu(self.a(x)) + x  # in place on a Linear's output: backward still works
         return self.b(y.mul_(2))
 
 
@@ -159,3 +158,28 @@ def test_cuda_and_cpu_are_both_profiled(tmp_path):
     g = run(make_workload(), tmp_path, kinds=("cpu", "cuda"))
     assert g.graph["device_kinds"] == ["cpu", "cuda"]
     assert by_target(g)["fc1"]["fwd_ms"]["cuda"] > 0
+
+
+class BreaksBackward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y += x  # overwrites what relu's backward needs
+        return y
+
+
+def test_a_model_whose_training_step_fails_is_a_workload_error(tmp_path):
+    from placer.errors import WorkloadError
+    w = Workload(name="broken", spec="broken.py", model=BreaksBackward(), inputs=(torch.randn(4, 8),))
+    with pytest.raises(WorkloadError, match="broken.py: a training step of the model fails"):
+        run(w, tmp_path)
+
+
+def test_node_times_add_up_to_the_measured_whole_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(profile_module, "_whole_step_ms", lambda *args: 250.0)
+    g = run(make_workload(), tmp_path)
+    total = sum(d["fwd_ms"]["cpu"] + d["bwd_ms"]["cpu"] + d["opt_ms"]["cpu"] for d in g.nodes.values())
+    assert total == pytest.approx(250.0)

@@ -198,7 +198,8 @@ def test_calibration_json_round_trip_and_link_spellings():
     assert Calibration.from_json(cal.to_json()) == cal
 
 
-TRUE_CALIBRATION = Calibration({"cpu": 1.3}, {"cpu": Link(0.5e-3, 1e9)}, chunk_overhead_ms=0.2, loss_ms=2.0)
+# loss_ms is not fitted (envs.calibrate._pack): the truth keeps the initial value.
+TRUE_CALIBRATION = Calibration({"cpu": 1.3}, {"cpu": Link(0.5e-3, 1e9)}, chunk_overhead_ms=0.2, loss_ms=0.0)
 
 
 def measured_placements(problem: PlacementProblem, count: int) -> tuple[list[list[int]], list[float]]:
@@ -220,6 +221,14 @@ def test_calibration_recovers_known_parameters():
     fitted = Simulator(problem, fit)
     errors = [abs(fitted.simulate(p).step_ms / m - 1) for p, m in zip(placements, measured)]
     assert max(errors) < 0.02
+
+
+def test_calibration_keeps_the_loss_time_it_was_given():
+    problem = random_problem(40, "cpu:0,cpu:1", seed=3)
+    placements, measured = measured_placements(problem, 10)
+    initial = Calibration.default(problem.cluster)
+    initial = Calibration(initial.compute_scale, initial.links, initial.chunk_overhead_ms, loss_ms=0.7)
+    assert fit_calibration(problem, placements, [m * 3 for m in measured], initial=initial).loss_ms == 0.7
 
 
 def test_calibration_from_one_measurement_stays_sensible():
