@@ -79,7 +79,7 @@ def median_error(simulated: np.ndarray, measured: np.ndarray) -> float:
 
 
 def evaluate_model(name: str, args: argparse.Namespace) -> dict:
-    spec = f"zoo:{name}:small"
+    spec = f"zoo:{name}:{args.size}"
     problem = build_problem(spec, devices=args.devices, max_groups=args.max_groups)
     workload = load_workload(spec)
     rng = np.random.default_rng(args.seed)
@@ -144,6 +144,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=list(ZOO), choices=list(ZOO))
+    parser.add_argument("--size", default="small", choices=["small", "medium"], help="zoo size")
     parser.add_argument("--devices", default="cpu:0,cpu:1")
     parser.add_argument("--placements", type=int, default=40)
     parser.add_argument("--iters", type=int, default=10)
@@ -167,10 +168,10 @@ def main() -> None:
               f"{100 * m['before']['median_abs_error']:.1f}% -> {100 * m['after']['median_abs_error']:.1f}%")
     results = {"host": {"platform": platform.platform(), "cores": host_cores(), "torch": torch.__version__,
                         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
-               "devices": args.devices, "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
+               "devices": args.devices, "size": args.size, "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
                "seconds": time.perf_counter() - started, "models": models}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "fidelity_quick" if args.quick else "fidelity"
+    stem = "fidelity_quick" if args.quick else f"fidelity_{args.size}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (RESULTS / f"{stem}.md").write_text(markdown(results))
     print(f"wrote {RESULTS / stem}.json and .md")

@@ -168,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS),
                         help="zoo models, each optionally MODEL:SIZE to override --size (default: all four)")
-    parser.add_argument("--size", default="small", choices=["small", "paper"],
+    parser.add_argument("--size", default="small", choices=["small", "medium", "paper"],
                         help="zoo size of models given without one (default: small)")
     parser.add_argument("--budget", type=float, default=120.0, help="RL search seconds per model")
     parser.add_argument("--devices", default=None, help="placement devices (default: placer's default)")

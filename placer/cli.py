@@ -47,7 +47,7 @@ def stage_progress():
     """A rich progress display driven by placer.optimize.Stage callbacks."""
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=console, transient=True) as bar:
         tasks: dict[str, int] = {}
 
         def update(stage) -> None:
@@ -58,9 +58,10 @@ def stage_progress():
                 tasks[stage.name] = bar.add_task(stage.name, total=stage.total, info="")
             info = stage.info
             if stage.name == "search":
-                best = info.get("best_measured_ms")
-                text = (f"best sim {info.get('best_sim_ms', float('nan')):.1f} ms"
-                        + (f", measured {best:.1f} ms" if best else "") + f", {info.get('samples', 0)} samples")
+                sim, measured = info.get("best_sim_ms"), info.get("best_measured_ms")
+                text = ", ".join([f"best sim {sim:.1f} ms" if sim is not None else "no feasible sample yet",
+                                  *([f"measured {measured:.1f} ms"] if measured is not None else []),
+                                  f"{info.get('samples', 0)} samples"])
             else:
                 text = " ".join(f"{v}" for v in info.values())
             bar.update(tasks[stage.name], completed=stage.done, total=stage.total, info=text)

@@ -196,6 +196,9 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
             rows.append(evaluate(name, "baseline", outcome, sim, book, bounds.bound_ms, elapsed))
     progress(Stage("baselines", len(baselines), len(baselines)))
 
+    if rows and all(not row["feasible"] for row in rows):
+        raise InfeasibleError(f"no placement fits these devices: {rows[0]['reason']}")
+
     calibration = _recalibrate(problem, book, sim.calibration)
     sim = Simulator(problem, calibration)
     for row in rows:  # simulated times under the calibrated model, comparable with RL's
