@@ -125,7 +125,7 @@ def calibration_path(problem: PlacementProblem) -> Path:
 def save_calibration(problem: PlacementProblem, calibration: Calibration) -> Path:
     path = calibration_path(problem)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # two runs saving at once never share a temp file
     tmp.write_text(json.dumps(calibration.to_json(), indent=2))
     tmp.replace(path)  # atomic: a concurrent reader never sees half a file
     return path

@@ -190,19 +190,13 @@ class PlacementEnv(gym.Env):
         return self._observation(), float(reward), True, False, info
 
     def _measure(self, placement: Placement) -> Outcome:
-        problems = self.problem.violations(placement)
-        if problems:  # known before running anything (and a plan refuses such a placement)
-            return Outcome(math.inf, False, tuple(int(b) for b in self.problem.memory_per_device(placement)),
-                           "; ".join(problems))
         # The runtime imports torch machinery the simulator path never needs.
         from graphs.workload import load_workload
-        from placer.plan import make_plan
-        from placer.runtime.measure import measure
+        from placer.runtime.measure import measure_placement
 
         if self._workload is None:
             self._workload = load_workload(self.problem.workload)
-        plan = make_plan(self.problem, placement, "env")
-        m = measure(self._workload, plan, self.problem.cluster, iters=self.measure_iters)
+        m = measure_placement(self._workload, self.problem, placement, "env", iters=self.measure_iters)
         peak = tuple(int(m.peak_bytes.get(name, 0)) for name in self.problem.cluster.names)
         return Outcome(m.median_ms if m.feasible else math.inf, m.feasible, peak, m.reason or "")
 

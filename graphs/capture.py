@@ -14,10 +14,12 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from graphs.trace import Traced, fingerprint, target_name, trace_model
-from graphs.workload import Workload
+from graphs.workload import Workload, first_line
+from placer.errors import WorkloadError
 
 # Coarse op categories (envs/features.py OP_TYPES), matched against the lowercased
 # name of a function/method target or of a leaf module's class. First match wins, so
@@ -48,17 +50,20 @@ def capture(workload: Workload) -> nx.DiGraph:
 
     Modules fx cannot trace become leaves (coarser grain); each such fallback is
     appended to `workload.notes` and marks the graph's granularity "module".
-    Raises CaptureError when even the root module cannot be traced.
+    Raises CaptureError when even the root module cannot be traced, WorkloadError when
+    the model fails on its example inputs.
     """
     traced = trace_model(workload.model, workload.leaf_modules)
     workload.notes.extend(traced.fallback_notes)
-    return capture_traced(traced, workload.model, workload.inputs, name=workload.name)
+    return capture_traced(traced, workload.model, workload.inputs, name=workload.name, spec=workload.spec)
 
 
-def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str = "") -> nx.DiGraph:
-    """The OpGraph of an already traced model (see `capture`)."""
+def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str = "",
+                   spec: str = "") -> nx.DiGraph:
+    """The OpGraph of an already traced model (see `capture`); `spec` names the
+    workload in error messages."""
     gm = traced.gm
-    propagate_shapes(gm, inputs)
+    propagate_shapes(gm, inputs, spec or name or "the model")
     canonical = _canonical_param_names(model)
     g = nx.DiGraph(name=name, fingerprint=fingerprint(model, gm), granularity="module" if traced.leaf_paths else "op",
                    leaf_paths=list(traced.leaf_paths))
@@ -73,29 +78,72 @@ def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor,
     return g
 
 
-def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], spec: str = "the model") -> None:
     """Fill every node's meta["tensor_meta"]. Tried first on the meta device (shapes
     only: no arithmetic and no copy of the weights, so fast even for big models); a
     model that cannot run there (data-dependent code, tensors created on a fixed
-    device) gets a real forward pass instead."""
+    device) gets a real forward pass instead, and if that fails too the model is
+    broken: WorkloadError naming `spec` and the failing node."""
     try:
         weights = {name: torch.empty_like(t, device="meta") for name, t in _named_tensors(gm)}
-        torch.func.functional_call(_ShapePropRun(gm), weights, tuple(t.to("meta") for t in inputs))
+        torch.func.functional_call(_ShapeRun(gm), weights, tuple(t.to("meta") for t in inputs))
+        return
     except Exception:
+        pass  # not necessarily the model's fault: the real run below decides
+    try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            _ShapeRecorder(gm).run(*inputs)
+    except _NodeFailure as failure:
+        node, exc = failure.node, failure.__cause__
+        raise WorkloadError(f"{spec}: the model fails on its example inputs at node '{node.name}' "
+                            f"({target_name(node)}): {first_line(exc)}") from exc
 
 
-class _ShapePropRun(nn.Module):
-    """Runs ShapeProp as a module's forward, so that torch.func.functional_call can
-    swap the weights for meta tensors while it runs."""
+class _NodeFailure(Exception):
+    """Which node raised: the exception it raised is the __cause__. (An attribute, not
+    an arg: fx.Interpreter.run rewrites args[0] of what passes through it.)"""
+
+    def __init__(self, node: fx.Node):
+        super().__init__(node.name)
+        self.node = node
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph, recording each node's output as meta["tensor_meta"] (what
+    torch's ShapeProp does, minus its printed traceback on failure)."""
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise _NodeFailure(n) from exc
+        found_tensor = False
+
+        def tensor_meta(obj):
+            nonlocal found_tensor
+            if isinstance(obj, torch.Tensor):
+                found_tensor = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, tensor_meta)
+        if found_tensor:
+            n.meta["tensor_meta"] = meta
+        else:
+            n.meta.pop("tensor_meta", None)  # left over from an earlier, failed run
+        return result
+
+
+class _ShapeRun(nn.Module):
+    """Runs _ShapeRecorder as a module's forward, so that torch.func.functional_call
+    can swap the weights for meta tensors while it runs."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__()
         self.gm = gm
 
     def forward(self, *inputs):
-        return ShapeProp(self.gm).propagate(*inputs)
+        return _ShapeRecorder(self.gm).run(*inputs)
 
 
 def _named_tensors(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
@@ -180,7 +228,7 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
 
 
 def _meta_bytes(meta) -> int:
-    """Bytes of every tensor described by ShapeProp's (possibly nested) tensor_meta."""
+    """Bytes of every tensor described by the (possibly nested) tensor_meta."""
     if isinstance(meta, TensorMetadata):  # a NamedTuple: test before the tuple case
         numel = 1
         for d in meta.shape:

@@ -42,6 +42,7 @@ KINDS = ("cpu", "cuda")
 MIN_SAMPLE_MS = 0.5  # each timing sample runs a node this long at least
 MAX_INNER = 1000  # ... but repeats a tiny node at most this often per sample
 NODE_BUDGET_MS = 200.0  # no further samples once a node's samples took this long
+WHOLE_STEP_REPEATS = 3  # whole steps timed to scale the node times (each may take seconds)
 CACHE_VERSION = 2  # 2: node times scaled to the measured whole step
 
 Progress = Callable[[int, int], None]
@@ -166,7 +167,7 @@ def _whole_step_ms(model: torch.nn.Module, workload: Workload, inputs: tuple, re
 
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
-        ms, _ = time_ms(step, repeats, sync, budget_ms=float("inf"))
+        ms, _ = time_ms(step, min(repeats, WHOLE_STEP_REPEATS), sync, budget_ms=float("inf"))
     except Exception as exc:
         raise WorkloadError(f"{workload.spec}: a training step of the model fails: {type(exc).__name__}: "
                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc

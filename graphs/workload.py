@@ -109,7 +109,10 @@ def _import_file(path_str: str) -> ModuleType:
         raise WorkloadError(f"{path_str}: no such file")
     if path.suffix != ".py":
         raise WorkloadError(f"{path_str}: not a Python file (a workload file ends in .py)")
-    source = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        source = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise WorkloadError(f"{path_str}: cannot read it: {exc.strerror or first_line(exc)}") from exc
     try:
         compile(source, str(path), "exec")
     except SyntaxError as exc:
@@ -122,9 +125,9 @@ def _import_file(path_str: str) -> ModuleType:
     sys.modules[module_name] = module  # so that classes defined there pickle and deepcopy
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a script's sys.exit() at import must not end placer
         del sys.modules[module_name]
-        raise WorkloadError(f"{path_str}: importing it raised {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise WorkloadError(f"{path_str}: importing it raised {type(exc).__name__}: {first_line(exc)}") from exc
     return module
 
 
@@ -132,7 +135,7 @@ def _call(label: str, what: str, fn: Callable[[], object]) -> object:
     try:
         return fn()
     except Exception as exc:
-        raise WorkloadError(f"{label}: {what}() raised {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise WorkloadError(f"{label}: {what}() raised {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _as_tensor_tuple(label: str, value: object) -> tuple[torch.Tensor, ...]:
@@ -148,6 +151,7 @@ def _as_tensor_tuple(label: str, value: object) -> tuple[torch.Tensor, ...]:
     return tuple(value)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The exception's message cut to one line, for one-line error messages."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"

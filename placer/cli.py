@@ -26,7 +26,14 @@ devices_option = click.option("--devices", "-d", default=None,
                               help="Devices, e.g. cpu:0,cpu:1 or cuda:0,cpu (default: every GPU + cpu; "
                                    "two virtual CPU devices without a GPU).")
 memory_option = click.option("--memory", "-m", default=None, help="Memory caps, e.g. cuda:0=16GiB,cpu:1=2GiB.")
-groups_option = click.option("--max-groups", default=256, show_default=True, help="Placement groups to coarsen to.")
+groups_option = click.option("--max-groups", default=256, show_default=True, type=click.IntRange(min=1),
+                             help="Placement groups to coarsen to.")
+iters_option = click.option("--iters", default=10, show_default=True, type=click.IntRange(min=1),
+                            help="Timed training steps per measurement, after warm-up.")
+backend_option = click.option("--backend", type=click.Choice(["local", "distributed"]), default="local",
+                              show_default=True,
+                              help="local: one process, a worker thread per device; distributed: one "
+                                   "torch.distributed rank per device (docs/distributed.md).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,7 +116,7 @@ def baseline(workload: str, method: str, devices: str | None, memory: str | None
     from placer.baselines import BASELINES, run_baselines
     from placer.errors import InfeasibleError
     from placer.plan import make_plan
-    from placer.runtime import measure as measure_plan
+    from placer.runtime.measure import measure_placement
 
     names = list(BASELINES) if method == "all" else [method]
     unknown = [n for n in names if n not in BASELINES]
@@ -134,7 +141,7 @@ def baseline(workload: str, method: str, devices: str | None, memory: str | None
             continue
         simulated = sim.simulate(outcome)
         plan = make_plan(problem, outcome, name, seed=seed, simulated_ms=simulated.step_ms)
-        measured = measure_plan(loaded, plan, problem.cluster) if measure else None
+        measured = measure_placement(loaded, problem, outcome, name) if measure else None
         if measured is not None and measured.feasible:
             plan.measured_ms = measured.median_ms
         if out is not None:
@@ -160,10 +167,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 @cli.command()
 @click.argument("workload")
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--iters", default=10, show_default=True, help="Timed training steps after warm-up.")
+@iters_option
 @memory_option
+@backend_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def measure(workload: str, plan_path: Path, iters: int, memory: str | None, as_json: bool) -> None:
+def measure(workload: str, plan_path: Path, iters: int, memory: str | None, backend: str, as_json: bool) -> None:
     """Time whole training steps of a workload placed by a plan."""
     from placer.cluster import parse_cluster
     from placer.plan import load_plan
@@ -171,7 +179,11 @@ def measure(workload: str, plan_path: Path, iters: int, memory: str | None, as_j
 
     loaded = _load(workload)
     plan = load_plan(plan_path)
-    result = measure_plan(loaded, plan, parse_cluster(",".join(plan.devices), memory), iters=iters)
+    if backend == "distributed":
+        from placer.distributed import measure_distributed
+        result = measure_distributed(workload, plan, iters=iters)
+    else:
+        result = measure_plan(loaded, plan, parse_cluster(",".join(plan.devices), memory), iters=iters)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return
@@ -186,14 +198,26 @@ def measure(workload: str, plan_path: Path, iters: int, memory: str | None, as_j
 @cli.command()
 @click.argument("workload")
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--steps", default=10, show_default=True)
-def train(workload: str, plan_path: Path, steps: int) -> None:
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1))
+@backend_option
+def train(workload: str, plan_path: Path, steps: int, backend: str) -> None:
     """Run real training steps with a placement (the user's loop, shown as a command)."""
-    import torch
+    import math
 
     import placer
+
+    def report(step: int, loss: float, ms: float) -> None:
+        click.echo(f"step {step:>4}  loss {loss:.4f}  {ms:8.1f} ms")
+        if not math.isfinite(loss):
+            raise PlacerError(f"loss became {loss} at step {step}")
+
     loaded = _load(workload)
-    model = placer.apply(loaded.fresh_model(), placer.load_plan(plan_path))
+    plan = placer.load_plan(plan_path)
+    if backend == "distributed":
+        from placer.distributed import train_distributed
+        train_distributed(workload, plan, steps, on_step=report)
+        return
+    model = placer.apply(loaded.fresh_model(), plan)
     optimizer = loaded.make_optimizer(model.parameters())
     for step in range(1, steps + 1):
         start = time.perf_counter()
@@ -201,35 +225,41 @@ def train(workload: str, plan_path: Path, steps: int) -> None:
         loss = loaded.loss_fn(model(*loaded.inputs), *loaded.inputs)
         loss.backward()
         optimizer.step()
-        ms = (time.perf_counter() - start) * 1000
-        click.echo(f"step {step:>4}  loss {loss.item():.4f}  {ms:8.1f} ms")
-        if not torch.isfinite(loss):
-            raise PlacerError(f"loss became {loss.item()} at step {step}")
+        value = loss.item()  # waits for the device, so the time is the whole step's
+        report(step, value, (time.perf_counter() - start) * 1000)
 
 
 @cli.command()
 @click.argument("workload", required=False)
 @devices_option
 @memory_option
-@click.option("--budget", default=None, type=float, help="Seconds of RL search (default 120).")
+@click.option("--budget", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds of RL search (default 120).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default placer-out/<workload>).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--reward", type=click.Choice(["sim", "measure"]), default="sim", show_default=True,
               help="Rewards from the calibrated simulator, or measured for every sample (the paper's setting).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted search in --out.")
-@click.option("--iters", default=10, show_default=True, help="Timed steps per measurement.")
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Start the search from a policy saved by an earlier search (DIR/search/policy.pt).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Measure candidates on this many worker processes at once, each with its own share of the "
+                   "devices' cores (placer.distributed.MeasurementPool).")
+@iters_option
 @groups_option
 def optimize(workload: str | None, devices: str | None, memory: str | None, budget: float | None, out: Path | None,
-             seed: int, reward: str, resume: bool, iters: int, max_groups: int) -> None:
+             seed: int, reward: str, resume: bool, policy_path: Path | None, workers: int, iters: int,
+             max_groups: int) -> None:
     """Profile, run every baseline and the RL search, measure, and write plan.json and a report."""
     from placer import optimize as job
     from placer.report import format_table
 
     with stage_progress() as progress:
-        results = job.optimize(workload, devices, memory, budget_s=budget or job.DEFAULT_BUDGET_S, out_dir=out,
-                               seed=seed, reward=reward, resume=resume, measure_iters=iters, max_groups=max_groups,
-                               progress=progress, command=" ".join(["placer"] + sys.argv[1:]))
+        results = job.optimize(workload, devices, memory, budget_s=job.DEFAULT_BUDGET_S if budget is None else budget,
+                               out_dir=out, seed=seed, reward=reward, resume=resume, measure_iters=iters,
+                               max_groups=max_groups, policy_path=policy_path, workers=workers, progress=progress,
+                               command=" ".join(["placer"] + sys.argv[1:]))
     _print_results(results, format_table)
     if results.get("interrupted"):
         sys.exit(EXIT_INTERRUPTED)
@@ -239,7 +269,7 @@ def optimize(workload: str | None, devices: str | None, memory: str | None, budg
 @click.argument("workload")
 @click.argument("plans", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--iters", default=10, show_default=True)
+@iters_option
 def compare(workload: str, plans: tuple[Path, ...], out: Path | None, iters: int) -> None:
     """Measure plans side by side and write the same report as optimize."""
     from placer import optimize as job
@@ -266,8 +296,8 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # bad flags or arguments: one line too
+        click.echo(f"error: {exc.format_message()} (see placer --help)", err=True)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -3,6 +3,10 @@
 `cuda:N` is a real GPU; `cpu` is the whole host; `cpu:0,cpu:1,...` are virtual CPU
 devices, each a worker with its own share of the host's cores, so that two of them
 really run concurrently.
+
+`rankR:DEVICE` (e.g. `rank0:cuda:0,rank1:cuda:0`) gives a device an owner: the
+torch.distributed rank whose process runs it (placer.distributed). Such a device may
+live on another host, so it is not checked against this host's GPUs.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from placer.errors import DeviceSpecError
 
-_DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+_DEVICE_RE = re.compile(r"^(?:rank(\d+):)?(cpu|cuda)(?::(\d+))?$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
     "": 1, "b": 1,
@@ -48,15 +52,21 @@ DEFAULT_LINKS: dict[frozenset[str], Link] = {
 
 @dataclass(frozen=True)
 class Device:
-    name: str  # as the user wrote it: "cpu", "cpu:1", "cuda:0"
+    name: str  # as the user wrote it: "cpu", "cpu:1", "cuda:0", "rank1:cuda:0"
     kind: str  # "cpu" or "cuda": which profiled costs apply
     torch_device: str  # where its tensors live: "cpu" or "cuda:N"
     memory_bytes: int | None = None  # cap; None means the device's own limit
     threads: int = 1  # intra-op threads of its worker (CPU devices)
+    rank: int | None = None  # the torch.distributed rank that owns it; None: this process
+
+    @property
+    def local_name(self) -> str:
+        """The name without its owner: "rank1:cuda:0" -> "cuda:0"."""
+        return self.name if self.rank is None else self.name.split(":", 1)[1]
 
     @property
     def is_virtual_cpu(self) -> bool:
-        return self.kind == "cpu" and ":" in self.name
+        return self.kind == "cpu" and ":" in self.local_name
 
 
 @dataclass(frozen=True)
@@ -130,35 +140,47 @@ def parse_cluster(devices: str | None = None, memory: str | None = None) -> Clus
     names = [part.strip() for part in spec.split(",") if part.strip()]
     if not names:
         raise DeviceSpecError(f"no devices in {spec!r}: write e.g. cpu:0,cpu:1 or cuda:0,cpu")
-    if len(set(names)) != len(names):
-        raise DeviceSpecError(f"a device is listed twice in {spec!r}")
 
     parsed = []
     for name in names:
         m = _DEVICE_RE.match(name)
         if not m:
-            raise DeviceSpecError(f"cannot read device {name!r}: write cpu, cpu:N or cuda:N")
-        parsed.append((name, m.group(1), None if m.group(2) is None else int(m.group(2))))
+            raise DeviceSpecError(f"cannot read device {name!r}: write cpu, cpu:N or cuda:N (or rankR:DEVICE)")
+        parsed.append((name, m.group(2), None if m.group(3) is None else int(m.group(3)),
+                       None if m.group(1) is None else int(m.group(1))))
+    seen: dict[tuple, str] = {}
+    for name, kind, idx, rank in parsed:
+        # What the name denotes: `cuda` is cuda:0; each cpu name is its own (virtual) device.
+        key = (rank, kind, 0 if kind == "cuda" and idx is None else idx)
+        if key in seen:
+            also = "" if seen[key] == name else f" (as {seen[key]!r} and {name!r})"
+            raise DeviceSpecError(f"a device is listed twice in {spec!r}{also}")
+        seen[key] = name
+    owned = [rank is not None for *_, rank in parsed]
+    if any(owned) and not all(owned):
+        raise DeviceSpecError(f"give every device in {spec!r} an owner (rankR:DEVICE) or none")
 
-    cpu_whole = [n for n, kind, idx in parsed if kind == "cpu" and idx is None]
-    cpu_virtual = [n for n, kind, idx in parsed if kind == "cpu" and idx is not None]
-    if cpu_whole and cpu_virtual:
-        raise DeviceSpecError("use either the whole host `cpu` or virtual devices `cpu:N`, not both")
-    for name, kind, idx in parsed:
-        if kind == "cuda":
+    for owner in dict.fromkeys(rank for *_, rank in parsed):  # each rank's process is one host's share
+        cpu_whole = [n for n, kind, idx, rank in parsed if kind == "cpu" and idx is None and rank == owner]
+        cpu_virtual = [n for n, kind, idx, rank in parsed if kind == "cpu" and idx is not None and rank == owner]
+        if cpu_whole and cpu_virtual:
+            raise DeviceSpecError("use either the whole host `cpu` or virtual devices `cpu:N`, not both")
+    for name, kind, idx, rank in parsed:
+        if kind == "cuda" and rank is None:
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             index = 0 if idx is None else idx
             if index >= count:
                 raise DeviceSpecError(f"device {name!r} does not exist on this host ({count} CUDA device(s) visible)")
 
     cores = host_cores()
-    cpu_threads = max(1, cores // len(cpu_virtual)) if cpu_virtual else cores
     caps = parse_memory(memory, names)
     built = []
-    for name, kind, idx in parsed:
+    for name, kind, idx, rank in parsed:
+        virtual = sum(1 for _, k, i, r in parsed if k == "cpu" and i is not None and r == rank)
         torch_device = "cpu" if kind == "cpu" else f"cuda:{idx or 0}"
-        threads = cpu_threads if kind == "cpu" else 1
-        built.append(Device(name=name, kind=kind, torch_device=torch_device, memory_bytes=caps.get(name), threads=threads))
+        threads = (max(1, cores // virtual) if virtual else cores) if kind == "cpu" else 1
+        built.append(Device(name=name, kind=kind, torch_device=torch_device, memory_bytes=caps.get(name),
+                            threads=threads, rank=rank))
     return Cluster(devices=tuple(built))
 
 

@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,10 +31,11 @@ from graphs.bounds import lower_bound
 from graphs.workload import Workload, load_workload
 from placer.baselines import BASELINES, run_baselines
 from placer.cluster import host_cores
-from placer.errors import InfeasibleError
+from placer.errors import InfeasibleError, PlanError
 from placer.plan import Plan, make_plan
 from placer.problem import Placement, PlacementProblem, build_problem
 from placer.runtime import measure as measure_plan
+from placer.runtime.measure import Measurement, measure_placement
 from envs.calibrate import fit_calibration, load_calibration, save_calibration
 from envs.sim import Calibration, Simulator
 
@@ -92,15 +94,21 @@ def _placer_version() -> str:
 
 
 class MeasurementBook:
-    """Real measurements of placements, saved to disk as they are made and reused."""
+    """Real measurements of placements, saved to disk as they are made and reused.
 
-    def __init__(self, workload: Workload, problem: PlacementProblem, path: Path | None, iters: int):
-        self.workload, self.problem, self.path, self.iters = workload, problem, path, iters
+    Known-infeasible placements are recorded without running anything. With a
+    `pool` (placer.distributed.MeasurementPool) a batch is measured on several
+    worker processes at once; otherwise one at a time in this process."""
+
+    def __init__(self, workload: Workload, problem: PlacementProblem, path: Path | None, iters: int, pool=None):
+        self.workload, self.problem, self.path, self.iters, self.pool = workload, problem, path, iters, pool
+        self.identity = {"fingerprint": problem.fingerprint, "devices": problem.cluster.names,
+                         "memory": [d.memory_bytes for d in problem.cluster.devices], "iters": iters}
         self.entries: dict[str, dict] = {}
         if path is not None and path.exists():
             try:
                 saved = json.loads(path.read_text())
-                if saved.get("fingerprint") == problem.fingerprint and saved.get("devices") == problem.cluster.names:
+                if saved.get("identity") == self.identity:
                     self.entries = saved["entries"]
             except (json.JSONDecodeError, KeyError, AttributeError):
                 self.entries = {}  # a damaged book only costs re-measuring
@@ -109,20 +117,41 @@ class MeasurementBook:
     def key(placement: Sequence[int]) -> str:
         return ",".join(str(int(d)) for d in placement)
 
+    def measure_many(self, placements: Sequence[Sequence[int]], methods: Sequence[str] | None = None) -> list[dict]:
+        """Measurement.to_json() of each placement, measuring only the new ones."""
+        methods = list(methods) if methods is not None else ["candidate"] * len(placements)
+        new = {}
+        for placement, method in zip(placements, methods):
+            if self.key(placement) not in self.entries:
+                new.setdefault(self.key(placement), (tuple(placement), method))
+        if self.pool is not None and len(new) > 1:
+            known = {k: v for k, v in new.items() if self.problem.violations(v[0])}
+            for key, (placement, method) in known.items():
+                self._record(key, measure_placement(self.workload, self.problem, placement, method, self.iters))
+            todo = [(k, v) for k, v in new.items() if k not in known]
+            plans = [make_plan(self.problem, placement, method) for _, (placement, method) in todo]
+            for (key, _), result in zip(todo, self.pool.measure_many(plans)):
+                self._record(key, result)
+        else:
+            for key, (placement, method) in new.items():
+                self._record(key, measure_placement(self.workload, self.problem, placement, method, self.iters))
+        return [self.entries[self.key(p)] for p in placements]
+
     def measure(self, placement: Sequence[int], method: str = "candidate") -> dict:
-        key = self.key(placement)
-        if key not in self.entries:
-            plan = make_plan(self.problem, placement, method)
-            result = measure_plan(self.workload, plan, self.problem.cluster, iters=self.iters)
-            self.entries[key] = result.to_json()
-            if self.path is not None:
-                write_json_atomic(self.path, {"fingerprint": self.problem.fingerprint,
-                                              "devices": self.problem.cluster.names, "entries": self.entries})
-        return self.entries[key]
+        return self.measure_many([placement], [method])[0]
+
+    def get(self, placement: Sequence[int]) -> dict | None:
+        """The measurement of a placement, if it has been measured."""
+        return self.entries.get(self.key(placement))
 
     def measured_ms(self, placement: Sequence[int]) -> float:
         entry = self.measure(placement)
         return entry["median_ms"] if entry["feasible"] else math.inf
+
+    def _record(self, key: str, result: Measurement) -> None:
+        self.entries[key] = result.to_json()
+        if self.path is not None:
+            write_json_atomic(self.path, {"identity": self.identity, "entries": self.entries})
 
     def pairs(self) -> tuple[list[Placement], list[float]]:
         """Every feasible measurement as (placements, ms), for calibration."""
@@ -150,22 +179,28 @@ def method_row(method: str, kind: str, placement: Sequence[int] | None, simulate
     return row
 
 
-def evaluate(method: str, kind: str, placement: Placement, sim: Simulator, book: MeasurementBook,
+def evaluate(method: str, kind: str, placement: Placement, sim: Simulator, measured: dict | None,
              bound_ms: float, search_s: float) -> dict:
-    """Simulate a placement and, when the simulator finds it feasible, measure it."""
+    """A results row for a placement: simulated, and measured when `measured` is given."""
     simulated = sim.simulate(placement)
     if not simulated.feasible:
         return method_row(method, kind, placement, None, None, bound_ms, search_s, reason=simulated.reason)
-    return method_row(method, kind, placement, simulated.step_ms, book.measure(placement, method), bound_ms, search_s)
+    return method_row(method, kind, placement, simulated.step_ms, measured, bound_ms, search_s)
 
 
 def optimize(workload: str | None = None, devices: str | None = None, memory: str | None = None,
              budget_s: float = DEFAULT_BUDGET_S, out_dir: Path | None = None, seed: int = 0, reward: str = "sim",
              resume: bool = False, methods: Sequence[str] | None = None, measure_iters: int = 10,
-             max_groups: int = 256, max_samples: int | None = None, progress: Progress = _quiet,
-             command: str = "") -> dict:
+             max_groups: int = 256, max_samples: int | None = None, policy_path: Path | None = None,
+             workers: int = 1, progress: Progress = _quiet, command: str = "") -> dict:
     """Run the whole job (module docstring) and return the results dict that it also
-    writes, with plan.json and the report, into out_dir (default placer-out/<name>)."""
+    writes, with plan.json and the report, into out_dir (default placer-out/<name>).
+
+    `methods` names the baselines to run and "rl" for the search (default: all);
+    `policy_path` starts the search from a policy saved by an earlier search
+    (DIR/search/policy.pt); `workers` > 1 measures batches of placements on that many
+    worker processes (placer.distributed.MeasurementPool). Ctrl-C at any stage keeps
+    what was measured: the best plan so far is written and results say interrupted."""
     from placer.report import write_report
 
     spec = workload or DEFAULT_WORKLOAD
@@ -178,50 +213,34 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     problem = build_problem(loaded, devices, memory, max_groups=max_groups,
                             progress=lambda done, total: progress(Stage("profiling", done, total)))
     bounds = lower_bound(problem.groups, [d.kind for d in problem.cluster.devices])
-    book = MeasurementBook(loaded, problem, out / "measurements.json", measure_iters)
     sim = Simulator(problem, load_calibration(problem))
-
-    # Baselines: computed, simulated and measured; their measurements calibrate the simulator.
     names = list(methods) if methods is not None else [*BASELINES, "rl"]
-    baselines = [n for n in names if n != "rl"]
-    rows: list[dict] = []
-    for i, name in enumerate(baselines):
-        progress(Stage("baselines", i, len(baselines), {"method": name}))
-        start = time.perf_counter()
-        outcome = run_baselines(problem, [name], seed=seed)[name]
-        elapsed = time.perf_counter() - start
-        if isinstance(outcome, InfeasibleError):
-            rows.append(method_row(name, "baseline", None, None, None, bounds.bound_ms, elapsed, reason=str(outcome)))
-        else:
-            rows.append(evaluate(name, "baseline", outcome, sim, book, bounds.bound_ms, elapsed))
-    progress(Stage("baselines", len(baselines), len(baselines)))
-
-    if rows and all(not row["feasible"] for row in rows):
-        raise InfeasibleError(f"no placement fits these devices: {rows[0]['reason']}")
-
-    calibration = _recalibrate(problem, book, sim.calibration)
-    sim = Simulator(problem, calibration)
-    for row in rows:  # simulated times under the calibrated model, comparable with RL's
+    with _measurement_pool(spec, problem, workers, measure_iters, memory) as pool:
+        book = MeasurementBook(loaded, problem, out / "measurements.json", measure_iters, pool)
+        rows, interrupted = _baselines(problem, [n for n in names if n != "rl"], sim, book, bounds.bound_ms, seed,
+                                       progress)
+        calibration = _recalibrate(problem, book, sim.calibration)
+        sim = Simulator(problem, calibration)
+        curve: list[dict] = []
+        if "rl" in names and not interrupted:
+            sim, curve, interrupted, rl_row = _search(problem, sim, book, rows, bounds.bound_ms, budget_s, seed,
+                                                      reward, resume, max_samples, policy_path, out, progress)
+            if rl_row is not None:
+                rows.append(rl_row)
+    for row in rows:  # every simulated time under the final calibration, so that they compare
         if row["simulated_ms"] is not None:
             row["simulated_ms"] = sim.simulate(row["placement"]).step_ms
 
-    curve: list[dict] = []
-    interrupted = False
-    if "rl" in names:
-        sim, curve, interrupted, rl_row = _search(problem, sim, book, rows, bounds.bound_ms, budget_s, seed, reward,
-                                                  resume, max_samples, out, progress)
-        rows.append(rl_row)
-
     best = min((r for r in rows if r["measured_ms"] is not None), key=lambda r: r["measured_ms"], default=None)
     if best is None:
-        raise InfeasibleError("no placement could be measured: every method is infeasible on these devices "
-                              "(raise --memory caps or add devices)")
+        reasons = [r["reason"] for r in rows if r["reason"]]
+        raise InfeasibleError("no placement fits these devices" + (f": {reasons[0]}" if reasons else "")
+                              + " (raise --memory caps or add devices)")
     chosen = tuple(best["placement"])
     plan = make_plan(problem, chosen, best["method"], seed=seed, simulated_ms=sim.simulate(chosen).step_ms,
                      measured_ms=best["measured_ms"])
     plan.save(out / "plan.json")
 
-    timeline = sim.simulate(chosen, timeline=True).timeline
     results = {
         "workload": spec, "devices": problem.cluster.names,
         "memory": {d.name: d.memory_bytes for d in problem.cluster.devices},
@@ -230,12 +249,12 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
                    "lower_bound_ms": bounds.bound_ms},
         "environment": environment(command),
         "methods": rows, "best": best["method"], "plan": "plan.json",
-        "curve": curve, "timeline": timeline,
+        "curve": curve, "timeline": sim.simulate(chosen, timeline=True).timeline,
         "groups": {"names": [problem.groups.nodes[i]["name"] for i in range(problem.n_groups)],
                    "edges": [list(e) for e in problem.costs.edges.tolist()],
                    "compute_ms": problem.costs.compute_ms.min(axis=1).tolist(),
                    "placement": list(chosen)},
-        "calibration": calibration.to_json(),
+        "calibration": sim.calibration.to_json(),
         "notes": list(loaded.notes),
     }
     write_json_atomic(out / "results.json", results)
@@ -246,13 +265,60 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     return results
 
 
+@contextmanager
+def _measurement_pool(spec: str, problem: PlacementProblem, workers: int, iters: int, memory: str | None):
+    if workers <= 1:
+        yield None
+        return
+    from placer.distributed import MeasurementPool
+    pool = MeasurementPool(spec, problem.cluster.names, workers, iters=iters, memory=memory)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def _baselines(problem: PlacementProblem, names: Sequence[str], sim: Simulator, book: MeasurementBook,
+               bound_ms: float, seed: int, progress: Progress) -> tuple[list[dict], bool]:
+    """Compute every baseline, then measure those the simulator finds feasible (in one
+    batch on a worker pool, if there is one). Returns the rows and whether Ctrl-C cut
+    the measurements short (the rows then hold what was measured)."""
+    computed: list[tuple[str, Placement | InfeasibleError, float]] = []
+    for i, name in enumerate(names):
+        progress(Stage("baselines", i, 2 * len(names), {"method": name}))
+        start = time.perf_counter()
+        computed.append((name, run_baselines(problem, [name], seed=seed)[name], time.perf_counter() - start))
+    todo = [(name, outcome) for name, outcome, _ in computed
+            if not isinstance(outcome, InfeasibleError) and sim.simulate(outcome).feasible]
+    interrupted = False
+    try:
+        if book.pool is not None:
+            progress(Stage("baselines", len(names), 2 * len(names), {"method": f"measuring {len(todo)} at once"}))
+            book.measure_many([outcome for _, outcome in todo], [name for name, _ in todo])
+        for i, (name, outcome) in enumerate(todo):
+            progress(Stage("baselines", len(names) + i, 2 * len(names), {"method": f"measuring {name}"}))
+            book.measure(outcome, name)
+    except KeyboardInterrupt:
+        interrupted = True
+    rows = []
+    for name, outcome, elapsed in computed:
+        if isinstance(outcome, InfeasibleError):
+            rows.append(method_row(name, "baseline", None, None, None, bound_ms, elapsed, reason=str(outcome)))
+        else:
+            rows.append(evaluate(name, "baseline", outcome, sim, book.get(outcome), bound_ms, elapsed))
+    progress(Stage("baselines", 2 * len(names), 2 * len(names)))
+    return rows, interrupted
+
+
 def _search(problem: PlacementProblem, sim: Simulator, book: MeasurementBook, rows: list[dict], bound_ms: float,
-            budget_s: float, seed: int, reward: str, resume: bool, max_samples: int | None, out: Path,
-            progress: Progress) -> tuple[Simulator, list[dict], bool, dict]:
+            budget_s: float, seed: int, reward: str, resume: bool, max_samples: int | None,
+            policy_path: Path | None, out: Path, progress: Progress) -> tuple[Simulator, list[dict], bool, dict | None]:
     """The RL search, warm-started from the best measured baseline. Rewards come from
-    the simulator, re-calibrated whenever the trainer has new measurements (or, with
-    reward="measure", from a measurement of every sample). Returns the final
-    simulator, the learning curve, whether it was interrupted, and RL's row."""
+    the simulator, re-calibrated from every measurement so far whenever the trainer
+    has measured new candidates (or, with reward="measure", from a measurement of
+    every sample). Returns the final simulator, the learning curve, whether it was
+    interrupted, and RL's row (None when it found no feasible placement)."""
+    from placer.rl.policy import load_policy
     from placer.rl.trainer import TrainConfig, train
 
     measured_rows = [r for r in rows if r["measured_ms"] is not None]
@@ -261,7 +327,7 @@ def _search(problem: PlacementProblem, sim: Simulator, book: MeasurementBook, ro
 
     def score(placements: Sequence[Placement]) -> list[float]:
         if reward == "measure":
-            return [book.measured_ms(p) for p in placements]
+            return [e["median_ms"] if e["feasible"] else math.inf for e in book.measure_many(placements)]
         results = [state["sim"].simulate(p) for p in placements]
         return [r.step_ms if r.feasible else math.inf for r in results]
 
@@ -273,8 +339,12 @@ def _search(problem: PlacementProblem, sim: Simulator, book: MeasurementBook, ro
     start = time.perf_counter()
     result = train(problem, score, config, measure=book.measured_ms, warm_start=warm, out_dir=out / "search",
                    resume=resume, recalibrate=recalibrate,
+                   policy=load_policy(policy_path) if policy_path is not None else None,
                    on_progress=lambda info: progress(Stage("search", min(info["elapsed_s"], budget_s), budget_s, info)))
-    row = evaluate("rl", "rl", result.best, state["sim"], book, bound_ms, time.perf_counter() - start)
+    row = None
+    if result.best is not None:
+        measured = book.measure(result.best, "rl") if state["sim"].simulate(result.best).feasible else None
+        row = evaluate("rl", "rl", result.best, state["sim"], measured, bound_ms, time.perf_counter() - start)
     return state["sim"], result.curve, result.interrupted, row
 
 
@@ -298,6 +368,10 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
     out = Path(out_dir) if out_dir is not None else Path("placer-out") / f"{loaded.name}-compare"
     out.mkdir(parents=True, exist_ok=True)
     loaded_plans: list[Plan] = [load_plan(p) for p in plans]
+    for path, plan in zip(plans, loaded_plans):
+        if plan.devices != loaded_plans[0].devices:
+            raise PlanError(f"{path} places on {','.join(plan.devices)} but {plans[0]} on "
+                            f"{','.join(loaded_plans[0].devices)}: compare plans made for the same devices")
     devices = ",".join(loaded_plans[0].devices)
     problem = build_problem(loaded, devices)
     bounds = lower_bound(problem.groups, [d.kind for d in problem.cluster.devices])

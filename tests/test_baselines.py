@@ -10,12 +10,13 @@ import pymetis
 import pytest
 
 from graphs.synthetic import random_grouped_graph, random_op_graph
+from graphs.zoo import ZOO
 from placer.baselines import BASELINES, repair, run_baselines
 from placer.baselines.common import bottleneck_ms
 from placer.baselines.schedule import _favourite_children
 from placer.cluster import Cluster, Device, parse_cluster
 from placer.errors import InfeasibleError, PlacerError, WorkloadError
-from placer.problem import PlacementProblem
+from placer.problem import PlacementProblem, build_problem
 
 METHODS = sorted(BASELINES)
 # Methods that place a model whenever each device can hold most of it; `single`
@@ -173,10 +174,24 @@ def test_expert_puts_groups_where_the_rule_says():
     assert set(placement) == {0, 1}
 
 
-def test_expert_rejects_a_rule_naming_a_missing_device():
-    problem = dataclasses.replace(random_problem(seed=13), expert=lambda path, n: 5)
-    with pytest.raises(WorkloadError, match="device 5"):
+def broken_rule(path: str, n_devices: int):
+    raise KeyError(path)
+
+
+@pytest.mark.parametrize("rule, problem_text", [
+    (lambda path, n: 5, "returned device 5, but there are only 2 devices (0..1)"),
+    (lambda path, n: -1, "returned device -1"),
+    (lambda path, n: "1", "returned a str; it must return a device index (int) or None"),
+    (lambda path, n: 1.0, "returned a float"),
+    (broken_rule, "raised KeyError: "),
+])
+def test_expert_reports_a_broken_rule_as_the_workloads_fault(rule, problem_text):
+    problem = dataclasses.replace(random_problem(seed=13), workload="model.py", expert=rule)
+    with pytest.raises(WorkloadError) as err:
         BASELINES["expert"](problem)
+    message = str(err.value)
+    assert message.startswith("model.py: expert_placement('") and ", 2) " in message and "\n" not in message
+    assert problem_text in message
 
 
 def test_expert_without_a_rule_splits_depth_levels_evenly():
@@ -250,12 +265,6 @@ def test_methods_scale_to_thousands_of_groups(large_problem, method):
 
 @pytest.fixture(scope="module")
 def zoo_problems():
-    build_problem = getattr(pytest.importorskip("placer.problem"), "build_problem", None)
-    if build_problem is None:
-        pytest.skip("placer.problem.build_problem is not available yet")
-    for module in ("graphs.capture", "graphs.profile", "graphs.group"):
-        pytest.importorskip(module)
-    from graphs.zoo import ZOO
     return {name: build_problem(f"zoo:{name}:small", devices="cpu:0,cpu:1", max_groups=48) for name in ZOO}
 
 

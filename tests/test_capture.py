@@ -7,7 +7,7 @@ from torch import nn
 
 from graphs.capture import capture
 from graphs.workload import Workload
-from placer.errors import CaptureError
+from placer.errors import CaptureError, WorkloadError
 
 NODE_ATTRS = {"op", "target", "module", "op_type", "params", "out_bytes", "order"}
 
@@ -101,9 +101,10 @@ class Outer(nn.Module):
         return self.inner(self.pre(x))
 
 
-def test_untraceable_submodule_falls_back_to_a_leaf():
+def test_untraceable_submodule_falls_back_to_a_leaf(capsys):
     w = workload(Outer(), torch.randn(3, 4))
-    g = capture(w)
+    g = capture(w)  # the leaf branches on a value, so shapes come from a real run, silently
+    assert capsys.readouterr() == ("", "")
     assert g.graph["granularity"] == "module" and g.graph["leaf_paths"] == ["inner"]
     inner = [d for d in g.nodes.values() if d["target"] == "inner"]
     assert len(inner) == 1 and inner[0]["op"] == "call_module" and inner[0]["out_bytes"] == 3 * 4 * 4
@@ -124,3 +125,13 @@ def test_capture_is_deterministic():
     b = capture(workload(Tied(), torch.randint(0, 20, (2, 5))))
     assert a.graph == b.graph and dict(a.nodes(data=True)) == dict(b.nodes(data=True))
     assert list(a.edges(data=True)) == list(b.edges(data=True))
+
+
+def test_a_model_that_fails_on_its_inputs_names_the_node_and_prints_nothing(capsys):
+    bad = nn.Sequential(nn.Linear(4, 8), nn.Linear(5, 2))  # 8 features in, 5 expected
+    with pytest.raises(WorkloadError) as err:
+        capture(workload(bad, torch.randn(3, 4)))
+    message = str(err.value)
+    assert message.startswith("t.py: the model fails on its example inputs at node '_1' (1): ")
+    assert "mat1 and mat2 shapes cannot be multiplied" in message and "\n" not in message
+    assert capsys.readouterr() == ("", "")

@@ -38,6 +38,9 @@ def test_memory_caps_apply_to_named_devices():
 @pytest.mark.parametrize("devices,memory,message", [
     ("gpu:0", None, "cannot read device"),
     ("cpu:0,cpu:0", None, "listed twice"),
+    ("cpu:0,cpu:00", None, "listed twice"),
+    ("cuda,cuda:0", None, r"listed twice in 'cuda,cuda:0' \(as 'cuda' and 'cuda:0'\)"),  # before any GPU check
+    ("rank0:cuda,rank0:cuda:0", None, "listed twice"),
     ("", None, "no devices"),
     ("cpu,cpu:1", None, "either the whole host"),
     ("cuda:7", None, "does not exist on this host"),
@@ -51,6 +54,11 @@ def test_bad_specs_are_one_clear_line(devices, memory, message):
     with pytest.raises(DeviceSpecError, match=message) as info:
         parse_cluster(devices, memory)
     assert "\n" not in str(info.value)
+
+
+def test_one_gpu_may_serve_two_ranks():
+    cluster = parse_cluster("rank0:cuda:0,rank1:cuda:0")  # two processes, each its own device
+    assert [d.torch_device for d in cluster.devices] == ["cuda:0", "cuda:0"]
 
 
 def test_links_default_by_kind():

@@ -178,26 +178,23 @@ def test_bad_arguments_are_refused():
         make(reward_source="measure")  # a synthetic problem has no model to run
 
 
-def test_measured_rewards_go_through_plan_and_runtime(monkeypatch):
+def test_measured_rewards_go_through_the_runtime(monkeypatch):
     """The measure path with the runtime stubbed: what it passes and how it reads the answer."""
     calls = []
 
-    def make_plan(problem, placement, method, seed=None):
-        return ("plan", tuple(placement), method)
-
-    def measure(workload, plan, cluster=None, iters=10, warmup=3, timeout_s=120.0):
-        calls.append((workload, plan, iters))
-        feasible = plan[1] != (0,) * N_GROUPS
+    def measure_placement(workload, problem, placement, method="candidate", iters=10, warmup=3, timeout_s=120.0):
+        calls.append((workload, tuple(placement), method, iters))
+        feasible = tuple(placement) != (0,) * N_GROUPS
         return types.SimpleNamespace(feasible=feasible, median_ms=42.0 if feasible else None, iqr_ms=1.0,
                                      peak_bytes={"cpu:0": 1, "cpu:1": 2}, reason="" if feasible else "cpu:0 OOM")
 
-    monkeypatch.setitem(sys.modules, "placer.plan", types.SimpleNamespace(make_plan=make_plan))
-    monkeypatch.setitem(sys.modules, "placer.runtime.measure", types.SimpleNamespace(measure=measure))
+    monkeypatch.setitem(sys.modules, "placer.runtime.measure",
+                        types.SimpleNamespace(measure_placement=measure_placement))
     monkeypatch.setattr("graphs.workload.load_workload", lambda spec: f"loaded {spec}", raising=False)
     env = make(workload=problem(workload="zoo:fake"), reward_source="measure", measure_iters=3)
     placement = [0, 1] * (N_GROUPS // 2)
     (reward,), info = run_episode(env, placement)
-    assert calls == [("loaded zoo:fake", ("plan", tuple(placement), "env"), 3)]
+    assert calls[0] == ("loaded zoo:fake", tuple(placement), "env", 3)
     assert info == {"step_ms": 42.0, "peak_bytes": (1, 2), "feasible": True, "source": "measure",
                     "placement": tuple(placement)}
     assert reward == pytest.approx(-math.sqrt(0.042))

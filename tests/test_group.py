@@ -10,7 +10,8 @@ from graphs.capture import capture
 from graphs.group import group
 from graphs.profile import profile
 from graphs.synthetic import random_op_graph
-from graphs.workload import Workload
+from graphs.workload import Workload, load_workload
+from graphs.zoo import ZOO
 
 
 class Cell(nn.Module):
@@ -175,18 +176,8 @@ def test_bad_max_groups(lstm_ops):
         group(lstm_ops, 0)
 
 
-def zoo_names():
-    try:
-        from graphs.zoo import ZOO
-    except ImportError:
-        return []
-    return sorted(ZOO)
-
-
-@pytest.mark.parametrize("name", zoo_names())
+@pytest.mark.parametrize("name", sorted(ZOO))
 def test_every_zoo_model_groups_acyclic_with_colocation(name, tmp_path):
-    from graphs.workload import load_workload
-
     w = load_workload(f"zoo:{name}")
     ops = profile(capture(w), w, threads=1, repeats=1, cache_dir=tmp_path)
     for max_groups in (8, 64):

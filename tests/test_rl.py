@@ -1,5 +1,6 @@
 import itertools
 import math
+import re
 
 import networkx as nx
 import pytest
@@ -122,6 +123,23 @@ def test_saved_policy_transfers_to_another_problem_with_the_same_devices(tmp_pat
         load_policy(tmp_path / "junk.pt")
 
 
+def test_a_failed_save_leaves_the_previous_policy_whole(tmp_path, monkeypatch):
+    policy = policy_for(synthetic(12))
+    save_policy(policy, tmp_path / "policy.pt")
+
+    def killed_midway(obj, f):
+        f.write(b"half a policy")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", killed_midway)
+    with pytest.raises(OSError):
+        save_policy(policy_for(synthetic(12), seed=1), tmp_path / "policy.pt")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["policy.pt"]  # no temporary file left behind
+    loaded = load_policy(tmp_path / "policy.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), policy.state_dict().values()))
+
+
 # ----------------------------------------------------------------------------- trainer
 def test_imitation_makes_greedy_reproduce_the_warm_start():
     problem = synthetic(16)
@@ -171,6 +189,32 @@ def test_resumed_search_equals_an_uninterrupted_one(tmp_path):
         train(synthetic(13), sim_score(synthetic(13)), config, out_dir=tmp_path / "split", resume=True)
 
 
+@pytest.mark.parametrize("devices, memory, message", [
+    ("cpu:0,cpu:1,cpu:2", None, r"cpu:0,cpu:1 \(caps none, none\), not cpu:0,cpu:1,cpu:2 \(caps none, none, none\)"),
+    ("cpu:0,cpu:1", "cpu:0=1GB", r"cpu:0,cpu:1 \(caps none, none\), not cpu:0,cpu:1 \(caps 1000000000B, none\)"),
+])
+def test_resume_refuses_a_checkpoint_made_for_other_devices(tmp_path, devices, memory, message):
+    problem = synthetic(12)
+    config = TrainConfig(**{**QUICK, "max_samples": 16})
+    train(problem, sim_score(problem), config, out_dir=tmp_path)
+    other = synthetic(12, devices=devices, memory=memory)
+    assert other.fingerprint == problem.fingerprint and other.n_groups == problem.n_groups  # only the devices differ
+    expected = f"checkpoint in {re.escape(str(tmp_path))} was made for devices {message}: start without --resume"
+    with pytest.raises(PlanError, match=expected):
+        train(other, sim_score(other), config, out_dir=tmp_path, resume=True)
+    assert train(problem, sim_score(problem), config, out_dir=tmp_path, resume=True).samples == 16
+
+
+def test_a_search_that_finds_nothing_feasible_returns_no_best(tmp_path):
+    problem = synthetic(12, memory="cpu:0=1B,cpu:1=1B")  # every placement exceeds a cap
+    measured = []
+    config = TrainConfig(**{**QUICK, "max_samples": 24})
+    result = train(problem, sim_score(problem), config, measure=measured.append, out_dir=tmp_path)
+    assert result.best is None and result.best_sim_ms == math.inf and result.best_measured_ms is None
+    assert result.samples == 24 and measured == []  # nothing feasible is worth measuring
+    assert all(row["best_sim_ms"] is None for row in result.curve)
+
+
 def test_ctrl_c_returns_the_best_so_far_and_leaves_a_checkpoint(tmp_path):
     problem = synthetic(12)
     score = sim_score(problem)
@@ -214,3 +258,20 @@ def test_final_choice_is_the_best_measured_placement():
     assert result.best == best and result.best_measured_ms == best_ms
     assert len(set(measured_calls)) == len(measured_calls)  # nothing is measured twice
     assert recalibrations == sorted(recalibrations) and len(recalibrations) == 3  # after updates 3 and 6, and the end
+
+
+def test_a_policy_saved_by_one_search_starts_the_search_of_another_problem(tmp_path):
+    source = synthetic(12)
+    train(source, sim_score(source), TrainConfig(**{**QUICK, "max_samples": 16}), out_dir=tmp_path)
+    loaded = load_policy(tmp_path / "policy.pt")
+    transferred = {k: v.clone() for k, v in loaded.state_dict().items()}
+
+    target = synthetic(20, seed=9)  # another graph, another group count, the same devices
+    kept = train(target, sim_score(target), TrainConfig(**{**QUICK, "max_samples": 0}), policy=loaded)
+    assert kept.policy is loaded and loaded.problem is target  # attached to the new problem...
+    assert all(torch.equal(transferred[k], v) for k, v in loaded.state_dict().items())  # ...with its weights kept
+
+    warm = tuple(int(d) for d in torch.randint(0, 2, (20,), generator=torch.Generator().manual_seed(4)))
+    config = TrainConfig(**{**QUICK, "imitation_steps": 300, "imitation_target": 0.97, "max_samples": 0})
+    result = train(target, sim_score(target), config, warm_start=warm, policy=load_policy(tmp_path / "policy.pt"))
+    assert result.policy.greedy() == warm and result.best == warm  # imitation ran on top of the transferred weights

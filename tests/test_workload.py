@@ -1,11 +1,13 @@
 """load_workload: the workload-file contract and zoo names, and one clear line per mistake."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from graphs.workload import default_loss, default_optimizer, load_workload
+from graphs.zoo import ZOO
 from placer.errors import WorkloadError
 
 GOOD = """
@@ -89,6 +91,7 @@ def test_two_files_with_the_same_stem_do_not_collide(tmp_path):
     (GOOD.replace("return (torch.randn(3, 4),)", "return (torch.randn(3, 4), 7)"),
      ["example_inputs()", "item 1", "int"]),
     ("import torch\nraise RuntimeError('broken at import')\n", ["importing", "RuntimeError", "broken at import"]),
+    ("import sys\nsys.exit('usage: model.py ARGS')\n", ["importing", "SystemExit", "usage: model.py ARGS"]),
     (GOOD + "\nleaf_modules = ['Linear']\n", ["leaf_modules", "'Linear'"]),
 ])
 def test_bad_files_give_one_line_naming_the_file(tmp_path, text, fragments):
@@ -112,9 +115,20 @@ def test_not_a_python_file(tmp_path):
         load_workload(path)
 
 
+def test_unreadable_file(tmp_path, monkeypatch):
+    path = write(tmp_path, GOOD)
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)  # chmod cannot stop root, who may run the tests
+    with pytest.raises(WorkloadError) as err:
+        load_workload(path)
+    assert str(err.value) == f"{path}: cannot read it: Permission denied"
+
+
 def test_zoo_names():
-    zoo = pytest.importorskip("graphs.zoo")
-    name = sorted(zoo.ZOO)[0]
+    name = sorted(ZOO)[0]
     w = load_workload(f"zoo:{name}")
     assert w.name == f"{name}-small" and w.spec == f"zoo:{name}"
     for bad, fragments in [("zoo:nosuch", ["nosuch", name]), (f"zoo:{name}:huge", ["huge", "small"]),

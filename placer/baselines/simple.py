@@ -9,6 +9,7 @@ from collections import Counter
 import networkx as nx
 import numpy as np
 
+from graphs.workload import first_line
 from placer.baselines.common import (capacities, colocation_units, contiguous_split, device_speed,
                                      fastest, mib, step_ms)
 from placer.baselines.repair import repair
@@ -102,16 +103,11 @@ def expert(problem: PlacementProblem, seed: int = 0) -> Placement:
     cut into contiguous bands of roughly equal compute, one band per device."""
     if problem.expert is None:
         return _split_by_depth(problem)
-    k = problem.n_devices
     asked: dict[str, int | None] = {}
 
     def ask(path: str) -> int | None:
         if path not in asked:
-            d = problem.expert(path, k)
-            if d is not None and not 0 <= d < k:
-                raise WorkloadError(f"the workload's expert placement puts {path!r} on device {d}, "
-                                    f"but there are only {k} devices")
-            asked[path] = d
+            asked[path] = _ask_expert(problem, path)
         return asked[path]
 
     placement = np.zeros(problem.n_groups, dtype=np.int64)
@@ -126,6 +122,24 @@ def expert(problem: PlacementProblem, seed: int = 0) -> Placement:
             preds = sorted(problem.groups.predecessors(g))
             placement[g] = placement[preds[0]] if preds else 0
     return repair(problem, placement)
+
+
+def _ask_expert(problem: PlacementProblem, path: str) -> int | None:
+    """The device the workload's rule gives `path`. The rule is user code: whatever
+    goes wrong in it is a WorkloadError naming the workload, the rule and the path."""
+    k = problem.n_devices
+    call = f"{problem.workload or 'the workload'}: expert_placement({path!r}, {k})"
+    try:
+        d = problem.expert(path, k)
+    except Exception as exc:
+        raise WorkloadError(f"{call} raised {type(exc).__name__}: {first_line(exc)}") from exc
+    if d is None:
+        return None
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+        raise WorkloadError(f"{call} returned a {type(d).__name__}; it must return a device index (int) or None")
+    if not 0 <= d < k:
+        raise WorkloadError(f"{call} returned device {d}, but there are only {k} devices (0..{k - 1})")
+    return int(d)
 
 
 def _owning_modules(problem: PlacementProblem, members: list[str]) -> list[str]:

@@ -25,7 +25,10 @@ policy trained on one workload can start the search on another.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import networkx as nx
 import numpy as np
@@ -238,8 +241,25 @@ def _entropy(logp: Tensor) -> Tensor:
 
 
 def save_policy(policy: Seq2SeqPolicy, path: Path | str) -> None:
-    """Write the policy's weights and constructor arguments (not the problem it is bound to)."""
-    torch.save({"format": "placer.policy/v1", "config": policy.config, "state_dict": policy.state_dict()}, path)
+    """Write the policy's weights and constructor arguments (not the problem it is bound to);
+    atomically, so a kill never leaves half a file where a good policy was."""
+    saved = {"format": "placer.policy/v1", "config": policy.config, "state_dict": policy.state_dict()}
+    write_atomically(Path(path), lambda f: torch.save(saved, f))
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call write on a temporary file beside path, then rename it over path: readers see
+    the old file or the whole new one, never a partial write."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_policy(path: Path | str) -> Seq2SeqPolicy:

@@ -11,7 +11,7 @@ The loop, in order (`train`):
    against an exponential moving-average baseline, with an entropy bonus;
 3. every `measure_every` updates, the best distinct not-yet-measured candidates are
    measured on the real runtime, and the optional `recalibrate` hook turns all
-   measurements so far into a new score function;
+   feasible measurements so far into a new score function;
 4. at the end the best candidates (and the warm start) are measured, and the final
    choice is the best measured placement (the best simulated one without `measure`).
 
@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,12 +35,13 @@ import torch
 
 from placer.errors import PlanError
 from placer.problem import Placement, PlacementProblem
-from placer.rl.policy import Seq2SeqPolicy, save_policy
+from placer.rl.policy import Seq2SeqPolicy, save_policy, write_atomically
 
 ScoreFn = Callable[[Sequence[Placement]], list[float]]
 MeasureFn = Callable[[Placement], "float | None"]
 RecalibrateFn = Callable[[list[Placement], list[float]], ScoreFn]
 
+CHECKPOINT_FORMAT = "placer.search/v2"  # v2: the problem's identity includes the devices and their caps
 CURVE_FIELDS = ("update", "samples", "elapsed_s", "mean_ms", "best_sim_ms", "best_measured_ms")
 
 
@@ -74,10 +74,13 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a search found; `measured` holds every measurement (inf where infeasible)."""
+    """What a search found; `measured` holds every measurement (inf where infeasible).
 
-    best: Placement | None  # the final choice: best measured, else best simulated
-    best_sim_ms: float
+    `best` is None when the search found no feasible placement (every sample scored
+    inf, no warm start, nothing measured finite); best_sim_ms is then inf."""
+
+    best: Placement | None  # the final choice: best feasible measured, else best feasible simulated, else None
+    best_sim_ms: float  # inf when no feasible placement was simulated
     best_measured_ms: float | None
     measured: list[tuple[Placement, float]]
     curve: list[dict]
@@ -103,7 +106,9 @@ class _State:
     curve: list[dict] = field(default_factory=list)
 
     def best_sim(self) -> tuple[Placement | None, float]:
-        return min(self.candidates.items(), key=lambda kv: kv[1], default=(None, math.inf))
+        """The fastest feasible candidate, or (None, inf): an infeasible one is never "best"."""
+        feasible = [(p, ms) for p, ms in self.candidates.items() if math.isfinite(ms)]
+        return min(feasible, key=lambda kv: kv[1], default=(None, math.inf))
 
     def best_measured(self) -> tuple[Placement | None, float]:
         return min(self.measured.items(), key=lambda kv: kv[1], default=(None, math.inf))
@@ -115,7 +120,21 @@ def train(problem: PlacementProblem, score: ScoreFn, config: TrainConfig, measur
           recalibrate: RecalibrateFn | None = None) -> TrainResult:
     """Search for a fast placement of `problem` (module docstring). `score` gives the
     step times (ms, inf when infeasible) of a batch of placements; `measure` one
-    placement's measured step time (None or inf when infeasible)."""
+    placement's measured step time (None or inf when infeasible).
+
+    `recalibrate(placements, times)` is called after every measurement round that
+    leaves at least one feasible measurement (and once on resume), with every feasible
+    measured pair so far, this run's and the resumed checkpoint's, in measurement order
+    (infeasible ones are left out); it returns the score function to use from then on,
+    and the kept candidates are re-scored with it.
+
+    `policy` starts the search from given weights, e.g. load_policy of another
+    workload's search: it is attached to `problem` (its max_devices must cover the
+    cluster), then imitates `warm_start` like a fresh one would. Without it, train
+    builds a fresh policy seeded from config.seed. On resume the checkpoint's weights
+    are loaded into either.
+
+    Never raises for a search that finds nothing feasible: the result's `best` is None."""
     if config.algo not in ("reinforce", "ppo"):
         raise ValueError(f"unknown algo {config.algo!r}: use 'reinforce' or 'ppo'")
     if config.reward not in ("neg_sqrt", "neg_log"):
@@ -139,8 +158,6 @@ def train(problem: PlacementProblem, score: ScoreFn, config: TrainConfig, measur
     state = _State()
     if saved is not None:
         state = _restore(saved, checkpoint, policy, optimizer, generator)
-        if recalibrate is not None and _finite(state.measured):
-            score = recalibrate(*_finite(state.measured))
     started = time.monotonic() - state.elapsed_s
 
     def elapsed() -> float:
@@ -150,20 +167,28 @@ def train(problem: PlacementProblem, score: ScoreFn, config: TrainConfig, measur
         return ((config.budget_s is None or elapsed() < config.budget_s)
                 and (config.max_samples is None or state.samples < config.max_samples))
 
-    def measure_round(placements: list[Placement]) -> None:
+    def recalibrate_score() -> None:
+        """Take the score that recalibrate fits to every feasible measurement so far, and
+        re-score the candidates with it."""
         nonlocal score
+        pairs = _finite(state.measured)
+        if recalibrate is not None and pairs is not None:
+            score = recalibrate(*pairs)
+            state.candidates = dict(zip(state.candidates, score(list(state.candidates))))
+
+    def measure_round(placements: list[Placement]) -> None:
         for p in placements:
             ms = measure(p)
             state.measured[p] = math.inf if ms is None else float(ms)
-        if recalibrate is not None and _finite(state.measured):
-            score = recalibrate(*_finite(state.measured))
-            state.candidates = dict(zip(state.candidates, score(list(state.candidates))))
+        recalibrate_score()
 
     def unmeasured_best() -> list[Placement]:
         ranked = sorted(state.candidates, key=state.candidates.get)
         fresh = [p for p in ranked if p not in state.measured and math.isfinite(state.candidates[p])]
         return fresh[:config.measure_top_k]
 
+    if saved is not None:
+        recalibrate_score()
     interrupted = False
     try:
         if warm_start is not None and not state.candidates:
@@ -285,8 +310,8 @@ def _save_checkpoint(path: Path, problem: PlacementProblem, state: _State, polic
                      optimizer: torch.optim.Optimizer, generator: torch.Generator, config: TrainConfig) -> None:
     """Write the checkpoint and the learning curve; atomically, so a kill never leaves half a file."""
     data = {
-        "format": "placer.search/v1",
-        "problem": {"fingerprint": problem.fingerprint, "groups": problem.n_groups},
+        "format": CHECKPOINT_FORMAT,
+        "problem": _identity(problem),
         "config": asdict(config),
         "policy": {"config": policy.config, "state_dict": policy.state_dict()},
         "optimizer": optimizer.state_dict(),
@@ -294,14 +319,20 @@ def _save_checkpoint(path: Path, problem: PlacementProblem, state: _State, polic
         "state": {**asdict(state), "candidates": [[list(p), ms] for p, ms in state.candidates.items()],
                   "measured": [[list(p), ms] for p, ms in state.measured.items()]},
     }
-    _atomic_write(path, lambda f: torch.save(data, f))
-    _atomic_write(path.with_name("curve.json"), lambda f: f.write(json.dumps(state.curve, indent=1).encode()))
+    write_atomically(path, lambda f: torch.save(data, f))
+    write_atomically(path.with_name("curve.json"), lambda f: f.write(json.dumps(state.curve, indent=1).encode()))
 
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=CURVE_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(state.curve)
-    _atomic_write(path.with_name("curve.csv"), lambda f: f.write(table.getvalue().encode()))
+    write_atomically(path.with_name("curve.csv"), lambda f: f.write(table.getvalue().encode()))
+
+
+def _identity(problem: PlacementProblem) -> dict:
+    """What a checkpoint must match to be resumed: the grouped graph and the devices with their caps."""
+    return {"fingerprint": problem.fingerprint, "groups": problem.n_groups, "devices": problem.cluster.spec(),
+            "memory_caps": [dev.memory_bytes for dev in problem.cluster.devices]}
 
 
 def _read_checkpoint(path: Path, problem: PlacementProblem) -> dict:
@@ -309,11 +340,23 @@ def _read_checkpoint(path: Path, problem: PlacementProblem) -> dict:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise PlanError(f"{path}: cannot read the search checkpoint ({type(exc).__name__}: {exc})") from None
-    saved = data["problem"]
-    if saved["fingerprint"] != problem.fingerprint or saved["groups"] != problem.n_groups:
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != CHECKPOINT_FORMAT:
+        raise PlanError(f"{path}: a search checkpoint of format {found!r}, not {CHECKPOINT_FORMAT!r}: "
+                        f"start without --resume or use another --out")
+    saved, now = data["problem"], _identity(problem)
+    if saved["fingerprint"] != now["fingerprint"] or saved["groups"] != now["groups"]:
         raise PlanError(f"{path}: the checkpoint is of another problem ({saved['groups']} groups, "
                         f"fingerprint {saved['fingerprint']!r}); delete it or drop --resume")
+    if saved["devices"] != now["devices"] or saved["memory_caps"] != now["memory_caps"]:
+        raise PlanError(f"checkpoint in {path.parent} was made for devices {saved['devices']} "
+                        f"(caps {_caps(saved['memory_caps'])}), not {now['devices']} "
+                        f"(caps {_caps(now['memory_caps'])}): start without --resume or use another --out")
     return data
+
+
+def _caps(caps: list[int | None]) -> str:
+    return ", ".join("none" if cap is None else f"{cap}B" for cap in caps)
 
 
 def _restore(data: dict, path: Path, policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer,
@@ -327,12 +370,3 @@ def _restore(data: dict, path: Path, policy: Seq2SeqPolicy, optimizer: torch.opt
     fields = data["state"]
     return _State(**{**fields, "candidates": {tuple(p): ms for p, ms in fields["candidates"]},
                      "measured": {tuple(p): ms for p, ms in fields["measured"]}})
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -27,7 +27,8 @@ import torch
 
 from graphs.workload import Workload
 from placer.cluster import Cluster, parse_cluster
-from placer.plan import Plan
+from placer.plan import Plan, make_plan
+from placer.problem import PlacementProblem
 from placer.runtime import PlacedModule, apply
 
 
@@ -52,10 +53,26 @@ class _OverCap(Exception):
     pass
 
 
+def measure_placement(workload: Workload, problem: PlacementProblem, placement: Sequence[int],
+                      method: str = "candidate", iters: int = 10, warmup: int = 3,
+                      timeout_s: float = 120.0) -> Measurement:
+    """Measure a group placement of `problem`; one that is known to be infeasible
+    (over a memory cap, colocation split) is reported so without running anything."""
+    problems = problem.violations(placement)
+    if problems:
+        peaks = problem.memory_per_device(placement)
+        return Measurement(feasible=False, peak_bytes={d: int(b) for d, b in zip(problem.cluster.names, peaks)},
+                           reason="; ".join(problems))
+    plan = make_plan(problem, placement, method)
+    return measure(workload, plan, problem.cluster, iters=iters, warmup=warmup, timeout_s=timeout_s)
+
+
 def measure(workload: Workload, plan: Plan, cluster: Cluster | None = None, iters: int = 10, warmup: int = 3,
             timeout_s: float = 120.0) -> Measurement:
     """Apply `plan` to a fresh copy of the workload's model and time `iters` training
     steps after `warmup` (at least one, which also measures memory)."""
+    if iters < 1:
+        raise ValueError(f"iters must be at least 1, got {iters}")
     cluster = cluster or parse_cluster(",".join(plan.devices))
     placed: PlacedModule | None = None
     peaks: dict[str, int] = {}

@@ -1,0 +1,244 @@
+"""placer.distributed on CPU only: two gloo ranks over loopback, separate processes
+that talk only over TCP as if they were hosts, and the measurement pool."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from graphs.trace import trace_model
+from graphs.workload import load_workload
+from placer.cluster import parse_cluster
+from placer.distributed import (DistributedModel, LocalRank, merge_checkpoints, measure_distributed, rank_cluster,
+                                run_local, save_checkpoint, train_distributed)
+from placer.distributed.backend import build_schedule
+from placer.distributed.launch import free_port
+from placer.distributed.pool import MeasurementPool
+from placer.errors import DeviceSpecError, PlanError
+from placer.plan import Plan, node_params, plan_from_assignment
+from placer.runtime.chunks import build_chunks
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = "zoo:transformer"
+TWO = ["cpu:0", "cpu:1"]
+
+
+def alternating_plan(spec: str, blocks: int = 5, devices: list[str] = TWO) -> Plan:
+    """The fx graph cut into `blocks` contiguous runs dealt to the devices in turn:
+    values cross ranks both ways. Nodes that share a parameter go with its first user."""
+    w = load_workload(spec)
+    model = w.fresh_model()
+    gm = trace_model(model, leaf_modules=w.leaf_modules).gm
+    nodes = list(gm.graph.nodes)
+    device_of, first_user = {}, {}
+    for i, node in enumerate(nodes):
+        device = devices[(i * blocks // len(nodes)) % len(devices)]
+        for name in node_params(gm, node):
+            path, _, attr = name.rpartition(".")
+            device = first_user.setdefault(id(getattr(gm.get_submodule(path), attr)), device)
+        device_of[node.name] = device
+    return plan_from_assignment(model, lambda n: device_of[n.name], devices, leaf_modules=w.leaf_modules)
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-5) -> None:
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= rtol * scale + 1e-7, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def reference_steps(spec: str, steps: int) -> tuple[list[float], dict, torch.nn.Module]:
+    """The unplaced model's losses, first-step gradients and final weights, one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        w = load_workload(spec)
+        model = w.fresh_model()
+        optimizer = w.make_optimizer(model.parameters())
+        losses, grads = [], {}
+        for step in range(steps):
+            optimizer.zero_grad()
+            loss = w.loss_fn(model(*w.inputs), *w.inputs)
+            loss.backward()
+            if step == 0:
+                grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            optimizer.step()
+            losses.append(loss.item())
+        return losses, grads, model
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- the schedule and the device syntax (no processes) -------------------------------
+
+def test_crossings_go_forward_in_the_global_order_and_the_loss_sits_with_the_last_output():
+    w = load_workload(SPEC)
+    plan = alternating_plan(SPEC)
+    model = w.fresh_model()
+    gm = trace_model(model, leaf_paths=plan.leaf_paths, allow_fallback=False).gm
+    chunks = build_chunks(model, gm.graph, plan.assignment)
+    devices = dict(zip(plan.devices, rank_cluster(plan, 2).devices))
+    outputs = [a.name for a in next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes]
+    schedule = build_schedule(chunks, [devices[c.device] for c in chunks], outputs)
+
+    assert {c.src for c in schedule.crossings} == {0, 1}  # both directions
+    assert [c.produced_at for c in schedule.crossings] == sorted(c.produced_at for c in schedule.crossings)
+    for c in schedule.crossings:
+        assert c.src != c.dst and c.produced_at < c.first_use
+        assert schedule.owner[c.produced_at] == c.src and schedule.owner[c.first_use] == c.dst
+    assert schedule.loss_rank == schedule.owner[max(schedule.producer[n] for n in outputs)]
+
+
+def test_devices_gain_an_owner_rank():
+    cluster = parse_cluster("rank0:cpu:0,rank1:cpu:0,rank1:cuda:7")  # cuda:7 lives on rank 1's host
+    assert [d.rank for d in cluster.devices] == [0, 1, 1]
+    assert [d.local_name for d in cluster.devices] == ["cpu:0", "cpu:0", "cuda:7"]
+    assert cluster.devices[2].torch_device == "cuda:7" and cluster.devices[0].is_virtual_cpu
+    assert parse_cluster("cpu:0").devices[0].rank is None
+    with pytest.raises(DeviceSpecError, match="an owner"):
+        parse_cluster("rank0:cpu:0,cpu:1")
+    plan = alternating_plan(SPEC)
+    assert rank_cluster(plan, 2).names == ["rank0:cpu:0", "rank1:cpu:1"]
+    with pytest.raises(PlanError, match="no owner"):
+        rank_cluster(plan, 2, parse_cluster("rank0:cpu:0,rank2:cpu:0"))
+
+
+# -- two local ranks ----------------------------------------------------------------
+
+def _step_and_save(rank: LocalRank, directory: str) -> tuple[float, float, dict[str, torch.Tensor]]:
+    """One step of the workload's loop, then the loss forward only; this rank's
+    first-step gradients; its checkpoint share."""
+    model: DistributedModel = rank.model
+    torch.set_num_threads(1)
+    optimizer = rank.workload.make_optimizer(model.parameters())
+    model.zero_grad()
+    loss = model.train_step(rank.workload.inputs, rank.workload.loss_fn)
+    mine = {id(p) for p in model.parameters()}
+    grads = {n: p.grad.clone() for n, p in model.model.named_parameters() if id(p) in mine and p.grad is not None}
+    optimizer.step()
+    save_checkpoint(model, directory)
+    return loss, model.evaluate(rank.workload.inputs, rank.workload.loss_fn), grads
+
+
+def test_two_ranks_give_the_unplaced_models_loss_gradients_and_checkpoint(tmp_path):
+    plan = alternating_plan(SPEC, blocks=5, devices=["cpu:0", "cpu:1", "cpu:2"])  # rank 0 owns cpu:0 and cpu:2
+    (loss0, after0, grads0), (loss1, after1, grads1) = run_local(SPEC, plan, 2, _step_and_save, str(tmp_path),
+                                                                 timeout_s=120)
+    losses, grads, trained = reference_steps(SPEC, 2)
+
+    assert loss0 == loss1 and loss0 == pytest.approx(losses[0], rel=1e-5)
+    assert after0 == after1 and after0 == pytest.approx(losses[1], rel=1e-5)  # the optimizer stepped every share
+    assert grads0 and grads1 and not set(grads0) & set(grads1)  # each parameter on one rank only
+    assert set(grads0) | set(grads1) == set(grads)
+    for name, g in {**grads0, **grads1}.items():
+        assert_close_rel(g, grads[name], f"grad of {name}")
+    _, _, trained = reference_steps(SPEC, 1)
+    unplaced = load_workload(SPEC).fresh_model()
+    unplaced.load_state_dict(merge_checkpoints(tmp_path))  # strict: every key, nothing else
+    for name, p in trained.state_dict().items():
+        assert_close_rel(unplaced.state_dict()[name].float(), p.float(), f"checkpoint {name}")
+
+
+def test_measured_step_time_and_each_devices_memory():
+    plan = alternating_plan(SPEC)
+    m = measure_distributed(SPEC, plan, iters=3, warmup=1, timeout_s=120)
+    assert m.feasible and m.reason is None
+    assert len(m.times_ms) == 3 and m.median_ms > 0 and m.iqr_ms >= 0
+    assert set(m.peak_bytes) == set(TWO) and all(b > 0 for b in m.peak_bytes.values())
+
+
+def test_train_distributed_reports_each_step_from_the_ranks():
+    plan = alternating_plan(SPEC)
+    seen = []
+    losses = train_distributed(SPEC, plan, 2, on_step=lambda step, loss, ms: seen.append((step, loss, ms)))
+    assert losses == pytest.approx(reference_steps(SPEC, 2)[0], rel=1e-5)
+    assert [(step, loss) for step, loss, _ in seen] == list(zip([1, 2], losses)) and all(ms > 0 for *_, ms in seen)
+
+
+def test_a_failing_rank_is_reported_not_hung():
+    plan = alternating_plan(SPEC)
+    m = measure_distributed("zoo:rnnlm", plan, iters=1, warmup=1, timeout_s=60)  # a plan for another model
+    assert not m.feasible and "another model" in m.reason
+
+
+# -- two "hosts": separate processes that share only a TCP address -------------------------
+
+def test_two_processes_over_tcp_train_like_the_unplaced_model(tmp_path):
+    spec, steps = "zoo:rnnlm", 2
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "experiments" / "train_distributed.py"), "--workload", spec,
+             "--steps", str(steps), "--checkpoint", str(tmp_path)],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    losses = [float(line.split()[3]) for line in outputs[0].splitlines() if line.startswith("step ")]
+    expected, _, trained = reference_steps(spec, steps)
+    assert losses == pytest.approx(expected, rel=1e-5)
+    assert {p.name for p in tmp_path.iterdir()} == {"rank0.pt", "rank1.pt"}
+    merged = merge_checkpoints(tmp_path)
+    for name, p in trained.state_dict().items():
+        assert_close_rel(merged[name].float(), p.float(), f"checkpoint {name}")
+
+
+# -- the measurement pool ------------------------------------------------------------
+
+def _measure_while(pool: MeasurementPool, plans: list[Plan], act) -> list:
+    """measure_many on a thread; `act(worker)` on the first worker seen measuring."""
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(results=pool.measure_many(plans)))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not any(w.task is not None for w in pool.workers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    act(next(w for w in pool.workers if w.task is not None))
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    return out["results"]
+
+
+def test_a_killed_pool_worker_loses_no_candidate():
+    plans = [alternating_plan(SPEC, blocks) for blocks in (2, 3, 4)]
+    with MeasurementPool(SPEC, TWO, n_workers=2, iters=2, timeout_s=20.0, warmup=1) as pool:
+        pids = {w.pid for w in pool.workers}
+        results = _measure_while(pool, plans, lambda w: os.kill(w.pid, signal.SIGKILL))
+        assert all(m.feasible and m.median_ms > 0 for m in results), [m.reason for m in results]
+        assert set(results[0].peak_bytes) == set(TWO)
+        assert len(pool.events) == 1 and "died" in pool.events[0]
+        assert len(pool.workers) == 2 and {w.pid for w in pool.workers} != pids  # replaced
+        assert [m.feasible for m in pool.measure_many(plans[:2])] == [True, True]
+
+
+@pytest.mark.slow
+def test_a_hung_worker_is_replaced_and_a_candidate_that_fails_twice_is_infeasible():
+    plans = [alternating_plan(SPEC, blocks) for blocks in (2, 3)]
+    with MeasurementPool(SPEC, TWO, n_workers=2, iters=2, timeout_s=4.0, warmup=1) as pool:
+        results = _measure_while(pool, plans, lambda w: os.kill(w.pid, signal.SIGSTOP))
+        assert all(m.feasible for m in results), [m.reason for m in results]
+        assert len(pool.events) == 1 and "hung" in pool.events[0]
+        assert all(w.process.is_alive() for w in pool.workers)
+
+        def kill_twice(first):
+            os.kill(first.pid, signal.SIGKILL)
+            while not any(w.task is not None and w.slot != first.slot for w in pool.workers):
+                time.sleep(0.01)  # the retry, on the other worker
+            os.kill(next(w for w in pool.workers if w.task is not None and w.slot != first.slot).pid, signal.SIGKILL)
+
+        (failed,) = _measure_while(pool, plans[:1], kill_twice)
+        assert not failed.feasible and failed.reason.count("died") == 2
+        assert [m.feasible for m in pool.measure_many(plans)] == [True, True]
