@@ -166,8 +166,10 @@ def execution_units(problem: PlacementProblem) -> Units:
     even = np.broadcast_to(1.0 / np.bincount(units, minlength=n)[units][:, None], work.shape).copy()
     share = np.divide(work, total, out=even, where=total > 0)
     edges: dict[tuple[int, int], float] = {}
+    crossed: set[tuple[str, int]] = set()  # a value moves once to a unit, however many of its ops read it
     for a, b, nbytes in ops.edges(data="bytes"):
-        if a in unit_of and b in unit_of and unit_of[a] != unit_of[b]:
+        if a in unit_of and b in unit_of and unit_of[a] != unit_of[b] and (a, unit_of[b]) not in crossed:
+            crossed.add((a, unit_of[b]))
             key = (unit_of[a], unit_of[b])
             edges[key] = edges.get(key, 0.0) + float(nbytes or 0)
     return Units(units, share, edges)

@@ -1,6 +1,6 @@
 """Draw the figures of docs from experiments/table1.py's results:
 
-  docs/img/table1_speedup.png   RL's measured speedup over the fastest other method, per model
+  docs/img/table1_speedup.png   RL's measured speedup over the fastest heuristic on the same devices, per model
   docs/img/search_curves.png    the RL search's best simulated and best measured step time
                                 against search seconds, one line per model, each relative
                                 to that model's best heuristic (below 1: RL is ahead)
@@ -26,7 +26,7 @@ DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 
 
 def plot_speedups(rows: list[dict], path: Path) -> Path | None:
-    """One bar per model: RL's speedup over the fastest other column of Table 1."""
+    """One bar per model: RL's speedup over the fastest heuristic on the same devices."""
     rows = [r for r in rows if r.get("rl_speedup") is not None]
     if not rows:
         return None
@@ -39,9 +39,9 @@ def plot_speedups(rows: list[dict], path: Path) -> Path | None:
     for xi, s, r in zip(x, speedups, rows):
         ax.annotate(f"{s:.2f}x\nvs {column_title(r['best_other'])}", (xi, s), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [f"{r['model']}\n({r['size']})" for r in rows])
-    ax.set_ylabel("RL speedup over best other (measured)")
+    ax.set_ylabel("RL speedup over best heuristic (measured)")
     ax.set_ylim(0, max(speedups) * 1.2)
-    ax.set_title("RL against the fastest other placement, per model")
+    ax.set_title("RL against the fastest heuristic on the same devices, per model")
     return save_figure(fig, path)
 
 

@@ -207,9 +207,13 @@ def _grouped_graph(ops: nx.DiGraph, groups: list[list[str]]) -> nx.DiGraph:
             attrs[attr] = sum(d.get(attr, 0) for d in data)
         attrs["op_mix"] = dict(sorted(Counter(d.get("op_type", "other") for d in data).items()))
         g.add_node(new, **attrs)
+    # A tensor crosses to another group once however many of that group's ops read it
+    # (the runtime moves each value once per consuming chunk): count it once.
+    crossed: set[tuple[str, int]] = set()
     for a, b, data in ops.edges(data=True):
         u, v = renumber[group_of[a]], renumber[group_of[b]]
-        if u != v:
+        if u != v and (a, v) not in crossed:
+            crossed.add((a, v))
             if g.has_edge(u, v):
                 g.edges[u, v]["bytes"] += data.get("bytes", 0)
             else:

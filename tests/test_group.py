@@ -184,3 +184,24 @@ def test_every_zoo_model_groups_acyclic_with_colocation(name, tmp_path):
         groups = group(ops, max_groups)
         check_grouping(ops, groups, max_groups)
         assert nx.is_directed_acyclic_graph(groups)
+
+
+class FanOut(nn.Module):
+    """One tensor read by three ops of another module (like Q, K and V projections)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(16, 16)
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.enc(x)
+        return self.q(h) * self.k(h) + self.v(h)
+
+
+def test_a_tensor_read_by_several_ops_of_a_group_crosses_once(tmp_path):
+    ops = profiled(FanOut(), torch.randn(8, 16), tmp_path=tmp_path)
+    groups = group(ops, max_groups=2)
+    (enc,) = [i for i in groups if "enc" in groups.nodes[i]["name"]]
+    h_bytes = 8 * 16 * 4
+    assert [groups.edges[e]["bytes"] for e in groups.out_edges(enc)] == [h_bytes]
