@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small model, few steps: a check that it runs")
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
-    specs = ["zoo:transformer"] if args.quick else ["zoo:transformer", "zoo:rnnlm:paper", "zoo:transformer:paper"]
+    # Medium sizes: a paper-size step takes tens of seconds on a 2-core host.
+    specs = ["zoo:transformer"] if args.quick else ["zoo:transformer", "zoo:rnnlm:medium", "zoo:transformer:medium"]
     iters, warmup = (3, 1) if args.quick else (args.iters, 3)
 
     rows = []
