@@ -27,6 +27,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from placer.cluster import Link
+from placer.files import write_text_atomically
 from placer.problem import PlacementProblem
 from envs.sim import Calibration, Simulator
 
@@ -123,12 +124,7 @@ def calibration_path(problem: PlacementProblem) -> Path:
 
 
 def save_calibration(problem: PlacementProblem, calibration: Calibration) -> Path:
-    path = calibration_path(problem)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # two runs saving at once never share a temp file
-    tmp.write_text(json.dumps(calibration.to_json(), indent=2))
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
-    return path
+    return write_text_atomically(calibration_path(problem), json.dumps(calibration.to_json(), indent=2))
 
 
 def load_calibration(problem: PlacementProblem) -> Calibration | None:

@@ -29,13 +29,13 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from placer.errors import PlacerError
+from placer.files import write_text_atomically
 from placer.report import method_name
 
 MODELS = ("rnnlm", "nmt", "inception_v3", "transformer")
@@ -168,14 +168,6 @@ def to_markdown(table: dict) -> str:
     ])
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,8 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.render:  # only re-derive the speedups and the Markdown from the recorded runs
         table = json.loads((args.out / f"{args.name}.json").read_text())
         table["rows"] = [{**row, **speedups(row)} if "cells" in row else row for row in table["rows"]]
-        write_atomic(args.out / f"{args.name}.json", json.dumps(table, indent=2) + "\n")
-        write_atomic(args.out / f"{args.name}.md", to_markdown(table))
+        write_text_atomically(args.out / f"{args.name}.json", json.dumps(table, indent=2) + "\n")
+        write_text_atomically(args.out / f"{args.name}.md", to_markdown(table))
         print(to_markdown(table))
         return
     from placer.optimize import optimize  # the heavy import, after argument errors
@@ -226,8 +218,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[table1] {model}:{size} failed: {e}", flush=True)
             row = {"model": model, "size": size, "error": f"{type(e).__name__}: {e}"}
         table["rows"].append(row)
-        write_atomic(args.out / f"{args.name}.json", json.dumps(table, indent=2) + "\n")
-        write_atomic(args.out / f"{args.name}.md", to_markdown(table))
+        write_text_atomically(args.out / f"{args.name}.json", json.dumps(table, indent=2) + "\n")
+        write_text_atomically(args.out / f"{args.name}.md", to_markdown(table))
     print((args.out / f"{args.name}.md").read_text())
 
 

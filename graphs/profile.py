@@ -37,6 +37,7 @@ from torch.fx.node import map_aggregate
 from graphs.trace import fingerprint, trace_model
 from graphs.workload import Workload
 from placer.errors import CaptureError, DeviceSpecError, WorkloadError
+from placer.files import write_text_atomically
 
 KINDS = ("cpu", "cuda")
 MIN_SAMPLE_MS = 0.5  # each timing sample runs a node this long at least
@@ -324,11 +325,7 @@ def _load_cache(cache: Path, key: dict, ops: nx.DiGraph) -> dict | None:
 
 def _store_cache(cache: Path, key: dict, nodes: dict) -> None:
     """Write atomically, so that an interrupted run never leaves a half-written file."""
-    path = _cache_path(cache, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "nodes": nodes}))
-    os.replace(tmp, path)
+    write_text_atomically(_cache_path(cache, key), json.dumps({"key": key, "nodes": nodes}))
 
 
 # --- small helpers -----------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -32,6 +31,7 @@ from graphs.workload import Workload, load_workload
 from placer.baselines import BASELINES, run_baselines
 from placer.cluster import host_cores
 from placer.errors import InfeasibleError, PlanError
+from placer.files import write_text_atomically
 from placer.plan import Plan, make_plan
 from placer.problem import Placement, PlacementProblem, build_problem
 from placer.runtime import measure as measure_plan
@@ -61,9 +61,7 @@ def _quiet(stage: Stage) -> None:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=2, default=_json_default))
 
 
 def _json_default(value: object) -> object:

@@ -9,8 +9,6 @@ and parameter sit on one device. The fingerprint ties the plan to one model.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -23,6 +21,7 @@ from graphs.capture import owning_module
 from graphs.trace import fingerprint as model_fingerprint
 from graphs.trace import trace_model
 from placer.errors import PlanError
+from placer.files import write_text_atomically
 from placer.problem import PlacementProblem
 
 FORMAT = "placer.plan/v1"
@@ -57,18 +56,7 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON atomically: a reader never sees a half-written file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return path
+        return write_text_atomically(path, json.dumps(self.to_json(), indent=1) + "\n")
 
 
 def load_plan(path: str | Path, fingerprint: str | None = None) -> Plan:

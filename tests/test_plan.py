@@ -98,10 +98,10 @@ def test_fingerprint_mismatch_names_both_fingerprints(tmp_path):
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     path = Plan(devices=["cpu:0"], assignment={}, device_map={}, fingerprint="old").save(tmp_path / "plan.json")
 
-    def broken_dump(*args, **kwargs):
+    def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", broken_dump)
+    monkeypatch.setattr("placer.files.os.fsync", disk_full)  # fails after the temporary file is written
     with pytest.raises(OSError):
         Plan(devices=["cpu:0"], assignment={}, device_map={}, fingerprint="new").save(path)
     assert load_plan(path).fingerprint == "old"

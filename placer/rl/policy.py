@@ -25,10 +25,7 @@ policy trained on one workload can start the search on another.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import networkx as nx
 import numpy as np
@@ -37,6 +34,7 @@ from torch import Tensor, nn
 
 from envs.features import N_FEATURES, group_features
 from placer.errors import DeviceSpecError, PlanError
+from placer.files import write_atomically
 from placer.problem import Placement, PlacementProblem
 
 MASKED = -1e9  # logit of a forbidden device: finite, so that 0 * logp stays 0 in the entropy
@@ -245,21 +243,6 @@ def save_policy(policy: Seq2SeqPolicy, path: Path | str) -> None:
     atomically, so a kill never leaves half a file where a good policy was."""
     saved = {"format": "placer.policy/v1", "config": policy.config, "state_dict": policy.state_dict()}
     write_atomically(Path(path), lambda f: torch.save(saved, f))
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call write on a temporary file beside path, then rename it over path: readers see
-    the old file or the whole new one, never a partial write."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_policy(path: Path | str) -> Seq2SeqPolicy:

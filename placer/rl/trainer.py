@@ -35,7 +35,8 @@ import torch
 
 from placer.errors import PlanError
 from placer.problem import Placement, PlacementProblem
-from placer.rl.policy import Seq2SeqPolicy, save_policy, write_atomically
+from placer.files import write_atomically
+from placer.rl.policy import Seq2SeqPolicy, save_policy
 
 ScoreFn = Callable[[Sequence[Placement]], list[float]]
 MeasureFn = Callable[[Placement], "float | None"]
