@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass
 
 import gymnasium as gym
-import networkx as nx
 import numpy as np
 from gymnasium import spaces
 
@@ -93,13 +92,7 @@ class PlacementEnv(gym.Env):
         self.simulator = Simulator(problem, calibration or load_calibration(problem))
         self._workload = None  # loaded on the first measurement
         # leader[g]: the group whose device g takes (itself unless it follows a colocation set's first group)
-        self._leader = list(range(problem.n_groups))
-        if follow_colocation:
-            tied = nx.Graph()
-            tied.add_edges_from((s[0], m) for s in problem.colocation_sets for m in s[1:])
-            for component in nx.connected_components(tied):
-                for g in component:
-                    self._leader[g] = min(component)
+        self._leader = list(problem.colocation_leader if follow_colocation else range(problem.n_groups))
 
         n, n_dev = problem.n_groups, problem.n_devices
         features = np.zeros((max_groups, N_FEATURES), dtype=np.float32)

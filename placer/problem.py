@@ -97,6 +97,20 @@ class PlacementProblem:
         """Sets of groups (size >= 2) that must share a device."""
         return [sorted(s) for s in self.groups.graph.get("colocate", []) if len(s) > 1]
 
+    @cached_property
+    def colocation_leader(self) -> tuple[int, ...]:
+        """For every group, the lowest group id of the (merged) colocation set it belongs
+        to: the group whose device it must share; itself when it shares nothing."""
+        tied = nx.Graph()
+        tied.add_nodes_from(range(self.n_groups))
+        for members in self.colocation_sets:
+            nx.add_path(tied, members)
+        leader = list(range(self.n_groups))
+        for component in nx.connected_components(tied):
+            for g in component:
+                leader[g] = min(component)
+        return tuple(leader)
+
     def memory_per_device(self, placement: Sequence[int]) -> np.ndarray:
         """Bytes each device holds at its peak under the runtime's accounting
         (parameters, gradients, optimizer state, and every activation saved for

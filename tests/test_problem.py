@@ -46,3 +46,10 @@ def test_malformed_placements_are_reported():
     p = problem()
     assert "entries" in p.violations([0] * 3)[0]
     assert "outside" in p.violations([2] * 30)[0]
+
+
+def test_colocation_leader_is_the_lowest_group_of_each_merged_set():
+    g = random_grouped_graph(10, seed=1)
+    g.graph["colocate"] = [[2, 7], [7, 9], [4, 5]]
+    p = PlacementProblem(g, parse_cluster("cpu:0,cpu:1"))
+    assert p.colocation_leader == (0, 1, 2, 3, 4, 4, 6, 2, 8, 2)

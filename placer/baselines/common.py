@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import networkx as nx
 import numpy as np
 import scipy.sparse as sp
 
@@ -66,10 +65,10 @@ class Units:
 
 
 def colocation_units(problem: PlacementProblem) -> Units:
-    sets = nx.utils.UnionFind(range(problem.n_groups))
-    for members in problem.colocation_sets:
-        sets.union(*members)
-    members = sorted((sorted(s) for s in sets.to_sets()), key=lambda m: m[0])
+    by_leader: dict[int, list[int]] = {}
+    for g, leader in enumerate(problem.colocation_leader):
+        by_leader.setdefault(leader, []).append(g)
+    members = sorted(by_leader.values(), key=lambda m: m[0])
     of_group = np.empty(problem.n_groups, dtype=np.int64)
     for u, groups in enumerate(members):
         of_group[groups] = u

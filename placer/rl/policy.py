@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import networkx as nx
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -100,17 +99,11 @@ class Seq2SeqPolicy(nn.Module):
 
         # Colocation: every group of a set follows its first (lowest id) member, which
         # commits the whole set's memory when it is placed.
-        leader = list(range(n))
-        commit = costs.memory_bytes.astype(np.float64).copy()
-        tied = nx.Graph()
-        for members in problem.colocation_sets:
-            nx.add_path(tied, members)
-        for component in nx.connected_components(tied):
-            first = min(component)
-            for g in component:
-                leader[g] = first
-            commit[first] = costs.memory_bytes[sorted(component)].sum()
-        self._leader = torch.tensor(leader)
+        leader = np.array(problem.colocation_leader)
+        commit = np.zeros(n)
+        np.add.at(commit, leader, costs.memory_bytes)  # a leader commits its whole set
+        commit[leader != np.arange(n)] = costs.memory_bytes[leader != np.arange(n)]  # followers: their own
+        self._leader = torch.from_numpy(leader)
         self._is_follower = self._leader != torch.arange(n)
         self._commit = torch.from_numpy(commit)
         self._n = n
