@@ -133,3 +133,13 @@ def test_infeasible_optimize_leaves_no_plan_or_report(tmp_path):
                     "--budget", "2", "--out", str(out))
     assert_one_line_error(result)
     assert not (out / "plan.json").exists() and not (out / "report.html").exists()
+
+
+def test_parallel_measurement_with_workers(tmp_path):
+    out = tmp_path / "w"
+    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--budget", "2", "--iters", "2",
+                    "--workers", "2", "--reward", "measure", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    measured = [row for row in results["methods"] if row["measured_ms"] is not None]
+    assert len(measured) >= 2 and results["best"] in {row["method"] for row in measured}
