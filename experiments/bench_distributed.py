@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch.fx as fx
 
+from graphs.capture import node_params
 from graphs.trace import trace_model
 from graphs.workload import load_workload
 from placer.distributed import measure_distributed
-from placer.plan import Plan, node_params, plan_from_assignment
+from placer.plan import Plan, plan_from_assignment
 from placer.runtime import measure
 
 RESULTS = Path(__file__).resolve().parent / "results"

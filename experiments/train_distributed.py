@@ -27,10 +27,11 @@ from collections.abc import Sequence
 import torch.distributed as dist
 from torch import nn
 
+from graphs.capture import node_params
 from graphs.trace import trace_model
 from graphs.workload import load_workload
 from placer.distributed import DistributedModel, init_from_env, merge_checkpoints, save_checkpoint
-from placer.plan import Plan, load_plan, node_params, plan_from_assignment
+from placer.plan import Plan, load_plan, plan_from_assignment
 
 
 def contiguous_plan(model: nn.Module, devices: Sequence[str], leaf_modules=(), workload: str = "") -> Plan:

@@ -8,7 +8,6 @@ the example batch. The schema is in graphs/__init__.py.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
 
 import networkx as nx
 import torch
@@ -205,16 +204,23 @@ def _canonical_param_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def _params_used(node: fx.Node, gm: fx.GraphModule, canonical: dict[int, str]) -> dict[str, int]:
+def node_params(gm: fx.GraphModule, node: fx.Node) -> list[str]:
+    """Qualified names (as the traced module spells them) of the parameters and
+    buffers a traced node reads."""
     if node.op == "get_attr":
-        tensors: Iterable = [_fetch_attr(gm, str(node.target))]
-    elif node.op == "call_module":
-        sub = gm.get_submodule(node.target)
-        tensors = list(sub.parameters()) + list(sub.buffers())
-    else:
-        return {}
+        return [str(node.target)]
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        prefix = f"{node.target}."
+        return [prefix + n for n, _ in module.named_parameters()] + [prefix + n for n, _ in module.named_buffers()]
+    return []
+
+
+def _params_used(node: fx.Node, gm: fx.GraphModule, canonical: dict[int, str]) -> dict[str, int]:
+    """{canonical name: bytes} of what the node reads (a tied tensor under one name)."""
     used = {}
-    for t in tensors:
+    for name in node_params(gm, node):
+        t = _fetch_attr(gm, name)
         if isinstance(t, torch.Tensor) and id(t) in canonical:
             used[canonical[id(t)]] = t.numel() * t.element_size()
     return used

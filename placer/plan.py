@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.fx as fx
 from torch import nn
 
-from graphs.capture import owning_module
+from graphs.capture import node_params, owning_module
 from graphs.trace import fingerprint as model_fingerprint
 from graphs.trace import trace_model
 from placer.errors import PlanError
@@ -128,17 +128,6 @@ def derive_device_map(node_modules: Mapping[str, str], node_params: Mapping[str,
         if not single(p.rpartition(".")[0]):
             device_map[p] = device
     return dict(sorted(device_map.items()))
-
-
-def node_params(gm: fx.GraphModule, node: fx.Node) -> list[str]:
-    """Qualified names of the parameters and buffers a traced node reads."""
-    if node.op == "get_attr":
-        return [str(node.target)]
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        prefix = f"{node.target}."
-        return [prefix + n for n, _ in module.named_parameters()] + [prefix + n for n, _ in module.named_buffers()]
-    return []
 
 
 def leaf_paths_of(gm: fx.GraphModule, fallback_paths: Iterable[str]) -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from graphs.capture import node_params
 from graphs.trace import trace_model
 from graphs.workload import load_workload
 from placer.cluster import parse_cluster
@@ -23,7 +24,7 @@ from placer.distributed.backend import build_schedule
 from placer.distributed.launch import free_port
 from placer.distributed.pool import MeasurementPool
 from placer.errors import DeviceSpecError, PlanError
-from placer.plan import Plan, node_params, plan_from_assignment
+from placer.plan import Plan, plan_from_assignment
 from placer.runtime.chunks import build_chunks
 
 ROOT = Path(__file__).resolve().parents[1]

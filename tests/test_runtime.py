@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphs.capture import node_params
 from graphs.trace import trace_model
 from graphs.workload import Workload, load_workload
 from placer.cluster import Cluster, parse_cluster
 from placer.errors import PlanError
-from placer.plan import Plan, node_params, plan_from_assignment
+from placer.plan import Plan, plan_from_assignment
 from placer.runtime import PlacedModule, apply, measure, measure_eager
 from placer.runtime.chunks import build_chunks
 
