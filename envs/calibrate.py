@@ -17,7 +17,6 @@ where it was and a handful of measurements is enough.
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -26,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import least_squares
 
-from placer.cluster import Link
-from placer.files import write_text_atomically
-from placer.problem import PlacementProblem
+from graphs.devices import Link
+from graphs.files import cache_dir, write_text_atomically
+from graphs.problem import PlacementProblem
 from envs.sim import Calibration, Simulator
 
 MEASUREMENT_SPREAD = 0.05  # relative noise of a measured median step time
@@ -118,7 +117,7 @@ def calibration_path(problem: PlacementProblem) -> Path:
     """Where the calibration for this model on this cluster lives: beside the profile
     cache ($PLACER_CACHE, default ~/.cache/placer), named by the model's fingerprint
     and the device list."""
-    root = Path(os.environ.get("PLACER_CACHE") or Path.home() / ".cache" / "placer").expanduser()
+    root = cache_dir()
     name = f"{problem.fingerprint or problem.groups.graph.get('name', 'model')}-{problem.cluster.spec()}"
     return root / "calibration" / (re.sub(r"[^A-Za-z0-9_.+-]+", "_", name) + ".json")
 

@@ -39,7 +39,7 @@ from gymnasium import spaces
 from envs.calibrate import load_calibration
 from envs.features import N_FEATURES, adjacency, group_features
 from envs.sim import Calibration, Simulator
-from placer.problem import Placement, PlacementProblem
+from graphs.problem import Placement, PlacementProblem
 
 MODES = ("placement", "sequential")
 SOURCES = ("sim", "measure")
@@ -67,7 +67,7 @@ class PlacementEnv(gym.Env):
                  reward: str = "neg_sqrt", infeasible_penalty: float | None = None,
                  calibration: Calibration | None = None, follow_colocation: bool = True, measure_iters: int = 10):
         """`workload`: a spec as the CLI takes it ("zoo:nmt:small", a file), built into a
-        problem with `devices`, `memory` and `max_groups` (placer.problem.build_problem),
+        problem with `devices`, `memory` and `max_groups` (graphs.problem.build_problem),
         or a PlacementProblem. `max_groups` is also the padded size of the observation.
         `calibration`: the simulator's; by default the one saved for this model and
         cluster (envs.calibrate), else the nominal one. `measure_iters`: timed steps
@@ -79,7 +79,7 @@ class PlacementEnv(gym.Env):
         if isinstance(workload, PlacementProblem):
             problem = workload
         else:
-            from placer.problem import build_problem  # capture and profiling: only when given a workload spec
+            from graphs.problem import build_problem  # capture and profiling: only when given a workload spec
             problem = build_problem(workload, devices=devices, memory=memory, max_groups=max_groups)
         if problem.n_groups > max_groups:
             raise ValueError(f"the problem has {problem.n_groups} groups, more than max_groups={max_groups}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from placer.problem import PlacementProblem
+from graphs.problem import PlacementProblem
 
 # Coarse op categories (graphs/__init__.py); anything else counts as "other".
 OP_TYPES = ("conv", "linear", "matmul", "lstm", "embedding", "norm", "pool", "activation",

@@ -36,8 +36,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from placer.cluster import Cluster, Link
-from placer.problem import PlacementProblem
+from graphs.devices import Cluster, Link
+from graphs.problem import PlacementProblem
 
 # Dispatching a chunk to a worker (queue hand-off, Python call overhead), before
 # calibration; measured placements refine it.

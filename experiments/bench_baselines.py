@@ -27,9 +27,9 @@ import torch
 
 from graphs.synthetic import random_grouped_graph
 from placer.baselines import BASELINES
-from placer.cluster import host_cores, parse_cluster
-from placer.errors import InfeasibleError, PlacerError
-from placer.problem import PlacementProblem
+from graphs.devices import host_cores, parse_cluster
+from graphs.errors import InfeasibleError, PlacerError
+from graphs.problem import PlacementProblem
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,7 +38,7 @@ def problems(args: argparse.Namespace) -> dict[str, PlacementProblem]:
     """The benchmark's problems by label; a zoo model that cannot be built is reported and skipped."""
     built = {}
     try:
-        from placer.problem import build_problem
+        from graphs.problem import build_problem
         built[args.workload] = build_problem(args.workload, devices=args.devices, max_groups=args.max_groups)
     except (ImportError, PlacerError) as error:
         print(f"skipping {args.workload}: {error}")

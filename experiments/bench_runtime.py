@@ -34,10 +34,10 @@ from torch import nn
 
 from graphs.workload import Workload, load_workload
 from graphs.zoo import ZOO
-from placer.cluster import parse_cluster
+from graphs.devices import parse_cluster
 from placer.baselines import expert
 from placer.plan import make_plan, plan_from_assignment
-from placer.problem import build_problem
+from graphs.problem import build_problem
 from placer.runtime import measure, measure_eager
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -27,8 +27,8 @@ import numpy as np
 
 from envs.sim import Simulator
 from graphs.synthetic import random_grouped_graph
-from placer.cluster import parse_cluster
-from placer.problem import PlacementProblem
+from graphs.devices import parse_cluster
+from graphs.problem import PlacementProblem
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -36,10 +36,10 @@ from graphs.workload import load_workload
 from graphs.zoo import ZOO
 from placer.baselines import run_baselines
 from placer.baselines.repair import repair
-from placer.cluster import host_cores
-from placer.errors import InfeasibleError
+from graphs.devices import host_cores
+from graphs.errors import InfeasibleError
 from placer.plan import make_plan
-from placer.problem import Placement, PlacementProblem, build_problem
+from graphs.problem import Placement, PlacementProblem, build_problem
 from placer.runtime.measure import measure
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -30,8 +30,8 @@ from stable_baselines3 import PPO
 
 import envs  # noqa: F401  (registers placer/DevicePlacement-v0)
 from placer.baselines import run_baselines
-from placer.errors import InfeasibleError
-from placer.problem import build_problem
+from graphs.errors import InfeasibleError
+from graphs.problem import build_problem
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from placer.errors import PlacerError
-from placer.files import write_text_atomically
+from graphs.errors import PlacerError
+from graphs.files import write_text_atomically
 from placer.report import method_name
 
 MODELS = ("rnnlm", "nmt", "inception_v3", "transformer")

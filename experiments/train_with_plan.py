@@ -29,7 +29,7 @@ def make_plan(workload_spec: str, devices: str, path: Path) -> Path:
     expert --out plan.json` writes)."""
     from placer.baselines import expert
     from placer.plan import make_plan as plan_for
-    from placer.problem import build_problem
+    from graphs.problem import build_problem
 
     problem = build_problem(workload_spec, devices)
     return plan_for(problem, expert(problem), method="expert").save(path)

@@ -32,9 +32,9 @@ import torch
 from envs.sim import Simulator
 from graphs.synthetic import random_grouped_graph
 from placer.baselines import run_baselines
-from placer.cluster import host_cores, parse_cluster
-from placer.errors import InfeasibleError, PlacerError
-from placer.problem import PlacementProblem
+from graphs.devices import host_cores, parse_cluster
+from graphs.errors import InfeasibleError, PlacerError
+from graphs.problem import PlacementProblem
 from placer.rl.policy import Seq2SeqPolicy
 from placer.rl.trainer import TrainConfig, train
 
@@ -44,7 +44,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def load_problem(spec: str, args: argparse.Namespace, fallback_seed: int) -> tuple[str, PlacementProblem]:
     """The zoo model's problem, or a random grouped DAG of max_groups groups in its place."""
     try:
-        from placer.problem import build_problem
+        from graphs.problem import build_problem
         return spec, build_problem(spec, devices=args.devices, max_groups=args.max_groups)
     except (ImportError, PlacerError) as error:
         print(f"{spec}: {error}; a random DAG stands in")

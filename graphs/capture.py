@@ -18,7 +18,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from graphs.trace import Traced, fingerprint, target_name, trace_model
 from graphs.workload import Workload, first_line
-from placer.errors import WorkloadError
+from graphs.errors import WorkloadError
 
 # Coarse op categories (envs/features.py OP_TYPES), matched against the lowercased
 # name of a function/method target or of a leaf module's class. First match wins, so

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import platform
 import statistics
 import time
@@ -36,8 +35,9 @@ from torch.fx.node import map_aggregate
 
 from graphs.trace import fingerprint, trace_model
 from graphs.workload import Workload
-from placer.errors import CaptureError, DeviceSpecError, WorkloadError
-from placer.files import write_text_atomically
+from graphs.errors import CaptureError, DeviceSpecError, WorkloadError
+from graphs.files import cache_dir as default_cache_dir
+from graphs.files import write_text_atomically
 
 KINDS = ("cpu", "cuda")
 MIN_SAMPLE_MS = 0.5  # each timing sample runs a node this long at least
@@ -64,7 +64,7 @@ def profile(ops: nx.DiGraph, workload: Workload, kinds: Sequence[str] = ("cpu",)
     if not available:
         raise DeviceSpecError("no requested device kind is available to profile on (cuda requested, no GPU visible)")
 
-    cache = Path(cache_dir or os.environ.get("PLACER_CACHE") or Path.home() / ".cache" / "placer")
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     results, todo = {}, []
     for kind in available:
         key = _cache_key(ops, workload, kind, threads, repeats)

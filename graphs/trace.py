@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from placer.errors import CaptureError
+from graphs.errors import CaptureError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 MAX_FALLBACK_LEAVES = 64

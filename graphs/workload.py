@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from placer.errors import WorkloadError
+from graphs.errors import WorkloadError
 
 LossFn = Callable[..., torch.Tensor]
 OptimizerFactory = Callable[..., torch.optim.Optimizer]

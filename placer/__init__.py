@@ -7,7 +7,7 @@ The public API a training loop needs:
     model = placer.apply(build_model(), plan)   # an ordinary nn.Module
 """
 
-from placer.errors import (
+from graphs.errors import (
     CaptureError,
     DeviceSpecError,
     InfeasibleError,

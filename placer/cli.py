@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from placer.errors import PlacerError
+from graphs.errors import PlacerError
 
 console = Console(stderr=True)
 EXIT_USER_ERROR = 2
@@ -89,7 +89,7 @@ def _load(workload: str):
 def inspect(workload: str, devices: str | None, max_groups: int, as_json: bool) -> None:
     """Summarize a workload: graph, groups, memory, profiled compute, lower bound."""
     from graphs.summary import format_summary, summarize
-    from placer.problem import build_problem
+    from graphs.problem import build_problem
 
     loaded = _load(workload)
     problem = build_problem(loaded, devices, max_groups=max_groups)
@@ -114,7 +114,7 @@ def baseline(workload: str, method: str, devices: str | None, memory: str | None
     from envs.calibrate import load_calibration
     from envs.sim import Simulator
     from placer.baselines import BASELINES, run_baselines
-    from placer.errors import InfeasibleError
+    from graphs.errors import InfeasibleError
     from placer.plan import make_plan
     from placer.runtime.measure import measure_placement
 
@@ -125,7 +125,7 @@ def baseline(workload: str, method: str, devices: str | None, memory: str | None
     if method == "all" and out is not None:
         raise click.UsageError("--out writes one plan: name one --method")
     loaded = _load(workload)
-    from placer.problem import build_problem
+    from graphs.problem import build_problem
     problem = build_problem(loaded, devices, memory, max_groups=max_groups)
     bound = lower_bound(problem.groups, [d.kind for d in problem.cluster.devices]).bound_ms
     sim = Simulator(problem, load_calibration(problem))
@@ -173,7 +173,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def measure(workload: str, plan_path: Path, iters: int, memory: str | None, backend: str, as_json: bool) -> None:
     """Time whole training steps of a workload placed by a plan."""
-    from placer.cluster import parse_cluster
+    from graphs.devices import parse_cluster
     from placer.plan import load_plan
     from placer.runtime import measure as measure_plan
 

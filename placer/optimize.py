@@ -29,11 +29,11 @@ import torch
 from graphs.bounds import lower_bound
 from graphs.workload import Workload, load_workload
 from placer.baselines import BASELINES, run_baselines
-from placer.cluster import host_cores
-from placer.errors import InfeasibleError, PlanError
-from placer.files import write_text_atomically
+from graphs.devices import host_cores
+from graphs.errors import InfeasibleError, PlanError
+from graphs.files import write_text_atomically
 from placer.plan import Plan, make_plan
-from placer.problem import Placement, PlacementProblem, build_problem
+from graphs.problem import Placement, PlacementProblem, build_problem
 from placer.runtime import measure as measure_plan
 from placer.runtime.measure import Measurement, measure_placement
 from envs.calibrate import fit_calibration, load_calibration, save_calibration

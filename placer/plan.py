@@ -20,9 +20,9 @@ from torch import nn
 from graphs.capture import node_params, owning_module
 from graphs.trace import fingerprint as model_fingerprint
 from graphs.trace import trace_model
-from placer.errors import PlanError
-from placer.files import write_text_atomically
-from placer.problem import PlacementProblem
+from graphs.errors import PlanError
+from graphs.files import write_text_atomically
+from graphs.problem import PlacementProblem
 
 FORMAT = "placer.plan/v1"
 _REQUIRED = ("devices", "assignment", "device_map", "fingerprint")

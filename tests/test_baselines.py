@@ -14,9 +14,9 @@ from graphs.zoo import ZOO
 from placer.baselines import BASELINES, repair, run_baselines
 from placer.baselines.common import bottleneck_ms
 from placer.baselines.schedule import _favourite_children
-from placer.cluster import Cluster, Device, parse_cluster
-from placer.errors import InfeasibleError, PlacerError, WorkloadError
-from placer.problem import PlacementProblem, build_problem
+from graphs.devices import Cluster, Device, parse_cluster
+from graphs.errors import InfeasibleError, PlacerError, WorkloadError
+from graphs.problem import PlacementProblem, build_problem
 
 METHODS = sorted(BASELINES)
 # Methods that place a model whenever each device can hold most of it; `single`

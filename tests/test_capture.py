@@ -7,7 +7,7 @@ from torch import nn
 
 from graphs.capture import capture
 from graphs.workload import Workload
-from placer.errors import CaptureError, WorkloadError
+from graphs.errors import CaptureError, WorkloadError
 
 NODE_ATTRS = {"op", "target", "module", "op_type", "params", "out_bytes", "order"}
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from placer.cluster import host_cores, parse_cluster, parse_size
-from placer.errors import DeviceSpecError
+from graphs.devices import host_cores, parse_cluster, parse_size
+from graphs.errors import DeviceSpecError
 
 
 def test_virtual_cpu_devices_share_the_cores():

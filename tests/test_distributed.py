@@ -17,13 +17,13 @@ import torch
 from graphs.capture import node_params
 from graphs.trace import trace_model
 from graphs.workload import load_workload
-from placer.cluster import parse_cluster
+from graphs.devices import parse_cluster
 from placer.distributed import (DistributedModel, LocalRank, merge_checkpoints, measure_distributed, rank_cluster,
                                 run_local, save_checkpoint, train_distributed)
 from placer.distributed.backend import build_schedule
 from placer.distributed.launch import free_port
 from placer.distributed.pool import MeasurementPool
-from placer.errors import DeviceSpecError, PlanError
+from graphs.errors import DeviceSpecError, PlanError
 from placer.plan import Plan, plan_from_assignment
 from placer.runtime.chunks import build_chunks
 

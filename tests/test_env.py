@@ -17,8 +17,8 @@ import envs  # noqa: F401  (registers placer/DevicePlacement-v0)
 from envs.env import PlacementEnv
 from envs.features import N_FEATURES, group_features
 from graphs.synthetic import random_grouped_graph
-from placer.cluster import parse_cluster
-from placer.problem import PlacementProblem
+from graphs.devices import parse_cluster
+from graphs.problem import PlacementProblem
 
 N_GROUPS, MAX_GROUPS = 10, 16
 

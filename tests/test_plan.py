@@ -11,10 +11,10 @@ from torch import nn
 from graphs.capture import capture_traced
 from graphs.group import group
 from graphs.trace import fingerprint, trace_model
-from placer.cluster import parse_cluster
-from placer.errors import InfeasibleError, PlanError
+from graphs.devices import parse_cluster
+from graphs.errors import InfeasibleError, PlanError
 from placer.plan import FORMAT, Plan, derive_device_map, load_plan, make_plan, plan_from_assignment
-from placer.problem import PlacementProblem
+from graphs.problem import PlacementProblem
 from placer.runtime import apply
 
 
@@ -101,7 +101,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("placer.files.os.fsync", disk_full)  # fails after the temporary file is written
+    monkeypatch.setattr("graphs.files.os.fsync", disk_full)  # fails after the temporary file is written
     with pytest.raises(OSError):
         Plan(devices=["cpu:0"], assignment={}, device_map={}, fingerprint="new").save(path)
     assert load_plan(path).fingerprint == "old"
@@ -174,7 +174,7 @@ def test_plan_leaf_paths_reproduce_a_trace_with_leaf_classes():
 def test_a_plan_from_the_whole_pipeline_applies_to_a_fresh_model(tmp_path):
     """capture -> profile -> group -> placement -> plan file -> apply, as `placer optimize` does."""
     from graphs.workload import Workload
-    from placer.problem import build_problem
+    from graphs.problem import build_problem
 
     torch.manual_seed(0)
     workload = Workload(name="net", spec="test:net", model=Net(), inputs=(torch.randn(4, 6),))

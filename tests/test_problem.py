@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from graphs.synthetic import random_grouped_graph, random_op_graph
-from placer.cluster import parse_cluster
-from placer.errors import InfeasibleError
-from placer.problem import PlacementProblem
+from graphs.devices import parse_cluster
+from graphs.errors import InfeasibleError
+from graphs.problem import PlacementProblem
 
 
 def problem(n=30, memory=None, tied_pairs=0):

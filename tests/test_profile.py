@@ -172,7 +172,7 @@ class BreaksBackward(nn.Module):
 
 
 def test_a_model_whose_training_step_fails_is_a_workload_error(tmp_path):
-    from placer.errors import WorkloadError
+    from graphs.errors import WorkloadError
     w = Workload(name="broken", spec="broken.py", model=BreaksBackward(), inputs=(torch.randn(4, 8),))
     with pytest.raises(WorkloadError, match="broken.py: a training step of the model fails"):
         run(w, tmp_path)

@@ -8,9 +8,9 @@ import torch
 
 from envs.sim import Simulator
 from graphs.synthetic import random_grouped_graph
-from placer.cluster import parse_cluster
-from placer.errors import DeviceSpecError, InfeasibleError, PlanError
-from placer.problem import PlacementProblem
+from graphs.devices import parse_cluster
+from graphs.errors import DeviceSpecError, InfeasibleError, PlanError
+from graphs.problem import PlacementProblem
 from placer.rl.policy import Seq2SeqPolicy, load_policy, save_policy
 from placer.rl.trainer import TrainConfig, train
 

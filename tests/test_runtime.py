@@ -17,8 +17,8 @@ from torch import nn
 from graphs.capture import node_params
 from graphs.trace import trace_model
 from graphs.workload import Workload, load_workload
-from placer.cluster import Cluster, parse_cluster
-from placer.errors import PlanError
+from graphs.devices import Cluster, parse_cluster
+from graphs.errors import PlanError
 from placer.plan import Plan, plan_from_assignment
 from placer.runtime import PlacedModule, apply, measure, measure_eager
 from placer.runtime.chunks import build_chunks

@@ -12,8 +12,8 @@ import pytest
 from envs.calibrate import calibration_path, fit_calibration, load_calibration, save_calibration
 from envs.sim import Calibration, Simulator
 from graphs.synthetic import random_grouped_graph
-from placer.cluster import Link, parse_cluster
-from placer.problem import PlacementProblem
+from graphs.devices import Link, parse_cluster
+from graphs.problem import PlacementProblem
 
 # 1 ms latency and 1 ms per 1000 bytes: transfers easy to add up by hand.
 SLOW_LINK = Link(latency_s=1e-3, bandwidth_Bps=1e6)

@@ -8,7 +8,7 @@ import torch
 
 from graphs.workload import default_loss, default_optimizer, load_workload
 from graphs.zoo import ZOO
-from placer.errors import WorkloadError
+from graphs.errors import WorkloadError
 
 GOOD = """
 import torch

@@ -11,7 +11,7 @@ import torch
 
 from graphs.trace import trace_model
 from graphs.zoo import SIZES, ZOO, workload_module
-from placer.errors import WorkloadError
+from graphs.errors import WorkloadError
 
 NAMES = sorted(ZOO)
 

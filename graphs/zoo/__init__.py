@@ -39,7 +39,7 @@ import functools
 from types import ModuleType, SimpleNamespace
 
 from graphs.zoo import inception_v3, nmt, rnnlm, transformer
-from placer.errors import WorkloadError
+from graphs.errors import WorkloadError
 
 ZOO: dict[str, ModuleType] = {
     "rnnlm": rnnlm,

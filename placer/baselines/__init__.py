@@ -25,8 +25,8 @@ from placer.baselines.partition import kernighan_lin, metis
 from placer.baselines.repair import repair
 from placer.baselines.schedule import etf, sct
 from placer.baselines.simple import balanced, expert, round_robin, sequential_fill, single
-from placer.errors import InfeasibleError, PlacerError
-from placer.problem import Placement, PlacementProblem
+from graphs.errors import InfeasibleError, PlacerError
+from graphs.problem import Placement, PlacementProblem
 
 Baseline = Callable[[PlacementProblem, int], Placement]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from placer.errors import InfeasibleError
-from placer.problem import Placement, PlacementProblem
+from graphs.errors import InfeasibleError
+from graphs.problem import Placement, PlacementProblem
 
 
 def step_ms(problem: PlacementProblem) -> np.ndarray:

@@ -19,7 +19,7 @@ from networkx.algorithms.community import kernighan_lin_bisection
 
 from placer.baselines.common import Units, colocation_units, device_speed, step_ms, unit_traffic
 from placer.baselines.repair import repair
-from placer.problem import Placement, PlacementProblem
+from graphs.problem import Placement, PlacementProblem
 
 # METIS takes integer weights; these ranges keep ratios to ~1e-6 without overflowing
 # its 32-bit sums on graphs of many thousands of vertices.

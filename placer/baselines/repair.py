@@ -14,8 +14,8 @@ import numpy as np
 
 from placer.baselines.common import (Units, capacities, colocation_units, mib, require_fit, step_ms,
                                      unit_traffic)
-from placer.errors import InfeasibleError
-from placer.problem import Placement, PlacementProblem
+from graphs.errors import InfeasibleError
+from graphs.problem import Placement, PlacementProblem
 
 
 def repair(problem: PlacementProblem, placement: Sequence[int]) -> Placement:

@@ -14,8 +14,8 @@ from scipy.optimize import linprog
 
 from placer.baselines.common import capacities, colocation_units, step_ms
 from placer.baselines.repair import repair
-from placer.errors import PlacerError
-from placer.problem import Placement, PlacementProblem
+from graphs.errors import PlacerError
+from graphs.problem import Placement, PlacementProblem
 
 
 def etf(problem: PlacementProblem, seed: int = 0) -> Placement:

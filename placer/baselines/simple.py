@@ -13,8 +13,8 @@ from graphs.workload import first_line
 from placer.baselines.common import (capacities, colocation_units, contiguous_split, device_speed,
                                      fastest, mib, step_ms)
 from placer.baselines.repair import repair
-from placer.errors import InfeasibleError, WorkloadError
-from placer.problem import Placement, PlacementProblem
+from graphs.errors import InfeasibleError, WorkloadError
+from graphs.problem import Placement, PlacementProblem
 
 
 def single(problem: PlacementProblem, seed: int = 0) -> Placement:

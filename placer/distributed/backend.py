@@ -44,8 +44,8 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from graphs.capture import node_params
 from graphs.trace import fingerprint, trace_model
-from placer.cluster import Cluster, Device, parse_cluster
-from placer.errors import PlanError
+from graphs.devices import Cluster, Device, parse_cluster
+from graphs.errors import PlanError
 from placer.plan import Plan, load_plan
 from placer.runtime.chunks import Chunk, build_chunks
 

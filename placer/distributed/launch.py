@@ -26,9 +26,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from graphs.workload import Workload, load_workload
-from placer.cluster import host_cores
+from graphs.devices import host_cores
 from placer.distributed.backend import DistributedModel, rank_cluster, save_checkpoint
-from placer.errors import PlacerError
+from graphs.errors import PlacerError
 from placer.plan import Plan
 from placer.runtime.measure import Measurement
 

@@ -25,8 +25,8 @@ import torch
 import torch.multiprocessing as mp
 
 from graphs.workload import load_workload
-from placer.cluster import host_cores, parse_cluster, parse_memory
-from placer.errors import DeviceSpecError, PlacerError
+from graphs.devices import host_cores, parse_cluster, parse_memory
+from graphs.errors import DeviceSpecError, PlacerError
 from placer.plan import Plan
 from placer.runtime.measure import Measurement, measure
 

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from envs.features import N_FEATURES, group_features
-from placer.errors import DeviceSpecError, PlanError
-from placer.files import write_atomically
-from placer.problem import Placement, PlacementProblem
+from graphs.errors import DeviceSpecError, PlanError
+from graphs.files import write_atomically
+from graphs.problem import Placement, PlacementProblem
 
 MASKED = -1e9  # logit of a forbidden device: finite, so that 0 * logp stays 0 in the entropy
 

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from placer.errors import PlanError
-from placer.problem import Placement, PlacementProblem
-from placer.files import write_atomically
+from graphs.errors import PlanError
+from graphs.problem import Placement, PlacementProblem
+from graphs.files import write_atomically
 from placer.rl.policy import Seq2SeqPolicy, save_policy
 
 ScoreFn = Callable[[Sequence[Placement]], list[float]]

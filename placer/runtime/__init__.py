@@ -22,8 +22,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.capture import node_params
 from graphs.trace import fingerprint, trace_model
-from placer.cluster import Cluster, parse_cluster
-from placer.errors import PlanError
+from graphs.devices import Cluster, parse_cluster
+from graphs.errors import PlanError
 from placer.plan import Plan, load_plan
 from placer.runtime.chunks import Chunk, build_chunks
 from placer.runtime.executor import Call, ChunkEvent, Executor, PlacedGraph, move

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from placer.cluster import Device
+from graphs.devices import Device
 from placer.runtime.chunks import Chunk
 
 

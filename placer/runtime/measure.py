@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from graphs.workload import Workload
-from placer.cluster import Cluster, parse_cluster
+from graphs.devices import Cluster, parse_cluster
 from placer.plan import Plan, make_plan
-from placer.problem import PlacementProblem
+from graphs.problem import PlacementProblem
 from placer.runtime import PlacedModule, apply
 
 

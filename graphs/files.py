@@ -1,4 +1,5 @@
-"""Writing files so that a reader (or a run killed half-way) never sees half a file."""
+"""Files: writing so that a reader (or a run killed half-way) never sees half a file,
+and the one cache folder."""
 
 from __future__ import annotations
 
@@ -31,3 +32,9 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> P
 
 def write_text_atomically(path: str | Path, text: str) -> Path:
     return write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def cache_dir() -> Path:
+    """The one folder for on-disk caches (profiles, calibrations): $PLACER_CACHE, with
+    `~` expanded, or ~/.cache/placer."""
+    return Path(os.environ.get("PLACER_CACHE") or Path.home() / ".cache" / "placer").expanduser()

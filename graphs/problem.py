@@ -15,8 +15,8 @@ import networkx as nx
 import numpy as np
 
 from graphs.workload import ExpertFn, Workload
-from placer.cluster import Cluster, parse_cluster
-from placer.errors import InfeasibleError
+from graphs.devices import Cluster, parse_cluster
+from graphs.errors import InfeasibleError
 
 Placement = tuple[int, ...]
 

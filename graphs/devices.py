@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from placer.errors import DeviceSpecError
+from graphs.errors import DeviceSpecError
 
 _DEVICE_RE = re.compile(r"^(?:rank(\d+):)?(cpu|cuda)(?::(\d+))?$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
