@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.capture import node_params
 from graphs.trace import fingerprint, trace_model
@@ -26,7 +25,7 @@ from graphs.devices import Cluster, parse_cluster
 from graphs.errors import PlanError
 from placer.plan import Plan, load_plan
 from placer.runtime.chunks import Chunk, build_chunks
-from placer.runtime.executor import Call, ChunkEvent, Executor, PlacedGraph, move
+from placer.runtime.executor import ChunkEvent, Executor
 
 __all__ = ["apply", "PlacedModule", "Chunk", "ChunkEvent"]
 
@@ -59,7 +58,6 @@ class PlacedModule(nn.Module):
         nodes: list[str] = []
         fx.node.map_arg(self._output, lambda n: nodes.append(n.name))
         self._output_nodes = list(dict.fromkeys(nodes))
-        self._anchor = torch.empty(0, requires_grad=True)  # makes outputs require grad (PlacedGraph)
         self._finalizer = weakref.finalize(self, executor.close)
         object.__setattr__(self, "original", model)  # last: from here on, unknown attributes come from it
 
@@ -75,22 +73,10 @@ class PlacedModule(nn.Module):
         inputs = self._bind(args, kwargs)
         first = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
         out_device = first.device if first is not None else torch.device("cpu")
-        tensor_inputs = [name for name, v in inputs.items() if isinstance(v, torch.Tensor)]
         needs_grad = torch.is_grad_enabled() and (
-            any(inputs[n].requires_grad for n in tensor_inputs) or any(p.requires_grad for p in self.parameters()))
-
-        if needs_grad and not self.executor.runs_whole_on_caller():
-            call = Call(self.executor, inputs, tensor_inputs, self._output_nodes, out_device)
-            outs = PlacedGraph.apply(call, self._anchor, *(inputs[n] for n in tensor_inputs))
-            tensors = dict(zip(call.refs, outs))
-            values = {name: tree_unflatten([tensors.get((name, i), x) for i, x in enumerate(flat)], spec)
-                      for name, (flat, spec) in call.structure.items()}
-        else:
-            values, _ = self.executor.forward(inputs, grad=needs_grad, attached=True)
-            values = {**inputs, **values}
-            stream = torch.cuda.current_stream(out_device) if out_device.type == "cuda" else None
-            values = {name: _map_tensors(lambda t: move(t, None, out_device, stream), values[name])
-                      for name in self._output_nodes}
+            any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values())
+            or any(p.requires_grad for p in self.parameters()))
+        values = self.executor.run(inputs, self._output_nodes, out_device, needs_grad)
         return fx.node.map_arg(self._output, lambda n: values[n.name])
 
     def _bind(self, args: tuple, kwargs: dict) -> dict:
@@ -115,11 +101,6 @@ class PlacedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"plan={self.plan.method!r}, devices={self.plan.devices}, chunks={len(self.executor.chunks)}"
-
-
-def _map_tensors(fn, value):
-    flat, spec = tree_flatten(value)
-    return tree_unflatten([fn(x) if isinstance(x, torch.Tensor) else x for x in flat], spec)
 
 
 def apply(model: nn.Module, plan: Plan | str | Path, cluster: Cluster | None = None) -> PlacedModule:

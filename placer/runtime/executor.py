@@ -166,8 +166,26 @@ class Executor:
         self.live_bytes = {name: 0 for name in self.workers}
         self.peak_bytes = {name: 0 for name in self.workers}
         self._live_refs: dict[str, dict[int, int]] = {name: {} for name in self.workers}
+        self._anchor = torch.empty(0, requires_grad=True)  # makes outputs require grad (PlacedGraph)
 
     # -- forward -------------------------------------------------------------
+
+    def run(self, inputs: dict, output_nodes: list[str], out_device: torch.device, grad: bool) -> dict:
+        """One forward call of the placed model: the value of each of `output_nodes`
+        (node or placeholder name -> value), on `out_device`. `inputs`: placeholder name
+        -> value. With `grad`, the values are attached to autograd through one
+        PlacedGraph node, whose backward runs the chunks' backward on their workers."""
+        if grad and not self.runs_whole_on_caller():
+            tensor_inputs = [name for name, v in inputs.items() if isinstance(v, torch.Tensor)]
+            call = Call(self, inputs, tensor_inputs, output_nodes, out_device)
+            outs = PlacedGraph.apply(call, self._anchor, *(inputs[n] for n in tensor_inputs))
+            tensors = dict(zip(call.refs, outs))
+            return {name: tree_unflatten([tensors.get((name, i), x) for i, x in enumerate(flat)], spec)
+                    for name, (flat, spec) in call.structure.items()}
+        values, _ = self.forward(inputs, grad=grad, attached=True)
+        values = {**inputs, **values}
+        stream = torch.cuda.current_stream(out_device) if out_device.type == "cuda" else None
+        return {name: _map_tensors(lambda t: move(t, None, out_device, stream), values[name]) for name in output_nodes}
 
     def runs_whole_on_caller(self) -> bool:
         """Whether every chunk runs on the calling thread (one device, see
@@ -388,6 +406,11 @@ class Executor:
     def close(self) -> None:
         for w in self.workers.values():
             w.close()
+
+
+def _map_tensors(fn, value):
+    flat, spec = tree_flatten(value)
+    return tree_unflatten([fn(x) if isinstance(x, torch.Tensor) else x for x in flat], spec)
 
 
 def _add(total: list | None, grads: list, event, device: torch.device, stream) -> list:
