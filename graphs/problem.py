@@ -22,6 +22,15 @@ Placement = tuple[int, ...]
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """What a search proposes and a measurement times: a group placement and the
+    number of micro-batches the batch is split into (1: no pipelining)."""
+
+    placement: Placement
+    microbatches: int = 1
+
+
+@dataclass(frozen=True)
 class GroupCosts:
     """Dense arrays over groups and devices, derived once per problem (for speed)."""
 
