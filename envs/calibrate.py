@@ -16,7 +16,9 @@ where it was and a handful of measurements is enough.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -35,6 +37,7 @@ PRIOR_SHARE = 0.1  # prior width of a time parameter: a tenth of a typical step 
 MIN_SCALE = 0.01  # compute is at least 100x cheaper than profiled, never free
 MIN_MS_PER_MB = 1e-6  # bandwidth at most 1 PB/s: finite, so that it converts back
 MS_PER_MB = 1e9  # bandwidth_Bps = MS_PER_MB / (ms per megabyte)
+MAX_NAME = 120  # characters of a calibration file's name before its tail is hashed
 
 
 def _link_keys(problem: PlacementProblem) -> list[frozenset[str]]:
@@ -116,24 +119,65 @@ def fit_calibration(problem: PlacementProblem, placements: Sequence[Sequence[int
 def calibration_path(problem: PlacementProblem) -> Path:
     """Where the calibration for this model on this cluster lives: beside the profile
     cache ($PLACER_CACHE, default ~/.cache/placer), named by the model's fingerprint
-    and the device list."""
-    root = cache_dir()
+    and the device list. A name longer than MAX_NAME characters (36 virtual CPU devices
+    make one) keeps its head and replaces the rest by a hash of the whole, so that the
+    file name stays well under the file system's limit (255 bytes)."""
     name = f"{problem.fingerprint or problem.groups.graph.get('name', 'model')}-{problem.cluster.spec()}"
-    return root / "calibration" / (re.sub(r"[^A-Za-z0-9_.+-]+", "_", name) + ".json")
+    safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)
+    if len(safe) > MAX_NAME:
+        safe = f"{safe[:MAX_NAME - 17]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return cache_dir() / "calibration" / f"{safe}.json"
 
 
 def save_calibration(problem: PlacementProblem, calibration: Calibration) -> Path:
+    """Write the calibration where load_calibration finds it (atomically); returns the path."""
     return write_text_atomically(calibration_path(problem), json.dumps(calibration.to_json(), indent=2))
 
 
 def load_calibration(problem: PlacementProblem) -> Calibration | None:
-    """The saved calibration, or None when there is none (or it is unreadable: it is
-    only a cache, so the caller falls back to the uncalibrated simulator)."""
+    """The saved calibration, or None when there is none. The file is only a cache: one
+    that cannot be read or holds unusable values (a directory, bad JSON, a missing
+    field, a string or NaN or negative number, a zero bandwidth) is a miss, with a
+    one-line warning naming the file, and the caller falls back to the uncalibrated
+    simulator."""
     path = calibration_path(problem)
     if not path.exists():
         return None
     try:
-        return Calibration.from_json(path.read_text())
-    except (ValueError, KeyError, TypeError) as err:
-        warnings.warn(f"ignoring unreadable calibration {path}: {err}")
+        data = json.loads(path.read_text())
+        problem_ = _invalid(data)
+        if problem_:
+            raise ValueError(problem_)
+        return Calibration.from_json(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        warnings.warn(f"ignoring unreadable calibration {path}: {reason} (the simulator runs uncalibrated until one is "
+                      f"fitted again)", stacklevel=2)
         return None
+
+
+def _invalid(data: object) -> str:
+    """Why `data` (parsed JSON) is no usable calibration; "" when it is one."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+
+    def number(value: object, what: str, positive: bool = False) -> str:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{what} is {value!r}, not a number"
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            return f"{what} is {value!r}, not a {'positive' if positive else 'non-negative'} finite number"
+        return ""
+
+    for key in ("compute_scale", "links", "chunk_overhead_ms", "loss_ms"):
+        if key not in data:
+            return f"no {key!r} field"
+    if not isinstance(data["compute_scale"], dict) or not isinstance(data["links"], dict):
+        return "compute_scale and links must be objects"
+    checks = [number(v, f"compute_scale[{k!r}]", positive=True) for k, v in data["compute_scale"].items()]
+    for key, link in data["links"].items():
+        if not isinstance(link, dict) or {"latency_s", "bandwidth_Bps"} - set(link):
+            return f"link {key!r} needs latency_s and bandwidth_Bps"
+        checks += [number(link["latency_s"], f"link {key!r} latency_s"),
+                   number(link["bandwidth_Bps"], f"link {key!r} bandwidth_Bps", positive=True)]
+    checks += [number(data["chunk_overhead_ms"], "chunk_overhead_ms"), number(data["loss_ms"], "loss_ms")]
+    return next((c for c in checks if c), "")

@@ -10,12 +10,14 @@ Two ways to act:
   far and which group is next. The reward comes at the last group, 0 before.
 
 The reward scores the finished placement's step time, from the calibrated
-simulator (reward_source="sim", about a millisecond) or from the real runtime
-("measure", a few training steps). Shapings: "neg_sqrt" (-sqrt(step seconds), the
-paper's), "neg_time" (-seconds), "speedup" (best single device's time / step time
-- 1). An infeasible placement (memory, split shared parameters) gets
-`infeasible_penalty`, by default the reward of a step 10x slower than the best
-single device, and info["reason"] says why.
+simulator (reward_source="sim", about a millisecond) or from a measurement of real
+training steps ("measure": the caller hands in `measure`, a function from a placement
+to an Outcome, e.g. placer.search.measured_outcome; envs/ never runs a model itself).
+Step time becomes reward by the one rule the RL trainer uses too (envs.reward):
+shapings "neg_sqrt" (the paper's), "neg_time", "neg_log" and "speedup", against the
+best single device's step time; an infeasible placement (memory, split shared
+parameters) gets `infeasible_penalty`, by default the reward of a step 10x slower than
+that reference, and info["reason"] says why.
 
 Groups that share parameters must share a device. With follow_colocation (the
 default) the environment keeps that rule for the agent: each such group takes the
@@ -30,6 +32,7 @@ once `envs` is imported (it registers the id).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -38,15 +41,14 @@ from gymnasium import spaces
 
 from envs.calibrate import load_calibration
 from envs.features import N_FEATURES, adjacency, group_features
+from envs.reward import SHAPINGS, RewardRule, reference_ms
 from envs.sim import Calibration, Simulator
-from graphs.problem import Placement, PlacementProblem
+from graphs.problem import Placement, PlacementProblem, build_problem
 
 MODES = ("placement", "sequential")
 SOURCES = ("sim", "measure")
-SHAPINGS = ("neg_sqrt", "neg_time", "speedup")
 # Features are fractions and log1p of ms or KiB, so they lie well below log1p(2**63 / 1024) < 64.
 FEATURE_MAX = 64.0
-INFEASIBLE_SLOWDOWN = 10.0  # the default penalty is the reward of a step this many times the best single device
 
 
 @dataclass(frozen=True)
@@ -59,38 +61,43 @@ class Outcome:
     reason: str = ""
 
 
+MeasureFn = Callable[[Placement], Outcome]
+
+
 class PlacementEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, workload: str | PlacementProblem, devices: str | None = None, memory: str | None = None,
                  max_groups: int = 256, mode: str = "placement", reward_source: str = "sim",
                  reward: str = "neg_sqrt", infeasible_penalty: float | None = None,
-                 calibration: Calibration | None = None, follow_colocation: bool = True, measure_iters: int = 10):
+                 calibration: Calibration | None = None, follow_colocation: bool = True,
+                 measure: MeasureFn | None = None):
         """`workload`: a spec as the CLI takes it ("zoo:nmt:small", a file), built into a
         problem with `devices`, `memory` and `max_groups` (graphs.problem.build_problem),
         or a PlacementProblem. `max_groups` is also the padded size of the observation.
         `calibration`: the simulator's; by default the one saved for this model and
-        cluster (envs.calibrate), else the nominal one. `measure_iters`: timed steps
-        per measured reward."""
+        cluster (envs.calibrate), else the nominal one. `measure`: with
+        reward_source="measure", the function that runs a placement and returns its
+        Outcome (step_ms inf when infeasible).
+
+        Raises ValueError for an unknown mode, source or shaping, a problem of more than
+        max_groups groups, or reward_source="measure" without `measure`."""
         for name, value, allowed in (("mode", mode, MODES), ("reward_source", reward_source, SOURCES),
                                      ("reward", reward, SHAPINGS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}: choose one of {', '.join(allowed)}")
-        if isinstance(workload, PlacementProblem):
-            problem = workload
-        else:
-            from graphs.problem import build_problem  # capture and profiling: only when given a workload spec
-            problem = build_problem(workload, devices=devices, memory=memory, max_groups=max_groups)
+        if reward_source == "measure" and measure is None:
+            raise ValueError("reward_source='measure' needs `measure`, a function that runs a placement of the "
+                             "workload and returns its Outcome (e.g. placer.search.measured_outcome)")
+        problem = workload if isinstance(workload, PlacementProblem) else build_problem(
+            workload, devices=devices, memory=memory, max_groups=max_groups)
         if problem.n_groups > max_groups:
             raise ValueError(f"the problem has {problem.n_groups} groups, more than max_groups={max_groups}")
-        if reward_source == "measure" and not problem.workload:
-            raise ValueError("reward_source='measure' needs a problem built from a workload (its .workload is empty)")
         self.problem = problem
         self.mode, self.reward_source, self.shaping = mode, reward_source, reward
         self.max_groups = max_groups
-        self.measure_iters = measure_iters
         self.simulator = Simulator(problem, calibration or load_calibration(problem))
-        self._workload = None  # loaded on the first measurement
+        self._measure = measure
         # leader[g]: the group whose device g takes (itself unless it follows a colocation set's first group)
         self._leader = list(problem.colocation_leader if follow_colocation else range(problem.n_groups))
 
@@ -114,7 +121,7 @@ class PlacementEnv(gym.Env):
         self.observation_space = spaces.Dict(obs_spaces)
 
         self.infeasible_penalty = infeasible_penalty
-        self._reference_ms: float | None = None
+        self._rule: RewardRule | None = None  # made on the first reward: it needs the reference step
         self._placed: list[int] = []
 
     # -- Gymnasium API -------------------------------------------------------------
@@ -145,31 +152,35 @@ class PlacementEnv(gym.Env):
         if self.reward_source == "sim":
             r = self.simulator.simulate(placement)
             return Outcome(r.step_ms, r.feasible, r.peak_bytes, r.reason)
-        return self._measure(placement)
+        return self._measure(tuple(placement))
 
-    def shape(self, step_ms: float) -> float:
-        """The reward for a feasible step of step_ms."""
-        if self.shaping == "neg_sqrt":
-            return -math.sqrt(step_ms / 1000.0)
-        if self.shaping == "neg_time":
-            return -step_ms / 1000.0
-        return self.reference_ms / step_ms - 1.0
+    @property
+    def rule(self) -> RewardRule:
+        """The reward rule (envs.reward), against the best single device's step time from
+        the reward source (the simulator's, feasible or not, when no single device fits)."""
+        if self._rule is None:
+            singles = [self.simulator.simulate((d,) * self.problem.n_groups).step_ms
+                       for d in range(self.problem.n_devices)]
+            reference = reference_ms(self.problem, self._step_times, fallback_ms=min(singles))
+            self._rule = RewardRule(self.shaping, reference)
+        return self._rule
 
     @property
     def reference_ms(self) -> float:
-        """The best single device's step time (from the reward source; the simulator's
-        when no single device fits): the yardstick of "speedup" and of the penalty."""
-        if self._reference_ms is None:
-            singles = [(d,) * self.problem.n_groups for d in range(self.problem.n_devices)]
-            feasible = [o.step_ms for o in map(self.evaluate, singles) if o.feasible]
-            self._reference_ms = min(feasible or [self.simulator.simulate(p).step_ms for p in singles])
-        return self._reference_ms
+        """The yardstick of "neg_log", "speedup" and of the penalty (ms)."""
+        return self.rule.reference_ms
+
+    def shape(self, step_ms: float) -> float:
+        """The reward for a feasible step of step_ms."""
+        return self.rule.shape(step_ms)
 
     def penalty(self) -> float:
         """The reward of an infeasible placement."""
-        if self.infeasible_penalty is not None:
-            return self.infeasible_penalty
-        return self.shape(INFEASIBLE_SLOWDOWN * self.reference_ms)
+        return self.infeasible_penalty if self.infeasible_penalty is not None else self.rule.penalty
+
+    def _step_times(self, placements: list[Placement]) -> list[float]:
+        outcomes = [self.evaluate(p) for p in placements]
+        return [o.step_ms if o.feasible else math.inf for o in outcomes]
 
     def _finish(self, placement: Placement):
         outcome = self.evaluate(placement)
@@ -181,17 +192,6 @@ class PlacementEnv(gym.Env):
             reward = self.penalty()
             info["reason"] = outcome.reason
         return self._observation(), float(reward), True, False, info
-
-    def _measure(self, placement: Placement) -> Outcome:
-        # The runtime imports torch machinery the simulator path never needs.
-        from graphs.workload import load_workload
-        from placer.runtime.measure import measure_placement
-
-        if self._workload is None:
-            self._workload = load_workload(self.problem.workload)
-        m = measure_placement(self._workload, self.problem, placement, "env", iters=self.measure_iters)
-        peak = tuple(int(m.peak_bytes.get(name, 0)) for name in self.problem.cluster.names)
-        return Outcome(m.median_ms if m.feasible else math.inf, m.feasible, peak, m.reason or "")
 
     def _observation(self) -> dict:
         # fresh arrays every time: the caller may keep or modify what it is given

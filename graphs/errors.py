@@ -24,3 +24,8 @@ class PlanError(PlacerError):
 
 class InfeasibleError(PlacerError):
     """No placement of the requested kind fits the devices' memory or constraints."""
+
+
+class CheckpointError(PlacerError):
+    """A search checkpoint or a saved policy is corrupt, of an unknown format, or made for
+    another problem (other model, devices or memory caps)."""

@@ -9,6 +9,7 @@ The public API a training loop needs:
 
 from graphs.errors import (
     CaptureError,
+    CheckpointError,
     DeviceSpecError,
     InfeasibleError,
     PlacerError,
@@ -18,7 +19,7 @@ from graphs.errors import (
 
 __all__ = [
     "apply", "load_plan", "Plan", "PlacerError", "WorkloadError", "CaptureError",
-    "DeviceSpecError", "PlanError", "InfeasibleError",
+    "DeviceSpecError", "PlanError", "InfeasibleError", "CheckpointError",
 ]
 
 
