@@ -14,14 +14,17 @@ from graphs.problem import PlacementProblem
 OP_TYPES = ("conv", "linear", "matmul", "lstm", "embedding", "norm", "pool", "activation",
             "elementwise", "reshape", "attention", "loss", "input", "output", "param", "other")
 DEVICE_KINDS = ("cpu", "cuda")
-N_FEATURES = len(OP_TYPES) + len(DEVICE_KINDS) + 7
+N_SHARES = 7
+N_FEATURES = len(OP_TYPES) + len(DEVICE_KINDS) + 7 + N_SHARES
 
 
 def group_features(problem: PlacementProblem) -> np.ndarray:
     """[n_groups, N_FEATURES] float32: op-type mix (fractions), log compute (fwd+bwd ms)
     per device kind (0 where not profiled), log output/parameter/activation bytes,
-    topological position in [0, 1], log in- and out-degree, and the group's share of
-    total compute (so that the policy sees relative weight, not only magnitude)."""
+    topological position in [0, 1], log in- and out-degree, the group's share of
+    total compute; then shares that say how it weighs in this problem whatever the
+    model's size (`shares`): memory, bytes in and out, the longest chains of compute
+    before and after it (as Placeto's and HEFT's levels), and its optimizer time."""
     g = problem.groups
     n = problem.n_groups
     feats = np.zeros((n, N_FEATURES), dtype=np.float32)
@@ -47,7 +50,41 @@ def group_features(problem: PlacementProblem) -> np.ndarray:
             np.log1p(g.out_degree(i)),
             fastest / total,
         )
+    if n:
+        feats[:, -N_SHARES:] = shares(problem)
     return feats
+
+
+def shares(problem: PlacementProblem) -> np.ndarray:
+    """[n_groups, N_SHARES] in [0, 1]: each group's share of the memory pinned, of the
+    bytes flowing in and out (both relative to the largest group's), of the critical
+    path before it (its top level: the heaviest chain of fastest-device compute that
+    must run before it, over the whole critical path) and after it (bottom level, itself
+    included), its compute over the critical path, and its share of the optimizer time."""
+    c = problem.costs
+    n = problem.n_groups
+    compute = c.compute_ms.min(axis=1)
+    memory = c.memory_bytes
+    bytes_in = np.bincount(c.edges[:, 1], weights=c.edge_bytes, minlength=n) if len(c.edges) else np.zeros(n)
+    bytes_out = np.bincount(c.edges[:, 0], weights=c.edge_bytes, minlength=n) if len(c.edges) else np.zeros(n)
+    top, bottom = np.zeros(n), compute.copy()
+    preds = [[] for _ in range(n)]
+    for u, v in c.edges.tolist():
+        preds[v].append(u)
+    for v in range(n):  # group ids are a topological order
+        top[v] = max((top[u] + compute[u] for u in preds[v]), default=0.0)
+    for v in range(n - 1, -1, -1):
+        for u in preds[v]:
+            bottom[u] = max(bottom[u], compute[u] + bottom[v])
+    critical = max(float((top + compute).max()), 1e-12)
+    opt = c.opt_ms.min(axis=1)
+
+    def share(x: np.ndarray, of: float) -> np.ndarray:
+        return x / of if of > 0 else np.zeros_like(x)
+
+    return np.stack([share(memory, float(memory.sum())), share(bytes_in, float(bytes_in.max(initial=0))),
+                     share(bytes_out, float(bytes_out.max(initial=0))), top / critical, bottom / critical,
+                     compute / critical, share(opt, float(opt.sum()))], axis=1)
 
 
 def adjacency(problem: PlacementProblem, size: int | None = None) -> np.ndarray:

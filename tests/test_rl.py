@@ -6,13 +6,12 @@ import networkx as nx
 import pytest
 import torch
 
-from envs.sim import Simulator
 from graphs.synthetic import random_grouped_graph
 from graphs.devices import parse_cluster
-from graphs.errors import DeviceSpecError, InfeasibleError, PlanError
-from graphs.problem import PlacementProblem
-from placer.rl.policy import Seq2SeqPolicy, load_policy, save_policy
-from placer.rl.trainer import TrainConfig, train
+from graphs.errors import CheckpointError, DeviceSpecError, InfeasibleError
+from graphs.problem import Candidate, PlacementProblem
+from placer.rl import Seq2SeqPolicy, TrainConfig, load_policy, save_policy, train
+from placer.search.scorer import SimulatedScorer
 
 
 def synthetic(n=12, devices="cpu:0,cpu:1", memory=None, tied_pairs=0, seed=3):
@@ -34,11 +33,27 @@ def two_chains(length=10):
 
 
 def sim_score(problem):
-    sim = Simulator(problem)
+    """A Scorer on the nominal simulator that cannot measure."""
+    return SimulatedScorer(problem)
 
-    def score(placements):
-        return [r.step_ms if r.feasible else math.inf for r in map(sim.simulate, placements)]
-    return score
+
+class MeasuringScorer(SimulatedScorer):
+    """The simulator scores; `measure_fn` stands in for the real machine; refits are counted."""
+
+    def __init__(self, problem, measure_fn):
+        super().__init__(problem, measure=measure_fn)
+        self.calls, self.refit_sizes = [], []
+
+    def measure(self, candidates):
+        self.calls += list(candidates)
+        return super().measure(candidates)
+
+    def refit(self):
+        self.refit_sizes.append(len(self.measured))
+
+
+def score_of(problem, placement):
+    return sim_score(problem).score([Candidate(tuple(placement))])[0]
 
 
 def policy_for(problem, seed=0):
@@ -55,15 +70,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-QUICK = dict(batch_size=8, budget_s=None, hidden=32, imitation_steps=0, measure_every=3, checkpoint_every=2)
+QUICK = dict(batch_size=8, budget_s=None, hidden=32, imitation_steps=0, measure_every=3, checkpoint_every=2,
+             measure_top_k=0)
 
 
 # ----------------------------------------------------------------------------- policy
 def test_sample_shapes_and_teacher_forced_log_probs_match_sampling():
     problem = synthetic(20, devices="cpu:0,cpu:1,cpu:2")
     policy = policy_for(problem)
-    placements, logp, entropy = policy.sample(5, torch.Generator().manual_seed(0))
+    placements, microbatches, logp, entropy = policy.sample(5, torch.Generator().manual_seed(0))
     assert placements.shape == (5, 20) and logp.shape == (5,) and entropy.shape == (5,)
+    assert (microbatches == 0).all()  # one micro-batch is the only choice by default
     assert placements.min() >= 0 and placements.max() <= 2  # never a padding device
     assert (entropy > 0).all() and (logp < 0).all()
     again, entropy_again = policy.log_prob(placements)
@@ -89,7 +106,7 @@ def test_mask_keeps_a_group_off_a_device_it_cannot_fit():
     big = int(free.costs.memory_bytes.argmax())
     need = int(free.costs.memory_bytes[big])
     problem = synthetic(12, memory=f"cpu:0={need - 1}B")
-    placements, _, _ = policy_for(problem).sample(64, torch.Generator().manual_seed(1))
+    placements = policy_for(problem).sample(64, torch.Generator().manual_seed(1)).placements
     assert (placements[:, big] == 1).all()
     # cpu:0 never holds more than its cap: every group's placement there is checked against what is already on it
     for p in placements.tolist():
@@ -98,14 +115,14 @@ def test_mask_keeps_a_group_off_a_device_it_cannot_fit():
 
 def test_colocated_groups_always_follow_their_leader():
     problem = synthetic(16, tied_pairs=3)
-    placements, _, _ = policy_for(problem).sample(32, torch.Generator().manual_seed(2))
+    placements = policy_for(problem).sample(32, torch.Generator().manual_seed(2)).placements
     for members in problem.colocation_sets:
         assert (placements[:, members] == placements[:, members[:1]]).all()
 
 
 def test_when_no_device_fits_every_device_stays_allowed():
     problem = synthetic(12, memory="cpu:0=1B,cpu:1=1B")
-    placements, logp, _ = policy_for(problem).sample(16, torch.Generator().manual_seed(3))
+    placements, _, logp, _ = policy_for(problem).sample(16, torch.Generator().manual_seed(3))
     assert set(placements.flatten().tolist()) == {0, 1} and torch.isfinite(logp).all()
 
 
@@ -114,12 +131,12 @@ def test_saved_policy_transfers_to_another_problem_with_the_same_devices(tmp_pat
     save_policy(policy, tmp_path / "policy.pt")
     other = synthetic(30, seed=9)
     loaded = load_policy(tmp_path / "policy.pt").attach(other)
-    placements, _, _ = loaded.sample(3, torch.Generator().manual_seed(0))
+    placements = loaded.sample(3, torch.Generator().manual_seed(0)).placements
     assert torch.allclose(loaded.log_prob(placements)[0], policy.attach(other).log_prob(placements)[0])
     with pytest.raises(DeviceSpecError, match="at most 4 devices"):
         loaded.attach(synthetic(6, devices="cpu:0,cpu:1,cpu:2,cpu:3,cpu:4"))
     (tmp_path / "junk.pt").write_text("not a policy")
-    with pytest.raises(PlanError, match="junk.pt"):
+    with pytest.raises(CheckpointError, match="junk.pt"):
         load_policy(tmp_path / "junk.pt")
 
 
@@ -147,7 +164,7 @@ def test_imitation_makes_greedy_reproduce_the_warm_start():
     config = TrainConfig(**{**QUICK, "imitation_steps": 300, "imitation_target": 0.97, "max_samples": 0})
     result = train(problem, sim_score(problem), config, warm_start=warm)
     assert result.policy.greedy() == warm and result.samples == 0
-    assert result.best == warm  # the warm start is a candidate from the beginning
+    assert result.best == Candidate(warm)  # the warm start is a candidate from the beginning
     with pytest.raises(InfeasibleError):
         train(synthetic(16, memory="cpu:0=1B,cpu:1=1B"), sim_score(problem), config, warm_start=warm)
 
@@ -155,11 +172,10 @@ def test_imitation_makes_greedy_reproduce_the_warm_start():
 @pytest.mark.parametrize("algo, updates", [("reinforce", 60), ("ppo", 30)])
 def test_search_finds_the_optimum_of_two_independent_chains(algo, updates):
     problem = two_chains()
-    score = sim_score(problem)
-    optimum = score([tuple(i % 2 for i in range(20))])[0]
-    assert optimum < 0.6 * score([(0,) * 20])[0]  # the toy problem has a clear optimum
+    optimum = score_of(problem, [i % 2 for i in range(20)])
+    assert optimum < 0.6 * score_of(problem, (0,) * 20)  # the toy problem has a clear optimum
     config = TrainConfig(**{**QUICK, "algo": algo, "max_samples": 8 * updates})
-    result = train(problem, score, config)
+    result = train(problem, sim_score(problem), config)
     assert result.best_sim_ms <= 1.03 * optimum
     means = [row["mean_ms"] for row in result.curve]
     assert sum(means[-5:]) / 5 < sum(means[:5]) / 5  # the policy itself got better, not only lucky
@@ -179,13 +195,13 @@ def test_resumed_search_equals_an_uninterrupted_one(tmp_path):
     straight = train(problem, sim_score(problem), config, out_dir=tmp_path / "straight")
     half = train(problem, sim_score(problem), TrainConfig(**{**QUICK, "max_samples": 32}), out_dir=tmp_path / "split")
     resumed = train(problem, sim_score(problem), config, out_dir=tmp_path / "split", resume=True)
-    assert half.updates == 4 and resumed.updates == 8 and resumed.samples == 64
+    assert half.rounds == 4 and resumed.rounds == 8 and resumed.samples == 64
     assert resumed.best_sim_ms <= half.best_sim_ms
     strip = [{k: v for k, v in row.items() if k != "elapsed_s"} for row in straight.curve]
     assert [{k: v for k, v in row.items() if k != "elapsed_s"} for row in resumed.curve] == strip
     assert resumed.best == straight.best
     assert (tmp_path / "split" / "curve.csv").read_text().count("\n") == 9  # header + 8 updates
-    with pytest.raises(PlanError, match="another problem"):
+    with pytest.raises(CheckpointError, match="another problem"):
         train(synthetic(13), sim_score(synthetic(13)), config, out_dir=tmp_path / "split", resume=True)
 
 
@@ -200,18 +216,18 @@ def test_resume_refuses_a_checkpoint_made_for_other_devices(tmp_path, devices, m
     other = synthetic(12, devices=devices, memory=memory)
     assert other.fingerprint == problem.fingerprint and other.n_groups == problem.n_groups  # only the devices differ
     expected = f"checkpoint in {re.escape(str(tmp_path))} was made for devices {message}: start without --resume"
-    with pytest.raises(PlanError, match=expected):
+    with pytest.raises(CheckpointError, match=expected):
         train(other, sim_score(other), config, out_dir=tmp_path, resume=True)
     assert train(problem, sim_score(problem), config, out_dir=tmp_path, resume=True).samples == 16
 
 
 def test_a_search_that_finds_nothing_feasible_returns_no_best(tmp_path):
     problem = synthetic(12, memory="cpu:0=1B,cpu:1=1B")  # every placement exceeds a cap
-    measured = []
-    config = TrainConfig(**{**QUICK, "max_samples": 24})
-    result = train(problem, sim_score(problem), config, measure=measured.append, out_dir=tmp_path)
+    scorer = MeasuringScorer(problem, lambda c: pytest.fail("nothing feasible is worth measuring"))
+    config = TrainConfig(**{**QUICK, "max_samples": 24, "measure_top_k": 2})
+    result = train(problem, scorer, config, out_dir=tmp_path)
     assert result.best is None and result.best_sim_ms == math.inf and result.best_measured_ms is None
-    assert result.samples == 24 and measured == []  # nothing feasible is worth measuring
+    assert result.samples == 24 and scorer.calls == []  # nothing feasible is worth measuring
     assert all(row["best_sim_ms"] is None for row in result.curve)
 
 
@@ -220,16 +236,17 @@ def test_ctrl_c_returns_the_best_so_far_and_leaves_a_checkpoint(tmp_path):
     score = sim_score(problem)
     calls = []
 
-    def interrupted_score(placements):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return score(placements)
+    class Interrupted(SimulatedScorer):
+        def score(self, candidates):
+            calls.append(1)
+            if len(calls) == 1 + 5:  # the first call scores the single devices: the reward's reference
+                raise KeyboardInterrupt
+            return super().score(candidates)
 
     config = TrainConfig(**{**QUICK, "max_samples": 80})
-    result = train(problem, interrupted_score, config, out_dir=tmp_path)
-    assert result.interrupted and result.updates == 4 and math.isfinite(result.best_sim_ms)
-    assert score([result.best])[0] == result.best_sim_ms
+    result = train(problem, Interrupted(problem), config, out_dir=tmp_path)
+    assert result.interrupted and result.rounds == 4 and math.isfinite(result.best_sim_ms)
+    assert score.score([result.best])[0] == result.best_sim_ms
     other_width = TrainConfig(**{**QUICK, "max_samples": 80, "hidden": 16})
     resumed = train(problem, score, other_width, out_dir=tmp_path, resume=True)
     assert not resumed.interrupted and resumed.samples == 80 and resumed.curve[0]["update"] == 1
@@ -239,24 +256,19 @@ def test_ctrl_c_returns_the_best_so_far_and_leaves_a_checkpoint(tmp_path):
 
 def test_final_choice_is_the_best_measured_placement():
     problem = synthetic(12)
-    score = sim_score(problem)
     warm = (0,) * 12
-    measured_calls, recalibrations = [], []
 
-    def measure(placement):  # the "real" machine disagrees with the simulator: device 1 is slow
-        measured_calls.append(placement)
-        return score([placement])[0] * (1 + sum(placement))
+    def measure(candidate):  # the "real" machine disagrees with the simulator: device 1 is slow
+        return score_of(problem, candidate.placement) * (1 + sum(candidate.placement))
 
-    def recalibrate(placements, times):
-        recalibrations.append(len(placements))
-        return score
-
+    scorer = MeasuringScorer(problem, measure)
     config = TrainConfig(**{**QUICK, "max_samples": 48, "measure_top_k": 2})
-    result = train(problem, score, config, measure=measure, warm_start=warm, recalibrate=recalibrate)
-    assert warm in dict(result.measured)  # the heuristic is always measured
+    result = train(problem, scorer, config, warm_start=warm)
+    assert Candidate(warm) in dict(result.measured)  # the heuristic is always measured
     best, best_ms = min(result.measured, key=lambda pm: pm[1])
     assert result.best == best and result.best_measured_ms == best_ms
-    assert len(set(measured_calls)) == len(measured_calls)  # nothing is measured twice
+    assert len(set(scorer.calls)) == len(scorer.calls)  # nothing is measured twice
+    recalibrations = scorer.refit_sizes
     assert recalibrations == sorted(recalibrations) and len(recalibrations) == 3  # after updates 3 and 6, and the end
 
 
@@ -274,4 +286,4 @@ def test_a_policy_saved_by_one_search_starts_the_search_of_another_problem(tmp_p
     warm = tuple(int(d) for d in torch.randint(0, 2, (20,), generator=torch.Generator().manual_seed(4)))
     config = TrainConfig(**{**QUICK, "imitation_steps": 300, "imitation_target": 0.97, "max_samples": 0})
     result = train(target, sim_score(target), config, warm_start=warm, policy=load_policy(tmp_path / "policy.pt"))
-    assert result.policy.greedy() == warm and result.best == warm  # imitation ran on top of the transferred weights
+    assert result.policy.greedy() == warm and result.best == Candidate(warm)  # imitation ran on top of the transferred weights

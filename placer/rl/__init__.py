@@ -1,6 +1,8 @@
-"""The RL placer: a seq2seq policy (policy.py) and its trainer (trainer.py)."""
+"""The RL placer: a seq2seq policy with a graph encoder (policy.py), its trainer
+(trainer.py: REINFORCE and PPO) and its files (checkpoint.py)."""
 
-from placer.rl.policy import Seq2SeqPolicy, load_policy, save_policy
-from placer.rl.trainer import TrainConfig, TrainResult, train
+from placer.rl.checkpoint import load_policy, save_policy
+from placer.rl.policy import Seq2SeqPolicy
+from placer.rl.trainer import TrainConfig, train
 
-__all__ = ["Seq2SeqPolicy", "load_policy", "save_policy", "TrainConfig", "TrainResult", "train"]
+__all__ = ["Seq2SeqPolicy", "load_policy", "save_policy", "TrainConfig", "train"]

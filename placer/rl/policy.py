@@ -1,17 +1,25 @@
-"""The placement policy: a sequence-to-sequence network as in Mirhoseini et al. 2017.
+"""The placement policy: a sequence-to-sequence network as in Mirhoseini et al. 2017,
+with a graph encoder in front as in Placeto and GDP.
 
-It reads the groups in topological order (their ids) and emits one device per group:
+It reads the groups in topological order (their ids) and emits one device per group,
+and a micro-batch count for the whole candidate:
 
-- each group is embedded from its features (envs.features) together with the mean
-  features of its predecessors and of its successors, by a learned projection;
-- a bidirectional LSTM encodes the sequence of groups;
+- each group is embedded from its features (envs.features: op mix, costs per device
+  kind, memory, bytes in and out, its place on the critical path);
+- `graph_layers` rounds of message passing over the grouped DAG (GraphSAGE-style, as
+  GDP): each group adds a learned function of itself and of the mean of its
+  predecessors' and of its successors' states, so that after k rounds it sees its
+  k-hop neighbourhood in both directions (Placeto's parent and child aggregation);
+- a bidirectional LSTM encodes the sequence of groups in topological order (the paper's
+  encoder);
 - an LSTM decoder emits one device per group, fed the group's encoding, an embedding
   of the previous group's device, and per device: what it holds so far (share of the
   compute, fraction of the memory cap), the group's relative cost there, and the
   share of the group's input bytes produced there (so "stay beside your inputs" and
   "balance the load" are easy to learn); content-based attention over the encoder
   states lets it look at the rest of the graph;
-- logits are clipped as C * tanh(logits / C) and divided by a temperature.
+- logits are clipped as C * tanh(logits / C) and divided by a temperature;
+- a small head on the mean encoding picks the micro-batch count among those allowed.
 
 A per-step mask forbids a device where the group would certainly exceed the memory
 cap given what is already placed, and makes a group follow the device of an earlier
@@ -25,32 +33,58 @@ policy trained on one workload can start the search on another.
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from envs.features import N_FEATURES, group_features
-from graphs.errors import DeviceSpecError, PlanError
-from graphs.files import write_atomically
+from graphs.errors import DeviceSpecError
 from graphs.problem import Placement, PlacementProblem
 
-MASKED = -1e9  # logit of a forbidden device: finite, so that 0 * logp stays 0 in the entropy
+MICROBATCH_CHOICES = (1, 2, 4, 8, 16, 32)  # the micro-batch counts the head can name
+
+
+class Sample(NamedTuple):
+    """Candidates drawn from the policy, with what the update needs."""
+
+    placements: Tensor  # [n, groups] device indices
+    microbatches: Tensor  # [n] index into MICROBATCH_CHOICES
+    logp: Tensor  # [n] log-probability of the whole candidate
+    entropy: Tensor  # [n] summed over the groups (and the micro-batch choice)
+
+
+class GraphLayer(nn.Module):
+    """One round of message passing: h + relu(W [h, mean over predecessors, mean over successors])."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.mix = nn.Linear(3 * hidden, hidden)
+
+    def forward(self, h: Tensor, src: Tensor, dst: Tensor, indeg: Tensor, outdeg: Tensor) -> Tensor:
+        from_preds = torch.zeros_like(h).index_add(0, dst, h[src]) / indeg
+        from_succs = torch.zeros_like(h).index_add(0, src, h[dst]) / outdeg
+        return h + torch.relu(self.mix(torch.cat([h, from_preds, from_succs], dim=-1)))
 
 
 class Seq2SeqPolicy(nn.Module):
-    """max_devices and hidden fix the weights' shapes (save_policy records them);
-    temperature and logit_clip only shape the output distribution and may be changed."""
+    """max_devices, hidden and graph_layers fix the weights' shapes (a saved policy records
+    them); temperature, logit_clip and masked_logit only shape the output distribution
+    and may be changed (the trainer sets them from its TrainConfig)."""
 
     def __init__(self, problem: PlacementProblem | None = None, *, max_devices: int = 8, hidden: int = 64,
-                 temperature: float = 1.0, logit_clip: float = 5.0):
+                 graph_layers: int = 2, temperature: float = 1.0, logit_clip: float = 5.0,
+                 masked_logit: float = -1e9, microbatches: Sequence[int] = (1,)):
         super().__init__()
-        self.config = {"max_devices": max_devices, "hidden": hidden}
+        self.config = {"max_devices": max_devices, "hidden": hidden, "graph_layers": graph_layers}
         self.max_devices = max_devices
         self.temperature = temperature
         self.logit_clip = logit_clip
-        self.embed = nn.Sequential(nn.Linear(3 * N_FEATURES, hidden), nn.ReLU())
+        self.masked_logit = masked_logit  # finite, so that 0 * logp stays 0 in the entropy
+        self.embed = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.ReLU())
+        self.graph = nn.ModuleList(GraphLayer(hidden) for _ in range(graph_layers))
         self.encoder = nn.LSTM(hidden, hidden // 2, batch_first=True, bidirectional=True)
         self.device_embed = nn.Embedding(max_devices + 1, hidden // 4)  # the last one is "no previous group"
         # Per device: valid, compute share placed, memory fraction used, this group's relative
@@ -59,25 +93,31 @@ class Seq2SeqPolicy(nn.Module):
         self.query = nn.Linear(hidden, 2 * (hidden // 2), bias=False)
         self.combine = nn.Linear(hidden + 2 * (hidden // 2), hidden)
         self.out = nn.Linear(hidden, max_devices)
+        self.microbatch_head = nn.Linear(2 * (hidden // 2), len(MICROBATCH_CHOICES))
         self.problem: PlacementProblem | None = None
         if problem is not None:
-            self.attach(problem)
+            self.attach(problem, microbatches)
 
     # ----------------------------------------------------------------- the problem
-    def attach(self, problem: PlacementProblem) -> "Seq2SeqPolicy":
-        """Bind the policy to a problem: derive the tensors that decoding reads (not weights)."""
+    def attach(self, problem: PlacementProblem, microbatches: Sequence[int] = (1,)) -> "Seq2SeqPolicy":
+        """Bind the policy to a problem and the micro-batch counts it may choose among:
+        derive the tensors that decoding reads (not weights).
+
+        Raises DeviceSpecError when the cluster has more devices than the policy's
+        max_devices, ValueError for a micro-batch count outside MICROBATCH_CHOICES."""
         n, d = problem.n_groups, problem.n_devices
         if d > self.max_devices:
             raise DeviceSpecError(f"the policy places on at most {self.max_devices} devices; "
                                   f"this cluster has {d} ({problem.cluster.spec()})")
-        feats = group_features(problem)
+        unknown = sorted(set(microbatches) - set(MICROBATCH_CHOICES))
+        if unknown:
+            raise ValueError(f"micro-batch counts {unknown} are not among {MICROBATCH_CHOICES}")
+        self._x = torch.from_numpy(group_features(problem)).float()
         edges = problem.costs.edges
-        pred_sum, succ_sum = np.zeros_like(feats), np.zeros_like(feats)
-        np.add.at(pred_sum, edges[:, 1], feats[edges[:, 0]])
-        np.add.at(succ_sum, edges[:, 0], feats[edges[:, 1]])
-        indeg = np.bincount(edges[:, 1], minlength=n).clip(min=1)[:, None]
-        outdeg = np.bincount(edges[:, 0], minlength=n).clip(min=1)[:, None]
-        self._x = torch.from_numpy(np.concatenate([feats, pred_sum / indeg, succ_sum / outdeg], axis=1)).float()
+        self._src, self._dst = torch.from_numpy(edges[:, 0]), torch.from_numpy(edges[:, 1])
+        self._indeg = torch.bincount(self._dst, minlength=n).clamp(min=1)[:, None].float()
+        self._outdeg = torch.bincount(self._src, minlength=n).clamp(min=1)[:, None].float()
+        self._microbatch_allowed = torch.tensor([m in microbatches for m in MICROBATCH_CHOICES])
 
         costs = problem.costs
         pad = self.max_devices - d
@@ -91,8 +131,6 @@ class Seq2SeqPolicy(nn.Module):
         self._cap = torch.tensor(caps + [np.inf] * pad, dtype=torch.float64)
         self._memory = torch.from_numpy(costs.memory_bytes.astype(np.float64))
         # Every edge with the share of its consumer's input bytes that it carries.
-        self._edge_src = torch.from_numpy(edges[:, 0])
-        self._edge_dst = torch.from_numpy(edges[:, 1])
         into_bytes = np.bincount(edges[:, 1], weights=costs.edge_bytes, minlength=n).clip(min=1.0)
         self._edge_share = torch.from_numpy(costs.edge_bytes / into_bytes[edges[:, 1]]).float()
         self._edges_into = [torch.from_numpy(np.flatnonzero(edges[:, 1] == i)) for i in range(n)]
@@ -112,20 +150,19 @@ class Seq2SeqPolicy(nn.Module):
 
     # ----------------------------------------------------------------- public API
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """n placements drawn from the policy: (placements LongTensor [n, groups],
-        log-probabilities [n], entropies [n], summed over groups). Not differentiable:
-        take gradients through log_prob, which scores the whole sequence at once."""
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Sample:
+        """n candidates drawn from the policy. Not differentiable: take gradients through
+        log_prob, which scores the whole sequence at once."""
         return self._decode(n, generator=generator)
 
     @torch.no_grad()
     def greedy(self) -> Placement:
         """The most likely device at every step."""
-        placements, _, _ = self._decode(1, greedy=True)
-        return tuple(placements[0].tolist())
+        return tuple(self._decode(1, greedy=True).placements[0].tolist())
 
-    def log_prob(self, placements: Tensor) -> tuple[Tensor, Tensor]:
-        """Log-probabilities [n] and entropies [n] of given placements [n, groups].
+    def log_prob(self, placements: Tensor, microbatches: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Log-probabilities [n] and entropies [n] of given placements [n, groups] and
+        micro-batch choices [n] (indices into MICROBATCH_CHOICES; None: all 1).
 
         Teacher-forced: every step's inputs follow from the given placements, so the
         decoder runs over the whole sequence in one call instead of step by step."""
@@ -140,17 +177,19 @@ class Seq2SeqPolicy(nn.Module):
         load = _before(torch.cumsum(onehot * self._compute_share, dim=1))
         used = _before(torch.cumsum(onehot * self._memory[:, None], dim=1))
         inputs_from = torch.zeros(batch, n, d).index_add_(
-            1, self._edge_dst, onehot[:, self._edge_src].float() * self._edge_share[:, None])
+            1, self._dst, onehot[:, self._src].float() * self._edge_share[:, None])
         allowed = self._allowed(used, self._commit, placements[:, self._leader], self._is_follower)
         steps = self._step_inputs(encoded.expand(batch, -1, -1), prev, load, used, inputs_from, self._relative_cost)
         hidden, _ = self.decoder(steps)
         logp = self._log_probs(hidden, encoded, allowed)  # [batch, n, d]
         chosen = logp.gather(2, placements[:, :, None]).squeeze(2).sum(1)
-        return chosen, _entropy(logp).sum(1)
+        m_logp = self._microbatch_log_probs(encoded)
+        if microbatches is None:
+            microbatches = torch.zeros(batch, dtype=torch.long)
+        return chosen + m_logp[microbatches], _entropy(logp).sum(1) + _entropy(m_logp)
 
     # ----------------------------------------------------------------- decoding
-    def _decode(self, batch: int, generator: torch.Generator | None = None,
-                greedy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def _decode(self, batch: int, generator: torch.Generator | None = None, greedy: bool = False) -> Sample:
         """Step-by-step decoding: each step's device is drawn (or the argmax) before the next."""
         self._require_problem()
         n, d = self._n, self.max_devices
@@ -165,7 +204,7 @@ class Seq2SeqPolicy(nn.Module):
         log_probs, entropies = [], []
         for i in range(n):
             edges = self._edges_into[i]
-            producers = placed[:, self._edge_src[edges]]
+            producers = placed[:, self._src[edges]]
             inputs_from = (nn.functional.one_hot(producers, d) * self._edge_share[edges, None]).sum(1)
             allowed = self._allowed(used, self._commit[i], placed[:, self._leader[i]], self._is_follower[i])
             step_in = self._step_inputs(encoded[i].expand(batch, -1), prev, load, used, inputs_from,
@@ -174,22 +213,36 @@ class Seq2SeqPolicy(nn.Module):
             h, c = torch.lstm_cell(step_in, (h, c), cell.weight_ih_l0, cell.weight_hh_l0,
                                    cell.bias_ih_l0, cell.bias_hh_l0)
             logp = self._log_probs(h, encoded, allowed)  # [batch, d]
-            if greedy:
-                device = logp.argmax(dim=1)
-            else:
-                device = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            device = self._choose(logp, generator, greedy)
             log_probs.append(logp[rows, device])
             entropies.append(_entropy(logp))
             placed[:, i] = device
             prev = device
             load[rows, device] += self._compute_share[i, device]
             used[rows, device] += self._memory[i]
-        return placed, torch.stack(log_probs, 1).sum(1), torch.stack(entropies, 1).sum(1)
+        m_logp = self._microbatch_log_probs(encoded).expand(batch, -1)
+        m = self._choose(m_logp, generator, greedy)
+        return Sample(placed, m, torch.stack(log_probs, 1).sum(1) + m_logp[rows, m],
+                      torch.stack(entropies, 1).sum(1) + _entropy(m_logp))
+
+    @staticmethod
+    def _choose(logp: Tensor, generator: torch.Generator | None, greedy: bool) -> Tensor:
+        if greedy:
+            return logp.argmax(dim=-1)
+        return torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
 
     def _encode(self) -> Tensor:
-        """[n, 2 * (hidden // 2)]: the bidirectional LSTM over the embedded groups."""
-        encoded, _ = self.encoder(self.embed(self._x).unsqueeze(0))
+        """[n, 2 * (hidden // 2)]: message passing over the DAG, then the bidirectional LSTM in topological order."""
+        h = self.embed(self._x)
+        for layer in self.graph:
+            h = layer(h, self._src, self._dst, self._indeg, self._outdeg)
+        encoded, _ = self.encoder(h.unsqueeze(0))
         return encoded[0]
+
+    def _microbatch_log_probs(self, encoded: Tensor) -> Tensor:
+        """[len(MICROBATCH_CHOICES)] log-probabilities of the micro-batch counts (only allowed ones > 0)."""
+        logits = self.microbatch_head(encoded.mean(dim=0))
+        return torch.log_softmax(logits.masked_fill(~self._microbatch_allowed, self.masked_logit), dim=-1)
 
     def _step_inputs(self, encoded: Tensor, prev: Tensor, load: Tensor, used: Tensor, inputs_from: Tensor,
                      relative_cost: Tensor) -> Tensor:
@@ -206,7 +259,7 @@ class Seq2SeqPolicy(nn.Module):
         context = attention @ encoded
         logits = self.out(torch.tanh(self.combine(torch.cat([hidden, context], dim=-1))))
         logits = self.logit_clip * torch.tanh(logits / self.logit_clip) / self.temperature
-        return torch.log_softmax(logits.masked_fill(~allowed, MASKED), dim=-1)
+        return torch.log_softmax(logits.masked_fill(~allowed, self.masked_logit), dim=-1)
 
     def _allowed(self, used: Tensor, commit: Tensor, leader_device: Tensor, is_follower: Tensor) -> Tensor:
         """Where a group may go ([..., max_devices] bool), given the bytes each device
@@ -229,23 +282,3 @@ def _before(cumulative: Tensor) -> Tensor:
 
 def _entropy(logp: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
-
-
-def save_policy(policy: Seq2SeqPolicy, path: Path | str) -> None:
-    """Write the policy's weights and constructor arguments (not the problem it is bound to);
-    atomically, so a kill never leaves half a file where a good policy was."""
-    saved = {"format": "placer.policy/v1", "config": policy.config, "state_dict": policy.state_dict()}
-    write_atomically(Path(path), lambda f: torch.save(saved, f))
-
-
-def load_policy(path: Path | str) -> Seq2SeqPolicy:
-    """A policy saved by save_policy, unbound (attach it to a problem, or pass it to train)."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        policy = Seq2SeqPolicy(**saved["config"])
-        policy.load_state_dict(saved["state_dict"])
-    except FileNotFoundError:
-        raise PlanError(f"{path}: no such policy file") from None
-    except Exception as exc:  # a corrupt or foreign file
-        raise PlanError(f"{path}: not a placer policy file ({type(exc).__name__}: {exc})") from None
-    return policy

@@ -1,373 +1,264 @@
-"""Training the placement policy: REINFORCE (or PPO) on simulated step times, with
-real measurements of the best candidates deciding the final placement.
+"""The RL search: a seq2seq policy (placer.rl.policy) trained by REINFORCE or PPO on
+simulated step times, with real measurements of its best candidates deciding the result.
 
-The loop, in order (`train`):
+The loop (`train`), in the order it runs:
 
-1. warm start: maximum likelihood on the best heuristic's placement, until the policy
+1. warm start: maximum likelihood on the best heuristic's candidate, until the policy
    gives it a mean per-group probability of `imitation_target` (or `imitation_steps`),
    so that search starts from the heuristic, not from random;
-2. each update samples a batch of placements, scores them (simulated step time in ms;
-   inf when infeasible), and takes one policy-gradient step on reward -sqrt(seconds)
-   against an exponential moving-average baseline, with an entropy bonus;
-3. every `measure_every` updates, the best distinct not-yet-measured candidates are
-   measured on the real runtime, and the optional `recalibrate` hook turns all
-   feasible measurements so far into a new score function;
-4. at the end the best candidates (and the warm start) are measured, and the final
-   choice is the best measured placement (the best simulated one without `measure`).
+2. each round samples `batch_size` candidates, scores them (Scorer.score: simulated
+   step time, inf when infeasible), turns step times into rewards by the one reward
+   rule (envs.reward, relative to the warm start) and takes a policy-gradient step:
+   `reinforce_update` (one step, as the paper) or `ppo_update` (several clipped steps);
+3. every `measure_every` rounds the best kept candidates not measured yet are measured
+   and the scorer refits its simulator (placer.search.state: the same bookkeeping as
+   random_search and local_search, so budgets compare);
+4. at the end the best candidates and the warm start are measured; the final choice
+   is the best measured candidate (the best simulated one when nothing is measured).
 
-The search stops at a wall-clock budget or a sample budget, checkpoints everything
-it needs to resume (atomically) every few updates, and on Ctrl-C saves and returns
-what it has (interrupted=True) so that the caller writes the best plan.
+The search stops at a wall-clock or a sample budget, checkpoints everything it needs to
+resume (placer.rl.checkpoint) every few rounds, and on Ctrl-C saves and returns what it
+has (interrupted=True) so that the caller writes the best plan.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from graphs.errors import PlanError
-from graphs.problem import Placement, PlacementProblem
-from graphs.files import write_atomically
-from placer.rl.policy import Seq2SeqPolicy, save_policy
+from envs.reward import RewardRule, reference_ms
+from graphs.problem import Candidate, Placement, PlacementProblem
+from placer.rl.checkpoint import read_checkpoint, restore, save_checkpoint, save_policy
+from placer.rl.policy import MICROBATCH_CHOICES, Sample, Seq2SeqPolicy
+from placer.search.config import SearchConfig, microbatch_options
+from placer.search.state import (Clock, SearchResult, SearchState, as_candidate, budget_left, final_round,
+                                 measure_round, refit, round_size)
 
-ScoreFn = Callable[[Sequence[Placement]], list[float]]
-MeasureFn = Callable[[Placement], "float | None"]
-RecalibrateFn = Callable[[list[Placement], list[float]], ScoreFn]
+__all__ = ["TrainConfig", "train", "reward_rule", "reinforce_update", "ppo_update"]
 
-CHECKPOINT_FORMAT = "placer.search/v2"  # v2: the problem's identity includes the devices and their caps
-CURVE_FIELDS = ("update", "samples", "elapsed_s", "mean_ms", "best_sim_ms", "best_measured_ms")
+ALGOS = ("reinforce", "ppo")
 
 
 @dataclass
-class TrainConfig:
-    seed: int = 0
-    budget_s: float | None = 300.0  # wall clock, imitation and measurements included
-    max_samples: int | None = None  # sampled placements; with budget_s=None the run is reproducible
-    batch_size: int = 16  # placements sampled per update
-    lr: float = 3e-3  # Adam
-    entropy_coef: float = 0.01  # bonus on the mean per-group entropy
-    baseline_decay: float = 0.9  # exponential moving average of the batch's mean reward
-    temperature: float = 1.0
-    logit_clip: float = 5.0  # C in C * tanh(logits / C)
-    hidden: int = 64  # policy width, when train builds the policy
-    algo: str = "reinforce"  # or "ppo"
+class TrainConfig(SearchConfig):
+    """The RL search's settings: SearchConfig's budget and cadence, and the learner's own."""
+
+    algo: str = "ppo"
+    """"reinforce" (one policy-gradient step per batch, as the paper) or "ppo" (clipped surrogate)."""
+    lr: float = 3e-3
+    """Adam's learning rate; 0 leaves the policy as imitation made it (the ablation's "lr=0")."""
+    normalize_advantages: bool = True
+    """Advantages are the batch's rewards less their mean, over their standard deviation;
+    False: rewards less an exponential moving average of past batch means (the paper's baseline)."""
+    baseline_decay: float = 0.9
+    """The moving average's decay, with normalize_advantages=False."""
+    entropy_coef: float = 0.01
+    """Bonus on the mean per-group entropy: keeps the policy sampling more than one candidate."""
     ppo_epochs: int = 4
+    """PPO: gradient steps on each batch."""
     ppo_clip: float = 0.2
-    imitation_steps: int = 500  # at most, on the warm start
-    # Stop imitating at this mean per-group probability of the warm start. High: a sample
-    # that strays from the warm start at one group tends to stray for a run of groups.
+    """PPO: the probability ratio is clipped to [1 - ppo_clip, 1 + ppo_clip]."""
+    reward: str = "neg_sqrt"
+    """Shaping of step time into reward (envs.reward.SHAPINGS); the reference is the warm start."""
+    infeasible_slowdown: float = 10.0
+    """An infeasible candidate earns the reward of a step this many times the reference."""
+    reference_fallback_ms: float = 1000.0
+    """The reward's reference when neither the warm start nor any single device is feasible."""
+    imitation_steps: int = 500
+    """At most this many maximum-likelihood steps on the warm start."""
+    imitation_lr: float = 3e-3
+    """Adam's learning rate while imitating the warm start (apart from lr, so that lr=0 still imitates)."""
     imitation_target: float = 0.99
-    reward: str = "neg_sqrt"  # -sqrt(step seconds) as in the paper, or "neg_log": -log(step seconds)
-    infeasible_factor: float = 2.0  # an infeasible placement scores as this times the slowest feasible seen
-    measure_every: int = 25  # updates between measurement rounds
-    measure_top_k: int = 2  # candidates measured per round
-    keep_top: int = 64  # distinct best simulated placements kept as candidates
-    checkpoint_every: int = 10  # updates
+    """Stop imitating at this mean per-group probability of the warm start. High: a
+    sample that strays from the warm start at one group tends to stray for a run of groups."""
+    temperature: float = 1.0
+    """Divides the logits: above 1 samples more widely."""
+    logit_clip: float = 5.0
+    """C in C * tanh(logits / C): no device is ever certain."""
+    masked_logit: float = -1e9
+    """Logit of a forbidden device (memory, colocation): finite, so that 0 * log p stays 0 in the entropy."""
+    hidden: int = 64
+    """Width of a fresh policy."""
+    graph_layers: int = 2
+    """Message-passing rounds of a fresh policy's graph encoder (0: the paper's LSTM encoder alone)."""
+    max_devices: int = 8
+    """Device slots of a fresh policy: max(max_devices, cluster size), so it transfers to clusters up to that size."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.algo not in ALGOS:
+            raise ValueError(f"unknown algo {self.algo!r}: use 'reinforce' or 'ppo'")
+        RewardRule(self.reward, 1.0)  # ValueError for an unknown shaping, before any work
 
 
 @dataclass
-class TrainResult:
-    """What a search found; `measured` holds every measurement (inf where infeasible).
+class Learner:
+    """The trainer's own scalars, beside SearchState in a checkpoint."""
 
-    `best` is None when the search found no feasible placement (every sample scored
-    inf, no warm start, nothing measured finite); best_sim_ms is then inf."""
-
-    best: Placement | None  # the final choice: best feasible measured, else best feasible simulated, else None
-    best_sim_ms: float  # inf when no feasible placement was simulated
-    best_measured_ms: float | None
-    measured: list[tuple[Placement, float]]
-    curve: list[dict]
-    samples: int
-    updates: int
-    elapsed_s: float
-    interrupted: bool
-    policy: Seq2SeqPolicy = field(repr=False)
-
-
-@dataclass
-class _State:
-    """Everything the loop changes, besides the policy and optimizer: what a checkpoint holds."""
-
-    updates: int = 0
-    samples: int = 0
-    elapsed_s: float = 0.0
     imitated: bool = False
-    baseline: float | None = None
-    slowest_ms: float | None = None  # slowest feasible step time seen: the infeasible penalty's scale
-    candidates: dict[Placement, float] = field(default_factory=dict)  # best simulated, at most keep_top
-    measured: dict[Placement, float] = field(default_factory=dict)  # inf where infeasible
-    curve: list[dict] = field(default_factory=list)
-
-    def best_sim(self) -> tuple[Placement | None, float]:
-        """The fastest feasible candidate, or (None, inf): an infeasible one is never "best"."""
-        feasible = [(p, ms) for p, ms in self.candidates.items() if math.isfinite(ms)]
-        return min(feasible, key=lambda kv: kv[1], default=(None, math.inf))
-
-    def best_measured(self) -> tuple[Placement | None, float]:
-        return min(self.measured.items(), key=lambda kv: kv[1], default=(None, math.inf))
+    baseline: float | None = None  # moving average of batch rewards (normalize_advantages=False)
+    reference_ms: float | None = None  # the reward's reference, fixed at the start
 
 
-def train(problem: PlacementProblem, score: ScoreFn, config: TrainConfig, measure: MeasureFn | None = None,
-          warm_start: Placement | None = None, out_dir: Path | None = None, resume: bool = False,
-          on_progress: Callable[[dict], None] | None = None, policy: Seq2SeqPolicy | None = None,
-          recalibrate: RecalibrateFn | None = None) -> TrainResult:
-    """Search for a fast placement of `problem` (module docstring). `score` gives the
-    step times (ms, inf when infeasible) of a batch of placements; `measure` one
-    placement's measured step time (None or inf when infeasible).
+def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Candidate | Placement | None = None,
+          out_dir: Path | None = None, resume: bool = False, on_progress: Callable[[dict], None] | None = None,
+          policy: Seq2SeqPolicy | None = None) -> SearchResult:
+    """Search for a fast candidate of `problem` (module docstring) with `scorer`
+    (placer.search.Scorer). `policy` starts from given weights (e.g. load_policy of
+    another search), attached to `problem`, then imitates `warm_start` as a fresh one
+    would; on resume the checkpoint's weights are loaded into it.
 
-    `recalibrate(placements, times)` is called after every measurement round that
-    leaves at least one feasible measurement (and once on resume), with every feasible
-    measured pair so far, this run's and the resumed checkpoint's, in measurement order
-    (infeasible ones are left out); it returns the score function to use from then on,
-    and the kept candidates are re-scored with it.
-
-    `policy` starts the search from given weights, e.g. load_policy of another
-    workload's search: it is attached to `problem` (its max_devices must cover the
-    cluster), then imitates `warm_start` like a fresh one would. Without it, train
-    builds a fresh policy seeded from config.seed. On resume the checkpoint's weights
-    are loaded into either.
-
-    Never raises for a search that finds nothing feasible: the result's `best` is None."""
-    if config.algo not in ("reinforce", "ppo"):
-        raise ValueError(f"unknown algo {config.algo!r}: use 'reinforce' or 'ppo'")
-    if config.reward not in ("neg_sqrt", "neg_log"):
-        raise ValueError(f"unknown reward {config.reward!r}: use 'neg_sqrt' or 'neg_log'")
-    if warm_start is not None:
-        warm_start = problem.check(warm_start)  # InfeasibleError: imitating it would teach infeasibility
+    Never raises for a search that finds nothing feasible: the result's `best` is None.
+    Raises InfeasibleError when the warm start does not fit, CheckpointError when
+    resuming from a checkpoint of another problem."""
+    warm_start = as_candidate(problem, warm_start)
+    # -- setup: the policy, its optimizer and sampler, from a checkpoint when resuming
     checkpoint = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-    saved = _read_checkpoint(checkpoint, problem) if resume and checkpoint is not None and checkpoint.exists() else None
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    saved = read_checkpoint(checkpoint, problem) if resume and checkpoint is not None and checkpoint.exists() else None
+    options = config.microbatches or microbatch_options(problem)
     if policy is None and saved is not None:
         policy = Seq2SeqPolicy(**saved["policy"]["config"])
     elif policy is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            policy = Seq2SeqPolicy(max_devices=max(8, problem.n_devices), hidden=config.hidden)
-    policy.attach(problem)
-    policy.temperature, policy.logit_clip = config.temperature, config.logit_clip
+            policy = Seq2SeqPolicy(max_devices=max(config.max_devices, problem.n_devices), hidden=config.hidden,
+                                   graph_layers=config.graph_layers)
+    policy.attach(problem, options)
+    policy.temperature, policy.logit_clip, policy.masked_logit = (config.temperature, config.logit_clip,
+                                                                  config.masked_logit)
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
-    state = _State()
+    state, learner = SearchState(), Learner()
     if saved is not None:
-        state = _restore(saved, checkpoint, policy, optimizer, generator)
-    started = time.monotonic() - state.elapsed_s
+        state, fields = restore(saved, checkpoint, policy, optimizer, generator)
+        learner = Learner(**fields)
+        refit(state, scorer)  # the scorer fits every measurement so far, this run's and the checkpoint's
+    clock = Clock(state.elapsed_s)
 
-    def elapsed() -> float:
-        return time.monotonic() - started
+    def save(final: bool = False) -> None:
+        """Checkpoint (and, at the end, the policy); a failed write (disk full) is a warning, not the end."""
+        state.elapsed_s = clock()
+        try:
+            save_checkpoint(checkpoint, problem, state, asdict(learner), policy, optimizer, generator,
+                            asdict(config))
+            if final:
+                save_policy(policy, checkpoint.with_name("policy.pt"))
+        except OSError as err:
+            warnings.warn(f"could not save the search checkpoint in {checkpoint.parent}: {err} (the search "
+                          f"goes on; a resume would start from an earlier checkpoint)", stacklevel=2)
 
-    def budget_left() -> bool:
-        return ((config.budget_s is None or elapsed() < config.budget_s)
-                and (config.max_samples is None or state.samples < config.max_samples))
-
-    def recalibrate_score() -> None:
-        """Take the score that recalibrate fits to every feasible measurement so far, and
-        re-score the candidates with it."""
-        nonlocal score
-        pairs = _finite(state.measured)
-        if recalibrate is not None and pairs is not None:
-            score = recalibrate(*pairs)
-            state.candidates = dict(zip(state.candidates, score(list(state.candidates))))
-
-    def measure_round(placements: list[Placement]) -> None:
-        for p in placements:
-            ms = measure(p)
-            state.measured[p] = math.inf if ms is None else float(ms)
-        recalibrate_score()
-
-    def unmeasured_best() -> list[Placement]:
-        ranked = sorted(state.candidates, key=state.candidates.get)
-        fresh = [p for p in ranked if p not in state.measured and math.isfinite(state.candidates[p])]
-        return fresh[:config.measure_top_k]
-
-    if saved is not None:
-        recalibrate_score()
     interrupted = False
     try:
+        # -- the reward rule (envs.reward), relative to the warm start
+        rule = reward_rule(problem, scorer, config, warm_start, learner.reference_ms)
+        learner.reference_ms = rule.reference_ms
+
+        # -- warm start: keep it as a candidate, and teach it to the policy
         if warm_start is not None and not state.candidates:
-            _remember(state, [warm_start], score([warm_start]), config.keep_top)
-        if warm_start is not None and not state.imitated:
-            _imitate(policy, optimizer, warm_start, config)
-            state.imitated = True
-        while budget_left():
-            n = config.batch_size
-            if config.max_samples is not None:
-                n = min(n, config.max_samples - state.samples)
-            times = _update(policy, optimizer, generator, score, n, state, config)
-            state.updates += 1
-            state.samples += n
-            if measure is not None and state.updates % config.measure_every == 0:
-                measure_round(unmeasured_best())
-            finite = [t for t in times if math.isfinite(t)]
-            row = {"update": state.updates, "samples": state.samples, "elapsed_s": elapsed(),
-                   "mean_ms": sum(finite) / len(finite) if finite else None,
-                   "best_sim_ms": _or_none(state.best_sim()[1]), "best_measured_ms": _or_none(state.best_measured()[1])}
-            state.curve.append(row)
+            state.remember([warm_start], scorer.score([warm_start]), config.keep_top)
+        if warm_start is not None and not learner.imitated:
+            imitate(policy, warm_start, config)
+            learner.imitated = True
+
+        while budget_left(state, config, clock()):
+            # -- sample a batch of candidates and score them
+            sample = policy.sample(round_size(state, config), generator)
+            batch = [Candidate(tuple(p), MICROBATCH_CHOICES[m])
+                     for p, m in zip(sample.placements.tolist(), sample.microbatches.tolist())]
+            times = scorer.score(batch)
+            state.remember(batch, times, config.keep_top)
+            state.rounds += 1
+            state.samples += len(batch)
+
+            # -- RL update
+            rewards = torch.tensor([rule(t) for t in times], dtype=torch.float32)
+            advantages = advantage(rewards, learner, config)
+            update = reinforce_update if config.algo == "reinforce" else ppo_update
+            update(policy, optimizer, sample, advantages, config)
+
+            # -- measurement bookkeeping (placer.search.state)
+            measure_round(state, scorer, config)
+
+            # -- progress and checkpoint
+            row = state.record(times, clock())
             if on_progress is not None:
                 on_progress(dict(row))
-            if checkpoint is not None and state.updates % config.checkpoint_every == 0:
-                state.elapsed_s = elapsed()
-                _save_checkpoint(checkpoint, problem, state, policy, optimizer, generator, config)
-        if measure is not None:
-            final = unmeasured_best()
-            if warm_start is not None and warm_start not in state.measured and warm_start not in final:
-                final.append(warm_start)  # so the result is never worse than the heuristic, measured
-            measure_round(final)
+            if checkpoint is not None and state.rounds % config.checkpoint_every == 0:
+                save()
+        final_round(state, scorer, config, warm_start)
     except KeyboardInterrupt:
         interrupted = True
-    state.elapsed_s = elapsed()
-    if out_dir is not None:
-        _save_checkpoint(checkpoint, problem, state, policy, optimizer, generator, config)
-        save_policy(policy, Path(out_dir) / "policy.pt")
-
-    best_sim, best_sim_ms = state.best_sim()
-    best_measured, best_measured_ms = state.best_measured()
-    return TrainResult(
-        best=best_measured if best_measured is not None and math.isfinite(best_measured_ms) else best_sim,
-        best_sim_ms=best_sim_ms, best_measured_ms=_or_none(best_measured_ms),
-        measured=list(state.measured.items()), curve=list(state.curve), samples=state.samples,
-        updates=state.updates, elapsed_s=state.elapsed_s, interrupted=interrupted, policy=policy)
+    state.elapsed_s = clock()
+    if checkpoint is not None:
+        save(final=True)
+    return state.result("rl", interrupted, policy)
 
 
-def _imitate(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, placement: Placement,
-             config: TrainConfig) -> None:
-    """Maximum likelihood on one placement, until the policy has learned it firmly enough."""
-    target = torch.tensor([placement])
+def reward_rule(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Candidate | None = None,
+                reference: float | None = None) -> RewardRule:
+    """The one reward rule (envs.reward) with config's shaping and penalty, against
+    `reference` ms when given (a resumed search keeps its own), else the warm start's
+    score, else the best single device's (as PlacementEnv's)."""
+    if reference is None:
+        reference = reference_ms(problem, lambda ps: scorer.score([Candidate(p) for p in ps]),
+                                 warm_start.placement if warm_start is not None else None,
+                                 config.reference_fallback_ms)
+    return RewardRule(config.reward, reference, config.infeasible_slowdown)
+
+
+def imitate(policy: Seq2SeqPolicy, warm_start: Candidate, config: TrainConfig) -> None:
+    """Maximum likelihood on one candidate, until the policy has learned it firmly enough."""
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.imitation_lr)
+    target = torch.tensor([warm_start.placement])
+    microbatch = torch.tensor([MICROBATCH_CHOICES.index(warm_start.microbatches)])
+    groups = len(warm_start.placement)
     for _ in range(config.imitation_steps):
-        logp, _ = policy.log_prob(target)
-        if math.exp(float(logp.detach()[0]) / len(placement)) >= config.imitation_target:
+        logp, _ = policy.log_prob(target, microbatch)
+        if math.exp(float(logp.detach()[0]) / groups) >= config.imitation_target:
             return
         optimizer.zero_grad()
-        (-logp[0] / len(placement)).backward()
+        (-logp[0] / groups).backward()
         optimizer.step()
 
 
-def _update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, generator: torch.Generator, score: ScoreFn,
-            n: int, state: _State, config: TrainConfig) -> list[float]:
-    """Sample n placements, score them, take one policy-gradient step; return their step times."""
-    placements, old_logp, _ = policy.sample(n, generator)
-    batch = [tuple(p) for p in placements.tolist()]
-    times = [float(t) for t in score(batch)]
-    _remember(state, batch, times, config.keep_top)
-
-    finite = [t for t in times if math.isfinite(t)]
-    if finite:
-        state.slowest_ms = max(finite + [state.slowest_ms or 0.0])
-    penalty_ms = config.infeasible_factor * (state.slowest_ms or 1000.0)
-    rewards = torch.tensor([_reward(t if math.isfinite(t) else penalty_ms, config.reward) for t in times])
-    if state.baseline is None:
-        state.baseline = float(rewards.mean())
-    advantages = rewards - state.baseline
-    state.baseline = config.baseline_decay * state.baseline + (1 - config.baseline_decay) * float(rewards.mean())
-    groups = placements.shape[1]
-
-    # REINFORCE is one step on the policy gradient; PPO takes several on the clipped surrogate.
-    for _ in range(1 if config.algo == "reinforce" else config.ppo_epochs):
-        logp, entropy = policy.log_prob(placements)
-        if config.algo == "reinforce":
-            objective = advantages * logp
-        else:
-            ratio = torch.exp(logp - old_logp)
-            clipped = torch.clamp(ratio, 1 - config.ppo_clip, 1 + config.ppo_clip)
-            objective = torch.min(ratio * advantages, clipped * advantages)
-        loss = -objective.mean() - config.entropy_coef * entropy.mean() / groups
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return times
+def advantage(rewards: torch.Tensor, learner: Learner, config: TrainConfig) -> torch.Tensor:
+    """Each sample's advantage [n]: normalized within the batch, or against the moving baseline."""
+    if config.normalize_advantages:
+        centred = rewards - rewards.mean()
+        return centred / (rewards.std(unbiased=False) + 1e-8) if len(rewards) > 1 else centred
+    if learner.baseline is None:
+        learner.baseline = float(rewards.mean())
+    advantages = rewards - learner.baseline
+    learner.baseline = config.baseline_decay * learner.baseline + (1 - config.baseline_decay) * float(rewards.mean())
+    return advantages
 
 
-def _reward(step_ms: float, kind: str) -> float:
-    seconds = step_ms / 1000.0
-    return -math.sqrt(seconds) if kind == "neg_sqrt" else -math.log(seconds)
+def reinforce_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: Sample,
+                     advantages: torch.Tensor, config: TrainConfig) -> None:
+    """One step on the policy gradient, advantage * grad log p, plus the entropy bonus."""
+    logp, entropy = policy.log_prob(sample.placements, sample.microbatches)
+    _step(optimizer, -(advantages * logp).mean() - config.entropy_coef * entropy.mean() / policy.problem.n_groups)
 
 
-def _remember(state: _State, placements: list[Placement], times: list[float], keep: int) -> None:
-    """Add scored placements to the candidates, keeping the `keep` fastest distinct ones."""
-    state.candidates.update(zip(placements, times))
-    if len(state.candidates) > keep:
-        state.candidates = dict(sorted(state.candidates.items(), key=lambda kv: kv[1])[:keep])
+def ppo_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: Sample,
+               advantages: torch.Tensor, config: TrainConfig) -> None:
+    """`ppo_epochs` steps on the clipped surrogate objective (Schulman et al. 2017), plus the entropy bonus."""
+    for _ in range(config.ppo_epochs):
+        logp, entropy = policy.log_prob(sample.placements, sample.microbatches)
+        ratio = torch.exp(logp - sample.logp)
+        clipped = torch.clamp(ratio, 1 - config.ppo_clip, 1 + config.ppo_clip)
+        objective = torch.min(ratio * advantages, clipped * advantages)
+        _step(optimizer, -objective.mean() - config.entropy_coef * entropy.mean() / policy.problem.n_groups)
 
 
-def _finite(measured: dict[Placement, float]) -> tuple[list[Placement], list[float]] | None:
-    pairs = [(p, ms) for p, ms in measured.items() if math.isfinite(ms)]
-    return ([p for p, _ in pairs], [ms for _, ms in pairs]) if pairs else None
-
-
-def _or_none(ms: float) -> float | None:
-    return ms if math.isfinite(ms) else None
-
-
-# --------------------------------------------------------------------------- files
-def _save_checkpoint(path: Path, problem: PlacementProblem, state: _State, policy: Seq2SeqPolicy,
-                     optimizer: torch.optim.Optimizer, generator: torch.Generator, config: TrainConfig) -> None:
-    """Write the checkpoint and the learning curve; atomically, so a kill never leaves half a file."""
-    data = {
-        "format": CHECKPOINT_FORMAT,
-        "problem": _identity(problem),
-        "config": asdict(config),
-        "policy": {"config": policy.config, "state_dict": policy.state_dict()},
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-        "state": {**asdict(state), "candidates": [[list(p), ms] for p, ms in state.candidates.items()],
-                  "measured": [[list(p), ms] for p, ms in state.measured.items()]},
-    }
-    write_atomically(path, lambda f: torch.save(data, f))
-    write_atomically(path.with_name("curve.json"), lambda f: f.write(json.dumps(state.curve, indent=1).encode()))
-
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=CURVE_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(state.curve)
-    write_atomically(path.with_name("curve.csv"), lambda f: f.write(table.getvalue().encode()))
-
-
-def _identity(problem: PlacementProblem) -> dict:
-    """What a checkpoint must match to be resumed: the grouped graph and the devices with their caps."""
-    return {"fingerprint": problem.fingerprint, "groups": problem.n_groups, "devices": problem.cluster.spec(),
-            "memory_caps": [dev.memory_bytes for dev in problem.cluster.devices]}
-
-
-def _read_checkpoint(path: Path, problem: PlacementProblem) -> dict:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PlanError(f"{path}: cannot read the search checkpoint ({type(exc).__name__}: {exc})") from None
-    found = data.get("format") if isinstance(data, dict) else None
-    if found != CHECKPOINT_FORMAT:
-        raise PlanError(f"{path}: a search checkpoint of format {found!r}, not {CHECKPOINT_FORMAT!r}: "
-                        f"start without --resume or use another --out")
-    saved, now = data["problem"], _identity(problem)
-    if saved["fingerprint"] != now["fingerprint"] or saved["groups"] != now["groups"]:
-        raise PlanError(f"{path}: the checkpoint is of another problem ({saved['groups']} groups, "
-                        f"fingerprint {saved['fingerprint']!r}); delete it or drop --resume")
-    if saved["devices"] != now["devices"] or saved["memory_caps"] != now["memory_caps"]:
-        raise PlanError(f"checkpoint in {path.parent} was made for devices {saved['devices']} "
-                        f"(caps {_caps(saved['memory_caps'])}), not {now['devices']} "
-                        f"(caps {_caps(now['memory_caps'])}): start without --resume or use another --out")
-    return data
-
-
-def _caps(caps: list[int | None]) -> str:
-    return ", ".join("none" if cap is None else f"{cap}B" for cap in caps)
-
-
-def _restore(data: dict, path: Path, policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator) -> _State:
-    """Load a checkpoint's weights and RNG into the live objects; return the loop's state."""
-    if data["policy"]["config"] != policy.config:
-        raise PlanError(f"{path}: the checkpoint's policy {data['policy']['config']} differs from {policy.config}")
-    policy.load_state_dict(data["policy"]["state_dict"])
-    optimizer.load_state_dict(data["optimizer"])
-    generator.set_state(data["generator"])
-    fields = data["state"]
-    return _State(**{**fields, "candidates": {tuple(p): ms for p, ms in fields["candidates"]},
-                     "measured": {tuple(p): ms for p, ms in fields["measured"]}})
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()

@@ -1,0 +1,119 @@
+"""What every search shares: its budget and its measurement cadence (SearchConfig).
+
+One SearchConfig given to `rl`, `random_search` and `local_search` gives them equal
+budgets: the same number of sampled candidates, in rounds of the same size, and the
+same candidates measured at the same points. The RL trainer's TrainConfig extends it
+with the policy's and the update's fields, and `overrides` sets any field from the
+command line's `key=value` pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from graphs.problem import PlacementProblem
+
+__all__ = ["SearchConfig", "overrides", "microbatch_options"]
+
+
+@dataclass
+class SearchConfig:
+    seed: int = 0
+    """Seeds every random choice of the search: the same seed and max_samples (with
+    budget_s None) give the same search."""
+    budget_s: float | None = 300.0
+    """Wall-clock budget in seconds, measurements and the RL warm start included; None: no limit."""
+    max_samples: int | None = None
+    """Candidates sampled (each scored once); None: no limit. Equal max_samples is how
+    searches are compared."""
+    batch_size: int = 16
+    """Candidates sampled per round (RL: per policy update; local_search: neighbours tried per step)."""
+    measure_every: int = 25
+    """Rounds between measurement rounds (the kept candidates' best are measured)."""
+    measure_top_k: int = 2
+    """Best not-yet-measured candidates measured per measurement round, and again at the
+    end (with the warm start); 0 never measures (a simulator-only search)."""
+    keep_top: int = 64
+    """Distinct best-scoring candidates kept (the ones a measurement round picks from)."""
+    microbatches: tuple[int, ...] | None = None
+    """Micro-batch counts searched; None: every count the workload's profile allows
+    (microbatch_options); (1,): no pipelining."""
+    checkpoint_every: int = 10
+    """Rounds between checkpoints, when the search has an output folder (RL)."""
+    anneal: float = 0.02
+    """local_search: simulated annealing's starting temperature, as a relative slowdown: at
+    the start a neighbour this much slower than the current candidate is accepted with
+    probability 1/e. It falls linearly to 0 (pure hill climbing) at the end of the budget."""
+
+    def __post_init__(self) -> None:
+        if self.max_samples is not None and self.max_samples < 0:
+            raise ValueError(f"max_samples={self.max_samples}: give a count >= 0 or None")
+        for name in ("batch_size", "measure_every", "keep_top", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: give a count >= 1")
+        if self.anneal < 0:
+            raise ValueError(f"anneal={self.anneal}: give a temperature >= 0 (0: hill climbing)")
+        if self.measure_top_k < 0:
+            raise ValueError(f"measure_top_k={self.measure_top_k}: give a count >= 0")
+        if self.microbatches is not None:
+            self.microbatches = tuple(int(m) for m in self.microbatches)
+            if not self.microbatches or min(self.microbatches) < 1:
+                raise ValueError(f"microbatches={self.microbatches}: give counts >= 1")
+
+
+C = typing.TypeVar("C", bound=SearchConfig)
+
+
+def overrides(config: C, pairs: Sequence[str]) -> C:
+    """A copy of `config` with fields set from "key=value" strings (the CLI's
+    `--search key=value`), each value read as its field's type.
+
+    Raises ValueError naming the pair for an unknown field or an unreadable value.
+
+    >>> overrides(SearchConfig(), ["batch_size=32", "budget_s=none", "microbatches=1,2,4"]).microbatches
+    (1, 2, 4)
+    """
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    hints = typing.get_type_hints(type(config))
+    changes = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ValueError(f"cannot set {pair!r}: write key=value with key one of {', '.join(fields)}")
+        try:
+            changes[key] = _parse(text.strip(), hints[key])
+        except ValueError:
+            raise ValueError(f"cannot set {pair!r}: {text!r} is not a {hints[key]}") from None
+    return dataclasses.replace(config, **changes)
+
+
+def _parse(text: str, hint: object) -> object:
+    """`text` as a value of the type `hint` (int, float, str, bool, tuple[int, ...], or X | None)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if text.lower() == "none":
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    if hint is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1", "yes")
+    return hint(text)
+
+
+def microbatch_options(problem: PlacementProblem) -> tuple[int, ...]:
+    """The micro-batch counts this problem's profile has costs for on every device kind of
+    its cluster (the OpGraph's "microbatch_step_ms", {kind: {count: ms}}; a count missing
+    for a kind could not run there), always including 1."""
+    for graph in (problem.ops, problem.groups):
+        profiled = graph.graph.get("microbatch_step_ms") if graph is not None else None
+        if profiled:
+            counts = [{int(m) for m in profiled.get(kind, {})} for kind in problem.cluster.kinds]
+            return tuple(sorted({1}.union(*counts[:1]).intersection(*counts[1:]) | {1}))
+    return (1,)

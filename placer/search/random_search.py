@@ -1,0 +1,66 @@
+"""`random_search`: uniformly random candidates, the cheapest yardstick.
+
+Each round draws `batch_size` candidates: every group a uniformly random device (a
+group that shares parameters with an earlier one takes that one's device, so that
+no sample is infeasible for that reason alone) and a uniformly random micro-batch
+count among the allowed ones. The warm start is scored first and kept, so the result
+is never worse than it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from graphs.problem import Candidate, PlacementProblem
+from placer.search.config import SearchConfig, microbatch_options
+from placer.search.state import (Clock, SearchResult, SearchState, budget_left, final_round, measure_round,
+                                 round_size)
+
+__all__ = []
+
+
+def random_candidates(problem: PlacementProblem, options: Sequence[int], rng: np.random.Generator,
+                      n: int) -> list[Candidate]:
+    """n random candidates: devices uniform per colocation set, micro-batches uniform over `options`.
+
+    >>> import networkx as nx
+    >>> from graphs.devices import parse_cluster
+    >>> g = nx.DiGraph(colocate=[[0, 2]]); g.add_nodes_from(range(3))
+    >>> [c] = random_candidates(PlacementProblem(g, parse_cluster("cpu:0,cpu:1")), (1,), np.random.default_rng(0), 1)
+    >>> c.placement[0] == c.placement[2], c.microbatches
+    (True, 1)
+    """
+    leader = np.asarray(problem.colocation_leader)
+    devices = rng.integers(0, problem.n_devices, size=(n, problem.n_groups))[:, leader]
+    counts = rng.choice(np.asarray(options), size=n)
+    return [Candidate(tuple(row), int(m)) for row, m in zip(devices.tolist(), counts.tolist())]
+
+
+def random_search(problem: PlacementProblem, scorer, config: SearchConfig, warm_start: Candidate | None = None,
+                  on_progress: Callable[[dict], None] | None = None) -> SearchResult:
+    """Random search at the budget and measurement cadence of `config` (placer.search.run)."""
+    rng = np.random.default_rng(config.seed)
+    options = config.microbatches or microbatch_options(problem)
+    state = SearchState()
+    clock = Clock()
+    interrupted = False
+    try:
+        if warm_start is not None:
+            state.remember([warm_start], scorer.score([warm_start]), config.keep_top)
+        while budget_left(state, config, clock()):
+            batch = random_candidates(problem, options, rng, round_size(state, config))
+            times = scorer.score(batch)
+            state.remember(batch, times, config.keep_top)
+            state.rounds += 1
+            state.samples += len(batch)
+            measure_round(state, scorer, config)
+            row = state.record(times, clock())
+            if on_progress is not None:
+                on_progress(dict(row))
+        final_round(state, scorer, config, warm_start)
+    except KeyboardInterrupt:
+        interrupted = True
+    state.elapsed_s = clock()
+    return state.result("random_search", interrupted)

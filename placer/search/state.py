@@ -1,0 +1,170 @@
+"""What every search keeps as it runs (SearchState), how it spends its measurements,
+and what it hands back (SearchResult).
+
+The searches differ only in how they propose candidates; the bookkeeping here is
+shared, so that their budgets are equal by construction:
+
+- every scored candidate counts as one sample; the `keep_top` best distinct ones are kept;
+- every `measure_every` rounds the `measure_top_k` best kept candidates not measured
+  yet are measured, the scorer refits its simulator to every measurement so far, and
+  the kept candidates are re-scored;
+- at the end the same again, plus the warm start, so that the result is never worse
+  than the heuristic it started from, measured;
+- the final choice is the best measured feasible candidate, else (nothing measured)
+  the best simulated feasible one, else None.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from graphs.problem import Candidate, Placement, PlacementProblem
+from placer.search.config import SearchConfig
+
+if TYPE_CHECKING:  # the Protocol lives in the package's face; only type hints need it here
+    from placer.search import Scorer
+
+__all__ = []
+
+CURVE_FIELDS = ("update", "samples", "elapsed_s", "mean_ms", "best_sim_ms", "best_measured_ms")
+
+
+@dataclass
+class SearchResult:
+    """What a search found. `best` is None when it found nothing feasible (best_sim_ms is then inf)."""
+
+    method: str  # "rl", "random_search" or "local_search"
+    best: Candidate | None  # best feasible measured, else best feasible simulated, else None
+    best_sim_ms: float  # the best kept candidate's score; inf when none was feasible
+    best_measured_ms: float | None  # the best measurement; None when nothing feasible was measured
+    measured: list[tuple[Candidate, float]]  # every measurement, in order (inf where infeasible)
+    curve: list[dict]  # one row per round, keys CURVE_FIELDS ("update" numbers the round: one RL update each)
+    samples: int  # candidates scored
+    rounds: int
+    elapsed_s: float
+    interrupted: bool  # Ctrl-C ended it: what it had is returned
+    policy: object | None = field(default=None, repr=False)  # the trained policy (rl only)
+
+
+@dataclass
+class SearchState:
+    """Everything a search's bookkeeping changes; what a checkpoint holds besides the proposer's own state."""
+
+    rounds: int = 0
+    samples: int = 0
+    elapsed_s: float = 0.0
+    candidates: dict[Candidate, float] = field(default_factory=dict)  # best scored, at most keep_top
+    measured: dict[Candidate, float] = field(default_factory=dict)  # ms; inf where infeasible
+    curve: list[dict] = field(default_factory=list)
+
+    def remember(self, candidates: Sequence[Candidate], times: Sequence[float], keep: int) -> None:
+        """Add scored candidates, keeping the `keep` fastest distinct ones."""
+        self.candidates.update(zip(candidates, (float(t) for t in times)))
+        if len(self.candidates) > keep:
+            self.candidates = dict(sorted(self.candidates.items(), key=lambda kv: kv[1])[:keep])
+
+    def best_sim(self) -> tuple[Candidate | None, float]:
+        """The fastest feasible kept candidate, or (None, inf): an infeasible one is never "best"."""
+        feasible = [(c, ms) for c, ms in self.candidates.items() if math.isfinite(ms)]
+        return min(feasible, key=lambda kv: kv[1], default=(None, math.inf))
+
+    def best_measured(self) -> tuple[Candidate | None, float]:
+        return min(self.measured.items(), key=lambda kv: kv[1], default=(None, math.inf))
+
+    def unmeasured_best(self, k: int) -> list[Candidate]:
+        """The k best feasible kept candidates not measured yet."""
+        ranked = sorted(self.candidates, key=self.candidates.get)
+        return [c for c in ranked if c not in self.measured and math.isfinite(self.candidates[c])][:k]
+
+    def record(self, times: Sequence[float], elapsed_s: float) -> dict:
+        """Append (and return) the curve row of the round just scored (`times`: its samples')."""
+        finite = [t for t in times if math.isfinite(t)]
+        row = {"update": self.rounds, "samples": self.samples, "elapsed_s": elapsed_s,
+               "mean_ms": sum(finite) / len(finite) if finite else None,
+               "best_sim_ms": _or_none(self.best_sim()[1]), "best_measured_ms": _or_none(self.best_measured()[1])}
+        self.curve.append(row)
+        return row
+
+    def result(self, method: str, interrupted: bool, policy: object | None = None) -> SearchResult:
+        best_sim, best_sim_ms = self.best_sim()
+        best_measured, best_measured_ms = self.best_measured()
+        chosen = best_measured if best_measured is not None and math.isfinite(best_measured_ms) else best_sim
+        return SearchResult(method=method, best=chosen, best_sim_ms=best_sim_ms,
+                            best_measured_ms=_or_none(best_measured_ms), measured=list(self.measured.items()),
+                            curve=list(self.curve), samples=self.samples, rounds=self.rounds,
+                            elapsed_s=self.elapsed_s, interrupted=interrupted, policy=policy)
+
+
+def as_candidate(problem: PlacementProblem, warm_start: Candidate | Placement | None) -> Candidate | None:
+    """The warm start as a Candidate (a bare placement means one micro-batch), checked to fit.
+
+    Raises InfeasibleError naming the first problem when it does not fit the devices:
+    a search started there would learn or walk from an infeasible point."""
+    if warm_start is None:
+        return None
+    if not isinstance(warm_start, Candidate):
+        warm_start = Candidate(tuple(int(d) for d in warm_start))
+    problem.check(warm_start.placement)
+    return warm_start
+
+
+class Clock:
+    """Elapsed wall-clock seconds of a search, continuing from a resumed state's."""
+
+    def __init__(self, already_s: float = 0.0):
+        self._started = time.monotonic() - already_s
+
+    def __call__(self) -> float:
+        return time.monotonic() - self._started
+
+
+def budget_left(state: SearchState, config: SearchConfig, elapsed_s: float) -> bool:
+    return ((config.budget_s is None or elapsed_s < config.budget_s)
+            and (config.max_samples is None or state.samples < config.max_samples))
+
+
+def round_size(state: SearchState, config: SearchConfig) -> int:
+    """Candidates to sample this round: a batch, or what the sample budget leaves."""
+    if config.max_samples is None:
+        return config.batch_size
+    return max(0, min(config.batch_size, config.max_samples - state.samples))
+
+
+def measure(state: SearchState, scorer: Scorer, candidates: Sequence[Candidate]) -> None:
+    """Measure `candidates`, keep their times; when any is feasible, refit the scorer to
+    every measurement so far and re-score the kept candidates under the new fit."""
+    todo = [c for c in dict.fromkeys(candidates) if c not in state.measured]
+    if not todo:
+        return
+    for c, ms in zip(todo, scorer.measure(todo)):
+        state.measured[c] = math.inf if ms is None else float(ms)
+    refit(state, scorer)
+
+
+def refit(state: SearchState, scorer: Scorer) -> None:
+    """Refit the scorer (when anything feasible was measured) and re-score the kept candidates."""
+    if any(math.isfinite(ms) for ms in state.measured.values()):
+        scorer.refit()
+        kept = list(state.candidates)
+        state.candidates = dict(zip(kept, (float(t) for t in scorer.score(kept))))
+
+
+def measure_round(state: SearchState, scorer: Scorer, config: SearchConfig) -> None:
+    """The periodic measurement round: after every `measure_every` rounds."""
+    if config.measure_top_k and state.rounds % config.measure_every == 0:
+        measure(state, scorer, state.unmeasured_best(config.measure_top_k))
+
+
+def final_round(state: SearchState, scorer: Scorer, config: SearchConfig, warm_start: Candidate | None) -> None:
+    """The closing measurement round: the best unmeasured candidates and the warm start."""
+    if config.measure_top_k:
+        final = state.unmeasured_best(config.measure_top_k)
+        measure(state, scorer, final + ([warm_start] if warm_start is not None else []))
+
+
+def _or_none(ms: float) -> float | None:
+    return ms if math.isfinite(ms) else None

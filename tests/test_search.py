@@ -1,0 +1,151 @@
+"""The search seam (placer.search.run) and the yardsticks: equal budgets, the warm start
+never lost, colocation kept, measurement bookkeeping shared."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from graphs.devices import parse_cluster
+from graphs.errors import InfeasibleError
+from graphs.problem import Candidate, PlacementProblem
+from graphs.synthetic import random_grouped_graph
+from placer.baselines import run_baselines
+from placer.rl import TrainConfig
+from placer.search import METHODS, SearchConfig, microbatch_options, overrides, run
+from placer.search.local_search import neighbour
+from placer.search.scorer import SimulatedScorer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic(n=16, devices="cpu:0,cpu:1,cpu:2", tied_pairs=2, seed=4, memory=None):
+    return PlacementProblem(random_grouped_graph(n, seed=seed, tied_pairs=tied_pairs), parse_cluster(devices, memory))
+
+
+class Counting(SimulatedScorer):
+    """The simulator, a 'real machine' 10% slower than it, and a count of every call."""
+
+    def __init__(self, problem):
+        super().__init__(problem, measure=lambda c: 1.1 * self.score([c])[0])
+        self.scored, self.measured_calls, self.refit_calls = 0, [], 0
+
+    def score(self, candidates):
+        self.scored += len(candidates)
+        return super().score(candidates)
+
+    def measure(self, candidates):
+        self.measured_calls.append(list(candidates))
+        return super().measure(candidates)
+
+    def refit(self):
+        self.refit_calls += 1
+
+
+CONFIG = TrainConfig(budget_s=None, max_samples=96, batch_size=8, measure_every=4, measure_top_k=2, hidden=16,
+                     imitation_steps=50)
+
+
+def best_heuristic(problem):
+    scorer = SimulatedScorer(problem)
+    placements = [p for p in run_baselines(problem).values() if not isinstance(p, InfeasibleError)]
+    return min(placements, key=lambda p: scorer.score([Candidate(p)])[0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_search_spends_the_same_budget_and_never_loses_the_warm_start(method):
+    problem = synthetic()
+    warm = best_heuristic(problem)
+    scorer = Counting(problem)
+    result = run(method, problem, scorer, CONFIG, warm)
+    assert result.method == method and result.samples == 96 and result.rounds == 12
+    assert [row["samples"] for row in result.curve] == list(range(8, 97, 8))
+    # measurement rounds after rounds 4, 8 and 12 (2 candidates each), then the end: 2 more + the warm start
+    assert [len(batch) for batch in scorer.measured_calls][:3] == [2, 2, 2]
+    assert len(result.measured) <= 3 * 2 + 3 and Candidate(warm) in dict(result.measured)
+    assert len({c for c, _ in result.measured}) == len(result.measured)  # nothing measured twice
+    best_ms = min(ms for _, ms in result.measured)
+    assert result.best_measured_ms == best_ms <= dict(result.measured)[Candidate(warm)]
+    for candidate, _ in result.measured:
+        for members in problem.colocation_sets:  # every candidate keeps colocation
+            assert len({candidate.placement[m] for m in members}) == 1
+
+
+def test_local_search_never_returns_worse_than_its_start_and_improves_a_poor_one():
+    problem = synthetic(24, tied_pairs=0)
+    scorer = SimulatedScorer(problem)
+    start = (0,) * 24
+    start_ms = scorer.score([Candidate(start)])[0]
+    for seed in range(3):
+        config = SearchConfig(seed=seed, budget_s=None, max_samples=200, measure_top_k=0, anneal=0.05)
+        result = run("local_search", problem, scorer, config, start)
+        assert result.best_sim_ms <= start_ms
+        assert scorer.score([result.best])[0] == result.best_sim_ms
+    assert result.best_sim_ms < start_ms  # three devices beat one on a graph with parallel branches
+
+
+def test_a_neighbour_moves_exactly_one_colocation_set_or_the_microbatch_count():
+    problem = synthetic(20, tied_pairs=3)
+    leader = np.asarray(problem.colocation_leader)
+    sets = [np.flatnonzero(leader == g) for g in np.unique(leader)]
+    rng = np.random.default_rng(0)
+    start = Candidate(tuple([0] * 20), 2)
+    for _ in range(100):
+        moved = neighbour(start, sets, 3, (1, 2, 4), rng)
+        changed = {g for g in range(20) if moved.placement[g] != start.placement[g]}
+        if moved.microbatches != start.microbatches:
+            assert not changed
+        else:
+            assert any(changed == set(s.tolist()) for s in sets)
+
+
+def test_searches_are_reproducible_for_a_seed():
+    problem = synthetic()
+    for method in METHODS:
+        first, second = (run(method, problem, SimulatedScorer(problem), CONFIG.__class__(
+            **{**CONFIG.__dict__, "measure_top_k": 0}), best_heuristic(problem)) for _ in range(2))
+        assert first.best == second.best and [r["mean_ms"] for r in first.curve] == [r["mean_ms"] for r in second.curve]
+
+
+def test_run_refuses_an_unknown_method_and_an_infeasible_warm_start():
+    problem = synthetic(memory="cpu:0=1B")
+    with pytest.raises(ValueError, match="unknown search 'annealing'"):
+        run("annealing", problem, SimulatedScorer(problem), CONFIG)
+    with pytest.raises(InfeasibleError, match="cpu:0"):
+        run("local_search", problem, SimulatedScorer(problem), CONFIG, (0,) * 16)
+
+
+def test_a_search_with_nothing_feasible_returns_no_best():
+    problem = synthetic(memory="cpu:0=1B,cpu:1=1B,cpu:2=1B")
+    for method in METHODS:
+        result = run(method, problem, Counting(problem), CONFIG)
+        assert result.best is None and result.best_sim_ms == math.inf and result.best_measured_ms is None
+
+
+def test_overrides_read_each_field_as_its_type_and_refuse_unknown_ones():
+    config = overrides(TrainConfig(), ["lr=0", "algo=reinforce", "budget_s=none", "max_samples=500",
+                                       "microbatches=1,2", "normalize_advantages=false"])
+    assert (config.lr, config.algo, config.budget_s, config.max_samples, config.microbatches,
+            config.normalize_advantages) == (0.0, "reinforce", None, 500, (1, 2), False)
+    with pytest.raises(ValueError, match="'learning_rate=1'"):
+        overrides(TrainConfig(), ["learning_rate=1"])
+    with pytest.raises(ValueError, match="'batch_size=many'"):
+        overrides(SearchConfig(), ["batch_size=many"])
+    with pytest.raises(ValueError, match="algo"):
+        overrides(TrainConfig(), ["algo=sarsa"])
+
+
+def test_microbatch_options_come_from_the_profile():
+    problem = synthetic()
+    assert microbatch_options(problem) == (1,)
+    problem.groups.graph["microbatch_step_ms"] = {"cpu": {1: 10.0, 2: 11.0, 4: 13.0}}
+    assert microbatch_options(problem) == (1, 2, 4)
