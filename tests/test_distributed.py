@@ -20,7 +20,7 @@ from graphs.workload import load_workload
 from graphs.devices import parse_cluster
 from placer.distributed import (DistributedModel, LocalRank, merge_checkpoints, measure_distributed, rank_cluster,
                                 run_local, save_checkpoint, train_distributed)
-from placer.distributed.backend import build_schedule
+from placer.distributed.schedule import build_schedule
 from placer.distributed.launch import free_port
 from placer.distributed.pool import MeasurementPool
 from graphs.errors import DeviceSpecError, PlanError

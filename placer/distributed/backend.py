@@ -33,118 +33,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.capture import node_params
-from graphs.trace import fingerprint, trace_model
 from graphs.devices import Cluster, Device, parse_cluster
 from graphs.errors import PlanError
+from graphs.trace import fingerprint, trace_model
+from placer.distributed.schedule import Crossing, Schedule, TensorMeta, ValueMeta, build_schedule, describe
+from placer.distributed.share import RankShare
 from placer.plan import Plan, load_plan
 from placer.runtime.chunks import Chunk, build_chunks
 
 LossFn = Callable[..., torch.Tensor]
-
-
-# -- the static schedule ---------------------------------------------------------
-
-@dataclass(frozen=True)
-class TensorMeta:
-    shape: torch.Size
-    dtype: torch.dtype
-    requires_grad: bool
-
-
-@dataclass(frozen=True)
-class ValueMeta:
-    """One fx value as the shape pass saw it: its pytree leaves, each a TensorMeta
-    or a constant (an int, None, a dtype...)."""
-
-    spec: TreeSpec
-    leaves: tuple
-
-    @property
-    def tensors(self) -> list[int]:
-        return [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, TensorMeta)]
-
-    @property
-    def grad_tensors(self) -> list[int]:
-        return [i for i, leaf in enumerate(self.leaves) if isinstance(leaf, TensorMeta) and leaf.requires_grad]
-
-
-@dataclass(frozen=True)
-class Crossing:
-    """A value that one rank produces and another consumes: sent once per step
-    forward (at `produced_at`) and its gradient once backward (at `first_use`)."""
-
-    value: str
-    src: int
-    dst: int
-    produced_at: int  # chunk index of its producer
-    first_use: int  # lowest index of its consumers on dst (len(chunks): the loss)
-    tag: int  # first gloo tag of its messages; each tensor leaf and phase gets its own
-
-
-@dataclass
-class Schedule:
-    """What every rank knows alike: chunks, their owners, and the crossings."""
-
-    chunks: list[Chunk]
-    owner: list[int]  # chunk index -> rank; owner[len(chunks)] is the loss rank
-    devices: list[Device]  # chunk index -> the device it runs on
-    producer: dict[str, int]  # node -> chunk index
-    crossings: list[Crossing]
-    meta: dict[str, ValueMeta] = field(default_factory=dict)
-    _index: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def loss_index(self) -> int:
-        return len(self.chunks)
-
-    @property
-    def loss_rank(self) -> int:
-        return self.owner[self.loss_index]
-
-    def sent_forward_at(self, k: int) -> list[Crossing]:
-        return self._at("produced_at").get(k, [])
-
-    def sent_backward_at(self, k: int) -> list[Crossing]:
-        return self._at("first_use").get(k, [])
-
-    def _at(self, point: str) -> dict[int, list[Crossing]]:
-        """Crossings by the chunk where they are sent, in crossing order (cached; the
-        crossings are final once DistributedModel has numbered them)."""
-        if point not in self._index:
-            self._index[point] = {}
-            for c in self.crossings:
-                self._index[point].setdefault(getattr(c, point), []).append(c)
-        return self._index[point]
-
-
-def build_schedule(chunks: list[Chunk], devices: list[Device], output_nodes: list[str]) -> Schedule:
-    """Owners and crossings of `chunks` (devices[k]: chunk k's device, with its rank).
-    The loss goes to the owner of the last chunk that produces a model output."""
-    producer = {node: c.index for c in chunks for node in c.outputs}
-    makers = [producer[n] for n in output_nodes if n in producer]
-    owner = [d.rank for d in devices] + [devices[max(makers)].rank if makers else devices[-1].rank]
-    loss_index = len(chunks)
-    consumers = [(c.index, name) for c in chunks for name in c.inputs] + [(loss_index, n) for n in output_nodes]
-    first_use: dict[tuple[str, int], int] = {}
-    for k, name in consumers:
-        if name in producer and owner[k] != owner[producer[name]]:
-            key = (name, owner[k])
-            first_use[key] = min(first_use.get(key, k), k)
-    order = {name: i for c in chunks for i, name in enumerate(c.outputs)}
-    keys = sorted(first_use, key=lambda key: (producer[key[0]], order[key[0]], key[1]))
-    crossings = [Crossing(name, owner[producer[name]], dst, producer[name], first_use[(name, dst)], tag=0)
-                 for name, dst in keys]
-    return Schedule(chunks=chunks, owner=owner, devices=devices, producer=producer, crossings=crossings)
 
 
 # -- the placed model on one rank --------------------------------------------------
@@ -164,24 +70,26 @@ def rank_cluster(plan: Plan, world_size: int, cluster: Cluster | None = None) ->
     return cluster
 
 
-class DistributedModel:
+class DistributedModel(RankShare):
     """A model placed over torch.distributed ranks. Construct it on every rank (a
     collective: same model, same seed, same plan, same example batch); then every rank
     calls `train_step` with the same batch and steps an optimizer over `parameters()`,
-    its own share (optimizer state lives with its parameters)."""
+    its own share (optimizer state lives with its parameters).
+
+    Raises PlanError (one line) when the plan was made for another model, leaves a node
+    unplaced, gives a device no owner, or splits a shared parameter."""
 
     def __init__(self, model: nn.Module, plan: Plan | str | Path, example_inputs: Sequence[torch.Tensor],
                  cluster: Cluster | None = None, group: dist.ProcessGroup | None = None):
+        super().__init__(model, group)
         if not isinstance(plan, Plan):
             plan = load_plan(plan)
         source = plan.path.name if plan.path is not None else "plan"
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.model = model
         self.plan = plan
         cluster = rank_cluster(plan, dist.get_world_size(group), cluster)
         device_of = dict(zip(plan.devices, cluster.devices))
         self.devices = device_of  # plan device name -> the device with its owner
+        self.local_devices = {name: d for name, d in device_of.items() if d.rank == self.rank}
 
         traced = trace_model(model, leaf_paths=plan.leaf_paths, allow_fallback=False)
         gm = traced.gm
@@ -199,13 +107,10 @@ class DistributedModel:
         self._output_nodes = list(dict.fromkeys(outputs))
 
         chunks = build_chunks(model, gm.graph, plan.assignment)
-        self.schedule = build_schedule(chunks, [device_of[c.device] for c in chunks], self._output_nodes)
-        self.schedule.meta = self._propagate_shapes(example_inputs)
-        self._number_messages()
-        self._comm_device = self._communication_device(cluster)
-        self.tensor_owner: dict[int, int] = {}  # id(parameter or buffer) -> owner rank
-        self.tensor_device: dict[int, str] = {}  # id(tensor this rank owns) -> plan device name
-        self._place_tensors(gm, body, device_of, source)
+        schedule = build_schedule(chunks, [device_of[c.device] for c in chunks], self._output_nodes)
+        self.schedule = schedule.with_meta(self._propagate_shapes(schedule, example_inputs))
+        self.comm_device = self._communication_device(cluster)
+        self._place(self._owners(gm, body, device_of, source), {}, default_device=plan.devices[0])
         # Activation accounting (measure): bytes saved for backward per plan device, when a dict.
         self.saved_bytes: dict[str, int] | None = None
         self.input_shapes = [tuple(x.shape) for x in example_inputs]
@@ -220,7 +125,7 @@ class DistributedModel:
         mine = [d.torch_device for d in cluster.devices if d.rank == self.rank and d.kind == "cuda"]
         return torch.device(mine[0] if mine else f"cuda:{torch.cuda.current_device()}")
 
-    def _propagate_shapes(self, example_inputs: Sequence[torch.Tensor]) -> dict[str, ValueMeta]:
+    def _propagate_shapes(self, schedule: Schedule, example_inputs: Sequence[torch.Tensor]) -> dict[str, ValueMeta]:
         """Run every chunk once where the model was built, as the schedule will, and describe each
         value that crosses ranks. Buffers and the RNG are restored afterwards, so the
         pass leaves no trace in the numerics."""
@@ -228,97 +133,32 @@ class DistributedModel:
         buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
         values = dict(zip(self._placeholders, (x.to(home) for x in example_inputs)))
         with torch.random.fork_rng(devices=[home] if home.type == "cuda" else []), torch.enable_grad():
-            for chunk in self.schedule.chunks:
+            for chunk in schedule.chunks:
                 args = [_as_input(values[name], home, name in chunk.mutated_inputs)[0]
                         for name in chunk.inputs]
                 values.update(zip(chunk.outputs, chunk.module(*args)))
         with torch.no_grad():
             for name, b in self.model.named_buffers():
                 b.copy_(buffers[name])
-        meta = {}
-        for c in self.schedule.crossings:
-            flat, spec = tree_flatten(values[c.value])
-            meta[c.value] = ValueMeta(spec, tuple(
-                TensorMeta(x.shape, x.dtype, x.requires_grad) if isinstance(x, torch.Tensor) else x for x in flat))
-        return meta
+        return {c.value: describe(values[c.value]) for c in schedule.crossings}
 
-    def _number_messages(self) -> None:
-        """Give each crossing its own block of gloo tags: one per tensor leaf forward,
-        one per gradient backward."""
-        tag, numbered = 0, []
-        for c in self.schedule.crossings:
-            numbered.append(replace(c, tag=tag))
-            tag += 2 * len(self.schedule.meta[c.value].leaves)
-        self.schedule.crossings = numbered
-        self.schedule._index.clear()
-
-    def _place_tensors(self, gm: fx.GraphModule, body: list[fx.Node], device_of: dict[str, Device],
-                       source: str) -> None:
-        """Move each parameter and buffer that this rank's nodes read to their device;
-        free the storage of parameters other ranks own. Fills tensor_owner (rank 0
-        owns what no node reads) and tensor_device."""
-        owner: dict[int, tuple[str, Device]] = {}
-        plan_name = {}
+    def _owners(self, gm: fx.GraphModule, body: list[fx.Node], device_of: dict[str, Device],
+                source: str) -> dict[int, tuple[int, str, torch.device]]:
+        """id(tensor) -> (owner rank, plan device, torch device) of every parameter and
+        buffer a node reads; a tensor read on two devices is an error."""
+        owners: dict[int, tuple[int, str, torch.device]] = {}
+        first_name: dict[int, str] = {}
         for node in body:
-            device = device_of[self.plan.assignment[node.name]]
+            name_here = self.plan.assignment[node.name]
+            device = device_of[name_here]
             for name in node_params(gm, node):
                 tensor = _get_tensor(self.model, name)
-                plan_name.setdefault(id(tensor), self.plan.assignment[node.name])
-                first, seen = owner.setdefault(id(tensor), (name, device))
-                if seen.rank != device.rank or seen.torch_device != device.torch_device:
-                    raise PlanError(f"{source} splits parameter {first!r} across {seen.name} and {device.name}: "
-                                    f"nodes that share a parameter must share a device")
-        ranks = self.tensor_owner
-        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-            ranks[id(tensor)] = owner[id(tensor)][1].rank if id(tensor) in owner else 0
-            if ranks[id(tensor)] == self.rank:
-                self.tensor_device[id(tensor)] = plan_name.get(id(tensor), self.plan.devices[0])
-        with torch.no_grad():
-            for p in self.model.parameters():
-                if ranks[id(p)] != self.rank:
-                    p.data = torch.empty(0, dtype=p.dtype)  # lives on its owner's rank only
-                elif id(p) in owner:
-                    p.data = p.data.to(owner[id(p)][1].torch_device)
-        for module in self.model.modules():
-            for key, b in module._buffers.items():
-                if b is not None and id(b) in owner and ranks[id(b)] == self.rank:
-                    moved = b.to(owner[id(b)][1].torch_device)
-                    module._buffers[key] = moved
-                    ranks[id(moved)] = ranks.pop(id(b))
-                    self.tensor_device[id(moved)] = self.tensor_device.pop(id(b))
-
-    # -- what a training loop uses ---------------------------------------------------
-
-    def parameters(self) -> list[nn.Parameter]:
-        """This rank's parameters: build the optimizer over these (may be empty)."""
-        return [p for p in self.model.parameters() if self.tensor_owner[id(p)] == self.rank]
-
-    def owned_tensors(self) -> list[torch.Tensor]:
-        """This rank's parameters and buffers."""
-        return [t for t in list(self.model.parameters()) + list(self.model.buffers())
-                if self.tensor_owner.get(id(t)) == self.rank]
-
-    def held_bytes(self, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-        """Bytes of this rank's parameters, buffers, gradients and optimizer state, per
-        plan device (measure.py's way of counting)."""
-        held: dict[str, int] = {}
-        for t in self.owned_tensors():
-            state = optimizer.state.get(t, {}) if optimizer is not None else {}
-            parts = [t, t.grad] + [v for v in state.values() if isinstance(v, torch.Tensor)]
-            device = self.tensor_device[id(t)]
-            held[device] = held.get(device, 0) + sum(x.numel() * x.element_size() for x in parts if x is not None)
-        return held
-
-    def zero_grad(self) -> None:
-        for p in self.parameters():
-            p.grad = None
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The entries of the model's state_dict that this rank owns (on the host)."""
-        named = dict(self.model.named_parameters(remove_duplicate=False))
-        named.update(self.model.named_buffers(remove_duplicate=False))
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()
-                if k in named and self.tensor_owner.get(id(named[k])) == self.rank}
+                first_name.setdefault(id(tensor), name)
+                rank, seen, _ = owners.setdefault(id(tensor), (device.rank, name_here, torch.device(device.torch_device)))
+                if seen != name_here:
+                    raise PlanError(f"{source} splits parameter {first_name[id(tensor)]!r} across {seen} and "
+                                    f"{name_here}: nodes that share a parameter must share a device")
+        return owners
 
     def train_step(self, inputs: Sequence[torch.Tensor], loss_fn: LossFn) -> float:
         """Forward, loss and backward of one batch over all ranks (every rank calls it
@@ -341,18 +181,13 @@ class DistributedModel:
         step.forward()
         # Every rank learns the loss while the backward pass runs.
         loss = torch.tensor([step.loss if step.loss is not None else 0.0], dtype=torch.float64,
-                            device=self._comm_device)
+                            device=self.comm_device)
         shared = dist.broadcast(loss, self.global_rank(self.schedule.loss_rank), group=self.group, async_op=True)
         if backward:
             step.backward()
         step.finish()
         shared.wait()
         return float(loss.item())
-
-    def global_rank(self, rank: int) -> int:
-        """A rank of the model's group in the default group (what point-to-point
-        operations take, whatever their group)."""
-        return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def _output_value(self, values: dict) -> object:
         return fx.node.map_arg(self._output, lambda n: values[n.name])
@@ -538,14 +373,14 @@ class _Step:
     # plumbing ------------------------------------------------------------------
 
     def _isend(self, t: torch.Tensor, dst: int, tag: int) -> None:
-        t = _to(t.detach(), self.m._comm_device).contiguous()
+        t = _to(t.detach(), self.m.comm_device).contiguous()
         if t.dtype == torch.bool:
             t = t.view(torch.uint8)
         self.sends.append((dist.isend(t, self.m.global_rank(dst), group=self.m.group, tag=tag), t))
 
     def _irecv(self, leaf: TensorMeta, src: int, tag: int):
         dtype = torch.uint8 if leaf.dtype == torch.bool else leaf.dtype
-        buffer = torch.empty(leaf.shape, dtype=dtype, device=self.m._comm_device)
+        buffer = torch.empty(leaf.shape, dtype=dtype, device=self.m.comm_device)
         return buffer, dist.irecv(buffer, self.m.global_rank(src), group=self.m.group, tag=tag)
 
     def finish(self) -> None:
@@ -583,28 +418,4 @@ def _get_tensor(model: nn.Module, qualname: str) -> torch.Tensor:
     return getattr(model.get_submodule(path), attr)
 
 
-# -- checkpoints -------------------------------------------------------------------
-
-def save_checkpoint(model: DistributedModel, directory: str | Path) -> Path:
-    """Write this rank's share of the state_dict to DIRECTORY/rank{R}.pt (call on every rank)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"rank{model.rank}.pt"
-    torch.save(model.state_dict(), path)
-    return path
-
-
-def merge_checkpoints(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The ranks' shares in DIRECTORY merged into one state_dict that loads into the
-    unplaced model (`model.load_state_dict(merge_checkpoints(d))`)."""
-    shares = sorted(Path(directory).glob("rank*.pt"))
-    if not shares:
-        raise PlanError(f"{directory}: no rank*.pt checkpoint shares")
-    merged: dict[str, torch.Tensor] = {}
-    for path in shares:
-        merged.update(torch.load(path, map_location="cpu", weights_only=True))
-    return merged
-
-
-__all__ = ["DistributedModel", "Schedule", "Crossing", "build_schedule", "rank_cluster", "save_checkpoint",
-           "merge_checkpoints"]
+__all__ = ["DistributedModel", "rank_cluster"]

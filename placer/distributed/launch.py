@@ -1,5 +1,7 @@
 """Start the ranks: join a group torchrun made (`init_from_env`), or spawn local ranks
-on this host (`run_local`, for tests, the CLI and measurement).
+on this host (`run_local`, for tests, the CLI and measurement). Every rank builds its
+model with a factory: DistributedModel (backend.py, any plan) or PipelinedModel
+(pipelining.py, plans whose devices form a pipeline).
 
 torchrun (one host or several) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT in each process; `init_from_env` joins with init_method="env://". Several
@@ -8,13 +10,18 @@ hosts are the same thing with --nnodes and a reachable --rdzv-endpoint (docs/dis
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
 import os
 import queue
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,12 +32,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from graphs.workload import Workload, load_workload
 from graphs.devices import host_cores
-from placer.distributed.backend import DistributedModel, rank_cluster, save_checkpoint
 from graphs.errors import PlacerError
+from graphs.workload import Workload, load_workload
+from placer.distributed.backend import DistributedModel, rank_cluster
+from placer.distributed.checkpoint import save_checkpoint
+from placer.distributed.pipelining import PipelinedModel, plan_pipeline
 from placer.plan import Plan
 from placer.runtime.measure import Measurement
+
+RankModel = DistributedModel | PipelinedModel
+ModelFactory = Callable[[torch.nn.Module, Plan, Sequence[torch.Tensor]], RankModel]
 
 
 class RankFailed(PlacerError):
@@ -62,6 +74,27 @@ def world_size_of(plan: Plan) -> int:
     return len(plan.devices)
 
 
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Make this process die when its parent does (issue 11: no orphaned ranks or
+    workers). On Linux the kernel sends SIGKILL at the parent's death
+    (PR_SET_PDEATHSIG; it fires when the parent *thread* that started this process
+    ends, so start ranks from a thread that outlives them); elsewhere a daemon thread
+    polls the parent's pid. `parent_pid`: the parent this process was started by;
+    if it is already gone, exit at once (it may have died before the signal was set)."""
+    parent = os.getppid() if parent_pid is None else parent_pid
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    else:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="placer-parent-watch").start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -75,7 +108,7 @@ class LocalRank:
     rank: int
     world_size: int
     workload: Workload
-    model: DistributedModel
+    model: RankModel
     _queue: Any
 
     def report(self, item: Any) -> None:
@@ -84,18 +117,21 @@ class LocalRank:
 
 
 def run_local(workload_spec: str, plan: Plan, world_size: int, fn: Callable[..., Any], *args: Any,
-              on_report: Callable[[Any], None] | None = None, timeout_s: float = 600.0) -> list[Any]:
+              on_report: Callable[[Any], None] | None = None, timeout_s: float = 600.0,
+              build: ModelFactory = DistributedModel) -> list[Any]:
     """Run `fn(LocalRank, *args)` on `world_size` spawned ranks of this host (gloo or
-    NCCL over loopback), each with the workload's model placed by `plan`; return
-    each rank's result, in rank order. `fn` must be a module-level function (it is
-    pickled). Each rank gets an equal share of the host's cores. Raises RankFailed
-    when a rank raises, dies, or the whole run passes `timeout_s`."""
+    NCCL over loopback), each with the workload's model placed by `plan` through
+    `build` (DistributedModel, or a functools.partial of PipelinedModel); return each
+    rank's result, in rank order. `fn` and `build` must be picklable (module-level).
+    Each rank gets an equal share of the host's cores and dies with this process.
+    Raises RankFailed when a rank raises, dies, or the whole run passes `timeout_s`."""
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
     port = free_port()
     threads = max(1, host_cores() // world_size)
     procs = [ctx.Process(target=_rank_main, daemon=True, name=f"placer-rank{rank}",
-                         args=(rank, world_size, port, threads, timeout_s, workload_spec, plan, fn, args, messages))
+                         args=(rank, world_size, port, threads, timeout_s, workload_spec, plan, build, fn, args,
+                               messages, os.getpid()))
              for rank in range(world_size)]
     for p in procs:
         p.start()
@@ -132,14 +168,15 @@ def run_local(workload_spec: str, plan: Plan, world_size: int, fn: Callable[...,
 
 
 def _rank_main(rank: int, world_size: int, port: int, threads: int, timeout_s: float, workload_spec: str,
-               plan: Plan, fn: Callable, args: tuple, messages) -> None:
+               plan: Plan, build: ModelFactory, fn: Callable, args: tuple, messages, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
     try:
         init_from_env(plan, timeout_s)
         workload = load_workload(workload_spec)
-        model = DistributedModel(workload.fresh_model(), plan, workload.inputs)
+        model = build(workload.fresh_model(), plan, workload.inputs)
         result = fn(LocalRank(rank, world_size, workload, model, messages), *args)
         messages.put(("result", rank, _pack(result)))
     except Exception as exc:
@@ -171,9 +208,25 @@ def measure_distributed(workload_spec: str, plan: Plan, iters: int = 10, warmup:
     the plan names owners), after `warmup`: median and IQR of the slowest rank's step,
     and every device's peak memory. A rank that fails or runs past `timeout_s` gives
     an infeasible Measurement with the reason."""
+    return _measure(workload_spec, plan, world_size or world_size_of(plan), DistributedModel, iters, warmup,
+                    timeout_s)
+
+
+def measure_pipelined(workload_spec: str, plan: Plan, iters: int = 10, warmup: int = 3,
+                      microbatches: int | None = None, schedule: str | None = None,
+                      timeout_s: float = 600.0) -> Measurement:
+    """`measure_distributed` for the pipelining backend: one local rank per stage,
+    `microbatches` and `schedule` (None: the plan's). A plan that is no pipeline
+    raises PlanError here, before any rank starts."""
+    n_stages = pipeline_stages(load_workload(workload_spec), plan, microbatches, schedule)
+    return _measure(workload_spec, plan, n_stages, _pipelined(microbatches, schedule), iters, warmup, timeout_s)
+
+
+def _measure(workload_spec: str, plan: Plan, world_size: int, build: ModelFactory, iters: int, warmup: int,
+             timeout_s: float) -> Measurement:
     try:
-        results = run_local(workload_spec, plan, world_size or world_size_of(plan), _measure_rank, iters, warmup,
-                            timeout_s=timeout_s)
+        results = run_local(workload_spec, plan, world_size, _measure_rank, iters, warmup, timeout_s=timeout_s,
+                            build=build)
     except RankFailed as exc:
         return Measurement(feasible=False, reason=str(exc))
     return results[0]
@@ -189,6 +242,32 @@ def train_distributed(workload_spec: str, plan: Plan, steps: int,
     (merge_checkpoints loads them into the unplaced model). Returns the losses."""
     return run_local(workload_spec, plan, world_size or world_size_of(plan), _train_rank, steps, checkpoint_dir,
                      on_report=(lambda item: on_step(*item)) if on_step else None, timeout_s=timeout_s)[0]
+
+
+def train_pipelined(workload_spec: str, plan: Plan, steps: int,
+                    on_step: Callable[[int, float, float], None] | None = None,
+                    checkpoint_dir: str | Path | None = None, microbatches: int | None = None,
+                    schedule: str | None = None, timeout_s: float = 3600.0) -> list[float]:
+    """`train_distributed` on the pipelining backend: one local rank per stage of the
+    plan, `microbatches` micro-batches per step scheduled by `schedule` ("gpipe" or
+    "1f1b"; None: the plan's fields). Raises PlanError before any rank starts when
+    the plan is no pipeline (the message points to the distributed backend)."""
+    n_stages = pipeline_stages(load_workload(workload_spec), plan, microbatches, schedule)
+    return run_local(workload_spec, plan, n_stages, _train_rank, steps, checkpoint_dir,
+                     on_report=(lambda item: on_step(*item)) if on_step else None, timeout_s=timeout_s,
+                     build=_pipelined(microbatches, schedule))[0]
+
+
+def pipeline_stages(workload: Workload, plan: Plan, microbatches: int | None = None,
+                    schedule: str | None = None) -> int:
+    """How many ranks the pipelining backend needs for `plan` (one per stage), after
+    every check `plan_pipeline` makes. Raises PlanError (one line) otherwise."""
+    spec = plan_pipeline(workload.fresh_model(), plan, workload.inputs, microbatches, schedule)
+    return len(spec.pipeline.stages)
+
+
+def _pipelined(microbatches: int | None, schedule: str | None) -> ModelFactory:
+    return functools.partial(PipelinedModel, microbatches=microbatches, schedule=schedule)
 
 
 def _optimizer(rank: LocalRank) -> torch.optim.Optimizer | None:
@@ -211,7 +290,7 @@ def _train_rank(rank: LocalRank, steps: int, checkpoint_dir: str | Path | None) 
     return losses
 
 
-def train_step(model: DistributedModel, optimizer: torch.optim.Optimizer | None, workload: Workload) -> float:
+def train_step(model: RankModel, optimizer: torch.optim.Optimizer | None, workload: Workload) -> float:
     """One step of the user's loop: zero_grad, forward + loss + backward, optimizer step."""
     model.zero_grad()
     loss = model.train_step(workload.inputs, workload.loss_fn)
@@ -223,7 +302,7 @@ def train_step(model: DistributedModel, optimizer: torch.optim.Optimizer | None,
 def _measure_rank(rank: LocalRank, iters: int, warmup: int) -> Measurement:
     model, workload = rank.model, rank.workload
     optimizer = _optimizer(rank)
-    cuda = {name: d.torch_device for name, d in model.devices.items() if d.rank == rank.rank and d.kind == "cuda"}
+    cuda = {name: d.torch_device for name, d in model.local_devices.items() if d.kind == "cuda"}
     model.saved_bytes = {}
     times = []
     for i in range(max(1, warmup) + iters):
@@ -236,7 +315,7 @@ def _measure_rank(rank: LocalRank, iters: int, warmup: int) -> Measurement:
         if i >= max(1, warmup):
             times.append((time.perf_counter() - start) * 1e3)
     # A step lasts until its slowest rank finishes it.
-    slowest = torch.tensor(times, dtype=torch.float64, device=model._comm_device)
+    slowest = torch.tensor(times, dtype=torch.float64, device=model.comm_device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     peaks = model.held_bytes(optimizer)
     for device, nbytes in saved.items():

@@ -1,0 +1,358 @@
+"""Run a plan whose devices form a pipeline on torch.distributed.pipelining: one
+rank per device, each a `PipelineStage` built from placer's own split of the traced
+graph (stages.py: the manual stage frontend, not pipelining's export-based tracer),
+micro-batches scheduled by `ScheduleGPipe` or `Schedule1F1B`.
+
+    plan = placer.load_plan("plan.json")                   # microbatches=4, schedule="1f1b"
+    init_from_env(plan)                                    # torchrun: one rank per stage
+    model = PipelinedModel(workload.fresh_model(), plan, workload.inputs)
+    optimizer = torch.optim.AdamW(model.parameters())      # this stage's parameters
+    loss = model.train_step(workload.inputs, workload.loss_fn); optimizer.step()
+
+[Note: the loss inside the schedule]
+1F1B starts a micro-batch's backward before the last forward, so the loss must be
+computed inside the schedule, per micro-batch, on the last stage (the schedule's
+`loss_fn`). placer's loss is `loss_fn(output, *inputs)` over the whole batch; the
+schedule's is `loss_fn(output, target)` over one micro-batch. The target handed to
+the schedule is `arange(batch)`: split like the inputs, it tells the last stage which
+rows a micro-batch holds, and the last stage takes those rows of the batch inputs
+(every rank holds the whole batch). Each micro-batch's loss is weighted 1/m, so for a
+loss that averages over the batch the summed gradients are the full batch's (a loss
+that sums over the batch would need weight 1: it is not supported). Gradients are
+not rescaled by the schedule (`scale_grads=False` where torch has the option).
+
+[Note: model inputs on every stage]
+Each stage receives the model inputs it reads as keyword arguments of the schedule's
+`step`, which splits them into micro-batches alongside the first stage's, so a stage
+deep in the pipeline still sees its micro-batch of, say, an attention mask without
+it being sent stage to stage. Inputs that are not batch-sized (their first dimension
+is not the batch's) are handed whole to every micro-batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from graphs.capture import node_params
+from graphs.devices import Cluster, Device
+from graphs.errors import PlanError
+from graphs.trace import fingerprint, trace_model
+from placer.distributed.schedule import TensorMeta, ValueMeta, describe
+from placer.distributed.share import RankShare
+from placer.distributed.stages import Pipeline, Stage, split_stages
+from placer.plan import Plan, load_plan
+
+__all__ = ["PipelinedModel", "PipelineSpec", "plan_pipeline", "SCHEDULES"]
+
+LossFn = Callable[..., torch.Tensor]
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A plan checked and cut for the pipelining backend (what every rank knows alike)."""
+
+    gm: fx.GraphModule  # the traced model
+    pipeline: Pipeline
+    meta: dict[str, ValueMeta]  # every value between stages or out of the last, at micro-batch size
+    microbatches: int
+    schedule: str  # a key of SCHEDULES
+    batch: int  # rows of the example batch
+
+
+def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor],
+                  microbatches: int | None = None, schedule: str | None = None) -> PipelineSpec:
+    """Check `plan` for the pipelining backend and cut it into stages (no process
+    group needed: the launcher calls it before starting ranks, every rank again).
+
+    Parameters
+    ----------
+    microbatches, schedule
+        Micro-batches per step and "gpipe" or "1f1b"; None: the plan's fields (1 and
+        "gpipe" for a plan without them).
+
+    Raises
+    ------
+    PlanError
+        The plan was made for another model, is no pipeline, hands on a value
+        pipelining cannot send, or the batch does not split into `microbatches`
+        equal parts; one line each, with the fix.
+    """
+    source = plan.path.name if plan.path is not None else "plan"
+    gm = trace_model(model, leaf_paths=plan.leaf_paths, allow_fallback=False).gm
+    if fingerprint(model, gm) != plan.fingerprint:
+        raise PlanError(f"{source} was made for another model (fingerprint {plan.fingerprint}, "
+                        f"this model {fingerprint(model, gm)})")
+    pipeline = split_stages(gm, gm.graph, plan.assignment, source)
+    m = microbatches or getattr(plan, "microbatches", 1) or 1
+    name = (schedule or getattr(plan, "schedule", None) or "gpipe").lower()
+    if name not in SCHEDULES:
+        raise PlanError(f"unknown pipeline schedule {name!r}: use one of {', '.join(SCHEDULES)}")
+    batch = _batch_size(example_inputs)
+    if batch % m:
+        raise PlanError(f"a batch of {batch} rows does not split into {m} equal micro-batches: "
+                        f"choose a micro-batch count that divides it")
+    if name == "1f1b" and m < len(pipeline.stages):
+        raise PlanError(f"1F1B needs at least as many micro-batches as stages ({len(pipeline.stages)}), got {m}: "
+                        f"raise the micro-batch count or use gpipe")
+    meta = _propagate_shapes(gm, pipeline, example_inputs, m, batch)
+    _check_sendable(pipeline, meta, source)
+    return PipelineSpec(gm=gm, pipeline=pipeline, meta=meta, microbatches=m, schedule=name, batch=batch)
+
+
+class PipelinedModel(RankShare):
+    """This rank's stage of a plan run as a pipeline. Construct it on every rank of a
+    group with one rank per stage (a collective: same model, seed, plan and example
+    batch); then every rank calls `train_step` with the same batch and steps an
+    optimizer over `parameters()`.
+
+    Raises PlanError (one line) as `plan_pipeline` does, and when the group's size is
+    not the number of stages.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan | str, example_inputs: Sequence[torch.Tensor],
+                 microbatches: int | None = None, schedule: str | None = None, cluster: Cluster | None = None,
+                 group: dist.ProcessGroup | None = None):
+        super().__init__(model, group)
+        self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
+        spec = plan_pipeline(model, self.plan, example_inputs, microbatches, schedule)
+        self.pipeline, self.meta = spec.pipeline, spec.meta
+        self.microbatches, self.schedule_name, self.batch = spec.microbatches, spec.schedule, spec.batch
+        stages = self.pipeline.stages
+        if len(stages) != dist.get_world_size(group):
+            raise PlanError(f"the plan is a pipeline of {len(stages)} stages ({', '.join(s.device for s in stages)}) "
+                            f"but {dist.get_world_size(group)} ranks run it: start one rank per stage")
+        self.stage: Stage = stages[self.rank]
+        self.devices = _rank_devices(self.plan, stages, cluster)
+        self.local_devices = {self.stage.device: self.devices[self.stage.device]}
+        self._device = torch.device(self.devices[self.stage.device].torch_device)
+        self.comm_device = self._device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        self._place(*_ownership(spec.gm, self.pipeline, self.rank, self.devices), default_device=stages[0].device)
+        self.module = _StageModule(self.stage, self.meta, self._device, self.comm_device)
+        self._build_schedule(len(stages))
+        self.saved_bytes: dict[str, int] | None = None  # activation accounting (measurement), when a dict
+        self._step_inputs: tuple = ()
+        self._step_loss_fn: LossFn | None = None
+        self.input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
+
+    def _build_schedule(self, n_stages: int) -> None:
+        inputs = [x for name in self.stage.receives for x in _empty(self.meta[name])]
+        outputs = [x for name in self.stage.sends for x in _empty(self.meta[name])]
+        self.pipe_stage = PipelineStage(self.module, self.stage.index, n_stages, self.comm_device,
+                                        input_args=tuple(inputs), output_args=tuple(outputs), group=self.group)
+        cls = SCHEDULES[self.schedule_name]
+        options = {"scale_grads": False} if "scale_grads" in inspect.signature(cls.__init__).parameters else {}
+        self.schedule = cls(self.pipe_stage, self.microbatches, loss_fn=self._microbatch_loss, **options)
+        self._step_options = {"return_outputs": False} if "return_outputs" in inspect.signature(cls.step).parameters \
+            else {}
+
+    # -- a training step -------------------------------------------------------------
+
+    def train_step(self, inputs: Sequence[torch.Tensor], loss_fn: LossFn) -> float:
+        """Forward, loss and backward of one batch, pipelined in micro-batches over all
+        ranks (every rank calls it with the same batch). Gradients accumulate in this
+        rank's parameters' .grad. Returns the batch's loss on every rank."""
+        inputs = tuple(inputs)
+        shapes = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
+        if shapes != self.input_shapes:
+            raise ValueError(f"batch shapes {shapes} differ from the example batch's {self.input_shapes}: "
+                             f"the pipeline is built for one batch shape")
+        self._step_inputs, self._step_loss_fn = inputs, loss_fn
+        named = dict(zip(self.pipeline.placeholders, inputs))
+        split = {f"input{i}": named[n] for i, n in enumerate(self.stage.model_inputs) if _is_batch(named[n], self.batch)}
+        self.module.whole = {n: named[n] for n in self.stage.model_inputs if not _is_batch(named[n], self.batch)}
+        self.module.names = {f"input{i}": n for i, n in enumerate(self.stage.model_inputs)}
+        losses: list[torch.Tensor] = []
+        with self._counting_saved():
+            self.schedule.step(**split, target=torch.arange(self.batch), losses=losses, **self._step_options)
+        last = len(self.pipeline.stages) - 1
+        loss = torch.tensor([float(sum(x.detach().float().sum() for x in losses)) if losses else 0.0],
+                            dtype=torch.float64, device=self.comm_device)
+        dist.broadcast(loss, self.global_rank(last), group=self.group)
+        return float(loss.item())
+
+    def _microbatch_loss(self, output: tuple, rows: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss of one micro-batch (see the module's Note), on the last stage."""
+        values = dict(self.module.whole)
+        leaves = iter(output if isinstance(output, tuple) else (output,))
+        for name in self.pipeline.output_nodes:
+            if name in self.pipeline.placeholders:
+                values[name] = self._rows(dict(zip(self.pipeline.placeholders, self._step_inputs))[name], rows)
+            else:
+                values[name] = _rebuild(self.meta[name], leaves)
+        out = torch.fx.node.map_arg(self.pipeline.output, lambda n: values[n.name])
+        batch = tuple(self._rows(x, rows) for x in self._step_inputs)
+        return self._step_loss_fn(out, *batch) / self.microbatches
+
+    def _rows(self, x, rows: torch.Tensor):
+        return x[rows.to(x.device)] if _is_batch(x, self.batch) else x
+
+    def _counting_saved(self):
+        """Bytes this stage saves for backward over a whole step (all micro-batches: what
+        GPipe holds at its peak), when measurement asks for them."""
+        if self.saved_bytes is None:
+            return nullcontext()
+        own = {t.untyped_storage().data_ptr() for t in self.owned_tensors()}
+        seen: set[int] = set()
+        device = self.stage.device
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in own and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                self.saved_bytes[device] = self.saved_bytes.get(device, 0) + storage.nbytes()
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+class _StageModule(nn.Module):
+    """One stage's forward as pipelining calls it: the received tensor leaves
+    positionally, this stage's batch inputs (one micro-batch) as keywords; returns the
+    tensor leaves of what it hands on. The chunk's module is registered, so the
+    stage's parameters are this module's."""
+
+    def __init__(self, stage: Stage, meta: dict[str, ValueMeta], device: torch.device, comm: torch.device):
+        super().__init__()
+        self.stage = stage
+        self.chunk = stage.chunk.module
+        self.meta = meta
+        self.device = device
+        self.comm = comm
+        self.whole: dict = {}  # model inputs handed whole to every micro-batch (set per step)
+        self.names: dict[str, str] = {}  # keyword -> placeholder name
+
+    def forward(self, *received: torch.Tensor, **batch_inputs) -> tuple[torch.Tensor, ...]:
+        values = dict(self.whole)
+        values.update({self.names[k]: v for k, v in batch_inputs.items()})
+        leaves = iter(received)
+        for name in self.stage.receives:
+            values[name] = _rebuild(self.meta[name], leaves)
+        chunk = self.stage.chunk
+        args = [_to(values[name], self.device, copy=name in chunk.mutated_inputs) for name in chunk.inputs]
+        values.update(zip(chunk.outputs, self.chunk(*args)))
+        return tuple(x.to(self.comm).contiguous() for name in self.stage.sends for x in tree_flatten(values[name])[0]
+                     if isinstance(x, torch.Tensor))
+
+
+# -- set-up helpers ----------------------------------------------------------------------
+
+def _batch_size(inputs: Sequence) -> int:
+    first = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    if first is None:
+        raise PlanError("the example batch has no tensor with a batch dimension: nothing to split into micro-batches")
+    return first.shape[0]
+
+
+def _is_batch(x, batch: int) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch
+
+
+def _rank_devices(plan: Plan, stages: list[Stage], cluster: Cluster | None) -> dict[str, Device]:
+    """Plan device name -> Device. Stage i runs on rank i; a plan that names owners
+    (`rankR:`) must name stage i's device rank i."""
+    from placer.distributed.backend import rank_cluster
+
+    cluster = rank_cluster(plan, len(plan.devices), cluster)
+    devices = dict(zip(plan.devices, cluster.devices))
+    if plan.devices[0].startswith("rank"):
+        wrong = [(s.index, s.device) for s in stages if devices[s.device].rank != s.index]
+        if wrong:
+            raise PlanError(f"pipeline stage {wrong[0][0]} runs on {wrong[0][1]}, but the pipelining backend runs stage "
+                            f"i on rank i: name that device rank{wrong[0][0]}:...")
+    return devices
+
+
+def _propagate_shapes(gm: nn.Module, pipeline: Pipeline, inputs: Sequence, microbatches: int,
+                      batch: int) -> dict[str, ValueMeta]:
+    """Run the stages once on the host over the first micro-batch of the example batch
+    and describe every value that crosses a stage boundary or leaves the last stage.
+    Buffers and the RNG are restored afterwards."""
+    rows = batch // microbatches
+    micro = [x[:rows] if _is_batch(x, batch) else x for x in inputs]
+    values = dict(zip(pipeline.placeholders, micro))
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        for stage in pipeline.stages:
+            chunk = stage.chunk
+            args = [_to(values[n], torch.device("cpu"), copy=n in chunk.mutated_inputs, detach=True) for n in chunk.inputs]
+            values.update(zip(chunk.outputs, chunk.module(*args)))
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
+    wanted = pipeline.values_between() + [n for n in pipeline.output_nodes if n not in pipeline.placeholders]
+    return {name: describe(values[name]) for name in wanted}
+
+
+def _check_sendable(pipeline: Pipeline, meta: dict[str, ValueMeta], source: str) -> None:
+    """Every tensor a stage hands on must be a floating-point activation with a gradient
+    (stages.py's Note); other values are constants of the shape pass."""
+    for stage in pipeline.stages[:-1]:
+        for name in stage.sends:
+            bad = [leaf for leaf in meta[name].leaves if isinstance(leaf, TensorMeta)
+                   and not (leaf.dtype.is_floating_point and leaf.requires_grad)]
+            if bad:
+                raise PlanError(f"{source}: value {name!r} ({bad[0].dtype}, no gradient) flows from stage {stage.index} "
+                                f"({stage.device}) onward, and torch.distributed.pipelining sends only activations "
+                                f"with gradients; run it with --backend distributed")
+
+
+def _ownership(gm: nn.Module, pipeline: Pipeline, rank: int, devices: dict[str, Device]):
+    """Owners (the first stage that reads a tensor) and this rank's read-only copies
+    (buffers a later stage reads too) for RankShare._place."""
+    owners: dict[int, tuple[int, str, torch.device]] = {}
+    copies: dict[int, torch.device] = {}
+    graph = {n.name: n for n in pipeline.graph.nodes}
+    for stage in pipeline.stages:
+        device = torch.device(devices[stage.device].torch_device)
+        for node in stage.chunk.nodes:
+            for name in node_params(gm, graph[node]):
+                tensor = gm.get_parameter(name) if _is_parameter(gm, name) else gm.get_buffer(name)
+                if id(tensor) not in owners:
+                    owners[id(tensor)] = (stage.index, stage.device, device)
+                elif owners[id(tensor)][0] != stage.index:
+                    if isinstance(tensor, nn.Parameter):
+                        raise PlanError(f"parameter {name!r} is read by stages {owners[id(tensor)][0]} and "
+                                        f"{stage.index}: nodes that share a parameter must share a device")
+                    if stage.index == rank:
+                        copies[id(tensor)] = device
+    return owners, copies
+
+
+def _is_parameter(gm: nn.Module, name: str) -> bool:
+    path, _, attr = name.rpartition(".")
+    return attr in gm.get_submodule(path)._parameters
+
+
+def _empty(meta: ValueMeta) -> list[torch.Tensor]:
+    """Meta tensors standing for a value's tensor leaves (pipelining's static shapes)."""
+    return [torch.empty(leaf.shape, dtype=leaf.dtype, device="meta").requires_grad_(leaf.requires_grad)
+            for leaf in meta.leaves if isinstance(leaf, TensorMeta)]
+
+
+def _rebuild(meta: ValueMeta, tensors) -> object:
+    """A value from its tensor leaves (taken in order from the iterator `tensors`) and
+    the constants of the shape pass."""
+    return tree_unflatten([next(tensors) if isinstance(leaf, TensorMeta) else leaf for leaf in meta.leaves], meta.spec)
+
+
+def _to(value, device: torch.device, copy: bool, detach: bool = False):
+    flat, spec = tree_flatten(value)
+    out = []
+    for x in flat:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().requires_grad_(x.requires_grad) if detach else x
+            x = x.to(device)
+            x = x.clone() if copy else x
+        out.append(x)
+    return tree_unflatten(out, spec)

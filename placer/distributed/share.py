@@ -1,0 +1,93 @@
+"""What one rank holds of a model placed over ranks, and what a training loop asks
+of it: its parameters (for its optimizer), its share of the state_dict (for
+checkpoints), the bytes it holds (for measurement). Shared by both distributed
+frontends, DistributedModel (backend.py) and PipelinedModel (pipelining.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["RankShare", "Keep"]
+
+Keep = tuple[str, torch.device]  # (plan device name, where the tensor lives on this rank)
+
+
+class RankShare:
+    """A model's tensors split over ranks: each parameter and buffer has one owner
+    rank; other ranks free its storage unless they keep a read-only copy (a buffer
+    several pipeline stages read)."""
+
+    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None):
+        self.model = model
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.tensor_owner: dict[int, int] = {}  # id(parameter or buffer) -> owner rank
+        self.tensor_device: dict[int, str] = {}  # id(tensor this rank owns) -> plan device name
+
+    def _place(self, owners: Mapping[int, tuple[int, str, torch.device]], copies: Mapping[int, torch.device],
+               default_device: str) -> None:
+        """Move each tensor this rank owns to its device and free the others' storage.
+
+        `owners`: id(tensor) -> (owner rank, plan device name, torch device) for every
+        tensor some node reads; rank 0 owns the rest, on `default_device`. `copies`:
+        id(tensor) -> device of a read-only copy this rank keeps without owning it.
+        Tensors keep their identity (`.data` is replaced), so the model, its traced
+        graph and optimizers made later all see the moved ones, and tied parameters
+        stay tied."""
+        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+            owner = owners.get(id(tensor))
+            self.tensor_owner[id(tensor)] = owner[0] if owner else 0
+            if self.tensor_owner[id(tensor)] == self.rank:
+                self.tensor_device[id(tensor)] = owner[1] if owner else default_device
+        with torch.no_grad():
+            for tensor in dict.fromkeys(list(self.model.parameters()) + list(self.model.buffers())):
+                key = id(tensor)
+                if key in owners and self.tensor_owner[key] == self.rank:
+                    tensor.data = tensor.data.to(owners[key][2])
+                elif key in copies:
+                    tensor.data = tensor.data.to(copies[key])
+                elif self.tensor_owner[key] != self.rank:
+                    tensor.data = torch.empty(0, dtype=tensor.dtype)  # lives on its owner's rank only
+
+    # -- what a training loop uses ---------------------------------------------------
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters: build the optimizer over these (may be empty)."""
+        return [p for p in self.model.parameters() if self.tensor_owner[id(p)] == self.rank]
+
+    def owned_tensors(self) -> list[torch.Tensor]:
+        """This rank's parameters and buffers."""
+        return [t for t in list(self.model.parameters()) + list(self.model.buffers())
+                if self.tensor_owner.get(id(t)) == self.rank]
+
+    def held_bytes(self, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+        """Bytes of this rank's parameters, buffers, gradients and optimizer state, per
+        plan device (the local runtime's way of counting)."""
+        held: dict[str, int] = {}
+        for t in self.owned_tensors():
+            state = optimizer.state.get(t, {}) if optimizer is not None else {}
+            parts = [t, t.grad] + [v for v in state.values() if isinstance(v, torch.Tensor)]
+            device = self.tensor_device[id(t)]
+            held[device] = held.get(device, 0) + sum(x.numel() * x.element_size() for x in parts if x is not None)
+        return held
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The entries of the model's state_dict that this rank owns (on the host)."""
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        named.update(self.model.named_buffers(remove_duplicate=False))
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()
+                if k in named and self.tensor_owner.get(id(named[k])) == self.rank}
+
+    def global_rank(self, rank: int) -> int:
+        """A rank of the model's group in the default group (what point-to-point
+        operations take, whatever their group)."""
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)

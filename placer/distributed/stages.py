@@ -1,0 +1,224 @@
+"""Cut a plan's traced graph into pipeline stages: one stage per device, in an order
+in which every value flows forward. Pure: nothing here talks to a process group, so
+the split is tested without processes (tests/test_pipelining.py).
+
+[Note: which plans are pipelines]
+A plan is a pipeline when its devices can be ordered so that no value flows from a
+later device to an earlier one: the graph of devices (an edge where a node on one
+device reads a value made on another) is acyclic. The stage order is then a
+topological order of that graph (ties: the device whose first node comes first in
+fx order), and each stage runs its device's nodes in fx order. A value made in
+stage i and read in stage j > i+1 passes through the stages between, as
+torch.distributed.pipelining hands values only from stage i to stage i+1.
+
+[Note: values every stage makes for itself]
+torch.distributed.pipelining sends only floating-point activations with gradients
+between stages (older torch versions give every received buffer requires_grad and
+expect a gradient for it). Values a model derives from its inputs and buffers alone
+(attention masks, position ids, a causal mask sliced from a buffer) carry no
+gradient and are often integers, so they are not sent: every stage that needs one
+computes its own copy from the model inputs, which each rank receives for its
+micro-batch. Such a node is "input-only": it reads only model inputs, buffers,
+constants and other input-only nodes; it reads no parameter, changes nothing in
+place and draws no random numbers (a copy would draw other numbers).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+
+from graphs.capture import node_params
+from graphs.errors import PlanError
+from graphs.trace import target_name
+from placer.runtime.chunks import Chunk, build_chunks, mutates_first_arg
+
+__all__ = ["Stage", "Pipeline", "split_stages", "input_only_nodes", "stage_order"]
+
+_RANDOM = ("rand", "dropout", "bernoulli", "normal", "multinomial", "poisson", "uniform", "exponential", "cauchy",
+           "geometric", "random")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One device's share of the pipeline.
+
+    `receives` are the values the previous stage hands over and `sends` those this
+    stage hands to the next (for the last stage: the model output's nodes), both in
+    the pipeline's value order; `model_inputs` the placeholders its nodes read."""
+
+    index: int
+    device: str  # plan device name
+    chunk: Chunk
+    receives: tuple[str, ...]
+    sends: tuple[str, ...]
+    model_inputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A plan cut into stages over a new graph (input-only nodes copied per stage)."""
+
+    stages: list[Stage]
+    graph: fx.Graph
+    placeholders: list[str]
+    output: object  # the output node's argument over `graph` (fx.node.Argument)
+    output_nodes: list[str]  # what the last stage returns
+
+    def values_between(self) -> list[str]:
+        """Every value some stage receives, once, in order."""
+        return list(dict.fromkeys(name for s in self.stages for name in s.receives))
+
+
+def is_random(node: fx.Node, root: nn.Module) -> bool:
+    """Whether a node may draw random numbers (dropout, rand*, bernoulli, normal...)."""
+    if node.op == "call_module":
+        name = type(root.get_submodule(str(node.target))).__name__
+    else:
+        name = target_name(node)
+    return any(word in name.lower() for word in _RANDOM)
+
+
+def input_only_nodes(graph: fx.Graph, root: nn.Module) -> set[fx.Node]:
+    """The nodes every stage may compute for itself (see the module's Note)."""
+    parameters = {id(p) for p in root.parameters()}
+    pure: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        reads_parameter = any(id(_fetch(root, name)) in parameters for name in node_params(root, node))
+        if (not reads_parameter and not is_random(node, root) and not mutates_first_arg(node, root)
+                and all(a.op == "placeholder" or a in pure for a in node.all_input_nodes)):
+            pure.add(node)
+    return pure
+
+
+def stage_order(graph: fx.Graph, assignment: dict[str, str], skip: set[fx.Node], source: str = "plan") -> list[str]:
+    """The devices in pipeline order (see the module's Note), over the nodes not in `skip`.
+
+    Raises
+    ------
+    PlanError
+        When values flow both ways between devices: the plan is no pipeline.
+    """
+    body = [n for n in graph.nodes if n.op not in ("placeholder", "output") and n not in skip]
+    first = {}
+    for i, node in enumerate(body):
+        first.setdefault(assignment[node.name], i)
+    after: dict[str, set[str]] = {d: set() for d in first}
+    for node in body:
+        for arg in node.all_input_nodes:
+            if arg in skip or arg.op == "placeholder" or assignment[arg.name] == assignment[node.name]:
+                continue
+            after[assignment[arg.name]].add(assignment[node.name])
+    waiting = {d: 0 for d in first}
+    for successors in after.values():
+        for d in successors:
+            waiting[d] += 1
+    ready = [(first[d], d) for d, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, device = heapq.heappop(ready)
+        order.append(device)
+        for d in after[device]:
+            waiting[d] -= 1
+            if waiting[d] == 0:
+                heapq.heappush(ready, (first[d], d))
+    if len(order) < len(first):
+        stuck = sorted(set(first) - set(order), key=first.get)
+        raise PlanError(f"{source} is not a pipeline: values flow both ways between {', '.join(stuck)} (its devices "
+                        f"do not form contiguous stages); run it with --backend distributed")
+    return order
+
+
+def split_stages(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], source: str = "plan") -> Pipeline:
+    """Cut `graph` (traced from `root`, every body node placed by `assignment`) into
+    stages: a new graph in stage order, input-only nodes copied into each stage that
+    needs them, compiled into one chunk per stage (placer.runtime.chunks).
+
+    Raises
+    ------
+    PlanError
+        When the plan is no pipeline (`stage_order`).
+    """
+    pure = input_only_nodes(graph, root)
+    order = stage_order(graph, assignment, pure, source)
+    stage_of = {d: i for i, d in enumerate(order)}
+    nodes = list(graph.nodes)
+    output = next(n for n in nodes if n.op == "output")
+    members: list[list[fx.Node]] = [[] for _ in order]
+    for node in nodes:
+        if node.op not in ("placeholder", "output") and node not in pure:
+            members[stage_of[assignment[node.name]]].append(node)
+
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node.op == "placeholder":
+            env[node] = new.node_copy(node)
+    new_assignment = {}
+    for s, device in enumerate(order):
+        local: dict[fx.Node, fx.Node] = {}
+        readers = members[s] + ([output] if s == len(order) - 1 else [])
+        for node in _pure_closure(readers, pure, nodes):
+            local[node] = new.node_copy(node, lambda a: local.get(a, env.get(a)))
+            new_assignment[local[node].name] = device
+        for node in members[s]:
+            env[node] = new.node_copy(node, lambda a: local.get(a, env.get(a)))
+            new_assignment[env[node].name] = device
+        if s == len(order) - 1:
+            out = new.node_copy(output, lambda a: local.get(a, env.get(a)))
+    chunks = build_chunks(root, new, new_assignment)
+    return _wire(chunks, new, out, order)
+
+
+def _pure_closure(readers: list[fx.Node], pure: set[fx.Node], order: list[fx.Node]) -> list[fx.Node]:
+    """The input-only nodes `readers` need, directly or through each other, in fx order."""
+    needed: set[fx.Node] = set()
+    todo = [a for r in readers for a in r.all_input_nodes if a in pure]
+    while todo:
+        node = todo.pop()
+        if node not in needed:
+            needed.add(node)
+            todo.extend(a for a in node.all_input_nodes if a in pure)
+    return [n for n in order if n in needed]
+
+
+def _wire(chunks: list[Chunk], graph: fx.Graph, output: fx.Node, order: list[str]) -> Pipeline:
+    """Stages over the chunks (one per device, in order): what each receives and sends."""
+    if [c.device for c in chunks] != order:
+        raise AssertionError(f"chunks {[c.device for c in chunks]} are not one per stage {order}")
+    placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
+    output_nodes = list(dict.fromkeys(n.name for n in output.all_input_nodes))
+    last = len(chunks) - 1
+    made = {name: c.index for c in chunks for name in c.outputs}
+    position = {n.name: i for i, n in enumerate(graph.nodes)}
+    last_use: dict[str, int] = {}
+    for c in chunks:
+        for name in c.inputs:
+            if name in made:
+                last_use[name] = max(last_use.get(name, 0), c.index)
+    for name in output_nodes:
+        if name in made:
+            last_use[name] = last
+    live = sorted(last_use, key=position.get)
+
+    def between(s: int) -> tuple[str, ...]:  # values alive from stage s to s + 1
+        return tuple(v for v in live if made[v] <= s < last_use[v])
+
+    stages = [Stage(index=c.index, device=c.device, chunk=c, receives=between(c.index - 1) if c.index else (),
+                    sends=between(c.index) if c.index < last else tuple(n for n in output_nodes if n in made),
+                    model_inputs=tuple(n for n in c.inputs if n in placeholders)
+                    + tuple(n for n in output_nodes if c.index == last and n in placeholders))
+              for c in chunks]
+    return Pipeline(stages=stages, graph=graph, placeholders=placeholders, output=output.args[0],
+                    output_nodes=output_nodes)
+
+
+def _fetch(root: nn.Module, qualname: str):
+    path, _, attr = qualname.rpartition(".")
+    return getattr(root.get_submodule(path), attr)
