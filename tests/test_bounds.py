@@ -63,3 +63,53 @@ def test_summary_keys_and_text():
     assert s["heaviest_groups"][0] == {"name": "g1", "ms": 10.0, "bytes": 21}
     text = format_summary(s)
     assert "lower bound  18.00 ms" in text and "g1" in text and "note: a note" in text
+
+
+# ----------------------------------------------------------------------------- true bounds
+def test_a_profile_scale_above_one_is_undone_and_one_below_kept():
+    from graphs.bounds import cost_floor
+
+    scaled = DIAMOND.copy()
+    scaled.graph["profile_scale"] = {"cpu": 2.0, "cuda": 0.5}
+    assert cost_floor(scaled) == {"cpu": 0.5, "cuda": 1.0}
+    bound = lower_bound(scaled, ["cpu"] * 4, floor=cost_floor(scaled))
+    assert bound == LowerBound(critical_path_ms=9.0, work_ms=3.75, bound_ms=9.0)
+    # a calibration that found the machine faster than profiled lowers it further; a slower one does not raise it
+    assert cost_floor(scaled, {"cpu": 0.8, "cuda": 1.3}) == {"cpu": 0.4, "cuda": 1.0}
+
+
+def test_virtual_cpu_devices_work_no_faster_than_the_host_has_cores():
+    assert lower_bound(DIAMOND, ["cpu"] * 4, cores=2).work_ms == 15.0
+    assert lower_bound(DIAMOND, ["cpu"] * 4, cores=8).work_ms == 7.5
+
+
+def test_pipelining_shortens_the_critical_path_by_the_microbatch_count_at_its_cost():
+    piped = DIAMOND.copy()
+    piped.graph["microbatch_step_ms"] = {"cpu": {1: 100.0, 2: 110.0, 4: 150.0}}
+    bound = lower_bound(piped, ["cpu"] * 4, microbatches=(1, 2, 4, 8))  # 8 was not profiled: skipped
+    # m=2: critical path 18 * 1.1 / 2 = 9.9, work 7.5 * 1.1 = 8.25; m=4: 18 * 1.5 / 4 = 6.75 but work 11.25
+    assert bound.microbatches == 2 and bound.bound_ms == pytest.approx(9.9)
+    assert lower_bound(piped, ["cpu"] * 4).bound_ms == 18.0  # without pipelining the chain is whole
+
+
+def test_no_simulated_candidate_beats_its_bound():
+    """The simulator is one schedule of the same costs (plus transfers and overheads): it
+    can never be faster than the bounds, on any placement."""
+    import numpy as np
+
+    from envs.sim import Simulator
+    from graphs.bounds import candidate_bound
+    from graphs.devices import parse_cluster
+    from graphs.problem import PlacementProblem
+    from graphs.synthetic import random_grouped_graph
+
+    rng = np.random.default_rng(0)
+    for seed, devices in [(1, "cpu:0,cpu:1"), (2, "cpu:0,cpu:1,cpu:2,cpu:3"), (3, "cpu:0,cpu:1,cpu:2")]:
+        problem = PlacementProblem(random_grouped_graph(30, seed=seed), parse_cluster(devices))
+        kinds = [d.kind for d in problem.cluster.devices]
+        overall = lower_bound(problem.groups, kinds).bound_ms
+        sim = Simulator(problem)
+        for _ in range(50):
+            placement = rng.integers(0, problem.n_devices, problem.n_groups).tolist()
+            bound = candidate_bound(problem.groups, kinds, placement)
+            assert overall <= bound + 1e-9 and bound <= sim.simulate(placement).step_ms + 1e-9
