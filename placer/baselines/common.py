@@ -7,12 +7,13 @@ each device, because that is what a device spends on a group per step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
+from envs.sim import Simulator
 from graphs.errors import InfeasibleError
 from graphs.problem import Placement, PlacementProblem
 
@@ -40,8 +41,7 @@ def mib(nbytes: float) -> str:
 
 
 def bottleneck_ms(problem: PlacementProblem, placement: Sequence[int]) -> float:
-    """The busiest device's compute per step: what balancing methods minimize, and
-    the ranking used when the simulator is not available."""
+    """The busiest device's compute per step: what balancing methods minimize."""
     p = np.asarray(placement)
     busy = np.bincount(p, weights=step_ms(problem)[np.arange(problem.n_groups), p], minlength=problem.n_devices)
     return float(busy.max(initial=0.0))
@@ -139,15 +139,9 @@ def contiguous_split(times: np.ndarray, memory: np.ndarray, caps: np.ndarray) ->
     return np.searchsorted(np.array(cuts(hi)), np.arange(n), side="right")
 
 
-def fastest(problem: PlacementProblem, candidates: Sequence[Placement],
-            fallback: Callable[[PlacementProblem, Placement], float] = bottleneck_ms) -> Placement:
-    """The candidate with the least simulated step time (envs.sim), or the least
-    `fallback` score where the simulator is not installed."""
+def fastest(problem: PlacementProblem, candidates: Sequence[Placement]) -> Placement:
+    """The candidate with the least simulated step time (envs.sim, nominal calibration)."""
     if len(candidates) == 1:
         return candidates[0]
-    try:
-        from envs.sim import Simulator
-    except ImportError:
-        return min(candidates, key=lambda p: fallback(problem, p))
     simulator = Simulator(problem)
     return min(candidates, key=lambda p: simulator.simulate(p).step_ms)

@@ -61,7 +61,7 @@ def balanced(problem: PlacementProblem, seed: int = 0) -> Placement:
     torchgpipe balance_by_time, with each device's own profiled times).
 
     On mixed devices the order in which blocks meet devices matters, so several
-    orders are tried and the simulator (when present) picks the fastest. If no
+    orders are tried and the simulator picks the fastest. If no
     contiguous split fits the caps, the time-balanced split is repaired instead."""
     times = step_ms(problem)
     memory = problem.costs.memory_bytes
