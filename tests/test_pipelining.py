@@ -1,0 +1,230 @@
+"""The pipelining backend: placer's own cut of the traced graph into stages (no
+processes), its refusals, and two or three gloo ranks on loopback running
+torch.distributed.pipelining (GPipe and 1F1B) whose parameters after a few steps
+equal the unplaced model's."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphs.errors import PlanError
+from graphs.trace import trace_model
+from graphs.workload import load_workload
+from placer.distributed import LocalRank, merge_checkpoints, run_local, save_checkpoint, train_pipelined
+from placer.distributed.launch import _pipelined
+from placer.distributed.pipelining import plan_pipeline
+from placer.distributed.stages import input_only_nodes, split_stages
+from placer.plan import Plan, plan_from_assignment
+
+THREE = ["cpu:0", "cpu:1", "cpu:2"]
+LAYERS = {"a": "cpu:1", "b": "cpu:0", "c": "cpu:2"}  # stage order differs from the device list's
+
+NET = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        """a -> b -> c; h skips b (passes through its stage); b reads the input `mask`;
+        `keep` is made from the input and a buffer alone (every stage makes its own)."""
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.register_buffer("scale", torch.full((8,), 0.5))
+
+        def forward(self, x, mask):
+            h = torch.relu(self.a(x))
+            g = self.b(h) * mask
+            keep = (x.sum(-1, keepdim=True) > 0).float() * self.scale
+            return (self.c(g) + h) * keep
+
+
+    def build_model():
+        return Net()
+
+
+    def example_inputs():
+        return torch.randn(8, 8), (torch.rand(8, 8) > 0.3).float()
+
+
+    def loss_fn(out, x, mask):
+        return (out - x).pow(2).mean()
+''')
+
+
+@pytest.fixture(scope="module")
+def net_spec(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("workload") / "net.py"
+    path.write_text(NET)
+    return str(path)
+
+
+def layered(gm: fx.GraphModule, devices: dict[str, str]) -> dict[str, str]:
+    """A node reading layer L's parameters goes to devices[L]; other nodes to the device
+    of the layer last reached in fx order; get_attr nodes to their first user's device."""
+    def layer(n: fx.Node) -> str | None:
+        names = [str(n.target)] if n.op == "call_module" else [str(a.target) for a in n.all_input_nodes
+                                                                 if a.op == "get_attr"]
+        return next((name.split(".")[0] for name in names if name.split(".")[0] in devices), None)
+
+    assignment, current = {}, next(iter(devices.values()))
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "output", "get_attr"):
+            current = devices.get(layer(n), current)
+            assignment[n.name] = current
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            assignment[n.name] = assignment[next(iter(n.users)).name] if n.users else current
+    return assignment
+
+
+def layered_plan(model: nn.Module, devices: dict[str, str], device_list: list[str]) -> Plan:
+    assignment = layered(trace_model(model).gm, devices)
+    return plan_from_assignment(model, lambda n: assignment.get(n.name, device_list[0]), device_list)
+
+
+def run_stages(pipeline, inputs):
+    """The stages in turn, each seeing only what it receives and its model inputs."""
+    named = dict(zip(pipeline.placeholders, inputs))
+    handed: dict = {}
+    for s in pipeline.stages:
+        seen = {n: handed[n] for n in s.receives} | {n: named[n] for n in s.model_inputs}
+        seen.update(zip(s.chunk.outputs, s.chunk.module(*[seen[n] for n in s.chunk.inputs])))
+        handed = {n: seen[n] for n in s.sends}
+    return fx.node.map_arg(pipeline.output, lambda n: handed[n.name] if n.name in handed else named[n.name])
+
+
+# -- the cut (no processes) ------------------------------------------------------------
+
+def test_stages_follow_the_values_and_hand_on_only_activations(net_spec):
+    w = load_workload(net_spec)
+    model = w.fresh_model()
+    gm = trace_model(model).gm
+    pipeline = split_stages(gm, gm.graph, layered(gm, LAYERS))
+    s0, s1, s2 = pipeline.stages
+    assert [s.device for s in pipeline.stages] == ["cpu:1", "cpu:0", "cpu:2"]
+    assert s0.receives == () and s1.receives == s0.sends == ("relu",)
+    assert s2.receives == s1.sends == ("relu", "mul")  # h passes through stage 1
+    assert s1.model_inputs == ("mask",) and s2.model_inputs == ("x",)  # stage 2 makes `keep` from x itself
+    pure = {n.name for n in input_only_nodes(gm.graph, gm)}
+    assert {"sum_1", "gt", "scale"} <= pure and "relu" not in pure
+    assert torch.allclose(run_stages(pipeline, w.inputs), model(*w.inputs))
+
+
+def test_an_exported_graph_is_cut_the_same_way(net_spec):
+    w = load_workload(net_spec)
+    model = w.fresh_model()
+    gm = torch.export.export(model, w.inputs).module()
+    pipeline = split_stages(gm, gm.graph, layered(gm, LAYERS))
+    assert [s.device for s in pipeline.stages] == ["cpu:1", "cpu:0", "cpu:2"]
+    assert [len(s.receives) for s in pipeline.stages] == [0, 1, 2]
+    (out,) = run_stages(pipeline, w.inputs)  # export returns the output as a tuple
+    assert torch.allclose(out, model(*w.inputs))
+
+
+def test_a_plan_whose_values_flow_back_is_refused_with_the_other_backend_named(net_spec):
+    w = load_workload(net_spec)
+    plan = layered_plan(w.fresh_model(), {"a": "cpu:0", "b": "cpu:1", "c": "cpu:0"}, THREE[:2])
+    with pytest.raises(PlanError, match=r"is not a pipeline.*--backend distributed$") as info:
+        plan_pipeline(w.fresh_model(), plan, w.inputs)
+    assert "\n" not in str(info.value)
+    with pytest.raises(PlanError, match="is not a pipeline"):  # in the parent, before any rank starts
+        train_pipelined(net_spec, plan, 1)
+
+
+class Argmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Embedding(4, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x).argmax(-1))
+
+
+def test_values_pipelining_cannot_send_and_bad_micro_batch_counts_are_refused(net_spec):
+    model = Argmax()
+    plan = layered_plan(model, {"a": "cpu:0", "b": "cpu:1"}, THREE[:2])
+    with pytest.raises(PlanError, match=r"'argmax' \(torch.int64, no gradient\).*--backend distributed"):
+        plan_pipeline(model, plan, (torch.randn(2, 4),))
+
+    w = load_workload(net_spec)
+    plan = layered_plan(w.fresh_model(), LAYERS, THREE)
+    with pytest.raises(PlanError, match="8 rows does not split into 3 equal micro-batches"):
+        plan_pipeline(w.fresh_model(), plan, w.inputs, microbatches=3)
+    with pytest.raises(PlanError, match="1F1B needs at least as many micro-batches as stages"):
+        plan_pipeline(w.fresh_model(), plan, w.inputs, microbatches=2, schedule="1f1b")
+    spec = plan_pipeline(w.fresh_model(), plan, w.inputs, microbatches=4, schedule="1F1B")
+    assert (spec.microbatches, spec.schedule, spec.batch) == (4, "1f1b", 8)
+    assert spec.meta["relu"].leaves[0].shape == (2, 8)  # shapes of one micro-batch
+
+
+# -- ranks ------------------------------------------------------------------------------
+
+def unplaced_after(spec: str, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The unplaced model's losses and state_dict after `steps` steps of the workload's loop."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        w = load_workload(spec)
+        model = w.fresh_model()
+        optimizer = w.make_optimizer(model.parameters())
+        losses = []
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = w.loss_fn(model(*w.inputs), *w.inputs)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses, model.state_dict()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_and_save(rank: LocalRank, steps: int, directory: str) -> list[float]:
+    torch.set_num_threads(1)
+    optimizer = rank.workload.make_optimizer(rank.model.parameters())
+    losses = []
+    for _ in range(steps):
+        rank.model.zero_grad()
+        losses.append(rank.model.train_step(rank.workload.inputs, rank.workload.loss_fn))
+        optimizer.step()
+    save_checkpoint(rank.model, directory)
+    return losses
+
+
+def assert_trained_like_the_unplaced_model(spec: str, plan: Plan, stages: int, microbatches: int, schedule: str,
+                                           directory: Path, steps: int = 3) -> None:
+    results = run_local(spec, plan, stages, _train_and_save, steps, str(directory), timeout_s=180,
+                        build=_pipelined(microbatches, schedule))
+    losses, state = unplaced_after(spec, steps)
+    assert all(r == results[0] for r in results)  # every rank returns the batch's loss
+    assert results[0] == pytest.approx(losses, rel=1e-5)
+    merged = merge_checkpoints(directory)
+    assert set(merged) == set(state)
+    for name, expected in state.items():
+        scale = expected.float().abs().max().item()
+        err = (merged[name].float() - expected.float()).abs().max().item()
+        assert err <= 1e-5 * scale + 1e-6, f"{name}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def test_two_ranks_gpipe_train_the_transformer_like_the_unplaced_model(tmp_path):
+    spec = "zoo:transformer"
+    w = load_workload(spec)
+    gm = trace_model(w.fresh_model(), leaf_modules=w.leaf_modules).gm
+    body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    half = {n.name: "cpu:0" if i < len(body) // 2 else "cpu:1" for i, n in enumerate(body)}
+    plan = plan_from_assignment(w.fresh_model(), lambda n: half.get(n.name, "cpu:1"), THREE[:2],
+                                leaf_modules=w.leaf_modules)
+    assert_trained_like_the_unplaced_model(spec, plan, 2, microbatches=2, schedule="gpipe", directory=tmp_path)
+
+
+def test_three_ranks_1f1b_pass_values_through_and_train_like_the_unplaced_model(net_spec, tmp_path):
+    plan = layered_plan(load_workload(net_spec).fresh_model(), LAYERS, THREE)
+    assert_trained_like_the_unplaced_model(net_spec, plan, 3, microbatches=4, schedule="1f1b", directory=tmp_path)
