@@ -9,6 +9,8 @@ the chunks on its devices, activations and gradients cross ranks point-to-point.
     # no plan at hand: the model's fx graph is cut in two halves (--devices cpu:0,cpu:1)
     # not under torchrun: the script starts torchrun itself, one process per device
     .venv/bin/python experiments/train_distributed.py --quick
+    # a pipeline on torch.distributed.pipelining: 4 micro-batches, 1F1B, one rank per stage
+    .venv/bin/python experiments/train_distributed.py --backend pipelining --microbatches 4 --schedule 1f1b
 
 Every rank builds the same model (load_workload seeds torch), takes the same batch,
 and steps an optimizer over its own parameters only: optimizer state lives with its
@@ -30,7 +32,8 @@ from torch import nn
 from graphs.capture import node_params
 from graphs.trace import trace_model
 from graphs.workload import load_workload
-from placer.distributed import DistributedModel, init_from_env, merge_checkpoints, save_checkpoint
+from placer.distributed import (DistributedModel, PipelinedModel, die_with_parent, init_from_env, merge_checkpoints,
+                                pipeline_stages, save_checkpoint)
 from placer.plan import Plan, load_plan, plan_from_assignment
 
 
@@ -58,21 +61,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--checkpoint", default=None, help="directory for each rank's share of the state_dict")
     parser.add_argument("--quick", action="store_true", help="three steps: a check that it runs")
+    parser.add_argument("--backend", choices=["distributed", "pipelining"], default="distributed",
+                        help="distributed: any plan, one rank per device; pipelining: a plan whose devices form "
+                             "a pipeline, on torch.distributed.pipelining, one rank per stage")
+    parser.add_argument("--microbatches", type=int, default=None, help="pipelining: micro-batches (default: the plan's)")
+    parser.add_argument("--schedule", choices=["gpipe", "1f1b"], default=None,
+                        help="pipelining: the schedule (default: the plan's, else gpipe)")
     args = parser.parse_args()
     steps = 3 if args.quick else args.steps
-    if "RANK" not in os.environ:  # not launched by torchrun: be torchrun, one local rank per device
-        from torch.distributed.run import main as torchrun
-        n_ranks = len(load_plan(args.plan).devices) if args.plan else len(args.devices.split(","))
-        torchrun(["--standalone", "--nproc-per-node", str(n_ranks), __file__, *sys.argv[1:]])
-        return
-
     workload = load_workload(args.workload)
     plan = load_plan(args.plan) if args.plan else contiguous_plan(
         workload.fresh_model(), args.devices.split(","), workload.leaf_modules, args.workload)
+    pipelined = args.backend == "pipelining"
+    if "RANK" not in os.environ:  # not launched by torchrun: be torchrun, one local rank per device (or stage)
+        from torch.distributed.run import main as torchrun
+        n_ranks = pipeline_stages(workload, plan, args.microbatches, args.schedule) if pipelined else len(plan.devices)
+        torchrun(["--standalone", "--nproc-per-node", str(n_ranks), __file__, *sys.argv[1:]])
+        return
+    die_with_parent()  # no rank outlives torchrun
 
     # --- the user's own loop, on a distributed placement --------------------------
     rank = init_from_env(plan)  # torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
-    model = DistributedModel(workload.fresh_model(), plan, workload.inputs)
+    if pipelined:
+        model = PipelinedModel(workload.fresh_model(), plan, workload.inputs, args.microbatches, args.schedule)
+    else:
+        model = DistributedModel(workload.fresh_model(), plan, workload.inputs)
     params = model.parameters()  # this rank's share
     optimizer = workload.make_optimizer(params) if params else None
     for step in range(1, steps + 1):

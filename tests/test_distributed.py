@@ -197,6 +197,53 @@ def test_two_processes_over_tcp_train_like_the_unplaced_model(tmp_path):
         assert_close_rel(merged[name].float(), p.float(), f"checkpoint {name}")
 
 
+# -- ranks die with their parent (issue 11) ------------------------------------------------
+
+def _write_pid_and_sleep(rank: LocalRank, directory: str) -> None:
+    (Path(directory) / f"rank{rank.rank}.pid").write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper that may never come in a container."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ranks_die_when_their_launcher_is_killed(tmp_path):
+    script = tmp_path / "launcher.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from placer.distributed import run_local\n"
+        "from tests.test_distributed import SPEC, _write_pid_and_sleep, alternating_plan\n"
+        "if __name__ == '__main__':\n"
+        f"    run_local(SPEC, alternating_plan(SPEC), 2, _write_pid_and_sleep, {str(tmp_path)!r}, timeout_s=600)\n")
+    launcher = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.1)
+        pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+        assert len(pids) == 2, "the ranks did not start"
+        launcher.kill()  # SIGKILL: no handler, no cleanup in the launcher
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids), "a rank outlived its launcher"
+    finally:
+        launcher.kill()
+        for p in tmp_path.glob("rank*.pid"):
+            if _alive(int(p.read_text())):
+                os.kill(int(p.read_text()), signal.SIGKILL)
+
+
 # -- the measurement pool ------------------------------------------------------------
 
 def _measure_while(pool: MeasurementPool, plans: list[Plan], act) -> list:
