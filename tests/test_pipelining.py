@@ -21,6 +21,7 @@ from placer.distributed.launch import _pipelined
 from placer.distributed.pipelining import plan_pipeline
 from placer.distributed.stages import input_only_nodes, split_stages
 from placer.plan import Plan, plan_from_assignment
+from tests.test_distributed import reference_steps
 
 THREE = ["cpu:0", "cpu:1", "cpu:2"]
 LAYERS = {"a": "cpu:1", "b": "cpu:0", "c": "cpu:2"}  # stage order differs from the device list's
@@ -167,26 +168,6 @@ def test_values_pipelining_cannot_send_and_bad_micro_batch_counts_are_refused(ne
 
 # -- ranks ------------------------------------------------------------------------------
 
-def unplaced_after(spec: str, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The unplaced model's losses and state_dict after `steps` steps of the workload's loop."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        w = load_workload(spec)
-        model = w.fresh_model()
-        optimizer = w.make_optimizer(model.parameters())
-        losses = []
-        for _ in range(steps):
-            optimizer.zero_grad()
-            loss = w.loss_fn(model(*w.inputs), *w.inputs)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        return losses, model.state_dict()
-    finally:
-        torch.set_num_threads(before)
-
-
 def _train_and_save(rank: LocalRank, steps: int, directory: str) -> list[float]:
     torch.set_num_threads(1)
     optimizer = rank.workload.make_optimizer(rank.model.parameters())
@@ -203,7 +184,8 @@ def assert_trained_like_the_unplaced_model(spec: str, plan: Plan, stages: int, m
                                            directory: Path, steps: int = 3) -> None:
     results = run_local(spec, plan, stages, _train_and_save, steps, str(directory), timeout_s=180,
                         build=_pipelined(microbatches, schedule))
-    losses, state = unplaced_after(spec, steps)
+    losses, _, trained = reference_steps(spec, steps)
+    state = trained.state_dict()
     assert all(r == results[0] for r in results)  # every rank returns the batch's loss
     assert results[0] == pytest.approx(losses, rel=1e-5)
     merged = merge_checkpoints(directory)
