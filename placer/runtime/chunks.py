@@ -1,106 +1,210 @@
-"""Fuse a placed fx graph into chunks: maximal runs of consecutive nodes (in fx order)
-on one device, each compiled into its own small fx.GraphModule.
+"""Cut a placed fx graph into chunks and compile each into its own small GraphModule.
 
-Why runs in fx order: fx order is a topological order, so every input of a node in
-chunk k is produced by a model input or by a node in a chunk j <= k. Edges of the
-chunk graph therefore only go from lower to higher chunk index, and the chunk graph
-is acyclic by construction, whatever the placement. A device that runs its chunks in
-increasing index order (and, in the backward pass, decreasing) can never wait on
-work that waits on it: the lowest unfinished chunk always has its inputs ready.
+Which nodes form a chunk is graphs.schedule.partition's work-conserving rule (the
+simulator uses the very same function): a chunk is a set of same-device nodes that
+become runnable at the same moment, forward and backward. The partition runs over
+*atoms*: the plan's groups when it has them (so the runtime and the simulator,
+which sees only groups, make the same chunks), else single nodes.
 
-Each chunk's GraphModule is built over the original model as root, so it refers to
-the model's own submodules, parameters and buffers (no copies) and runs as generated
-Python code, not through an interpreter.
+Each chunk's GraphModule runs its nodes in fx order as generated Python code over
+the model's own submodules, parameters and buffers (no copies). get_attr nodes
+cost nothing and belong to no chunk: every chunk that reads a parameter or buffer
+reads it itself, so parameters and buffers are never values passed between chunks
+(a buffer updated in place is updated where it lives, once, as in eager).
+
+In-place updates are made visible as edges first (`thread_in_place_updates`), on a
+copy of the graph: a node that reads `x` after `x.add_(y)` reads the add_ node
+instead, and graphs.schedule.ordering_edges orders updates after earlier readers
+and random ops in eager's order.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch.fx as fx
 from torch import nn
 
-_INPLACE_OPERATORS = {
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
-    operator.imatmul, operator.setitem,
-}
+from graphs.schedule import chunk_order, mutated_args, ordering_edges, partition, setitem, tensor_base
+
+__all__ = ["Chunk", "build_chunks", "mutates_first_arg", "thread_in_place_updates"]
+
+_SKIP = ("placeholder", "output", "get_attr")
 
 
 @dataclass(frozen=True)
 class Chunk:
-    index: int  # position in fx order; the schedule runs chunks of a device in this order
+    index: int  # position in a topological order of the chunk graph
     device: str  # device name ("cpu:1", "cuda:0")
-    nodes: tuple[str, ...]  # fx node names it computes
+    nodes: tuple[str, ...]  # fx node names it computes, in fx order
     inputs: tuple[str, ...]  # values it reads from outside: model inputs or other chunks' nodes
     outputs: tuple[str, ...]  # its nodes that other chunks or the model output read
     mutated_inputs: frozenset[str]  # inputs it changes in place (the runtime hands it a copy)
     module: fx.GraphModule  # forward(*inputs) -> tuple(outputs)
+    after: tuple[int, ...] = ()  # indices of the chunks it waits for (values and ordering)
+    priority: int = 0  # tie-break among chunks ready at once: the partition's id (lowest atom)
+    view_mutated_inputs: frozenset[str] = frozenset()  # inputs it changes through a view (never copied)
 
 
 def mutates_first_arg(node: fx.Node, root: nn.Module) -> bool:
     """Whether a node changes its first argument in place (x.add_(y), x += y, x[i] = y,
-    ReLU(inplace=True), F.relu(x, inplace=True))."""
-    if node.kwargs.get("inplace") is True:
-        return True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
-    if node.op == "call_module":
-        return getattr(root.get_submodule(str(node.target)), "inplace", False) is True
-    return False
+    ReLU(inplace=True), F.relu(x, inplace=True), aten.relu_)."""
+    return bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0] in mutated_args(node, root)
 
 
 def thread_in_place_updates(graph: fx.Graph, root: nn.Module) -> None:
-    """Make in-place updates visible as edges: a node that reads `x` after `x.add_(y)`
-    reads the add_ node instead (the same tensor in eager mode, so nothing changes
-    there). Without this, a chunk that changes its input in place works on a copy and
-    a later chunk reading `x` would miss the update. (`x[i] = y` returns nothing and
-    stays as it is: its effect is seen only inside its own chunk.)"""
+    """Make in-place updates visible as edges, in `graph` itself: a node that reads
+    `x` after `x.add_(y)` reads the add_ node instead (the same tensor in eager mode,
+    so nothing changes there). Without this, a chunk that changes its input in place
+    works on a copy and a later chunk reading `x` would miss the update."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
-        if node.target is operator.setitem or not node.args or not isinstance(node.args[0], fx.Node):
+        if not node.args or not isinstance(node.args[0], fx.Node) or not mutates_first_arg(node, root):
             continue
-        if mutates_first_arg(node, root):
-            target = node.args[0]
-            for user in list(target.users):
-                if order[user] > order[node]:
-                    user.replace_input_with(target, node)
+        if node.target is operator.setitem:
+            node.target = setitem  # returns x, so that later readers can read the update
+        target = node.args[0]
+        for user in list(target.users):
+            if order[user] > order[node]:
+                user.replace_input_with(target, node)
 
 
-def build_chunks(root: nn.Module, graph: fx.Graph, assignment: dict[str, str]) -> list[Chunk]:
-    """Split `graph` (traced from `root`) into chunks of consecutive same-device nodes.
-    Model inputs (placeholders) and the output node belong to no chunk. Rewires
-    `graph` by thread_in_place_updates first."""
-    thread_in_place_updates(graph, root)
-    body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
-    runs: list[list[fx.Node]] = []
-    for node in body:
-        if runs and assignment[runs[-1][-1].name] == assignment[node.name]:
-            runs[-1].append(node)
-        else:
-            runs.append([node])
-    return [_compile(i, run, assignment[run[0].name], root) for i, run in enumerate(runs)]
+def build_chunks(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], *,
+                 groups: Sequence[Iterable[str]] | None = None, runs: bool = False,
+                 extra_roots: Sequence[nn.Module] = ()) -> list[Chunk]:
+    """Chunks of `graph` (traced from `root`) placed by `assignment` (node -> device).
+
+    `groups`: the plan's groups (member node names, in group id order), used as the
+    partition's atoms when each group's nodes share a device and the group order is
+    topological; otherwise every node is its own atom. `runs`: chunks are maximal
+    same-device runs in fx order instead (the distributed backend's stages).
+    `extra_roots`: where targets `root` lacks are found (a higher-order op's
+    subgraph module, which lives on the traced GraphModule). The caller's graph is
+    left as it is. Returns the chunks in a topological order (Chunk.index)."""
+    lookup = _Lookup(root, extra_roots)
+    ordering = ordering_edges(graph, lookup)
+    original = [(a.name, n.name) for n in graph.nodes for a in n.all_input_nodes]
+    graph = _copy(graph)
+    thread_in_place_updates(graph, lookup)
+    nodes = list(graph.nodes)
+    body = [n for n in nodes if n.op not in _SKIP]
+    position = {n.name: i for i, n in enumerate(body)}
+    pairs = {(a.name, n.name) for n in body for a in n.all_input_nodes} | set(original) | set(ordering)
+    pairs = [(position[a], position[b]) for a, b in pairs if a in position and b in position and a != b]
+
+    atom_of = _atoms(body, assignment, groups, pairs)
+    n_atoms = max(atom_of, default=-1) + 1
+    atom_device = [""] * n_atoms
+    for node, a in zip(body, atom_of):
+        atom_device[a] = assignment[node.name]
+    atom_pairs = [(atom_of[u], atom_of[v]) for u, v in pairs if atom_of[u] != atom_of[v]]
+    if runs:
+        chunk_of_atom = [0] * n_atoms
+        for a in range(1, n_atoms):
+            chunk_of_atom[a] = chunk_of_atom[a - 1] + (atom_device[a] != atom_device[a - 1])
+    else:
+        devices = {d: i for i, d in enumerate(dict.fromkeys(atom_device))}
+        chunk_of_atom = partition(n_atoms, atom_pairs, [devices[d] for d in atom_device])
+    chunk_of = [chunk_of_atom[a] for a in atom_of]
+    order = chunk_order(chunk_of, pairs)
+    index = {c: i for i, c in enumerate(order)}
+
+    members: list[list[fx.Node]] = [[] for _ in order]
+    for node, c in zip(body, chunk_of):
+        members[index[c]].append(node)
+    after: list[set[int]] = [set() for _ in order]
+    for u, v in pairs:
+        a, b = index[chunk_of[u]], index[chunk_of[v]]
+        if a != b:
+            after[b].add(a)
+    return [_compile(i, run, assignment[run[0].name], lookup, tuple(sorted(after[i])), order[i])
+            for i, run in enumerate(members)]
 
 
-def _compile(index: int, run: list[fx.Node], device: str, root: nn.Module) -> Chunk:
+def _copy(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph` with the same node names."""
+    new = fx.Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    return new
+
+
+def _atoms(body: list[fx.Node], assignment: dict[str, str], groups, pairs: list[tuple[int, int]]) -> list[int]:
+    """Atom of each body node: its group's id when the groups can serve (every body
+    node in one group, a group on one device, edges from lower to higher group ids),
+    else its own position."""
+    own = list(range(len(body)))
+    if not groups:
+        return own
+    group_of = {name: g for g, names in enumerate(groups) for name in names}
+    if any(n.name not in group_of for n in body):
+        return own
+    raw = [group_of[n.name] for n in body]
+    device = {}
+    for node, g in zip(body, raw):
+        if device.setdefault(g, assignment[node.name]) != assignment[node.name]:
+            return own
+    if any(raw[u] > raw[v] for u, v in pairs):
+        return own
+    dense = {g: i for i, g in enumerate(sorted(set(raw)))}  # groups without body nodes make no atom
+    return [dense[g] for g in raw]
+
+
+class _Lookup:
+    """A root that finds each target in `root`, else in the extra roots."""
+
+    def __init__(self, root: nn.Module, extra: Sequence[nn.Module]):
+        self._roots = (root, *extra)
+
+    def fetch(self, target: str):
+        for r in self._roots:
+            obj, found = r, True
+            for part in target.split("."):
+                if not hasattr(obj, part):
+                    found = False
+                    break
+                obj = getattr(obj, part)
+            if found:
+                return obj
+        raise AttributeError(f"no module of the model has {target!r}")
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return self.fetch(target)
+
+    def __getattr__(self, name: str):
+        if name == "_roots":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return self.fetch(name)
+
+
+def _compile(index: int, run: list[fx.Node], device: str, lookup: _Lookup, after: tuple[int, ...],
+             priority: int) -> Chunk:
     members = set(run)
-    inputs = list(dict.fromkeys(a for n in run for a in n.all_input_nodes if a not in members))
+    reads = [a for n in run for a in n.all_input_nodes if a not in members]
+    inputs = list(dict.fromkeys(a for a in reads if a.op != "get_attr"))
+    attrs = list(dict.fromkeys(a for a in reads if a.op == "get_attr"))
     outputs = [n for n in run if any(u not in members for u in n.users)]
 
     g = fx.Graph()
     env = {a: g.placeholder(a.name) for a in inputs}
+    for a in attrs:
+        env[a] = g.node_copy(a)
     for node in run:
         env[node] = g.node_copy(node, lambda a: env[a])
     g.output(tuple(env[n] for n in outputs))
-    mutated = {n.args[0].name for n in run
-               if n.args and isinstance(n.args[0], fx.Node) and n.args[0] in inputs and mutates_first_arg(n, root)}
+    mutated, through_views = set(), set()
+    for node in run:
+        for arg in mutated_args(node, lookup):
+            if arg in inputs:
+                mutated.add(arg.name)
+            elif arg in members and tensor_base(arg) in inputs:
+                through_views.add(tensor_base(arg).name)
+    targets = {str(n.target): lookup.fetch(str(n.target)) for n in g.nodes if n.op in ("get_attr", "call_module")}
     return Chunk(
         index=index, device=device, nodes=tuple(n.name for n in run),
         inputs=tuple(a.name for a in inputs), outputs=tuple(n.name for n in outputs),
-        mutated_inputs=frozenset(mutated),
-        module=fx.GraphModule(root, g, class_name=f"Chunk{index}"),
+        mutated_inputs=frozenset(mutated), module=fx.GraphModule(targets, g, class_name=f"Chunk{index}"),
+        after=after, priority=priority, view_mutated_inputs=frozenset(through_views),
     )

@@ -1,0 +1,163 @@
+"""One pass of a training step (forward or backward, every micro-batch) run as
+dataflow over the devices' workers.
+
+A pass is a set of tasks (micro-batch i, chunk c). A task is *ready* once the tasks
+it waits for are done: forward, the chunks whose values (or ordering) it needs;
+backward, the chunks that read its values, whose gradients it needs. A ready task
+goes to the tail of its device's queue, so each device runs its work in the order
+it became ready (graphs.schedule explains why that rule); tasks made ready at the
+same moment enter in priority order (forward: micro-batch, then fx order;
+backward: the reverse of both, GPipe's backward order). The simulator (envs.sim)
+follows the same rule.
+
+Each task's completion is booked under one lock (counters of the tasks waiting on
+it); a cross-device hand-off is one put on the other device's queue, which wakes
+its worker. The caller's thread serves one device itself (the "inline" device) from
+the pass's own queue, and learns there that the pass is done or failed.
+
+No wait is unbounded: the caller polls its queue, checks that every worker is still
+alive, and honours an optional time limit; a task that raises fails the pass, and
+the caller waits for the workers to finish what they are running (a barrier behind
+it in every queue) before it raises, so that a failed step leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from graphs.errors import PlacerError
+from placer.runtime.worker import Worker
+
+__all__ = ["Pass", "ExecutionError", "POLL_S"]
+
+POLL_S = 0.5  # how often a waiting caller checks on the workers
+_DONE, _FAILED, _BARRIER = -1, -2, -3
+
+
+class ExecutionError(PlacerError):
+    """A placed model cannot run: its executor is closed, a worker died, or a step ran
+    past its time limit."""
+
+
+class Pass:
+    """Tasks (i, c), numbered i * C + c, over C chunks and `micro` micro-batches.
+
+    `waits_for[c]`: the chunks chunk c waits for in this pass; `wakes[c]`: the chunks
+    that wait for c, in the order they enter a queue when made ready at once;
+    `initial`: the chunks that wait for nothing, in that order too. `chunk_workers[c]`:
+    the worker of chunk c's device; the `inline` one's tasks come to the pass's own
+    queue, served by the caller. `body(worker, i, c)` runs one task."""
+
+    def __init__(self, waits_for: Sequence[Sequence[int]], wakes: Sequence[Sequence[int]], initial: Sequence[int],
+                 micro: int, reverse: bool, chunk_workers: Sequence[Worker], inline: Worker | None,
+                 body: Callable[[Worker, int, int], None]):
+        self.c = len(waits_for)
+        self.pending = [len(w) for w in waits_for] * micro
+        self.wakes = wakes
+        self.remaining = self.c * micro
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.own: queue.SimpleQueue = queue.SimpleQueue()
+        self.queues = [self.own if w is inline else w.queue for w in chunk_workers]
+        self.inline = inline
+        self.body = body
+        order = range(micro - 1, -1, -1) if reverse else range(micro)
+        self._initial = [i * self.c + c for i in order for c in initial]
+
+    def run(self, worker: Worker, task: int) -> None:
+        """Run one task on `worker`'s thread, then hand on what it made ready."""
+        if self.error is not None:
+            return
+        i, c = divmod(task, self.c)
+        try:
+            self.body(worker, i, c)
+        except BaseException as exc:  # raised in the caller as itself
+            self._fail(exc)
+            return
+        ready = []
+        base = i * self.c
+        with self.lock:
+            pending = self.pending
+            for s in self.wakes[c]:
+                pending[base + s] -= 1
+                if pending[base + s] == 0:
+                    ready.append(base + s)
+            self.remaining -= 1
+            done = self.remaining == 0
+        for k in ready:
+            self.queues[k % self.c].put((self, k))
+        if done:
+            self.own.put((self, _DONE))
+
+    def _fail(self, exc: BaseException) -> None:
+        with self.lock:
+            first = self.error is None
+            if first:
+                self.error = exc
+        if first:
+            self.own.put((self, _FAILED))
+
+    def execute(self, workers: Sequence[Worker], timeout_s: float | None = None) -> None:
+        """Start the pass, serve the inline device on this thread until every task is
+        done, and return; raise the first task's exception if one failed, or
+        ExecutionError if a worker died or the pass ran past `timeout_s`."""
+        if not self._initial:
+            return
+        for k in self._initial:
+            self.queues[k % self.c].put((self, k))
+        begin = time.monotonic()
+        try:
+            while True:
+                try:
+                    owner, task = self.own.get(timeout=POLL_S)
+                except queue.Empty:
+                    _check(workers, begin, timeout_s)
+                    continue
+                if task >= 0:
+                    owner.run(self.inline, task)
+                elif task == _DONE:
+                    return
+                elif task == _FAILED:
+                    raise self.error
+        except BaseException as exc:
+            self._fail(exc)  # a Ctrl-C or a dead worker stops the pass too
+            _quiesce(workers, timeout_s)
+            raise
+
+
+def _check(workers: Sequence[Worker], begin: float, timeout_s: float | None) -> None:
+    dead = [w.device.name for w in workers if not w.alive]
+    if dead:
+        raise ExecutionError(f"the worker of {dead[0]} died during a step; rebuild the placed model "
+                             f"(placer.apply) to start new workers")
+    if timeout_s is not None and time.monotonic() - begin > timeout_s:
+        raise ExecutionError(f"a step ran past its limit of {timeout_s:g} s (Executor.timeout_s); "
+                             f"raise the limit, or check the devices for a hang")
+
+
+class _Barrier:
+    def __init__(self):
+        self.replies: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run(self, worker: Worker, task: int) -> None:
+        self.replies.put(task)
+
+
+def _quiesce(workers: Sequence[Worker], timeout_s: float | None) -> None:
+    """Wait until every live worker has finished what it was running."""
+    barrier = _Barrier()
+    live = [w for w in workers if w.alive]
+    for w in live:
+        w.queue.put((barrier, _BARRIER))
+    begin = time.monotonic()
+    for _ in live:
+        while True:
+            try:
+                barrier.replies.get(timeout=POLL_S)
+                break
+            except queue.Empty:
+                if not all(w.alive for w in live) or (timeout_s is not None and time.monotonic() - begin > timeout_s):
+                    return

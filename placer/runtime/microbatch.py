@@ -1,0 +1,224 @@
+"""Micro-batches (GPipe: Huang et al. 2019, "GPipe: Efficient Training of Giant
+Neural Networks using Pipeline Parallelism"): split a batch, gather the outputs,
+and refuse models that micro-batches would change.
+
+The executor runs the forward of every micro-batch, gathers the outputs into one
+batch, and runs the backward of every micro-batch when autograd asks for it, so a
+user's `loss_fn(placed(x)).backward()` is unchanged. Because the loss is computed on
+the gathered output, its gradient is the full batch's whatever its reduction (mean,
+sum, a weighting): each micro-batch's backward receives its slice of that gradient
+and the parameters' gradients accumulate to the full batch's (up to float rounding).
+
+What micro-batches do change, and so what is refused unless the workload accepts
+per-micro-batch statistics (`microbatch_statistics = True`):
+
+- layers that compute over the batch: BatchNorm in training; any reduction across
+  the batch inside the model (x.mean(), x.sum(0), x[0]);
+- buffers updated in forward: they would be updated once per micro-batch;
+- and, always refused, an output without a batch dimension (a loss computed inside
+  the model): micro-batches' values of it cannot be put back together.
+
+The batch-level checks run the model once on 2 and 3 rows (`probe`: no gradient,
+random generators and buffers restored after): a dimension whose size follows the
+number of rows is a batch dimension; a node whose inputs have one and whose output
+has none reduced over the batch. Ops that mix rows but keep the shape (softmax over
+the batch dimension) are not seen. Dropout draws other masks than eager for the
+same seed (the random generator is used in another order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from graphs.errors import PlanError
+from graphs.schedule import mutated_args, tensor_base
+
+__all__ = ["Split", "split", "gather", "static_refusal", "probe", "batch_layout"]
+
+_REDUCTIONS_ADVICE = ("set microbatch_statistics = True in the workload to accept per-micro-batch statistics, "
+                      "or use microbatches = 1")
+
+
+@dataclass(frozen=True)
+class Split:
+    """A batch split into micro-batches: `inputs[i]` are micro-batch i's placeholder
+    values, `sizes[i]` its rows; `dims` the inputs that were split, and along which
+    dimension (other inputs are handed to every micro-batch whole)."""
+
+    inputs: list[dict[str, Any]]
+    sizes: list[int]
+    dims: dict[str, int]
+
+
+def split(inputs: Mapping[str, Any], m: int, batch_dims: Mapping[str, int]) -> Split:
+    """Split every batch-sized tensor input (the batch size is the first tensor
+    input's size along its batch dimension; `batch_dims` names it per input,
+    default 0) into at most `m` micro-batches with torch.chunk: equal sizes but the
+    last, and fewer than `m` when the batch is small (4 rows in 3 -> 2, 2)."""
+    tensors = [(name, v) for name, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if not tensors:
+        return Split([dict(inputs)], [0], {})
+    name0, first = tensors[0]
+    rows = first.shape[batch_dims.get(name0, 0)]
+    dims = {name: batch_dims.get(name, 0) for name, v in tensors
+            if v.dim() > batch_dims.get(name, 0) and v.shape[batch_dims.get(name, 0)] == rows}
+    pieces = {name: torch.chunk(inputs[name], m, dim) for name, dim in dims.items()}
+    count = len(pieces[name0])
+    parts = [{name: pieces[name][i] if name in pieces else v for name, v in inputs.items()} for i in range(count)]
+    return Split(parts, [p.shape[dims[name0]] for p in pieces[name0]], dims)
+
+
+def gather(values: Sequence[Any], dims: Sequence[int | None]) -> Any:
+    """One value from micro-batches' values: tensor leaf k concatenated along
+    `dims[k]`; other leaves (equal in every micro-batch) taken from the first."""
+    flats = [tree_flatten(v)[0] for v in values]
+    spec = tree_flatten(values[0])[1]
+    out = [torch.cat([f[k] for f in flats], dims[k]) if dims[k] is not None else flats[0][k]
+           for k in range(len(flats[0]))]
+    return tree_unflatten(out, spec)
+
+
+def _where(node: fx.Node) -> str:
+    """The module a node belongs to, for messages."""
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, cls = list(stack.values())[-1]
+        return f"module '{path}' ({getattr(cls, '__name__', cls)})"
+    return f"node '{node.name}'"
+
+
+def static_refusal(graph: fx.Graph, root: Any, source: str) -> str | None:
+    """Why micro-batches would change what the model computes, seen from the graph
+    alone (batch norm in training, buffers updated in forward); None if nothing."""
+    for node in graph.nodes:
+        if node.op == "call_module":
+            module = root.get_submodule(str(node.target))
+            norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+            if norms:
+                return (f"{source}: {_where(node)} ({type(norms[0]).__name__}) computes batch statistics in training, "
+                        f"over each micro-batch alone; {_REDUCTIONS_ADVICE}")
+        name = getattr(node.target, "__name__", "")
+        if "batch_norm" in name and node.op == "call_function":
+            training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
+            if training is not False:
+                return (f"{source}: {_where(node)} computes batch statistics in training, over each micro-batch "
+                        f"alone; {_REDUCTIONS_ADVICE}")
+        for arg in mutated_args(node, root):
+            base = tensor_base(arg)
+            if base.op == "get_attr" and not isinstance(root.fetch(str(base.target)), nn.Parameter):
+                return (f"{source}: {_where(node)} updates buffer '{base.target}' in forward, which micro-batches "
+                        f"would update once each; {_REDUCTIONS_ADVICE}")
+    return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What `probe` learnt: the batch dimension of each output tensor leaf (None:
+    not a tensor), and the first node that reduces over the batch (None if none)."""
+
+    output_dims: dict[str, list[int | None]]
+    reduction: str | None
+
+
+def _shapes(value: Any) -> list:
+    return [tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in tree_flatten(value)[0]]
+
+
+def _batch_dim(a: tuple, b: tuple, rows: tuple[int, int]) -> int | None:
+    """The first dimension whose size follows the number of rows (a at rows[0], b at rows[1])."""
+    if len(a) != len(b):
+        return None
+    for d, (x, y) in enumerate(zip(a, b)):
+        if x != y and x * rows[1] == y * rows[0]:
+            return d
+    return None
+
+
+def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], seen: Sequence[dict[str, list]],
+                 rows: tuple[int, int], source: str) -> Layout:
+    """Compare the shapes `probe` saw at two numbers of rows. Raises PlanError when
+    an output has no batch dimension or a non-tensor output depends on the batch."""
+    a, b = seen
+    dims: dict[str, list[int | None]] = {}
+    for name in output_nodes:
+        leaves = []
+        for x, y in zip(a[name], b[name]):
+            if isinstance(x, tuple):
+                d = _batch_dim(x, y, rows)
+                if d is None:
+                    raise PlanError(f"{source}: output '{name}' has no batch dimension (shape {list(x)} at {rows[0]} "
+                                    f"rows); a value over the whole batch, such as a loss computed inside the model, "
+                                    f"cannot be gathered from micro-batches: compute it in loss_fn, or use "
+                                    f"microbatches = 1")
+                leaves.append(d)
+            elif x != y:
+                raise PlanError(f"{source}: output '{name}' is {x!r} for {rows[0]} rows and {y!r} for {rows[1]}: "
+                                f"it depends on the batch and cannot be gathered from micro-batches; use "
+                                f"microbatches = 1")
+            else:
+                leaves.append(None)
+        dims[name] = leaves
+    reduction = None
+    for node in graph_nodes:
+        if node.name not in a or node.op in ("placeholder", "get_attr"):
+            continue
+        out = [(x, y) for x, y in zip(a[node.name], b[node.name]) if isinstance(x, tuple)]
+        ins = [(x, y) for arg in node.all_input_nodes if arg.name in a
+               for x, y in zip(a[arg.name], b[arg.name]) if isinstance(x, tuple)]
+        if (out and any(_batch_dim(x, y, rows) is not None for x, y in ins)
+                and all(_batch_dim(x, y, rows) is None for x, y in out)):
+            reduction = (f"{source}: {_where(node)} reduces over the batch (output shape {list(out[0][0])} at "
+                         f"{rows[0]} rows), so each micro-batch would see only its own rows; {_REDUCTIONS_ADVICE}")
+            break
+    return Layout(dims, reduction)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule, seen: dict[str, list]):
+        super().__init__(module)
+        self.seen = seen
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op not in ("output", "get_attr"):
+            self.seen[n.name] = _shapes(out)
+        return out
+
+
+def probe(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mapping[str, Any], dims: Mapping[str, int],
+          rows: int) -> dict[str, list]:
+    """Run the chunks (in order, on this thread, without gradients) on the first
+    `rows` rows of the inputs that `dims` splits; return every node's output shapes
+    (per pytree leaf; non-tensor leaves as they are). The random generators and every
+    buffer the chunks hold are restored afterwards."""
+    seen: dict[str, list] = {}
+    values = {name: v.narrow(dims[name], 0, rows) if name in dims else v for name, v in inputs.items()}
+    for name, v in values.items():
+        seen[name] = _shapes(v)
+    buffers = {id(b): b for c in chunks for b in c.module.buffers()}
+    saved = {k: b.clone() for k, b in buffers.items()}
+    cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
+    with torch.random.fork_rng(devices=cuda, device_type="cuda" if cuda else "cpu"), torch.no_grad():
+        try:
+            for chunk, device in zip(chunks, devices):
+                args = [_to(values[name], device) for name in chunk.inputs]
+                outs = _Recorder(chunk.module, seen).run(*args)
+                values.update(zip(chunk.outputs, outs))
+        finally:
+            for k, b in buffers.items():
+                b.copy_(saved[k])
+    return seen
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    flat, spec = tree_flatten(value)
+    return tree_unflatten([x.to(device) if isinstance(x, torch.Tensor) else x for x in flat], spec)

@@ -1,0 +1,116 @@
+"""A device's worker: a daemon thread with a queue, pinned to the device's cores.
+
+CPU workers set their own intra-op thread count (per thread in torch), so virtual
+CPU devices each get their share of the host's cores, and on Linux they pin
+themselves to that share (os.sched_setaffinity on the thread's native id; the
+OpenMP team a thread starts later inherits it). CUDA workers run on their own
+stream.
+
+A worker takes (owner, task) pairs from its queue, in order, and calls
+`owner.run(worker, task)`: a pass of the executor hands it tasks that way
+(placer.runtime.dataflow), and the caller's thread serves a device the same way
+from the pass's own queue.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+
+from graphs.devices import Device
+
+__all__ = ["Worker", "core_shares", "pinned"]
+
+
+def core_shares(devices: Sequence[Device]) -> dict[str, tuple[int, ...]]:
+    """The cores each virtual CPU device may use: consecutive slices of this
+    process's allowed cores, `threads` each, in the devices' order. Empty where the
+    OS cannot pin threads or the devices need more cores than the host has (then
+    nobody is pinned: sharing is the OS's job)."""
+    virtual = [d for d in devices if d.is_virtual_cpu and d.rank is None]
+    if not virtual or not hasattr(os, "sched_setaffinity"):
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    if sum(d.threads for d in virtual) > len(cores):
+        return {}
+    shares, start = {}, 0
+    for d in virtual:
+        shares[d.name] = tuple(cores[start:start + d.threads])
+        start += d.threads
+    return shares
+
+
+class pinned:
+    """Pin the calling thread to `cores` for the duration of a `with` (nothing when
+    `cores` is empty); the previous affinity comes back after."""
+
+    def __init__(self, cores: Sequence[int]):
+        self.cores = tuple(cores)
+        self._before: set[int] | None = None
+
+    def __enter__(self) -> pinned:
+        if self.cores:
+            tid = threading.get_native_id()
+            self._before = os.sched_getaffinity(tid)
+            if self._before != set(self.cores):
+                os.sched_setaffinity(tid, self.cores)
+            else:
+                self._before = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._before is not None:
+            os.sched_setaffinity(threading.get_native_id(), self._before)
+            self._before = None
+
+
+class Worker:
+    """A daemon thread that runs one device's work in the order it is handed over."""
+
+    def __init__(self, device: Device, cores: Sequence[int] = ()):
+        self.device = device
+        self.cores = tuple(cores)
+        self.torch_device = torch.device(device.torch_device)
+        self.stream = torch.cuda.Stream(self.torch_device) if device.kind == "cuda" else None
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=f"placer-{device.name}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        if self.cores:
+            os.sched_setaffinity(threading.get_native_id(), self.cores)
+        if self.device.kind == "cpu":
+            torch.set_num_threads(self.device.threads)
+        else:
+            torch.cuda.set_device(self.torch_device)
+        while (item := self.queue.get()) is not None:
+            owner, task = item
+            owner.run(self, task)
+
+    def context(self):
+        """The worker's CUDA stream, where it has one."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+    def record_event(self) -> torch.cuda.Event | None:
+        """A CUDA event after the work queued so far on this worker's stream."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop the thread and wait for it: a thread still exiting while the interpreter
+        shuts down can abort the process from torch's thread-local destructors."""
+        self.queue.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
