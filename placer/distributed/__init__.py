@@ -12,12 +12,13 @@ Inside a torchrun-launched script (experiments/train_distributed.py):
     loss = model.train_step(workload.inputs, workload.loss_fn); optimizer.step()
 """
 
-from placer.distributed.backend import DistributedModel, rank_cluster
+from placer.distributed.backend import DistributedModel
 from placer.distributed.checkpoint import merge_checkpoints, save_checkpoint
 from placer.distributed.launch import (LocalRank, RankFailed, die_with_parent, init_from_env, measure_distributed,
                                        measure_pipelined, pipeline_stages, run_local, train_distributed,
                                        train_pipelined, train_step, world_size_of)
 from placer.distributed.pipelining import PipelinedModel
+from placer.distributed.share import rank_cluster
 from placer.distributed.pool import MeasurementPool, WorkerStartError
 
 __all__ = ["DistributedModel", "PipelinedModel", "merge_checkpoints", "save_checkpoint", "rank_cluster", "LocalRank",

@@ -42,11 +42,11 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.capture import node_params
-from graphs.devices import Cluster, Device, parse_cluster
+from graphs.devices import Cluster, Device
 from graphs.errors import PlanError
 from graphs.trace import fingerprint, trace_model
 from placer.distributed.schedule import Crossing, Schedule, TensorMeta, ValueMeta, build_schedule, describe
-from placer.distributed.share import RankShare
+from placer.distributed.share import RankShare, rank_cluster
 from placer.plan import Plan, load_plan
 from placer.runtime.chunks import Chunk, build_chunks
 
@@ -54,21 +54,6 @@ LossFn = Callable[..., torch.Tensor]
 
 
 # -- the placed model on one rank --------------------------------------------------
-
-def rank_cluster(plan: Plan, world_size: int, cluster: Cluster | None = None) -> Cluster:
-    """The plan's devices with owners: `cluster` (device i of the plan is device i of
-    the cluster), the plan's own `rankR:` names, or else device i on rank i mod world_size."""
-    if cluster is None:
-        names = plan.devices if plan.devices[0].startswith("rank") else [
-            f"rank{i % world_size}:{name}" for i, name in enumerate(plan.devices)]
-        cluster = parse_cluster(",".join(names))
-    if len(cluster) != len(plan.devices):
-        raise PlanError(f"the plan has {len(plan.devices)} devices but the cluster {cluster.spec()} has {len(cluster)}")
-    bad = [d.name for d in cluster.devices if d.rank is None or d.rank >= world_size]
-    if bad:
-        raise PlanError(f"devices {bad} have no owner among ranks 0..{world_size - 1}: write rankR:DEVICE")
-    return cluster
-
 
 class DistributedModel(RankShare):
     """A model placed over torch.distributed ranks. Construct it on every rank (a

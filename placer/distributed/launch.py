@@ -35,7 +35,8 @@ import torch.multiprocessing as mp
 from graphs.devices import host_cores
 from graphs.errors import PlacerError
 from graphs.workload import Workload, load_workload
-from placer.distributed.backend import DistributedModel, rank_cluster
+from placer.distributed.backend import DistributedModel
+from placer.distributed.share import rank_cluster
 from placer.distributed.checkpoint import save_checkpoint
 from placer.distributed.pipelining import PipelinedModel, plan_pipeline
 from placer.plan import Plan

@@ -48,7 +48,7 @@ from graphs.devices import Cluster, Device
 from graphs.errors import PlanError
 from graphs.trace import fingerprint, trace_model
 from placer.distributed.schedule import TensorMeta, ValueMeta, describe
-from placer.distributed.share import RankShare
+from placer.distributed.share import RankShare, rank_cluster
 from placer.distributed.stages import Pipeline, Stage, split_stages
 from placer.plan import Plan, load_plan
 
@@ -261,8 +261,6 @@ def _is_batch(x, batch: int) -> bool:
 def _rank_devices(plan: Plan, stages: list[Stage], cluster: Cluster | None) -> dict[str, Device]:
     """Plan device name -> Device. Stage i runs on rank i; a plan that names owners
     (`rankR:`) must name stage i's device rank i."""
-    from placer.distributed.backend import rank_cluster
-
     cluster = rank_cluster(plan, len(plan.devices), cluster)
     devices = dict(zip(plan.devices, cluster.devices))
     if plan.devices[0].startswith("rank"):

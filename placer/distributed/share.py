@@ -1,7 +1,8 @@
-"""What one rank holds of a model placed over ranks, and what a training loop asks
-of it: its parameters (for its optimizer), its share of the state_dict (for
-checkpoints), the bytes it holds (for measurement). Shared by both distributed
-frontends, DistributedModel (backend.py) and PipelinedModel (pipelining.py).
+"""Which rank owns which device (`rank_cluster`), what one rank holds of a model
+placed over ranks, and what a training loop asks of it: its parameters (for its
+optimizer), its share of the state_dict (for checkpoints), the bytes it holds (for
+measurement). Shared by both distributed frontends, DistributedModel (backend.py)
+and PipelinedModel (pipelining.py).
 """
 
 from __future__ import annotations
@@ -12,9 +13,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["RankShare", "Keep"]
+from graphs.devices import Cluster, parse_cluster
+from graphs.errors import PlanError
+from placer.plan import Plan
 
-Keep = tuple[str, torch.device]  # (plan device name, where the tensor lives on this rank)
+__all__ = ["RankShare", "rank_cluster"]
+
+
+def rank_cluster(plan: Plan, world_size: int, cluster: Cluster | None = None) -> Cluster:
+    """The plan's devices with owners: `cluster` (device i of the plan is device i of
+    the cluster), the plan's own `rankR:` names, or else device i on rank i mod world_size."""
+    if cluster is None:
+        names = plan.devices if plan.devices[0].startswith("rank") else [
+            f"rank{i % world_size}:{name}" for i, name in enumerate(plan.devices)]
+        cluster = parse_cluster(",".join(names))
+    if len(cluster) != len(plan.devices):
+        raise PlanError(f"the plan has {len(plan.devices)} devices but the cluster {cluster.spec()} has {len(cluster)}")
+    bad = [d.name for d in cluster.devices if d.rank is None or d.rank >= world_size]
+    if bad:
+        raise PlanError(f"devices {bad} have no owner among ranks 0..{world_size - 1}: write rankR:DEVICE")
+    return cluster
 
 
 class RankShare:
