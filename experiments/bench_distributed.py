@@ -1,8 +1,10 @@
-"""Communication overhead of the distributed backend: the same two-device placement,
+"""Communication overhead of the distributed backends: the same two-device placement,
 with one value crossing between the devices per step, measured by the in-process
-runtime (two virtual CPU devices, threads of one process) and by two local gloo
-ranks (processes, point-to-point over loopback). Both get half the host's cores per
-device. The target (issue 8): distributed within 10% of in-process.
+runtime (two virtual CPU devices, threads of one process), by two local gloo ranks
+(processes, point-to-point over loopback), and, since such a plan is a two-stage
+pipeline, by torch.distributed.pipelining with M micro-batches (--microbatches,
+GPipe). All get half the host's cores per device. The target (issue 8): distributed
+within 10% of in-process.
 
     .venv/bin/python experiments/bench_distributed.py --quick   # a check that it runs
     .venv/bin/python experiments/bench_distributed.py           # the recorded numbers
@@ -21,7 +23,7 @@ import torch.fx as fx
 from graphs.capture import node_params
 from graphs.trace import trace_model
 from graphs.workload import load_workload
-from placer.distributed import measure_distributed
+from placer.distributed import measure_distributed, measure_pipelined
 from placer.plan import Plan, plan_from_assignment
 from placer.runtime import measure
 
@@ -65,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small model, few steps: a check that it runs")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--microbatches", type=int, default=4, help="micro-batches of the pipelining row (GPipe)")
     args = parser.parse_args()
     # Medium sizes: a paper-size step takes tens of seconds on a 2-core host.
     specs = ["zoo:transformer"] if args.quick else ["zoo:transformer", "zoo:rnnlm:medium", "zoo:transformer:medium"]
@@ -75,24 +78,35 @@ def main() -> None:
         plan, count = one_edge_plan(spec)
         local = measure(load_workload(spec), plan, iters=iters, warmup=warmup)
         distributed = measure_distributed(spec, plan, iters=iters, warmup=warmup)
+        pipelined = measure_pipelined(spec, plan, iters=iters, warmup=warmup, microbatches=args.microbatches)
         overhead = distributed.median_ms / local.median_ms - 1 if local.feasible and distributed.feasible else None
         rows.append({"workload": spec, "crossings": count, "in_process_ms": local.median_ms,
                      "in_process_iqr_ms": local.iqr_ms, "distributed_ms": distributed.median_ms,
                      "distributed_iqr_ms": distributed.iqr_ms, "overhead": overhead,
-                     "within_10_percent": overhead is not None and overhead <= 0.10})
+                     "within_10_percent": overhead is not None and overhead <= 0.10,
+                     "pipelined_microbatches": args.microbatches, "pipelined_ms": pipelined.median_ms,
+                     "pipelined_iqr_ms": pipelined.iqr_ms})
         print(f"{spec}: in-process {local.median_ms:.2f} ms, distributed {distributed.median_ms:.2f} ms "
-              f"({'n/a' if overhead is None else f'{overhead:+.1%}'}), {count} crossing value(s)")
+              f"({'n/a' if overhead is None else f'{overhead:+.1%}'}), pipelined (m={args.microbatches}) "
+              f"{pipelined.median_ms:.2f} ms, {count} crossing value(s)")
 
     stem = "distributed_quick" if args.quick else "distributed"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"iters": iters, "warmup": warmup, "rows": rows}, indent=1) + "\n")
-    lines = ["| workload | crossing values | in-process ms (IQR) | 2 gloo ranks ms (IQR) | overhead |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| workload | crossing values | in-process ms (IQR) | 2 gloo ranks ms (IQR) | overhead "
+             f"| pipelining, m={args.microbatches} GPipe, ms (IQR) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         overhead = "n/a" if r["overhead"] is None else f"{r['overhead']:+.1%}"
-        lines.append(f"| {r['workload']} | {r['crossings']} | {r['in_process_ms']:.2f} ({r['in_process_iqr_ms']:.2f}) "
-                     f"| {r['distributed_ms']:.2f} ({r['distributed_iqr_ms']:.2f}) | {overhead} |")
+        lines.append(f"| {r['workload']} | {r['crossings']} | {_ms(r, 'in_process')} | {_ms(r, 'distributed')} "
+                     f"| {overhead} | {_ms(r, 'pipelined')} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+def _ms(row: dict, kind: str) -> str:
+    if row[f"{kind}_ms"] is None:
+        return "infeasible"
+    return f"{row[f'{kind}_ms']:.2f} ({row[f'{kind}_iqr_ms']:.2f})"
 
 
 if __name__ == "__main__":
