@@ -4,26 +4,36 @@ It replays the runtime's schedule (placer.runtime) on profiled costs instead of
 running the model, so a reward costs well under a millisecond instead of a whole
 training step:
 
-- the work comes in *units* in a fixed order: the runs of one group's ops in the
-  traced (fx) order the runtime follows, or, for a problem without its OpGraph,
-  the groups in id order (ids are a topological order); a group's ops are
-  mostly contiguous in fx order, so a unit is mostly a whole group;
-- one worker per device, running its units in that order in the forward pass and
-  in reverse in the backward pass;
-- every contiguous run of units on one device is one chunk of the runtime: it
-  starts when its device is free and all its inputs from other devices have
-  arrived, pays a dispatch overhead, runs its units back to back, and hands its
-  outputs on when it ends;
-- a tensor that crosses devices occupies the directed link for
-  latency + bytes / bandwidth, and transfers on one link go one after another;
+- the work comes in *atoms*: the groups (only those with ops that compute: inputs,
+  parameters and buffers cost nothing and are never handed between devices);
+- the atoms are cut into chunks by graphs.schedule.partition, the very function the
+  runtime cuts its chunks with (the runtime uses the plan's groups as its atoms), so
+  both run the same chunks; a chunk runs when the chunks it needs are done and its
+  inputs from other devices have arrived, pays a dispatch overhead, runs its atoms
+  back to back and hands its outputs on when it ends;
+- one worker per device runs its chunks in the order they became ready; chunks
+  ready at the same moment by priority (forward: micro-batch, then fx order;
+  backward: the reverse of both), the runtime's rule (placer.runtime.dataflow);
+- a chunk's outputs to another chunk on another device occupy the directed link
+  for latency + bytes / bandwidth, one transfer after another on one link;
+- with m micro-batches (GPipe) every micro-batch runs every chunk, each at the
+  profiled cost of a micro-batch (`microbatch_step_ms`, below), all forwards first;
 - the whole forward pass completes, then the loss, then the backward pass, whose
   gradients flow along the reversed edges at the same transfer cost;
 - once the whole backward pass is done, the optimizer steps every device's
   parameters: the CPU devices' one after another on the host, each GPU's on the
   GPU, concurrently.
 
-Because every device's order agrees with the global unit order, one pass in that
-order (and one in reverse) computes this schedule exactly; no event queue is needed.
+Each device runs its ready chunks first come, first served, so one heap of tasks
+keyed by (ready time, priority) yields every device's order: a task popped later
+never becomes ready earlier. That keeps simulate() near 1,000 calls a second at
+256 groups.
+
+Micro-batch costs: the profile records `microbatch_step_ms` (OpGraph graph
+attribute: m -> ms of a whole training step at batch/m, times m); a micro-batch's
+op costs are the batch's scaled by microbatch_step_ms[m] / (m * microbatch_step_ms[1]).
+Where the profile lacks m, costs scale linearly (1/m), which overrates small
+micro-batches; `Simulator.notes` says so.
 """
 
 from __future__ import annotations
@@ -33,11 +43,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from heapq import heappop, heappush
 
 import numpy as np
 
 from graphs.devices import Cluster, Link
 from graphs.problem import PlacementProblem
+from graphs.schedule import partition
 
 # Dispatching a chunk to a worker (queue hand-off, Python call overhead), before
 # calibration; measured placements refine it.
@@ -107,7 +119,8 @@ class SimResult:
     reason: str = ""  # why it is infeasible; "" when feasible
     # With simulate(..., timeline=True): one dict per event, {"device", "kind" (fwd, bwd,
     # opt, xfer), "label" (group name, or "src->dst" devices for a transfer), "start_ms",
-    # "end_ms"}, plus "group" (fwd/bwd) or "groups" (xfer: the producing and consuming group).
+    # "end_ms"}, plus for fwd/bwd "group", "chunk" and "microbatch", for xfer "groups" (a
+    # group of the sending chunk and one of the receiving chunk), "phase" and "microbatch".
     timeline: list[dict] | None = field(default=None, compare=False)
 
     @property
@@ -116,72 +129,59 @@ class SimResult:
 
 
 @dataclass(frozen=True)
-class Units:
-    """The simulator's units of work, in the runtime's order (see the module doc)."""
+class Atoms:
+    """The simulator's atoms (see the module doc): groups in id order (a topological
+    order) and the edges between them."""
 
-    group: list[int]  # unit -> its group
-    share: np.ndarray  # [units, 2]: the unit's share of its group's forward and backward time
-    edges: dict[tuple[int, int], float]  # (unit, unit) -> bytes
-
-
-@dataclass(frozen=True)
-class PassCosts:
-    """One pass's time per unit and device, as plain lists for the simulator's loop."""
-
-    per_unit: list[list[float]]  # [unit][device]
-    cumulative: list[list[float]]  # [device][k]: the time of units 0..k-1 (a chunk's is a difference)
-
-    @classmethod
-    def of(cls, ms: np.ndarray) -> PassCosts:
-        cumulative = np.vstack([np.zeros((1, ms.shape[1])), np.cumsum(ms, axis=0)]).T
-        return cls(ms.tolist(), cumulative.tolist())
+    group: list[int]  # atom -> its group
+    edges: list[tuple[int, int]]  # (atom, atom), sorted and unique, lower to higher
+    edge_bytes: list[float]  # bytes each edge carries per step
 
 
-def execution_units(problem: PlacementProblem) -> Units:
-    """Split the groups into runs of consecutive ops in fx order (the runtime chunks
-    by fx order, so a group whose ops interleave with another's runs in pieces).
-    Model inputs and the output are no chunk's work in the runtime: left out."""
+def execution_atoms(problem: PlacementProblem) -> Atoms:
+    """The groups that compute, and what crosses between them. With the OpGraph: a
+    value crosses once to each group that reads it, however many of its ops do;
+    edges from inputs, parameters and buffers carry nothing (the runtime's chunks
+    read parameters themselves); ordering edges (bytes 0) count as edges."""
     n, ops = problem.n_groups, problem.ops
     if ops is None:
-        edges = zip(map(tuple, problem.costs.edges.tolist()), problem.costs.edge_bytes.tolist())
-        return Units(list(range(n)), np.ones((n, 2)), dict(edges))
-    group_of = {m: i for i in range(n) for m in problem.groups.nodes[i]["members"]}
-    run_ops = sorted((m for m in group_of if ops.nodes[m]["op"] not in ("placeholder", "output")),
-                     key=lambda m: ops.nodes[m]["order"])
-    unit_of: dict[str, int] = {}
-    units: list[int] = []
-    for m in run_ops:
-        if not units or units[-1] != group_of[m]:
-            units.append(group_of[m])
-        unit_of[m] = len(units) - 1
-    # A group's pieces share its time as their ops' profiled times do (on the first
-    # device's kind: proportions hardly differ by kind), evenly when all are free.
-    kind = problem.cluster.devices[0].kind
-    work = np.zeros((len(units), 2))
-    for m, k in unit_of.items():
-        work[k] += (ops.nodes[m]["fwd_ms"][kind], ops.nodes[m]["bwd_ms"][kind])
-    group_work = np.zeros((n, 2))
-    np.add.at(group_work, units, work)
-    total = group_work[units]
-    even = np.broadcast_to(1.0 / np.bincount(units, minlength=n)[units][:, None], work.shape).copy()
-    share = np.divide(work, total, out=even, where=total > 0)
-    edges: dict[tuple[int, int], float] = {}
-    crossed: set[tuple[str, int]] = set()  # a value moves once to a unit, however many of its ops read it
+        pairs = {(int(u), int(v)): float(b) for (u, v), b in zip(problem.costs.edges.tolist(), problem.costs.edge_bytes)}
+        edges = sorted(pairs)
+        return Atoms(list(range(n)), edges, [pairs[e] for e in edges])
+    group_of = {m: g for g in range(n) for m in problem.groups.nodes[g]["members"]}
+    body = {m for m in group_of if ops.nodes[m]["op"] not in ("placeholder", "output", "get_attr")}
+    groups = sorted({group_of[m] for m in body})
+    atom = {g: i for i, g in enumerate(groups)}
+    pairs: dict[tuple[int, int], float] = {}
+    crossed: set[tuple[str, int]] = set()
     for a, b, nbytes in ops.edges(data="bytes"):
-        if a in unit_of and b in unit_of and unit_of[a] != unit_of[b] and (a, unit_of[b]) not in crossed:
-            crossed.add((a, unit_of[b]))
-            key = (unit_of[a], unit_of[b])
-            edges[key] = edges.get(key, 0.0) + float(nbytes or 0)
-    return Units(units, share, edges)
+        if a in body and b in body and group_of[a] != group_of[b] and (a, group_of[b]) not in crossed:
+            crossed.add((a, group_of[b]))
+            key = (atom[group_of[a]], atom[group_of[b]])
+            pairs[key] = pairs.get(key, 0.0) + float(nbytes or 0)
+    edges = sorted(pairs)
+    return Atoms(groups, edges, [pairs[e] for e in edges])
+
+
+def microbatch_factors(problem: PlacementProblem) -> dict[int, float]:
+    """m -> a micro-batch's compute relative to the whole batch's, from the profile's
+    `microbatch_step_ms` (keys may be strings after a JSON round trip)."""
+    for g in (problem.groups, problem.ops):
+        table = g.graph.get("microbatch_step_ms") if g is not None else None
+        if table:
+            steps = {int(k): float(v) for k, v in table.items()}
+            if 1 in steps and steps[1] > 0:
+                return {m: ms / (m * steps[1]) for m, ms in steps.items()}
+    return {1: 1.0}
 
 
 class Simulator:
     """Simulates placements of one problem under one calibration.
 
-    Everything that does not depend on the placement (the units, their costs under
-    the calibration, their edges, the links) is turned into plain Python lists once,
-    here, so that simulate() is a tight loop (>= 1,000 calls a second for 256
-    groups); results are memoised by placement.
+    Everything that does not depend on the placement (the atoms, their costs under
+    the calibration, their edges, the links) is turned into plain Python lists and
+    numpy arrays once, here, so that simulate() is a tight loop; results are
+    memoised by (placement, micro-batches).
     """
 
     def __init__(self, problem: PlacementProblem, calibration: Calibration | None = None):
@@ -190,20 +190,21 @@ class Simulator:
         cal = self.calibration
         devices = problem.cluster.devices
         costs = problem.costs
-        scale = [cal.compute_scale.get(d.kind, 1.0) for d in devices]
-        units = execution_units(problem)
-        self._unit_group = units.group
-        self._identity = units.group == list(range(problem.n_groups))  # units are the groups: no mapping
-        self._fwd = PassCosts.of(costs.fwd_ms[units.group] * units.share[:, :1] * scale)
-        self._bwd = PassCosts.of(costs.bwd_ms[units.group] * units.share[:, 1:] * scale)
+        scale = np.array([cal.compute_scale.get(d.kind, 1.0) for d in devices])
+        atoms = execution_atoms(problem)
+        self._atom_group = atoms.group
+        self._identity = atoms.group == list(range(problem.n_groups))
+        self._fwd = costs.fwd_ms[atoms.group] * scale  # [atom, device]
+        self._bwd = costs.bwd_ms[atoms.group] * scale
+        self._rows = np.arange(len(atoms.group))
+        self._edges = atoms.edges
+        self._src = np.array([u for u, _ in atoms.edges], dtype=np.int64)
+        self._dst = np.array([v for _, v in atoms.edges], dtype=np.int64)
+        self._edge_bytes = np.array(atoms.edge_bytes, dtype=np.float64)
         self._opt = costs.opt_ms * scale  # [group, device], summed per device with numpy
-        self._names_of_units = [problem.groups.nodes[g]["name"] for g in units.group]
-        self._preds: list[list[tuple[int, int, float]]] = [[] for _ in units.group]  # (src, edge, bytes)
-        self._succs: list[list[tuple[int, int, float]]] = [[] for _ in units.group]  # (dst, edge, bytes)
-        for e, ((u, v), nbytes) in enumerate(sorted(units.edges.items())):
-            self._preds[v].append((u, e, nbytes))
-            self._succs[u].append((v, e, nbytes))
-        self._n_edges = len(units.edges)
+        self._factors = microbatch_factors(problem)
+        self.notes: list[str] = []
+        self._names_of_groups = [problem.groups.nodes[g]["name"] for g in range(problem.n_groups)]
         n_dev = len(devices)
         links = [[cal.links.get(frozenset({a.kind, b.kind})) or problem.cluster.link(i, j) if i != j else None
                   for j, b in enumerate(devices)] for i, a in enumerate(devices)]
@@ -214,52 +215,83 @@ class Simulator:
         self._on_host = [d.kind == "cpu" for d in devices]
         self._cached = lru_cache(maxsize=CACHE_SIZE)(self._evaluate)
 
-    def simulate(self, placement: Sequence[int], timeline: bool = False) -> SimResult:
+    def simulate(self, placement: Sequence[int], microbatches: int = 1, timeline: bool = False) -> SimResult:
         """Step time, per-device busy time and peak memory, and feasibility of a placement
-        (group id -> device index); with timeline=True also every event of the step."""
+        (group id -> device index) run with `microbatches` micro-batches (GPipe); with
+        timeline=True also every event of the step."""
         p = tuple(placement.tolist()) if isinstance(placement, np.ndarray) else tuple(map(int, placement))
+        m = int(microbatches)
         if timeline:
-            return self._evaluate(p, record=True)
-        return self._cached(p)
+            return self._evaluate(p, m, record=True)
+        return self._cached(p, m)
 
-    def step_ms(self, placement: Sequence[int]) -> float:
-        return self.simulate(placement).step_ms
+    def step_ms(self, placement: Sequence[int], microbatches: int = 1) -> float:
+        return self.simulate(placement, microbatches).step_ms
 
-    def _evaluate(self, p: tuple[int, ...], record: bool = False) -> SimResult:
+    def compute_factor(self, microbatches: int) -> float:
+        """A micro-batch's compute relative to the whole batch's (see the module doc)."""
+        if microbatches not in self._factors:
+            note = (f"no profiled step at batch/{microbatches}: micro-batch costs scale linearly (1/{microbatches}), "
+                    f"which overrates small micro-batches")
+            if note not in self.notes:
+                self.notes.append(note)
+            return 1.0 / microbatches
+        return self._factors[microbatches]
+
+    def _evaluate(self, p: tuple[int, ...], m: int = 1, record: bool = False) -> SimResult:
         problem = self.problem
-        if len(p) != problem.n_groups or (p and (min(p) < 0 or max(p) >= self._n_dev)):
-            return SimResult(math.inf, (0.0,) * self._n_dev, (0,) * self._n_dev, False, problem.violations(p)[0])
-        problems = problem.violations(p)
+        if len(p) != problem.n_groups or (p and (min(p) < 0 or max(p) >= self._n_dev)) or m < 1:
+            return SimResult(math.inf, (0.0,) * self._n_dev, (0,) * self._n_dev, False, problem.violations(p, m)[0])
+        problems = problem.violations(p, m)
         events = [] if record else None
-        step_ms, busy = self._schedule(p, events)
-        peak = tuple(int(b) for b in problem.memory_per_device(p))
+        step_ms, busy = self._schedule(p, m, events)
+        peak = tuple(int(b) for b in problem.memory_per_device(p, m))
         return SimResult(step_ms, tuple(busy), peak, not problems, "; ".join(problems), events)
 
-    def _schedule(self, p: tuple[int, ...], events: list | None) -> tuple[float, list[float]]:
-        """Forward in unit order, the loss, backward in reverse order, then the
-        optimizer step; returns the step time and each device's busy time."""
-        n, n_dev = len(p), self._n_dev
+    def _schedule(self, p: tuple[int, ...], m: int, events: list | None) -> tuple[float, list[float]]:
+        """Chunks, then forward of every micro-batch, the loss, backward in reverse,
+        then the optimizer step; returns the step time and each device's busy time."""
+        n_dev = self._n_dev
+        dev = list(p) if self._identity else [p[g] for g in self._atom_group]  # each atom's device
+        chunk_of = partition(len(dev), self._edges, dev, presorted=True)
+        n_chunks = max(chunk_of, default=-1) + 1
+        cdev = [0] * n_chunks
+        for a, c in enumerate(chunk_of):
+            cdev[c] = dev[a]
+        chunks, devs = np.asarray(chunk_of), np.asarray(dev)
+        factor = self.compute_factor(m) if m > 1 else 1.0
+        fwd = (np.bincount(chunks, weights=self._fwd[self._rows, devs], minlength=n_chunks) * factor).tolist()
+        bwd = (np.bincount(chunks, weights=self._bwd[self._rows, devs], minlength=n_chunks) * factor).tolist()
+        # The chunk graph: unique (a, b) pairs sorted, their bytes per micro-batch summed.
+        cu, cv = chunks[self._src], chunks[self._dst]
+        apart = cu != cv
+        keys, where = np.unique(cu[apart] * n_chunks + cv[apart], return_inverse=True)
+        pair_bytes = (np.bincount(where, weights=self._edge_bytes[apart], minlength=len(keys)) / m).tolist()
+        heads, tails = (keys // n_chunks).tolist(), (keys % n_chunks).tolist()
+        wakes_fwd: list[list[tuple[int, float]]] = [[] for _ in range(n_chunks)]
+        wakes_bwd: list[list[tuple[int, float]]] = [[] for _ in range(n_chunks)]
+        for a, b, nbytes in zip(heads, tails, pair_bytes):  # ascending: forward wakes in priority order
+            wakes_fwd[a].append((b, nbytes))
+        for a, b, nbytes in zip(heads[::-1], tails[::-1], pair_bytes[::-1]):  # backward: the reverse
+            wakes_bwd[b].append((a, nbytes))
         busy = [0.0] * n_dev
-        links_free = [[0.0] * n_dev for _ in range(n_dev)]  # when each directed link is next idle
-        arrival = [0.0] * self._n_edges  # when an edge's tensor (or gradient) reached its consumer's device
-        q = p if self._identity else [p[g] for g in self._unit_group]  # each unit's device
-        on = np.asarray(q)
-        cuts = [0, *(np.flatnonzero(on[1:] != on[:-1]) + 1).tolist(), len(q)]
-        chunks = [(q[a], a, b) for a, b in zip(cuts, cuts[1:]) if b > a]  # (device, units a..b-1)
-        free = self._pass(q, chunks, self._preds, self._succs, self._fwd, "fwd", [0.0] * n_dev,
-                          arrival, links_free, busy, events)
+        links_free = [[0.0] * n_dev for _ in range(n_dev)]
+        members = _members(chunk_of, n_chunks) if events is not None else None
+        free = self._pass(cdev, [len(q) for q in wakes_bwd], wakes_fwd, fwd, m, False, [0.0] * n_dev, links_free,
+                          busy, events, members)
         loss_end = max(free) + self.calibration.loss_ms
-        free = self._pass(q, chunks[::-1], self._succs, self._preds, self._bwd, "bwd", [loss_end] * n_dev,
-                          arrival, links_free, busy, events)
+        free = self._pass(cdev, [len(q) for q in wakes_fwd], wakes_bwd, bwd, m, True, [loss_end] * n_dev, links_free,
+                          busy, events, members)
         # optimizer.step() is one call on the caller's thread once backward is done: the
         # host runs the CPU devices' updates one after another, while each GPU runs its
         # own (launched asynchronously) alongside.
+        n = len(p)
         devices = np.asarray(p)
         opt_ms = np.bincount(devices, weights=self._opt[np.arange(n), devices], minlength=n_dev).tolist()
-        backward_end = max(free[d] for d in set(p)) if n else loss_end
-        host = backward_end
-        step = backward_end
-        for d in sorted(set(p)):
+        used = sorted(set(p))
+        backward_end = max(free[d] for d in used) if n else loss_end
+        host = step = backward_end
+        for d in used:
             start = backward_end
             if self._on_host[d]:
                 start, host = host, host + opt_ms[d]
@@ -270,52 +302,79 @@ class Simulator:
             step = max(step, end)
         return step, busy
 
-    def _pass(self, q: Sequence[int], chunks: list[tuple[int, int, int]], inputs: list, outputs: list,
-              cost: PassCosts, kind: str, free: list[float], arrival: list[float], links_free: list[list[float]],
-              busy: list[float], events: list | None) -> list[float]:
-        """Run every chunk (device, first unit, end) in turn, taking tensors from
-        `inputs` and sending to `outputs` (the edges, or the reversed edges for
-        gradients); `q` is each unit's device. Updates arrival/links_free/busy and
-        returns `free`, when each device's worker is idle again.
-
-        As in the runtime, a chunk starts once all its inputs from other devices are
-        there (inputs from its own device are, by the order), runs its units back to
-        back, and hands its outputs on when it ends: so only its total time matters,
-        a difference of prefix sums."""
+    def _pass(self, cdev: list[int], waiting: list[int], wakes: list[list[tuple[int, float]]], cost: list[float],
+              m: int, backward: bool, free: list[float], links_free: list[list[float]], busy: list[float],
+              events: list | None, members: list[list[int]] | None) -> list[float]:
+        """Run every task (micro-batch i, chunk c) once it is ready, first come first
+        served per device (module doc); `waiting[c]`: how many chunks c waits for,
+        `wakes[c]`: the chunks (and bytes per micro-batch) c hands on to, in priority
+        order. Updates links_free and busy; returns when each device is idle again."""
         latency, per_byte, overhead = self._latency_ms, self._ms_per_byte, self.calibration.chunk_overhead_ms
-        for d, a, b in chunks:
-            ready = free[d]
-            for v in range(a, b):
-                for u, e, _ in inputs[v]:
-                    if q[u] != d and arrival[e] > ready:
-                        ready = arrival[e]
-            cumulative = cost.cumulative[d]
-            t = free[d] = ready + overhead + cumulative[b] - cumulative[a]
-            busy[d] += t - ready
+        n = len(cdev)
+        start = max(free)
+        pending = waiting * m
+        ready = [start] * (n * m)
+        # Ties among tasks ready at once: micro-batch, then chunk order; reversed backward.
+        if not backward:
+            tie = range(n * m)
+        elif m == 1:
+            tie = range(n - 1, -1, -1)
+        else:
+            tie = [(m - 1 - k // n) * n + (n - 1 - k % n) for k in range(n * m)]
+        heap = sorted((start, tie[i * n + c], i * n + c) for i in range(m) for c in range(n) if not waiting[c])
+        while heap:
+            r, _, task = heappop(heap)
+            c = task % n
+            d = cdev[c]
+            s = free[d] if free[d] > r else r
+            t = free[d] = s + overhead + cost[c]
+            busy[d] += t - s
             if events is not None:
-                self._chunk_events(events, d, kind, cost, range(a, b) if kind == "fwd" else range(b - 1, a - 1, -1),
-                                   ready)
-            for v in range(a, b):
-                for w, e, nbytes in outputs[v]:
-                    c = q[w]
-                    if c != d:  # over the link d -> c, after what is already queued on it
-                        start = links_free[d][c]
-                        if t > start:
-                            start = t
-                        links_free[d][c] = arrival[e] = start + latency[d][c] + nbytes * per_byte[d][c]
-                        if events is not None:
-                            self._event(events, d, "xfer", f"{self._names[d]}->{self._names[c]}", start,
-                                        arrival[e], groups=(self._unit_group[v], self._unit_group[w]))
+                self._task_events(events, d, "bwd" if backward else "fwd", c, task // n, members[c], s, backward, m)
+            base = task - c
+            for w, nbytes in wakes[c]:
+                k = base + w
+                e = cdev[w]
+                if e == d:
+                    arrival = t
+                else:  # over the link d -> e, after what is already queued on it
+                    at = links_free[d][e]
+                    if t > at:
+                        at = t
+                    arrival = links_free[d][e] = at + latency[d][e] + nbytes * per_byte[d][e]
+                    if events is not None:
+                        self._event(events, d, "xfer", f"{self._names[d]}->{self._names[e]}", at, arrival,
+                                    groups=(self._group(members[c][0]), self._group(members[w][0])),
+                                    phase="bwd" if backward else "fwd", microbatch=task // n)
+                if arrival > ready[k]:
+                    ready[k] = arrival
+                pending[k] -= 1
+                if not pending[k]:
+                    heappush(heap, (ready[k], tie[k], k))
         return free
 
-    def _chunk_events(self, events: list, d: int, kind: str, cost: PassCosts, units: range, ready: float) -> None:
-        """One event per unit of a chunk; the dispatch overhead shows as part of the first."""
-        t = ready + self.calibration.chunk_overhead_ms
-        for v in units:
-            start, t = t, t + cost.per_unit[v][d]
-            self._event(events, d, kind, self._names_of_units[v], ready if v == units[0] else start, t,
-                        group=self._unit_group[v])
+    def _group(self, atom: int) -> int:
+        return self._atom_group[atom]
+
+    def _task_events(self, events: list, d: int, kind: str, c: int, i: int, atoms: list[int], start: float,
+                     backward: bool, m: int) -> None:
+        """One event per group of a chunk; the dispatch overhead shows as part of the first."""
+        cost = self._bwd if backward else self._fwd
+        factor = self.compute_factor(m) if m > 1 else 1.0
+        t = start + self.calibration.chunk_overhead_ms
+        for k, a in enumerate(reversed(atoms) if backward else atoms):
+            begin, t = t, t + float(cost[a, d]) * factor
+            g = self._atom_group[a]
+            self._event(events, d, kind, self._names_of_groups[g], start if k == 0 else begin, t, group=g, chunk=c,
+                        microbatch=i)
 
     def _event(self, events: list, device: int, kind: str, label: str, start: float, end: float, **extra) -> None:
         events.append({"device": self._names[device], "kind": kind, "label": label,
                        "start_ms": start, "end_ms": end, **extra})
+
+
+def _members(chunk_of: list[int], n_chunks: int) -> list[list[int]]:
+    members: list[list[int]] = [[] for _ in range(n_chunks)]
+    for a, c in enumerate(chunk_of):
+        members[c].append(a)
+    return members

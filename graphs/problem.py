@@ -120,25 +120,51 @@ class PlacementProblem:
                 leader[g] = min(component)
         return tuple(leader)
 
-    def memory_per_device(self, placement: Sequence[int]) -> np.ndarray:
+    @property
+    def batch_size(self) -> int | None:
+        """Rows in the profiled batch, where capture recorded it (OpGraph graph
+        attribute `batch_size`)."""
+        for g in (self.groups, self.ops):
+            if g is not None and g.graph.get("batch_size"):
+                return int(g.graph["batch_size"])
+        return None
+
+    def activation_factor(self, microbatches: int = 1) -> float:
+        """Activations held with `microbatches` micro-batches in flight, relative to
+        one whole batch. GPipe runs every micro-batch's forward before any backward,
+        so all of them are live at the end of the forward pass: m micro-batches of
+        ceil(B/m) rows (torch.chunk) hold m * ceil(B/m) / B of the batch's
+        activations (1 when B is unknown or m divides it)."""
+        rows = self.batch_size
+        if microbatches <= 1 or not rows:
+            return 1.0
+        size = -(-rows // microbatches)
+        return -(-rows // size) * size / rows
+
+    def memory_per_device(self, placement: Sequence[int], microbatches: int = 1) -> np.ndarray:
         """Bytes each device holds at its peak under the runtime's accounting
         (parameters, gradients, optimizer state, and every activation saved for
-        backward, all live at the end of the forward pass)."""
-        return np.bincount(np.asarray(placement), weights=self.costs.memory_bytes, minlength=self.n_devices)
+        backward, all live at the end of the forward pass, of every micro-batch)."""
+        c = self.costs
+        weights = c.param_bytes + c.grad_bytes + c.opt_bytes + c.act_bytes * self.activation_factor(microbatches)
+        return np.bincount(np.asarray(placement), weights=weights, minlength=self.n_devices)
 
-    def violations(self, placement: Sequence[int]) -> list[str]:
-        """Why a placement is invalid or infeasible; empty when it is fine."""
+    def violations(self, placement: Sequence[int], microbatches: int = 1) -> list[str]:
+        """Why a placement (with `microbatches` micro-batches) is invalid or
+        infeasible; empty when it is fine."""
         p = np.asarray(placement)
         if p.shape != (self.n_groups,):
             return [f"placement has {p.size} entries for {self.n_groups} groups"]
         if p.size and (p.min() < 0 or p.max() >= self.n_devices):
             return [f"placement names a device index outside 0..{self.n_devices - 1}"]
+        if microbatches < 1:
+            return [f"microbatches must be at least 1, got {microbatches}"]
         problems = []
         for members in self.colocation_sets:
             if len({int(p[m]) for m in members}) > 1:
                 names = ", ".join(self.groups.nodes[m]["name"] for m in members)
                 problems.append(f"groups that share parameters are split across devices: {names}")
-        used = self.memory_per_device(p)
+        used = self.memory_per_device(p, microbatches)
         for i, device in enumerate(self.cluster.devices):
             if device.memory_bytes is not None and used[i] > device.memory_bytes:
                 problems.append(f"{device.name} needs {int(used[i])} bytes but has {device.memory_bytes}")

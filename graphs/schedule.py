@@ -50,7 +50,7 @@ from torch import nn
 __all__ = ["partition", "chunk_order", "ordering_edges", "is_random", "mutated_args", "tensor_base", "setitem"]
 
 
-def partition(n: int, edges: Sequence[tuple[int, int]], device: Sequence[int]) -> list[int]:
+def partition(n: int, edges: Sequence[tuple[int, int]], device: Sequence[int], *, presorted: bool = False) -> list[int]:
     """The chunk of every node of a placed DAG (see the module doc).
 
     Parameters
@@ -59,7 +59,8 @@ def partition(n: int, edges: Sequence[tuple[int, int]], device: Sequence[int]) -
         Nodes 0..n-1, numbered in a topological order (every edge goes from a lower
         to a higher number).
     edges : sequence of (u, v)
-        The DAG's edges, u < v; duplicates are harmless.
+        The DAG's edges, u < v; duplicates are harmless. With `presorted`, the
+        caller promises them sorted and unique (the simulator's fast path).
     device : sequence of int
         The device of each node.
 
@@ -81,14 +82,14 @@ def partition(n: int, edges: Sequence[tuple[int, int]], device: Sequence[int]) -
     """
     fwd = [0] * n  # F as a bit set over edge positions
     bwd = [0] * n
-    ordered = sorted(set(edges))
+    ordered = edges if presorted else sorted(set(edges))
     for e, (u, v) in enumerate(ordered):  # by source, so every F(u) is final before u's out-edges
         fwd[v] |= fwd[u] if device[u] == device[v] else 1 << e
     for e in range(len(ordered) - 1, -1, -1):  # sources descending: every B(v) is final first
         u, v = ordered[e]
         bwd[u] |= bwd[v] if device[u] == device[v] else 1 << e
     ids: dict[tuple[int, int, int], int] = {}
-    return [ids.setdefault((device[v], fwd[v], bwd[v]), len(ids)) for v in range(n)]
+    return [ids.setdefault(key, len(ids)) for key in zip(device, fwd, bwd)]
 
 
 def chunk_order(chunk_of: Sequence[int], edges: Sequence[tuple[int, int]]) -> list[int]:
