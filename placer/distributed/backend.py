@@ -32,7 +32,6 @@ chunk, and the loss value is broadcast so every rank's train_step returns it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -41,14 +40,14 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from graphs.capture import node_params
-from graphs.devices import Cluster, Device
+from graphs.devices import Cluster
 from graphs.errors import PlanError
 from graphs.trace import fingerprint, trace_model
 from placer.distributed.schedule import Crossing, Schedule, TensorMeta, ValueMeta, build_schedule, describe
-from placer.distributed.share import RankShare, rank_cluster
+from placer.distributed.share import RankShare, rank_cluster, tensor_owners
 from placer.plan import Plan, load_plan
 from placer.runtime.chunks import Chunk, build_chunks
+from placer.runtime.values import add_grads, move, receive
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -91,13 +90,12 @@ class DistributedModel(RankShare):
         fx.node.map_arg(self._output, lambda n: outputs.append(n.name))
         self._output_nodes = list(dict.fromkeys(outputs))
 
-        chunks = build_chunks(model, gm.graph, plan.assignment)
+        chunks = build_chunks(gm, gm.graph, plan.assignment, runs=True)
         schedule = build_schedule(chunks, [device_of[c.device] for c in chunks], self._output_nodes)
         self.schedule = schedule.with_meta(self._propagate_shapes(schedule, example_inputs))
         self.comm_device = self._communication_device(cluster)
-        self._place(self._owners(gm, body, device_of, source), {}, default_device=plan.devices[0])
-        # Activation accounting (measure): bytes saved for backward per plan device, when a dict.
-        self.saved_bytes: dict[str, int] | None = None
+        owners, _ = tensor_owners(model, chunks, lambda c: (device_of[c.device].rank, device_of[c.device]), source)
+        self._place(owners, {}, default_device=plan.devices[0])
         self.input_shapes = [tuple(x.shape) for x in example_inputs]
 
     # -- set-up ------------------------------------------------------------------
@@ -119,31 +117,13 @@ class DistributedModel(RankShare):
         values = dict(zip(self._placeholders, (x.to(home) for x in example_inputs)))
         with torch.random.fork_rng(devices=[home] if home.type == "cuda" else []), torch.enable_grad():
             for chunk in schedule.chunks:
-                args = [_as_input(values[name], home, name in chunk.mutated_inputs)[0]
+                args = [receive(values[name], home, detach=True, copy=name in chunk.mutated_inputs)[0]
                         for name in chunk.inputs]
                 values.update(zip(chunk.outputs, chunk.module(*args)))
         with torch.no_grad():
             for name, b in self.model.named_buffers():
                 b.copy_(buffers[name])
         return {c.value: describe(values[c.value]) for c in schedule.crossings}
-
-    def _owners(self, gm: fx.GraphModule, body: list[fx.Node], device_of: dict[str, Device],
-                source: str) -> dict[int, tuple[int, str, torch.device]]:
-        """id(tensor) -> (owner rank, plan device, torch device) of every parameter and
-        buffer a node reads; a tensor read on two devices is an error."""
-        owners: dict[int, tuple[int, str, torch.device]] = {}
-        first_name: dict[int, str] = {}
-        for node in body:
-            name_here = self.plan.assignment[node.name]
-            device = device_of[name_here]
-            for name in node_params(gm, node):
-                tensor = _get_tensor(self.model, name)
-                first_name.setdefault(id(tensor), name)
-                rank, seen, _ = owners.setdefault(id(tensor), (device.rank, name_here, torch.device(device.torch_device)))
-                if seen != name_here:
-                    raise PlanError(f"{source} splits parameter {first_name[id(tensor)]!r} across {seen} and "
-                                    f"{name_here}: nodes that share a parameter must share a device")
-        return owners
 
     def train_step(self, inputs: Sequence[torch.Tensor], loss_fn: LossFn) -> float:
         """Forward, loss and backward of one batch over all ranks (every rank calls it
@@ -178,10 +158,6 @@ class DistributedModel(RankShare):
         return fx.node.map_arg(self._output, lambda n: values[n.name])
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t if t.device == device else t.to(device)
-
-
 class _Step:
     """One forward and backward of the global schedule on this rank."""
 
@@ -199,7 +175,6 @@ class _Step:
         self.sends: list = []  # works of isends, waited on at the end (their buffers live until then)
         self.loss: float | None = None
         self._loss: torch.Tensor | None = None
-        self.counted: set[int] = set()  # storages whose saved bytes are counted
 
     # forward -------------------------------------------------------------------
 
@@ -218,7 +193,7 @@ class _Step:
         for name in names:
             if name in self.pending:
                 self._wait_value(name)
-            arg, grad_leaves = _as_input(self.values[name], device, name in mutated)
+            arg, grad_leaves = receive(self.values[name], device, detach=True, copy=name in mutated)
             args.append(arg)
             leaves.append(grad_leaves)
         self.leaves[k] = leaves
@@ -227,28 +202,10 @@ class _Step:
     def _run_chunk(self, chunk: Chunk) -> None:
         device = torch.device(self.s.devices[chunk.index].torch_device)
         args = self._inputs_for(chunk.index, chunk.inputs, device, chunk.mutated_inputs)
-        with self._counting_saved(chunk):
+        with self.m.count_saved(chunk.device):
             outs = chunk.module(*args)
         self.outs[chunk.index] = dict(zip(chunk.outputs, outs))
         self.values.update(self.outs[chunk.index])
-
-    def _counting_saved(self, chunk: Chunk):
-        """Count the bytes each chunk saves for backward (each storage once, parameters
-        and buffers not), when the model asks for it (measurement's warm-up)."""
-        counts = self.m.saved_bytes
-        if counts is None:
-            return nullcontext()
-        device = self.m.plan.assignment[chunk.nodes[0]]
-        own = {t.untyped_storage().data_ptr() for t in self.m.owned_tensors()}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in own and storage.data_ptr() not in self.counted:
-                self.counted.add(storage.data_ptr())
-                counts[device] = counts.get(device, 0) + storage.nbytes()
-            return t
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
     def _run_loss(self) -> None:
         k = self.s.loss_index
@@ -311,7 +268,7 @@ class _Step:
             for t, g in zip(tree_flatten(self.outs[chunk.index][name])[0], total):
                 if g is not None and isinstance(t, torch.Tensor) and t.requires_grad:
                     tensors.append(t)
-                    grads.append(_to(g, t.device))
+                    grads.append(move(g, t.device))
         if tensors:
             torch.autograd.backward(tensors, grads)
         self._collect_input_grads(chunk.index, chunk.inputs)
@@ -326,7 +283,7 @@ class _Step:
             for work, i, buffer in zip(works, indices, buffers):
                 work.wait()
                 received[i] = buffer
-            total = _add(total, received)
+            total = add_grads(total, received, self._device_of(name))
         return total
 
     def _collect_input_grads(self, k: int, names: Sequence[str]) -> None:
@@ -334,7 +291,7 @@ class _Step:
             if name in self.s.producer:
                 grads = [None if leaf is None else leaf.grad for leaf in leaves]
                 if any(g is not None for g in grads):
-                    self.grads[name] = _add(self.grads.get(name), grads)
+                    self.grads[name] = add_grads(self.grads.get(name), grads, self._device_of(name))
 
     def _send_grad(self, c: Crossing) -> None:
         """Every gradient the producer expects, zeros where no consumer here made one."""
@@ -357,8 +314,14 @@ class _Step:
 
     # plumbing ------------------------------------------------------------------
 
+    def _device_of(self, name: str) -> torch.device:
+        """Where a value's gradient is summed: where its producer chunk ran, or the
+        communication device when another rank produced it (the sum is sent there)."""
+        k = self.s.producer[name]
+        return torch.device(self.s.devices[k].torch_device) if self.s.owner[k] == self.rank else self.m.comm_device
+
     def _isend(self, t: torch.Tensor, dst: int, tag: int) -> None:
-        t = _to(t.detach(), self.m.comm_device).contiguous()
+        t = move(t.detach(), self.m.comm_device).contiguous()
         if t.dtype == torch.bool:
             t = t.view(torch.uint8)
         self.sends.append((dist.isend(t, self.m.global_rank(dst), group=self.m.group, tag=tag), t))
@@ -372,35 +335,6 @@ class _Step:
         for work, _ in self.sends:
             work.wait()
         self.sends.clear()
-
-
-def _as_input(value, device: torch.device, copy_it: bool):
-    """A value as a consuming chunk sees it: on its device, detached from the producer's
-    graph, a fresh leaf where gradients must flow back (placer.runtime's contract).
-    Returns (value, per leaf: the grad-requiring leaf or None)."""
-    flat, spec = tree_flatten(value)
-    args, grad_leaves = [], []
-    for x in flat:
-        leaf = None
-        if isinstance(x, torch.Tensor):
-            here = _to(x.detach(), device)
-            if x.requires_grad:
-                leaf = here.requires_grad_()
-            x = here.clone() if copy_it else here
-        args.append(x)
-        grad_leaves.append(leaf)
-    return tree_unflatten(args, spec), grad_leaves
-
-
-def _add(total: list | None, grads: list) -> list:
-    if total is None:
-        return list(grads)
-    return [a if b is None else b if a is None else a + _to(b, a.device) for a, b in zip(total, grads)]
-
-
-def _get_tensor(model: nn.Module, qualname: str) -> torch.Tensor:
-    path, _, attr = qualname.rpartition(".")
-    return getattr(model.get_submodule(path), attr)
 
 
 __all__ = ["DistributedModel", "rank_cluster"]

@@ -304,7 +304,7 @@ def _measure_rank(rank: LocalRank, iters: int, warmup: int) -> Measurement:
     model, workload = rank.model, rank.workload
     optimizer = _optimizer(rank)
     cuda = {name: d.torch_device for name, d in model.local_devices.items() if d.kind == "cuda"}
-    model.saved_bytes = {}
+    model.saved = {}
     times = []
     for i in range(max(1, warmup) + iters):
         start = time.perf_counter()
@@ -312,7 +312,7 @@ def _measure_rank(rank: LocalRank, iters: int, warmup: int) -> Measurement:
         for device in cuda.values():
             torch.cuda.synchronize(device)
         if i == 0:
-            saved, model.saved_bytes = model.saved_bytes, None
+            saved, model.saved = model.saved_bytes(), None
         if i >= max(1, warmup):
             times.append((time.perf_counter() - start) * 1e3)
     # A step lasts until its slowest rank finishes it.

@@ -25,15 +25,17 @@ not rescaled by the schedule (`scale_grads=False` where torch has the option).
 Each stage receives the model inputs it reads as keyword arguments of the schedule's
 `step`, which splits them into micro-batches alongside the first stage's, so a stage
 deep in the pipeline still sees its micro-batch of, say, an attention mask without
-it being sent stage to stage. Inputs that are not batch-sized (their first dimension
-is not the batch's) are handed whole to every micro-batch.
+it being sent stage to stage. Which inputs are batch-sized, and along which
+dimension, is the in-process engine's rule (placer.runtime.microbatch.split); the
+others are handed whole to every micro-batch. So are its refusals: micro-batches
+that would change what the model computes (batch norm in training, buffers updated
+in forward) are refused unless the workload accepts per-micro-batch statistics.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,16 +43,19 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining.microbatch import TensorChunkSpec
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from graphs.capture import node_params
 from graphs.devices import Cluster, Device
 from graphs.errors import PlanError
 from graphs.trace import fingerprint, trace_model
 from placer.distributed.schedule import TensorMeta, ValueMeta, describe
-from placer.distributed.share import RankShare, rank_cluster
+from placer.distributed.share import RankShare, rank_cluster, tensor_owners
 from placer.distributed.stages import Pipeline, Stage, split_stages
 from placer.plan import Plan, load_plan
+from placer.runtime import microbatch
+from placer.runtime.chunks import _Lookup
+from placer.runtime.values import move, receive
 
 __all__ = ["PipelinedModel", "PipelineSpec", "plan_pipeline", "SCHEDULES"]
 
@@ -68,10 +73,12 @@ class PipelineSpec:
     microbatches: int
     schedule: str  # a key of SCHEDULES
     batch: int  # rows of the example batch
+    dims: dict[str, int]  # batch-sized model input -> the dimension it is split along
 
 
 def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor],
-                  microbatches: int | None = None, schedule: str | None = None) -> PipelineSpec:
+                  microbatches: int | None = None, schedule: str | None = None,
+                  batch_dims: Mapping[str, int] | None = None, microbatch_statistics: bool = False) -> PipelineSpec:
     """Check `plan` for the pipelining backend and cut it into stages (no process
     group needed: the launcher calls it before starting ranks, every rank again).
 
@@ -80,13 +87,17 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
     microbatches, schedule
         Micro-batches per step and "gpipe" or "1f1b"; None: the plan's fields (1 and
         "gpipe" for a plan without them).
+    batch_dims, microbatch_statistics
+        The workload's: placeholder -> its batch dimension (default 0), and whether
+        per-micro-batch statistics are acceptable (placer.runtime.microbatch).
 
     Raises
     ------
     PlanError
         The plan was made for another model, is no pipeline, hands on a value
-        pipelining cannot send, or the batch does not split into `microbatches`
-        equal parts; one line each, with the fix.
+        pipelining cannot send, the batch does not split into `microbatches` equal
+        parts, or micro-batches would change what the model computes; one line each,
+        with the fix.
     """
     source = plan.path.name if plan.path is not None else "plan"
     gm = trace_model(model, leaf_paths=plan.leaf_paths, allow_fallback=False).gm
@@ -98,16 +109,21 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
     name = (schedule or getattr(plan, "schedule", None) or "gpipe").lower()
     if name not in SCHEDULES:
         raise PlanError(f"unknown pipeline schedule {name!r}: use one of {', '.join(SCHEDULES)}")
-    batch = _batch_size(example_inputs)
-    if batch % m:
-        raise PlanError(f"a batch of {batch} rows does not split into {m} equal micro-batches: "
-                        f"choose a micro-batch count that divides it")
     if name == "1f1b" and m < len(pipeline.stages):
         raise PlanError(f"1F1B needs at least as many micro-batches as stages ({len(pipeline.stages)}), got {m}: "
                         f"raise the micro-batch count or use gpipe")
-    meta = _propagate_shapes(gm, pipeline, example_inputs, m, batch)
+    if m > 1 and not microbatch_statistics:
+        reason = microbatch.static_refusal(gm.graph, _Lookup(gm, ()), source)
+        if reason:
+            raise PlanError(reason)
+    split = microbatch.split(dict(zip(pipeline.placeholders, example_inputs)), m, batch_dims or {})
+    if len(split.sizes) != m or len(set(split.sizes)) > 1:
+        raise PlanError(f"a batch of {sum(split.sizes)} rows does not split into {m} equal micro-batches "
+                        f"(pipelining's shapes are static): choose a micro-batch count that divides it")
+    meta = _propagate_shapes(gm, pipeline, split.inputs[0])
     _check_sendable(pipeline, meta, source)
-    return PipelineSpec(gm=gm, pipeline=pipeline, meta=meta, microbatches=m, schedule=name, batch=batch)
+    return PipelineSpec(gm=gm, pipeline=pipeline, meta=meta, microbatches=m, schedule=name, batch=sum(split.sizes),
+                        dims=split.dims)
 
 
 class PipelinedModel(RankShare):
@@ -122,12 +138,13 @@ class PipelinedModel(RankShare):
 
     def __init__(self, model: nn.Module, plan: Plan | str, example_inputs: Sequence[torch.Tensor],
                  microbatches: int | None = None, schedule: str | None = None, cluster: Cluster | None = None,
-                 group: dist.ProcessGroup | None = None):
+                 group: dist.ProcessGroup | None = None, batch_dims: Mapping[str, int] | None = None,
+                 microbatch_statistics: bool = False):
         super().__init__(model, group)
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
-        spec = plan_pipeline(model, self.plan, example_inputs, microbatches, schedule)
-        self.pipeline, self.meta = spec.pipeline, spec.meta
-        self.microbatches, self.schedule_name, self.batch = spec.microbatches, spec.schedule, spec.batch
+        spec = plan_pipeline(model, self.plan, example_inputs, microbatches, schedule, batch_dims,
+                             microbatch_statistics)
+        self.spec, self.pipeline, self.meta = spec, spec.pipeline, spec.meta
         stages = self.pipeline.stages
         if len(stages) != dist.get_world_size(group):
             raise PlanError(f"the plan is a pipeline of {len(stages)} stages ({', '.join(s.device for s in stages)}) "
@@ -135,13 +152,15 @@ class PipelinedModel(RankShare):
         self.stage: Stage = stages[self.rank]
         self.devices = _rank_devices(self.plan, stages, cluster)
         self.local_devices = {self.stage.device: self.devices[self.stage.device]}
-        self._device = torch.device(self.devices[self.stage.device].torch_device)
-        self.comm_device = self._device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        self._place(*_ownership(spec.gm, self.pipeline, self.rank, self.devices), default_device=stages[0].device)
-        self.module = _StageModule(self.stage, self.meta, self._device, self.comm_device)
+        device = torch.device(self.devices[self.stage.device].torch_device)
+        self.comm_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        source = self.plan.path.name if self.plan.path is not None else "plan"
+        owners, copies = tensor_owners(model, [s.chunk for s in stages], lambda c: (c.index, self.devices[c.device]),
+                                       source, rank=self.rank)  # stage i (chunk i) runs on rank i
+        self._place(owners, copies, default_device=stages[0].device)
+        self.module = _StageModule(self.stage, self.meta, device, self.comm_device)
         self._build_schedule(len(stages))
-        self.saved_bytes: dict[str, int] | None = None  # activation accounting (measurement), when a dict
-        self._step_inputs: tuple = ()
+        self._step_inputs: dict = {}
         self._step_loss_fn: LossFn | None = None
         self.input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
 
@@ -150,9 +169,12 @@ class PipelinedModel(RankShare):
         outputs = [x for name in self.stage.sends for x in _empty(self.meta[name])]
         self.pipe_stage = PipelineStage(self.module, self.stage.index, n_stages, self.comm_device,
                                         input_args=tuple(inputs), output_args=tuple(outputs), group=self.group)
-        cls = SCHEDULES[self.schedule_name]
+        self._keywords = {f"input{i}": name for i, name in enumerate(self.stage.model_inputs) if name in self.spec.dims}
+        cls = SCHEDULES[self.spec.schedule]
         options = {"scale_grads": False} if "scale_grads" in inspect.signature(cls.__init__).parameters else {}
-        self.schedule = cls(self.pipe_stage, self.microbatches, loss_fn=self._microbatch_loss, **options)
+        if any(self.spec.dims[name] for name in self._keywords.values()):
+            options["kwargs_chunk_spec"] = {k: TensorChunkSpec(self.spec.dims[name]) for k, name in self._keywords.items()}
+        self.schedule = cls(self.pipe_stage, self.spec.microbatches, loss_fn=self._microbatch_loss, **options)
         self._step_options = {"return_outputs": False} if "return_outputs" in inspect.signature(cls.step).parameters \
             else {}
 
@@ -162,58 +184,34 @@ class PipelinedModel(RankShare):
         """Forward, loss and backward of one batch, pipelined in micro-batches over all
         ranks (every rank calls it with the same batch). Gradients accumulate in this
         rank's parameters' .grad. Returns the batch's loss on every rank."""
-        inputs = tuple(inputs)
         shapes = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
         if shapes != self.input_shapes:
             raise ValueError(f"batch shapes {shapes} differ from the example batch's {self.input_shapes}: "
                              f"the pipeline is built for one batch shape")
-        self._step_inputs, self._step_loss_fn = inputs, loss_fn
-        named = dict(zip(self.pipeline.placeholders, inputs))
-        split = {f"input{i}": named[n] for i, n in enumerate(self.stage.model_inputs) if _is_batch(named[n], self.batch)}
-        self.module.whole = {n: named[n] for n in self.stage.model_inputs if not _is_batch(named[n], self.batch)}
-        self.module.names = {f"input{i}": n for i, n in enumerate(self.stage.model_inputs)}
+        self._step_inputs, self._step_loss_fn = dict(zip(self.pipeline.placeholders, inputs)), loss_fn
+        self.module.keywords = self._keywords
+        self.module.whole = {n: self._step_inputs[n] for n in self.stage.model_inputs if n not in self.spec.dims}
+        split = {k: self._step_inputs[name] for k, name in self._keywords.items()}
         losses: list[torch.Tensor] = []
-        with self._counting_saved():
-            self.schedule.step(**split, target=torch.arange(self.batch), losses=losses, **self._step_options)
-        last = len(self.pipeline.stages) - 1
+        with self.count_saved(self.stage.device):
+            self.schedule.step(**split, target=torch.arange(self.spec.batch), losses=losses, **self._step_options)
         loss = torch.tensor([float(sum(x.detach().float().sum() for x in losses)) if losses else 0.0],
                             dtype=torch.float64, device=self.comm_device)
-        dist.broadcast(loss, self.global_rank(last), group=self.group)
+        dist.broadcast(loss, self.global_rank(len(self.pipeline.stages) - 1), group=self.group)
         return float(loss.item())
 
     def _microbatch_loss(self, output: tuple, rows: torch.Tensor) -> torch.Tensor:
         """The schedule's loss of one micro-batch (see the module's Note), on the last stage."""
-        values = dict(self.module.whole)
+        batch = {name: self._rows(name, x, rows) for name, x in self._step_inputs.items()}
         leaves = iter(output if isinstance(output, tuple) else (output,))
-        for name in self.pipeline.output_nodes:
-            if name in self.pipeline.placeholders:
-                values[name] = self._rows(dict(zip(self.pipeline.placeholders, self._step_inputs))[name], rows)
-            else:
-                values[name] = _rebuild(self.meta[name], leaves)
-        out = torch.fx.node.map_arg(self.pipeline.output, lambda n: values[n.name])
-        batch = tuple(self._rows(x, rows) for x in self._step_inputs)
-        return self._step_loss_fn(out, *batch) / self.microbatches
+        values = {name: batch[name] if name in batch else _rebuild(self.meta[name], leaves)
+                  for name in self.pipeline.output_nodes}
+        out = fx.node.map_arg(self.pipeline.output, lambda n: values[n.name])
+        return self._step_loss_fn(out, *batch.values()) / self.spec.microbatches
 
-    def _rows(self, x, rows: torch.Tensor):
-        return x[rows.to(x.device)] if _is_batch(x, self.batch) else x
-
-    def _counting_saved(self):
-        """Bytes this stage saves for backward over a whole step (all micro-batches: what
-        GPipe holds at its peak), when measurement asks for them."""
-        if self.saved_bytes is None:
-            return nullcontext()
-        own = {t.untyped_storage().data_ptr() for t in self.owned_tensors()}
-        seen: set[int] = set()
-        device = self.stage.device
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in own and storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                self.saved_bytes[device] = self.saved_bytes.get(device, 0) + storage.nbytes()
-            return t
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    def _rows(self, name: str, x, rows: torch.Tensor):
+        """The rows of input `name` that a micro-batch holds (all of a non-batch input)."""
+        return x.index_select(self.spec.dims[name], rows.to(x.device)) if name in self.spec.dims else x
 
 
 class _StageModule(nn.Module):
@@ -230,33 +228,23 @@ class _StageModule(nn.Module):
         self.device = device
         self.comm = comm
         self.whole: dict = {}  # model inputs handed whole to every micro-batch (set per step)
-        self.names: dict[str, str] = {}  # keyword -> placeholder name
+        self.keywords: dict[str, str] = {}  # keyword -> placeholder name
 
     def forward(self, *received: torch.Tensor, **batch_inputs) -> tuple[torch.Tensor, ...]:
         values = dict(self.whole)
-        values.update({self.names[k]: v for k, v in batch_inputs.items()})
+        values.update({self.keywords[k]: v for k, v in batch_inputs.items()})
         leaves = iter(received)
         for name in self.stage.receives:
             values[name] = _rebuild(self.meta[name], leaves)
         chunk = self.stage.chunk
-        args = [_to(values[name], self.device, copy=name in chunk.mutated_inputs) for name in chunk.inputs]
+        args = [receive(values[name], self.device, detach=False, copy=name in chunk.mutated_inputs)[0]
+                for name in chunk.inputs]
         values.update(zip(chunk.outputs, self.chunk(*args)))
-        return tuple(x.to(self.comm).contiguous() for name in self.stage.sends for x in tree_flatten(values[name])[0]
-                     if isinstance(x, torch.Tensor))
+        return tuple(move(x, self.comm).contiguous() for name in self.stage.sends
+                     for x in tree_flatten(values[name])[0] if isinstance(x, torch.Tensor))
 
 
 # -- set-up helpers ----------------------------------------------------------------------
-
-def _batch_size(inputs: Sequence) -> int:
-    first = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-    if first is None:
-        raise PlanError("the example batch has no tensor with a batch dimension: nothing to split into micro-batches")
-    return first.shape[0]
-
-
-def _is_batch(x, batch: int) -> bool:
-    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch
-
 
 def _rank_devices(plan: Plan, stages: list[Stage], cluster: Cluster | None) -> dict[str, Device]:
     """Plan device name -> Device. Stage i runs on rank i; a plan that names owners
@@ -271,19 +259,17 @@ def _rank_devices(plan: Plan, stages: list[Stage], cluster: Cluster | None) -> d
     return devices
 
 
-def _propagate_shapes(gm: nn.Module, pipeline: Pipeline, inputs: Sequence, microbatches: int,
-                      batch: int) -> dict[str, ValueMeta]:
-    """Run the stages once on the host over the first micro-batch of the example batch
-    and describe every value that crosses a stage boundary or leaves the last stage.
-    Buffers and the RNG are restored afterwards."""
-    rows = batch // microbatches
-    micro = [x[:rows] if _is_batch(x, batch) else x for x in inputs]
-    values = dict(zip(pipeline.placeholders, micro))
+def _propagate_shapes(gm: nn.Module, pipeline: Pipeline, inputs: dict) -> dict[str, ValueMeta]:
+    """Run the stages once on the host over one micro-batch's `inputs` (placeholder ->
+    value) and describe every value that crosses a stage boundary or leaves the last
+    stage. Buffers and the RNG are restored afterwards."""
+    values = dict(inputs)
     buffers = [(b, b.detach().clone()) for b in gm.buffers()]
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         for stage in pipeline.stages:
             chunk = stage.chunk
-            args = [_to(values[n], torch.device("cpu"), copy=n in chunk.mutated_inputs, detach=True) for n in chunk.inputs]
+            args = [receive(values[n], torch.device("cpu"), detach=True, copy=n in chunk.mutated_inputs)[0]
+                    for n in chunk.inputs]
             values.update(zip(chunk.outputs, chunk.module(*args)))
     with torch.no_grad():
         for b, saved in buffers:
@@ -305,33 +291,6 @@ def _check_sendable(pipeline: Pipeline, meta: dict[str, ValueMeta], source: str)
                                 f"with gradients; run it with --backend distributed")
 
 
-def _ownership(gm: nn.Module, pipeline: Pipeline, rank: int, devices: dict[str, Device]):
-    """Owners (the first stage that reads a tensor) and this rank's read-only copies
-    (buffers a later stage reads too) for RankShare._place."""
-    owners: dict[int, tuple[int, str, torch.device]] = {}
-    copies: dict[int, torch.device] = {}
-    graph = {n.name: n for n in pipeline.graph.nodes}
-    for stage in pipeline.stages:
-        device = torch.device(devices[stage.device].torch_device)
-        for node in stage.chunk.nodes:
-            for name in node_params(gm, graph[node]):
-                tensor = gm.get_parameter(name) if _is_parameter(gm, name) else gm.get_buffer(name)
-                if id(tensor) not in owners:
-                    owners[id(tensor)] = (stage.index, stage.device, device)
-                elif owners[id(tensor)][0] != stage.index:
-                    if isinstance(tensor, nn.Parameter):
-                        raise PlanError(f"parameter {name!r} is read by stages {owners[id(tensor)][0]} and "
-                                        f"{stage.index}: nodes that share a parameter must share a device")
-                    if stage.index == rank:
-                        copies[id(tensor)] = device
-    return owners, copies
-
-
-def _is_parameter(gm: nn.Module, name: str) -> bool:
-    path, _, attr = name.rpartition(".")
-    return attr in gm.get_submodule(path)._parameters
-
-
 def _empty(meta: ValueMeta) -> list[torch.Tensor]:
     """Meta tensors standing for a value's tensor leaves (pipelining's static shapes)."""
     return [torch.empty(leaf.shape, dtype=leaf.dtype, device="meta").requires_grad_(leaf.requires_grad)
@@ -342,15 +301,3 @@ def _rebuild(meta: ValueMeta, tensors) -> object:
     """A value from its tensor leaves (taken in order from the iterator `tensors`) and
     the constants of the shape pass."""
     return tree_unflatten([next(tensors) if isinstance(leaf, TensorMeta) else leaf for leaf in meta.leaves], meta.spec)
-
-
-def _to(value, device: torch.device, copy: bool, detach: bool = False):
-    flat, spec = tree_flatten(value)
-    out = []
-    for x in flat:
-        if isinstance(x, torch.Tensor):
-            x = x.detach().requires_grad_(x.requires_grad) if detach else x
-            x = x.to(device)
-            x = x.clone() if copy else x
-        out.append(x)
-    return tree_unflatten(out, spec)

@@ -7,17 +7,23 @@ and PipelinedModel (pipelining.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from graphs.devices import Cluster, parse_cluster
+from graphs.capture import node_params
+from graphs.devices import Cluster, Device, parse_cluster
 from graphs.errors import PlanError
 from placer.plan import Plan
+from placer.runtime.chunks import Chunk
+from placer.runtime.values import count_saved
 
-__all__ = ["RankShare", "rank_cluster"]
+__all__ = ["RankShare", "rank_cluster", "tensor_owners"]
+
+Owner = tuple[int, str, torch.device]  # (owner rank, plan device name, torch device)
 
 
 def rank_cluster(plan: Plan, world_size: int, cluster: Cluster | None = None) -> Cluster:
@@ -35,6 +41,58 @@ def rank_cluster(plan: Plan, world_size: int, cluster: Cluster | None = None) ->
     return cluster
 
 
+def tensor_owners(model: nn.Module, chunks: Sequence[Chunk], where: Callable[[Chunk], tuple[int, Device]],
+                  source: str, rank: int | None = None) -> tuple[dict[int, Owner], dict[int, torch.device]]:
+    """Who owns each of the model's parameters and buffers: the rank and device of the
+    first chunk that reads it (`where(chunk)`: its rank and device).
+
+    With `rank`, a buffer that chunks on several devices read (a causal mask every
+    pipeline stage slices) is allowed: its first reader owns it, and the second
+    result maps it to this rank's device where this rank reads it too (a read-only
+    copy). Without, and for parameters always, a tensor read on two devices is an error.
+
+    Returns
+    -------
+    owners : id(tensor) -> (rank, plan device name, torch device)
+    copies : id(tensor) -> torch device of this rank's read-only copy
+
+    Raises
+    ------
+    PlanError
+        A parameter (or, without `rank`, a buffer) is read on two devices.
+    """
+    mine = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    owners: dict[int, Owner] = {}
+    copies: dict[int, torch.device] = {}
+    first_name: dict[int, str] = {}
+    for chunk in chunks:
+        owner_rank, device = where(chunk)
+        here = (owner_rank, chunk.device, torch.device(device.torch_device))
+        gm = chunk.module
+        for node in gm.graph.nodes:
+            for name in node_params(gm, node):
+                tensor = _fetch(gm, name)
+                if id(tensor) not in mine:
+                    continue  # a constant the capture stowed, not the model's
+                first_name.setdefault(id(tensor), name)
+                seen = owners.setdefault(id(tensor), here)
+                if seen[1] == chunk.device:
+                    continue
+                if rank is None or isinstance(tensor, nn.Parameter):
+                    raise PlanError(f"{source} splits parameter {first_name[id(tensor)]!r} across {seen[1]} and "
+                                    f"{chunk.device}: nodes that share a parameter must share a device")
+                if owner_rank == rank:
+                    copies[id(tensor)] = here[2]
+    return owners, copies
+
+
+def _fetch(root: nn.Module, qualname: str):
+    obj = root
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 class RankShare:
     """A model's tensors split over ranks: each parameter and buffer has one owner
     rank; other ranks free its storage unless they keep a read-only copy (a buffer
@@ -46,9 +104,10 @@ class RankShare:
         self.rank = dist.get_rank(group)
         self.tensor_owner: dict[int, int] = {}  # id(parameter or buffer) -> owner rank
         self.tensor_device: dict[int, str] = {}  # id(tensor this rank owns) -> plan device name
+        # Activation accounting (measurement): per plan device, storage -> bytes saved for backward.
+        self.saved: dict[str, dict[int, int]] | None = None
 
-    def _place(self, owners: Mapping[int, tuple[int, str, torch.device]], copies: Mapping[int, torch.device],
-               default_device: str) -> None:
+    def _place(self, owners: Mapping[int, Owner], copies: Mapping[int, torch.device], default_device: str) -> None:
         """Move each tensor this rank owns to its device and free the others' storage.
 
         `owners`: id(tensor) -> (owner rank, plan device name, torch device) for every
@@ -93,6 +152,18 @@ class RankShare:
             device = self.tensor_device[id(t)]
             held[device] = held.get(device, 0) + sum(x.numel() * x.element_size() for x in parts if x is not None)
         return held
+
+    def count_saved(self, device: str) -> AbstractContextManager:
+        """Count what autograd saves for backward on `device` (plan name) while `saved` is
+        a dict (measurement's warm-up), parameters and buffers excluded."""
+        if self.saved is None:
+            return count_saved(None, set())
+        own = {t.untyped_storage().data_ptr() for t in self.owned_tensors()}
+        return count_saved(self.saved.setdefault(device, {}), own)
+
+    def saved_bytes(self) -> dict[str, int]:
+        """Bytes saved for backward per plan device, each storage once, over the counted steps."""
+        return {device: sum(record.values()) for device, record in (self.saved or {}).items()}
 
     def zero_grad(self) -> None:
         for p in self.parameters():

@@ -20,7 +20,9 @@ gradient and are often integers, so they are not sent: every stage that needs on
 computes its own copy from the model inputs, which each rank receives for its
 micro-batch. Such a node is "input-only": it reads only model inputs, buffers,
 constants and other input-only nodes; it reads no parameter, changes nothing in
-place and draws no random numbers (a copy would draw other numbers).
+place and draws no random numbers (a copy would draw other numbers). Parameters and
+buffers themselves (get_attr nodes) are no values between stages: every stage's
+chunk reads what it needs where it lives (placer.runtime.chunks).
 """
 
 from __future__ import annotations
@@ -33,13 +35,12 @@ from torch import nn
 
 from graphs.capture import node_params
 from graphs.errors import PlanError
-from graphs.trace import target_name
-from placer.runtime.chunks import Chunk, build_chunks, mutates_first_arg
+from graphs.schedule import is_random, mutated_args
+from placer.runtime.chunks import Chunk, build_chunks
 
 __all__ = ["Stage", "Pipeline", "split_stages", "input_only_nodes", "stage_order"]
 
-_RANDOM = ("rand", "dropout", "bernoulli", "normal", "multinomial", "poisson", "uniform", "exponential", "cauchy",
-           "geometric", "random")
+_NO_VALUE = ("placeholder", "output", "get_attr")  # nodes that are no stage's work
 
 
 @dataclass(frozen=True)
@@ -73,24 +74,15 @@ class Pipeline:
         return list(dict.fromkeys(name for s in self.stages for name in s.receives))
 
 
-def is_random(node: fx.Node, root: nn.Module) -> bool:
-    """Whether a node may draw random numbers (dropout, rand*, bernoulli, normal...)."""
-    if node.op == "call_module":
-        name = type(root.get_submodule(str(node.target))).__name__
-    else:
-        name = target_name(node)
-    return any(word in name.lower() for word in _RANDOM)
-
-
 def input_only_nodes(graph: fx.Graph, root: nn.Module) -> set[fx.Node]:
-    """The nodes every stage may compute for itself (see the module's Note)."""
-    parameters = {id(p) for p in root.parameters()}
+    """The nodes every stage may compute for itself (see the module's Note), and the
+    get_attr nodes of buffers and constants (`root` is the traced GraphModule)."""
     pure: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        reads_parameter = any(id(_fetch(root, name)) in parameters for name in node_params(root, node))
-        if (not reads_parameter and not is_random(node, root) and not mutates_first_arg(node, root)
+        reads_parameter = any(isinstance(_fetch(root, name), nn.Parameter) for name in node_params(root, node))
+        if (not reads_parameter and not is_random(node, root) and not mutated_args(node, root)
                 and all(a.op == "placeholder" or a in pure for a in node.all_input_nodes)):
             pure.add(node)
     return pure
@@ -104,14 +96,14 @@ def stage_order(graph: fx.Graph, assignment: dict[str, str], skip: set[fx.Node],
     PlanError
         When values flow both ways between devices: the plan is no pipeline.
     """
-    body = [n for n in graph.nodes if n.op not in ("placeholder", "output") and n not in skip]
+    body = [n for n in graph.nodes if n.op not in _NO_VALUE and n not in skip]
     first = {}
     for i, node in enumerate(body):
         first.setdefault(assignment[node.name], i)
     after: dict[str, set[str]] = {d: set() for d in first}
     for node in body:
         for arg in node.all_input_nodes:
-            if arg in skip or arg.op == "placeholder" or assignment[arg.name] == assignment[node.name]:
+            if arg in skip or arg.op in _NO_VALUE or assignment[arg.name] == assignment[node.name]:
                 continue
             after[assignment[arg.name]].add(assignment[node.name])
     waiting = {d: 0 for d in first}
@@ -152,13 +144,13 @@ def split_stages(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], s
     output = next(n for n in nodes if n.op == "output")
     members: list[list[fx.Node]] = [[] for _ in order]
     for node in nodes:
-        if node.op not in ("placeholder", "output") and node not in pure:
+        if node.op not in _NO_VALUE and node not in pure:
             members[stage_of[assignment[node.name]]].append(node)
 
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in nodes:
-        if node.op == "placeholder":
+        if node.op in ("placeholder", "get_attr"):
             env[node] = new.node_copy(node)
     new_assignment = {}
     for s, device in enumerate(order):
@@ -172,19 +164,20 @@ def split_stages(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], s
             new_assignment[env[node].name] = device
         if s == len(order) - 1:
             out = new.node_copy(output, lambda a: local.get(a, env.get(a)))
-    chunks = build_chunks(root, new, new_assignment)
+    chunks = build_chunks(root, new, new_assignment, runs=True)
     return _wire(chunks, new, out, order)
 
 
 def _pure_closure(readers: list[fx.Node], pure: set[fx.Node], order: list[fx.Node]) -> list[fx.Node]:
-    """The input-only nodes `readers` need, directly or through each other, in fx order."""
+    """The input-only nodes `readers` need, directly or through each other, in fx order
+    (get_attr nodes are in every stage's reach already)."""
     needed: set[fx.Node] = set()
-    todo = [a for r in readers for a in r.all_input_nodes if a in pure]
+    todo = [a for r in readers for a in r.all_input_nodes if a in pure and a.op != "get_attr"]
     while todo:
         node = todo.pop()
         if node not in needed:
             needed.add(node)
-            todo.extend(a for a in node.all_input_nodes if a in pure)
+            todo.extend(a for a in node.all_input_nodes if a in pure and a.op != "get_attr")
     return [n for n in order if n in needed]
 
 
