@@ -1,8 +1,11 @@
-"""Capture a workload as an OpGraph: one node per torch.fx node, with shapes and bytes.
+"""Capture a workload as an OpGraph: one node per node of the captured graph, with
+bytes on nodes and edges.
 
-The trace comes from `graphs.trace.trace_model` (the runtime traces through it too,
-so node names agree); shapes from a shape-propagating run of the traced module on
-the example batch. The schema is in graphs/__init__.py.
+The graph comes from `graphs.trace.trace_model` (profiling, plans and the runtime
+capture through it too, so node names agree). Sizes come from the capture itself
+for torch.export graphs (each node's fake value, at the example batch's sizes), and
+from a shape-propagating run of the graph for fx ones. The schema is in
+graphs/__init__.py.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
+from graphs.errors import WorkloadError
 from graphs.trace import Traced, fingerprint, target_name, trace_model
 from graphs.workload import Workload, first_line
-from graphs.errors import WorkloadError
 
 # Coarse op categories (envs/features.py OP_TYPES), matched against the lowercased
-# name of a function/method target or of a leaf module's class. First match wins, so
-# specific names ("layer_norm", "log_softmax", "scaled_dot_product") come first.
+# name of a function/method target, of an aten op, or of a leaf module's class. First
+# match wins, so specific names ("layer_norm", "log_softmax", "scaled_dot_product")
+# come first.
 _NAME_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("scaled_dot_product", "multiheadattention", "attention")),
     ("loss", ("loss", "cross_entropy", "nll")),
@@ -37,39 +41,46 @@ _NAME_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
                     "softplus", "dropout")),
     ("reshape", ("view", "reshape", "permute", "transpose", "flatten", "getitem", "getattr", "size",
                  "contiguous", "chunk", "split", "squeeze", "unsqueeze", "expand", "cat", "stack",
-                 "identity", "narrow", "select", "unbind", "repeat", "t", "to", "type_as", "float")),
+                 "identity", "narrow", "select", "unbind", "repeat", "t", "to", "type_as", "float",
+                 "slice", "alias", "detach", "clone", "to_copy", "lift_fresh_copy", "arange", "full",
+                 "zeros", "ones", "new_ones", "new_zeros", "empty", "scalar_tensor")),
     ("elementwise", ("add", "sub", "mul", "div", "neg", "exp", "log", "sqrt", "rsqrt", "pow", "clamp",
-                     "where", "masked_fill", "sum", "mean", "max", "min", "abs", "cumsum", "triu", "tril")),
+                     "where", "masked_fill", "sum", "mean", "max", "min", "abs", "cumsum", "triu", "tril",
+                     "var", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "logical_not", "index", "gather")),
 )
 _FIXED_CATEGORIES = {"placeholder": "input", "output": "output", "get_attr": "param"}
 
 
 def capture(workload: Workload) -> nx.DiGraph:
-    """Trace the workload's model and return its OpGraph.
+    """Capture the workload's model on its example batch and return its OpGraph.
 
-    Modules fx cannot trace become leaves (coarser grain); each such fallback is
-    appended to `workload.notes` and marks the graph's granularity "module".
-    Raises CaptureError when even the root module cannot be traced, WorkloadError when
-    the model fails on its example inputs.
+    torch.export first, torch.fx where export cannot (graphs.trace); modules fx
+    cannot trace become leaves (coarser grain). Each fallback is appended to
+    `workload.notes`; leaves mark the graph's granularity "module".
+    Raises CaptureError when the model cannot be captured at all, WorkloadError when
+    it fails on its example inputs.
     """
-    traced = trace_model(workload.model, workload.leaf_modules)
+    traced = trace_model(workload.model, workload.leaf_modules, inputs=workload.inputs)
     workload.notes.extend(traced.fallback_notes)
     return capture_traced(traced, workload.model, workload.inputs, name=workload.name, spec=workload.spec)
 
 
 def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str = "",
                    spec: str = "") -> nx.DiGraph:
-    """The OpGraph of an already traced model (see `capture`); `spec` names the
+    """The OpGraph of an already captured model (see `capture`); `spec` names the
     workload in error messages."""
     gm = traced.gm
-    propagate_shapes(gm, inputs, spec or name or "the model")
+    if traced.method == "fx":
+        values = traced.bind(tuple(inputs), {})
+        propagate_shapes(gm, tuple(values.values()), spec or name or "the model")
     canonical = _canonical_param_names(model)
     g = nx.DiGraph(name=name, fingerprint=fingerprint(model, gm), granularity="module" if traced.leaf_paths else "op",
-                   leaf_paths=list(traced.leaf_paths))
+                   leaf_paths=list(traced.leaf_paths), tensor_names=list(model.state_dict()),
+                   capture=capture_info(traced, inputs))
     for order, node in enumerate(gm.graph.nodes):
         g.add_node(node.name, op=node.op, target=target_name(node), module=owning_module(node),
                    op_type=op_type(node, gm), params=_params_used(node, gm, canonical),
-                   out_bytes=_meta_bytes(node.meta.get("tensor_meta")), order=order)
+                   out_bytes=_node_bytes(node, gm), order=order)
     for node in gm.graph.nodes:
         for src in node.all_input_nodes:
             g.add_edge(src.name, node.name, bytes=_edge_bytes(src, node, g))
@@ -77,18 +88,33 @@ def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor,
     return g
 
 
+def capture_info(traced: Traced, inputs: tuple[torch.Tensor, ...]) -> dict:
+    """What re-captures the same graph later (plans keep it): the method, the leaf
+    paths, and the example batch's signature (shapes and dtypes, from which inputs
+    that capture alike are built: graphs.trace captures never read values)."""
+    return {"method": traced.method, "leaf_paths": list(traced.leaf_paths),
+            "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in inputs]}
+
+
+def example_like(signature: list[dict], device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """Zero tensors of the shapes and dtypes `capture_info` recorded, on `device`."""
+    return tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=device) for s in signature)
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], spec: str = "the model") -> None:
-    """Fill every node's meta["tensor_meta"]. Tried first on the meta device (shapes
-    only: no arithmetic and no copy of the weights, so fast even for big models); a
-    model that cannot run there (data-dependent code, tensors created on a fixed
-    device) gets a real forward pass instead, and if that fails too the model is
-    broken: WorkloadError naming `spec` and the failing node."""
+    """Fill every node's meta["tensor_meta"] of an fx graph. Tried first on the meta
+    device (shapes only: no arithmetic and no copy of the weights, so fast even for
+    big models); a model that cannot run there (data-dependent code, tensors created
+    on a fixed device) gets a real forward pass instead, its buffers restored after
+    (a forward may update them), and if that fails too the model is broken:
+    WorkloadError naming `spec` and the failing node."""
     try:
         weights = {name: torch.empty_like(t, device="meta") for name, t in _named_tensors(gm)}
         torch.func.functional_call(_ShapeRun(gm), weights, tuple(t.to("meta") for t in inputs))
         return
     except Exception:
         pass  # not necessarily the model's fault: the real run below decides
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
     try:
         with torch.no_grad():
             _ShapeRecorder(gm).run(*inputs)
@@ -96,6 +122,10 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], spec:
         node, exc = failure.node, failure.__cause__
         raise WorkloadError(f"{spec}: the model fails on its example inputs at node '{node.name}' "
                             f"({target_name(node)}): {first_line(exc)}") from exc
+    finally:
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
 
 
 class _NodeFailure(Exception):
@@ -156,7 +186,8 @@ def owning_module(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if stack:
         key, value = next(reversed(stack.items()))
-        return value[0] if isinstance(value, tuple) else key  # (path, type) since torch 2.1; a type before
+        path = value[0] if isinstance(value, tuple) else key  # (path, type) since torch 2.1; a type before
+        return "" if path.startswith("_empty_nn_module_stack") else path  # export's mark for "no module"
     if node.op == "call_module":
         return str(node.target)
     if node.op == "get_attr":
@@ -170,6 +201,8 @@ def op_type(node: fx.Node, gm: fx.GraphModule) -> str:
         return _FIXED_CATEGORIES[node.op]
     if node.op == "call_module":
         name = type(gm.get_submodule(node.target)).__name__.lower()
+    elif isinstance(node.target, torch._ops.OpOverload):
+        name = node.target._schema.name.partition("::")[2].lower().strip("_")  # "aten::add_" -> "add"
     else:
         name = target_name(node).rpartition(".")[2].lower().strip("_")
     for category, keys in _NAME_CATEGORIES:
@@ -205,15 +238,18 @@ def _canonical_param_names(model: nn.Module) -> dict[int, str]:
 
 
 def node_params(gm: fx.GraphModule, node: fx.Node) -> list[str]:
-    """Qualified names (as the traced module spells them) of the parameters and
-    buffers a traced node reads."""
+    """Qualified names (as the captured module spells them) of the parameters and
+    buffers a node reads: its own get_attr target, a leaf module's tensors, or the
+    targets of the get_attr nodes it takes as inputs (so that a parameter's readers
+    are placed with it, and a buffer is updated where it lives). Attributes that are
+    not tensors (a subgraph of a higher-order op) are not listed."""
     if node.op == "get_attr":
-        return [str(node.target)]
+        return [str(node.target)] if isinstance(_fetch_attr(gm, str(node.target)), torch.Tensor) else []
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         prefix = f"{node.target}."
         return [prefix + n for n, _ in module.named_parameters()] + [prefix + n for n, _ in module.named_buffers()]
-    return []
+    return [name for a in node.all_input_nodes if a.op == "get_attr" for name in node_params(gm, a)]
 
 
 def _params_used(node: fx.Node, gm: fx.GraphModule, canonical: dict[int, str]) -> dict[str, int]:
@@ -231,6 +267,28 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _node_bytes(node: fx.Node, gm: fx.GraphModule) -> int:
+    """Bytes of the node's output: a get_attr's tensor, fx's recorded tensor_meta, or
+    export's fake value (dynamic sizes at the example batch's values)."""
+    if node.op == "get_attr":
+        value = _fetch_attr(gm, str(node.target))
+        return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+    if "tensor_meta" in node.meta:
+        return _meta_bytes(node.meta["tensor_meta"])
+    return _value_bytes(node.meta.get("val"))
+
+
+def _value_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        numel = 1
+        for d in value.shape:
+            numel *= d if isinstance(d, int) else int(d.node.hint or 0)
+        return numel * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_value_bytes(v) for v in value)
+    return 0
 
 
 def _meta_bytes(meta) -> int:

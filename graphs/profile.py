@@ -13,15 +13,21 @@ weights are never touched):
   would multiply the profiling time for little gain;
 - an optimizer step on zero gradients gives the optimizer state's size per parameter
   (`opt_bytes`); the median time of further steps is spread over the nodes by
-  parameter bytes (`opt_ms`).
-A shared parameter is counted at its first user only.
+  parameter bytes (`opt_ms`);
+- whole training steps of the model (zero-grad, forward, loss, backward, optimizer
+  step) give the total the node times are scaled to, and, run at batch / m for
+  m in MICROBATCHES where the batch (dim 0 of every input) divides, the cost of
+  m micro-batches: `graph["microbatch_step_ms"] = {m: m x ms of a step at batch / m}`
+  on the first profiled kind (`graph["microbatch_step_ms_by_kind"]`: every kind's),
+  which the simulator scales node costs by.
+A shared parameter is counted at its first user only. The graph profiled is the one
+the runtime runs: captured again from the private copy the same way (graphs.trace),
+checked by fingerprint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import platform
 import statistics
 import time
@@ -33,18 +39,19 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
 
-from graphs.trace import fingerprint, trace_model
-from graphs.workload import Workload
+from graphs import profile_cache
 from graphs.errors import CaptureError, DeviceSpecError, WorkloadError
 from graphs.files import cache_dir as default_cache_dir
-from graphs.files import write_text_atomically
+from graphs.trace import fingerprint, trace_model
+from graphs.workload import Workload
 
 KINDS = ("cpu", "cuda")
 MIN_SAMPLE_MS = 0.5  # each timing sample runs a node this long at least
 MAX_INNER = 1000  # ... but repeats a tiny node at most this often per sample
 NODE_BUDGET_MS = 200.0  # no further samples once a node's samples took this long
 WHOLE_STEP_REPEATS = 3  # whole steps timed to scale the node times (each may take seconds)
-CACHE_VERSION = 2  # 2: node times scaled to the measured whole step
+MICROBATCHES = (1, 2, 4, 8)  # micro-batch counts whose whole-step cost is measured
+CACHE_VERSION = 3  # 2: node times scaled to the measured whole step; 3: export capture, micro-batch steps
 
 Progress = Callable[[int, int], None]
 
@@ -54,7 +61,15 @@ def profile(ops: nx.DiGraph, workload: Workload, kinds: Sequence[str] = ("cpu",)
     """An annotated copy of `ops` (schema in graphs/__init__.py) with measured costs on
     every available kind in `kinds`; "cuda" is skipped with a note in `workload.notes`
     where no GPU is visible. `threads` sets torch's CPU threads while profiling "cpu".
-    Results are cached under `cache_dir` (default: $PLACER_CACHE or ~/.cache/placer)."""
+    Results are cached under `cache_dir` (default: $PLACER_CACHE or ~/.cache/placer);
+    an unusable cache is a miss with a warning (graphs.profile_cache).
+
+    Raises
+    ------
+    DeviceSpecError : an unknown kind, or no requested kind available.
+    CaptureError : the private copy captures into another graph than `ops`.
+    WorkloadError : a training step of the model, or its make_optimizer, fails.
+    """
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise DeviceSpecError(f"cannot profile on device kind '{unknown[0]}'; known kinds: {', '.join(KINDS)}")
@@ -68,7 +83,7 @@ def profile(ops: nx.DiGraph, workload: Workload, kinds: Sequence[str] = ("cpu",)
     results, todo = {}, []
     for kind in available:
         key = _cache_key(ops, workload, kind, threads, repeats)
-        cached = _load_cache(cache, key, ops)
+        cached = profile_cache.load(cache, key, set(ops.nodes))
         if cached is None:
             todo.append((kind, key))
         else:
@@ -78,7 +93,7 @@ def profile(ops: nx.DiGraph, workload: Workload, kinds: Sequence[str] = ("cpu",)
         step = None if progress is None else (lambda done, _, base=i * ops.number_of_nodes(): progress(base + done, total))
         with _cpu_threads(threads if kind == "cpu" else None):
             results[kind] = _measure(ops, workload, torch.device(kind), repeats, step)
-        _store_cache(cache, key, results[kind])
+        profile_cache.store(cache, key, results[kind])
     return _annotated(ops, results)
 
 
@@ -110,20 +125,25 @@ def _timed(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> tu
 
 
 def _measure(ops: nx.DiGraph, workload: Workload, device: torch.device, repeats: int,
-             progress: Progress | None) -> dict[str, dict]:
-    """{node name: {fwd_ms, bwd_ms, opt_ms, param_bytes, grad_bytes, opt_bytes, act_bytes}}."""
+             progress: Progress | None) -> dict:
+    """{"nodes": {node name: {fwd_ms, bwd_ms, opt_ms, param_bytes, grad_bytes, opt_bytes,
+    act_bytes}}, "microbatch_step_ms": {m: ms}}."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model = workload.fresh_model().to(device)
     model.train()
     inputs = tuple(t.to(device) for t in workload.inputs)
-    gm = trace_model(model, workload.leaf_modules, ops.graph.get("leaf_paths", ()), allow_fallback=False).gm
+    method = ops.graph.get("capture", {}).get("method", "fx")
+    traced = trace_model(model, workload.leaf_modules, ops.graph.get("leaf_paths", ()), allow_fallback=False,
+                         inputs=inputs, method=method)
+    gm = traced.gm
     if fingerprint(model, gm) != ops.graph["fingerprint"]:
         raise CaptureError(f"{workload.spec}: the graph to profile was captured from a different model "
                            f"(fingerprint {ops.graph['fingerprint']})")
 
     opt_state_bytes, step_ms = _optimizer_step(model, workload, repeats, sync)
     recorder = _Recorder(gm, model)
-    recorder.record(*inputs)
+    with _state_kept(model):
+        recorder.record(*traced.bind(inputs, {}).values())
 
     named = dict(model.named_parameters()) | dict(model.named_buffers())
     trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) or 1
@@ -152,13 +172,34 @@ def _measure(ops: nx.DiGraph, workload: Workload, device: torch.device, repeats:
                              "act_bytes": recorder.saved_bytes.get(node.name, 0)}
         if progress is not None:
             progress(done, len(nodes))
-    _scale_to_whole_step(result, _whole_step_ms(model, workload, inputs, repeats, sync))
+    steps = _microbatch_step_ms(model, workload, inputs, repeats, sync)
+    _scale_to_whole_step(result, steps[1])
+    return {"nodes": result, "microbatch_step_ms": steps}
+
+
+def _microbatch_step_ms(model: torch.nn.Module, workload: Workload, inputs: tuple, repeats: int,
+                        sync) -> dict[int, float]:
+    """{m: m x median ms of one real training step (zero-grad, forward, loss, backward,
+    optimizer step) at batch / m}, on the profiled device, for each m in MICROBATCHES
+    that divides the batch (dim 0, shared by every input) and at whose size the model
+    runs (BatchNorm refuses a batch of one, say). m = 1 is the whole step; its failure
+    is a WorkloadError."""
+    sizes = {t.shape[0] if t.dim() else None for t in inputs}
+    batch = sizes.pop() if len(sizes) == 1 else None
+    result = {}
+    for m in [m for m in MICROBATCHES if m == 1 or (batch and batch % m == 0)]:
+        part = tuple(t[: t.shape[0] // m] for t in inputs) if m > 1 else inputs
+        try:
+            result[m] = m * _whole_step_ms(model, workload, part, repeats, sync)
+        except WorkloadError:
+            if m == 1:
+                raise
     return result
 
 
 def _whole_step_ms(model: torch.nn.Module, workload: Workload, inputs: tuple, repeats: int, sync) -> float:
-    """Median ms of one real training step (zero-grad, forward, loss, backward, optimizer
-    step) of the whole model, on the profiled device."""
+    """Median ms of one real training step of the whole model on `inputs`; the
+    model's parameters, buffers and gradients are left as they were found."""
     optimizer = workload.make_optimizer([p for p in model.parameters() if p.requires_grad])
 
     def step():
@@ -166,14 +207,29 @@ def _whole_step_ms(model: torch.nn.Module, workload: Workload, inputs: tuple, re
         workload.loss_fn(model(*inputs), *inputs).backward()
         optimizer.step()
 
-    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    try:
-        ms, _ = time_ms(step, min(repeats, WHOLE_STEP_REPEATS), sync, budget_ms=float("inf"))
-    except Exception as exc:
-        raise WorkloadError(f"{workload.spec}: a training step of the model fails: {type(exc).__name__}: "
-                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
-    model.load_state_dict(snapshot)  # profiling leaves the weights as it found them
+    with _state_kept(model):
+        try:
+            ms, _ = time_ms(step, min(repeats, WHOLE_STEP_REPEATS), sync, budget_ms=float("inf"))
+        except WorkloadError:
+            raise
+        except Exception as exc:
+            raise WorkloadError(f"{workload.spec}: a training step of the model fails: {type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
     return ms
+
+
+@contextlib.contextmanager
+def _state_kept(model: torch.nn.Module):
+    """Restore every parameter and buffer value (a forward may update buffers; a step
+    changes weights) and drop gradients afterwards."""
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in model.state_dict(keep_vars=True).items():
+                v.copy_(snapshot[k])
+        model.zero_grad(set_to_none=True)
 
 
 def _scale_to_whole_step(result: dict[str, dict], step_ms: float) -> None:
@@ -261,6 +317,8 @@ def _optimizer_step(model: torch.nn.Module, workload: Workload, repeats: int, sy
         return {}, 0.0
     try:
         optimizer = workload.make_optimizer(params)
+    except WorkloadError:
+        raise
     except Exception as exc:
         raise WorkloadError(f"{workload.spec}: make_optimizer raised {type(exc).__name__}: {exc}") from exc
     for p in params:
@@ -275,13 +333,16 @@ def _optimizer_step(model: torch.nn.Module, workload: Workload, repeats: int, sy
     return state_bytes, step_ms
 
 
-def _annotated(ops: nx.DiGraph, results: dict[str, dict[str, dict]]) -> nx.DiGraph:
+def _annotated(ops: nx.DiGraph, results: dict[str, dict]) -> nx.DiGraph:
     g = ops.copy()
     g.graph["device_kinds"] = list(results)
-    first = next(iter(results.values()))
+    by_kind = {kind: dict(r["microbatch_step_ms"]) for kind, r in results.items()}
+    g.graph["microbatch_step_ms"] = next(iter(by_kind.values()))  # seam 4: the first kind's
+    g.graph["microbatch_step_ms_by_kind"] = by_kind
+    first = next(iter(results.values()))["nodes"]
     for name, data in g.nodes(data=True):
         for attr in ("fwd_ms", "bwd_ms", "opt_ms"):
-            data[attr] = {kind: float(r[name][attr]) for kind, r in results.items()}
+            data[attr] = {kind: float(r["nodes"][name][attr]) for kind, r in results.items()}
         for attr in ("param_bytes", "grad_bytes", "opt_bytes", "act_bytes"):
             data[attr] = int(first[name][attr])  # memory does not depend on the kind
     return g
@@ -294,7 +355,7 @@ def _cache_key(ops: nx.DiGraph, workload: Workload, kind: str, threads: int | No
         device = torch.cuda.get_device_name()
     else:
         device = f"{platform.machine()}:{threads or torch.get_num_threads()} threads"
-    optimizer = workload.make_optimizer
+    optimizer = getattr(workload.make_optimizer, "fn", workload.make_optimizer)  # a WorkloadFunction's own
     return {
         "version": CACHE_VERSION,
         "fingerprint": ops.graph["fingerprint"],
@@ -305,27 +366,6 @@ def _cache_key(ops: nx.DiGraph, workload: Workload, kind: str, threads: int | No
         "torch": torch.__version__,
         "optimizer": f"{getattr(optimizer, '__module__', '')}.{getattr(optimizer, '__qualname__', repr(optimizer))}",
     }
-
-
-def _cache_path(cache: Path, key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache / f"profile-{key['fingerprint']}-{key['kind']}-{digest}.json"
-
-
-def _load_cache(cache: Path, key: dict, ops: nx.DiGraph) -> dict | None:
-    """The cached measurements, or None when absent, corrupt or made for another graph."""
-    try:
-        data = json.loads(_cache_path(cache, key).read_text())
-        if data["key"] == key and set(data["nodes"]) == set(ops.nodes):
-            return data["nodes"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
-
-
-def _store_cache(cache: Path, key: dict, nodes: dict) -> None:
-    """Write atomically, so that an interrupted run never leaves a half-written file."""
-    write_text_atomically(_cache_path(cache, key), json.dumps({"key": key, "nodes": nodes}))
 
 
 # --- small helpers -----------------------------------------------------------------

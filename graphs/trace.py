@@ -1,115 +1,322 @@
-"""torch.fx tracing shared by capture (graphs.capture) and the runtime (placer.runtime).
+"""Capture a model as one torch.fx graph: the graph that capture (graphs.capture),
+profiling, plans, the runtime and the distributed backend all use.
 
-Both must see the same graph, node for node, or a plan's node assignment would not
-apply to the model it was made for; so both trace through `trace_model` and check
-`fingerprint`.
+Two captures, tried in this order (the choice and why: docs/DESIGN.md, "Capture"):
 
-A module fx cannot trace (data-dependent control flow, say) is retried as a leaf:
-it becomes one opaque node, so the model is still placed, at coarser grain there.
-Only when the root module itself cannot be traced is capture impossible.
+1. torch.export, non-strict, training IR (graphs.trace_export): aten ops at op
+   grain, keyword arguments, structured outputs (ModelOutput, dicts, namedtuples)
+   and buffers updated in forward are recorded as the model runs them; dims of the
+   example batch are dynamic where the model allows. Needs an example call and
+   torch >= 2.5.
+2. torch.fx symbolic tracing (graphs.trace_fx): for older torch, for workloads that
+   name `leaf_modules` (export cannot keep a module whole) and for models export
+   refuses. A submodule fx cannot trace becomes one opaque node (a "leaf").
+
+Either way the result is one normalized form, `Traced`: flat placeholders, an output
+node returning a flat tuple (rebuilt to the eager type by `Traced.unflatten`), one
+get_attr node per reader of a parameter or buffer, placed right before it, and
+get_attr nodes that read the model's own tensors (never copies). A capture is made
+in one mode (train or eval: dropout and mode-dependent branches are frozen into it)
+and covers the calls `Traced.bind` accepts; the runtime keeps one capture per mode
+and input shape. Capturing never changes the model: parameters and buffers are not
+written (export runs on fake tensors), and attributes a forward sets are restored;
+a forward that sets a Python attribute cannot be captured (CaptureError).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import linecache
-import os
-import traceback
-from collections.abc import Iterable
-from dataclasses import dataclass
+import inspect
+import operator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from graphs.errors import CaptureError
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-MAX_FALLBACK_LEAVES = 64
+METHODS = ("auto", "export", "fx")
+MODES = ("train", "eval")
+
+# nn.Module's own bookkeeping: not state a forward may be caught changing.
+_MODULE_ATTRS = frozenset({
+    "training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "_backward_hooks",
+    "_backward_pre_hooks", "_forward_hooks", "_forward_hooks_always_called", "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_is_full_backward_hook", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+})
 
 
 @dataclass(frozen=True)
 class Traced:
+    """One capture of a model, in one mode, for one kind of call.
+
+    `gm` is normalized (see the module doc): `gm(*flat)` takes one value per
+    placeholder and returns the flat tuple of output leaves. Its get_attr nodes read
+    the model's own parameters and buffers.
+    """
+
     gm: fx.GraphModule
-    leaf_paths: tuple[str, ...]  # module paths traced as leaves because fx failed inside them
+    leaf_paths: tuple[str, ...]  # module paths kept whole (fx only): fx failed inside them, or asked for
     fallback_notes: tuple[str, ...]  # one line per fallback, for the user
+    method: str  # "export" or "fx"
+    training: tuple[bool, ...]  # each module's training flag (model.modules() order) at capture
+    signature: inspect.Signature  # of the model's forward
+    out_spec: TreeSpec  # rebuilds the eager output from the flat output leaves
+    # export: how a call flattens onto the placeholders, and the non-tensor leaves it baked in
+    in_spec: TreeSpec | None = None
+    constants: tuple[tuple[int, Any], ...] = ()
+    # fx: arguments baked in (omitted ones at their defaults); the placeholders are the others
+    concrete: dict[str, Any] = field(default_factory=dict)
+    # None, or why flat placeholder values fall outside what the capture covers (shapes, dtypes)
+    guard: Callable[[list], str | None] | None = field(default=None, compare=False)
 
+    @property
+    def placeholders(self) -> list[fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
 
-class PlacerTracer(fx.Tracer):
-    """fx.Tracer that keeps given module classes and module paths whole and remembers
-    which module it was inside when tracing failed."""
+    @property
+    def output_leaves(self) -> list:
+        """The output node's flat leaves: nodes, or constants the model returns."""
+        return list(next(n for n in self.gm.graph.nodes if n.op == "output").args[0])
 
-    def __init__(self, leaf_classes: tuple[type, ...], leaf_paths: Iterable[str]):
-        super().__init__()
-        self.leaf_classes = leaf_classes
-        self.leaf_paths = set(leaf_paths)
-        self.failed_in: str | None = None  # innermost module path an exception passed through
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+        """Placeholder name -> value for the call `model(*args, **kwargs)`, or None when
+        this capture does not cover it (other arguments given, other constants, shapes
+        or dtypes outside its guard). Raises TypeError as Python would for a call the
+        forward's signature rejects."""
+        bound = canonical_call(self.signature, args, kwargs)
+        names = [n.name for n in self.placeholders]
+        if self.method == "export":
+            flat, spec = tree_flatten((bound.args, bound.kwargs))
+            if spec != self.in_spec or not all(_same(flat[i], v) for i, v in self.constants):
+                return None
+            values = dict(zip(names, flat))
+        else:
+            bound.apply_defaults()
+            given = bound.arguments
+            if not all(_same(given.get(k), v) for k, v in self.concrete.items()):
+                return None
+            values = {n.name: given.get(str(n.target)) for n in self.placeholders}
+        if self.guard is not None and self.guard(list(values.values())) is not None:
+            return None
+        return values
 
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.leaf_paths or isinstance(m, self.leaf_classes):
-            return True
-        return super().is_leaf_module(m, qualname)
+    def unflatten(self, leaves: list) -> Any:
+        """The eager output built from the output's flat leaves (fresh containers:
+        mutable where eager's are)."""
+        return tree_unflatten(list(leaves), self.out_spec)
 
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = self.path_of_module(m)
-            raise
+    def run(self, *args, **kwargs) -> Any:
+        """Run the captured graph as the model would run (tests and checks)."""
+        values = self.bind(args, kwargs)
+        if values is None:
+            raise CaptureError(f"this {self.method} capture does not cover the call: "
+                               f"{self.why_not(args, kwargs)}")
+        return self.unflatten(self.gm(*values.values()))
 
-
-def _user_frame(exc: BaseException) -> str:
-    """file:line of the innermost traceback frame outside torch itself."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith(_TORCH_DIR) and f.filename != __file__]
-    if not frames:
-        return "unknown location"
-    f = frames[-1]
-    code = (linecache.getline(f.filename, f.lineno) or "").strip()
-    return f"{f.filename}:{f.lineno}" + (f" ({code})" if code else "")
+    def why_not(self, args: tuple, kwargs: dict) -> str:
+        """One phrase: why `bind` refuses the call (for error messages)."""
+        bound = canonical_call(self.signature, args, kwargs)
+        if self.method == "export":
+            flat, spec = tree_flatten((bound.args, bound.kwargs))
+            if spec != self.in_spec or not all(_same(flat[i], v) for i, v in self.constants):
+                return f"it was captured for arguments {_describe(self.in_spec)}"
+            reason = self.guard(flat) if self.guard is not None else None
+            return reason or "no reason known"
+        return f"it was captured with {', '.join(f'{k}={v!r}' for k, v in self.concrete.items()) or 'no constants'}"
 
 
 def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths: Iterable[str] = (),
-                allow_fallback: bool = True) -> Traced:
-    """Symbolically trace `model` into an fx.GraphModule that shares its parameters.
+                allow_fallback: bool = True, *, inputs: tuple | None = None, kwargs: dict | None = None,
+                method: str = "auto", mode: str | None = "train") -> Traced:
+    """Capture `model` called as `model(*inputs, **kwargs)` in `mode` as a Traced graph.
 
-    `leaf_modules` are classes kept whole; `leaf_paths` module paths kept whole (a
-    plan records those chosen by an earlier fallback so the runtime traces the same
-    graph). With `allow_fallback`, a submodule that fails to trace is made a leaf and
-    tracing retried. Raises CaptureError naming the module and source line otherwise.
+    Parameters
+    ----------
+    model : the module to capture; left as it was found (modes and attributes restored).
+    leaf_modules : module classes to keep whole (fx only; their presence selects fx).
+    leaf_paths : module paths to keep whole (a plan records the fallback leaves, so
+        that a re-capture reproduces the graph).
+    allow_fallback : fx only: make a submodule that fails to trace a leaf and retry.
+    inputs, kwargs : the example call. Without `inputs` only fx can capture (every
+        forward parameter becomes a placeholder). Values, not shapes, never matter.
+    method : "auto" (export, else fx with a note), "export" or "fx".
+    mode : "train" or "eval" (every module's flag set for the capture, then restored),
+        or None for the flags as they are.
+
+    Raises
+    ------
+    CaptureError : neither capture works (naming the module, the source line and the
+        fix), or a forward sets a Python attribute a graph cannot repeat.
+    WorkloadError : not here; a model that fails on its inputs shows in graphs.capture.
     """
-    leaf_classes = tuple(leaf_modules)
-    paths = list(leaf_paths)
-    notes: list[str] = []
-    for _ in range(MAX_FALLBACK_LEAVES + 1):
-        tracer = PlacerTracer(leaf_classes, paths)
+    from graphs.trace_export import export_available, export_model
+    from graphs.trace_fx import trace_fx
+
+    if method not in METHODS:
+        raise ValueError(f"unknown capture method {method!r}; choose from {', '.join(METHODS)}")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)} or None")
+    leaf_classes, paths = tuple(leaf_modules), tuple(leaf_paths)
+    use_export = method == "export" or (method == "auto" and inputs is not None and not leaf_classes
+                                        and not paths and export_available())
+    kwargs = dict(kwargs or {})
+    with _in_mode(model, mode), no_side_effects(model) as seen:
+        if not use_export:
+            return trace_fx(model, leaf_classes, paths, allow_fallback, inputs, kwargs)
         try:
-            graph = tracer.trace(model)
-        except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... from user code
-            failed_in = tracer.failed_in or ""
-            where = _user_frame(exc)
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if allow_fallback and failed_in and failed_in not in paths:
-                paths.append(failed_in)
-                notes.append(f"fx could not trace inside '{failed_in}' ({reason} at {where}); "
-                             f"it is placed as one unit")
+            return export_model(model, tuple(inputs or ()), kwargs)
+        except CaptureError:
+            raise
+        except Exception as exc:  # export raises many types from user code and from itself
+            if method == "export":
+                raise CaptureError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from exc
+            seen.clear()  # what the failed export saw of the forward does not count
+            traced = trace_fx(model, leaf_classes, paths, allow_fallback, inputs, kwargs, export_error=exc)
+            note = f"torch.export could not capture the model ({first_line(exc)}); captured with torch.fx instead"
+            return _with_note(traced, note)
+
+
+def canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """`args`/`kwargs` bound as Python binds them, minus arguments passed at their
+    default value itself (so `f(x)` and `f(x, mask=None)` are one call). Raises
+    TypeError for a call the signature rejects."""
+    bound = signature.bind(*args, **kwargs)
+    for name, param in signature.parameters.items():
+        variadic = param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+        if name in bound.arguments and not variadic and bound.arguments[name] is param.default:
+            del bound.arguments[name]
+    return bound
+
+
+def training_flags(model: nn.Module) -> tuple[bool, ...]:
+    """Every module's training flag, in model.modules() order: the mode a capture froze."""
+    return tuple(m.training for m in model.modules())
+
+
+@contextlib.contextmanager
+def _in_mode(model: nn.Module, mode: str | None) -> Iterator[None]:
+    flags = training_flags(model)
+    if mode is not None:
+        model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for m, flag in zip(model.modules(), flags):
+            m.training = flag
+
+
+@contextlib.contextmanager
+def no_side_effects(model: nn.Module) -> Iterator[list[str]]:
+    """Around a capture: restore every attribute a forward set (a Python counter, a
+    cache) and the values of plain tensor attributes it changed in place, then raise
+    CaptureError if the forward set any attribute, since a captured graph cannot
+    repeat that on every call. A root forward hook looks while the forward runs
+    (torch.export restores attributes itself before returning). Yields the list of
+    changes seen so far ("path.attr"), which the caller may clear."""
+    before = {path: _attributes(m) for path, m in model.named_modules()}
+    plain = {id(t): (t, t.detach().clone()) for m in model.modules() for t in vars(m).values()
+             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)}
+    changed: list[str] = []
+
+    def look(*_):
+        changed.extend(c for c in _changes(model, before) if c not in changed)
+
+    handle = model.register_forward_hook(look)
+    try:
+        yield changed
+        look()
+    finally:
+        handle.remove()
+        for path, m in model.named_modules():
+            if path in before:
+                for key in set(vars(m)) - set(before[path]) - _MODULE_ATTRS:
+                    delattr(m, key)
+                m.__dict__.update({k: v for k, (v, _) in before[path].items()})
+        with torch.no_grad():
+            for t, value in plain.values():
+                if not t.is_inference() and t.shape == value.shape and not torch.equal(t, value):
+                    t.copy_(value)
+    if changed:
+        path, _, attr = changed[0].rpartition(".")
+        module = model.get_submodule(path)
+        fix = (f"list {type(module).__name__} in `leaf_modules` in the workload file, so that it runs as itself"
+               if path else "move that update into a submodule and list its class in `leaf_modules`")
+        raise CaptureError(f"module '{path or type(model).__name__}' ({type(module).__name__}) sets its attribute "
+                           f"'{attr}' in forward, which a captured graph cannot repeat on every call: {fix}")
+
+
+def _attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """name -> (value, shallow copy of a list/dict value) of a module's own attributes."""
+    return {k: (v, list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else None)
+            for k, v in vars(module).items() if k not in _MODULE_ATTRS}
+
+
+def _changes(model: nn.Module, before: dict[str, dict]) -> list[str]:
+    """"path.attr" of every attribute that held a value (not None) before and now holds
+    an unequal one (a list or dict changed in place counts). An attribute first set,
+    or set from None, is a lazy initialization (a cache filled on the first call):
+    eager does it once too, so it does not count."""
+    changes = []
+    for path, m in model.named_modules():
+        for key, (value, copy) in before.get(path, {}).items():
+            new = vars(m).get(key)
+            if value is None or (new is value and (copy is None or _equal(new, copy))):
                 continue
-            owner = f"module '{failed_in}'" if failed_in else f"the model's own forward ({type(model).__name__})"
-            raise CaptureError(
-                f"cannot trace {owner} at {where}: {reason}. "
-                f"Mark the offending module class as a leaf with `leaf_modules = [ClassName]` in the workload file"
-            ) from exc
-        name = type(model).__name__
-        gm = fx.GraphModule(model, graph, class_name=f"Traced{name}")
-        return Traced(gm=gm, leaf_paths=tuple(paths), fallback_notes=tuple(notes))
-    raise CaptureError(f"gave up tracing {type(model).__name__}: more than {MAX_FALLBACK_LEAVES} modules fail to trace")
+            if new is not value and _equal(new, value):
+                continue
+            changes.append(f"{path}.{key}" if path else f".{key}")
+    return changes
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """a == b as a truth value; tensors by shape and values; False where == fails."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and not a.is_meta and not b.is_meta and bool(torch.equal(a, b)))
+    try:
+        return bool(a == b)
+    except Exception:  # values whose == is not a truth value
+        return False
+
+
+def _with_note(traced: Traced, note: str) -> Traced:
+    from dataclasses import replace
+    return replace(traced, fallback_notes=(note, *traced.fallback_notes))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a call's non-tensor argument `a` is the constant `b` a capture baked in."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b):
+        return False
+    return _equal(a, b)
+
+
+def _describe(spec: TreeSpec | None) -> str:
+    return "unknown" if spec is None else str(spec).replace("\n", " ")
+
+
+def first_line(exc: BaseException) -> str:
+    """The exception's message cut to one line, for one-line error messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def target_name(node: fx.Node) -> str:
-    """A process-independent name of a node's target (a function's repr has an address)."""
+    """A process-independent name of a node's target (a function's repr has an address);
+    an aten op is named by its overload, e.g. "aten.linear.default"."""
     if isinstance(node.target, str):
         return node.target
+    if isinstance(node.target, torch._ops.OpOverload):
+        return str(node.target)
     try:
         return fx.node._get_qualified_name(node.target)
     except Exception:  # some builtins have no importable qualified name
@@ -117,12 +324,69 @@ def target_name(node: fx.Node) -> str:
 
 
 def fingerprint(model: nn.Module, gm: fx.GraphModule) -> str:
-    """A short hash of the model's parameter names and shapes and of the traced graph's
-    structure (node ops, targets and edges). Equal models give equal fingerprints."""
+    """A short hash of the model's parameter and buffer names, shapes and dtypes and of
+    the captured graph's structure (node ops, targets, names and edges). Equal models
+    give equal fingerprints. get_attr nodes count as what they read, wherever they
+    sit; a constant the capture stowed on the graph (not one of the model's tensors)
+    counts by shape and dtype, not by its attribute name. (For graphs without get_attr
+    nodes this is the hash plan format v1 used.)"""
     h = hashlib.sha256()
+    owned = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+
+    def key(node: fx.Node) -> str:
+        if node.op != "get_attr":
+            return node.name
+        value = _fetch(gm, str(node.target))
+        if isinstance(value, torch.Tensor) and id(value) not in owned:
+            return f"@constant{tuple(value.shape)}:{value.dtype}"
+        return f"@{node.target}"
+
     for node in gm.graph.nodes:
-        inputs = ",".join(n.name for n in node.all_input_nodes)
-        h.update(f"{node.op}|{target_name(node)}|{node.name}|{inputs};".encode())
+        if node.op != "get_attr":
+            inputs = ",".join(key(n) for n in node.all_input_nodes)
+            h.update(f"{node.op}|{target_name(node)}|{node.name}|{inputs};".encode())
     return h.hexdigest()[:16]
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def normalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """The graph in the form every Traced has (module doc), changed in place: unused
+    pure nodes dropped, one get_attr node per reader right before it (a chunk of the
+    placed graph then reads its parameters itself: they never travel between chunks,
+    and a buffer updated in place is updated where it lives), and plain code
+    generation (flat placeholders in, the flat output tuple out)."""
+    graph = gm.graph
+    for node in reversed(list(graph.nodes)):
+        if not node.users and _is_pure(node):
+            graph.erase_node(node)
+    for node in [n for n in graph.nodes if n.op == "get_attr"]:
+        for user in list(node.users):
+            with graph.inserting_before(user):
+                copy = graph.create_node("get_attr", node.target)
+            copy.meta = dict(node.meta)
+            user.replace_input_with(node, copy)
+        graph.erase_node(node)
+    graph._codegen = fx.graph.CodeGen()
+    gm._forward_pre_hooks.clear()  # older torch checks the pytree input structure there
+    gm.recompile()
+    return gm
+
+
+def _is_pure(node: fx.Node) -> bool:
+    """Whether dropping the node, when nothing reads it, changes nothing: a get_attr,
+    an indexing, or an aten op that writes none of its arguments."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function" or node.target in fx.node._side_effectful_functions:
+        return False
+    if node.target is operator.getitem:
+        return True
+    return isinstance(node.target, torch._ops.OpOverload) and not node.target._schema.is_mutable

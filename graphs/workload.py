@@ -17,9 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from graphs.errors import WorkloadError
 
@@ -29,14 +31,40 @@ ExpertFn = Callable[[str, int], "int | None"]
 
 
 def default_loss(output, *inputs) -> torch.Tensor:
-    """The mean of the output (of every tensor in it, if it is a tuple or list)."""
-    if isinstance(output, (tuple, list)):
-        return sum(default_loss(o) for o in output if isinstance(o, torch.Tensor))
-    return output.float().mean()
+    """The loss of a workload without `loss_fn`: the sum, over every floating-point
+    tensor in the output (a tensor, or the tensors inside tuples, lists, dicts,
+    namedtuples and ModelOutputs), of its mean.
+
+    Raises WorkloadError when the output holds no floating-point tensor."""
+    leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        raise WorkloadError(f"the default loss (the sum of the means of the output's floating-point tensors) "
+                            f"finds none in the model's {type(output).__name__} output: define "
+                            f"loss_fn(output, *inputs) in the workload file")
+    return sum(t.float().mean() for t in leaves)
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+
+@dataclass(frozen=True)
+class WorkloadFunction:
+    """A function of the workload file, called as itself, except that ending the
+    process from it (`sys.exit(n)`, `exit()`, `raise SystemExit`) is a WorkloadError
+    naming the file and the function. (KeyboardInterrupt stays an interruption;
+    `os._exit` ends the process before anything can see it.)"""
+
+    label: str  # the workload spec: a path or zoo:NAME
+    name: str  # the function's name in the workload file
+    fn: Callable[..., Any]
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self.fn(*args, **kwargs)
+        except SystemExit as exc:
+            raise WorkloadError(f"{self.label}: {self.name}() called sys.exit({exc.code!r}); a workload function "
+                                f"must return a value or raise an exception, not end the process") from None
 
 
 @dataclass
@@ -77,17 +105,27 @@ def load_workload(spec: str, seed: int = 0) -> Workload:
     model = _call(spec, "build_model", source.build_model)
     if not isinstance(model, nn.Module):
         raise WorkloadError(f"{spec}: build_model() returned {type(model).__name__}, not a torch.nn.Module")
+    if not any(True for _ in model.parameters()):
+        raise WorkloadError(f"{spec}: build_model() returned a {type(model).__name__} without parameters: there is "
+                            f"nothing to train or place (build the model whose weights should be spread)")
     batch = _as_tensor_tuple(spec, _call(spec, "example_inputs", source.example_inputs))
     leaf_modules = tuple(getattr(source, "leaf_modules", ()) or ())
     bad = [repr(c) for c in leaf_modules if not isinstance(c, type)]
     if bad:
         raise WorkloadError(f"{spec}: leaf_modules must list module classes, got {', '.join(bad)}")
+
+    def optional(name: str) -> WorkloadFunction | None:
+        fn = getattr(source, name, None)
+        if fn is not None and not callable(fn):
+            raise WorkloadError(f"{spec}: {name} is a {type(fn).__name__}, not a function")
+        return WorkloadFunction(spec, name, fn) if fn is not None else None
+
     return Workload(
         name=short_name, spec=spec, model=model, inputs=batch,
-        loss_fn=getattr(source, "loss_fn", None) or default_loss,
-        make_optimizer=getattr(source, "make_optimizer", None) or default_optimizer,
+        loss_fn=optional("loss_fn") or default_loss,
+        make_optimizer=optional("make_optimizer") or default_optimizer,
         leaf_modules=leaf_modules,
-        expert_placement=getattr(source, "expert_placement", None),
+        expert_placement=optional("expert_placement"),
     )
 
 
@@ -133,7 +171,9 @@ def _import_file(path_str: str) -> ModuleType:
 
 def _call(label: str, what: str, fn: Callable[[], object]) -> object:
     try:
-        return fn()
+        return WorkloadFunction(label, what, fn)()
+    except WorkloadError:
+        raise
     except Exception as exc:
         raise WorkloadError(f"{label}: {what}() raised {type(exc).__name__}: {first_line(exc)}") from exc
 

@@ -1,30 +1,46 @@
 """Plan files: a placement written down so that a training loop can apply it later.
 
-A Plan (format `placer.plan/v1`, DESIGN.md) names the device of every traced fx node.
-That is what the runtime needs; the accelerate-style `device_map` beside it is for
-people (and tools that read accelerate maps): the highest modules whose every node
-and parameter sit on one device. The fingerprint ties the plan to one model.
+A Plan (format `placer.plan/v2`, DESIGN.md) names the device of every node of the
+model's training-mode capture, and how to capture again: the method (torch.export
+or torch.fx), the leaf paths, and the example batch's shapes and dtypes (`capture`).
+The fingerprint ties the plan to one model and that capture. The runtime captures
+the model again (in train and eval mode, and for other input shapes) and finds each
+node's device by its identity in the training capture (name, target and module
+path: graphs.trace); a node only another capture has gets the device of its module,
+else of its producer.
+
+`microbatches` (1) and `schedule` (None; "gpipe" when microbatches > 1) are read by
+the pipelined engine. The `device_map` (module qualified name -> device) is for
+people and for accelerate: device names accelerate accepts ("cpu" for every virtual
+CPU device, "cuda:N"), covering every tensor of the model's state_dict.
+
+A v1 plan (no capture info, fx node names) still loads, as one micro-batch captured
+by torch.fx; applying it works while its fingerprint still matches the model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from graphs.capture import node_params, owning_module
-from graphs.trace import fingerprint as model_fingerprint
-from graphs.trace import trace_model
+from graphs.capture import capture_info, example_like, node_params, owning_module
 from graphs.errors import PlanError
 from graphs.files import write_text_atomically
 from graphs.problem import PlacementProblem
+from graphs.trace import Traced, trace_model
+from graphs.trace import fingerprint as model_fingerprint
 
-FORMAT = "placer.plan/v1"
+FORMAT = "placer.plan/v2"
+FORMAT_V1 = "placer.plan/v1"
+SCHEDULES = ("gpipe",)
 _REQUIRED = ("devices", "assignment", "device_map", "fingerprint")
 
 
@@ -33,12 +49,23 @@ def _now() -> str:
 
 
 @dataclass
+class Capture:
+    """How the plan's graph was captured, so that the runtime captures it again."""
+
+    method: str = "fx"  # "export" or "fx"
+    leaf_paths: list[str] = field(default_factory=list)  # module paths kept whole (fx)
+    inputs: list[dict] | None = None  # the example batch: [{"shape": [...], "dtype": "int64"}]; None in v1 plans
+
+
+@dataclass
 class Plan:
     devices: list[str]  # device names, as in --devices
-    assignment: dict[str, str]  # fx node name -> device name, every traced node
-    device_map: dict[str, str]  # module qualified name -> device name ("" is the whole model)
-    fingerprint: str  # graphs.trace.fingerprint of the model the plan was made for
-    leaf_paths: list[str] = field(default_factory=list)  # trace these module paths as leaves
+    assignment: dict[str, str]  # node name (training capture) -> device name, every node
+    device_map: dict[str, str]  # module qualified name -> accelerate device name ("" is the whole model)
+    fingerprint: str  # graphs.trace.fingerprint of the model and its training capture
+    capture: Capture = field(default_factory=Capture)
+    microbatches: int = 1  # the batch is split into this many micro-batches, pipelined
+    schedule: str | None = None  # the pipeline schedule ("gpipe") when microbatches > 1
     method: str = "manual"
     seed: int | None = None
     groups: list[list[str]] | None = None  # member node names of each group
@@ -49,6 +76,15 @@ class Plan:
     created: str = field(default_factory=_now)
     path: Path | None = field(default=None, compare=False, repr=False)  # the file it was read from (not saved)
 
+    @property
+    def leaf_paths(self) -> list[str]:
+        return self.capture.leaf_paths
+
+    @property
+    def source(self) -> str:
+        """How error messages name the plan: its file name, or "plan"."""
+        return self.path.name if self.path is not None else "plan"
+
     def to_json(self) -> dict:
         data = asdict(self)
         del data["path"]
@@ -56,12 +92,19 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON atomically: a reader never sees a half-written file."""
-        return write_text_atomically(path, json.dumps(self.to_json(), indent=1) + "\n")
+        return write_text_atomically(path, json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
 
 
 def load_plan(path: str | Path, fingerprint: str | None = None) -> Plan:
-    """Read a plan file; with `fingerprint`, also check it was made for that model.
-    Raises PlanError naming the file for every way the file can be wrong."""
+    """Read a plan file (format v2, or v1 as one fx-captured micro-batch); with
+    `fingerprint`, also check it was made for that model.
+
+    Raises
+    ------
+    PlanError : naming the file, for every way the file can be wrong (unreadable, not
+        JSON, unknown format, a missing field, a field of the wrong type, a device the
+        plan does not list, another model's fingerprint).
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -74,22 +117,97 @@ def load_plan(path: str | Path, fingerprint: str | None = None) -> Plan:
     if not isinstance(data, dict):
         raise PlanError(f"{path}: a plan file holds a JSON object, found {type(data).__name__}")
     version = data.pop("format", None)
-    if version != FORMAT:
-        raise PlanError(f"{path}: unknown plan format {version!r} (this placer reads {FORMAT!r})")
+    if version == FORMAT_V1:
+        data["capture"] = {"method": "fx", "leaf_paths": data.pop("leaf_paths", []), "inputs": None}
+        if isinstance(data.get("device_map"), dict):
+            data["device_map"] = {k: accelerate_name(v) if isinstance(v, str) else v
+                                  for k, v in data["device_map"].items()}
+    elif version != FORMAT:
+        raise PlanError(f"{path}: unknown plan format {version!r} (this placer reads {FORMAT!r} and {FORMAT_V1!r})")
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise PlanError(f"{path}: plan file lacks {', '.join(missing)}")
-    if not (isinstance(data["devices"], list) and isinstance(data["assignment"], dict)
-            and isinstance(data["device_map"], dict) and isinstance(data["fingerprint"], str)):
-        raise PlanError(f"{path}: devices must be a list, assignment and device_map objects, fingerprint a string")
-    known = set(Plan.__dataclass_fields__) - {"path"}
-    plan = Plan(**{k: v for k, v in data.items() if k in known}, path=path)
+    problem = _type_problem(data)
+    if problem:
+        raise PlanError(f"{path}: {problem}")
+    known = set(Plan.__dataclass_fields__) - {"path", "capture"}
+    capture = Capture(**{k: v for k, v in data.get("capture", {}).items() if k in Capture.__dataclass_fields__})
+    plan = Plan(**{k: v for k, v in data.items() if k in known}, capture=capture, path=path)
     bad = sorted({d for d in plan.assignment.values() if d not in plan.devices})
     if bad:
         raise PlanError(f"{path}: assignment names devices {bad} that are not among the plan's devices {plan.devices}")
     if fingerprint is not None and plan.fingerprint != fingerprint:
-        raise PlanError(f"{path.name} was made for another model (fingerprint {plan.fingerprint}, this model {fingerprint})")
+        raise PlanError(mismatch_message(plan, fingerprint))
     return plan
+
+
+def _type_problem(data: dict) -> str | None:
+    """What is wrong with the types of a plan's fields, or None."""
+    def strings(value) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+    if not (isinstance(data["devices"], list) and all(isinstance(d, str) for d in data["devices"])
+            and isinstance(data["assignment"], dict) and isinstance(data["device_map"], dict)
+            and isinstance(data["fingerprint"], str)):
+        return "devices must be a list of names, assignment and device_map objects, fingerprint a string"
+    if not strings(data["assignment"]):
+        return "assignment must map node names to device names (strings)"
+    if not strings(data["device_map"]):
+        return "device_map must map module names to device names (strings)"
+    m = data.get("microbatches", 1)
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        return f"microbatches must be a whole number >= 1, found {m!r}"
+    if data.get("schedule") not in (None, *SCHEDULES):
+        return f"schedule must be null or one of {', '.join(SCHEDULES)}, found {data.get('schedule')!r}"
+    capture = data.get("capture", {})
+    if not isinstance(capture, dict) or capture.get("method", "fx") not in ("export", "fx"):
+        return "capture must be an object whose method is export or fx"
+    inputs = capture.get("inputs")
+    if inputs is not None and not (isinstance(inputs, list) and all(
+            isinstance(s, dict) and isinstance(s.get("shape"), list) and isinstance(s.get("dtype"), str)
+            and isinstance(getattr(torch, s["dtype"], None), torch.dtype) for s in inputs)):
+        return "capture.inputs must list {shape, dtype} of each input"
+    for key in ("simulated_ms", "measured_ms"):
+        value = data.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            return f"{key} must be a finite number or null, found {value!r}"
+    return None
+
+
+def mismatch_message(plan: Plan, fingerprint: str) -> str:
+    return (f"{plan.source} was made for another model (fingerprint {plan.fingerprint}, this model {fingerprint}): "
+            f"re-run `placer optimize` for this model")
+
+
+def trace_for_plan(model: nn.Module, plan: Plan, mode: str = "train") -> Traced:
+    """Capture `model` the way `plan` was captured (method, leaf paths, an example batch
+    of the recorded shapes on the model's device), in `mode`. The training capture is
+    the plan's graph: checked against the plan's fingerprint.
+
+    Raises
+    ------
+    PlanError : the training capture differs from the plan's (another model).
+    CaptureError : the model cannot be captured that way.
+    """
+    first = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    device = first.device if first is not None else torch.device("cpu")
+    inputs = None if plan.capture.inputs is None else example_like(plan.capture.inputs, device)
+    traced = trace_model(model, leaf_paths=plan.capture.leaf_paths, allow_fallback=False, inputs=inputs,
+                         method=plan.capture.method, mode=mode)
+    if mode == "train":
+        fp = model_fingerprint(model, traced.gm)
+        if fp != plan.fingerprint:
+            raise PlanError(mismatch_message(plan, fp))
+    return traced
+
+
+def accelerate_name(device: str) -> str:
+    """The name accelerate's dispatch_model accepts for a placer device: every CPU
+    device (virtual or not) is "cpu", a GPU "cuda:N"; an owner prefix (rankR:) goes."""
+    local = device.split(":", 1)[1] if device.startswith("rank") else device
+    if local.startswith("cpu"):
+        return "cpu"
+    return local if ":" in local else f"{local}:0"
 
 
 def derive_device_map(node_modules: Mapping[str, str], node_params: Mapping[str, Iterable[str]],
@@ -97,8 +215,20 @@ def derive_device_map(node_modules: Mapping[str, str], node_params: Mapping[str,
     """accelerate-style device map: the highest modules whose nodes and parameters all
     sit on one device, plus single parameters of modules that are split.
 
-    `node_modules`: node -> owning module path ("" for the root); `node_params`: node
-    -> qualified names of the parameters and buffers it uses.
+    Parameters
+    ----------
+    node_modules : node -> owning module path ("" for the root).
+    node_params : node -> qualified names of the parameters and buffers it reads.
+    assignment : node -> device name.
+
+    Returns
+    -------
+    module path (or parameter name) -> device name, sorted by key.
+
+    Examples
+    --------
+    >>> derive_device_map({"a": "m", "b": "m.inner"}, {"a": ["m.w"], "b": []}, {"a": "cpu:0", "b": "cpu:1"})
+    {'m.inner': 'cpu:1', 'm.w': 'cpu:0'}
     """
     devices_under: dict[str, set[str]] = {}  # module path -> devices of everything inside it
     param_device: dict[str, str] = {}
@@ -130,6 +260,27 @@ def derive_device_map(node_modules: Mapping[str, str], node_params: Mapping[str,
     return dict(sorted(device_map.items()))
 
 
+def accelerate_device_map(device_map: Mapping[str, str], tensor_names: Iterable[str], default: str) -> dict[str, str]:
+    """`device_map` in accelerate's device names, completed so that it covers every
+    name in `tensor_names` (the model's state_dict keys): a tensor no node reads goes
+    with the highest module of its path that no entry covers, on `default`."""
+    result = {key: accelerate_name(device) for key, device in device_map.items()}
+
+    def covered(name: str) -> bool:
+        return "" in result or any(name == k or name.startswith(k + ".") for k in result)
+
+    def inside(path: str) -> bool:  # some entry lies inside this module path
+        return any(k == path or k.startswith(path + ".") for k in result) if path else bool(result)
+
+    for name in tensor_names:
+        if covered(name):
+            continue
+        parts = name.split(".")
+        key = next((".".join(parts[:i]) for i in range(1, len(parts)) if not inside(".".join(parts[:i]))), name)
+        result[key] = accelerate_name(default)
+    return dict(sorted(result.items()))
+
+
 def leaf_paths_of(gm: fx.GraphModule, fallback_paths: Iterable[str]) -> list[str]:
     """Every module the trace kept whole: its call_module targets and the fallback leaves.
     Tracing with these as leaf paths reproduces the graph without the workload's
@@ -139,33 +290,57 @@ def leaf_paths_of(gm: fx.GraphModule, fallback_paths: Iterable[str]) -> list[str
 
 
 def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], devices: Sequence[str], *,
-                         leaf_modules: Iterable[type] = (), method: str = "manual", workload: str = "") -> Plan:
-    """A plan made by tracing `model` and asking `assign(node)` for each node's device:
-    the way to write a placement by hand (tests, examples, benchmarks)."""
-    traced = trace_model(model, leaf_modules=leaf_modules)
+                         inputs: tuple[torch.Tensor, ...] | None = None, leaf_modules: Iterable[type] = (),
+                         method: str = "manual", workload: str = "") -> Plan:
+    """A plan made by capturing `model` (on `inputs`: torch.export where it can; without
+    them torch.fx) and asking `assign(node)` for each node's device: the way to write a
+    placement by hand (tests, examples, benchmarks). A get_attr node is not asked: it
+    goes with the node that reads it.
+
+    Raises PlanError when `assign` names a device not in `devices`.
+    """
+    traced = trace_model(model, leaf_modules=leaf_modules, inputs=inputs)
     gm = traced.gm
-    assignment = {n.name: assign(n) for n in gm.graph.nodes}
+    assignment = {n.name: assign(n) for n in gm.graph.nodes if n.op != "get_attr"}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            assignment[n.name] = assignment[next(iter(n.users)).name]
     unknown = sorted(set(assignment.values()) - set(devices))
     if unknown:
         raise PlanError(f"assignment uses devices {unknown} that are not among {list(devices)}")
+    devices_of_modules = derive_device_map({n.name: owning_module(n) for n in gm.graph.nodes},
+                                           {n.name: node_params(gm, n) for n in gm.graph.nodes}, assignment)
+    info = capture_info(traced, inputs) if inputs is not None else {"method": traced.method, "inputs": None}
     return Plan(
         devices=list(devices), assignment=assignment,
-        device_map=derive_device_map({n.name: owning_module(n) for n in gm.graph.nodes},
-                                     {n.name: node_params(gm, n) for n in gm.graph.nodes}, assignment),
-        fingerprint=model_fingerprint(model, gm), leaf_paths=leaf_paths_of(gm, traced.leaf_paths),
+        device_map=accelerate_device_map(devices_of_modules, model.state_dict(), devices[0]),
+        fingerprint=model_fingerprint(model, gm),
+        capture=Capture(method=info["method"], leaf_paths=leaf_paths_of(gm, traced.leaf_paths), inputs=info["inputs"]),
         method=method, workload=workload,
     )
 
 
 def make_plan(problem: PlacementProblem, placement: Sequence[int], method: str, seed: int | None = None,
-              simulated_ms: float | None = None, measured_ms: float | None = None) -> Plan:
-    """Expand a group placement to every traced node of the problem's OpGraph.
+              simulated_ms: float | None = None, measured_ms: float | None = None, *, microbatches: int = 1,
+              schedule: str | None = None) -> Plan:
+    """Expand a group placement to every captured node of the problem's OpGraph.
 
     Nodes no group lists (a capture may leave out inputs and the output) follow their
-    neighbour: an input its first user, anything else its first producer.
+    neighbour: an input its first user, anything else its first producer. `schedule`
+    defaults to "gpipe" when `microbatches` > 1.
+
+    Raises
+    ------
+    PlanError : the problem has no OpGraph, or `microbatches`/`schedule` are invalid.
+    InfeasibleError : the placement breaks the problem's constraints.
     """
     if problem.ops is None:
         raise PlanError("cannot make a plan from a problem without its OpGraph (problem.ops)")
+    if microbatches < 1:
+        raise PlanError(f"microbatches must be at least 1, got {microbatches}")
+    schedule = schedule or ("gpipe" if microbatches > 1 else None)
+    if schedule not in (None, *SCHEDULES):
+        raise PlanError(f"unknown pipeline schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     placement = problem.check(placement)
     ops, names = problem.ops, problem.cluster.names
     groups = [list(problem.groups.nodes[g]["members"]) for g in range(problem.n_groups)]
@@ -176,12 +351,16 @@ def make_plan(problem: PlacementProblem, placement: Sequence[int], method: str, 
             placed = [assignment[n] for n in neighbours if n in assignment]
             assignment[node] = placed[0] if placed else names[0]
     called = {str(ops.nodes[n]["target"]) for n in ops.nodes if ops.nodes[n]["op"] == "call_module"}
+    info = ops.graph.get("capture", {})
+    device_map = derive_device_map({n: ops.nodes[n].get("module", "") for n in ops.nodes},
+                                   {n: list(ops.nodes[n].get("params", {})) for n in ops.nodes}, assignment)
     return Plan(
         devices=list(names), assignment=assignment,
-        device_map=derive_device_map({n: ops.nodes[n].get("module", "") for n in ops.nodes},
-                                     {n: list(ops.nodes[n].get("params", {})) for n in ops.nodes}, assignment),
+        device_map=accelerate_device_map(device_map, ops.graph.get("tensor_names", []), names[0]),
         fingerprint=ops.graph.get("fingerprint", problem.fingerprint),
-        leaf_paths=sorted(called | set(ops.graph.get("leaf_paths", []))),
+        capture=Capture(method=info.get("method", "fx"), leaf_paths=sorted(called | set(ops.graph.get("leaf_paths", []))),
+                        inputs=info.get("inputs")),
+        microbatches=microbatches, schedule=schedule,
         method=method, seed=seed, groups=groups, placement=list(placement),
         simulated_ms=simulated_ms, measured_ms=measured_ms, workload=problem.workload,
     )

@@ -1,0 +1,132 @@
+"""Capture by torch.export: non-strict, the training IR (aten ops such as aten.linear,
+aten.dropout and aten.batch_norm, not decomposed; in-place ops kept).
+
+Non-strict export runs the model's Python forward on fake tensors, so it reads
+keyword arguments and structured outputs as the eager model does and never writes a
+real parameter or buffer. Buffers a forward updates in place are updated by the
+graph in place (inside `torch.no_grad()` regions too: a `wrap_with_set_grad_enabled`
+subgraph), once per call, as in eager.
+
+Every dim of every input is dynamic where the model allows (`Dim.AUTO`); dims the
+model fixes, and dims of size 1 in the example, are specialized. `guard` tells, for
+a call, whether its shapes and dtypes are ones the graph was made for; the runtime
+captures again (cached) for a call outside them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from graphs.trace import Traced, canonical_call, first_line, normalize, training_flags
+
+# aten ops that assert trace-time facts (a value's device and dtype when captured):
+# placed on another device they would fail, and they compute nothing.
+_TRACE_TIME_ASSERTS = ("aten._assert_tensor_metadata",)
+
+
+def export_available() -> bool:
+    """torch.export has a training IR from torch 2.5 on (`export_for_training` until 2.8)."""
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 5)
+
+
+def export_model(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
+    """Export `model(*args, **kwargs)` in the model's current mode and normalize the
+    graph (graphs.trace.normalize). Raises what torch.export raises."""
+    signature = inspect.signature(model.forward)
+    bound = canonical_call(signature, args, kwargs)
+    call_args, call_kwargs = bound.args, bound.kwargs
+    try:
+        program = _export(model, call_args, call_kwargs, _dynamic_shapes(bound))
+    except Exception:  # some models refuse dynamic dims (and **kwargs have no dynamic-shape form)
+        program = _export(model, call_args, call_kwargs, None)
+    gm = program.module()
+    flat, in_spec = tree_flatten((call_args, call_kwargs))
+    guards_fn = getattr(gm, "_guards_fn", None)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if (node.op == "call_module" and node.target == "_guards_fn") or (
+                node.op == "call_function" and str(node.target).startswith(_TRACE_TIME_ASSERTS)):
+            graph.erase_node(node)
+    if guards_fn is not None:
+        delattr(gm, "_guards_fn")
+    out_spec = gm._out_spec
+    normalize(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(flat):
+        raise RuntimeError(f"export made {len(placeholders)} inputs of {len(flat)} argument leaves")
+    return Traced(
+        gm=gm, leaf_paths=(), fallback_notes=(), method="export", training=training_flags(model),
+        signature=signature, out_spec=out_spec, in_spec=in_spec,
+        constants=tuple((i, v) for i, v in enumerate(flat) if not isinstance(v, torch.Tensor)),
+        guard=_guard([n.meta.get("val") for n in placeholders], program.range_constraints, guards_fn),
+    )
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> torch.export.ExportedProgram:
+    export = getattr(torch.export, "export_for_training", None) if _before_2_9() else None
+    export = export or torch.export.export
+    return export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _before_2_9() -> bool:
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    return (major, minor) < (2, 9)
+
+
+def _dynamic_shapes(bound: inspect.BoundArguments) -> dict | None:
+    """Every dim of every tensor argument dynamic (Dim.AUTO: export specializes the
+    ones the model fixes); None where this torch has no Dim.AUTO."""
+    auto = getattr(torch.export.Dim, "AUTO", None)
+    if auto is None:
+        return None
+    spec = lambda t: {i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None  # noqa: E731
+    return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def _guard(vals: list, ranges: dict, guards_fn: nn.Module | None):
+    """check(flat placeholder values) -> None, or why they fall outside the capture:
+    the dtype, rank and static sizes of each input, each dynamic size within the range
+    export assumed (sizes 0 and 1 are specialized, so a partial batch of one gets its
+    own capture) and equal where the capture made sizes equal, and export's own
+    guards."""
+
+    def check(flat: list) -> str | None:
+        sizes: dict = {}
+        derived = []
+        for i, (val, x) in enumerate(zip(vals, flat)):
+            if not isinstance(val, torch.Tensor):
+                continue
+            if not isinstance(x, torch.Tensor):
+                return f"input {i} is {type(x).__name__}, the capture's a tensor"
+            if x.dtype != val.dtype or x.dim() != val.dim():
+                return f"input {i} is {x.dtype} with {x.dim()} dims, the capture's {val.dtype} with {val.dim()}"
+            for d, (s, n) in enumerate(zip(val.shape, x.shape)):
+                if isinstance(s, int):
+                    if s != n:
+                        return f"input {i} has size {n} in dim {d}, the capture {s}"
+                    continue
+                expr = s.node.expr
+                if not expr.is_Symbol:
+                    derived.append((i, d, expr, n))
+                    continue
+                if sizes.setdefault(expr, n) != n:
+                    return f"input {i} has size {n} in dim {d}, which the capture ties to size {sizes[expr]}"
+                bounds = ranges.get(expr)
+                if bounds is not None and not bounds.lower <= n <= bounds.upper:
+                    return f"input {i} has size {n} in dim {d}, outside the captured range {bounds.lower}..{bounds.upper}"
+        for i, d, expr, n in derived:
+            if expr.free_symbols <= sizes.keys() and int(expr.subs(sizes)) != n:
+                return f"input {i} has size {n} in dim {d}, the capture {expr.subs(sizes)}"
+        if guards_fn is not None:
+            try:
+                guards_fn(*flat)
+            except Exception as exc:  # AssertionError("Guard failed: ...") in torch 2.13
+                return first_line(exc)
+        return None
+
+    return check

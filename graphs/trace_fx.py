@@ -1,0 +1,172 @@
+"""Capture by torch.fx symbolic tracing: the fallback of graphs.trace (older torch,
+workloads with `leaf_modules`, models torch.export refuses).
+
+A submodule fx cannot trace (data-dependent control flow, say) is retried as a leaf:
+one opaque node that runs the real module, so the model is still placed, at coarser
+grain there. Arguments the example call leaves out are traced at their defaults
+(`concrete_args`), so `if mask is not None:` takes the branch eager takes. Tensors fx
+stows on the model while tracing (`_tensor_constant0`, ...) move to the graph module,
+so a second trace of the same model names them alike.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import os
+import traceback
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
+from torch.utils._pytree import TreeSpec, tree_flatten
+
+from graphs.errors import CaptureError
+from graphs.trace import Traced, canonical_call, first_line, normalize, training_flags
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+MAX_FALLBACK_LEAVES = 64
+_ASSERTS = {torch.fx._symbolic_trace._assert_is_none, torch._assert}
+
+
+class PlacerTracer(fx.Tracer):
+    """fx.Tracer that keeps given module classes and module paths whole and remembers
+    which module it was inside when tracing failed."""
+
+    def __init__(self, leaf_classes: tuple[type, ...], leaf_paths: Iterable[str]):
+        super().__init__()
+        self.leaf_classes = leaf_classes
+        self.leaf_paths = set(leaf_paths)
+        self.failed_in: str | None = None  # innermost module path an exception passed through
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_paths or isinstance(m, self.leaf_classes):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+def trace_fx(model: nn.Module, leaf_classes: tuple[type, ...], leaf_paths: tuple[str, ...], allow_fallback: bool,
+             inputs: tuple | None, kwargs: dict, export_error: BaseException | None = None) -> Traced:
+    """Symbolically trace `model` (graphs.trace.trace_model documents the arguments).
+    Without `inputs` every forward parameter is a placeholder; with them, only the
+    tensor arguments of that call, the rest baked in. `export_error`: why export
+    failed before, named in the error if fx fails too."""
+    signature = inspect.signature(model.forward)
+    concrete = {} if inputs is None else _concrete_args(signature, inputs, kwargs)
+    paths = list(leaf_paths)
+    notes: list[str] = []
+    for _ in range(MAX_FALLBACK_LEAVES + 1):
+        tracer = PlacerTracer(leaf_classes, paths)
+        stowed = set(vars(model))
+        try:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+            gm = fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
+        except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... from user code
+            failed_in = tracer.failed_in or ""
+            where, reason = _user_frame(exc), first_line(exc)
+            if allow_fallback and failed_in and failed_in not in paths:
+                paths.append(failed_in)
+                notes.append(f"fx could not trace inside '{failed_in}' ({reason} at {where}); "
+                             f"it is placed as one unit")
+                continue
+            raise _capture_error(model, failed_in, where, reason, export_error) from exc
+        finally:
+            for key in set(vars(model)) - stowed:
+                if key.startswith("_tensor_constant"):
+                    delattr(model, key)  # the graph module holds its own reference
+        _drop_baked_placeholders(gm.graph, signature, concrete)
+        out_spec = _flatten_output(gm.graph)
+        normalize(gm)
+        return Traced(gm=gm, leaf_paths=tuple(paths), fallback_notes=tuple(notes), method="fx",
+                      training=training_flags(model), signature=signature, out_spec=out_spec, concrete=concrete)
+    raise CaptureError(f"gave up tracing {type(model).__name__}: more than {MAX_FALLBACK_LEAVES} modules fail to trace")
+
+
+def _concrete_args(signature: inspect.Signature, inputs: tuple, kwargs: dict) -> dict:
+    """The arguments fx bakes in: every non-tensor argument of the call, and every
+    omitted one at its default."""
+    bound = canonical_call(signature, inputs, kwargs)
+    bound.apply_defaults()
+    concrete = {}
+    for name, param in signature.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        value = bound.arguments.get(name)
+        if isinstance(value, torch.Tensor):
+            continue
+        if any(isinstance(leaf, torch.Tensor) for leaf in tree_flatten(value)[0]):
+            raise CaptureError(f"argument '{name}' holds tensors inside a {type(value).__name__}; "
+                               f"torch.fx capture needs each tensor as an argument of its own")
+        concrete[name] = value
+    return concrete
+
+
+def _drop_baked_placeholders(graph: fx.Graph, signature: inspect.Signature, concrete: dict) -> None:
+    """fx keeps a placeholder (and an `_assert_is_none`) for each baked argument; the
+    binding checks the value instead, so both go."""
+    params = [name for name, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for name, node in zip(params, [n for n in graph.nodes if n.op == "placeholder"]):
+        if name not in concrete:
+            continue
+        for user in list(node.users):
+            if user.op == "call_function" and user.target in _ASSERTS and not user.users:
+                graph.erase_node(user)
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _flatten_output(graph: fx.Graph) -> TreeSpec:
+    """Make the output node return a flat tuple of leaves; returns how to rebuild the
+    eager structure. fx records a dict or list output as its immutable kind: rebuilt
+    as the plain dict or list eager returns."""
+    out = next(n for n in graph.nodes if n.op == "output")
+    leaves, spec = tree_flatten(_plain(out.args[0]))
+    out.args = (tuple(leaves),)
+    return spec
+
+
+def _plain(value):
+    if type(value) in (dict, immutable_dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if type(value) in (list, immutable_list):
+        return [_plain(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_plain(v) for v in value))
+    return value
+
+
+def _capture_error(model: nn.Module, failed_in: str, where: str, reason: str,
+                   export_error: BaseException | None) -> CaptureError:
+    exported = f" (torch.export failed too: {first_line(export_error)})" if export_error is not None else ""
+    if failed_in:
+        fix = "list the offending module's class in `leaf_modules` in the workload file, to keep it whole"
+        return CaptureError(f"cannot trace module '{failed_in}' at {where}: {reason}{exported}. Fix: {fix}")
+    fix = ("wrap the model in a module whose forward takes the batch as explicit tensor arguments "
+           "(e.g. forward(self, input_ids) calling self.model(input_ids=input_ids)), and move code that "
+           "branches on tensor values into a submodule listed in `leaf_modules`")
+    return CaptureError(f"cannot trace the model's own forward ({type(model).__name__}) at {where}: "
+                        f"{reason}{exported}. Fix: {fix}")
+
+
+def _user_frame(exc: BaseException) -> str:
+    """file:line (code) of the innermost traceback frame outside torch and placer."""
+    ours = os.path.dirname(__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_TORCH_DIR) and os.path.dirname(f.filename) != ours]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    code = (linecache.getline(f.filename, f.lineno) or "").strip()
+    return f"{f.filename}:{f.lineno}" + (f" ({code})" if code else "")

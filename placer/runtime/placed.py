@@ -1,0 +1,350 @@
+"""Run a placed model for real: `apply(model, plan)` returns an ordinary nn.Module.
+
+    placed = placer.apply(build_model(), "plan.json")
+    opt = torch.optim.SGD(placed.parameters(), lr=0.1)
+    loss = loss_fn(placed(x), x); loss.backward(); opt.step()
+
+How: capture the model as the plan's capture did (graphs.trace; checked by
+fingerprint), move each parameter and buffer to the device of the nodes that read it,
+fuse same-device runs of nodes into chunks (chunks.py) and run them on per-device
+workers, forward and backward (executor.py, through `Executor.run` only).
+
+A capture freezes one mode and covers calls of some shapes (graphs.trace), so the
+module keeps one placed graph per capture: the training capture of the plan, an
+eval capture, and captures for other arguments or shapes (a partial last batch of
+size 1, another sequence length the model fixes), made on first use and kept. A
+node of another capture takes the device of the same node (name, target and module)
+in the training capture, else its module's, else its producer's. Each call picks
+the capture of the module's current mode (`self.training`, via `train()`/`eval()`)
+that accepts its arguments. Capturing after the parameters were spread over several
+torch devices is impossible (torch.export runs on fake tensors, which refuse mixed
+devices): the eval capture is then made at apply time, and a call that needs yet
+another capture is a one-line PlanError saying how to avoid it.
+
+The output is rebuilt to the eager type (ModelOutput, namedtuple, dict, tuple) on
+the device of the first tensor input, like accelerate's dispatched models.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphs.capture import node_params, owning_module
+from graphs.devices import Cluster, Device, parse_cluster
+from graphs.errors import CaptureError, PlanError
+from graphs.trace import Traced, trace_model, training_flags
+from placer.plan import Plan, load_plan, trace_for_plan
+from placer.runtime.executor import Executor
+
+__all__ = ["apply", "PlacedModule"]
+
+
+@dataclass
+class PlacedCapture:
+    """One capture, placed: its node -> device map and the executor that runs it."""
+
+    traced: Traced
+    assignment: dict[str, str]  # node name -> device name
+    executor: Executor
+    output_nodes: list[str]  # the nodes (or placeholders) the output's leaves read
+
+
+class PlacedModule(nn.Module):
+    """The model run by the placement. It registers the original model's children,
+    parameters and buffers under their own names, so `state_dict()` keys are the
+    model's own and checkpoints move between placed and unplaced models; tied
+    parameters stay tied. Attributes it lacks are read from the original model,
+    which stays reachable as `placed.original`.
+
+    `copy.deepcopy(placed)` and `torch.save(placed)` copy the original model and the
+    plan, and apply the plan again to the copy (`torch.load(..., weights_only=False)`
+    to read it back). One call at a time: the device workers are shared by every call.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, devices: dict[str, Device], reference: PlacedCapture,
+                 tensor_devices: dict[str, str], eval_capture: Traced | None):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model._parameters.items():
+            self.register_parameter(name, p)
+        for name, b in model._buffers.items():
+            self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+        self.training = model.training
+        self.plan = plan
+        self.devices = devices  # device name -> Device
+        self.tensor_devices = tensor_devices  # parameter/buffer qualified name -> device name
+        self.graphs = [reference]
+        self._module_devices = _module_devices(reference)
+        self._finalizer = weakref.finalize(self, _close_all, self.graphs)
+        object.__setattr__(self, "original", model)  # last: from here on, unknown attributes come from it
+        if eval_capture is not None:
+            self.graphs.append(self._placed(eval_capture))
+
+    @property
+    def executor(self) -> Executor:
+        """The executor of the plan's own (training) capture."""
+        return self.graphs[0].executor
+
+    @property
+    def _output_nodes(self) -> list[str]:
+        return self.graphs[0].output_nodes
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "original" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["original"], name)
+
+    def train(self, mode: bool = True) -> "PlacedModule":
+        super().train(mode)
+        self.original.training = mode
+        return self
+
+    def forward(self, *args, **kwargs):
+        graph, inputs = self._graph_for(args, kwargs)
+        first = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
+        out_device = first.device if first is not None else torch.device("cpu")
+        needs_grad = torch.is_grad_enabled() and (
+            any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values())
+            or any(p.requires_grad for p in self.parameters()))
+        values = graph.executor.run(inputs, graph.output_nodes, out_device, needs_grad)
+        leaves = [values[leaf.name] if isinstance(leaf, fx.Node) else leaf for leaf in graph.traced.output_leaves]
+        return graph.traced.unflatten(leaves)
+
+    def _graph_for(self, args: tuple, kwargs: dict) -> tuple[PlacedCapture, dict]:
+        """The placed graph for this call in the current mode, and its inputs; captured
+        and placed now if no graph so far covers the call."""
+        flags = training_flags(self.original)
+        mine = [g for g in self.graphs if g.traced.training == flags]
+        for graph in mine:
+            inputs = graph.traced.bind(args, kwargs)
+            if inputs is not None:
+                return graph, inputs
+        why = mine[0].traced.why_not(args, kwargs) if mine else "not captured in this mode yet"
+        spread = sorted({str(t.device) for t in list(self.original.parameters()) + list(self.original.buffers())})
+        if len(spread) > 1:
+            mode = "train" if self.training else "eval"
+            raise PlanError(f"this call needs a new capture of the model in {mode} mode ({why}), which cannot be made "
+                            f"once its parameters are spread over {', '.join(spread)}: call the placed model with "
+                            f"arguments and shapes like the plan's example batch (e.g. DataLoader(drop_last=True))")
+        reference = self.graphs[0].traced
+        traced = trace_model(self.original, leaf_paths=reference.leaf_paths, allow_fallback=False, inputs=args,
+                             kwargs=kwargs, method=reference.method, mode=None)
+        graph = self._placed(traced)
+        self.graphs.append(graph)
+        inputs = traced.bind(args, kwargs)
+        if inputs is None:
+            raise CaptureError(f"a fresh capture does not accept the call it was made for ({traced.why_not(args, kwargs)})")
+        return graph, inputs
+
+    def _placed(self, traced: Traced) -> PlacedCapture:
+        """Place another capture of the model: each node on the device of its
+        parameters, else of the same node in the training capture, else of its module,
+        else of its producer."""
+        reference = self.graphs[0]
+        ref_nodes = {n.name: n for n in reference.traced.gm.graph.nodes}
+        canonical = _canonical_names(self.original)
+        assignment: dict[str, str] = {}
+        for node in traced.gm.graph.nodes:
+            if node.op == "get_attr":
+                continue
+            params = [canonical[id(t)] for t in _read_tensors(traced.gm, node) if id(t) in canonical]
+            same = ref_nodes.get(node.name)
+            if params:
+                assignment[node.name] = self.tensor_devices[params[0]]
+            elif same is not None and same.op == node.op and str(same.target) == str(node.target) \
+                    and owning_module(same) == owning_module(node):
+                assignment[node.name] = reference.assignment[node.name]
+            else:
+                assignment[node.name] = self._device_by_module(owning_module(node), node, assignment)
+        for node in traced.gm.graph.nodes:
+            if node.op == "get_attr":
+                assignment[node.name] = assignment[next(iter(node.users)).name]
+        return _build(self.original, self.plan, traced, assignment, self.devices, None)
+
+    def _device_by_module(self, module: str, node: fx.Node, assignment: dict[str, str]) -> str:
+        parts = module.split(".") if module else []
+        for i in range(len(parts), 0, -1):
+            device = self._module_devices.get(".".join(parts[:i]))
+            if device is not None:
+                return device
+        producers = [assignment[a.name] for a in node.all_input_nodes if a.name in assignment]
+        return producers[0] if producers else self._module_devices.get("", self.plan.devices[0])
+
+    def close(self) -> None:
+        """Stop the device workers (also done when the module is garbage collected)."""
+        self._finalizer()
+
+    def __reduce_ex__(self, protocol):
+        devices = ",".join(d.name for d in self.devices.values())
+        return (_reapply, (self.original, self.plan, devices, self.training))
+
+    def extra_repr(self) -> str:
+        return f"plan={self.plan.method!r}, devices={self.plan.devices}, chunks={len(self.executor.chunks)}"
+
+
+def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | None = None) -> PlacedModule:
+    """Place `model` by `plan` (a Plan or a plan file). Moves the model's parameters and
+    buffers in place; never changes their values.
+
+    Parameters
+    ----------
+    model : the model the plan was made for (same architecture: checked by fingerprint).
+    plan : a Plan or the path of a plan file.
+    devices : where to run: None for the plan's own devices; a `--devices` string or a
+        Cluster naming as many devices, of the same kinds, in the plan's order
+        (`devices="cuda:2,cuda:3"` runs a cuda:0,cuda:1 plan on other GPUs); a Cluster
+        that has every device the plan names is used by name.
+
+    Raises
+    ------
+    PlanError : the plan was made for another model, leaves a node unplaced, splits a
+        shared parameter, or `devices` cannot stand for the plan's devices.
+    CaptureError : the model cannot be captured the way the plan was.
+    """
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan)
+    cluster, rename = _devices_for(plan, devices)
+    reference = trace_for_plan(model, plan, mode="train")
+    body = [n for n in reference.gm.graph.nodes if n.op not in ("placeholder", "output")]
+    unplaced = [n.name for n in body if n.name not in plan.assignment]
+    if unplaced:
+        raise PlanError(f"{plan.source} does not place node {unplaced[0]!r} ({len(unplaced)} unplaced)")
+    assignment = {name: rename[device] for name, device in plan.assignment.items()}
+    by_name = {d.name: d for d in cluster.devices}
+    torch_devices = {by_name[assignment[n.name]].torch_device for n in body}
+    # export cannot capture once the tensors are on several devices: the eval capture is made first
+    eval_capture = trace_for_plan(model, plan, mode="eval") if len(torch_devices) > 1 else None
+    tensor_devices = _place_tensors(model, reference.gm, body, assignment, by_name, plan.source)
+    graph = _build(model, plan, reference, assignment, by_name, plan.groups)
+    return PlacedModule(model, plan, by_name, graph, tensor_devices, eval_capture)
+
+
+def _devices_for(plan: Plan, devices: str | Cluster | None) -> tuple[Cluster, dict[str, str]]:
+    """(the cluster to run on, plan device name -> its device name there)."""
+    if devices is None:
+        cluster = parse_cluster(",".join(plan.devices))
+    else:
+        cluster = devices if isinstance(devices, Cluster) else parse_cluster(devices)
+    if set(plan.devices) <= set(cluster.names):
+        return cluster, {d: d for d in plan.devices}
+    kinds = [(d.split(":", 1)[1] if d.startswith("rank") else d).split(":")[0] for d in plan.devices]
+    if len(cluster) != len(plan.devices) or [d.kind for d in cluster.devices] != kinds:
+        raise PlanError(f"{plan.source} places nodes on {','.join(plan.devices)}; the devices given "
+                        f"({cluster.spec()}) must be as many, of the same kinds in the same order "
+                        f"({','.join(kinds)}), to stand for them one to one")
+    return cluster, dict(zip(plan.devices, cluster.names))
+
+
+def _build(model: nn.Module, plan: Plan, traced: Traced, assignment: dict[str, str], devices: dict[str, Device],
+           groups: list[list[str]] | None) -> PlacedCapture:
+    """The executor of a capture placed by `assignment` (chunked over `groups`, the
+    plan's, for its own capture). Tensors the graph creates on the device it was
+    captured on (`torch.arange(n, device=x.device)`) are created on the device of the
+    node that makes them; a constant the capture stowed (not one of the model's
+    tensors) moves with its reader."""
+    owned = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    gm = traced.gm
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "get_attr") or node.name not in assignment:
+            continue
+        here = torch.device(devices[assignment[node.name]].torch_device)
+        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != here:
+            node.update_kwarg("device", here)
+        elif node.op == "get_attr":
+            value = _fetch(gm, str(node.target))
+            if isinstance(value, torch.Tensor) and id(value) not in owned and value.device != here:
+                alias = f"{str(node.target).replace('.', '_')}_on_{here.type}{here.index or 0}"
+                setattr(gm, alias, value.to(here))
+                node.target = alias
+    gm.recompile()
+    executor = Executor.build(gm, gm, assignment, devices, groups=groups, microbatches=plan.microbatches,
+                              schedule=plan.schedule, source=plan.source)
+    output_nodes = list(dict.fromkeys(leaf.name for leaf in traced.output_leaves if isinstance(leaf, fx.Node)))
+    return PlacedCapture(traced=traced, assignment=assignment, executor=executor, output_nodes=output_nodes)
+
+
+def _place_tensors(model: nn.Module, gm: fx.GraphModule, body: list[fx.Node], assignment: dict[str, str],
+                   devices: dict[str, Device], source: str) -> dict[str, str]:
+    """Move each parameter and buffer to the device of the nodes that read it; a tensor
+    read on two devices (a tied weight split by the plan) is an error. Tensors keep
+    their identity (tied aliases stay tied; the captures' get_attr nodes and optimizers
+    made later see the moved ones); values never change.
+    Returns canonical qualified name -> device name for every tensor some node reads."""
+    canonical = _canonical_names(model)
+    owner: dict[int, tuple[str, str]] = {}  # id(tensor) -> (first name seen, device)
+    for node in body:
+        device = assignment[node.name]
+        for name in node_params(gm, node):
+            tensor = _fetch(gm, name)
+            if id(tensor) not in canonical:
+                continue
+            first, seen = owner.setdefault(id(tensor), (canonical[id(tensor)], device))
+            if seen != device:
+                raise PlanError(f"{source} splits parameter {first!r} across {seen} and {device}: "
+                                f"nodes that share a parameter must share a device")
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    with torch.no_grad():
+        for key, (_, device) in owner.items():
+            t, target = tensors[key], torch.device(devices[device].torch_device)
+            if t.device != target:
+                t.data = t.data.to(target)
+                if t.grad is not None:
+                    t.grad = t.grad.to(target)
+    return {name: device for name, device in owner.values()}
+
+
+def _module_devices(graph: PlacedCapture) -> dict[str, str]:
+    """Module path (and every prefix of it) -> the device of its first node in the
+    training capture: where a node only another capture has goes."""
+    devices: dict[str, str] = {}
+    for node in graph.traced.gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        parts = owning_module(node).split(".") if owning_module(node) else []
+        for i in range(len(parts) + 1):
+            devices.setdefault(".".join(parts[:i]), graph.assignment[node.name])
+    return devices
+
+
+def _canonical_names(model: nn.Module) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        names.setdefault(id(tensor), name)
+    return names
+
+
+def _read_tensors(gm: fx.GraphModule, node: fx.Node) -> list:
+    return [_fetch(gm, name) for name in node_params(gm, node)]
+
+
+def _fetch(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _close_all(graphs: list[PlacedCapture]) -> None:
+    for graph in graphs:
+        graph.executor.close()
+
+
+def _reapply(model: nn.Module, plan: Plan, devices: str, training: bool) -> PlacedModule:
+    """Unpickling and deep copies: a copy of the original model, placed again. The
+    copy is ours, so its tensors may gather on one device for the captures first."""
+    first = next(iter(model.parameters()), None)
+    if first is not None and len({t.device for t in list(model.parameters()) + list(model.buffers())}) > 1:
+        model.to(first.device)
+    placed = apply(model, replace(plan), devices)
+    placed.train(training)
+    return placed

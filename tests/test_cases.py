@@ -1,0 +1,94 @@
+"""Real-model cases (tests/cases/, each file's docstring says the scenario and its
+source): `placer inspect` and `placer baseline --method all` work on each, and a
+two-device plan's placed model equals the unplaced model in output type and values,
+gradients, buffers after each forward, parameters after two SGD steps, and eval-mode
+outputs (tests/equivalence.py, seeded for dropout)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from graphs.capture import node_params, owning_module
+from graphs.trace import trace_model
+from placer.cli import cli
+from placer.plan import plan_from_assignment
+from tests.equivalence import check_equivalent
+
+CASES_DIR = Path(__file__).parent / "cases"
+CASES = sorted(p.stem for p in CASES_DIR.glob("*.py"))
+TWO = ["cpu:0", "cpu:1"]
+
+
+def torch_version() -> tuple[int, int]:
+    return tuple(int(p) for p in torch.__version__.split(".")[:2])
+
+
+def load_case(name: str):
+    """The case file as a module; transformers cases skip where it cannot run."""
+    if name.startswith("hf_"):
+        if torch_version() < (2, 6):
+            pytest.skip("transformers 5 needs torch >= 2.6")
+        pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location(f"placer_case_{name}", CASES_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def split_in_two(model: torch.nn.Module, inputs: tuple, on_second=None):
+    """A two-device plan: the first half of the graph on cpu:0, the rest on cpu:1 (or
+    the nodes `on_second(node)` picks), nodes sharing a parameter kept together."""
+    device_of_param: dict[str, str] = {}
+
+    def assign(node) -> str:
+        nodes = list(node.graph.nodes)
+        device = (("cpu:1" if on_second(node) else "cpu:0") if on_second is not None
+                  else "cpu:0" if nodes.index(node) < len(nodes) // 2 else "cpu:1")
+        params = node_params(node.graph.owning_module, node)
+        device = next((device_of_param[p] for p in params if p in device_of_param), device)
+        device_of_param.update(dict.fromkeys(params, device))
+        return device
+
+    return plan_from_assignment(model, assign, TWO, inputs=inputs)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_inspect_and_every_baseline_run(name, monkeypatch):
+    """In-process (the CLI's own process tests are in test_cli.py): the commands'
+    code paths, without a fresh interpreter per case."""
+    load_case(name)
+    path = str(CASES_DIR / f"{name}.py")
+    for command, expected in ((["inspect"], "op granularity"), (["baseline", "--method", "all"], "METIS")):
+        shown = io.StringIO()
+        monkeypatch.setattr("placer.cli.STDOUT", shown)  # where the CLI prints its own output
+        result = CliRunner().invoke(cli, [*command, path, "--devices", ",".join(TWO)])
+        assert result.exit_code == 0, repr(result.exception)
+        assert expected in shown.getvalue() and "lower bound" in shown.getvalue()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_two_device_plan_trains_and_evaluates_like_eager(name):
+    case = load_case(name)
+    plan = split_in_two(case.build_model(), case.example_inputs())
+    assert set(plan.assignment.values()) == set(TWO) and plan.capture.method == "export"
+    check_equivalent(case, plan, steps=2, seed=True, eval_mode=True)
+
+
+def test_gpt2_is_captured_at_op_grain_and_each_block_places_alone():
+    case = load_case("hf_gpt2_tied_lm_head")
+    model, inputs = case.build_model(), case.example_inputs()
+    traced = trace_model(model, inputs=inputs)
+    ops = [n for n in traced.gm.graph.nodes if n.op == "call_function"]
+    assert traced.method == "export" and len(ops) >= 100
+    in_block = lambda n: owning_module(n).startswith("lm.transformer.h.1")  # noqa: E731
+    plan = split_in_two(model, inputs, on_second=in_block)
+    module_of = {n.name: owning_module(n) for n in traced.gm.graph.nodes}
+    moved = {module_of[name] for name, device in plan.assignment.items() if device == "cpu:1"}
+    assert moved and all(m.startswith("lm.transformer.h.1") for m in moved)
+    check_equivalent(case, plan, steps=1, seed=False, eval_mode=False)
