@@ -12,7 +12,7 @@ Two ways to act:
 The reward scores the finished placement's step time, from the calibrated
 simulator (reward_source="sim", about a millisecond) or from a measurement of real
 training steps ("measure": the caller hands in `measure`, a function from a placement
-to an Outcome, e.g. placer.search.measured_outcome; envs/ never runs a model itself).
+to an Outcome, built on placer.runtime's measurement; envs/ never runs a model itself).
 Step time becomes reward by the one rule the RL trainer uses too (envs.reward):
 shapings "neg_sqrt" (the paper's), "neg_time", "neg_log" and "speedup", against the
 best single device's step time; an infeasible placement (memory, split shared
@@ -88,7 +88,7 @@ class PlacementEnv(gym.Env):
                 raise ValueError(f"{name}={value!r}: choose one of {', '.join(allowed)}")
         if reward_source == "measure" and measure is None:
             raise ValueError("reward_source='measure' needs `measure`, a function that runs a placement of the "
-                             "workload and returns its Outcome (e.g. placer.search.measured_outcome)")
+                             "workload and returns its Outcome (built on placer.runtime's measurement)")
         problem = workload if isinstance(workload, PlacementProblem) else build_problem(
             workload, devices=devices, memory=memory, max_groups=max_groups)
         if problem.n_groups > max_groups:
