@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 
 import torch.distributed as dist
+import torch.fx as fx
 from torch import nn
 
 from graphs.capture import node_params
@@ -39,18 +40,23 @@ from placer.plan import Plan, load_plan, plan_from_assignment
 
 def contiguous_plan(model: nn.Module, devices: Sequence[str], leaf_modules=(), workload: str = "") -> Plan:
     """Cut the fx graph into len(devices) contiguous runs of nodes, one per device
-    (a pipeline); nodes that share a parameter go with its first user."""
-    gm = trace_model(model, leaf_modules=leaf_modules).gm
-    nodes = list(gm.graph.nodes)
-    device_of, first_user = {}, {}
-    for i, node in enumerate(nodes):
-        device = devices[i * len(devices) // len(nodes)]
+    (a pipeline); nodes that share a parameter go with its first user. Nodes are
+    taken by position, so a trace that names its constants anew each time (fx's
+    `_tensor_constantN`) cuts the same way."""
+    n = len(trace_model(model, leaf_modules=leaf_modules).gm.graph.nodes)
+    seen, first_user = [0], {}
+
+    def assign(node: fx.Node) -> str:
+        device = devices[seen[0] * len(devices) // n]
+        seen[0] += 1
+        gm = node.graph.owning_module
         for name in node_params(gm, node):
             path, _, attr = name.rpartition(".")
             device = first_user.setdefault(id(getattr(gm.get_submodule(path), attr)), device)
-        device_of[node.name] = device
-    return plan_from_assignment(model, lambda n: device_of[n.name], list(devices), leaf_modules=leaf_modules,
-                                method="contiguous", workload=workload)
+        return device
+
+    return plan_from_assignment(model, assign, list(devices), leaf_modules=leaf_modules, method="contiguous",
+                                workload=workload)
 
 
 def main() -> None:
