@@ -47,7 +47,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["partition", "chunk_order", "ordering_edges", "is_random", "mutated_args", "tensor_base", "setitem"]
+__all__ = ["partition", "chunk_order", "ordering_edges", "is_random", "mutated_args", "tensor_base", "setitem",
+           "after_update"]
 
 
 def partition(n: int, edges: Sequence[tuple[int, int]], device: Sequence[int], *, presorted: bool = False) -> list[int]:
@@ -129,6 +130,12 @@ def setitem(x, index, value):
     operator.setitem, so that later readers can read the update."""
     x[index] = value
     return x
+
+
+def after_update(base, update):
+    """`base`, once `update` (an in-place change of a view of it) has run: the node the
+    runtime gives later readers of `base`, so that they read the change."""
+    return base
 
 
 _INPLACE_OPERATORS = {

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from graphs.schedule import chunk_order, mutated_args, ordering_edges, partition, setitem, tensor_base
+from graphs.schedule import after_update, chunk_order, mutated_args, ordering_edges, partition, setitem, tensor_base
 
 __all__ = ["Chunk", "build_chunks", "mutates_first_arg", "thread_in_place_updates"]
 
@@ -41,11 +41,10 @@ class Chunk:
     nodes: tuple[str, ...]  # fx node names it computes, in fx order
     inputs: tuple[str, ...]  # values it reads from outside: model inputs or other chunks' nodes
     outputs: tuple[str, ...]  # its nodes that other chunks or the model output read
-    mutated_inputs: frozenset[str]  # inputs it changes in place (the runtime hands it a copy)
+    mutated_inputs: frozenset[str]  # inputs it changes in place, directly or through a view (it gets a copy)
     module: fx.GraphModule  # forward(*inputs) -> tuple(outputs)
     after: tuple[int, ...] = ()  # indices of the chunks it waits for (values and ordering)
     priority: int = 0  # tie-break among chunks ready at once: the partition's id (lowest atom)
-    view_mutated_inputs: frozenset[str] = frozenset()  # inputs it changes through a view (never copied)
 
 
 def mutates_first_arg(node: fx.Node, root: nn.Module) -> bool:
@@ -54,21 +53,55 @@ def mutates_first_arg(node: fx.Node, root: nn.Module) -> bool:
     return bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0] in mutated_args(node, root)
 
 
-def thread_in_place_updates(graph: fx.Graph, root: nn.Module) -> None:
+def thread_in_place_updates(graph: fx.Graph, root: nn.Module) -> dict[str, str]:
     """Make in-place updates visible as edges, in `graph` itself: a node that reads
     `x` after `x.add_(y)` reads the add_ node instead (the same tensor in eager mode,
     so nothing changes there). Without this, a chunk that changes its input in place
-    works on a copy and a later chunk reading `x` would miss the update."""
+    works on a copy and a later chunk reading `x` would miss the update.
+
+    An update through a view (`x[:, 0] = y` as aten.copy_(aten.select(x, ...), y))
+    gets its views made again from `x` just before it and a node after it that
+    stands for `x` updated (graphs.schedule.after_update), which later readers of `x`
+    read. Returns those added nodes' names, each with the update whose chunk it must
+    share (the chunk that holds, and changes, its own copy of `x`)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
+    glue: dict[str, str] = {}
     for node in list(graph.nodes):
-        if not node.args or not isinstance(node.args[0], fx.Node) or not mutates_first_arg(node, root):
-            continue
-        if node.target is operator.setitem:
-            node.target = setitem  # returns x, so that later readers can read the update
-        target = node.args[0]
-        for user in list(target.users):
-            if order[user] > order[node]:
-                user.replace_input_with(target, node)
+        for arg in mutated_args(node, root):
+            base = tensor_base(arg)
+            if arg is base:
+                if node.target is operator.setitem:
+                    node.target = setitem  # returns x, so that later readers can read the update
+                later, stand_in = arg, node
+            elif base.op == "get_attr":
+                continue  # a parameter or buffer: every chunk reads the tensor itself, ordering_edges orders them
+            else:
+                stand_in = _view_again(graph, node, arg, base, glue)
+                later = base
+            for user in list(later.users):
+                if user in order and order[user] > order[node]:
+                    user.replace_input_with(later, stand_in)
+    return glue
+
+
+def _view_again(graph: fx.Graph, update: fx.Node, view: fx.Node, base: fx.Node, glue: dict[str, str]) -> fx.Node:
+    """Make `view` again from `base` right before `update`, have `update` change the new
+    view, and add the node after it that stands for `base` updated; returns that node."""
+    chain = []
+    while view is not base:
+        chain.append(view)
+        view = view.args[0]
+    last = base
+    with graph.inserting_before(update):
+        for v in reversed(chain):
+            prev = last
+            last = graph.node_copy(v, lambda n, v=v, prev=prev: prev if n is v.args[0] else n)
+            glue[last.name] = update.name
+    update.replace_input_with(chain[0], last)
+    with graph.inserting_after(update):
+        updated = graph.call_function(after_update, (base, update))
+    glue[updated.name] = update.name
+    return updated
 
 
 def build_chunks(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], *,
@@ -87,14 +120,17 @@ def build_chunks(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], *
     ordering = ordering_edges(graph, lookup)
     original = [(a.name, n.name) for n in graph.nodes for a in n.all_input_nodes]
     graph = _copy(graph)
-    thread_in_place_updates(graph, lookup)
+    glue = thread_in_place_updates(graph, lookup)
+    assignment = {**assignment, **{name: assignment[anchor] for name, anchor in glue.items()}}
+    if groups:
+        groups = [list(names) + [name for name, anchor in glue.items() if anchor in names] for names in groups]
     nodes = list(graph.nodes)
     body = [n for n in nodes if n.op not in _SKIP]
     position = {n.name: i for i, n in enumerate(body)}
     pairs = {(a.name, n.name) for n in body for a in n.all_input_nodes} | set(original) | set(ordering)
     pairs = [(position[a], position[b]) for a, b in pairs if a in position and b in position and a != b]
 
-    atom_of = _atoms(body, assignment, groups, pairs)
+    atom_of = _atoms(body, assignment, groups, pairs, glue)
     n_atoms = max(atom_of, default=-1) + 1
     atom_device = [""] * n_atoms
     for node, a in zip(body, atom_of):
@@ -131,25 +167,25 @@ def _copy(graph: fx.Graph) -> fx.Graph:
     return new
 
 
-def _atoms(body: list[fx.Node], assignment: dict[str, str], groups, pairs: list[tuple[int, int]]) -> list[int]:
-    """Atom of each body node: its group's id when the groups can serve (every body
-    node in one group, a group on one device, edges from lower to higher group ids),
-    else its own position."""
-    own = list(range(len(body)))
-    if not groups:
-        return own
-    group_of = {name: g for g, names in enumerate(groups) for name in names}
-    if any(n.name not in group_of for n in body):
-        return own
-    raw = [group_of[n.name] for n in body]
-    device = {}
-    for node, g in zip(body, raw):
-        if device.setdefault(g, assignment[node.name]) != assignment[node.name]:
-            return own
-    if any(raw[u] > raw[v] for u, v in pairs):
-        return own
-    dense = {g: i for i, g in enumerate(sorted(set(raw)))}  # groups without body nodes make no atom
-    return [dense[g] for g in raw]
+def _atoms(body: list[fx.Node], assignment: dict[str, str], groups, pairs: list[tuple[int, int]],
+           glue: dict[str, str]) -> list[int]:
+    """Atom of each body node: its group when the groups can serve (every body node
+    in one group, a group on one device, edges from lower to higher group ids), else
+    its own, shared with the update it is glued to (`thread_in_place_updates`).
+    Atoms are numbered densely in a topological order."""
+    position = {n.name: i for i, n in enumerate(body)}
+    own = [position[glue[n.name]] if n.name in glue else i for i, n in enumerate(body)]
+    raw = own
+    if groups:
+        group_of = {name: g for g, names in enumerate(groups) for name in names}
+        grouped = [group_of.get(n.name) for n in body]
+        device: dict[int, str] = {}
+        usable = None not in grouped and all(
+            device.setdefault(g, assignment[n.name]) == assignment[n.name] for n, g in zip(body, grouped))
+        if usable and all(grouped[u] <= grouped[v] for u, v in pairs):
+            raw = grouped
+    dense = {a: i for i, a in enumerate(sorted(set(raw)))}  # groups without computing nodes make no atom
+    return [dense[a] for a in raw]
 
 
 class _Lookup:
@@ -194,17 +230,12 @@ def _compile(index: int, run: list[fx.Node], device: str, lookup: _Lookup, after
     for node in run:
         env[node] = g.node_copy(node, lambda a: env[a])
     g.output(tuple(env[n] for n in outputs))
-    mutated, through_views = set(), set()
-    for node in run:
-        for arg in mutated_args(node, lookup):
-            if arg in inputs:
-                mutated.add(arg.name)
-            elif arg in members and tensor_base(arg) in inputs:
-                through_views.add(tensor_base(arg).name)
+    mutated = {tensor_base(arg).name for node in run for arg in mutated_args(node, lookup)
+               if tensor_base(arg) in inputs}
     targets = {str(n.target): lookup.fetch(str(n.target)) for n in g.nodes if n.op in ("get_attr", "call_module")}
     return Chunk(
         index=index, device=device, nodes=tuple(n.name for n in run),
         inputs=tuple(a.name for a in inputs), outputs=tuple(n.name for n in outputs),
         mutated_inputs=frozenset(mutated), module=fx.GraphModule(targets, g, class_name=f"Chunk{index}"),
-        after=after, priority=priority, view_mutated_inputs=frozenset(through_views),
+        after=after, priority=priority,
     )

@@ -235,10 +235,6 @@ class Executor:
             for name in chunk.inputs:
                 p = self.producer.get(name)
                 value, event = (inputs[name], None) if p is None else (values[name], events.get(p))
-                if name in chunk.view_mutated_inputs and isinstance(value, torch.Tensor) and value.requires_grad:
-                    raise PlanError(f"{self.source}: chunk {c} changes in place a view of '{name}', which another "
-                                    f"chunk made and which needs a gradient; put the nodes that make and change it "
-                                    f"on one device and in one group")
                 arg, grad_leaves = receive(value, device, detach=grad, copy=name in chunk.mutated_inputs,
                                            event=event, stream=stream)
                 args.append(arg)

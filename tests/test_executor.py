@@ -1,0 +1,289 @@
+"""placer.runtime.executor: dataflow over the devices' workers (independent work runs
+ahead of dependent work), exact numerics on fx and torch.export graphs, eager's
+dropout masks, no unbounded wait (closed executor, dead worker, time limit),
+copies, and pinned workers."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from graphs.devices import parse_cluster
+from placer.runtime.executor import ExecutionError, Executor
+from placer.runtime.worker import core_shares
+
+TWO = ["cpu:0", "cpu:1"]
+
+
+def one_thread_devices(names: list[str]) -> dict:
+    cluster = parse_cluster(",".join(names))
+    return {d.name: replace(d, threads=1) for d in cluster.devices}
+
+
+class Placed:
+    """An executor over a traced graph, called like the model (test helper)."""
+
+    def __init__(self, model: nn.Module, assign, names=TWO, gm: fx.GraphModule | None = None, **options):
+        self.gm = gm if gm is not None else fx.symbolic_trace(model)
+        self.assignment = {n.name: assign(n) for n in self.gm.graph.nodes}
+        self.executor = Executor.build(model, self.gm, self.assignment, one_thread_devices(names), **options)
+        self.placeholders = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+        self.output = next(n for n in self.gm.graph.nodes if n.op == "output").args[0]
+        nodes: list[str] = []
+        fx.node.map_arg(self.output, lambda n: nodes.append(n.name))
+        self.output_nodes = list(dict.fromkeys(nodes))
+
+    def __call__(self, *args):
+        values = self.executor.run(dict(zip(self.placeholders, args)), self.output_nodes, torch.device("cpu"),
+                                   torch.is_grad_enabled())
+        return fx.node.map_arg(self.output, lambda n: values[n.name])
+
+    def chunk_of(self, node: str) -> int:
+        return next(c.index for c in self.executor.chunks if node in c.nodes)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Towers(nn.Module):
+    """Four independent MLP towers on one input and a head over their sum."""
+
+    def __init__(self, width: int = 64, depth: int = 3):
+        super().__init__()
+        self.towers = nn.ModuleList(nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)]) for _ in range(4))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.head(sum(t(x) for t in self.towers))
+
+
+def tower_split(node: fx.Node) -> str:
+    """The issue's held-out plan: towers 0 and 1 on cpu:0 except the tail of tower 1;
+    that tail, towers 2 and 3 and the head on cpu:1."""
+    target = str(node.target)
+    if target.startswith(("towers.0", "towers.1")) and target != "towers.1.2":
+        return "cpu:0"
+    return "cpu:1"
+
+
+def test_independent_work_never_waits_behind_dependent_work(one_thread):
+    torch.manual_seed(0)
+    model = Towers()
+    ref = copy.deepcopy(model)
+    placed = Placed(model, tower_split)
+    ex = placed.executor
+    independent = placed.chunk_of("towers_2_0")
+    tail = placed.chunk_of("towers_1_2")
+    assert independent != tail and not ex.chunks[independent].after  # towers 2-3 wait for nothing
+    assert placed.chunk_of("towers_3_2") == independent
+    x = torch.randn(16, 64)
+    ex.timeline = []
+    placed(x).sum().backward()
+    ref(x).sum().backward()
+    on_1 = [(e.phase, e.chunk) for e in ex.timeline if e.device == "cpu:1"]
+    forward = [c for phase, c in on_1 if phase == "forward"]
+    assert forward.index(independent) < forward.index(tail)  # not held up by tower 1's hand-off
+    backward = [c for phase, c in on_1 if phase == "backward"]
+    assert backward.index(independent) < backward.index(tail)  # ready at once: the later in fx order first
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    ex.close()
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(6, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu_(self.a(x))
+        g = self.b(x)
+        g[:, 0] = h[:, 1]  # in place, through a view
+        return self.out(self.norm(h + g))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_exported_graph_runs_placed_exactly_like_eager(seed, one_thread):
+    torch.manual_seed(0)
+    model = Mixed()
+    x = torch.randn(5, 6)
+    gm = torch.export.export(model, (x,), strict=False).module()
+    ref = copy.deepcopy(gm)
+    gen = torch.Generator().manual_seed(seed)
+    pick = {n.name: TWO[int(torch.randint(2, (1,), generator=gen))] for n in gm.graph.nodes}
+    placed = Placed(gm, lambda n: pick[n.name], gm=gm)
+    assert any(getattr(n.target, "__name__", "") == "copy_.default" for n in gm.graph.nodes)  # the view update
+    for param in [p for p in gm.parameters()] + [p for p in ref.parameters()]:
+        param.grad = None
+    out = placed(x)
+    expected = ref(x)
+    torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, expected, rtol=1e-5, atol=1e-6)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    expected.sum().backward()
+    for (name, p), q in zip(gm.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, b), c in zip(gm.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, msg=name)  # running statistics updated once, in place
+    placed.executor.close()
+
+
+class TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.mid = nn.Linear(8, 8)
+
+    def forward(self, tokens):
+        h = self.mid(self.emb(tokens))
+        return F.linear(h, self.emb.weight)
+
+
+def test_parameters_are_read_inside_chunks_never_handed_between_them():
+    model = TiedHead()
+    placed = Placed(model, lambda n: "cpu:1" if n.name == "mid" else "cpu:0")
+    for chunk in placed.executor.chunks:
+        assert "emb_weight" not in chunk.inputs and "emb_weight" not in chunk.nodes
+    reader = placed.executor.chunks[placed.chunk_of("linear")]
+    assert "emb.weight" in {str(n.target) for n in reader.module.graph.nodes if n.op == "get_attr"}
+    assert reader.module.get_submodule("emb").weight is model.emb.weight  # the model's own tensor
+    placed.executor.close()
+
+
+class TwoDropouts(nn.Module):
+    """Dropout after heavy work on one branch and after light work on the other; in
+    fx order the heavy branch's dropout comes first."""
+
+    def __init__(self):
+        super().__init__()
+        self.heavy = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])
+        self.light = nn.Linear(256, 256)
+
+    def forward(self, x):
+        return F.dropout(self.heavy(x), 0.5) - F.dropout(self.light(x), 0.5)
+
+
+def test_dropout_draws_eagers_masks_whatever_runs_concurrently(one_thread):
+    """The light branch's dropout is ready long before the heavy one's; drawn first, it
+    would take the heavy one's random numbers."""
+    model = TwoDropouts()
+    placed = Placed(model, lambda n: "cpu:1" if "heavy" in n.name or n.name == "dropout" else "cpu:0")
+    assert len({c.device for c in placed.executor.chunks}) == 2
+    x = torch.randn(256, 256)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        expected = model(x)
+        torch.manual_seed(seed)
+        assert torch.equal(placed(x), expected)
+    placed.executor.close()
+
+
+def test_a_closed_executor_raises_at_once():
+    placed = Placed(Towers(), tower_split)
+    placed.executor.close()
+    with pytest.raises(ExecutionError, match="closed"):
+        placed(torch.randn(2, 64))
+
+
+class _Poison:
+    def run(self, worker, task):
+        raise SystemExit  # ends the worker's thread
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_worker_is_reported_not_waited_for(one_thread):
+    placed = Placed(Towers(), tower_split)
+    worker = placed.executor.workers["cpu:1"]
+    worker.queue.put((_Poison(), 0))
+    worker._thread.join()
+    with pytest.raises(ExecutionError, match="worker of cpu:1 died"):
+        placed(torch.randn(2, 64)).sum().backward()
+    placed.executor.close()
+
+
+class Blocking(nn.Module):
+    def __init__(self, gate: threading.Event):
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, x):
+        self.gate.wait()
+        return x * 2
+
+
+class WithGate(nn.Module):
+    def __init__(self, gate):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.gate = Blocking(gate)
+
+    def forward(self, x):
+        return self.gate(self.pre(x))
+
+
+def test_a_step_past_its_time_limit_raises_and_the_model_runs_again(one_thread):
+    gate = threading.Event()
+    model = WithGate(gate)
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, Blocking) or super().is_leaf_module(m, qualname)
+
+    gm = fx.GraphModule(model, Tracer().trace(model))
+    placed = Placed(model, lambda n: "cpu:1" if n.name == "gate" else "cpu:0", gm=gm)
+    placed.executor.timeout_s = 0.05
+    releaser = threading.Timer(1.0, gate.set)  # the barrier after the failure waits for the blocked chunk
+    releaser.start()
+    with pytest.raises(ExecutionError, match="limit of 0.05 s"):
+        placed(torch.randn(3, 4))
+    releaser.join()
+    placed.executor.timeout_s = None
+    assert placed(torch.randn(3, 4)).shape == (3, 4)
+    placed.executor.close()
+
+
+def test_an_executor_copies_and_pickles_with_workers_of_its_own(one_thread):
+    torch.manual_seed(0)
+    model = Towers()
+    placed = Placed(model, tower_split)
+    x = torch.randn(4, 64)
+    expected = placed(x)
+    copied = copy.deepcopy(placed.executor)
+    assert copied.workers["cpu:1"] is not placed.executor.workers["cpu:1"]
+    assert copied.workers["cpu:1"].alive
+    loaded = pickle.loads(pickle.dumps(placed.executor))
+    for ex in (copied, loaded):
+        values = ex.run({"x": x}, placed.output_nodes, torch.device("cpu"), grad=False)
+        torch.testing.assert_close(values[placed.output_nodes[0]], expected.detach())
+        ex.close()
+    placed.executor.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux thread affinity and two cores")
+def test_virtual_cpu_workers_are_pinned_to_their_own_cores():
+    devices = {d.name: d for d in parse_cluster("cpu:0,cpu:1").devices}
+    shares = core_shares(list(devices.values()))
+    assert set(shares["cpu:0"]).isdisjoint(shares["cpu:1"])
+    placed = Placed(Towers(), tower_split)
+    placed.executor.close()
+    ex = Executor(placed.executor.chunks, devices)
+    for name, worker in ex.workers.items():
+        assert os.sched_getaffinity(worker._thread.native_id) == set(shares[name])
+    ex.close()
