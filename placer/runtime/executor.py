@@ -223,7 +223,8 @@ class Executor:
         produced = [n for n in names if n in self.producer]
         if micro == 1:
             return {n: state.values[0][n] for n in produced}, state
-        return {n: microbatch.gather([v[n] for v in state.values], state.output_dims[n]) for n in produced}, state
+        with torch.set_grad_enabled(grad):  # so that gathered outputs require grad as their pieces do
+            return {n: microbatch.gather([v[n] for v in state.values], state.output_dims[n]) for n in produced}, state
 
     def _forward_task(self, worker: Worker, i: int, c: int, state: StepState) -> None:
         chunk = self.chunks[c]

@@ -1,0 +1,199 @@
+"""Micro-batches (GPipe) behind the placed module: the gradients are the full batch's
+for any loss reduction, uneven splits follow torch.chunk, the schedule is GPipe's,
+activations of every micro-batch count, and models that micro-batches would change
+are refused with one line naming the module."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphs.errors import PlanError
+from placer.runtime import microbatch
+from tests.test_executor import Placed, one_thread  # noqa: F401  (fixture)
+
+
+class Chain(nn.Module):
+    def __init__(self, width: int = 12, depth: int = 4):
+        super().__init__()
+        self.layers = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())])
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def assert_close_rel(actual, expected, what: str, rtol: float = 1e-5):
+    """max |a - e| <= rtol * max |e|: sums over micro-batches round differently."""
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * expected.abs().max().item() + 1e-8, f"{what}: max error {err:.3g}"
+
+
+def halves(node) -> str:
+    """The first two layers on cpu:0, the rest on cpu:1: a two-stage pipeline."""
+    return "cpu:0" if node.name.startswith(("layers_0", "layers_1", "layers_2", "layers_3")) else "cpu:1"
+
+
+@pytest.mark.parametrize("m, rows", [(2, 8), (4, 10), (3, 4)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradients_are_the_full_batchs_for_any_loss_reduction(m, rows, reduction, one_thread):
+    torch.manual_seed(0)
+    model = Chain()
+    ref = copy.deepcopy(model)
+    placed = Placed(model, halves, microbatches=m)
+    x, target = torch.randn(rows, 12), torch.randn(rows, 12)
+    out = placed(x)
+    F.mse_loss(out, target, reduction=reduction).backward()
+    expected = ref(x)
+    F.mse_loss(expected, target, reduction=reduction).backward()
+    torch.testing.assert_close(out, expected)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close_rel(p.grad, q.grad, f"gradient of {name}")
+    placed.executor.close()
+
+
+def test_the_schedule_is_gpipes(one_thread):
+    placed = Placed(Chain(), halves, microbatches=4)
+    ex = placed.executor
+    ex.timeline = []
+    placed(torch.randn(8, 12)).sum().backward()
+    events = sorted(ex.timeline, key=lambda e: e.start)
+    last_forward = max(e.end for e in events if e.phase == "forward")
+    assert all(e.start >= last_forward for e in events if e.phase == "backward")  # all forwards first
+    for device in ("cpu:0", "cpu:1"):
+        mine = [e for e in events if e.device == device]
+        assert [e.microbatch for e in mine if e.phase == "forward"] == [0, 1, 2, 3]
+        assert [e.microbatch for e in mine if e.phase == "backward"] == [3, 2, 1, 0]
+    ex.close()
+
+
+def test_activations_of_every_micro_batch_in_flight_are_counted(one_thread):
+    peaks = {}
+    for m in (1, 2):
+        placed = Placed(Chain(), halves, microbatches=m)
+        placed.executor.count_activations = True
+        placed(torch.randn(8, 12)).sum().backward()
+        peaks[m] = dict(placed.executor.peak_bytes)
+        placed.executor.close()
+    assert peaks[1]["cpu:1"] > 0 and peaks[2] == peaks[1]  # all micro-batches live at the end of forward
+
+
+class SeqFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(6, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):  # x: [steps, batch, 6]
+        h, _ = self.rnn(x)
+        return self.out(h)
+
+
+def test_a_workload_may_name_another_batch_dimension(one_thread):
+    torch.manual_seed(0)
+    model = SeqFirst()
+    ref = copy.deepcopy(model)
+    placed = Placed(model, lambda n: "cpu:1" if n.name == "out" else "cpu:0", microbatches=2, batch_dims={"x": 1})
+    x = torch.randn(5, 6, 6)
+    out = placed(x)
+    out.pow(2).mean().backward()
+    expected = ref(x)
+    expected.pow(2).mean().backward()
+    torch.testing.assert_close(out, expected)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close_rel(p.grad, q.grad, f"gradient of {name}")
+    placed.executor.close()
+
+
+def test_split_follows_torch_chunk_and_hands_other_inputs_whole():
+    x, mask, scale = torch.randn(10, 3), torch.ones(3), 2.0
+    s = microbatch.split({"x": x, "mask": mask, "scale": scale}, 4, {})
+    assert s.sizes == [3, 3, 3, 1] and s.dims == {"x": 0}
+    assert all(p["mask"] is mask and p["scale"] == scale for p in s.inputs)
+    assert microbatch.split({"x": torch.randn(4, 3)}, 3, {}).sizes == [2, 2]  # torch.chunk gives 2, not 3
+    assert torch.equal(microbatch.gather([p["x"] for p in s.inputs], [0]), x)
+
+
+# -- refusals -----------------------------------------------------------------------
+
+class Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.norm = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.norm(self.lin(x))
+
+
+def test_batch_norm_in_training_is_refused_unless_the_workload_accepts_per_micro_batch_statistics(one_thread):
+    with pytest.raises(PlanError, match=r"module 'norm' \(BatchNorm1d\).*microbatch_statistics = True"):
+        Placed(Normed(), lambda n: "cpu:1" if n.name == "norm" else "cpu:0", microbatches=2)
+    placed = Placed(Normed(), lambda n: "cpu:1" if n.name == "norm" else "cpu:0", microbatches=2,
+                    microbatch_statistics=True)
+    assert placed(torch.randn(8, 6)).shape == (8, 6)
+    placed.executor.close()
+    evaluating = Normed().eval()
+    Placed(evaluating, lambda n: "cpu:0", microbatches=2).executor.close()  # running statistics: fine
+
+
+class LossInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x, target):
+        return F.mse_loss(self.lin(x), target)
+
+
+def test_an_output_without_a_batch_dimension_is_refused_at_the_first_call(one_thread):
+    placed = Placed(LossInside(), lambda n: "cpu:0", microbatches=2, microbatch_statistics=True)
+    with pytest.raises(PlanError, match="output 'mse_loss' has no batch dimension.*compute it in loss_fn"):
+        placed(torch.randn(8, 6), torch.randn(8, 6))
+    placed.executor.close()
+
+
+class Centered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h - h.mean(0, keepdim=True)
+
+
+def test_a_reduction_over_the_batch_is_refused_unless_accepted(one_thread):
+    placed = Placed(Centered(), lambda n: "cpu:0", microbatches=2)
+    with pytest.raises(PlanError, match="node 'mean' reduces over the batch"):
+        placed(torch.randn(8, 6))
+    placed.executor.close()
+    accepted = Placed(Centered(), lambda n: "cpu:0", microbatches=2, microbatch_statistics=True)
+    assert accepted(torch.randn(8, 6)).shape == (8, 6)
+    accepted.executor.close()
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        self.seen.add_(1)
+        return self.lin(x)
+
+
+def test_a_buffer_updated_in_forward_is_refused():
+    model = Counting()
+    gm = torch.export.export(model, (torch.randn(4, 6),), strict=False).module()
+    with pytest.raises(PlanError, match="updates buffer 'seen' in forward"):
+        Placed(gm, lambda n: "cpu:0", gm=gm, microbatches=2)
+
+
+def test_schedules_other_than_gpipe_are_for_the_pipelining_backend():
+    with pytest.raises(PlanError, match="'1f1b' runs only on the pipelining backend"):
+        Placed(Chain(), halves, microbatches=2, schedule="1f1b")
