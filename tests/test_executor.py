@@ -287,3 +287,49 @@ def test_virtual_cpu_workers_are_pinned_to_their_own_cores():
     for name, worker in ex.workers.items():
         assert os.sched_getaffinity(worker._thread.native_id) == set(shares[name])
     ex.close()
+
+
+def test_the_simulators_order_per_device_is_the_runtimes(tmp_path, one_thread):
+    """The towers plan through the whole pipeline (capture, profile, group, plan,
+    apply): every device runs the same chunks, in the same order, in both passes."""
+    from envs.sim import Simulator
+    from graphs.problem import build_problem
+    from graphs.workload import Workload
+    from placer.plan import make_plan
+    from placer.runtime import apply
+
+    torch.manual_seed(0)
+    model = Towers(width=128)
+    workload = Workload(name="towers", spec="test:towers", model=model, inputs=(torch.randn(64, 128),))
+    problem = build_problem(workload, "cpu:0,cpu:1", cache_dir=str(tmp_path))
+    ops = problem.ops
+
+    def device(group: int) -> int:
+        modules = {ops.nodes[m].get("module", "") for m in problem.groups.nodes[group]["members"]}
+        return 0 if any(p.startswith(("towers.0", "towers.1")) and p != "towers.1.2" for p in modules) else 1
+
+    placement = [device(g) for g in range(problem.n_groups)]
+    assert set(placement) == {0, 1}
+    sim = Simulator(problem).simulate(placement, timeline=True)
+    simulated: dict = {}
+    for e in sim.timeline:
+        if e["kind"] in ("fwd", "bwd"):
+            runs = simulated.setdefault((e["device"], e["kind"]), [])
+            if not runs or runs[-1][0] != e["chunk"]:
+                runs.append((e["chunk"], set()))
+            runs[-1][1].add(e["group"])
+
+    plan = make_plan(problem, placement, "towers")
+    placed = apply(workload.fresh_model(), plan, parse_cluster("cpu:0,cpu:1"))
+    group_of = {m: g for g, members in enumerate(plan.groups) for m in members}
+    x = workload.inputs[0]
+    placed(x).sum().backward()
+    placed.executor.timeline = []
+    placed(x).sum().backward()
+    measured: dict = {}
+    chunks = placed.executor.chunks
+    for e in placed.executor.timeline:
+        key = (e.device, "fwd" if e.phase == "forward" else "bwd")
+        measured.setdefault(key, []).append({group_of[n] for n in chunks[e.chunk].nodes})
+    assert {k: [groups for _, groups in v] for k, v in simulated.items()} == measured
+    placed.close()
