@@ -41,10 +41,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.devices import Cluster
-from graphs.errors import PlanError
-from graphs.trace import fingerprint, trace_model
 from placer.distributed.schedule import Crossing, Schedule, TensorMeta, ValueMeta, build_schedule, describe
-from placer.distributed.share import RankShare, rank_cluster, tensor_owners
+from placer.distributed.share import RankShare, bind, capture, eager_output, rank_cluster, tensor_owners
 from placer.plan import Plan, load_plan
 from placer.runtime.chunks import Chunk, build_chunks
 from placer.runtime.values import add_grads, move, receive
@@ -68,33 +66,21 @@ class DistributedModel(RankShare):
         super().__init__(model, group)
         if not isinstance(plan, Plan):
             plan = load_plan(plan)
-        source = plan.path.name if plan.path is not None else "plan"
         self.plan = plan
         cluster = rank_cluster(plan, dist.get_world_size(group), cluster)
         device_of = dict(zip(plan.devices, cluster.devices))
         self.devices = device_of  # plan device name -> the device with its owner
         self.local_devices = {name: d for name, d in device_of.items() if d.rank == self.rank}
 
-        traced = trace_model(model, leaf_paths=plan.leaf_paths, allow_fallback=False)
+        self.traced = traced = capture(model, plan)
         gm = traced.gm
-        fp = fingerprint(model, gm)
-        if fp != plan.fingerprint:
-            raise PlanError(f"{source} was made for another model (fingerprint {plan.fingerprint}, this model {fp})")
-        body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-        unplaced = [n.name for n in body if n.name not in plan.assignment]
-        if unplaced:
-            raise PlanError(f"{source} does not place node {unplaced[0]!r} ({len(unplaced)} unplaced)")
-        self._placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        self._output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-        outputs: list[str] = []
-        fx.node.map_arg(self._output, lambda n: outputs.append(n.name))
-        self._output_nodes = list(dict.fromkeys(outputs))
+        self._output_nodes = list(dict.fromkeys(leaf.name for leaf in traced.output_leaves if isinstance(leaf, fx.Node)))
 
         chunks = build_chunks(gm, gm.graph, plan.assignment, runs=True)
         schedule = build_schedule(chunks, [device_of[c.device] for c in chunks], self._output_nodes)
         self.schedule = schedule.with_meta(self._propagate_shapes(schedule, example_inputs))
         self.comm_device = self._communication_device(cluster)
-        owners, _ = tensor_owners(model, chunks, lambda c: (device_of[c.device].rank, device_of[c.device]), source)
+        owners, _ = tensor_owners(model, chunks, lambda c: (device_of[c.device].rank, device_of[c.device]), plan.source)
         self._place(owners, {}, default_device=plan.devices[0])
         self.input_shapes = [tuple(x.shape) for x in example_inputs]
 
@@ -114,7 +100,7 @@ class DistributedModel(RankShare):
         pass leaves no trace in the numerics."""
         home = next((p.device for p in self.model.parameters()), torch.device("cpu"))  # not yet placed
         buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
-        values = dict(zip(self._placeholders, (x.to(home) for x in example_inputs)))
+        values = {name: x.to(home) for name, x in bind(self.traced, example_inputs).items()}
         with torch.random.fork_rng(devices=[home] if home.type == "cuda" else []), torch.enable_grad():
             for chunk in schedule.chunks:
                 args = [receive(values[name], home, detach=True, copy=name in chunk.mutated_inputs)[0]
@@ -142,7 +128,7 @@ class DistributedModel(RankShare):
         if [tuple(x.shape) for x in inputs] != self.input_shapes:
             raise ValueError(f"batch shapes {[tuple(x.shape) for x in inputs]} differ from the example batch's "
                              f"{self.input_shapes}: the distributed schedule is built for one batch shape")
-        step = _Step(self, dict(zip(self._placeholders, inputs)), loss_fn)
+        step = _Step(self, inputs, loss_fn)
         step.forward()
         # Every rank learns the loss while the backward pass runs.
         loss = torch.tensor([step.loss if step.loss is not None else 0.0], dtype=torch.float64,
@@ -154,19 +140,17 @@ class DistributedModel(RankShare):
         shared.wait()
         return float(loss.item())
 
-    def _output_value(self, values: dict) -> object:
-        return fx.node.map_arg(self._output, lambda n: values[n.name])
-
 
 class _Step:
     """One forward and backward of the global schedule on this rank."""
 
-    def __init__(self, model: DistributedModel, inputs: dict, loss_fn: LossFn):
+    def __init__(self, model: DistributedModel, inputs: tuple, loss_fn: LossFn):
         self.m = model
         self.s = model.schedule
         self.rank = model.rank
         self.loss_fn = loss_fn
-        self.values: dict = dict(inputs)  # node -> value here: model inputs, own outputs, received ones
+        self.inputs = inputs
+        self.values: dict = bind(model.traced, inputs)  # node -> value here: model inputs, own outputs, received ones
         self.pending: dict[str, tuple] = {}  # node -> (works, buffers) of a receive not yet waited on
         self.leaves: dict[int, list[list]] = {}  # chunk -> per input, its grad-requiring leaves
         self.outs: dict[int, dict] = {}  # chunk -> its outputs
@@ -209,12 +193,11 @@ class _Step:
 
     def _run_loss(self) -> None:
         k = self.s.loss_index
-        placeholders = self.m._placeholders
-        first = next((self.values[n] for n in placeholders if isinstance(self.values[n], torch.Tensor)), None)
+        first = next((x for x in self.inputs if isinstance(x, torch.Tensor)), None)
         device = first.device if first is not None else torch.device("cpu")
         args = self._inputs_for(k, self.m._output_nodes, device)
-        out = self.m._output_value(dict(zip(self.m._output_nodes, args)))
-        self._loss = self.loss_fn(out, *(self.values[n] for n in placeholders))
+        out = eager_output(self.m.traced, self.m.traced.output_leaves, dict(zip(self.m._output_nodes, args)))
+        self._loss = self.loss_fn(out, *self.inputs)
         self.loss = float(self._loss.detach())
 
     def _send_value(self, c: Crossing) -> None:

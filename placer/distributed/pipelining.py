@@ -40,7 +40,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.pipelining.microbatch import TensorChunkSpec
@@ -48,9 +47,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.devices import Cluster, Device
 from graphs.errors import PlanError
-from graphs.trace import fingerprint, trace_model
+from graphs.trace import Traced
 from placer.distributed.schedule import TensorMeta, ValueMeta, describe
-from placer.distributed.share import RankShare, rank_cluster, tensor_owners
+from placer.distributed.share import RankShare, bind, capture, eager_output, rank_cluster, tensor_owners
 from placer.distributed.stages import Pipeline, Stage, split_stages
 from placer.plan import Plan, load_plan
 from placer.runtime import microbatch
@@ -67,7 +66,7 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 class PipelineSpec:
     """A plan checked and cut for the pipelining backend (what every rank knows alike)."""
 
-    gm: fx.GraphModule  # the traced model
+    traced: Traced  # the plan's training capture
     pipeline: Pipeline
     meta: dict[str, ValueMeta]  # every value between stages or out of the last, at micro-batch size
     microbatches: int
@@ -99,14 +98,12 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
         parts, or micro-batches would change what the model computes; one line each,
         with the fix.
     """
-    source = plan.path.name if plan.path is not None else "plan"
-    gm = trace_model(model, leaf_paths=plan.leaf_paths, allow_fallback=False).gm
-    if fingerprint(model, gm) != plan.fingerprint:
-        raise PlanError(f"{source} was made for another model (fingerprint {plan.fingerprint}, "
-                        f"this model {fingerprint(model, gm)})")
+    source = plan.source
+    traced = capture(model, plan)
+    gm = traced.gm
     pipeline = split_stages(gm, gm.graph, plan.assignment, source)
-    m = microbatches or getattr(plan, "microbatches", 1) or 1
-    name = (schedule or getattr(plan, "schedule", None) or "gpipe").lower()
+    m = microbatches or plan.microbatches
+    name = (schedule or plan.schedule or "gpipe").lower()
     if name not in SCHEDULES:
         raise PlanError(f"unknown pipeline schedule {name!r}: use one of {', '.join(SCHEDULES)}")
     if name == "1f1b" and m < len(pipeline.stages):
@@ -116,14 +113,14 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
         reason = microbatch.static_refusal(gm.graph, _Lookup(gm, ()), source)
         if reason:
             raise PlanError(reason)
-    split = microbatch.split(dict(zip(pipeline.placeholders, example_inputs)), m, batch_dims or {})
+    split = microbatch.split(bind(traced, example_inputs), m, batch_dims or {})
     if len(split.sizes) != m or len(set(split.sizes)) > 1:
         raise PlanError(f"a batch of {sum(split.sizes)} rows does not split into {m} equal micro-batches "
                         f"(pipelining's shapes are static): choose a micro-batch count that divides it")
     meta = _propagate_shapes(gm, pipeline, split.inputs[0])
     _check_sendable(pipeline, meta, source)
-    return PipelineSpec(gm=gm, pipeline=pipeline, meta=meta, microbatches=m, schedule=name, batch=sum(split.sizes),
-                        dims=split.dims)
+    return PipelineSpec(traced=traced, pipeline=pipeline, meta=meta, microbatches=m, schedule=name,
+                        batch=sum(split.sizes), dims=split.dims)
 
 
 class PipelinedModel(RankShare):
@@ -154,13 +151,13 @@ class PipelinedModel(RankShare):
         self.local_devices = {self.stage.device: self.devices[self.stage.device]}
         device = torch.device(self.devices[self.stage.device].torch_device)
         self.comm_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        source = self.plan.path.name if self.plan.path is not None else "plan"
         owners, copies = tensor_owners(model, [s.chunk for s in stages], lambda c: (c.index, self.devices[c.device]),
-                                       source, rank=self.rank)  # stage i (chunk i) runs on rank i
+                                       self.plan.source, rank=self.rank)  # stage i (chunk i) runs on rank i
         self._place(owners, copies, default_device=stages[0].device)
         self.module = _StageModule(self.stage, self.meta, device, self.comm_device)
         self._build_schedule(len(stages))
-        self._step_inputs: dict = {}
+        self._step_inputs: tuple = ()
+        self._step_values: dict = {}  # placeholder -> value of this step's batch
         self._step_loss_fn: LossFn | None = None
         self.input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
 
@@ -188,10 +185,11 @@ class PipelinedModel(RankShare):
         if shapes != self.input_shapes:
             raise ValueError(f"batch shapes {shapes} differ from the example batch's {self.input_shapes}: "
                              f"the pipeline is built for one batch shape")
-        self._step_inputs, self._step_loss_fn = dict(zip(self.pipeline.placeholders, inputs)), loss_fn
+        self._step_inputs, self._step_loss_fn = tuple(inputs), loss_fn
+        self._step_values = values = bind(self.spec.traced, inputs)
         self.module.keywords = self._keywords
-        self.module.whole = {n: self._step_inputs[n] for n in self.stage.model_inputs if n not in self.spec.dims}
-        split = {k: self._step_inputs[name] for k, name in self._keywords.items()}
+        self.module.whole = {n: values[n] for n in self.stage.model_inputs if n not in self.spec.dims}
+        split = {k: values[name] for k, name in self._keywords.items()}
         losses: list[torch.Tensor] = []
         with self.count_saved(self.stage.device):
             self.schedule.step(**split, target=torch.arange(self.spec.batch), losses=losses, **self._step_options)
@@ -202,12 +200,14 @@ class PipelinedModel(RankShare):
 
     def _microbatch_loss(self, output: tuple, rows: torch.Tensor) -> torch.Tensor:
         """The schedule's loss of one micro-batch (see the module's Note), on the last stage."""
-        batch = {name: self._rows(name, x, rows) for name, x in self._step_inputs.items()}
+        batch = {name: self._rows(name, x, rows) for name, x in self._step_values.items()}
         leaves = iter(output if isinstance(output, tuple) else (output,))
         values = {name: batch[name] if name in batch else _rebuild(self.meta[name], leaves)
                   for name in self.pipeline.output_nodes}
-        out = fx.node.map_arg(self.pipeline.output, lambda n: values[n.name])
-        return self._step_loss_fn(out, *batch.values()) / self.spec.microbatches
+        out = eager_output(self.spec.traced, self.pipeline.output, values)
+        placeholder_of = {id(x): name for name, x in self._step_values.items()}
+        inputs = [batch[placeholder_of[id(x)]] if id(x) in placeholder_of else x for x in self._step_inputs]
+        return self._step_loss_fn(out, *inputs) / self.spec.microbatches
 
     def _rows(self, name: str, x, rows: torch.Tensor):
         """The rows of input `name` that a micro-batch holds (all of a non-batch input)."""

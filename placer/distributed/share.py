@@ -9,19 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 from torch import nn
 
 from graphs.capture import node_params
 from graphs.devices import Cluster, Device, parse_cluster
 from graphs.errors import PlanError
-from placer.plan import Plan
+from graphs.trace import Traced
+from placer.plan import Plan, trace_for_plan
 from placer.runtime.chunks import Chunk
 from placer.runtime.values import count_saved
 
-__all__ = ["RankShare", "rank_cluster", "tensor_owners"]
+__all__ = ["RankShare", "rank_cluster", "tensor_owners", "capture", "bind", "eager_output"]
 
 Owner = tuple[int, str, torch.device]  # (owner rank, plan device name, torch device)
 
@@ -39,6 +42,43 @@ def rank_cluster(plan: Plan, world_size: int, cluster: Cluster | None = None) ->
     if bad:
         raise PlanError(f"devices {bad} have no owner among ranks 0..{world_size - 1}: write rankR:DEVICE")
     return cluster
+
+
+def capture(model: nn.Module, plan: Plan) -> Traced:
+    """The plan's training capture of `model` (placer.plan.trace_for_plan, which checks
+    the fingerprint), every node of it placed.
+
+    Raises
+    ------
+    PlanError
+        The plan was made for another model, or leaves a node unplaced.
+    """
+    traced = trace_for_plan(model, plan, mode="train")
+    unplaced = [n.name for n in traced.gm.graph.nodes
+                if n.op not in ("placeholder", "output", "get_attr") and n.name not in plan.assignment]
+    if unplaced:
+        raise PlanError(f"{plan.source} does not place node {unplaced[0]!r} ({len(unplaced)} unplaced)")
+    return traced
+
+
+def bind(traced: Traced, inputs: Sequence[Any]) -> dict[str, Any]:
+    """Placeholder name -> value for the call `model(*inputs)`.
+
+    Raises
+    ------
+    ValueError
+        The capture does not cover the call (other shapes, say): one line saying why.
+    """
+    values = traced.bind(tuple(inputs), {})
+    if values is None:
+        raise ValueError(f"the plan's capture does not cover this batch: {traced.why_not(tuple(inputs), {})}")
+    return values
+
+
+def eager_output(traced: Traced, leaves: Sequence[Any], values: Mapping[str, Any]) -> Any:
+    """The model's output as eager returns it, from a graph's flat output `leaves`
+    (nodes, read from `values`, or constants)."""
+    return traced.unflatten([values[leaf.name] if isinstance(leaf, fx.Node) else leaf for leaf in leaves])
 
 
 def tensor_owners(model: nn.Module, chunks: Sequence[Chunk], where: Callable[[Chunk], tuple[int, Device]],
