@@ -1,0 +1,88 @@
+"""The pipeline heuristic: contiguous stages, one per device, balanced by forward and
+backward time under the memory caps, with the number of micro-batches the simulator
+finds fastest (GPipe: Huang et al. 2019, "GPipe: Efficient Training of Giant Neural
+Networks using Pipeline Parallelism").
+
+torchgpipe's `balance_by_time` (Kim et al. 2020) times each layer and cuts the
+sequence so that partitions take about equal time, on equal devices. Here:
+
+- the sequence is the groups in id order (a topological order), and a stage's cost
+  is its groups' profiled forward + backward time *on the device that runs it*, so
+  a GPU stage takes more groups than a CPU stage;
+- the cut is an exact min-max split (baselines.common.contiguous_split: the slowest
+  stage as fast as it can be, to float precision) under each device's memory cap,
+  where activations count every micro-batch in flight (PlacementProblem.
+  activation_factor);
+- on unlike devices every order in which stages may meet the devices is tried;
+- each micro-batch count m the profile knows (else 1, 2, 4, 8) is simulated
+  (envs.sim, GPipe with the profile's micro-batch costs) and the fastest
+  (placement, m) returned. The optimizer step is left out of the balance: it runs
+  after the whole backward, on every device at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from envs.sim import Simulator, microbatch_factors
+from graphs.errors import InfeasibleError
+from graphs.problem import Candidate, PlacementProblem
+from placer.baselines.common import capacities, contiguous_split, mib
+from placer.baselines.repair import repair
+from placer.baselines.simple import _device_orders
+
+__all__ = ["pipeline", "microbatch_choices"]
+
+DEFAULT_MICROBATCHES = (1, 2, 4, 8)
+
+
+def microbatch_choices(problem: PlacementProblem) -> list[int]:
+    """The micro-batch counts worth trying: those the profile timed, else 1, 2, 4, 8;
+    never more than the batch has rows."""
+    known = sorted(microbatch_factors(problem))
+    choices = known if len(known) > 1 else list(DEFAULT_MICROBATCHES)
+    rows = problem.batch_size
+    return [m for m in choices if rows is None or m <= rows]
+
+
+def pipeline(problem: PlacementProblem, seed: int = 0) -> Candidate:
+    """Contiguous stages balanced by forward + backward time under the memory caps,
+    and the micro-batch count that the simulator finds fastest for them.
+
+    Parameters
+    ----------
+    problem : PlacementProblem
+        Grouped graph (groups in a topological order) and cluster.
+    seed : int
+        Unused: the heuristic is deterministic (the baselines' signature).
+
+    Returns
+    -------
+    Candidate
+        The placement (group -> device index) and its number of micro-batches.
+
+    Raises
+    ------
+    InfeasibleError
+        When no contiguous split fits the memory caps for any micro-batch count.
+    """
+    c = problem.costs
+    times = c.fwd_ms + c.bwd_ms
+    caps = capacities(problem)
+    simulator = Simulator(problem)
+    best: tuple[float, Candidate] | None = None
+    for m in microbatch_choices(problem):
+        memory = c.param_bytes + c.grad_bytes + c.opt_bytes + c.act_bytes * problem.activation_factor(m)
+        for order in _device_orders(problem):
+            blocks = contiguous_split(times[:, order], memory, caps[order])
+            if blocks is None:
+                continue
+            placement = repair(problem, np.asarray(order)[blocks])  # colocation may cut across stages
+            result = simulator.simulate(placement, microbatches=m)
+            if result.feasible and (best is None or result.step_ms < best[0]):
+                best = (result.step_ms, Candidate(tuple(int(d) for d in placement), m))
+    if best is None:
+        need = float((c.memory_bytes).sum())
+        raise InfeasibleError(f"no contiguous split into stages fits the devices' memory ({problem.cluster.spec()}; "
+                              f"the model needs {mib(need)} in all): raise the caps or use a non-pipelined method")
+    return best[1]
