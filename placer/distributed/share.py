@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -111,7 +112,7 @@ def tensor_owners(model: nn.Module, chunks: Sequence[Chunk], where: Callable[[Ch
         gm = chunk.module
         for node in gm.graph.nodes:
             for name in node_params(gm, node):
-                tensor = _fetch(gm, name)
+                tensor = attrgetter(name)(gm)
                 if id(tensor) not in mine:
                     continue  # a constant the capture stowed, not the model's
                 first_name.setdefault(id(tensor), name)
@@ -124,13 +125,6 @@ def tensor_owners(model: nn.Module, chunks: Sequence[Chunk], where: Callable[[Ch
                 if owner_rank == rank:
                     copies[id(tensor)] = here[2]
     return owners, copies
-
-
-def _fetch(root: nn.Module, qualname: str):
-    obj = root
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class RankShare:

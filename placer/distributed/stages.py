@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch.fx as fx
 from torch import nn
@@ -81,7 +82,7 @@ def input_only_nodes(graph: fx.Graph, root: nn.Module) -> set[fx.Node]:
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        reads_parameter = any(isinstance(_fetch(root, name), nn.Parameter) for name in node_params(root, node))
+        reads_parameter = any(isinstance(attrgetter(name)(root), nn.Parameter) for name in node_params(root, node))
         if (not reads_parameter and not is_random(node, root) and not mutated_args(node, root)
                 and all(a.op == "placeholder" or a in pure for a in node.all_input_nodes)):
             pure.add(node)
@@ -210,8 +211,3 @@ def _wire(chunks: list[Chunk], graph: fx.Graph, output: fx.Node, order: list[str
               for c in chunks]
     return Pipeline(stages=stages, graph=graph, placeholders=placeholders, output=output.args[0],
                     output_nodes=output_nodes)
-
-
-def _fetch(root: nn.Module, qualname: str):
-    path, _, attr = qualname.rpartition(".")
-    return getattr(root.get_submodule(path), attr)
