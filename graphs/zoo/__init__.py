@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 from types import ModuleType, SimpleNamespace
 
-from graphs.zoo import inception_v3, nmt, rnnlm, transformer
+from graphs.zoo import gpt, inception_v3, mlp, nmt, rnnlm, transformer
 from graphs.errors import WorkloadError
 
 ZOO: dict[str, ModuleType] = {
@@ -46,6 +46,8 @@ ZOO: dict[str, ModuleType] = {
     "nmt": nmt,
     "inception_v3": inception_v3,
     "transformer": transformer,
+    "mlp": mlp,
+    "gpt": gpt,
 }
 SIZES = ("small", "medium", "paper")
 
