@@ -181,8 +181,11 @@ def _named_tensors(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
 
 def owning_module(node: fx.Node) -> str:
     """Qualified name of the innermost module whose forward created the node ("" for the
-    root). From fx's nn_module_stack when it recorded one; otherwise a call_module's own
-    path, a get_attr's parent path, or the root."""
+    root). From the capture's nn_module_stack when it recorded one; otherwise a
+    call_module's own path; a get_attr goes with the one node that reads it (a tied
+    weight belongs to each layer that uses it), or its parent path."""
+    if node.op == "get_attr" and len(node.users) == 1:
+        return owning_module(next(iter(node.users)))
     stack = node.meta.get("nn_module_stack")
     if stack:
         key, value = next(reversed(stack.items()))

@@ -185,7 +185,8 @@ def parse_cluster(devices: str | None = None, memory: str | None = None) -> Clus
 
 
 def parse_memory(memory: str | None, names: list[str]) -> dict[str, int]:
-    """'cuda:0=16GiB,cpu:1=2GiB' -> {device name: bytes}; every name must be a listed device."""
+    """'cuda:0=16GiB,cpu:1=2GiB' -> {device name: bytes}. Raises DeviceSpecError for a
+    malformed cap, a name that is not a listed device, or a device capped twice."""
     caps: dict[str, int] = {}
     if not memory:
         return caps
@@ -198,5 +199,7 @@ def parse_memory(memory: str | None, names: list[str]) -> dict[str, int]:
         name, size = (s.strip() for s in part.split("=", 1))
         if name not in names:
             raise DeviceSpecError(f"memory cap for {name!r}, which is not among the devices ({','.join(names)})")
+        if name in caps:
+            raise DeviceSpecError(f"{name!r} is capped twice in {memory!r}: give each device one cap")
         caps[name] = parse_size(size)
     return caps

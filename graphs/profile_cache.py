@@ -34,7 +34,7 @@ def load(cache: Path, key: dict, nodes: set[str]) -> dict | None:
             return None
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        _warn(f"ignoring the unreadable profile cache {path}: {exc}")
+        _warn(f"ignoring the unreadable profile cache {path}: {_reason(exc)}")
         return None
     problem = _problem(data, key, nodes)
     if problem:
@@ -52,7 +52,7 @@ def store(cache: Path, key: dict, result: dict) -> None:
     try:
         write_text_atomically(path, json.dumps(payload, allow_nan=False))
     except (OSError, ValueError) as exc:
-        _warn(f"cannot write the profile cache {path}: {exc} (profiling again next time)")
+        _warn(f"cannot write the profile cache {path}: {_reason(exc)} (profiling again next time)")
 
 
 def _problem(data, key: dict, nodes: set[str]) -> str | None:
@@ -73,6 +73,12 @@ def _problem(data, key: dict, nodes: set[str]) -> str | None:
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _reason(exc: BaseException) -> str:
+    """The OS's words for an OSError ("Is a directory"), else the message's first line."""
+    lines = str(exc).strip().splitlines()
+    return getattr(exc, "strerror", None) or (lines[0] if lines else type(exc).__name__)
 
 
 def _warn(message: str) -> None:

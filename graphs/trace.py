@@ -167,20 +167,25 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
     use_export = method == "export" or (method == "auto" and inputs is not None and not leaf_classes
                                         and not paths and export_available())
     kwargs = dict(kwargs or {})
-    with _in_mode(model, mode), no_side_effects(model) as seen:
-        if not use_export:
-            return trace_fx(model, leaf_classes, paths, allow_fallback, inputs, kwargs)
-        try:
-            return export_model(model, tuple(inputs or ()), kwargs)
-        except CaptureError:
-            raise
-        except Exception as exc:  # export raises many types from user code and from itself
-            if method == "export":
-                raise CaptureError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from exc
-            seen.clear()  # what the failed export saw of the forward does not count
-            traced = trace_fx(model, leaf_classes, paths, allow_fallback, inputs, kwargs, export_error=exc)
-            note = f"torch.export could not capture the model ({first_line(exc)}); captured with torch.fx instead"
-            return _with_note(traced, note)
+    export_error = None
+    with _in_mode(model, mode):
+        if use_export:
+            try:
+                with no_side_effects(model, recorded=True):
+                    return export_model(model, tuple(inputs or ()), kwargs)
+            except CaptureError:
+                raise
+            except Exception as exc:  # export raises many types from user code and from itself
+                if method == "export":
+                    raise CaptureError(f"torch.export cannot capture {type(model).__name__}: "
+                                       f"{first_line(exc)}") from exc
+                export_error = exc
+        with no_side_effects(model, recorded=False):
+            traced = trace_fx(model, leaf_classes, paths, allow_fallback, inputs, kwargs, export_error)
+    if export_error is None:
+        return traced
+    note = f"torch.export could not capture the model ({first_line(export_error)}); captured with torch.fx instead"
+    return _with_note(traced, note)
 
 
 def canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> inspect.BoundArguments:
@@ -213,16 +218,21 @@ def _in_mode(model: nn.Module, mode: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def no_side_effects(model: nn.Module) -> Iterator[list[str]]:
-    """Around a capture: restore every attribute a forward set (a Python counter, a
-    cache) and the values of plain tensor attributes it changed in place, then raise
-    CaptureError if the forward set any attribute, since a captured graph cannot
-    repeat that on every call. A root forward hook looks while the forward runs
-    (torch.export restores attributes itself before returning). Yields the list of
-    changes seen so far ("path.attr"), which the caller may clear."""
+def no_side_effects(model: nn.Module, recorded: bool) -> Iterator[None]:
+    """Around a capture: leave the model as it was found, and refuse what a captured
+    graph would not repeat on every call.
+
+    Every attribute a forward sets (a Python counter, a cache) is restored, and so are
+    the values of buffers and plain tensor attributes it changed in place. A forward
+    that set an attribute is a CaptureError; so is one whose in-place tensor updates
+    ran for real while capturing unless the capture `recorded` them (torch.export
+    does; torch.fx runs them on tensors it does not trace, and loses them). A root
+    forward hook looks while the forward runs (torch.export restores attributes
+    itself before returning)."""
     before = {path: _attributes(m) for path, m in model.named_modules()}
-    plain = {id(t): (t, t.detach().clone()) for m in model.modules() for t in vars(m).values()
-             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)}
+    tensors = {(path, key): (t, t.detach().clone()) for path, m in model.named_modules()
+               for key, t in [*vars(m).items(), *m._buffers.items()]
+               if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and not t.is_meta}
     changed: list[str] = []
 
     def look(*_):
@@ -230,7 +240,7 @@ def no_side_effects(model: nn.Module) -> Iterator[list[str]]:
 
     handle = model.register_forward_hook(look)
     try:
-        yield changed
+        yield
         look()
     finally:
         handle.remove()
@@ -240,15 +250,17 @@ def no_side_effects(model: nn.Module) -> Iterator[list[str]]:
                     delattr(m, key)
                 m.__dict__.update({k: v for k, (v, _) in before[path].items()})
         with torch.no_grad():
-            for t, value in plain.values():
+            for (path, key), (t, value) in tensors.items():
                 if not t.is_inference() and t.shape == value.shape and not torch.equal(t, value):
                     t.copy_(value)
+                    if not recorded:
+                        changed.append(f"{path}.{key}" if path else f".{key}")
     if changed:
         path, _, attr = changed[0].rpartition(".")
         module = model.get_submodule(path)
         fix = (f"list {type(module).__name__} in `leaf_modules` in the workload file, so that it runs as itself"
                if path else "move that update into a submodule and list its class in `leaf_modules`")
-        raise CaptureError(f"module '{path or type(model).__name__}' ({type(module).__name__}) sets its attribute "
+        raise CaptureError(f"module '{path or type(model).__name__}' ({type(module).__name__}) changes its attribute "
                            f"'{attr}' in forward, which a captured graph cannot repeat on every call: {fix}")
 
 

@@ -15,7 +15,10 @@ captures again (cached) for a call outside them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 
 import torch
 from torch import nn
@@ -70,7 +73,25 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> torch.export.ExportedProgram:
     export = getattr(torch.export, "export_for_training", None) if _before_2_9() else None
     export = export or torch.export.export
-    return export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    with _quiet():
+        return export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.export prints a failed trace's partial graph to stderr and logs warnings
+    about it; a refused export is an ordinary outcome here (fx takes over), so the
+    user sees neither."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("torch")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _before_2_9() -> bool:

@@ -1,4 +1,5 @@
-"""capture: the OpGraph schema, shapes and bytes, weight tying, untraceable models."""
+"""capture: the OpGraph schema, shapes and bytes, weight tying, fallbacks to torch.fx,
+untraceable models."""
 
 import networkx as nx
 import pytest
@@ -39,42 +40,65 @@ def workload(model, *inputs, **kw):
     return Workload(name="t", spec="t.py", model=model, inputs=inputs, **kw)
 
 
+def by_module(g, module: str, op_type: str) -> dict:
+    [data] = [d for d in g.nodes.values() if d["module"] == module and d["op_type"] == op_type]
+    return data
+
+
 def test_schema_shapes_and_bytes():
     g = capture(workload(Tied(), torch.randint(0, 20, (2, 5))))
     assert nx.is_directed_acyclic_graph(g)
     assert g.graph["name"] == "t" and g.graph["granularity"] == "op" and g.graph["leaf_paths"] == []
+    assert g.graph["capture"] == {"method": "export", "leaf_paths": [], "inputs": [{"shape": [2, 5], "dtype": "int64"}]}
+    assert set(g.graph["tensor_names"]) == {"emb.weight", "block.fc.weight", "block.fc.bias", "head.weight"}
     assert len(g.graph["fingerprint"]) == 16
     for name, data in g.nodes(data=True):
         assert NODE_ATTRS <= set(data), name
     assert sorted(d["order"] for _, d in g.nodes(data=True)) == list(range(g.number_of_nodes()))
-    ops = {d["target"]: d for _, d in g.nodes(data=True)}
-    assert ops["tokens"]["op_type"] == "input" and ops["output"]["op_type"] == "output"
-    assert ops["emb"]["op_type"] == "embedding" and ops["emb"]["out_bytes"] == 2 * 5 * 8 * 4
-    assert ops["block.fc"]["op_type"] == "linear" and ops["block.fc"]["module"] == "block.fc"
-    assert ops["block.fc"]["params"] == {"block.fc.weight": 8 * 8 * 4, "block.fc.bias": 8 * 4}
-    relu = next(d for d in g.nodes.values() if d["target"] == "torch.relu")
-    assert relu["module"] == "block" and relu["op_type"] == "activation"
-    assert ops["head"]["out_bytes"] == 2 * 5 * 20 * 4
+    kinds = {d["op"]: d["op_type"] for d in g.nodes.values()}
+    assert kinds["placeholder"] == "input" and kinds["output"] == "output" and kinds["get_attr"] == "param"
+    emb = by_module(g, "emb", "embedding")
+    assert emb["target"] == "aten.embedding.default" and emb["out_bytes"] == 2 * 5 * 8 * 4
+    fc = by_module(g, "block.fc", "linear")
+    assert fc["params"] == {"block.fc.weight": 8 * 8 * 4, "block.fc.bias": 8 * 4}
+    assert by_module(g, "block", "activation")["target"] == "aten.relu.default"
+    head = by_module(g, "head", "linear")
+    assert head["out_bytes"] == 2 * 5 * 20 * 4 and head["params"] == {"emb.weight": 20 * 8 * 4}
     for u, v, data in g.edges(data=True):
         assert data["bytes"] == g.nodes[u]["out_bytes"]
+
+
+def test_each_parameter_read_has_its_own_get_attr_placed_with_its_reader():
+    g = capture(workload(Tied(), torch.randint(0, 20, (2, 5))))
+    for name, data in g.nodes(data=True):
+        if data["op"] == "get_attr":
+            [user] = g.successors(name)
+            attrs = [p for p in g.predecessors(user) if g.nodes[p]["op"] == "get_attr"]
+            assert 0 < g.nodes[user]["order"] - data["order"] <= len(attrs)  # right before its reader
+            assert set(data["params"]) <= set(g.nodes[user]["params"])
 
 
 def test_tied_weight_is_one_parameter_and_a_colocation_set():
     g = capture(workload(Tied(), torch.randint(0, 20, (2, 5))))
     users = [n for n, d in g.nodes(data=True) if "emb.weight" in d["params"]]
-    assert len(users) == 2  # the head reaches the same tensor under another name
-    assert g.graph["colocate"] == [users]
+    readers = [n for n in users if g.nodes[n]["op"] == "call_function"]
+    assert len(readers) == 2 and len(users) == 4  # the head reaches the same tensor under another name
+    assert users in g.graph["colocate"]
 
 
 def test_capture_leaves_the_model_alone():
     model = Tied()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    attributes = {path: dict(vars(m)) for path, m in model.named_modules()}
     capture(workload(model, torch.randint(0, 20, (2, 5))))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {path: dict(vars(m)) for path, m in model.named_modules()} == attributes
+    assert model.training and all(m.training for m in model.modules())
 
 
-def test_leaf_modules_are_kept_whole():
+def test_leaf_modules_are_kept_whole_by_torch_fx():
     g = capture(workload(Tied(), torch.randint(0, 20, (2, 5)), leaf_modules=(Block,)))
+    assert g.graph["capture"]["method"] == "fx"
     block = [d for d in g.nodes.values() if d["module"].startswith("block")]
     assert len(block) == 1 and block[0]["op"] == "call_module" and block[0]["op_type"] == "other"
     assert set(block[0]["params"]) == {"block.fc.weight", "block.fc.bias"}
@@ -101,22 +125,26 @@ class Outer(nn.Module):
         return self.inner(self.pre(x))
 
 
-def test_untraceable_submodule_falls_back_to_a_leaf(capsys):
+def test_untraceable_submodule_falls_back_to_torch_fx_and_a_leaf(capsys):
     w = workload(Outer(), torch.randn(3, 4))
     g = capture(w)  # the leaf branches on a value, so shapes come from a real run, silently
     assert capsys.readouterr() == ("", "")
+    assert g.graph["capture"]["method"] == "fx"
     assert g.graph["granularity"] == "module" and g.graph["leaf_paths"] == ["inner"]
     inner = [d for d in g.nodes.values() if d["target"] == "inner"]
     assert len(inner) == 1 and inner[0]["op"] == "call_module" and inner[0]["out_bytes"] == 3 * 4 * 4
-    assert len(w.notes) == 1 and "'inner'" in w.notes[0] and "one unit" in w.notes[0]
+    exported, leaf = w.notes
+    assert "torch.export could not capture" in exported and "torch.fx instead" in exported
+    assert "'inner'" in leaf and "one unit" in leaf
 
 
-def test_untraceable_root_names_module_and_line():
+def test_untraceable_root_names_module_and_line_and_asks_for_a_wrapper():
     w = workload(DataDependent(), torch.randn(3, 4))
     with pytest.raises(CaptureError) as err:
         capture(w)
     message = str(err.value)
     assert "DataDependent" in message and "test_capture.py:" in message and "if x.sum() > 0" in message
+    assert "torch.export failed too" in message and "wrap the model in a module" in message
     assert "leaf_modules" in message and "\n" not in message
 
 

@@ -47,6 +47,7 @@ def test_memory_caps_apply_to_named_devices():
     ("cpu:0", "cpu:1=1GiB", "not among the devices"),
     ("cpu:0", "cpu:0", "DEVICE=SIZE"),
     ("cpu:0", "cpu:0=lots", "cannot read memory size"),
+    ("cpu:0,cpu:1", "cpu:0=1GB,cpu:0=1KiB", "'cpu:0' is capped twice"),
 ])
 def test_bad_specs_are_one_clear_line(devices, memory, message):
     if devices == "cuda:7" and torch.cuda.device_count() > 7:

@@ -1,4 +1,5 @@
-"""placer.plan: plan files (placer.plan/v1) and expanding placements into them."""
+"""placer.plan: plan files (placer.plan/v2, and v1 as one micro-batch) and expanding
+placements into them."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from graphs.capture import capture_traced
+from graphs.capture import capture_traced, owning_module
 from graphs.group import group
 from graphs.trace import fingerprint, trace_model
 from graphs.devices import parse_cluster
 from graphs.errors import InfeasibleError, PlanError
-from placer.plan import FORMAT, Plan, derive_device_map, load_plan, make_plan, plan_from_assignment
+from placer.plan import (FORMAT, FORMAT_V1, Plan, accelerate_name, derive_device_map, load_plan, make_plan,
+                         plan_from_assignment)
 from graphs.problem import PlacementProblem
 from placer.runtime import apply
 
@@ -32,31 +34,67 @@ class Net(nn.Module):
 def by_module(mapping: dict[str, str], default: str = "cpu:0"):
     """Assign a node by the first module-path prefix in `mapping` it falls under."""
     def assign(node) -> str:
-        stack = node.meta.get("nn_module_stack") or {}
-        path = str(node.target) if node.op in ("call_module", "get_attr") else next(iter(stack.values()), ("",))[0]
+        path = owning_module(node)
         return next((d for prefix, d in mapping.items() if path.startswith(prefix)), default)
     return assign
 
 
 def test_save_and_load_round_trip(tmp_path):
-    plan = plan_from_assignment(Net(), by_module({"dec": "cpu:1"}), ["cpu:0", "cpu:1"], method="hand")
+    x = torch.randn(4, 6)
+    plan = plan_from_assignment(Net(), by_module({"dec": "cpu:1"}), ["cpu:0", "cpu:1"], inputs=(x,), method="hand")
     path = plan.save(tmp_path / "sub" / "plan.json")
     data = json.loads(path.read_text())
-    assert data["format"] == FORMAT
+    assert data["format"] == FORMAT and data["microbatches"] == 1 and data["schedule"] is None
+    assert data["capture"] == {"method": "export", "leaf_paths": [], "inputs": [{"shape": [4, 6], "dtype": "float32"}]}
     assert load_plan(path) == plan
     assert load_plan(path, fingerprint=plan.fingerprint) == plan
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temp file left behind
 
 
 def test_every_traced_node_is_assigned_and_the_device_map_is_accelerate_style():
-    model = Net()
-    plan = plan_from_assignment(model, by_module({"dec": "cpu:1"}), ["cpu:0", "cpu:1"])
-    gm = trace_model(model).gm
+    model, x = Net(), torch.randn(4, 6)
+    plan = plan_from_assignment(model, by_module({"dec": "cpu:1"}), ["cpu:0", "cpu:1"], inputs=(x,))
+    gm = trace_model(model, inputs=(x,)).gm
     assert set(plan.assignment) == {n.name for n in gm.graph.nodes}
     assert plan.fingerprint == fingerprint(model, gm)
-    assert plan.device_map == {"dec": "cpu:1", "enc": "cpu:0", "head": "cpu:0"}
-    whole = plan_from_assignment(model, lambda n: "cpu:1", ["cpu:0", "cpu:1"])
-    assert whole.device_map == {"": "cpu:1"}
+    assert {n for n, d in plan.assignment.items() if d == "cpu:1"} >= {"linear_2", "tanh"}
+    assert plan.device_map == {"dec": "cpu", "enc": "cpu", "head": "cpu"}  # accelerate's names
+    whole = plan_from_assignment(model, lambda n: "cpu:1", ["cpu:0", "cpu:1"], inputs=(x,))
+    assert whole.device_map == {"": "cpu"}
+
+
+def test_accelerate_names_and_a_device_map_that_covers_every_tensor():
+    assert [accelerate_name(d) for d in ("cpu", "cpu:3", "cuda", "cuda:1", "rank1:cuda:0")] == \
+        ["cpu", "cpu", "cuda:0", "cuda:1", "cuda:0"]
+
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(3, 3)
+            self.unused = nn.Sequential(nn.Linear(3, 3))
+            self.register_buffer("steps", torch.zeros(()))
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = WithUnused()
+    plan = plan_from_assignment(model, lambda n: "cpu:0", ["cpu:0", "cpu:1"], inputs=(torch.randn(2, 3),))
+    assert plan.device_map == {"": "cpu"}
+    split = plan_from_assignment(model, lambda n: "cpu:1" if n.op == "output" else "cpu:0", ["cpu:0", "cpu:1"],
+                                 inputs=(torch.randn(2, 3),))
+    covered = lambda name: any(name == k or name.startswith(k + ".") or k == "" for k in split.device_map)  # noqa: E731
+    assert all(covered(name) for name in model.state_dict())
+
+
+def test_the_readme_snippet_dispatches_the_plans_device_map_with_accelerate(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    x = torch.randn(4, 6)
+    path = plan_from_assignment(Net(), by_module({"dec": "cpu:1"}), ["cpu:0", "cpu:1"], inputs=(x,)).save(
+        tmp_path / "plan.json")
+    torch.manual_seed(0)
+    model = accelerate.dispatch_model(Net(), device_map=load_plan(path).device_map)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(x), Net()(x))
 
 
 def test_device_map_lists_single_parameters_of_split_modules():
@@ -75,6 +113,21 @@ def test_device_map_lists_single_parameters_of_split_modules():
     (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}}), "lacks device_map, fingerprint"),
     (json.dumps({"format": FORMAT, "devices": "cpu:0", "assignment": [], "device_map": {}, "fingerprint": "f"}),
      "devices must be a list"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {"x": ["cpu:0"]}, "device_map": {},
+                 "fingerprint": "f"}), "assignment must map node names to device names"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {"": 0},
+                 "fingerprint": "f"}), "device_map must map"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
+                 "microbatches": 0}), "microbatches must be a whole number"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
+                 "schedule": "zigzag"}), "schedule must be null or one of gpipe"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
+                 "capture": {"method": "jit"}}), "capture must be an object"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
+                 "capture": {"method": "export", "inputs": [{"shape": [2], "dtype": "complex9"}]}}),
+     "capture.inputs must list"),
+    ('{"format": "placer.plan/v2", "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f", '
+     '"measured_ms": NaN}', "measured_ms must be a finite number"),
     (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {"x": "cpu:7"}, "device_map": {},
                  "fingerprint": "f"}), "cpu:7"),
 ])
@@ -91,8 +144,39 @@ def test_fingerprint_mismatch_names_both_fingerprints(tmp_path):
     plan = plan_from_assignment(Net(), lambda n: "cpu:0", ["cpu:0"])
     path = plan.save(tmp_path / "plan.json")
     with pytest.raises(PlanError, match=f"plan.json was made for another model \\(fingerprint {plan.fingerprint}, "
-                                        f"this model abc\\)"):
+                                        f"this model abc\\): re-run `placer optimize` for this model"):
         load_plan(path, fingerprint="abc")
+
+
+def as_v1(plan: Plan, path):
+    """The plan written as format v1 wrote it (fx node names, leaf paths at the top)."""
+    data = plan.to_json()
+    data.update(format=FORMAT_V1, leaf_paths=data.pop("capture")["leaf_paths"])
+    del data["microbatches"], data["schedule"]
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_v1_plan_loads_as_one_fx_captured_micro_batch_and_applies_while_the_model_matches(tmp_path):
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(4, 6)
+    expected = Net()
+    expected.load_state_dict(model.state_dict())
+    fx_plan = plan_from_assignment(model, by_module({"dec": "cpu:1"}), ["cpu:0", "cpu:1"])  # no inputs: fx, as v1
+    loaded = load_plan(as_v1(fx_plan, tmp_path / "v1.json"))
+    assert loaded.microbatches == 1 and loaded.schedule is None
+    assert loaded.capture.method == "fx" and loaded.capture.inputs is None
+    placed = apply(model, loaded)
+    torch.testing.assert_close(placed(x), expected(x))
+    placed.close()
+
+    class Wider(Net):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 3)
+
+    with pytest.raises(PlanError, match="v1.json was made for another model .*re-run `placer optimize`"):
+        apply(Wider(), loaded)
 
 
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
@@ -128,6 +212,7 @@ def test_make_plan_expands_groups_to_nodes_and_applies():
     placement = [i % 2 for i in range(problem.n_groups)]
     plan = make_plan(problem, placement, method="alternate", seed=7, simulated_ms=1.5)
     assert plan.placement == placement and plan.seed == 7 and plan.simulated_ms == 1.5
+    assert plan.microbatches == 1 and plan.schedule is None and plan.capture.method == "fx"
     assert plan.workload == "test:net" and plan.fingerprint == problem.ops.graph["fingerprint"]
     for g, members in enumerate(plan.groups):
         assert members == problem.groups.nodes[g]["members"]
@@ -140,10 +225,14 @@ def test_make_plan_expands_groups_to_nodes_and_applies():
     placed.close()
 
 
-def test_make_plan_refuses_an_infeasible_placement():
+def test_make_plan_refuses_an_infeasible_placement_and_bad_micro_batches():
     problem = grouped_problem(Net(), (torch.randn(4, 6),), "cpu:0,cpu:1")
     with pytest.raises(InfeasibleError):
         make_plan(problem, [5] * problem.n_groups, method="bad")
+    with pytest.raises(PlanError, match="microbatches must be at least 1"):
+        make_plan(problem, [0] * problem.n_groups, method="m", microbatches=0)
+    piped = make_plan(problem, [0] * problem.n_groups, method="m", microbatches=2)
+    assert piped.microbatches == 2 and piped.schedule == "gpipe"
 
 
 def test_plan_leaf_paths_reproduce_a_trace_with_leaf_classes():

@@ -40,29 +40,39 @@ def run(w, tmp_path, **kw):
     return profile(capture(w), w, threads=1, repeats=3, cache_dir=tmp_path, **kw)
 
 
-def by_target(g):
-    return {d["target"]: d for d in g.nodes.values()}
+def by_module(g) -> dict[str, dict]:
+    """Module path -> its nodes' costs and bytes added up (a layer's get_attr nodes and
+    its op), the root's op by its type (relu)."""
+    sums: dict[str, dict] = {}
+    for d in g.nodes.values():
+        key = d["module"] or d["op_type"]
+        into = sums.setdefault(key, {"fwd_ms": 0.0, "bwd_ms": 0.0, "opt_ms": 0.0, **dict.fromkeys(MEMORY, 0)})
+        for attr in ("fwd_ms", "bwd_ms", "opt_ms"):
+            into[attr] += d[attr]["cpu"]
+        for attr in MEMORY:
+            into[attr] += d[attr]
+    return sums
 
 
 def test_costs_are_positive_and_memory_is_measured(tmp_path):
     g = run(make_workload(), tmp_path)
-    assert g.graph["device_kinds"] == ["cpu"]
-    ops = by_target(g)
-    for name in ("emb", "fc1", "fc2", "head", "torch.relu"):
-        assert ops[name]["fwd_ms"]["cpu"] > 0 and ops[name]["bwd_ms"]["cpu"] > 0, name
-    assert ops["tokens"]["fwd_ms"]["cpu"] == 0 and ops["output"]["bwd_ms"]["cpu"] == 0
+    assert g.graph["device_kinds"] == ["cpu"] and g.graph["capture"]["method"] == "export"
+    ops = by_module(g)
+    for name in ("emb", "fc1", "fc2", "head", "activation"):
+        assert ops[name]["fwd_ms"] > 0 and ops[name]["bwd_ms"] > 0, name
+    assert ops["input"]["fwd_ms"] == 0 and ops["output"]["bwd_ms"] == 0
     # the tied weight is counted once, at its first user; the buffer has no gradient
     assert ops["emb"]["param_bytes"] == 50 * 32 * 4 and ops["head"]["param_bytes"] == 0
-    assert ops["scale"]["param_bytes"] == 32 * 4 and ops["scale"]["grad_bytes"] == 0
+    assert ops["param"]["param_bytes"] == 32 * 4 and ops["param"]["grad_bytes"] == 0  # the root's own buffer
     assert ops["fc1"]["grad_bytes"] == (32 * 64 + 64) * 4
     # SGD with momentum keeps one buffer per parameter
-    assert ops["fc1"]["opt_bytes"] == ops["fc1"]["grad_bytes"] and ops["fc1"]["opt_ms"]["cpu"] > 0
+    assert ops["fc1"]["opt_bytes"] == ops["fc1"]["grad_bytes"] and ops["fc1"]["opt_ms"] > 0
     total_params = sum(p.numel() * 4 for p in TiedMLP().parameters()) + 32 * 4
     assert sum(d["param_bytes"] for d in g.nodes.values()) == total_params
     # fc2 saves its input (relu's output, saved by relu first) and so adds nothing new;
     # fc1 saves its input, the embedding's output
     assert ops["fc1"]["act_bytes"] == 16 * 8 * 32 * 4
-    assert ops["torch.relu"]["act_bytes"] == 16 * 8 * 64 * 4
+    assert ops["activation"]["act_bytes"] == 16 * 8 * 64 * 4
     assert ops["fc2"]["act_bytes"] == 0
 
 
@@ -84,11 +94,12 @@ def test_in_place_ops_are_timed(tmp_path):
     for data in g.nodes.values():
         if data["op"].startswith("call_"):
             assert data["fwd_ms"]["cpu"] > 0 and data["bwd_ms"]["cpu"] > 0, data["target"]
+    assert "aten.relu_.default" in {d["target"] for d in g.nodes.values()}  # in place, as the model does it
 
 
 def test_adam_state_is_twice_the_parameters(tmp_path):
     w = make_workload(make_optimizer=lambda params: torch.optim.Adam(params))
-    ops = by_target(run(w, tmp_path))
+    ops = by_module(run(w, tmp_path))
     assert ops["fc1"]["opt_bytes"] >= 2 * ops["fc1"]["grad_bytes"]
 
 
@@ -128,14 +139,76 @@ def test_second_call_is_served_from_the_cache(tmp_path, monkeypatch):
         profile(ops, w, threads=1, repeats=3, cache_dir=tmp_path)
 
 
-def test_corrupt_cache_is_ignored_and_rewritten(tmp_path):
+def spoil_nan(data: dict) -> None:
+    next(iter(data["nodes"].values()))["fwd_ms"] = float("nan")
+
+
+def spoil_negative(data: dict) -> None:
+    next(iter(data["nodes"].values()))["bwd_ms"] = -1.0
+
+
+def spoil_string(data: dict) -> None:
+    next(iter(data["nodes"].values()))["act_bytes"] = "12"
+
+
+def spoil_missing(data: dict) -> None:
+    del next(iter(data["nodes"].values()))["opt_ms"]
+
+
+def spoil_steps(data: dict) -> None:
+    del data["microbatch_step_ms"]
+
+
+@pytest.mark.parametrize("spoil", [None, spoil_nan, spoil_negative, spoil_string, spoil_missing, spoil_steps])
+def test_a_corrupt_cache_file_is_a_miss_with_a_warning_and_rewritten(tmp_path, spoil):
     w = make_workload()
     ops = capture(w)
     profile(ops, w, threads=1, repeats=1, cache_dir=tmp_path)
     [path] = tmp_path.glob("profile-*.json")
-    path.write_text("{not json")
-    again = profile(ops, w, threads=1, repeats=1, cache_dir=tmp_path)
+    if spoil is None:
+        path.write_text("{not json")
+    else:
+        data = json.loads(path.read_text())
+        spoil(data)
+        path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=f"ignoring the (unreadable )?profile cache {path}"):
+        again = profile(ops, w, threads=1, repeats=1, cache_dir=tmp_path)
     assert json.loads(path.read_text())["nodes"].keys() == set(again.nodes)
+
+
+def test_an_unusable_cache_folder_is_a_warning_not_an_error(tmp_path, monkeypatch):
+    w = make_workload()
+    ops = capture(w)
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("PLACER_CACHE", str(not_a_folder))
+    with pytest.warns(UserWarning, match="cannot write the profile cache .*cache/profile-"):
+        g = profile(ops, w, threads=1, repeats=1)
+    assert g.graph["device_kinds"] == ["cpu"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    profile(ops, w, threads=1, repeats=1, cache_dir=folder)
+    [path] = folder.glob("profile-*.json")
+    path.unlink()
+    path.mkdir()  # a directory where the file should be
+    with pytest.warns(UserWarning) as caught:
+        profile(ops, w, threads=1, repeats=1, cache_dir=folder)
+    assert [str(c.message).split(":")[0] for c in caught] == [f"ignoring the unreadable profile cache {path}",
+                                                             f"cannot write the profile cache {path}"]
+    assert all("\n" not in str(c.message) for c in caught)
+
+
+def test_micro_batch_step_times_for_every_count_that_divides_the_batch(tmp_path):
+    g = run(make_workload(), tmp_path)  # batch 16
+    steps = g.graph["microbatch_step_ms"]
+    assert sorted(steps) == [1, 2, 4, 8] and all(ms > 0 for ms in steps.values())
+    assert g.graph["microbatch_step_ms_by_kind"] == {"cpu": steps}
+    torch.manual_seed(0)
+    odd = Workload(name="odd", spec="odd.py", model=TiedMLP(), inputs=(torch.randint(0, 50, (6, 8)),))
+    assert sorted(run(odd, tmp_path).graph["microbatch_step_ms"]) == [1, 2]
+    normed = Workload(name="bn", spec="bn.py", model=nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
+                      inputs=(torch.randn(2, 4),))
+    assert sorted(run(normed, tmp_path).graph["microbatch_step_ms"]) == [1]  # BatchNorm refuses a batch of one
 
 
 def test_cpu_threads_are_restored(tmp_path):
@@ -157,7 +230,7 @@ def test_cuda_is_skipped_with_a_note_without_a_gpu(tmp_path):
 def test_cuda_and_cpu_are_both_profiled(tmp_path):
     g = run(make_workload(), tmp_path, kinds=("cpu", "cuda"))
     assert g.graph["device_kinds"] == ["cpu", "cuda"]
-    assert by_target(g)["fc1"]["fwd_ms"]["cuda"] > 0
+    assert any(d["fwd_ms"]["cuda"] > 0 for d in g.nodes.values() if d["module"] == "fc1")
 
 
 class BreaksBackward(nn.Module):

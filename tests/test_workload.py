@@ -136,3 +136,45 @@ def test_zoo_names():
         with pytest.raises(WorkloadError) as err:
             load_workload(bad)
         assert all(f in str(err.value) for f in fragments) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("function, call", [
+    ("build_model", None), ("example_inputs", None), ("loss_fn", lambda w: w.loss_fn(torch.ones(2), None)),
+    ("make_optimizer", lambda w: w.make_optimizer([torch.nn.Parameter(torch.ones(1))])),
+    ("expert_placement", lambda w: w.expert_placement("x", 2)),
+])
+@pytest.mark.parametrize("exit_call", ["sys.exit(3)", "sys.exit(0)", "raise SystemExit('bye')", "exit()"])
+def test_a_workload_function_that_exits_is_a_workload_error_naming_it(tmp_path, function, call, exit_call):
+    hooks = GOOD + """
+def loss_fn(output, x):
+    return output.sum()
+
+def make_optimizer(params):
+    return torch.optim.SGD(params, lr=0.1)
+
+def expert_placement(module_path, n_devices):
+    return 0
+"""
+    text = "import sys\n" + hooks.replace(f"def {function}(", f"def {function}(*a, **k):\n    {exit_call}\n\n"
+                                                             f"def _unused_{function}(")
+    path = write(tmp_path, text)
+    with pytest.raises(WorkloadError) as err:
+        w = load_workload(path)
+        call(w)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {function}() called sys.exit(") and "\n" not in message
+
+
+def test_a_model_without_parameters_is_a_workload_error(tmp_path):
+    path = write(tmp_path, GOOD.replace("return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))",
+                                        "return nn.ReLU()"))
+    with pytest.raises(WorkloadError, match=r"model\.py: build_model\(\) returned a ReLU without parameters"):
+        load_workload(path)
+
+
+def test_the_default_loss_reads_every_floating_tensor_of_a_structured_output():
+    out = {"logits": torch.ones(2, 3), "parts": (torch.full((2,), 3.0), torch.arange(4))}
+    assert default_loss(out).item() == 4.0  # 1 + 3; the integer tensor is no loss
+    with pytest.raises(WorkloadError, match=r"the default loss .* finds none in the model's dict output: define "
+                                            r"loss_fn\(output, \*inputs\)"):
+        default_loss({"ids": torch.arange(3)})

@@ -1,0 +1,201 @@
+"""placer.runtime.placed: the placed module behaves as the eager model does in every
+respect a training loop sees: modes, no_grad, other batch sizes and sequence lengths,
+buffers, state_dict and tied weights, devices chosen at apply time, copies."""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import placer
+from graphs.capture import owning_module
+from graphs.errors import PlanError
+from placer.plan import Plan, plan_from_assignment
+from placer.runtime import PlacedModule, apply
+
+TWO = ["cpu:0", "cpu:1"]
+Outputs = namedtuple("Outputs", ["logits", "aux"])
+
+
+class TinyLM(nn.Module):
+    """Token and position embeddings (positions up to the input's length), dropout,
+    a running count buffer, an auxiliary output in training only, and a tied head."""
+
+    def __init__(self, vocab: int = 40, width: int = 16, max_len: int = 12):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(max_len, width)
+        self.body = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Dropout(0.2), nn.LayerNorm(width))
+        self.aux = nn.Linear(width, 2)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.tok.weight
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, ids):
+        self.seen.add_(ids.shape[0])
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        h = h + self.body(h)
+        logits = self.head(h)
+        return Outputs(logits, self.aux(h.mean(1))) if self.training else logits
+
+
+def tokens(batch: int = 4, seq: int = 8) -> torch.Tensor:
+    return torch.randint(0, 40, (batch, seq), generator=torch.Generator().manual_seed(batch * 100 + seq))
+
+
+def body_on_second(node) -> str:
+    return "cpu:1" if owning_module(node).startswith(("body", "aux")) else "cpu:0"
+
+
+@pytest.fixture
+def pair():
+    """(eager reference, placed copy of the same weights)."""
+    torch.manual_seed(0)
+    ref = TinyLM()
+    model = copy.deepcopy(ref)
+    placed = apply(model, plan_from_assignment(model, body_on_second, TWO, inputs=(tokens(),)))
+    yield ref, placed
+    placed.close()
+
+
+def assert_same(a, b):
+    assert type(a) is type(b)
+    for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        torch.testing.assert_close(x, y)
+
+
+def test_train_and_eval_give_eager_behaviour_of_that_mode(pair):
+    ref, placed = pair
+    x = tokens()
+    torch.manual_seed(7)
+    out = placed(x)
+    torch.manual_seed(7)
+    assert_same(out, ref(x))  # train: dropout on, the auxiliary output there
+    placed.eval()
+    ref.eval()
+    assert not placed.training and not placed.original.training and not placed.body[2].training
+    assert_same(placed(x), ref(x))  # eval: a tensor, dropout off
+    with torch.no_grad():
+        out, expected = placed(x), ref(x)
+    assert not out.requires_grad
+    assert_same(out, expected)
+    placed.train()
+    ref.train()
+    torch.manual_seed(8)
+    out = placed(x)
+    torch.manual_seed(8)
+    assert_same(out, ref(x))
+    torch.testing.assert_close(placed.seen, ref.seen)  # the buffer counted every forward, once
+
+
+@pytest.mark.parametrize("batch,seq", [(7, 8), (1, 8), (4, 5), (3, 12)])
+def test_other_batch_sizes_and_sequence_lengths_work_where_eager_does(pair, batch, seq):
+    ref, placed = pair
+    x = tokens(batch, seq)
+    placed.eval()
+    ref.eval()
+    assert_same(placed(x), ref(x))
+    placed.train()
+    ref.train()
+    torch.manual_seed(3)
+    out = placed(x)
+    out.logits.sum().backward()
+    torch.manual_seed(3)
+    expected = ref(x)
+    expected.logits.sum().backward()
+    assert_same(out, expected)
+    torch.testing.assert_close(placed.tok.weight.grad, ref.tok.weight.grad)
+
+
+def test_keyword_arguments_bind_like_the_forward_signature(pair):
+    ref, placed = pair
+    placed.eval()
+    ref.eval()
+    assert_same(placed(ids=tokens()), ref(tokens()))
+    with pytest.raises(TypeError):
+        placed(tokens(), tokens())
+
+
+def test_state_dict_tied_weights_and_the_original_stay_the_eager_ones(pair):
+    ref, placed = pair
+    assert list(placed.state_dict()) == list(ref.state_dict())
+    assert placed.head.weight is placed.tok.weight and placed.original.head.weight is placed.original.tok.weight
+    assert isinstance(placed, PlacedModule) and isinstance(placed.original, TinyLM)
+    fresh = TinyLM()
+    fresh.load_state_dict(placed.state_dict())
+    placed.load_state_dict(fresh.state_dict())
+
+
+def test_apply_never_changes_a_parameter_or_buffer():
+    torch.manual_seed(0)
+    model = TinyLM()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    placed = apply(model, plan_from_assignment(model, body_on_second, TWO, inputs=(tokens(),)))
+    assert all(torch.equal(before[k], v) for k, v in placed.state_dict().items())
+    placed.close()
+
+
+def test_devices_are_remapped_one_to_one_at_apply_time():
+    torch.manual_seed(0)
+    ref = TinyLM().eval()
+    model = copy.deepcopy(ref)
+    plan = plan_from_assignment(model, body_on_second, TWO, inputs=(tokens(),))
+    placed = apply(model, plan, devices="cpu:2,cpu:3")
+    assert {c.device for c in placed.executor.chunks} == {"cpu:2", "cpu:3"}
+    assert_same(placed(tokens()), ref(tokens()))
+    placed.close()
+    with pytest.raises(PlanError, match="as many, of the same kinds"):
+        apply(TinyLM(), plan, devices="cpu:0")
+    gpu_plan = Plan(devices=["cuda:0", "cpu"], assignment={}, device_map={}, fingerprint="f")
+    with pytest.raises(PlanError, match=r"\(cuda,cpu\)"):
+        apply(TinyLM(), gpu_plan, devices="cpu:0,cpu:1")
+
+
+def test_copies_and_pickles_are_placed_again(pair, tmp_path):
+    ref, placed = pair
+    placed.eval()
+    ref.eval()
+    twin = copy.deepcopy(placed)
+    assert isinstance(twin, PlacedModule) and not twin.training
+    assert twin.tok.weight is not placed.tok.weight and twin.head.weight is twin.tok.weight
+    assert_same(twin(tokens()), ref(tokens()))
+    buffer = io.BytesIO()
+    torch.save(placed, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert_same(loaded(tokens()), ref(tokens()))
+    assert list(loaded.state_dict()) == list(ref.state_dict())
+    twin.close()
+    loaded.close()
+
+
+class Gated(nn.Module):
+    """An output structure that depends on an argument: a dict with the mask given."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x, mask=None):
+        y = F.relu(self.fc(x))
+        return y if mask is None else {"y": y * mask, "kept": mask.sum()}
+
+
+def test_a_call_with_other_arguments_gets_its_own_capture():
+    torch.manual_seed(0)
+    ref = Gated()
+    model = copy.deepcopy(ref)
+    x = torch.randn(3, 6)
+    placed = placer.apply(model, plan_from_assignment(model, lambda n: "cpu:0", TWO, inputs=(x,)))
+    assert_same(placed(x), ref(x))
+    out = placed(x, mask=torch.ones(3, 6))
+    assert type(out) is dict
+    torch.testing.assert_close(out["y"], ref(x, torch.ones(3, 6))["y"])
+    out["extra"] = 1  # a plain, mutable dict
+    placed.close()

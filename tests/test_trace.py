@@ -1,0 +1,159 @@
+"""graphs.trace: one capture per mode, stable retraces, arguments at their defaults,
+calls a capture covers, outputs of the eager type, and a model left as it was found."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphs.errors import CaptureError
+from graphs.trace import fingerprint, trace_model
+
+Pair = namedtuple("Pair", ["main", "side"])
+
+
+class PosNet(nn.Module):
+    """Positions made in forward (a tensor constant for fx), dropout, a dict output."""
+
+    def __init__(self, seq: int = 6):
+        super().__init__()
+        self.seq = seq
+        self.tok = nn.Embedding(50, 8)
+        self.pos = nn.Embedding(seq, 8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, ids, mask=None):
+        h = self.tok(ids) + self.pos(torch.arange(self.seq)) + torch.tensor([0.5])
+        if mask is not None:
+            h = h * mask.unsqueeze(-1)
+        h = F.dropout(self.fc(h), p=0.5, training=self.training)
+        return {"hidden": h, "pair": Pair(h.sum(-1), h.mean())}
+
+
+def ids(batch: int = 3, seq: int = 6) -> torch.Tensor:
+    return torch.randint(0, 50, (batch, seq))
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_retracing_gives_the_same_graph_and_fingerprint(method):
+    model, x = PosNet(), ids()
+    a = trace_model(model, inputs=(x,), method=method)
+    b = trace_model(model, inputs=(x,), method=method)
+    assert fingerprint(model, a.gm) == fingerprint(model, b.gm)
+    assert [(n.op, n.name) for n in a.gm.graph.nodes] == [(n.op, n.name) for n in b.gm.graph.nodes]
+    assert not [k for k in vars(model) if k.startswith("_tensor_constant")]  # fx stows constants on the graph
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_omitted_optional_arguments_are_traced_at_their_defaults(method):
+    torch.manual_seed(0)
+    model, x = PosNet().eval(), ids()
+    traced = trace_model(model, inputs=(x,), method=method, mode="eval")
+    assert len(traced.placeholders) == 1
+    torch.testing.assert_close(traced.run(x), model(x))
+    assert traced.bind((x,), {"mask": None}) is not None  # passing the default is the same call
+    assert traced.bind((x, torch.ones(3, 6)), {}) is None  # another call: another capture
+    with_mask = trace_model(model, inputs=(x,), kwargs={"mask": torch.ones(3, 6)}, method=method, mode="eval")
+    torch.testing.assert_close(with_mask.run(x, mask=torch.ones(3, 6)), model(x, torch.ones(3, 6)))
+
+
+def test_outputs_come_back_as_the_eager_type_and_are_mutable():
+    model, x = PosNet().eval(), ids()
+    out = trace_model(model, inputs=(x,), mode="eval").run(x)
+    assert type(out) is dict and type(out["pair"]) is Pair
+    out["loss"] = out["hidden"].sum()  # a plain dict, not fx's immutable_dict
+
+
+def test_one_capture_per_mode_and_the_model_keeps_its_own_mode():
+    model, x = PosNet(), ids()
+    model.fc.eval()  # a mixed state, restored after each capture
+    flags = [m.training for m in model.modules()]
+    train = trace_model(model, inputs=(x,), mode="train")
+    evaluation = trace_model(model, inputs=(x,), mode="eval")
+    assert [m.training for m in model.modules()] == flags
+    dropping = lambda t: [n.args[2] for n in t.gm.graph.nodes if str(n.target) == "aten.dropout.default"]  # noqa: E731
+    assert dropping(train) == [True] and dropping(evaluation) in ([], [False])
+    assert train.training == (True,) * 4 and evaluation.training == (False,) * 4
+
+
+def test_an_export_capture_covers_other_batch_sizes_but_not_what_the_model_fixes():
+    model = PosNet().eval()
+    traced = trace_model(model, inputs=(ids(3),), mode="eval")
+    assert traced.bind((ids(7),), {}) is not None  # the batch dim is dynamic
+    torch.testing.assert_close(traced.run(ids(7))["hidden"].shape, torch.Size([7, 6, 8]))
+    assert traced.bind((ids(1),), {}) is None  # a batch of one is specialized: its own capture
+    assert traced.bind((ids(3, 4),), {}) is None  # the model fixes the sequence length
+    assert "size 4 in dim 1" in traced.why_not((ids(3, 4),), {})
+    assert traced.bind((ids(3).int(),), {}) is None  # another dtype
+
+
+class Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x)
+
+
+class Counted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.counter = Counter()
+
+    def forward(self, x):
+        return self.counter(x) * 2
+
+
+class RunningMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("running", torch.ones(4))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.running.mul_(0.9).add_(x.mean(0))
+        return self.fc(x) - self.running
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_a_python_attribute_set_in_forward_is_refused_naming_the_module(method):
+    model = Counted()
+    with pytest.raises(CaptureError) as err:
+        trace_model(model, inputs=(torch.randn(2, 4),), method=method)
+    message = str(err.value)
+    assert "module 'counter' (Counter) changes its attribute 'calls'" in message and "leaf_modules" in message
+    assert model.counter.calls == 0
+
+
+def test_export_records_a_buffer_updated_in_place_and_leaves_it_alone():
+    model, x = RunningMean(), torch.randn(2, 4)
+    traced = trace_model(model, inputs=(x,))
+    assert traced.method == "export" and torch.equal(model.running, torch.ones(4))
+    reference = RunningMean()
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(traced.run(x), reference(x))
+    torch.testing.assert_close(model.running, reference.running)  # updated once, as eager does
+
+
+def test_fx_refuses_a_buffer_update_it_cannot_record():
+    model = RunningMean()
+    with pytest.raises(CaptureError, match="module 'RunningMean' .* changes its attribute 'running'"):
+        trace_model(model, inputs=(torch.randn(2, 4),), method="fx")
+    assert torch.equal(model.running, torch.ones(4))
+
+
+def test_leaf_modules_run_as_themselves_so_their_updates_happen_every_call():
+    model = Counted()
+    traced = trace_model(model, leaf_modules=(Counter,), inputs=(torch.randn(2, 4),))
+    assert traced.method == "fx" and model.counter.calls == 0
+    traced.run(torch.randn(2, 4))
+    traced.run(torch.randn(2, 4))
+    assert model.counter.calls == 2
