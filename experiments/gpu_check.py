@@ -49,23 +49,27 @@ def accelerator(stand_in: bool) -> str:
 
 
 def half_plan(spec: str, first: str, second: str = "cpu"):
-    """The model's fx graph cut in two contiguous halves: the first on `first`."""
+    """The model's captured graph (torch.export where it can) cut in two contiguous
+    halves: the first on `first`."""
     from graphs.workload import load_workload
     from train_distributed import contiguous_plan
 
     w = load_workload(spec)
     second = "cpu:0" if first.startswith("cpu") else second
-    return w, contiguous_plan(w.fresh_model(), [first, second], w.leaf_modules, spec)
+    return w, contiguous_plan(w.fresh_model(), [first, second], w.leaf_modules, spec, w.inputs)
 
 
-def one_step(model: torch.nn.Module, workload, autocast: str | None = None) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and gradients (on the host, by parameter name) of one forward and backward."""
+def one_step(model: torch.nn.Module, workload, autocast: str | None = None,
+             device: str | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gradients (on the host, by parameter name) of one forward and backward,
+    the batch on `device` (None: where the workload made it)."""
+    inputs = tuple(x.to(device) for x in workload.inputs) if device else workload.inputs
     model.zero_grad(set_to_none=True)
     with torch.autocast(autocast, dtype=torch.bfloat16) if autocast else nullcontext():
-        out = model(*workload.inputs)
-    loss = workload.loss_fn(out, *workload.inputs)
+        out = model(*inputs)
+    loss = workload.loss_fn(out, *inputs)
     loss.backward()
-    return float(loss), {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def compare(expected: tuple[float, dict], actual: tuple[float, dict], rtol: float, cosine: float | None = None) -> str:
@@ -174,10 +178,18 @@ def part_bf16(args) -> str:
     device = accelerator(args.stand_in)
     kind = device.split(":")[0]
     w, plan = half_plan(SPEC, device)
+    fp32 = one_step(w.fresh_model(), w)
+    eager = one_step(w.fresh_model().to(kind), w, autocast=kind, device=kind)
     placed = placer.apply(w.fresh_model(), plan)
     try:
-        fp32 = one_step(w.fresh_model(), w)
-        problem = compare(fp32, one_step(placed, w, autocast=kind), BF16_RTOL, BF16_COSINE)
+        ours = one_step(placed, w, autocast=kind)
+        off_eager, off_ours = abs(eager[0] - fp32[0]), abs(ours[0] - fp32[0])
+        print(f"  loss under bf16 autocast: unplaced {eager[0]:.6f}, placed {ours[0]:.6f}, float32 {fp32[0]:.6f}")
+        if off_ours < 0.1 * off_eager:
+            problem = (f"autocast did not reach the placed model (its loss is float32's to {off_ours:.2g}, eager "
+                       f"bf16 is {off_eager:.2g} away): autocast is per thread and chunks run on device workers")
+        else:
+            problem = compare(fp32, ours, BF16_RTOL, BF16_COSINE)
         optimizer = w.make_optimizer(placed.parameters())
 
         def step() -> None:

@@ -38,12 +38,13 @@ from placer.distributed import (DistributedModel, PipelinedModel, die_with_paren
 from placer.plan import Plan, load_plan, plan_from_assignment
 
 
-def contiguous_plan(model: nn.Module, devices: Sequence[str], leaf_modules=(), workload: str = "") -> Plan:
-    """Cut the fx graph into len(devices) contiguous runs of nodes, one per device
-    (a pipeline); nodes that share a parameter go with its first user. Nodes are
-    taken by position, so a trace that names its constants anew each time (fx's
-    `_tensor_constantN`) cuts the same way."""
-    n = len(trace_model(model, leaf_modules=leaf_modules).gm.graph.nodes)
+def contiguous_plan(model: nn.Module, devices: Sequence[str], leaf_modules=(), workload: str = "",
+                    inputs: tuple | None = None) -> Plan:
+    """Cut the captured graph (torch.export on `inputs` where it can, else torch.fx)
+    into len(devices) contiguous runs of nodes, one per device (a pipeline); nodes that
+    share a parameter go with its first user. Nodes are taken by position, so a trace
+    that names its constants anew each time (fx's `_tensor_constantN`) cuts the same way."""
+    n = len(trace_model(model, leaf_modules=leaf_modules, inputs=inputs).gm.graph.nodes)
     seen, first_user = [0], {}
 
     def assign(node: fx.Node) -> str:
@@ -55,8 +56,8 @@ def contiguous_plan(model: nn.Module, devices: Sequence[str], leaf_modules=(), w
             device = first_user.setdefault(id(getattr(gm.get_submodule(path), attr)), device)
         return device
 
-    return plan_from_assignment(model, assign, list(devices), leaf_modules=leaf_modules, method="contiguous",
-                                workload=workload)
+    return plan_from_assignment(model, assign, list(devices), inputs=inputs, leaf_modules=leaf_modules,
+                                method="contiguous", workload=workload)
 
 
 def main() -> None:
@@ -77,7 +78,7 @@ def main() -> None:
     steps = 3 if args.quick else args.steps
     workload = load_workload(args.workload)
     plan = load_plan(args.plan) if args.plan else contiguous_plan(
-        workload.fresh_model(), args.devices.split(","), workload.leaf_modules, args.workload)
+        workload.fresh_model(), args.devices.split(","), workload.leaf_modules, args.workload, workload.inputs)
     pipelined = args.backend == "pipelining"
     if "RANK" not in os.environ:  # not launched by torchrun: be torchrun, one local rank per device (or stage)
         from torch.distributed.run import main as torchrun
