@@ -1,0 +1,118 @@
+"""The honest final choice: which plan is written, and the line that says why.
+
+The rules (issue 14, DESIGN.md "Measuring"):
+
+1. Candidates are re-measured together in one fresh interleaved session (`final`);
+   the search's own measurements, which picked them, are never the evidence.
+2. One candidate beats another only when the confidence interval of their ratio
+   says so; otherwise they tie. Among the fastest candidate and every candidate that
+   ties with it, the simplest wins (`simplicity`): `unplaced` first, then fewer
+   devices, fewer micro-batches, fewer cut edges, a heuristic before a search.
+3. The winner is measured once more beside `unplaced` and the best heuristic in a
+   second fresh session (`confirm`), and every speedup reported for it comes from
+   that session: the measurements that selected it are not the ones that judge it.
+   Only a winner measurably faster than `unplaced` there is written as the plan;
+   otherwise `unplaced` wins (the single-device plan for the whole host) and the
+   report's first line says that no plan is measurably faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from graphs.problem import PlacementProblem
+from placer.measurements import UNPLACED, compare
+from placer.results import Choice, MethodResult, method_name
+from placer.runtime.timing import Measurement
+
+__all__ = ["simplicity", "pick", "fill", "verdict_choice"]
+
+_KIND_ORDER = {"unplaced": 0, "baseline": 1, "search": 2, "rl": 3}
+
+
+def simplicity(row: MethodResult, problem: PlacementProblem | None = None) -> tuple:
+    """Sort key, simplest first: unplaced; then devices used, micro-batches, edges cut
+    between devices (with `problem`), heuristic before search."""
+    if row.kind == "unplaced":
+        return (0,)
+    placement = row.placement or []
+    cut = 0
+    if problem is not None and len(placement) == problem.n_groups:
+        cut = sum(placement[u] != placement[v] for u, v in problem.costs.edges.tolist())
+    used = len(set(placement)) if placement else len(row.devices)
+    return (1, used, row.microbatches, cut, _KIND_ORDER.get(row.kind, 9))
+
+
+def pick(rows: Sequence[MethodResult], measured: Mapping[str, Measurement],
+         problem: PlacementProblem | None = None) -> MethodResult | None:
+    """The simplest of the rows that are not measurably slower than the fastest one
+    (rule 2), by their measurements in `measured` (method -> Measurement of one
+    session); None when none is feasible."""
+    feasible = [r for r in rows if measured.get(r.method) is not None and measured[r.method].feasible]
+    if not feasible:
+        return None
+    fastest = min(feasible, key=lambda r: measured[r.method].median_ms)
+    contenders = [r for r in feasible
+                  if r is fastest or compare(measured[r.method], measured[fastest.method], fastest.method).verdict != "slower"]
+    return min(contenders, key=lambda r: (simplicity(r, problem), measured[r.method].median_ms))
+
+
+def fill(row: MethodResult, measurement: Measurement, session: str, unplaced: Measurement | None,
+         heuristic: tuple[str, Measurement] | None, bound_ms: float | None) -> None:
+    """Write a measurement into a row, with its speedups over `unplaced` and over the
+    best heuristic (name, measurement) measured in the same session."""
+    row.session = session
+    row.feasible = measurement.feasible
+    row.reason = measurement.reason
+    row.peak_bytes = dict(measurement.peak_bytes)
+    row.notes = list(dict.fromkeys([*row.notes, *measurement.notes]))
+    row.measured_ms = measurement.median_ms if measurement.feasible else None
+    row.ci_ms = measurement.ci_ms if measurement.feasible else None
+    row.iqr_ms = measurement.iqr_ms if measurement.feasible else None
+    row.runs = measurement.runs
+    row.ratio_to_lower_bound = (row.measured_ms / bound_ms if row.measured_ms is not None and bound_ms else None)
+    row.vs_unplaced = None if unplaced is None or row.kind == "unplaced" else compare(measurement, unplaced, UNPLACED)
+    row.vs_best_heuristic = None
+    if heuristic is not None and heuristic[0] != row.method and row.kind != "unplaced":
+        row.vs_best_heuristic = compare(measurement, heuristic[1], heuristic[0])
+
+
+def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, session: str | None,
+                   shortlist: Sequence[str], unplaced_device: str, confirmed: bool = True) -> Choice:
+    """The Choice and its headline from the winner's row (filled from `session`).
+
+    A winner other than unplaced is kept only when it is measurably faster than
+    unplaced (or unplaced cannot run); else unplaced is chosen. Unconfirmed choices
+    (interrupted before the final sessions) say so."""
+    def line(text: str) -> str:
+        return text.replace("  ", " ").strip()
+
+    ratio = winner.vs_unplaced if winner is not None else None
+    heuristic = winner.vs_best_heuristic if winner is not None else None
+    vs_heuristic = (f"; {heuristic.describe()} the best heuristic ({method_name(heuristic.reference)})"
+                    if heuristic is not None else "")
+    if winner is None:
+        return Choice(None, "none", "No placement could be measured.", session, list(shortlist))
+    if not confirmed:
+        return Choice(winner.method, "unconfirmed", line(
+            f"Interrupted before the final measurements: {method_name(winner.method)} is the fastest measured so far "
+            f"({winner.measured_ms:.2f} ms), unconfirmed; its speedups come from the search's own measurements."),
+            session, list(shortlist), ratio, heuristic)
+    unplaced_ok = unplaced is not None and unplaced.measured
+    if winner.kind == "unplaced" or (ratio is not None and ratio.verdict != "faster" and unplaced_ok):
+        best = "" if winner.kind == "unplaced" else f": the fastest plan, {method_name(winner.method)}, is " \
+                                                     f"{ratio.describe()} unplaced"
+        verdict = "slower" if ratio is not None and ratio.verdict == "slower" else "tie"
+        return Choice(UNPLACED, verdict, line(
+            f"No plan is measurably faster than the model run without placer (unplaced, everything on "
+            f"{unplaced_device}, {unplaced.measured_ms:.2f} ms){best}. plan.json runs everything on "
+            f"{unplaced_device}."), session, list(shortlist))
+    if ratio is None:  # unplaced cannot run (memory caps): the fastest feasible plan is the answer
+        return Choice(winner.method, "unplaced infeasible", line(
+            f"{method_name(winner.method)}: {winner.measured_ms:.2f} ms per training step; the model does not "
+            f"run unplaced on {unplaced_device} ({unplaced.reason if unplaced else 'not measured'}){vs_heuristic}."),
+            session, list(shortlist), None, heuristic)
+    return Choice(winner.method, "faster", line(
+        f"{method_name(winner.method)} is measurably faster than the model run without placer: "
+        f"{ratio.describe()} unplaced{vs_heuristic}."), session, list(shortlist), ratio, heuristic)
+

@@ -1,0 +1,74 @@
+"""Ctrl-C and SIGTERM: both stop a run the same way, keeping what was done.
+
+`terminate_like_interrupt()` makes SIGTERM (what `timeout`, `kill`, Slurm and
+`docker stop` send) raise `Terminated`, a KeyboardInterrupt, in the main thread, so
+every stage that saves its work on Ctrl-C does the same on SIGTERM; the CLI then
+says "terminated" and exits 143 instead of "interrupted" and 130.
+
+`deferred()` holds both signals back while a few files are swapped in together: a
+signal arriving then takes effect right after, so the files of one run are never
+left half old and half new.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["Terminated", "terminate_like_interrupt", "interruption", "deferred", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received: handled wherever Ctrl-C is, reported as "terminated"."""
+
+
+_received = {"SIGTERM": False}
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    _received["SIGTERM"] = True
+    raise Terminated()
+
+
+def interruption() -> KeyboardInterrupt:
+    """The exception that stands for how this run was stopped: Terminated once a
+    SIGTERM came (also when a stage caught it as a KeyboardInterrupt), else a
+    KeyboardInterrupt."""
+    return Terminated() if _received["SIGTERM"] else KeyboardInterrupt()
+
+
+def terminate_like_interrupt() -> None:
+    """Make SIGTERM raise Terminated in the main thread (call from the main thread)."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then act on the first one that came.
+
+    Outside the main thread (where handlers cannot be set) it holds nothing back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in before:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        if received:
+            handler = before[received[0]]
+            if callable(handler):
+                handler(received[0], None)
+            elif handler == signal.SIG_DFL and received[0] == signal.SIGINT:
+                raise KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(received[0])

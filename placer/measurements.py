@@ -1,0 +1,389 @@
+"""Measuring candidates so that their comparison can be trusted: the protocol, the
+comparison of two measurements, and the persistent measurement book.
+
+The protocol (`Protocol`, `run_session`). Candidates measured in one *session* are
+timed interleaved, round by round, in alternating order: A B C, C B A, A B C, ...,
+so that drift in the host's load and the position in a round hit all of them alike
+(measured A-then-B every round, two identical placements differed by 9%). After
+`min_runs` steps a candidate stops once the confidence interval of its median
+(order statistics, placer.runtime.timing.median_ci) is within `target` of the median
+(default +-3%); the session stops when every candidate has, or at `max_runs` steps
+each, or at `cap_s` seconds.
+
+The comparison (`compare`): the speedup of one measurement over another is the ratio
+of their medians, with a bootstrap confidence interval (seeded: the same times give
+the same interval). A ratio whose interval holds 1 is a *tie*: neither is measurably
+faster.
+
+The book (`MeasurementBook`): every measurement of a run, saved to DIR/measurements.json
+as soon as it is made, so that a run resumed after Ctrl-C or a kill repeats none of
+them. The file keeps each *identity* (workload fingerprint, devices, memory caps,
+protocol) apart: a run never reads, nor overwrites, another identity's measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from graphs.devices import parse_cluster
+from graphs.problem import Candidate, PlacementProblem
+from graphs.workload import Workload
+from placer.plan import Plan, make_plan
+from placer.results import Progress, Ratio, Stage, quiet, warn_stderr, write_json
+from placer.runtime.timing import CONFIDENCE, Clock, EagerTrial, Measurement, PlacedTrial, Trial
+
+__all__ = ["Protocol", "run_session", "compare", "candidate_key", "key_candidate", "MeasurementBook", "BOOK_FORMAT",
+           "Measurer", "UNPLACED", "unplaced_device", "unplaced_problem", "unplaced_plan"]
+
+UNPLACED = "unplaced"  # the method name, and book key, of the model run without placer
+BOOK_FORMAT = "placer.measurements/v2"  # v2: one book per identity, Measurement with ci_ms and runs
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How candidates are measured (module docstring)."""
+
+    target: float = 0.03
+    """Stop a candidate once its median's CI half-width is at most this fraction of the median."""
+    min_runs: int = 5
+    """Timed steps of a candidate before its CI is judged."""
+    max_runs: int = 200
+    """Timed steps of a candidate at most."""
+    cap_s: float = 60.0
+    """Seconds of timed rounds per session, once every candidate has min_runs steps (warm-up not counted)."""
+    warmup: int = 3
+    """Untimed steps when a candidate is opened (the first also measures its memory)."""
+    step_timeout_s: float = 120.0
+    """A step (warm-up included) longer than this makes a candidate infeasible."""
+    confidence: float = CONFIDENCE
+    """Coverage of every confidence interval."""
+
+    def __post_init__(self) -> None:
+        for name in ("target", "cap_s", "step_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value}: give a finite number > 0")
+        if not 1 <= self.min_runs <= self.max_runs:
+            raise ValueError(f"min_runs={self.min_runs}, max_runs={self.max_runs}: need 1 <= min_runs <= max_runs")
+        if self.warmup < 1:
+            raise ValueError(f"warmup={self.warmup}: give at least 1 (it also measures memory)")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence={self.confidence}: give a probability in (0, 1)")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def settled(self, trial: Trial) -> bool:
+        """Whether `trial` needs no more steps: failed, at max_runs, or its CI within target."""
+        if trial.failed is not None or len(trial.times_ms) >= self.max_runs:
+            return True
+        if len(trial.times_ms) < self.min_runs:
+            return False
+        halfwidth = trial.result(self.confidence).ci_halfwidth
+        return halfwidth is not None and halfwidth <= self.target
+
+
+def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time.perf_counter,
+                progress: Progress = quiet, stage: str = "measuring") -> list[Measurement]:
+    """Measure `trials` together under `protocol`, interleaved in alternating order.
+
+    Every trial is opened (warmed up) first; those that cannot run are infeasible at
+    once. Then rounds: each unsettled trial times one step, in the order of the list
+    on even rounds and reversed on odd ones, until every trial is settled, or every
+    trial has its `min_runs` steps and the timed rounds have passed `protocol.cap_s`. Every trial is closed at the end, also on
+    Ctrl-C (which propagates).
+
+    Parameters
+    ----------
+    trials : the candidates (at most a few: all are alive at once).
+    protocol : targets and limits.
+    clock : seconds, monotonic (a fake one in tests).
+    progress : told Stage(stage, steps done, None) as rounds go.
+
+    Returns
+    -------
+    One Measurement per trial, in order.
+    """
+    try:
+        for i, trial in enumerate(trials):
+            progress(Stage(stage, i, len(trials), {"opening": trial.label}))
+            trial.open()
+        begin, round_ = clock(), 0
+        while True:
+            live = [t for t in trials if not protocol.settled(t)]
+            warm = all(t.failed is not None or len(t.times_ms) >= protocol.min_runs for t in trials)
+            if not live or (warm and clock() - begin > protocol.cap_s):
+                break
+            for trial in (live if round_ % 2 == 0 else live[::-1]):
+                trial.step()
+            round_ += 1
+            done = sum(len(t.times_ms) for t in trials)
+            progress(Stage(stage, done, None, {"round": round_, "steps": done}))
+        return [t.result(protocol.confidence) for t in trials]
+    finally:
+        for trial in trials:
+            trial.close()
+
+
+def compare(this: Measurement, reference: Measurement, reference_name: str, confidence: float = CONFIDENCE,
+            resamples: int = 2000, seed: int = 0) -> Ratio | None:
+    """The speedup of `this` over `reference` with a bootstrap CI, or None when either
+    is infeasible or has no step times.
+
+    The interval is the percentile bootstrap of median(reference) / median(this), each
+    sample resampled on its own (`resamples` times, seeded: deterministic)."""
+    if not (this.feasible and reference.feasible and this.times_ms and reference.times_ms):
+        return None
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(this.times_ms), np.asarray(reference.times_ms)
+    ratios = (np.median(rng.choice(b, (resamples, b.size)), axis=1)
+              / np.median(rng.choice(a, (resamples, a.size)), axis=1))
+    tail = (1 - confidence) / 2 * 100
+    low, high = (float(x) for x in np.percentile(ratios, [tail, 100 - tail]))
+    value = float(np.median(b) / np.median(a))
+    verdict = "faster" if low > 1 else "slower" if high < 1 else "tie"
+    return Ratio(value, (low, high), verdict, reference_name)
+
+
+def candidate_key(candidate: Candidate | Sequence[int] | None) -> str:
+    """A candidate's key in the book: "0,1,1" (one micro-batch), "0,1,1/m4", or
+    "unplaced" for None (the model run without placer)."""
+    if candidate is None:
+        return UNPLACED
+    if not isinstance(candidate, Candidate):
+        candidate = Candidate(tuple(int(d) for d in candidate))
+    key = ",".join(str(int(d)) for d in candidate.placement)
+    return key if candidate.microbatches == 1 else f"{key}/m{candidate.microbatches}"
+
+
+def key_candidate(key: str) -> Candidate | None:
+    """The Candidate of a book key (inverse of candidate_key)."""
+    if key == UNPLACED:
+        return None
+    placement, _, m = key.partition("/m")
+    return Candidate(tuple(int(d) for d in placement.split(",") if d), int(m) if m else 1)
+
+
+class MeasurementBook:
+    """Every measurement of one identity, kept in memory and saved to `path` (JSON) as
+    soon as it is recorded; measurements of other identities in the same file are kept
+    untouched.
+
+    Parameters
+    ----------
+    identity : what the measurements depend on (JSON values): workload fingerprint,
+        devices, memory caps, protocol. Entries are reused only under an equal identity.
+    path : the book's file; None keeps it in memory only.
+    warn : told one line per problem with the file (damaged, unreadable, unwritable).
+    """
+
+    def __init__(self, identity: dict, path: Path | None = None, warn: Callable[[str], None] = warn_stderr):
+        self.identity, self.path, self.warn = json.loads(json.dumps(identity)), path, warn
+        self.entries: dict[str, Measurement] = {}
+        self.others: list[dict] = []  # the other identities' books, as read
+        self.write_failed = False
+        if path is not None and path.exists():
+            self._read(path)
+
+    def _read(self, path: Path) -> None:
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            self.warn(f"{path}: unreadable measurement book ({type(exc).__name__}: {exc}); measuring afresh")
+            return
+        books = saved.get("books") if saved.get("format") == BOOK_FORMAT else \
+            [{"identity": saved.get("identity"), "entries": saved.get("entries")}]  # v1: one identity
+        damaged = 0
+        for book in books if isinstance(books, list) else []:
+            if not isinstance(book, dict):
+                continue
+            if book.get("identity") != self.identity:
+                self.others.append(book)
+                continue
+            for key, entry in (book.get("entries") or {}).items():
+                try:
+                    key_candidate(key)
+                    self.entries[key] = Measurement.from_json(entry)
+                except (ValueError, TypeError, AttributeError):
+                    damaged += 1
+        if damaged:
+            self.warn(f"{path}: {damaged} damaged measurement(s) ignored (measured again)")
+
+    @staticmethod
+    def last_identity(path: Path) -> dict | None:
+        """The identity of the book saved last in `path` (the run that wrote it last):
+        what `--resume` must match. None when there is no readable book."""
+        try:
+            saved = json.loads(path.read_text())
+            books = saved["books"] if saved.get("format") == BOOK_FORMAT else [saved]
+            identity = books[-1]["identity"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+            return None
+        return identity if isinstance(identity, dict) else None
+
+    def get(self, candidate: Candidate | Sequence[int] | None) -> Measurement | None:
+        """The recorded measurement of a candidate, if any."""
+        return self.entries.get(candidate_key(candidate))
+
+    def record(self, candidate: Candidate | Sequence[int] | None, measurement: Measurement) -> None:
+        """Keep a measurement and save the book (a failed save is one warning, once)."""
+        self.entries[candidate_key(candidate)] = measurement
+        self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        books = [*self.others, {"identity": self.identity,
+                                "entries": {k: m.to_json() for k, m in self.entries.items()}}]
+        try:
+            write_json(self.path, {"format": BOOK_FORMAT, "books": books})
+        except OSError as exc:
+            if not self.write_failed:
+                self.warn(f"cannot save measurements to {self.path} ({exc.strerror or exc}); they are kept in "
+                          f"memory, but a resumed run will measure them again")
+            self.write_failed = True
+
+    def feasible(self) -> list[tuple[Candidate, Measurement]]:
+        """Every feasible measurement of a placement (not unplaced's), in the order recorded."""
+        return [(key_candidate(k), m) for k, m in self.entries.items() if m.feasible and k != UNPLACED]
+
+
+# ----------------------------------------------------------------------------- measuring a problem's candidates
+
+def unplaced_device(problem: PlacementProblem) -> str:
+    """Where the user runs the model without placer: the fastest device by profiled
+    compute, "cpu" (the whole host) when that is a CPU device, else its "cuda:N"."""
+    totals = problem.costs.compute_ms.sum(axis=0)
+    fastest = problem.cluster.devices[int(np.argmin(totals))]
+    return "cpu" if fastest.kind == "cpu" else fastest.torch_device
+
+
+def unplaced_problem(problem: PlacementProblem) -> PlacementProblem:
+    """`problem` on the one device `unplaced_device` names. Its memory cap: the sum of
+    the CPU devices' caps when every CPU device has one (the whole host), the GPU's own."""
+    device = unplaced_device(problem)
+    if device == "cpu":
+        caps = [d.memory_bytes for d in problem.cluster.devices if d.kind == "cpu"]
+        cap = sum(caps) if caps and None not in caps else None
+    else:
+        cap = next(d.memory_bytes for d in problem.cluster.devices if d.torch_device == device)
+    return replace(problem, cluster=parse_cluster(device, f"{device}={cap}" if cap is not None else None))
+
+
+def unplaced_plan(problem: PlacementProblem, seed: int | None = None) -> Plan:
+    """The single-device plan of the whole model on `unplaced_device`: what plan.json
+    holds when no placement is measurably faster than running the model unplaced."""
+    alone = unplaced_problem(problem)
+    return make_plan(alone, (0,) * problem.n_groups, UNPLACED, seed=seed)
+
+
+
+class Measurer:
+    """Measures candidates of one problem under the protocol, remembering each in the book.
+
+    `measure` measures only what the book lacks: candidates the problem already
+    knows to be infeasible are recorded without running; the rest in one interleaved
+    session (or, with a `pool`, on its worker processes at once). `session` measures
+    afresh, for the final choice, with `unplaced` among them when asked.
+
+    Parameters
+    ----------
+    workload, problem : what is measured.
+    book : where measurements are kept.
+    protocol : how (targets and limits).
+    pool : a placer.runtime.pool.MeasurementPool, or None to measure in this process.
+    progress : told how each session goes.
+    clock : seconds, monotonic.
+    """
+
+    def __init__(self, workload: Workload, problem: PlacementProblem, book: MeasurementBook, protocol: Protocol,
+                 pool: object | None = None, progress: Progress = quiet, clock: Clock = time.perf_counter):
+        self.workload, self.problem, self.book, self.protocol = workload, problem, book, protocol
+        self.pool, self.progress, self.clock = pool, progress, clock
+        self.unplaced_problem = unplaced_problem(problem)
+
+    def trial(self, candidate: Candidate | None, label: str) -> Trial:
+        """A Trial of a candidate, or of the unplaced model (candidate None)."""
+        p = self.protocol
+        limits = dict(warmup=p.warmup, step_timeout_s=p.step_timeout_s, clock=self.clock)
+        if candidate is None:
+            device = self.unplaced_problem.cluster.devices[0]
+            return EagerTrial(self.workload, device.torch_device, device.threads if device.kind == "cpu" else None,
+                              label=label, **limits)
+        plan = make_plan(self.problem, candidate.placement, label, **_pipelining(candidate))
+        return PlacedTrial(self.workload, plan, self.problem.cluster, label=label, **limits)
+
+    def known_infeasible(self, candidate: Candidate | None) -> Measurement | None:
+        """The infeasible Measurement of a candidate (None: unplaced) the problem rules out unrun."""
+        problem = self.unplaced_problem if candidate is None else self.problem
+        placement = (0,) * problem.n_groups if candidate is None else candidate.placement
+        reasons = problem.violations(placement)
+        if not reasons:
+            return None
+        peaks = problem.memory_per_device(placement)
+        return Measurement(feasible=False, peak_bytes={d: int(b) for d, b in zip(problem.cluster.names, peaks)},
+                           reason="; ".join(reasons))
+
+    def measure(self, candidates: Sequence[Candidate | None], labels: Sequence[str] | None = None,
+                stage: str = "measuring") -> list[Measurement]:
+        """The book's Measurement of each candidate (None: the unplaced model),
+        measuring the ones it lacks together in one session."""
+        labels = list(labels) if labels is not None else ["candidate"] * len(candidates)
+        todo: dict[str, tuple[Candidate | None, str]] = {}
+        for candidate, label in zip(candidates, labels):
+            if self.book.get(candidate) is None:
+                known = self.known_infeasible(candidate)
+                if known is not None:
+                    self.book.record(candidate, known)
+                else:
+                    todo.setdefault(candidate_key(candidate), (candidate, UNPLACED if candidate is None else label))
+        pooled = [(c, label) for c, label in todo.values() if c is not None] if self.pool is not None else []
+        if len(pooled) > 1:  # each on its own worker's devices, at once: not interleaved
+            plans = [make_plan(self.problem, c.placement, label, **_pipelining(c)) for c, label in pooled]
+            for (candidate, _), result in zip(pooled, self.pool.measure_many(plans)):
+                self.book.record(candidate, result)
+            todo = {k: v for k, v in todo.items() if v[0] is None}
+        if todo:
+            trials = [self.trial(c, label) for c, label in todo.values()]
+            try:
+                results = run_session(trials, self.protocol, self.clock, self.progress, stage)
+            except KeyboardInterrupt:  # what was timed before it is kept
+                for (candidate, _), trial in zip(todo.values(), trials):
+                    if trial.failed is not None or trial.times_ms:
+                        self.book.record(candidate, trial.result(self.protocol.confidence))
+                raise
+            for (candidate, _), result in zip(todo.values(), results):
+                self.book.record(candidate, result)
+        return [self.book.get(c) for c in candidates]
+
+    def session(self, entries: Sequence[tuple[str, Candidate | None]], stage: str) -> dict[str, Measurement]:
+        """Measure afresh, together and interleaved: (label, candidate) pairs, candidate
+        None for the unplaced model; the book is neither read nor changed. Candidates
+        the problem rules out are infeasible unrun. Returns label -> Measurement."""
+        results: dict[str, Measurement] = {}
+        runnable = []
+        for label, candidate in entries:
+            known = self.known_infeasible(candidate)
+            if known is not None:
+                results[label] = known
+            else:
+                runnable.append((label, self.trial(candidate, label)))
+        measured = run_session([t for _, t in runnable], self.protocol, self.clock, self.progress, stage)
+        results.update((label, result) for (label, _), result in zip(runnable, measured))
+        return {label: results[label] for label, _ in entries}
+
+
+def _pipelining(candidate: Candidate) -> dict:
+    """make_plan's pipelining arguments for a candidate (none for one micro-batch)."""
+    if candidate.microbatches == 1:
+        return {}
+    return {"microbatches": candidate.microbatches, "schedule": "gpipe"}

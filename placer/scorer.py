@@ -1,0 +1,137 @@
+"""The Scorer a search is given (seam 5): simulated scores, real measurements, refits.
+
+A search proposes candidates; it never touches the simulator, the runtime or the
+measurement book itself. It asks the Scorer:
+
+- `score(candidates)`: simulated step times (ms, inf when infeasible) under the
+  current calibration; with reward "measure", measured medians instead (the paper's
+  setting, every reward a real measurement);
+- `measure(candidates)`: measured medians (ms, None when infeasible), through the
+  measurement protocol and the book (placer.measurements.Measurer);
+- `refit()`: recalibrate the simulator from every feasible measurement so far.
+
+It also keeps what makes the learning curve truthful: each refit, and each time the
+best measurement improved, stamped with the search's progress (`on_round` is given
+every curve row as the search reports it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from envs.calibrate import fit_calibration, save_calibration
+from envs.sim import Calibration, SimResult, Simulator
+from graphs.problem import Candidate, PlacementProblem
+from placer.measurements import Measurer
+from placer.results import warn_stderr
+from placer.runtime.timing import Measurement
+
+__all__ = ["Scorer", "as_candidate"]
+
+
+def as_candidate(candidate: Candidate | Sequence[int]) -> Candidate:
+    """A Candidate from a Candidate or a bare placement (one micro-batch)."""
+    return candidate if isinstance(candidate, Candidate) else Candidate(tuple(int(d) for d in candidate))
+
+
+class Scorer:
+    """Scores candidates of `problem` for a search (module docstring).
+
+    Parameters
+    ----------
+    problem : the placement problem searched.
+    measurer : measures candidates under the protocol, keeping them in its book.
+    calibration : the simulator's starting calibration (None: the default).
+    reward : "sim" (score by the simulator) or "measure" (score by measurement).
+    warn : told one line when something is only a warning (a calibration not saved).
+
+    Raises
+    ------
+    ValueError
+        An unknown reward.
+    """
+
+    def __init__(self, problem: PlacementProblem, measurer: Measurer, calibration: Calibration | None = None,
+                 reward: str = "sim", warn: Callable[[str], None] = warn_stderr):
+        if reward not in ("sim", "measure"):
+            raise ValueError(f"unknown reward {reward!r}: use 'sim' or 'measure'")
+        self.problem, self.measurer, self.reward, self.warn = problem, measurer, reward, warn
+        self.simulator = Simulator(problem, calibration)
+        self.refits: list[dict] = []  # one mark per refit: the curve row it happened in
+        self.best_measured: list[dict] = []  # one mark per improvement of the best measurement
+        self.measured: dict[Candidate, Measurement] = {}  # what this search measured
+        self._last_row: dict = {}
+        self._unstamped: list[dict] = []  # marks made since the last curve row
+        self._best: Measurement | None = None
+
+    # -- the three calls a search makes ----------------------------------------------
+
+    def simulate(self, candidate: Candidate | Sequence[int], timeline: bool = False) -> SimResult:
+        """The simulator's result for one candidate under the current calibration."""
+        c = as_candidate(candidate)
+        if c.microbatches == 1:
+            return self.simulator.simulate(c.placement, timeline=timeline)
+        return self.simulator.simulate(c.placement, microbatches=c.microbatches, timeline=timeline)
+
+    def score(self, candidates: Sequence[Candidate | Sequence[int]]) -> list[float]:
+        """Step time of each candidate in ms (inf when infeasible): simulated, or measured
+        with reward "measure"."""
+        if self.reward == "measure":
+            return [math.inf if ms is None else ms for ms in self.measure(candidates)]
+        results = [self.simulate(c) for c in candidates]
+        return [r.step_ms if r.feasible else math.inf for r in results]
+
+    def measure(self, candidates: Sequence[Candidate | Sequence[int]]) -> list[float | None]:
+        """Measured median step time of each candidate in ms (None when infeasible),
+        measuring together those the book lacks (Ctrl-C propagates, what was timed kept)."""
+        batch = [as_candidate(c) for c in candidates]
+        results = self.measurer.measure(batch, stage="search: measuring")
+        for candidate, result in zip(batch, results):
+            self.measured[candidate] = result
+            if result.feasible and (self._best is None or result.median_ms < self._best.median_ms):
+                self._best = result
+                self._mark(self.best_measured, {"median_ms": result.median_ms,
+                                                "ci_ms": list(result.ci_ms) if result.ci_ms else None})
+        return [r.median_ms if r.feasible else None for r in results]
+
+    def refit(self) -> None:
+        """Recalibrate the simulator from every feasible measurement in the book (of one
+        micro-batch: the calibration's model); kept as is with fewer than two."""
+        pairs = [(c.placement, m.median_ms) for c, m in self.measurer.book.feasible() if c.microbatches == 1]
+        if len(pairs) < 2:
+            return
+        calibration = fit_calibration(self.problem, [p for p, _ in pairs], [ms for _, ms in pairs],
+                                      initial=self.simulator.calibration)
+        try:
+            save_calibration(self.problem, calibration)
+        except OSError as exc:
+            self.warn(f"calibration not cached ({exc.strerror or exc}: {exc.filename or ''}); it is used in this run")
+        self.simulator = Simulator(self.problem, calibration)
+        self._mark(self.refits, {"measurements": len(pairs)})
+
+    # -- the learning curve ------------------------------------------------------------
+
+    def on_round(self, row: dict) -> dict:
+        """Note a search's curve row: the refits and best measurements made during its
+        round are stamped with its round, samples and seconds. Returns the row with
+        `calibration` (refits so far: the calibration its simulated times are under)
+        and the best measurement's CI `best_measured_ci_ms`."""
+        self._last_row = dict(row)
+        self.finish()
+        best = self._best
+        return {**row, "calibration": len(self.refits),
+                "best_measured_ci_ms": list(best.ci_ms) if best is not None and best.ci_ms else None}
+
+    def finish(self) -> None:
+        """Stamp the marks made since the last row with it (the search's final
+        measurements come after its last row)."""
+        stamp = {key: self._last_row.get(key) for key in ("method", "update", "samples", "elapsed_s")
+                 if key in self._last_row}
+        for mark in self._unstamped:
+            mark.update(stamp)
+        self._unstamped = []
+
+    def _mark(self, marks: list[dict], mark: dict) -> None:
+        marks.append(mark)
+        self._unstamped.append(mark)
