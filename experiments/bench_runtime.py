@@ -1,20 +1,26 @@
-"""The runtime's three targets (issue 3), measured on whole training steps.
+"""The execution engine's targets (issue 15), on whole training steps.
 
-(a) Overhead: every zoo `small` model placed entirely on cpu:0 through the runtime,
-    against the plain eager model with the same intra-op thread count. Target:
-    within 3%.
-(b) Concurrency: a model with two independent heavy branches, split over cpu:0 and
-    cpu:1, against the same model all on cpu:0 of the same two-device cluster (each
-    virtual device has half the cores). Target: at least 1.6x. The whole host as one
-    device (`cpu`) is reported beside it, for reference.
-(c) Noise: the interquartile range of repeated measurements of one placement as a
-    fraction of the median. Target: under 5% on an idle host.
+Every section measures its candidates together with placer's protocol
+(placer.measurements.run_session: interleaved A B C / C B A rounds until each
+median's 95% CI is within 3%, or a time cap), always with the `unplaced` row (the
+eager model on the whole host), and reports ratios with their bootstrap CI.
 
-Placed and eager runs alternate round by round, so that drift in the host's load
-hits both alike; each reported time is the median over rounds of per-round medians.
+(a) Overhead: every zoo model (small) all on one device `cpu:0` through the runtime
+    against the eager model with the same threads. Target: within 3%.
+(b) Towers: four independent MLP towers and a head over cpu:0,cpu:1, split 2+2 at
+    several points of the fx order (the issue's held-out plan among them), against
+    all on cpu:0 of the same cluster. Target: at least 1.6x.
+(c) Chains: zoo:mlp and zoo:gpt (medium): the best pipelined plan (contiguous
+    stages, m = 2, 4, 8 micro-batches, GPipe) against the best unpipelined plan on the
+    same devices (the same stages, expert, all on cpu:0). Target: at least 1.3x;
+    the pipelined plan's gradients are checked against the eager model's.
+(d) Why: each model's eager step with 1 and with 2 intra-op threads (what the whole
+    host gains inside every op, which two 1-thread devices must beat).
 
-    .venv/bin/python experiments/bench_runtime.py            # for the record, on an idle host
-    .venv/bin/python experiments/bench_runtime.py --quick    # a check that it runs (timings meaningless)
+Record only on a quiet host, under the heavy lock:
+
+    flock /tmp/placer-heavy.lock .venv/bin/python experiments/bench_runtime.py
+    .venv/bin/python experiments/bench_runtime.py --quick    # small sizes, few steps: a check that it runs
 
 Writes experiments/results/runtime.{json,md} (runtime_quick.* with --quick).
 """
@@ -22,165 +28,246 @@ Writes experiments/results/runtime.{json,md} (runtime_quick.* with --quick).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from graphs.devices import parse_cluster
+from graphs.problem import build_problem
 from graphs.workload import Workload, load_workload
 from graphs.zoo import ZOO
-from graphs.devices import parse_cluster
 from placer.baselines import expert
+from placer.baselines.pipeline import pipeline
+from placer.measurements import Protocol, compare, run_session
 from placer.plan import make_plan, plan_from_assignment
-from graphs.problem import build_problem
-from placer.runtime import measure, measure_eager
+from placer.runtime import apply
+from placer.runtime.timing import EagerTrial, PlacedTrial
 
 RESULTS = Path(__file__).resolve().parent / "results"
+HOST_THREADS = torch.get_num_threads()
 
 
-class TwoBranches(nn.Module):
-    """Two independent stacks of Linear+ReLU on the same input, summed at the end."""
+class Towers(nn.Module):
+    """Four independent MLP towers on one input and a head over their sum."""
 
     def __init__(self, width: int, depth: int):
         super().__init__()
-        self.left = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())])
-        self.right = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())])
+        self.towers = nn.ModuleList(
+            nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())]) for _ in range(4))
+        self.head = nn.Linear(width, 1)
 
     def forward(self, x):
-        return self.left(x) + self.right(x)
+        return self.head(sum(t(x) for t in self.towers))
 
 
-def median_of_rounds(results: list) -> float | None:
-    medians = [r.median_ms for r in results if r.feasible]
-    return float(np.median(medians)) if medians else None
+def module_path(node) -> str:
+    """The module a captured node belongs to (fx or torch.export capture)."""
+    if node.op in ("call_module", "get_attr"):
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    return str(list(stack.values())[-1][0]) if stack else ""
 
 
-def overhead(names: list[str], rounds: int, iters: int, warmup: int) -> list[dict]:
+def row(m, reference=None, name: str = "") -> dict:
+    r = {"median_ms": m.median_ms, "ci_ms": m.ci_ms, "runs": m.runs, "feasible": m.feasible, "reason": m.reason}
+    if reference is not None:
+        ratio = compare(m, reference, name)
+        r[f"vs_{name}"] = None if ratio is None else {"ratio": ratio.value, "ci": ratio.ci, "verdict": ratio.verdict}
+    return r
+
+
+def session(entries: list[tuple[str, object]], protocol: Protocol) -> dict:
+    """Measure labelled trials together; every row also compared with `unplaced`."""
+    results = dict(zip([label for label, _ in entries], run_session([t for _, t in entries], protocol)))
+    unplaced = results.get("unplaced")
+    return {label: row(m, unplaced, "unplaced") for label, m in results.items()}, results
+
+
+def overhead(names: list[str], protocol: Protocol) -> list[dict]:
     rows = []
     cluster = parse_cluster("cpu:0")
-    threads = cluster.devices[0].threads
-    torch.set_num_threads(threads)  # the caller's too: it runs cpu:0's chunks itself at this count
     for name in names:
         workload = load_workload(f"zoo:{name}")
-        plan = plan_from_assignment(workload.model, lambda n: "cpu:0", ["cpu:0"], leaf_modules=workload.leaf_modules)
-        placed, eager = [], []
-        for _ in range(rounds):
-            eager.append(measure_eager(workload, threads, iters=iters, warmup=warmup))
-            placed.append(measure(workload, plan, cluster, iters=iters, warmup=warmup))
-        p, e = median_of_rounds(placed), median_of_rounds(eager)
-        rows.append({"model": f"{name}-small", "threads": threads, "eager_ms": e, "runtime_ms": p,
-                     "overhead": (p / e - 1) if p and e else None, "target": 0.03})
-        print(f"overhead {name}: eager {e:.2f} ms, runtime {p:.2f} ms")
+        plan = plan_from_assignment(workload.model, lambda n: "cpu:0", ["cpu:0"], inputs=workload.inputs,
+                                    leaf_modules=workload.leaf_modules)
+        table, raw = session([("unplaced", EagerTrial(workload, threads=cluster.devices[0].threads,
+                                                      warmup=protocol.warmup)),
+                              ("runtime", PlacedTrial(workload, plan, cluster, label="runtime",
+                                                      warmup=protocol.warmup))], protocol)
+        ratio = compare(raw["unplaced"], raw["runtime"], "runtime")  # eager over runtime: < 1 is overhead
+        rows.append({"model": f"{name}-small", "threads": cluster.devices[0].threads, **table,
+                     "overhead": None if ratio is None else {"value": 1 / ratio.value - 1,
+                                                             "ci": (1 / ratio.ci[1] - 1, 1 / ratio.ci[0] - 1)},
+                     "target": 0.03})
+        print(f"overhead {name}: {rows[-1]['overhead']}")
     return rows
 
 
-def concurrency(width: int, depth: int, batch: int, rounds: int, iters: int, warmup: int) -> dict:
+def towers(width: int, depth: int, batch: int, protocol: Protocol) -> dict:
     torch.manual_seed(0)
-    workload = Workload(name="two-branches", spec="experiments:two-branches", model=TwoBranches(width, depth),
+    workload = Workload(name="towers", spec="experiments:towers", model=Towers(width, depth),
                         inputs=(torch.randn(batch, width),))
     devices = ["cpu:0", "cpu:1"]
-    split = plan_from_assignment(workload.model, lambda n: "cpu:1" if str(n.target).startswith("right") else "cpu:0",
-                                 devices, method="split")
-    single = plan_from_assignment(workload.model, lambda n: "cpu:0", devices, method="single")
-    two = parse_cluster("cpu:0,cpu:1")
-    host = parse_cluster("cpu")
-    host_plan = plan_from_assignment(workload.model, lambda n: "cpu", ["cpu"], method="single")
-    runs = {"split": [], "single": [], "host": []}
-    for _ in range(rounds):
-        runs["single"].append(measure(workload, single, two, iters=iters, warmup=warmup))
-        runs["split"].append(measure(workload, split, two, iters=iters, warmup=warmup))
-        runs["host"].append(measure(workload, host_plan, host, iters=iters, warmup=warmup))
-    ms = {k: median_of_rounds(v) for k, v in runs.items()}
-    result = {
-        "model": f"two branches of {depth} x Linear({width}) + ReLU, batch {batch}",
-        "threads_per_device": two.devices[0].threads, "host_threads": host.devices[0].threads,
-        "split_ms": ms["split"], "cpu0_alone_ms": ms["single"], "whole_host_ms": ms["host"],
-        "speedup": ms["single"] / ms["split"] if ms["split"] and ms["single"] else None,
-        "speedup_vs_whole_host": ms["host"] / ms["split"] if ms["split"] and ms["host"] else None,
-        "target": 1.6,
+    cluster = parse_cluster(",".join(devices))
+    last = f"towers.1.{2 * depth - 2}"  # tower 1's last Linear: the issue's held-out plan moves it
+
+    def split(first: tuple[str, ...], head_on: str, also: tuple[str, ...] = ()):
+        def assign(node) -> str:
+            path = module_path(node)
+            if path.startswith(also):
+                return "cpu:1"
+            if path.startswith("head"):
+                return head_on
+            return "cpu:0" if path.startswith(first) else "cpu:1"
+        return assign
+
+    plans = {
+        "all on cpu:0": lambda n: "cpu:0",
+        "towers 0,1 | 2,3 + head": split(("towers.0", "towers.1"), "cpu:1"),
+        "towers 0,1 + head | 2,3": split(("towers.0", "towers.1"), "cpu:0"),
+        "towers 0,1 less tower 1's tail | rest (issue)": split(("towers.0", "towers.1"), "cpu:1", (last,)),
+        "towers 0,2 | 1,3 + head (interleaved in fx order)": split(("towers.0", "towers.2"), "cpu:1"),
     }
-    print(f"concurrency: split {ms['split']:.2f} ms, cpu:0 alone {ms['single']:.2f} ms, "
-          f"whole host {ms['host']:.2f} ms")
-    return result
+    entries = [("unplaced", EagerTrial(workload, threads=HOST_THREADS, warmup=protocol.warmup))]
+    for label, assign in plans.items():
+        plan = plan_from_assignment(workload.model, assign, devices, inputs=workload.inputs, method=label)
+        entries.append((label, PlacedTrial(workload, plan, cluster, label=label, warmup=protocol.warmup)))
+    table, raw = session(entries, protocol)
+    for label in plans:
+        ratio = compare(raw[label], raw["all on cpu:0"], "all on cpu:0")
+        table[label]["vs_cpu0"] = None if ratio is None else {"ratio": ratio.value, "ci": ratio.ci}
+    print("towers:", {k: v["median_ms"] for k, v in table.items()})
+    return {"model": f"4 towers of {depth} x Linear({width}) + ReLU and a head, batch {batch}", "rows": table,
+            "target": 1.6}
 
 
-def noise(repeats: int, iters: int, warmup: int) -> list[dict]:
-    """IQR / median of each of `repeats` measurements of the expert placement."""
+def chain(name: str, size: str, protocol: Protocol) -> dict:
+    workload = load_workload(f"zoo:{name}:{size}")
+    problem = build_problem(workload, "cpu:0,cpu:1")
+    stages = pipeline(problem).placement
+    unpipelined = {"stages, m=1": make_plan(problem, stages, "stages"),
+                   "expert": make_plan(problem, expert(problem), "expert"),
+                   "all on cpu:0": make_plan(problem, (0,) * problem.n_groups, "single")}
+    pipelined = {f"stages, m={m}": make_plan(problem, stages, "pipeline", microbatches=m, schedule="gpipe")
+                 for m in (2, 4, 8) if m <= (problem.batch_size or m)}
+    entries = [("unplaced", EagerTrial(workload, threads=HOST_THREADS, warmup=protocol.warmup))]
+    entries += [(label, PlacedTrial(workload, plan, problem.cluster, label=label, warmup=protocol.warmup))
+                for label, plan in {**unpipelined, **pipelined}.items()]
+    table, raw = session(entries, protocol)
+    best = {kind: min((label for label in group if raw[label].feasible), key=lambda label: raw[label].median_ms,
+                      default=None) for kind, group in (("unpipelined", unpipelined), ("pipelined", pipelined))}
+    ratio = (compare(raw[best["pipelined"]], raw[best["unpipelined"]], best["unpipelined"])
+             if None not in best.values() else None)
+    error = gradient_error(workload, pipelined[best["pipelined"]]) if best["pipelined"] else None
+    print(f"chain {name}-{size}: best pipelined {best['pipelined']}, unpipelined {best['unpipelined']}: "
+          f"{None if ratio is None else round(ratio.value, 3)}")
+    return {"model": f"{name}-{size}", "rows": table, "best": best, "target": 1.3, "gradient_rel_error": error,
+            "pipelined_vs_unpipelined": None if ratio is None else {"ratio": ratio.value, "ci": ratio.ci,
+                                                                    "verdict": ratio.verdict}}
+
+
+def gradient_error(workload: Workload, plan) -> float:
+    """Max over parameters of max |placed grad - eager grad| / max |eager grad|, one step."""
+    torch.manual_seed(0)
+    ref = workload.fresh_model()
+    placed = apply(copy.deepcopy(ref), plan)
+    try:
+        for model in (ref, placed):
+            workload.loss_fn(model(*workload.inputs), *workload.inputs).backward()
+        return max(float((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30))
+                   for p, q in zip(placed.parameters(), ref.parameters()) if q.grad is not None)
+    finally:
+        placed.close()
+
+
+def scaling(specs: list[str], protocol: Protocol) -> list[dict]:
     rows = []
-    for name in ("transformer", "rnnlm"):
-        workload = load_workload(f"zoo:{name}")
-        problem = build_problem(workload, "cpu:0,cpu:1")
-        plan = make_plan(problem, expert(problem), "expert")
-        results = [measure(workload, plan, problem.cluster, iters=iters, warmup=warmup) for _ in range(repeats)]
-        spreads = [r.iqr_ms / r.median_ms for r in results if r.feasible]
-        medians = [r.median_ms for r in results if r.feasible]
-        rows.append({"model": f"{name}-small", "placement": "expert over cpu:0,cpu:1",
-                     "medians_ms": medians, "iqr_over_median": spreads,
-                     "median_iqr_over_median": float(np.median(spreads)) if spreads else None,
-                     "spread_of_medians": (float(np.ptp(medians) / np.median(medians)) if medians else None),
-                     "target": 0.05})
-        print(f"noise {name}: IQR/median {np.median(spreads):.3f}")
+    for spec in specs:
+        workload = load_workload(spec)
+        _, raw = session([("1 thread", EagerTrial(workload, threads=1, label="1 thread", warmup=protocol.warmup)),
+                          ("2 threads", EagerTrial(workload, threads=2, label="2 threads", warmup=protocol.warmup))],
+                         protocol)
+        ratio = compare(raw["2 threads"], raw["1 thread"], "1 thread")
+        rows.append({"model": spec, "one_thread_ms": raw["1 thread"].median_ms,
+                     "two_threads_ms": raw["2 threads"].median_ms,
+                     "speedup": None if ratio is None else {"ratio": ratio.value, "ci": ratio.ci}})
     return rows
+
+
+def fmt(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def write_markdown(path: Path, results: dict) -> None:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:+.1f}%"
-
-    def ms(x):
-        return "-" if x is None else f"{x:.2f}"
-
-    def times(x):
-        return "-" if x is None else f"{x:.2f}x"
-
-    lines = [f"# Runtime benchmarks{' (quick: timings meaningless)' if results['quick'] else ''}", "",
-             f"{results['host']}, torch {results['torch']}, {results['date']}", "",
-             "## Overhead: everything on cpu:0 through the runtime vs eager (target within 3%)", "",
-             "| model | threads | eager ms | runtime ms | overhead |", "| --- | --- | --- | --- | --- |"]
+    lines = [f"# Engine benchmarks{' (quick: timings meaningless)' if results['quick'] else ''}", "",
+             f"{results['host']}, torch {results['torch']}, {results['date']}, load {results['load']:.2f}", "",
+             "## (a) Overhead: everything on cpu:0 through the runtime vs eager (target within 3%)", "",
+             "| model | threads | unplaced ms | runtime ms | overhead (95% CI) |", "| --- | ---: | ---: | ---: | --- |"]
     for r in results["overhead"]:
-        lines.append(f"| {r['model']} | {r['threads']} | {ms(r['eager_ms'])} | {ms(r['runtime_ms'])} | {pct(r['overhead'])} |")
-    c = results["concurrency"]
-    lines += ["", "## Concurrency: two independent branches over cpu:0,cpu:1 (target at least 1.6x)", "",
-              f"{c['model']}; {c['threads_per_device']} thread(s) per virtual device, {c['host_threads']} on the host.", "",
-              "| placement | ms |", "| --- | --- |",
-              f"| branches split over cpu:0, cpu:1 | {ms(c['split_ms'])} |",
-              f"| all on cpu:0 (same cluster) | {ms(c['cpu0_alone_ms'])} |",
-              f"| all on the whole host `cpu` | {ms(c['whole_host_ms'])} |", "",
-              f"Speed-up over cpu:0 alone: {times(c['speedup'])}; over the whole host: {times(c['speedup_vs_whole_host'])}.",
-              "", "## Noise: IQR / median of repeated measurements (target under 5%)", "",
-              "| model | placement | IQR/median per run | median | spread of medians |", "| --- | --- | --- | --- | --- |"]
-    for r in results["noise"]:
-        per_run = ", ".join(f"{100 * s:.1f}%" for s in r["iqr_over_median"])
-        lines.append(f"| {r['model']} | {r['placement']} | {per_run} | {pct(r['median_iqr_over_median'])[1:]} | "
-                     f"{pct(r['spread_of_medians'])[1:]} |")
+        o = r["overhead"]
+        lines.append(f"| {r['model']} | {r['threads']} | {fmt(r['unplaced']['median_ms'])} | "
+                     f"{fmt(r['runtime']['median_ms'])} | "
+                     + ("-" if o is None else f"{o['value']:+.1%} ({o['ci'][0]:+.1%} to {o['ci'][1]:+.1%})") + " |")
+    t = results["towers"]
+    lines += ["", "## (b) Towers over cpu:0,cpu:1 (target at least 1.6x over all on cpu:0)", "", t["model"], "",
+              "| placement | median ms (95% CI) | vs all on cpu:0 | vs unplaced |", "| --- | --- | --- | --- |"]
+    for label, r in t["rows"].items():
+        lines.append(f"| {label} | {_ms(r)} | {_ratio(r.get('vs_cpu0'))} | {_ratio(r.get('vs_unplaced'))} |")
+    for c in results["chains"]:
+        lines += ["", f"## (c) {c['model']}: pipelined vs unpipelined on cpu:0,cpu:1 (target at least 1.3x)", "",
+                  "| plan | median ms (95% CI) | runs | vs unplaced |", "| --- | --- | ---: | --- |"]
+        for label, r in c["rows"].items():
+            lines.append(f"| {label} | {_ms(r)} | {r['runs']} | {_ratio(r.get('vs_unplaced'))} |")
+        lines += ["", f"Best pipelined ({c['best']['pipelined']}) over best unpipelined ({c['best']['unpipelined']}): "
+                  f"{_ratio(c['pipelined_vs_unpipelined'])}; its gradients differ from eager's by at most "
+                  f"{fmt(c['gradient_rel_error'], '.1e')} (relative)."]
+    lines += ["", "## (d) Intra-op scaling of the eager step (what the whole host gains inside every op)", "",
+              "| model | 1 thread ms | 2 threads ms | speed-up |", "| --- | ---: | ---: | --- |"]
+    for r in results["scaling"]:
+        lines.append(f"| {r['model']} | {fmt(r['one_thread_ms'])} | {fmt(r['two_threads_ms'])} | "
+                     f"{_ratio(r['speedup'])} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _ms(r: dict) -> str:
+    if not r["feasible"]:
+        return f"infeasible: {r['reason']}"
+    lo, hi = r["ci_ms"] or (None, None)
+    return f"{r['median_ms']:.2f} ({fmt(lo)}-{fmt(hi)})"
+
+
+def _ratio(r: dict | None) -> str:
+    return "-" if not r else f"{r['ratio']:.2f}x ({r['ci'][0]:.2f}-{r['ci'][1]:.2f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a check that it runs")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few steps: a check that it runs")
+    parser.add_argument("--cap", type=float, default=60.0, help="seconds of timed rounds per session")
     args = parser.parse_args()
-    iters, warmup, rounds = (3, 1, 1) if args.quick else (args.iters, args.warmup, args.rounds)
-
+    protocol = (Protocol(min_runs=2, max_runs=3, cap_s=1.0, warmup=1) if args.quick
+                else Protocol(target=0.03, min_runs=10, max_runs=300, cap_s=args.cap, warmup=3))
+    torch.set_num_threads(1)  # the caller serves cpu:0 of two 1-thread devices (the unplaced rows set their own)
+    size = "small" if args.quick else "medium"
     results = {
         "quick": args.quick, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores", "torch": torch.__version__,
-        "iters": iters, "warmup": warmup, "rounds": rounds,
-        "overhead": overhead(sorted(ZOO), rounds, iters, warmup),
-        "concurrency": concurrency(*((256, 2, 64) if args.quick else (1024, 6, 256)), rounds, iters, warmup),
-        "noise": noise(2 if args.quick else 5, iters, warmup),
+        "host": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {platform.platform()}",
+        "torch": torch.__version__, "load": os.getloadavg()[0], "protocol": protocol.to_json(),
+        "towers": towers(*((128, 2, 64) if args.quick else (1024, 4, 256)), protocol),
+        "chains": [chain(name, size, protocol) for name in ("mlp", "gpt")],
+        "scaling": scaling([f"zoo:{name}:{size}" for name in ("mlp", "gpt", "transformer", "nmt")], protocol),
     }
+    torch.set_num_threads(HOST_THREADS)  # one device `cpu:0` has all the host's threads
+    results["overhead"] = overhead(sorted(ZOO), protocol)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "runtime_quick" if args.quick else "runtime"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     write_markdown(RESULTS / f"{stem}.md", results)
     print(f"wrote {RESULTS / stem}.json and .md")
 

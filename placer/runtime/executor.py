@@ -26,7 +26,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +40,8 @@ from placer.runtime import microbatch
 from placer.runtime.chunks import Chunk, build_chunks
 from placer.runtime.dataflow import ExecutionError, Pass
 from placer.runtime.placed_graph import Call, PlacedGraph
-from placer.runtime.values import add_grads, count_saved, map_tensors, move, receive
-from placer.runtime.worker import Worker, core_shares, pinned
+from placer.runtime.values import add_grads, count_saved, map_tensors, move, receive, run_backward
+from placer.runtime.worker import CallerPin, Worker, core_shares
 
 __all__ = ["Executor", "ChunkEvent", "ExecutionError"]
 
@@ -156,11 +155,12 @@ class Executor:
         self.peak_bytes = {name: 0 for name in self.workers}
         self._live_refs: dict[str, dict[int, int]] = {name: {} for name in self.workers}
         self._anchor = torch.empty(0, requires_grad=True)  # makes outputs require grad (PlacedGraph)
+        self._pin = CallerPin()  # the caller's thread, while it serves a device
 
     def __getstate__(self) -> dict:
         """Pickled without its threads; unpickling starts new workers."""
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("workers", "_chunk_workers", "_live_refs", "live_bytes", "peak_bytes", "_anchor")}
+                 if k not in ("workers", "_chunk_workers", "_live_refs", "live_bytes", "peak_bytes", "_anchor", "_pin")}
         state["_layouts"] = {}
         return state
 
@@ -187,8 +187,7 @@ class Executor:
                     for name, (flat, spec) in call.structure.items()}
         if grad:  # one chunk on the caller: plain autograd
             chunk = self.chunks[0]
-            with pinned(self.workers[chunk.device].cores):
-                values = dict(zip(chunk.outputs, chunk.module(*(inputs[n] for n in chunk.inputs))))
+            values = dict(zip(chunk.outputs, chunk.module(*(inputs[n] for n in chunk.inputs))))
         else:
             values, _ = self.forward(inputs, grad=False, output_nodes=output_nodes)
         values = {**inputs, **values}
@@ -207,7 +206,8 @@ class Executor:
         Returns the values of `output_nodes` (default: every chunk output), gathered
         over micro-batches, on their devices, and the state backward needs."""
         self._check_open()
-        split = microbatch.split(inputs, self.microbatches, self.batch_dims)
+        split = (microbatch.split(inputs, self.microbatches, self.batch_dims) if self.microbatches > 1
+                 else microbatch.Split([inputs], [0], {}))
         micro = len(split.inputs)
         names = list(output_nodes) if output_nodes is not None else list(self.producer)
         state = StepState(split=split, grad=grad, values=[{} for _ in range(micro)], events=[{} for _ in range(micro)])
@@ -217,8 +217,14 @@ class Executor:
         inline = self._caller_device()
         run = Pass(self._waits, self._wakes, self._first, micro, False, self._chunk_workers,
                    self.workers.get(inline), lambda w, i, c: self._forward_task(w, i, c, state))
-        with self._pinned(inline):
+        self._pin.hold(self.workers[inline].cores if inline is not None else ())
+        try:
             run.execute(list(self.workers.values()), self.timeout_s)
+        except BaseException:
+            self._pin.release()
+            raise
+        if not grad:
+            self._pin.release()  # a training step keeps it until its backward is done
         self._caller_waits_for_streams()
         produced = [n for n in names if n in self.producer]
         if micro == 1:
@@ -321,8 +327,11 @@ class Executor:
         inline = on_engine[0] if on_engine else self._caller_device()
         run = Pass(self._wakes, self._after, self._last, micro, True, self._chunk_workers, self.workers.get(inline),
                    lambda w, i, c: self._backward_task(w, i, c, state, per_micro[i]))
-        with self._pinned(inline):
+        self._pin.hold(self.workers[inline].cores if inline is not None else ())
+        try:
             run.execute(list(self.workers.values()), self.timeout_s)
+        finally:
+            self._pin.release()
         self._caller_waits_for_streams()
         return self._input_grads(state)
 
@@ -352,7 +361,7 @@ class Executor:
         start = time.perf_counter()
         with worker.context():
             if tensors:
-                torch.autograd.backward(tensors, grads)
+                run_backward(tensors, grads)
             mine = {name: [None if leaf is None else leaf.grad for leaf in leaves]
                     for name, leaves in zip(chunk.inputs, chunk_state.inputs) if any(x is not None for x in leaves)}
         event = worker.record_event()
@@ -402,9 +411,6 @@ class Executor:
         return next((name for name, w in self.workers.items() if w.device.kind == "cpu" and w.device.threads == threads),
                     None)
 
-    def _pinned(self, inline: str | None):
-        return pinned(self.workers[inline].cores) if inline is not None else nullcontext()
-
     def _record(self, chunk: Chunk, phase: str, start: float, microbatch_index: int) -> None:
         if self.timeline is not None:
             self.timeline.append(ChunkEvent(chunk.index, chunk.device, phase, threading.current_thread().name,
@@ -429,6 +435,7 @@ class Executor:
     def close(self) -> None:
         """Stop the workers; any later call raises ExecutionError at once."""
         self.closed = True
+        self._pin.release()
         for w in self.workers.values():
             w.close()
 

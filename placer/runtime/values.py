@@ -21,7 +21,7 @@ from typing import Any, ContextManager
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["move", "receive", "add_grads", "count_saved", "map_tensors"]
+__all__ = ["move", "receive", "add_grads", "count_saved", "map_tensors", "run_backward"]
 
 
 def move(x: torch.Tensor, device: torch.device, event: torch.cuda.Event | None = None,
@@ -83,6 +83,20 @@ def add_grads(total: list | None, grads: list, device: torch.device | None = Non
     if total is None:
         return list(grads)
     return [a if b is None else b if a is None else a + b for a, b in zip(total, grads)]
+
+
+def run_backward(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """torch.autograd.backward(tensors, grads) for a chunk: the engine called directly,
+    without autograd.backward's argument checks (the runtime made the gradients
+    itself: one per tensor, same shape). About a fifth of a small chunk's backward
+    call on a CPU; falls back to the public call where the engine is not reachable."""
+    if _ENGINE is None:
+        torch.autograd.backward(tensors, grads)
+    else:
+        _ENGINE.run_backward(tuple(tensors), tuple(grads), False, False, (), True, True)
+
+
+_ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
 
 
 def count_saved(record: dict[int, int] | None, excluded: set[int]) -> ContextManager:

@@ -24,7 +24,7 @@ import torch
 
 from graphs.devices import Device
 
-__all__ = ["Worker", "core_shares", "pinned"]
+__all__ = ["Worker", "CallerPin", "core_shares"]
 
 
 def core_shares(devices: Sequence[Device]) -> dict[str, tuple[int, ...]]:
@@ -45,28 +45,27 @@ def core_shares(devices: Sequence[Device]) -> dict[str, tuple[int, ...]]:
     return shares
 
 
-class pinned:
-    """Pin the calling thread to `cores` for the duration of a `with` (nothing when
-    `cores` is empty); the previous affinity comes back after."""
+class CallerPin:
+    """Pins a calling thread to a device's cores while it serves that device, from the
+    forward pass of a training step to the end of its backward (one pin and one
+    restore a step); `release` restores the thread's own affinity."""
 
-    def __init__(self, cores: Sequence[int]):
-        self.cores = tuple(cores)
-        self._before: set[int] | None = None
+    def __init__(self):
+        self._before: dict[int, set[int]] = {}  # native thread id -> its affinity before
 
-    def __enter__(self) -> pinned:
-        if self.cores:
-            tid = threading.get_native_id()
-            self._before = os.sched_getaffinity(tid)
-            if self._before != set(self.cores):
-                os.sched_setaffinity(tid, self.cores)
-            else:
-                self._before = None
-        return self
+    def hold(self, cores: Sequence[int]) -> None:
+        tid = threading.get_native_id()
+        if not cores or tid in self._before:
+            return
+        before = os.sched_getaffinity(tid)
+        if before != set(cores):
+            os.sched_setaffinity(tid, cores)
+            self._before[tid] = before
 
-    def __exit__(self, *exc) -> None:
-        if self._before is not None:
-            os.sched_setaffinity(threading.get_native_id(), self._before)
-            self._before = None
+    def release(self) -> None:
+        before = self._before.pop(threading.get_native_id(), None)
+        if before is not None:
+            os.sched_setaffinity(threading.get_native_id(), before)
 
 
 class Worker:
