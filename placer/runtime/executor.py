@@ -40,7 +40,7 @@ from placer.runtime import microbatch
 from placer.runtime.chunks import Chunk, build_chunks
 from placer.runtime.dataflow import ExecutionError, Pass
 from placer.runtime.placed_graph import Call, PlacedGraph
-from placer.runtime.values import add_grads, count_saved, map_tensors, move, receive, run_backward
+from placer.runtime.values import SavedBytes, add_grads, count_saved, map_tensors, move, receive, run_backward
 from placer.runtime.worker import CallerPin, Worker, core_shares
 
 __all__ = ["Executor", "ChunkEvent", "ExecutionError"]
@@ -151,16 +151,24 @@ class Executor:
         shares = core_shares(list(self.devices.values())) if self.pin else {}
         self.workers = {name: Worker(d, shares.get(name, ())) for name, d in self.devices.items() if name in used}
         self._chunk_workers = [self.workers[c.device] for c in self.chunks]
-        self.live_bytes = {name: 0 for name in self.workers}
-        self.peak_bytes = {name: 0 for name in self.workers}
-        self._live_refs: dict[str, dict[int, int]] = {name: {} for name in self.workers}
+        self._saved = SavedBytes(list(self.workers))
         self._anchor = torch.empty(0, requires_grad=True)  # makes outputs require grad (PlacedGraph)
         self._pin = CallerPin()  # the caller's thread, while it serves a device
+
+    @property
+    def live_bytes(self) -> dict[str, int]:
+        """Activations saved for backward now, per device (while counting)."""
+        return self._saved.live
+
+    @property
+    def peak_bytes(self) -> dict[str, int]:
+        """The peak of live_bytes, per device, since the executor was built."""
+        return self._saved.peak
 
     def __getstate__(self) -> dict:
         """Pickled without its threads; unpickling starts new workers."""
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("workers", "_chunk_workers", "_live_refs", "live_bytes", "peak_bytes", "_anchor", "_pin")}
+                 if k not in ("workers", "_chunk_workers", "_saved", "_anchor", "_pin")}
         state["_layouts"] = {}
         return state
 
@@ -259,7 +267,7 @@ class Executor:
             chunk_state = ChunkState(inputs=leaves, outs=outs, saved=saved)
             state.chunks[i, c] = chunk_state
             if saved:
-                self._hold(chunk.device, saved)
+                self._saved.hold(chunk.device, saved)
 
     def _layout(self, inputs: dict, split: microbatch.Split, names: list[str]) -> microbatch.Layout:
         """The batch layout of this input signature (microbatch.probe, once per
@@ -286,24 +294,6 @@ class Executor:
             self._layouts[key] = layout
         return self._layouts[key]
 
-    def _hold(self, device: str, saved: dict[int, int]) -> None:
-        """Count a chunk's saved tensors as live on its device (each storage once)."""
-        refs = self._live_refs[device]
-        for ptr, nbytes in saved.items():
-            if refs.get(ptr, 0) == 0:
-                self.live_bytes[device] += nbytes
-            refs[ptr] = refs.get(ptr, 0) + 1
-        self.peak_bytes[device] = max(self.peak_bytes[device], self.live_bytes[device])
-
-    def _release(self, device: str, saved: dict[int, int]) -> None:
-        refs = self._live_refs[device]
-        for ptr, nbytes in saved.items():
-            refs[ptr] -= 1
-            if refs[ptr] == 0:
-                del refs[ptr]
-                self.live_bytes[device] -= nbytes
-        saved.clear()
-
     # -- backward ------------------------------------------------------------
 
     def backward(self, state: StepState, output_grads: dict[str, list],
@@ -320,7 +310,8 @@ class Executor:
         """
         self._check_open()
         micro = len(state.split.inputs)
-        per_micro = [output_grads] if micro == 1 else _split_grads(output_grads, state)
+        per_micro = ([output_grads] if micro == 1
+                     else microbatch.split_grads(output_grads, state.split.sizes, state.output_dims))
         state.sent = [{} for _ in range(micro)]
         self._streams_wait_for_caller()
         on_engine = [name for name, w in self.workers.items() if w.torch_device == engine_device]
@@ -370,7 +361,7 @@ class Executor:
         sent[c] = mine
         self._record(chunk, "backward", start, i)
         if chunk_state.saved:
-            self._release(chunk.device, chunk_state.saved)
+            self._saved.release(chunk.device, chunk_state.saved)
 
     def _input_grads(self, state: StepState) -> dict[str, list]:
         """Each model input's gradients: summed over its consumers, then put together
@@ -391,13 +382,9 @@ class Executor:
                 per_micro.append(None if total is None else total[0])
             if all(g is None for g in per_micro):
                 continue
-            if len(per_micro) == 1:
-                result[name] = [per_micro[0]]
-            elif name in split.dims:
-                result[name] = [torch.cat([g if g is not None else torch.zeros_like(split.inputs[i][name])
-                                           for i, g in enumerate(per_micro)], split.dims[name])]
-            else:
-                result[name] = [sum(g for g in per_micro if g is not None)]
+            pieces = [p[name] for p in split.inputs]
+            result[name] = [per_micro[0] if len(per_micro) == 1 else
+                            microbatch.join_grads(per_micro, pieces, split.dims.get(name))]
         return result
 
     # -- plumbing ------------------------------------------------------------
@@ -438,18 +425,3 @@ class Executor:
         self._pin.release()
         for w in self.workers.values():
             w.close()
-
-
-def _split_grads(output_grads: dict[str, list], state: StepState) -> list[dict[str, list]]:
-    """The gathered outputs' gradients cut back into micro-batches."""
-    sizes = state.split.sizes
-    per_micro: list[dict[str, list]] = [{} for _ in sizes]
-    for name, grads in output_grads.items():
-        dims = state.output_dims.get(name)
-        if dims is None:  # a model input returned as it is: its gradient goes straight back (PlacedGraph)
-            continue
-        pieces = [None if g is None else torch.split(g, sizes, dims[k]) for k, g in enumerate(grads)]
-        for i in range(len(sizes)):
-            per_micro[i][name] = [None if p is None else p[i] for p in pieces]
-    return per_micro
-

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from graphs.errors import PlanError
 from graphs.schedule import mutated_args, tensor_base
 
-__all__ = ["Split", "split", "gather", "static_refusal", "probe", "batch_layout"]
+__all__ = ["Split", "split", "gather", "split_grads", "join_grads", "static_refusal", "probe", "batch_layout"]
 
 _REDUCTIONS_ADVICE = ("set microbatch_statistics = True in the workload to accept per-micro-batch statistics, "
                       "or use microbatches = 1")
@@ -83,6 +83,30 @@ def gather(values: Sequence[Any], dims: Sequence[int | None]) -> Any:
     out = [torch.cat([f[k] for f in flats], dims[k]) if dims[k] is not None else flats[0][k]
            for k in range(len(flats[0]))]
     return tree_unflatten(out, spec)
+
+
+def split_grads(output_grads: Mapping[str, list], sizes: Sequence[int],
+                output_dims: Mapping[str, list[int | None]]) -> list[dict[str, list]]:
+    """The gathered outputs' gradients (node -> one per tensor leaf) cut back into
+    micro-batches of `sizes` rows along each leaf's batch dimension. Outputs without
+    dimensions here (model inputs returned as they are) are left out."""
+    per_micro: list[dict[str, list]] = [{} for _ in sizes]
+    for name, grads in output_grads.items():
+        dims = output_dims.get(name)
+        if dims is None:
+            continue
+        pieces = [None if g is None else torch.split(g, list(sizes), dims[k]) for k, g in enumerate(grads)]
+        for i in range(len(sizes)):
+            per_micro[i][name] = [None if p is None else p[i] for p in pieces]
+    return per_micro
+
+
+def join_grads(per_micro: Sequence[torch.Tensor | None], pieces: Sequence[torch.Tensor], dim: int | None) -> torch.Tensor:
+    """A model input's gradient from its micro-batches' (None: zero): concatenated
+    along `dim` where the input was split into `pieces`, else summed."""
+    if dim is None:
+        return sum(g for g in per_micro if g is not None)
+    return torch.cat([g if g is not None else torch.zeros_like(p) for g, p in zip(per_micro, pieces)], dim)
 
 
 def _where(node: fx.Node) -> str:

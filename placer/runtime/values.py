@@ -21,7 +21,7 @@ from typing import Any, ContextManager
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["move", "receive", "add_grads", "count_saved", "map_tensors", "run_backward"]
+__all__ = ["move", "receive", "add_grads", "count_saved", "SavedBytes", "map_tensors", "run_backward"]
 
 
 def move(x: torch.Tensor, device: torch.device, event: torch.cuda.Event | None = None,
@@ -118,6 +118,34 @@ def count_saved(record: dict[int, int] | None, excluded: set[int]) -> ContextMan
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+class SavedBytes:
+    """Activations saved for backward, live and at their peak, per device: a chunk's
+    storages (`count_saved`'s record) are held from its forward to its backward, each
+    storage counted once however many chunks hold it."""
+
+    def __init__(self, devices: list[str]):
+        self.live = {d: 0 for d in devices}
+        self.peak = {d: 0 for d in devices}
+        self._refs: dict[str, dict[int, int]] = {d: {} for d in devices}
+
+    def hold(self, device: str, saved: dict[int, int]) -> None:
+        refs = self._refs[device]
+        for ptr, nbytes in saved.items():
+            if refs.get(ptr, 0) == 0:
+                self.live[device] += nbytes
+            refs[ptr] = refs.get(ptr, 0) + 1
+        self.peak[device] = max(self.peak[device], self.live[device])
+
+    def release(self, device: str, saved: dict[int, int]) -> None:
+        refs = self._refs[device]
+        for ptr, nbytes in saved.items():
+            refs[ptr] -= 1
+            if refs[ptr] == 0:
+                del refs[ptr]
+                self.live[device] -= nbytes
+        saved.clear()
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:

@@ -1,0 +1,81 @@
+"""placer.runtime.dataflow: a pass runs each device's ready tasks first come, first
+served (ties by priority), fails with the task's own exception after the workers
+are quiet, and never waits without a way out."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from graphs.devices import parse_cluster
+from placer.runtime.dataflow import ExecutionError, Pass
+from placer.runtime.worker import Worker
+
+
+@pytest.fixture
+def workers():
+    made = [Worker(d) for d in parse_cluster("cpu:0,cpu:1").devices]
+    yield made
+    for w in made:
+        w.close()
+
+
+def run(waits_for, workers, place, micro=1, reverse=False, body=None, timeout_s=None):
+    """Run a pass whose chunk c is on workers[place[c]] (the first one served by this
+    thread); returns the (micro-batch, chunk) order of the inline device's tasks."""
+    wakes = [[] for _ in waits_for]
+    for c, before in enumerate(waits_for):
+        for a in before:
+            wakes[a].append(c)
+    initial = [c for c, before in enumerate(waits_for) if not before]
+    seen = []
+
+    def record(worker, i, c):
+        seen.append((worker.device.name, i, c))
+        if body is not None:
+            body(worker, i, c)
+
+    chunk_workers = [workers[p] for p in place]
+    Pass(waits_for, wakes, initial, micro, reverse, chunk_workers, workers[0], record).execute(workers, timeout_s)
+    return seen
+
+
+def test_a_device_runs_its_tasks_in_the_order_they_became_ready(workers):
+    # 2 waits for 1 and 3 for 0: after 0 and 1 run, 3 became ready first
+    assert [c for _, _, c in run([(), (), (1,), (0,)], workers, [0, 0, 0, 0])] == [0, 1, 3, 2]
+    # ready at once: by priority (the order given), micro-batch first
+    assert [(i, c) for _, i, c in run([(), ()], workers, [0, 0], micro=2)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(i, c) for _, i, c in run([(), ()], workers, [0, 0], micro=2, reverse=True)] == [
+        (1, 0), (1, 1), (0, 0), (0, 1)]
+
+
+def test_tasks_run_on_their_devices_and_wait_for_what_they_need(workers):
+    seen = run([(), (0,), (1,), (2,)], workers, [0, 1, 0, 1])
+    assert [(d, c) for d, _, c in seen] == [("cpu:0", 0), ("cpu:1", 1), ("cpu:0", 2), ("cpu:1", 3)]
+
+
+def test_a_failing_task_fails_the_pass_with_its_own_exception_and_nothing_keeps_running(workers):
+    started, release = threading.Event(), threading.Event()
+    finished = []
+
+    def body(worker, i, c):
+        if c == 1:  # on cpu:1, still busy when chunk 0 fails
+            started.set()
+            release.wait()
+            finished.append(c)
+        elif c == 0:
+            started.wait()
+            threading.Timer(0.2, release.set).start()
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        run([(), (), (0, 1)], workers, [0, 1, 0], body=body)
+    assert finished == [1]  # the caller waited for cpu:1's task before raising
+
+
+def test_a_pass_past_its_time_limit_raises(workers):
+    gate = threading.Event()
+    threading.Timer(1.0, gate.set).start()
+    with pytest.raises(ExecutionError, match="limit of 0.01 s"):
+        run([()], workers, [1], body=lambda w, i, c: gate.wait(), timeout_s=0.01)
