@@ -280,7 +280,8 @@ def ordering_edges(graph: fx.Graph, root: nn.Module) -> list[tuple[str, str]]:
 
     - In-place updates: an update of a value (or of a parameter or buffer read by a
       get_attr or held by a called module) runs after the value's earlier readers
-      and earlier updates, and before its later readers.
+      and earlier updates, and before its later readers; an update through a view
+      also after the node that made the viewed value.
     - Random ops: one chain in fx order, so they draw from the generator in eager's
       order whatever runs concurrently.
 
@@ -298,7 +299,12 @@ def ordering_edges(graph: fx.Graph, root: nn.Module) -> list[tuple[str, str]]:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
         reads = {key(a) for a in node.all_input_nodes}
-        writes = {key(a) for a in mutated_args(node, root)}
+        mutated = mutated_args(node, root)
+        writes = {key(a) for a in mutated}
+        for a in mutated:  # an update through a view also reads the memory's owner itself (the runtime's
+            base = tensor_base(a)  # copy of it, chunks.thread_in_place_updates)
+            if base is not a and base.op != "get_attr":
+                edges[base, node] = None
         if node.op == "call_module":
             module = root.get_submodule(str(node.target))
             reads |= {("tensor", id(t)) for t in list(module.parameters()) + list(module.buffers())}
