@@ -92,8 +92,12 @@ def capture_info(traced: Traced, inputs: tuple[torch.Tensor, ...]) -> dict:
     """What re-captures the same graph later (plans keep it): the method, the leaf
     paths, and the example batch's signature (shapes and dtypes, from which inputs
     that capture alike are built: graphs.trace captures never read values)."""
-    return {"method": traced.method, "leaf_paths": list(traced.leaf_paths),
-            "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in inputs]}
+    return {"method": traced.method, "leaf_paths": list(traced.leaf_paths), "inputs": input_signature(inputs)}
+
+
+def input_signature(inputs: tuple[torch.Tensor, ...]) -> list[dict]:
+    """[{"shape": [...], "dtype": "int64"}, ...] of a batch (what `example_like` rebuilds)."""
+    return [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in inputs]
 
 
 def example_like(signature: list[dict], device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
@@ -182,9 +186,9 @@ def _named_tensors(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
 def owning_module(node: fx.Node) -> str:
     """Qualified name of the innermost module whose forward created the node ("" for the
     root). From the capture's nn_module_stack when it recorded one; otherwise a
-    call_module's own path; a get_attr goes with the one node that reads it (a tied
-    weight belongs to each layer that uses it), or its parent path."""
-    if node.op == "get_attr" and len(node.users) == 1:
+    call_module's own path; a get_attr belongs to the first node that reads it (a
+    tied weight to the first layer that uses it), or to its parent path."""
+    if node.op == "get_attr" and node.users:
         return owning_module(next(iter(node.users)))
     stack = node.meta.get("nn_module_stack")
     if stack:

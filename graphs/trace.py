@@ -13,9 +13,9 @@ Two captures, tried in this order (the choice and why: docs/DESIGN.md, "Capture"
    refuses. A submodule fx cannot trace becomes one opaque node (a "leaf").
 
 Either way the result is one normalized form, `Traced`: flat placeholders, an output
-node returning a flat tuple (rebuilt to the eager type by `Traced.unflatten`), one
-get_attr node per reader of a parameter or buffer, placed right before it, and
-get_attr nodes that read the model's own tensors (never copies). A capture is made
+node returning a flat tuple (rebuilt to the eager type by `Traced.unflatten`), no
+unused pure nodes, and get_attr nodes that read the model's own tensors (never
+copies). A capture is made
 in one mode (train or eval: dropout and mode-dependent branches are frozen into it)
 and covers the calls `Traced.bind` accepts; the runtime keeps one capture per mode
 and input shape. Capturing never changes the model: parameters and buffers are not
@@ -338,27 +338,21 @@ def target_name(node: fx.Node) -> str:
 def fingerprint(model: nn.Module, gm: fx.GraphModule) -> str:
     """A short hash of the model's parameter and buffer names, shapes and dtypes and of
     the captured graph's structure (node ops, targets, names and edges). Equal models
-    give equal fingerprints. get_attr nodes count as what they read, wherever they
-    sit; a constant the capture stowed on the graph (not one of the model's tensors)
-    counts by shape and dtype, not by its attribute name. (For graphs without get_attr
-    nodes this is the hash plan format v1 used.)"""
+    give equal fingerprints. A constant the capture stowed on the graph (not one of
+    the model's tensors) counts by shape and dtype, not by its attribute name, which
+    may differ between captures. (Otherwise the hash plan format v1 used.)"""
     h = hashlib.sha256()
     owned = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-
-    def key(node: fx.Node) -> str:
-        if node.op != "get_attr":
-            return node.name
-        value = _fetch(gm, str(node.target))
-        if isinstance(value, torch.Tensor) and id(value) not in owned:
-            return f"@constant{tuple(value.shape)}:{value.dtype}"
-        return f"@{node.target}"
-
     for node in gm.graph.nodes:
-        if node.op != "get_attr":
-            inputs = ",".join(key(n) for n in node.all_input_nodes)
-            h.update(f"{node.op}|{target_name(node)}|{node.name}|{inputs};".encode())
+        inputs = ",".join(n.name for n in node.all_input_nodes)
+        target = target_name(node)
+        if node.op == "get_attr":
+            value = _fetch(gm, target)
+            if isinstance(value, torch.Tensor) and id(value) not in owned:
+                target = f"constant{tuple(value.shape)}:{value.dtype}"
+        h.update(f"{node.op}|{target}|{node.name}|{inputs};".encode())
     return h.hexdigest()[:16]
 
 
@@ -371,21 +365,12 @@ def _fetch(gm: fx.GraphModule, target: str) -> Any:
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     """The graph in the form every Traced has (module doc), changed in place: unused
-    pure nodes dropped, one get_attr node per reader right before it (a chunk of the
-    placed graph then reads its parameters itself: they never travel between chunks,
-    and a buffer updated in place is updated where it lives), and plain code
-    generation (flat placeholders in, the flat output tuple out)."""
+    pure nodes dropped, and plain code generation (flat placeholders in, the flat
+    output tuple out)."""
     graph = gm.graph
     for node in reversed(list(graph.nodes)):
         if not node.users and _is_pure(node):
             graph.erase_node(node)
-    for node in [n for n in graph.nodes if n.op == "get_attr"]:
-        for user in list(node.users):
-            with graph.inserting_before(user):
-                copy = graph.create_node("get_attr", node.target)
-            copy.meta = dict(node.meta)
-            user.replace_input_with(node, copy)
-        graph.erase_node(node)
     graph._codegen = fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()  # older torch checks the pytree input structure there
     gm.recompile()

@@ -7,8 +7,9 @@ real parameter or buffer. Buffers a forward updates in place are updated by the
 graph in place (inside `torch.no_grad()` regions too: a `wrap_with_set_grad_enabled`
 subgraph), once per call, as in eager.
 
-Every dim of every input is dynamic where the model allows (`Dim.AUTO`); dims the
-model fixes, and dims of size 1 in the example, are specialized. `guard` tells, for
+The batch dim of every input, and every dim of integer inputs (the sequence length of
+token ids), is dynamic where the model allows (`Dim.AUTO`); dims the model fixes, and
+dims of size 1 in the example, are specialized. `guard` tells, for
 a call, whether its shapes and dtypes are ones the graph was made for; the runtime
 captures again (cached) for a call outside them.
 """
@@ -100,13 +101,22 @@ def _before_2_9() -> bool:
 
 
 def _dynamic_shapes(bound: inspect.BoundArguments) -> dict | None:
-    """Every dim of every tensor argument dynamic (Dim.AUTO: export specializes the
-    ones the model fixes); None where this torch has no Dim.AUTO."""
+    """Which dims may vary (Dim.AUTO: export specializes those the model fixes): the
+    batch (dim 0) of every tensor argument, and every dim of integer ones (token ids
+    and masks: the sequence length). Image sizes and feature widths stay static:
+    symbolic, they cost a convolution net several times the capture time, and a
+    training run rarely changes them (another size is another capture). None where
+    this torch has no Dim.AUTO."""
     auto = getattr(torch.export.Dim, "AUTO", None)
     if auto is None:
         return None
-    spec = lambda t: {i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None  # noqa: E731
-    return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
+
+    def dims(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        return {i: auto for i in range(t.dim() if not t.is_floating_point() else 1)}
+
+    return {name: tree_map(dims, value) for name, value in bound.arguments.items()}
 
 
 def _guard(vals: list, ranges: dict, guards_fn: nn.Module | None):

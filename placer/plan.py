@@ -294,17 +294,15 @@ def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], dev
                          method: str = "manual", workload: str = "") -> Plan:
     """A plan made by capturing `model` (on `inputs`: torch.export where it can; without
     them torch.fx) and asking `assign(node)` for each node's device: the way to write a
-    placement by hand (tests, examples, benchmarks). A get_attr node is not asked: it
-    goes with the node that reads it.
+    placement by hand (tests, examples, benchmarks). A parameter's get_attr node must
+    go where its reader goes (graphs.capture.owning_module gives both one module), or
+    applying the plan is a PlanError.
 
     Raises PlanError when `assign` names a device not in `devices`.
     """
     traced = trace_model(model, leaf_modules=leaf_modules, inputs=inputs)
     gm = traced.gm
-    assignment = {n.name: assign(n) for n in gm.graph.nodes if n.op != "get_attr"}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            assignment[n.name] = assignment[next(iter(n.users)).name]
+    assignment = {n.name: assign(n) for n in gm.graph.nodes}
     unknown = sorted(set(assignment.values()) - set(devices))
     if unknown:
         raise PlanError(f"assignment uses devices {unknown} that are not among {list(devices)}")

@@ -42,14 +42,16 @@ def load_case(name: str):
 
 
 def split_in_two(model: torch.nn.Module, inputs: tuple, on_second=None):
-    """A two-device plan: the first half of the graph on cpu:0, the rest on cpu:1 (or
-    the nodes `on_second(node)` picks), nodes sharing a parameter kept together."""
+    """A two-device plan: the first half of the graph's nodes on cpu:0, the rest on
+    cpu:1 (or the nodes `on_second(node)` picks), a parameter with its first reader,
+    and its other readers with it."""
     device_of_param: dict[str, str] = {}
 
     def assign(node) -> str:
-        nodes = list(node.graph.nodes)
-        device = (("cpu:1" if on_second(node) else "cpu:0") if on_second is not None
-                  else "cpu:0" if nodes.index(node) < len(nodes) // 2 else "cpu:1")
+        body = [n for n in node.graph.nodes if n.op != "get_attr"]
+        at = next(iter(node.users)) if node.op == "get_attr" else node  # a parameter goes where it is read
+        device = (("cpu:1" if on_second(at) else "cpu:0") if on_second is not None
+                  else "cpu:0" if body.index(at) < len(body) // 2 else "cpu:1")
         params = node_params(node.graph.owning_module, node)
         device = next((device_of_param[p] for p in params if p in device_of_param), device)
         device_of_param.update(dict.fromkeys(params, device))
