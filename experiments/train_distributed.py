@@ -33,9 +33,10 @@ from torch import nn
 from graphs.capture import node_params
 from graphs.trace import trace_model
 from graphs.workload import load_workload
-from placer.distributed import (DistributedModel, PipelinedModel, die_with_parent, init_from_env, merge_checkpoints,
-                                pipeline_stages, save_checkpoint)
+from placer.distributed import (DistributedModel, PipelinedModel, init_from_env, merge_checkpoints, pipeline_stages,
+                                save_checkpoint)
 from placer.plan import Plan, load_plan, plan_from_assignment
+from placer.runtime.pool import die_with_parent
 
 
 def contiguous_plan(model: nn.Module, devices: Sequence[str], leaf_modules=(), workload: str = "",
@@ -85,7 +86,7 @@ def main() -> None:
         n_ranks = pipeline_stages(workload, plan, args.microbatches, args.schedule) if pipelined else len(plan.devices)
         torchrun(["--standalone", "--nproc-per-node", str(n_ranks), __file__, *sys.argv[1:]])
         return
-    die_with_parent()  # no rank outlives torchrun
+    die_with_parent(os.getppid())  # no rank outlives torchrun
 
     # --- the user's own loop, on a distributed placement --------------------------
     rank = init_from_env(plan)  # torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT

@@ -22,7 +22,7 @@ from placer.distributed import (DistributedModel, LocalRank, merge_checkpoints, 
                                 run_local, save_checkpoint, train_distributed)
 from placer.distributed.schedule import build_schedule
 from placer.distributed.launch import free_port
-from placer.distributed.pool import MeasurementPool
+from placer.runtime.pool import MeasurementPool
 from graphs.errors import DeviceSpecError, PlanError
 from placer.plan import Plan, plan_from_assignment
 from placer.runtime.chunks import build_chunks

@@ -10,15 +10,11 @@ hosts are the same thing with --nnodes and a reachable --rdzv-endpoint (docs/dis
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import io
 import os
 import queue
-import signal
 import socket
-import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -27,7 +23,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -40,7 +35,8 @@ from placer.distributed.share import rank_cluster
 from placer.distributed.checkpoint import save_checkpoint
 from placer.distributed.pipelining import PipelinedModel, plan_pipeline
 from placer.plan import Plan
-from placer.runtime.measure import Measurement
+from placer.runtime.pool import die_with_parent
+from placer.runtime.timing import Measurement, summarize, time_steps
 
 RankModel = DistributedModel | PipelinedModel
 ModelFactory = Callable[[torch.nn.Module, Plan, Sequence[torch.Tensor]], RankModel]
@@ -73,27 +69,6 @@ def world_size_of(plan: Plan) -> int:
     if plan.devices[0].startswith("rank"):
         return 1 + max(int(name.split(":", 1)[0][4:]) for name in plan.devices)
     return len(plan.devices)
-
-
-def die_with_parent(parent_pid: int | None = None) -> None:
-    """Make this process die when its parent does (issue 11: no orphaned ranks or
-    workers). On Linux the kernel sends SIGKILL at the parent's death
-    (PR_SET_PDEATHSIG; it fires when the parent *thread* that started this process
-    ends, so start ranks from a thread that outlives them); elsewhere a daemon thread
-    polls the parent's pid. `parent_pid`: the parent this process was started by;
-    if it is already gone, exit at once (it may have died before the signal was set)."""
-    parent = os.getppid() if parent_pid is None else parent_pid
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    else:
-        def watch() -> None:
-            while os.getppid() == parent:
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True, name="placer-parent-watch").start()
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def free_port() -> int:
@@ -301,22 +276,19 @@ def train_step(model: RankModel, optimizer: torch.optim.Optimizer | None, worklo
 
 
 def _measure_rank(rank: LocalRank, iters: int, warmup: int) -> Measurement:
+    """Time the steps on every rank with the one timing loop (no per-rank time limit:
+    ranks stay in lock-step; run_local bounds the whole run), then take each step's
+    slowest rank: a step lasts until every rank has finished it."""
     model, workload = rank.model, rank.workload
     optimizer = _optimizer(rank)
     cuda = {name: d.torch_device for name, d in model.local_devices.items() if d.kind == "cuda"}
+    step = functools.partial(train_step, model, optimizer, workload)
     model.saved = {}
-    times = []
-    for i in range(max(1, warmup) + iters):
-        start = time.perf_counter()
-        train_step(model, optimizer, workload)
-        for device in cuda.values():
-            torch.cuda.synchronize(device)
-        if i == 0:
-            saved, model.saved = model.saved_bytes(), None
-        if i >= max(1, warmup):
-            times.append((time.perf_counter() - start) * 1e3)
-    # A step lasts until its slowest rank finishes it.
-    slowest = torch.tensor(times, dtype=torch.float64, device=model.comm_device)
+    time_steps(step, 1, sync=list(cuda.values()))  # the first warm-up step counts saved activations
+    saved, model.saved = model.saved_bytes(), None
+    time_steps(step, max(1, warmup) - 1, sync=list(cuda.values()))
+    slowest = torch.tensor(time_steps(step, iters, sync=list(cuda.values())), dtype=torch.float64,
+                           device=model.comm_device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     peaks = model.held_bytes(optimizer)
     for device, nbytes in saved.items():
@@ -328,7 +300,4 @@ def _measure_rank(rank: LocalRank, iters: int, warmup: int) -> Measurement:
     merged = {name: 0 for name in model.plan.devices}
     for share in gathered:
         merged.update(share)
-    times = slowest.cpu().tolist()
-    q1, median, q3 = np.percentile(times, [25, 50, 75])
-    return Measurement(feasible=True, median_ms=float(median), iqr_ms=float(q3 - q1), times_ms=times,
-                       peak_bytes=merged)
+    return summarize(slowest.cpu().tolist(), merged)
