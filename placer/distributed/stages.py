@@ -27,10 +27,10 @@ chunk reads what it needs where it lives (placer.runtime.chunks).
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from operator import attrgetter
 
+import networkx as nx
 import torch.fx as fx
 from torch import nn
 
@@ -98,34 +98,21 @@ def stage_order(graph: fx.Graph, assignment: dict[str, str], skip: set[fx.Node],
         When values flow both ways between devices: the plan is no pipeline.
     """
     body = [n for n in graph.nodes if n.op not in _NO_VALUE and n not in skip]
-    first = {}
+    first: dict[str, int] = {}
     for i, node in enumerate(body):
         first.setdefault(assignment[node.name], i)
-    after: dict[str, set[str]] = {d: set() for d in first}
-    for node in body:
-        for arg in node.all_input_nodes:
-            if arg in skip or arg.op in _NO_VALUE or assignment[arg.name] == assignment[node.name]:
-                continue
-            after[assignment[arg.name]].add(assignment[node.name])
-    waiting = {d: 0 for d in first}
-    for successors in after.values():
-        for d in successors:
-            waiting[d] += 1
-    ready = [(first[d], d) for d, n in waiting.items() if n == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        _, device = heapq.heappop(ready)
-        order.append(device)
-        for d in after[device]:
-            waiting[d] -= 1
-            if waiting[d] == 0:
-                heapq.heappush(ready, (first[d], d))
-    if len(order) < len(first):
-        stuck = sorted(set(first) - set(order), key=first.get)
-        raise PlanError(f"{source} is not a pipeline: values flow both ways between {', '.join(stuck)} (its devices "
-                        f"do not form contiguous stages); run it with --backend distributed")
-    return order
+    graph_of_devices = nx.DiGraph()
+    graph_of_devices.add_nodes_from(first)
+    graph_of_devices.add_edges_from((assignment[arg.name], assignment[node.name]) for node in body
+                                    for arg in node.all_input_nodes
+                                    if arg not in skip and arg.op not in _NO_VALUE
+                                    and assignment[arg.name] != assignment[node.name])
+    try:
+        return list(nx.lexicographical_topological_sort(graph_of_devices, key=first.get))
+    except nx.NetworkXUnfeasible:
+        cycle = sorted({a for a, _ in nx.find_cycle(graph_of_devices)}, key=first.get)
+        raise PlanError(f"{source} is not a pipeline: values flow both ways between {', '.join(cycle)} (its devices "
+                        f"do not form contiguous stages); run it with --backend distributed") from None
 
 
 def split_stages(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], source: str = "plan") -> Pipeline:
