@@ -242,10 +242,11 @@ class Simulator:
         problem = self.problem
         if len(p) != problem.n_groups or (p and (min(p) < 0 or max(p) >= self._n_dev)) or m < 1:
             return SimResult(math.inf, (0.0,) * self._n_dev, (0,) * self._n_dev, False, problem.violations(p, m)[0])
-        problems = problem.violations(p, m)
+        used = problem.memory_per_device(p, m)
+        problems = problem.violations(p, m, used=used)
         events = [] if record else None
         step_ms, busy = self._schedule(p, m, events)
-        peak = tuple(int(b) for b in problem.memory_per_device(p, m))
+        peak = tuple(int(b) for b in used)
         return SimResult(step_ms, tuple(busy), peak, not problems, "; ".join(problems), events)
 
     def _schedule(self, p: tuple[int, ...], m: int, events: list | None) -> tuple[float, list[float]]:
@@ -258,7 +259,7 @@ class Simulator:
         cdev = [0] * n_chunks
         for a, c in enumerate(chunk_of):
             cdev[c] = dev[a]
-        chunks, devs = np.asarray(chunk_of), np.asarray(dev)
+        chunks, devs = np.array(chunk_of), np.array(dev)
         factor = self.compute_factor(m) if m > 1 else 1.0
         fwd = (np.bincount(chunks, weights=self._fwd[self._rows, devs], minlength=n_chunks) * factor).tolist()
         bwd = (np.bincount(chunks, weights=self._bwd[self._rows, devs], minlength=n_chunks) * factor).tolist()
@@ -274,19 +275,21 @@ class Simulator:
             wakes_fwd[a].append((b, nbytes))
         for a, b, nbytes in zip(heads[::-1], tails[::-1], pair_bytes[::-1]):  # backward: the reverse
             wakes_bwd[b].append((a, nbytes))
+        waits_fwd = [len(q) for q in wakes_bwd]
+        waits_bwd = [len(q) for q in wakes_fwd]
         busy = [0.0] * n_dev
         links_free = [[0.0] * n_dev for _ in range(n_dev)]
         members = _members(chunk_of, n_chunks) if events is not None else None
-        free = self._pass(cdev, [len(q) for q in wakes_bwd], wakes_fwd, fwd, m, False, [0.0] * n_dev, links_free,
+        free = self._pass(cdev, waits_fwd, wakes_fwd, fwd, m, False, [0.0] * n_dev, links_free,
                           busy, events, members)
         loss_end = max(free) + self.calibration.loss_ms
-        free = self._pass(cdev, [len(q) for q in wakes_fwd], wakes_bwd, bwd, m, True, [loss_end] * n_dev, links_free,
+        free = self._pass(cdev, waits_bwd, wakes_bwd, bwd, m, True, [loss_end] * n_dev, links_free,
                           busy, events, members)
         # optimizer.step() is one call on the caller's thread once backward is done: the
         # host runs the CPU devices' updates one after another, while each GPU runs its
         # own (launched asynchronously) alongside.
         n = len(p)
-        devices = np.asarray(p)
+        devices = devs if self._identity else np.array(p)
         opt_ms = np.bincount(devices, weights=self._opt[np.arange(n), devices], minlength=n_dev).tolist()
         used = sorted(set(p))
         backward_end = max(free[d] for d in used) if n else loss_end
@@ -314,35 +317,39 @@ class Simulator:
         start = max(free)
         pending = waiting * m
         ready = [start] * (n * m)
-        # Ties among tasks ready at once: micro-batch, then chunk order; reversed backward.
-        if not backward:
-            tie = range(n * m)
-        elif m == 1:
-            tie = range(n - 1, -1, -1)
-        else:
-            tie = [(m - 1 - k // n) * n + (n - 1 - k % n) for k in range(n * m)]
-        heap = sorted((start, tie[i * n + c], i * n + c) for i in range(m) for c in range(n) if not waiting[c])
+        # The heap holds (ready time, key): the key orders tasks ready at once (micro-batch,
+        # then chunk order; backward the reverse of both) and gives the task back: task =
+        # flip + sign * key, key = flip + sign * task.
+        flip, sign = (n * m - 1, -1) if backward else (0, 1)
+        heap = sorted((start, flip + sign * (i * n + c)) for i in range(m) for c in range(n) if not waiting[c])
+        run = [overhead + x for x in cost]
+        record = events is not None
+        push, pop = heappush, heappop
         while heap:
-            r, _, task = heappop(heap)
+            r, key = pop(heap)
+            task = flip + sign * key
             c = task % n
             d = cdev[c]
-            s = free[d] if free[d] > r else r
-            t = free[d] = s + overhead + cost[c]
+            s = free[d]
+            if r > s:
+                s = r
+            t = free[d] = s + run[c]
             busy[d] += t - s
-            if events is not None:
+            if record:
                 self._task_events(events, d, "bwd" if backward else "fwd", c, task // n, members[c], s, backward, m)
             base = task - c
+            link_free, link_latency, link_per_byte = links_free[d], latency[d], per_byte[d]
             for w, nbytes in wakes[c]:
                 k = base + w
                 e = cdev[w]
                 if e == d:
                     arrival = t
                 else:  # over the link d -> e, after what is already queued on it
-                    at = links_free[d][e]
+                    at = link_free[e]
                     if t > at:
                         at = t
-                    arrival = links_free[d][e] = at + latency[d][e] + nbytes * per_byte[d][e]
-                    if events is not None:
+                    arrival = link_free[e] = at + link_latency[e] + nbytes * link_per_byte[e]
+                    if record:
                         self._event(events, d, "xfer", f"{self._names[d]}->{self._names[e]}", at, arrival,
                                     groups=(self._group(members[c][0]), self._group(members[w][0])),
                                     phase="bwd" if backward else "fwd", microbatch=task // n)
@@ -350,7 +357,7 @@ class Simulator:
                     ready[k] = arrival
                 pending[k] -= 1
                 if not pending[k]:
-                    heappush(heap, (ready[k], tie[k], k))
+                    push(heap, (ready[k], flip + sign * k))
         return free
 
     def _group(self, atom: int) -> int:

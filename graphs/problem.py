@@ -149,9 +149,10 @@ class PlacementProblem:
         weights = c.param_bytes + c.grad_bytes + c.opt_bytes + c.act_bytes * self.activation_factor(microbatches)
         return np.bincount(np.asarray(placement), weights=weights, minlength=self.n_devices)
 
-    def violations(self, placement: Sequence[int], microbatches: int = 1) -> list[str]:
+    def violations(self, placement: Sequence[int], microbatches: int = 1, used: np.ndarray | None = None) -> list[str]:
         """Why a placement (with `microbatches` micro-batches) is invalid or
-        infeasible; empty when it is fine."""
+        infeasible; empty when it is fine. `used`: memory_per_device's answer, when
+        the caller has it already."""
         p = np.asarray(placement)
         if p.shape != (self.n_groups,):
             return [f"placement has {p.size} entries for {self.n_groups} groups"]
@@ -164,7 +165,7 @@ class PlacementProblem:
             if len({int(p[m]) for m in members}) > 1:
                 names = ", ".join(self.groups.nodes[m]["name"] for m in members)
                 problems.append(f"groups that share parameters are split across devices: {names}")
-        used = self.memory_per_device(p, microbatches)
+        used = self.memory_per_device(p, microbatches) if used is None else used
         for i, device in enumerate(self.cluster.devices):
             if device.memory_bytes is not None and used[i] > device.memory_bytes:
                 problems.append(f"{device.name} needs {int(used[i])} bytes but has {device.memory_bytes}")

@@ -81,16 +81,26 @@ def partition(n: int, edges: Sequence[tuple[int, int]], device: Sequence[int], *
     >>> partition(3, [(0, 1), (1, 2)], [0, 0, 0])
     [0, 0, 0]
     """
-    fwd = [0] * n  # F as a bit set over edge positions
-    bwd = [0] * n
     ordered = edges if presorted else sorted(set(edges))
-    for e, (u, v) in enumerate(ordered):  # by source, so every F(u) is final before u's out-edges
-        fwd[v] |= fwd[u] if device[u] == device[v] else 1 << e
-    for e in range(len(ordered) - 1, -1, -1):  # sources descending: every B(v) is final first
-        u, v = ordered[e]
-        bwd[u] |= bwd[v] if device[u] == device[v] else 1 << e
+    bits = _bits(len(ordered))  # edge e's bit: 1 << e
+    fwd = [0] * n
+    bwd = [0] * n
+    for (u, v), bit in zip(ordered, bits):  # by source: every F(u) is final before u's out-edges
+        fwd[v] |= fwd[u] if device[u] == device[v] else bit
+    for (u, v), bit in zip(reversed(ordered), bits[len(ordered) - 1::-1]):  # sources descending
+        bwd[u] |= bwd[v] if device[u] == device[v] else bit
     ids: dict[tuple[int, int, int], int] = {}
     return [ids.setdefault(key, len(ids)) for key in zip(device, fwd, bwd)]
+
+
+_BITS: list[int] = []
+
+
+def _bits(n: int) -> list[int]:
+    """[1 << e for e < n] (at least), made once: the simulator partitions thousands of times."""
+    while len(_BITS) < n:
+        _BITS.append(1 << len(_BITS))
+    return _BITS
 
 
 def chunk_order(chunk_of: Sequence[int], edges: Sequence[tuple[int, int]]) -> list[int]:
