@@ -437,12 +437,14 @@ def test_parameters_live_on_their_devices_and_the_wrapper_is_a_module():
 
 # -- chunks -------------------------------------------------------------------
 
-def test_chunks_are_maximal_same_device_runs_with_forward_edges_only():
+def test_chunks_as_runs_are_maximal_same_device_runs_with_forward_edges_only():
+    """The distributed backend's stages: runs=True cuts maximal same-device runs in fx
+    order (the local runtime's dataflow chunks: tests/test_chunks.py)."""
     model = BranchyCNN()
     gm = trace_model(model).gm
     plan = random_plan(model, THREE, 7)
-    chunks = build_chunks(model, gm.graph, plan.assignment)
-    body = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    chunks = build_chunks(model, gm.graph, plan.assignment, runs=True)
+    body = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]  # read in chunks
     assert [n for c in chunks for n in c.nodes] == body
     assert all(a.device != b.device for a, b in zip(chunks, chunks[1:]))
     producer = {n: c.index for c in chunks for n in c.nodes}
