@@ -79,15 +79,17 @@ if [[ -n $missing ]]; then
     say "no wheels in $WHEELS: run ../shared/device/prepare-wheels.sh here first and carry .whl"
   fi
 fi
-# placer itself from this checkout, unless it is already importable from here: editable where
-# pip can (no build isolation: nothing to fetch), else on the path.
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-if [[ $(cd / && "$PY" -c 'import os, placer; print(os.path.dirname(os.path.dirname(placer.__file__)))' 2>/dev/null) == "$ROOT" ]]; then
+# placer itself from this checkout: as it is if Python already finds it here, else installed
+# editable (no index, no build isolation: nothing to fetch; gives the `placer` command), else
+# on the path.
+here=$(cd / && "$PY" -c 'import os, placer; print(os.path.dirname(os.path.dirname(placer.__file__)))' 2>/dev/null)
+if [[ $here == "$ROOT" ]]; then
   say "placer is importable from $ROOT"
 elif "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e "$ROOT" >>"$LOG" 2>&1; then
   say "placer installed (editable) from $ROOT"
 else
   say "pip could not install placer (see above); using PYTHONPATH=$ROOT"
+  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 PLACER_CACHE=${PLACER_CACHE:-$OUT_DIR/cache}
 

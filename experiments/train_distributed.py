@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from operator import attrgetter
 
 import torch.distributed as dist
 import torch.fx as fx
@@ -43,19 +44,27 @@ def contiguous_plan(model: nn.Module, devices: Sequence[str], leaf_modules=(), w
                     inputs: tuple | None = None) -> Plan:
     """Cut the captured graph (torch.export on `inputs` where it can, else torch.fx)
     into len(devices) contiguous runs of nodes, one per device (a pipeline); nodes that
-    share a parameter go with its first user. Nodes are taken by position, so a trace
-    that names its constants anew each time (fx's `_tensor_constantN`) cuts the same way."""
-    n = len(trace_model(model, leaf_modules=leaf_modules, inputs=inputs).gm.graph.nodes)
-    seen, first_user = [0], {}
+    share a parameter go with its first reader, a get_attr node with its first user.
+    Nodes are matched by position, so a capture that names its constants anew each
+    time (fx's `_tensor_constantN`) cuts the same way."""
+    gm = trace_model(model, leaf_modules=leaf_modules, inputs=inputs).gm
+    nodes = list(gm.graph.nodes)
+    body = [n for n in nodes if n.op != "get_attr"]
+    device_of, first_reader = {}, {}
+    for i, node in enumerate(body):
+        device = devices[i * len(devices) // len(body)]
+        for name in node_params(gm, node):
+            device = first_reader.setdefault(id(attrgetter(name)(gm)), device)
+        device_of[node] = device
+    for node in nodes:
+        if node.op == "get_attr":
+            device_of[node] = device_of[next(iter(node.users))] if node.users else devices[0]
+    by_position = [device_of[n] for n in nodes]
+    positions: dict[fx.Graph, dict[fx.Node, int]] = {}
 
     def assign(node: fx.Node) -> str:
-        device = devices[seen[0] * len(devices) // n]
-        seen[0] += 1
-        gm = node.graph.owning_module
-        for name in node_params(gm, node):
-            path, _, attr = name.rpartition(".")
-            device = first_user.setdefault(id(getattr(gm.get_submodule(path), attr)), device)
-        return device
+        index = positions.setdefault(node.graph, {n: i for i, n in enumerate(node.graph.nodes)})
+        return by_position[index[node]]
 
     return plan_from_assignment(model, assign, list(devices), inputs=inputs, leaf_modules=leaf_modules,
                                 method="contiguous", workload=workload)
