@@ -1,6 +1,7 @@
 """Draw the figures of docs from experiments/table1.py's results:
 
-  docs/img/table1_speedup.png   RL's measured speedup over the fastest heuristic on the same devices, per model
+  docs/img/table1_speedup.png   RL's measured speedup over the fastest heuristic on the same devices, per
+                                model, with its confidence interval (from one interleaved session)
   docs/img/search_curves.png    the RL search's best simulated and best measured step time
                                 against search seconds, one line per model, each relative
                                 to that model's best heuristic (below 1: RL is ahead)
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from placer.report import comparison_rows, save_figure
+from placer.report import save_figure
+from placer.results import Ratio, Results
 from table1 import column_title  # this folder is on sys.path when run as a script
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -26,36 +28,41 @@ DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 
 
 def plot_speedups(rows: list[dict], path: Path) -> Path | None:
-    """One bar per model: RL's speedup over the fastest heuristic on the same devices."""
-    rows = [r for r in rows if r.get("rl_speedup") is not None]
+    """One bar per model: RL's speedup over the fastest heuristic on the same devices,
+    with the ratio's confidence interval; a tie (the interval holds 1) in grey."""
+    rows = [r for r in rows if r.get("rl_vs_best_heuristic")]
     if not rows:
         return None
+    ratios = [Ratio.from_json(r["rl_vs_best_heuristic"]) for r in rows]
     fig = Figure(figsize=(max(5.0, 1.2 * len(rows) + 2), 4))
     ax = fig.subplots()
     x = np.arange(len(rows))
-    speedups = [r["rl_speedup"] for r in rows]
-    ax.bar(x, speedups, color=["#C44E52" if s >= 1 else "#7A8BA6" for s in speedups])
+    values = np.array([q.value for q in ratios])
+    low, high = np.array([q.ci[0] for q in ratios]), np.array([q.ci[1] for q in ratios])
+    ax.bar(x, values, yerr=[values - low, high - values], capsize=4,
+           color=["#C44E52" if q.verdict == "faster" else "#7A8BA6" if q.verdict == "slower" else "#BBBBBB"
+                  for q in ratios])
     ax.axhline(1.0, color="black", linewidth=1)
-    for xi, s, r in zip(x, speedups, rows):
-        ax.annotate(f"{s:.2f}x\nvs {column_title(r['best_other'])}", (xi, s), ha="center", va="bottom", fontsize=8)
+    for xi, q in zip(x, ratios):
+        label = f"{q.value:.2f}x{' tie' if q.verdict == 'tie' else ''}\nvs {column_title(q.reference)}"
+        ax.annotate(label, (xi, q.ci[1]), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [f"{r['model']}\n({r['size']})" for r in rows])
     ax.set_ylabel("RL speedup over best heuristic (measured)")
-    ax.set_ylim(0, max(speedups) * 1.2)
-    ax.set_title("RL against the fastest heuristic on the same devices, per model")
+    ax.set_ylim(0, max(high) * 1.25)
+    ax.set_title("RL against the fastest heuristic on the same devices, per model (CI whiskers)")
     return save_figure(fig, path)
 
 
-def plot_search_curves(runs: dict[str, dict], path: Path) -> Path | None:
+def plot_search_curves(runs: dict[str, Results], path: Path) -> Path | None:
     """Best simulated and best measured step time vs search seconds, one line per model,
     divided by the model's best heuristic measured time so that models share an axis."""
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2, sharey=True)
     drawn = False
     for i, (label, results) in enumerate(runs.items()):
-        rows = comparison_rows(results)
-        reference = next((r["measured_ms"] for r in rows
-                          if r["kind"] == "baseline" and r["measured_ms"] is not None), None)
-        curve = results.get("curve") or []
+        heuristic = results.best_heuristic
+        reference = heuristic.measured_ms if heuristic is not None else None
+        curve = [p for p in results.curve if p.get("method", "rl") == "rl"]
         if reference is None or not curve:
             continue
         for ax, key in zip(axes, ("best_sim_ms", "best_measured_ms")):
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 
     table = json.loads(table_path.read_text())
     rows = [r for r in table["rows"] if "error" not in r]
-    runs = {f"{r['model']} ({r['size']})": json.loads((table_path.parent / r["results"]).read_text())
+    runs = {f"{r['model']} ({r['size']})": Results.load(table_path.parent / r["results"])
             for r in rows if (table_path.parent / r["results"]).is_file()}
     for path in (plot_speedups(rows, out / "table1_speedup.png"),
                  plot_search_curves(runs, out / "search_curves.png")):

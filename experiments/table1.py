@@ -1,20 +1,22 @@
 """Reproduce the layout of Table 1 of Mirhoseini et al., "Device Placement
 Optimization with Reinforcement Learning" (ICML 2017), on this host.
 
-Rows are zoo models; columns are measured training-step times (median, ms) of
-  single CPU      everything on the whole host (`cpu`, all cores in one worker),
+Rows are zoo models; columns are measured training-step times (median, ms, with the
+confidence interval of each median) of
+  unplaced        the model as you run it without placer: the whole host (the paper's single CPU)
   single device   everything on the first placement device (e.g. cpu:0),
   METIS           the graph partitioner (the paper's Scotch column),
   expert          the hand-written placement,
   RL              the learned placement,
-  our other baselines, and the speedup of RL over the fastest of all the others,
-as in the paper's last column. Each model is one `placer.optimize.optimize` run
-(plus a single-method run on `cpu` for the first column), whose results.json and
-report stay under experiments/results/table1/ for experiments/plot_speedups.py.
+  our other baselines; then RL's speedup over the best heuristic and the chosen plan's
+over unplaced, each a ratio with its confidence interval from one interleaved session
+("tie" where the interval holds 1). Each model is one `placer.optimize.optimize` run,
+whose results.json and report stay under experiments/results/table1/ for
+experiments/plot_speedups.py.
 
-    .venv/bin/python experiments/table1.py                     # small sizes, 120 s each
+    .venv/bin/python experiments/table1.py --size medium                # the record (quiet host)
     .venv/bin/python experiments/table1.py --size paper --models rnnlm nmt:small
-    .venv/bin/python experiments/table1.py --quick             # a check that it runs
+    .venv/bin/python experiments/table1.py --quick                      # a check that it runs
 
 A model whose paper size does not fit (or fails to load) becomes a row with its
 error, and the others still run; table1.json is rewritten after every model, so an
@@ -25,95 +27,52 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from _record import RESULTS, host_info, host_lines, record  # this folder is on sys.path when run as a script
 from graphs.errors import PlacerError
-from graphs.files import write_text_atomically
-from placer.report import method_name
+from placer.results import Ratio, Results, method_name
 
 MODELS = ("rnnlm", "nmt", "inception_v3", "transformer")
-# The paper's columns first (single_cpu: our run on the whole host), then every other
-# method the results hold, so that a new baseline gets a column without a change here.
-PAPER_COLUMNS = ("single_cpu", "single", "metis", "expert", "rl")
-COLUMN_TITLES = {"single_cpu": "single CPU", "single": "single device", "metis": "METIS (Scotch)"}
-RESULTS = Path(__file__).resolve().parent / "results"
+# The paper's columns first, then every other method the results hold, so that a new
+# baseline gets a column without a change here.
+PAPER_COLUMNS = ("unplaced", "single", "metis", "expert", "rl")
+COLUMN_TITLES = {"unplaced": "unplaced (whole host)", "single": "single device", "metis": "METIS (Scotch)"}
 
 
 def column_title(column: str) -> str:
     return COLUMN_TITLES.get(column, method_name(column))
 
 
-def host_info(command: str) -> dict:
-    return {
-        "uname": " ".join(filter(None, platform.uname())),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
-    }
+def ratio_json(ratio: Ratio | None) -> dict | None:
+    return ratio.to_json() if ratio is not None else None
 
 
-def cell(entry: dict | None) -> dict | None:
-    """The part of a results.json method entry the table shows."""
-    if entry is None:
-        return None
-    return {key: entry.get(key) for key in ("measured_ms", "iqr_ms", "simulated_ms", "feasible", "reason")}
+def row_of(model: str, size: str, results: Results, results_path: str) -> dict:
+    """One table row from a run's Results."""
+    cells = {r.method: {"measured_ms": r.measured_ms, "ci_ms": list(r.ci_ms) if r.ci_ms else None,
+                        "runs": r.runs, "session": r.session, "feasible": r.feasible, "reason": r.reason}
+             for r in results.methods}
+    rl = results.row("rl")
+    return {"model": model, "size": size, "workload": results.workload, "devices": results.devices, "cells": cells,
+            "chosen": results.best, "verdict": results.choice.verdict,
+            "chosen_vs_unplaced": ratio_json(results.choice.vs_unplaced),
+            "rl_vs_best_heuristic": ratio_json(rl.vs_best_heuristic if rl is not None else None),
+            "rl_session": rl.session if rl is not None else None,
+            "lower_bound_ms": results.bounds.get("lower_bound_ms"), "results": results_path}
 
 
-def rl_speedup(cells: dict[str, dict | None], columns: set[str] | None = None) -> tuple[float | None, str | None]:
-    """RL's speedup over the fastest feasible measured other column (among `columns`,
-    default all), and that column."""
-    def measured(c: dict | None) -> float | None:
-        return c.get("measured_ms") if c and c.get("feasible", True) else None
-
-    others = {col: measured(c) for col, c in cells.items()
-              if col != "rl" and measured(c) is not None and (columns is None or col in columns)}
-    rl = measured(cells.get("rl"))
-    if rl is None or not others:
-        return None, None
-    best = min(others, key=others.get)
-    return others[best] / rl, best
-
-
-def speedups(row: dict) -> dict:
-    """RL against the best heuristic on the same devices (the issue's target), and
-    against the whole host as one device (a different device set: intra-op threads)."""
-    heuristics = set(row["cells"]) - {"rl", "single_cpu"}
-    speedup, best_other = rl_speedup(row["cells"], heuristics)
-    vs_host, _ = rl_speedup(row["cells"], {"single_cpu"})
-    return {"rl_speedup": speedup, "best_other": best_other, "rl_vs_single_cpu": vs_host}
-
-
-def run_model(model: str, size: str, args: argparse.Namespace, optimize) -> dict:
-    """One table row: the whole-host single run and the full optimize run of one model."""
+def run_model(model: str, size: str, args: argparse.Namespace, optimize, protocol, search) -> dict:
+    """One table row: the full optimize run of one model (unplaced measured beside it)."""
     workload = f"zoo:{model}:{size}"
     run_dir = args.out / args.name / f"{model}-{size}"
-    common = dict(workload=workload, seed=args.seed, measure_iters=args.measure_iters)
-    print(f"[table1] {workload}: single CPU (whole host)", flush=True)
-    # One device: every placement is the same, so the search needs no budget.
-    host = optimize(**common, devices="cpu", methods=["single"], budget_s=1.0,
-                    out_dir=run_dir / "single_cpu")
-    print(f"[table1] {workload}: baselines and RL, budget {args.budget:g} s", flush=True)
-    placed = optimize(**common, devices=args.devices, memory=args.memory, budget_s=args.budget,
-                      out_dir=run_dir / "placed")
-
-    host_single = next((e for e in host.get("methods") or [] if e["method"] == "single"), None)
-    cells = {"single_cpu": cell(host_single), **{e["method"]: cell(e) for e in placed.get("methods") or []}}
-    row = {"model": model, "size": size, "workload": workload, "devices": placed.get("devices"), "cells": cells}
-    return {
-        **row, **speedups(row),
-        "lower_bound_ms": (placed.get("bounds") or {}).get("lower_bound_ms"),
-        # Relative to the folder of table1.json, for plot_speedups.py.
-        "results": str((run_dir / "placed" / "results.json").relative_to(args.out)),
-    }
+    print(f"[table1] {workload}: unplaced, baselines and RL, budget {args.budget:g} s", flush=True)
+    results = optimize(workload, devices=args.devices, memory=args.memory, budget_s=args.budget, seed=args.seed,
+                       out_dir=run_dir, protocol=protocol, search=search)
+    # Relative to the folder of table1.json, for plot_speedups.py.
+    return row_of(model, size, results, str((run_dir / "results.json").relative_to(args.out)))
 
 
 def format_cell(c: dict | None) -> str:
@@ -121,13 +80,23 @@ def format_cell(c: dict | None) -> str:
         return "-"
     if not c.get("feasible", True):
         return "infeasible"
-    return "-" if c.get("measured_ms") is None else f"{c['measured_ms']:.1f}"
+    if c.get("measured_ms") is None:
+        return "-"
+    ci = c.get("ci_ms")
+    return f"{c['measured_ms']:.1f}" + (f" ({ci[0]:.1f}-{ci[1]:.1f})" if ci else "")
+
+
+def format_ratio(data: dict | None, against: str = "") -> str:
+    if not data:
+        return "-"
+    ratio = Ratio.from_json(data)
+    return ratio.describe() + (f" vs {column_title(against)}" if against else "")
 
 
 def to_markdown(table: dict) -> str:
     found = [method for row in table["rows"] for method in row.get("cells", {})]
     columns = list(dict.fromkeys([*PAPER_COLUMNS, *found]))
-    header = ["model", *map(column_title, columns), "RL speedup", "RL vs single CPU"]
+    header = ["model", *map(column_title, columns), "RL vs best heuristic", "chosen plan vs unplaced"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
     for row in table["rows"]:
@@ -136,23 +105,24 @@ def to_markdown(table: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(["-"] * (len(header) - 1)) + " |")
             notes.append(f"- {name}: {row['error']}")
             continue
-        speedup = "-" if row["rl_speedup"] is None else (
-            f"{row['rl_speedup']:.2f}x (vs {column_title(row['best_other'])})")
-        vs_host = "-" if row.get("rl_vs_single_cpu") is None else f"{row['rl_vs_single_cpu']:.2f}x"
+        heuristic = (row.get("rl_vs_best_heuristic") or {}).get("reference", "")
+        chosen = f"{column_title(row['chosen'])}: {format_ratio(row.get('chosen_vs_unplaced'))}" \
+            if row.get("chosen") != "unplaced" else f"unplaced ({row.get('verdict')}: no plan measurably faster)"
         lines.append(f"| {name} | " + " | ".join(format_cell(row["cells"].get(c)) for c in columns)
-                     + f" | {speedup} | {vs_host} |")
+                     + f" | {format_ratio(row.get('rl_vs_best_heuristic'), heuristic)} | {chosen} |")
         notes += [f"- {name}, {column_title(c)}: {cell['reason']}"
                   for c, cell in row["cells"].items() if cell and not cell.get("feasible", True)]
-    host = table["host"]
     devices = ", ".join(table["rows"][0].get("devices") or []) if table["rows"] else "-"
     return "\n".join([
         "# Table 1 on this host",
         "",
-        "Measured training-step time, median in milliseconds (lower is better), in the layout of "
-        "Table 1 of Mirhoseini et al. (ICML 2017). Single CPU runs everything on the whole host; "
-        f"the other columns place the model on {devices}. RL speedup is the fastest heuristic's "
-        f"time on those devices over RL's; RL vs single CPU compares with the whole host as one "
-        f"device (a different device set: one worker using every core for each op). "
+        "Measured training-step time, median in milliseconds with its confidence interval (lower is better), "
+        "in the layout of Table 1 of Mirhoseini et al. (ICML 2017). unplaced is the model run without placer on "
+        f"the whole host (the paper's single CPU); the other columns place the model on {devices}. Candidates "
+        "were measured interleaved (A B C, C B A, ...) until each median's CI was within "
+        f"{table['protocol']['target']:.0%} or {table['protocol']['cap_s']:g} s per session. The speedups are "
+        "ratios with their confidence interval from one interleaved session (RL's from the final or confirm "
+        "session, never from the search's measurements that picked it); tie: the interval holds 1. "
         f"Search budget {table['budget_s']:g} s per model, seed {table['seed']}.",
         "",
         *lines,
@@ -160,10 +130,7 @@ def to_markdown(table: dict) -> str:
         *(["Infeasible placements and failed models:", "", *notes, ""] if notes else []),
         "Host:",
         "",
-        f"- `uname -a`: {host['uname']}",
-        f"- cores: {host['cores']}, torch {host['torch']}, Python {host['python']}",
-        f"- date: {host['date']}",
-        f"- command: `{host['command']}`",
+        *host_lines(table["host"]),
         "",
     ])
 
@@ -179,18 +146,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--devices", default=None, help="placement devices (default: placer's default)")
     parser.add_argument("--memory", default=None, help="memory caps, e.g. cpu:0=2GiB")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--measure-iters", type=int, default=10, help="timed training steps per placement")
+    parser.add_argument("--iters", type=int, default=5, help="timed steps per candidate at least")
+    parser.add_argument("--measure-cap", type=float, default=60.0, help="seconds per measurement session")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--render", action="store_true",
-                        help="re-derive the speedups and table1.md from the recorded table1.json, run nothing")
+                        help="re-derive table1.md from the recorded runs' results.json, run nothing")
     parser.add_argument("--quick", action="store_true",
-                        help="a fast check that the script works: rnnlm only, 5 s budget, 3 timed "
-                             "steps, written as table1_quick.*")
+                        help="a fast check that the script works: rnnlm only, 5 s budget, short sessions, "
+                             "written as table1_quick.*")
     args = parser.parse_args(argv)
     args.name = "table1"
     if args.quick:
         args.name = "table1_quick"
-        args.budget, args.measure_iters = 5.0, 3
+        args.budget, args.iters, args.measure_cap = 5.0, 2, 1.0
         if args.models == list(MODELS):
             args.models = ["rnnlm"]
     return args
@@ -198,28 +166,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.render:  # only re-derive the speedups and the Markdown from the recorded runs
+    if args.render:  # re-derive every row from the recorded results.json files
         table = json.loads((args.out / f"{args.name}.json").read_text())
-        table["rows"] = [{**row, **speedups(row)} if "cells" in row else row for row in table["rows"]]
-        write_text_atomically(args.out / f"{args.name}.json", json.dumps(table, indent=2) + "\n")
-        write_text_atomically(args.out / f"{args.name}.md", to_markdown(table))
+        table["rows"] = [row_of(row["model"], row["size"], Results.load(args.out / row["results"]), row["results"])
+                         if "results" in row else row for row in table["rows"]]
+        record(args.name, table, to_markdown(table), args.out)
         print(to_markdown(table))
         return
-    from placer.optimize import optimize  # the heavy import, after argument errors
+    from placer.measurements import Protocol  # the heavy imports, after argument errors
+    from placer.optimize import optimize
+    from placer.search_stage import SearchOptions
 
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
-    table = {"host": host_info(command), "budget_s": args.budget, "seed": args.seed, "rows": []}
+    protocol = Protocol(min_runs=args.iters, max_runs=max(args.iters, 200), cap_s=args.measure_cap)
+    table = {"host": host_info(), "budget_s": args.budget, "seed": args.seed, "protocol": protocol.to_json(),
+             "rows": []}
     for spec in args.models:
         model, _, size = spec.partition(":")
         size = size or args.size
         try:
-            row = run_model(model, size, args, optimize)
+            row = run_model(model, size, args, optimize, protocol, SearchOptions())
         except (PlacerError, MemoryError, torch.cuda.OutOfMemoryError) as e:  # e.g. a paper size too big
             print(f"[table1] {model}:{size} failed: {e}", flush=True)
             row = {"model": model, "size": size, "error": f"{type(e).__name__}: {e}"}
         table["rows"].append(row)
-        write_text_atomically(args.out / f"{args.name}.json", json.dumps(table, indent=2) + "\n")
-        write_text_atomically(args.out / f"{args.name}.md", to_markdown(table))
+        record(args.name, table, to_markdown(table), args.out)
     print((args.out / f"{args.name}.md").read_text())
 
 

@@ -92,12 +92,12 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
     vs_heuristic = (f"; {heuristic.describe()} the best heuristic ({method_name(heuristic.reference)})"
                     if heuristic is not None else "")
     if winner is None:
-        return Choice(None, "none", "No placement could be measured.", session, list(shortlist))
+        return Choice(None, "none", "No placement could be measured.", None, session, list(shortlist))
     if not confirmed:
         return Choice(winner.method, "unconfirmed", line(
             f"Interrupted before the final measurements: {method_name(winner.method)} is the fastest measured so far "
             f"({winner.measured_ms:.2f} ms), unconfirmed; its speedups come from the search's own measurements."),
-            session, list(shortlist), ratio, heuristic)
+            winner.method, session, list(shortlist), ratio, heuristic)
     unplaced_ok = unplaced is not None and unplaced.measured
     if winner.kind == "unplaced" or (ratio is not None and ratio.verdict != "faster" and unplaced_ok):
         best = "" if winner.kind == "unplaced" else f": the fastest plan, {method_name(winner.method)}, is " \
@@ -106,13 +106,13 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
         return Choice(UNPLACED, verdict, line(
             f"No plan is measurably faster than the model run without placer (unplaced, everything on "
             f"{unplaced_device}, {unplaced.measured_ms:.2f} ms){best}. plan.json runs everything on "
-            f"{unplaced_device}."), session, list(shortlist))
+            f"{unplaced_device}."), winner.method, session, list(shortlist))
     if ratio is None:  # unplaced cannot run (memory caps): the fastest feasible plan is the answer
         return Choice(winner.method, "unplaced infeasible", line(
             f"{method_name(winner.method)}: {winner.measured_ms:.2f} ms per training step; the model does not "
             f"run unplaced on {unplaced_device} ({unplaced.reason if unplaced else 'not measured'}){vs_heuristic}."),
-            session, list(shortlist), None, heuristic)
+            winner.method, session, list(shortlist), None, heuristic)
     return Choice(winner.method, "faster", line(
         f"{method_name(winner.method)} is measurably faster than the model run without placer: "
-        f"{ratio.describe()} unplaced{vs_heuristic}."), session, list(shortlist), ratio, heuristic)
+        f"{ratio.describe()} unplaced{vs_heuristic}."), winner.method, session, list(shortlist), ratio, heuristic)
 

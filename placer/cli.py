@@ -1,15 +1,19 @@
 """The `placer` command line.
 
 Every failure a user can cause is one line `error: ...` on stderr and exit status 2
-(`--debug` shows the traceback); Ctrl-C exits with 130 after saving what was done.
+(`--debug` shows the traceback). Ctrl-C exits with 130 and SIGTERM with 143, each
+after saving what was done. stdout carries only placer's own output (the table, or
+the JSON of `--json`): whatever the workload prints goes to stderr.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import click
@@ -17,10 +21,39 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from graphs.errors import PlacerError
+from placer.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interruption, terminate_like_interrupt
 
 console = Console(stderr=True)
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+STDOUT = sys.stdout  # placer's own output; sys.stdout itself is stderr while a command runs
+
+
+def echo(text: str = "") -> None:
+    """Print placer's own output on the real stdout."""
+    click.echo(text, file=STDOUT)
+
+
+def warn(text: str) -> None:
+    click.echo(f"warning: {text}", err=True)
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float > `above` (nan and inf refused)."""
+
+    name = "number"
+
+    def __init__(self, above: float = 0.0):
+        self.above = above
+
+    def convert(self, value, param, ctx) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number <= self.above:
+            self.fail(f"{value!r}: give a finite number above {self.above:g}", param, ctx)
+        return number
+
 
 devices_option = click.option("--devices", "-d", default=None,
                               help="Devices, e.g. cpu:0,cpu:1 or cuda:0,cpu (default: every GPU + cpu; "
@@ -28,12 +61,37 @@ devices_option = click.option("--devices", "-d", default=None,
 memory_option = click.option("--memory", "-m", default=None, help="Memory caps, e.g. cuda:0=16GiB,cpu:1=2GiB.")
 groups_option = click.option("--max-groups", default=256, show_default=True, type=click.IntRange(min=1),
                              help="Placement groups to coarsen to.")
-iters_option = click.option("--iters", default=10, show_default=True, type=click.IntRange(min=1),
-                            help="Timed training steps per measurement, after warm-up.")
+seed_option = click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
+iters_option = click.option("--iters", default=5, show_default=True, type=click.IntRange(min=1),
+                            help="Timed training steps per candidate at least, before its confidence interval "
+                                 "is judged.")
+step_timeout_option = click.option("--step-timeout", default=120.0, show_default=True, type=FiniteFloat(),
+                                   help="Seconds a training step may take; a slower placement is infeasible.")
 backend_option = click.option("--backend", type=click.Choice(["local", "distributed"]), default="local",
                               show_default=True,
                               help="local: one process, a worker thread per device; distributed: one "
                                    "torch.distributed rank per device (docs/distributed.md).")
+
+
+def protocol_options(fn):
+    """--iters, --ci, --measure-cap and --step-timeout: the measurement protocol."""
+    for option in reversed([
+        iters_option,
+        click.option("--ci", "ci_target", default=0.03, show_default=True, type=FiniteFloat(),
+                     help="Measure each candidate until its median's confidence interval is within this "
+                          "fraction of the median (0.03: +-3%)..."),
+        click.option("--measure-cap", default=60.0, show_default=True, type=FiniteFloat(),
+                     help="...or until this many seconds of one measurement session have passed."),
+        step_timeout_option,
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _protocol(iters: int, ci_target: float, measure_cap: float, step_timeout: float):
+    from placer.measurements import Protocol
+    return Protocol(target=ci_target, min_runs=iters, max_runs=max(iters, 200), cap_s=measure_cap,
+                    step_timeout_s=step_timeout)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,14 +102,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Find a fast placement of a PyTorch model's layers on devices, by reinforcement learning.
 
     WORKLOAD is a Python file defining build_model() and example_inputs(), or zoo:NAME[:SIZE]
-    (zoo: rnnlm, nmt, inception_v3, transformer; sizes small, paper).
+    (zoo: rnnlm, nmt, inception_v3, transformer; sizes small, medium, paper).
     """
     ctx.obj = {"debug": debug}
 
 
 @contextmanager
 def stage_progress():
-    """A rich progress display driven by placer.optimize.Stage callbacks."""
+    """A rich progress display driven by placer.results.Stage callbacks."""
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True) as bar:
@@ -88,13 +146,16 @@ def _load(workload: str):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(workload: str, devices: str | None, max_groups: int, as_json: bool) -> None:
     """Summarize a workload: graph, groups, memory, profiled compute, lower bound."""
-    from graphs.summary import format_summary, summarize
+    from graphs.devices import parse_cluster
     from graphs.problem import build_problem
+    from graphs.summary import format_summary, summarize
+    from placer.results import strict
 
+    parse_cluster(devices)
     loaded = _load(workload)
     problem = build_problem(loaded, devices, max_groups=max_groups)
     summary = summarize(problem.ops, problem.groups, [d.kind for d in problem.cluster.devices], notes=loaded.notes)
-    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+    echo(json.dumps(strict(summary), indent=2, allow_nan=False) if as_json else format_summary(summary))
 
 
 @cli.command()
@@ -105,18 +166,26 @@ def inspect(workload: str, devices: str | None, max_groups: int, as_json: bool) 
 @groups_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the plan here (one method).")
-@click.option("--measure", is_flag=True, help="Also measure each placement on the real runtime.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--measure", is_flag=True, help="Also measure each placement, with unplaced, interleaved.")
+@seed_option
+@protocol_options
 def baseline(workload: str, method: str, devices: str | None, memory: str | None, max_groups: int,
-             out: Path | None, measure: bool, seed: int) -> None:
+             out: Path | None, measure: bool, seed: int, iters: int, ci_target: float, measure_cap: float,
+             step_timeout: float) -> None:
     """Compute heuristic placements (single, round_robin, expert, balanced, metis, ...)."""
-    from graphs.bounds import lower_bound
     from envs.calibrate import load_calibration
     from envs.sim import Simulator
-    from placer.baselines import BASELINES, run_baselines
+    from graphs.bounds import lower_bound
+    from graphs.devices import parse_cluster
     from graphs.errors import InfeasibleError
+    from graphs.files import folder_problem
+    from graphs.problem import build_problem
+    from placer.baselines import BASELINES
+    from placer.measurements import MeasurementBook, Measurer
+    from placer.optimize import baseline_rows, measure_baselines
     from placer.plan import make_plan
-    from placer.runtime.measure import measure_placement
+    from placer.report import format_table
+    from placer.results import Results
 
     names = list(BASELINES) if method == "all" else [method]
     unknown = [n for n in names if n not in BASELINES]
@@ -124,75 +193,79 @@ def baseline(workload: str, method: str, devices: str | None, memory: str | None
         raise click.UsageError(f"unknown method {unknown[0]!r}; choose from {', '.join(BASELINES)} or all")
     if method == "all" and out is not None:
         raise click.UsageError("--out writes one plan: name one --method")
+    parse_cluster(devices, memory)
+    if out is not None and (problem := folder_problem(out.parent)):
+        raise PlacerError(f"--out {out}: its folder {problem}")
     loaded = _load(workload)
-    from graphs.problem import build_problem
     problem = build_problem(loaded, devices, memory, max_groups=max_groups)
     bound = lower_bound(problem.groups, [d.kind for d in problem.cluster.devices]).bound_ms
-    sim = Simulator(problem, load_calibration(problem))
-    rows = []
-    for name in names:
-        start = time.perf_counter()
-        outcome = run_baselines(problem, [name], seed=seed)[name]
-        elapsed = time.perf_counter() - start
-        if isinstance(outcome, InfeasibleError):
-            if method != "all":
-                raise outcome
-            rows.append([name, "no", "-", "-", "-", f"{elapsed:.2f}", str(outcome)])
-            continue
-        simulated = sim.simulate(outcome)
-        plan = make_plan(problem, outcome, name, seed=seed, simulated_ms=simulated.step_ms)
-        measured = measure_placement(loaded, problem, outcome, name) if measure else None
-        if measured is not None and measured.feasible:
-            plan.measured_ms = measured.median_ms
-        if out is not None:
-            plan.save(out)
-        shown = measured.median_ms if measured is not None and measured.feasible else simulated.step_ms
-        rows.append([name, "yes" if simulated.feasible and (measured is None or measured.feasible) else "no",
-                     f"{simulated.step_ms:.2f}", f"{measured.median_ms:.2f}" if measured and measured.feasible else "-",
-                     f"{shown / bound:.2f}" if bound > 0 else "-", f"{elapsed:.2f}",
-                     (simulated.reason or (measured.reason if measured else None) or "")])
-    header = ["method", "feasible", "sim ms", "measured ms", "x bound", "time s", "note"]
-    click.echo(_table(header, rows))
-    click.echo(f"lower bound: {bound:.2f} ms")
+    rows, candidates = baseline_rows(problem, names, seed)
+    if method != "all" and not rows[0].feasible:
+        raise InfeasibleError(rows[0].reason)
+    results = Results(command="baseline", workload=workload, devices=problem.cluster.names, methods=rows,
+                      bounds={"lower_bound_ms": bound})
+    simulator = Simulator(problem, load_calibration(problem))
+    for row in rows:
+        if row.placement is not None:
+            simulated = simulator.simulate(row.placement)
+            row.simulated_ms = simulated.step_ms
+            row.ratio_to_lower_bound = simulated.step_ms / bound if bound > 0 else None
+            if not simulated.feasible:
+                row.feasible, row.reason = False, simulated.reason
+    if measure:
+        protocol = _protocol(iters, ci_target, measure_cap, step_timeout)
+        with stage_progress() as progress:
+            measurer = Measurer(loaded, problem, MeasurementBook({}), protocol, progress=progress)
+            measure_baselines(results, measurer, {m: c for m, c in candidates.items() if results.row(m).feasible})
     if out is not None:
-        click.echo(f"plan written to {out}")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+        row = results.row(method)
+        plan = make_plan(problem, row.placement, method, seed=seed, simulated_ms=row.simulated_ms,
+                         measured_ms=row.measured_ms)
+        plan.save(out)
+    echo(format_table(results))
+    echo(f"lower bound: {bound:.2f} ms")
+    if out is not None:
+        echo(f"plan written to {out}")
 
 
 @cli.command()
 @click.argument("workload")
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@iters_option
+@click.option("--iters", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Timed training steps, after warm-up.")
 @memory_option
 @backend_option
+@step_timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def measure(workload: str, plan_path: Path, iters: int, memory: str | None, backend: str, as_json: bool) -> None:
+def measure(workload: str, plan_path: Path, iters: int, memory: str | None, backend: str, step_timeout: float,
+            as_json: bool) -> None:
     """Time whole training steps of a workload placed by a plan."""
     from graphs.devices import parse_cluster
     from placer.plan import load_plan
-    from placer.runtime import measure as measure_plan
+    from placer.results import strict
+    from placer.runtime.timing import measure as measure_plan
 
-    loaded = _load(workload)
     plan = load_plan(plan_path)
+    cluster = parse_cluster(",".join(plan.devices), memory)
+    loaded = _load(workload)
     if backend == "distributed":
         from placer.distributed import measure_distributed
         result = measure_distributed(workload, plan, iters=iters)
     else:
-        result = measure_plan(loaded, plan, parse_cluster(",".join(plan.devices), memory), iters=iters)
+        result = measure_plan(loaded, plan, cluster, iters=iters, timeout_s=step_timeout)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        echo(json.dumps(strict(result.to_json()), indent=2, allow_nan=False))
         return
     if not result.feasible:
-        click.echo(f"infeasible: {result.reason}")
+        echo(f"infeasible: {result.reason}")
     else:
-        click.echo(f"step time: {result.median_ms:.2f} ms median, IQR {result.iqr_ms:.2f} ms over {iters} steps")
+        low, high = result.ci_ms or (result.median_ms, result.median_ms)
+        echo(f"step time: {result.median_ms:.2f} ms median (CI {low:.2f}-{high:.2f}), IQR {result.iqr_ms:.2f} ms "
+             f"over {result.runs} steps")
+    for note in result.notes:
+        echo(f"note: {note}")
     for device, nbytes in result.peak_bytes.items():
-        click.echo(f"  {device}: peak {nbytes / 2**20:.1f} MiB")
+        echo(f"  {device}: peak {nbytes / 2**20:.1f} MiB")
 
 
 @cli.command()
@@ -202,17 +275,15 @@ def measure(workload: str, plan_path: Path, iters: int, memory: str | None, back
 @backend_option
 def train(workload: str, plan_path: Path, steps: int, backend: str) -> None:
     """Run real training steps with a placement (the user's loop, shown as a command)."""
-    import math
-
     import placer
 
     def report(step: int, loss: float, ms: float) -> None:
-        click.echo(f"step {step:>4}  loss {loss:.4f}  {ms:8.1f} ms")
+        echo(f"step {step:>4}  loss {loss:.4f}  {ms:8.1f} ms")
         if not math.isfinite(loss):
             raise PlacerError(f"loss became {loss} at step {step}")
 
-    loaded = _load(workload)
     plan = placer.load_plan(plan_path)
+    loaded = _load(workload)
     if backend == "distributed":
         from placer.distributed import train_distributed
         train_distributed(workload, plan, steps, on_step=report)
@@ -233,86 +304,188 @@ def train(workload: str, plan_path: Path, steps: int, backend: str) -> None:
 @click.argument("workload", required=False)
 @devices_option
 @memory_option
-@click.option("--budget", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="Seconds of RL search (default 120).")
+@click.option("--budget", default=None, type=FiniteFloat(), help="Seconds of search (default 120).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default placer-out/<workload>).")
-@click.option("--seed", default=0, show_default=True)
+@seed_option
 @click.option("--reward", type=click.Choice(["sim", "measure"]), default="sim", show_default=True,
               help="Rewards from the calibrated simulator, or measured for every sample (the paper's setting).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted search in --out.")
-@click.option("--policy", "policy_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (same workload and devices).")
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Start the search from a policy saved by an earlier search (DIR/search/policy.pt).")
+@click.option("--search", "--rl", "search_settings", multiple=True, metavar="KEY=VALUE",
+              help="Set a field of the search configuration, e.g. --search algo=ppo --search reward=neg_log "
+                   "--search batch_size=32 (repeatable; see `placer search-options`).")
+@click.option("--methods", default=None, metavar="A,B,...",
+              help="Baselines and searches to run (default: every baseline and rl), e.g. single,metis,rl or "
+                   "expert,rl,random_search,local_search.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Measure candidates on this many worker processes at once, each with its own share of the "
-                   "devices' cores (placer.distributed.MeasurementPool).")
-@iters_option
+              help="Measure a search's candidates on this many worker processes at once, each with its own "
+                   "cores (at most one per core).")
+@protocol_options
 @groups_option
 def optimize(workload: str | None, devices: str | None, memory: str | None, budget: float | None, out: Path | None,
-             seed: int, reward: str, resume: bool, policy_path: Path | None, workers: int, iters: int,
-             max_groups: int) -> None:
+             seed: int, reward: str, resume: bool, policy_path: Path | None, search_settings: tuple[str, ...],
+             methods: str | None, workers: int, iters: int, ci_target: float, measure_cap: float,
+             step_timeout: float, max_groups: int) -> None:
     """Profile, run every baseline and the RL search, measure, and write plan.json and a report."""
     from placer import optimize as job
     from placer.report import format_table
+    from placer.search_stage import SearchOptions
 
+    budget_s = job.DEFAULT_BUDGET_S if budget is None else budget
+    options = SearchOptions(overrides=search_settings, policy_path=policy_path)
+    options.config(budget_s, seed)  # a bad --search setting: refused before any work
     with stage_progress() as progress:
-        results = job.optimize(workload, devices, memory, budget_s=job.DEFAULT_BUDGET_S if budget is None else budget,
-                               out_dir=out, seed=seed, reward=reward, resume=resume, measure_iters=iters,
-                               max_groups=max_groups, policy_path=policy_path, workers=workers, progress=progress,
-                               command=" ".join(["placer"] + sys.argv[1:]))
+        results = job.optimize(workload, devices, memory, budget_s=budget_s, out_dir=out, seed=seed,
+                               reward=reward, resume=resume,
+                               methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+                               protocol=_protocol(iters, ci_target, measure_cap,
+                                                                                step_timeout),
+                               max_groups=max_groups, search=options, workers=workers, progress=progress,
+                               warn=warn, command=" ".join(["placer"] + sys.argv[1:]))
     _print_results(results, format_table)
-    if results.get("interrupted"):
-        sys.exit(EXIT_INTERRUPTED)
+    if results.interrupted:
+        raise Terminated() if results.status == "terminated" else KeyboardInterrupt()
+
+
+@cli.command(name="search-options")
+def search_options() -> None:
+    """List the search configuration's fields (for --search KEY=VALUE), with defaults."""
+    import dataclasses
+
+    from placer.rl.trainer import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        echo(f"{f.name} = {f.default!r}")
 
 
 @cli.command()
 @click.argument("workload")
 @click.argument("plans", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None)
-@iters_option
-def compare(workload: str, plans: tuple[Path, ...], out: Path | None, iters: int) -> None:
-    """Measure plans side by side and write the same report as optimize."""
-    from placer import optimize as job
+@protocol_options
+def compare(workload: str, plans: tuple[Path, ...], out: Path | None, iters: int, ci_target: float,
+            measure_cap: float, step_timeout: float) -> None:
+    """Measure plans and the unplaced model side by side, interleaved; write the same report as optimize."""
+    from placer.compare import compare as run
     from placer.report import format_table
 
     with stage_progress() as progress:
-        results = job.compare(workload, plans, out_dir=out, measure_iters=iters, progress=progress,
-                              command=" ".join(["placer"] + sys.argv[1:]))
+        results = run(workload, plans, out_dir=out, protocol=_protocol(iters, ci_target, measure_cap, step_timeout),
+                      progress=progress, warn=warn, command=" ".join(["placer"] + sys.argv[1:]))
     _print_results(results, format_table)
 
 
-def _print_results(results: dict, format_table) -> None:
-    for note in results.get("notes", []):
-        click.echo(f"note: {note}")
-    click.echo(format_table(results))
-    for name, path in results["paths"].items():
-        click.echo(f"{name}: {path}")
+@cli.command()
+@click.argument("results_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of the report (default: the results file's folder).")
+def report(results_path: Path, out: Path | None) -> None:
+    """Render the report of a results.json again, without running anything."""
+    from placer.report import format_table, write_report
+    from placer.results import Results
+
+    results = Results.load(results_path)
+    paths = write_report(results, out or results_path.parent)
+    results.paths = {k: str(v) for k, v in paths.items()}
+    _print_results(results, format_table)
+
+
+def _print_results(results, format_table) -> None:
+    from placer.report.document import headline
+
+    echo(headline(results))
+    for note in results.notes:
+        echo(f"note: {note}")
+    echo(format_table(results))
+    for name, path in results.paths.items():
+        if "." not in name:
+            echo(f"{name}: {path}")
+
+
+def _check_cache() -> None:
+    """A $PLACER_CACHE that is a file is an error; an unwritable one a warning, and a
+    temporary folder is used for this run."""
+    import os
+    import tempfile
+
+    from graphs.files import cache_dir_problem
+
+    problem = cache_dir_problem()
+    if problem is None:
+        return
+    kind, message = problem
+    if kind == "file":
+        raise PlacerError(message)
+    os.environ["PLACER_CACHE"] = tempfile.mkdtemp(prefix="placer-cache-")
+    warn(f"{message}; caching in {os.environ['PLACER_CACHE']} for this run")
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's message as one line (a message that quotes a library's long one is cut at its first line)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _exit(code: int) -> None:
+    """Exit, ignoring a further Ctrl-C while the interpreter shuts down (no atexit traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (a checkpoint not saved, a library's notice) as one line each."""
+    warn(f"{message}")
 
 
 def main() -> None:
+    import warnings
+
     debug = "--debug" in sys.argv[1:]
+    terminate_like_interrupt()
+    if not debug:
+        warnings.showwarning = _show_warning
     try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        with redirect_stdout(sys.stderr):  # the workload's prints: placer's output goes to STDOUT
+            _check_cache()
+            cli.main(standalone_mode=False)
+    except click.exceptions.Abort:  # click's name for a KeyboardInterrupt (Terminated is one)
+        terminated = isinstance(interruption(), Terminated)
+        click.echo("terminated" if terminated else "interrupted", err=True)
+        _exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     except click.ClickException as exc:  # bad flags or arguments: one line too
         click.echo(f"error: {exc.format_message()} (see placer --help)", err=True)
-        sys.exit(EXIT_USER_ERROR)
+        _exit(EXIT_USER_ERROR)
+    except Terminated:
+        click.echo("terminated", err=True)
+        _exit(EXIT_TERMINATED)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        _exit(EXIT_INTERRUPTED)
     except PlacerError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USER_ERROR)
+        click.echo(f"error: {_first_line(exc)}", err=True)
+        _exit(EXIT_USER_ERROR)
+    except SystemExit as exc:  # sys.exit() inside the workload's code: placer itself never calls it here
+        if debug:
+            raise
+        click.echo(f"error: the workload called sys.exit({exc.code!r}); a workload must return its model and "
+                   f"inputs, not exit", err=True)
+        _exit(EXIT_USER_ERROR)
+    except OSError as exc:  # the file system refused (disk full, permissions): not a bug
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        _exit(EXIT_USER_ERROR)
     except Exception as exc:  # a bug, not a user error: still one line unless --debug
         if debug:
             raise
-        click.echo(f"error: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-                   err=True)
-        sys.exit(1)
+        click.echo(f"error: internal error: {type(exc).__name__}: {_first_line(exc)} (run with --debug for the "
+                   f"traceback)", err=True)
+        _exit(1)
 
 
 if __name__ == "__main__":

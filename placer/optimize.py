@@ -1,395 +1,353 @@
 """`placer optimize`: the whole job, from a workload to a measured plan and a report.
 
-    load + capture + profile + group      -> PlacementProblem          (graphs/)
-    every baseline, simulated + measured  -> calibration data          (placer.baselines, runtime)
-    fit the simulator to those measurements                            (envs.calibrate)
-    RL search on the calibrated simulator, measuring its best candidates (placer.rl)
-    the best *measured* placement         -> plan.json, results.json, report.{md,html}
+    check every input, then load + capture + profile + group  -> PlacementProblem  (graphs/)
+    every baseline, and unplaced, measured in one session     -> rows, calibration (placer.baselines)
+    fit the simulator to those measurements                   (placer.scorer -> envs.calibrate)
+    the searches on the calibrated simulator                  (placer.rl / placer.search)
+    the honest final choice, in two fresh sessions            (placer.choose)
+    plan.json, results.json, report.{md,html} written together (placer.report.publish)
 
-Every measurement is kept in DIR/measurements.json as soon as it is made, so that an
-interrupted run (Ctrl-C, a killed process) resumed with `--resume` repeats none of
-them, and the RL search checkpoints itself in DIR/search/.
+Every measurement is kept in DIR/measurements.json as soon as it is made, so that a
+run interrupted (Ctrl-C, SIGTERM, a kill) and resumed with `--resume` repeats none
+of them; the RL search checkpoints itself in DIR/search/. Ctrl-C or SIGTERM at any
+stage keeps what was measured: the best plan so far is written and results.json
+says where the run was stopped.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import platform
-import sys
 import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
+from envs.calibrate import load_calibration
 from graphs.bounds import lower_bound
-from graphs.workload import Workload, load_workload
+from graphs.devices import host_cores, parse_cluster
+from graphs.errors import CheckpointError, InfeasibleError, PlacerError
+from graphs.files import folder_problem
+from graphs.problem import Candidate, PlacementProblem, build_problem
+from graphs.workload import load_workload
 from placer.baselines import BASELINES, run_baselines
-from graphs.devices import host_cores
-from graphs.errors import InfeasibleError, PlanError
-from graphs.files import write_text_atomically
+from placer.choose import fill, pick, verdict_choice
+from placer.interrupts import Terminated, interruption
+from placer.measurements import UNPLACED, MeasurementBook, Measurer, Protocol, candidate_key, unplaced_device, unplaced_plan
 from placer.plan import Plan, make_plan
-from graphs.problem import Placement, PlacementProblem, build_problem
-from placer.runtime import measure as measure_plan
-from placer.runtime.measure import Measurement, measure_placement
-from envs.calibrate import fit_calibration, load_calibration, save_calibration
-from envs.sim import Calibration, Simulator
+from placer.report import publish
+from placer.results import MethodResult, Progress, Results, Stage, environment, quiet, warn_stderr
+from placer.scorer import Scorer
+from placer.search_stage import SEARCHES, SearchOptions, run_search
+
+__all__ = ["optimize", "DEFAULT_WORKLOAD", "DEFAULT_BUDGET_S", "check_inputs", "baseline_rows", "SHORTLIST"]
 
 DEFAULT_WORKLOAD = "zoo:nmt:medium"
 DEFAULT_BUDGET_S = 120.0
+SHORTLIST = 3  # measured candidates re-measured in the final session (besides the searches' and unplaced)
+RESUME_KEYS = ("workload", "devices", "memory", "max_groups", "workers")  # checked before any work
 
 
-@dataclass
-class Stage:
-    """What the progress display shows: a stage name and how far along it is."""
+def check_inputs(devices: str | None, memory: str | None, budget_s: float, methods: Sequence[str],
+                 out_dir: Path | None, workers: int) -> None:
+    """Every check that needs no work, so that a bad input is found before any.
 
-    name: str
-    done: float = 0
-    total: float | None = None
-    info: dict = field(default_factory=dict)
+    Raises
+    ------
+    DeviceSpecError, PlacerError
+        A bad --devices/--memory, budget, method name, worker count or output folder.
+    """
+    from placer.runtime.pool import check_workers
 
-
-Progress = Callable[[Stage], None]
-
-
-def _quiet(stage: Stage) -> None:
-    pass
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    write_text_atomically(path, json.dumps(data, indent=2, default=_json_default))
-
-
-def _json_default(value: object) -> object:
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+    parse_cluster(devices, memory)
+    if not (math.isfinite(budget_s) and budget_s > 0):
+        raise PlacerError(f"--budget {budget_s}: give a finite number of seconds > 0")
+    unknown = [m for m in methods if m not in BASELINES and m not in SEARCHES]
+    if unknown:
+        raise PlacerError(f"unknown method {unknown[0]!r}; choose from {', '.join([*BASELINES, *SEARCHES])}")
+    if workers > 1:
+        check_workers(workers)
+    if out_dir is not None and (problem := folder_problem(out_dir)):
+        raise PlacerError(f"--out {out_dir} {problem}: choose a folder you can write")
 
 
-def environment(command: str = "") -> dict:
-    return {
-        "host": platform.node() + " (" + platform.platform() + ")",
-        "processor": platform.processor() or platform.machine(),
-        "cores": host_cores(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "placer": _placer_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command or " ".join(sys.argv),
-    }
-
-
-def _placer_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("placer")
-    except PackageNotFoundError:
-        return "dev"
-
-
-class MeasurementBook:
-    """Real measurements of placements, saved to disk as they are made and reused.
-
-    Known-infeasible placements are recorded without running anything. With a
-    `pool` (placer.distributed.MeasurementPool) a batch is measured on several
-    worker processes at once; otherwise one at a time in this process."""
-
-    def __init__(self, workload: Workload, problem: PlacementProblem, path: Path | None, iters: int, pool=None):
-        self.workload, self.problem, self.path, self.iters, self.pool = workload, problem, path, iters, pool
-        self.identity = {"fingerprint": problem.fingerprint, "devices": problem.cluster.names,
-                         "memory": [d.memory_bytes for d in problem.cluster.devices], "iters": iters}
-        self.entries: dict[str, dict] = {}
-        if path is not None and path.exists():
-            try:
-                saved = json.loads(path.read_text())
-                if saved.get("identity") == self.identity:
-                    self.entries = saved["entries"]
-            except (json.JSONDecodeError, KeyError, AttributeError):
-                self.entries = {}  # a damaged book only costs re-measuring
-
-    @staticmethod
-    def key(placement: Sequence[int]) -> str:
-        return ",".join(str(int(d)) for d in placement)
-
-    def measure_many(self, placements: Sequence[Sequence[int]], methods: Sequence[str] | None = None) -> list[dict]:
-        """Measurement.to_json() of each placement, measuring only the new ones."""
-        methods = list(methods) if methods is not None else ["candidate"] * len(placements)
-        new = {}
-        for placement, method in zip(placements, methods):
-            if self.key(placement) not in self.entries:
-                new.setdefault(self.key(placement), (tuple(placement), method))
-        if self.pool is not None and len(new) > 1:
-            known = {k: v for k, v in new.items() if self.problem.violations(v[0])}
-            for key, (placement, method) in known.items():
-                self._record(key, measure_placement(self.workload, self.problem, placement, method, self.iters))
-            todo = [(k, v) for k, v in new.items() if k not in known]
-            plans = [make_plan(self.problem, placement, method) for _, (placement, method) in todo]
-            for (key, _), result in zip(todo, self.pool.measure_many(plans)):
-                self._record(key, result)
+def baseline_rows(problem: PlacementProblem, names: Sequence[str], seed: int,
+                  progress: Progress = quiet) -> tuple[list[MethodResult], dict[str, Candidate]]:
+    """Each baseline's row (placement, compute seconds; infeasible ones with their
+    reason) and the candidate of each feasible one, by method."""
+    rows, candidates = [], {}
+    for i, name in enumerate(names):
+        progress(Stage("baselines", i, len(names), {"method": name}))
+        start = time.perf_counter()
+        outcome = run_baselines(problem, [name], seed=seed)[name]
+        row = MethodResult(name, "baseline", devices=problem.cluster.names, search_s=time.perf_counter() - start)
+        if isinstance(outcome, InfeasibleError):
+            row.feasible, row.reason = False, str(outcome)
         else:
-            for key, (placement, method) in new.items():
-                self._record(key, measure_placement(self.workload, self.problem, placement, method, self.iters))
-        return [self.entries[self.key(p)] for p in placements]
-
-    def measure(self, placement: Sequence[int], method: str = "candidate") -> dict:
-        return self.measure_many([placement], [method])[0]
-
-    def get(self, placement: Sequence[int]) -> dict | None:
-        """The measurement of a placement, if it has been measured."""
-        return self.entries.get(self.key(placement))
-
-    def measured_ms(self, placement: Sequence[int]) -> float:
-        entry = self.measure(placement)
-        return entry["median_ms"] if entry["feasible"] else math.inf
-
-    def _record(self, key: str, result: Measurement) -> None:
-        self.entries[key] = result.to_json()
-        if self.path is not None:
-            write_json_atomic(self.path, {"identity": self.identity, "entries": self.entries})
-
-    def pairs(self) -> tuple[list[Placement], list[float]]:
-        """Every feasible measurement as (placements, ms), for calibration."""
-        placements, times = [], []
-        for key, entry in self.entries.items():
-            if entry["feasible"]:
-                placements.append(tuple(int(d) for d in key.split(",")))
-                times.append(entry["median_ms"])
-        return placements, times
+            row.placement = list(outcome)
+            candidates[name] = Candidate(tuple(outcome))
+        rows.append(row)
+    return rows, candidates
 
 
-def method_row(method: str, kind: str, placement: Sequence[int] | None, simulated_ms: float | None,
-               measured: dict | None, bound_ms: float, search_s: float | None, reason: str | None = None) -> dict:
-    """One row of results.json (schema: placer/report.py) from a simulated time and a
-    measurement (Measurement.to_json(); None when not measured)."""
-    row = {"method": method, "kind": kind, "feasible": reason is None, "reason": reason,
-           "simulated_ms": simulated_ms, "measured_ms": None, "iqr_ms": None, "peak_bytes": {},
-           "ratio_to_lower_bound": None, "search_s": None if search_s is None else round(search_s, 3),
-           "placement": list(placement) if placement is not None else None}
-    if measured is not None:
-        row.update(feasible=measured["feasible"], reason=measured.get("reason"), peak_bytes=measured["peak_bytes"])
-        if measured["feasible"]:
-            row.update(measured_ms=measured["median_ms"], iqr_ms=measured["iqr_ms"],
-                       ratio_to_lower_bound=measured["median_ms"] / bound_ms if bound_ms > 0 else None)
-    return row
+def measure_baselines(results: Results, measurer: Measurer, candidates: dict[str, Candidate]) -> None:
+    """Measure the baselines' candidates and the unplaced model together (one session,
+    or the book's earlier one), adding the `unplaced` row first and filling every row."""
+    if results.unplaced is None:
+        results.methods.insert(0, MethodResult(UNPLACED, "unplaced", devices=[unplaced_device(measurer.problem)]))
+    measurer.measure([None, *candidates.values()], [UNPLACED, *candidates], stage="baselines: measuring")
+    _fill_from_book(results, measurer, candidates, "baselines")
 
 
-def evaluate(method: str, kind: str, placement: Placement, sim: Simulator, measured: dict | None,
-             bound_ms: float, search_s: float) -> dict:
-    """A results row for a placement: simulated, and measured when `measured` is given."""
-    simulated = sim.simulate(placement)
-    if not simulated.feasible:
-        return method_row(method, kind, placement, None, None, bound_ms, search_s, reason=simulated.reason)
-    return method_row(method, kind, placement, simulated.step_ms, measured, bound_ms, search_s)
-
-
-def optimize(workload: str | None = None, devices: str | None = None, memory: str | None = None,
+def optimize(workload: str | None = None, devices: str | None = None, memory: str | None = None, *,
              budget_s: float = DEFAULT_BUDGET_S, out_dir: Path | None = None, seed: int = 0, reward: str = "sim",
-             resume: bool = False, methods: Sequence[str] | None = None, measure_iters: int = 10,
-             max_groups: int = 256, max_samples: int | None = None, policy_path: Path | None = None,
-             workers: int = 1, progress: Progress = _quiet, command: str = "") -> dict:
-    """Run the whole job (module docstring) and return the results dict that it also
-    writes, with plan.json and the report, into out_dir (default placer-out/<name>).
+             resume: bool = False, methods: Sequence[str] | None = None, protocol: Protocol | None = None,
+             max_groups: int = 256, search: SearchOptions | None = None, workers: int = 1,
+             progress: Progress = quiet, warn: Callable[[str], None] = warn_stderr, command: str = "") -> Results:
+    """Run the whole job (module docstring); write plan.json, results.json and the
+    report into out_dir (default placer-out/<workload name>) and return the Results.
 
-    `methods` names the baselines to run and "rl" for the search (default: all);
-    `policy_path` starts the search from a policy saved by an earlier search
-    (DIR/search/policy.pt); `workers` > 1 measures batches of placements on that many
-    worker processes (placer.distributed.MeasurementPool). Ctrl-C at any stage keeps
-    what was measured: the best plan so far is written and results say interrupted."""
-    from placer.report import write_report
+    Parameters
+    ----------
+    workload : a workload file or zoo:NAME[:SIZE] (default DEFAULT_WORKLOAD).
+    devices, memory : --devices and --memory strings.
+    budget_s : seconds of search (each search gets them).
+    methods : baselines and searches to run (default: every baseline and "rl").
+    protocol : how candidates are measured (default Protocol()).
+    search : the searches' options (config overrides, a starting policy, sample budget).
+    workers : > 1 measures a search's candidates on that many worker processes at once.
+    progress, warn : told each stage, and each one-line warning.
 
+    Returns
+    -------
+    Results, with `paths` the files written.
+
+    Raises
+    ------
+    PlacerError (its subclasses)
+        A bad input (before any work), an incompatible --resume, or no placement that
+        can run (InfeasibleError).
+    KeyboardInterrupt
+        Ctrl-C (Terminated: SIGTERM) before anything was measured; nothing is written.
+    """
     spec = workload or DEFAULT_WORKLOAD
+    protocol = protocol or Protocol()
+    search = search or SearchOptions()
+    names = list(methods) if methods is not None else [*BASELINES, "rl"]
+    check_inputs(devices, memory, budget_s, names, out_dir, workers)
+    search.config(budget_s, seed)  # a bad --search setting: refused before any work
+    policy = search.load_policy()  # a corrupt --policy: CheckpointError before any work
+    cluster = parse_cluster(devices, memory)
+    identity = {"workload": spec, "devices": cluster.names, "memory": [d.memory_bytes for d in cluster.devices],
+                "max_groups": max_groups, "workers": workers, "cores": host_cores()}
     progress(Stage("loading workload"))
     loaded = load_workload(spec, seed=seed)
     out = Path(out_dir) if out_dir is not None else Path("placer-out") / loaded.name
+    if out_dir is None and (problem := folder_problem(out)):
+        raise PlacerError(f"the output folder {out} {problem}: choose another with --out")
+    book_path = out / "measurements.json"
+    if resume:
+        _check_resume(book_path, identity, RESUME_KEYS)
     out.mkdir(parents=True, exist_ok=True)
 
     progress(Stage("profiling", 0, 1))
     problem = build_problem(loaded, devices, memory, max_groups=max_groups,
                             progress=lambda done, total: progress(Stage("profiling", done, total)))
+    identity["fingerprint"] = problem.fingerprint
+    if resume:
+        _check_resume(book_path, identity, ("fingerprint",))
+    book = MeasurementBook(identity, book_path, warn)
+    if not resume:
+        book.entries = {}  # a fresh run measures afresh; other identities' books stay in the file
     bounds = lower_bound(problem.groups, [d.kind for d in problem.cluster.devices])
-    sim = Simulator(problem, load_calibration(problem))
-    names = list(methods) if methods is not None else [*BASELINES, "rl"]
-    with _measurement_pool(spec, problem, workers, measure_iters, memory) as pool:
-        book = MeasurementBook(loaded, problem, out / "measurements.json", measure_iters, pool)
-        rows, interrupted = _baselines(problem, [n for n in names if n != "rl"], sim, book, bounds.bound_ms, seed,
-                                       progress)
-        calibration = _recalibrate(problem, book, sim.calibration)
-        sim = Simulator(problem, calibration)
-        curve: list[dict] = []
-        if "rl" in names and not interrupted:
-            sim, curve, interrupted, rl_row = _search(problem, sim, book, rows, bounds.bound_ms, budget_s, seed,
-                                                      reward, resume, max_samples, policy_path, out, progress)
-            if rl_row is not None:
-                rows.append(rl_row)
-    for row in rows:  # every simulated time under the final calibration, so that they compare
-        if row["simulated_ms"] is not None:
-            row["simulated_ms"] = sim.simulate(row["placement"]).step_ms
-
-    best = min((r for r in rows if r["measured_ms"] is not None), key=lambda r: r["measured_ms"], default=None)
-    if best is None:
-        reasons = [r["reason"] for r in rows if r["reason"]]
-        raise InfeasibleError("no placement fits these devices" + (f": {reasons[0]}" if reasons else "")
-                              + " (raise --memory caps or add devices)")
-    chosen = tuple(best["placement"])
-    plan = make_plan(problem, chosen, best["method"], seed=seed, simulated_ms=sim.simulate(chosen).step_ms,
-                     measured_ms=best["measured_ms"])
-    plan.save(out / "plan.json")
-
-    results = {
-        "workload": spec, "devices": problem.cluster.names,
-        "memory": {d.name: d.memory_bytes for d in problem.cluster.devices},
-        "seed": seed, "budget_s": budget_s, "reward": reward, "interrupted": interrupted,
-        "bounds": {"critical_path_ms": bounds.critical_path_ms, "work_ms": bounds.work_ms,
-                   "lower_bound_ms": bounds.bound_ms},
-        "environment": environment(command),
-        "methods": rows, "best": best["method"], "plan": "plan.json",
-        "curve": curve, "timeline": sim.simulate(chosen, timeline=True).timeline,
-        "groups": {"names": [problem.groups.nodes[i]["name"] for i in range(problem.n_groups)],
-                   "edges": [list(e) for e in problem.costs.edges.tolist()],
-                   "compute_ms": problem.costs.compute_ms.min(axis=1).tolist(),
-                   "placement": list(chosen)},
-        "calibration": sim.calibration.to_json(),
-        "notes": list(loaded.notes),
-    }
-    write_json_atomic(out / "results.json", results)
+    results = Results(command="optimize", run_id=uuid.uuid4().hex[:12], workload=spec, devices=problem.cluster.names,
+                      memory={d.name: d.memory_bytes for d in problem.cluster.devices}, seed=seed, budget_s=budget_s,
+                      reward=reward, protocol=protocol.to_json(), environment=environment(command),
+                      bounds={"critical_path_ms": bounds.critical_path_ms, "work_ms": bounds.work_ms,
+                              "lower_bound_ms": bounds.bound_ms}, notes=list(loaded.notes))
+    with _measurement_pool(spec, problem, workers, protocol, memory) as pool:
+        measurer = Measurer(loaded, problem, book, protocol, pool, progress)
+        scorer = Scorer(problem, measurer, load_calibration(problem), reward, warn)
+        interrupt = _run_stages(results, problem, measurer, scorer, names, seed, budget_s, search, policy,
+                                resume, out, progress)
+        if pool is not None:
+            results.notes += pool.events
+    plan = _finish(results, problem, scorer, interrupt, seed)
     progress(Stage("report"))
-    paths = write_report(results, out)
-    results["paths"] = {"plan": str(out / "plan.json"), "results": str(out / "results.json"),
-                        **{k: str(v) for k, v in paths.items()}}
+    results.paths = {k: str(v) for k, v in publish(results, out, plan, warn).items()}
     return results
 
 
 @contextmanager
-def _measurement_pool(spec: str, problem: PlacementProblem, workers: int, iters: int, memory: str | None):
+def _measurement_pool(spec: str, problem: PlacementProblem, workers: int, protocol: Protocol,
+                      memory: str | None) -> Iterator[object | None]:
+    """A MeasurementPool of `workers` processes (None for one: measure in this process)."""
     if workers <= 1:
         yield None
         return
-    from placer.distributed import MeasurementPool
-    pool = MeasurementPool(spec, problem.cluster.names, workers, iters=iters, memory=memory)
+    from placer.runtime.pool import MeasurementPool
+    pool = MeasurementPool(spec, problem.cluster.names, workers, iters=protocol.min_runs,
+                           timeout_s=protocol.step_timeout_s, warmup=protocol.warmup, memory=memory)
     try:
         yield pool
     finally:
         pool.close()
 
 
-def _baselines(problem: PlacementProblem, names: Sequence[str], sim: Simulator, book: MeasurementBook,
-               bound_ms: float, seed: int, progress: Progress) -> tuple[list[dict], bool]:
-    """Compute every baseline, then measure those the simulator finds feasible (in one
-    batch on a worker pool, if there is one). Returns the rows and whether Ctrl-C cut
-    the measurements short (the rows then hold what was measured)."""
-    computed: list[tuple[str, Placement | InfeasibleError, float]] = []
-    for i, name in enumerate(names):
-        progress(Stage("baselines", i, 2 * len(names), {"method": name}))
-        start = time.perf_counter()
-        computed.append((name, run_baselines(problem, [name], seed=seed)[name], time.perf_counter() - start))
-    todo = [(name, outcome) for name, outcome, _ in computed
-            if not isinstance(outcome, InfeasibleError) and sim.simulate(outcome).feasible]
-    interrupted = False
+def _check_resume(path: Path, identity: dict, keys: Sequence[str]) -> None:
+    previous = MeasurementBook.last_identity(path)
+    if previous is None:
+        return
+    changed = [k for k in keys if k in previous and previous[k] != identity.get(k)]
+    if changed:
+        what = "; ".join(f"{k} was {previous[k]}, now {identity.get(k)}" for k in changed)
+        raise CheckpointError(f"cannot --resume in {path.parent}: the earlier run differs ({what}); "
+                              f"run without --resume or choose another --out")
+
+
+def _run_stages(results: Results, problem: PlacementProblem, measurer: Measurer, scorer: Scorer,
+                names: list[str], seed: int, budget_s: float, search: SearchOptions, policy: object,
+                resume: bool, out: Path, progress: Progress) -> KeyboardInterrupt | None:
+    """Baselines, calibration, searches, final choice: fills `results` (rows, curve,
+    choice). Returns the Ctrl-C/SIGTERM that cut it short, if one did."""
+    stage = "baselines"
     try:
-        if book.pool is not None:
-            progress(Stage("baselines", len(names), 2 * len(names), {"method": f"measuring {len(todo)} at once"}))
-            book.measure_many([outcome for _, outcome in todo], [name for name, _ in todo])
-        for i, (name, outcome) in enumerate(todo):
-            progress(Stage("baselines", len(names) + i, 2 * len(names), {"method": f"measuring {name}"}))
-            book.measure(outcome, name)
-    except KeyboardInterrupt:
-        interrupted = True
-    rows = []
-    for name, outcome, elapsed in computed:
-        if isinstance(outcome, InfeasibleError):
-            rows.append(method_row(name, "baseline", None, None, None, bound_ms, elapsed, reason=str(outcome)))
-        else:
-            rows.append(evaluate(name, "baseline", outcome, sim, book.get(outcome), bound_ms, elapsed))
-    progress(Stage("baselines", 2 * len(names), 2 * len(names)))
-    return rows, interrupted
+        rows, candidates = baseline_rows(problem, [n for n in names if n in BASELINES], seed, progress)
+        results.methods = rows
+        measure_baselines(results, measurer, candidates)
+        stage = "calibration"
+        scorer.refit()
+        scorer.finish()
+        results.recalibrations = [{**mark, "stage": "baselines"} for mark in scorer.refits]
+        for method in (n for n in names if n in SEARCHES):
+            stage = f"search ({method})"
+            warm = _best_measured(results)
+            row, curve, marks, cut = run_search(method, problem, scorer, budget_s, seed, search, policy, warm,
+                                                resume, out, progress)
+            results.curve += curve
+            results.recalibrations += marks
+            if row is not None:
+                results.methods.append(row)
+                candidates[method] = Candidate(tuple(row.placement), row.microbatches)
+                _fill_from_book(results, measurer, {method: candidates[method]}, "search")
+            if cut:
+                raise interruption()
+        stage = "final"
+        _choose(results, problem, measurer, candidates, progress)
+        return None
+    except KeyboardInterrupt as caught:
+        exc = interruption() if not isinstance(caught, Terminated) else caught
+        results.status = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        results.interrupted_at = stage
+        if not results.methods:
+            raise
+        return exc
 
 
-def _search(problem: PlacementProblem, sim: Simulator, book: MeasurementBook, rows: list[dict], bound_ms: float,
-            budget_s: float, seed: int, reward: str, resume: bool, max_samples: int | None,
-            policy_path: Path | None, out: Path, progress: Progress) -> tuple[Simulator, list[dict], bool, dict | None]:
-    """The RL search, warm-started from the best measured baseline. Rewards come from
-    the simulator, re-calibrated from every measurement so far whenever the trainer
-    has measured new candidates (or, with reward="measure", from a measurement of
-    every sample). Returns the final simulator, the learning curve, whether it was
-    interrupted, and RL's row (None when it found no feasible placement)."""
-    from placer.rl.policy import load_policy
-    from placer.rl.trainer import TrainConfig, train
-
-    measured_rows = [r for r in rows if r["measured_ms"] is not None]
-    warm = tuple(min(measured_rows, key=lambda r: r["measured_ms"])["placement"]) if measured_rows else None
-    state = {"sim": sim}
-
-    def score(placements: Sequence[Placement]) -> list[float]:
-        if reward == "measure":
-            return [e["median_ms"] if e["feasible"] else math.inf for e in book.measure_many(placements)]
-        results = [state["sim"].simulate(p) for p in placements]
-        return [r.step_ms if r.feasible else math.inf for r in results]
-
-    def recalibrate(placements: list[Placement], times: list[float]) -> Callable:
-        state["sim"] = Simulator(problem, _recalibrate(problem, book, state["sim"].calibration))
-        return score
-
-    config = TrainConfig(seed=seed, budget_s=budget_s, **({"max_samples": max_samples} if max_samples else {}))
-    start = time.perf_counter()
-    result = train(problem, score, config, measure=book.measured_ms, warm_start=warm, out_dir=out / "search",
-                   resume=resume, recalibrate=recalibrate,
-                   policy=load_policy(policy_path) if policy_path is not None else None,
-                   on_progress=lambda info: progress(Stage("search", min(info["elapsed_s"], budget_s), budget_s, info)))
-    row = None
-    if result.best is not None:
-        measured = book.measure(result.best, "rl") if state["sim"].simulate(result.best).feasible else None
-        row = evaluate("rl", "rl", result.best, state["sim"], measured, bound_ms, time.perf_counter() - start)
-    return state["sim"], result.curve, result.interrupted, row
+def _fill_from_book(results: Results, measurer: Measurer, candidates: dict[str, Candidate], session: str) -> None:
+    """Fill rows from the book's measurements, with speedups over the book's unplaced
+    and best baseline (measured in the same session, when not resumed from another)."""
+    unplaced = measurer.book.get(None)
+    if unplaced is not None:
+        fill(results.unplaced, unplaced, "baselines", None, None, results.bounds.get("lower_bound_ms"))
+    measured = {m: measurer.book.get(c) for m, c in candidates.items() if measurer.book.get(c) is not None}
+    baselines = {m: x for m, x in measured.items() if results.row(m).kind == "baseline" and x.feasible}
+    heuristic = min(baselines.items(), key=lambda kv: kv[1].median_ms, default=None)
+    for method, measurement in measured.items():
+        fill(results.row(method), measurement, session, unplaced, heuristic, results.bounds.get("lower_bound_ms"))
 
 
-def _recalibrate(problem: PlacementProblem, book: MeasurementBook, current: Calibration) -> Calibration:
-    """Fit the simulator to every measurement so far (kept when there are too few)."""
-    placements, times = book.pairs()
-    if len(placements) < 2:
-        return current
-    calibration = fit_calibration(problem, placements, times, initial=current)
-    save_calibration(problem, calibration)
-    return calibration
+def _best_measured(results: Results) -> Candidate | None:
+    rows = [r for r in results.methods if r.measured and r.placement is not None]
+    best = min(rows, key=lambda r: r.measured_ms, default=None)
+    return Candidate(tuple(best.placement), best.microbatches) if best is not None else None
 
 
-def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = None, measure_iters: int = 10,
-            progress: Progress = _quiet, command: str = "") -> dict:
-    """Measure the given plans side by side and write the same report as optimize."""
-    from placer.plan import load_plan
-    from placer.report import write_report
+def _choose(results: Results, problem: PlacementProblem, measurer: Measurer, candidates: dict[str, Candidate],
+            progress: Progress) -> None:
+    """The honest final choice (placer.choose): a fresh `final` session of the
+    shortlist picks the winner, a fresh `confirm` session of the winner, the best
+    heuristic and unplaced judges it. Rows sharing a placement share a measurement."""
+    heuristic = results.best_heuristic
+    measured = sorted((r for r in results.methods if r.measured and r.method in candidates),
+                      key=lambda r: r.measured_ms)
+    distinct = {}  # the fastest row of each placement
+    for row in measured:
+        distinct.setdefault(candidate_key(candidates[row.method]), row)
+    fastest = list(distinct.values())
+    chosen = [*fastest[:SHORTLIST], *(r for r in measured if r.kind != "baseline"),
+              *([heuristic] if heuristic else [])]
+    labels = _labels(chosen, candidates)
+    entries = [(UNPLACED, None), *((label, candidates[label]) for label in dict.fromkeys(labels.values()))]
+    final = measurer.session(entries, "final: measuring")
+    _fill_session(results, final, labels, "final", heuristic.method if heuristic else None)
+    shortlist = [UNPLACED, *labels]  # every method whose placement was re-measured
+    winner = pick([results.unplaced, *(results.row(label) for label in dict.fromkeys(labels.values()))], final,
+                  problem)
+    if winner is None:
+        results.choice = verdict_choice(None, results.unplaced, "final", shortlist, "")
+        return
+    judged = [r for r in (winner, heuristic) if r is not None and r.kind != "unplaced"]
+    labels = _labels(judged, candidates)
+    entries = [(UNPLACED, None), *((label, candidates[label]) for label in dict.fromkeys(labels.values()))]
+    confirm = measurer.session(entries, "confirm: measuring")
+    _fill_session(results, confirm, labels, "confirm", heuristic.method if heuristic else None)
+    results.choice = verdict_choice(winner, results.unplaced, "confirm", shortlist, results.unplaced.devices[0])
 
-    loaded = load_workload(workload)
-    out = Path(out_dir) if out_dir is not None else Path("placer-out") / f"{loaded.name}-compare"
-    out.mkdir(parents=True, exist_ok=True)
-    loaded_plans: list[Plan] = [load_plan(p) for p in plans]
-    for path, plan in zip(plans, loaded_plans):
-        if plan.devices != loaded_plans[0].devices:
-            raise PlanError(f"{path} places on {','.join(plan.devices)} but {plans[0]} on "
-                            f"{','.join(loaded_plans[0].devices)}: compare plans made for the same devices")
-    devices = ",".join(loaded_plans[0].devices)
-    problem = build_problem(loaded, devices)
-    bounds = lower_bound(problem.groups, [d.kind for d in problem.cluster.devices])
-    methods = [plan.method for plan in loaded_plans]
-    rows = []
-    for i, (path, plan) in enumerate(zip(plans, loaded_plans)):
-        progress(Stage("measuring", i, len(loaded_plans), {"plan": str(path)}))
-        measured = measure_plan(loaded, plan, problem.cluster, iters=measure_iters).to_json()
-        # Bare method names let the report find `single`; files tell apart plans of one method.
-        name = plan.method if methods.count(plan.method) == 1 else f"{plan.method} ({Path(path).name})"
-        row = method_row(name, "rl" if plan.method == "rl" else "baseline", plan.placement, plan.simulated_ms,
-                         measured, bounds.bound_ms, None)
-        rows.append({**row, "plan": str(path)})
-    best = min((r for r in rows if r["measured_ms"] is not None), key=lambda r: r["measured_ms"], default=None)
-    results = {"workload": workload, "devices": loaded_plans[0].devices, "seed": None,
-               "bounds": {"critical_path_ms": bounds.critical_path_ms, "work_ms": bounds.work_ms,
-                          "lower_bound_ms": bounds.bound_ms},
-               "environment": environment(command), "methods": rows, "best": best["method"] if best else None,
-               "plan": None, "curve": [], "timeline": [], "groups": None, "notes": list(loaded.notes)}
-    write_json_atomic(out / "results.json", results)
-    paths = write_report(results, out)
-    results["paths"] = {"results": str(out / "results.json"), **{k: str(v) for k, v in paths.items()}}
-    return results
+
+def _labels(rows: Sequence[MethodResult], candidates: dict[str, Candidate]) -> dict[str, str]:
+    """method -> the label its placement is measured under (the first method with it)."""
+    first: dict[str, str] = {}
+    return {r.method: first.setdefault(candidate_key(candidates[r.method]), r.method) for r in rows}
+
+
+def _fill_session(results: Results, measured: dict, labels: dict[str, str], session: str,
+                  heuristic: str | None) -> None:
+    unplaced = measured[UNPLACED]
+    fill(results.unplaced, unplaced, session, None, None, results.bounds.get("lower_bound_ms"))
+    reference = (heuristic, measured[labels[heuristic]]) if heuristic in labels else None
+    for method, label in labels.items():
+        fill(results.row(method), measured[label], session, unplaced, reference, results.bounds.get("lower_bound_ms"))
+
+
+def _finish(results: Results, problem: PlacementProblem, scorer: Scorer, interrupt: KeyboardInterrupt | None,
+            seed: int) -> Plan:
+    """Settle the choice (unconfirmed after an interrupt), simulate every row under the
+    final calibration, and make the plan. Raises InfeasibleError when nothing ran, the
+    interrupt itself when nothing was measured."""
+    device = unplaced_device(problem)
+    for row in results.methods:
+        if row.placement is not None and row.feasible:
+            simulated = scorer.simulate(Candidate(tuple(row.placement), row.microbatches))
+            row.simulated_ms = simulated.step_ms if simulated.feasible else None
+    if interrupt is not None:
+        measured = [r for r in results.methods if r.measured]
+        if not measured:
+            raise interrupt
+        winner = min(measured, key=lambda r: r.measured_ms)
+        results.choice = verdict_choice(winner, results.unplaced, winner.session, [], device, confirmed=False)
+    if results.choice.method is None:
+        reasons = [r.reason for r in results.methods if r.reason]
+        advice = "raise --step-timeout" if reasons and all("timed out" in r for r in reasons) else \
+            "raise --memory caps or add devices"
+        raise InfeasibleError("no placement could run on these devices" + (f": {reasons[0]}" if reasons else "")
+                              + f" ({advice})")
+    chosen = results.row(results.choice.method)
+    if chosen.kind == "unplaced":
+        plan = unplaced_plan(problem, seed)
+        plan.measured_ms = chosen.measured_ms
+        placement, devices = [0] * problem.n_groups, [device]
+    else:
+        candidate = Candidate(tuple(chosen.placement), chosen.microbatches)
+        extra = {"microbatches": chosen.microbatches, "schedule": chosen.schedule} if chosen.microbatches > 1 else {}
+        plan = make_plan(problem, candidate.placement, chosen.method, seed=seed, simulated_ms=chosen.simulated_ms,
+                         measured_ms=chosen.measured_ms, **extra)
+        placement, devices = list(candidate.placement), problem.cluster.names
+        results.timeline = scorer.simulate(candidate, timeline=True).timeline
+    results.calibration = scorer.simulator.calibration.to_json()
+    results.groups = {"names": [problem.groups.nodes[i]["name"] for i in range(problem.n_groups)],
+                      "edges": [list(e) for e in problem.costs.edges.tolist()],
+                      "compute_ms": problem.costs.compute_ms.min(axis=1).tolist(),
+                      "placement": placement, "devices": devices}
+    results.notes = list(dict.fromkeys([*results.notes, *(n for r in results.methods for n in r.notes)]))
+    return plan

@@ -246,9 +246,13 @@ class Choice:
     Attributes
     ----------
     method : the row plan.json was written from (None: no plan).
+    contender : the plan the final session picked and the confirm session judged
+        against unplaced (it is `method` when it won; unplaced took its place on a tie).
     verdict : "faster" (measurably faster than unplaced), "tie" (no plan is measurably
-        faster: unplaced is chosen), "unconfirmed" (interrupted before the final
-        session: chosen from the search's measurements) or "none" (nothing measured).
+        faster: unplaced is chosen), "slower" (the contender is measurably slower:
+        unplaced is chosen), "unplaced infeasible" (the model cannot run unplaced: the
+        fastest plan is chosen), "unconfirmed" (interrupted before the final sessions:
+        chosen from earlier measurements) or "none" (nothing measured).
     headline : the report's first line.
     session : the session whose measurements the claimed speedups come from.
     shortlist : the methods re-measured together to choose.
@@ -258,6 +262,7 @@ class Choice:
     method: str | None = None
     verdict: str = "none"
     headline: str = ""
+    contender: str | None = None
     session: str | None = None
     shortlist: list[str] = field(default_factory=list)
     vs_unplaced: Ratio | None = None
@@ -274,7 +279,7 @@ class Choice:
         if not isinstance(data, dict):
             return cls(method=best, verdict="unconfirmed" if best else "none")
         return cls(method=data.get("method"), verdict=str(data.get("verdict", "none")),
-                   headline=str(data.get("headline") or ""), session=data.get("session"),
+                   headline=str(data.get("headline") or ""), contender=data.get("contender"), session=data.get("session"),
                    shortlist=list(data.get("shortlist") or []), vs_unplaced=Ratio.from_json(data.get("vs_unplaced")),
                    vs_best_heuristic=Ratio.from_json(data.get("vs_best_heuristic")))
 

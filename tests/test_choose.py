@@ -81,7 +81,7 @@ def test_a_winner_measurably_faster_than_unplaced_is_the_choice():
 def test_a_winner_that_ties_with_unplaced_gives_way_and_the_first_line_says_so():
     r = judged(99.0, 100.0, spread=0.2)
     choice = verdict_choice(r["rl"], r["unplaced"], "confirm", ["unplaced", "rl"], "cpu")
-    assert choice.method == "unplaced" and choice.verdict == "tie"
+    assert choice.method == "unplaced" and choice.verdict == "tie" and choice.contender == "rl"
     assert choice.headline.startswith("No plan is measurably faster than the model run without placer")
     assert "plan.json runs everything on cpu" in choice.headline and "(tie, CI" in choice.headline
 

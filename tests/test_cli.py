@@ -2,18 +2,22 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from placer.results import method_name
+
 WORKLOAD = "zoo:transformer:small"
 DEVICES = "cpu:0,cpu:1"
+FAST = ("--iters", "2", "--measure-cap", "1")  # short measurement sessions: tests check behaviour, not speed
 
 
-def placer(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
+def placer(*args: str, cwd: Path | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "placer.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
 
@@ -30,7 +34,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 @pytest.fixture(scope="module")
 def optimized(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("opt")
-    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--budget", "4", "--iters", "2", "--out", str(out))
+    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--budget", "600", "--search", "max_samples=32",
+                    *FAST, "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out
 
@@ -46,22 +51,40 @@ def test_inspect_json_has_the_documented_keys():
 
 
 def test_optimize_writes_plan_results_and_report(optimized):
-    for name in ("plan.json", "results.json", "report.md", "report.html"):
+    for name in ("plan.json", "results.json", "report.md", "report.html", "measurements.json"):
         assert (optimized / name).is_file(), name
-    results = json.loads((optimized / "results.json").read_text())
+    text = (optimized / "results.json").read_text()
+    results = json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}: not strict JSON"))
+    assert results["schema"] == "placer.results/v1" and results["status"] == "complete"
     methods = {row["method"]: row for row in results["methods"]}
-    assert {"single", "metis", "expert", "rl"} <= set(methods)
+    assert {"unplaced", "single", "metis", "expert", "rl"} <= set(methods)
+    assert methods["unplaced"]["kind"] == "unplaced" and methods["rl"]["kind"] == "rl"
+    for row in results["methods"]:
+        if row["measured_ms"] is not None:  # every measured row: median, its CI, runs, its session
+            low, high = row["ci_ms"]
+            assert low <= row["measured_ms"] <= high and row["runs"] >= 2 and row["session"]
+            assert row["kind"] == "unplaced" or row["vs_unplaced"]["reference"] == "unplaced"
+    choice = results["choice"]
     best = methods[results["best"]]
-    measured = [row["measured_ms"] for row in results["methods"] if row["measured_ms"] is not None]
-    assert best["measured_ms"] == min(measured)
+    assert choice["method"] == results["best"] and best["session"] == "confirm"
+    # The choice rule: a plan is chosen only when measurably faster than unplaced in the confirm session.
+    assert results["best"] == "unplaced" or best["vs_unplaced"]["verdict"] == "faster"
     plan = json.loads((optimized / "plan.json").read_text())
-    assert plan["format"] == "placer.plan/v1" and plan["method"] == results["best"]
+    assert plan["format"].startswith("placer.plan/") and plan["method"] == results["best"]
     assert plan["measured_ms"] == best["measured_ms"]
+    if results["best"] == "unplaced":
+        assert plan["devices"] == methods["unplaced"]["devices"] == ["cpu"]
+        assert "No plan is measurably faster" in choice["headline"]
     html = (optimized / "report.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
     markdown = (optimized / "report.md").read_text()
-    assert "RL" in markdown and "METIS" in markdown
-    assert not list(optimized.glob("*.tmp"))
+    assert markdown.splitlines()[0] == f"**{choice['headline']}**"
+    assert "RL" in markdown and "METIS" in markdown and results["run_id"] in markdown
+    assert not list(optimized.glob("*.tmp")) and not list(optimized.glob(".run-*"))
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("plan.json", "results.json", "measurements.json"):  # they follow the umask, as the report does
+        assert stat.S_IMODE((optimized / name).stat().st_mode) == 0o666 & ~mask, name
 
 
 def test_plan_is_reusable_by_measure_train_and_compare(optimized, tmp_path):
@@ -69,34 +92,48 @@ def test_plan_is_reusable_by_measure_train_and_compare(optimized, tmp_path):
     measured = placer("measure", WORKLOAD, "--plan", plan, "--iters", "2", "--json")
     assert measured.returncode == 0, measured.stderr
     data = json.loads(measured.stdout)
-    assert data["feasible"] and data["median_ms"] > 0 and set(data["peak_bytes"]) == set(DEVICES.split(","))
+    devices = json.loads(Path(plan).read_text())["devices"]  # the chosen plan's: cpu when unplaced won
+    assert data["feasible"] and data["median_ms"] > 0 and set(data["peak_bytes"]) == set(devices)
+    assert data["ci_ms"][0] <= data["median_ms"] <= data["ci_ms"][1] and data["runs"] == 2
     trained = placer("train", WORKLOAD, "--plan", plan, "--steps", "2")
     assert trained.returncode == 0, trained.stderr
     assert trained.stdout.count("loss") == 2
     metis = tmp_path / "metis.json"
     made = placer("baseline", WORKLOAD, "--method", "metis", "--devices", DEVICES, "--out", str(metis))
     assert made.returncode == 0 and metis.is_file(), made.stderr
-    compared = placer("compare", WORKLOAD, plan, str(metis), "--iters", "2", "--out", str(tmp_path / "cmp"))
+    compared = placer("compare", WORKLOAD, plan, str(metis), *FAST, "--out", str(tmp_path / "cmp"))
     assert compared.returncode == 0, compared.stderr
-    rows = json.loads((tmp_path / "cmp" / "results.json").read_text())["methods"]
-    assert len(rows) == 2 and all(r["measured_ms"] for r in rows)
-    assert (tmp_path / "cmp" / "report.html").is_file()
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    rows = results["methods"]
+    assert len(rows) == 3 and all(r["measured_ms"] for r in rows)  # both plans and unplaced, in one session
+    assert rows[0]["method"] == "unplaced" and {r["session"] for r in rows} <= {"compare", "confirm"}
+    assert all(r["vs_unplaced"] is not None for r in rows[1:])
+    assert results["choice"]["headline"] and compared.stdout.splitlines()[0] == results["choice"]["headline"]
+    assert (tmp_path / "cmp" / "report.html").is_file() and not (tmp_path / "cmp" / "plan.json").exists()
 
 
 def test_resume_continues_the_search(optimized):
     first = json.loads((optimized / "results.json").read_text())["curve"]
-    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--budget", "8", "--iters", "2", "--out",
-                    str(optimized), "--resume")
+    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--budget", "600", "--search", "max_samples=64",
+                    *FAST, "--out", str(optimized), "--resume")
     assert result.returncode == 0, result.stderr
     resumed = json.loads((optimized / "results.json").read_text())["curve"]
     assert resumed[:len(first)] == first and len(resumed) > len(first)  # the same search, carried on
+
+
+def test_resume_with_other_devices_is_refused_before_any_work(optimized):
+    before = {name: (optimized / name).read_bytes() for name in ("measurements.json", "results.json", "plan.json")}
+    result = placer("optimize", WORKLOAD, "--devices", "cpu:0,cpu:1,cpu:2", "--budget", "4", *FAST,
+                    "--out", str(optimized), "--resume")
+    assert_one_line_error(result, "--resume", "devices")
+    assert {name: (optimized / name).read_bytes() for name in before} == before  # nothing measured, nothing lost
 
 
 def test_baseline_all_prints_every_method():
     result = placer("baseline", WORKLOAD, "--method", "all", "--devices", DEVICES)
     assert result.returncode == 0, result.stderr
     for name in ("single", "round_robin", "expert", "balanced", "sequential_fill", "metis", "kernighan_lin", "etf"):
-        assert name in result.stdout
+        assert method_name(name) in result.stdout
     assert "lower bound" in result.stdout
 
 
@@ -137,9 +174,19 @@ def test_infeasible_optimize_leaves_no_plan_or_report(tmp_path):
 
 def test_parallel_measurement_with_workers(tmp_path):
     out = tmp_path / "w"
-    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--budget", "2", "--iters", "2",
+    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--budget", "2", *FAST, "--methods", "single,expert,rl",
                     "--workers", "2", "--reward", "measure", "--out", str(out))
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     measured = [row for row in results["methods"] if row["measured_ms"] is not None]
     assert len(measured) >= 2 and results["best"] in {row["method"] for row in measured}
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "0", "-3", "fast"])
+def test_numbers_that_are_not_finite_and_positive_are_refused(text):
+    import click
+
+    from placer.cli import FiniteFloat
+    with pytest.raises(click.BadParameter):
+        FiniteFloat().convert(text, None, None)
+    assert FiniteFloat().convert("2.5", None, None) == 2.5

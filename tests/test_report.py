@@ -1,56 +1,79 @@
-"""The report: a results dict (the contract between optimize/compare and the report)
-in, report.md + self-contained report.html + plots out."""
+"""The report: a Results (the contract between optimize/compare and the report, also
+read from its JSON) in, report.md + self-contained report.html + plots out."""
 
 import base64
 import copy
+import json
 import re
 
 import networkx as nx
 import pytest
 
 from placer import report
-from placer.report import comparison_rows, format_markdown_table, format_table, write_report
+from placer.report import comparison_rows, format_markdown_table, format_table, plots, write_report
+from placer.results import Results
 
 MiB = 2**20
 
 
-def entry(method, measured, *, kind="baseline", feasible=True, reason=None, iqr=1.0, simulated=None):
+def ratio(value, low, high, reference="unplaced"):
+    verdict = "faster" if low > 1 else "slower" if high < 1 else "tie"
+    return {"value": value, "ci": [low, high], "verdict": verdict, "reference": reference}
+
+
+def entry(method, measured, *, kind="baseline", feasible=True, reason=None, iqr=1.0, simulated=None,
+          vs_unplaced=None, vs_heuristic=None, session="baselines"):
     return {
         "method": method, "kind": kind, "feasible": feasible, "reason": reason,
         "simulated_ms": simulated if simulated is not None else measured,
         "measured_ms": measured, "iqr_ms": iqr if measured is not None else None,
+        "ci_ms": None if measured is None else [measured - 1.0, measured + 1.5], "runs": 12 if measured else 0,
+        "session": session if measured is not None else None,
         "peak_bytes": {"cpu:0": 30 * MiB, "cpu:1": 12 * MiB},
         "ratio_to_lower_bound": None if measured is None else measured / 50.0,
         "search_s": 0.5, "placement": [0, 1, 0, 1],
+        "vs_unplaced": vs_unplaced, "vs_best_heuristic": vs_heuristic,
     }
 
 
 @pytest.fixture
 def results():
-    """A realistic run: 2 virtual CPU devices, 6 baselines (one infeasible), RL best."""
+    """A realistic run: 2 virtual CPU devices, unplaced, 6 baselines (one infeasible), RL chosen."""
     names = [f"group_{i}" for i in range(12)]
     edges = [[i, i + 1] for i in range(11)] + [[0, 5], [2, 7], [3, 9]]
     return {
+        "schema": "placer.results/v1", "command": "optimize", "run_id": "abc123", "status": "complete",
         "workload": "zoo:nmt:small", "devices": ["cpu:0", "cpu:1"],
         "memory": {"cpu:0": None, "cpu:1": 64 * MiB}, "seed": 0, "budget_s": 120,
+        "protocol": {"target": 0.03, "min_runs": 5, "cap_s": 60.0},
         "bounds": {"critical_path_ms": 40.0, "work_ms": 100.0, "lower_bound_ms": 50.0},
         "environment": {"host": "testhost", "cores": 2, "torch": "2.13.0", "python": "3.11.7",
                         "placer": "0.1.0", "date": "2026-11-27T05:00:00Z",
                         "command": "placer optimize zoo:nmt:small"},
         "methods": [
-            entry("single", 100.0),
+            entry("unplaced", 96.0, kind="unplaced", session="confirm"),
+            entry("single", 100.0, vs_unplaced=ratio(0.96, 0.9, 1.02), vs_heuristic=ratio(0.8, 0.7, 0.9, "expert")),
             entry("round_robin", None, feasible=False, reason="cpu:1 needs 80.0 MiB, has 64.0 MiB",
                   simulated=70.0),
-            entry("metis", 90.0, iqr=4.0),
-            entry("expert", 80.0, iqr=2.0),
-            entry("etf", 85.0),
+            entry("metis", 90.0, iqr=4.0, vs_unplaced=ratio(1.07, 0.98, 1.1)),
+            entry("expert", 80.0, iqr=2.0, vs_unplaced=ratio(1.2, 1.1, 1.3), session="confirm"),
+            entry("etf", 85.0, vs_unplaced=ratio(1.13, 1.05, 1.2)),
             entry("kernighan_lin", None, simulated=88.0),  # feasible, not measured
-            entry("rl", 64.0, kind="rl", iqr=3.0, simulated=60.0),
+            entry("rl", 64.0, kind="rl", iqr=3.0, simulated=60.0, session="confirm",
+                  vs_unplaced=ratio(1.5, 1.4, 1.6), vs_heuristic=ratio(1.25, 1.18, 1.31, "expert")),
         ],
+        "choice": {"method": "rl", "verdict": "faster", "session": "confirm", "shortlist": ["unplaced", "rl", "expert"],
+                   "headline": "RL is measurably faster than the model run without placer: 1.50x (CI 1.40-1.60) "
+                               "unplaced; 1.25x (CI 1.18-1.31) the best heuristic (expert).",
+                   "vs_unplaced": ratio(1.5, 1.4, 1.6), "vs_best_heuristic": ratio(1.25, 1.18, 1.31, "expert")},
         "best": "rl", "plan": "plan.json",
         "curve": [{"update": i, "samples": 16 * (i + 1), "elapsed_s": 2.0 * i,
-                   "mean_ms": 90.0 - i, "best_sim_ms": 80.0 - 2 * i,
-                   "best_measured_ms": None if i % 3 else 85.0 - 2 * i} for i in range(10)],
+                   "mean_ms": 90.0 - i, "best_sim_ms": 80.0 - 2 * i, "calibration": i // 4,
+                   "best_measured_ms": None if i < 3 else 85.0 - 2 * (i // 3),
+                   "best_measured_ci_ms": None if i < 3 else [83.0 - 2 * (i // 3), 88.0 - 2 * (i // 3)]}
+                  for i in range(10)],
+        "recalibrations": [{"update": 4, "samples": 80, "elapsed_s": 8.0, "measurements": 3},
+                           {"update": 8, "samples": 144, "elapsed_s": 16.0, "measurements": 5}],
         "timeline": [
             {"device": "cpu:0", "kind": "fwd", "label": "group_0", "start_ms": 0.0, "end_ms": 10.0},
             {"device": "cpu:0", "kind": "xfer", "label": "0->1", "start_ms": 10.0, "end_ms": 11.0},
@@ -65,35 +88,37 @@ def results():
 
 
 def row(rows, method):
-    return next(r for r in rows if r["method"] == method)
+    return next(r for r in rows if r.method == method)
 
 
-def test_speedups_are_ratios_of_measured_medians(results):
+def test_table_shows_each_rows_stored_speedups_with_their_intervals(results):
     rows = comparison_rows(results)
-    # single 100 ms; best feasible measured heuristic is expert at 80 ms.
-    assert row(rows, "rl")["speedup_vs_single"] == pytest.approx(100 / 64)  # 1.5625
-    assert row(rows, "rl")["speedup_vs_best_heuristic"] == pytest.approx(80 / 64)  # 1.25
-    assert row(rows, "expert")["speedup_vs_best_heuristic"] == pytest.approx(1.0)
-    assert row(rows, "single")["speedup_vs_best_heuristic"] == pytest.approx(0.8)
-    assert row(rows, "metis")["speedup_vs_single"] == pytest.approx(100 / 90)
+    assert row(rows, "rl").vs_unplaced.value == pytest.approx(1.5)
+    assert row(rows, "rl").vs_best_heuristic.value == pytest.approx(1.25)
+    assert row(rows, "single").vs_unplaced.verdict == "tie"
     # Not measured, or infeasible: no speedup claimed.
-    assert row(rows, "kernighan_lin")["speedup_vs_single"] is None
-    assert row(rows, "round_robin")["speedup_vs_best_heuristic"] is None
-    assert row(rows, "rl")["ratio_to_lower_bound"] == pytest.approx(64 / 50)
+    assert row(rows, "kernighan_lin").vs_unplaced is None
+    assert row(rows, "round_robin").vs_best_heuristic is None
+    assert row(rows, "rl").ratio_to_lower_bound == pytest.approx(64 / 50)
+    text = format_table(results)
+    rl_line = next(line for line in text.splitlines() if line.startswith("RL"))
+    assert "1.50x [1.40, 1.60]" in rl_line and "1.25x [1.18, 1.31]" in rl_line and "63.00-65.50" in rl_line
+    single_line = next(line for line in text.splitlines() if line.startswith("single device"))
+    assert "0.96x tie [0.90, 1.02]" in single_line
 
 
 def test_infeasible_rows_do_not_count_as_best_heuristic(results):
     # An infeasible placement with a (bogus) fast measurement must not become the reference.
-    results["methods"][1]["measured_ms"] = 10.0
-    assert row(comparison_rows(results), "rl")["speedup_vs_best_heuristic"] == pytest.approx(80 / 64)
+    results["methods"][2]["measured_ms"] = 10.0
+    assert Results.from_json(results).best_heuristic.method == "expert"
 
 
 def test_rows_sorted_by_measured_time_with_infeasible_last(results):
-    order = [r["method"] for r in comparison_rows(results)]
-    assert order == ["rl", "expert", "etf", "metis", "single", "kernighan_lin", "round_robin"]
+    order = [r.method for r in comparison_rows(results)]
+    assert order == ["rl", "expert", "etf", "metis", "unplaced", "single", "kernighan_lin", "round_robin"]
     text = format_table(results)
     lines = text.splitlines()
-    assert lines[2].startswith("RL") and "1.56x" in lines[2] and "1.25x" in lines[2]
+    assert lines[2].startswith("RL (chosen)")
     assert lines[-1].startswith("round robin")
     assert "infeasible: cpu:1 needs 80.0 MiB, has 64.0 MiB" in lines[-1]
     assert "cpu:0 30.0 MiB, cpu:1 12.0 MiB" in lines[2]
@@ -125,8 +150,9 @@ def test_markdown_links_existing_files(results, tmp_path):
     links = re.findall(r"\]\(([^)]+)\)", md)
     assert {"plan.json", *(f"plots/{p}" for p in report.PLOT_FILES)} == set(links)
     assert all((tmp_path / link).is_file() for link in links)
-    assert "zoo:nmt:small" in md and "testhost" in md and "torch" in md
-    assert "Chosen placement: RL, 64.00 ms" in md and "(expert, 80.00 ms): 1.25x" in md
+    assert "zoo:nmt:small" in md and "testhost" in md and "torch" in md and "abc123" in md
+    first = md.splitlines()[0]
+    assert "RL is measurably faster than the model run without placer" in first and "1.25x (CI 1.18-1.31)" in first
 
 
 def test_plan_not_linked_when_missing(results, tmp_path):
@@ -179,7 +205,7 @@ def test_failure_leaves_no_partial_report(results, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(report, "plot_grouped_graph", broken)
+    monkeypatch.setattr(plots, "plot_grouped_graph", broken)
     with pytest.raises(RuntimeError, match="plot failed"):
         write_report(results, tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -192,7 +218,7 @@ def test_failure_keeps_the_previous_report(results, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(report, "plot_timeline", broken)
+    monkeypatch.setattr(plots, "plot_timeline", broken)
     changed = copy.deepcopy(results)
     changed["workload"] = "zoo:rnnlm:small"
     with pytest.raises(RuntimeError):
@@ -204,7 +230,9 @@ def test_failure_keeps_the_previous_report(results, tmp_path, monkeypatch):
 def test_layered_layout_puts_every_edge_left_to_right():
     graph = nx.gnp_random_graph(40, 0.1, seed=1, directed=True)
     dag = nx.DiGraph([(u, v) for u, v in graph.edges if u < v])
-    pos = report.layered_layout(dag)
+    before = copy.deepcopy(dict(dag.nodes(data=True)))
+    pos = plots.layered_layout(dag)
+    assert dict(dag.nodes(data=True)) == before  # the caller's graph is left unchanged
     assert all(pos[u][0] < pos[v][0] for u, v in dag.edges)
     # Nodes of one depth share an x and are spread in y.
     first = list(nx.topological_generations(dag))[0]
@@ -218,33 +246,34 @@ def test_grouped_graph_plot_handles_many_groups(tmp_path):
     groups = {"names": [f"g{i}" for i in range(n)], "edges": [list(e) for e in dag.edges],
               "compute_ms": [float(i % 7 + 1) for i in range(n)],
               "placement": [i % 3 for i in range(n)]}
-    path = report.plot_grouped_graph(groups, ["cpu:0", "cpu:1", "cpu:2"], tmp_path / "g.png")
+    path = plots.plot_grouped_graph(groups, ["cpu:0", "cpu:1", "cpu:2"], tmp_path / "g.png")
     assert path.read_bytes().startswith(b"\x89PNG")
 
 
 def test_run_notes_and_interruption_are_reported(results, tmp_path):
     results["notes"] = ["small size: image 75x75, batch 2"]
-    results["interrupted"] = True
+    results["status"] = "interrupted"
     md = write_report(results, tmp_path)["markdown"].read_text()
     notes = md.split("## Notes", 1)[1]
-    assert notes.index("interrupted") < notes.index("image 75x75") < notes.index("interquartile")
+    assert notes.index("interrupted") < notes.index("image 75x75") < notes.index("interleaved")
 
 
-def test_entries_with_missing_and_none_values(tmp_path):
-    results = {"workload": "model.py", "bounds": {"lower_bound_ms": 20.0}, "methods": [
+def test_unversioned_results_with_missing_and_none_values(tmp_path):
+    """results.json of earlier placer versions (no schema, no CIs) still renders."""
+    results = {"workload": "model.py", "bounds": {"lower_bound_ms": 20.0}, "best": "rl", "methods": [
         {"method": "single", "measured_ms": 40.0},
         {"method": "rl", "measured_ms": 25.0, "feasible": None, "iqr_ms": None, "peak_bytes": None,
          "simulated_ms": None, "search_s": None, "ratio_to_lower_bound": None},
         {"method": "expert", "feasible": False, "reason": None},
     ]}
     rows = comparison_rows(results)
-    assert [r["method"] for r in rows] == ["rl", "single", "expert"]
-    assert rows[0]["kind"] == "rl" and rows[1]["kind"] == "baseline"
-    assert rows[0]["speedup_vs_single"] == pytest.approx(1.6)
-    assert rows[0]["speedup_vs_best_heuristic"] == pytest.approx(1.6)
-    assert rows[0]["ratio_to_lower_bound"] == pytest.approx(1.25)  # computed when missing
+    assert [r.method for r in rows] == ["rl", "single", "expert"]
+    assert rows[0].kind == "rl" and rows[1].kind == "baseline" and not rows[2].feasible
+    assert rows[0].vs_unplaced is None and rows[0].vs_best_heuristic is None  # no CI: no speedup claimed
     assert "infeasible: no reason given" in format_table(results)
-    assert set(write_report(results, tmp_path)) == {"markdown", "html", "step_times.png"}
+    paths = write_report(results, tmp_path)
+    assert set(paths) == {"markdown", "html", "step_times.png"}
+    assert paths["markdown"].read_text().splitlines()[0] == "**Chosen placement: RL, 25.00 ms per training step.**"
 
 
 @pytest.mark.parametrize("n, text", [(None, "-"), (0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"),
@@ -257,5 +286,47 @@ def test_timeline_draws_event_kinds_it_does_not_know(results, tmp_path):
     timeline = results["timeline"] + [
         {"device": "cpu:0", "kind": "loss", "label": "loss", "start_ms": 45.0, "end_ms": 46.0},
         {"device": "cpu:2", "kind": None, "label": "?", "start_ms": 0.0, "end_ms": 1.0}]
-    path = report.plot_timeline(timeline, results["devices"], tmp_path / "t.png")
+    path = plots.plot_timeline(timeline, results["devices"], tmp_path / "t.png")
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def plan(method: str):
+    from placer.plan import Plan
+    return Plan(devices=["cpu:0", "cpu:1"], assignment={"x": "cpu:0"}, device_map={"": "cpu:0"}, fingerprint="f",
+                method=method)
+
+
+def test_publish_swaps_in_one_runs_files_together(results, tmp_path):
+    first = Results.from_json(results)
+    paths = report.publish(first, tmp_path, plan("rl"), warn=pytest.fail)
+    assert {"plan", "results", "markdown", "html"} <= set(paths)
+    assert json.loads((tmp_path / "results.json").read_text())["run_id"] == "abc123"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_ctrl_c_while_the_report_is_drawn_leaves_no_stale_report(results, tmp_path, monkeypatch):
+    report.publish(Results.from_json(results), tmp_path, plan("expert"), warn=pytest.fail)  # an earlier run
+    newer = Results.from_json({**results, "run_id": "new456"})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_timeline", interrupted)
+    report.publish(newer, tmp_path, plan("rl"), warn=pytest.fail)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["run_id"] == "new456" and saved["status"] == "interrupted" and saved["interrupted_at"] == "report"
+    assert json.loads((tmp_path / "plan.json").read_text())["method"] == "rl"
+    # The earlier run's report is gone rather than left beside this run's results.
+    assert not (tmp_path / "report.md").exists() and not (tmp_path / "report.html").exists()
+    assert not any((tmp_path / "plots").iterdir())
+
+
+def test_a_report_that_cannot_be_written_is_a_warning_and_the_plan_is_written(results, tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "save_figure", disk_full)
+    warnings = []
+    paths = report.publish(Results.from_json(results), tmp_path, plan("rl"), warn=warnings.append)
+    assert set(paths) == {"plan", "results"} and (tmp_path / "plan.json").is_file()
+    assert len(warnings) == 1 and "No space left on device" in warnings[0] and str(tmp_path) in warnings[0]

@@ -22,7 +22,8 @@ def sample() -> Results:
                               placement=[0, 1, 1], devices=["cpu:0", "cpu:1"], microbatches=2, schedule="gpipe",
                               simulated_ms=math.inf, vs_unplaced=ratio, notes=["n"]),
                  MethodResult("expert", feasible=False, reason="too big", simulated_ms=float("nan"))],
-        choice=Choice("rl", "faster", "RL is faster.", "confirm", ["unplaced", "rl"], ratio, None),
+        choice=Choice("rl", "faster", "RL is faster.", contender="rl", session="confirm", shortlist=["unplaced", "rl"],
+                      vs_unplaced=ratio),
         plan="plan.json", curve=[{"update": 1, "best_sim_ms": math.inf}], recalibrations=[{"update": 1}],
         notes=["a note"])
 

@@ -1,0 +1,98 @@
+"""The comparison table: one row per method, as text (the console) and Markdown.
+
+Rows are read from a Results; the speedups shown are the ones stored in each row,
+each measured against `unplaced` (and the best heuristic) in the row's own
+interleaved session, with the ratio's confidence interval; a "tie" is a ratio
+whose interval holds 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from placer.results import MethodResult, Ratio, Results, method_name
+
+__all__ = ["MISSING", "TABLE_HEADERS", "comparison_rows", "table_cells", "format_table", "text_table",
+           "markdown_table", "format_markdown_table", "format_bytes", "format_ratio"]
+
+MISSING = "-"
+TABLE_HEADERS = ("method", "measured ms", "CI ms", "runs", "vs unplaced", "vs best heuristic", "simulated ms",
+                 "x lower bound", "peak memory", "search s", "session", "status")
+
+
+def as_results(results: Results | dict) -> Results:
+    """A Results from a Results or its JSON dict (older, unversioned ones too)."""
+    return results if isinstance(results, Results) else Results.from_json(results)
+
+
+def comparison_rows(results: Results | dict) -> list[MethodResult]:
+    """The rows, fastest measured first, unmeasured next (by simulated time),
+    infeasible last."""
+    def order(row: MethodResult) -> tuple:
+        time = row.measured_ms if row.measured else row.simulated_ms
+        return (not row.feasible, not row.measured, math.inf if time is None else time)
+
+    return sorted(as_results(results).methods, key=order)
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return MISSING if x is None else format(x, fmt)
+
+
+def format_ratio(ratio: Ratio | None) -> str:
+    """"1.12x [1.05, 1.19]", "1.00x tie [0.97, 1.03]", or "-"."""
+    if ratio is None:
+        return MISSING
+    tie = " tie" if ratio.verdict == "tie" else ""
+    return f"{ratio.value:.2f}x{tie} [{ratio.ci[0]:.2f}, {ratio.ci[1]:.2f}]"
+
+
+def format_bytes(n: float | None) -> str:
+    """Bytes for people: "1.5 KiB", "30.0 MiB"."""
+    if n is None:
+        return MISSING
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = min(int(math.log(max(n, 1), 1024)), len(units) - 1)
+    return f"{n:.0f} B" if power == 0 else f"{n / 1024**power:.1f} {units[power]}"
+
+
+def table_cells(results: Results | dict) -> tuple[tuple[str, ...], list[list[str]]]:
+    """The comparison table as strings: the one source of the text and Markdown tables."""
+    cells = []
+    for r in comparison_rows(results):
+        memory = ", ".join(f"{d} {format_bytes(b)}" for d, b in r.peak_bytes.items())
+        status = "ok" if r.feasible else f"infeasible: {r.reason or 'no reason given'}"
+        ci = f"{r.ci_ms[0]:.2f}-{r.ci_ms[1]:.2f}" if r.measured and r.ci_ms else MISSING
+        cells.append([
+            method_name(r.method) + (" (chosen)" if r.method == as_results(results).best else ""),
+            _num(r.measured_ms if r.feasible else None, ".2f"), ci, str(r.runs) if r.runs else MISSING,
+            format_ratio(r.vs_unplaced), format_ratio(r.vs_best_heuristic), _num(r.simulated_ms, ".2f"),
+            _num(r.ratio_to_lower_bound, ".2f"), memory or MISSING, _num(r.search_s, ".1f"), r.session or MISSING,
+            status,
+        ])
+    return TABLE_HEADERS, cells
+
+
+def text_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """Aligned plain-text columns under a dashed rule (the console's tables)."""
+    widths = [max(len(str(row[i])) for row in [headers, *cells]) for i in range(len(headers))]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def format_table(results: Results | dict) -> str:
+    """The comparison table as aligned plain text, for the console."""
+    return text_table(*table_cells(results))
+
+
+def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+    return "\n".join([line(headers), "|" + "---|" * len(headers), *map(line, cells)])
+
+
+def format_markdown_table(results: Results | dict) -> str:
+    """The comparison table in Markdown, as used in report.md."""
+    return markdown_table(*table_cells(results))

@@ -1,0 +1,195 @@
+"""What a careless user or a hostile environment does to `placer`, driven as a user
+would: the real command in a subprocess, real signals, real limits. Each kind of
+fault ends in one clear line, the right exit status, a saved plan where there is
+one, and nothing half-written."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import DEVICES, FAST, WORKLOAD, assert_one_line_error, placer
+
+
+def start(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """The command running in the background (its output collected by communicate())."""
+    return subprocess.Popen([sys.executable, "-m", "placer.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200", **(env or {})},
+                            **kwargs)
+
+
+def wait_for(condition, what: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def children(pid: int) -> set[int]:
+    """Live processes whose parent is `pid` (Linux /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def measure_workers(pid: int) -> set[int]:
+    """The measurement worker processes among pid's children (spawned interpreters)."""
+    return {c for c in children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()}
+
+
+@pytest.fixture
+def workload_file(tmp_path: Path) -> Path:
+    """A tiny workload that prints as it builds and runs, and whose output is NaN."""
+    path = tmp_path / "noisy.py"
+    path.write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a = torch.nn.Linear(8, 8)\n"
+        "        self.b = torch.nn.Linear(8, 8)\n"
+        "    def forward(self, x):\n"
+        "        return self.b(torch.relu(self.a(x))) * float('nan')\n"
+        "def build_model():\n"
+        "    print('HELLO FROM build_model')\n"
+        "    return Net()\n"
+        "def example_inputs():\n"
+        "    print('HELLO FROM example_inputs')\n"
+        "    return (torch.randn(4, 8),)\n")
+    return path
+
+
+def test_every_input_is_checked_before_any_work_and_nothing_is_created(tmp_path):
+    out = tmp_path / "out"
+    policy = tmp_path / "policy.pt"
+    policy.write_bytes(b"not a policy")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        (("--policy", str(policy)), ("policy.pt",)),
+        (("--workers", "1000"), ("--workers 1000", "core")),
+        (("--seed", "99999999999999999999"), ("--seed",)),
+        (("--budget", "nan"), ("--budget",)),
+        (("--search", "algo=sarsa"), ("sarsa",)),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(placer("optimize", WORKLOAD, "--out", str(out), *args), *fragments)
+        assert not out.exists(), args  # nothing created until every input passed
+    for bad_out in (a_file / "out", Path("/proc/placer-test-out")):  # /sys alike: tests/test_files.py
+        assert_one_line_error(placer("optimize", WORKLOAD, "--out", str(bad_out)), str(bad_out))
+    cache = placer("inspect", WORKLOAD, env_extra={"PLACER_CACHE": str(a_file)})
+    assert_one_line_error(cache, str(a_file), "PLACER_CACHE")
+
+
+def test_an_unwritable_cache_is_a_warning_and_json_stays_on_stdout(workload_file):
+    result = placer("inspect", str(workload_file), "--devices", DEVICES, "--json",
+                    env_extra={"PLACER_CACHE": "/proc/placer-cache"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["nodes"] > 0  # the workload's prints did not break the JSON
+    assert "HELLO FROM build_model" in result.stderr and "HELLO" not in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "/proc/placer-cache" in warnings[0]
+
+
+def test_nan_output_is_noted_and_a_slow_step_names_its_limit(workload_file, tmp_path):
+    plan = tmp_path / "plan.json"
+    made = placer("baseline", str(workload_file), "--method", "round_robin", "--devices", DEVICES, "--out", str(plan))
+    assert made.returncode == 0, made.stderr
+    measured = placer("measure", str(workload_file), "--plan", str(plan), "--iters", "2", "--json")
+    assert measured.returncode == 0, measured.stderr
+    data = json.loads(measured.stdout)
+    assert data["feasible"] and any("nan" in note and "diverge" in note for note in data["notes"])
+    slow = placer("measure", str(workload_file), "--plan", str(plan), "--iters", "2", "--step-timeout", "1e-9")
+    assert slow.returncode == 0, slow.stderr
+    assert "infeasible: timed out" in slow.stdout and "1e-09 s limit" in slow.stdout and "--step-timeout" in slow.stdout
+
+
+def test_a_full_disk_is_a_warning_and_the_plan_is_still_written(tmp_path):
+    out = tmp_path / "out"
+    limit = 64 * 1024  # plan.json, results.json and the plots fit; the self-contained report.html does not
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "placer.cli", "optimize", WORKLOAD, "--devices", DEVICES,
+                             "--methods", "single,round_robin,expert", *FAST, "--out", str(out)],
+                            capture_output=True, text=True, preexec_fn=small_files, timeout=600)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert any("report" in w and str(out) in w and "File too large" in w for w in warnings), result.stderr
+    assert (out / "plan.json").is_file() and (out / "results.json").is_file()
+    assert not (out / "report.html").exists() and not (out / "report.md").exists()  # no report rather than half one
+    assert json.loads((out / "results.json").read_text())["best"] == json.loads((out / "plan.json").read_text())["method"]
+
+
+def test_sigterm_saves_the_best_plan_says_terminated_and_exits_143(tmp_path):
+    out = tmp_path / "out"
+    run = start("optimize", WORKLOAD, "--devices", DEVICES, "--methods", "single,expert,rl", "--budget", "300",
+                *FAST, "--out", str(out))
+    wait_for(lambda: (out / "search").is_dir() or run.poll() is not None, "the search to start")
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "terminated" and "Traceback" not in stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "terminated" and results["interrupted_at"].startswith("search")
+    assert json.loads((out / "plan.json").read_text())["method"] == results["best"]
+
+
+def test_ctrl_c_before_anything_is_measured_says_interrupted(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    run = start("optimize", WORKLOAD, "--devices", DEVICES, "--iters", "100000", "--out", str(out),
+                env={"PLACER_CACHE": str(cache)})
+    wait_for(lambda: any(cache.glob("profile-*.json")) or run.poll() is not None, "profiling to finish")
+    run.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    run.send_signal(signal.SIGINT)  # twice, as an impatient user does
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr
+    assert not (out / "plan.json").exists()
+
+
+def test_workers_die_with_their_parent(tmp_path):
+    run = start("optimize", WORKLOAD, "--devices", DEVICES, "--workers", "2", "--reward", "measure",
+                "--methods", "single,rl", "--budget", "300", *FAST, "--out", str(tmp_path / "out"))
+    wait_for(lambda: len(measure_workers(run.pid)) == 2 or run.poll() is not None, "two measurement workers")
+    workers = measure_workers(run.pid)
+    assert len(workers) == 2, run.communicate()[1]
+    run.kill()  # SIGKILL: the parent gets no chance to stop them
+    run.communicate(timeout=60)
+    wait_for(lambda: not any(alive(pid) for pid in workers), "the orphaned workers to die", timeout=60)
+
+
+def test_ctrl_c_with_workers_prints_one_line_and_no_traceback(tmp_path):
+    out = tmp_path / "out"
+    run = start("optimize", WORKLOAD, "--devices", DEVICES, "--workers", "2", "--reward", "measure",
+                "--methods", "single,rl", "--budget", "300", *FAST, "--out", str(out), start_new_session=True)
+    wait_for(lambda: len(measure_workers(run.pid)) == 2 or run.poll() is not None, "two measurement workers")
+    os.killpg(run.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted"
