@@ -4,7 +4,7 @@ machine with one CUDA GPU and prints what it saw, ending with one line
 
     python3 experiments/gpu_check.py env
     python3 experiments/gpu_check.py plan        # a cuda:0,cpu plan: equals the unplaced model? how fast?
-    python3 experiments/gpu_check.py microbatch  # the same plan pipelined in micro-batches (placer.apply)
+    python3 experiments/gpu_check.py microbatch  # the same plan in 2 micro-batches (placer.apply, GPipe)
     python3 experiments/gpu_check.py pipelining  # the same plan on torch.distributed.pipelining (two ranks)
     python3 experiments/gpu_check.py bf16        # under bf16 autocast: equal within bf16 tolerance? how fast?
 
@@ -110,42 +110,37 @@ def part_env(args) -> str:
     return ""
 
 
-def part_plan(args) -> str:
+def placed_like_unplaced(w, plan, label: str, iters: int) -> str:
+    """Apply `plan`: one step's loss and gradients against the unplaced model's, then
+    its measured step time."""
     import placer
     from placer.runtime import measure
+
+    placed = placer.apply(w.fresh_model(), plan)
+    try:
+        problem = compare(one_step(w.fresh_model(), w), one_step(placed, w), FP32_RTOL)
+    finally:
+        placed.close()
+    show(label, measure(w, plan, iters=iters, warmup=2))
+    return problem
+
+
+def part_plan(args) -> str:
     from placer.runtime.timing import EagerTrial, run_trial
 
     device = accelerator(args.stand_in)
     w, plan = half_plan(SPEC, device)
     print(f"{SPEC} on {','.join(plan.devices)}: {sum(d == device for d in plan.assignment.values())} of "
           f"{len(plan.assignment)} nodes on {device}")
-    placed = placer.apply(w.fresh_model(), plan)
-    try:
-        problem = compare(one_step(w.fresh_model(), w), one_step(placed, w), FP32_RTOL)
-    finally:
-        placed.close()
-    show("placed", measure(w, plan, iters=args.iters, warmup=2))
+    problem = placed_like_unplaced(w, plan, "placed", args.iters)
     show(f"unplaced on {device.split(':')[0]}", run_trial(EagerTrial(w, device=device.split(":")[0]), args.iters))
     return problem
 
 
 def part_microbatch(args) -> str:
-    import placer
-    from placer.plan import Plan
-    from placer.runtime import measure
-
-    if "microbatches" not in Plan.__dataclass_fields__:
-        raise Skip("plans have no `microbatches` field yet (the micro-batch engine has not landed)")
-    device = accelerator(args.stand_in)
-    w, plan = half_plan(SPEC, device)
-    plan = dataclasses.replace(plan, microbatches=2, schedule="gpipe")
-    placed = placer.apply(w.fresh_model(), plan)
-    try:
-        problem = compare(one_step(w.fresh_model(), w), one_step(placed, w), FP32_RTOL)
-    finally:
-        placed.close()
-    show("placed, 2 micro-batches (GPipe)", measure(w, plan, iters=args.iters, warmup=2))
-    return problem
+    w, plan = half_plan(SPEC, accelerator(args.stand_in))
+    return placed_like_unplaced(w, dataclasses.replace(plan, microbatches=2, schedule="gpipe"),
+                                "placed, 2 micro-batches (GPipe)", args.iters)
 
 
 def part_pipelining(args) -> str:

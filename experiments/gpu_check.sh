@@ -8,7 +8,7 @@
 # ../shared/device/prepare-wheels.sh puts in .whl/, or in $WHEELS), then runs, each
 # under its own time limit: the `gpu`-marked tests; a cuda:0,cpu plan of a zoo model
 # (equal to the unplaced model? measured); the same plan pipelined in micro-batches
-# (once plans carry micro-batches); the same plan on torch.distributed.pipelining
+# (placer.apply, GPipe); the same plan on torch.distributed.pipelining
 # (two ranks, 1F1B); and under bf16 autocast (equal within bf16 tolerance? measured).
 # Everything it sees goes to OUT_DIR/gpu_check.txt, a summary line per part last.
 # Without CUDA it says so and skips the GPU parts (exit 0); GPU_CHECK_STAND_IN=1
