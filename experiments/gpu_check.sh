@@ -100,7 +100,7 @@ CHECK=("$PY" "$ROOT/experiments/gpu_check.py" --iters "${GPU_CHECK_ITERS:-10}")
 # -- the checks -----------------------------------------------------------------------------
 run env 60 "${CHECK[@]}" env
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  run gpu-tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider "$ROOT/tests"
+  run gpu-tests 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider "$ROOT/tests"
 else
   SUMMARY+=("gpu-tests SKIP: no CUDA device here")
   say "no CUDA device: the gpu-marked tests are skipped${STAND_IN:+; the other parts run on cpu:1 instead of cuda:0}"
