@@ -29,6 +29,7 @@ def summarize(ops: nx.DiGraph, groups: nx.DiGraph, device_kinds: Sequence[str], 
         "name": ops.graph.get("name", ""),
         "fingerprint": ops.graph.get("fingerprint", ""),
         "granularity": ops.graph.get("granularity", "op"),
+        "capture": ops.graph.get("capture", {}).get("method", "fx"),
         "nodes": ops.number_of_nodes(),
         "edges": ops.number_of_edges(),
         "groups": groups.number_of_nodes(),
@@ -52,7 +53,8 @@ def format_summary(summary: dict) -> str:
     """A readable text block of `summarize`'s result."""
     mem = summary["memory"]
     lines = [
-        f"workload     {summary['name']}  (fingerprint {summary['fingerprint']}, {summary['granularity']} granularity)",
+        f"workload     {summary['name']}  (fingerprint {summary['fingerprint']}, {summary['granularity']} granularity, "
+        f"captured by torch.{summary['capture']})",
         f"graph        {summary['nodes']} ops, {summary['edges']} edges -> {summary['groups']} groups, "
         f"{summary['group_edges']} group edges, {summary['colocation_sets']} colocation sets",
         f"parameters   {_bytes(summary['param_bytes'])}",

@@ -26,6 +26,7 @@ a forward that sets a Python attribute cannot be captured (CaptureError).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import operator
@@ -76,7 +77,7 @@ class Traced:
     # None, or why flat placeholder values fall outside what the capture covers (shapes, dtypes)
     guard: Callable[[list], str | None] | None = field(default=None, compare=False)
 
-    @property
+    @functools.cached_property
     def placeholders(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
 
@@ -90,22 +91,11 @@ class Traced:
         this capture does not cover it (other arguments given, other constants, shapes
         or dtypes outside its guard). Raises TypeError as Python would for a call the
         forward's signature rejects."""
-        bound = canonical_call(self.signature, args, kwargs)
-        names = [n.name for n in self.placeholders]
-        if self.method == "export":
-            flat, spec = tree_flatten((bound.args, bound.kwargs))
-            if spec != self.in_spec or not all(_same(flat[i], v) for i, v in self.constants):
-                return None
-            values = dict(zip(names, flat))
-        else:
-            bound.apply_defaults()
-            given = bound.arguments
-            if not all(_same(given.get(k), v) for k, v in self.concrete.items()):
-                return None
-            values = {n.name: given.get(str(n.target)) for n in self.placeholders}
-        if self.guard is not None and self.guard(list(values.values())) is not None:
-            return None
-        return values
+        return self._match(args, kwargs)[0]
+
+    def why_not(self, args: tuple, kwargs: dict) -> str:
+        """One phrase: why `bind` refuses the call (for error messages)."""
+        return self._match(args, kwargs)[1]
 
     def unflatten(self, leaves: list) -> Any:
         """The eager output built from the output's flat leaves (fresh containers:
@@ -114,22 +104,27 @@ class Traced:
 
     def run(self, *args, **kwargs) -> Any:
         """Run the captured graph as the model would run (tests and checks)."""
-        values = self.bind(args, kwargs)
+        values, reason = self._match(args, kwargs)
         if values is None:
-            raise CaptureError(f"this {self.method} capture does not cover the call: "
-                               f"{self.why_not(args, kwargs)}")
+            raise CaptureError(f"this {self.method} capture does not cover the call: {reason}")
         return self.unflatten(self.gm(*values.values()))
 
-    def why_not(self, args: tuple, kwargs: dict) -> str:
-        """One phrase: why `bind` refuses the call (for error messages)."""
+    def _match(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any] | None, str]:
+        """(placeholder values, "") for a call this capture covers, else (None, why not)."""
         bound = canonical_call(self.signature, args, kwargs)
         if self.method == "export":
             flat, spec = tree_flatten((bound.args, bound.kwargs))
             if spec != self.in_spec or not all(_same(flat[i], v) for i, v in self.constants):
-                return f"it was captured for arguments {_describe(self.in_spec)}"
-            reason = self.guard(flat) if self.guard is not None else None
-            return reason or "no reason known"
-        return f"it was captured with {', '.join(f'{k}={v!r}' for k, v in self.concrete.items()) or 'no constants'}"
+                return None, f"it was captured for arguments {str(self.in_spec).replace(chr(10), ' ')}"
+            values = dict(zip((n.name for n in self.placeholders), flat))
+        else:
+            bound.apply_defaults()
+            if not all(_same(bound.arguments.get(k), v) for k, v in self.concrete.items()):
+                baked = ", ".join(f"{k}={v!r}" for k, v in self.concrete.items())
+                return None, f"it was captured with {baked}"
+            values = {n.name: bound.arguments.get(str(n.target)) for n in self.placeholders}
+        reason = self.guard(list(values.values())) if self.guard is not None else None
+        return (None, reason) if reason else (values, "")
 
 
 def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths: Iterable[str] = (),
@@ -178,13 +173,13 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
             except Exception as exc:  # export raises many types from user code and from itself
                 if method == "export":
                     raise CaptureError(f"torch.export cannot capture {type(model).__name__}: "
-                                       f"{first_line(exc)}") from exc
+                                       f"{first_sentence(exc)}") from exc
                 export_error = exc
         with no_side_effects(model, recorded=False):
             traced = trace_fx(model, leaf_classes, paths, allow_fallback, inputs, kwargs, export_error)
     if export_error is None:
         return traced
-    note = f"torch.export could not capture the model ({first_line(export_error)}); captured with torch.fx instead"
+    note = f"torch.export could not capture the model ({first_sentence(export_error)}); captured with torch.fx instead"
     return _with_note(traced, note)
 
 
@@ -312,14 +307,17 @@ def _same(a: Any, b: Any) -> bool:
     return _equal(a, b)
 
 
-def _describe(spec: TreeSpec | None) -> str:
-    return "unknown" if spec is None else str(spec).replace("\n", " ")
-
-
 def first_line(exc: BaseException) -> str:
     """The exception's message cut to one line, for one-line error messages."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def first_sentence(exc: BaseException) -> str:
+    """The first sentence of the message's first line (torch.export's run on, with
+    advice that does not apply here)."""
+    line = first_line(exc)
+    return line.split(". ", 1)[0].rstrip(".")
 
 
 def target_name(node: fx.Node) -> str:

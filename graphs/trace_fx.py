@@ -24,7 +24,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils._pytree import TreeSpec, tree_flatten
 
 from graphs.errors import CaptureError
-from graphs.trace import Traced, canonical_call, first_line, normalize, training_flags
+from graphs.trace import Traced, canonical_call, first_line, first_sentence, normalize, training_flags
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 MAX_FALLBACK_LEAVES = 64
@@ -149,7 +149,7 @@ def _plain(value):
 
 def _capture_error(model: nn.Module, failed_in: str, where: str, reason: str,
                    export_error: BaseException | None) -> CaptureError:
-    exported = f" (torch.export failed too: {first_line(export_error)})" if export_error is not None else ""
+    exported = f" (torch.export failed too: {first_sentence(export_error)})" if export_error is not None else ""
     if failed_in:
         fix = "list the offending module's class in `leaf_modules` in the workload file, to keep it whole"
         return CaptureError(f"cannot trace module '{failed_in}' at {where}: {reason}{exported}. Fix: {fix}")

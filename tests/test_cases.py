@@ -66,7 +66,7 @@ def test_inspect_and_every_baseline_run(name, monkeypatch):
     code paths, without a fresh interpreter per case."""
     load_case(name)
     path = str(CASES_DIR / f"{name}.py")
-    for command, expected in ((["inspect"], "op granularity"), (["baseline", "--method", "all"], "METIS")):
+    for command, expected in ((["inspect"], "op granularity, captured by torch.export"), (["baseline", "--method", "all"], "METIS")):
         shown = io.StringIO()
         monkeypatch.setattr("placer.cli.STDOUT", shown)  # where the CLI prints its own output
         result = CliRunner().invoke(cli, [*command, path, "--devices", ",".join(TWO)])

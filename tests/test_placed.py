@@ -199,3 +199,15 @@ def test_a_call_with_other_arguments_gets_its_own_capture():
     torch.testing.assert_close(out["y"], ref(x, torch.ones(3, 6))["y"])
     out["extra"] = 1  # a plain, mutable dict
     placed.close()
+
+
+def test_a_closed_placed_model_refuses_every_call_at_once(pair):
+    from placer.runtime.dataflow import ExecutionError
+
+    _, placed = pair
+    placed.close()
+    with pytest.raises(ExecutionError, match="closed"):
+        placed(tokens())
+    placed.eval()  # a mode never run before would need a new capture: still refused
+    with pytest.raises(ExecutionError, match="closed"):
+        placed(tokens())

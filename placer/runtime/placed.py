@@ -123,6 +123,8 @@ class PlacedModule(nn.Module):
     def _graph_for(self, args: tuple, kwargs: dict) -> tuple[PlacedCapture, dict]:
         """The placed graph for this call in the current mode, and its inputs; captured
         and placed now if no graph so far covers the call."""
+        if not self._finalizer.alive:  # closed: the executor says so, at once
+            return self.graphs[0], {}
         flags = training_flags(self.original)
         mine = [g for g in self.graphs if g.traced.training == flags]
         for graph in mine:
@@ -157,10 +159,10 @@ class PlacedModule(nn.Module):
         for node in traced.gm.graph.nodes:
             if node.op == "get_attr":
                 continue
-            params = [canonical[id(t)] for t in _read_tensors(traced.gm, node) if id(t) in canonical]
+            placed = [self.tensor_devices.get(canonical.get(id(t))) for t in _read_tensors(traced.gm, node)]
             same = ref_nodes.get(node.name)
-            if params:
-                assignment[node.name] = self.tensor_devices[params[0]]
+            if any(placed):
+                assignment[node.name] = next(d for d in placed if d)
             elif same is not None and same.op == node.op and str(same.target) == str(node.target) \
                     and owning_module(same) == owning_module(node):
                 assignment[node.name] = reference.assignment[node.name]
