@@ -24,7 +24,9 @@ import torch
 
 from graphs.devices import Device
 
-__all__ = ["Worker", "CallerPin", "core_shares"]
+__all__ = ["Worker", "CallerPin", "core_shares", "CLOSE_WAIT_S"]
+
+CLOSE_WAIT_S = 60.0  # how long close() waits for a worker still running a chunk
 
 
 def core_shares(devices: Sequence[Device]) -> dict[str, tuple[int, ...]]:
@@ -107,9 +109,11 @@ class Worker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def close(self) -> None:
-        """Stop the thread and wait for it: a thread still exiting while the interpreter
-        shuts down can abort the process from torch's thread-local destructors."""
+    def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
+        """Stop the thread and wait for it (a thread still exiting while the interpreter
+        shuts down can abort the process from torch's thread-local destructors), at
+        most `timeout_s`: a worker stuck in a chunk is left behind (a daemon) rather
+        than waited for without end."""
         self.queue.put(None)
         if threading.current_thread() is not self._thread:
-            self._thread.join()
+            self._thread.join(timeout_s)
