@@ -140,10 +140,17 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
         that a re-capture reproduces the graph).
     allow_fallback : fx only: make a submodule that fails to trace a leaf and retry.
     inputs, kwargs : the example call. Without `inputs` only fx can capture (every
-        forward parameter becomes a placeholder). Values, not shapes, never matter.
+        forward parameter becomes a placeholder). Their values never matter: shapes,
+        dtypes and devices do.
     method : "auto" (export, else fx with a note), "export" or "fx".
     mode : "train" or "eval" (every module's flag set for the capture, then restored),
         or None for the flags as they are.
+
+    Returns
+    -------
+    The capture, on a graph of its own. The same model, or a copy made by
+    `Workload.fresh_model`, captured again the same way gets the kept capture
+    (graphs.trace_cache) instead of a new one.
 
     Raises
     ------
@@ -151,6 +158,7 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
         fix), or a forward sets a Python attribute a graph cannot repeat.
     WorkloadError : not here; a model that fails on its inputs shows in graphs.capture.
     """
+    from graphs import trace_cache
     from graphs.trace_export import export_available, export_model
     from graphs.trace_fx import trace_fx
 
@@ -162,12 +170,18 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
     use_export = method == "export" or (method == "auto" and inputs is not None and not leaf_classes
                                         and not paths and export_available())
     kwargs = dict(kwargs or {})
-    export_error = None
     with _in_mode(model, mode):
+        options = (use_export, method, training_flags(model), leaf_classes, paths, allow_fallback, inputs is None)
+        key = trace_cache.request_key(options, tuple(inputs or ()), kwargs)
+        kept = trace_cache.lookup(model, key)
+        if kept is not None:
+            return kept
+        export_error = None
         if use_export:
             try:
                 with no_side_effects(model, recorded=True):
-                    return export_model(model, tuple(inputs or ()), kwargs)
+                    traced = export_model(model, tuple(inputs or ()), kwargs)
+                return trace_cache.store(model, key, traced)  # only a capture that passed every check
             except CaptureError:
                 raise
             except Exception as exc:  # export raises many types from user code and from itself
@@ -177,10 +191,11 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
                 export_error = exc
         with no_side_effects(model, recorded=False):
             traced = trace_fx(model, leaf_classes, paths, allow_fallback, inputs, kwargs, export_error)
-    if export_error is None:
-        return traced
-    note = f"torch.export could not capture the model ({first_sentence(export_error)}); captured with torch.fx instead"
-    return _with_note(traced, note)
+        if export_error is not None:
+            note = (f"torch.export could not capture the model ({first_sentence(export_error)}); "
+                    f"captured with torch.fx instead")
+            traced = _with_note(traced, note)
+        return trace_cache.store(model, key, traced)
 
 
 def canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> inspect.BoundArguments:

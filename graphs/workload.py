@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from graphs.errors import WorkloadError
+from graphs.trace_cache import note_copy
 
 LossFn = Callable[..., torch.Tensor]
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -81,8 +82,11 @@ class Workload:
 
     def fresh_model(self) -> nn.Module:
         """An independent copy with the same initial weights (each placement is measured
-        on its own copy, so that moving parameters never leaks between runs)."""
-        return copy.deepcopy(self.model)
+        on its own copy, so that moving parameters never leaks between runs). Captures
+        of the model serve the copy too (graphs.trace_cache)."""
+        fresh = copy.deepcopy(self.model)
+        note_copy(fresh, self.model)
+        return fresh
 
 
 def load_workload(spec: str, seed: int = 0) -> Workload:

@@ -157,3 +157,27 @@ def test_leaf_modules_run_as_themselves_so_their_updates_happen_every_call():
     traced.run(torch.randn(2, 4))
     traced.run(torch.randn(2, 4))
     assert model.counter.calls == 2
+
+
+def test_a_model_and_its_fresh_copies_are_captured_once_while_nothing_changes(monkeypatch):
+    import graphs.trace_export
+    from graphs.workload import Workload
+
+    exports = []
+    real = graphs.trace_export.export_model
+    monkeypatch.setattr(graphs.trace_export, "export_model", lambda *a: exports.append(1) or real(*a))
+    workload = Workload(name="pos", spec="pos.py", model=PosNet().eval(), inputs=(ids(),))
+    first = trace_model(workload.model, inputs=workload.inputs, mode="eval")
+    copy = workload.fresh_model()
+    again = trace_model(copy, inputs=(ids(5),), mode="eval")  # other values, another batch size: other shapes
+    kept = trace_model(copy, inputs=(ids(),), mode="eval")
+    assert len(exports) == 2 and kept.gm is not first.gm  # a graph of its own
+    read = {str(n.target): n for n in kept.gm.graph.nodes if n.op == "get_attr"}
+    assert kept.gm.get_parameter("fc.weight") is copy.fc.weight and "fc.weight" in read
+    x = ids()
+    torch.testing.assert_close(kept.run(x)["hidden"], copy(x)["hidden"])
+    assert again.bind((ids(5),), {}) is not None
+    copy.seq = 6.0  # any change of what the forward may read makes a new capture
+    trace_model(copy, inputs=(ids(),), mode="eval")
+    trace_model(copy, inputs=(ids(),), mode="train")
+    assert len(exports) == 4
