@@ -1,7 +1,7 @@
 """placer.runtime.executor: dataflow over the devices' workers (independent work runs
 ahead of dependent work), exact numerics on fx and torch.export graphs, eager's
-dropout masks, no unbounded wait (closed executor, dead worker, time limit),
-copies, and pinned workers."""
+dropout masks, the caller's autocast on every worker, no unbounded wait (closed
+executor, dead worker, time limit), copies, and pinned workers."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from graphs.devices import parse_cluster
 from placer.runtime.executor import ExecutionError, Executor
-from placer.runtime.worker import core_shares
+from placer.runtime.worker import Autocast, core_shares
 
 TWO = ["cpu:0", "cpu:1"]
 
@@ -142,6 +142,63 @@ def test_an_exported_graph_runs_placed_exactly_like_eager(seed, one_thread):
     for (name, b), c in zip(gm.named_buffers(), ref.buffers()):
         torch.testing.assert_close(b, c, msg=name)  # running statistics updated once, in place
     placed.executor.close()
+
+
+class Normed(nn.Module):
+    """Linear layers (bf16 under CPU autocast) and a squared error (float32 under it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+        self.b = nn.Linear(32, 32)
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = self.norm(self.b(torch.relu(self.a(x))))
+        return self.head(h), F.mse_loss(h, torch.zeros_like(h), reduction="none")
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_the_callers_autocast_reaches_every_device(microbatches):
+    """Autocast is per thread and chunks run on workers: the caller's must reach them."""
+    torch.manual_seed(0)
+    model = Normed()
+    ref = copy.deepcopy(model)
+    placed = Placed(model, lambda n: "cpu:0" if n.name in ("a", "relu") else "cpu:1", microbatches=microbatches)
+    assert len({c.device for c in placed.executor.chunks}) == 2
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, hidden = placed(x)
+        expected, expected_hidden = ref(x)
+    assert (out.dtype, hidden.dtype) == (expected.dtype, expected_hidden.dtype) == (torch.bfloat16, torch.float32)
+    torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(hidden, expected_hidden, rtol=1.6e-2, atol=1e-2)
+    out.float().sum().backward()
+    expected.float().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=5e-2, msg=name)
+    with torch.no_grad():
+        assert placed(x)[0].dtype == torch.float32  # autocast off again: float32 as in eager
+    placed.executor.close()
+
+
+def test_a_worker_enters_the_callers_autocast_as_it_is():
+    seen = []
+
+    def look(state):
+        with Autocast.enter(state):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                         torch.is_autocast_cache_enabled()))
+
+    assert Autocast.of_caller(["cpu"]) is None  # off: nothing to enter
+    with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
+        state = Autocast.of_caller(["cpu"])
+    thread = threading.Thread(target=look, args=(state,))
+    thread.start()
+    thread.join()
+    assert seen == [(True, torch.float16, False)]
 
 
 class TiedHead(nn.Module):

@@ -19,6 +19,9 @@ The calling thread is itself the worker of one CPU device whose thread count it
 already has (a lone `cpu:0`, typically): no hand-off, and no second OpenMP team
 competing for the same cores. When autograd calls PlacedGraph.backward on a CUDA
 device's thread, that device's chunks run there instead (see Executor.backward).
+
+Grad mode and autocast are per thread: each chunk's forward runs with the caller's
+(`torch.autocast` around a placed forward reaches every worker; worker.Autocast).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from placer.runtime.chunks import Chunk, build_chunks
 from placer.runtime.dataflow import ExecutionError, Pass
 from placer.runtime.placed_graph import Call, PlacedGraph
 from placer.runtime.values import SavedBytes, add_grads, count_saved, map_tensors, move, receive, run_backward
-from placer.runtime.worker import CallerPin, Worker, core_shares
+from placer.runtime.worker import Autocast, CallerPin, Worker, core_shares
 
 __all__ = ["Executor", "ChunkEvent", "ExecutionError"]
 
@@ -77,6 +80,7 @@ class StepState:
     chunks: dict[tuple[int, int], ChunkState] = field(default_factory=dict)  # (micro-batch, chunk) -> state
     sent: list[dict[int, dict[str, list]]] = field(default_factory=list)  # backward: chunk -> input -> grads
     output_dims: dict[str, list[int | None]] = field(default_factory=dict)
+    autocast: Autocast | None = None  # the caller's, entered around every chunk's forward
 
 
 class Executor:
@@ -151,6 +155,7 @@ class Executor:
         shares = core_shares(list(self.devices.values())) if self.pin else {}
         self.workers = {name: Worker(d, shares.get(name, ())) for name, d in self.devices.items() if name in used}
         self._chunk_workers = [self.workers[c.device] for c in self.chunks]
+        self._device_types = tuple({"cpu", *(w.torch_device.type for w in self.workers.values())})
         self._saved = SavedBytes(list(self.workers))
         self._anchor = torch.empty(0, requires_grad=True)  # makes outputs require grad (PlacedGraph)
         self._pin = CallerPin()  # the caller's thread, while it serves a device
@@ -168,7 +173,7 @@ class Executor:
     def __getstate__(self) -> dict:
         """Pickled without its threads; unpickling starts new workers."""
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("workers", "_chunk_workers", "_saved", "_anchor", "_pin")}
+                 if k not in ("workers", "_chunk_workers", "_device_types", "_saved", "_anchor", "_pin")}
         state["_layouts"] = {}
         return state
 
@@ -218,7 +223,8 @@ class Executor:
                  else microbatch.Split([inputs], [0], {}))
         micro = len(split.inputs)
         names = list(output_nodes) if output_nodes is not None else list(self.producer)
-        state = StepState(split=split, grad=grad, values=[{} for _ in range(micro)], events=[{} for _ in range(micro)])
+        state = StepState(split=split, grad=grad, values=[{} for _ in range(micro)], events=[{} for _ in range(micro)],
+                          autocast=Autocast.of_caller(self._device_types))
         if micro > 1:
             state.output_dims = self._layout(inputs, split, names).output_dims
         self._streams_wait_for_caller()
@@ -256,7 +262,7 @@ class Executor:
                 leaves.append(grad_leaves)
             saved = {} if grad and self.count_activations else None
             start = time.perf_counter()
-            with worker.context(), count_saved(saved, self.excluded_storages):
+            with worker.context(), Autocast.enter(state.autocast), count_saved(saved, self.excluded_storages):
                 outs = chunk.module.forward(*args)
         values.update(zip(chunk.outputs, outs))
         event = worker.record_event()

@@ -10,6 +10,10 @@ A worker takes (owner, task) pairs from its queue, in order, and calls
 `owner.run(worker, task)`: a pass of the executor hands it tasks that way
 (placer.runtime.dataflow), and the caller's thread serves a device the same way
 from the pass's own queue.
+
+Autocast is thread-local too: `Autocast.of_caller` reads the calling thread's
+state and `Autocast.enter` sets the same on a worker, around a chunk's forward
+(autograd records the casts, so backward needs none, as in eager).
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import ContextManager
 
 import torch
 
 from graphs.devices import Device
 
-__all__ = ["Worker", "CallerPin", "core_shares", "CLOSE_WAIT_S"]
+__all__ = ["Worker", "CallerPin", "Autocast", "core_shares", "CLOSE_WAIT_S"]
 
 CLOSE_WAIT_S = 60.0  # how long close() waits for a worker still running a chunk
 
@@ -45,6 +51,40 @@ def core_shares(devices: Sequence[Device]) -> dict[str, tuple[int, ...]]:
         shares[d.name] = tuple(cores[start:start + d.threads])
         start += d.threads
     return shares
+
+
+@dataclass(frozen=True)
+class Autocast:
+    """The autocast state of a thread: (device type, dtype) for every device type where
+    it is on, and whether casts are cached."""
+
+    dtypes: tuple[tuple[str, torch.dtype], ...]
+    cache: bool
+
+    @classmethod
+    def of_caller(cls, device_types: Iterable[str]) -> Autocast | None:
+        """The calling thread's autocast for `device_types` (those of the devices that
+        run chunks); None where it is off for all of them (nothing to enter)."""
+        dtypes = tuple((t, torch.get_autocast_dtype(t)) for t in device_types if torch.is_autocast_enabled(t))
+        return cls(dtypes, torch.is_autocast_cache_enabled()) if dtypes else None
+
+    @staticmethod
+    def enter(state: Autocast | None) -> ContextManager:
+        """A context that sets `state` on the current thread (None: nothing to set)."""
+        if state is None:
+            return nullcontext()
+        if len(state.dtypes) == 1:
+            (device_type, dtype), = state.dtypes
+            return torch.autocast(device_type, dtype=dtype, cache_enabled=state.cache)
+        return _nested(state)
+
+
+@contextmanager
+def _nested(state: Autocast) -> Iterator[None]:
+    with ExitStack() as stack:
+        for device_type, dtype in state.dtypes:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=state.cache))
+        yield
 
 
 class CallerPin:
