@@ -9,6 +9,7 @@ parameters after each SGD step, and eval-mode outputs under torch.no_grad(). Wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -40,18 +41,20 @@ def compare(expected, actual, what: str) -> None:
             assert a == e, f"{what}: leaf {i} is {a!r}, expected {e!r}"
 
 
-def check_equivalent(source: ModuleType, plan: placer.Plan, steps: int = 2, seed: bool = True,
-                     eval_mode: bool = True, devices: str | None = None) -> None:
-    """Build the workload `source` twice (same seed), place one copy by `plan` (on
-    `devices` if given), and assert both behave alike for `steps` SGD steps and in
-    eval mode. Raises AssertionError naming the first difference."""
+def check_equivalent(source: ModuleType, make_plan: Callable[[torch.nn.Module, tuple], placer.Plan],
+                     steps: int = 2, seed: bool = True, eval_mode: bool = True) -> placer.Plan:
+    """Build the workload `source` twice (same seed), place one copy by the plan
+    `make_plan(model, inputs)` makes for it, and assert both behave alike for `steps`
+    SGD steps and in eval mode. Returns the plan. Raises AssertionError naming the
+    first difference."""
     loss_fn = getattr(source, "loss_fn", None) or default_loss
     torch.manual_seed(0)
     ref = source.build_model()
     torch.manual_seed(0)
     model = source.build_model()
     inputs = source.example_inputs()
-    placed = placer.apply(model, plan, devices)
+    plan = make_plan(model, inputs)
+    placed = placer.apply(model, plan)
     try:
         assert list(placed.state_dict()) == list(ref.state_dict()), "state_dict keys differ"
         assert ties(placed.original) == ties(ref), "tied parameters differ"
@@ -87,6 +90,7 @@ def check_equivalent(source: ModuleType, plan: placer.Plan, steps: int = 2, seed
                 compare(ref(*inputs), placed(*inputs), "eval output")
     finally:
         placed.close()
+    return plan
 
 
 def _compare_grads(ref: torch.nn.Module, placed: torch.nn.Module, step: int) -> None:

@@ -68,7 +68,7 @@ def test_inspect_and_every_baseline_run(name, monkeypatch):
     path = str(CASES_DIR / f"{name}.py")
     for command, expected in ((["inspect"], "op granularity, captured by torch.export"), (["baseline", "--method", "all"], "METIS")):
         shown = io.StringIO()
-        monkeypatch.setattr("placer.cli.STDOUT", shown)  # where the CLI prints its own output
+        monkeypatch.setattr("placer.cli_support.STDOUT", shown)  # where the CLI prints its own output
         result = CliRunner().invoke(cli, [*command, path, "--devices", ",".join(TWO)])
         assert result.exit_code == 0, repr(result.exception)
         assert expected in shown.getvalue() and "lower bound" in shown.getvalue()
@@ -77,9 +77,8 @@ def test_inspect_and_every_baseline_run(name, monkeypatch):
 @pytest.mark.parametrize("name", CASES)
 def test_a_two_device_plan_trains_and_evaluates_like_eager(name):
     case = load_case(name)
-    plan = split_in_two(case.build_model(), case.example_inputs())
+    plan = check_equivalent(case, split_in_two, steps=2, seed=True, eval_mode=True)
     assert set(plan.assignment.values()) == set(TWO) and plan.capture.method == "export"
-    check_equivalent(case, plan, steps=2, seed=True, eval_mode=True)
 
 
 def test_gpt2_is_captured_at_op_grain_and_each_block_places_alone():
@@ -89,8 +88,8 @@ def test_gpt2_is_captured_at_op_grain_and_each_block_places_alone():
     ops = [n for n in traced.gm.graph.nodes if n.op == "call_function"]
     assert traced.method == "export" and len(ops) >= 100
     in_block = lambda n: owning_module(n).startswith("lm.transformer.h.1")  # noqa: E731
-    plan = split_in_two(model, inputs, on_second=in_block)
+    plan = check_equivalent(case, lambda m, x: split_in_two(m, x, on_second=in_block), steps=1, seed=False,
+                            eval_mode=False)
     module_of = {n.name: owning_module(n) for n in traced.gm.graph.nodes}
     moved = {module_of[name] for name, device in plan.assignment.items() if device == "cpu:1"}
     assert moved and all(m.startswith("lm.transformer.h.1") for m in moved)
-    check_equivalent(case, plan, steps=1, seed=False, eval_mode=False)
