@@ -15,6 +15,7 @@ NAME.md atomically.
 from __future__ import annotations
 
 import os
+import platform
 import shlex
 import sys
 from pathlib import Path
@@ -31,11 +32,12 @@ __all__ = ["RESULTS", "host_info", "host_lines", "record"]
 
 def host_info(command: str | None = None) -> dict:
     """The host (placer.results.environment: name, OS, processor, cores, torch,
-    Python, placer, UTC date, command) plus the 1-minute load average at the start and
-    whether it was quiet (load < 1)."""
+    Python, placer, UTC date, command), its `platform` string, and the 1-minute load
+    average at the start and whether it was quiet (load < 1)."""
     command = command or shlex.join([Path(sys.executable).name, *sys.argv])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {**environment(command), "load_1min": load, "quiet": load is not None and load < QUIET_LOAD}
+    return {**environment(command), "platform": platform.platform(), "load_1min": load,
+            "quiet": load is not None and load < QUIET_LOAD}
 
 
 def host_lines(host: dict) -> list[str]:
@@ -55,5 +57,5 @@ def record(name: str, data: dict, markdown: str, folder: Path = RESULTS) -> tupl
     folder/NAME.md; returns both paths."""
     data = {"host": host_info(), **data} if "host" not in data else data
     json_path = write_json(Path(folder) / f"{name}.json", data)
-    md_path = write_text_atomically(Path(folder) / f"{name}.md", markdown if markdown.endswith("\n") else markdown + "\n")
+    md_path = write_text_atomically(Path(folder) / f"{name}.md", markdown.rstrip("\n") + "\n")
     return json_path, md_path

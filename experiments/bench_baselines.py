@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from _record import host_info  # this folder is on sys.path when run as a script
 from graphs.synthetic import random_grouped_graph
 from placer.baselines import BASELINES
-from graphs.devices import host_cores, parse_cluster
+from graphs.devices import parse_cluster
 from graphs.errors import InfeasibleError, PlacerError
 from graphs.problem import PlacementProblem
 
@@ -104,8 +103,7 @@ def main() -> None:
         args.workload, args.repeats = args.workload.replace(":paper", ":small"), 1
 
     results = {
-        "host": {"platform": platform.platform(), "cores": host_cores(), "torch": torch.__version__,
-                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
+        "host": host_info(),  # experiments/_record.py: the one host-info helper
         "devices": args.devices, "repeats": args.repeats, "seed": args.seed, "problems": {},
     }
     for label, problem in problems(args).items():

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from _record import host_info  # this folder is on sys.path when run as a script
 from graphs.capture import capture
 from graphs.group import group
 from graphs.profile import profile
@@ -75,8 +74,7 @@ def main() -> None:
         "workload": spec, "repeats": repeats, "max_groups": args.max_groups,
         "cold": cold, "warm": warm,
         "synthetic": {"nodes": synthetic_nodes, "groups": synthetic_groups.number_of_nodes(), "group_s": group_s},
-        "host": {"cpus": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
-                 "machine": platform.machine(), "torch": torch.__version__},
+        "host": {**host_info(), "torch_threads": args.threads or torch.get_num_threads()},  # experiments/_record.py
         "quick": args.quick,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,7 @@ def to_markdown(results: dict) -> str:
              f"host), a two-device placement ({DEVICES}, the expert placement), the same placement again, and "
              "everything on cpu:0, interleaved in alternating order until each median's confidence interval was "
              f"within {protocol['target']:.0%} (at least {protocol['min_runs']} steps, at most "
-             f"{protocol['cap_s']:g} s a session). Columns are medians over the sessions; spread is "
+             f"{protocol['cap_s']:g} s per candidate a session). Columns are medians over the sessions; spread is "
              "(max - min) / mean of the sessions' medians.", "",
              "| workload | candidate | median ms | IQR / median | CI half-width | steps | spread of medians |",
              "|---|---|---|---|---|---|---|"]
@@ -106,15 +106,15 @@ def to_markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
-    parser.add_argument("--sessions", type=int, default=5, help="independent sessions per workload")
+    parser.add_argument("--sessions", type=int, default=3, help="independent sessions per workload")
     parser.add_argument("--target", type=float, default=0.03, help="CI half-width target (fraction of the median)")
-    parser.add_argument("--cap", type=float, default=60.0, help="seconds per session")
+    parser.add_argument("--cap", type=float, default=10.0, help="seconds per candidate in a session")
     parser.add_argument("--quick", action="store_true",
                         help="a check that it runs: transformer small, 2 sessions, 2 s sessions; noise_quick.*")
     args = parser.parse_args(argv)
     name = "noise"
     if args.quick:
-        name, args.workloads, args.sessions, args.cap = "noise_quick", ["zoo:transformer:small"], 2, 2.0
+        name, args.workloads, args.sessions, args.cap = "noise_quick", ["zoo:transformer:small"], 2, 0.5
     from placer.measurements import Protocol  # the heavy import, after argument errors
 
     protocol = Protocol(target=args.target, min_runs=5, max_runs=400, cap_s=args.cap)

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from _record import host_info  # this folder is on sys.path when run as a script
 from envs.sim import Simulator
 from graphs.synthetic import random_grouped_graph
 from graphs.devices import parse_cluster
@@ -105,8 +104,7 @@ def main() -> None:
             rows.append(row)
             print(f"{n} groups on {devices}: {row['per_second']:,.0f} placements/s "
                   f"(cached {row['cached_per_second']:,.0f}/s, with timeline {row['timeline_per_second']:,.0f}/s)")
-    results = {"host": {"platform": platform.platform(), "python": platform.python_version(),
-                        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
+    results = {"host": host_info(),  # experiments/_record.py: the one host-info helper
                "placements": args.placements, "seed": args.seed, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "bench_sim_quick" if args.quick else "bench_sim"

@@ -28,6 +28,7 @@ import gymnasium as gym
 import torch
 from stable_baselines3 import PPO
 
+from _record import host_info  # this folder is on sys.path when run as a script
 import envs  # noqa: F401  (registers placer/DevicePlacement-v0)
 from placer.baselines import run_baselines
 from graphs.errors import InfeasibleError
@@ -104,7 +105,7 @@ def main() -> None:
     baselines = {name: (simulator.simulate(p).step_ms if not isinstance(p, InfeasibleError) else None)
                  for name, p in run_baselines(problem).items()}
     results = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "workload": args.workload,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "host": host_info(), "workload": args.workload,
         "devices": args.devices, "groups": problem.n_groups, "steps": args.steps, "seed": args.seed,
         "ppo": {"best_ms": ppo_best.step_ms, "placement": list(ppo_best.placement), "scored": ppo_best.scored,
                 "feasible": ppo_best.feasible, "curve": ppo_best.curve, "seconds": ppo_seconds},

@@ -8,7 +8,7 @@ over the best heuristic, RL's over the best heuristic) passes when the re-measur
 ratio (median over the sessions) is within 0.10 of it.
 
     flock /tmp/placer-heavy.lock .venv/bin/python experiments/recheck.py        # after table1.py, quiet host
-    .venv/bin/python experiments/recheck.py --results DIR/results.json --sessions 1 --cap 2
+    .venv/bin/python experiments/recheck.py --results DIR/results.json --sessions 1 --cap 0.5
 
 Writes experiments/results/recheck.{json,md}.
 """
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", nargs="+", type=Path, default=None,
                         help="results.json files (default: results/table1/*/results.json)")
     parser.add_argument("--sessions", type=int, default=3)
-    parser.add_argument("--cap", type=float, default=60.0, help="seconds per session")
+    parser.add_argument("--cap", type=float, default=15.0, help="seconds per candidate in a session")
     parser.add_argument("--name", default="recheck", help="output name under experiments/results/")
     args = parser.parse_args(argv)
     paths = args.results or sorted((RESULTS / "table1").glob("*/results.json"))

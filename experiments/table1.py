@@ -120,7 +120,8 @@ def to_markdown(table: dict) -> str:
         "in the layout of Table 1 of Mirhoseini et al. (ICML 2017). unplaced is the model run without placer on "
         f"the whole host (the paper's single CPU); the other columns place the model on {devices}. Candidates "
         "were measured interleaved (A B C, C B A, ...) until each median's CI was within "
-        f"{table['protocol']['target']:.0%} or {table['protocol']['cap_s']:g} s per session. The speedups are "
+        f"{table['protocol']['target']:.0%} or {table['protocol']['cap_s']:g} s per candidate a session. The "
+        "speedups are "
         "ratios with their confidence interval from one interleaved session (RL's from the final or confirm "
         "session, never from the search's measurements that picked it); tie: the interval holds 1. "
         f"Search budget {table['budget_s']:g} s per model, seed {table['seed']}.",
@@ -147,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory", default=None, help="memory caps, e.g. cpu:0=2GiB")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iters", type=int, default=5, help="timed steps per candidate at least")
-    parser.add_argument("--measure-cap", type=float, default=60.0, help="seconds per measurement session")
+    parser.add_argument("--measure-cap", type=float, default=6.0, help="seconds per candidate in a measurement session")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--render", action="store_true",
                         help="re-derive table1.md from the recorded runs' results.json, run nothing")

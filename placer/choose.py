@@ -52,8 +52,9 @@ def pick(rows: Sequence[MethodResult], measured: Mapping[str, Measurement],
     if not feasible:
         return None
     fastest = min(feasible, key=lambda r: measured[r.method].median_ms)
+    reference = measured[fastest.method]
     contenders = [r for r in feasible
-                  if r is fastest or compare(measured[r.method], measured[fastest.method], fastest.method).verdict != "slower"]
+                  if r is fastest or compare(measured[r.method], reference, fastest.method).verdict != "slower"]
     return min(contenders, key=lambda r: (simplicity(r, problem), measured[r.method].median_ms))
 
 

@@ -13,85 +13,19 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from graphs.errors import PlacerError
-from placer.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, interruption, terminate_like_interrupt
+from placer.cli_support import (FiniteFloat, backend_option, devices_option, echo, groups_option, memory_option,
+                                protocol_options, protocol_from_options, seed_option, stage_progress,
+                                step_timeout_option, train_backend_option, warn)
+from placer.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, handle_stop_signals, interruption
 
-console = Console(stderr=True)
 EXIT_USER_ERROR = 2
-STDOUT = sys.stdout  # placer's own output; sys.stdout itself is stderr while a command runs
-
-
-def echo(text: str = "") -> None:
-    """Print placer's own output on the real stdout."""
-    click.echo(text, file=STDOUT)
-
-
-def warn(text: str) -> None:
-    click.echo(f"warning: {text}", err=True)
-
-
-class FiniteFloat(click.ParamType):
-    """A finite float > `above` (nan and inf refused)."""
-
-    name = "number"
-
-    def __init__(self, above: float = 0.0):
-        self.above = above
-
-    def convert(self, value, param, ctx) -> float:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(number) or number <= self.above:
-            self.fail(f"{value!r}: give a finite number above {self.above:g}", param, ctx)
-        return number
-
-
-devices_option = click.option("--devices", "-d", default=None,
-                              help="Devices, e.g. cpu:0,cpu:1 or cuda:0,cpu (default: every GPU + cpu; "
-                                   "two virtual CPU devices without a GPU).")
-memory_option = click.option("--memory", "-m", default=None, help="Memory caps, e.g. cuda:0=16GiB,cpu:1=2GiB.")
-groups_option = click.option("--max-groups", default=256, show_default=True, type=click.IntRange(min=1),
-                             help="Placement groups to coarsen to.")
-seed_option = click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
-iters_option = click.option("--iters", default=5, show_default=True, type=click.IntRange(min=1),
-                            help="Timed training steps per candidate at least, before its confidence interval "
-                                 "is judged.")
-step_timeout_option = click.option("--step-timeout", default=120.0, show_default=True, type=FiniteFloat(),
-                                   help="Seconds a training step may take; a slower placement is infeasible.")
-backend_option = click.option("--backend", type=click.Choice(["local", "distributed"]), default="local",
-                              show_default=True,
-                              help="local: one process, a worker thread per device; distributed: one "
-                                   "torch.distributed rank per device (docs/distributed.md).")
-
-
-def protocol_options(fn):
-    """--iters, --ci, --measure-cap and --step-timeout: the measurement protocol."""
-    for option in reversed([
-        iters_option,
-        click.option("--ci", "ci_target", default=0.03, show_default=True, type=FiniteFloat(),
-                     help="Measure each candidate until its median's confidence interval is within this "
-                          "fraction of the median (0.03: +-3%)..."),
-        click.option("--measure-cap", default=60.0, show_default=True, type=FiniteFloat(),
-                     help="...or until this many seconds of one measurement session have passed."),
-        step_timeout_option,
-    ]):
-        fn = option(fn)
-    return fn
-
-
-def _protocol(iters: int, ci_target: float, measure_cap: float, step_timeout: float):
-    from placer.measurements import Protocol
-    return Protocol(target=ci_target, min_runs=iters, max_runs=max(iters, 200), cap_s=measure_cap,
-                    step_timeout_s=step_timeout)
+__all__ = ["cli", "main", "FiniteFloat"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -105,33 +39,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
     (zoo: rnnlm, nmt, inception_v3, transformer; sizes small, medium, paper).
     """
     ctx.obj = {"debug": debug}
-
-
-@contextmanager
-def stage_progress():
-    """A rich progress display driven by placer.results.Stage callbacks."""
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def update(stage) -> None:
-            if stage.name not in tasks:
-                for task in tasks.values():  # a new stage means the earlier ones are done
-                    done = bar.tasks[task].total or 1
-                    bar.update(task, total=done, completed=done)
-                tasks[stage.name] = bar.add_task(stage.name, total=stage.total, info="")
-            info = stage.info
-            if stage.name == "search":
-                sim, measured = info.get("best_sim_ms"), info.get("best_measured_ms")
-                text = ", ".join([f"best sim {sim:.1f} ms" if sim is not None else "no feasible sample yet",
-                                  *([f"measured {measured:.1f} ms"] if measured is not None else []),
-                                  f"{info.get('samples', 0)} samples"])
-            else:
-                text = " ".join(f"{v}" for v in info.values())
-            bar.update(tasks[stage.name], completed=stage.done, total=stage.total, info=text)
-
-        yield update
 
 
 def _load(workload: str):
@@ -207,20 +114,20 @@ def baseline(workload: str, method: str, devices: str | None, memory: str | None
     simulator = Simulator(problem, load_calibration(problem))
     for row in rows:
         if row.placement is not None:
-            simulated = simulator.simulate(row.placement)
+            simulated = simulator.simulate(row.placement, microbatches=row.microbatches)
             row.simulated_ms = simulated.step_ms
             row.ratio_to_lower_bound = simulated.step_ms / bound if bound > 0 else None
             if not simulated.feasible:
                 row.feasible, row.reason = False, simulated.reason
     if measure:
-        protocol = _protocol(iters, ci_target, measure_cap, step_timeout)
+        protocol = protocol_from_options(iters, ci_target, measure_cap, step_timeout)
         with stage_progress() as progress:
             measurer = Measurer(loaded, problem, MeasurementBook({}), protocol, progress=progress)
             measure_baselines(results, measurer, {m: c for m, c in candidates.items() if results.row(m).feasible})
     if out is not None:
         row = results.row(method)
         plan = make_plan(problem, row.placement, method, seed=seed, simulated_ms=row.simulated_ms,
-                         measured_ms=row.measured_ms)
+                         measured_ms=row.measured_ms, microbatches=row.microbatches, schedule=row.schedule)
         plan.save(out)
     echo(format_table(results))
     echo(f"lower bound: {bound:.2f} ms")
@@ -272,8 +179,13 @@ def measure(workload: str, plan_path: Path, iters: int, memory: str | None, back
 @click.argument("workload")
 @click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1))
-@backend_option
-def train(workload: str, plan_path: Path, steps: int, backend: str) -> None:
+@train_backend_option
+@click.option("--schedule", type=click.Choice(["gpipe", "1f1b"]), default=None,
+              help="pipelining: the pipeline schedule (default: the plan's).")
+@click.option("--microbatches", type=click.IntRange(min=1), default=None,
+              help="pipelining: micro-batches per step (default: the plan's).")
+def train(workload: str, plan_path: Path, steps: int, backend: str, schedule: str | None,
+          microbatches: int | None) -> None:
     """Run real training steps with a placement (the user's loop, shown as a command)."""
     import placer
 
@@ -283,10 +195,16 @@ def train(workload: str, plan_path: Path, steps: int, backend: str) -> None:
             raise PlacerError(f"loss became {loss} at step {step}")
 
     plan = placer.load_plan(plan_path)
+    if backend != "pipelining" and (schedule or microbatches):
+        raise click.UsageError("--schedule and --microbatches are for --backend pipelining")
     loaded = _load(workload)
     if backend == "distributed":
         from placer.distributed import train_distributed
         train_distributed(workload, plan, steps, on_step=report)
+        return
+    if backend == "pipelining":
+        from placer.distributed import train_pipelined
+        train_pipelined(workload, plan, steps, on_step=report, schedule=schedule, microbatches=microbatches)
         return
     model = placer.apply(loaded.fresh_model(), plan)
     optimizer = loaded.make_optimizer(model.parameters())
@@ -340,7 +258,7 @@ def optimize(workload: str | None, devices: str | None, memory: str | None, budg
         results = job.optimize(workload, devices, memory, budget_s=budget_s, out_dir=out, seed=seed,
                                reward=reward, resume=resume,
                                methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
-                               protocol=_protocol(iters, ci_target, measure_cap,
+                               protocol=protocol_from_options(iters, ci_target, measure_cap,
                                                                                 step_timeout),
                                max_groups=max_groups, search=options, workers=workers, progress=progress,
                                warn=warn, command=" ".join(["placer"] + sys.argv[1:]))
@@ -372,7 +290,8 @@ def compare(workload: str, plans: tuple[Path, ...], out: Path | None, iters: int
     from placer.report import format_table
 
     with stage_progress() as progress:
-        results = run(workload, plans, out_dir=out, protocol=_protocol(iters, ci_target, measure_cap, step_timeout),
+        protocol = protocol_from_options(iters, ci_target, measure_cap, step_timeout)
+        results = run(workload, plans, out_dir=out, protocol=protocol,
                       progress=progress, warn=warn, command=" ".join(["placer"] + sys.argv[1:]))
     _print_results(results, format_table)
 
@@ -443,7 +362,7 @@ def main() -> None:
     import warnings
 
     debug = "--debug" in sys.argv[1:]
-    terminate_like_interrupt()
+    handle_stop_signals()
     if not debug:
         warnings.showwarning = _show_warning
     try:

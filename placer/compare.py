@@ -13,12 +13,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from graphs.bounds import lower_bound
+from envs.calibrate import load_calibration
 from graphs.errors import PlacerError, PlanError
 from graphs.files import folder_problem
 from graphs.problem import build_problem
 from graphs.workload import load_workload
 from placer.choose import fill, pick, verdict_choice
+from placer.optimize import bounds_of
 from placer.measurements import UNPLACED, MeasurementBook, Measurer, Protocol, run_session, unplaced_device
 from placer.plan import Plan, load_plan
 from placer.report import publish
@@ -57,12 +58,10 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
     out = Path(out_dir) if out_dir is not None else Path("placer-out") / f"{loaded.name}-compare"
     problem = build_problem(loaded, ",".join(loaded_plans[0].devices))
     out.mkdir(parents=True, exist_ok=True)
-    bounds = lower_bound(problem.groups, [d.kind for d in problem.cluster.devices])
     results = Results(command="compare", run_id=uuid.uuid4().hex[:12], workload=workload,
                       devices=list(loaded_plans[0].devices), protocol=protocol.to_json(),
                       environment=environment(command), notes=list(loaded.notes),
-                      bounds={"critical_path_ms": bounds.critical_path_ms, "work_ms": bounds.work_ms,
-                              "lower_bound_ms": bounds.bound_ms})
+                      bounds=bounds_of(problem, load_calibration(problem)))
     measurer = Measurer(loaded, problem, MeasurementBook({}), protocol, progress=progress)
     rows = [MethodResult(UNPLACED, "unplaced", devices=[unplaced_device(problem)])]
     methods = [plan.method for plan in loaded_plans]
@@ -71,7 +70,7 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
         name = plan.method if methods.count(plan.method) == 1 and plan.method != UNPLACED \
             else f"{plan.method} ({Path(path).name})"
         rows.append(MethodResult(name, _kind(plan.method), placement=plan.placement, devices=list(plan.devices),
-                                 microbatches=getattr(plan, "microbatches", 1), schedule=getattr(plan, "schedule", None),
+                                 microbatches=plan.microbatches, schedule=plan.schedule,
                                  simulated_ms=plan.simulated_ms, plan=str(path)))
     results.methods = rows
     by_name = dict(zip([r.method for r in rows[1:]], loaded_plans))

@@ -1,9 +1,12 @@
 """Ctrl-C and SIGTERM: both stop a run the same way, keeping what was done.
 
-`terminate_like_interrupt()` makes SIGTERM (what `timeout`, `kill`, Slurm and
+`handle_stop_signals()` makes SIGTERM (what `timeout`, `kill`, Slurm and
 `docker stop` send) raise `Terminated`, a KeyboardInterrupt, in the main thread, so
 every stage that saves its work on Ctrl-C does the same on SIGTERM; the CLI then
-says "terminated" and exits 143 instead of "interrupted" and 130.
+says "terminated" and exits 143 instead of "interrupted" and 130. A second Ctrl-C
+(or SIGTERM) while the first is being handled means "stop now": the process says so
+in one line and exits at once, without the tracebacks that an interrupt inside
+cleanup code (finalizers, atexit) would print.
 
 `deferred()` holds both signals back while a few files are swapped in together: a
 signal arriving then takes effect right after, so the files of one run are never
@@ -12,12 +15,13 @@ left half old and half new.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["Terminated", "terminate_like_interrupt", "interruption", "deferred", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
+__all__ = ["Terminated", "handle_stop_signals", "interruption", "deferred", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -27,12 +31,17 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM received: handled wherever Ctrl-C is, reported as "terminated"."""
 
 
-_received = {"SIGTERM": False}
+_received = {"SIGTERM": False, "count": 0}
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    _received["SIGTERM"] = True
-    raise Terminated()
+def _stop(signum: int, frame: object) -> None:
+    _received["count"] += 1
+    terminated = signum == signal.SIGTERM
+    _received["SIGTERM"] = _received["SIGTERM"] or terminated
+    if _received["count"] > 1:  # the second: stop now, quietly
+        os.write(2, b"\nterminated\n" if _received["SIGTERM"] else b"\ninterrupted\n")
+        os._exit(EXIT_TERMINATED if _received["SIGTERM"] else EXIT_INTERRUPTED)
+    raise Terminated() if terminated else KeyboardInterrupt()
 
 
 def interruption() -> KeyboardInterrupt:
@@ -42,9 +51,11 @@ def interruption() -> KeyboardInterrupt:
     return Terminated() if _received["SIGTERM"] else KeyboardInterrupt()
 
 
-def terminate_like_interrupt() -> None:
-    """Make SIGTERM raise Terminated in the main thread (call from the main thread)."""
-    signal.signal(signal.SIGTERM, _raise_terminated)
+def handle_stop_signals() -> None:
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM Terminated in the main thread (call
+    from it); a second of either exits at once (130 or 143) with one line."""
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ so that drift in the host's load and the position in a round hit all of them ali
 `min_runs` steps a candidate stops once the confidence interval of its median
 (order statistics, placer.runtime.timing.median_ci) is within `target` of the median
 (default +-3%); the session stops when every candidate has, or at `max_runs` steps
-each, or at `cap_s` seconds.
+each, or after `cap_s` seconds per candidate.
 
 The comparison (`compare`): the speedup of one measurement over another is the ratio
 of their medians, with a bootstrap confidence interval (seeded: the same times give
@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -56,8 +56,9 @@ class Protocol:
     """Timed steps of a candidate before its CI is judged."""
     max_runs: int = 200
     """Timed steps of a candidate at most."""
-    cap_s: float = 60.0
-    """Seconds of timed rounds per session, once every candidate has min_runs steps (warm-up not counted)."""
+    cap_s: float = 6.0
+    """Seconds of timed rounds per candidate: a session of n candidates stops after n * cap_s
+    seconds, once every candidate has min_runs steps (warm-up not counted)."""
     warmup: int = 3
     """Untimed steps when a candidate is opened (the first also measures its memory)."""
     step_timeout_s: float = 120.0
@@ -97,7 +98,8 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
     Every trial is opened (warmed up) first; those that cannot run are infeasible at
     once. Then rounds: each unsettled trial times one step, in the order of the list
     on even rounds and reversed on odd ones, until every trial is settled, or every
-    trial has its `min_runs` steps and the timed rounds have passed `protocol.cap_s`. Every trial is closed at the end, also on
+    trial has its `min_runs` steps and the timed rounds have passed `protocol.cap_s`
+    seconds per trial. Every trial is closed at the end, also on
     Ctrl-C (which propagates).
 
     Parameters
@@ -119,7 +121,7 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
         while True:
             live = [t for t in trials if not protocol.settled(t)]
             warm = all(t.failed is not None or len(t.times_ms) >= protocol.min_runs for t in trials)
-            if not live or (warm and clock() - begin > protocol.cap_s):
+            if not live or (warm and clock() - begin > protocol.cap_s * len(trials)):
                 break
             for trial in (live if round_ % 2 == 0 else live[::-1]):
                 trial.step()
@@ -319,7 +321,7 @@ class Measurer:
             device = self.unplaced_problem.cluster.devices[0]
             return EagerTrial(self.workload, device.torch_device, device.threads if device.kind == "cpu" else None,
                               label=label, **limits)
-        plan = make_plan(self.problem, candidate.placement, label, **_pipelining(candidate))
+        plan = make_plan(self.problem, candidate.placement, label, microbatches=candidate.microbatches)
         return PlacedTrial(self.workload, plan, self.problem.cluster, label=label, **limits)
 
     def known_infeasible(self, candidate: Candidate | None) -> Measurement | None:
@@ -348,7 +350,7 @@ class Measurer:
                     todo.setdefault(candidate_key(candidate), (candidate, UNPLACED if candidate is None else label))
         pooled = [(c, label) for c, label in todo.values() if c is not None] if self.pool is not None else []
         if len(pooled) > 1:  # each on its own worker's devices, at once: not interleaved
-            plans = [make_plan(self.problem, c.placement, label, **_pipelining(c)) for c, label in pooled]
+            plans = [make_plan(self.problem, c.placement, label, microbatches=c.microbatches) for c, label in pooled]
             for (candidate, _), result in zip(pooled, self.pool.measure_many(plans)):
                 self.book.record(candidate, result)
             todo = {k: v for k, v in todo.items() if v[0] is None}
@@ -381,9 +383,3 @@ class Measurer:
         results.update((label, result) for (label, _), result in zip(runnable, measured))
         return {label: results[label] for label, _ in entries}
 
-
-def _pipelining(candidate: Candidate) -> dict:
-    """make_plan's pipelining arguments for a candidate (none for one micro-batch)."""
-    if candidate.microbatches == 1:
-        return {}
-    return {"microbatches": candidate.microbatches, "schedule": "gpipe"}

@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from envs.calibrate import load_calibration
-from graphs.bounds import lower_bound
+from envs.sim import Calibration
+from graphs.bounds import cost_floor, lower_bound
 from graphs.devices import host_cores, parse_cluster
 from graphs.errors import CheckpointError, InfeasibleError, PlacerError
 from graphs.files import folder_problem
@@ -33,14 +34,17 @@ from graphs.workload import load_workload
 from placer.baselines import BASELINES, run_baselines
 from placer.choose import fill, pick, verdict_choice
 from placer.interrupts import Terminated, interruption
-from placer.measurements import UNPLACED, MeasurementBook, Measurer, Protocol, candidate_key, unplaced_device, unplaced_plan
+from placer.measurements import (UNPLACED, MeasurementBook, Measurer, Protocol, candidate_key, unplaced_device,
+                                 unplaced_plan)
 from placer.plan import Plan, make_plan
 from placer.report import publish
 from placer.results import MethodResult, Progress, Results, Stage, environment, quiet, warn_stderr
 from placer.scorer import Scorer
+from placer.search import microbatch_options
 from placer.search_stage import SEARCHES, SearchOptions, run_search
 
-__all__ = ["optimize", "DEFAULT_WORKLOAD", "DEFAULT_BUDGET_S", "check_inputs", "baseline_rows", "SHORTLIST"]
+__all__ = ["optimize", "DEFAULT_WORKLOAD", "DEFAULT_BUDGET_S", "check_inputs", "baseline_rows", "measure_baselines",
+           "bounds_of", "SHORTLIST"]
 
 DEFAULT_WORKLOAD = "zoo:nmt:medium"
 DEFAULT_BUDGET_S = 120.0
@@ -83,11 +87,26 @@ def baseline_rows(problem: PlacementProblem, names: Sequence[str], seed: int,
         row = MethodResult(name, "baseline", devices=problem.cluster.names, search_s=time.perf_counter() - start)
         if isinstance(outcome, InfeasibleError):
             row.feasible, row.reason = False, str(outcome)
-        else:
-            row.placement = list(outcome)
-            candidates[name] = Candidate(tuple(outcome))
+        else:  # a placement, or a Candidate (with micro-batches: the pipeline heuristic)
+            candidate = outcome if isinstance(outcome, Candidate) else Candidate(tuple(outcome))
+            row.placement, row.microbatches = list(candidate.placement), candidate.microbatches
+            row.schedule = "gpipe" if candidate.microbatches > 1 else None
+            candidates[name] = candidate
         rows.append(row)
     return rows, candidates
+
+
+def bounds_of(problem: PlacementProblem, calibration: Calibration | None = None) -> dict:
+    """The problem's lower bound (graphs.bounds: costs floored by the profile's scale and
+    the calibration, virtual CPUs limited by the host's cores, pipelining counted) as
+    results.json's `bounds`: critical_path_ms, work_ms, lower_bound_ms, microbatches."""
+    kinds = [d.kind for d in problem.cluster.devices]
+    virtual = all(d.is_virtual_cpu for d in problem.cluster.devices)
+    scale = (calibration or Calibration.default(problem.cluster)).compute_scale
+    bound = lower_bound(problem.groups, kinds, floor=cost_floor(problem.groups, scale),
+                        cores=host_cores() if virtual else None, microbatches=microbatch_options(problem))
+    return {"critical_path_ms": bound.critical_path_ms, "work_ms": bound.work_ms, "lower_bound_ms": bound.bound_ms,
+            "microbatches": bound.microbatches}
 
 
 def measure_baselines(results: Results, measurer: Measurer, candidates: dict[str, Candidate]) -> None:
@@ -159,15 +178,14 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     book = MeasurementBook(identity, book_path, warn)
     if not resume:
         book.entries = {}  # a fresh run measures afresh; other identities' books stay in the file
-    bounds = lower_bound(problem.groups, [d.kind for d in problem.cluster.devices])
+    calibration = load_calibration(problem)
     results = Results(command="optimize", run_id=uuid.uuid4().hex[:12], workload=spec, devices=problem.cluster.names,
                       memory={d.name: d.memory_bytes for d in problem.cluster.devices}, seed=seed, budget_s=budget_s,
                       reward=reward, protocol=protocol.to_json(), environment=environment(command),
-                      bounds={"critical_path_ms": bounds.critical_path_ms, "work_ms": bounds.work_ms,
-                              "lower_bound_ms": bounds.bound_ms}, notes=list(loaded.notes))
+                      bounds=bounds_of(problem, calibration), notes=list(loaded.notes))
     with _measurement_pool(spec, problem, workers, protocol, memory) as pool:
         measurer = Measurer(loaded, problem, book, protocol, pool, progress)
-        scorer = Scorer(problem, measurer, load_calibration(problem), reward, warn)
+        scorer = Scorer(problem, measurer, calibration, reward, warn)
         interrupt = _run_stages(results, problem, measurer, scorer, names, seed, budget_s, search, policy,
                                 resume, out, progress)
         if pool is not None:
@@ -339,12 +357,15 @@ def _finish(results: Results, problem: PlacementProblem, scorer: Scorer, interru
         placement, devices = [0] * problem.n_groups, [device]
     else:
         candidate = Candidate(tuple(chosen.placement), chosen.microbatches)
-        extra = {"microbatches": chosen.microbatches, "schedule": chosen.schedule} if chosen.microbatches > 1 else {}
         plan = make_plan(problem, candidate.placement, chosen.method, seed=seed, simulated_ms=chosen.simulated_ms,
-                         measured_ms=chosen.measured_ms, **extra)
+                         measured_ms=chosen.measured_ms, microbatches=chosen.microbatches, schedule=chosen.schedule)
         placement, devices = list(candidate.placement), problem.cluster.names
         results.timeline = scorer.simulate(candidate, timeline=True).timeline
     results.calibration = scorer.simulator.calibration.to_json()
+    results.bounds = bounds_of(problem, scorer.simulator.calibration)  # under the final calibration
+    for row in results.methods:
+        bound = results.bounds["lower_bound_ms"]
+        row.ratio_to_lower_bound = row.measured_ms / bound if row.measured and bound else None
     results.groups = {"names": [problem.groups.nodes[i]["name"] for i in range(problem.n_groups)],
                       "edges": [list(e) for e in problem.costs.edges.tolist()],
                       "compute_ms": problem.costs.compute_ms.min(axis=1).tolist(),

@@ -279,7 +279,8 @@ class Choice:
         if not isinstance(data, dict):
             return cls(method=best, verdict="unconfirmed" if best else "none")
         return cls(method=data.get("method"), verdict=str(data.get("verdict", "none")),
-                   headline=str(data.get("headline") or ""), contender=data.get("contender"), session=data.get("session"),
+                   headline=str(data.get("headline") or ""), contender=data.get("contender"),
+                   session=data.get("session"),
                    shortlist=list(data.get("shortlist") or []), vs_unplaced=Ratio.from_json(data.get("vs_unplaced")),
                    vs_best_heuristic=Ratio.from_json(data.get("vs_best_heuristic")))
 

@@ -70,8 +70,6 @@ class Scorer:
     def simulate(self, candidate: Candidate | Sequence[int], timeline: bool = False) -> SimResult:
         """The simulator's result for one candidate under the current calibration."""
         c = as_candidate(candidate)
-        if c.microbatches == 1:
-            return self.simulator.simulate(c.placement, timeline=timeline)
         return self.simulator.simulate(c.placement, microbatches=c.microbatches, timeline=timeline)
 
     def score(self, candidates: Sequence[Candidate | Sequence[int]]) -> list[float]:

@@ -97,7 +97,8 @@ def test_when_unplaced_cannot_run_the_fastest_plan_is_the_answer():
     fill(r["unplaced"], Measurement(False, reason="cpu needs 9 GiB but has 1 GiB"), "confirm", None, None, None)
     fill(r["rl"], around(80.0), "confirm", Measurement(False, reason="x"), None, None)
     choice = verdict_choice(r["rl"], r["unplaced"], "confirm", [], "cpu")
-    assert choice.method == "rl" and choice.verdict == "unplaced infeasible" and "does not run unplaced" in choice.headline
+    assert choice.method == "rl" and choice.verdict == "unplaced infeasible"
+    assert "does not run unplaced" in choice.headline
 
 
 def test_an_interrupted_choice_says_it_is_unconfirmed():

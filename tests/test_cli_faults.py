@@ -141,7 +141,8 @@ def test_a_full_disk_is_a_warning_and_the_plan_is_still_written(tmp_path):
     assert any("report" in w and str(out) in w and "File too large" in w for w in warnings), result.stderr
     assert (out / "plan.json").is_file() and (out / "results.json").is_file()
     assert not (out / "report.html").exists() and not (out / "report.md").exists()  # no report rather than half one
-    assert json.loads((out / "results.json").read_text())["best"] == json.loads((out / "plan.json").read_text())["method"]
+    best = json.loads((out / "results.json").read_text())["best"]
+    assert json.loads((out / "plan.json").read_text())["method"] == best
 
 
 def test_sigterm_saves_the_best_plan_says_terminated_and_exits_143(tmp_path):

@@ -6,20 +6,22 @@ import signal
 import pytest
 
 from placer import interrupts
-from placer.interrupts import Terminated, deferred, interruption, terminate_like_interrupt
+from placer.interrupts import Terminated, deferred, handle_stop_signals, interruption
 
 
 def test_sigterm_raises_terminated_a_keyboard_interrupt(monkeypatch):
     monkeypatch.setitem(interrupts._received, "SIGTERM", False)  # the process-wide record, restored after
+    monkeypatch.setitem(interrupts._received, "count", 0)
     assert not isinstance(interruption(), Terminated)
-    before = signal.getsignal(signal.SIGTERM)
-    terminate_like_interrupt()
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handle_stop_signals()
     try:
         with pytest.raises(KeyboardInterrupt) as caught:
             signal.raise_signal(signal.SIGTERM)
         assert isinstance(caught.value, Terminated) and isinstance(interruption(), Terminated)
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_deferred_holds_ctrl_c_until_the_block_ends():

@@ -65,7 +65,7 @@ def _environment(results: Results) -> list[list[str]]:
         ("workload", results.workload), ("devices", ", ".join(results.devices)), ("memory caps", caps or "none"),
         ("seed", results.seed), ("search budget (s)", results.budget_s), ("reward", results.reward),
         ("measurement target", f"CI half-width {protocol['target']:.0%}, at least {protocol['min_runs']} steps, "
-                               f"{protocol['cap_s']:g} s per session" if protocol.get("target") else None),
+                               f"{protocol['cap_s']:g} s per candidate a session" if protocol.get("target") else None),
         ("lower bound (ms)", ms("lower_bound_ms")), ("critical path (ms)", ms("critical_path_ms")),
         ("total work (ms)", ms("work_ms")), ("run", results.run_id or None),
         *(results.environment or {}).items(),
@@ -81,7 +81,7 @@ def _notes(results: Results) -> list[str]:
         where = f" during {results.interrupted_at}" if results.interrupted_at else ""
         notes.insert(0, f"The run was {word}{where}: this is what it had measured until then.")
     for row in results.methods:
-        notes += [f"{method_name(row.method)}: {note}" if not note.startswith(row.method) else note for note in row.notes]
+        notes += [note if note.startswith(row.method) else f"{method_name(row.method)}: {note}" for note in row.notes]
     return list(dict.fromkeys(notes)) + NOTES
 
 

@@ -105,7 +105,8 @@ def worker_device_sets(devices: list[str], n_workers: int) -> list[tuple[list[st
             if name.startswith("cuda"):
                 index = w * len(devices) + i
                 if index >= gpus:
-                    raise DeviceSpecError(f"{n_workers} workers of {len(devices)} devices need {n_workers * len(devices)} "
+                    raise DeviceSpecError(f"{n_workers} workers of {len(devices)} devices need "
+                                          f"{n_workers * len(devices)} "
                                           f"GPUs; this host has {gpus}")
                 name = f"cuda:{index}"
             names.append(name)
@@ -137,7 +138,8 @@ class MeasurementPool:
 
     def _start(self, slot: int) -> _Worker:
         devices, cores = self.device_sets[slot]
-        caps = ",".join(f"{devices[i]}={self.caps[name]}" for i, name in enumerate(self.search_devices) if name in self.caps)
+        caps = ",".join(f"{devices[i]}={self.caps[name]}" for i, name in enumerate(self.search_devices)
+                        if name in self.caps)
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(
             target=_worker_main, daemon=True, name=f"placer-measure{slot}",
@@ -221,7 +223,8 @@ class MeasurementPool:
         else:
             task = running.pop(worker.slot)
             rename = dict(zip(worker.devices, worker.plan_devices))
-            results[task.index] = replace(payload, peak_bytes={rename.get(d, d): b for d, b in payload.peak_bytes.items()})
+            peaks = {rename.get(d, d): b for d, b in payload.peak_bytes.items()}
+            results[task.index] = replace(payload, peak_bytes=peaks)
             worker.task = None
 
     def _fail(self, worker: _Worker, why: str, queue: deque, running: dict[int, _Task], results: list) -> None:

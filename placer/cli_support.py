@@ -1,0 +1,120 @@
+"""What the `placer` commands share: placer's own output on stdout (the workload's
+prints go to stderr), one-line warnings, the option types and options, and the
+progress display driven by placer.results.Stage callbacks."""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import contextmanager
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+STDOUT = sys.stdout  # placer's own output; sys.stdout itself is stderr while a command runs
+
+__all__ = ["STDOUT", "echo", "warn", "FiniteFloat", "devices_option", "memory_option", "groups_option", "seed_option",
+           "iters_option", "step_timeout_option", "backend_option", "train_backend_option", "protocol_options", "protocol_from_options",
+           "stage_progress"]
+
+
+def echo(text: str = "") -> None:
+    """Print placer's own output on the real stdout."""
+    click.echo(text, file=STDOUT)
+
+
+def warn(text: str) -> None:
+    """One line `warning: ...` on stderr."""
+    click.echo(f"warning: {text}", err=True)
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float > `above` (nan and inf refused)."""
+
+    name = "number"
+
+    def __init__(self, above: float = 0.0):
+        self.above = above
+
+    def convert(self, value, param, ctx) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number <= self.above:
+            self.fail(f"{value!r}: give a finite number above {self.above:g}", param, ctx)
+        return number
+
+
+devices_option = click.option("--devices", "-d", default=None,
+                              help="Devices, e.g. cpu:0,cpu:1 or cuda:0,cpu (default: every GPU + cpu; "
+                                   "two virtual CPU devices without a GPU).")
+memory_option = click.option("--memory", "-m", default=None, help="Memory caps, e.g. cuda:0=16GiB,cpu:1=2GiB.")
+groups_option = click.option("--max-groups", default=256, show_default=True, type=click.IntRange(min=1),
+                             help="Placement groups to coarsen to.")
+seed_option = click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1))
+iters_option = click.option("--iters", default=5, show_default=True, type=click.IntRange(min=1),
+                            help="Timed training steps per candidate at least, before its confidence interval "
+                                 "is judged.")
+step_timeout_option = click.option("--step-timeout", default=120.0, show_default=True, type=FiniteFloat(),
+                                   help="Seconds a training step may take; a slower placement is infeasible.")
+backend_option = click.option("--backend", type=click.Choice(["local", "distributed"]), default="local",
+                              show_default=True,
+                              help="local: one process, a worker thread per device; distributed: one "
+                                   "torch.distributed rank per device (docs/distributed.md).")
+train_backend_option = click.option("--backend", type=click.Choice(["local", "distributed", "pipelining"]),
+                                    default="local", show_default=True,
+                                    help="local: one process, a worker thread per device; distributed: one "
+                                         "torch.distributed rank per device; pipelining: one rank per stage of a "
+                                         "contiguous plan on torch.distributed.pipelining (docs/distributed.md).")
+
+
+def protocol_options(fn):
+    """--iters, --ci, --measure-cap and --step-timeout: the measurement protocol."""
+    for option in reversed([
+        iters_option,
+        click.option("--ci", "ci_target", default=0.03, show_default=True, type=FiniteFloat(),
+                     help="Measure each candidate until its median's confidence interval is within this "
+                          "fraction of the median (0.03: +-3%)..."),
+        click.option("--measure-cap", default=6.0, show_default=True, type=FiniteFloat(),
+                     help="...or until a session of n candidates has run n times this many seconds."),
+        step_timeout_option,
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def protocol_from_options(iters: int, ci_target: float, measure_cap: float, step_timeout: float):
+    """The measurement Protocol of the protocol options."""
+    from placer.measurements import Protocol
+    return Protocol(target=ci_target, min_runs=iters, max_runs=max(iters, 200), cap_s=measure_cap,
+                    step_timeout_s=step_timeout)
+
+
+@contextmanager
+def stage_progress():
+    """A rich progress display driven by placer.results.Stage callbacks."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(stage) -> None:
+            if stage.name not in tasks:
+                for task in tasks.values():  # a new stage means the earlier ones are done
+                    done = bar.tasks[task].total or 1
+                    bar.update(task, total=done, completed=done)
+                tasks[stage.name] = bar.add_task(stage.name, total=stage.total, info="")
+            info = stage.info
+            if stage.name == "search":
+                sim, measured = info.get("best_sim_ms"), info.get("best_measured_ms")
+                text = ", ".join([f"best sim {sim:.1f} ms" if sim is not None else "no feasible sample yet",
+                                  *([f"measured {measured:.1f} ms"] if measured is not None else []),
+                                  f"{info.get('samples', 0)} samples"])
+            else:
+                text = " ".join(f"{v}" for v in info.values())
+            bar.update(tasks[stage.name], completed=stage.done, total=stage.total, info=text)
+
+        yield update
