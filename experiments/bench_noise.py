@@ -86,8 +86,8 @@ def to_markdown(results: dict) -> str:
              f"host), a two-device placement ({DEVICES}, the expert placement), the same placement again, and "
              "everything on cpu:0, interleaved in alternating order until each median's confidence interval was "
              f"within {protocol['target']:.0%} (at least {protocol['min_runs']} steps, at most "
-             f"{protocol['cap_s']:g} s per candidate a session). Columns are medians over the sessions; spread is "
-             "(max - min) / mean of the sessions' medians.", "",
+             f"{protocol['cap_per_candidate_s']:g} s per candidate a session). Columns are medians over the "
+             "sessions; spread is (max - min) / mean of the sessions' medians.", "",
              "| workload | candidate | median ms | IQR / median | CI half-width | steps | spread of medians |",
              "|---|---|---|---|---|---|---|"]
     for w in results["workloads"]:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         name, args.workloads, args.sessions, args.cap = "noise_quick", ["zoo:transformer:small"], 2, 0.5
     from placer.measurements import Protocol  # the heavy import, after argument errors
 
-    protocol = Protocol(target=args.target, min_runs=5, max_runs=400, cap_s=args.cap)
+    protocol = Protocol(target=args.target, min_runs=5, max_runs=400, cap_per_candidate_s=args.cap)
     host = host_info()
     results = {"host": host, "protocol": protocol.to_json(), "sessions": args.sessions, "workloads": []}
     for spec in args.workloads:

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = args.results or sorted((RESULTS / "table1").glob("*/results.json"))
     from placer.measurements import Protocol  # the heavy import, after argument errors
 
-    protocol = Protocol(min_runs=5, max_runs=400, cap_s=args.cap)
+    protocol = Protocol(min_runs=5, max_runs=400, cap_per_candidate_s=args.cap)
     data = {"host": host_info(), "sessions": args.sessions, "protocol": protocol.to_json(), "runs": []}
     for path in paths:
         print(f"[recheck] {path}", flush=True)

@@ -120,8 +120,8 @@ def to_markdown(table: dict) -> str:
         "in the layout of Table 1 of Mirhoseini et al. (ICML 2017). unplaced is the model run without placer on "
         f"the whole host (the paper's single CPU); the other columns place the model on {devices}. Candidates "
         "were measured interleaved (A B C, C B A, ...) until each median's CI was within "
-        f"{table['protocol']['target']:.0%} or {table['protocol']['cap_s']:g} s per candidate a session. The "
-        "speedups are "
+        f"{table['protocol']['target']:.0%} or {table['protocol']['cap_per_candidate_s']:g} s per candidate a "
+        "session. The speedups are "
         "ratios with their confidence interval from one interleaved session (RL's from the final or confirm "
         "session, never from the search's measurements that picked it); tie: the interval holds 1. "
         f"Search budget {table['budget_s']:g} s per model, seed {table['seed']}.",
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     from placer.optimize import optimize
     from placer.search_stage import SearchOptions
 
-    protocol = Protocol(min_runs=args.iters, max_runs=max(args.iters, 200), cap_s=args.measure_cap)
+    protocol = Protocol(min_runs=args.iters, max_runs=max(args.iters, 200), cap_per_candidate_s=args.measure_cap)
     table = {"host": host_info(), "budget_s": args.budget, "seed": args.seed, "protocol": protocol.to_json(),
              "rows": []}
     for spec in args.models:

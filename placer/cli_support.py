@@ -89,7 +89,7 @@ def protocol_options(fn):
 def protocol_from_options(iters: int, ci_target: float, measure_cap: float, step_timeout: float):
     """The measurement Protocol of the protocol options."""
     from placer.measurements import Protocol
-    return Protocol(target=ci_target, min_runs=iters, max_runs=max(iters, 200), cap_s=measure_cap,
+    return Protocol(target=ci_target, min_runs=iters, max_runs=max(iters, 200), cap_per_candidate_s=measure_cap,
                     step_timeout_s=step_timeout)
 
 

@@ -8,7 +8,8 @@ so that drift in the host's load and the position in a round hit all of them ali
 `min_runs` steps a candidate stops once the confidence interval of its median
 (order statistics, placer.runtime.timing.median_ci) is within `target` of the median
 (default +-3%); the session stops when every candidate has, or at `max_runs` steps
-each, or after `cap_s` seconds per candidate.
+each, or at the time cap (`cap_s` seconds a session, or `cap_per_candidate_s` times its
+candidates).
 
 The comparison (`compare`): the speedup of one measurement over another is the ratio
 of their medians, with a bootstrap confidence interval (seeded: the same times give
@@ -56,9 +57,11 @@ class Protocol:
     """Timed steps of a candidate before its CI is judged."""
     max_runs: int = 200
     """Timed steps of a candidate at most."""
-    cap_s: float = 6.0
-    """Seconds of timed rounds per candidate: a session of n candidates stops after n * cap_s
-    seconds, once every candidate has min_runs steps (warm-up not counted)."""
+    cap_s: float = 60.0
+    """Seconds of timed rounds per session, once every candidate has min_runs steps (warm-up not counted)."""
+    cap_per_candidate_s: float | None = None
+    """When set, the session's cap is this times its number of candidates instead of cap_s
+    (what optimize uses: a search's round of two candidates stays short, the baselines' long)."""
     warmup: int = 3
     """Untimed steps when a candidate is opened (the first also measures its memory)."""
     step_timeout_s: float = 120.0
@@ -67,9 +70,9 @@ class Protocol:
     """Coverage of every confidence interval."""
 
     def __post_init__(self) -> None:
-        for name in ("target", "cap_s", "step_timeout_s"):
+        for name in ("target", "cap_s", "step_timeout_s", "cap_per_candidate_s"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
+            if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value}: give a finite number > 0")
         if not 1 <= self.min_runs <= self.max_runs:
             raise ValueError(f"min_runs={self.min_runs}, max_runs={self.max_runs}: need 1 <= min_runs <= max_runs")
@@ -80,6 +83,10 @@ class Protocol:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def session_cap_s(self, candidates: int) -> float:
+        """The time cap of a session of `candidates` candidates (seconds)."""
+        return self.cap_s if self.cap_per_candidate_s is None else self.cap_per_candidate_s * candidates
 
     def settled(self, trial: Trial) -> bool:
         """Whether `trial` needs no more steps: failed, at max_runs, or its CI within target."""
@@ -98,8 +105,8 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
     Every trial is opened (warmed up) first; those that cannot run are infeasible at
     once. Then rounds: each unsettled trial times one step, in the order of the list
     on even rounds and reversed on odd ones, until every trial is settled, or every
-    trial has its `min_runs` steps and the timed rounds have passed `protocol.cap_s`
-    seconds per trial. Every trial is closed at the end, also on
+    trial has its `min_runs` steps and the timed rounds have passed the protocol's
+    cap (`Protocol.session_cap_s`). Every trial is closed at the end, also on
     Ctrl-C (which propagates).
 
     Parameters
@@ -121,7 +128,7 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
         while True:
             live = [t for t in trials if not protocol.settled(t)]
             warm = all(t.failed is not None or len(t.times_ms) >= protocol.min_runs for t in trials)
-            if not live or (warm and clock() - begin > protocol.cap_s * len(trials)):
+            if not live or (warm and clock() - begin > protocol.session_cap_s(len(trials))):
                 break
             for trial in (live if round_ % 2 == 0 else live[::-1]):
                 trial.step()

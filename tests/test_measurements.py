@@ -75,6 +75,11 @@ def test_the_time_cap_stops_a_session_but_only_after_min_runs():
     assert [m.runs for m in results.values()] == [4, 4]
     results, _ = session({"A": [1000.0, 3000.0]}, Protocol(min_runs=2, max_runs=100, cap_s=10.0))
     assert results["A"].runs == 5  # the first round past 10 s ends it: 3 + 1 + 3 + 1 + 3 = 11 s
+    # A cap per candidate: two candidates at 5 s each get a 10 s session.
+    per = Protocol(min_runs=2, max_runs=100, cap_s=1.0, cap_per_candidate_s=5.0)
+    assert per.session_cap_s(2) == 10.0
+    results, _ = session({"A": [1000.0, 3000.0], "B": [1000.0, 3000.0]}, per)
+    assert [m.runs for m in results.values()] == [3, 3]  # rounds of 6, 2, 6 s: past 10 s after the third
 
 
 def test_a_candidate_that_fails_is_infeasible_and_the_others_are_measured():

@@ -53,6 +53,12 @@ def headline(results: Results) -> str:
     return f"Chosen placement: {method_name(chosen.method)}, {chosen.measured_ms:.2f} ms per training step."
 
 
+def _protocol_text(protocol: dict) -> str:
+    cap = (f"{protocol['cap_per_candidate_s']:g} s per candidate" if protocol.get("cap_per_candidate_s")
+           else f"{protocol['cap_s']:g} s")
+    return f"CI half-width {protocol['target']:.0%}, at least {protocol['min_runs']} steps, at most {cap} a session"
+
+
 def _environment(results: Results) -> list[list[str]]:
     caps = ", ".join(f"{d}={format_bytes(b)}" for d, b in (results.memory or {}).items() if b is not None)
     bounds = results.bounds or {}
@@ -64,8 +70,7 @@ def _environment(results: Results) -> list[list[str]]:
     items = [
         ("workload", results.workload), ("devices", ", ".join(results.devices)), ("memory caps", caps or "none"),
         ("seed", results.seed), ("search budget (s)", results.budget_s), ("reward", results.reward),
-        ("measurement target", f"CI half-width {protocol['target']:.0%}, at least {protocol['min_runs']} steps, "
-                               f"{protocol['cap_s']:g} s per candidate a session" if protocol.get("target") else None),
+        ("measurement target", _protocol_text(protocol) if protocol.get("target") else None),
         ("lower bound (ms)", ms("lower_bound_ms")), ("critical path (ms)", ms("critical_path_ms")),
         ("total work (ms)", ms("work_ms")), ("run", results.run_id or None),
         *(results.environment or {}).items(),
