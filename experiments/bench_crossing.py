@@ -24,18 +24,17 @@ import argparse
 import cProfile
 import json
 import os
-import platform
 import pstats
 import queue
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from _record import host_info, host_lines  # this folder is on sys.path when run as a script
 from graphs.devices import parse_cluster
 from placer.plan import plan_from_assignment
 from placer.runtime import apply
@@ -201,7 +200,7 @@ def profile(steps: int) -> None:
 def write_markdown(path: Path, results: dict) -> None:
     r = results["crossing"]
     lines = [f"# Crossing cost{' (quick: timings meaningless)' if results['quick'] else ''}", "",
-             f"{results['host']}, torch {results['torch']}, {results['date']}, load {results['load']}", "",
+             *host_lines(results["host"]), "",
              f"{BLOCKS} x Linear({WIDTH}), batch {ROWS}; round robin over cpu:0,cpu:1 = {r['crossings']} crossings, "
              f"each forward and backward. Candidates interleaved A B C / C B A.", "",
              "| placement | threads | median ms | 95% CI | steps |", "| --- | ---: | ---: | --- | ---: |"]
@@ -228,9 +227,7 @@ def main() -> None:
         return
     rounds, steps, warmup = (2, 3, 2) if args.quick else (args.rounds, args.steps, 10)
     results = {
-        "quick": args.quick, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {platform.platform()}",
-        "torch": torch.__version__, "load": os.getloadavg()[0],
+        "quick": args.quick, "host": host_info(),  # experiments/_record.py: the one host-info helper
         "crossing": measure(rounds, steps, warmup),
         "handoff_us": handoff_floor(200 if args.quick else 5000),
         "backward_us": backward_floor(200 if args.quick else 5000),

@@ -30,14 +30,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from _record import host_info, host_lines  # this folder is on sys.path when run as a script
 from graphs.devices import parse_cluster
 from graphs.problem import build_problem
 from graphs.workload import Workload, load_workload
@@ -206,7 +204,7 @@ def fmt(x, spec: str = ".2f") -> str:
 
 def write_markdown(path: Path, results: dict) -> None:
     lines = [f"# Engine benchmarks{' (quick: timings meaningless)' if results['quick'] else ''}", "",
-             f"{results['host']}, torch {results['torch']}, {results['date']}, load {results['load']:.2f}", "",
+             *host_lines(results["host"]), "",
              "## (a) Overhead: everything on cpu:0 through the runtime vs eager (target within 3%)", "",
              "| model | threads | unplaced ms | runtime ms | overhead (95% CI) |", "| --- | ---: | ---: | ---: | --- |"]
     for r in results["overhead"]:
@@ -256,9 +254,7 @@ def main() -> None:
     torch.set_num_threads(1)  # the caller serves cpu:0 of two 1-thread devices (the unplaced rows set their own)
     size = "small" if args.quick else "medium"
     results = {
-        "quick": args.quick, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {platform.platform()}",
-        "torch": torch.__version__, "load": os.getloadavg()[0], "protocol": protocol.to_json(),
+        "quick": args.quick, "host": host_info(), "protocol": protocol.to_json(),  # host: experiments/_record.py
         "towers": towers(*((128, 2, 64) if args.quick else (1024, 4, 256)), protocol),
         "chains": [chain(name, size, protocol) for name in ("mlp", "gpt")],
         "scaling": scaling([f"zoo:{name}:{size}" for name in ("mlp", "gpt", "transformer", "nmt")], protocol),
