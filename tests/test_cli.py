@@ -190,3 +190,12 @@ def test_numbers_that_are_not_finite_and_positive_are_refused(text):
     with pytest.raises(click.BadParameter):
         FiniteFloat().convert(text, None, None)
     assert FiniteFloat().convert("2.5", None, None) == 2.5
+
+
+def test_report_re_renders_a_results_file_without_running_anything(optimized, tmp_path):
+    result = placer("report", str(optimized / "results.json"), "--out", str(tmp_path / "again"))
+    assert result.returncode == 0, result.stderr
+    headline = json.loads((optimized / "results.json").read_text())["choice"]["headline"]
+    assert result.stdout.splitlines()[0] == headline
+    assert (tmp_path / "again" / "report.md").read_text().splitlines()[0] == f"**{headline}**"
+    assert (tmp_path / "again" / "report.html").is_file() and not (tmp_path / "again" / "plan.json").exists()

@@ -1,0 +1,45 @@
+"""placer.search_stage: the user's search settings, and one search run on the Scorer
+turned into a row and an annotated learning curve."""
+
+import pytest
+
+from graphs.devices import parse_cluster
+from graphs.errors import PlacerError
+from graphs.problem import Candidate, PlacementProblem
+from graphs.synthetic import random_grouped_graph
+from placer.scorer import Scorer
+from placer.search_stage import SearchOptions, run_search
+from tests.test_scorer import FakeMeasurer
+
+
+def test_settings_reach_the_search_configuration():
+    config = SearchOptions(overrides=("algo=reinforce", "reward=neg_log", "batch_size=8"), max_samples=40).config(
+        30.0, seed=7)
+    assert (config.algo, config.reward, config.batch_size, config.max_samples) == ("reinforce", "neg_log", 8, 40)
+    assert config.budget_s == 30.0 and config.seed == 7
+
+
+@pytest.mark.parametrize("setting", ["nosuch=1", "batch_size=many", "algo=sarsa", "reward=joy", "novalue"])
+def test_a_bad_setting_is_one_line_naming_it(setting):
+    with pytest.raises(PlacerError, match="--search"):
+        SearchOptions(overrides=(setting,)).config(10.0, seed=0)
+
+
+def test_a_missing_policy_is_refused_and_none_is_none(tmp_path):
+    assert SearchOptions().load_policy() is None
+    with pytest.raises(PlacerError, match="policy"):
+        SearchOptions(policy_path=tmp_path / "nope.pt").load_policy()
+
+
+def test_a_search_gives_a_row_and_a_curve_stamped_with_its_calibration(tmp_path):
+    problem = PlacementProblem(random_grouped_graph(10, seed=1), parse_cluster("cpu:0,cpu:1"))
+    scorer = Scorer(problem, FakeMeasurer(problem), warn=pytest.fail)
+    options = SearchOptions(overrides=("batch_size=8", "measure_every=1", "measure_top_k=1"), max_samples=32)
+    warm = Candidate((0,) * problem.n_groups)
+    row, curve, marks, interrupted = run_search("random_search", problem, scorer, 600.0, 0, options, None, warm,
+                                                False, tmp_path, lambda stage: None)
+    assert not interrupted and row.method == "random_search" and row.kind == "search"
+    assert len(row.placement) == problem.n_groups and row.devices == ["cpu:0", "cpu:1"]
+    assert [r["update"] for r in curve] == [1, 2, 3, 4] and all(r["method"] == "random_search" for r in curve)
+    assert [r["calibration"] for r in curve] == sorted(r["calibration"] for r in curve) and curve[-1]["calibration"]
+    assert marks and all(m["method"] == "random_search" for m in marks)
