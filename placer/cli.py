@@ -359,6 +359,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main() -> None:
+    """The `placer` command: run the CLI, turning every failure into one line and its exit status."""
     import warnings
 
     debug = "--debug" in sys.argv[1:]

@@ -82,6 +82,7 @@ class Protocol:
             raise ValueError(f"confidence={self.confidence}: give a probability in (0, 1)")
 
     def to_json(self) -> dict:
+        """The protocol's settings (results.json's `protocol`)."""
         return asdict(self)
 
     def session_cap_s(self, candidates: int) -> float:
@@ -249,6 +250,7 @@ class MeasurementBook:
         self.save()
 
     def save(self) -> None:
+        """Write the file (this identity's book last); a failure is one warning, once."""
         if self.path is None:
             return
         books = [*self.others, {"identity": self.identity,

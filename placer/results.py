@@ -92,6 +92,7 @@ def environment(command: str = "") -> dict:
 
 
 def placer_version() -> str:
+    """The installed placer's version, or "dev" in a source checkout."""
     from importlib.metadata import PackageNotFoundError, version
     try:
         return version("placer")
@@ -143,10 +144,12 @@ class Ratio:
     reference: str  # the reference's method name
 
     def to_json(self) -> dict:
+        """{"value", "ci": [low, high], "verdict", "reference"}."""
         return {"value": self.value, "ci": list(self.ci), "verdict": self.verdict, "reference": self.reference}
 
     @classmethod
     def from_json(cls, data: Any) -> "Ratio | None":
+        """A Ratio from `to_json`'s dict; None for anything else (null, or damaged)."""
         if not isinstance(data, dict) or _opt_float(data.get("value")) is None:
             return None
         ci = data.get("ci") or [data["value"], data["value"]]
@@ -212,6 +215,7 @@ class MethodResult:
         return self.feasible and self.measured_ms is not None
 
     def to_json(self) -> dict:
+        """The row as strict JSON values (the schema's row)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("vs_unplaced", "vs_best_heuristic"):
             data[name] = data[name].to_json() if data[name] is not None else None
@@ -269,6 +273,7 @@ class Choice:
     vs_best_heuristic: Ratio | None = None
 
     def to_json(self) -> dict:
+        """The choice as strict JSON values."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("vs_unplaced", "vs_best_heuristic"):
             data[name] = data[name].to_json() if data[name] is not None else None
@@ -276,6 +281,7 @@ class Choice:
 
     @classmethod
     def from_json(cls, data: Any, best: str | None = None) -> "Choice":
+        """A Choice from its JSON; an unversioned results file's `best` is an unconfirmed choice."""
         if not isinstance(data, dict):
             return cls(method=best, verdict="unconfirmed" if best else "none")
         return cls(method=data.get("method"), verdict=str(data.get("verdict", "none")),
@@ -341,6 +347,7 @@ class Results:
 
     @property
     def interrupted(self) -> bool:
+        """Whether Ctrl-C or SIGTERM cut the run short."""
         return self.status != "complete"
 
     @property
@@ -349,10 +356,12 @@ class Results:
         return self.choice.method
 
     def row(self, method: str) -> MethodResult | None:
+        """The row of `method`, if there is one."""
         return next((r for r in self.methods if r.method == method), None)
 
     @property
     def unplaced(self) -> MethodResult | None:
+        """The `unplaced` row (the model run without placer), if there is one."""
         return next((r for r in self.methods if r.kind == "unplaced"), None)
 
     @property
@@ -362,6 +371,7 @@ class Results:
                    key=lambda r: r.measured_ms, default=None)
 
     def to_json(self) -> dict:
+        """results.json's content (schema placer.results/v1), strict JSON values."""
         data = {"schema": SCHEMA, "command": self.command, "run_id": self.run_id, "status": self.status,
                 "interrupted": self.interrupted, "interrupted_at": self.interrupted_at,
                 **{name: getattr(self, name) for name in _RUN_FIELDS},

@@ -108,6 +108,7 @@ class MarkdownRenderer:
     """Blocks -> Markdown text (images and links relative to the report's folder)."""
 
     def render(self, blocks: list[tuple]) -> str:
+        """report.md's text."""
         out = []
         for kind, *args in blocks:
             if kind == "lead":
@@ -147,6 +148,7 @@ class HtmlRenderer:
         self.base = base
 
     def render(self, blocks: list[tuple]) -> str:
+        """report.html's text."""
         esc = html.escape
         out = []
         for kind, *args in blocks:

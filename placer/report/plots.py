@@ -28,6 +28,7 @@ PLOT_FILES = ("step_times.png", "learning_curve.png", "timeline.png", "graph.png
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
+    """Lay out `fig` and save it as a PNG at `path` (folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

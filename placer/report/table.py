@@ -88,6 +88,7 @@ def format_table(results: Results | dict) -> str:
 
 
 def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (pipes in cells escaped)."""
     def line(row: Sequence[str]) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
     return "\n".join([line(headers), "|" + "---|" * len(headers), *map(line, cells)])

@@ -171,6 +171,7 @@ class Trial:
         return summarize(self.times_ms, self.peak_bytes, self.notes, confidence)
 
     def close(self) -> None:
+        """Free the model (and its device workers); the Measurement stays available."""
         self._step = None
         gc.collect()
         if torch.cuda.is_available():
