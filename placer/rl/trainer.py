@@ -57,6 +57,13 @@ class TrainConfig(SearchConfig):
     False: rewards less an exponential moving average of past batch means (the paper's baseline)."""
     baseline_decay: float = 0.9
     """The moving average's decay, with normalize_advantages=False."""
+    top_quantile: float | None = None
+    """Risk-seeking policy gradient (Petersen et al. 2021): only samples whose reward is above
+    this quantile of the batch's count, with the quantile as their baseline, because a
+    search is judged by its best candidate, not its mean one. None: every sample counts."""
+    self_imitation: float = 0.0
+    """Weight of a maximum-likelihood term on the best candidate found so far in every
+    update (self-imitation, Oh et al. 2018): keeps the policy sampling around the incumbent."""
     entropy_coef: float = 0.01
     """Bonus on the mean per-group entropy: keeps the policy sampling more than one candidate."""
     ppo_epochs: int = 4
@@ -72,7 +79,11 @@ class TrainConfig(SearchConfig):
     imitation_steps: int = 500
     """At most this many maximum-likelihood steps on the warm start."""
     imitation_lr: float = 3e-3
-    """Adam's learning rate while imitating the warm start (apart from lr, so that lr=0 still imitates)."""
+    """Adam's learning rate while imitating (apart from lr, so that lr=0 still imitates)."""
+    recenter_steps: int = 0
+    """When the best candidate found improves, up to this many imitation steps toward it
+    (to imitation_target): the policy then samples around the incumbent, as a local
+    search would, but with the moves it has learned. 0: it stays centred where PPO takes it."""
     imitation_target: float = 0.99
     """Stop imitating at this mean per-group probability of the warm start. High: a
     sample that strays from the warm start at one group tends to stray for a run of groups."""
@@ -103,6 +114,7 @@ class Learner:
     imitated: bool = False
     baseline: float | None = None  # moving average of batch rewards (normalize_advantages=False)
     reference_ms: float | None = None  # the reward's reference, fixed at the start
+    center: list | None = None  # [placement, micro-batches] last imitated (recenter_steps > 0)
 
 
 def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Candidate | Placement | None = None,
@@ -164,8 +176,9 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
         if warm_start is not None and not state.candidates:
             state.remember([warm_start], scorer.score([warm_start]), config.keep_top)
         if warm_start is not None and not learner.imitated:
-            imitate(policy, warm_start, config)
+            imitate(policy, warm_start, config, config.imitation_steps)
             learner.imitated = True
+            learner.center = [list(warm_start.placement), warm_start.microbatches]
 
         while budget_left(state, config, clock()):
             # -- sample a batch of candidates and score them
@@ -181,7 +194,13 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             rewards = torch.tensor([rule(t) for t in times], dtype=torch.float32)
             advantages = advantage(rewards, learner, config)
             update = reinforce_update if config.algo == "reinforce" else ppo_update
-            update(policy, optimizer, sample, advantages, config)
+            update(policy, optimizer, sample, advantages, config, state.best_sim()[0])
+
+            # -- follow the incumbent (recenter_steps > 0)
+            best = state.best_sim()[0]
+            if config.recenter_steps and best is not None and [list(best.placement), best.microbatches] != learner.center:
+                imitate(policy, best, config, config.recenter_steps)
+                learner.center = [list(best.placement), best.microbatches]
 
             # -- measurement bookkeeping (placer.search.state)
             measure_round(state, scorer, config)
@@ -213,13 +232,14 @@ def reward_rule(problem: PlacementProblem, scorer, config: TrainConfig, warm_sta
     return RewardRule(config.reward, reference, config.infeasible_slowdown)
 
 
-def imitate(policy: Seq2SeqPolicy, warm_start: Candidate, config: TrainConfig) -> None:
-    """Maximum likelihood on one candidate, until the policy has learned it firmly enough."""
+def imitate(policy: Seq2SeqPolicy, candidate: Candidate, config: TrainConfig, steps: int) -> None:
+    """Maximum likelihood on one candidate, until the policy gives it a mean per-group
+    probability of config.imitation_target, or `steps` steps."""
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.imitation_lr)
-    target = torch.tensor([warm_start.placement])
-    microbatch = torch.tensor([MICROBATCH_CHOICES.index(warm_start.microbatches)])
-    groups = len(warm_start.placement)
-    for _ in range(config.imitation_steps):
+    target = torch.tensor([candidate.placement])
+    microbatch = torch.tensor([MICROBATCH_CHOICES.index(candidate.microbatches)])
+    groups = len(candidate.placement)
+    for _ in range(steps):
         logp, _ = policy.log_prob(target, microbatch)
         if math.exp(float(logp.detach()[0]) / groups) >= config.imitation_target:
             return
@@ -229,7 +249,13 @@ def imitate(policy: Seq2SeqPolicy, warm_start: Candidate, config: TrainConfig) -
 
 
 def advantage(rewards: torch.Tensor, learner: Learner, config: TrainConfig) -> torch.Tensor:
-    """Each sample's advantage [n]: normalized within the batch, or against the moving baseline."""
+    """Each sample's advantage [n]: above the batch's top quantile only (risk-seeking),
+    or normalized within the batch, or against the moving baseline."""
+    if config.top_quantile is not None:
+        threshold = torch.quantile(rewards, config.top_quantile)
+        above = (rewards - threshold).clamp(min=0.0)
+        scale = above.max()
+        return above / scale if scale > 0 else above
     if config.normalize_advantages:
         centred = rewards - rewards.mean()
         return centred / (rewards.std(unbiased=False) + 1e-8) if len(rewards) > 1 else centred
@@ -241,21 +267,33 @@ def advantage(rewards: torch.Tensor, learner: Learner, config: TrainConfig) -> t
 
 
 def reinforce_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: Sample,
-                     advantages: torch.Tensor, config: TrainConfig) -> None:
-    """One step on the policy gradient, advantage * grad log p, plus the entropy bonus."""
+                     advantages: torch.Tensor, config: TrainConfig, best: Candidate | None = None) -> None:
+    """One step on the policy gradient, advantage * grad log p, plus the entropy bonus (and
+    the self-imitation term on `best`)."""
     logp, entropy = policy.log_prob(sample.placements, sample.microbatches)
-    _step(optimizer, -(advantages * logp).mean() - config.entropy_coef * entropy.mean() / policy.problem.n_groups)
+    loss = -(advantages * logp).mean() - config.entropy_coef * entropy.mean() / policy.problem.n_groups
+    _step(optimizer, loss + _self_imitation(policy, best, config))
 
 
 def ppo_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: Sample,
-               advantages: torch.Tensor, config: TrainConfig) -> None:
-    """`ppo_epochs` steps on the clipped surrogate objective (Schulman et al. 2017), plus the entropy bonus."""
+               advantages: torch.Tensor, config: TrainConfig, best: Candidate | None = None) -> None:
+    """`ppo_epochs` steps on the clipped surrogate objective (Schulman et al. 2017), plus the
+    entropy bonus (and the self-imitation term on `best`)."""
     for _ in range(config.ppo_epochs):
         logp, entropy = policy.log_prob(sample.placements, sample.microbatches)
         ratio = torch.exp(logp - sample.logp)
         clipped = torch.clamp(ratio, 1 - config.ppo_clip, 1 + config.ppo_clip)
         objective = torch.min(ratio * advantages, clipped * advantages)
-        _step(optimizer, -objective.mean() - config.entropy_coef * entropy.mean() / policy.problem.n_groups)
+        loss = -objective.mean() - config.entropy_coef * entropy.mean() / policy.problem.n_groups
+        _step(optimizer, loss + _self_imitation(policy, best, config))
+
+
+def _self_imitation(policy: Seq2SeqPolicy, best: Candidate | None, config: TrainConfig) -> torch.Tensor:
+    """config.self_imitation times the mean per-group negative log-likelihood of `best` (0 without it)."""
+    if best is None or config.self_imitation == 0:
+        return torch.zeros(())
+    logp, _ = policy.log_prob(torch.tensor([best.placement]), torch.tensor([MICROBATCH_CHOICES.index(best.microbatches)]))
+    return -config.self_imitation * logp[0] / len(best.placement)
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:

@@ -1,0 +1,229 @@
+"""Ablation: RL against RL with lr=0, random_search and local_search, at equal samples.
+
+For each problem (a workload on a device list) every method starts from the same warm
+start (the best heuristic by simulated step time) and gets the same TrainConfig: the
+same number of sampled candidates in rounds of the same size, the same seeds. The
+searches score on the simulator (the calibration saved for the model and devices,
+else the nominal one) and measure nothing while they run, so the only difference is
+how each proposes candidates:
+
+- `rl`: the seq2seq policy with its graph encoder, trained as it samples (TrainConfig's
+  algorithm, PPO by default);
+- `rl_lr0`: the same policy after imitating the warm start, never updated (lr=0):
+  what sampling around the warm start finds without learning;
+- `random_search`: uniformly random candidates;
+- `local_search`: simulated annealing over single-group moves from the warm start.
+
+Table 1 (always): per problem and method, the best simulated step time, mean and
+spread over the seeds, and its ratio to the warm start's and to the lower bound.
+
+With `--measure` (a quiet host: run it under `flock /tmp/placer-heavy.lock` with load
+< 1): for each problem whose devices the host can really run side by side (virtual
+CPU devices: at most one per core), the warm start, `unplaced` and every method's best
+candidate of every seed are measured together in one interleaved session
+(placer.measurements, CI of the median), and RL's candidate of each seed is compared
+with local_search's and random_search's of the same seed (bootstrap CI of the ratio):
+faster, tie or slower. Larger clusters are reported simulated only.
+
+    .venv/bin/python experiments/ablation.py                    # every problem, 1,500 samples, 3 seeds
+    .venv/bin/python experiments/ablation.py --quick            # two small problems, 64 samples, 1 seed
+    flock /tmp/placer-heavy.lock .venv/bin/python experiments/ablation.py --measure
+
+Writes experiments/results/ablation.{json,md} (ablation_quick.* with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from envs.calibrate import load_calibration
+from graphs.bounds import cost_floor, lower_bound
+from graphs.devices import host_cores
+from graphs.errors import InfeasibleError
+from graphs.problem import Candidate, PlacementProblem, build_problem
+from placer.baselines import run_baselines
+from placer.rl import TrainConfig
+from placer.search import microbatch_options, overrides, run
+from placer.search.scorer import SimulatedScorer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORKLOADS = Path(__file__).resolve().parent / "workloads"
+METHODS = ("rl", "rl_lr0", "random_search", "local_search")
+
+
+def devices(n: int) -> str:
+    return ",".join(f"cpu:{i}" for i in range(n))
+
+
+# name -> (workload, devices): the zoo's medium models, branchy models of our own, larger clusters
+PROBLEMS = {
+    "rnnlm": ("zoo:rnnlm:medium", devices(2)),
+    "nmt": ("zoo:nmt:medium", devices(2)),
+    "inception_v3": ("zoo:inception_v3:medium", devices(2)),
+    "transformer": ("zoo:transformer:medium", devices(2)),
+    "towers": (str(WORKLOADS / "towers.py"), devices(2)),
+    "embeddings": (str(WORKLOADS / "embeddings.py"), devices(2)),
+    "inception_blocks": (str(WORKLOADS / "inception_blocks.py"), devices(2)),
+    "nmt@4": ("zoo:nmt:medium", devices(4)),
+    "inception_v3@4": ("zoo:inception_v3:medium", devices(4)),
+    "towers@4": (str(WORKLOADS / "towers.py"), devices(4)),
+    "nmt@8": ("zoo:nmt:medium", devices(8)),
+    "inception_v3@8": ("zoo:inception_v3:medium", devices(8)),
+    "inception_blocks@8": (str(WORKLOADS / "inception_blocks.py"), devices(8)),
+}
+QUICK = ("towers", "embeddings")
+
+
+def warm_start(problem: PlacementProblem, scorer: SimulatedScorer) -> tuple[str, Candidate, float]:
+    """The best heuristic by simulated step time: (method, candidate, ms)."""
+    scored = []
+    for name, placement in run_baselines(problem).items():
+        if not isinstance(placement, InfeasibleError):
+            candidate = Candidate(tuple(placement))
+            scored.append((scorer.score([candidate])[0], name, candidate))
+    ms, name, candidate = min(scored, key=lambda s: s[0])
+    return name, candidate, ms
+
+
+def search(problem: PlacementProblem, calibration, method: str, config: TrainConfig, warm: Candidate) -> dict:
+    """One method's run on the simulator: its best candidate and how long it took."""
+    if method == "rl_lr0":
+        method, config = "rl", replace(config, lr=0.0)
+    start = time.perf_counter()
+    result = run(method, problem, SimulatedScorer(problem, calibration), config, warm)
+    return {"best_ms": result.best_sim_ms, "candidate": [list(result.best.placement), result.best.microbatches],
+            "samples": result.samples, "seconds": time.perf_counter() - start,
+            "curve": [[row["samples"], row["best_sim_ms"]] for row in result.curve]}
+
+
+def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> dict:
+    problem = build_problem(spec, devices=device_list, max_groups=args.max_groups)
+    calibration = load_calibration(problem)
+    scorer = SimulatedScorer(problem, calibration)
+    warm_name, warm, warm_ms = warm_start(problem, scorer)
+    kinds = [d.kind for d in problem.cluster.devices]
+    virtual = all(d.is_virtual_cpu for d in problem.cluster.devices)
+    bound = lower_bound(problem.groups, kinds, floor=cost_floor(problem.groups, calibration and calibration.compute_scale),
+                        cores=host_cores() if virtual else None, microbatches=microbatch_options(problem))
+    base = overrides(TrainConfig(budget_s=None, max_samples=args.samples, measure_top_k=0), args.set)
+    runs = {method: [search(problem, calibration, method, replace(base, seed=seed), warm)
+                     for seed in range(args.seed, args.seed + args.seeds)] for method in args.methods}
+    for method, rows in runs.items():
+        times = [r["best_ms"] for r in rows]
+        print(f"  {name:20s} {method:14s} best {statistics.mean(times):9.2f} ms (warm {warm_ms:.2f}, "
+              f"{', '.join(f'{t:.2f}' for t in times)})", flush=True)
+    return {"name": name, "workload": spec, "devices": device_list, "groups": problem.n_groups,
+            "calibrated": calibration is not None, "warm_start": {"method": warm_name, "ms": warm_ms,
+                                                                 "candidate": [list(warm.placement), 1]},
+            "lower_bound_ms": bound.bound_ms, "measurable": virtual and problem.n_devices <= host_cores(),
+            "runs": runs, "problem": problem}
+
+
+def measure(entry: dict, args: argparse.Namespace) -> None:
+    """Measure every method's candidates of one problem together (module docstring)."""
+    from graphs.workload import load_workload
+    from placer.measurements import MeasurementBook, Measurer, Protocol, compare
+
+    problem = entry.pop("problem")
+    measurer = Measurer(load_workload(entry["workload"]), problem, MeasurementBook({"ablation": entry["name"]}),
+                        Protocol(cap_s=args.cap_s))
+    labels = [("warm_start", Candidate(tuple(entry["warm_start"]["candidate"][0]))), ("unplaced", None)]
+    for method, rows in entry["runs"].items():
+        labels += [(f"{method}/{i}", Candidate(tuple(r["candidate"][0]), r["candidate"][1])) for i, r in enumerate(rows)]
+    measured = measurer.session(labels, f"measuring {entry['name']}")
+    entry["measured"] = {label: m.to_json() for label, m in measured.items()}
+    verdicts = {}
+    for other in ("local_search", "random_search"):
+        if "rl" not in entry["runs"] or other not in entry["runs"]:
+            continue
+        ratios = [compare(measured[f"rl/{i}"], measured[f"{other}/{i}"], other) for i in range(args.seeds)]
+        verdicts[other] = [None if r is None else {"speedup": r.value, "ci": list(r.ci), "verdict": r.verdict}
+                           for r in ratios]
+    entry["rl_vs"] = verdicts
+
+
+def markdown(results: dict) -> str:
+    host = results["host"]
+    lines = [f"# Ablation ({host['date']})", "",
+             f"Host: {host['platform']}, {host['cores']} cores, torch {host['torch']}. "
+             f"{results['samples']} sampled candidates per method, seeds {results['seeds']}; every method starts "
+             "from the best heuristic (warm start) and scores on the simulator; best simulated step time, mean "
+             "(and spread) over the seeds. Lower is better.", "",
+             "| problem | groups | warm start (ms) | lower bound (ms) | "
+             + " | ".join(results["methods"]) + " |", "| --- | ---: | ---: | ---: | "
+             + " | ".join("---:" for _ in results["methods"]) + " |"]
+    for p in results["problems"]:
+        cells = []
+        for method in results["methods"]:
+            times = [r["best_ms"] for r in p["runs"][method]]
+            spread = max(times) - min(times)
+            cells.append(f"{statistics.mean(times):.2f} ({spread:.2f}, {p['warm_start']['ms'] / statistics.mean(times):.3f}x)")
+        lines.append(f"| {p['name']} | {p['groups']} | {p['warm_start']['ms']:.2f} ({p['warm_start']['method']}) | "
+                     f"{p['lower_bound_ms']:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: mean ms (max - min over seeds, speedup over the warm start)."]
+    measured = [p for p in results["problems"] if p.get("rl_vs")]
+    if measured:
+        lines += ["", "## Measured: RL's best candidate against the yardsticks', seed by seed", "",
+                  "| problem | vs | speedup (95% CI), verdict, per seed |", "| --- | --- | --- |"]
+        for p in measured:
+            for other, ratios in p["rl_vs"].items():
+                cells = ["infeasible" if r is None else f"{r['speedup']:.3f}x ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) "
+                         f"{r['verdict']}" for r in ratios]
+                lines.append(f"| {p['name']} | {other} | {'; '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", nargs="*", default=list(PROBLEMS), choices=list(PROBLEMS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--samples", type=int, default=1500, help="sampled candidates per method and seed")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-groups", type=int, default=256)
+    parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides, key=value")
+    parser.add_argument("--measure", action="store_true", help="measure the best candidates (quiet host only)")
+    parser.add_argument("--cap-s", type=float, default=120.0, help="seconds of timed rounds per measured problem")
+    parser.add_argument("--quick", action="store_true", help="two small problems, 64 samples, one seed")
+    args = parser.parse_args()
+    if args.quick:
+        args.problems, args.samples, args.seeds = list(QUICK), 64, 1
+    torch.set_num_threads(1)  # the policy's tensors are small: more threads only contend
+
+    started = time.perf_counter()
+    problems = []
+    for name in args.problems:
+        print(f"{name}:", flush=True)
+        entry = ablate(name, *PROBLEMS[name], args)
+        if args.measure and entry["measurable"]:
+            measure(entry, args)
+        entry.pop("problem", None)
+        problems.append(entry)
+    results = {"host": host_info(), "samples": args.samples, "seeds": list(range(args.seed, args.seed + args.seeds)),
+               "methods": args.methods, "config": asdict(overrides(TrainConfig(), args.set)),
+               "seconds": time.perf_counter() - started, "problems": problems}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "ablation_quick" if args.quick else "ablation"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / f"{stem}.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def host_info() -> dict:
+    """Where and when the numbers were made, with the load that says whether timings can be trusted."""
+    return {"platform": platform.platform(), "cores": host_cores(), "torch": torch.__version__,
+            "load_1min": os.getloadavg()[0], "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+if __name__ == "__main__":
+    main()
