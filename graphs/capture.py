@@ -1,5 +1,6 @@
-"""Capture a workload as an OpGraph: one node per node of the captured graph, with
-bytes on nodes and edges.
+"""Capture a workload as an OpGraph: one node per node of the captured graph but its
+get_attr nodes (a parameter or buffer belongs to the nodes that read it: their
+`params`, which also makes them share a device), with bytes on nodes and edges.
 
 The graph comes from `graphs.trace.trace_model` (profiling, plans and the runtime
 capture through it too, so node names agree). Sizes come from the capture itself
@@ -77,15 +78,33 @@ def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor,
     g = nx.DiGraph(name=name, fingerprint=fingerprint(model, gm), granularity="module" if traced.leaf_paths else "op",
                    leaf_paths=list(traced.leaf_paths), tensor_names=list(model.state_dict()),
                    capture=capture_info(traced, inputs))
-    for order, node in enumerate(gm.graph.nodes):
+    nodes = [n for n in gm.graph.nodes if n.op != "get_attr"]  # a parameter is part of its readers
+    for order, node in enumerate(nodes):
         g.add_node(node.name, op=node.op, target=target_name(node), module=owning_module(node),
                    op_type=op_type(node, gm), params=_params_used(node, gm, canonical),
                    out_bytes=_node_bytes(node, gm), order=order)
-    for node in gm.graph.nodes:
+    for node in nodes:
         for src in node.all_input_nodes:
-            g.add_edge(src.name, node.name, bytes=_edge_bytes(src, node, g))
+            if src.op != "get_attr":
+                g.add_edge(src.name, node.name, bytes=_edge_bytes(src, node, g))
+    _order_side_effects(g, nodes)
     g.graph["colocate"] = colocation_sets(g)
     return g
+
+
+def _order_side_effects(g: nx.DiGraph, nodes: list[fx.Node]) -> None:
+    """Give every node whose value nothing reads an edge (0 bytes) to the next op of
+    its module, else the next op, else the output: an in-place update such as
+    BatchNorm's `num_batches_tracked += 1` then belongs to its layer instead of
+    floating as a graph of its own (which grouping would have to merge blindly), and
+    an unused input joins the graph. Edges follow fx order, so the graph stays acyclic."""
+    for i, node in enumerate(nodes):
+        if node.users or node.op == "output":
+            continue
+        later = [n for n in nodes[i + 1:] if n.op.startswith("call_") or n.op == "output"]
+        same = [n for n in later if owning_module(n) == owning_module(node) and n.op != "output"]
+        target = (same or later)[0]
+        g.add_edge(node.name, target.name, bytes=0)
 
 
 def capture_info(traced: Traced, inputs: tuple[torch.Tensor, ...]) -> dict:

@@ -145,7 +145,8 @@ def test_branches_stay_apart_and_tied_weight_is_colocated(branchy_ops):
     towers = {side: {group_of[n] for n, d in branchy_ops.nodes(data=True) if d["module"].startswith(side)}
               for side in ("left", "right")}
     assert not towers["left"] & towers["right"]
-    emb, head = (next(n for n, d in branchy_ops.nodes(data=True) if d["target"] == t) for t in ("emb", "head"))
+    emb, head = (next(n for n, d in branchy_ops.nodes(data=True) if d["module"] == m and d["op_type"] == t)
+                 for m, t in (("emb", "embedding"), ("head", "linear")))
     assert group_of[emb] != group_of[head]  # tied, yet far apart: listed together instead
     assert [group_of[emb], group_of[head]] in groups.graph["colocate"]
 

@@ -63,7 +63,8 @@ def test_costs_are_positive_and_memory_is_measured(tmp_path):
     assert ops["input"]["fwd_ms"] == 0 and ops["output"]["bwd_ms"] == 0
     # the tied weight is counted once, at its first user; the buffer has no gradient
     assert ops["emb"]["param_bytes"] == 50 * 32 * 4 and ops["head"]["param_bytes"] == 0
-    assert ops["param"]["param_bytes"] == 32 * 4 and ops["param"]["grad_bytes"] == 0  # the root's own buffer
+    # the root's own buffer, counted at the op that reads it
+    assert ops["elementwise"]["param_bytes"] == 32 * 4 and ops["elementwise"]["grad_bytes"] == 0
     assert ops["fc1"]["grad_bytes"] == (32 * 64 + 64) * 4
     # SGD with momentum keeps one buffer per parameter
     assert ops["fc1"]["opt_bytes"] == ops["fc1"]["grad_bytes"] and ops["fc1"]["opt_ms"] > 0

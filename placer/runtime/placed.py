@@ -168,9 +168,7 @@ class PlacedModule(nn.Module):
                 assignment[node.name] = reference.assignment[node.name]
             else:
                 assignment[node.name] = self._device_by_module(owning_module(node), node, assignment)
-        for node in traced.gm.graph.nodes:
-            if node.op == "get_attr":
-                assignment[node.name] = assignment[next(iter(node.users)).name]
+        _with_parameter_reads(traced.gm, assignment)
         return _build(self.original, self.plan, traced, assignment, self.devices, None)
 
     def _device_by_module(self, module: str, node: fx.Node, assignment: dict[str, str]) -> str:
@@ -218,10 +216,11 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
     cluster, rename = _devices_for(plan, devices)
     reference = trace_for_plan(model, plan, mode="train")
     body = [n for n in reference.gm.graph.nodes if n.op not in ("placeholder", "output")]
-    unplaced = [n.name for n in body if n.name not in plan.assignment]
+    unplaced = [n.name for n in body if n.name not in plan.assignment and n.op != "get_attr"]
     if unplaced:
         raise PlanError(f"{plan.source} does not place node {unplaced[0]!r} ({len(unplaced)} unplaced)")
     assignment = {name: rename[device] for name, device in plan.assignment.items()}
+    _with_parameter_reads(reference.gm, assignment)
     by_name = {d.name: d for d in cluster.devices}
     torch_devices = {by_name[assignment[n.name]].torch_device for n in body}
     # export cannot capture once the tensors are on several devices: the eval capture is made first
@@ -303,6 +302,14 @@ def _place_tensors(model: nn.Module, gm: fx.GraphModule, body: list[fx.Node], as
                 if t.grad is not None:
                     t.grad = t.grad.to(target)
     return {name: device for name, device in owner.values()}
+
+
+def _with_parameter_reads(gm: fx.GraphModule, assignment: dict[str, str]) -> None:
+    """Give each get_attr node the plan leaves out (plans place the nodes that read a
+    parameter, graphs.capture) the device of its first reader."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.name not in assignment:
+            assignment[node.name] = assignment[next(iter(node.users)).name]
 
 
 def _module_devices(graph: PlacedCapture) -> dict[str, str]:
