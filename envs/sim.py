@@ -26,8 +26,9 @@ training step:
 
 Each device runs its ready chunks first come, first served, so one heap of tasks
 keyed by (ready time, priority) yields every device's order: a task popped later
-never becomes ready earlier. That keeps simulate() near 1,000 calls a second at
-256 groups.
+never becomes ready earlier. Tasks are numbered in each pass's priority order and
+read whom they hand on to from flat lists, so the loop allocates little more than
+its heap entries; simulate() makes well over 1,000 calls a second at 256 groups.
 
 Micro-batch costs: the profile records `microbatch_step_ms` (OpGraph graph
 attribute: m -> ms of a whole training step at batch/m, times m); a micro-batch's
@@ -43,6 +44,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 from heapq import heappop, heappush
 
 import numpy as np
@@ -193,6 +195,8 @@ class Simulator:
         scale = np.array([cal.compute_scale.get(d.kind, 1.0) for d in devices])
         atoms = execution_atoms(problem)
         self._atom_group = atoms.group
+        self._atom_rows = np.array(atoms.group, dtype=np.intp)
+        self._groups = np.arange(problem.n_groups)
         self._identity = atoms.group == list(range(problem.n_groups))
         self._fwd = costs.fwd_ms[atoms.group] * scale  # [atom, device]
         self._bwd = costs.bwd_ms[atoms.group] * scale
@@ -242,57 +246,62 @@ class Simulator:
         problem = self.problem
         if len(p) != problem.n_groups or (p and (min(p) < 0 or max(p) >= self._n_dev)) or m < 1:
             return SimResult(math.inf, (0.0,) * self._n_dev, (0,) * self._n_dev, False, problem.violations(p, m)[0])
-        used = problem.memory_per_device(p, m)
-        problems = problem.violations(p, m, used=used)
+        devices = np.array(p, dtype=np.intp)
+        used = problem.memory_per_device(devices, m)
+        problems = problem.violations(devices, m, used=used)
         events = [] if record else None
-        step_ms, busy = self._schedule(p, m, events)
+        step_ms, busy = self._schedule(p, devices, m, events)
         peak = tuple(int(b) for b in used)
         return SimResult(step_ms, tuple(busy), peak, not problems, "; ".join(problems), events)
 
-    def _schedule(self, p: tuple[int, ...], m: int, events: list | None) -> tuple[float, list[float]]:
+    def _schedule(self, p: tuple[int, ...], devices: np.ndarray, m: int,
+                  events: list | None) -> tuple[float, list[float]]:
         """Chunks, then forward of every micro-batch, the loss, backward in reverse,
-        then the optimizer step; returns the step time and each device's busy time."""
+        then the optimizer step; returns the step time and each device's busy time.
+        `devices`: the placement `p` as an array."""
         n_dev = self._n_dev
-        dev = list(p) if self._identity else [p[g] for g in self._atom_group]  # each atom's device
+        if self._identity:
+            dev, devs = p, devices
+        else:  # each atom's device
+            devs = devices[self._atom_rows]
+            dev = devs.tolist()
         chunk_of = partition(len(dev), self._edges, dev, presorted=True)
-        n_chunks = max(chunk_of, default=-1) + 1
-        cdev = [0] * n_chunks
-        for a, c in enumerate(chunk_of):
-            cdev[c] = dev[a]
-        chunks, devs = np.array(chunk_of), np.array(dev)
-        factor = self.compute_factor(m) if m > 1 else 1.0
-        fwd = (np.bincount(chunks, weights=self._fwd[self._rows, devs], minlength=n_chunks) * factor).tolist()
-        bwd = (np.bincount(chunks, weights=self._bwd[self._rows, devs], minlength=n_chunks) * factor).tolist()
+        chunks = np.array(chunk_of, dtype=np.intp)
+        n_chunks = len(chunk_of) and int(chunks.max()) + 1
+        cdev_array = np.zeros(n_chunks, dtype=np.intp)
+        cdev_array[chunks] = devs
+        cdev = cdev_array.tolist()
+        fwd = np.bincount(chunks, weights=self._fwd[self._rows, devs], minlength=n_chunks)
+        bwd = np.bincount(chunks, weights=self._bwd[self._rows, devs], minlength=n_chunks)
+        if m > 1:
+            factor = self.compute_factor(m)
+            fwd, bwd = fwd * factor, bwd * factor
         # The chunk graph: unique (a, b) pairs sorted, their bytes per micro-batch summed.
         cu, cv = chunks[self._src], chunks[self._dst]
         apart = cu != cv
         keys, where = np.unique(cu[apart] * n_chunks + cv[apart], return_inverse=True)
-        pair_bytes = (np.bincount(where, weights=self._edge_bytes[apart], minlength=len(keys)) / m).tolist()
-        heads, tails = (keys // n_chunks).tolist(), (keys % n_chunks).tolist()
-        wakes_fwd: list[list[tuple[int, float]]] = [[] for _ in range(n_chunks)]
-        wakes_bwd: list[list[tuple[int, float]]] = [[] for _ in range(n_chunks)]
-        for a, b, nbytes in zip(heads, tails, pair_bytes):  # ascending: forward wakes in priority order
-            wakes_fwd[a].append((b, nbytes))
-        for a, b, nbytes in zip(heads[::-1], tails[::-1], pair_bytes[::-1]):  # backward: the reverse
-            wakes_bwd[b].append((a, nbytes))
-        waits_fwd = [len(q) for q in wakes_bwd]
-        waits_bwd = [len(q) for q in wakes_fwd]
+        pair_bytes = np.bincount(where, weights=self._edge_bytes[apart], minlength=len(keys)) / m
+        heads, tails = keys // n_chunks, keys % n_chunks
         busy = [0.0] * n_dev
         links_free = [[0.0] * n_dev for _ in range(n_dev)]
         members = _members(chunk_of, n_chunks) if events is not None else None
-        free = self._pass(cdev, waits_fwd, wakes_fwd, fwd, m, False, [0.0] * n_dev, links_free,
-                          busy, events, members)
+        overhead = self.calibration.chunk_overhead_ms
+        outs, ins = np.bincount(heads, minlength=n_chunks), np.bincount(tails, minlength=n_chunks)
+        work = _Work(cdev, (fwd + overhead).tolist(), _starts(outs), tails.tolist(), pair_bytes.tolist(), ins.tolist())
+        free = self._pass(work, m, False, [0.0] * n_dev, links_free, busy, events, members)
         loss_end = max(free) + self.calibration.loss_ms
-        free = self._pass(cdev, waits_bwd, wakes_bwd, bwd, m, True, [loss_end] * n_dev, links_free,
-                          busy, events, members)
+        # Backward in priority order is chunk n - 1 - c at position c, handing on along the
+        # reversed pairs, sorted by position so that each chunk hands on in priority order.
+        back = np.argsort(tails * n_chunks + heads)[::-1]
+        work = _Work(cdev[::-1], (bwd + overhead).tolist()[::-1], _starts(ins[::-1]),
+                     (n_chunks - 1 - heads[back]).tolist(), pair_bytes[back].tolist(), outs[::-1].tolist())
+        free = self._pass(work, m, True, [loss_end] * n_dev, links_free, busy, events, members)
         # optimizer.step() is one call on the caller's thread once backward is done: the
         # host runs the CPU devices' updates one after another, while each GPU runs its
         # own (launched asynchronously) alongside.
-        n = len(p)
-        devices = devs if self._identity else np.array(p)
-        opt_ms = np.bincount(devices, weights=self._opt[np.arange(n), devices], minlength=n_dev).tolist()
+        opt_ms = np.bincount(devices, weights=self._opt[self._groups, devices], minlength=n_dev).tolist()
         used = sorted(set(p))
-        backward_end = max(free[d] for d in used) if n else loss_end
+        backward_end = max(free[d] for d in used) if p else loss_end
         host = step = backward_end
         for d in used:
             start = backward_end
@@ -305,29 +314,23 @@ class Simulator:
             step = max(step, end)
         return step, busy
 
-    def _pass(self, cdev: list[int], waiting: list[int], wakes: list[list[tuple[int, float]]], cost: list[float],
-              m: int, backward: bool, free: list[float], links_free: list[list[float]], busy: list[float],
-              events: list | None, members: list[list[int]] | None) -> list[float]:
+    def _pass(self, work: _Work, m: int, backward: bool, free: list[float], links_free: list[list[float]],
+              busy: list[float], events: list | None, members: list[list[int]] | None) -> list[float]:
         """Run every task (micro-batch i, chunk c) once it is ready, first come first
-        served per device (module doc); `waiting[c]`: how many chunks c waits for,
-        `wakes[c]`: the chunks (and bytes per micro-batch) c hands on to, in priority
-        order. Updates links_free and busy; returns when each device is idle again."""
-        latency, per_byte, overhead = self._latency_ms, self._ms_per_byte, self.calibration.chunk_overhead_ms
+        served per device (module doc). Tasks are numbered in priority order (`_Work`):
+        the heap holds (ready time, task), so tasks ready at once run by priority.
+        Updates links_free and busy; returns when each device is idle again."""
+        latency, per_byte = self._latency_ms, self._ms_per_byte
+        cdev, run, first, targets, sizes = work.device, work.run, work.first, work.targets, work.sizes
         n = len(cdev)
         start = max(free)
-        pending = waiting * m
+        pending = work.waiting * m
         ready = [start] * (n * m)
-        # The heap holds (ready time, key): the key orders tasks ready at once (micro-batch,
-        # then chunk order; backward the reverse of both) and gives the task back: task =
-        # flip + sign * key, key = flip + sign * task.
-        flip, sign = (n * m - 1, -1) if backward else (0, 1)
-        heap = sorted((start, flip + sign * (i * n + c)) for i in range(m) for c in range(n) if not waiting[c])
-        run = [overhead + x for x in cost]
+        heap = [(start, i * n + c) for i in range(m) for c in range(n) if not pending[c]]  # sorted: a heap
         record = events is not None
         push, pop = heappush, heappop
         while heap:
-            r, key = pop(heap)
-            task = flip + sign * key
+            r, task = pop(heap)
             c = task % n
             d = cdev[c]
             s = free[d]
@@ -336,28 +339,31 @@ class Simulator:
             t = free[d] = s + run[c]
             busy[d] += t - s
             if record:
-                self._task_events(events, d, "bwd" if backward else "fwd", c, task // n, members[c], s, backward, m)
+                chunk, i = (n - 1 - c, m - 1 - task // n) if backward else (c, task // n)
+                self._task_events(events, d, "bwd" if backward else "fwd", chunk, i, members[chunk], s, backward, m)
             base = task - c
-            link_free, link_latency, link_per_byte = links_free[d], latency[d], per_byte[d]
-            for w, nbytes in wakes[c]:
-                k = base + w
+            for j in range(first[c], first[c + 1]):
+                w = targets[j]
                 e = cdev[w]
                 if e == d:
                     arrival = t
                 else:  # over the link d -> e, after what is already queued on it
+                    link_free = links_free[d]
                     at = link_free[e]
                     if t > at:
                         at = t
-                    arrival = link_free[e] = at + link_latency[e] + nbytes * link_per_byte[e]
+                    arrival = link_free[e] = at + latency[d][e] + sizes[j] * per_byte[d][e]
                     if record:
+                        other = n - 1 - w if backward else w
                         self._event(events, d, "xfer", f"{self._names[d]}->{self._names[e]}", at, arrival,
-                                    groups=(self._group(members[c][0]), self._group(members[w][0])),
-                                    phase="bwd" if backward else "fwd", microbatch=task // n)
+                                    groups=(self._group(members[chunk][0]), self._group(members[other][0])),
+                                    phase="bwd" if backward else "fwd", microbatch=i)
+                k = base + w
                 if arrival > ready[k]:
                     ready[k] = arrival
-                pending[k] -= 1
-                if not pending[k]:
-                    push(heap, (ready[k], flip + sign * k))
+                left = pending[k] = pending[k] - 1
+                if not left:
+                    push(heap, (ready[k], k))
         return free
 
     def _group(self, atom: int) -> int:
@@ -378,6 +384,26 @@ class Simulator:
     def _event(self, events: list, device: int, kind: str, label: str, start: float, end: float, **extra) -> None:
         events.append({"device": self._names[device], "kind": kind, "label": label,
                        "start_ms": start, "end_ms": end, **extra})
+
+
+class _Work(NamedTuple):
+    """One pass's chunks in priority order (position c: the chunk run c-th of those
+    ready at once): `device[c]`, `run[c]` (ms, dispatch included), and whom it hands
+    on to, as flat lists (no list per chunk): targets[j] with sizes[j] bytes for j in
+    range(first[c], first[c + 1]), in priority order; `waiting[c]`: how many chunks
+    hand on to c."""
+
+    device: list[int]
+    run: list[float]
+    first: list[int]
+    targets: list[int]
+    sizes: list[float]
+    waiting: list[int]
+
+
+def _starts(counts: np.ndarray) -> list[int]:
+    """Where each chunk's run of pairs starts, from the pairs per chunk, and the end."""
+    return [0, *np.cumsum(counts).tolist()]
 
 
 def _members(chunk_of: list[int], n_chunks: int) -> list[list[int]]:

@@ -145,9 +145,17 @@ class PlacementProblem:
         """Bytes each device holds at its peak under the runtime's accounting
         (parameters, gradients, optimizer state, and every activation saved for
         backward, all live at the end of the forward pass, of every micro-batch)."""
-        c = self.costs
-        weights = c.param_bytes + c.grad_bytes + c.opt_bytes + c.act_bytes * self.activation_factor(microbatches)
+        factor = self.activation_factor(microbatches)
+        weights = self._memory_weights.get(factor)
+        if weights is None:  # made once per factor: the simulator asks for every placement it scores
+            c = self.costs
+            weights = self._memory_weights[factor] = c.param_bytes + c.grad_bytes + c.opt_bytes + c.act_bytes * factor
         return np.bincount(np.asarray(placement), weights=weights, minlength=self.n_devices)
+
+    @cached_property
+    def _memory_weights(self) -> dict[float, np.ndarray]:
+        """Activation factor -> bytes each group holds at its device's peak (memory_per_device)."""
+        return {}
 
     def violations(self, placement: Sequence[int], microbatches: int = 1, used: np.ndarray | None = None) -> list[str]:
         """Why a placement (with `microbatches` micro-batches) is invalid or

@@ -82,13 +82,25 @@ def partition(n: int, edges: Sequence[tuple[int, int]], device: Sequence[int], *
     [0, 0, 0]
     """
     ordered = edges if presorted else sorted(set(edges))
-    bits = _bits(len(ordered))  # edge e's bit: 1 << e
+    bits = _bits(len(ordered))
     fwd = [0] * n
     bwd = [0] * n
-    for (u, v), bit in zip(ordered, bits):  # by source: every F(u) is final before u's out-edges
-        fwd[v] |= fwd[u] if device[u] == device[v] else bit
-    for (u, v), bit in zip(reversed(ordered), bits[len(ordered) - 1::-1]):  # sources descending
-        bwd[u] |= bwd[v] if device[u] == device[v] else bit
+    # Sets of cross-device edges as bits, numbered in the order each loop meets them
+    # (small numbers: cheaper to OR and to hash than one bit per edge of the graph).
+    cross = 0
+    for u, v in ordered:  # by source: every F(u) is final before u's out-edges
+        if device[u] == device[v]:
+            fwd[v] |= fwd[u]
+        else:
+            fwd[v] |= bits[cross]
+            cross += 1
+    cross = 0
+    for u, v in reversed(ordered):  # sources descending: every B(v) is final before v's in-edges
+        if device[u] == device[v]:
+            bwd[u] |= bwd[v]
+        else:
+            bwd[u] |= bits[cross]
+            cross += 1
     ids: dict[tuple[int, int, int], int] = {}
     return [ids.setdefault(key, len(ids)) for key in zip(device, fwd, bwd)]
 
