@@ -178,3 +178,9 @@ def test_the_default_loss_reads_every_floating_tensor_of_a_structured_output():
     with pytest.raises(WorkloadError, match=r"the default loss .* finds none in the model's dict output: define "
                                             r"loss_fn\(output, \*inputs\)"):
         default_loss({"ids": torch.arange(3)})
+
+
+def test_ctrl_c_in_a_workload_function_stays_an_interruption(tmp_path):
+    path = write(tmp_path, GOOD + "\ndef loss_fn(output, x):\n    raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        load_workload(path).loss_fn(torch.ones(2), None)
