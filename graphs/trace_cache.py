@@ -57,8 +57,13 @@ def lookup(model: nn.Module, key: tuple) -> Traced | None:
 
 
 def store(model: nn.Module, key: tuple, traced: Traced) -> Traced:
-    """Keep `traced` (a capture of `model`) and return a copy to hand out."""
-    _captures.setdefault(model, {})[key] = (traced, model_state(model))
+    """Keep `traced` (a capture of `model`), for the model it was copied from too while
+    the two are alike (so that the next copy finds it), and return a copy to hand out."""
+    state = model_state(model)
+    _captures.setdefault(model, {})[key] = (traced, state)
+    source = _source(model)
+    if source is not None and model_state(source) == state:
+        _captures.setdefault(source, {}).setdefault(key, (rebind(traced, model, source), state))
     return rebind(traced, model, model)
 
 

@@ -177,6 +177,9 @@ def test_a_model_and_its_fresh_copies_are_captured_once_while_nothing_changes(mo
     x = ids()
     torch.testing.assert_close(kept.run(x)["hidden"], copy(x)["hidden"])
     assert again.bind((ids(5),), {}) is not None
+    third = workload.fresh_model()
+    kept_for_source = trace_model(third, inputs=(ids(5),), mode="eval")  # a copy's capture serves the next copy
+    assert len(exports) == 2 and kept_for_source.gm.get_parameter("fc.weight") is third.fc.weight
     copy.seq = 6.0  # any change of what the forward may read makes a new capture
     trace_model(copy, inputs=(ids(),), mode="eval")
     trace_model(copy, inputs=(ids(),), mode="train")
