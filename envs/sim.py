@@ -125,10 +125,6 @@ class SimResult:
     # group of the sending chunk and one of the receiving chunk), "phase" and "microbatch".
     timeline: list[dict] | None = field(default=None, compare=False)
 
-    @property
-    def step_s(self) -> float:
-        return self.step_ms / 1000.0
-
 
 @dataclass(frozen=True)
 class Atoms:
@@ -228,9 +224,6 @@ class Simulator:
         if timeline:
             return self._evaluate(p, m, record=True)
         return self._cached(p, m)
-
-    def step_ms(self, placement: Sequence[int], microbatches: int = 1) -> float:
-        return self.simulate(placement, microbatches).step_ms
 
     def compute_factor(self, microbatches: int) -> float:
         """A micro-batch's compute relative to the whole batch's (see the module doc)."""
