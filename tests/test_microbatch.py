@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -117,6 +118,13 @@ def test_split_follows_torch_chunk_and_hands_other_inputs_whole():
     assert torch.equal(microbatch.gather([p["x"] for p in s.inputs], [0]), x)
 
 
+def test_the_batch_is_the_first_tensor_inputs_rows_along_each_inputs_own_dimension():
+    x, other, row = torch.randn(4, 3), torch.randn(3, 4), torch.randn(4)
+    assert microbatch.split_dims({"x": x, "other": other, "row": row, "scale": 2.0}, {}) == {"x": 0, "row": 0}
+    assert microbatch.split_dims({"x": x, "other": other}, {"other": 1}) == {"x": 0, "other": 1}
+    assert microbatch.split_dims({"scale": 2.0, "flag": torch.tensor(True)}, {}) == {}
+
+
 # -- refusals -----------------------------------------------------------------------
 
 class Normed(nn.Module):
@@ -192,6 +200,8 @@ def test_a_buffer_updated_in_forward_is_refused():
     gm = torch.export.export(model, (torch.randn(4, 6),), strict=False).module()
     with pytest.raises(PlanError, match="updates buffer 'seen' in forward"):
         Placed(gm, lambda n: "cpu:0", gm=gm, microbatches=2)
+    assert "updates buffer 'seen'" in microbatch.static_refusal(gm.graph, gm, "plan")  # a plain module will do
+    assert microbatch.static_refusal(fx.symbolic_trace(Chain()).graph, Chain(), "plan") is None
 
 
 def test_schedules_other_than_gpipe_are_for_the_pipelining_backend():

@@ -143,8 +143,7 @@ class Executor:
                             f"(placer train --backend pipelining); placer.apply runs 'gpipe'")
         chunks = build_chunks(model, gm.graph, assignment, groups=groups, extra_roots=(gm,))
         if microbatches > 1 and not microbatch_statistics:
-            from placer.runtime.chunks import _Lookup
-            reason = microbatch.static_refusal(gm.graph, _Lookup(model, (gm,)), source)
+            reason = microbatch.static_refusal(gm.graph, model, source, extra_roots=(gm,))
             if reason:
                 raise PlanError(reason)
         return cls(chunks, devices, microbatches=microbatches, batch_dims=batch_dims,

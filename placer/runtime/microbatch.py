@@ -39,8 +39,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.errors import PlanError
 from graphs.schedule import mutated_args, tensor_base
+from placer.runtime.chunks import _Lookup
 
-__all__ = ["Split", "split", "gather", "split_grads", "join_grads", "static_refusal", "probe", "batch_layout"]
+__all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "probe", "batch_layout"]
 
 _REDUCTIONS_ADVICE = ("set microbatch_statistics = True in the workload to accept per-micro-batch statistics, "
                       "or use microbatches = 1")
@@ -57,18 +58,29 @@ class Split:
     dims: dict[str, int]
 
 
-def split(inputs: Mapping[str, Any], m: int, batch_dims: Mapping[str, int]) -> Split:
-    """Split every batch-sized tensor input (the batch size is the first tensor
-    input's size along its batch dimension; `batch_dims` names it per input,
-    default 0) into at most `m` micro-batches with torch.chunk: equal sizes but the
-    last, and fewer than `m` when the batch is small (4 rows in 3 -> 2, 2)."""
+def split_dims(inputs: Mapping[str, Any], batch_dims: Mapping[str, int]) -> dict[str, int]:
+    """The inputs a batch is split along, and the dimension of each: every tensor
+    input as long along its batch dimension (`batch_dims` names it per input, default
+    0) as the first tensor input is along its own; the first one included. Empty
+    when no input is a tensor with dimensions. Other inputs go whole to every
+    micro-batch."""
     tensors = [(name, v) for name, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0]
     if not tensors:
-        return Split([dict(inputs)], [0], {})
+        return {}
     name0, first = tensors[0]
     rows = first.shape[batch_dims.get(name0, 0)]
-    dims = {name: batch_dims.get(name, 0) for name, v in tensors
+    return {name: batch_dims.get(name, 0) for name, v in tensors
             if v.dim() > batch_dims.get(name, 0) and v.shape[batch_dims.get(name, 0)] == rows}
+
+
+def split(inputs: Mapping[str, Any], m: int, batch_dims: Mapping[str, int]) -> Split:
+    """Split every batch-sized tensor input (`split_dims`) into at most `m`
+    micro-batches with torch.chunk: equal sizes but the last, and fewer than `m`
+    when the batch is small (4 rows in 3 -> 2, 2)."""
+    dims = split_dims(inputs, batch_dims)
+    if not dims:
+        return Split([dict(inputs)], [0], {})
+    name0 = next(iter(dims))
     pieces = {name: torch.chunk(inputs[name], m, dim) for name, dim in dims.items()}
     count = len(pieces[name0])
     parts = [{name: pieces[name][i] if name in pieces else v for name, v in inputs.items()} for i in range(count)]
@@ -120,9 +132,12 @@ def _where(node: fx.Node) -> str:
     return f"node '{node.name}'"
 
 
-def static_refusal(graph: fx.Graph, root: Any, source: str) -> str | None:
+def static_refusal(graph: fx.Graph, root: nn.Module, source: str, extra_roots: Sequence[nn.Module] = ()) -> str | None:
     """Why micro-batches would change what the model computes, seen from the graph
-    alone (batch norm in training, buffers updated in forward); None if nothing."""
+    alone (batch norm in training, buffers updated in forward); None if nothing.
+    `root`: the module the graph's targets name (the traced GraphModule, typically);
+    `extra_roots`: where targets `root` lacks are found (chunks.build_chunks)."""
+    root = _Lookup(root, extra_roots)
     for node in graph.nodes:
         if node.op == "call_module":
             module = root.get_submodule(str(node.target))
