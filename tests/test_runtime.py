@@ -314,10 +314,13 @@ def test_plan_for_another_model_is_refused(tmp_path):
     apply(NormNet(), path).close()  # the same architecture is fine
 
 
-def test_plan_naming_devices_the_cluster_lacks_is_refused():
+def test_plan_naming_devices_the_cluster_lacks_is_refused_unless_they_stand_one_for_one():
+    """Devices as many and of the same kinds stand for the plan's one to one
+    (tests/test_placed.py covers that remap); any other count is refused."""
     plan = random_plan(NormNet(), TWO, 0)
-    with pytest.raises(PlanError, match="cpu:1"):
-        apply(NormNet(), plan, parse_cluster("cpu:0,cpu:2"))
+    for devices in ("cpu:0", "cpu:0,cpu:2,cpu:3"):
+        with pytest.raises(PlanError, match=r"places nodes on cpu:0,cpu:1; .*as many, of the same kinds"):
+            apply(NormNet(), plan, parse_cluster(devices))
 
 
 # -- concurrency, errors, cleanup ----------------------------------------------
