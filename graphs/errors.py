@@ -29,3 +29,8 @@ class InfeasibleError(PlacerError):
 class CheckpointError(PlacerError):
     """A search checkpoint or a saved policy is corrupt, of an unknown format, or made for
     another problem (other model, devices or memory caps)."""
+
+
+class ExecutionError(PlacerError):
+    """A placed model cannot run: its executor is closed, a worker died, or a step ran
+    past its time limit."""

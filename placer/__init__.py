@@ -11,6 +11,7 @@ from graphs.errors import (
     CaptureError,
     CheckpointError,
     DeviceSpecError,
+    ExecutionError,
     InfeasibleError,
     PlacerError,
     PlanError,
@@ -19,7 +20,7 @@ from graphs.errors import (
 
 __all__ = [
     "apply", "load_plan", "Plan", "PlacerError", "WorkloadError", "CaptureError",
-    "DeviceSpecError", "PlanError", "InfeasibleError", "CheckpointError",
+    "DeviceSpecError", "PlanError", "InfeasibleError", "CheckpointError", "ExecutionError",
 ]
 
 

@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from graphs.devices import parse_cluster
-from placer.runtime.dataflow import ExecutionError, Pass
+from graphs.errors import ExecutionError
+from placer.runtime.dataflow import Pass
 from placer.runtime.worker import Worker
 
 

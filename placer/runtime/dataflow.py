@@ -28,18 +28,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from graphs.errors import PlacerError
+from graphs.errors import ExecutionError
 from placer.runtime.worker import Worker
 
-__all__ = ["Pass", "ExecutionError", "POLL_S"]
+__all__ = ["Pass", "POLL_S"]
 
 POLL_S = 0.5  # how often a waiting caller checks on the workers
 _DONE, _FAILED, _BARRIER = -1, -2, -3
-
-
-class ExecutionError(PlacerError):
-    """A placed model cannot run: its executor is closed, a worker died, or a step ran
-    past its time limit."""
 
 
 class Pass:

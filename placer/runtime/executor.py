@@ -38,10 +38,10 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.devices import Device
-from graphs.errors import PlanError
+from graphs.errors import ExecutionError, PlanError
 from placer.runtime import microbatch
 from placer.runtime.chunks import Chunk, build_chunks
-from placer.runtime.dataflow import ExecutionError, Pass
+from placer.runtime.dataflow import Pass
 from placer.runtime.placed_graph import Call, PlacedGraph
 from placer.runtime.values import SavedBytes, add_grads, count_saved, map_tensors, move, receive, run_backward
 from placer.runtime.worker import Autocast, CallerPin, Worker, core_shares
