@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-__all__ = ["LowerBound", "lower_bound", "candidate_bound", "group_compute_ms", "cost_floor", "microbatch_factor"]
+__all__ = ["LowerBound", "lower_bound", "candidate_bound", "group_compute_ms", "cost_floor", "microbatch_factor",
+           "microbatch_table"]
 
 
 @dataclass(frozen=True)
@@ -67,17 +68,31 @@ def cost_floor(groups: nx.DiGraph, compute_scale: Mapping[str, float] | None = N
 
 def microbatch_factor(groups: nx.DiGraph, kind: str, m: int) -> float | None:
     """f(m) on `kind`: the profiled whole step at batch/m times m over the step at the full
-    batch (graph attribute "microbatch_step_ms", {kind: {m: ms}}); 1 for m = 1; None when
-    m was not profiled there (it cannot run).
+    batch (graph attributes "microbatch_step_ms_by_kind", {kind: {m: ms}}, else
+    "microbatch_step_ms", {m: ms}, for every kind); 1 for m = 1, and 1 (costs linear in
+    the batch, as the simulator assumes) when the profile has no such table; None when
+    the table lacks m (it could not run at batch/m).
 
-    >>> microbatch_factor(nx.DiGraph(microbatch_step_ms={"cpu": {1: 10.0, 2: 12.0}}), "cpu", 2)
+    >>> microbatch_factor(nx.DiGraph(microbatch_step_ms={1: 10.0, 2: 12.0}), "cpu", 2)
     1.2
+    >>> microbatch_factor(nx.DiGraph(microbatch_step_ms={1: 10.0, 2: 12.0}), "cpu", 4) is None
+    True
     """
     if m == 1:
         return 1.0
-    profiled = (groups.graph.get("microbatch_step_ms") or {}).get(kind, {})
-    steps = {int(k): float(v) for k, v in profiled.items()}
-    return steps[m] / steps[1] if m in steps and steps.get(1) else None
+    table = microbatch_table(groups, kind)
+    if table is None:
+        return 1.0
+    return table[m] / table[1] if m in table and table.get(1) else None
+
+
+def microbatch_table(graph: nx.DiGraph, kind: str) -> dict[int, float] | None:
+    """{m: ms} of the profile's micro-batch steps on `kind` (keys read as ints: JSON makes
+    them strings), or None when the graph has none."""
+    table = (graph.graph.get("microbatch_step_ms_by_kind") or {}).get(kind) or graph.graph.get("microbatch_step_ms")
+    if not table:
+        return None
+    return {int(k): float(v) for k, v in table.items()}
 
 
 def group_compute_ms(groups: nx.DiGraph, device_kinds: Sequence[str],

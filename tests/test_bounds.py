@@ -85,7 +85,7 @@ def test_virtual_cpu_devices_work_no_faster_than_the_host_has_cores():
 
 def test_pipelining_shortens_the_critical_path_by_the_microbatch_count_at_its_cost():
     piped = DIAMOND.copy()
-    piped.graph["microbatch_step_ms"] = {"cpu": {1: 100.0, 2: 110.0, 4: 150.0}}
+    piped.graph["microbatch_step_ms_by_kind"] = {"cpu": {1: 100.0, 2: 110.0, 4: 150.0}}
     bound = lower_bound(piped, ["cpu"] * 4, microbatches=(1, 2, 4, 8))  # 8 was not profiled: skipped
     # m=2: critical path 18 * 1.1 / 2 = 9.9, work 7.5 * 1.1 = 8.25; m=4: 18 * 1.5 / 4 = 6.75 but work 11.25
     assert bound.microbatches == 2 and bound.bound_ms == pytest.approx(9.9)

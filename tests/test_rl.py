@@ -287,3 +287,31 @@ def test_a_policy_saved_by_one_search_starts_the_search_of_another_problem(tmp_p
     config = TrainConfig(**{**QUICK, "imitation_steps": 300, "imitation_target": 0.97, "max_samples": 0})
     result = train(target, sim_score(target), config, warm_start=warm, policy=load_policy(tmp_path / "policy.pt"))
     assert result.policy.greedy() == warm and result.best == Candidate(warm)  # imitation ran on top of the transferred weights
+
+
+def test_risk_seeking_advantages_count_only_the_top_of_the_batch():
+    from placer.rl.trainer import Learner, advantage
+
+    rewards = torch.tensor([-4.0, -3.0, -2.0, -1.0, -0.5, -0.25, -0.2, -0.1])
+    top = advantage(rewards, Learner(), TrainConfig(top_quantile=0.75))
+    threshold = float(torch.quantile(rewards, 0.75))
+    assert (top[rewards <= threshold] == 0).all() and (top[rewards > threshold] > 0).all()
+    assert float(top.max()) == pytest.approx(1.0)  # scaled: the best sample's advantage is 1
+    normalized = advantage(rewards, Learner(), TrainConfig())
+    assert float(normalized.mean()) == pytest.approx(0.0, abs=1e-6) and float(normalized.std(unbiased=False)) == pytest.approx(1.0)
+    learner = Learner()
+    moving = advantage(rewards, learner, TrainConfig(normalize_advantages=False, baseline_decay=0.5))
+    assert torch.allclose(moving, rewards - rewards.mean()) and learner.baseline == pytest.approx(float(rewards.mean()))
+
+
+def test_self_imitation_raises_the_probability_of_the_best_candidate():
+    problem = two_chains(6)
+
+    def best_logp(self_imitation):
+        config = TrainConfig(**{**QUICK, "max_samples": 64, "self_imitation": self_imitation})
+        result = train(problem, sim_score(problem), config)
+        return float(result.policy.log_prob(torch.tensor([result.best.placement]))[0][0]), result
+
+    plain, _ = best_logp(0.0)
+    imitated, result = best_logp(5.0)
+    assert imitated > plain

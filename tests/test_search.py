@@ -147,5 +147,7 @@ def test_overrides_read_each_field_as_its_type_and_refuse_unknown_ones():
 def test_microbatch_options_come_from_the_profile():
     problem = synthetic()
     assert microbatch_options(problem) == (1,)
-    problem.groups.graph["microbatch_step_ms"] = {"cpu": {1: 10.0, 2: 11.0, 4: 13.0}}
+    problem.groups.graph["microbatch_step_ms"] = {1: 10.0, 2: 11.0, 4: 13.0}
     assert microbatch_options(problem) == (1, 2, 4)
+    problem.groups.graph["microbatch_step_ms_by_kind"] = {"cpu": {"1": 10.0, "2": 11.0}}  # JSON keys
+    assert microbatch_options(problem) == (1, 2)

@@ -14,6 +14,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from graphs.bounds import microbatch_table
 from graphs.problem import PlacementProblem
 
 __all__ = ["SearchConfig", "overrides", "microbatch_options"]
@@ -108,12 +109,12 @@ def _parse(text: str, hint: object) -> object:
 
 
 def microbatch_options(problem: PlacementProblem) -> tuple[int, ...]:
-    """The micro-batch counts this problem's profile has costs for on every device kind of
-    its cluster (the OpGraph's "microbatch_step_ms", {kind: {count: ms}}; a count missing
-    for a kind could not run there), always including 1."""
-    for graph in (problem.ops, problem.groups):
-        profiled = graph.graph.get("microbatch_step_ms") if graph is not None else None
-        if profiled:
-            counts = [{int(m) for m in profiled.get(kind, {})} for kind in problem.cluster.kinds]
-            return tuple(sorted({1}.union(*counts[:1]).intersection(*counts[1:]) | {1}))
+    """The micro-batch counts this problem's profile has step times for on every device
+    kind of its cluster (graphs.bounds.microbatch_table: the OpGraph's
+    "microbatch_step_ms_by_kind" or "microbatch_step_ms"; a count missing could not run
+    at batch/m), always including 1."""
+    for graph in (problem.groups, problem.ops):
+        tables = [microbatch_table(graph, kind) for kind in problem.cluster.kinds] if graph is not None else [None]
+        if all(t is not None for t in tables):
+            return tuple(sorted({1}.union(*tables[:1]).intersection(*tables[1:]) | {1}))
     return (1,)
