@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ from placer.runtime.chunks import Chunk, build_chunks
 from placer.runtime.dataflow import Pass
 from placer.runtime.placed_graph import Call, PlacedGraph
 from placer.runtime.values import SavedBytes, add_grads, count_saved, map_tensors, move, receive, run_backward
-from placer.runtime.worker import Autocast, CallerPin, Worker, core_shares
+from placer.runtime.worker import Autocast, CallerPin, Worker, core_shares, grad_mode
 
 __all__ = ["Executor", "ChunkEvent", "ExecutionError"]
 
@@ -229,7 +230,7 @@ class Executor:
         self._streams_wait_for_caller()
         inline = self._caller_device()
         run = Pass(self._waits, self._wakes, self._first, micro, False, self._chunk_workers,
-                   self.workers.get(inline), lambda w, i, c: self._forward_task(w, i, c, state))
+                   self.workers.get(inline), partial(self._forward_task, state))
         self._pin.hold(self.workers[inline].cores if inline is not None else ())
         try:
             run.execute(list(self.workers.values()), self.timeout_s)
@@ -245,13 +246,13 @@ class Executor:
         with torch.set_grad_enabled(grad):  # so that gathered outputs require grad as their pieces do
             return {n: microbatch.gather([v[n] for v in state.values], state.output_dims[n]) for n in produced}, state
 
-    def _forward_task(self, worker: Worker, i: int, c: int, state: StepState) -> None:
+    def _forward_task(self, state: StepState, worker: Worker, i: int, c: int) -> None:
         chunk = self.chunks[c]
         device, stream = worker.torch_device, worker.stream
         values, events, inputs = state.values[i], state.events[i], state.split.inputs[i]
         grad = state.grad
         args, leaves = [], []
-        with torch.set_grad_enabled(grad):  # per thread; a caller inside PlacedGraph.forward has it off
+        with grad_mode(grad):  # per thread; a caller inside PlacedGraph.forward has it off
             for name in chunk.inputs:
                 p = self.producer.get(name)
                 value, event = (inputs[name], None) if p is None else (values[name], events.get(p))
@@ -260,14 +261,16 @@ class Executor:
                 args.append(arg)
                 leaves.append(grad_leaves)
             saved = {} if grad and self.count_activations else None
-            start = time.perf_counter()
+            timeline = self.timeline
+            start = time.perf_counter() if timeline is not None else 0.0
             with worker.context(), Autocast.enter(state.autocast), count_saved(saved, self.excluded_storages):
                 outs = chunk.module.forward(*args)
         values.update(zip(chunk.outputs, outs))
         event = worker.record_event()
         if event is not None:
             events[c] = event
-        self._record(chunk, "forward", start, i)
+        if timeline is not None:
+            _record(timeline, chunk, "forward", start, i)
         if grad:
             chunk_state = ChunkState(inputs=leaves, outs=outs, saved=saved)
             state.chunks[i, c] = chunk_state
@@ -322,7 +325,7 @@ class Executor:
         on_engine = [name for name, w in self.workers.items() if w.torch_device == engine_device]
         inline = on_engine[0] if on_engine else self._caller_device()
         run = Pass(self._wakes, self._after, self._last, micro, True, self._chunk_workers, self.workers.get(inline),
-                   lambda w, i, c: self._backward_task(w, i, c, state, per_micro[i]))
+                   partial(self._backward_task, state, per_micro))
         self._pin.hold(self.workers[inline].cores if inline is not None else ())
         try:
             run.execute(list(self.workers.values()), self.timeout_s)
@@ -331,7 +334,9 @@ class Executor:
         self._caller_waits_for_streams()
         return self._input_grads(state)
 
-    def _backward_task(self, worker: Worker, i: int, c: int, state: StepState, output_grads: dict) -> None:
+    def _backward_task(self, state: StepState, per_micro: list[dict[str, list]], worker: Worker, i: int,
+                       c: int) -> None:
+        """`per_micro[i]`: the gradients of micro-batch i's model outputs (node -> list)."""
         chunk = self.chunks[c]
         chunk_state = state.chunks.pop((i, c), None)
         if chunk_state is None:  # ran without grad (nothing it computed needs one)
@@ -339,6 +344,7 @@ class Executor:
         device, stream = worker.torch_device, worker.stream
         sent, events = state.sent[i], state.events[i]
         tensors, grads = [], []
+        output_grads = per_micro[i]
         for name, out in zip(chunk.outputs, chunk_state.outs):
             total = output_grads.get(name)
             if total is not None:
@@ -354,7 +360,8 @@ class Executor:
                 if g is not None and isinstance(t, torch.Tensor) and t.requires_grad:
                     tensors.append(t)
                     grads.append(g)
-        start = time.perf_counter()
+        timeline = self.timeline
+        start = time.perf_counter() if timeline is not None else 0.0
         with worker.context():
             if tensors:
                 run_backward(tensors, grads)
@@ -364,7 +371,8 @@ class Executor:
         if event is not None:
             events[c] = event
         sent[c] = mine
-        self._record(chunk, "backward", start, i)
+        if timeline is not None:
+            _record(timeline, chunk, "backward", start, i)
         if chunk_state.saved:
             self._saved.release(chunk.device, chunk_state.saved)
 
@@ -403,11 +411,6 @@ class Executor:
         return next((name for name, w in self.workers.items() if w.device.kind == "cpu" and w.device.threads == threads),
                     None)
 
-    def _record(self, chunk: Chunk, phase: str, start: float, microbatch_index: int) -> None:
-        if self.timeline is not None:
-            self.timeline.append(ChunkEvent(chunk.index, chunk.device, phase, threading.current_thread().name,
-                                            start, time.perf_counter(), microbatch_index))
-
     def _streams_wait_for_caller(self) -> None:
         """Worker streams see everything the caller queued before (inputs, optimizer step)."""
         for w in self.workers.values():
@@ -430,3 +433,8 @@ class Executor:
         self._pin.release()
         for w in self.workers.values():
             w.close()
+
+
+def _record(timeline: list[ChunkEvent], chunk: Chunk, phase: str, start: float, microbatch_index: int) -> None:
+    timeline.append(ChunkEvent(chunk.index, chunk.device, phase, threading.current_thread().name, start,
+                               time.perf_counter(), microbatch_index))

@@ -41,7 +41,8 @@ from graphs.errors import PlanError
 from graphs.schedule import mutated_args, tensor_base
 from placer.runtime.chunks import _Lookup
 
-__all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "probe", "batch_layout"]
+__all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "probe",
+           "batch_layout"]
 
 _REDUCTIONS_ADVICE = ("set microbatch_statistics = True in the workload to accept per-micro-batch statistics, "
                       "or use microbatches = 1")

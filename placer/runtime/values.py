@@ -15,11 +15,12 @@ synchronized first. Virtual CPU devices share memory: nothing is copied.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any, ContextManager
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from placer.runtime.worker import NOTHING
 
 __all__ = ["move", "receive", "add_grads", "count_saved", "SavedBytes", "map_tensors", "run_backward"]
 
@@ -79,9 +80,11 @@ def add_grads(total: list | None, grads: list, device: torch.device | None = Non
     """Elementwise sum of two gradient lists (None: no gradient), moving `grads` to
     `device` first (None: leave them where they are)."""
     if device is not None:
-        grads = [None if g is None else move(g, device, event, stream) for g in grads]
+        grads = [None if g is None else move(g, device, event, stream) for g in grads]  # a new list
+    elif total is None:
+        grads = list(grads)
     if total is None:
-        return list(grads)
+        return grads
     return [a if b is None else b if a is None else a + b for a, b in zip(total, grads)]
 
 
@@ -104,7 +107,7 @@ def count_saved(record: dict[int, int] | None, excluded: set[int]) -> ContextMan
     pointer -> bytes; each storage once), except storages in `excluded` (parameters
     and buffers, which are not activations). `record` None: count nothing."""
     if record is None:
-        return nullcontext()
+        return NOTHING
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()

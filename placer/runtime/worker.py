@@ -11,9 +11,10 @@ A worker takes (owner, task) pairs from its queue, in order, and calls
 (placer.runtime.dataflow), and the caller's thread serves a device the same way
 from the pass's own queue.
 
-Autocast is thread-local too: `Autocast.of_caller` reads the calling thread's
-state and `Autocast.enter` sets the same on a worker, around a chunk's forward
-(autograd records the casts, so backward needs none, as in eager).
+Grad mode and autocast are thread-local too: `grad_mode` and `Autocast.enter`
+set the caller's on a worker around a chunk's forward (autograd records the
+casts, so backward needs no autocast, as in eager). Contexts that have nothing to
+do are one shared `NOTHING`, so that a chunk, run inside several, allocates none.
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ import torch
 
 from graphs.devices import Device
 
-__all__ = ["Worker", "CallerPin", "Autocast", "core_shares", "CLOSE_WAIT_S"]
+__all__ = ["Worker", "CallerPin", "Autocast", "grad_mode", "core_shares", "NOTHING", "CLOSE_WAIT_S"]
 
 CLOSE_WAIT_S = 60.0  # how long close() waits for a worker still running a chunk
+NOTHING = nullcontext()  # stateless, so one serves every thread
+
+
+def grad_mode(enabled: bool) -> ContextManager:
+    """torch.set_grad_enabled(enabled), or NOTHING where the thread is in that mode
+    already (a worker in a training step, typically)."""
+    return NOTHING if torch.is_grad_enabled() == enabled else torch.set_grad_enabled(enabled)
 
 
 def core_shares(devices: Sequence[Device]) -> dict[str, tuple[int, ...]]:
@@ -72,7 +80,7 @@ class Autocast:
     def enter(state: Autocast | None) -> ContextManager:
         """A context that sets `state` on the current thread (None: nothing to set)."""
         if state is None:
-            return nullcontext()
+            return NOTHING
         if len(state.dtypes) == 1:
             (device_type, dtype), = state.dtypes
             return torch.autocast(device_type, dtype=dtype, cache_enabled=state.cache)
@@ -135,7 +143,7 @@ class Worker:
 
     def context(self):
         """The worker's CUDA stream, where it has one."""
-        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        return torch.cuda.stream(self.stream) if self.stream is not None else NOTHING
 
     def record_event(self) -> torch.cuda.Event | None:
         """A CUDA event after the work queued so far on this worker's stream."""
