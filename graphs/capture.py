@@ -270,7 +270,7 @@ def node_params(gm: fx.GraphModule, node: fx.Node) -> list[str]:
     are placed with it, and a buffer is updated where it lives). Attributes that are
     not tensors (a subgraph of a higher-order op) are not listed."""
     if node.op == "get_attr":
-        return [str(node.target)] if isinstance(_fetch_attr(gm, str(node.target)), torch.Tensor) else []
+        return [str(node.target)] if isinstance(operator.attrgetter(str(node.target))(gm), torch.Tensor) else []
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         prefix = f"{node.target}."
@@ -282,24 +282,17 @@ def _params_used(node: fx.Node, gm: fx.GraphModule, canonical: dict[int, str]) -
     """{canonical name: bytes} of what the node reads (a tied tensor under one name)."""
     used = {}
     for name in node_params(gm, node):
-        t = _fetch_attr(gm, name)
+        t = operator.attrgetter(name)(gm)
         if isinstance(t, torch.Tensor) and id(t) in canonical:
             used[canonical[id(t)]] = t.numel() * t.element_size()
     return used
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _node_bytes(node: fx.Node, gm: fx.GraphModule) -> int:
     """Bytes of the node's output: a get_attr's tensor, fx's recorded tensor_meta, or
     export's fake value (dynamic sizes at the example batch's values)."""
     if node.op == "get_attr":
-        value = _fetch_attr(gm, str(node.target))
+        value = operator.attrgetter(str(node.target))(gm)
         return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
     if "tensor_meta" in node.meta:
         return _meta_bytes(node.meta["tensor_meta"])

@@ -362,18 +362,11 @@ def fingerprint(model: nn.Module, gm: fx.GraphModule) -> str:
         inputs = ",".join(n.name for n in node.all_input_nodes)
         target = target_name(node)
         if node.op == "get_attr":
-            value = _fetch(gm, target)
+            value = operator.attrgetter(target)(gm)
             if isinstance(value, torch.Tensor) and id(value) not in owned:
                 target = f"constant{tuple(value.shape)}:{value.dtype}"
         h.update(f"{node.op}|{target}|{node.name}|{inputs};".encode())
     return h.hexdigest()[:16]
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:

@@ -14,6 +14,7 @@ submodules (`rebind`), so placing it changes nothing that is kept.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import replace
 from typing import Any
@@ -94,8 +95,8 @@ def rebind(traced: Traced, source: nn.Module, target: nn.Module) -> Traced:
     root: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
-            value = _fetch(traced.gm, str(node.target))
-            root[str(node.target)] = _fetch(target, where[id(value)]) if id(value) in where else value
+            value = operator.attrgetter(str(node.target))(traced.gm)
+            root[str(node.target)] = operator.attrgetter(where[id(value)])(target) if id(value) in where else value
     return replace(traced, gm=fx.GraphModule(root, graph, class_name=type(traced.gm).__name__))
 
 
@@ -120,10 +121,3 @@ def _simple(value: Any) -> Any:
     if isinstance(value, (tuple, list)) and all(isinstance(v, _SIMPLE) for v in value):
         return type(value).__name__, tuple(_simple(v) for v in value)
     return type(value).__qualname__
-
-
-def _fetch(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -27,6 +27,7 @@ the device of the first tensor input, like accelerate's dispatched models.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -262,7 +263,7 @@ def _build(model: nn.Module, plan: Plan, traced: Traced, assignment: dict[str, s
         if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != here:
             node.update_kwarg("device", here)
         elif node.op == "get_attr":
-            value = _fetch(gm, str(node.target))
+            value = operator.attrgetter(str(node.target))(gm)
             if isinstance(value, torch.Tensor) and id(value) not in owned and value.device != here:
                 alias = f"{str(node.target).replace('.', '_')}_on_{here.type}{here.index or 0}"
                 setattr(gm, alias, value.to(here))
@@ -286,7 +287,7 @@ def _place_tensors(model: nn.Module, gm: fx.GraphModule, body: list[fx.Node], as
     for node in body:
         device = assignment[node.name]
         for name in node_params(gm, node):
-            tensor = _fetch(gm, name)
+            tensor = operator.attrgetter(name)(gm)
             if id(tensor) not in canonical:
                 continue
             first, seen = owner.setdefault(id(tensor), (canonical[id(tensor)], device))
@@ -333,14 +334,7 @@ def _canonical_names(model: nn.Module) -> dict[int, str]:
 
 
 def _read_tensors(gm: fx.GraphModule, node: fx.Node) -> list:
-    return [_fetch(gm, name) for name in node_params(gm, node)]
-
-
-def _fetch(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return [operator.attrgetter(name)(gm) for name in node_params(gm, node)]
 
 
 def _close_all(graphs: list[PlacedCapture]) -> None:
