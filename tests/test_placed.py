@@ -15,7 +15,7 @@ from torch import nn
 
 import placer
 from graphs.capture import owning_module
-from graphs.errors import PlanError
+from graphs.errors import ExecutionError, PlanError
 from placer.plan import Plan, plan_from_assignment
 from placer.runtime import PlacedModule, apply
 
@@ -202,8 +202,6 @@ def test_a_call_with_other_arguments_gets_its_own_capture():
 
 
 def test_a_closed_placed_model_refuses_every_call_at_once(pair):
-    from placer.runtime.dataflow import ExecutionError
-
     _, placed = pair
     placed.close()
     with pytest.raises(ExecutionError, match="closed"):
