@@ -113,3 +113,38 @@ def test_no_simulated_candidate_beats_its_bound():
             placement = rng.integers(0, problem.n_devices, problem.n_groups).tolist()
             bound = candidate_bound(problem.groups, kinds, placement)
             assert overall <= bound + 1e-9 and bound <= sim.simulate(placement).step_ms + 1e-9
+
+
+def test_no_measured_plan_of_a_small_zoo_model_beats_the_bound_beyond_its_ci(tmp_path, monkeypatch):
+    """The bound is true on the real runtime: a measured step's whole confidence interval
+    never lies below it (nor below the candidate's own bound)."""
+    import torch
+
+    from graphs.bounds import candidate_bound, cost_floor
+    from graphs.devices import host_cores
+    from graphs.errors import InfeasibleError
+    from graphs.problem import build_problem
+    from graphs.workload import load_workload
+    from placer.baselines import run_baselines
+    from placer.runtime.timing import measure_placement
+
+    monkeypatch.setenv("PLACER_CACHE", str(tmp_path))
+    spec = "zoo:transformer:small"
+    problem = build_problem(spec, devices="cpu:0,cpu:1")
+    workload = load_workload(spec)
+    kinds = [d.kind for d in problem.cluster.devices]
+    floor = cost_floor(problem.groups)
+    bound = lower_bound(problem.groups, kinds, floor=floor, cores=host_cores())
+    placements = run_baselines(problem, ["single", "expert", "balanced"])
+    threads = torch.get_num_threads()
+    try:
+        for name, placement in placements.items():
+            if isinstance(placement, InfeasibleError):
+                continue
+            measured = measure_placement(workload, problem, placement, name, iters=5, warmup=2)
+            assert measured.feasible, measured.reason
+            high = measured.ci_ms[1]
+            assert high >= bound.bound_ms, f"{name}: measured {measured.median_ms:.2f} ms, bound {bound.bound_ms:.2f}"
+            assert high >= candidate_bound(problem.groups, kinds, placement, floor=floor), name
+    finally:
+        torch.set_num_threads(threads)

@@ -63,7 +63,8 @@ class TrainConfig(SearchConfig):
     search is judged by its best candidate, not its mean one. None: every sample counts."""
     self_imitation: float = 0.0
     """Weight of a maximum-likelihood term on the best candidate found so far in every
-    update (self-imitation, Oh et al. 2018): keeps the policy sampling around the incumbent."""
+    update (self-imitation, Oh et al. 2018), while the policy gives it less than
+    imitation_target per group: keeps the policy sampling around the incumbent."""
     entropy_coef: float = 0.01
     """Bonus on the mean per-group entropy: keeps the policy sampling more than one candidate."""
     ppo_epochs: int = 4
@@ -289,11 +290,16 @@ def ppo_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: 
 
 
 def _self_imitation(policy: Seq2SeqPolicy, best: Candidate | None, config: TrainConfig) -> torch.Tensor:
-    """config.self_imitation times the mean per-group negative log-likelihood of `best` (0 without it)."""
+    """config.self_imitation times the mean per-group negative log-likelihood of `best`,
+    while the policy gives `best` less than imitation_target per group (above it the term
+    is 0: the policy keeps sampling around the incumbent instead of collapsing onto it)."""
     if best is None or config.self_imitation == 0:
         return torch.zeros(())
     logp, _ = policy.log_prob(torch.tensor([best.placement]), torch.tensor([MICROBATCH_CHOICES.index(best.microbatches)]))
-    return -config.self_imitation * logp[0] / len(best.placement)
+    per_group = logp[0] / len(best.placement)
+    if float(per_group.detach().exp()) >= config.imitation_target:
+        return torch.zeros(())
+    return -config.self_imitation * per_group
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
