@@ -310,7 +310,8 @@ def test_self_imitation_raises_the_probability_of_the_best_candidate():
     def best_logp(self_imitation):
         config = TrainConfig(**{**QUICK, "max_samples": 64, "self_imitation": self_imitation})
         result = train(problem, sim_score(problem), config)
-        return float(result.policy.log_prob(torch.tensor([result.best.placement]))[0][0]), result
+        with torch.no_grad():
+            return float(result.policy.log_prob(torch.tensor([result.best.placement]))[0][0]), result
 
     plain, _ = best_logp(0.0)
     imitated, result = best_logp(5.0)
