@@ -35,17 +35,14 @@ Writes experiments/results/ablation.{json,md} (ablation_quick.* with --quick).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from _record import host_info, host_lines, record  # this folder is on sys.path when run as a script
 from envs.calibrate import load_calibration
 from graphs.bounds import cost_floor, lower_bound
 from graphs.devices import host_cores
@@ -56,7 +53,6 @@ from placer.rl import TrainConfig
 from placer.search import microbatch_options, overrides, run
 from placer.search.scorer import SimulatedScorer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WORKLOADS = Path(__file__).resolve().parent / "workloads"
 METHODS = ("rl", "rl_lr0", "random_search", "local_search")
 
@@ -155,7 +151,6 @@ def measure(entry: dict, args: argparse.Namespace) -> None:
 def markdown(results: dict) -> str:
     host = results["host"]
     lines = [f"# Ablation ({host['date']})", "",
-             f"Host: {host['platform']}, {host['cores']} cores, torch {host['torch']}. "
              f"{results['samples']} sampled candidates per method, seeds {results['seeds']}; every method starts "
              "from the best heuristic (warm start) and scores on the simulator; best simulated step time, mean "
              "(and spread) over the seeds. Lower is better.", "",
@@ -170,7 +165,8 @@ def markdown(results: dict) -> str:
             cells.append(f"{statistics.mean(times):.2f} ({spread:.2f}, {p['warm_start']['ms'] / statistics.mean(times):.3f}x)")
         lines.append(f"| {p['name']} | {p['groups']} | {p['warm_start']['ms']:.2f} ({p['warm_start']['method']}) | "
                      f"{p['lower_bound_ms']:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: mean ms (max - min over seeds, speedup over the warm start)."]
+    lines += ["", "Cells: mean ms (max - min over seeds, speedup over the warm start). Simulated with the calibration "
+              "saved for each model and devices where there is one (`calibrated` in the JSON), else the nominal one."]
     measured = [p for p in results["problems"] if p.get("rl_vs")]
     if measured:
         lines += ["", "## Measured: RL's best candidate against the yardsticks', seed by seed", "",
@@ -180,7 +176,7 @@ def markdown(results: dict) -> str:
                 cells = ["infeasible" if r is None else f"{r['speedup']:.3f}x ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) "
                          f"{r['verdict']}" for r in ratios]
                 lines.append(f"| {p['name']} | {other} | {'; '.join(cells)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *host_lines(host)]) + "\n"
 
 
 def main() -> None:
@@ -200,6 +196,7 @@ def main() -> None:
         args.problems, args.samples, args.seeds = list(QUICK), 64, 1
     torch.set_num_threads(1)  # the policy's tensors are small: more threads only contend
 
+    host = host_info()  # the load as the run starts: is it quiet enough to record?
     started = time.perf_counter()
     problems = []
     for name in args.problems:
@@ -209,20 +206,11 @@ def main() -> None:
             measure(entry, args)
         entry.pop("problem", None)
         problems.append(entry)
-    results = {"host": host_info(), "samples": args.samples, "seeds": list(range(args.seed, args.seed + args.seeds)),
+    results = {"host": host, "samples": args.samples, "seeds": list(range(args.seed, args.seed + args.seeds)),
                "methods": args.methods, "config": asdict(overrides(TrainConfig(), args.set)),
                "seconds": time.perf_counter() - started, "problems": problems}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "ablation_quick" if args.quick else "ablation"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / f"{stem}.md").write_text(markdown(results))
+    record("ablation_quick" if args.quick else "ablation", results, markdown(results))
     print(markdown(results))
-
-
-def host_info() -> dict:
-    """Where and when the numbers were made, with the load that says whether timings can be trusted."""
-    return {"platform": platform.platform(), "cores": host_cores(), "torch": torch.__version__,
-            "load_1min": os.getloadavg()[0], "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 if __name__ == "__main__":

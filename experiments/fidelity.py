@@ -28,20 +28,15 @@ Writes experiments/results/fidelity_{size}.{json,md} (fidelity_quick.* with --qu
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from _record import host_info, host_lines, record  # this folder is on sys.path when run as a script
 from envs.calibrate import fit_calibration, save_calibration
 from envs.sim import Calibration, Simulator
-from graphs.devices import host_cores
 from graphs.errors import InfeasibleError
 from graphs.problem import Candidate, PlacementProblem, build_problem
 from graphs.workload import load_workload
@@ -51,7 +46,6 @@ from placer.baselines.repair import repair
 from placer.measurements import MeasurementBook, Measurer, Protocol
 from placer.search import microbatch_options
 
-RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("baseline", "random", "mixed", "split", "pipelined")
 
 
@@ -180,8 +174,7 @@ def evaluate_model(name: str, args: argparse.Namespace) -> dict:
 def markdown(results: dict) -> str:
     host = results["host"]
     lines = [f"# Simulator fidelity ({host['date']})", "",
-             f"Host: {host['platform']}, {host['cores']} cores, torch {host['torch']}, load {host['load_1min']:.2f} "
-             f"at the start. Devices `{results['devices']}`; each candidate measured by the protocol (interleaved "
+             f"Devices `{results['devices']}`; each candidate measured by the protocol (interleaved "
              f"sessions of {results['session']}, CI half-width target {100 * results['target']:.0f}%, at most "
              f"{results['cap_s']:.0f} s of timed rounds per session). Calibration fitted on a random third of each "
              "model's candidates; both columns judged on the other two thirds. Targets: Spearman >= 0.9, median "
@@ -201,7 +194,7 @@ def markdown(results: dict) -> str:
               "| model | " + " | ".join(counts) + " |", "| --- | " + " | ".join("---:" for _ in counts) + " |"]
     for m in results["models"]:
         lines.append(f"| {m['workload']} | " + " | ".join(f"{m['diagnosis'][c]:.2f}" for c in counts) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *host_lines(host)]) + "\n"
 
 
 def main() -> None:
@@ -223,8 +216,7 @@ def main() -> None:
         args.models, args.size, args.placements, args.session, args.cap_s = ["nmt"], "small", 6, 3, 5.0
 
     torch.manual_seed(args.seed)
-    host = {"platform": platform.platform(), "cores": host_cores(), "torch": torch.__version__,
-            "load_1min": os.getloadavg()[0], "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    host = host_info()  # the load as the run starts: is it quiet enough to record?
     started = time.perf_counter()
     models = []
     for name in args.models:
@@ -236,11 +228,9 @@ def main() -> None:
     results = {"host": host, "devices": args.devices, "size": args.size, "session": args.session,
                "target": args.target, "cap_s": args.cap_s, "seed": args.seed,
                "seconds": time.perf_counter() - started, "models": models}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "fidelity_quick" if args.quick else f"fidelity_{args.size}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / f"{stem}.md").write_text(markdown(results))
-    print(f"wrote {RESULTS / stem}.json and .md")
+    paths = record(stem, results, markdown(results))
+    print(f"wrote {paths[0]} and {paths[1]}")
 
 
 if __name__ == "__main__":

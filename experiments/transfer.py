@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from graphs.devices import host_cores
+from _record import host_info, host_lines, record  # this folder is on sys.path when run as a script
 from graphs.errors import InfeasibleError
 from graphs.problem import Candidate, PlacementProblem, build_problem
 from placer.baselines import run_baselines
@@ -40,7 +36,6 @@ from placer.rl import Seq2SeqPolicy, TrainConfig
 from placer.search import overrides, run
 from placer.search.scorer import SimulatedScorer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "img"
 WITHIN = 0.02  # "within 2% of the best plan"
 
@@ -113,7 +108,6 @@ def plot(results: dict, path: Path) -> None:
 def markdown(results: dict) -> str:
     test = results["test"]
     lines = [f"# Policy transfer ({results['host']['date']})", "",
-             f"Host: {results['host']['platform']}, {results['host']['cores']} cores, torch {results['host']['torch']}. "
              f"Devices `{results['devices']}`; simulated step times (nominal calibration); "
              f"{'warm-started from the best heuristic' if results['warm_start'] else 'no warm start'}.", "",
              f"Pretrained on: {', '.join(results['pretrain'])} ({results['rounds']} round(s) of "
@@ -128,7 +122,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {label} | {reached} | {statistics.mean(r['final_ms'] for r in runs):.2f} |")
     lines += ["", f"Seeds {[r['seed'] for r in results['fresh']]}; {results['samples']} samples per search. "
               "Curves: docs/img/transfer.png."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *host_lines(results["host"])]) + "\n"
 
 
 def main() -> None:
@@ -155,6 +149,7 @@ def main() -> None:
     torch.set_num_threads(1)  # tiny tensors: more threads only contend
     config = overrides(TrainConfig(budget_s=None, measure_top_k=0), args.set)
 
+    host = host_info()
     pretrain_problems = [build_problem(spec, devices=args.devices, max_groups=args.max_groups) for spec in args.pretrain]
     test_problem = build_problem(args.test, devices=args.devices, max_groups=args.max_groups)
     start = time.perf_counter()
@@ -164,9 +159,7 @@ def main() -> None:
     target = best_known(test_problem, config, args)
     seeds = range(args.seed, args.seed + args.seeds)
     results = {
-        "host": {"platform": platform.platform(), "cores": host_cores(), "torch": torch.__version__,
-                 "load_1min": os.getloadavg()[0], "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
-        "devices": args.devices, "pretrain": args.pretrain, "rounds": args.rounds,
+        "host": host, "devices": args.devices, "pretrain": args.pretrain, "rounds": args.rounds,
         "pretrain_samples": args.pretrain_samples, "pretrain_s": pretrain_s, "samples": args.samples,
         "warm_start": args.warm_start,
         "test": {"name": args.test, "groups": test_problem.n_groups, "best_heuristic": heuristic,
@@ -174,10 +167,7 @@ def main() -> None:
         "pretrained": [search(test_problem, policy, s, config, target, args) for s in seeds],
         "fresh": [search(test_problem, None, s, config, target, args) for s in seeds],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "transfer_quick" if args.quick else "transfer"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / f"{stem}.md").write_text(markdown(results))
+    record("transfer_quick" if args.quick else "transfer", results, markdown(results))
     if not args.quick:
         plot(results, IMAGES / "transfer.png")
     print(markdown(results))

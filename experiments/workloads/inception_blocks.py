@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BATCH, SIZE, BLOCKS = 16, 32, 4
+BATCH, SIZE, BLOCKS = 8, 24, 4
 
 
 def conv(cin: int, cout: int, k: int) -> nn.Module:
