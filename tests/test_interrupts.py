@@ -25,10 +25,14 @@ def test_sigterm_raises_terminated_a_keyboard_interrupt(monkeypatch):
 
 
 def test_deferred_holds_ctrl_c_until_the_block_ends():
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with deferred():
-            signal.raise_signal(signal.SIGINT)
-            done.append("the whole block ran")
-    assert done == ["the whole block ran"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deferred():
+                signal.raise_signal(signal.SIGINT)
+                done.append("the whole block ran")
+        assert done == ["the whole block ran"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, before)
