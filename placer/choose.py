@@ -86,7 +86,8 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
     unplaced (or unplaced cannot run); else unplaced is chosen. Unconfirmed choices
     (interrupted before the final sessions) say so."""
     def line(text: str) -> str:
-        return text.replace("  ", " ").strip()
+        text = text.replace("  ", " ").strip()
+        return text[:1].upper() + text[1:]
 
     ratio = winner.vs_unplaced if winner is not None else None
     heuristic = winner.vs_best_heuristic if winner is not None else None

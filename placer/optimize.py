@@ -240,15 +240,16 @@ def _run_stages(results: Results, problem: PlacementProblem, measurer: Measurer,
         for method in (n for n in names if n in SEARCHES):
             stage = f"search ({method})"
             warm = _best_measured(results)
-            row, curve, marks, cut = run_search(method, problem, scorer, budget_s, seed, search, policy, warm,
-                                                resume, out, progress)
-            results.curve += curve
-            results.recalibrations += marks
-            if row is not None:
-                results.methods.append(row)
-                candidates[method] = Candidate(tuple(row.placement), row.microbatches)
+            outcome = run_search(method, problem, scorer, budget_s, seed, search, policy, warm, resume, out,
+                                 progress)
+            results.curve += outcome.curve
+            results.recalibrations += outcome.recalibrations
+            results.best_measured += outcome.best_measured
+            if outcome.row is not None:
+                results.methods.append(outcome.row)
+                candidates[method] = Candidate(tuple(outcome.row.placement), outcome.row.microbatches)
                 _fill_from_book(results, measurer, {method: candidates[method]}, "search")
-            if cut:
+            if outcome.interrupted:
                 raise interruption()
         stage = "final"
         _choose(results, problem, measurer, candidates, progress)

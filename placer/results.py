@@ -292,7 +292,8 @@ class Choice:
 
 
 _RUN_FIELDS = ("workload", "devices", "memory", "seed", "budget_s", "reward", "search", "protocol", "bounds",
-               "environment", "plan", "curve", "recalibrations", "timeline", "groups", "calibration", "notes")
+               "environment", "plan", "curve", "recalibrations", "best_measured", "timeline", "groups", "calibration",
+               "notes")
 
 
 @dataclass
@@ -314,6 +315,8 @@ class Results:
     plan : plan.json's file name beside results.json (None: no plan written).
     curve : the search's progress, one dict per round ("calibration": refits so far).
     recalibrations : one dict per refit of the simulator during the search.
+    best_measured : each improvement of a search's best measurement: `method`, `update`,
+        `samples`, `elapsed_s` of its round, `median_ms`, `ci_ms`.
     timeline : the chosen plan's simulated per-device events.
     groups : the grouped graph for the plot ({"names", "edges", "compute_ms", "placement"}).
     calibration : the simulator's final calibration.
@@ -339,6 +342,7 @@ class Results:
     plan: str | None = None
     curve: list[dict] = field(default_factory=list)
     recalibrations: list[dict] = field(default_factory=list)
+    best_measured: list[dict] = field(default_factory=list)
     timeline: list[dict] = field(default_factory=list)
     groups: dict | None = None
     calibration: dict | None = None

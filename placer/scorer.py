@@ -110,6 +110,11 @@ class Scorer:
 
     # -- the learning curve ------------------------------------------------------------
 
+    def begin(self) -> None:
+        """A new search starts: its best measurement and its rows start afresh (the
+        calibration and the book carry over)."""
+        self._best, self._last_row, self._unstamped = None, {}, []
+
     def on_round(self, row: dict) -> dict:
         """Note a search's curve row: the refits and best measurements made during its
         round are stamped with its round, samples and seconds. Returns the row with

@@ -20,7 +20,7 @@ from graphs.problem import Candidate, PlacementProblem
 from placer.results import MethodResult, Progress, Results, Stage
 from placer.scorer import Scorer
 
-__all__ = ["SEARCHES", "SearchOptions", "run_search"]
+__all__ = ["SEARCHES", "SearchOptions", "SearchOutcome", "run_search"]
 
 SEARCHES = ("rl", "random_search", "local_search")  # placer.search.METHODS (imported late: it pulls in torch)
 KINDS = {"rl": "rl"}  # a search's row kind; the others are "search"
@@ -74,26 +74,41 @@ class SearchOptions:
         return load_policy(self.policy_path)
 
 
+@dataclass
+class SearchOutcome:
+    """What one search stage adds to the results.
+
+    Attributes
+    ----------
+    row : the search's row (its best candidate); None when it found nothing feasible.
+    curve : its rounds, each with its `method`, the calibration it was scored under
+        (`calibration`: refits so far) and the best measurement's CI.
+    recalibrations : the refits it made, stamped with the round they happened in.
+    best_measured : each improvement of its best measurement (median, CI), stamped alike.
+    interrupted : Ctrl-C (or SIGTERM) cut it short; it saved itself, the row is its best so far.
+    """
+
+    row: MethodResult | None
+    curve: list[dict]
+    recalibrations: list[dict]
+    best_measured: list[dict]
+    interrupted: bool
+
+
 def run_search(method: str, problem: PlacementProblem, scorer: Scorer, budget_s: float, seed: int,
                options: SearchOptions, policy: object | None, warm_start: Candidate | None, resume: bool,
-               out: Path, progress: Progress) -> tuple[MethodResult | None, list[dict], list[dict], bool]:
+               out: Path, progress: Progress) -> SearchOutcome:
     """Run search `method` for `budget_s` seconds from `warm_start` (the best measured
-    so far).
-
-    Returns
-    -------
-    Its row (None when it found nothing feasible), its curve (each row with its
-    `method`, the calibration it was scored under and the best measurement's CI), the
-    recalibrations it made (marks stamped with its rows), and whether Ctrl-C (or SIGTERM) cut it short (the search has
-    then saved itself, and the row is its best so far). On --resume, the earlier
-    run's curve rows and marks (from out/results.json) are kept.
+    so far) and return what it adds to the results (SearchOutcome). On --resume, the
+    earlier run's curve rows and marks of this search (from out/results.json) are kept.
     """
     from placer.search import run
 
     config = options.config(budget_s, seed)
     earlier = _earlier(out) if resume and method == "rl" else Results()
     annotated: dict[int, dict] = {}
-    refits_before = len(scorer.refits)
+    refits_before, best_before = len(scorer.refits), len(scorer.best_measured)
+    scorer.begin()
 
     def on_progress(row: dict) -> None:
         annotated[row["update"]] = scorer.on_round({**row, "method": method})
@@ -106,12 +121,13 @@ def run_search(method: str, problem: PlacementProblem, scorer: Scorer, budget_s:
     curve = [annotated.get(row["update"]) or before.get(row["update"]) or {**row, "method": method}
              for row in result.curve]
     marks = [*(m for m in earlier.recalibrations if m.get("method") == method), *scorer.refits[refits_before:]]
-    if result.best is None:
-        return None, curve, marks, result.interrupted
-    row = MethodResult(method, KINDS.get(method, "search"), placement=list(result.best.placement),
-                       devices=problem.cluster.names, microbatches=result.best.microbatches,
-                       schedule="gpipe" if result.best.microbatches > 1 else None, search_s=result.elapsed_s)
-    return row, curve, marks, result.interrupted
+    best = [*(m for m in earlier.best_measured if m.get("method") == method), *scorer.best_measured[best_before:]]
+    row = None
+    if result.best is not None:
+        row = MethodResult(method, KINDS.get(method, "search"), placement=list(result.best.placement),
+                           devices=problem.cluster.names, microbatches=result.best.microbatches,
+                           schedule="gpipe" if result.best.microbatches > 1 else None, search_s=result.elapsed_s)
+    return SearchOutcome(row, curve, marks, best, result.interrupted)
 
 
 def _earlier(out: Path) -> Results:

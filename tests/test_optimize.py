@@ -84,6 +84,7 @@ def test_the_learning_curve_marks_recalibrations(first):
     assert calibrations == sorted(calibrations) and calibrations[-1] >= 1
     search_marks = [m for m in results.recalibrations if "stage" not in m]
     assert search_marks and all(m["method"] == "rl" and m["update"] >= 1 for m in search_marks)
+    assert results.best_measured and all(m["method"] == "rl" and len(m["ci_ms"]) == 2 for m in results.best_measured)
 
 
 def boom(*args, **kwargs):

@@ -72,6 +72,10 @@ def results():
                    "best_measured_ms": None if i < 3 else 85.0 - 2 * (i // 3),
                    "best_measured_ci_ms": None if i < 3 else [83.0 - 2 * (i // 3), 88.0 - 2 * (i // 3)]}
                   for i in range(10)],
+        "best_measured": [{"method": "rl", "update": 3, "samples": 64, "elapsed_s": 6.0, "median_ms": 85.0,
+                           "ci_ms": [83.0, 88.0]},
+                          {"method": "rl", "update": 6, "samples": 112, "elapsed_s": 12.0, "median_ms": 83.0,
+                           "ci_ms": [81.0, 86.0]}],
         "recalibrations": [{"update": 4, "samples": 80, "elapsed_s": 8.0, "measurements": 3},
                            {"update": 8, "samples": 144, "elapsed_s": 16.0, "measurements": 5}],
         "timeline": [

@@ -36,10 +36,14 @@ def test_a_search_gives_a_row_and_a_curve_stamped_with_its_calibration(tmp_path)
     scorer = Scorer(problem, FakeMeasurer(problem), warn=pytest.fail)
     options = SearchOptions(overrides=("batch_size=8", "measure_every=1", "measure_top_k=1"), max_samples=32)
     warm = Candidate((0,) * problem.n_groups)
-    row, curve, marks, interrupted = run_search("random_search", problem, scorer, 600.0, 0, options, None, warm,
-                                                False, tmp_path, lambda stage: None)
-    assert not interrupted and row.method == "random_search" and row.kind == "search"
+    outcome = run_search("random_search", problem, scorer, 600.0, 0, options, None, warm, False, tmp_path,
+                         lambda stage: None)
+    row, curve, marks = outcome.row, outcome.curve, outcome.recalibrations
+    assert not outcome.interrupted and row.method == "random_search" and row.kind == "search"
     assert len(row.placement) == problem.n_groups and row.devices == ["cpu:0", "cpu:1"]
     assert [r["update"] for r in curve] == [1, 2, 3, 4] and all(r["method"] == "random_search" for r in curve)
     assert [r["calibration"] for r in curve] == sorted(r["calibration"] for r in curve) and curve[-1]["calibration"]
     assert marks and all(m["method"] == "random_search" for m in marks)
+    best = outcome.best_measured
+    assert best and all(m["method"] == "random_search" and m["ci_ms"][0] <= m["median_ms"] for m in best)
+    assert [m["median_ms"] for m in best] == sorted((m["median_ms"] for m in best), reverse=True)  # improvements

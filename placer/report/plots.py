@@ -75,11 +75,12 @@ def _series(points: Sequence[dict], x_key: str, y_key: str) -> tuple[list[float]
 
 
 def plot_learning_curve(curve: Sequence[dict] | None, path: Path, lower_bound_ms: float | None = None,
-                        recalibrations: Sequence[dict] = ()) -> Path | None:
+                        recalibrations: Sequence[dict] = (), best_measured: Sequence[dict] = ()) -> Path | None:
     """Each search's progress against seconds and against samples: the batch mean and
     the best simulated step time, each under the calibration of its moment (dotted
     lines mark every recalibration), and the best measured one with its confidence
-    interval (shaded). None when there is no curve (e.g. `placer compare`)."""
+    interval (shaded; each improvement a point with its interval). None when there is
+    no curve (e.g. `placer compare`)."""
     if not curve:
         return None
     methods = list(dict.fromkeys(p.get("method", "rl") for p in curve))
@@ -101,6 +102,14 @@ def plot_learning_curve(curve: Sequence[dict] | None, path: Path, lower_bound_ms
             if band:
                 bx, lo, hi = zip(*band)
                 ax.fill_between(bx, lo, hi, color=colour, alpha=0.15, step="post")
+            points = [(m[x_key], m["median_ms"], m.get("ci_ms")) for m in best_measured
+                      if m.get("method", "rl") == method and m.get(x_key) is not None and m.get("median_ms")]
+            if points:
+                px, py, cis = zip(*points)
+                cis = [ci or (y, y) for y, ci in zip(py, cis)]
+                err = [[y - ci[0] for y, ci in zip(py, cis)], [ci[1] - y for y, ci in zip(py, cis)]]
+                ax.errorbar(px, py, yerr=err, fmt="o", color=colour, capsize=3, markersize=4,
+                            label=f"{name}measured (median, CI)")
         marks = [m[x_key] for m in recalibrations if m.get(x_key) is not None]
         for j, at in enumerate(marks):
             ax.axvline(at, color="#999999", linestyle=":", linewidth=1, label="recalibration" if j == 0 else None)
@@ -204,7 +213,8 @@ def draw_plots(results: Results, plot_dir: Path) -> dict[str, Path]:
         "step_times.png": plot_step_times(comparison_rows(results), bounds, plot_dir / "step_times.png",
                                           results.best),
         "learning_curve.png": plot_learning_curve(results.curve, plot_dir / "learning_curve.png",
-                                                  bounds.get("lower_bound_ms"), results.recalibrations),
+                                                  bounds.get("lower_bound_ms"), results.recalibrations,
+                                                  results.best_measured),
         "timeline.png": plot_timeline(results.timeline, results.devices, plot_dir / "timeline.png"),
         "graph.png": plot_grouped_graph(results.groups, results.devices, plot_dir / "graph.png"),
     }
