@@ -109,14 +109,42 @@ class Traced:
             raise CaptureError(f"this {self.method} capture does not cover the call: {reason}")
         return self.unflatten(self.gm(*values.values()))
 
+    @functools.cached_property
+    def _placeholder_names(self) -> list[str]:
+        return [n.name for n in self.placeholders]
+
+    @functools.cached_property
+    def _tensor_arity(self) -> int | None:
+        """How many tensors a call `model(*tensors)` passes when it binds to the
+        placeholders one to one, as canonical_call and the input spec would find (an
+        export capture of positional tensors only; no tensor default a call could pass
+        itself, no required keyword-only argument); None where calls take the long way."""
+        if self.method != "export" or self.in_spec is None or self.constants:
+            return None
+        n = self.in_spec.num_leaves
+        if tree_flatten((tuple(range(n)), {}))[1] != self.in_spec:
+            return None
+        params = list(self.signature.parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [p for p in positional if p.default is p.empty]
+        if (any(isinstance(p.default, torch.Tensor) for p in params) or len(required) > n
+                or any(p.kind == p.KEYWORD_ONLY and p.default is p.empty for p in params)
+                or (n > len(positional) and not any(p.kind == p.VAR_POSITIONAL for p in params))):
+            return None
+        return n
+
     def _match(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any] | None, str]:
         """(placeholder values, "") for a call this capture covers, else (None, why not)."""
+        if not kwargs and len(args) == self._tensor_arity and all(isinstance(a, torch.Tensor) for a in args):
+            values = dict(zip(self._placeholder_names, args))  # what the long way finds, without binding
+            reason = self.guard(list(args)) if self.guard is not None else None
+            return (None, reason) if reason else (values, "")
         bound = canonical_call(self.signature, args, kwargs)
         if self.method == "export":
             flat, spec = tree_flatten((bound.args, bound.kwargs))
             if spec != self.in_spec or not all(_same(flat[i], v) for i, v in self.constants):
                 return None, f"it was captured for arguments {str(self.in_spec).replace(chr(10), ' ')}"
-            values = dict(zip((n.name for n in self.placeholders), flat))
+            values = dict(zip(self._placeholder_names, flat))
         else:
             bound.apply_defaults()
             if not all(_same(bound.arguments.get(k), v) for k, v in self.concrete.items()):
@@ -211,8 +239,21 @@ def canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> i
 
 
 def training_flags(model: nn.Module) -> tuple[bool, ...]:
-    """Every module's training flag, in model.modules() order: the mode a capture froze."""
-    return tuple(m.training for m in model.modules())
+    """Every module's training flag, in model.modules() order: the mode a capture froze.
+    (The walk is written out: the placed model reads it on every call, and
+    named_modules builds a name for every module, which costs 2-4x more.)"""
+    flags: list[bool] = []
+    seen: set[nn.Module] = set()
+
+    def visit(module: nn.Module) -> None:
+        seen.add(module)
+        flags.append(module.training)
+        for child in module._modules.values():
+            if child is not None and child not in seen:
+                visit(child)
+
+    visit(model)
+    return tuple(flags)
 
 
 @contextlib.contextmanager

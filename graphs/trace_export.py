@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import io
 import logging
+import math
 
 import torch
 from torch import nn
@@ -124,40 +125,74 @@ def _guard(vals: list, ranges: dict, guards_fn: nn.Module | None):
     the dtype, rank and static sizes of each input, each dynamic size within the range
     export assumed (sizes 0 and 1 are specialized, so a partial batch of one gets its
     own capture) and equal where the capture made sizes equal, and export's own
-    guards."""
+    guards. What the check compares is worked out here, once: a call pays for integer
+    comparisons, not for symbolic expressions."""
+    inputs = []  # (index, dtype, rank, dims): a dim is (d, size) or (d, symbol, low, high, bounds) or (d, expr)
+    for i, val in enumerate(vals):
+        if not isinstance(val, torch.Tensor):
+            continue
+        dims = []
+        for d, s in enumerate(val.shape):
+            if isinstance(s, int):
+                dims.append((d, s))
+                continue
+            expr = s.node.expr
+            if not expr.is_Symbol:
+                dims.append((d, expr))
+                continue
+            bounds = ranges.get(expr)
+            low, high = (-math.inf, math.inf) if bounds is None else (_number(bounds.lower), _number(bounds.upper))
+            dims.append((d, expr, low, high, bounds))
+        inputs.append((i, val.dtype, val.dim(), tuple(dims)))
+    guards = _plain(guards_fn.forward) if guards_fn is not None else None
 
     def check(flat: list) -> str | None:
         sizes: dict = {}
         derived = []
-        for i, (val, x) in enumerate(zip(vals, flat)):
-            if not isinstance(val, torch.Tensor):
-                continue
+        for i, dtype, rank, dims in inputs:
+            x = flat[i]
             if not isinstance(x, torch.Tensor):
                 return f"input {i} is {type(x).__name__}, the capture's a tensor"
-            if x.dtype != val.dtype or x.dim() != val.dim():
-                return f"input {i} is {x.dtype} with {x.dim()} dims, the capture's {val.dtype} with {val.dim()}"
-            for d, (s, n) in enumerate(zip(val.shape, x.shape)):
-                if isinstance(s, int):
-                    if s != n:
-                        return f"input {i} has size {n} in dim {d}, the capture {s}"
+            if x.dtype != dtype or x.dim() != rank:
+                return f"input {i} is {x.dtype} with {x.dim()} dims, the capture's {dtype} with {rank}"
+            shape = x.shape
+            for dim in dims:
+                d, n = dim[0], shape[dim[0]]
+                if len(dim) == 2:
+                    if isinstance(dim[1], int):
+                        if dim[1] != n:
+                            return f"input {i} has size {n} in dim {d}, the capture {dim[1]}"
+                    else:
+                        derived.append((i, d, dim[1], n))
                     continue
-                expr = s.node.expr
-                if not expr.is_Symbol:
-                    derived.append((i, d, expr, n))
-                    continue
-                if sizes.setdefault(expr, n) != n:
-                    return f"input {i} has size {n} in dim {d}, which the capture ties to size {sizes[expr]}"
-                bounds = ranges.get(expr)
-                if bounds is not None and not bounds.lower <= n <= bounds.upper:
+                _, symbol, low, high, bounds = dim
+                if sizes.setdefault(symbol, n) != n:
+                    return f"input {i} has size {n} in dim {d}, which the capture ties to size {sizes[symbol]}"
+                if not low <= n <= high:
                     return f"input {i} has size {n} in dim {d}, outside the captured range {bounds.lower}..{bounds.upper}"
         for i, d, expr, n in derived:
             if expr.free_symbols <= sizes.keys() and int(expr.subs(sizes)) != n:
                 return f"input {i} has size {n} in dim {d}, the capture {expr.subs(sizes)}"
-        if guards_fn is not None:
+        if guards is not None:
             try:
-                guards_fn(*flat)
+                guards(*flat)
             except Exception as exc:  # AssertionError("Guard failed: ...") in torch 2.13
                 return first_line(exc)
         return None
 
     return check
+
+
+def _number(bound) -> float:
+    """A range bound of export's as a Python number (its infinities as math.inf)."""
+    if bound.is_Integer:
+        return int(bound)
+    return math.inf if bound > 0 else -math.inf
+
+
+def _plain(fn):
+    """export's guard function without the wrapper torch._dynamo puts around it
+    (`dont_skip_tracing` patches Dynamo's config around every call, about 5 us, which
+    matters only while Dynamo traces); `fn` itself where it has no such wrapper."""
+    inner = inspect.getclosurevars(fn).nonlocals.get("func") if inspect.isfunction(fn) else None
+    return inner if inspect.isfunction(inner) else fn

@@ -201,6 +201,33 @@ def test_a_call_with_other_arguments_gets_its_own_capture():
     placed.close()
 
 
+
+@pytest.mark.parametrize("devices", [["cpu:0"], TWO])
+def test_outputs_require_grad_exactly_where_eager_s_do(devices):
+    """Frozen parameters and inputs without grad give outputs without grad (one device:
+    a plain call; two: the engine), as eager; a parameter unfrozen later counts at once."""
+    torch.manual_seed(0)
+    ref = Gated()
+    model = copy.deepcopy(ref)
+    x = torch.randn(3, 6)
+    plan = plan_from_assignment(model, lambda n: devices[-1] if owning_module(n) == "fc" else devices[0], devices,
+                                inputs=(x,))
+    placed = placer.apply(model, plan)
+    for m in (ref, placed):
+        m.requires_grad_(False)
+    assert not placed(x).requires_grad and not ref(x).requires_grad
+    assert placed(x.requires_grad_()).requires_grad and ref(x).requires_grad
+    x = x.detach()
+    placed.fc.bias.requires_grad_(True)
+    ref.fc.bias.requires_grad_(True)
+    out, expected = placed(x), ref(x)
+    assert out.requires_grad and expected.requires_grad
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(placed.fc.bias.grad, ref.fc.bias.grad)
+    assert placed.fc.weight.grad is None
+    placed.close()
+
 def test_a_closed_placed_model_refuses_every_call_at_once(pair):
     _, placed = pair
     placed.close()

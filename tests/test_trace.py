@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphs.errors import CaptureError
-from graphs.trace import fingerprint, trace_model
+from graphs.trace import fingerprint, trace_model, training_flags
 
 Pair = namedtuple("Pair", ["main", "side"])
 
@@ -60,6 +60,31 @@ def test_omitted_optional_arguments_are_traced_at_their_defaults(method):
     with_mask = trace_model(model, inputs=(x,), kwargs={"mask": torch.ones(3, 6)}, method=method, mode="eval")
     torch.testing.assert_close(with_mask.run(x, mask=torch.ones(3, 6)), model(x, torch.ones(3, 6)))
 
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_calls_python_binds_alike_give_the_same_placeholder_values(method):
+    model, x = PosNet().eval(), ids()
+    traced = trace_model(model, inputs=(x,), method=method, mode="eval")
+    expected = traced.bind((x,), {})
+    assert list(expected.values()) == [x]
+    for args, kwargs in [((), {"ids": x}), ((x, None), {}), ((x,), {"mask": None}), ((), {"ids": x, "mask": None})]:
+        values = traced.bind(args, kwargs)
+        assert values.keys() == expected.keys() and all(a is b for a, b in zip(values.values(), expected.values()))
+    with pytest.raises(TypeError):
+        traced.bind((x, None, x), {})  # more arguments than the forward takes, as Python says
+    with pytest.raises(TypeError):
+        traced.bind((), {"mask": None})  # `ids` is required
+
+
+def test_training_flags_are_in_model_modules_order_each_module_once():
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(nn.Sequential(shared, nn.Dropout()), nn.ModuleDict({"a": shared, "b": nn.ReLU()}))
+    model.register_module("empty", None)
+    model[0][1].eval()
+    model[1]["b"].eval()
+    assert training_flags(model) == tuple(m.training for m in model.modules())
+    assert len(training_flags(model)) == 6
 
 def test_outputs_come_back_as_the_eager_type_and_are_mutable():
     model, x = PosNet().eval(), ids()

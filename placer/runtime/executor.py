@@ -45,7 +45,7 @@ from placer.runtime.chunks import Chunk, build_chunks
 from placer.runtime.dataflow import Pass
 from placer.runtime.placed_graph import Call, PlacedGraph
 from placer.runtime.values import SavedBytes, add_grads, count_saved, map_tensors, move, receive, run_backward
-from placer.runtime.worker import Autocast, CallerPin, Worker, core_shares, grad_mode
+from placer.runtime.worker import NOTHING, Autocast, CallerPin, Worker, core_shares, grad_mode
 
 __all__ = ["Executor", "ChunkEvent", "ExecutionError"]
 
@@ -121,6 +121,7 @@ class Executor:
         self._first = sorted((c.index for c in chunks if not c.after), key=prio.__getitem__)
         self._last = sorted((c.index for c in chunks if not wakes[c.index]), key=prio.__getitem__, reverse=True)
         self._layouts: dict[tuple, microbatch.Layout] = {}
+        self._whole = len(chunks) == 1 and microbatches == 1  # the whole model, one pass (runs_whole_on_caller)
         # Debug timeline: set to a list to record a ChunkEvent per chunk run.
         self.timeline: list[ChunkEvent] | None = None
         # Activation accounting (timing.py): bytes saved for backward, live and peak, per device.
@@ -191,27 +192,29 @@ class Executor:
 
         Raises ExecutionError at once when the executor is closed."""
         self._check_open()
-        if grad and not self.runs_whole_on_caller():
+        if self.runs_whole_on_caller():  # one chunk on the caller: a plain call, plain autograd
+            chunk = self.chunks[0]
+            with NOTHING if grad else grad_mode(False):
+                values = dict(zip(chunk.outputs, chunk.module.forward(*[inputs[n] for n in chunk.inputs])))
+        elif grad:
             tensor_inputs = [name for name, v in inputs.items() if isinstance(v, torch.Tensor)]
             call = Call(self, inputs, tensor_inputs, output_nodes, out_device)
             outs = PlacedGraph.apply(call, self._anchor, *(inputs[n] for n in tensor_inputs))
             tensors = dict(zip(call.refs, outs))
             return {name: tree_unflatten([tensors.get((name, i), x) for i, x in enumerate(flat)], spec)
                     for name, (flat, spec) in call.structure.items()}
-        if grad:  # one chunk on the caller: plain autograd
-            chunk = self.chunks[0]
-            values = dict(zip(chunk.outputs, chunk.module(*(inputs[n] for n in chunk.inputs))))
         else:
             values, _ = self.forward(inputs, grad=False, output_nodes=output_nodes)
-        values = {**inputs, **values}
-        return {name: map_tensors(lambda t: move(t, out_device), values[name]) for name in output_nodes}
+        return {name: map_tensors(partial(move, device=out_device), values[name] if name in values else inputs[name])
+                for name in output_nodes}
 
     def runs_whole_on_caller(self) -> bool:
         """Whether the model is one chunk that runs on the calling thread (one device,
-        see _caller_device), without micro-batches: plain autograd can then take the
-        backward pass, with no PlacedGraph around it (no overhead). Not while counting
-        activations, which needs the per-chunk backward."""
-        return (len(self.chunks) == 1 and self.microbatches == 1 and not self.count_activations
+        see _caller_device), without micro-batches: `run` then calls it directly, and
+        plain autograd takes the backward pass, with no PlacedGraph around it (no
+        overhead). Not while counting activations, which needs the per-chunk backward,
+        nor while a debug timeline records."""
+        return (self._whole and not self.count_activations and self.timeline is None
                 and self._caller_device() == self.chunks[0].device)
 
     def forward(self, inputs: dict, grad: bool, output_nodes: Sequence[str] | None = None) -> tuple[dict, StepState]:

@@ -31,6 +31,7 @@ import operator
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -45,15 +46,32 @@ from placer.runtime.executor import Executor
 
 __all__ = ["apply", "PlacedModule"]
 
+_HOST = torch.device("cpu")
+
 
 @dataclass
 class PlacedCapture:
-    """One capture, placed: its node -> device map and the executor that runs it."""
+    """One capture, placed: its node -> device map and the executor that runs it, and
+    what every call reads of it, worked out once."""
 
     traced: Traced
     assignment: dict[str, str]  # node name -> device name
     executor: Executor
     output_nodes: list[str]  # the nodes (or placeholders) the output's leaves read
+    leaves: list[tuple[str | None, Any]]  # each output leaf: (node name, None), or (None, the constant it is)
+    parameters: tuple[nn.Parameter, ...]  # the parameters the graph reads (the very tensors: they stay its own)
+    leaf_modules: tuple[nn.Module, ...]  # modules it calls whole (fx leaves), whose parameters it reads live
+
+    def needs_grad(self, inputs: dict) -> bool:
+        """Whether a call on `inputs` (placeholder -> value) builds an autograd graph
+        (grad mode aside): some parameter it reads, or some tensor input, requires grad."""
+        return (any(p.requires_grad for p in self.parameters)
+                or any(p.requires_grad for m in self.leaf_modules for p in m.parameters())
+                or any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values()))
+
+    def output(self, values: dict) -> Any:
+        """The eager output from the executor's `values` (node name -> value)."""
+        return self.traced.unflatten([values[name] if name is not None else constant for name, constant in self.leaves])
 
 
 class PlacedModule(nn.Module):
@@ -113,13 +131,9 @@ class PlacedModule(nn.Module):
     def forward(self, *args, **kwargs):
         graph, inputs = self._graph_for(args, kwargs)
         first = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
-        out_device = first.device if first is not None else torch.device("cpu")
-        needs_grad = torch.is_grad_enabled() and (
-            any(isinstance(v, torch.Tensor) and v.requires_grad for v in inputs.values())
-            or any(p.requires_grad for p in self.parameters()))
-        values = graph.executor.run(inputs, graph.output_nodes, out_device, needs_grad)
-        leaves = [values[leaf.name] if isinstance(leaf, fx.Node) else leaf for leaf in graph.traced.output_leaves]
-        return graph.traced.unflatten(leaves)
+        out_device = first.device if first is not None else _HOST
+        needs_grad = torch.is_grad_enabled() and graph.needs_grad(inputs)
+        return graph.output(graph.executor.run(inputs, graph.output_nodes, out_device, needs_grad))
 
     def _graph_for(self, args: tuple, kwargs: dict) -> tuple[PlacedCapture, dict]:
         """The placed graph for this call in the current mode, and its inputs; captured
@@ -271,8 +285,12 @@ def _build(model: nn.Module, plan: Plan, traced: Traced, assignment: dict[str, s
     gm.recompile()
     executor = Executor.build(gm, gm, assignment, devices, groups=groups, microbatches=plan.microbatches,
                               schedule=plan.schedule, source=plan.source)
-    output_nodes = list(dict.fromkeys(leaf.name for leaf in traced.output_leaves if isinstance(leaf, fx.Node)))
-    return PlacedCapture(traced=traced, assignment=assignment, executor=executor, output_nodes=output_nodes)
+    leaves = [(leaf.name, None) if isinstance(leaf, fx.Node) else (None, leaf) for leaf in traced.output_leaves]
+    output_nodes = list(dict.fromkeys(name for name, _ in leaves if name is not None))
+    return PlacedCapture(traced=traced, assignment=assignment, executor=executor, output_nodes=output_nodes,
+                         leaves=leaves, parameters=tuple(gm.parameters()),
+                         leaf_modules=tuple(gm.get_submodule(str(n.target)) for n in gm.graph.nodes
+                                            if n.op == "call_module"))
 
 
 def _place_tensors(model: nn.Module, gm: fx.GraphModule, body: list[fx.Node], assignment: dict[str, str],
