@@ -3,9 +3,11 @@
 For each problem (a workload on a device list) every method starts from the same warm
 start (the best heuristic by simulated step time) and gets the same TrainConfig: the
 same number of sampled candidates in rounds of the same size, the same seeds. The
-searches score on the simulator (the calibration saved for the model and devices,
-else the nominal one) and measure nothing while they run, so the only difference is
-how each proposes candidates:
+searches score on the simulator and measure nothing while they run, so the only
+difference is how each proposes candidates. The simulator's calibration: with
+--calibrate, fitted first to the heuristics' placements measured together (as
+`placer optimize` does); else the one saved for the model and devices (e.g. by
+`fidelity.py --save` or an optimize run); for NAME@k the one of NAME; else nominal.
 
 - `rl`: the seq2seq policy with its graph encoder, trained as it samples (TrainConfig's
   algorithm, PPO by default);
@@ -27,7 +29,7 @@ faster, tie or slower. Larger clusters are reported simulated only.
 
     .venv/bin/python experiments/ablation.py                    # every problem, 1,500 samples, 3 seeds
     .venv/bin/python experiments/ablation.py --quick            # two small problems, 64 samples, 1 seed
-    flock /tmp/placer-heavy.lock .venv/bin/python experiments/ablation.py --measure
+    flock /tmp/placer-heavy.lock .venv/bin/python experiments/ablation.py --calibrate --measure
 
 Writes experiments/results/ablation.{json,md} (ablation_quick.* with --quick).
 """
@@ -43,7 +45,7 @@ from pathlib import Path
 import torch
 
 from _record import host_info, host_lines, record  # this folder is on sys.path when run as a script
-from envs.calibrate import load_calibration
+from envs.calibrate import fit_calibration, load_calibration, save_calibration
 from graphs.bounds import cost_floor, lower_bound
 from graphs.devices import host_cores
 from graphs.errors import InfeasibleError
@@ -102,9 +104,43 @@ def search(problem: PlacementProblem, calibration, method: str, config: TrainCon
             "curve": [[row["samples"], row["best_sim_ms"]] for row in result.curve]}
 
 
+def measurable(problem: PlacementProblem) -> bool:
+    """Virtual CPU devices this host can run side by side: at most one per core."""
+    return all(d.is_virtual_cpu for d in problem.cluster.devices) and problem.n_devices <= host_cores()
+
+
+def calibration_for(name: str, problem: PlacementProblem, args: argparse.Namespace):
+    """The simulator's calibration: with --calibrate (and a host that can run the devices)
+    fitted now to the heuristics' placements, measured together; else the one saved for
+    this model and devices; else, for NAME@k, the one saved for NAME (virtual CPU devices
+    of one thread each cost alike); else None (nominal)."""
+    if args.calibrate and measurable(problem):
+        fit_baselines(name, problem, args)
+    calibration = load_calibration(problem)
+    if calibration is None and "@" in name:
+        spec, device_list = PROBLEMS[name.split("@")[0]]
+        calibration = load_calibration(build_problem(spec, devices=device_list, max_groups=args.max_groups))
+    return calibration
+
+
+def fit_baselines(name: str, problem: PlacementProblem, args: argparse.Namespace) -> None:
+    """Measure every heuristic's placement in one session and save the calibration fitted to them."""
+    from graphs.workload import load_workload
+    from placer.measurements import MeasurementBook, Measurer, Protocol
+
+    placements = {n: p for n, p in run_baselines(problem).items() if not isinstance(p, InfeasibleError)}
+    unique = list(dict.fromkeys(tuple(p) for p in placements.values()))
+    measurer = Measurer(load_workload(PROBLEMS[name][0]), problem, MeasurementBook({"calibrate": name}),
+                        Protocol(cap_s=args.cap_s))
+    measured = measurer.session([(str(i), Candidate(p)) for i, p in enumerate(unique)], f"calibrating {name}")
+    pairs = [(p, m.median_ms) for p, m in zip(unique, measured.values()) if m.feasible]
+    if len(pairs) >= 2:
+        save_calibration(problem, fit_calibration(problem, [p for p, _ in pairs], [ms for _, ms in pairs]))
+
+
 def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> dict:
     problem = build_problem(spec, devices=device_list, max_groups=args.max_groups)
-    calibration = load_calibration(problem)
+    calibration = calibration_for(name, problem, args)
     scorer = SimulatedScorer(problem, calibration)
     warm_name, warm, warm_ms = warm_start(problem, scorer)
     kinds = [d.kind for d in problem.cluster.devices]
@@ -121,7 +157,7 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
     return {"name": name, "workload": spec, "devices": device_list, "groups": problem.n_groups,
             "calibrated": calibration is not None, "warm_start": {"method": warm_name, "ms": warm_ms,
                                                                  "candidate": [list(warm.placement), 1]},
-            "lower_bound_ms": bound.bound_ms, "measurable": virtual and problem.n_devices <= host_cores(),
+            "lower_bound_ms": bound.bound_ms, "measurable": measurable(problem),
             "runs": runs, "problem": problem}
 
 
@@ -189,6 +225,8 @@ def main() -> None:
     parser.add_argument("--max-groups", type=int, default=256)
     parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides, key=value")
     parser.add_argument("--measure", action="store_true", help="measure the best candidates (quiet host only)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="first fit the simulator to the heuristics' measured placements (quiet host only)")
     parser.add_argument("--cap-s", type=float, default=120.0, help="seconds of timed rounds per measured problem")
     parser.add_argument("--quick", action="store_true", help="two small problems, 64 samples, one seed")
     args = parser.parse_args()

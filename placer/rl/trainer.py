@@ -53,8 +53,13 @@ class TrainConfig(SearchConfig):
     lr: float = 3e-3
     """Adam's learning rate; 0 leaves the policy as imitation made it (the ablation's "lr=0")."""
     normalize_advantages: bool = True
-    """Advantages are the batch's rewards less their mean, over their standard deviation;
-    False: rewards less an exponential moving average of past batch means (the paper's baseline)."""
+    """Advantages are the batch's rewards less their mean, over their standard deviation
+    (at least advantage_floor); False: rewards less an exponential moving average of past
+    batch means (the paper's baseline)."""
+    advantage_floor: float = 0.01
+    """The least spread normalized advantages divide by, in reward units (with reward
+    "neg_log", 0.01 is a step 1% faster): differences too small to matter are not blown
+    up to whole units, which would make the policy collapse onto noise."""
     baseline_decay: float = 0.9
     """The moving average's decay, with normalize_advantages=False."""
     top_quantile: float | None = None
@@ -64,15 +69,16 @@ class TrainConfig(SearchConfig):
     self_imitation: float = 0.0
     """Weight of a maximum-likelihood term on the best candidate found so far in every
     update (self-imitation, Oh et al. 2018), while the policy gives it less than
-    imitation_target per group: keeps the policy sampling around the incumbent."""
+    the target per group (explore_groups): keeps the policy sampling around the incumbent."""
     entropy_coef: float = 0.01
     """Bonus on the mean per-group entropy: keeps the policy sampling more than one candidate."""
     ppo_epochs: int = 4
     """PPO: gradient steps on each batch."""
     ppo_clip: float = 0.2
     """PPO: the probability ratio is clipped to [1 - ppo_clip, 1 + ppo_clip]."""
-    reward: str = "neg_sqrt"
-    """Shaping of step time into reward (envs.reward.SHAPINGS); the reference is the warm start."""
+    reward: str = "neg_log"
+    """Shaping of step time into reward (envs.reward.SHAPINGS): by default -log(step / the
+    warm start's step), 0 at the warm start and +0.01 for a step 1% faster."""
     infeasible_slowdown: float = 10.0
     """An infeasible candidate earns the reward of a step this many times the reference."""
     reference_fallback_ms: float = 1000.0
@@ -81,15 +87,21 @@ class TrainConfig(SearchConfig):
     """At most this many maximum-likelihood steps on the warm start."""
     imitation_lr: float = 3e-3
     """Adam's learning rate while imitating (apart from lr, so that lr=0 still imitates)."""
-    recenter_steps: int = 0
-    """When the best candidate found improves, up to this many imitation steps toward it
-    (to imitation_target): the policy then samples around the incumbent, as a local
-    search would, but with the moves it has learned. 0: it stays centred where PPO takes it."""
-    imitation_target: float = 0.99
-    """Stop imitating at this mean per-group probability of the warm start. High: a
-    sample that strays from the warm start at one group tends to stray for a run of groups."""
+    explore_groups: float = 2.0
+    """About how many groups a sample strays from the incumbent on: imitation and
+    hold_exploration aim at a mean per-group probability of 1 - explore_groups / groups
+    (at least 0.5) for the incumbent, unless imitation_target is set."""
+    imitation_target: float | None = None
+    """Imitate the warm start (and hold the incumbent) at this mean per-group probability;
+    None: from explore_groups. A sample that strays at one group tends to stray for a run
+    of groups after it (the decoder sees its inputs' devices)."""
     temperature: float = 1.0
-    """Divides the logits: above 1 samples more widely."""
+    """Divides the logits: above 1 samples more widely (the least, with hold_exploration)."""
+    hold_exploration: bool = True
+    """After every update, raise the temperature (up to 10) where needed so that the policy
+    gives the best candidate found at most the target per-group probability: however sharp
+    the policy grows, its samples keep straying from the incumbent, where it has learned
+    to stray (no collapse onto one candidate)."""
     logit_clip: float = 5.0
     """C in C * tanh(logits / C): no device is ever certain."""
     masked_logit: float = -1e9
@@ -115,7 +127,7 @@ class Learner:
     imitated: bool = False
     baseline: float | None = None  # moving average of batch rewards (normalize_advantages=False)
     reference_ms: float | None = None  # the reward's reference, fixed at the start
-    center: list | None = None  # [placement, micro-batches] last imitated (recenter_steps > 0)
+    temperature: float | None = None  # the sampling temperature (hold_exploration moves it)
 
 
 def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Candidate | Placement | None = None,
@@ -144,8 +156,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             policy = Seq2SeqPolicy(max_devices=max(config.max_devices, problem.n_devices), hidden=config.hidden,
                                    graph_layers=config.graph_layers)
     policy.attach(problem, options)
-    policy.temperature, policy.logit_clip, policy.masked_logit = (config.temperature, config.logit_clip,
-                                                                  config.masked_logit)
+    policy.logit_clip, policy.masked_logit = config.logit_clip, config.masked_logit
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     state, learner = SearchState(), Learner()
@@ -153,6 +164,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
         state, fields = restore(saved, checkpoint, policy, optimizer, generator)
         learner = Learner(**fields)
         refit(state, scorer)  # the scorer fits every measurement so far, this run's and the checkpoint's
+    policy.temperature = learner.temperature or config.temperature
     clock = Clock(state.elapsed_s)
 
     def save(final: bool = False) -> None:
@@ -177,9 +189,8 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
         if warm_start is not None and not state.candidates:
             state.remember([warm_start], scorer.score([warm_start]), config.keep_top)
         if warm_start is not None and not learner.imitated:
-            imitate(policy, warm_start, config, config.imitation_steps)
+            imitate(policy, warm_start, config)
             learner.imitated = True
-            learner.center = [list(warm_start.placement), warm_start.microbatches]
 
         while budget_left(state, config, clock()):
             # -- sample a batch of candidates and score them
@@ -197,11 +208,11 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             update = reinforce_update if config.algo == "reinforce" else ppo_update
             update(policy, optimizer, sample, advantages, config, state.best_sim()[0])
 
-            # -- follow the incumbent (recenter_steps > 0)
-            best = state.best_sim()[0]
-            if config.recenter_steps and best is not None and [list(best.placement), best.microbatches] != learner.center:
-                imitate(policy, best, config, config.recenter_steps)
-                learner.center = [list(best.placement), best.microbatches]
+            # -- hold exploration around the incumbent: no collapse onto one candidate
+            incumbent = state.best_sim()[0]
+            if config.hold_exploration and incumbent is not None:
+                policy.temperature = max(config.temperature, hold_temperature(policy, incumbent, target(config, problem)))
+            learner.temperature = policy.temperature
 
             # -- measurement bookkeeping (placer.search.state)
             measure_round(state, scorer, config)
@@ -233,16 +244,40 @@ def reward_rule(problem: PlacementProblem, scorer, config: TrainConfig, warm_sta
     return RewardRule(config.reward, reference, config.infeasible_slowdown)
 
 
-def imitate(policy: Seq2SeqPolicy, candidate: Candidate, config: TrainConfig, steps: int) -> None:
-    """Maximum likelihood on one candidate, until the policy gives it a mean per-group
-    probability of config.imitation_target, or `steps` steps."""
+def hold_temperature(policy: Seq2SeqPolicy, incumbent: Candidate, target: float, low: float = 0.1,
+                     high: float = 10.0, steps: int = 12) -> float:
+    """The temperature in [low, high] at which the policy gives `incumbent` a mean per-group
+    probability of `target` (bisection on log temperature: the probability falls as it rises)."""
+    placement = torch.tensor([incumbent.placement])
+    microbatch = torch.tensor([MICROBATCH_CHOICES.index(incumbent.microbatches)])
+    lo, hi = math.log(low), math.log(high)
+    with torch.no_grad():
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            policy.temperature = math.exp(mid)
+            per_group = math.exp(float(policy.log_prob(placement, microbatch)[0][0]) / len(incumbent.placement))
+            lo, hi = (mid, hi) if per_group > target else (lo, mid)
+    return math.exp((lo + hi) / 2)
+
+
+def target(config: TrainConfig, problem: PlacementProblem) -> float:
+    """The mean per-group probability imitation aims for and exploration holds the incumbent at."""
+    if config.imitation_target is not None:
+        return config.imitation_target
+    return max(0.5, 1.0 - config.explore_groups / max(problem.n_groups, 1))
+
+
+def imitate(policy: Seq2SeqPolicy, candidate: Candidate, config: TrainConfig) -> None:
+    """Maximum likelihood on one candidate, until the policy gives it the target mean
+    per-group probability (or config.imitation_steps steps)."""
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.imitation_lr)
-    target = torch.tensor([candidate.placement])
+    goal = target(config, policy.problem)
+    placement = torch.tensor([candidate.placement])
     microbatch = torch.tensor([MICROBATCH_CHOICES.index(candidate.microbatches)])
     groups = len(candidate.placement)
-    for _ in range(steps):
-        logp, _ = policy.log_prob(target, microbatch)
-        if math.exp(float(logp.detach()[0]) / groups) >= config.imitation_target:
+    for _ in range(config.imitation_steps):
+        logp, _ = policy.log_prob(placement, microbatch)
+        if math.exp(float(logp.detach()[0]) / groups) >= goal:
             return
         optimizer.zero_grad()
         (-logp[0] / groups).backward()
@@ -259,7 +294,8 @@ def advantage(rewards: torch.Tensor, learner: Learner, config: TrainConfig) -> t
         return above / scale if scale > 0 else above
     if config.normalize_advantages:
         centred = rewards - rewards.mean()
-        return centred / (rewards.std(unbiased=False) + 1e-8) if len(rewards) > 1 else centred
+        spread = float(rewards.std(unbiased=False)) if len(rewards) > 1 else 0.0
+        return centred / max(spread, config.advantage_floor, 1e-8)
     if learner.baseline is None:
         learner.baseline = float(rewards.mean())
     advantages = rewards - learner.baseline
@@ -291,13 +327,13 @@ def ppo_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: 
 
 def _self_imitation(policy: Seq2SeqPolicy, best: Candidate | None, config: TrainConfig) -> torch.Tensor:
     """config.self_imitation times the mean per-group negative log-likelihood of `best`,
-    while the policy gives `best` less than imitation_target per group (above it the term
-    is 0: the policy keeps sampling around the incumbent instead of collapsing onto it)."""
+    while the policy gives `best` less than the target per group (above it the term is 0:
+    the policy keeps sampling around the incumbent instead of collapsing onto it)."""
     if best is None or config.self_imitation == 0:
         return torch.zeros(())
     logp, _ = policy.log_prob(torch.tensor([best.placement]), torch.tensor([MICROBATCH_CHOICES.index(best.microbatches)]))
     per_group = logp[0] / len(best.placement)
-    if float(per_group.detach().exp()) >= config.imitation_target:
+    if float(per_group.detach().exp()) >= target(config, policy.problem):
         return torch.zeros(())
     return -config.self_imitation * per_group
 
