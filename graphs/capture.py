@@ -74,7 +74,7 @@ def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor,
     if traced.method == "fx":
         values = traced.bind(tuple(inputs), {})
         propagate_shapes(gm, tuple(values.values()), spec or name or "the model")
-    canonical = _canonical_param_names(model)
+    canonical = canonical_names(model)
     g = nx.DiGraph(name=name, fingerprint=fingerprint(model, gm), granularity="module" if traced.leaf_paths else "op",
                    leaf_paths=list(traced.leaf_paths), tensor_names=list(model.state_dict()),
                    capture=capture_info(traced, inputs))
@@ -254,7 +254,7 @@ def colocation_sets(g: nx.DiGraph) -> list[list[str]]:
     return sorted(sets, key=lambda s: order[s[0]])
 
 
-def _canonical_param_names(model: nn.Module) -> dict[int, str]:
+def canonical_names(model: nn.Module) -> dict[int, str]:
     """id(tensor) -> the first name the model gives it, so a tied weight reached under two
     names (decoder.weight is encoder.weight) is recognised as one tensor."""
     names: dict[int, str] = {}
@@ -277,6 +277,11 @@ def node_params(gm: fx.GraphModule, node: fx.Node) -> list[str]:
         return [prefix + n for n, _ in module.named_parameters()] + [prefix + n for n, _ in module.named_buffers()]
     return [name for a in node.all_input_nodes if a.op == "get_attr" for name in node_params(gm, a)]
 
+
+
+def node_tensors(gm: fx.GraphModule, node: fx.Node) -> list[torch.Tensor]:
+    """The tensors `node_params` names: what the node reads of the module's state."""
+    return [operator.attrgetter(name)(gm) for name in node_params(gm, node)]
 
 def _params_used(node: fx.Node, gm: fx.GraphModule, canonical: dict[int, str]) -> dict[str, int]:
     """{canonical name: bytes} of what the node reads (a tied tensor under one name)."""

@@ -182,11 +182,14 @@ def mismatch_message(plan: Plan, fingerprint: str) -> str:
 def trace_for_plan(model: nn.Module, plan: Plan, mode: str = "train") -> Traced:
     """Capture `model` the way `plan` was captured (method, leaf paths, an example batch
     of the recorded shapes on the model's device), in `mode`. The training capture is
-    the plan's graph: checked against the plan's fingerprint.
+    the plan's graph: checked against the plan's fingerprint, and every node of it but
+    get_attr nodes (a parameter goes with its readers) must be placed. The local
+    runtime and both distributed frontends get the plan's graph here.
 
     Raises
     ------
-    PlanError : the training capture differs from the plan's (another model).
+    PlanError : the training capture differs from the plan's (another model), or the
+        plan leaves one of its nodes unplaced.
     CaptureError : the model cannot be captured that way.
     """
     first = next(iter(list(model.parameters()) + list(model.buffers())), None)
@@ -198,6 +201,10 @@ def trace_for_plan(model: nn.Module, plan: Plan, mode: str = "train") -> Traced:
         fp = model_fingerprint(model, traced.gm)
         if fp != plan.fingerprint:
             raise PlanError(mismatch_message(plan, fp))
+        unplaced = [n.name for n in traced.gm.graph.nodes
+                    if n.op not in ("placeholder", "output", "get_attr") and n.name not in plan.assignment]
+        if unplaced:
+            raise PlanError(f"{plan.source} does not place node {unplaced[0]!r} ({len(unplaced)} unplaced)")
     return traced
 
 

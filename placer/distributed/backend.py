@@ -42,9 +42,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.devices import Cluster
 from placer.distributed.schedule import Crossing, Schedule, TensorMeta, ValueMeta, build_schedule, describe
-from placer.distributed.share import RankShare, bind, capture, eager_output, rank_cluster, tensor_owners
-from placer.plan import Plan, load_plan
+from placer.distributed.share import RankShare, bind, chunk_reads, eager_output, rank_cluster
+from placer.plan import Plan, load_plan, trace_for_plan
 from placer.runtime.chunks import Chunk, build_chunks
+from placer.runtime.tensors import localize, tensor_readers
 from placer.runtime.values import add_grads, move, receive
 
 LossFn = Callable[..., torch.Tensor]
@@ -72,7 +73,7 @@ class DistributedModel(RankShare):
         self.devices = device_of  # plan device name -> the device with its owner
         self.local_devices = {name: d for name, d in device_of.items() if d.rank == self.rank}
 
-        self.traced = traced = capture(model, plan)
+        self.traced = traced = trace_for_plan(model, plan)
         gm = traced.gm
         self._output_nodes = list(dict.fromkeys(leaf.name for leaf in traced.output_leaves if isinstance(leaf, fx.Node)))
 
@@ -80,8 +81,11 @@ class DistributedModel(RankShare):
         schedule = build_schedule(chunks, [device_of[c.device] for c in chunks], self._output_nodes)
         self.schedule = schedule.with_meta(self._propagate_shapes(schedule, example_inputs))
         self.comm_device = self._communication_device(cluster)
-        owners, _ = tensor_owners(model, chunks, lambda c: (device_of[c.device].rank, device_of[c.device]), plan.source)
-        self._place(owners, {}, default_device=plan.devices[0])
+        readers = tensor_readers(model, chunk_reads(chunks), plan.source)
+        self._place(readers, {name: (d.rank, d.torch_device) for name, d in device_of.items()}, plan.devices[0])
+        for chunk in chunks:  # after the shape pass, which runs every chunk on the host
+            if device_of[chunk.device].rank == self.rank:
+                localize(model, chunk.module, lambda node, d=torch.device(device_of[chunk.device].torch_device): d)
         self.input_shapes = [tuple(x.shape) for x in example_inputs]
 
     # -- set-up ------------------------------------------------------------------

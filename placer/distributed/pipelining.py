@@ -49,11 +49,11 @@ from graphs.devices import Cluster, Device
 from graphs.errors import PlanError
 from graphs.trace import Traced
 from placer.distributed.schedule import TensorMeta, ValueMeta, describe
-from placer.distributed.share import RankShare, bind, capture, eager_output, rank_cluster, tensor_owners
+from placer.distributed.share import RankShare, bind, chunk_reads, eager_output, rank_cluster
 from placer.distributed.stages import Pipeline, Stage, split_stages
-from placer.plan import Plan, load_plan
+from placer.plan import Plan, load_plan, trace_for_plan
 from placer.runtime import microbatch
-from placer.runtime.chunks import _Lookup
+from placer.runtime.tensors import localize, tensor_readers
 from placer.runtime.values import move, receive
 
 __all__ = ["PipelinedModel", "PipelineSpec", "plan_pipeline", "SCHEDULES"]
@@ -99,7 +99,7 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
         with the fix.
     """
     source = plan.source
-    traced = capture(model, plan)
+    traced = trace_for_plan(model, plan)
     gm = traced.gm
     pipeline = split_stages(gm, gm.graph, plan.assignment, source)
     m = microbatches or plan.microbatches
@@ -110,7 +110,7 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
         raise PlanError(f"1F1B needs at least as many micro-batches as stages ({len(pipeline.stages)}), got {m}: "
                         f"raise the micro-batch count or use gpipe")
     if m > 1 and not microbatch_statistics:
-        reason = microbatch.static_refusal(gm.graph, _Lookup(gm, ()), source)
+        reason = microbatch.static_refusal(gm.graph, gm, source)
         if reason:
             raise PlanError(reason)
     split = microbatch.split(bind(traced, example_inputs), m, batch_dims or {})
@@ -151,9 +151,10 @@ class PipelinedModel(RankShare):
         self.local_devices = {self.stage.device: self.devices[self.stage.device]}
         device = torch.device(self.devices[self.stage.device].torch_device)
         self.comm_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        owners, copies = tensor_owners(model, [s.chunk for s in stages], lambda c: (c.index, self.devices[c.device]),
-                                       self.plan.source, rank=self.rank)  # stage i (chunk i) runs on rank i
-        self._place(owners, copies, default_device=stages[0].device)
+        readers = tensor_readers(model, chunk_reads(s.chunk for s in stages), self.plan.source, shared_buffers=True)
+        owners = {s.device: (s.index, self.devices[s.device].torch_device) for s in stages}  # stage i on rank i
+        self._place(readers, owners, default_device=stages[0].device)
+        localize(model, self.stage.chunk.module, lambda node: device)  # after the shape pass on the host
         self.module = _StageModule(self.stage, self.meta, device, self.comm_device)
         self._build_schedule(len(stages))
         self._step_inputs: tuple = ()

@@ -7,9 +7,8 @@ and PipelinedModel (pipelining.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from operator import attrgetter
 from typing import Any
 
 import torch
@@ -17,17 +16,16 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
-from graphs.capture import node_params
-from graphs.devices import Cluster, Device, parse_cluster
+from graphs.capture import canonical_names
+from graphs.devices import Cluster, parse_cluster
 from graphs.errors import PlanError
 from graphs.trace import Traced
-from placer.plan import Plan, trace_for_plan
+from placer.plan import Plan
 from placer.runtime.chunks import Chunk
+from placer.runtime.tensors import graph_reads, place_tensors
 from placer.runtime.values import count_saved
 
-__all__ = ["RankShare", "rank_cluster", "tensor_owners", "capture", "bind", "eager_output"]
-
-Owner = tuple[int, str, torch.device]  # (owner rank, plan device name, torch device)
+__all__ = ["RankShare", "rank_cluster", "chunk_reads", "bind", "eager_output"]
 
 
 def rank_cluster(plan: Plan, world_size: int, cluster: Cluster | None = None) -> Cluster:
@@ -43,23 +41,6 @@ def rank_cluster(plan: Plan, world_size: int, cluster: Cluster | None = None) ->
     if bad:
         raise PlanError(f"devices {bad} have no owner among ranks 0..{world_size - 1}: write rankR:DEVICE")
     return cluster
-
-
-def capture(model: nn.Module, plan: Plan) -> Traced:
-    """The plan's training capture of `model` (placer.plan.trace_for_plan, which checks
-    the fingerprint), every node of it placed.
-
-    Raises
-    ------
-    PlanError
-        The plan was made for another model, or leaves a node unplaced.
-    """
-    traced = trace_for_plan(model, plan, mode="train")
-    unplaced = [n.name for n in traced.gm.graph.nodes
-                if n.op not in ("placeholder", "output", "get_attr") and n.name not in plan.assignment]
-    if unplaced:
-        raise PlanError(f"{plan.source} does not place node {unplaced[0]!r} ({len(unplaced)} unplaced)")
-    return traced
 
 
 def bind(traced: Traced, inputs: Sequence[Any]) -> dict[str, Any]:
@@ -82,49 +63,11 @@ def eager_output(traced: Traced, leaves: Sequence[Any], values: Mapping[str, Any
     return traced.unflatten([values[leaf.name] if isinstance(leaf, fx.Node) else leaf for leaf in leaves])
 
 
-def tensor_owners(model: nn.Module, chunks: Sequence[Chunk], where: Callable[[Chunk], tuple[int, Device]],
-                  source: str, rank: int | None = None) -> tuple[dict[int, Owner], dict[int, torch.device]]:
-    """Who owns each of the model's parameters and buffers: the rank and device of the
-    first chunk that reads it (`where(chunk)`: its rank and device).
-
-    With `rank`, a buffer that chunks on several devices read (a causal mask every
-    pipeline stage slices) is allowed: its first reader owns it, and the second
-    result maps it to this rank's device where this rank reads it too (a read-only
-    copy). Without, and for parameters always, a tensor read on two devices is an error.
-
-    Returns
-    -------
-    owners : id(tensor) -> (rank, plan device name, torch device)
-    copies : id(tensor) -> torch device of this rank's read-only copy
-
-    Raises
-    ------
-    PlanError
-        A parameter (or, without `rank`, a buffer) is read on two devices.
-    """
-    mine = {id(t) for t in list(model.parameters()) + list(model.buffers())}
-    owners: dict[int, Owner] = {}
-    copies: dict[int, torch.device] = {}
-    first_name: dict[int, str] = {}
+def chunk_reads(chunks: Iterable[Chunk]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(plan device name, tensor) for every parameter, buffer or constant each chunk
+    reads, chunk by chunk: what placer.runtime.tensors.tensor_readers takes."""
     for chunk in chunks:
-        owner_rank, device = where(chunk)
-        here = (owner_rank, chunk.device, torch.device(device.torch_device))
-        gm = chunk.module
-        for node in gm.graph.nodes:
-            for name in node_params(gm, node):
-                tensor = attrgetter(name)(gm)
-                if id(tensor) not in mine:
-                    continue  # a constant the capture stowed, not the model's
-                first_name.setdefault(id(tensor), name)
-                seen = owners.setdefault(id(tensor), here)
-                if seen[1] == chunk.device:
-                    continue
-                if rank is None or isinstance(tensor, nn.Parameter):
-                    raise PlanError(f"{source} splits parameter {first_name[id(tensor)]!r} across {seen[1]} and "
-                                    f"{chunk.device}: nodes that share a parameter must share a device")
-                if owner_rank == rank:
-                    copies[id(tensor)] = here[2]
-    return owners, copies
+        yield from graph_reads(chunk.module, lambda node, device=chunk.device: device)
 
 
 class RankShare:
@@ -141,29 +84,28 @@ class RankShare:
         # Activation accounting (measurement): per plan device, storage -> bytes saved for backward.
         self.saved: dict[str, dict[int, int]] | None = None
 
-    def _place(self, owners: Mapping[int, Owner], copies: Mapping[int, torch.device], default_device: str) -> None:
-        """Move each tensor this rank owns to its device and free the others' storage.
+    def _place(self, readers: Mapping[str, Sequence[str]], owners: Mapping[str, tuple[int, str]],
+               default_device: str) -> None:
+        """Take this rank's share of the model's tensors.
 
-        `owners`: id(tensor) -> (owner rank, plan device name, torch device) for every
-        tensor some node reads; rank 0 owns the rest, on `default_device`. `copies`:
-        id(tensor) -> device of a read-only copy this rank keeps without owning it.
-        Tensors keep their identity (`.data` is replaced), so the model, its traced
-        graph and optimizers made later all see the moved ones, and tied parameters
-        stay tied."""
-        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-            owner = owners.get(id(tensor))
-            self.tensor_owner[id(tensor)] = owner[0] if owner else 0
-            if self.tensor_owner[id(tensor)] == self.rank:
-                self.tensor_device[id(tensor)] = owner[1] if owner else default_device
-        with torch.no_grad():
-            for tensor in dict.fromkeys(list(self.model.parameters()) + list(self.model.buffers())):
-                key = id(tensor)
-                if key in owners and self.tensor_owner[key] == self.rank:
-                    tensor.data = tensor.data.to(owners[key][2])
-                elif key in copies:
-                    tensor.data = tensor.data.to(copies[key])
-                elif self.tensor_owner[key] != self.rank:
-                    tensor.data = torch.empty(0, dtype=tensor.dtype)  # lives on its owner's rank only
+        `readers`: canonical name -> the plan devices that read it, first reader first
+        (placer.runtime.tensors.tensor_readers); a tensor no node reads goes with
+        `default_device`. `owners`: plan device name -> (the rank that runs it, its torch
+        device there). A tensor belongs to the rank of its first reader. This rank moves
+        its tensors to their devices, keeps a read-only copy of a buffer one of its
+        devices reads but another rank owns, and frees the storage of the rest
+        (placer.runtime.tensors.place_tensors: tensors keep their identity, so the
+        model, its traced graph and optimizers made later all see the moved ones, and
+        tied parameters stay tied)."""
+        names = canonical_names(self.model)
+        readers = {**{name: [default_device] for name in names.values()}, **readers}
+        place_tensors(self.model, readers,
+                      lambda d: torch.device(owners[d][1]) if owners[d][0] == self.rank else None)
+        for key, name in names.items():
+            device = readers[name][0]
+            self.tensor_owner[key] = owners[device][0]
+            if self.tensor_owner[key] == self.rank:
+                self.tensor_device[key] = device
 
     # -- what a training loop uses ---------------------------------------------------
 

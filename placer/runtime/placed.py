@@ -27,7 +27,6 @@ the device of the first tensor input, like accelerate's dispatched models.
 
 from __future__ import annotations
 
-import operator
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,12 +36,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphs.capture import node_params, owning_module
+from graphs.capture import canonical_names, node_tensors, owning_module
 from graphs.devices import Cluster, Device, parse_cluster
 from graphs.errors import CaptureError, PlanError
 from graphs.trace import Traced, trace_model, training_flags
 from placer.plan import Plan, load_plan, trace_for_plan
 from placer.runtime.executor import Executor
+from placer.runtime.tensors import graph_reads, localize, place_tensors, tensor_readers
 
 __all__ = ["apply", "PlacedModule"]
 
@@ -169,12 +169,12 @@ class PlacedModule(nn.Module):
         else of its producer."""
         reference = self.graphs[0]
         ref_nodes = {n.name: n for n in reference.traced.gm.graph.nodes}
-        canonical = _canonical_names(self.original)
+        canonical = canonical_names(self.original)
         assignment: dict[str, str] = {}
         for node in traced.gm.graph.nodes:
             if node.op == "get_attr":
                 continue
-            placed = [self.tensor_devices.get(canonical.get(id(t))) for t in _read_tensors(traced.gm, node)]
+            placed = [self.tensor_devices.get(canonical.get(id(t))) for t in node_tensors(traced.gm, node)]
             same = ref_nodes.get(node.name)
             if any(placed):
                 assignment[node.name] = next(d for d in placed if d)
@@ -230,17 +230,16 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
         plan = load_plan(plan)
     cluster, rename = _devices_for(plan, devices)
     reference = trace_for_plan(model, plan, mode="train")
-    body = [n for n in reference.gm.graph.nodes if n.op not in ("placeholder", "output")]
-    unplaced = [n.name for n in body if n.name not in plan.assignment and n.op != "get_attr"]
-    if unplaced:
-        raise PlanError(f"{plan.source} does not place node {unplaced[0]!r} ({len(unplaced)} unplaced)")
     assignment = {name: rename[device] for name, device in plan.assignment.items()}
     _with_parameter_reads(reference.gm, assignment)
     by_name = {d.name: d for d in cluster.devices}
-    torch_devices = {by_name[assignment[n.name]].torch_device for n in body}
+    torch_devices = {by_name[assignment[n.name]].torch_device for n in reference.gm.graph.nodes
+                     if n.op not in ("placeholder", "output")}
     # export cannot capture once the tensors are on several devices: the eval capture is made first
     eval_capture = trace_for_plan(model, plan, mode="eval") if len(torch_devices) > 1 else None
-    tensor_devices = _place_tensors(model, reference.gm, body, assignment, by_name, plan.source)
+    reads = graph_reads(reference.gm, lambda n: None if n.op == "output" else assignment.get(n.name))
+    tensor_devices = place_tensors(model, tensor_readers(model, reads, plan.source),
+                                   lambda d: torch.device(by_name[d].torch_device))
     graph = _build(model, plan, reference, assignment, by_name, plan.groups)
     return PlacedModule(model, plan, by_name, graph, tensor_devices, eval_capture)
 
@@ -264,25 +263,11 @@ def _devices_for(plan: Plan, devices: str | Cluster | None) -> tuple[Cluster, di
 def _build(model: nn.Module, plan: Plan, traced: Traced, assignment: dict[str, str], devices: dict[str, Device],
            groups: list[list[str]] | None) -> PlacedCapture:
     """The executor of a capture placed by `assignment` (chunked over `groups`, the
-    plan's, for its own capture). Tensors the graph creates on the device it was
-    captured on (`torch.arange(n, device=x.device)`) are created on the device of the
-    node that makes them; a constant the capture stowed (not one of the model's
-    tensors) moves with its reader."""
-    owned = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    plan's, for its own capture), after what the capture baked in about devices is
+    made to follow the placement (tensors.localize)."""
     gm = traced.gm
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "get_attr") or node.name not in assignment:
-            continue
-        here = torch.device(devices[assignment[node.name]].torch_device)
-        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != here:
-            node.update_kwarg("device", here)
-        elif node.op == "get_attr":
-            value = operator.attrgetter(str(node.target))(gm)
-            if isinstance(value, torch.Tensor) and id(value) not in owned and value.device != here:
-                alias = f"{str(node.target).replace('.', '_')}_on_{here.type}{here.index or 0}"
-                setattr(gm, alias, value.to(here))
-                node.target = alias
-    gm.recompile()
+    localize(model, gm, lambda n: torch.device(devices[assignment[n.name]].torch_device)
+             if n.name in assignment else None)
     executor = Executor.build(gm, gm, assignment, devices, groups=groups, microbatches=plan.microbatches,
                               schedule=plan.schedule, source=plan.source)
     leaves = [(leaf.name, None) if isinstance(leaf, fx.Node) else (None, leaf) for leaf in traced.output_leaves]
@@ -291,36 +276,6 @@ def _build(model: nn.Module, plan: Plan, traced: Traced, assignment: dict[str, s
                          leaves=leaves, parameters=tuple(gm.parameters()),
                          leaf_modules=tuple(gm.get_submodule(str(n.target)) for n in gm.graph.nodes
                                             if n.op == "call_module"))
-
-
-def _place_tensors(model: nn.Module, gm: fx.GraphModule, body: list[fx.Node], assignment: dict[str, str],
-                   devices: dict[str, Device], source: str) -> dict[str, str]:
-    """Move each parameter and buffer to the device of the nodes that read it; a tensor
-    read on two devices (a tied weight split by the plan) is an error. Tensors keep
-    their identity (tied aliases stay tied; the captures' get_attr nodes and optimizers
-    made later see the moved ones); values never change.
-    Returns canonical qualified name -> device name for every tensor some node reads."""
-    canonical = _canonical_names(model)
-    owner: dict[int, tuple[str, str]] = {}  # id(tensor) -> (first name seen, device)
-    for node in body:
-        device = assignment[node.name]
-        for name in node_params(gm, node):
-            tensor = operator.attrgetter(name)(gm)
-            if id(tensor) not in canonical:
-                continue
-            first, seen = owner.setdefault(id(tensor), (canonical[id(tensor)], device))
-            if seen != device:
-                raise PlanError(f"{source} splits parameter {first!r} across {seen} and {device}: "
-                                f"nodes that share a parameter must share a device")
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    with torch.no_grad():
-        for key, (_, device) in owner.items():
-            t, target = tensors[key], torch.device(devices[device].torch_device)
-            if t.device != target:
-                t.data = t.data.to(target)
-                if t.grad is not None:
-                    t.grad = t.grad.to(target)
-    return {name: device for name, device in owner.values()}
 
 
 def _with_parameter_reads(gm: fx.GraphModule, assignment: dict[str, str]) -> None:
@@ -342,17 +297,6 @@ def _module_devices(graph: PlacedCapture) -> dict[str, str]:
         for i in range(len(parts) + 1):
             devices.setdefault(".".join(parts[:i]), graph.assignment[node.name])
     return devices
-
-
-def _canonical_names(model: nn.Module) -> dict[int, str]:
-    names: dict[int, str] = {}
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        names.setdefault(id(tensor), name)
-    return names
-
-
-def _read_tensors(gm: fx.GraphModule, node: fx.Node) -> list:
-    return [operator.attrgetter(name)(gm) for name in node_params(gm, node)]
 
 
 def _close_all(graphs: list[PlacedCapture]) -> None:
