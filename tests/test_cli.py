@@ -34,8 +34,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 @pytest.fixture(scope="module")
 def optimized(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("opt")
-    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--budget", "600", "--search", "max_samples=32",
-                    *FAST, "--out", str(out))
+    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--methods", "single,expert,metis,rl",
+                    "--budget", "600", "--search", "max_samples=16", "--search", "batch_size=8", *FAST,
+                    "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out
 
@@ -114,8 +115,9 @@ def test_plan_is_reusable_by_measure_train_and_compare(optimized, tmp_path):
 
 def test_resume_continues_the_search(optimized):
     first = json.loads((optimized / "results.json").read_text())["curve"]
-    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--budget", "600", "--search", "max_samples=64",
-                    *FAST, "--out", str(optimized), "--resume")
+    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--methods", "single,expert,metis,rl",
+                    "--budget", "600", "--search", "max_samples=32", "--search", "batch_size=8", *FAST,
+                    "--out", str(optimized), "--resume")
     assert result.returncode == 0, result.stderr
     resumed = json.loads((optimized / "results.json").read_text())["curve"]
     assert resumed[:len(first)] == first and len(resumed) > len(first)  # the same search, carried on
@@ -175,7 +177,7 @@ def test_infeasible_optimize_leaves_no_plan_or_report(tmp_path):
 def test_parallel_measurement_with_workers(tmp_path):
     out = tmp_path / "w"
     result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--budget", "2", *FAST, "--methods", "single,expert,rl",
-                    "--workers", "2", "--reward", "measure", "--out", str(out))
+                    "--search", "batch_size=4", "--workers", "2", "--reward", "measure", "--out", str(out))
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     measured = [row for row in results["methods"] if row["measured_ms"] is not None]
