@@ -30,11 +30,14 @@ never becomes ready earlier. Tasks are numbered in each pass's priority order an
 read whom they hand on to from flat lists, so the loop allocates little more than
 its heap entries; simulate() makes well over 1,000 calls a second at 256 groups.
 
-Micro-batch costs: the profile records `microbatch_step_ms` (OpGraph graph
-attribute: m -> ms of a whole training step at batch/m, times m); a micro-batch's
-op costs are the batch's scaled by microbatch_step_ms[m] / (m * microbatch_step_ms[1]).
-Where the profile lacks m, costs scale linearly (1/m), which overrates small
-micro-batches; `Simulator.notes` says so.
+Micro-batch costs: the profile records, per device kind, m -> ms of a whole training
+step at batch/m, times m (OpGraph graph attributes `microbatch_step_ms_by_kind`, and
+`microbatch_step_ms`, the first kind's, which stands for kinds without a table of
+their own: graphs.bounds.microbatch_table). A micro-batch's op costs on a device of
+kind k are the batch's scaled by table_k[m] / (m * table_k[1]). A kind whose table
+lacks m could not run a step at batch/m: a placement using such a device is
+infeasible with that reason. Without any table, costs scale linearly (1/m), which
+overrates small micro-batches; `Simulator.notes` says so.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from heapq import heappop, heappush
 
 import numpy as np
 
+from graphs.bounds import microbatch_table
 from graphs.devices import Cluster, Link
 from graphs.problem import PlacementProblem
 from graphs.schedule import partition
@@ -161,16 +165,25 @@ def execution_atoms(problem: PlacementProblem) -> Atoms:
     return Atoms(groups, edges, [pairs[e] for e in edges])
 
 
-def microbatch_factors(problem: PlacementProblem) -> dict[int, float]:
-    """m -> a micro-batch's compute relative to the whole batch's, from the profile's
-    `microbatch_step_ms` (keys may be strings after a JSON round trip)."""
-    for g in (problem.groups, problem.ops):
-        table = g.graph.get("microbatch_step_ms") if g is not None else None
-        if table:
-            steps = {int(k): float(v) for k, v in table.items()}
-            if 1 in steps and steps[1] > 0:
-                return {m: ms / (m * steps[1]) for m, ms in steps.items()}
-    return {1: 1.0}
+def microbatch_tables(problem: PlacementProblem) -> dict[str, dict[int, float] | None]:
+    """Per device kind of the cluster: the profile's {m: m x ms of a whole training step
+    at batch/m} on that kind (graphs.bounds.microbatch_table: its own table, else the
+    flat one; keys read as ints), from the grouped graph or else the OpGraph; None
+    where the profile has no table."""
+    graphs = [g for g in (problem.groups, problem.ops) if g is not None]
+    return {kind: next((t for t in (microbatch_table(g, kind) for g in graphs) if t), None)
+            for kind in problem.cluster.kinds}
+
+
+def microbatch_factor(table: dict[int, float] | None, m: int) -> float | None:
+    """A micro-batch's compute relative to the whole batch's, from one kind's table
+    (`microbatch_tables`): table[m] / (m * table[1]); 1/m (linear) without a table;
+    None where the table lacks m (the model could not run at batch/m)."""
+    if m == 1:
+        return 1.0
+    if table is None:
+        return 1.0 / m
+    return table[m] / (m * table[1]) if m in table and table.get(1) else None
 
 
 class Simulator:
@@ -202,7 +215,9 @@ class Simulator:
         self._dst = np.array([v for _, v in atoms.edges], dtype=np.int64)
         self._edge_bytes = np.array(atoms.edge_bytes, dtype=np.float64)
         self._opt = costs.opt_ms * scale  # [group, device], summed per device with numpy
-        self._factors = microbatch_factors(problem)
+        self._tables = microbatch_tables(problem)
+        self._kinds = [d.kind for d in devices]
+        self._factors: dict[int, np.ndarray] = {}  # m -> compute_factors(m)
         self.notes: list[str] = []
         self._names_of_groups = [problem.groups.nodes[g]["name"] for g in range(problem.n_groups)]
         n_dev = len(devices)
@@ -225,15 +240,20 @@ class Simulator:
             return self._evaluate(p, m, record=True)
         return self._cached(p, m)
 
-    def compute_factor(self, microbatches: int) -> float:
-        """A micro-batch's compute relative to the whole batch's (see the module doc)."""
-        if microbatches not in self._factors:
-            note = (f"no profiled step at batch/{microbatches}: micro-batch costs scale linearly (1/{microbatches}), "
-                    f"which overrates small micro-batches")
-            if note not in self.notes:
-                self.notes.append(note)
-            return 1.0 / microbatches
-        return self._factors[microbatches]
+    def compute_factors(self, microbatches: int) -> np.ndarray:
+        """Per device: a micro-batch's compute relative to the whole batch's on its
+        kind (see the module doc); NaN where its kind's profile lacks `microbatches`."""
+        m = microbatches
+        if m not in self._factors:
+            factors = [microbatch_factor(self._tables[kind], m) for kind in self._kinds]
+            linear = sorted({k for k in self._kinds if self._tables[k] is None})
+            if m > 1 and linear:
+                note = (f"no profiled micro-batch steps on {', '.join(linear)}: micro-batch costs scale linearly "
+                        f"(1/m), which overrates small micro-batches")
+                if note not in self.notes:
+                    self.notes.append(note)
+            self._factors[m] = np.array([math.nan if f is None else f for f in factors])
+        return self._factors[m]
 
     def _evaluate(self, p: tuple[int, ...], m: int = 1, record: bool = False) -> SimResult:
         problem = self.problem
@@ -242,6 +262,12 @@ class Simulator:
         devices = np.array(p, dtype=np.intp)
         used = problem.memory_per_device(devices, m)
         problems = problem.violations(devices, m, used=used)
+        unprofiled = sorted({self._kinds[d] for d in set(p) if math.isnan(self.compute_factors(m)[d])})
+        if unprofiled:
+            reason = (f"{m} micro-batches were not profiled on {unprofiled[0]} (the model could not run a training "
+                      f"step at batch/{m} there): choose a micro-batch count the profile has")
+            return SimResult(math.inf, (0.0,) * self._n_dev, tuple(int(b) for b in used), False,
+                             "; ".join([reason, *problems]))
         events = [] if record else None
         step_ms, busy = self._schedule(p, devices, m, events)
         peak = tuple(int(b) for b in used)
@@ -266,8 +292,8 @@ class Simulator:
         cdev = cdev_array.tolist()
         fwd = np.bincount(chunks, weights=self._fwd[self._rows, devs], minlength=n_chunks)
         bwd = np.bincount(chunks, weights=self._bwd[self._rows, devs], minlength=n_chunks)
-        if m > 1:
-            factor = self.compute_factor(m)
+        if m > 1:  # a chunk's atoms share its device: scale each chunk by its device's factor
+            factor = self.compute_factors(m)[cdev_array]
             fwd, bwd = fwd * factor, bwd * factor
         # The chunk graph: unique (a, b) pairs sorted, their bytes per micro-batch summed.
         cu, cv = chunks[self._src], chunks[self._dst]
@@ -366,7 +392,7 @@ class Simulator:
                      backward: bool, m: int) -> None:
         """One event per group of a chunk; the dispatch overhead shows as part of the first."""
         cost = self._bwd if backward else self._fwd
-        factor = self.compute_factor(m) if m > 1 else 1.0
+        factor = float(self.compute_factors(m)[d]) if m > 1 else 1.0
         t = start + self.calibration.chunk_overhead_ms
         for k, a in enumerate(reversed(atoms) if backward else atoms):
             begin, t = t, t + float(cost[a, d]) * factor

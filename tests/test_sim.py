@@ -335,3 +335,37 @@ def test_memory_counts_every_micro_batch_in_flight():
     assert sim.simulate([0, 0]).feasible
     r = sim.simulate([0, 0], microbatches=4)
     assert not r.feasible and r.peak_bytes == (2400, 0) and "cpu:0 needs 2400 bytes" in r.reason
+
+
+MIXED = "rank0:cpu:0,rank0:cuda:0"  # a GPU named on a rank: the spec needs no GPU on this host
+
+
+def test_each_device_kind_scales_micro_batches_by_its_own_profiled_steps():
+    """cpu: a half batch costs 12 / (2 * 10) = 0.6 of the batch; cuda: 16 / 20 = 0.8. The
+    cuda stage (2 ms a pass) then takes 2 x 1.6 = 3.2 ms forward and backward; the old
+    rule, the first kind's table for every kind, gave it 2.4."""
+    graph = nx.DiGraph(name="mixed", fingerprint="mixed-fp", device_kinds=["cpu", "cuda"], colocate=[])
+    for i in range(2):
+        graph.add_node(i, name=f"g{i}", members=[f"n{i}"], fwd_ms={"cpu": 1.0, "cuda": 2.0},
+                       bwd_ms={"cpu": 1.0, "cuda": 2.0}, opt_ms={"cpu": 0.0, "cuda": 0.0}, param_bytes=0,
+                       grad_bytes=0, opt_bytes=0, act_bytes=0, out_bytes=0, op_mix={"linear": 1})
+    tables = {"cpu": {"1": 10.0, "2": 12.0}, "cuda": {"1": 10.0, "2": 16.0, "4": 20.0}}
+    graph.graph["microbatch_step_ms_by_kind"] = tables
+    graph.graph["microbatch_step_ms"] = tables["cpu"]  # the profile's first kind
+    problem = PlacementProblem(graph, parse_cluster(MIXED))
+    cal = Calibration({"cpu": 1.0, "cuda": 1.0}, {"cpu": SLOW_LINK, "cpu+cuda": SLOW_LINK, "cuda": SLOW_LINK})
+    sim = Simulator(problem, cal)
+    r = sim.simulate([0, 1], microbatches=2)
+    # cpu: 2 x 0.6 = 1.2 forward; cuda: 2 x 1.6 = 3.2 forward, backward from 3.2 to 6.4
+    assert r.feasible and r.step_ms == pytest.approx(6.4 + 2 * cal.chunk_overhead_ms * 2)
+    # 4 micro-batches: the cpu profile could not run a quarter batch, the cuda one could
+    refused = sim.simulate([0, 1], microbatches=4)
+    assert not refused.feasible and refused.step_ms == math.inf
+    assert refused.reason.startswith("4 micro-batches were not profiled on cpu")
+    on_cuda = sim.simulate([1, 1], microbatches=4)  # 4 x (2 + 2) x 20 / (4 x 10) each way, one chunk
+    assert on_cuda.feasible and on_cuda.step_ms == pytest.approx(16.0 + 2 * 4 * cal.chunk_overhead_ms)
+    assert sim.notes == []
+    del graph.graph["microbatch_step_ms"], tables["cpu"]  # no table for cpu at all: linear there, with a note
+    sim = Simulator(PlacementProblem(graph, parse_cluster(MIXED)), cal)
+    assert sim.simulate([0, 1], microbatches=4).feasible
+    assert any("on cpu: micro-batch costs scale linearly" in note for note in sim.notes)

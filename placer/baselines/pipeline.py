@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.sim import Simulator, microbatch_factors
+from envs.sim import Simulator, microbatch_tables
 from graphs.errors import InfeasibleError
 from graphs.problem import Candidate, PlacementProblem
 from placer.baselines.common import capacities, contiguous_split, mib
@@ -37,9 +37,10 @@ DEFAULT_MICROBATCHES = (1, 2, 4, 8)
 
 
 def microbatch_choices(problem: PlacementProblem) -> list[int]:
-    """The micro-batch counts worth trying: those the profile timed, else 1, 2, 4, 8;
+    """The micro-batch counts worth trying: those the profile timed on some kind of the
+    cluster (the simulator refuses a count on a kind that lacks it), else 1, 2, 4, 8;
     never more than the batch has rows."""
-    known = sorted(microbatch_factors(problem))
+    known = sorted(set().union(*(t for t in microbatch_tables(problem).values() if t)))
     choices = known if len(known) > 1 else list(DEFAULT_MICROBATCHES)
     rows = problem.batch_size
     return [m for m in choices if rows is None or m <= rows]
