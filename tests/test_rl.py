@@ -316,3 +316,33 @@ def test_self_imitation_raises_the_probability_of_the_best_candidate():
     plain, _ = best_logp(0.0)
     imitated, result = best_logp(5.0)
     assert imitated > plain
+
+
+def test_held_exploration_keeps_the_policy_from_collapsing_onto_one_candidate():
+    problem = two_chains(8)
+
+    def late_distinct(hold):
+        seen = []
+
+        class Counting(SimulatedScorer):
+            def score(self, candidates):
+                seen.extend(candidates)
+                return super().score(candidates)
+
+        config = TrainConfig(**{**QUICK, "max_samples": 400, "hold_exploration": hold, "self_imitation": 5.0})
+        result = train(problem, Counting(problem), config)
+        return len(set(seen[-200:])), result
+
+    held, result = late_distinct(True)
+    collapsed, _ = late_distinct(False)
+    assert held > 5 * collapsed  # the last 200 samples: still exploring, against a handful of repeats
+    assert result.policy.temperature > 1.0  # raised to keep it so (never lowered below the configured 1.0)
+
+
+def test_the_exploration_target_follows_the_problem_size():
+    from placer.rl.trainer import target
+
+    assert target(TrainConfig(explore_groups=2.0), synthetic(20)) == pytest.approx(0.9)
+    assert target(TrainConfig(explore_groups=2.0), synthetic(200)) == pytest.approx(0.99)
+    assert target(TrainConfig(explore_groups=8.0), synthetic(10)) == 0.5  # never below one half
+    assert target(TrainConfig(imitation_target=0.97), synthetic(10)) == 0.97
