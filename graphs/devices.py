@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -87,6 +87,7 @@ class Cluster:
         return list(dict.fromkeys(d.kind for d in self.devices))
 
     def index(self, name: str) -> int:
+        """The position of device `name`. Raises DeviceSpecError where the cluster lacks it."""
         for i, d in enumerate(self.devices):
             if d.name == name:
                 return i
@@ -96,16 +97,18 @@ class Cluster:
         """The link from device a to device b (a != b)."""
         return self.links[frozenset({self.devices[a].kind, self.devices[b].kind})]
 
-    def with_links(self, links: dict[frozenset[str], Link]) -> "Cluster":
-        return replace(self, links={**self.links, **links})
-
     def spec(self) -> str:
         """The `--devices` string that rebuilds this cluster."""
         return ",".join(self.names)
 
 
 def parse_size(text: str) -> int:
-    """'16GiB' -> 17179869184; '2GB' -> 2000000000; '512' -> 512."""
+    """'16GiB' -> 17179869184; '2GB' -> 2000000000; '512' -> 512.
+
+    Raises
+    ------
+    DeviceSpecError : not a number of bytes with a known unit (B, KB, KiB, ... TiB).
+    """
     m = _SIZE_RE.match(text)
     if not m:
         raise DeviceSpecError(f"cannot read memory size {text!r}: write e.g. 16GiB, 512MiB or 2GB")

@@ -32,7 +32,12 @@ CAP_FACTOR = 2.0  # a group may grow to CAP_FACTOR x the average group cost befo
 
 def group(ops: nx.DiGraph, max_groups: int = 256) -> nx.DiGraph:
     """Group a (profiled) OpGraph into a GroupedGraph of at most `max_groups` groups
-    (schema in graphs/__init__.py). Deterministic: equal graphs give equal groups."""
+    (schema in graphs/__init__.py). Deterministic: equal graphs give equal groups.
+
+    Raises
+    ------
+    ValueError : `max_groups` is below 1.
+    """
     if max_groups < 1:
         raise ValueError(f"max_groups must be at least 1, got {max_groups}")
     q = _Quotient(ops)

@@ -195,6 +195,20 @@ def build_problem(workload: str | Workload, devices: str | None = None, memory: 
 
     Profiling runs once per device kind of the cluster (CPU devices with their own
     thread share) and is cached on disk, so a second call is near instant.
+
+    Parameters
+    ----------
+    workload : a workload spec (`zoo:nmt`, `path/to/workload.py`) or a loaded Workload.
+    devices, memory : the `--devices` and `--memory` strings (graphs.devices.parse_cluster).
+    max_groups : at most this many placement groups (graphs.group).
+    cache_dir : the profile cache (default $PLACER_CACHE or ~/.cache/placer).
+    progress : called as progress(done, total) while profiling.
+
+    Raises
+    ------
+    WorkloadError : the workload cannot be loaded, or fails on its example inputs.
+    DeviceSpecError : `devices` or `memory` cannot be read, or names a missing device.
+    CaptureError : the model cannot be captured.
     """
     from graphs.capture import capture
     from graphs.group import group

@@ -103,7 +103,8 @@ class Traced:
         return tree_unflatten(list(leaves), self.out_spec)
 
     def run(self, *args, **kwargs) -> Any:
-        """Run the captured graph as the model would run (tests and checks)."""
+        """Run the captured graph as the model would run (tests and checks). Raises
+        CaptureError for a call the capture does not cover (`why_not` says why)."""
         values, reason = self._match(args, kwargs)
         if values is None:
             raise CaptureError(f"this {self.method} capture does not cover the call: {reason}")

@@ -60,7 +60,11 @@ def trace_fx(model: nn.Module, leaf_classes: tuple[type, ...], leaf_paths: tuple
     """Symbolically trace `model` (graphs.trace.trace_model documents the arguments).
     Without `inputs` every forward parameter is a placeholder; with them, only the
     tensor arguments of that call, the rest baked in. `export_error`: why export
-    failed before, named in the error if fx fails too."""
+    failed before, named in the error if fx fails too.
+
+    Raises CaptureError naming the module, the source line and the fix when fx cannot
+    trace the model (with `allow_fallback`, after making up to MAX_FALLBACK_LEAVES
+    failing modules leaves)."""
     signature = inspect.signature(model.forward)
     concrete = {} if inputs is None else _concrete_args(signature, inputs, kwargs)
     paths = list(leaf_paths)

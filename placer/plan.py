@@ -305,7 +305,19 @@ def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], dev
     go where its reader goes (graphs.capture.owning_module gives both one module), or
     applying the plan is a PlanError.
 
-    Raises PlanError when `assign` names a device not in `devices`.
+    Parameters
+    ----------
+    model : the model to place (captured here, left as it was).
+    assign : node of the training capture -> device name.
+    devices : the plan's device names, in order (`--devices`).
+    inputs : an example batch; without it only torch.fx can capture.
+    leaf_modules : module classes to keep whole (selects torch.fx).
+    method, workload : recorded in the plan.
+
+    Raises
+    ------
+    PlanError : `assign` names a device not in `devices`.
+    CaptureError : the model cannot be captured.
     """
     traced = trace_model(model, leaf_modules=leaf_modules, inputs=inputs)
     gm = traced.gm
@@ -331,8 +343,15 @@ def make_plan(problem: PlacementProblem, placement: Sequence[int], method: str, 
     """Expand a group placement to every captured node of the problem's OpGraph.
 
     Nodes no group lists (a capture may leave out inputs and the output) follow their
-    neighbour: an input its first user, anything else its first producer. `schedule`
-    defaults to "gpipe" when `microbatches` > 1.
+    neighbour: an input its first user, anything else its first producer.
+
+    Parameters
+    ----------
+    problem : the placement problem, with its OpGraph (`problem.ops`).
+    placement : group id -> device index of `problem.cluster`.
+    method, seed, simulated_ms, measured_ms : recorded in the plan.
+    microbatches : the batch is split into this many micro-batches (GPipe).
+    schedule : the pipeline schedule; default "gpipe" when `microbatches` > 1.
 
     Raises
     ------

@@ -25,12 +25,18 @@ producer). Each module's `SIZES` lists its sizes; `small` and `paper` always exi
 | transformer | small | GPT decoder, 2 layers, width 64, seq 32, batch 4 | scaled down |
 | transformer | medium | GPT decoder, 4 layers, width 256, seq 128, batch 8 | |
 | transformer | paper | GPT-2 small shape (12 layers, width 768), seq 512, batch 8 | not in the paper: a modern reference |
+| mlp | small | 8 blocks of Linear(64)-LayerNorm-GELU, 10 classes, batch 32 | a chain for pipelining |
+| mlp | medium | 16 blocks of width 1024, 64 classes, batch 256 (~0.3 s a step on one core) | |
+| mlp | paper | 32 blocks of width 4096, 1000 classes, batch 1024 | GPipe-scale stand-in |
+| gpt | small | GPT decoder, 4 layers, width 64, seq 32, batch 8, vocab 256 | untied head |
+| gpt | medium | 8 layers, width 192, seq 64, batch 16, vocab 1024 (~0.35 s a step on one core) | micro-batches of whole sequences |
+| gpt | paper | GPT-2 small's shape, seq 256, batch 32 | reference |
 
 Expert placements: rnnlm and nmt put LSTM layer i on device i mod n with the
 embeddings beside layer 0 and attention and softmax beside the last layer (GNMT's
 layout, Wu et al. 2016); inception_v3 deals each block's towers over the devices,
-stem and classifier on device 0; transformer splits its blocks into contiguous,
-even runs.
+stem and classifier on device 0; transformer and gpt split their blocks into
+contiguous, even runs; mlp likewise its blocks.
 """
 
 from __future__ import annotations

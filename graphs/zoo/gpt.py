@@ -42,14 +42,6 @@ loss_fn = transformer.loss_fn
 
 
 def expert_placement(module_path: str, n_devices: int, size: str = "small") -> int | None:
-    """Contiguous, even runs of blocks (transformer.expert_placement's rule), the
-    embeddings beside the first block, the final norm and LM head beside the last."""
-    layers = CONFIGS[size].layers
-    head, _, rest = module_path.partition(".")
-    if head in ("wte", "wpe"):
-        return 0
-    if head in ("ln_f", "lm_head"):
-        return (layers - 1) * n_devices // layers
-    if head == "blocks" and rest:
-        return int(rest.split(".")[0]) * n_devices // layers
-    return None
+    """Contiguous, even runs of blocks (transformer.split_blocks), the embeddings beside
+    the first block, the final norm and LM head beside the last."""
+    return transformer.split_blocks(module_path, n_devices, CONFIGS[size].layers)

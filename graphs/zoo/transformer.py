@@ -113,10 +113,15 @@ def loss_fn(output: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def expert_placement(module_path: str, n_devices: int, size: str = "small") -> int | None:
-    """Contiguous runs of blocks split evenly over the devices (block i of N on device
-    floor(i * n / N)); the embeddings beside the first block, the final norm and LM
-    head beside the last. The root and the `blocks` container are not covered: None."""
-    layers = CONFIGS[size].layers
+    """Contiguous runs of blocks split evenly over the devices (`split_blocks`)."""
+    return split_blocks(module_path, n_devices, CONFIGS[size].layers)
+
+
+def split_blocks(module_path: str, n_devices: int, layers: int) -> int | None:
+    """The device of a GPT's module when its `layers` blocks run in contiguous, even
+    runs (block i on device floor(i * n_devices / layers)); the embeddings beside the
+    first block, the final norm and LM head beside the last. The root and the
+    `blocks` container are not covered: None."""
     head, _, rest = module_path.partition(".")
     if head in ("wte", "wpe"):
         return 0

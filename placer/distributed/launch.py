@@ -215,7 +215,8 @@ def train_distributed(workload_spec: str, plan: Plan, steps: int,
     """Train `steps` steps of the workload's loop (its optimizer, its batch) on local
     ranks; `on_step(step, loss, milliseconds)` is called here as rank 0 reports each
     step. With `checkpoint_dir`, each rank saves its share there at the end
-    (merge_checkpoints loads them into the unplaced model). Returns the losses."""
+    (merge_checkpoints loads them into the unplaced model). Returns the losses.
+    Raises RankFailed when a rank raises, dies, or the run passes `timeout_s`."""
     return run_local(workload_spec, plan, world_size or world_size_of(plan), _train_rank, steps, checkpoint_dir,
                      on_report=(lambda item: on_step(*item)) if on_step else None, timeout_s=timeout_s)[0]
 
@@ -227,7 +228,8 @@ def train_pipelined(workload_spec: str, plan: Plan, steps: int,
     """`train_distributed` on the pipelining backend: one local rank per stage of the
     plan, `microbatches` micro-batches per step scheduled by `schedule` ("gpipe" or
     "1f1b"; None: the plan's fields). Raises PlanError before any rank starts when
-    the plan is no pipeline (the message points to the distributed backend)."""
+    the plan is no pipeline (the message points to the distributed backend), and
+    RankFailed as `run_local` does."""
     n_stages = pipeline_stages(load_workload(workload_spec), plan, microbatches, schedule)
     return run_local(workload_spec, plan, n_stages, _train_rank, steps, checkpoint_dir,
                      on_report=(lambda item: on_step(*item)) if on_step else None, timeout_s=timeout_s,

@@ -181,7 +181,10 @@ class PipelinedModel(RankShare):
     def train_step(self, inputs: Sequence[torch.Tensor], loss_fn: LossFn) -> float:
         """Forward, loss and backward of one batch, pipelined in micro-batches over all
         ranks (every rank calls it with the same batch). Gradients accumulate in this
-        rank's parameters' .grad. Returns the batch's loss on every rank."""
+        rank's parameters' .grad. Returns the batch's loss on every rank.
+
+        Raises ValueError for a batch of other shapes than the example batch's (the
+        pipeline's shapes are static)."""
         shapes = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
         if shapes != self.input_shapes:
             raise ValueError(f"batch shapes {shapes} differ from the example batch's {self.input_shapes}: "

@@ -30,7 +30,14 @@ __all__ = ["RankShare", "rank_cluster", "chunk_reads", "bind", "eager_output"]
 
 def rank_cluster(plan: Plan, world_size: int, cluster: Cluster | None = None) -> Cluster:
     """The plan's devices with owners: `cluster` (device i of the plan is device i of
-    the cluster), the plan's own `rankR:` names, or else device i on rank i mod world_size."""
+    the cluster), the plan's own `rankR:` names, or else device i on rank i mod world_size.
+
+    Raises
+    ------
+    PlanError
+        The cluster has another number of devices than the plan, or a device has no
+        owner among ranks 0..world_size - 1.
+    """
     if cluster is None:
         names = plan.devices if plan.devices[0].startswith("rank") else [
             f"rank{i % world_size}:{name}" for i, name in enumerate(plan.devices)]

@@ -138,8 +138,24 @@ class Executor:
         """The executor of `gm` (traced from `model`) placed by `assignment` on
         `devices`, chunked over the plan's `groups` (chunks.py).
 
-        Raises PlanError for a schedule other than GPipe, or when micro-batches would
-        change what the model computes (microbatch.static_refusal)."""
+        Parameters
+        ----------
+        model, gm : the module the graph's targets live on, and the graph's module
+            (the runtime passes the capture's GraphModule as both).
+        assignment : node name -> device name, every node but placeholders and output.
+        devices : device name -> Device.
+        groups : the plan's groups (member node names), the partition's atoms where
+            they serve; None: single nodes.
+        microbatches, schedule : GPipe micro-batches per call (schedule None or "gpipe").
+        batch_dims : placeholder -> the dimension its batch is split along (default 0).
+        microbatch_statistics : accept batch statistics per micro-batch instead of refusing.
+        source : how error messages name the plan.
+
+        Raises
+        ------
+        PlanError : a schedule other than GPipe, or micro-batches that would change
+            what the model computes (microbatch.static_refusal).
+        """
         if microbatches > 1 and schedule not in (None, "gpipe"):
             raise PlanError(f"{source}: schedule {schedule!r} runs only on the pipelining backend "
                             f"(placer train --backend pipelining); placer.apply runs 'gpipe'")
@@ -281,25 +297,13 @@ class Executor:
                 self._saved.hold(chunk.device, saved)
 
     def _layout(self, inputs: dict, split: microbatch.Split, names: list[str]) -> microbatch.Layout:
-        """The batch layout of this input signature (microbatch.probe, once per
+        """The batch layout of this input signature (microbatch.layout, once per
         signature). Raises PlanError where micro-batches would change the model."""
         key = tuple((n, tuple(s for d, s in enumerate(v.shape) if d != split.dims.get(n)), v.dtype)
                     for n, v in inputs.items() if isinstance(v, torch.Tensor))
         if key not in self._layouts:
-            name0 = next(iter(split.dims))
-            total = inputs[name0].shape[split.dims[name0]]
-            rows = (2, 3) if total >= 3 else (1, 2)
             devices = [w.torch_device for w in self._chunk_workers]
-            try:
-                seen = [microbatch.probe(self.chunks, devices, inputs, split.dims, r) for r in rows]
-            except PlanError:
-                raise
-            except Exception as exc:
-                raise PlanError(f"{self.source}: the model fails on a batch of {rows[0]} rows ({type(exc).__name__}: "
-                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); does it assume a "
-                                f"fixed batch size? Use microbatches = 1") from exc
-            nodes = [n for c in self.chunks for n in c.module.graph.nodes]
-            layout = microbatch.batch_layout(nodes, names, seen, rows, self.source)
+            layout = microbatch.layout(self.chunks, devices, inputs, split.dims, names, self.source)
             if layout.reduction and not self.microbatch_statistics:
                 raise PlanError(layout.reduction)
             self._layouts[key] = layout

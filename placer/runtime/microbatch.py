@@ -41,7 +41,7 @@ from graphs.errors import PlanError
 from graphs.schedule import mutated_args, tensor_base
 from placer.runtime.chunks import _Lookup
 
-__all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "probe",
+__all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "layout", "probe",
            "batch_layout"]
 
 _REDUCTIONS_ADVICE = ("set microbatch_statistics = True in the workload to accept per-micro-batch statistics, "
@@ -181,6 +181,38 @@ def _batch_dim(a: tuple, b: tuple, rows: tuple[int, int]) -> int | None:
         if x != y and x * rows[1] == y * rows[0]:
             return d
     return None
+
+
+def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mapping[str, Any],
+           dims: Mapping[str, int], output_nodes: Sequence[str], source: str) -> Layout:
+    """The batch layout of a call: `probe` on 2 and 3 rows (1 and 2 for a smaller
+    batch), compared by `batch_layout`.
+
+    Parameters
+    ----------
+    chunks, devices : the placed graph's chunks in order and each one's torch device.
+    inputs : placeholder -> value of the whole batch.
+    dims : the inputs the batch splits, and along which dimension (`split_dims`).
+    output_nodes : the nodes whose values the call returns.
+    source : how error messages name the plan.
+
+    Raises
+    ------
+    PlanError : the model fails on a smaller batch (it assumes a fixed batch size), an
+        output has no batch dimension, or a non-tensor output depends on the batch.
+    """
+    name = next(iter(dims))
+    rows = (2, 3) if inputs[name].shape[dims[name]] >= 3 else (1, 2)
+    try:
+        seen = [probe(chunks, devices, inputs, dims, r) for r in rows]
+    except PlanError:
+        raise
+    except Exception as exc:
+        raise PlanError(f"{source}: the model fails on a batch of {rows[0]} rows ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); does it assume a "
+                        f"fixed batch size? Use microbatches = 1") from exc
+    nodes = [n for c in chunks for n in c.module.graph.nodes]
+    return batch_layout(nodes, output_nodes, seen, rows, source)
 
 
 def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], seen: Sequence[dict[str, list]],

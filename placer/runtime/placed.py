@@ -129,6 +129,10 @@ class PlacedModule(nn.Module):
         return self
 
     def forward(self, *args, **kwargs):
+        """The model's output for `model(*args, **kwargs)`, of the eager type, on the
+        device of the first tensor input. Raises TypeError for a call the forward's
+        signature rejects, PlanError where a new capture is needed but impossible
+        (parameters spread over devices), ExecutionError once closed."""
         graph, inputs = self._graph_for(args, kwargs)
         first = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
         out_device = first.device if first is not None else _HOST
