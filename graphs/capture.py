@@ -78,6 +78,9 @@ def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor,
     g = nx.DiGraph(name=name, fingerprint=fingerprint(model, gm), granularity="module" if traced.leaf_paths else "op",
                    leaf_paths=list(traced.leaf_paths), tensor_names=list(model.state_dict()),
                    capture=capture_info(traced, inputs))
+    rows = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    if rows is not None:
+        g.graph["batch_size"] = int(rows)  # dim 0 of the first tensor input: what micro-batches split
     nodes = [n for n in gm.graph.nodes if n.op != "get_attr"]  # a parameter is part of its readers
     for order, node in enumerate(nodes):
         g.add_node(node.name, op=node.op, target=target_name(node), module=owning_module(node),

@@ -28,6 +28,7 @@ import networkx as nx
 ZERO_COST_TYPES = frozenset({"input", "output", "param", "reshape"})
 OP_FLOOR_MS = 1e-3  # every op costs at least this much when balancing groups (launch overhead)
 CAP_FACTOR = 2.0  # a group may grow to CAP_FACTOR x the average group cost before merges are last-resort
+COPIED_ATTRS = ("batch_size", "microbatch_step_ms", "microbatch_step_ms_by_kind", "profile_scale")
 
 
 def group(ops: nx.DiGraph, max_groups: int = 256) -> nx.DiGraph:
@@ -224,6 +225,9 @@ def _grouped_graph(ops: nx.DiGraph, groups: list[list[str]]) -> nx.DiGraph:
             else:
                 g.add_edge(u, v, bytes=data.get("bytes", 0))
     g.graph["colocate"] = _group_colocation(ops, {n: renumber[i] for n, i in group_of.items()})
+    for key in COPIED_ATTRS:  # what bounds and the simulator read, where the grouped graph is all they get
+        if key in ops.graph:
+            g.graph[key] = ops.graph[key]
     return g
 
 

@@ -51,7 +51,8 @@ MAX_INNER = 1000  # ... but repeats a tiny node at most this often per sample
 NODE_BUDGET_MS = 200.0  # no further samples once a node's samples took this long
 WHOLE_STEP_REPEATS = 3  # whole steps timed to scale the node times (each may take seconds)
 MICROBATCHES = (1, 2, 4, 8)  # micro-batch counts whose whole-step cost is measured
-CACHE_VERSION = 3  # 2: node times scaled to the measured whole step; 3: export capture, micro-batch steps
+CACHE_VERSION = 4  # 2: node times scaled to the measured whole step; 3: export capture, micro-batch steps;
+# 4: the scale factor kept (profile_scale)
 
 Progress = Callable[[int, int], None]
 
@@ -127,7 +128,8 @@ def _timed(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> tu
 def _measure(ops: nx.DiGraph, workload: Workload, device: torch.device, repeats: int,
              progress: Progress | None) -> dict:
     """{"nodes": {node name: {fwd_ms, bwd_ms, opt_ms, param_bytes, grad_bytes, opt_bytes,
-    act_bytes}}, "microbatch_step_ms": {m: ms}}."""
+    act_bytes}}, "microbatch_step_ms": {m: ms}, "profile_scale": the factor node times
+    were scaled by}."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model = workload.fresh_model().to(device)
     model.train()
@@ -173,8 +175,8 @@ def _measure(ops: nx.DiGraph, workload: Workload, device: torch.device, repeats:
         if progress is not None:
             progress(done, len(nodes))
     steps = _microbatch_step_ms(model, workload, inputs, repeats, sync)
-    _scale_to_whole_step(result, steps[1])
-    return {"nodes": result, "microbatch_step_ms": steps}
+    scale = _scale_to_whole_step(result, steps[1])
+    return {"nodes": result, "microbatch_step_ms": steps, "profile_scale": scale}
 
 
 def _microbatch_step_ms(model: torch.nn.Module, workload: Workload, inputs: tuple, repeats: int,
@@ -232,20 +234,22 @@ def _state_kept(model: torch.nn.Module):
         model.zero_grad(set_to_none=True)
 
 
-def _scale_to_whole_step(result: dict[str, dict], step_ms: float) -> None:
+def _scale_to_whole_step(result: dict[str, dict], step_ms: float) -> float:
     """Scale every node's forward and backward time so that they add up, with the
-    optimizer step, to the measured whole step. Timing a node alone pays a dispatch
-    and an autograd-engine start of its own, which inflates the sum of small nodes
-    several times over (2.6x on zoo:rnnlm:small); the whole step is the truth about
-    the total, the isolated timings about the shares. The loss is spread likewise."""
+    optimizer step, to the measured whole step, and return the factor (1 where nothing
+    was timed; graphs.bounds undoes a factor above 1). Timing a node alone pays a
+    dispatch and an autograd-engine start of its own, which inflates the sum of small
+    nodes several times over (2.6x on zoo:rnnlm:small); the whole step is the truth
+    about the total, the isolated timings about the shares. The loss is spread likewise."""
     compute = sum(r["fwd_ms"] + r["bwd_ms"] for r in result.values())
     optimizer = sum(r["opt_ms"] for r in result.values())
     if compute <= 0:
-        return
+        return 1.0
     scale = max(step_ms - optimizer, 0.1 * compute) / compute
     for r in result.values():
         r["fwd_ms"] *= scale
         r["bwd_ms"] *= scale
+    return scale
 
 
 class _Recorder(fx.Interpreter):
@@ -339,6 +343,7 @@ def _annotated(ops: nx.DiGraph, results: dict[str, dict]) -> nx.DiGraph:
     by_kind = {kind: dict(r["microbatch_step_ms"]) for kind, r in results.items()}
     g.graph["microbatch_step_ms"] = next(iter(by_kind.values()))  # seam 4: the first kind's
     g.graph["microbatch_step_ms_by_kind"] = by_kind
+    g.graph["profile_scale"] = {kind: float(r["profile_scale"]) for kind, r in results.items()}
     first = next(iter(results.values()))["nodes"]
     for name, data in g.nodes(data=True):
         for attr in ("fwd_ms", "bwd_ms", "opt_ms"):

@@ -26,8 +26,8 @@ def cache_path(cache: Path, key: dict) -> Path:
 
 
 def load(cache: Path, key: dict, nodes: set[str]) -> dict | None:
-    """{"nodes": {node: {field: number}}, "microbatch_step_ms": {m: ms}} cached under
-    `key` for exactly `nodes`, or None (a miss)."""
+    """{"nodes": {node: {field: number}}, "microbatch_step_ms": {m: ms}, "profile_scale":
+    number} cached under `key` for exactly `nodes`, or None (a miss)."""
     path = cache_path(cache, key)
     try:
         if not path.exists():
@@ -40,7 +40,8 @@ def load(cache: Path, key: dict, nodes: set[str]) -> dict | None:
     if problem:
         _warn(f"ignoring the profile cache {path}: {problem}")
         return None
-    return {"nodes": data["nodes"], "microbatch_step_ms": {int(m): ms for m, ms in data["microbatch_step_ms"].items()}}
+    return {"nodes": data["nodes"], "microbatch_step_ms": {int(m): ms for m, ms in data["microbatch_step_ms"].items()},
+            "profile_scale": data["profile_scale"]}
 
 
 def store(cache: Path, key: dict, result: dict) -> None:
@@ -48,7 +49,8 @@ def store(cache: Path, key: dict, result: dict) -> None:
     that cannot take the file is a warning: the measurements are still used."""
     path = cache_path(cache, key)
     payload = {"key": key, "nodes": result["nodes"],
-               "microbatch_step_ms": {str(m): ms for m, ms in result["microbatch_step_ms"].items()}}
+               "microbatch_step_ms": {str(m): ms for m, ms in result["microbatch_step_ms"].items()},
+               "profile_scale": result["profile_scale"]}
     try:
         write_text_atomically(path, json.dumps(payload, allow_nan=False))
     except (OSError, ValueError) as exc:
@@ -68,6 +70,8 @@ def _problem(data, key: dict, nodes: set[str]) -> str | None:
     if not isinstance(steps, dict) or "1" not in steps or not all(
             m.isdigit() and int(m) >= 1 and _number(ms) for m, ms in steps.items()):
         return "micro-batch step times missing or not finite, non-negative numbers"
+    if not _number(data.get("profile_scale")):
+        return "the profile's scale factor missing or not a finite, non-negative number"
     return None
 
 

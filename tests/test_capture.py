@@ -51,6 +51,7 @@ def test_schema_shapes_and_bytes():
     assert g.graph["name"] == "t" and g.graph["granularity"] == "op" and g.graph["leaf_paths"] == []
     assert g.graph["capture"] == {"method": "export", "leaf_paths": [], "inputs": [{"shape": [2, 5], "dtype": "int64"}]}
     assert set(g.graph["tensor_names"]) == {"emb.weight", "block.fc.weight", "block.fc.bias", "head.weight"}
+    assert g.graph["batch_size"] == 2
     assert len(g.graph["fingerprint"]) == 16
     for name, data in g.nodes(data=True):
         assert NODE_ATTRS <= set(data), name

@@ -8,6 +8,7 @@ from torch import nn
 
 import graphs.profile as profile_module
 from graphs.capture import capture
+from graphs.group import COPIED_ATTRS, group
 from graphs.profile import profile
 from graphs.workload import Workload
 
@@ -160,7 +161,12 @@ def spoil_steps(data: dict) -> None:
     del data["microbatch_step_ms"]
 
 
-@pytest.mark.parametrize("spoil", [None, spoil_nan, spoil_negative, spoil_string, spoil_missing, spoil_steps])
+def spoil_scale(data: dict) -> None:
+    data["profile_scale"] = "2"
+
+
+@pytest.mark.parametrize("spoil", [None, spoil_nan, spoil_negative, spoil_string, spoil_missing, spoil_steps,
+                                   spoil_scale])
 def test_a_corrupt_cache_file_is_a_miss_with_a_warning_and_rewritten(tmp_path, spoil):
     w = make_workload()
     ops = capture(w)
@@ -204,6 +210,10 @@ def test_micro_batch_step_times_for_every_count_that_divides_the_batch(tmp_path)
     steps = g.graph["microbatch_step_ms"]
     assert sorted(steps) == [1, 2, 4, 8] and all(ms > 0 for ms in steps.values())
     assert g.graph["microbatch_step_ms_by_kind"] == {"cpu": steps}
+    assert g.graph["profile_scale"]["cpu"] > 0
+    assert run(make_workload(), tmp_path).graph["profile_scale"] == g.graph["profile_scale"]  # from the cache
+    grouped = group(g, 4)  # what bounds and the simulator read, on the grouped graph too
+    assert {k: grouped.graph[k] for k in COPIED_ATTRS} == {k: g.graph[k] for k in COPIED_ATTRS}
     torch.manual_seed(0)
     odd = Workload(name="odd", spec="odd.py", model=TiedMLP(), inputs=(torch.randint(0, 50, (6, 8)),))
     assert sorted(run(odd, tmp_path).graph["microbatch_step_ms"]) == [1, 2]
