@@ -1,19 +1,27 @@
-"""The RL search: a seq2seq policy (placer.rl.policy) trained by REINFORCE or PPO on
+"""The RL search: a seq2seq policy (placer.rl.policy) trained by PPO (or REINFORCE) on
 simulated step times, with real measurements of its best candidates deciding the result.
 
 The loop (`train`), in the order it runs:
 
 1. warm start: maximum likelihood on the best heuristic's candidate, until the policy
-   gives it a mean per-group probability of `imitation_target` (or `imitation_steps`),
-   so that search starts from the heuristic, not from random;
+   gives it a mean per-group probability of 1 - explore_groups / groups, so that the
+   search starts from the heuristic, not from random;
 2. each round samples `batch_size` candidates, scores them (Scorer.score: simulated
    step time, inf when infeasible), turns step times into rewards by the one reward
-   rule (envs.reward, relative to the warm start) and takes a policy-gradient step:
-   `reinforce_update` (one step, as the paper) or `ppo_update` (several clipped steps);
-3. every `measure_every` rounds the best kept candidates not measured yet are measured
+   rule (envs.reward: -log(step / the warm start's) by default) and takes a
+   policy-gradient step: `ppo_update` (clipped surrogate, normalized advantages) or
+   `reinforce_update` (one step, as the paper), each with a self-imitation term that
+   pulls the policy toward the best candidate found so far;
+3. exploration is held: after each update the sampling temperature is raised where
+   needed so that the policy keeps straying from the incumbent on about
+   `explore_groups` groups a sample. The search is thus a local search whose moves
+   are learned: it samples around the best candidate, and learns which groups to move
+   together and where (a stray group's successors tend to follow it, so whole branches
+   and stage boundaries move in one sample, which single-group moves cannot do);
+4. every `measure_every` rounds the best kept candidates not measured yet are measured
    and the scorer refits its simulator (placer.search.state: the same bookkeeping as
    random_search and local_search, so budgets compare);
-4. at the end the best candidates and the warm start are measured; the final choice
+5. at the end the best candidates and the warm start are measured; the final choice
    is the best measured candidate (the best simulated one when nothing is measured).
 
 The search stops at a wall-clock or a sample budget, checkpoints everything it needs to
@@ -66,7 +74,7 @@ class TrainConfig(SearchConfig):
     """Risk-seeking policy gradient (Petersen et al. 2021): only samples whose reward is above
     this quantile of the batch's count, with the quantile as their baseline, because a
     search is judged by its best candidate, not its mean one. None: every sample counts."""
-    self_imitation: float = 0.0
+    self_imitation: float = 5.0
     """Weight of a maximum-likelihood term on the best candidate found so far in every
     update (self-imitation, Oh et al. 2018), while the policy gives it less than
     the target per group (explore_groups): keeps the policy sampling around the incumbent."""
@@ -87,7 +95,7 @@ class TrainConfig(SearchConfig):
     """At most this many maximum-likelihood steps on the warm start."""
     imitation_lr: float = 3e-3
     """Adam's learning rate while imitating (apart from lr, so that lr=0 still imitates)."""
-    explore_groups: float = 2.0
+    explore_groups: float = 3.0
     """About how many groups a sample strays from the incumbent on: imitation and
     hold_exploration aim at a mean per-group probability of 1 - explore_groups / groups
     (at least 0.5) for the incumbent, unless imitation_target is set."""
