@@ -13,7 +13,6 @@ candidate (one sample).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -21,8 +20,8 @@ import numpy as np
 from graphs.problem import Candidate, PlacementProblem
 from placer.search.config import SearchConfig, microbatch_options
 from placer.search.random_search import random_candidates
-from placer.search.state import (Clock, SearchResult, SearchState, budget_left, final_round, measure_round,
-                                 round_size)
+from placer.search.state import (Clock, SearchResult, SearchState, accept, budget_left, final_round,
+                                 measure_round, round_size, temperature)
 
 __all__ = []
 
@@ -79,14 +78,12 @@ def local_search(problem: PlacementProblem, scorer, config: SearchConfig, warm_s
                 state.samples += 1
                 state.remember([proposal], [ms], config.keep_top)
                 # -- accept it if faster, or by the annealing rule
-                temperature = config.anneal * (1.0 - _progress(state, config, clock()))
-                if _accept(ms, current_ms, temperature, rng):
+                if accept(ms, current_ms, temperature(state, config, clock()), float(rng.random())):
                     current, current_ms = proposal, ms
             state.rounds += 1
             # -- measurement bookkeeping (placer.search.state)
-            measure_round(state, scorer, config)
-            if current in state.candidates:  # the current point's score under a refitted simulator
-                current_ms = state.candidates[current]
+            if measure_round(state, scorer, config):
+                (current_ms,) = scorer.score([current])  # the current point under the refitted simulator
             row = state.record(times, clock())
             if on_progress is not None:
                 on_progress(dict(row))
@@ -95,22 +92,3 @@ def local_search(problem: PlacementProblem, scorer, config: SearchConfig, warm_s
         interrupted = True
     state.elapsed_s = clock()
     return state.result("local_search", interrupted)
-
-
-def _progress(state: SearchState, config: SearchConfig, elapsed_s: float) -> float:
-    """How much of the budget is spent, in [0, 1]."""
-    if config.max_samples:
-        return min(1.0, state.samples / config.max_samples)
-    if config.budget_s:
-        return min(1.0, elapsed_s / config.budget_s)
-    return 0.0
-
-
-def _accept(ms: float, current_ms: float, temperature: float, rng: np.random.Generator) -> bool:
-    if not math.isfinite(ms):
-        return False
-    if ms < current_ms or not math.isfinite(current_ms):
-        return True
-    if temperature <= 0:
-        return False
-    return bool(rng.random() < math.exp(-(ms / current_ms - 1.0) / temperature))

@@ -134,29 +134,35 @@ def round_size(state: SearchState, config: SearchConfig) -> int:
     return max(0, min(config.batch_size, config.max_samples - state.samples))
 
 
-def measure(state: SearchState, scorer: Scorer, candidates: Sequence[Candidate]) -> None:
+def measure(state: SearchState, scorer: Scorer, candidates: Sequence[Candidate]) -> bool:
     """Measure `candidates`, keep their times; when any is feasible, refit the scorer to
-    every measurement so far and re-score the kept candidates under the new fit."""
+    every measurement so far and re-score the kept candidates under the new fit.
+    Returns whether the scorer was refitted."""
     todo = [c for c in dict.fromkeys(candidates) if c not in state.measured]
     if not todo:
-        return
+        return False
     for c, ms in zip(todo, scorer.measure(todo)):
         state.measured[c] = math.inf if ms is None else float(ms)
-    refit(state, scorer)
+    return refit(state, scorer)
 
 
-def refit(state: SearchState, scorer: Scorer) -> None:
-    """Refit the scorer (when anything feasible was measured) and re-score the kept candidates."""
-    if any(math.isfinite(ms) for ms in state.measured.values()):
-        scorer.refit()
-        kept = list(state.candidates)
-        state.candidates = dict(zip(kept, (float(t) for t in scorer.score(kept))))
+def refit(state: SearchState, scorer: Scorer) -> bool:
+    """Refit the scorer (when anything feasible was measured) and re-score the kept
+    candidates; returns whether it refitted."""
+    if not any(math.isfinite(ms) for ms in state.measured.values()):
+        return False
+    scorer.refit()
+    kept = list(state.candidates)
+    state.candidates = dict(zip(kept, (float(t) for t in scorer.score(kept))))
+    return True
 
 
-def measure_round(state: SearchState, scorer: Scorer, config: SearchConfig) -> None:
-    """The periodic measurement round: after every `measure_every` rounds."""
+def measure_round(state: SearchState, scorer: Scorer, config: SearchConfig) -> bool:
+    """The periodic measurement round: after every `measure_every` rounds. Returns
+    whether the scorer was refitted (scores from before are stale then)."""
     if config.measure_top_k and state.rounds % config.measure_every == 0:
-        measure(state, scorer, state.unmeasured_best(config.measure_top_k))
+        return measure(state, scorer, state.unmeasured_best(config.measure_top_k))
+    return False
 
 
 def final_round(state: SearchState, scorer: Scorer, config: SearchConfig, warm_start: Candidate | None) -> None:
@@ -164,6 +170,32 @@ def final_round(state: SearchState, scorer: Scorer, config: SearchConfig, warm_s
     if config.measure_top_k:
         final = state.unmeasured_best(config.measure_top_k)
         measure(state, scorer, final + ([warm_start] if warm_start is not None else []))
+
+
+def temperature(state: SearchState, config: SearchConfig, elapsed_s: float) -> float:
+    """The annealing temperature now: config.anneal, falling linearly to 0 as the sample
+    budget (or, without one, the time budget) is spent."""
+    if config.max_samples:
+        spent = state.samples / config.max_samples
+    elif config.budget_s:
+        spent = elapsed_s / config.budget_s
+    else:
+        spent = 0.0
+    return config.anneal * (1.0 - min(1.0, spent))
+
+
+def accept(ms: float, current_ms: float, temperature: float, uniform: float) -> bool:
+    """The annealing rule: a feasible candidate of `ms` replaces the current one if it is
+    faster, or, slower by a relative x, if `uniform` (a draw in [0, 1)) < exp(-x / temperature).
+
+    >>> accept(90.0, 100.0, 0.0, 0.5), accept(110.0, 100.0, 0.0, 0.0), accept(101.0, 100.0, 0.1, 0.5)
+    (True, False, True)
+    """
+    if not math.isfinite(ms):
+        return False
+    if ms < current_ms or not math.isfinite(current_ms):
+        return True
+    return temperature > 0 and uniform < math.exp(-(ms / current_ms - 1.0) / temperature)
 
 
 def _or_none(ms: float) -> float | None:
