@@ -7,8 +7,8 @@ simulator scores one; a Plan records one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import networkx as nx
@@ -62,6 +62,9 @@ class PlacementProblem:
     workload: str = ""  # the workload spec it came from, e.g. "zoo:nmt:small"
     ops: nx.DiGraph | None = None  # the profiled OpGraph, when built from a model
     expert: ExpertFn | None = None  # the workload's hand placement rule, if it has one
+    # the workload's micro-batch options, which plans carry to the runtime (graphs.workload)
+    batch_dims: Mapping[str, int] = field(default_factory=dict, hash=False)  # forward input -> batch dimension
+    microbatch_statistics: bool = False  # batch statistics per micro-batch are acceptable
 
     @property
     def n_groups(self) -> int:
@@ -221,4 +224,5 @@ def build_problem(workload: str | Workload, devices: str | None = None, memory: 
     ops = profile(capture(loaded), loaded, kinds=cluster.kinds, threads=cpu_threads,
                   cache_dir=cache_dir, progress=progress)
     return PlacementProblem(groups=group(ops, max_groups=max_groups), cluster=cluster, workload=loaded.spec,
-                            ops=ops, expert=loaded.expert_placement)
+                            ops=ops, expert=loaded.expert_placement, batch_dims=dict(loaded.batch_dims),
+                            microbatch_statistics=loaded.microbatch_statistics)

@@ -2,8 +2,11 @@
 
 The workload-file contract (DESIGN.md): a Python file defining `build_model()` and
 `example_inputs()`; optionally `loss_fn(output, *inputs)`, `make_optimizer(params)`,
-`leaf_modules` and `expert_placement(module_path, n_devices)`. `zoo:NAME[:SIZE]`
-names a bundled workload instead (graphs.zoo).
+`leaf_modules`, `expert_placement(module_path, n_devices)`, and for micro-batches
+`batch_dims = {"input_name": dim}` (the dimension each forward input's batch lies
+along; default 0) and `microbatch_statistics = True` (accept batch statistics,
+BatchNorm say, computed per micro-batch; default False: such models are not
+micro-batched). `zoo:NAME[:SIZE]` names a bundled workload instead (graphs.zoo).
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import inspect
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -78,6 +82,8 @@ class Workload:
     make_optimizer: OptimizerFactory = default_optimizer
     leaf_modules: tuple[type, ...] = ()
     expert_placement: ExpertFn | None = None  # module path, n_devices -> device index or None
+    batch_dims: dict[str, int] = field(default_factory=dict)  # forward input -> its batch dimension (default 0)
+    microbatch_statistics: bool = False  # accept batch statistics computed per micro-batch
     notes: list[str] = field(default_factory=list)  # things the user should be told (fallbacks)
 
     def fresh_model(self) -> nn.Module:
@@ -130,7 +136,59 @@ def load_workload(spec: str, seed: int = 0) -> Workload:
         make_optimizer=optional("make_optimizer") or default_optimizer,
         leaf_modules=leaf_modules,
         expert_placement=optional("expert_placement"),
+        batch_dims=_batch_dims(spec, getattr(source, "batch_dims", None), model, batch),
+        microbatch_statistics=_flag(spec, "microbatch_statistics", getattr(source, "microbatch_statistics", False)),
     )
+
+
+def forward_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """Forward parameter name -> the example tensor `model(*inputs)` binds to it (the
+    names `batch_dims` may use; a `*args` parameter names none). Empty when the
+    inputs do not fit the forward's signature (capture then says why)."""
+    try:
+        bound = inspect.signature(model.forward).bind(*inputs)
+    except (TypeError, ValueError):
+        return {}
+    return {name: value for name, value in bound.arguments.items() if isinstance(value, torch.Tensor)}
+
+
+def _batch_dims(spec: str, value: object, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """The workload's `batch_dims`, checked against the forward's inputs and the
+    example batch, negative dimensions counted from the end (None: none named).
+    Raises WorkloadError."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise WorkloadError(f"{spec}: batch_dims must map forward input names to dimensions, e.g. "
+                            f"batch_dims = {{'x': 1}}, got {value!r}")
+    named = forward_inputs(model, inputs)
+    dims: dict[str, int] = {}
+    for name, dim in value.items():
+        if name not in named:
+            raise WorkloadError(f"{spec}: batch_dims names {name!r}, which is not an input of "
+                                f"{type(model).__name__}.forward that example_inputs() fills "
+                                f"(its inputs: {', '.join(named) or 'none by name'}): name one of those")
+        rank = named[name].dim()
+        if isinstance(dim, bool) or not isinstance(dim, int) or not -rank <= dim < rank:
+            raise WorkloadError(f"{spec}: batch_dims[{name!r}] = {dim!r}, but {name} has shape "
+                                f"{list(named[name].shape)}: use a whole number from 0 to {rank - 1}")
+        dims[name] = dim % rank
+    first = next((n for n, t in named.items() if t.dim() > 0), None)
+    if first is not None:
+        rows = named[first].shape[dims.get(first, 0)]
+        wrong = [n for n, d in dims.items() if named[n].shape[d] != rows]
+        if wrong:
+            raise WorkloadError(f"{spec}: batch_dims puts {wrong[0]}'s batch along dimension {dims[wrong[0]]} "
+                                f"(size {named[wrong[0]].shape[dims[wrong[0]]]}), but the batch has {rows} rows "
+                                f"({first} along dimension {dims.get(first, 0)}): name the dimension as long as "
+                                f"the batch")
+    return dims
+
+
+def _flag(spec: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise WorkloadError(f"{spec}: {name} must be True or False, got {value!r}")
+    return value
 
 
 def _zoo_source(spec: str) -> tuple[object, str]:

@@ -10,9 +10,14 @@ path: graphs.trace); a node only another capture has gets the device of its modu
 else of its producer.
 
 `microbatches` (1) and `schedule` (None; "gpipe" when microbatches > 1) are read by
-the pipelined engine. The `device_map` (module qualified name -> device) is for
-people and for accelerate: device names accelerate accepts ("cpu" for every virtual
-CPU device, "cuda:N"), covering every tensor of the model's state_dict.
+the pipelined engine, and with them the workload's micro-batch options:
+`batch_dims` (forward input -> the dimension its batch lies along; absent inputs
+use 0) and `microbatch_statistics` (false: a model whose batch statistics
+micro-batches would change is refused). Both are optional in the file ({} and
+false when absent), so plans written before them still load. The `device_map`
+(module qualified name -> device) is for people and for accelerate: device names
+accelerate accepts ("cpu" for every virtual CPU device, "cuda:N"), covering every
+tensor of the model's state_dict.
 
 A v1 plan (no capture info, fx node names) still loads, as one micro-batch captured
 by torch.fx; applying it works while its fingerprint still matches the model.
@@ -66,6 +71,8 @@ class Plan:
     capture: Capture = field(default_factory=Capture)
     microbatches: int = 1  # the batch is split into this many micro-batches, pipelined
     schedule: str | None = None  # the pipeline schedule ("gpipe") when microbatches > 1
+    batch_dims: dict[str, int] = field(default_factory=dict)  # forward input -> its batch dimension (default 0)
+    microbatch_statistics: bool = False  # batch statistics computed per micro-batch are acceptable
     method: str = "manual"
     seed: int | None = None
     groups: list[list[str]] | None = None  # member node names of each group
@@ -159,6 +166,12 @@ def _type_problem(data: dict) -> str | None:
         return f"microbatches must be a whole number >= 1, found {m!r}"
     if data.get("schedule") not in (None, *SCHEDULES):
         return f"schedule must be null or one of {', '.join(SCHEDULES)}, found {data.get('schedule')!r}"
+    dims = data.get("batch_dims", {})
+    if not (isinstance(dims, dict) and all(isinstance(k, str) and isinstance(d, int) and not isinstance(d, bool)
+                                           and d >= 0 for k, d in dims.items())):
+        return f"batch_dims must map input names to whole numbers >= 0, found {dims!r}"
+    if not isinstance(data.get("microbatch_statistics", False), bool):
+        return f"microbatch_statistics must be true or false, found {data['microbatch_statistics']!r}"
     capture = data.get("capture", {})
     if not isinstance(capture, dict) or capture.get("method", "fx") not in ("export", "fx"):
         return "capture must be an object whose method is export or fx"
@@ -298,7 +311,8 @@ def leaf_paths_of(gm: fx.GraphModule, fallback_paths: Iterable[str]) -> list[str
 
 def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], devices: Sequence[str], *,
                          inputs: tuple[torch.Tensor, ...] | None = None, leaf_modules: Iterable[type] = (),
-                         method: str = "manual", workload: str = "") -> Plan:
+                         method: str = "manual", workload: str = "",
+                         batch_dims: Mapping[str, int] | None = None, microbatch_statistics: bool = False) -> Plan:
     """A plan made by capturing `model` (on `inputs`: torch.export where it can; without
     them torch.fx) and asking `assign(node)` for each node's device: the way to write a
     placement by hand (tests, examples, benchmarks). A parameter's get_attr node must
@@ -313,10 +327,12 @@ def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], dev
     inputs : an example batch; without it only torch.fx can capture.
     leaf_modules : module classes to keep whole (selects torch.fx).
     method, workload : recorded in the plan.
+    batch_dims, microbatch_statistics : the workload's micro-batch options (graphs.workload).
 
     Raises
     ------
-    PlanError : `assign` names a device not in `devices`.
+    PlanError : `assign` names a device not in `devices`, or `batch_dims` a name that
+        is no input of the capture.
     CaptureError : the model cannot be captured.
     """
     traced = trace_model(model, leaf_modules=leaf_modules, inputs=inputs)
@@ -325,6 +341,11 @@ def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], dev
     unknown = sorted(set(assignment.values()) - set(devices))
     if unknown:
         raise PlanError(f"assignment uses devices {unknown} that are not among {list(devices)}")
+    inputs_named = [n.name for n in traced.placeholders]
+    stray = sorted(set(batch_dims or {}) - set(inputs_named))
+    if stray:
+        raise PlanError(f"batch_dims names {stray[0]!r}, which is no input of the capture "
+                        f"(its inputs: {', '.join(inputs_named)}): name one of those")
     devices_of_modules = derive_device_map({n.name: owning_module(n) for n in gm.graph.nodes},
                                            {n.name: node_params(gm, n) for n in gm.graph.nodes}, assignment)
     info = capture_info(traced, inputs) if inputs is not None else {"method": traced.method, "inputs": None}
@@ -333,6 +354,7 @@ def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], dev
         device_map=accelerate_device_map(devices_of_modules, model.state_dict(), devices[0]),
         fingerprint=model_fingerprint(model, gm),
         capture=Capture(method=info["method"], leaf_paths=leaf_paths_of(gm, traced.leaf_paths), inputs=info["inputs"]),
+        batch_dims=dict(batch_dims or {}), microbatch_statistics=microbatch_statistics,
         method=method, workload=workload,
     )
 
@@ -352,6 +374,8 @@ def make_plan(problem: PlacementProblem, placement: Sequence[int], method: str, 
     method, seed, simulated_ms, measured_ms : recorded in the plan.
     microbatches : the batch is split into this many micro-batches (GPipe).
     schedule : the pipeline schedule; default "gpipe" when `microbatches` > 1.
+    The workload's micro-batch options (`batch_dims`, `microbatch_statistics`) come
+    from the problem.
 
     Raises
     ------
@@ -385,6 +409,7 @@ def make_plan(problem: PlacementProblem, placement: Sequence[int], method: str, 
         capture=Capture(method=info.get("method", "fx"), leaf_paths=sorted(called | set(ops.graph.get("leaf_paths", []))),
                         inputs=info.get("inputs")),
         microbatches=microbatches, schedule=schedule,
+        batch_dims=dict(problem.batch_dims), microbatch_statistics=problem.microbatch_statistics,
         method=method, seed=seed, groups=groups, placement=list(placement),
         simulated_ms=simulated_ms, measured_ms=measured_ms, workload=problem.workload,
     )

@@ -4,6 +4,7 @@ placements into them."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -49,6 +50,26 @@ def test_save_and_load_round_trip(tmp_path):
     assert load_plan(path) == plan
     assert load_plan(path, fingerprint=plan.fingerprint) == plan
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temp file left behind
+
+
+def test_micro_batch_options_round_trip_and_older_plans_load_without_them(tmp_path):
+    x = torch.randn(4, 6)
+    plan = plan_from_assignment(Net(), by_module({"dec": "cpu:1"}), ["cpu:0", "cpu:1"], inputs=(x,),
+                                batch_dims={"x": 1}, microbatch_statistics=True)
+    path = plan.save(tmp_path / "plan.json")
+    data = json.loads(path.read_text())
+    assert data["batch_dims"] == {"x": 1} and data["microbatch_statistics"] is True
+    loaded = load_plan(path)
+    assert loaded == plan and loaded.batch_dims == {"x": 1} and loaded.microbatch_statistics is True
+    del data["batch_dims"], data["microbatch_statistics"]  # a plan written before the fields existed
+    path.write_text(json.dumps(data))
+    older = load_plan(path)
+    assert older.batch_dims == {} and older.microbatch_statistics is False
+
+
+def test_a_hand_made_plan_refuses_batch_dims_naming_no_input():
+    with pytest.raises(PlanError, match=r"batch_dims names 'y', which is no input of the capture \(its inputs: x\)"):
+        plan_from_assignment(Net(), lambda n: "cpu:0", ["cpu:0"], inputs=(torch.randn(4, 6),), batch_dims={"y": 0})
 
 
 def test_every_traced_node_is_assigned_and_the_device_map_is_accelerate_style():
@@ -121,6 +142,12 @@ def test_device_map_lists_single_parameters_of_split_modules():
                  "microbatches": 0}), "microbatches must be a whole number"),
     (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
                  "schedule": "zigzag"}), "schedule must be null or one of gpipe"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
+                 "batch_dims": {"x": -1}}), r"batch_dims must map input names to whole numbers >= 0, found \{'x': -1\}"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
+                 "batch_dims": [1]}), "batch_dims must map input names"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
+                 "microbatch_statistics": "yes"}), "microbatch_statistics must be true or false, found 'yes'"),
     (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
                  "capture": {"method": "jit"}}), "capture must be an object"),
     (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
@@ -233,6 +260,15 @@ def test_make_plan_refuses_an_infeasible_placement_and_bad_micro_batches():
         make_plan(problem, [0] * problem.n_groups, method="m", microbatches=0)
     piped = make_plan(problem, [0] * problem.n_groups, method="m", microbatches=2)
     assert piped.microbatches == 2 and piped.schedule == "gpipe"
+
+
+def test_make_plan_takes_the_micro_batch_options_from_the_problem():
+    problem = grouped_problem(Net(), (torch.randn(4, 6),), "cpu:0,cpu:1")
+    plain = make_plan(problem, [0] * problem.n_groups, method="m", microbatches=2)
+    assert plain.batch_dims == {} and plain.microbatch_statistics is False
+    options = replace(problem, batch_dims={"x": 0}, microbatch_statistics=True)
+    plan = make_plan(options, [0] * problem.n_groups, method="m", microbatches=2)
+    assert plan.batch_dims == {"x": 0} and plan.microbatch_statistics is True
 
 
 def test_plan_leaf_paths_reproduce_a_trace_with_leaf_classes():

@@ -184,3 +184,56 @@ def test_ctrl_c_in_a_workload_function_stays_an_interruption(tmp_path):
     path = write(tmp_path, GOOD + "\ndef loss_fn(output, x):\n    raise KeyboardInterrupt\n")
     with pytest.raises(KeyboardInterrupt):
         load_workload(path).loss_fn(torch.ones(2), None)
+
+
+# -- micro-batch options ----------------------------------------------------------------
+
+SEQUENCE = """
+import torch
+from torch import nn
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 2)
+
+    def forward(self, x, mask):  # x: [steps, batch, 6]; mask: [batch, steps]
+        return self.lin(x) * mask.t().unsqueeze(-1)
+
+def build_model():
+    return Tagger()
+
+def example_inputs():
+    return torch.randn(5, 4, 6), torch.ones(4, 5)
+"""
+
+
+def test_micro_batch_options_default_to_dimension_0_and_refusing_batch_statistics(tmp_path):
+    w = load_workload(write(tmp_path, SEQUENCE))
+    assert w.batch_dims == {} and w.microbatch_statistics is False
+
+
+def test_micro_batch_options_load_with_negative_dimensions_counted_from_the_end(tmp_path):
+    w = load_workload(write(tmp_path, SEQUENCE + "\nbatch_dims = {'x': -2}\nmicrobatch_statistics = True\n"))
+    assert w.batch_dims == {"x": 1} and w.microbatch_statistics is True
+
+
+@pytest.mark.parametrize("options, fragments", [
+    ("batch_dims = {'y': 1}", ["batch_dims names 'y', which is not an input of Tagger.forward",
+                               "its inputs: x, mask"]),
+    ("batch_dims = {'x': 3}", ["batch_dims['x'] = 3", "x has shape [5, 4, 6]", "from 0 to 2"]),
+    ("batch_dims = {'x': 1.0}", ["batch_dims['x'] = 1.0", "whole number"]),
+    ("batch_dims = {'x': True}", ["batch_dims['x'] = True"]),
+    ("batch_dims = [1]", ["batch_dims must map forward input names to dimensions", "[1]"]),
+    ("batch_dims = {'x': 1, 'mask': 1}", ["mask's batch along dimension 1 (size 5)", "the batch has 4 rows",
+                                          "x along dimension 1"]),
+    ("microbatch_statistics = 'yes'", ["microbatch_statistics must be True or False, got 'yes'"]),
+])
+def test_bad_micro_batch_options_give_one_line_naming_the_file_the_value_and_the_fix(tmp_path, options, fragments):
+    path = write(tmp_path, SEQUENCE + "\n" + options + "\n")
+    with pytest.raises(WorkloadError) as err:
+        load_workload(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(path)
+    for fragment in fragments:
+        assert fragment in message

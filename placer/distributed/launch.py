@@ -18,7 +18,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -194,7 +194,7 @@ def measure_pipelined(workload_spec: str, plan: Plan, iters: int = 10, warmup: i
     """`measure_distributed` for the pipelining backend: one local rank per stage,
     `microbatches` and `schedule` (None: the plan's). A plan that is no pipeline
     raises PlanError here, before any rank starts."""
-    n_stages = pipeline_stages(load_workload(workload_spec), plan, microbatches, schedule)
+    plan, n_stages = _pipeline_for(workload_spec, plan, microbatches, schedule)
     return _measure(workload_spec, plan, n_stages, _pipelined(microbatches, schedule), iters, warmup, timeout_s)
 
 
@@ -230,7 +230,7 @@ def train_pipelined(workload_spec: str, plan: Plan, steps: int,
     "1f1b"; None: the plan's fields). Raises PlanError before any rank starts when
     the plan is no pipeline (the message points to the distributed backend), and
     RankFailed as `run_local` does."""
-    n_stages = pipeline_stages(load_workload(workload_spec), plan, microbatches, schedule)
+    plan, n_stages = _pipeline_for(workload_spec, plan, microbatches, schedule)
     return run_local(workload_spec, plan, n_stages, _train_rank, steps, checkpoint_dir,
                      on_report=(lambda item: on_step(*item)) if on_step else None, timeout_s=timeout_s,
                      build=_pipelined(microbatches, schedule))[0]
@@ -239,9 +239,28 @@ def train_pipelined(workload_spec: str, plan: Plan, steps: int,
 def pipeline_stages(workload: Workload, plan: Plan, microbatches: int | None = None,
                     schedule: str | None = None) -> int:
     """How many ranks the pipelining backend needs for `plan` (one per stage), after
-    every check `plan_pipeline` makes. Raises PlanError (one line) otherwise."""
-    spec = plan_pipeline(workload.fresh_model(), plan, workload.inputs, microbatches, schedule)
+    every check `plan_pipeline` makes, with the workload's micro-batch options
+    (`with_workload_options`). Raises PlanError (one line) otherwise."""
+    spec = plan_pipeline(workload.fresh_model(), with_workload_options(plan, workload), workload.inputs,
+                         microbatches, schedule)
     return len(spec.pipeline.stages)
+
+
+def with_workload_options(plan: Plan, workload: Workload) -> Plan:
+    """`plan` with the workload file's micro-batch options added to its own: the
+    workload's `batch_dims` over the plan's, input by input, and per-micro-batch
+    statistics accepted where either accepts them. A plan made before the workload
+    named them (or by hand) is thus run as the workload file now says."""
+    return replace(plan, batch_dims={**plan.batch_dims, **workload.batch_dims},
+                   microbatch_statistics=plan.microbatch_statistics or workload.microbatch_statistics)
+
+
+def _pipeline_for(workload_spec: str, plan: Plan, microbatches: int | None,
+                  schedule: str | None) -> tuple[Plan, int]:
+    """(the plan every rank runs: with the workload's micro-batch options, its stage count)."""
+    workload = load_workload(workload_spec)
+    plan = with_workload_options(plan, workload)
+    return plan, pipeline_stages(workload, plan, microbatches, schedule)
 
 
 def _pipelined(microbatches: int | None, schedule: str | None) -> ModelFactory:

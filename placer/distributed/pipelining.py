@@ -77,7 +77,8 @@ class PipelineSpec:
 
 def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor],
                   microbatches: int | None = None, schedule: str | None = None,
-                  batch_dims: Mapping[str, int] | None = None, microbatch_statistics: bool = False) -> PipelineSpec:
+                  batch_dims: Mapping[str, int] | None = None,
+                  microbatch_statistics: bool | None = None) -> PipelineSpec:
     """Check `plan` for the pipelining backend and cut it into stages (no process
     group needed: the launcher calls it before starting ranks, every rank again).
 
@@ -88,7 +89,8 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
         "gpipe" for a plan without them).
     batch_dims, microbatch_statistics
         The workload's: placeholder -> its batch dimension (default 0), and whether
-        per-micro-batch statistics are acceptable (placer.runtime.microbatch).
+        per-micro-batch statistics are acceptable (placer.runtime.microbatch); None:
+        the plan's fields.
 
     Raises
     ------
@@ -103,6 +105,8 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
     gm = traced.gm
     pipeline = split_stages(gm, gm.graph, plan.assignment, source)
     m = microbatches or plan.microbatches
+    batch_dims = plan.batch_dims if batch_dims is None else batch_dims
+    microbatch_statistics = plan.microbatch_statistics if microbatch_statistics is None else microbatch_statistics
     name = (schedule or plan.schedule or "gpipe").lower()
     if name not in SCHEDULES:
         raise PlanError(f"unknown pipeline schedule {name!r}: use one of {', '.join(SCHEDULES)}")
@@ -113,7 +117,7 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
         reason = microbatch.static_refusal(gm.graph, gm, source)
         if reason:
             raise PlanError(reason)
-    split = microbatch.split(bind(traced, example_inputs), m, batch_dims or {})
+    split = microbatch.split(bind(traced, example_inputs), m, batch_dims)
     if len(split.sizes) != m or len(set(split.sizes)) > 1:
         raise PlanError(f"a batch of {sum(split.sizes)} rows does not split into {m} equal micro-batches "
                         f"(pipelining's shapes are static): choose a micro-batch count that divides it")
@@ -127,7 +131,8 @@ class PipelinedModel(RankShare):
     """This rank's stage of a plan run as a pipeline. Construct it on every rank of a
     group with one rank per stage (a collective: same model, seed, plan and example
     batch); then every rank calls `train_step` with the same batch and steps an
-    optimizer over `parameters()`.
+    optimizer over `parameters()`. `batch_dims` and `microbatch_statistics` default
+    to the plan's (see `plan_pipeline`).
 
     Raises PlanError (one line) as `plan_pipeline` does, and when the group's size is
     not the number of stages.
@@ -136,7 +141,7 @@ class PipelinedModel(RankShare):
     def __init__(self, model: nn.Module, plan: Plan | str, example_inputs: Sequence[torch.Tensor],
                  microbatches: int | None = None, schedule: str | None = None, cluster: Cluster | None = None,
                  group: dist.ProcessGroup | None = None, batch_dims: Mapping[str, int] | None = None,
-                 microbatch_statistics: bool = False):
+                 microbatch_statistics: bool | None = None):
         super().__init__(model, group)
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         spec = plan_pipeline(model, self.plan, example_inputs, microbatches, schedule, batch_dims,

@@ -213,7 +213,9 @@ class PlacedModule(nn.Module):
 
 def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | None = None) -> PlacedModule:
     """Place `model` by `plan` (a Plan or a plan file). Moves the model's parameters and
-    buffers in place; never changes their values.
+    buffers in place; never changes their values. Each call runs in the plan's
+    `microbatches`, split along its `batch_dims` (0 for inputs it does not name), and
+    with `microbatch_statistics` accepts batch statistics per micro-batch.
 
     Parameters
     ----------
@@ -227,7 +229,9 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
     Raises
     ------
     PlanError : the plan was made for another model, leaves a node unplaced, splits a
-        shared parameter, or `devices` cannot stand for the plan's devices.
+        shared parameter, `devices` cannot stand for the plan's devices, or its
+        micro-batches would change what the model computes (batch statistics without
+        `microbatch_statistics`; at the first call for what only running shows).
     CaptureError : the model cannot be captured the way the plan was.
     """
     if not isinstance(plan, Plan):
@@ -268,12 +272,14 @@ def _build(model: nn.Module, plan: Plan, traced: Traced, assignment: dict[str, s
            groups: list[list[str]] | None) -> PlacedCapture:
     """The executor of a capture placed by `assignment` (chunked over `groups`, the
     plan's, for its own capture), after what the capture baked in about devices is
-    made to follow the placement (tensors.localize)."""
+    made to follow the placement (tensors.localize); micro-batched as the plan says
+    (microbatches, schedule, batch_dims, microbatch_statistics)."""
     gm = traced.gm
     localize(model, gm, lambda n: torch.device(devices[assignment[n.name]].torch_device)
              if n.name in assignment else None)
     executor = Executor.build(gm, gm, assignment, devices, groups=groups, microbatches=plan.microbatches,
-                              schedule=plan.schedule, source=plan.source)
+                              schedule=plan.schedule, batch_dims=plan.batch_dims,
+                              microbatch_statistics=plan.microbatch_statistics, source=plan.source)
     leaves = [(leaf.name, None) if isinstance(leaf, fx.Node) else (None, leaf) for leaf in traced.output_leaves]
     output_nodes = list(dict.fromkeys(name for name, _ in leaves if name is not None))
     return PlacedCapture(traced=traced, assignment=assignment, executor=executor, output_nodes=output_nodes,
