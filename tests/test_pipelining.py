@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from graphs.capture import owning_module
 from graphs.errors import PlanError
 from graphs.trace import trace_model
 from graphs.workload import load_workload
@@ -232,3 +233,82 @@ def test_a_cuda_and_cpu_plan_on_two_gloo_ranks_trains_like_the_unplaced_model(ne
     build = DistributedModel if backend == "distributed" else None
     assert_trained_like_the_unplaced_model(net_spec, plan, 2, microbatches=2, schedule="gpipe", directory=tmp_path,
                                            rtol=1e-4, build=build)
+
+
+# -- the workload's micro-batch options -------------------------------------------------
+
+STEPS = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class RunningMean(nn.Module):
+        """x: [steps, batch, 6]: a running mean over time between two layers."""
+
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = nn.Linear(6, 8), nn.Linear(8, 6)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            steps = torch.arange(1, x.shape[0] + 1, dtype=h.dtype).view(-1, 1, 1)
+            return self.out(h.cumsum(0) / steps)
+
+
+    def build_model():
+        return RunningMean()
+
+
+    def example_inputs():
+        return (torch.randn(5, 4, 6),)
+
+
+    def loss_fn(out, x):
+        return (out - x).pow(2).mean()
+
+
+    batch_dims = {"x": 1}
+''')
+
+
+def steps_plan(model: nn.Module, inputs: tuple, **options) -> Plan:
+    """`inp` on cpu:0, `out` on cpu:1."""
+    return plan_from_assignment(model, lambda n: "cpu:1" if owning_module(n).startswith("out") else "cpu:0",
+                                THREE[:2], inputs=inputs, **options)
+
+
+def test_plan_pipeline_splits_along_the_plans_batch_dims_and_honours_its_statistics(tmp_path):
+    path = tmp_path / "steps.py"
+    path.write_text(STEPS)
+    w = load_workload(str(path))
+    spec = plan_pipeline(w.fresh_model(), steps_plan(w.fresh_model(), w.inputs, batch_dims=w.batch_dims), w.inputs,
+                         microbatches=2)
+    assert spec.dims == {"x": 1} and spec.batch == 4
+    assert spec.meta["div"].leaves[0].shape == (5, 2, 8)  # one micro-batch: every step, half the batch
+    with pytest.raises(PlanError, match="5 rows does not split into 2 equal micro-batches"):
+        plan_pipeline(w.fresh_model(), steps_plan(w.fresh_model(), w.inputs), w.inputs, microbatches=2)
+
+    normed = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6))
+    x = (torch.randn(4, 6),)
+    with pytest.raises(PlanError, match="set microbatch_statistics = True in the workload"):
+        plan_pipeline(normed, plan_from_assignment(normed, lambda n: "cpu:0", THREE[:1], inputs=x), x, microbatches=2)
+    accepting = plan_from_assignment(normed, lambda n: "cpu:0", THREE[:1], inputs=x, microbatch_statistics=True)
+    assert plan_pipeline(normed, accepting, x, microbatches=2).microbatches == 2
+
+
+def test_the_launcher_runs_a_plan_with_the_workload_files_batch_dims(tmp_path):
+    """A plan made without batch_dims (by hand, or before the workload named them):
+    the launcher takes the workload file's, so the two ranks split the batch, not the
+    steps, and train like the unplaced model."""
+    path = tmp_path / "steps.py"
+    path.write_text(STEPS)
+    spec = str(path)
+    w = load_workload(spec)
+    plan = steps_plan(w.fresh_model(), w.inputs)
+    assert plan.batch_dims == {}
+    train_pipelined(spec, plan, 3, checkpoint_dir=tmp_path / "ranks", microbatches=2, schedule="gpipe",
+                    timeout_s=180)
+    _, _, trained = reference_steps(spec, 3)
+    merged = merge_checkpoints(tmp_path / "ranks")
+    for name, expected in trained.state_dict().items():
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
