@@ -125,12 +125,28 @@ class PlacementProblem:
 
     @property
     def batch_size(self) -> int | None:
-        """Rows in the profiled batch, where capture recorded it (OpGraph graph
-        attribute `batch_size`)."""
+        """Rows in the profiled batch: the first tensor input's length along its batch
+        dimension where the workload names one (`batch_dims`, read off the capture's
+        input shapes), else what capture recorded (OpGraph graph attribute
+        `batch_size`: dimension 0)."""
+        if self._rows_along_batch_dims is not None:
+            return self._rows_along_batch_dims
         for g in (self.groups, self.ops):
             if g is not None and g.graph.get("batch_size"):
                 return int(g.graph["batch_size"])
         return None
+
+    @cached_property
+    def _rows_along_batch_dims(self) -> int | None:
+        """The first input's length along its `batch_dims` dimension; None without
+        batch_dims or an OpGraph that records its inputs' shapes."""
+        if not self.batch_dims or self.ops is None:
+            return None
+        ops = self.ops
+        inputs = sorted((n for n in ops.nodes if ops.nodes[n]["op"] == "placeholder"),
+                        key=lambda n: ops.nodes[n]["order"])
+        shapes = [s["shape"] for s in (ops.graph.get("capture") or {}).get("inputs") or []]
+        return next((int(shape[self.batch_dims.get(name, 0)]) for name, shape in zip(inputs, shapes) if shape), None)
 
     def activation_factor(self, microbatches: int = 1) -> float:
         """Activations held with `microbatches` micro-batches in flight, relative to

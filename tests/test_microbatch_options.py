@@ -89,8 +89,9 @@ def test_without_batch_dims_a_batch_second_model_whose_output_loses_the_steps_is
     placed.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the micro-batch probe compares shapes only: splitting the steps of a model "
-                                       "that mixes them without changing shapes goes unseen (requests/H9.md)")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the micro-batch probe compares shapes only: splitting the steps of a model that mixes "
+                          "them without changing shapes goes unseen (requests/H9.md)")
 def test_without_batch_dims_a_batch_second_model_that_mixes_its_steps_is_refused_or_correct():
     torch.manual_seed(0)
     model = RunningMean()

@@ -143,7 +143,8 @@ def test_device_map_lists_single_parameters_of_split_modules():
     (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
                  "schedule": "zigzag"}), "schedule must be null or one of gpipe"),
     (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
-                 "batch_dims": {"x": -1}}), r"batch_dims must map input names to whole numbers >= 0, found \{'x': -1\}"),
+                 "batch_dims": {"x": -1}}),
+     r"batch_dims must map input names to whole numbers >= 0, found \{'x': -1\}"),
     (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
                  "batch_dims": [1]}), "batch_dims must map input names"),
     (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
@@ -269,6 +270,21 @@ def test_make_plan_takes_the_micro_batch_options_from_the_problem():
     options = replace(problem, batch_dims={"x": 0}, microbatch_statistics=True)
     plan = make_plan(options, [0] * problem.n_groups, method="m", microbatches=2)
     assert plan.batch_dims == {"x": 0} and plan.microbatch_statistics is True
+
+
+def test_the_problems_batch_size_lies_along_the_workloads_batch_dims():
+    class StepsFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 2)
+
+        def forward(self, x):  # x: [steps, batch, 6]
+            return self.lin(x)
+
+    problem = grouped_problem(StepsFirst(), (torch.randn(5, 4, 6),), "cpu:0,cpu:1")
+    assert problem.batch_size == 5 and problem.activation_factor(2) == pytest.approx(6 / 5)  # dimension 0
+    batch_second = replace(problem, batch_dims={"x": 1})
+    assert batch_second.batch_size == 4 and batch_second.activation_factor(2) == 1.0
 
 
 def test_plan_leaf_paths_reproduce_a_trace_with_leaf_classes():
