@@ -8,7 +8,7 @@ import pytest
 
 import placer.optimize as job
 from graphs.errors import CheckpointError, DeviceSpecError, PlacerError
-from placer.measurements import Measurer, Protocol
+from placer.measurements import MeasurementBook, Measurer, Protocol, candidate_key
 from placer.search_stage import SearchOptions
 
 DEVICES = "cpu:0,cpu:1"
@@ -135,6 +135,39 @@ def test_resume_measures_nothing_twice(first, workload, monkeypatch):
     again = run(workload, out, resume=True)
     assert measured == []  # the baselines and unplaced came from the book
     assert again.status == "complete" and len(again.curve) >= len(results.curve)
+
+
+def test_resume_after_ctrl_c_in_the_search_continues_it(workload, tmp_path, monkeypatch):
+    """Ctrl-C while the search measures its second round; --resume re-measures none of
+    the book (baselines, unplaced, the search's first measurements) and continues the
+    search from its checkpoint: the rounds after the saved ones, up to the same sample
+    budget, the earlier run's curve kept (the round cut short included)."""
+    real, calls, measured = Measurer.measure, [], []
+
+    def interrupted(self, candidates, labels=None, stage=""):
+        calls.append(stage)
+        if stage.startswith("search") and calls.count(stage) == 2:
+            raise KeyboardInterrupt
+        return real(self, candidates, labels, stage)
+
+    monkeypatch.setattr(Measurer, "measure", interrupted)
+    first = run(workload, tmp_path / "out")
+    assert first.status == "interrupted" and first.interrupted_at == "search (rl)"
+    book = dict(MeasurementBook(MeasurementBook.last_identity(tmp_path / "out" / "measurements.json"),
+                                tmp_path / "out" / "measurements.json").entries)
+
+    def counting(self, candidates, labels=None, stage=""):
+        measured.extend((stage, c) for c in candidates if self.book.get(c) is None)
+        return real(self, candidates, labels, stage)
+
+    rows = []
+    monkeypatch.setattr(Measurer, "measure", counting)
+    again = run(workload, tmp_path / "out", resume=True,
+                progress=lambda stage: rows.append(stage.info) if stage.name == "search" else None)
+    assert again.status == "complete" and all(stage.startswith("search") for stage, _ in measured)
+    assert not {candidate_key(c) for _, c in measured} & set(book)
+    assert rows[0]["update"] == 3 and rows[-1]["samples"] == SEARCH.max_samples  # after the saved rounds 1-2
+    assert [row["update"] for row in again.curve] == [1, 2, 3, 4]  # the interrupted run's rows kept, round 2 too
 
 
 def test_ctrl_c_in_the_search_keeps_the_best_plan_unconfirmed(workload, tmp_path, monkeypatch):

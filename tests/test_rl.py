@@ -254,6 +254,28 @@ def test_ctrl_c_returns_the_best_so_far_and_leaves_a_checkpoint(tmp_path):
     assert resumed.best_sim_ms <= result.best_sim_ms
 
 
+def test_a_finished_search_resumed_measures_nothing_until_given_more_budget(tmp_path):
+    """The closing round runs once per sample count: a finished search resumed with its
+    budget spent measures nothing (its kept candidates not measured yet stay so) and
+    returns what it found; given more samples it goes on and closes again, measuring
+    only candidates it had not measured."""
+    problem = synthetic(12)
+    config = TrainConfig(**{**QUICK, "max_samples": 24, "measure_top_k": 2})
+
+    def scorer():
+        return MeasuringScorer(problem, lambda c: score_of(problem, c.placement) * (1 + sum(c.placement)))
+
+    first = train(problem, scorer(), config, out_dir=tmp_path)
+    again = scorer()
+    resumed = train(problem, again, config, out_dir=tmp_path, resume=True)
+    assert again.calls == [] and resumed.samples == 24
+    assert resumed.best == first.best and resumed.measured == first.measured
+    more = scorer()
+    longer = train(problem, more, TrainConfig(**{**QUICK, "max_samples": 40, "measure_top_k": 2}), out_dir=tmp_path,
+                   resume=True)
+    assert longer.samples == 40 and more.calls and not set(more.calls) & set(dict(first.measured))
+
+
 def test_final_choice_is_the_best_measured_placement():
     problem = synthetic(12)
     warm = (0,) * 12

@@ -72,7 +72,8 @@ def save_checkpoint(path: Path, problem: PlacementProblem, state: SearchState, l
         "generator": generator.get_state(),
         "learner": learner,
         "state": {"rounds": state.rounds, "samples": state.samples, "elapsed_s": state.elapsed_s,
-                  "curve": state.curve, "candidates": _pack(state.candidates), "measured": _pack(state.measured)},
+                  "curve": state.curve, "candidates": _pack(state.candidates), "measured": _pack(state.measured),
+                  "closed_at": state.closed_at},
     }
     write_atomically(path, lambda f: torch.save(data, f))
     write_atomically(path.with_name("curve.json"), lambda f: f.write(json.dumps(state.curve, indent=1).encode()))

@@ -187,7 +187,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             warnings.warn(f"could not save the search checkpoint in {checkpoint.parent}: {err} (the search "
                           f"goes on; a resume would start from an earlier checkpoint)", stacklevel=2)
 
-    interrupted = False
+    interrupted, times = False, None
     try:
         # -- the reward rule (envs.reward), relative to the warm start
         rule = reward_rule(problem, scorer, config, warm_start, learner.reference_ms)
@@ -234,6 +234,8 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
         final_round(state, scorer, config, warm_start)
     except KeyboardInterrupt:
         interrupted = True
+        if times is not None and (state.curve[-1]["update"] if state.curve else 0) != state.rounds:
+            state.record(times, clock())  # a round cut short after its update is kept; it is measured later
     state.elapsed_s = clock()
     if checkpoint is not None:
         save(final=True)

@@ -9,7 +9,9 @@ shared, so that their budgets are equal by construction:
   yet are measured, the scorer refits its simulator to every measurement so far, and
   the kept candidates are re-scored;
 - at the end the same again, plus the warm start, so that the result is never worse
-  than the heuristic it started from, measured;
+  than the heuristic it started from, measured; once: a finished search resumed with
+  no new samples measures nothing (its kept candidates, re-scored under a refit that
+  has seen more measurements, would otherwise pick new ones);
 - the final choice is the best measured feasible candidate, else (nothing measured)
   the best simulated feasible one, else None.
 """
@@ -60,6 +62,7 @@ class SearchState:
     candidates: dict[Candidate, float] = field(default_factory=dict)  # best scored, at most keep_top
     measured: dict[Candidate, float] = field(default_factory=dict)  # ms; inf where infeasible
     curve: list[dict] = field(default_factory=list)
+    closed_at: int | None = None  # samples when the closing round was measured; None: not yet
 
     def remember(self, candidates: Sequence[Candidate], times: Sequence[float], keep: int) -> None:
         """Add scored candidates, keeping the `keep` fastest distinct ones."""
@@ -166,10 +169,13 @@ def measure_round(state: SearchState, scorer: Scorer, config: SearchConfig) -> b
 
 
 def final_round(state: SearchState, scorer: Scorer, config: SearchConfig, warm_start: Candidate | None) -> None:
-    """The closing measurement round: the best unmeasured candidates and the warm start."""
-    if config.measure_top_k:
+    """The closing measurement round: the best unmeasured candidates and the warm start,
+    once per sample count (a search resumed after it closed, with no budget left, measures
+    nothing; one given more budget samples more and closes again)."""
+    if config.measure_top_k and state.closed_at != state.samples:
         final = state.unmeasured_best(config.measure_top_k)
         measure(state, scorer, final + ([warm_start] if warm_start is not None else []))
+    state.closed_at = state.samples
 
 
 def temperature(state: SearchState, config: SearchConfig, elapsed_s: float) -> float:
