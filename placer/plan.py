@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from graphs.files import write_text_atomically
 from graphs.problem import PlacementProblem
 from graphs.trace import Traced, trace_model
 from graphs.trace import fingerprint as model_fingerprint
+from graphs.workload import Workload
 
 FORMAT = "placer.plan/v2"
 FORMAT_V1 = "placer.plan/v1"
@@ -190,6 +191,23 @@ def _type_problem(data: dict) -> str | None:
 def mismatch_message(plan: Plan, fingerprint: str) -> str:
     return (f"{plan.source} was made for another model (fingerprint {plan.fingerprint}, this model {fingerprint}): "
             f"re-run `placer optimize` for this model")
+
+
+def with_workload_options(plan: Plan, workload: Workload) -> Plan:
+    """`plan` with the workload file's micro-batch options added to its own: the
+    workload's `batch_dims` over the plan's, input by input, and per-micro-batch
+    statistics accepted where either accepts them. What runs a plan together with its
+    workload (the launchers) runs it so: a plan made before the workload named them,
+    or by hand, follows the workload file as it is now.
+
+    Examples
+    --------
+    >>> w = Workload(name="w", spec="w.py", model=nn.Linear(2, 2), inputs=(), batch_dims={"x": 1})
+    >>> with_workload_options(Plan(["cpu:0"], {}, {}, "f", batch_dims={"mask": 1}), w).batch_dims
+    {'mask': 1, 'x': 1}
+    """
+    return replace(plan, batch_dims={**plan.batch_dims, **workload.batch_dims},
+                   microbatch_statistics=plan.microbatch_statistics or workload.microbatch_statistics)
 
 
 def trace_for_plan(model: nn.Module, plan: Plan, mode: str = "train") -> Traced:

@@ -16,7 +16,7 @@ from graphs.trace import fingerprint, trace_model
 from graphs.devices import parse_cluster
 from graphs.errors import InfeasibleError, PlanError
 from placer.plan import (FORMAT, FORMAT_V1, Plan, accelerate_name, derive_device_map, load_plan, make_plan,
-                         plan_from_assignment)
+                         plan_from_assignment, with_workload_options)
 from graphs.problem import PlacementProblem
 from placer.runtime import apply
 
@@ -65,6 +65,18 @@ def test_micro_batch_options_round_trip_and_older_plans_load_without_them(tmp_pa
     path.write_text(json.dumps(data))
     older = load_plan(path)
     assert older.batch_dims == {} and older.microbatch_statistics is False
+
+
+def test_the_workload_files_options_add_to_the_plans():
+    from graphs.workload import Workload
+
+    plan = Plan(devices=["cpu:0"], assignment={}, device_map={}, fingerprint="f", batch_dims={"x": 1, "mask": 1})
+    workload = Workload(name="w", spec="w.py", model=Net(), inputs=(), batch_dims={"x": 2}, microbatch_statistics=True)
+    merged = with_workload_options(plan, workload)
+    assert merged.batch_dims == {"x": 2, "mask": 1} and merged.microbatch_statistics is True
+    assert plan.batch_dims == {"x": 1, "mask": 1} and plan.microbatch_statistics is False  # the plan is left as it was
+    assert with_workload_options(replace(plan, microbatch_statistics=True), Workload(
+        name="w", spec="w.py", model=Net(), inputs=())).microbatch_statistics is True
 
 
 def test_a_hand_made_plan_refuses_batch_dims_naming_no_input():

@@ -18,7 +18,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from placer.distributed.backend import DistributedModel
 from placer.distributed.share import rank_cluster
 from placer.distributed.checkpoint import save_checkpoint
 from placer.distributed.pipelining import PipelinedModel, plan_pipeline
-from placer.plan import Plan
+from placer.plan import Plan, with_workload_options
 from placer.runtime.pool import die_with_parent
 from placer.runtime.timing import Measurement, summarize, time_steps
 
@@ -244,15 +244,6 @@ def pipeline_stages(workload: Workload, plan: Plan, microbatches: int | None = N
     spec = plan_pipeline(workload.fresh_model(), with_workload_options(plan, workload), workload.inputs,
                          microbatches, schedule)
     return len(spec.pipeline.stages)
-
-
-def with_workload_options(plan: Plan, workload: Workload) -> Plan:
-    """`plan` with the workload file's micro-batch options added to its own: the
-    workload's `batch_dims` over the plan's, input by input, and per-micro-batch
-    statistics accepted where either accepts them. A plan made before the workload
-    named them (or by hand) is thus run as the workload file now says."""
-    return replace(plan, batch_dims={**plan.batch_dims, **workload.batch_dims},
-                   microbatch_statistics=plan.microbatch_statistics or workload.microbatch_statistics)
 
 
 def _pipeline_for(workload_spec: str, plan: Plan, microbatches: int | None,
