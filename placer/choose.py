@@ -30,24 +30,28 @@ __all__ = ["simplicity", "pick", "fill", "verdict_choice"]
 _KIND_ORDER = {"unplaced": 0, "baseline": 1, "search": 2, "rl": 3}
 
 
-def simplicity(row: MethodResult, problem: PlacementProblem | None = None) -> tuple:
+def simplicity(row: MethodResult, problem: PlacementProblem | Sequence[PlacementProblem] | None = None) -> tuple:
     """Sort key, simplest first: unplaced; then devices used, micro-batches, edges cut
-    between devices (with `problem`), heuristic before search."""
+    between devices, heuristic before search.
+
+    Edges cut are counted on the row's own problem: of `problem` (one, or one per
+    device set, as placer compare has), the one on the row's devices whose groups
+    its placement indexes; none there counts 0."""
     if row.kind == "unplaced":
         return (0,)
     placement = row.placement or []
-    cut = 0
-    if problem is not None and len(placement) == problem.n_groups:
-        cut = sum(placement[u] != placement[v] for u, v in problem.costs.edges.tolist())
+    problems = [problem] if isinstance(problem, PlacementProblem) else list(problem or [])
+    own = next((p for p in problems if p.cluster.names == row.devices and len(placement) == p.n_groups), None)
+    cut = 0 if own is None else sum(placement[u] != placement[v] for u, v in own.costs.edges.tolist())
     used = len(set(placement)) if placement else len(row.devices)
     return (1, used, row.microbatches, cut, _KIND_ORDER.get(row.kind, 9))
 
 
 def pick(rows: Sequence[MethodResult], measured: Mapping[str, Measurement],
-         problem: PlacementProblem | None = None) -> MethodResult | None:
+         problem: PlacementProblem | Sequence[PlacementProblem] | None = None) -> MethodResult | None:
     """The simplest of the rows that are not measurably slower than the fastest one
     (rule 2), by their measurements in `measured` (method -> Measurement of one
-    session); None when none is feasible."""
+    session); None when none is feasible. `problem`: as `simplicity` reads it."""
     feasible = [r for r in rows if measured.get(r.method) is not None and measured[r.method].feasible]
     if not feasible:
         return None
@@ -79,12 +83,14 @@ def fill(row: MethodResult, measurement: Measurement, session: str, unplaced: Me
 
 
 def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, session: str | None,
-                   shortlist: Sequence[str], unplaced_device: str, confirmed: bool = True) -> Choice:
+                   shortlist: Sequence[str], unplaced_device: str, confirmed: bool = True,
+                   writes_plan: bool = True) -> Choice:
     """The Choice and its headline from the winner's row (filled from `session`).
 
     A winner other than unplaced is kept only when it is measurably faster than
     unplaced (or unplaced cannot run); else unplaced is chosen. Unconfirmed choices
-    (interrupted before the final sessions) say so."""
+    (interrupted before the final sessions) say so. `writes_plan`: the run writes
+    plan.json (optimize), and the headline says what it holds when unplaced wins."""
     def line(text: str) -> str:
         text = text.replace("  ", " ").strip()
         return text[:1].upper() + text[1:]
@@ -107,8 +113,9 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
         verdict = "slower" if ratio is not None and ratio.verdict == "slower" else "tie"
         return Choice(UNPLACED, verdict, line(
             f"No plan is measurably faster than the model run without placer (unplaced, everything on "
-            f"{unplaced_device}, {unplaced.measured_ms:.2f} ms){best}. plan.json runs everything on "
-            f"{unplaced_device}."), winner.method, session, list(shortlist))
+            f"{unplaced_device}, {unplaced.measured_ms:.2f} ms){best}."
+            + (f" plan.json runs everything on {unplaced_device}." if writes_plan else "")),
+            winner.method, session, list(shortlist))
     if ratio is None:  # unplaced cannot run (memory caps): the fastest feasible plan is the answer
         return Choice(winner.method, "unplaced infeasible", line(
             f"{method_name(winner.method)}: {winner.measured_ms:.2f} ms per training step; the model does not "

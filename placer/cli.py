@@ -285,7 +285,8 @@ def search_options() -> None:
 @protocol_options
 def compare(workload: str, plans: tuple[Path, ...], out: Path | None, iters: int, ci_target: float,
             measure_cap: float, step_timeout: float) -> None:
-    """Measure plans and the unplaced model side by side, interleaved; write the same report as optimize."""
+    """Measure plans, each on its own devices, and the unplaced model side by side, interleaved; write the same
+    report as optimize (no plan). The plans must be for WORKLOAD's model, on devices this host has."""
     from placer.compare import compare as run
     from placer.report import format_table
 

@@ -5,6 +5,13 @@ All plans and `unplaced` are measured in one interleaved session (`compare`), ea
 row with its speedup over unplaced measured there; the fastest by the choice rules
 (placer.choose) is then measured again with unplaced and the best heuristic in a
 fresh session (`confirm`), from which its claimed speedups come.
+
+The plans must be for the workload's model, but may be for different devices (a
+plan on `cpu` beside one on `cpu:0,cpu:1`, as optimize writes when unplaced wins):
+each runs on its own devices, which this host must have. Each device set has its
+problem (placer.choose counts a row's cut edges on its own); the unplaced model runs
+on a GPU where some set's profile makes one the fastest device, else on the whole
+host; the lower bound is the least of the sets' bounds, so no row can beat it.
 """
 
 from __future__ import annotations
@@ -14,56 +21,68 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from envs.calibrate import load_calibration
-from graphs.errors import PlacerError, PlanError
+from graphs.devices import parse_cluster
+from graphs.errors import DeviceSpecError, PlacerError, PlanError
 from graphs.files import folder_problem
 from graphs.problem import build_problem
+from graphs.trace import fingerprint, trace_model
 from graphs.workload import load_workload
 from placer.choose import fill, pick, verdict_choice
 from placer.optimize import bounds_of
-from placer.measurements import UNPLACED, MeasurementBook, Measurer, Protocol, run_session, unplaced_device
-from placer.plan import Plan, load_plan
+from placer.measurements import UNPLACED, MeasurementBook, Measurer, Protocol, unplaced_device
+from placer.plan import Plan, load_plan, mismatch_message
 from placer.report import publish
 from placer.results import MethodResult, Progress, Results, environment, quiet, warn_stderr
-from placer.runtime.timing import Measurement, PlacedTrial
+from placer.runtime.timing import Measurement
 
 __all__ = ["compare"]
 
 
 def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = None, protocol: Protocol | None = None,
             progress: Progress = quiet, warn: Callable[[str], None] = warn_stderr, command: str = "") -> Results:
-    """Measure `plans` of `workload` and the unplaced model together; write
-    results.json and the report into out_dir (default placer-out/<name>-compare).
+    """Measure `plans` of `workload`, each on its own devices, and the unplaced model
+    together; write results.json and the report into out_dir (default
+    placer-out/<name>-compare).
 
     Returns
     -------
-    Results (command "compare"; choice: the fastest plan by the choice rules, or
-    unplaced when no plan is measurably faster).
+    Results (command "compare"; devices: every device some plan places on, in order;
+    choice: the fastest plan by the choice rules, or unplaced when no plan is
+    measurably faster).
 
     Raises
     ------
     PlanError
-        A plan cannot be read, or the plans are for different devices (before any work).
+        A plan cannot be read, or names a device this host lacks (before the workload
+        is loaded), or was made for another model than `workload` (before anything is
+        profiled, measured or written).
     PlacerError
-        The output folder cannot be written.
+        The output folder cannot be written; the workload cannot be loaded or captured.
     """
     protocol = protocol or Protocol()
     loaded_plans: list[Plan] = [load_plan(p) for p in plans]
-    for path, plan in zip(plans, loaded_plans):
-        if plan.devices != loaded_plans[0].devices:
-            raise PlanError(f"{path} places on {','.join(plan.devices)} but {plans[0]} on "
-                            f"{','.join(loaded_plans[0].devices)}: compare plans made for the same devices")
+    for plan in loaded_plans:
+        _check_host(plan)
+    device_sets = list(dict.fromkeys(tuple(plan.devices) for plan in loaded_plans))
     if out_dir is not None and (problem := folder_problem(out_dir)):
         raise PlacerError(f"--out {out_dir} {problem}: choose a folder you can write")
     loaded = load_workload(workload)
+    # The fingerprint of the workload's capture, as the problem's (the trace is cached for it).
+    this_model = fingerprint(loaded.model, trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs).gm)
+    for plan in loaded_plans:
+        if plan.fingerprint != this_model:
+            raise PlanError(mismatch_message(plan, this_model))
     out = Path(out_dir) if out_dir is not None else Path("placer-out") / f"{loaded.name}-compare"
-    problem = build_problem(loaded, ",".join(loaded_plans[0].devices))
+    problems = [build_problem(loaded, ",".join(devices)) for devices in device_sets]
+    host = next((p for p in problems if unplaced_device(p) != "cpu"), problems[0])  # GPU costs: one profile for all
     out.mkdir(parents=True, exist_ok=True)
     results = Results(command="compare", run_id=uuid.uuid4().hex[:12], workload=workload,
-                      devices=list(loaded_plans[0].devices), protocol=protocol.to_json(),
-                      environment=environment(command), notes=list(loaded.notes),
-                      bounds=bounds_of(problem, load_calibration(problem)))
-    measurer = Measurer(loaded, problem, MeasurementBook({}), protocol, progress=progress)
-    rows = [MethodResult(UNPLACED, "unplaced", devices=[unplaced_device(problem)])]
+                      devices=list(dict.fromkeys(d for devices in device_sets for d in devices)),
+                      protocol=protocol.to_json(), environment=environment(command), notes=list(loaded.notes),
+                      bounds=min((bounds_of(p, load_calibration(p)) for p in problems),
+                                 key=lambda b: b["lower_bound_ms"]))
+    measurer = Measurer(loaded, host, MeasurementBook({}), protocol, progress=progress)
+    rows = [MethodResult(UNPLACED, "unplaced", devices=[unplaced_device(host)])]
     methods = [plan.method for plan in loaded_plans]
     for path, plan in zip(plans, loaded_plans):
         # Bare method names where they are unique; files tell apart plans of one method.
@@ -74,16 +93,20 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
                                  simulated_ms=plan.simulated_ms, plan=str(path)))
     results.methods = rows
     by_name = dict(zip([r.method for r in rows[1:]], loaded_plans))
+
+    def session(chosen: Sequence[MethodResult], stage: str) -> dict[str, Measurement]:
+        """Measure the chosen rows (their plans, unplaced eagerly) in one session; fill them."""
+        measured = measurer.session([(r.method, by_name.get(r.method)) for r in chosen], stage)
+        _fill(results, measured, stage)
+        return measured
+
     try:
-        measured = _session(measurer, by_name, rows, protocol, "compare")
-        _fill(results, measured, "compare")
-        winner = pick(rows, measured, problem)
+        winner = pick(rows, session(rows, "compare"), problems)
         if winner is not None:
             judged = {r.method: r for r in (winner, results.best_heuristic) if r is not None and r.kind != "unplaced"}
-            confirm = _session(measurer, by_name, [rows[0], *judged.values()], protocol, "confirm")
-            _fill(results, confirm, "confirm")
+            session([rows[0], *judged.values()], "confirm")
         results.choice = verdict_choice(winner, results.unplaced, "confirm", [r.method for r in rows],
-                                        rows[0].devices[0])
+                                        rows[0].devices[0], writes_plan=False)
     except KeyboardInterrupt:
         results.status, results.interrupted_at = "interrupted", "measuring"
         raise
@@ -91,20 +114,19 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
     return results
 
 
+def _check_host(plan: Plan) -> None:
+    """Raise PlanError, naming the plan, when this host cannot run its devices (what
+    the runtime's parse_cluster refuses: a GPU it lacks, a name it cannot read)."""
+    try:
+        parse_cluster(",".join(plan.devices))
+    except DeviceSpecError as exc:
+        raise PlanError(f"{plan.source} places on {','.join(plan.devices)}, but {exc}: compare it on a host that "
+                        f"has them, or make a plan for this host's devices (placer optimize --devices ...)") from exc
+
+
 def _kind(method: str) -> str:
     """A plan's row kind from its method (a saved unplaced plan runs through placer: a baseline)."""
     return {"rl": "rl", "random_search": "search", "local_search": "search"}.get(method, "baseline")
-
-
-def _session(measurer: Measurer, plans: dict[str, Plan], rows: Sequence[MethodResult], protocol: Protocol,
-             stage: str) -> dict[str, Measurement]:
-    """One interleaved session of `rows` (their plans, unplaced eagerly)."""
-    p = protocol
-    trials = [measurer.trial(None, UNPLACED) if row.kind == "unplaced"
-              else PlacedTrial(measurer.workload, plans[row.method], label=row.method, warmup=p.warmup,
-                               step_timeout_s=p.step_timeout_s, clock=measurer.clock)
-              for row in rows]
-    return dict(zip([r.method for r in rows], run_session(trials, protocol, measurer.clock, measurer.progress, stage)))
 
 
 def _fill(results: Results, measured: dict[str, Measurement], session: str) -> None:

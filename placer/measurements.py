@@ -304,7 +304,8 @@ class Measurer:
     `measure` measures only what the book lacks: candidates the problem already
     knows to be infeasible are recorded without running; the rest in one interleaved
     session (or, with a `pool`, on its worker processes at once). `session` measures
-    afresh, for the final choice, with `unplaced` among them when asked.
+    afresh, for the final choice, with `unplaced` among them when asked, and saved
+    plans beside them, each on its own devices (placer compare).
 
     Parameters
     ----------
@@ -322,19 +323,26 @@ class Measurer:
         self.pool, self.progress, self.clock = pool, progress, clock
         self.unplaced_problem = unplaced_problem(problem)
 
-    def trial(self, candidate: Candidate | None, label: str) -> Trial:
-        """A Trial of a candidate, or of the unplaced model (candidate None)."""
+    def trial(self, candidate: Candidate | Plan | None, label: str) -> Trial:
+        """A Trial of a candidate of the problem (on its cluster), of a saved Plan (on
+        the plan's own devices, uncapped), or of the unplaced model (candidate None)."""
         p = self.protocol
         limits = dict(warmup=p.warmup, step_timeout_s=p.step_timeout_s, clock=self.clock)
         if candidate is None:
             device = self.unplaced_problem.cluster.devices[0]
             return EagerTrial(self.workload, device.torch_device, device.threads if device.kind == "cpu" else None,
                               label=label, **limits)
+        if isinstance(candidate, Plan):
+            return PlacedTrial(self.workload, candidate, label=label, **limits)
         plan = make_plan(self.problem, candidate.placement, label, microbatches=candidate.microbatches)
         return PlacedTrial(self.workload, plan, self.problem.cluster, label=label, **limits)
 
-    def known_infeasible(self, candidate: Candidate | None) -> Measurement | None:
-        """The infeasible Measurement of a candidate (None: unplaced) the problem rules out unrun."""
+    def known_infeasible(self, candidate: Candidate | Plan | None) -> Measurement | None:
+        """The infeasible Measurement of a candidate (None: unplaced) the problem rules out
+        unrun; None for a saved Plan, which only running it judges (its devices may not
+        be the problem's)."""
+        if isinstance(candidate, Plan):
+            return None
         problem = self.unplaced_problem if candidate is None else self.problem
         placement = (0,) * problem.n_groups if candidate is None else candidate.placement
         reasons = problem.violations(placement)
@@ -376,10 +384,11 @@ class Measurer:
                 self.book.record(candidate, result)
         return [self.book.get(c) for c in candidates]
 
-    def session(self, entries: Sequence[tuple[str, Candidate | None]], stage: str) -> dict[str, Measurement]:
+    def session(self, entries: Sequence[tuple[str, Candidate | Plan | None]], stage: str) -> dict[str, Measurement]:
         """Measure afresh, together and interleaved: (label, candidate) pairs, candidate
-        None for the unplaced model; the book is neither read nor changed. Candidates
-        the problem rules out are infeasible unrun. Returns label -> Measurement."""
+        None for the unplaced model, a Plan for a saved plan (on its own devices); the
+        book is neither read nor changed. Candidates the problem rules out are
+        infeasible unrun. Returns label -> Measurement."""
         results: dict[str, Measurement] = {}
         runnable = []
         for label, candidate in entries:

@@ -99,18 +99,36 @@ def test_plan_is_reusable_by_measure_train_and_compare(optimized, tmp_path):
     trained = placer("train", WORKLOAD, "--plan", plan, "--steps", "2")
     assert trained.returncode == 0, trained.stderr
     assert trained.stdout.count("loss") == 2
-    metis = tmp_path / "metis.json"
-    made = placer("baseline", WORKLOAD, "--method", "metis", "--devices", DEVICES, "--out", str(metis))
-    assert made.returncode == 0 and metis.is_file(), made.stderr
-    compared = placer("compare", WORKLOAD, plan, str(metis), *FAST, "--out", str(tmp_path / "cmp"))
+    # plan.json is on cpu when unplaced won, else on DEVICES: a plan on cpu makes the device sets differ either way.
+    made = {}
+    for name, devices in (("metis", DEVICES), ("single", "cpu")):
+        made[name] = tmp_path / f"{name}.json"
+        result = placer("baseline", WORKLOAD, "--method", name, "--devices", devices, "--out", str(made[name]))
+        assert result.returncode == 0 and made[name].is_file(), result.stderr
+    compared = placer("compare", WORKLOAD, plan, str(made["metis"]), str(made["single"]), *FAST,
+                      "--out", str(tmp_path / "cmp"))
     assert compared.returncode == 0, compared.stderr
     results = json.loads((tmp_path / "cmp" / "results.json").read_text())
     rows = results["methods"]
-    assert len(rows) == 3 and all(r["measured_ms"] for r in rows)  # both plans and unplaced, in one session
+    assert len(rows) == 4 and all(r["measured_ms"] for r in rows)  # the three plans and unplaced, in one session
     assert rows[0]["method"] == "unplaced" and {r["session"] for r in rows} <= {"compare", "confirm"}
     assert all(r["vs_unplaced"] is not None for r in rows[1:])
+    for row, path in zip(rows[1:], (plan, made["metis"], made["single"])):  # each on its own devices
+        assert row["plan"] == str(path) and row["devices"] == json.loads(Path(path).read_text())["devices"]
+        assert set(row["peak_bytes"]) == set(row["devices"])
+    assert rows[2]["devices"] == DEVICES.split(",") and rows[3]["devices"] == ["cpu"]
     assert results["choice"]["headline"] and compared.stdout.splitlines()[0] == results["choice"]["headline"]
     assert (tmp_path / "cmp" / "report.html").is_file() and not (tmp_path / "cmp" / "plan.json").exists()
+
+
+def test_compare_refuses_a_plan_on_devices_this_host_lacks_in_one_line(optimized, tmp_path):
+    plan = json.loads((optimized / "plan.json").read_text())
+    plan["devices"].append("cuda:99")
+    (tmp_path / "far.json").write_text(json.dumps(plan))
+    result = placer("compare", WORKLOAD, str(optimized / "plan.json"), str(tmp_path / "far.json"),
+                    "--out", str(tmp_path / "cmp"))
+    assert_one_line_error(result, "far.json", "cuda:99", "placer optimize --devices")
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_resume_continues_the_search(optimized):

@@ -3,14 +3,19 @@
 import json
 
 import pytest
+import torch
 
 import placer.compare as compare_module
+from graphs.devices import parse_cluster
 from graphs.errors import PlanError
-from graphs.problem import build_problem
+from graphs.problem import PlacementProblem, build_problem
+from graphs.synthetic import random_grouped_graph
 from placer.baselines import run_baselines
+from placer.choose import simplicity, verdict_choice
 from placer.compare import compare
-from placer.measurements import Protocol
-from placer.plan import make_plan
+from placer.measurements import Protocol, unplaced_plan
+from placer.plan import make_plan, plan_from_assignment
+from placer.results import MethodResult
 from tests.test_optimize import WORKLOAD
 
 PROTOCOL = Protocol(min_runs=3, max_runs=6, cap_s=0.5, warmup=1)
@@ -35,21 +40,74 @@ def test_plans_are_measured_beside_unplaced_and_nothing_is_written_as_a_plan(pla
     assert all(r.measured and r.session in ("compare", "confirm") for r in results.methods)
     assert all(r.vs_unplaced is not None and r.plan for r in results.methods[1:])
     assert results.command == "compare" and results.choice.headline and results.plan is None
+    assert "plan.json" not in results.choice.headline  # compare writes no plan
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["choice"]["method"] == results.best and (tmp_path / "report.md").is_file()
     assert not (tmp_path / "plan.json").exists()
 
 
-def test_plans_for_other_devices_are_refused_before_any_work(plans, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def whole_host_plan(plans, tmp_path_factory):
+    """What optimize writes when unplaced wins: the whole model on `cpu`."""
+    workload, _ = plans
+    return unplaced_plan(build_problem(workload, "cpu")).save(tmp_path_factory.mktemp("whole") / "plan.json")
+
+
+def boom(*args, **kwargs):
+    raise AssertionError("work started before the plans were checked")
+
+
+def test_plans_for_different_devices_each_run_on_their_own_beside_unplaced(plans, whole_host_plan, tmp_path):
+    workload, paths = plans
+    results = compare(workload, [whole_host_plan, paths[1]], out_dir=tmp_path, protocol=PROTOCOL, warn=pytest.fail)
+    rows = {r.method: r for r in results.methods}
+    assert list(rows) == ["unplaced", "unplaced (plan.json)", "round_robin"]
+    assert all(r.measured and r.session in ("compare", "confirm") for r in rows.values())
+    assert all(r.vs_unplaced is not None and r.vs_unplaced.reference == "unplaced" for r in results.methods[1:])
+    assert rows["unplaced"].devices == rows["unplaced (plan.json)"].devices == ["cpu"]
+    assert rows["round_robin"].devices == ["cpu:0", "cpu:1"]
+    # Each plan ran on its own devices: its memory was measured on them.
+    assert set(rows["unplaced (plan.json)"].peak_bytes) == {"cpu"}
+    assert set(rows["round_robin"].peak_bytes) == {"cpu:0", "cpu:1"}
+    assert results.devices == ["cpu", "cpu:0", "cpu:1"] and results.bounds["lower_bound_ms"] > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["devices"] for r in saved["methods"]] == [["cpu"], ["cpu"], ["cpu:0", "cpu:1"]]
+
+
+def test_a_plan_for_another_model_is_refused_before_any_work(plans, tmp_path, monkeypatch):
+    workload, paths = plans
+    other = plan_from_assignment(torch.nn.Sequential(torch.nn.Linear(4, 4)), lambda node: "cpu:0",
+                                 ["cpu:0", "cpu:1"], inputs=(torch.randn(2, 4),)).save(tmp_path / "other.json")
+    monkeypatch.setattr(compare_module, "build_problem", boom)
+    with pytest.raises(PlanError, match="other.json was made for another model"):
+        compare(workload, [paths[0], other], out_dir=tmp_path / "out", protocol=PROTOCOL)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_on_devices_this_host_lacks_is_refused_before_any_work(plans, tmp_path, monkeypatch):
     workload, paths = plans
     other = json.loads(paths[1].read_text())
-    other["devices"] = ["cpu:0", "cpu:1", "cpu:2"]
+    other["devices"] = ["cpu:0", "cpu:1", "cuda:99"]
     (tmp_path / "other.json").write_text(json.dumps(other))
-
-    def boom(*args, **kwargs):
-        raise AssertionError("work started before the plans were checked")
-
     monkeypatch.setattr(compare_module, "load_workload", boom)
-    with pytest.raises(PlanError, match="same devices"):
+    with pytest.raises(PlanError, match=r"other.json places on cpu:0,cpu:1,cuda:99, but device 'cuda:99' does not "
+                                        r"exist on this host.*placer optimize --devices"):
         compare(workload, [paths[0], tmp_path / "other.json"], out_dir=tmp_path / "out", protocol=PROTOCOL)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rows_cut_edges_are_counted_on_its_own_device_sets_problem():
+    pair = PlacementProblem(random_grouped_graph(12, seed=3), parse_cluster("cpu:0,cpu:1"))
+    other = PlacementProblem(random_grouped_graph(8, seed=5), parse_cluster("cpu:0,cpu:1,cpu:2"))
+    placement = [g % 3 for g in range(other.n_groups)]
+    row = MethodResult("rl", "rl", placement=placement, devices=["cpu:0", "cpu:1", "cpu:2"])
+    cut = sum(placement[u] != placement[v] for u, v in other.costs.edges.tolist())
+    assert cut > 0 and simplicity(row, [pair, other]) == (1, 3, 1, cut, 3)
+    assert simplicity(row, pair) == (1, 3, 1, 0, 3)  # another device set's groups say nothing of this placement
+
+
+def test_when_unplaced_wins_compares_headline_promises_no_plan_file():
+    unplaced = MethodResult("unplaced", "unplaced", devices=["cpu"], measured_ms=10.0)
+    choice = verdict_choice(unplaced, unplaced, "confirm", ["unplaced"], "cpu", writes_plan=False)
+    assert choice.method == "unplaced" and choice.headline.startswith("No plan is measurably faster")
+    assert "plan.json" not in choice.headline

@@ -10,9 +10,10 @@ import torch
 from graphs.devices import parse_cluster
 from graphs.problem import Candidate, PlacementProblem
 from graphs.synthetic import random_grouped_graph
-from placer.measurements import (BOOK_FORMAT, UNPLACED, MeasurementBook, Protocol, candidate_key, compare,
+from placer.measurements import (BOOK_FORMAT, UNPLACED, MeasurementBook, Measurer, Protocol, candidate_key, compare,
                                  key_candidate, run_session, unplaced_device, unplaced_problem)
-from placer.runtime.timing import Measurement, Trial, summarize
+from placer.plan import Plan
+from placer.runtime.timing import Measurement, PlacedTrial, Trial, summarize
 
 
 class FakeClock:
@@ -189,3 +190,14 @@ def test_unplaced_runs_on_the_whole_host_with_the_cpu_caps_summed():
     assert alone.n_groups == problem.n_groups
     uncapped = PlacementProblem(problem.groups, parse_cluster("cpu:0,cpu:1", "cpu:0=1GiB"))
     assert unplaced_problem(uncapped).cluster.devices[0].memory_bytes is None  # cpu:1 has no cap: the host neither
+
+
+def test_a_saved_plan_runs_on_its_own_devices_and_only_running_it_judges_it():
+    problem = PlacementProblem(random_grouped_graph(12, seed=3), parse_cluster("cpu:0,cpu:1", "cpu:0=1KiB,cpu:1=1KiB"))
+    measurer = Measurer(None, problem, MeasurementBook({}), Protocol())
+    assert measurer.known_infeasible(Candidate((0,) * problem.n_groups)) is not None  # the problem's caps rule it out
+    plan = Plan(devices=["cpu"], assignment={}, device_map={}, fingerprint="f")
+    assert measurer.known_infeasible(plan) is None
+    trial = measurer.trial(plan, "saved")
+    assert isinstance(trial, PlacedTrial) and trial.plan is plan and trial.label == "saved"
+    assert trial.cluster.names == ["cpu"] and trial.cluster.devices[0].memory_bytes is None  # not the problem's
