@@ -26,10 +26,11 @@ Each stage receives the model inputs it reads as keyword arguments of the schedu
 `step`, which splits them into micro-batches alongside the first stage's, so a stage
 deep in the pipeline still sees its micro-batch of, say, an attention mask without
 it being sent stage to stage. Which inputs are batch-sized, and along which
-dimension, is the in-process engine's rule (placer.runtime.microbatch.split); the
-others are handed whole to every micro-batch. So are its refusals: micro-batches
-that would change what the model computes (batch norm in training, buffers updated
-in forward) are refused unless the workload accepts per-micro-batch statistics.
+dimension, is the in-process engine's rule (placer.runtime.microbatch.split, along
+the plan's `batch_dims`); the others are handed whole to every micro-batch. So are
+its refusals: micro-batches that would change what the model computes (batch norm
+in training, buffers updated in forward) are refused unless the plan accepts
+per-micro-batch statistics (`microbatch_statistics`).
 """
 
 from __future__ import annotations
