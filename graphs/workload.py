@@ -169,6 +169,9 @@ def _batch_dims(spec: str, value: object, model: nn.Module, inputs: tuple[torch.
                                 f"{type(model).__name__}.forward that example_inputs() fills "
                                 f"(its inputs: {', '.join(named) or 'none by name'}): name one of those")
         rank = named[name].dim()
+        if rank == 0:
+            raise WorkloadError(f"{spec}: batch_dims names {name!r}, a tensor without dimensions (no batch to "
+                                f"split): leave it out of batch_dims")
         if isinstance(dim, bool) or not isinstance(dim, int) or not -rank <= dim < rank:
             raise WorkloadError(f"{spec}: batch_dims[{name!r}] = {dim!r}, but {name} has shape "
                                 f"{list(named[name].shape)}: use a whole number from 0 to {rank - 1}")

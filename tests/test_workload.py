@@ -197,14 +197,14 @@ class Tagger(nn.Module):
         super().__init__()
         self.lin = nn.Linear(6, 2)
 
-    def forward(self, x, mask):  # x: [steps, batch, 6]; mask: [batch, steps]
-        return self.lin(x) * mask.t().unsqueeze(-1)
+    def forward(self, x, mask, scale=1.0):  # x: [steps, batch, 6]; mask: [batch, steps]
+        return self.lin(x) * mask.t().unsqueeze(-1) * scale
 
 def build_model():
     return Tagger()
 
 def example_inputs():
-    return torch.randn(5, 4, 6), torch.ones(4, 5)
+    return torch.randn(5, 4, 6), torch.ones(4, 5), torch.tensor(2.0)
 """
 
 
@@ -220,7 +220,8 @@ def test_micro_batch_options_load_with_negative_dimensions_counted_from_the_end(
 
 @pytest.mark.parametrize("options, fragments", [
     ("batch_dims = {'y': 1}", ["batch_dims names 'y', which is not an input of Tagger.forward",
-                               "its inputs: x, mask"]),
+                               "its inputs: x, mask, scale"]),
+    ("batch_dims = {'scale': 0}", ["batch_dims names 'scale', a tensor without dimensions", "leave it out"]),
     ("batch_dims = {'x': 3}", ["batch_dims['x'] = 3", "x has shape [5, 4, 6]", "from 0 to 2"]),
     ("batch_dims = {'x': 1.0}", ["batch_dims['x'] = 1.0", "whole number"]),
     ("batch_dims = {'x': True}", ["batch_dims['x'] = True"]),
