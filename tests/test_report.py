@@ -111,6 +111,21 @@ def test_table_shows_each_rows_stored_speedups_with_their_intervals(results):
     assert "0.96x tie [0.90, 1.02]" in single_line
 
 
+def test_a_devices_column_appears_only_when_plans_ran_on_different_devices(results):
+    from placer.report.table import table_cells
+
+    for r in results["methods"]:
+        r["devices"] = ["cpu"] if r["kind"] == "unplaced" else ["cpu:0", "cpu:1"]
+    headers, _ = table_cells(results)
+    assert "devices" not in headers  # optimize: one device set for every plan
+    results["methods"][1]["devices"] = ["cpu"]  # compare: the single plan was made for `cpu`
+    headers, cells = table_cells(results)
+    column = headers.index("devices")
+    by_method = {c[0].split(" (")[0]: c[column] for c in cells}
+    assert by_method["single device"] == "cpu" and by_method["RL"] == "cpu:0,cpu:1"
+    assert all(len(c) == len(headers) for c in cells)
+
+
 def test_infeasible_rows_do_not_count_as_best_heuristic(results):
     # An infeasible placement with a (bogus) fast measurement must not become the reference.
     results["methods"][2]["measured_ms"] = 10.0

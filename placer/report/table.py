@@ -58,20 +58,26 @@ def format_bytes(n: float | None) -> str:
 
 
 def table_cells(results: Results | dict) -> tuple[tuple[str, ...], list[list[str]]]:
-    """The comparison table as strings: the one source of the text and Markdown tables."""
+    """The comparison table as strings: the one source of the text and Markdown tables.
+    A `devices` column appears when the placed rows ran on different device sets
+    (placer compare of plans made for different devices)."""
+    rows = comparison_rows(results)
+    mixed = len({tuple(r.devices) for r in rows if r.kind != "unplaced"}) > 1
+    headers = (TABLE_HEADERS[0], "devices", *TABLE_HEADERS[1:]) if mixed else TABLE_HEADERS
     cells = []
-    for r in comparison_rows(results):
+    for r in rows:
         memory = ", ".join(f"{d} {format_bytes(b)}" for d, b in r.peak_bytes.items())
         status = "ok" if r.feasible else f"infeasible: {r.reason or 'no reason given'}"
         ci = f"{r.ci_ms[0]:.2f}-{r.ci_ms[1]:.2f}" if r.measured and r.ci_ms else MISSING
         cells.append([
             method_name(r.method) + (" (chosen)" if r.method == as_results(results).best else ""),
+            *([",".join(r.devices) or MISSING] if mixed else []),
             _num(r.measured_ms if r.feasible else None, ".2f"), ci, str(r.runs) if r.runs else MISSING,
             format_ratio(r.vs_unplaced), format_ratio(r.vs_best_heuristic), _num(r.simulated_ms, ".2f"),
             _num(r.ratio_to_lower_bound, ".2f"), memory or MISSING, _num(r.search_s, ".1f"), r.session or MISSING,
             status,
         ])
-    return TABLE_HEADERS, cells
+    return headers, cells
 
 
 def text_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
