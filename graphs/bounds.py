@@ -26,7 +26,10 @@ a whole step at batch/m, times m, over the step at the full batch (the profile's
   m micro-batches: max over devices of its work * f(m).
 
 Transfers, dispatch and the optimizer step are left out, so every bound stays below
-the step any real schedule achieves.
+the step any real schedule achieves on the machine as it was profiled. A profile taken
+under load holds slow costs, and its bound can exceed a step measured in a quieter
+moment (tests/test_bounds.py holds measurements to the least bound of profiles taken
+between them).
 """
 
 from __future__ import annotations
