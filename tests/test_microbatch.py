@@ -184,6 +184,65 @@ def test_a_reduction_over_the_batch_is_refused_unless_accepted(one_thread):
     accepted.executor.close()
 
 
+class Softmaxed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.lin(x).softmax(0)  # mixes the rows, keeps the shape
+
+
+def test_mixing_the_rows_without_changing_shapes_is_refused_unless_accepted(one_thread):
+    placed = Placed(Softmaxed(), lambda n: "cpu:0", microbatches=2)
+    with pytest.raises(PlanError, match=r"^plan: output 'softmax' for rows 0-1 alone differs from those rows of a "
+                                        r"3-row batch: the model mixes values along dimension 0 of input 'x'"):
+        placed(torch.randn(8, 6))
+    placed.executor.close()
+    accepted = Placed(Softmaxed(), lambda n: "cpu:0", microbatches=2, microbatch_statistics=True)
+    assert accepted(torch.randn(8, 6)).shape == (8, 6)
+    accepted.executor.close()
+
+
+class Noisy(nn.Module):
+    """Dropout of every kind, and noise drawn from nothing but shapes."""
+
+    def __init__(self, sampled: bool = False):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.drop = nn.Dropout(0.5)
+        self.rnn = nn.GRU(6, 6, num_layers=2, dropout=0.5, batch_first=True)
+        self.sampled = sampled
+
+    def forward(self, x):  # x: [batch, steps, 6]
+        h = F.alpha_dropout(self.drop(self.lin(x)), 0.2, True)
+        h = self.rnn(h)[0] + 0.1 * torch.randn_like(h) * (torch.rand(h.shape) > 0.5)
+        q = h.unsqueeze(1)
+        h = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5).squeeze(1)
+        return h * torch.bernoulli(torch.sigmoid(h)) if self.sampled else h
+
+
+def layout_of(model: nn.Module, x: torch.Tensor) -> microbatch.Layout:
+    placed = Placed(model, lambda n: "cpu:1" if n.name == "rnn" else "cpu:0", microbatches=2)
+    devices = [torch.device("cpu")] * len(placed.executor.chunks)
+    try:
+        return microbatch.layout(placed.executor.chunks, devices, {"x": x}, {"x": 0}, placed.output_nodes, "plan")
+    finally:
+        placed.executor.close()
+
+
+def test_random_numbers_are_held_fixed_while_the_probe_compares_values(one_thread):
+    torch.manual_seed(0)
+    x, model = torch.randn(4, 5, 6), Noisy()
+    state = torch.get_rng_state()
+    found = layout_of(model, x)
+    assert found.reduction is None and found.unchecked is None  # compared, and dropout is not mixing
+    assert torch.equal(torch.get_rng_state(), state)
+    sampled = layout_of(Noisy(sampled=True), x)  # bernoulli of data cannot be held fixed: not compared, said so
+    assert sampled.reduction is None
+    assert sampled.unchecked.startswith("aten.bernoulli in node 'bernoulli' draws random numbers the probe cannot hold")
+
+
 class Counting(nn.Module):
     def __init__(self):
         super().__init__()

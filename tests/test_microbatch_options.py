@@ -89,9 +89,6 @@ def test_without_batch_dims_a_batch_second_model_whose_output_loses_the_steps_is
     placed.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the micro-batch probe compares shapes only: splitting the steps of a model that mixes "
-                          "them without changing shapes goes unseen (requests/H9.md)")
 def test_without_batch_dims_a_batch_second_model_that_mixes_its_steps_is_refused_or_correct():
     torch.manual_seed(0)
     model = RunningMean()
@@ -104,6 +101,33 @@ def test_without_batch_dims_a_batch_second_model_that_mixes_its_steps_is_refused
     finally:
         placed.close()
     torch.testing.assert_close(out, expected)
+
+
+class DroppedRunningMean(RunningMean):
+    """RunningMean with dropout before and after the running mean (export: aten.dropout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.drop(torch.tanh(self.inp(x)))
+        steps = torch.arange(1, x.shape[0] + 1, dtype=h.dtype, device=h.device).view(-1, 1, 1)
+        return self.out(torch.nn.functional.dropout(h.cumsum(0) / steps, 0.3, self.training))
+
+
+def test_dropout_is_not_mistaken_for_mixing_and_does_not_hide_it():
+    named = DroppedRunningMean()
+    placed = placer.apply(named, piped(named, steps_batch(), batch_dims={"x": 1}))
+    assert placed(*steps_batch()).shape == (5, 4, 6)  # split along the batch: not refused
+    placed.close()
+    model = DroppedRunningMean()
+    placed = placer.apply(model, piped(model, steps_batch()))
+    with pytest.raises(PlanError, match=r"output '\w+' for rows 1-2 alone differs from those rows of a 3-row batch: "
+                                        r"the model mixes values along dimension 0 of input 'x', which micro-batches "
+                                        r"split; .*\(batch_dims = \{'x': 1\}\), else use microbatches = 1$"):
+        placed(*steps_batch())
+    placed.close()
 
 
 def test_batch_norm_runs_per_micro_batch_only_where_the_plan_accepts_batch_statistics():

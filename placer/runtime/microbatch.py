@@ -13,36 +13,45 @@ What micro-batches do change, and so what is refused unless the workload accepts
 per-micro-batch statistics (`microbatch_statistics = True`):
 
 - layers that compute over the batch: BatchNorm in training; any reduction across
-  the batch inside the model (x.mean(), x.sum(0), x[0]);
+  the batch inside the model (x.mean(), x.sum(0), x[0]), or mixing of its rows that
+  keeps the shape (softmax over the batch);
 - buffers updated in forward: they would be updated once per micro-batch;
 - and, always refused, an output without a batch dimension (a loss computed inside
   the model): micro-batches' values of it cannot be put back together.
 
-The batch-level checks run the model once on 2 and 3 rows (`probe`: no gradient,
-random generators and buffers restored after): a dimension whose size follows the
-number of rows is a batch dimension; a node whose inputs have one and whose output
-has none reduced over the batch. Ops that mix rows but keep the shape (softmax over
-the batch dimension) are not seen. Dropout draws other masks than eager for the
-same seed (the random generator is used in another order).
+The batch-level checks run the model on a few rows (`probe`: no gradient, random
+generators and buffers restored after): on 2 and 3 rows a dimension whose size
+follows the number of rows is a batch dimension, and a node whose inputs have one
+and whose output has none reduced over the batch. Values are compared too: the
+outputs of rows 0-1 and of rows 1-2, each run alone, must be those rows of the
+3-row outputs, else the model mixes values along the split dimension without
+changing shapes (softmax over the batch; a running mean, RNN or attention over time
+when a batch-second model is split along its steps: name its batch dimension in
+`batch_dims`). The probe holds random numbers fixed (dropout keeps every value;
+other draws return constants), so dropout does not read as mixing; a random op
+with data inputs it cannot hold fixed (torch.bernoulli of probabilities, multinomial)
+skips the value comparison, which `Layout.unchecked` says. Dropout draws other masks
+than eager for the same seed (the random generator is used in another order).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.errors import PlanError
 from graphs.schedule import mutated_args, tensor_base
 from placer.runtime.chunks import _Lookup
 
-__all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "layout", "probe",
-           "batch_layout"]
+__all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "Layout", "layout",
+           "Probe", "probe", "batch_layout"]
 
 _REDUCTIONS_ADVICE = ("set microbatch_statistics = True in the workload to accept per-micro-batch statistics, "
                       "or use microbatches = 1")
@@ -163,10 +172,15 @@ def static_refusal(graph: fx.Graph, root: nn.Module, source: str, extra_roots: S
 @dataclass(frozen=True)
 class Layout:
     """What `probe` learnt: the batch dimension of each output tensor leaf (None:
-    not a tensor), and the first node that reduces over the batch (None if none)."""
+    not a tensor); `reduction`, why micro-batches would change the values (the
+    first node that reduces over the batch, else an output whose rows mix along the
+    split dimension; None if neither), refused unless the workload accepts
+    per-micro-batch statistics; `unchecked`, why the values were not compared (a
+    random op the probe cannot hold fixed; None when they were)."""
 
     output_dims: dict[str, list[int | None]]
     reduction: str | None
+    unchecked: str | None = None
 
 
 def _shapes(value: Any) -> list:
@@ -185,8 +199,10 @@ def _batch_dim(a: tuple, b: tuple, rows: tuple[int, int]) -> int | None:
 
 def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mapping[str, Any],
            dims: Mapping[str, int], output_nodes: Sequence[str], source: str) -> Layout:
-    """The batch layout of a call: `probe` on 2 and 3 rows (1 and 2 for a smaller
-    batch), compared by `batch_layout`.
+    """The batch layout of a call: `probe` on rows [0:2], [0:3] and [1:3] ([0:1],
+    [0:2], [1:2] for a smaller batch); shapes compared by `batch_layout`, then values
+    (`Layout.reduction` says where rows [0:2] or [1:3] alone differ from those rows of
+    the 3-row outputs, along each output's batch dimension).
 
     Parameters
     ----------
@@ -203,8 +219,8 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
     """
     name = next(iter(dims))
     rows = (2, 3) if inputs[name].shape[dims[name]] >= 3 else (1, 2)
-    try:
-        seen = [probe(chunks, devices, inputs, dims, r) for r in rows]
+    try:  # rows [0:2], [0:3] and [1:3] (or [0:1], [0:2], [1:2])
+        runs = [probe(chunks, devices, inputs, dims, n, start) for n, start in ((rows[0], 0), (rows[1], 0), (rows[0], 1))]
     except PlanError:
         raise
     except Exception as exc:
@@ -212,7 +228,51 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); does it assume a "
                         f"fixed batch size? Use microbatches = 1") from exc
     nodes = [n for c in chunks for n in c.module.graph.nodes]
-    return batch_layout(nodes, output_nodes, seen, rows, source)
+    found = batch_layout(nodes, output_nodes, [runs[0].shapes, runs[1].shapes], rows, source)
+    if found.reduction:
+        return found
+    random = next((r.random for r in runs if r.random), None)
+    if random:
+        return replace(found, unchecked=f"{random} draws random numbers the probe cannot hold fixed: outputs' "
+                                        f"values along the split dimension were not compared")
+    return replace(found, reduction=_mixing(output_nodes, found.output_dims, runs, rows, (name, dims[name]), source))
+
+
+def _mixing(output_nodes: Sequence[str], output_dims: Mapping[str, list[int | None]], runs: Sequence[Probe],
+            rows: tuple[int, int], split: tuple[str, int], source: str) -> str | None:
+    """Why an output of rows [0:a] or [1:b] run alone (runs[0], runs[2]) is not those
+    rows of the b-row output (runs[1]), along its batch dimension; None if every one is."""
+    a, b = rows
+    for name in output_nodes:
+        leaves = [tree_flatten(r.values[name])[0] for r in runs]
+        for k, d in enumerate(output_dims[name]):
+            if d is None:
+                continue
+            alone, whole, later = (leaves[0][k], leaves[1][k], leaves[2][k])
+            per_row = alone.shape[d] // a
+            for start, part in ((0, alone), (1, later)):
+                if not _close(whole.narrow(d, start * per_row, a * per_row), part):
+                    x, dim = split
+                    span = f"row {start}" if a == 1 else f"rows {start}-{start + a - 1}"
+                    return (f"{source}: output '{name}' for {span} alone differs from those rows of a {b}-row batch: "
+                            f"the model mixes values along dimension {dim} of input '{x}', which micro-batches split; "
+                            f"if the batch lies along another dimension, name it in the workload (batch_dims = "
+                            f"{{'{x}': {1 if dim == 0 else 0}}}), else use microbatches = 1")
+    return None
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to rounding: within 1e-4 (16 epsilons for 16-bit floats) of the
+    larger finite magnitude of either; exactly for integers and booleans."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.shape != b.shape:
+        return False
+    if not (a.is_floating_point() or a.is_complex()):
+        return torch.equal(a, b)
+    finite = torch.cat([a[a.isfinite()].abs().flatten(), b[b.isfinite()].abs().flatten()])
+    scale = finite.max().item() if finite.numel() else 0.0
+    rtol = max(1e-4, 16 * torch.finfo(a.dtype).eps) if a.is_floating_point() else 1e-4
+    return torch.allclose(a, b, rtol=0.0, atol=rtol * scale, equal_nan=True)
 
 
 def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], seen: Sequence[dict[str, list]],
@@ -254,12 +314,61 @@ def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], se
     return Layout(dims, reduction)
 
 
+@dataclass
+class Probe:
+    """One `probe` run: every node's output shapes (per pytree leaf; non-tensor
+    leaves as they are), the values of the inputs and the chunks' outputs, and the
+    first random op it could not hold fixed ("aten.op in node 'n'"; None if none)."""
+
+    shapes: dict[str, list]
+    values: dict[str, Any]
+    random: str | None = None
+
+
+class _FixedRandom(TorchDispatchMode):
+    """Random numbers held fixed, so that a model's values do not depend on how many
+    rows it sees: dropout (`native_dropout`, an op's `dropout`/`dropout_p` argument)
+    keeps every value; ops that only draw (`bernoulli_`, `uniform_`, `rand_like`,
+    `randperm`: no tensor input but the one they fill or copy the shape of) return 1
+    (0 for integers); other random ops run as they are and are recorded in `random`."""
+
+    def __init__(self):
+        super().__init__()
+        self.node = ""
+        self.random: str | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        names = [a.name for a in func._schema.arguments]
+        dropout = next((names.index(n) for n in ("dropout_p", "dropout") if n in names), None)
+        if dropout is not None:
+            if dropout < len(args):
+                args = (*args[:dropout], 0.0, *args[dropout + 1:])
+            else:
+                kwargs = {**kwargs, names[dropout]: 0.0}
+            return func(*args, **kwargs)
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return func(*args, **kwargs)
+        if func is torch.ops.aten.native_dropout.default:
+            return args[0].clone(), torch.ones_like(args[0], dtype=torch.bool)
+        tensors = [a.name for a in func._schema.arguments if "Tensor" in str(a.type)]
+        base = func._schema.name.split("::")[-1]
+        if not tensors or (tensors == ["self"] and (base.endswith("_") or base.endswith("_like"))):
+            out = func(*args, **kwargs)
+            return out.fill_(1 if out.is_floating_point() or out.dtype == torch.bool else 0)
+        if self.random is None:
+            self.random = f"{func._schema.name.replace('::', '.')} in node '{self.node}'"
+        return func(*args, **kwargs)
+
+
 class _Recorder(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule, seen: dict[str, list]):
+    def __init__(self, module: fx.GraphModule, seen: dict[str, list], mode: _FixedRandom):
         super().__init__(module)
         self.seen = seen
+        self.mode = mode
 
     def run_node(self, n: fx.Node) -> Any:
+        self.mode.node = n.name
         out = super().run_node(n)
         if n.op not in ("output", "get_attr"):
             self.seen[n.name] = _shapes(out)
@@ -267,28 +376,30 @@ class _Recorder(fx.Interpreter):
 
 
 def probe(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mapping[str, Any], dims: Mapping[str, int],
-          rows: int) -> dict[str, list]:
-    """Run the chunks (in order, on this thread, without gradients) on the first
-    `rows` rows of the inputs that `dims` splits; return every node's output shapes
-    (per pytree leaf; non-tensor leaves as they are). The random generators and every
-    buffer the chunks hold are restored afterwards."""
+          rows: int, start: int = 0) -> Probe:
+    """Run the chunks (in order, on this thread, without gradients, random numbers
+    held fixed: `_FixedRandom`) on rows [start, start + rows) of the inputs that
+    `dims` splits (other inputs whole). The random generators and every buffer the
+    chunks hold are restored afterwards."""
     seen: dict[str, list] = {}
-    values = {name: v.narrow(dims[name], 0, rows) if name in dims else v for name, v in inputs.items()}
+    values = {name: v.narrow(dims[name], start, rows) if name in dims else v for name, v in inputs.items()}
     for name, v in values.items():
         seen[name] = _shapes(v)
     buffers = {id(b): b for c in chunks for b in c.module.buffers()}
     saved = {k: b.clone() for k, b in buffers.items()}
     cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
+    fixed = _FixedRandom()
     with torch.random.fork_rng(devices=cuda, device_type="cuda" if cuda else "cpu"), torch.no_grad():
         try:
             for chunk, device in zip(chunks, devices):
                 args = [_to(values[name], device) for name in chunk.inputs]
-                outs = _Recorder(chunk.module, seen).run(*args)
+                with fixed:
+                    outs = _Recorder(chunk.module, seen, fixed).run(*args)
                 values.update(zip(chunk.outputs, outs))
         finally:
             for k, b in buffers.items():
                 b.copy_(saved[k])
-    return seen
+    return Probe(seen, values, fixed.random)
 
 
 def _to(value: Any, device: torch.device) -> Any:
