@@ -220,7 +220,8 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
     name = next(iter(dims))
     rows = (2, 3) if inputs[name].shape[dims[name]] >= 3 else (1, 2)
     try:  # rows [0:2], [0:3] and [1:3] (or [0:1], [0:2], [1:2])
-        runs = [probe(chunks, devices, inputs, dims, n, start) for n, start in ((rows[0], 0), (rows[1], 0), (rows[0], 1))]
+        runs = [probe(chunks, devices, inputs, dims, n, start)
+                for n, start in ((rows[0], 0), (rows[1], 0), (rows[0], 1))]
     except PlanError:
         raise
     except Exception as exc:
@@ -228,14 +229,15 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); does it assume a "
                         f"fixed batch size? Use microbatches = 1") from exc
     nodes = [n for c in chunks for n in c.module.graph.nodes]
-    found = batch_layout(nodes, output_nodes, [runs[0].shapes, runs[1].shapes], rows, source)
+    split = (name, dims[name])
+    found = batch_layout(nodes, output_nodes, [runs[0].shapes, runs[1].shapes], rows, split, source)
     if found.reduction:
         return found
     random = next((r.random for r in runs if r.random), None)
     if random:
         return replace(found, unchecked=f"{random} draws random numbers the probe cannot hold fixed: outputs' "
                                         f"values along the split dimension were not compared")
-    return replace(found, reduction=_mixing(output_nodes, found.output_dims, runs, rows, (name, dims[name]), source))
+    return replace(found, reduction=_mixing(output_nodes, found.output_dims, runs, rows, split, source))
 
 
 def _mixing(output_nodes: Sequence[str], output_dims: Mapping[str, list[int | None]], runs: Sequence[Probe],
@@ -252,18 +254,25 @@ def _mixing(output_nodes: Sequence[str], output_dims: Mapping[str, list[int | No
             per_row = alone.shape[d] // a
             for start, part in ((0, alone), (1, later)):
                 if not _close(whole.narrow(d, start * per_row, a * per_row), part):
-                    x, dim = split
                     span = f"row {start}" if a == 1 else f"rows {start}-{start + a - 1}"
                     return (f"{source}: output '{name}' for {span} alone differs from those rows of a {b}-row batch: "
-                            f"the model mixes values along dimension {dim} of input '{x}', which micro-batches split; "
-                            f"if the batch lies along another dimension, name it in the workload (batch_dims = "
-                            f"{{'{x}': {1 if dim == 0 else 0}}}), else use microbatches = 1")
+                            f"the model mixes values along dimension {split[1]} of input '{split[0]}', which "
+                            f"micro-batches split; {_name_the_batch(split)}, else use microbatches = 1")
     return None
 
 
+def _name_the_batch(split: tuple[str, int]) -> str:
+    """Advice for a batch split along the wrong dimension of input split[0]."""
+    x, dim = split
+    other = 1 if dim == 0 else 0
+    return f"name the batch's dimension in the workload (batch_dims = {{'{x}': {other}}}) if it is not {dim}"
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal up to rounding: within 1e-4 (16 epsilons for 16-bit floats) of the
-    larger finite magnitude of either; exactly for integers and booleans."""
+    """Equal up to rounding: within 1e-4 (1e-3 on a GPU, where TF32 and the kernel a
+    batch size picks round differently; 16 epsilons for 16-bit floats) of the larger
+    finite magnitude of either; exactly for integers and booleans."""
+    coarse = 1e-3 if a.device.type != "cpu" else 1e-4
     a, b = a.detach().cpu(), b.detach().cpu()
     if a.shape != b.shape:
         return False
@@ -271,14 +280,15 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
         return torch.equal(a, b)
     finite = torch.cat([a[a.isfinite()].abs().flatten(), b[b.isfinite()].abs().flatten()])
     scale = finite.max().item() if finite.numel() else 0.0
-    rtol = max(1e-4, 16 * torch.finfo(a.dtype).eps) if a.is_floating_point() else 1e-4
+    rtol = max(coarse, 16 * torch.finfo(a.dtype).eps) if a.is_floating_point() else coarse
     return torch.allclose(a, b, rtol=0.0, atol=rtol * scale, equal_nan=True)
 
 
 def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], seen: Sequence[dict[str, list]],
-                 rows: tuple[int, int], source: str) -> Layout:
-    """Compare the shapes `probe` saw at two numbers of rows. Raises PlanError when
-    an output has no batch dimension or a non-tensor output depends on the batch."""
+                 rows: tuple[int, int], split: tuple[str, int], source: str) -> Layout:
+    """Compare the shapes `probe` saw at two numbers of rows of the batch, split along
+    dimension split[1] of input split[0]. Raises PlanError when an output has no batch
+    dimension or a non-tensor output depends on the batch."""
     a, b = seen
     dims: dict[str, list[int | None]] = {}
     for name in output_nodes:
@@ -289,8 +299,8 @@ def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], se
                 if d is None:
                     raise PlanError(f"{source}: output '{name}' has no batch dimension (shape {list(x)} at {rows[0]} "
                                     f"rows); a value over the whole batch, such as a loss computed inside the model, "
-                                    f"cannot be gathered from micro-batches: compute it in loss_fn, or use "
-                                    f"microbatches = 1")
+                                    f"cannot be gathered from micro-batches: compute it in loss_fn, "
+                                    f"{_name_the_batch(split)}, or use microbatches = 1")
                 leaves.append(d)
             elif x != y:
                 raise PlanError(f"{source}: output '{name}' is {x!r} for {rows[0]} rows and {y!r} for {rows[1]}: "
