@@ -206,7 +206,7 @@ def train(workload: str, plan_path: Path, steps: int, backend: str, schedule: st
         from placer.distributed import train_pipelined
         train_pipelined(workload, plan, steps, on_step=report, schedule=schedule, microbatches=microbatches)
         return
-    model = placer.apply(loaded.fresh_model(), plan)
+    model = placer.apply(loaded.fresh_model(), placer.plan.with_workload_options(plan, loaded))
     optimizer = loaded.make_optimizer(model.parameters())
     for step in range(1, steps + 1):
         start = time.perf_counter()

@@ -6,19 +6,23 @@ batch statistics run per micro-batch only where the plan accepts them."""
 from __future__ import annotations
 
 import copy
+import textwrap
 from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
 
 import placer
 from graphs.capture import owning_module
 from graphs.errors import PlanError
 from graphs.problem import build_problem
-from graphs.workload import Workload
+from graphs.workload import Workload, load_workload
+from placer.cli import cli
 from placer.plan import make_plan, plan_from_assignment
+from placer.runtime.timing import measure
 from tests.equivalence import check_equivalent
 
 TWO = ["cpu:0", "cpu:1"]
@@ -171,3 +175,48 @@ def test_a_plan_made_from_the_workload_carries_its_options_to_apply(tmp_path):
     x = workload.inputs[0]
     torch.testing.assert_close(placed(x), torch.cat([per_half(x[:4]), per_half(x[4:])]))
     placed.close()
+
+
+BATCH_SECOND_FILE = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    batch_dims = {"x": 1}
+
+
+    class RunningMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 8)
+            self.out = nn.Linear(8, 6)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            steps = torch.arange(1, x.shape[0] + 1, dtype=h.dtype).view(-1, 1, 1)
+            return self.out(h.cumsum(0) / steps)
+
+
+    def build_model():
+        return RunningMean()
+
+
+    def example_inputs():
+        return (torch.randn(5, 4, 6),)
+""")
+
+
+def test_local_runs_of_a_plan_made_before_the_workload_named_its_batch_dims_follow_the_workload(tmp_path):
+    """A plan without batch_dims (made before the workload file named them, or by hand):
+    `placer measure` / optimize's measurements (PlacedTrial) and `placer train` split
+    along the workload's dimension, as the pipelined launcher does, instead of refusing."""
+    spec = tmp_path / "batch_second.py"
+    spec.write_text(BATCH_SECOND_FILE)
+    workload = load_workload(str(spec))
+    assert workload.batch_dims == {"x": 1}
+    plan = piped(workload.fresh_model(), workload.inputs)
+    assert plan.batch_dims == {} and plan.microbatches == 2
+    measured = measure(workload, plan, iters=1, warmup=1)
+    assert measured.feasible, measured.notes
+    result = CliRunner().invoke(cli, ["train", str(spec), "--plan", str(plan.save(tmp_path / "plan.json")),
+                                      "--steps", "1"])
+    assert result.exit_code == 0, repr(result.exception)  # a refusal exits with PlanError

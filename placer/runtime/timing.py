@@ -32,7 +32,7 @@ import torch
 from graphs.devices import Cluster, parse_cluster
 from graphs.problem import PlacementProblem
 from graphs.workload import Workload
-from placer.plan import Plan, make_plan
+from placer.plan import Plan, make_plan, with_workload_options
 from placer.runtime.placed import PlacedModule, apply
 from placer.runtime.stats import CONFIDENCE, Measurement, median_ci, summarize
 
@@ -219,7 +219,8 @@ class _Threads:
 
 class PlacedTrial(Trial):
     """`plan` applied to a fresh copy of the workload's model, on `cluster` (default:
-    the plan's own devices), run by placer's runtime."""
+    the plan's own devices), run by placer's runtime with the workload's micro-batch
+    options (placer.plan.with_workload_options)."""
 
     def __init__(self, workload: Workload, plan: Plan, cluster: Cluster | None = None, label: str | None = None,
                  **kwargs):
@@ -232,7 +233,7 @@ class PlacedTrial(Trial):
         self.threads = next((d.threads for d in self.cluster.devices if d.kind == "cpu"), None)
 
     def _build(self) -> tuple[Callable[[], torch.Tensor], list[str]]:
-        self.placed = apply(self.workload.fresh_model(), self.plan, self.cluster)
+        self.placed = apply(self.workload.fresh_model(), with_workload_options(self.plan, self.workload), self.cluster)
         self.optimizer = self.workload.make_optimizer(self.placed.parameters())
         cuda = [d for d in self.cluster.devices if d.kind == "cuda"]
         for d in cuda:
