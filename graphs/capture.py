@@ -12,6 +12,7 @@ graphs/__init__.py.
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 
 import networkx as nx
 import torch
@@ -22,7 +23,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from graphs.errors import WorkloadError
 from graphs.trace import Traced, fingerprint, target_name, trace_model
-from graphs.workload import Workload, first_line
+from graphs.workload import Workload, first_line, forward_inputs
 
 # Coarse op categories (envs/features.py OP_TYPES), matched against the lowercased
 # name of a function/method target, of an aten op, or of a leaf module's class. First
@@ -63,13 +64,15 @@ def capture(workload: Workload) -> nx.DiGraph:
     """
     traced = trace_model(workload.model, workload.leaf_modules, inputs=workload.inputs)
     workload.notes.extend(traced.fallback_notes)
-    return capture_traced(traced, workload.model, workload.inputs, name=workload.name, spec=workload.spec)
+    return capture_traced(traced, workload.model, workload.inputs, name=workload.name, spec=workload.spec,
+                          batch_dims=workload.batch_dims)
 
 
 def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor, ...], name: str = "",
-                   spec: str = "") -> nx.DiGraph:
+                   spec: str = "", batch_dims: Mapping[str, int] | None = None) -> nx.DiGraph:
     """The OpGraph of an already captured model (see `capture`); `spec` names the
-    workload in error messages."""
+    workload in error messages; `batch_dims` (forward input -> the dimension its batch
+    lies along, default 0) where the graph's `batch_size` is read."""
     gm = traced.gm
     if traced.method == "fx":
         values = traced.bind(tuple(inputs), {})
@@ -78,9 +81,10 @@ def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor,
     g = nx.DiGraph(name=name, fingerprint=fingerprint(model, gm), granularity="module" if traced.leaf_paths else "op",
                    leaf_paths=list(traced.leaf_paths), tensor_names=list(model.state_dict()),
                    capture=capture_info(traced, inputs))
-    rows = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    dims = input_batch_dims(model, inputs, batch_dims or {})
+    rows = next((t.shape[d] for t, d in zip(inputs, dims) if isinstance(t, torch.Tensor) and t.dim() > d), None)
     if rows is not None:
-        g.graph["batch_size"] = int(rows)  # dim 0 of the first tensor input: what micro-batches split
+        g.graph["batch_size"] = int(rows)  # the first tensor input's, along its batch dimension
     nodes = [n for n in gm.graph.nodes if n.op != "get_attr"]  # a parameter is part of its readers
     for order, node in enumerate(nodes):
         g.add_node(node.name, op=node.op, target=target_name(node), module=owning_module(node),
@@ -115,6 +119,14 @@ def capture_info(traced: Traced, inputs: tuple[torch.Tensor, ...]) -> dict:
     paths, and the example batch's signature (shapes and dtypes, from which inputs
     that capture alike are built: graphs.trace captures never read values)."""
     return {"method": traced.method, "leaf_paths": list(traced.leaf_paths), "inputs": input_signature(inputs)}
+
+
+def input_batch_dims(model: nn.Module, inputs: tuple, batch_dims: Mapping[str, int]) -> list[int]:
+    """The dimension each of `inputs` (as `model(*inputs)` takes them) has its batch
+    along: `batch_dims` names forward inputs (graphs.workload.forward_inputs), 0 for
+    the others (unnamed, or bound to `*args`)."""
+    names = {id(v): name for name, v in forward_inputs(model, inputs).items()} if batch_dims else {}
+    return [batch_dims.get(names.get(id(t), ""), 0) for t in inputs]
 
 
 def input_signature(inputs: tuple[torch.Tensor, ...]) -> list[dict]:

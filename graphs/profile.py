@@ -16,7 +16,8 @@ weights are never touched):
   parameter bytes (`opt_ms`);
 - whole training steps of the model (zero-grad, forward, loss, backward, optimizer
   step) give the total the node times are scaled to, and, run at batch / m for
-  m in MICROBATCHES where the batch (dim 0 of every input) divides, the cost of
+  m in MICROBATCHES where the batch (every input's length along its batch dimension:
+  the workload's `batch_dims`, else 0) divides, the cost of
   m micro-batches: `graph["microbatch_step_ms"] = {m: m x ms of a step at batch / m}`
   on the first profiled kind (`graph["microbatch_step_ms_by_kind"]`: every kind's),
   which the simulator scales node costs by.
@@ -40,6 +41,7 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 
 from graphs import profile_cache
+from graphs.capture import input_batch_dims
 from graphs.errors import CaptureError, DeviceSpecError, WorkloadError
 from graphs.files import cache_dir as default_cache_dir
 from graphs.trace import fingerprint, trace_model
@@ -51,8 +53,8 @@ MAX_INNER = 1000  # ... but repeats a tiny node at most this often per sample
 NODE_BUDGET_MS = 200.0  # no further samples once a node's samples took this long
 WHOLE_STEP_REPEATS = 3  # whole steps timed to scale the node times (each may take seconds)
 MICROBATCHES = (1, 2, 4, 8)  # micro-batch counts whose whole-step cost is measured
-CACHE_VERSION = 4  # 2: node times scaled to the measured whole step; 3: export capture, micro-batch steps;
-# 4: the scale factor kept (profile_scale)
+CACHE_VERSION = 5  # 2: node times scaled to the measured whole step; 3: export capture, micro-batch steps;
+# 4: the scale factor kept (profile_scale); 5: micro-batches sliced along batch_dims (in the key)
 
 Progress = Callable[[int, int], None]
 
@@ -183,14 +185,16 @@ def _microbatch_step_ms(model: torch.nn.Module, workload: Workload, inputs: tupl
                         sync) -> dict[int, float]:
     """{m: m x median ms of one real training step (zero-grad, forward, loss, backward,
     optimizer step) at batch / m}, on the profiled device, for each m in MICROBATCHES
-    that divides the batch (dim 0, shared by every input) and at whose size the model
-    runs (BatchNorm refuses a batch of one, say). m = 1 is the whole step; its failure
-    is a WorkloadError."""
-    sizes = {t.shape[0] if t.dim() else None for t in inputs}
+    that divides the batch (every input's length along its batch dimension, the
+    workload's `batch_dims` else 0, one for all) and at whose size the model runs
+    (BatchNorm refuses a batch of one, say). m = 1 is the whole step; its failure is a
+    WorkloadError."""
+    dims = input_batch_dims(model, inputs, workload.batch_dims)
+    sizes = {t.shape[d] if t.dim() > d else None for t, d in zip(inputs, dims)}
     batch = sizes.pop() if len(sizes) == 1 else None
     result = {}
     for m in [m for m in MICROBATCHES if m == 1 or (batch and batch % m == 0)]:
-        part = tuple(t[: t.shape[0] // m] for t in inputs) if m > 1 else inputs
+        part = tuple(t.narrow(d, 0, t.shape[d] // m) for t, d in zip(inputs, dims)) if m > 1 else inputs
         try:
             result[m] = m * _whole_step_ms(model, workload, part, repeats, sync)
         except WorkloadError:
@@ -365,6 +369,7 @@ def _cache_key(ops: nx.DiGraph, workload: Workload, kind: str, threads: int | No
         "version": CACHE_VERSION,
         "fingerprint": ops.graph["fingerprint"],
         "inputs": [[list(t.shape), str(t.dtype)] for t in workload.inputs],
+        "batch_dims": dict(sorted(workload.batch_dims.items())),
         "kind": kind,
         "device": device,
         "repeats": repeats,

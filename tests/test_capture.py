@@ -45,6 +45,20 @@ def by_module(g, module: str, op_type: str) -> dict:
     return data
 
 
+def test_the_batch_size_lies_along_the_workloads_batch_dims():
+    class StepsFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+
+        def forward(self, x, mask):  # x: [steps, batch, 6], mask: [batch]
+            return self.lin(x) * mask.unsqueeze(-1)
+
+    x, mask = torch.randn(5, 3, 6), torch.ones(3)
+    assert capture(workload(StepsFirst(), x, mask)).graph["batch_size"] == 5  # dimension 0 unless named
+    assert capture(workload(StepsFirst(), x, mask, batch_dims={"x": 1})).graph["batch_size"] == 3
+
+
 def test_schema_shapes_and_bytes():
     g = capture(workload(Tied(), torch.randint(0, 20, (2, 5))))
     assert nx.is_directed_acyclic_graph(g)

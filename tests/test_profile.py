@@ -222,6 +222,28 @@ def test_micro_batch_step_times_for_every_count_that_divides_the_batch(tmp_path)
     assert sorted(run(normed, tmp_path).graph["microbatch_step_ms"]) == [1]  # BatchNorm refuses a batch of one
 
 
+class FixedSteps(nn.Module):
+    """x: [4 steps, batch, 4]: a layer mixes the 4 steps, so only the batch (dimension 1) can be halved."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.out(self.mix(x.transpose(0, 2)).transpose(0, 2))
+
+
+def test_micro_batches_are_sliced_along_the_workloads_batch_dims(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 4)
+    steps = Workload(name="steps", spec="steps.py", model=FixedSteps(), inputs=(x,))
+    assert sorted(run(steps, tmp_path).graph["microbatch_step_ms"]) == [1]  # 2 steps of 4: the model fails
+    named = Workload(name="steps", spec="steps.py", model=FixedSteps(), inputs=(x,), batch_dims={"x": 1})
+    g = run(named, tmp_path)  # the same graph and inputs, profiled again: batch_dims is part of the cache key
+    assert sorted(g.graph["microbatch_step_ms"]) == [1, 2, 4, 8] and g.graph["batch_size"] == 8
+
+
 def test_cpu_threads_are_restored(tmp_path):
     before = torch.get_num_threads()
     run(make_workload(), tmp_path)
