@@ -13,6 +13,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+import placer
+
 from graphs.capture import owning_module
 from graphs.errors import PlanError
 from graphs.trace import trace_model
@@ -24,6 +26,7 @@ from placer.distributed.pipelining import plan_pipeline
 from placer.distributed.stages import input_only_nodes, split_stages
 from placer.plan import Plan, plan_from_assignment
 from tests.test_distributed import reference_steps
+from tests.test_microbatch_options import RunningMean, piped
 
 THREE = ["cpu:0", "cpu:1", "cpu:2"]
 LAYERS = {"a": "cpu:1", "b": "cpu:0", "c": "cpu:2"}  # stage order differs from the device list's
@@ -294,6 +297,42 @@ def test_plan_pipeline_splits_along_the_plans_batch_dims_and_honours_its_statist
         plan_pipeline(normed, plan_from_assignment(normed, lambda n: "cpu:0", THREE[:1], inputs=x), x, microbatches=2)
     accepting = plan_from_assignment(normed, lambda n: "cpu:0", THREE[:1], inputs=x, microbatch_statistics=True)
     assert plan_pipeline(normed, accepting, x, microbatches=2).microbatches == 2
+
+
+class Centred(nn.Module):
+    """x: [batch, 6]: each row less the batch's mean row, between two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(6, 8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.out(h - h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize("make, x, head, accepted", [
+    (RunningMean, torch.randn(4, 4, 6), r"output '\w+' for rows 1-2 alone differs from those rows of a 3-row "
+                                        r"batch: the model mixes values along dimension 0 of input 'x'",
+     {"batch_dims": {"x": 1}}),
+    (Centred, torch.randn(4, 6), r"reduces over the batch \(output shape \[1, 8\] at 2 rows\)",
+     {"microbatch_statistics": True}),
+], ids=["steps mixed", "mean over the batch"])
+def test_plan_pipeline_refuses_micro_batches_that_mix_rows_as_the_local_runtime_does(make, x, head, accepted):
+    """Only the engine's probe on a few rows sees these (no batch norm, no buffer):
+    plan_pipeline runs it too, before any rank starts, and refuses with the local
+    runtime's message; the same model with its batch named, or its statistics
+    accepted, still plans."""
+    model = make()
+    placed = placer.apply(model, piped(model, (x,)))
+    with pytest.raises(PlanError, match=head) as local:
+        placed(x)
+    placed.close()
+    with pytest.raises(PlanError, match=head) as piped_error:
+        plan_pipeline(model, piped(model, (x,)), (x,))
+    assert str(piped_error.value) == str(local.value)
+    spec = plan_pipeline(model, piped(model, (x,), **accepted), (x,))
+    assert spec.microbatches == 2 and spec.dims == accepted.get("batch_dims", {"x": 0})
 
 
 def test_the_launcher_runs_a_plan_with_the_workload_files_batch_dims(tmp_path):

@@ -28,9 +28,12 @@ deep in the pipeline still sees its micro-batch of, say, an attention mask witho
 it being sent stage to stage. Which inputs are batch-sized, and along which
 dimension, is the in-process engine's rule (placer.runtime.microbatch.split, along
 the plan's `batch_dims`); the others are handed whole to every micro-batch. So are
-its refusals: micro-batches that would change what the model computes (batch norm
-in training, buffers updated in forward) are refused unless the plan accepts
-per-micro-batch statistics (`microbatch_statistics`).
+its refusals (placer.runtime.refusals, the same calls): micro-batches that would
+change what the model computes (batch norm in training, buffers updated in forward,
+and what the engine's probe of the model on 2-3 rows finds: a reduction over the
+batch, rows mixed along the split dimension) are refused unless the plan accepts
+per-micro-batch statistics (`microbatch_statistics`), an output without a batch
+dimension always. `plan_pipeline` probes on the host, before any rank starts.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from placer.distributed.share import RankShare, bind, chunk_reads, eager_output,
 from placer.distributed.stages import Pipeline, Stage, split_stages
 from placer.plan import Plan, load_plan, trace_for_plan
 from placer.runtime import microbatch
+from placer.runtime.refusals import checked_layout, refuse_static
 from placer.runtime.tensors import localize, tensor_readers
 from placer.runtime.values import move, receive
 
@@ -98,7 +102,8 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
     PlanError
         The plan was made for another model, is no pipeline, hands on a value
         pipelining cannot send, the batch does not split into `microbatches` equal
-        parts, or micro-batches would change what the model computes; one line each,
+        parts, or micro-batches would change what the model computes (as the
+        in-process engine refuses them: placer.runtime.refusals); one line each,
         with the fix.
     """
     source = plan.source
@@ -114,14 +119,17 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
     if name == "1f1b" and m < len(pipeline.stages):
         raise PlanError(f"1F1B needs at least as many micro-batches as stages ({len(pipeline.stages)}), got {m}: "
                         f"raise the micro-batch count or use gpipe")
-    if m > 1 and not microbatch_statistics:
-        reason = microbatch.static_refusal(gm.graph, gm, source)
-        if reason:
-            raise PlanError(reason)
-    split = microbatch.split(bind(traced, example_inputs), m, batch_dims)
+    if m > 1:
+        refuse_static(gm.graph, gm, source, microbatch_statistics)
+    batch = bind(traced, example_inputs)
+    split = microbatch.split(batch, m, batch_dims)
     if len(split.sizes) != m or len(set(split.sizes)) > 1:
         raise PlanError(f"a batch of {sum(split.sizes)} rows does not split into {m} equal micro-batches "
                         f"(pipelining's shapes are static): choose a micro-batch count that divides it")
+    if m > 1:  # the in-process engine's probe, on the host (the model is not placed yet)
+        chunks = [s.chunk for s in pipeline.stages]
+        checked_layout(chunks, [torch.device("cpu")] * len(chunks), batch, split.dims, pipeline.output_nodes, source,
+                       microbatch_statistics)
     meta = _propagate_shapes(gm, pipeline, split.inputs[0])
     _check_sendable(pipeline, meta, source)
     return PipelineSpec(traced=traced, pipeline=pipeline, meta=meta, microbatches=m, schedule=name,

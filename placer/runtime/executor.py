@@ -44,6 +44,7 @@ from placer.runtime import microbatch
 from placer.runtime.chunks import Chunk, build_chunks
 from placer.runtime.dataflow import Pass
 from placer.runtime.placed_graph import Call, PlacedGraph
+from placer.runtime.refusals import checked_layout, refuse_static
 from placer.runtime.values import SavedBytes, add_grads, count_saved, map_tensors, move, receive, run_backward
 from placer.runtime.worker import NOTHING, Autocast, CallerPin, Worker, core_shares, grad_mode
 
@@ -154,16 +155,14 @@ class Executor:
         Raises
         ------
         PlanError : a schedule other than GPipe, or micro-batches that would change
-            what the model computes (microbatch.static_refusal).
+            what the model computes (refusals.refuse_static).
         """
         if microbatches > 1 and schedule not in (None, "gpipe"):
             raise PlanError(f"{source}: schedule {schedule!r} runs only on the pipelining backend "
                             f"(placer train --backend pipelining); placer.apply runs 'gpipe'")
         chunks = build_chunks(model, gm.graph, assignment, groups=groups, extra_roots=(gm,))
-        if microbatches > 1 and not microbatch_statistics:
-            reason = microbatch.static_refusal(gm.graph, model, source, extra_roots=(gm,))
-            if reason:
-                raise PlanError(reason)
+        if microbatches > 1:
+            refuse_static(gm.graph, model, source, microbatch_statistics, extra_roots=(gm,))
         return cls(chunks, devices, microbatches=microbatches, batch_dims=batch_dims,
                    microbatch_statistics=microbatch_statistics, source=source)
 
@@ -297,16 +296,14 @@ class Executor:
                 self._saved.hold(chunk.device, saved)
 
     def _layout(self, inputs: dict, split: microbatch.Split, names: list[str]) -> microbatch.Layout:
-        """The batch layout of this input signature (microbatch.layout, once per
+        """The batch layout of this input signature (refusals.checked_layout, once per
         signature). Raises PlanError where micro-batches would change the model."""
         key = tuple((n, tuple(s for d, s in enumerate(v.shape) if d != split.dims.get(n)), v.dtype)
                     for n, v in inputs.items() if isinstance(v, torch.Tensor))
         if key not in self._layouts:
             devices = [w.torch_device for w in self._chunk_workers]
-            layout = microbatch.layout(self.chunks, devices, inputs, split.dims, names, self.source)
-            if layout.reduction and not self.microbatch_statistics:
-                raise PlanError(layout.reduction)
-            self._layouts[key] = layout
+            self._layouts[key] = checked_layout(self.chunks, devices, inputs, split.dims, names, self.source,
+                                                self.microbatch_statistics)
         return self._layouts[key]
 
     # -- backward ------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""The micro-batch refusals every backend applies alike: the in-process engine
+(executor.py) and the pipelining backend (placer.distributed.pipelining) call these,
+so that a model micro-batches would change is refused the same way, with the same
+message, whichever runs it (microbatch.py says what is refused and why).
+
+- `refuse_static`, from the graph alone, when the plan is built: batch norm in
+  training, buffers updated in forward.
+- `checked_layout`, from a probe of the model on a few rows (microbatch.layout):
+  reductions over the batch and rows mixed along the split dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphs.errors import PlanError
+from placer.runtime import microbatch
+from placer.runtime.chunks import Chunk
+
+__all__ = ["refuse_static", "checked_layout"]
+
+
+def refuse_static(graph: fx.Graph, root: nn.Module, source: str, microbatch_statistics: bool,
+                  extra_roots: Sequence[nn.Module] = ()) -> None:
+    """Refuse micro-batches of `graph` that `microbatch.static_refusal` finds would
+    change what the model computes, unless the workload accepts per-micro-batch
+    statistics. `root`, `extra_roots`: where the graph's targets are found.
+
+    Raises
+    ------
+    PlanError : batch norm in training or a buffer updated in forward (one line, with the fix).
+    """
+    if not microbatch_statistics:
+        reason = microbatch.static_refusal(graph, root, source, extra_roots)
+        if reason:
+            raise PlanError(reason)
+
+
+def checked_layout(chunks: Sequence[Chunk], devices: Sequence[torch.device], inputs: Mapping[str, Any],
+                   dims: Mapping[str, int], output_nodes: Sequence[str], source: str,
+                   microbatch_statistics: bool) -> microbatch.Layout:
+    """`microbatch.layout` of a call (arguments as there: the chunks in order, each
+    one's device, placeholder -> value of the whole batch, the split inputs and their
+    dimensions, the nodes the call returns), refused unless the workload accepts
+    per-micro-batch statistics where it found a reduction over the batch or rows
+    mixed along the split dimension.
+
+    Raises
+    ------
+    PlanError : as microbatch.layout (no batch dimension in an output, the model fails
+        on fewer rows), and `Layout.reduction` unless `microbatch_statistics`.
+    """
+    layout = microbatch.layout(chunks, devices, inputs, dims, output_nodes, source)
+    if layout.reduction and not microbatch_statistics:
+        raise PlanError(layout.reduction)
+    return layout
