@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import textwrap
+import warnings
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -220,3 +221,28 @@ def test_local_runs_of_a_plan_made_before_the_workload_named_its_batch_dims_foll
     result = CliRunner().invoke(cli, ["train", str(spec), "--plan", str(plan.save(tmp_path / "plan.json")),
                                       "--steps", "1"])
     assert result.exit_code == 0, repr(result.exception)  # a refusal exits with PlanError
+
+
+class Sampled(RunningMean):
+    """x: [steps, batch, 6]: a running mean over the steps, then bernoulli samples of
+    it (data-dependent draws the micro-batch probe cannot hold fixed)."""
+
+    def forward(self, x):
+        h = super().forward(x)
+        return h * torch.bernoulli(torch.sigmoid(h))
+
+
+def test_micro_batches_the_probe_could_not_check_are_warned_about_once():
+    model = Sampled()
+    placed = placer.apply(model, piped(model, steps_batch()))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert placed(*steps_batch()).shape == (5, 4, 6)  # not refused: the values were not compared
+            placed(*steps_batch())  # the same signature: not probed again
+    finally:
+        placed.close()
+    assert [str(w.message) for w in caught if "probe" in str(w.message)] == [
+        "plan: aten.bernoulli in node 'bernoulli' draws random numbers the probe cannot hold fixed: outputs' values "
+        "along the split dimension were not compared, so rows mixed along it would go unrefused "
+        "(microbatches = 1 is safe)"]

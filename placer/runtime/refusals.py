@@ -6,11 +6,13 @@ message, whichever runs it (microbatch.py says what is refused and why).
 - `refuse_static`, from the graph alone, when the plan is built: batch norm in
   training, buffers updated in forward.
 - `checked_layout`, from a probe of the model on a few rows (microbatch.layout):
-  reductions over the batch and rows mixed along the split dimension.
+  reductions over the batch and rows mixed along the split dimension; and a warning
+  where the probe could not compare values (a random op it cannot hold fixed).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,7 +50,9 @@ def checked_layout(chunks: Sequence[Chunk], devices: Sequence[torch.device], inp
     one's device, placeholder -> value of the whole batch, the split inputs and their
     dimensions, the nodes the call returns), refused unless the workload accepts
     per-micro-batch statistics where it found a reduction over the batch or rows
-    mixed along the split dimension.
+    mixed along the split dimension. Where the probe could not compare values
+    (`Layout.unchecked`), warns (UserWarning) that micro-batches of this model were
+    not checked for mixing rows; the executor probes once per input signature.
 
     Raises
     ------
@@ -58,4 +62,7 @@ def checked_layout(chunks: Sequence[Chunk], devices: Sequence[torch.device], inp
     layout = microbatch.layout(chunks, devices, inputs, dims, output_nodes, source)
     if layout.reduction and not microbatch_statistics:
         raise PlanError(layout.reduction)
+    if layout.unchecked:
+        warnings.warn(f"{source}: {layout.unchecked}, so rows mixed along it would go unrefused "
+                      f"(microbatches = 1 is safe)", stacklevel=2)
     return layout
