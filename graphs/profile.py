@@ -7,20 +7,22 @@ weights are never touched):
   de-duplicated by storage, parameters excluded, a tensor counted at its first saver);
 - each node is then re-run alone on detached copies of its recorded inputs: its
   forward (with autograd recording, as in training) and, when its output needs a
-  gradient, its backward; the median of up to `repeats` samples, each long enough for
-  the clock's resolution not to matter. A slow node gets fewer samples (NODE_BUDGET_MS):
-  its relative noise is small, and repeating the convolutions of a big CNN five times
-  would multiply the profiling time for little gain;
+  gradient, its backward; the median of up to `repeats` samples after one warm-up
+  call (time_ms), each long enough for the clock's resolution not to matter. A slow
+  node gets fewer samples (NODE_BUDGET_MS): its relative noise is small, and
+  repeating the convolutions of a big CNN five times would multiply the profiling
+  time for little gain;
 - an optimizer step on zero gradients gives the optimizer state's size per parameter
   (`opt_bytes`); the median time of further steps is spread over the nodes by
   parameter bytes (`opt_ms`);
 - whole training steps of the model (zero-grad, forward, loss, backward, optimizer
-  step) give the total the node times are scaled to, and, run at batch / m for
-  m in MICROBATCHES where the batch (every input's length along its batch dimension:
-  the workload's `batch_dims`, else 0) divides, the cost of
-  m micro-batches: `graph["microbatch_step_ms"] = {m: m x ms of a step at batch / m}`
-  on the first profiled kind (`graph["microbatch_step_ms_by_kind"]`: every kind's),
-  which the simulator scales node costs by.
+  step; the median of WHOLE_STEP_REPEATS after a warm-up step) give the total the
+  node times are scaled to, and, run at batch / m for m in MICROBATCHES where the
+  batch (every input's length along its batch dimension: the workload's
+  `batch_dims`, else 0) divides, the cost of m micro-batches:
+  `graph["microbatch_step_ms"] = {m: m x ms of a step at batch / m}` on the first
+  profiled kind (`graph["microbatch_step_ms_by_kind"]`: every kind's), which the
+  simulator scales node costs by.
 A shared parameter is counted at its first user only. The graph profiled is the one
 the runtime runs: captured again from the private copy the same way (graphs.trace),
 checked by fingerprint.
@@ -50,11 +52,12 @@ from graphs.workload import Workload
 KINDS = ("cpu", "cuda")
 MIN_SAMPLE_MS = 0.5  # each timing sample runs a node this long at least
 MAX_INNER = 1000  # ... but repeats a tiny node at most this often per sample
-NODE_BUDGET_MS = 200.0  # no further samples once a node's samples took this long
+NODE_BUDGET_MS = 200.0  # no further samples once a node's calls (its warm-up too) took this long
 WHOLE_STEP_REPEATS = 3  # whole steps timed to scale the node times (each may take seconds)
 MICROBATCHES = (1, 2, 4, 8)  # micro-batch counts whose whole-step cost is measured
-CACHE_VERSION = 5  # 2: node times scaled to the measured whole step; 3: export capture, micro-batch steps;
-# 4: the scale factor kept (profile_scale); 5: micro-batches sliced along batch_dims (in the key)
+CACHE_VERSION = 6  # 2: node times scaled to the measured whole step; 3: export capture, micro-batch steps;
+# 4: the scale factor kept (profile_scale); 5: micro-batches sliced along batch_dims (in the key);
+# 6: a slow call's warm-up no longer counted as a sample (time_ms)
 
 Progress = Callable[[int, int], None]
 
@@ -103,12 +106,15 @@ def profile(ops: nx.DiGraph, workload: Workload, kinds: Sequence[str] = ("cpu",)
 def time_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None],
             budget_ms: float = NODE_BUDGET_MS) -> tuple[float, object]:
     """(median ms of `fn` over up to `repeats` samples, its last result). A first call
-    warms up and calibrates how many calls one sample needs to last MIN_SAMPLE_MS; for
-    a slow `fn` (one call per sample) it counts as a sample, the median absorbing its
-    warm-up, and sampling stops early once the samples took `budget_ms`."""
+    warms up and calibrates how many calls one sample needs to last MIN_SAMPLE_MS; it
+    is never a sample, even for a slow `fn` (one call per sample): a first call pays
+    for caches, allocations and an optimizer's first state, and with 3 samples it
+    would make the median the slower of the two real ones (whole steps ~10% high).
+    Sampling stops early, after one sample at least, once the calls (the first
+    included) took `budget_ms`."""
     result, first_ms = _timed(fn, 1, sync)
     inner = max(1, min(MAX_INNER, int(MIN_SAMPLE_MS / max(first_ms, 1e-6))))
-    samples = [first_ms] if inner == 1 else []
+    samples: list[float] = []
     spent_ms = first_ms
     while len(samples) < max(1, repeats) and not (samples and spent_ms >= budget_ms):
         result, ms = _timed(fn, inner, sync)

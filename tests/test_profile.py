@@ -289,3 +289,38 @@ def test_node_times_add_up_to_the_measured_whole_step(tmp_path, monkeypatch):
     g = run(make_workload(), tmp_path)
     total = sum(d["fwd_ms"]["cpu"] + d["bwd_ms"]["cpu"] + d["opt_ms"]["cpu"] for d in g.nodes.values())
     assert total == pytest.approx(250.0)
+
+
+class Clock:
+    """graphs.profile's clock, moved on only by the calls it times: call i lasts
+    `durations_ms[i]`."""
+
+    def __init__(self, durations_ms: list[float]):
+        self.now, self.durations_ms, self.calls = 0.0, durations_ms, 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def call(self) -> int:
+        self.now += self.durations_ms[self.calls] / 1e3
+        self.calls += 1
+        return self.calls
+
+
+def test_a_slow_first_call_warms_up_and_is_not_a_sample(monkeypatch):
+    """Whole steps of 10 (the first), 1, 3 and 2 ms: the recorded median is the real
+    steps' (2), not the slower of the two real steps beside the warm-up (3). A slow
+    node past its budget keeps one real sample, not its warm-up."""
+    clock = Clock([10.0, 1.0, 3.0, 2.0])
+    monkeypatch.setattr(profile_module, "time", clock)
+    model = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    w = Workload(name="fake", spec="fake.py", model=model, inputs=(torch.randn(4, 3),),
+                 loss_fn=lambda out, x: out.sum() * clock.call())
+    assert profile_module._whole_step_ms(model, w, w.inputs, 5, lambda: None) == pytest.approx(2.0)
+    assert clock.calls == 1 + profile_module.WHOLE_STEP_REPEATS
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # the steps left no trace
+
+    clock = Clock([300.0, 250.0])
+    monkeypatch.setattr(profile_module, "time", clock)
+    assert profile_module.time_ms(clock.call, 5, lambda: None, budget_ms=200.0) == (pytest.approx(250.0), 2)
