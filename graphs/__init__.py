@@ -13,7 +13,9 @@ next op of its module, so it belongs to its layer.
       `leaf_paths` (module paths traced as leaves), `capture` ({"method": "export" or
       "fx", "leaf_paths": [...], "inputs": [{"shape": [...], "dtype": "float32"}, ...]}:
       how to capture the same graph again), `tensor_names` (every state_dict name),
-      `batch_size` (rows of the example batch: dim 0 of its first tensor input); after
+      `batch_size` (rows of the example batch: its first tensor input's length along
+      its batch dimension, the workload's `batch_dims` else 0, as
+      graphs.capture.input_batch_dims reads them; absent without a tensor input); after
       profiling `device_kinds`, `microbatch_step_ms_by_kind` ({kind: {m: m x ms of a
       whole training step at batch/m}} for m in 1, 2, 4, 8 where the batch divides and
       the model runs), `microbatch_step_ms` (the first kind's table) and
