@@ -216,10 +216,7 @@ class MethodResult:
 
     def to_json(self) -> dict:
         """The row as strict JSON values (the schema's row)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("vs_unplaced", "vs_best_heuristic"):
-            data[name] = data[name].to_json() if data[name] is not None else None
-        return strict(data)
+        return _with_ratios(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "MethodResult":
@@ -241,6 +238,14 @@ class MethodResult:
             search_s=_opt_float(data.get("search_s")), vs_unplaced=Ratio.from_json(data.get("vs_unplaced")),
             vs_best_heuristic=Ratio.from_json(data.get("vs_best_heuristic")), plan=data.get("plan"),
             notes=[str(n) for n in data.get("notes") or []])
+
+
+def _with_ratios(row: "MethodResult | Choice") -> dict:
+    """A row or choice as strict JSON: its fields, the speedup ratios as their JSON."""
+    data = {f.name: getattr(row, f.name) for f in fields(row)}
+    for name in ("vs_unplaced", "vs_best_heuristic"):
+        data[name] = data[name].to_json() if data[name] is not None else None
+    return strict(data)
 
 
 @dataclass
@@ -274,10 +279,7 @@ class Choice:
 
     def to_json(self) -> dict:
         """The choice as strict JSON values."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("vs_unplaced", "vs_best_heuristic"):
-            data[name] = data[name].to_json() if data[name] is not None else None
-        return strict(data)
+        return _with_ratios(self)
 
     @classmethod
     def from_json(cls, data: Any, best: str | None = None) -> "Choice":
