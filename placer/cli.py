@@ -36,7 +36,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Find a fast placement of a PyTorch model's layers on devices, by reinforcement learning.
 
     WORKLOAD is a Python file defining build_model() and example_inputs(), or zoo:NAME[:SIZE]
-    (zoo: rnnlm, nmt, inception_v3, transformer; sizes small, medium, paper).
+    (zoo: rnnlm, nmt, inception_v3, transformer, mlp, gpt; sizes small, medium, paper).
     """
     ctx.obj = {"debug": debug}
 
