@@ -11,13 +11,14 @@ micro-batched). `zoo:NAME[:SIZE]` names a bundled workload instead (graphs.zoo).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
 import inspect
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -103,9 +104,30 @@ def load_workload(spec: str, seed: int = 0) -> Workload:
     with one line naming the file (or zoo name) and the problem.
     """
     if spec.startswith("zoo:"):
-        source, short_name = _zoo_source(spec)
-    else:
-        source, short_name = _import_file(spec), Path(spec).stem
+        return _build(spec, *_zoo_source(spec), seed)
+    # The file's folder is importable while it loads and builds, as under `python FILE`
+    # (a workload may import a module beside it); it leaves sys.path afterwards.
+    with _folder_on_path(Path(spec).resolve().parent):
+        return _build(spec, _import_file(spec), Path(spec).stem, seed)
+
+
+@contextlib.contextmanager
+def _folder_on_path(folder: Path) -> Iterator[None]:
+    """Put `folder` first on sys.path for the block, then take it off again (unless it was there)."""
+    entry = str(folder)
+    if entry in sys.path:
+        yield
+        return
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if entry in sys.path:
+            sys.path.remove(entry)
+
+
+def _build(spec: str, source: object, short_name: str, seed: int) -> Workload:
+    """The Workload of an imported workload module (see load_workload)."""
     for required in ("build_model", "example_inputs"):
         if not callable(getattr(source, required, None)):
             raise WorkloadError(f"{spec}: defines no {required}() function (a workload file needs "

@@ -1,5 +1,6 @@
 """load_workload: the workload-file contract and zoo names, and one clear line per mistake."""
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -74,6 +75,27 @@ def test_two_files_with_the_same_stem_do_not_collide(tmp_path):
     one = load_workload(write(tmp_path / "a", GOOD))
     two = load_workload(write(tmp_path / "b", GOOD.replace("nn.Linear(8, 2)", "nn.Linear(8, 5)")))
     assert one.model[2].out_features == 2 and two.model[2].out_features == 5
+
+
+def test_a_workload_imports_a_module_beside_it_without_leaving_its_folder_on_sys_path(tmp_path):
+    # As under `python model.py`: the file's folder is importable while it loads and builds
+    # (at import and inside build_model), and is off sys.path again afterwards.
+    write(tmp_path, "from torch import nn\nclass Net(nn.Linear):\n    pass\n", name="h17_sibling_net.py")
+    write(tmp_path, "def width():\n    return 6\n", name="h17_sibling_width.py")
+    path = write(tmp_path, """
+        import torch
+        from h17_sibling_net import Net
+
+        def build_model():
+            from h17_sibling_width import width
+            return Net(4, width())
+
+        def example_inputs():
+            return (torch.randn(3, 4),)
+        """)
+    w = load_workload(path)
+    assert type(w.model).__name__ == "Net" and w.model.out_features == 6
+    assert str(tmp_path) not in sys.path and str(tmp_path.resolve()) not in sys.path
 
 
 @pytest.mark.parametrize("text, fragments", [
