@@ -22,7 +22,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from graphs.errors import WorkloadError
-from graphs.trace import Traced, fingerprint, target_name, trace_model
+from graphs.trace import Traced, fingerprint, target_name, tensors_fingerprint, trace_model
 from graphs.workload import Workload, first_line, forward_inputs
 
 # Coarse op categories (envs/features.py OP_TYPES), matched against the lowercased
@@ -80,7 +80,7 @@ def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor,
     canonical = canonical_names(model)
     g = nx.DiGraph(name=name, fingerprint=fingerprint(model, gm), granularity="module" if traced.leaf_paths else "op",
                    leaf_paths=list(traced.leaf_paths), tensor_names=list(model.state_dict()),
-                   capture=capture_info(traced, inputs))
+                   capture=capture_info(traced, inputs, model))
     dims = input_batch_dims(model, inputs, batch_dims or {})
     rows = next((t.shape[d] for t, d in zip(inputs, dims) if isinstance(t, torch.Tensor) and t.dim() > d), None)
     if rows is not None:
@@ -114,11 +114,14 @@ def _order_side_effects(g: nx.DiGraph, nodes: list[fx.Node]) -> None:
         g.add_edge(node.name, target.name, bytes=0)
 
 
-def capture_info(traced: Traced, inputs: tuple[torch.Tensor, ...]) -> dict:
+def capture_info(traced: Traced, inputs: tuple[torch.Tensor, ...] | None, model: nn.Module) -> dict:
     """What re-captures the same graph later (plans keep it): the method, the leaf
-    paths, and the example batch's signature (shapes and dtypes, from which inputs
-    that capture alike are built: graphs.trace captures never read values)."""
-    return {"method": traced.method, "leaf_paths": list(traced.leaf_paths), "inputs": input_signature(inputs)}
+    paths, the example batch's signature (shapes and dtypes, from which inputs that
+    capture alike are built: graphs.trace captures never read values; None without a
+    batch), and `tensors`, graphs.trace.tensors_fingerprint of the model (checked
+    before a capture)."""
+    return {"method": traced.method, "leaf_paths": list(traced.leaf_paths),
+            "inputs": None if inputs is None else input_signature(inputs), "tensors": tensors_fingerprint(model)}
 
 
 def input_batch_dims(model: nn.Module, inputs: tuple, batch_dims: Mapping[str, int]) -> list[int]:

@@ -398,7 +398,7 @@ def fingerprint(model: nn.Module, gm: fx.GraphModule) -> str:
     may differ between captures. (Otherwise the hash plan format v1 used.)"""
     h = hashlib.sha256()
     owned = {id(t) for t in list(model.parameters()) + list(model.buffers())}
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    for name, tensor in _named_tensors(model):
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
     for node in gm.graph.nodes:
         inputs = ",".join(n.name for n in node.all_input_nodes)
@@ -409,6 +409,19 @@ def fingerprint(model: nn.Module, gm: fx.GraphModule) -> str:
                 target = f"constant{tuple(value.shape)}:{value.dtype}"
         h.update(f"{node.op}|{target}|{node.name}|{inputs};".encode())
     return h.hexdigest()[:16]
+
+
+def tensors_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's parameter and buffer names and shapes: what
+    `fingerprint` covers of the model without capturing it, so that a plan can tell
+    another model before it tries to capture it (two models that differ here differ in
+    `fingerprint` too)."""
+    text = "".join(f"{name}:{tuple(tensor.shape)};" for name, tensor in _named_tensors(model))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(model.named_parameters()) + list(model.named_buffers())
 
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:

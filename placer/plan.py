@@ -42,6 +42,7 @@ from graphs.files import write_text_atomically
 from graphs.problem import PlacementProblem
 from graphs.trace import Traced, trace_model
 from graphs.trace import fingerprint as model_fingerprint
+from graphs.trace import tensors_fingerprint
 from graphs.workload import Workload
 
 FORMAT = "placer.plan/v2"
@@ -61,6 +62,7 @@ class Capture:
     method: str = "fx"  # "export" or "fx"
     leaf_paths: list[str] = field(default_factory=list)  # module paths kept whole (fx)
     inputs: list[dict] | None = None  # the example batch: [{"shape": [...], "dtype": "int64"}]; None in v1 plans
+    tensors: str | None = None  # graphs.trace.tensors_fingerprint of the model; None in older plans
 
 
 @dataclass
@@ -181,6 +183,8 @@ def _type_problem(data: dict) -> str | None:
             isinstance(s, dict) and isinstance(s.get("shape"), list) and isinstance(s.get("dtype"), str)
             and isinstance(getattr(torch, s["dtype"], None), torch.dtype) for s in inputs)):
         return "capture.inputs must list {shape, dtype} of each input"
+    if not isinstance(capture.get("tensors"), (str, type(None))):
+        return f"capture.tensors must be a string or null, found {capture['tensors']!r}"
     for key in ("simulated_ms", "measured_ms"):
         value = data.get(key)
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
@@ -219,10 +223,13 @@ def trace_for_plan(model: nn.Module, plan: Plan, mode: str = "train") -> Traced:
 
     Raises
     ------
-    PlanError : the training capture differs from the plan's (another model), or the
-        plan leaves one of its nodes unplaced.
+    PlanError : the model's parameters and buffers, or its training capture, differ from
+        the plan's (another model: checked on the tensors before capturing, so that
+        another model's forward never fails on the plan's inputs), or the plan leaves
+        one of its nodes unplaced.
     CaptureError : the model cannot be captured that way.
     """
+    _check_tensors(model, plan)
     first = next(iter(list(model.parameters()) + list(model.buffers())), None)
     device = first.device if first is not None else torch.device("cpu")
     inputs = None if plan.capture.inputs is None else example_like(plan.capture.inputs, device)
@@ -237,6 +244,27 @@ def trace_for_plan(model: nn.Module, plan: Plan, mode: str = "train") -> Traced:
         if unplaced:
             raise PlanError(f"{plan.source} does not place node {unplaced[0]!r} ({len(unplaced)} unplaced)")
     return traced
+
+
+def _check_tensors(model: nn.Module, plan: Plan) -> None:
+    """Refuse a model that is not the plan's by what shows without capturing it: its
+    parameters' and buffers' names and shapes (`capture.tensors`), and, for plans
+    older than that, the names the device map gives a device (modules or tensors).
+
+    Raises
+    ------
+    PlanError : the model differs from the plan's there.
+    """
+    if plan.capture.tensors is not None:
+        if plan.capture.tensors != tensors_fingerprint(model):
+            raise PlanError(f"{plan.source} was made for another model (its parameters' names or shapes differ): "
+                            f"re-run `placer optimize` for this model")
+        return
+    known = {name for name, _ in model.named_modules()} | set(model.state_dict())
+    stray = sorted(set(plan.device_map) - known - {""})
+    if stray:
+        raise PlanError(f"{plan.source} was made for another model (it places {stray[0]!r}, which this "
+                        f"{type(model).__name__} lacks): re-run `placer optimize` for this model")
 
 
 def accelerate_name(device: str) -> str:
@@ -366,12 +394,13 @@ def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], dev
                         f"(its inputs: {', '.join(inputs_named)}): name one of those")
     devices_of_modules = derive_device_map({n.name: owning_module(n) for n in gm.graph.nodes},
                                            {n.name: node_params(gm, n) for n in gm.graph.nodes}, assignment)
-    info = capture_info(traced, inputs) if inputs is not None else {"method": traced.method, "inputs": None}
+    info = capture_info(traced, inputs, model)
     return Plan(
         devices=list(devices), assignment=assignment,
         device_map=accelerate_device_map(devices_of_modules, model.state_dict(), devices[0]),
         fingerprint=model_fingerprint(model, gm),
-        capture=Capture(method=info["method"], leaf_paths=leaf_paths_of(gm, traced.leaf_paths), inputs=info["inputs"]),
+        capture=Capture(method=info["method"], leaf_paths=leaf_paths_of(gm, traced.leaf_paths), inputs=info["inputs"],
+                        tensors=info["tensors"]),
         batch_dims=dict(batch_dims or {}), microbatch_statistics=microbatch_statistics,
         method=method, workload=workload,
     )
@@ -425,7 +454,7 @@ def make_plan(problem: PlacementProblem, placement: Sequence[int], method: str, 
         device_map=accelerate_device_map(device_map, ops.graph.get("tensor_names", []), names[0]),
         fingerprint=ops.graph.get("fingerprint", problem.fingerprint),
         capture=Capture(method=info.get("method", "fx"), leaf_paths=sorted(called | set(ops.graph.get("leaf_paths", []))),
-                        inputs=info.get("inputs")),
+                        inputs=info.get("inputs"), tensors=info.get("tensors")),
         microbatches=microbatches, schedule=schedule,
         batch_dims=dict(problem.batch_dims), microbatch_statistics=problem.microbatch_statistics,
         method=method, seed=seed, groups=groups, placement=list(placement),

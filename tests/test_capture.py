@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from graphs.capture import capture
+from graphs.trace import tensors_fingerprint
 from graphs.workload import Workload
 from graphs.errors import CaptureError, WorkloadError
 
@@ -60,10 +61,12 @@ def test_the_batch_size_lies_along_the_workloads_batch_dims():
 
 
 def test_schema_shapes_and_bytes():
-    g = capture(workload(Tied(), torch.randint(0, 20, (2, 5))))
+    model = Tied()
+    g = capture(workload(model, torch.randint(0, 20, (2, 5))))
     assert nx.is_directed_acyclic_graph(g)
     assert g.graph["name"] == "t" and g.graph["granularity"] == "op" and g.graph["leaf_paths"] == []
-    assert g.graph["capture"] == {"method": "export", "leaf_paths": [], "inputs": [{"shape": [2, 5], "dtype": "int64"}]}
+    assert g.graph["capture"] == {"method": "export", "leaf_paths": [], "inputs": [{"shape": [2, 5], "dtype": "int64"}],
+                                  "tensors": tensors_fingerprint(model)}
     assert set(g.graph["tensor_names"]) == {"emb.weight", "block.fc.weight", "block.fc.bias", "head.weight"}
     assert g.graph["batch_size"] == 2
     assert len(g.graph["fingerprint"]) == 16

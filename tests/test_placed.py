@@ -141,6 +141,19 @@ def test_apply_never_changes_a_parameter_or_buffer():
     placed.close()
 
 
+def test_applying_a_plan_to_a_placed_model_is_refused_and_its_original_takes_it_again():
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    plan = plan_from_assignment(model, body_on_second, TWO, inputs=(tokens(),))
+    placed = apply(model, plan)
+    with pytest.raises(PlanError, match=r"^the model is already placed: apply the plan to its \.original"):
+        apply(placed, plan)
+    placed.close()
+    again = apply(placed.original, plan)
+    torch.testing.assert_close(again(tokens()), model(tokens()))
+    again.close()
+
+
 def test_devices_are_remapped_one_to_one_at_apply_time():
     torch.manual_seed(0)
     ref = TinyLM().eval()

@@ -12,7 +12,7 @@ from torch import nn
 
 from graphs.capture import capture_traced, owning_module
 from graphs.group import group
-from graphs.trace import fingerprint, trace_model
+from graphs.trace import fingerprint, tensors_fingerprint, trace_model
 from graphs.devices import parse_cluster
 from graphs.errors import InfeasibleError, PlanError
 from placer.plan import (FORMAT, FORMAT_V1, Plan, accelerate_name, derive_device_map, load_plan, make_plan,
@@ -46,7 +46,8 @@ def test_save_and_load_round_trip(tmp_path):
     path = plan.save(tmp_path / "sub" / "plan.json")
     data = json.loads(path.read_text())
     assert data["format"] == FORMAT and data["microbatches"] == 1 and data["schedule"] is None
-    assert data["capture"] == {"method": "export", "leaf_paths": [], "inputs": [{"shape": [4, 6], "dtype": "float32"}]}
+    assert data["capture"] == {"method": "export", "leaf_paths": [], "inputs": [{"shape": [4, 6], "dtype": "float32"}],
+                               "tensors": tensors_fingerprint(Net())}
     assert load_plan(path) == plan
     assert load_plan(path, fingerprint=plan.fingerprint) == plan
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temp file left behind
@@ -186,6 +187,47 @@ def test_fingerprint_mismatch_names_both_fingerprints(tmp_path):
     with pytest.raises(PlanError, match=f"plan.json was made for another model \\(fingerprint {plan.fingerprint}, "
                                         f"this model abc\\): re-run `placer optimize` for this model"):
         load_plan(path, fingerprint="abc")
+
+
+class TwoInputs(nn.Module):
+    """Another model, whose forward takes other arguments than Net's (fails on Net's inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.calls = 0
+
+    def forward(self, x, y):
+        self.calls += 1
+        return self.a(x) + y
+
+
+def test_a_plan_refuses_another_model_by_its_parameters_before_capturing_it():
+    plan = plan_from_assignment(Net(), lambda n: "cpu:0", ["cpu:0"], inputs=(torch.randn(4, 6),))
+    other = TwoInputs()
+    with pytest.raises(PlanError, match=r"^plan was made for another model \(its parameters' names or shapes "
+                                        r"differ\): re-run `placer optimize` for this model$"):
+        apply(other, plan)
+    assert other.calls == 0  # refused before any capture ran its forward
+    # Same parameter names, other shapes and other input shapes (H8's repro).
+    small = plan_from_assignment(nn.Sequential(nn.Linear(4, 4)), lambda n: "cpu:0", ["cpu:0"],
+                                 inputs=(torch.randn(2, 4),))
+    with pytest.raises(PlanError, match="made for another model"):
+        apply(nn.Sequential(nn.Linear(32, 64)), small)
+
+
+def test_an_older_plan_without_the_tensors_hash_refuses_another_model_by_the_names_it_places(tmp_path):
+    plan = plan_from_assignment(Net(), by_module({"dec": "cpu:1"}), ["cpu:0", "cpu:1"], inputs=(torch.randn(4, 6),))
+    data = plan.to_json()
+    del data["capture"]["tensors"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    old = load_plan(path)
+    assert old.capture.tensors is None
+    with pytest.raises(PlanError, match=r"old.json was made for another model \(it places 'dec', which this "
+                                        r"TwoInputs lacks\): re-run `placer optimize` for this model"):
+        apply(TwoInputs(), old)
+    apply(Net(), old).close()  # its own model still applies
 
 
 def as_v1(plan: Plan, path):

@@ -228,12 +228,16 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
 
     Raises
     ------
-    PlanError : the plan was made for another model, leaves a node unplaced, splits a
+    PlanError : `model` is already a PlacedModule, the plan was made for another model
+        (its parameters differ: checked before capturing), leaves a node unplaced, splits a
         shared parameter, `devices` cannot stand for the plan's devices, or its
         micro-batches would change what the model computes (batch statistics without
         `microbatch_statistics`; at the first call for what only running shows).
     CaptureError : the model cannot be captured the way the plan was.
     """
+    if isinstance(model, PlacedModule):
+        raise PlanError("the model is already placed: apply the plan to its .original "
+                        "(`placer.apply(placed.original, plan)`)")
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
     cluster, rename = _devices_for(plan, devices)
