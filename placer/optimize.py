@@ -30,7 +30,7 @@ from graphs.devices import host_cores, parse_cluster
 from graphs.errors import CheckpointError, InfeasibleError, PlacerError
 from graphs.files import folder_problem
 from graphs.problem import Candidate, PlacementProblem, build_problem
-from graphs.workload import load_workload
+from graphs.workload import Workload, load_workload
 from placer.baselines import BASELINES, run_baselines
 from placer.choose import fill, pick, verdict_choice
 from placer.interrupts import Terminated, interruption
@@ -44,7 +44,7 @@ from placer.search import microbatch_options
 from placer.search_stage import SEARCHES, SearchOptions, run_search
 
 __all__ = ["optimize", "DEFAULT_WORKLOAD", "DEFAULT_BUDGET_S", "check_inputs", "baseline_rows", "measure_baselines",
-           "bounds_of", "SHORTLIST"]
+           "bounds_of", "microbatches_off", "SHORTLIST"]
 
 DEFAULT_WORKLOAD = "zoo:nmt:medium"
 DEFAULT_BUDGET_S = 120.0
@@ -173,6 +173,9 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     problem = build_problem(loaded, devices, memory, max_groups=max_groups,
                             progress=lambda done, total: progress(Stage("profiling", done, total)))
     identity["fingerprint"] = problem.fingerprint
+    refusal = microbatches_off(loaded, problem)
+    if refusal and any(m > 1 for m in search.config(budget_s, seed).microbatches or ()):
+        raise PlacerError(f"--search microbatches: {refusal}")
     if resume:
         _check_resume(book_path, identity, ("fingerprint",))
     book = MeasurementBook(identity, book_path, warn)
@@ -182,7 +185,8 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     results = Results(command="optimize", run_id=uuid.uuid4().hex[:12], workload=spec, devices=problem.cluster.names,
                       memory={d.name: d.memory_bytes for d in problem.cluster.devices}, seed=seed, budget_s=budget_s,
                       reward=reward, protocol=protocol.to_json(), environment=environment(command),
-                      bounds=bounds_of(problem, calibration), notes=list(loaded.notes))
+                      bounds=bounds_of(problem, calibration),
+                      notes=[*loaded.notes, *([f"micro-batches off: {refusal}"] if refusal else [])])
     with _measurement_pool(spec, problem, workers, protocol, memory) as pool:
         measurer = Measurer(loaded, problem, book, protocol, pool, progress)
         scorer = Scorer(problem, measurer, calibration, reward, warn)
@@ -194,6 +198,35 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     progress(Stage("report"))
     results.paths = {k: str(v) for k, v in publish(results, out, plan, warn).items()}
     return results
+
+
+def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
+    """Why micro-batches would change what `loaded`'s model computes (batch norm in
+    training, a buffer updated in forward: placer.runtime.microbatch.static_refusal,
+    which the runtime refuses such plans by), unless the workload accepts per-micro-batch
+    statistics; None when they may run. When they may not, the problem's micro-batch
+    step tables keep m = 1 alone, so that no search (placer.search.microbatch_options)
+    and no pipeline heuristic (baselines.pipeline: the simulator finds other counts
+    unprofiled) proposes m > 1, and the lower bound counts no pipelining.
+    """
+    if problem.microbatch_statistics:
+        return None
+    from graphs.trace import trace_model
+    from placer.runtime.microbatch import static_refusal
+
+    traced = trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs)  # the capture's (trace_cache)
+    reason = static_refusal(traced.gm.graph, loaded.model, problem.workload or loaded.spec, extra_roots=(traced.gm,))
+    if reason:
+        for graph in (g for g in (problem.groups, problem.ops) if g is not None):
+            by_kind = graph.graph.get("microbatch_step_ms_by_kind") or {}
+            graph.graph["microbatch_step_ms_by_kind"] = {k: _only_one(t) for k, t in by_kind.items()}
+            graph.graph["microbatch_step_ms"] = _only_one(graph.graph.get("microbatch_step_ms"))
+    return reason
+
+
+def _only_one(table: dict | None) -> dict | None:
+    """A micro-batch step table ({m: ms}, keys ints or JSON's strings) with m = 1 alone."""
+    return {m: ms for m, ms in table.items() if int(m) == 1} if table else table
 
 
 @contextmanager

@@ -1,0 +1,86 @@
+"""placer.optimize on a model that micro-batches would change (batch norm in
+training): no search and no baseline proposes m > 1, the run completes, and the
+results say why micro-batches were off."""
+
+import json
+
+import pytest
+
+import placer.optimize as job
+from graphs.errors import PlacerError
+from graphs.problem import build_problem
+from graphs.workload import load_workload
+from placer.baselines.pipeline import pipeline
+from placer.measurements import Measurer, Protocol
+from placer.search import microbatch_options
+from placer.search_stage import SearchOptions
+
+PROTOCOL = Protocol(min_runs=3, max_runs=4, cap_s=0.3, warmup=1)
+SEARCH = SearchOptions(max_samples=16, overrides=("measure_every=1", "batch_size=8", "imitation_steps=10"))
+
+NORMED = '''
+import torch
+from torch import nn
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 4))
+
+def example_inputs():
+    return (torch.randn(16, 16),)
+'''
+
+
+@pytest.fixture(scope="module")
+def normed(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("wl") / "normed.py"
+    path.write_text(NORMED)
+    return str(path)
+
+
+def test_batch_norm_turns_micro_batches_off_and_the_run_completes(normed, tmp_path, monkeypatch):
+    proposed = []
+    real_measure, real_session = Measurer.measure, Measurer.session
+
+    def measure(self, candidates, labels=None, stage=""):
+        proposed.extend(c for c in candidates if c is not None)
+        return real_measure(self, candidates, labels, stage)
+
+    def session(self, entries, stage=""):
+        proposed.extend(c for _, c in entries if c is not None)
+        return real_session(self, entries, stage)
+
+    monkeypatch.setattr(Measurer, "measure", measure)
+    monkeypatch.setattr(Measurer, "session", session)
+    results = job.optimize(normed, devices="cpu:0,cpu:1", budget_s=30.0, out_dir=tmp_path / "out",
+                           methods=["single", "balanced", "random_search", "rl"], protocol=PROTOCOL, search=SEARCH,
+                           warn=lambda text: None)
+    assert results.status == "complete" and (tmp_path / "out" / "plan.json").exists()
+    assert proposed and all(c.microbatches == 1 for c in proposed)
+    assert all(r.microbatches in (None, 1) for r in results.methods)
+    assert results.bounds["microbatches"] == 1
+    notes = [n for n in results.notes if n.startswith("micro-batches off: ")]
+    assert len(notes) == 1 and "BatchNorm1d" in notes[0] and "microbatch_statistics = True" in notes[0]
+    assert notes[0] in json.loads((tmp_path / "out" / "results.json").read_text())["notes"]
+
+
+def test_only_the_refused_model_loses_its_micro_batch_counts(normed, tmp_path):
+    loaded = load_workload(normed)
+    problem = build_problem(loaded, "cpu:0,cpu:1")
+    assert len(microbatch_options(problem)) > 1  # the profile timed m > 1: the restriction is what removes them
+    assert job.microbatches_off(loaded, problem).startswith(f"{normed}: module")
+    assert microbatch_options(problem) == (1,) and pipeline(problem).microbatches == 1
+
+    accepting = tmp_path / "accepting.py"
+    accepting.write_text(NORMED + "\nmicrobatch_statistics = True\n")
+    loaded = load_workload(str(accepting))
+    problem = build_problem(loaded, "cpu:0,cpu:1")
+    assert job.microbatches_off(loaded, problem) is None and len(microbatch_options(problem)) > 1
+
+
+def test_asking_for_micro_batches_of_a_refused_model_is_one_line(normed, tmp_path):
+    with pytest.raises(PlacerError, match="--search microbatches: .*BatchNorm1d"):
+        job.optimize(normed, devices="cpu:0,cpu:1", budget_s=5.0, out_dir=tmp_path / "out", methods=["random_search"],
+                     protocol=PROTOCOL, search=SearchOptions(overrides=("microbatches=1,2",)),
+                     warn=lambda text: None)
