@@ -27,7 +27,7 @@ from envs.calibrate import load_calibration
 from envs.sim import Calibration
 from graphs.bounds import cost_floor, lower_bound
 from graphs.devices import host_cores, parse_cluster
-from graphs.errors import CheckpointError, InfeasibleError, PlacerError
+from graphs.errors import InfeasibleError, PlacerError
 from graphs.files import folder_problem
 from graphs.problem import Candidate, PlacementProblem, build_problem
 from graphs.workload import Workload, load_workload
@@ -38,6 +38,7 @@ from placer.measurements import (UNPLACED, MeasurementBook, Measurer, Protocol, 
                                  unplaced_plan)
 from placer.plan import Plan, make_plan
 from placer.report import publish
+from placer.run_folder import check_fresh, check_resume
 from placer.results import MethodResult, Progress, Results, Stage, environment, quiet, warn_stderr
 from placer.scorer import Scorer
 from placer.search import microbatch_options
@@ -166,7 +167,9 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
         raise PlacerError(f"the output folder {out} {problem}: choose another with --out")
     book_path = out / "measurements.json"
     if resume:
-        _check_resume(book_path, identity, RESUME_KEYS)
+        check_resume(book_path, identity, RESUME_KEYS)
+    else:
+        check_fresh(out, identity, warn)
     out.mkdir(parents=True, exist_ok=True)
 
     progress(Stage("profiling", 0, 1))
@@ -177,7 +180,7 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     if refusal and any(m > 1 for m in search.config(budget_s, seed).microbatches or ()):
         raise PlacerError(f"--search microbatches: {refusal}")
     if resume:
-        _check_resume(book_path, identity, ("fingerprint",))
+        check_resume(book_path, identity, ("fingerprint",))
     book = MeasurementBook(identity, book_path, warn)
     if not resume:
         book.entries = {}  # a fresh run measures afresh; other identities' books stay in the file
@@ -243,17 +246,6 @@ def _measurement_pool(spec: str, problem: PlacementProblem, workers: int, protoc
         yield pool
     finally:
         pool.close()
-
-
-def _check_resume(path: Path, identity: dict, keys: Sequence[str]) -> None:
-    previous = MeasurementBook.last_identity(path)
-    if previous is None:
-        return
-    changed = [k for k in keys if k in previous and previous[k] != identity.get(k)]
-    if changed:
-        what = "; ".join(f"{k} was {previous[k]}, now {identity.get(k)}" for k in changed)
-        raise CheckpointError(f"cannot --resume in {path.parent}: the earlier run differs ({what}); "
-                              f"run without --resume or choose another --out")
 
 
 def _run_stages(results: Results, problem: PlacementProblem, measurer: Measurer, scorer: Scorer,
