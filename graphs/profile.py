@@ -46,7 +46,7 @@ from graphs import profile_cache
 from graphs.capture import input_batch_dims
 from graphs.errors import CaptureError, DeviceSpecError, WorkloadError
 from graphs.files import cache_dir as default_cache_dir
-from graphs.trace import fingerprint, trace_model
+from graphs.trace import fingerprint, is_pure, trace_model
 from graphs.workload import Workload
 
 KINDS = ("cpu", "cuda")
@@ -290,8 +290,13 @@ class _Recorder(fx.Interpreter):
 
 
 def _time_node(node: fx.Node, gm: fx.GraphModule, env: dict, repeats: int, sync) -> tuple[float, float]:
-    """(forward ms, backward ms) of one node run alone on detached copies of its inputs."""
-    args, kwargs = map_aggregate((node.args, node.kwargs), lambda a: _as_leaf(env[a]) if isinstance(a, fx.Node) else a)
+    """(forward ms, backward ms) of one node run alone on detached copies of its inputs:
+    copies of their values too where the node may write its inputs (an in-place op, a
+    module, a method), so that its repeated runs never change what later nodes read
+    (an index grown by a repeated `add_` would overrun the embedding reading it)."""
+    copy = not is_pure(node)
+    args, kwargs = map_aggregate((node.args, node.kwargs),
+                                 lambda a: _as_leaf(env[a], copy) if isinstance(a, fx.Node) else a)
     leaves = [t for t in _tensors((args, kwargs)) if t.requires_grad]
     if node.op == "call_module":
         fn = gm.get_submodule(node.target)
@@ -397,11 +402,12 @@ def _cpu_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
-def _as_leaf(value):
-    """A detached copy (sharing storage) that requires grad where the original did."""
+def _as_leaf(value, copy: bool = False):
+    """A detached tensor that requires grad where the original did: sharing its storage,
+    or with `copy` a copy of its values."""
     if not isinstance(value, torch.Tensor):
-        return map_aggregate(value, lambda v: _as_leaf(v) if isinstance(v, torch.Tensor) else v)
-    leaf = value.detach()
+        return map_aggregate(value, lambda v: _as_leaf(v, copy) if isinstance(v, torch.Tensor) else v)
+    leaf = value.detach().clone() if copy else value.detach()
     if value.requires_grad:
         leaf.requires_grad_()
     return leaf

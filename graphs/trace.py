@@ -430,7 +430,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     output tuple out)."""
     graph = gm.graph
     for node in reversed(list(graph.nodes)):
-        if not node.users and _is_pure(node):
+        if not node.users and is_pure(node):
             graph.erase_node(node)
     graph._codegen = fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()  # older torch checks the pytree input structure there
@@ -438,7 +438,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _is_pure(node: fx.Node) -> bool:
+def is_pure(node: fx.Node) -> bool:
     """Whether dropping the node, when nothing reads it, changes nothing: a get_attr,
     an indexing, or an aten op that writes none of its arguments."""
     if node.op == "get_attr":

@@ -99,6 +99,30 @@ def test_in_place_ops_are_timed(tmp_path):
     assert "aten.relu_.default" in {d["target"] for d in g.nodes.values()}  # in place, as the model does it
 
 
+class BucketIndex(nn.Module):
+    """T5's pattern: embedding indices built by in-place adds (each run alone, repeated,
+    would grow them past the table), then read by an embedding and by a gather."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Embedding(8, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        buckets = (x > 0).long()
+        buckets += 3
+        buckets += (x > 1).long()
+        return self.lin(self.bias(buckets)).sum(-1) + x.gather(1, buckets)
+
+
+def test_a_node_that_writes_its_inputs_is_timed_on_copies_so_later_index_reads_stay_in_range(tmp_path):
+    w = Workload(name="buckets", spec="buckets.py", model=BucketIndex(), inputs=(torch.randn(3, 6),))
+    g = run(w, tmp_path, kinds=("cpu",))
+    targets = {d["target"] for d in g.nodes.values()}
+    assert {"aten.add_.Tensor", "aten.embedding.default", "aten.gather.default"} <= targets
+    assert all(d["fwd_ms"]["cpu"] > 0 for d in g.nodes.values() if d["op"].startswith("call_"))
+
+
 def test_adam_state_is_twice_the_parameters(tmp_path):
     w = make_workload(make_optimizer=lambda params: torch.optim.Adam(params))
     ops = by_module(run(w, tmp_path))
