@@ -222,7 +222,11 @@ def train(workload: str, plan_path: Path, steps: int, backend: str, schedule: st
 @click.argument("workload", required=False)
 @devices_option
 @memory_option
-@click.option("--budget", default=None, type=FiniteFloat(), help="Seconds of search (default 120).")
+@click.option("--budget", default=None, type=FiniteFloat(),
+              help="Seconds in which each search (rl, random_search, local_search: one after another) may start "
+                   "rounds, counted from its start (RL's warm start and the periodic measurements included); the "
+                   "round under way at the end and the search's closing measurement of its best candidates run "
+                   "past it. Profiling, the baselines and the final measurements are extra (default 120).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default placer-out/<workload>).")
 @seed_option
