@@ -2,6 +2,8 @@
 CI of the median, runs) and the trials that time placed and unplaced models."""
 
 import math
+import os
+import threading
 
 import pytest
 import torch
@@ -101,6 +103,40 @@ def test_eager_trial_restores_the_callers_thread_count():
     before = torch.get_num_threads()
     run_trial(EagerTrial(workload(), "cpu", threads=1, warmup=1), iters=1)
     assert torch.get_num_threads() == before
+
+
+def _caller_state() -> tuple[int, set[int]]:
+    return torch.get_num_threads(), os.sched_getaffinity(threading.get_native_id())
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores the OS can pin threads to")
+def test_placed_steps_and_trials_leave_the_callers_threads_and_affinity_as_they_were():
+    w = workload()
+    before = _caller_state()
+    trial = PlacedTrial(w, two_device_plan(w), warmup=1)
+    assert trial.open() is None and trial.step() is not None
+    assert _caller_state() == before
+    # a forward whose backward never runs leaves the runtime's pin on the caller: the trial's step still restores it
+    placed = trial.placed
+    with trial._around_step():
+        placed(*w.inputs).sum()
+        assert os.sched_getaffinity(threading.get_native_id()) != before[1]
+    assert _caller_state() == before
+    trial.close()
+    run_trial(PlacedTrial(w, two_device_plan(w), warmup=1), iters=2)
+    assert _caller_state() == before
+    # and the unplaced model runs on every core of the process with the threads it was given, whatever came before
+    eager = EagerTrial(w, "cpu", threads=2, warmup=1)
+    os.sched_setaffinity(threading.get_native_id(), {min(before[1])})
+    try:
+        seen = []
+        eager._step = lambda: seen.append(_caller_state()) or torch.zeros(())
+        with eager._around_step():
+            eager._step()
+        assert seen == [(2, before[1])]
+    finally:
+        os.sched_setaffinity(threading.get_native_id(), before[1])
 
 
 def test_a_non_finite_loss_is_noted():

@@ -16,6 +16,11 @@ each device's peak memory too:
   gradients and optimizer state on the device, plus the peak of activations saved for
   backward (counted per chunk during the warm-up steps; timed steps run without hooks).
 
+Each step runs with the thread state its trial was made with (`_ThreadState`): the
+caller's intra-op thread count, and for the unplaced model every core of the process;
+both are restored after the step, also where the runtime left the caller pinned to a
+device's cores (a forward whose backward never ran).
+
 A device over its memory cap, a real out-of-memory error, or a step that runs past
 the time limit gives `feasible=False` with the reason; the process keeps working.
 """
@@ -23,6 +28,8 @@ the time limit gives `feasible=False` with the reason; the process keeps working
 from __future__ import annotations
 
 import gc
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -203,18 +210,33 @@ class _OverCap(Exception):
     pass
 
 
-class _Threads:
-    """Run the caller's torch ops with `n` intra-op threads, restoring the count after."""
+class _ThreadState:
+    """Run the caller's torch ops with `n` intra-op threads (None: as they are) and the
+    caller's thread on `cores` (empty: as it is), restoring both after: whatever a step
+    does to the calling thread (the runtime pins it while it serves a device), the next
+    trial's step starts from the state it was made with."""
 
-    def __init__(self, n: int):
-        self.n, self.before = n, 0
+    def __init__(self, n: int | None, cores: Sequence[int] = ()):
+        self.n, self.cores = n, tuple(cores)
+        self.threads_before, self.cores_before = 0, None
 
     def __enter__(self) -> None:
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
+        self.threads_before = torch.get_num_threads()
+        self.cores_before = _affinity()
+        if self.n is not None:
+            torch.set_num_threads(self.n)
+        if self.cores and self.cores_before is not None and self.cores_before != set(self.cores):
+            os.sched_setaffinity(threading.get_native_id(), self.cores)
 
     def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.before)
+        torch.set_num_threads(self.threads_before)
+        if self.cores_before is not None and _affinity() != self.cores_before:
+            os.sched_setaffinity(threading.get_native_id(), self.cores_before)
+
+
+def _affinity() -> set[int] | None:
+    """The calling thread's allowed cores (None where the OS cannot say)."""
+    return os.sched_getaffinity(threading.get_native_id()) if hasattr(os, "sched_getaffinity") else None
 
 
 class PlacedTrial(Trial):
@@ -253,7 +275,7 @@ class PlacedTrial(Trial):
                 raise _OverCap(f"{d.name} needs {self.peak_bytes[d.name]} bytes but has {d.memory_bytes}")
 
     def _around_step(self) -> AbstractContextManager:
-        return _Threads(self.threads) if self.threads is not None else nullcontext()
+        return _ThreadState(self.threads)
 
     def close(self) -> None:
         if self.placed is not None:
@@ -270,6 +292,9 @@ class EagerTrial(Trial):
                  **kwargs):
         super().__init__(label, **kwargs)
         self.workload, self.device, self.threads = workload, torch.device(device), threads
+        # the whole host's cores (the main thread's, which placer never pins): each step runs on them
+        self.cores = tuple(sorted(os.sched_getaffinity(os.getpid()))) \
+            if self.device.type == "cpu" and hasattr(os, "sched_getaffinity") else ()
 
     def _build(self) -> tuple[Callable[[], torch.Tensor], list[str]]:
         model = self.workload.fresh_model().to(self.device)
@@ -286,7 +311,7 @@ class EagerTrial(Trial):
             self.peak_bytes[str(self.device)] = int(torch.cuda.max_memory_allocated(self.device))
 
     def _around_step(self) -> AbstractContextManager:
-        return _Threads(self.threads) if self.threads is not None and self.device.type == "cpu" else nullcontext()
+        return _ThreadState(self.threads if self.device.type == "cpu" else None, self.cores)
 
     def close(self) -> None:
         self.optimizer = None
