@@ -201,3 +201,20 @@ def test_a_saved_plan_runs_on_its_own_devices_and_only_running_it_judges_it():
     trial = measurer.trial(plan, "saved")
     assert isinstance(trial, PlacedTrial) and trial.plan is plan and trial.label == "saved"
     assert trial.cluster.names == ["cpu"] and trial.cluster.devices[0].memory_bytes is None  # not the problem's
+
+
+def test_a_candidate_the_runtime_refuses_is_an_infeasible_measurement_with_the_refusal(tmp_path):
+    from graphs.problem import build_problem
+    from graphs.workload import Workload
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    workload = Workload(name="bn", spec="bn", model=model, inputs=(torch.randn(8, 4),),
+                        loss_fn=lambda out, x: out.square().mean())
+    problem = build_problem(workload, "cpu:0,cpu:1", max_groups=2, cache_dir=str(tmp_path))
+    measurer = Measurer(workload, problem, MeasurementBook({}), Protocol(min_runs=1, max_runs=1, warmup=1))
+    split, whole = Candidate((0,) * problem.n_groups, microbatches=2), Candidate((0,) * problem.n_groups)
+    refused, runs = measurer.measure([split, whole])
+    assert not refused.feasible and refused.reason.startswith("refused: ")
+    assert "microbatch_statistics" in refused.reason and "BatchNorm1d" in refused.reason
+    assert runs.feasible and runs.runs == 1  # the session goes on with the others
+    assert measurer.book.get(split) is refused

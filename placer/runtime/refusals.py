@@ -24,7 +24,13 @@ from graphs.errors import PlanError
 from placer.runtime import microbatch
 from placer.runtime.chunks import Chunk
 
-__all__ = ["refuse_static", "checked_layout"]
+__all__ = ["Refused", "refuse_static", "checked_layout"]
+
+
+class Refused(PlanError):
+    """A plan the runtime refuses to run on this model: its micro-batches would change
+    what the model computes. A measurement of it is infeasible, with this as its reason
+    (placer.runtime.timing), not a crash."""
 
 
 def refuse_static(graph: fx.Graph, root: nn.Module, source: str, microbatch_statistics: bool,
@@ -35,12 +41,12 @@ def refuse_static(graph: fx.Graph, root: nn.Module, source: str, microbatch_stat
 
     Raises
     ------
-    PlanError : batch norm in training or a buffer updated in forward (one line, with the fix).
+    Refused : batch norm in training or a buffer updated in forward (one line, with the fix).
     """
     if not microbatch_statistics:
         reason = microbatch.static_refusal(graph, root, source, extra_roots)
         if reason:
-            raise PlanError(reason)
+            raise Refused(reason)
 
 
 def checked_layout(chunks: Sequence[Chunk], devices: Sequence[torch.device], inputs: Mapping[str, Any],
@@ -56,12 +62,15 @@ def checked_layout(chunks: Sequence[Chunk], devices: Sequence[torch.device], inp
 
     Raises
     ------
-    PlanError : as microbatch.layout (no batch dimension in an output, the model fails
+    Refused : as microbatch.layout (no batch dimension in an output, the model fails
         on fewer rows), and `Layout.reduction` unless `microbatch_statistics`.
     """
-    layout = microbatch.layout(chunks, devices, inputs, dims, output_nodes, source)
+    try:
+        layout = microbatch.layout(chunks, devices, inputs, dims, output_nodes, source)
+    except PlanError as exc:
+        raise Refused(str(exc)) from exc
     if layout.reduction and not microbatch_statistics:
-        raise PlanError(layout.reduction)
+        raise Refused(layout.reduction)
     if layout.unchecked:
         warnings.warn(f"{source}: {layout.unchecked}, so rows mixed along it would go unrefused "
                       f"(microbatches = 1 is safe)", stacklevel=2)

@@ -21,8 +21,9 @@ caller's intra-op thread count, and for the unplaced model every core of the pro
 both are restored after the step, also where the runtime left the caller pinned to a
 device's cores (a forward whose backward never ran).
 
-A device over its memory cap, a real out-of-memory error, or a step that runs past
-the time limit gives `feasible=False` with the reason; the process keeps working.
+A device over its memory cap, a real out-of-memory error, a plan the runtime refuses
+(placer.runtime.refusals.Refused: micro-batches that would change the model), or a
+step that runs past the time limit gives `feasible=False` with the reason; the process keeps working.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from graphs.problem import PlacementProblem
 from graphs.workload import Workload
 from placer.plan import Plan, make_plan, with_workload_options
 from placer.runtime.placed import PlacedModule, apply
+from placer.runtime.refusals import Refused
 from placer.runtime.stats import CONFIDENCE, Measurement, median_ci, summarize
 
 __all__ = ["Measurement", "median_ci", "summarize", "time_steps", "StepTimeout", "Trial", "PlacedTrial",
@@ -193,6 +195,8 @@ class Trial:
             return self._infeasible(f"timed out: {exc}")
         except _OverCap as exc:
             return self._infeasible(str(exc))
+        except Refused as exc:
+            return self._infeasible(f"refused: {exc}")
         except MemoryError:
             return self._infeasible("out of memory on the host (MemoryError)")
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
