@@ -95,7 +95,12 @@ def protocol_from_options(iters: int, ci_target: float, measure_cap: float, step
 
 @contextmanager
 def stage_progress():
-    """A rich progress display driven by placer.results.Stage callbacks."""
+    """A rich progress display driven by placer.results.Stage callbacks, on a terminal;
+    elsewhere (stderr piped or redirected) none, so that the display leaves no empty line
+    before an error or warning."""
+    if not console.is_terminal:
+        yield lambda stage: None
+        return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True) as bar:

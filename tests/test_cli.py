@@ -26,6 +26,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
+    assert "\n\n" not in f"\n{result.stderr}", result.stderr  # no empty line (the progress display left one)
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in errors[0]
