@@ -14,6 +14,10 @@ The rules (issue 14, DESIGN.md "Measuring"):
    Only a winner measurably faster than `unplaced` there is written as the plan;
    otherwise `unplaced` wins (the single-device plan for the whole host) and the
    report's first line says that no plan is measurably faster.
+4. A winner measurably slower than the best heuristic in that confirm session is
+   not the answer: the heuristic, judged the same way against unplaced from the same
+   session, takes its place, and the headline says why. The headline never claims a
+   plan that a row of its own session shows measurably slower than another.
 """
 
 from __future__ import annotations
@@ -84,16 +88,35 @@ def fill(row: MethodResult, measurement: Measurement, session: str, unplaced: Me
 
 def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, session: str | None,
                    shortlist: Sequence[str], unplaced_device: str, confirmed: bool = True,
-                   writes_plan: bool = True) -> Choice:
+                   writes_plan: bool = True, heuristic: MethodResult | None = None) -> Choice:
     """The Choice and its headline from the winner's row (filled from `session`).
 
     A winner other than unplaced is kept only when it is measurably faster than
-    unplaced (or unplaced cannot run); else unplaced is chosen. Unconfirmed choices
+    unplaced (or unplaced cannot run); else unplaced is chosen. A winner measurably
+    slower than the best heuristic of its session (`heuristic`: that row, filled from
+    the same session) gives way to it (rule 4); without that row, the headline says
+    that the heuristic is faster instead of claiming the winner. Unconfirmed choices
     (interrupted before the final sessions) say so. `writes_plan`: the run writes
     plan.json (optimize), and the headline says what it holds when unplaced wins."""
-    def line(text: str) -> str:
-        text = text.replace("  ", " ").strip()
-        return text[:1].upper() + text[1:]
+    beaten = winner.vs_best_heuristic if confirmed and winner is not None and winner.kind != "unplaced" else None
+    if beaten is None or beaten.verdict != "slower":
+        return _judged(winner, unplaced, session, shortlist, unplaced_device, confirmed, writes_plan)
+    lost = (f"{method_name(winner.method)}, which the final session picked, is {beaten.describe()} the best "
+            f"heuristic ({method_name(beaten.reference)}) in the confirm session")
+    if heuristic is not None and heuristic.method == beaten.reference and heuristic.measured:
+        choice = _judged(heuristic, unplaced, session, shortlist, unplaced_device, True, writes_plan)
+        choice.headline = _line(f"{lost}, so {method_name(heuristic.method)} is judged in its place. "
+                                f"{choice.headline}")
+        return choice
+    choice = _judged(winner, unplaced, session, shortlist, unplaced_device, True, writes_plan)
+    if choice.method == winner.method:  # no claim for it: the faster plan is named first
+        choice.headline = _line(f"{lost}: {method_name(beaten.reference)} is the faster plan. {choice.headline}")
+    return choice
+
+
+def _judged(winner: MethodResult | None, unplaced: MethodResult | None, session: str | None,
+            shortlist: Sequence[str], unplaced_device: str, confirmed: bool, writes_plan: bool) -> Choice:
+    """verdict_choice's rules 1-3 for `winner` (as it says)."""
 
     ratio = winner.vs_unplaced if winner is not None else None
     heuristic = winner.vs_best_heuristic if winner is not None else None
@@ -102,7 +125,7 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
     if winner is None:
         return Choice(None, "none", "No placement could be measured.", None, session, list(shortlist))
     if not confirmed:
-        return Choice(winner.method, "unconfirmed", line(
+        return Choice(winner.method, "unconfirmed", _line(
             f"Interrupted before the final measurements: {method_name(winner.method)} is the fastest measured so far "
             f"({winner.measured_ms:.2f} ms), unconfirmed; its speedups come from the search's own measurements."),
             winner.method, session, list(shortlist), ratio, heuristic)
@@ -111,17 +134,23 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
         best = "" if winner.kind == "unplaced" else f": the fastest plan, {method_name(winner.method)}, is " \
                                                      f"{ratio.describe()} unplaced"
         verdict = "slower" if ratio is not None and ratio.verdict == "slower" else "tie"
-        return Choice(UNPLACED, verdict, line(
+        return Choice(UNPLACED, verdict, _line(
             f"No plan is measurably faster than the model run without placer (unplaced, everything on "
             f"{unplaced_device}, {unplaced.measured_ms:.2f} ms){best}."
             + (f" plan.json runs everything on {unplaced_device}." if writes_plan else "")),
             winner.method, session, list(shortlist))
     if ratio is None:  # unplaced cannot run (memory caps): the fastest feasible plan is the answer
-        return Choice(winner.method, "unplaced infeasible", line(
+        return Choice(winner.method, "unplaced infeasible", _line(
             f"{method_name(winner.method)}: {winner.measured_ms:.2f} ms per training step; the model does not "
             f"run unplaced on {unplaced_device} ({unplaced.reason if unplaced else 'not measured'}){vs_heuristic}."),
             winner.method, session, list(shortlist), None, heuristic)
-    return Choice(winner.method, "faster", line(
+    return Choice(winner.method, "faster", _line(
         f"{method_name(winner.method)} is measurably faster than the model run without placer: "
         f"{ratio.describe()} unplaced{vs_heuristic}."), winner.method, session, list(shortlist), ratio, heuristic)
+
+
+def _line(text: str) -> str:
+    """One headline: single spaces, a capital first letter."""
+    text = text.replace("  ", " ").strip()
+    return text[:1].upper() + text[1:]
 

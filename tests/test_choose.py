@@ -105,3 +105,44 @@ def test_an_interrupted_choice_says_it_is_unconfirmed():
     r = judged(80.0, 100.0)
     choice = verdict_choice(r["rl"], r["unplaced"], "search", [], "cpu", confirmed=False)
     assert choice.method == "rl" and choice.verdict == "unconfirmed" and "unconfirmed" in choice.headline
+
+
+def confirmed(winner_ms: float, heuristic_ms: float, unplaced_ms: float = 100.0):
+    """Rows filled from one confirm session: unplaced, the best heuristic (expert), the winner (rl)."""
+    r = rows()
+    unplaced, heuristic = around(unplaced_ms), around(heuristic_ms)
+    fill(r["unplaced"], unplaced, "confirm", None, None, 10.0)
+    fill(r["expert"], heuristic, "confirm", unplaced, None, 10.0)
+    fill(r["rl"], around(winner_ms), "confirm", unplaced, ("expert", heuristic), 10.0)
+    return r
+
+
+def test_a_winner_measurably_slower_than_the_best_heuristic_gives_way_to_it():
+    r = confirmed(80.0, 60.0)
+    assert r["rl"].vs_unplaced.verdict == "faster" and r["rl"].vs_best_heuristic.verdict == "slower"
+    choice = verdict_choice(r["rl"], r["unplaced"], "confirm", ["unplaced", "rl"], "cpu", heuristic=r["expert"])
+    assert choice.method == "expert" and choice.verdict == "faster"
+    assert choice.vs_unplaced.value == pytest.approx(100 / 60) and choice.vs_unplaced.verdict == "faster"
+    assert choice.headline.startswith("RL, which the final session picked, is 0.75x")
+    assert "so expert is judged in its place. Expert is measurably faster than the model run without placer" \
+        in choice.headline
+
+
+def test_the_heuristic_in_the_winners_place_is_judged_against_unplaced_too():
+    r = confirmed(101.0, 95.0, unplaced_ms=95.0)  # rl slower than expert, expert ties unplaced
+    choice = verdict_choice(r["rl"], r["unplaced"], "confirm", ["unplaced", "rl"], "cpu", heuristic=r["expert"])
+    assert choice.method == "unplaced" and choice.contender == "expert"
+    assert "No plan is measurably faster" in choice.headline
+
+
+def test_without_the_heuristics_row_the_headline_names_the_faster_plan_first():
+    r = confirmed(80.0, 60.0)
+    choice = verdict_choice(r["rl"], r["unplaced"], "confirm", ["unplaced", "rl"], "cpu")
+    assert choice.headline.startswith("RL, which the final session picked, is 0.75x")
+    assert ": expert is the faster plan. RL is measurably faster" in choice.headline
+
+
+def test_a_winner_that_ties_the_best_heuristic_keeps_its_place():
+    r = confirmed(80.0, 80.5)
+    choice = verdict_choice(r["rl"], r["unplaced"], "confirm", ["unplaced", "rl"], "cpu", heuristic=r["expert"])
+    assert choice.method == "rl" and choice.headline.startswith("RL is measurably faster")
