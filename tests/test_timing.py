@@ -169,3 +169,12 @@ def test_a_slow_measurement_is_infeasible_and_names_the_limit():
     m = run_trial(trial, iters=10, timeout_s=100.0)
     assert not m.feasible and "100 s limit" in m.reason and "--step-timeout" in m.reason
     assert len(m.times_ms) == 4  # it stopped once the timed steps passed the limit
+
+
+@pytest.mark.skipif(not hasattr(os, "getloadavg"), reason="needs the OS's load average")
+@pytest.mark.parametrize("load, threads, noted", [(9.0, 2, True), (0.5, 2, False), (9.0, 1, False)])
+def test_an_unplaced_model_timed_on_a_busy_host_says_so(monkeypatch, load, threads, noted):
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    m = run_trial(EagerTrial(workload(), "cpu", threads=threads, warmup=1), iters=1)
+    busy = [n for n in m.notes if "the host is busy" in n]
+    assert len(busy) == noted and all(f"load average {load:.1f}" in n and "idle host" in n for n in busy)

@@ -313,6 +313,13 @@ class EagerTrial(Trial):
     def _after_warmup(self) -> None:
         if self.device.type == "cuda":
             self.peak_bytes[str(self.device)] = int(torch.cuda.max_memory_allocated(self.device))
+        elif (self.threads or torch.get_num_threads()) > 1 and hasattr(os, "getloadavg"):
+            load, cores = os.getloadavg()[0], len(self.cores) or 1
+            if load > cores + 1:  # this process adds up to about one
+                self.notes.append(f"{self.label}: the host is busy (load average {load:.1f} on {cores} cores): "
+                                  f"torch's intra-op threads wait for each other at every parallel op, so with "
+                                  f"other processes on their cores a step can take 10-100x longer than on an "
+                                  f"idle host; measure on an idle host")
 
     def _around_step(self) -> AbstractContextManager:
         return _ThreadState(self.threads if self.device.type == "cpu" else None, self.cores)
