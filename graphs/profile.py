@@ -46,6 +46,7 @@ from graphs import profile_cache
 from graphs.capture import input_batch_dims
 from graphs.errors import CaptureError, DeviceSpecError, WorkloadError
 from graphs.files import cache_dir as default_cache_dir
+from graphs.node_values import as_leaf, rebuilt
 from graphs.trace import fingerprint, is_pure, trace_model
 from graphs.workload import Workload
 
@@ -294,9 +295,9 @@ def _time_node(node: fx.Node, gm: fx.GraphModule, env: dict, repeats: int, sync)
     copies of their values too where the node may write its inputs (an in-place op, a
     module, a method), so that its repeated runs never change what later nodes read
     (an index grown by a repeated `add_` would overrun the embedding reading it)."""
-    copy = not is_pure(node)
+    copy_values = not is_pure(node)
     args, kwargs = map_aggregate((node.args, node.kwargs),
-                                 lambda a: _as_leaf(env[a], copy) if isinstance(a, fx.Node) else a)
+                                 lambda a: as_leaf(env[a], copy_values) if isinstance(a, fx.Node) else a)
     leaves = [t for t in _tensors((args, kwargs)) if t.requires_grad]
     if node.op == "call_module":
         fn = gm.get_submodule(node.target)
@@ -312,7 +313,7 @@ def _time_node(node: fx.Node, gm: fx.GraphModule, env: dict, repeats: int, sync)
 
     def forward_on_copies():  # for an in-place op on a leaf that requires grad
         with torch.enable_grad():
-            fresh_args, fresh_kwargs = map_aggregate((args, kwargs), _clone)
+            fresh_args, fresh_kwargs = rebuilt((args, kwargs), torch.Tensor.clone)
             return fn(*fresh_args, **fresh_kwargs)
 
     try:
@@ -400,21 +401,6 @@ def _cpu_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _as_leaf(value, copy: bool = False):
-    """A detached tensor that requires grad where the original did: sharing its storage,
-    or with `copy` a copy of its values."""
-    if not isinstance(value, torch.Tensor):
-        return map_aggregate(value, lambda v: _as_leaf(v, copy) if isinstance(v, torch.Tensor) else v)
-    leaf = value.detach().clone() if copy else value.detach()
-    if value.requires_grad:
-        leaf.requires_grad_()
-    return leaf
-
-
-def _clone(value):
-    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def _tensors(value) -> list[torch.Tensor]:

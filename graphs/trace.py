@@ -189,7 +189,7 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
     """
     from graphs import trace_cache
     from graphs.trace_export import export_available, export_model
-    from graphs.trace_fx import trace_fx
+    from graphs.trace_fx import cache_hint, trace_fx
 
     if method not in METHODS:
         raise ValueError(f"unknown capture method {method!r}; choose from {', '.join(METHODS)}")
@@ -221,8 +221,9 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
         with no_side_effects(model, recorded=False):
             traced = trace_fx(model, leaf_classes, paths, allow_fallback, inputs, kwargs, export_error)
         if export_error is not None:
+            hint = cache_hint(export_error)
             note = (f"torch.export could not capture the model ({first_sentence(export_error)}); "
-                    f"captured with torch.fx instead")
+                    f"captured with torch.fx instead" + (f" (to capture it whole, {hint})" if hint else ""))
             traced = _with_note(traced, note)
         return trace_cache.store(model, key, traced)
 
@@ -412,10 +413,8 @@ def fingerprint(model: nn.Module, gm: fx.GraphModule) -> str:
 
 
 def tensors_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's parameter and buffer names and shapes: what
-    `fingerprint` covers of the model without capturing it, so that a plan can tell
-    another model before it tries to capture it (two models that differ here differ in
-    `fingerprint` too)."""
+    """A short hash of the parameter and buffer names and shapes (part of `fingerprint`):
+    a plan tells another model by it before capturing."""
     text = "".join(f"{name}:{tuple(tensor.shape)};" for name, tensor in _named_tensors(model))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

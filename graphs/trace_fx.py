@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import os
+import re
 import traceback
 from collections.abc import Iterable
 
@@ -151,17 +152,30 @@ def _plain(value):
     return value
 
 
+def cache_hint(export_error: BaseException | None) -> str:
+    """"set use_cache=False ..." when torch.export failed because the output holds a
+    cache object (a Hugging Face model's DynamicCache with `use_cache=True`), else ""."""
+    found = re.search(r"Found <class '(?:[\w.]*\.)?(\w*Cache)'> in output", str(export_error or ""))
+    if found is None:
+        return ""
+    return (f"set `use_cache=False` in the model's config (e.g. GPT2Config(..., use_cache=False)): "
+            f"its output holds a {found.group(1)}, which no capture can return")
+
+
 def _capture_error(model: nn.Module, failed_in: str, where: str, reason: str,
                    export_error: BaseException | None) -> CaptureError:
+    """The error when fx fails too; a cache object in the output (cache_hint) is the fix named first."""
     exported = f" (torch.export failed too: {first_sentence(export_error)})" if export_error is not None else ""
+    hint = cache_hint(export_error)
+    first = f"{hint}; otherwise " if hint else ""
     if failed_in:
         fix = "list the offending module's class in `leaf_modules` in the workload file, to keep it whole"
-        return CaptureError(f"cannot trace module '{failed_in}' at {where}: {reason}{exported}. Fix: {fix}")
+        return CaptureError(f"cannot trace module '{failed_in}' at {where}: {reason}{exported}. Fix: {first}{fix}")
     fix = ("wrap the model in a module whose forward takes the batch as explicit tensor arguments "
            "(e.g. forward(self, input_ids) calling self.model(input_ids=input_ids)), and move code that "
            "branches on tensor values into a submodule listed in `leaf_modules`")
     return CaptureError(f"cannot trace the model's own forward ({type(model).__name__}) at {where}: "
-                        f"{reason}{exported}. Fix: {fix}")
+                        f"{reason}{exported}. Fix: {first}{fix}")
 
 
 def _user_frame(exc: BaseException) -> str:

@@ -1,6 +1,7 @@
 """profile: measured costs and memory per node, stable between runs, cached on disk."""
 
 import json
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -121,6 +122,48 @@ def test_a_node_that_writes_its_inputs_is_timed_on_copies_so_later_index_reads_s
     targets = {d["target"] for d in g.nodes.values()}
     assert {"aten.add_.Tensor", "aten.embedding.default", "aten.gather.default"} <= targets
     assert all(d["fwd_ms"]["cpu"] > 0 for d in g.nodes.values() if d["op"].startswith("call_"))
+
+
+class AttrOutput(OrderedDict):
+    """A ModelOutput-like result: a dict whose items are also attributes."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return AttrOutput(last_hidden_state=self.lin(x), pooled=x.mean(1))
+
+
+class ReadsAttributes(nn.Module):
+    """The encoder kept whole (a leaf, as fx's fallback keeps what it cannot trace):
+    its structured output is read by getattr nodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = Encoder()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out = self.encoder(x)
+        return self.head(out.last_hidden_state) + out.pooled.unsqueeze(-1)
+
+
+def test_getattr_nodes_on_a_leaf_modules_structured_output_are_timed(tmp_path):
+    w = Workload(name="attrs", spec="attrs.py", model=ReadsAttributes(), inputs=(torch.randn(3, 4),),
+                 leaf_modules=(Encoder,))
+    g = run(w, tmp_path)
+    assert g.graph["capture"]["method"] == "fx"
+    reads = [d for d in g.nodes.values() if d["target"] == "getattr"]
+    assert len(reads) == 2 and all(d["fwd_ms"]["cpu"] > 0 for d in reads)
 
 
 def test_adam_state_is_twice_the_parameters(tmp_path):

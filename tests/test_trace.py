@@ -209,3 +209,21 @@ def test_a_model_and_its_fresh_copies_are_captured_once_while_nothing_changes(mo
     trace_model(copy, inputs=(ids(),), mode="eval")
     trace_model(copy, inputs=(ids(),), mode="train")
     assert len(exports) == 4
+
+
+def tiny_gpt2(use_cache: bool) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16, use_cache=use_cache))
+
+
+def test_a_cache_in_the_output_names_use_cache_false_as_the_fix_first():
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CaptureError) as caught:
+        trace_model(tiny_gpt2(use_cache=True), inputs=(ids,))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "Fix: set `use_cache=False` in the model's config" in message and "holds a DynamicCache" in message
+    assert message.index("use_cache=False") < message.index("otherwise wrap the model")
+    assert trace_model(tiny_gpt2(use_cache=False), inputs=(ids,)).method == "export"  # the fix works
