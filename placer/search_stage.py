@@ -12,10 +12,11 @@ sample budget.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from graphs.errors import PlacerError
+from graphs.errors import CheckpointError, PlacerError
 from graphs.problem import Candidate, PlacementProblem
 from placer.results import MethodResult, Progress, Results, Stage
 from placer.scorer import Scorer
@@ -66,11 +67,16 @@ class SearchOptions:
         Raises
         ------
         PlacerError
-            The file is missing or not a policy (its one-line reason).
+            The file is missing or not a policy (its one-line reason; a file that is not
+            a torch.save archive at all, a workload file say, is told so before torch
+            reads it, whose refusal runs to several sentences).
         """
         if self.policy_path is None:
             return None
         from placer.rl import load_policy
+        if self.policy_path.is_file() and not zipfile.is_zipfile(self.policy_path):
+            raise CheckpointError(f"--policy {self.policy_path}: not a placer policy file (not a torch.save archive); "
+                                  f"give the search/policy.pt an earlier placer optimize wrote")
         return load_policy(self.policy_path)
 
 

@@ -31,6 +31,15 @@ def test_a_missing_policy_is_refused_and_none_is_none(tmp_path):
         SearchOptions(policy_path=tmp_path / "nope.pt").load_policy()
 
 
+def test_a_file_that_is_not_a_policy_is_one_short_line(tmp_path):
+    workload = tmp_path / "cnn.py"
+    workload.write_text("import torch\n")
+    with pytest.raises(PlacerError) as caught:
+        SearchOptions(policy_path=workload).load_policy()
+    message = str(caught.value)
+    assert "\n" not in message and "not a placer policy file" in message and "weights_only" not in message
+
+
 def test_a_search_gives_a_row_and_a_curve_stamped_with_its_calibration(tmp_path):
     problem = PlacementProblem(random_grouped_graph(10, seed=1), parse_cluster("cpu:0,cpu:1"))
     scorer = Scorer(problem, FakeMeasurer(problem), warn=pytest.fail)
