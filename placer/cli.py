@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 
 from graphs.errors import PlacerError
-from placer.cli_support import (FiniteFloat, backend_option, devices_option, echo, groups_option, memory_option,
-                                protocol_options, protocol_from_options, seed_option, stage_progress,
+from placer.cli_support import (FiniteFloat, backend_option, devices_option, echo, field_meanings, groups_option,
+                                memory_option, protocol_options, protocol_from_options, seed_option, stage_progress,
                                 step_timeout_option, train_backend_option, warn)
 from placer.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, handle_stop_signals, interruption
 
@@ -273,13 +273,16 @@ def optimize(workload: str | None, devices: str | None, memory: str | None, budg
 
 @cli.command(name="search-options")
 def search_options() -> None:
-    """List the search configuration's fields (for --search KEY=VALUE), with defaults."""
+    """List the search configuration's fields (for --search KEY=VALUE): each one's default and meaning."""
     import dataclasses
 
     from placer.rl.trainer import TrainConfig
 
-    for f in dataclasses.fields(TrainConfig):
-        echo(f"{f.name} = {f.default!r}")
+    meanings = field_meanings(TrainConfig)
+    settings = [(f"{f.name} = {f.default!r}", meanings.get(f.name, "")) for f in dataclasses.fields(TrainConfig)]
+    width = max(len(setting) for setting, _ in settings)
+    for setting, meaning in settings:
+        echo(f"{setting:<{width}}  {meaning}".rstrip())
 
 
 @cli.command()

@@ -4,8 +4,12 @@ progress display driven by placer.results.Stage callbacks."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
+import re
 import sys
+import textwrap
 from contextlib import contextmanager
 
 import click
@@ -17,7 +21,7 @@ STDOUT = sys.stdout  # placer's own output; sys.stdout itself is stderr while a 
 
 __all__ = ["STDOUT", "echo", "warn", "FiniteFloat", "devices_option", "memory_option", "groups_option", "seed_option",
            "iters_option", "step_timeout_option", "backend_option", "train_backend_option", "protocol_options", "protocol_from_options",
-           "stage_progress"]
+           "stage_progress", "field_meanings"]
 
 
 def echo(text: str = "") -> None:
@@ -123,3 +127,22 @@ def stage_progress():
             bar.update(tasks[stage.name], completed=stage.done, total=stage.total, info=text)
 
         yield update
+
+
+def field_meanings(cls: type) -> dict[str, str]:
+    """Each dataclass field's meaning: the first sentence of the string under its
+    definition (an attribute docstring), for the class and its bases; a field without
+    one is left out.
+    """
+    meanings = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError, IndexError, AttributeError, SyntaxError):  # a builtin base, no source
+            continue
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                text = " ".join(after.value.value.split())
+                meanings[node.target.id] = re.split(r"(?<=\.)\s+(?=[A-Z(\"])", text, maxsplit=1)[0]
+    return meanings

@@ -1,7 +1,9 @@
 """The `placer` command end to end, as a user runs it: a real process, real exit codes."""
 
+import dataclasses
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -159,6 +161,19 @@ def test_a_fresh_run_into_another_workloads_folder_or_a_resume_of_none_is_refuse
     assert_one_line_error(placer("optimize", WORKLOAD, "--budget", "4", "--out", str(missing), "--resume"),
                           str(missing), "does not exist")
     assert not missing.exists()
+
+
+def test_search_options_lists_each_field_with_its_default_and_meaning():
+    from placer.rl.trainer import TrainConfig
+
+    result = placer("search-options")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(" = ")[0] for line in lines] == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert all(re.fullmatch(r"\w+ = \S+ +\S.*\.", line) for line in lines), result.stdout
+    assert re.search(r"^batch_size = 16 +Candidates sampled per round \(RL: per policy update; .*\)\.$", result.stdout,
+                     re.M)
+    assert "None: no limit." in next(line for line in lines if line.startswith("max_samples"))
 
 
 def test_baseline_all_prints_every_method():
