@@ -82,12 +82,16 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> torc
 @contextlib.contextmanager
 def _quiet():
     """torch.export prints a failed trace's partial graph to stderr and logs warnings
-    about it; a refused export is an ordinary outcome here (fx takes over), so the
-    user sees neither."""
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("torch")]
+    and errors about it (a traceback per op fake tensors cannot run, ~270 lines for a
+    model that fails on its inputs); a refused export is an ordinary outcome here (fx
+    takes over, or the one-line error says why), so the user sees none of it. torch's
+    loggers get their levels back afterwards. (Redirecting stderr alone misses the
+    records: torch's log handler holds the stream it was made with.)"""
+    names = {"torch", *(name for name in list(logging.root.manager.loggerDict) if name.startswith("torch"))}
+    loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL + 1)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             yield

@@ -1,6 +1,11 @@
 """capture: the OpGraph schema, shapes and bytes, weight tying, fallbacks to torch.fx,
 untraceable models."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import networkx as nx
 import pytest
 import torch
@@ -170,3 +175,27 @@ def test_a_model_that_fails_on_its_inputs_names_the_node_and_prints_nothing(caps
     assert message.startswith("t.py: the model fails on its example inputs at node '_1' (1): ")
     assert "mat1 and mat2 shapes cannot be multiplied" in message and "\n" not in message
     assert capsys.readouterr() == ("", "")
+
+
+def test_torchs_own_logs_of_a_failing_capture_never_reach_the_terminal_and_its_levels_come_back():
+    # A fresh process: torch's log handler writes to the stderr of the moment torch was
+    # imported, which under pytest is a capture no fixture of this test can see.
+    script = textwrap.dedent("""
+        import logging, torch
+        from torch import nn
+        from graphs.capture import capture
+        from graphs.errors import WorkloadError
+        from graphs.workload import Workload
+        names = ("torch", "torch._subclasses.fake_tensor")
+        before = [logging.getLogger(n).level for n in names]
+        try:
+            capture(Workload(name="t", spec="t.py", model=nn.Linear(2, 2), inputs=(torch.randn(2, 3),)))
+        except WorkloadError as exc:
+            print(exc)
+        print([logging.getLogger(n).level for n in names] == before)
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert done.stderr == ""
+    message, restored = done.stdout.splitlines()
+    assert message.startswith("t.py: the model fails on its example inputs") and restored == "True"
