@@ -351,9 +351,7 @@ def test_held_exploration_keeps_the_policy_from_collapsing_onto_one_candidate():
                 seen.extend(candidates)
                 return super().score(candidates)
 
-        # No wide samples: they alone keep a policy from repeating itself; this compares the hold only.
-        config = TrainConfig(**{**QUICK, "max_samples": 400, "hold_exploration": hold, "self_imitation": 5.0,
-                                "wide_fraction": 0.0})
+        config = TrainConfig(**{**QUICK, "max_samples": 400, "hold_exploration": hold, "self_imitation": 5.0})
         result = train(problem, Counting(problem), config)
         return len(set(seen[-200:])), result
 
@@ -370,57 +368,3 @@ def test_the_exploration_target_follows_the_problem_size():
     assert target(TrainConfig(explore_groups=2.0), synthetic(200)) == pytest.approx(0.99)
     assert target(TrainConfig(explore_groups=8.0), synthetic(10)) == 0.5  # never below one half
     assert target(TrainConfig(imitation_target=0.97), synthetic(10)) == 0.97
-
-
-def test_wide_samples_stray_further_and_are_scored_under_the_policys_own_temperature():
-    from placer.rl.trainer import draw
-
-    problem = synthetic(30, devices="cpu:0,cpu:1,cpu:2,cpu:3")
-    policy = policy_for(problem)
-    config = TrainConfig(**{**QUICK, "imitation_steps": 200})
-    warm = Candidate((0,) * 30)
-    from placer.rl.trainer import imitate
-    imitate(policy, warm, config)
-
-    def strays(wide_fraction):
-        sample = draw(policy, 40, TrainConfig(wide_fraction=wide_fraction), torch.Generator().manual_seed(0))
-        assert sample.placements.shape == (40, 30) and policy.temperature == 1.0  # the policy's temperature kept
-        again, entropy = policy.log_prob(sample.placements, sample.microbatches)
-        assert torch.allclose(again, sample.logp, atol=1e-3) and torch.allclose(entropy, sample.entropy, atol=1e-3)
-        return (sample.placements != 0).sum(1).float()
-
-    narrow, mixed = strays(0.0), strays(0.5)
-    assert float(mixed[20:].mean()) > 3 * float(narrow.mean())  # the wide half strays on many more groups
-    with pytest.raises(ValueError, match="wide_fraction"):
-        TrainConfig(wide_fraction=1.5)
-
-
-def test_ppo_stays_finite_on_a_sample_the_policy_finds_improbable():
-    from placer.rl.trainer import ppo_update
-
-    problem = synthetic(30, devices="cpu:0,cpu:1,cpu:2,cpu:3")
-    policy = policy_for(problem)
-    policy.temperature = 0.05  # a sharp policy: a placement against it is hundreds of nats down
-    sample = policy.sample(4, torch.Generator().manual_seed(0))
-    policy.temperature = 1.0
-    with torch.no_grad():
-        logp, entropy = policy.log_prob(sample.placements)
-    sample = sample._replace(logp=logp - 500.0)  # as if drawn far more probably than the policy now says
-    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    ppo_update(policy, optimizer, sample, torch.tensor([1.0, -1.0, 2.0, -2.0]), TrainConfig(self_imitation=0.0))
-    assert all(torch.isfinite(p).all() for p in policy.parameters())
-
-
-def test_the_temperature_flattens_the_micro_batch_choice_too():
-    problem = synthetic(12)
-    policy = Seq2SeqPolicy(problem, max_devices=4, hidden=32, microbatches=(1, 2, 4))
-    with torch.no_grad():
-        torch.nn.init.constant_(policy.microbatch_head.bias, 0.0)
-        policy.microbatch_head.bias[0] = 4.0  # one micro-batch strongly preferred
-
-        def chance_of_one(temperature):
-            policy.temperature = temperature
-            return float(policy.log_prob(torch.zeros(1, 12, dtype=torch.long), torch.tensor([0]))[0][0]
-                         - policy.log_prob(torch.zeros(1, 12, dtype=torch.long), torch.tensor([1]))[0][0])
-
-        assert chance_of_one(1.0) > 3.0 and chance_of_one(100.0) < 0.1  # log-odds of 1 against 2 micro-batches

@@ -18,8 +18,7 @@ and a micro-batch count for the whole candidate:
   share of the group's input bytes produced there (so "stay beside your inputs" and
   "balance the load" are easy to learn); content-based attention over the encoder
   states lets it look at the rest of the graph;
-- logits (the devices' and the micro-batch head's) are clipped as C * tanh(logits / C)
-  and divided by a temperature;
+- logits are clipped as C * tanh(logits / C) and divided by a temperature;
 - a small head on the mean encoding picks the micro-batch count among those allowed.
 
 A per-step mask forbids a device where the group would certainly exceed the memory
@@ -241,10 +240,8 @@ class Seq2SeqPolicy(nn.Module):
         return encoded[0]
 
     def _microbatch_log_probs(self, encoded: Tensor) -> Tensor:
-        """[len(MICROBATCH_CHOICES)] log-probabilities of the micro-batch counts (only allowed ones > 0),
-        clipped and tempered as the devices' are."""
+        """[len(MICROBATCH_CHOICES)] log-probabilities of the micro-batch counts (only allowed ones > 0)."""
         logits = self.microbatch_head(encoded.mean(dim=0))
-        logits = self.logit_clip * torch.tanh(logits / self.logit_clip) / self.temperature
         return torch.log_softmax(logits.masked_fill(~self._microbatch_allowed, self.masked_logit), dim=-1)
 
     def _step_inputs(self, encoded: Tensor, prev: Tensor, load: Tensor, used: Tensor, inputs_from: Tensor,

@@ -6,11 +6,8 @@ The loop (`train`), in the order it runs:
 1. warm start: maximum likelihood on the best heuristic's candidate, until the policy
    gives it a mean per-group probability of 1 - explore_groups / groups, so that the
    search starts from the heuristic, not from random;
-2. each round samples `batch_size` candidates (a `wide_fraction` of them at a high
-   temperature, placement and micro-batch count nearly uniform, so that the search can
-   leave the heuristic's basin; the rest around the incumbent), scores them
-   (Scorer.score: simulated step time, inf when infeasible), turns step times into
-   rewards by the one reward
+2. each round samples `batch_size` candidates, scores them (Scorer.score: simulated
+   step time, inf when infeasible), turns step times into rewards by the one reward
    rule (envs.reward: -log(step / the warm start's) by default) and takes a
    policy-gradient step: `ppo_update` (clipped surrogate, normalized advantages) or
    `reinforce_update` (one step, as the paper), each with a self-imitation term that
@@ -53,8 +50,6 @@ from placer.search.state import (Clock, SearchResult, SearchState, as_candidate,
 __all__ = ["TrainConfig", "train", "reward_rule", "reinforce_update", "ppo_update"]
 
 ALGOS = ("reinforce", "ppo")
-LOG_RATIO_BOUND = 20.0  # PPO: |log p_new - log p_old| is clipped here before exp
-DUAL_CLIP = 3.0  # PPO: a negative advantage's term is at least DUAL_CLIP * advantage
 
 
 @dataclass
@@ -110,14 +105,6 @@ class TrainConfig(SearchConfig):
     of groups after it (the decoder sees its inputs' devices)."""
     temperature: float = 1.0
     """Divides the logits: above 1 samples more widely (the least, with hold_exploration)."""
-    wide_fraction: float = 0.25
-    """Share of each round's samples drawn wide, at wide_temperature (nearly uniform over
-    the devices a group may take, masks kept): the rest sample around the incumbent.
-    A wide sample that beats the incumbent becomes it (self-imitation then moves the
-    policy there), so the search can leave a heuristic's basin that single moves cannot."""
-    wide_temperature: float = 10.0
-    """The temperature of the wide samples (with logit_clip 5, 10 keeps every allowed
-    device within a factor e of the others)."""
     hold_exploration: bool = True
     """After every update, raise the temperature (up to 10) where needed so that the policy
     gives the best candidate found at most the target per-group probability: however sharp
@@ -136,8 +123,6 @@ class TrainConfig(SearchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.wide_fraction <= 1.0:
-            raise ValueError(f"wide_fraction={self.wide_fraction}: give a share in [0, 1]")
         if self.algo not in ALGOS:
             raise ValueError(f"unknown algo {self.algo!r}: use 'reinforce' or 'ppo'")
         RewardRule(self.reward, 1.0)  # ValueError for an unknown shaping, before any work
@@ -217,7 +202,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
 
         while budget_left(state, config, clock()):
             # -- sample a batch of candidates and score them
-            sample = draw(policy, round_size(state, config), config, generator)
+            sample = policy.sample(round_size(state, config), generator)
             batch = [Candidate(tuple(p), MICROBATCH_CHOICES[m])
                      for p, m in zip(sample.placements.tolist(), sample.microbatches.tolist())]
             times = scorer.score(batch)
@@ -285,26 +270,6 @@ def hold_temperature(policy: Seq2SeqPolicy, incumbent: Candidate, target: float,
     return math.exp((lo + hi) / 2)
 
 
-def draw(policy: Seq2SeqPolicy, n: int, config: TrainConfig, generator: torch.Generator) -> Sample:
-    """n candidates: round(n * wide_fraction) of them at wide_temperature, the rest at the
-    policy's; log-probabilities and entropies of all under the policy's own temperature
-    (what the update's ratios start from)."""
-    wide = round(n * config.wide_fraction)
-    if wide == 0:
-        return policy.sample(n, generator)
-    narrow = policy.sample(n - wide, generator)
-    temperature_now, policy.temperature = policy.temperature, config.wide_temperature
-    try:
-        far = policy.sample(wide, generator)
-    finally:
-        policy.temperature = temperature_now
-    placements = torch.cat([narrow.placements, far.placements])
-    microbatches = torch.cat([narrow.microbatches, far.microbatches])
-    with torch.no_grad():
-        logp, entropy = policy.log_prob(placements, microbatches)
-    return Sample(placements, microbatches, logp, entropy)
-
-
 def target(config: TrainConfig, problem: PlacementProblem) -> float:
     """The mean per-group probability imitation aims for and exploration holds the incumbent at."""
     if config.imitation_target is not None:
@@ -359,18 +324,13 @@ def reinforce_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sa
 
 def ppo_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: Sample,
                advantages: torch.Tensor, config: TrainConfig, best: Candidate | None = None) -> None:
-    """`ppo_epochs` steps on the clipped surrogate objective (Schulman et al. 2017, dual-clipped), plus the
+    """`ppo_epochs` steps on the clipped surrogate objective (Schulman et al. 2017), plus the
     entropy bonus (and the self-imitation term on `best`)."""
     for _ in range(config.ppo_epochs):
         logp, entropy = policy.log_prob(sample.placements, sample.microbatches)
-        # The log-ratio is bounded before exp (a wide sample's log-probability is hundreds
-        # of nats below the policy's own, and a few nats' move would overflow), and a bad
-        # sample's term is held at DUAL_CLIP * its advantage (dual-clip PPO, Ye et al. 2020):
-        # no step is driven by one improbable sample's exploding ratio.
-        ratio = torch.exp(torch.clamp(logp - sample.logp, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+        ratio = torch.exp(logp - sample.logp)
         clipped = torch.clamp(ratio, 1 - config.ppo_clip, 1 + config.ppo_clip)
         objective = torch.min(ratio * advantages, clipped * advantages)
-        objective = torch.where(advantages < 0, torch.max(objective, DUAL_CLIP * advantages), objective)
         loss = -objective.mean() - config.entropy_coef * entropy.mean() / policy.problem.n_groups
         _step(optimizer, loss + _self_imitation(policy, best, config))
 
