@@ -106,7 +106,8 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
             judged = {r.method: r for r in (winner, results.best_heuristic) if r is not None and r.kind != "unplaced"}
             session([rows[0], *judged.values()], "confirm")
         results.choice = verdict_choice(winner, results.unplaced, "confirm", [r.method for r in rows],
-                                        rows[0].devices[0], writes_plan=False)
+                                        rows[0].devices[0], writes_plan=False,
+                                        heuristic=results.best_heuristic)
     except KeyboardInterrupt:
         results.status, results.interrupted_at = "interrupted", "measuring"
         raise

@@ -336,7 +336,8 @@ def _choose(results: Results, problem: PlacementProblem, measurer: Measurer, can
     entries = [(UNPLACED, None), *((label, candidates[label]) for label in dict.fromkeys(labels.values()))]
     confirm = measurer.session(entries, "confirm: measuring")
     _fill_session(results, confirm, labels, "confirm", heuristic.method if heuristic else None)
-    results.choice = verdict_choice(winner, results.unplaced, "confirm", shortlist, results.unplaced.devices[0])
+    results.choice = verdict_choice(winner, results.unplaced, "confirm", shortlist, results.unplaced.devices[0],
+                                    heuristic=heuristic)
 
 
 def _labels(rows: Sequence[MethodResult], candidates: dict[str, Candidate]) -> dict[str, str]:
