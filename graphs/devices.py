@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -176,6 +177,10 @@ def parse_cluster(devices: str | None = None, memory: str | None = None) -> Clus
                 raise DeviceSpecError(f"device {name!r} does not exist on this host ({count} CUDA device(s) visible)")
 
     cores = host_cores()
+    virtual = sum(1 for _, kind, idx, rank in parsed if kind == "cpu" and idx is not None and rank is None)
+    if virtual > cores:
+        warnings.warn(f"{virtual} virtual CPU devices on {cores} cores: they share cores, so they cannot all "
+                      f"run at once; measured plans will not show what {virtual} devices could do", stacklevel=2)
     caps = parse_memory(memory, names)
     built = []
     for name, kind, idx, rank in parsed:

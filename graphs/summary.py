@@ -11,10 +11,12 @@ from graphs.bounds import group_compute_ms, lower_bound
 HEAVIEST = 10
 
 
-def summarize(ops: nx.DiGraph, groups: nx.DiGraph, device_kinds: Sequence[str], notes: Sequence[str] = ()) -> dict:
+def summarize(ops: nx.DiGraph, groups: nx.DiGraph, device_kinds: Sequence[str], notes: Sequence[str] = (),
+              device_names: Sequence[str] | None = None) -> dict:
     """A JSON-ready summary of a profiled OpGraph and its GroupedGraph, for a cluster
-    with one entry in `device_kinds` per device. `notes` are things the user should
-    be told (fallbacks, skipped device kinds)."""
+    with one entry in `device_kinds` per device (`device_names`: their names, shown
+    instead of the kinds). `notes` are things the user should be told (fallbacks,
+    skipped device kinds)."""
     bound = lower_bound(groups, device_kinds)
     cost = group_compute_ms(groups, device_kinds)
     kinds = list(ops.graph.get("device_kinds", []))
@@ -39,7 +41,7 @@ def summarize(ops: nx.DiGraph, groups: nx.DiGraph, device_kinds: Sequence[str], 
         "memory": memory,
         "compute_ms": {k: sum(d["fwd_ms"][k] + d["bwd_ms"][k] for _, d in ops.nodes(data=True)) for k in kinds},
         "optimizer_ms": {k: sum(d["opt_ms"][k] for _, d in ops.nodes(data=True)) for k in kinds},
-        "devices": list(device_kinds),
+        "devices": list(device_names or device_kinds),
         "critical_path_ms": bound.critical_path_ms,
         "work_ms": bound.work_ms,
         "lower_bound_ms": bound.bound_ms,

@@ -61,7 +61,9 @@ def inspect(workload: str, devices: str | None, max_groups: int, as_json: bool) 
     parse_cluster(devices)
     loaded = _load(workload)
     problem = build_problem(loaded, devices, max_groups=max_groups)
-    summary = summarize(problem.ops, problem.groups, [d.kind for d in problem.cluster.devices], notes=loaded.notes)
+    cluster_devices = problem.cluster.devices
+    summary = summarize(problem.ops, problem.groups, [d.kind for d in cluster_devices], notes=loaded.notes,
+                        device_names=[d.name for d in cluster_devices])
     echo(json.dumps(strict(summary), indent=2, allow_nan=False) if as_json else format_summary(summary))
 
 

@@ -52,6 +52,7 @@ def test_inspect_json_has_the_documented_keys():
         assert key in summary
     assert summary["lower_bound_ms"] >= summary["critical_path_ms"] > 0
     assert summary["compute_ms"]["cpu"] > 0
+    assert summary["devices"] == DEVICES.split(",")  # the devices by name, not by kind
 
 
 def test_optimize_writes_plan_results_and_report(optimized):

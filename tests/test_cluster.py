@@ -69,3 +69,12 @@ def test_links_default_by_kind():
     assert cluster.index("cpu:1") == 1
     with pytest.raises(DeviceSpecError):
         cluster.index("cpu:5")
+
+
+def test_more_virtual_cpu_devices_than_cores_is_warned(monkeypatch):
+    import graphs.devices as devices
+
+    monkeypatch.setattr(devices, "host_cores", lambda: 2)
+    with pytest.warns(UserWarning, match="3 virtual CPU devices on 2 cores"):
+        cluster = devices.parse_cluster("cpu:0,cpu:1,cpu:2")
+    assert [d.threads for d in cluster.devices] == [1, 1, 1]
