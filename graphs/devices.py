@@ -11,6 +11,7 @@ live on another host, so it is not checked against this host's GPUs.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -101,6 +102,15 @@ class Cluster:
     def spec(self) -> str:
         """The `--devices` string that rebuilds this cluster."""
         return ",".join(self.names)
+
+
+def format_size(nbytes: float | None) -> str:
+    """Bytes for people, the inverse of `parse_size`: "512 B", "1.5 KiB", "30.0 MiB"; "-" for None."""
+    if nbytes is None:
+        return "-"
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = min(int(math.log(max(nbytes, 1), 1024)), len(units) - 1)
+    return f"{nbytes:.0f} B" if power == 0 else f"{nbytes / 1024**power:.1f} {units[power]}"
 
 
 def parse_size(text: str) -> int:

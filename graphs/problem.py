@@ -15,7 +15,7 @@ import networkx as nx
 import numpy as np
 
 from graphs.workload import ExpertFn, Workload
-from graphs.devices import Cluster, parse_cluster
+from graphs.devices import Cluster, format_size, parse_cluster
 from graphs.errors import InfeasibleError
 
 Placement = tuple[int, ...]
@@ -195,7 +195,7 @@ class PlacementProblem:
         used = self.memory_per_device(p, microbatches) if used is None else used
         for i, device in enumerate(self.cluster.devices):
             if device.memory_bytes is not None and used[i] > device.memory_bytes:
-                problems.append(f"{device.name} needs {int(used[i])} bytes but has {device.memory_bytes}")
+                problems.append(f"{device.name} needs {format_size(used[i])} but has {format_size(device.memory_bytes)}")
         return problems
 
     def check(self, placement: Sequence[int]) -> Placement:

@@ -14,6 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from envs.sim import Simulator
+from graphs.devices import format_size
 from graphs.errors import InfeasibleError
 from graphs.problem import Placement, PlacementProblem
 
@@ -34,10 +35,6 @@ def device_speed(problem: PlacementProblem) -> np.ndarray:
 def capacities(problem: PlacementProblem) -> np.ndarray:
     """[devices] memory caps in bytes; inf where the user set none."""
     return np.array([np.inf if d.memory_bytes is None else float(d.memory_bytes) for d in problem.cluster.devices])
-
-
-def mib(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.1f} MiB"
 
 
 def bottleneck_ms(problem: PlacementProblem, placement: Sequence[int]) -> float:
@@ -96,11 +93,11 @@ def require_fit(problem: PlacementProblem, units: Units) -> None:
     if need.size and need.max() > caps[largest]:
         u = int(np.argmax(need))
         names = ", ".join(problem.groups.nodes[g]["name"] for g in units.members[u])
-        raise InfeasibleError(f"group(s) {names} need {mib(need[u])} but the largest device, "
-                              f"{problem.cluster.devices[largest].name}, holds {mib(caps[largest])}")
+        raise InfeasibleError(f"group(s) {names} need {format_size(need[u])} but the largest device, "
+                              f"{problem.cluster.devices[largest].name}, holds {format_size(caps[largest])}")
     if need.sum() > caps.sum():
-        raise InfeasibleError(f"the model needs {mib(need.sum())} but the devices "
-                              f"({problem.cluster.spec()}) hold {mib(caps.sum())} in all")
+        raise InfeasibleError(f"the model needs {format_size(need.sum())} but the devices "
+                              f"({problem.cluster.spec()}) hold {format_size(caps.sum())} in all")
 
 
 def contiguous_split(times: np.ndarray, memory: np.ndarray, caps: np.ndarray) -> np.ndarray | None:

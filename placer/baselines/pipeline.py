@@ -25,9 +25,10 @@ from __future__ import annotations
 import numpy as np
 
 from envs.sim import Simulator, microbatch_tables
+from graphs.devices import format_size
 from graphs.errors import InfeasibleError
 from graphs.problem import Candidate, PlacementProblem
-from placer.baselines.common import capacities, contiguous_split, mib
+from placer.baselines.common import capacities, contiguous_split
 from placer.baselines.repair import repair
 from placer.baselines.simple import _device_orders
 
@@ -85,5 +86,5 @@ def pipeline(problem: PlacementProblem, seed: int = 0) -> Candidate:
     if best is None:
         need = float((c.memory_bytes).sum())
         raise InfeasibleError(f"no contiguous split into stages fits the devices' memory ({problem.cluster.spec()}; "
-                              f"the model needs {mib(need)} in all): raise the caps or use a non-pipelined method")
+                              f"the model needs {format_size(need)} in all): raise the caps or use a non-pipelined method")
     return best[1]

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from placer.baselines.common import (Units, capacities, colocation_units, mib, require_fit, step_ms,
+from placer.baselines.common import (Units, capacities, colocation_units, require_fit, step_ms,
                                      unit_traffic)
+from graphs.devices import format_size
 from graphs.errors import InfeasibleError
 from graphs.problem import Placement, PlacementProblem
 
@@ -102,7 +103,7 @@ def _pack(problem: PlacementProblem, units: Units, on: np.ndarray, caps: np.ndar
         if unit_memory[u] > room[on[u]]:
             packed[u] = int(np.argmax(room))
             if unit_memory[u] > room[packed[u]]:
-                raise InfeasibleError(f"found no way to fit the model's {mib(unit_memory.sum())} on devices "
+                raise InfeasibleError(f"found no way to fit the model's {format_size(unit_memory.sum())} on devices "
                                       f"{problem.cluster.spec()} under their memory caps")
         load[packed[u]] += unit_memory[u]
     return packed

@@ -9,9 +9,10 @@ from collections import Counter
 import networkx as nx
 import numpy as np
 
+from graphs.devices import format_size
 from graphs.workload import first_line
 from placer.baselines.common import (capacities, colocation_units, contiguous_split, device_speed,
-                                     fastest, mib, step_ms)
+                                     fastest, step_ms)
 from placer.baselines.repair import repair
 from graphs.errors import InfeasibleError, WorkloadError
 from graphs.problem import Placement, PlacementProblem
@@ -26,8 +27,8 @@ def single(problem: PlacementProblem, seed: int = 0) -> Placement:
         if need <= caps[d]:
             return (int(d),) * problem.n_groups
     largest = int(np.argmax(caps))
-    raise InfeasibleError(f"no single device holds the whole model ({mib(need)}); the largest, "
-                          f"{problem.cluster.devices[largest].name}, holds {mib(caps[largest])}")
+    raise InfeasibleError(f"no single device holds the whole model ({format_size(need)}); the largest, "
+                          f"{problem.cluster.devices[largest].name}, holds {format_size(caps[largest])}")
 
 
 def round_robin(problem: PlacementProblem, seed: int = 0) -> Placement:

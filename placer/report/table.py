@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from graphs.devices import format_size
 from placer.results import MethodResult, Ratio, Results, method_name
 
 __all__ = ["MISSING", "TABLE_HEADERS", "comparison_rows", "table_cells", "format_table", "text_table",
@@ -49,12 +50,8 @@ def format_ratio(ratio: Ratio | None) -> str:
 
 
 def format_bytes(n: float | None) -> str:
-    """Bytes for people: "1.5 KiB", "30.0 MiB"."""
-    if n is None:
-        return MISSING
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    power = min(int(math.log(max(n, 1), 1024)), len(units) - 1)
-    return f"{n:.0f} B" if power == 0 else f"{n / 1024**power:.1f} {units[power]}"
+    """Bytes for people: "1.5 KiB", "30.0 MiB" (graphs.devices.format_size)."""
+    return MISSING if n is None else format_size(n)
 
 
 def table_cells(results: Results | dict) -> tuple[tuple[str, ...], list[list[str]]]:
