@@ -1,7 +1,8 @@
 """Draw the figures of docs from experiments/table1.py's results:
 
-  docs/img/table1_speedup.png   RL's measured speedup over the fastest heuristic on the same devices, per
-                                model, with its confidence interval (from one interleaved session)
+  docs/img/table1_speedup.png   per model, measured with its confidence interval: the fastest placed
+                                plan against unplaced, and RL against the fastest heuristic on the
+                                same devices
   docs/img/search_curves.png    the RL search's best simulated and best measured step time
                                 against search seconds, one line per model, each relative
                                 to that model's best heuristic (below 1: RL is ahead)
@@ -27,30 +28,50 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 
 
-def plot_speedups(rows: list[dict], path: Path) -> Path | None:
-    """One bar per model: RL's speedup over the fastest heuristic on the same devices,
-    with the ratio's confidence interval; a tie (the interval holds 1) in grey."""
-    rows = [r for r in rows if r.get("rl_vs_best_heuristic")]
-    if not rows:
+def plot_speedups(rows: list[dict], runs: dict[str, Results], path: Path) -> Path | None:
+    """Two panels of bars, one bar per model, each a measured ratio with its confidence
+    interval (a tie, the interval holding 1, in grey): left, the fastest placed plan
+    against unplaced (the model run without placer); right, RL against the fastest
+    heuristic on the same devices."""
+    left = []
+    for r in rows:
+        results = runs.get(f"{r['model']} ({r['size']})")
+        placed = [m for m in results.methods if m.kind != "unplaced" and m.measured and m.vs_unplaced] if results else []
+        if placed:
+            best = min(placed, key=lambda m: m.measured_ms)
+            left.append((r, best.vs_unplaced, column_title(best.method)))
+    right = [(r, Ratio.from_json(r["rl_vs_best_heuristic"]), None) for r in rows if r.get("rl_vs_best_heuristic")]
+    if not left and not right:
         return None
-    ratios = [Ratio.from_json(r["rl_vs_best_heuristic"]) for r in rows]
-    fig = Figure(figsize=(max(5.0, 1.2 * len(rows) + 2), 4))
-    ax = fig.subplots()
-    x = np.arange(len(rows))
+    fig = Figure(figsize=(max(9.0, 2.4 * len(rows) + 3), 4.2))
+    for ax, bars, title, ylabel in zip(
+            fig.subplots(1, 2), (left, right),
+            ("Fastest placed plan vs unplaced", "RL vs the fastest heuristic"),
+            ("speedup over unplaced (measured)", "speedup over best heuristic (measured)")):
+        _bars(ax, bars)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+    fig.suptitle("Measured speedups per model, with 95% CI whiskers (grey: tie)")
+    return save_figure(fig, path)
+
+
+def _bars(ax, bars: list[tuple[dict, Ratio, str | None]]) -> None:
+    if not bars:
+        ax.set_axis_off()
+        return
+    x = np.arange(len(bars))
+    ratios = [q for _, q, _ in bars]
     values = np.array([q.value for q in ratios])
     low, high = np.array([q.ci[0] for q in ratios]), np.array([q.ci[1] for q in ratios])
     ax.bar(x, values, yerr=[values - low, high - values], capsize=4,
            color=["#C44E52" if q.verdict == "faster" else "#7A8BA6" if q.verdict == "slower" else "#BBBBBB"
                   for q in ratios])
     ax.axhline(1.0, color="black", linewidth=1)
-    for xi, q in zip(x, ratios):
-        label = f"{q.value:.2f}x{' tie' if q.verdict == 'tie' else ''}\nvs {column_title(q.reference)}"
+    for xi, (_, q, name) in zip(x, bars):
+        label = f"{q.value:.2f}x{' tie' if q.verdict == 'tie' else ''}\n{name or 'vs ' + column_title(q.reference)}"
         ax.annotate(label, (xi, q.ci[1]), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, [f"{r['model']}\n({r['size']})" for r in rows])
-    ax.set_ylabel("RL speedup over best heuristic (measured)")
-    ax.set_ylim(0, max(high) * 1.25)
-    ax.set_title("RL against the fastest heuristic on the same devices, per model (CI whiskers)")
-    return save_figure(fig, path)
+    ax.set_xticks(x, [f"{r['model']}\n({r['size']})" for r, _, _ in bars])
+    ax.set_ylim(0, max(1.0, max(high)) * 1.3)
 
 
 def plot_search_curves(runs: dict[str, Results], path: Path) -> Path | None:
@@ -98,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for r in table["rows"] if "error" not in r]
     runs = {f"{r['model']} ({r['size']})": Results.load(table_path.parent / r["results"])
             for r in rows if (table_path.parent / r["results"]).is_file()}
-    for path in (plot_speedups(rows, out / "table1_speedup.png"),
+    for path in (plot_speedups(rows, runs, out / "table1_speedup.png"),
                  plot_search_curves(runs, out / "search_curves.png")):
         print(path or "skipped: no data for this figure")
 

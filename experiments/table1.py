@@ -107,7 +107,7 @@ def to_markdown(table: dict) -> str:
             continue
         heuristic = (row.get("rl_vs_best_heuristic") or {}).get("reference", "")
         chosen = f"{column_title(row['chosen'])}: {format_ratio(row.get('chosen_vs_unplaced'))}" \
-            if row.get("chosen") != "unplaced" else f"unplaced ({row.get('verdict')}: no plan measurably faster)"
+            if row.get("chosen") != "unplaced" else "unplaced (no plan measurably faster)"
         lines.append(f"| {name} | " + " | ".join(format_cell(row["cells"].get(c)) for c in columns)
                      + f" | {format_ratio(row.get('rl_vs_best_heuristic'), heuristic)} | {chosen} |")
         notes += [f"- {name}, {column_title(c)}: {cell['reason']}"

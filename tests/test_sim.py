@@ -334,7 +334,7 @@ def test_memory_counts_every_micro_batch_in_flight():
     sim = Simulator(problem)
     assert sim.simulate([0, 0]).feasible
     r = sim.simulate([0, 0], microbatches=4)
-    assert not r.feasible and r.peak_bytes == (2400, 0) and "cpu:0 needs 2400 bytes" in r.reason
+    assert not r.feasible and r.peak_bytes == (2400, 0) and "cpu:0 needs 2.3 KiB but has 2.1 KiB" in r.reason
 
 
 MIXED = "rank0:cpu:0,rank0:cuda:0"  # a GPU named on a rank: the spec needs no GPU on this host
