@@ -98,10 +98,10 @@ def overhead(names: list[str], protocol: Protocol) -> list[dict]:
                                                       warmup=protocol.warmup)),
                               ("runtime", PlacedTrial(workload, plan, cluster, label="runtime",
                                                       warmup=protocol.warmup))], protocol)
-        ratio = compare(raw["unplaced"], raw["runtime"], "runtime")  # eager over runtime: < 1 is overhead
+        ratio = compare(raw["unplaced"], raw["runtime"], "runtime")  # runtime over eager: > 1 is overhead
         rows.append({"model": f"{name}-small", "threads": cluster.devices[0].threads, **table,
-                     "overhead": None if ratio is None else {"value": 1 / ratio.value - 1,
-                                                             "ci": (1 / ratio.ci[1] - 1, 1 / ratio.ci[0] - 1)},
+                     "overhead": None if ratio is None else {"value": ratio.value - 1,
+                                                             "ci": (ratio.ci[0] - 1, ratio.ci[1] - 1)},
                      "target": 0.03})
         print(f"overhead {name}: {rows[-1]['overhead']}")
     return rows
