@@ -3,6 +3,7 @@ never lost, colocation kept, measurement bookkeeping shared."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ from placer.rl import TrainConfig
 from placer.search import METHODS, SearchConfig, microbatch_options, overrides, run
 from placer.search.local_search import neighbour
 from placer.search.scorer import SimulatedScorer
+from placer.search.state import SearchState, budget_left, measure_round
 
 
 @pytest.fixture(autouse=True)
@@ -151,3 +153,64 @@ def test_microbatch_options_come_from_the_profile():
     assert microbatch_options(problem) == (1, 2, 4)
     problem.groups.graph["microbatch_step_ms_by_kind"] = {"cpu": {"1": 10.0, "2": 11.0}}  # JSON keys
     assert microbatch_options(problem) == (1, 2)
+
+
+class FakeTime:
+    """A fake search clock: each reading advances it `tick` s; `measure_s` per measured candidate."""
+
+    def __init__(self, tick=0.01, measure_s=1.0):
+        self.now, self.tick, self.measure_s = 0.0, tick, measure_s
+
+    def clock(self, already_s=0.0):
+        self.now = already_s
+
+        def read():
+            self.now += self.tick
+            return self.now
+        return read
+
+
+class TimedScorer(Counting):
+    """Counting, whose measurement session advances the fake clock by its known cost."""
+
+    def __init__(self, problem, time):
+        super().__init__(problem)
+        self.time = time
+
+    def measure(self, candidates):
+        self.time.now += self.time.measure_s * len(candidates)
+        return super().measure(candidates)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_time_budget_covers_the_closing_measurement(method, monkeypatch):
+    time = FakeTime()
+    for module in ("placer.search.random_search", "placer.search.local_search", "placer.rl.trainer"):
+        monkeypatch.setattr(importlib.import_module(module), "Clock", time.clock)
+    problem = synthetic()
+    warm = best_heuristic(problem)
+    scorer = TimedScorer(problem, time)
+    config = TrainConfig(**{**CONFIG.__dict__, "budget_s": 20.0, "max_samples": None, "measure_every": 2})
+    result = run(method, problem, scorer, config, warm)
+    # periodic sessions ran, and the closing one (2 best + the warm start, 3 s) ended within the budget
+    assert len(scorer.measured_calls) >= 2 and Candidate(warm) in dict(result.measured)
+    # within the budget, give or take the last round's own compute (not reserved: at most ~0.15 fake s here);
+    # without the reserve the closing 3 s would end near 22 s
+    assert time.now <= 20.0 + 0.25 and result.elapsed_s == time.now
+    assert result.rounds >= 4  # the reserve held rounds back only near the end, not from the start
+
+
+def test_a_periodic_measurement_that_would_overrun_is_left_to_the_closing_round():
+    problem = synthetic()
+    scorer, time = Counting(problem), FakeTime(tick=0.0)
+    state = SearchState(rounds=2, measure_s=4.0, measure_n=2)  # 2 s per measured candidate so far
+    candidates = [Candidate((0,) * 16), Candidate((1,) * 16)]
+    state.remember(candidates, scorer.score(candidates), keep=8)
+    config = SearchConfig(budget_s=20.0, measure_every=2, measure_top_k=2)
+    # 2 candidates at 2 s each, then the closing reserve of 3 x 2 s, would end at 20.5 s
+    clock = time.clock(already_s=10.5)
+    assert not measure_round(state, scorer, config, clock) and scorer.measured_calls == []
+    assert budget_left(state, config, 13.5) and not budget_left(state, config, 14.5)  # reserve: 6 s
+    time.now = 9.5  # now they end at 19.5 s: measured
+    measure_round(state, scorer, config, clock)
+    assert scorer.measured_calls == [candidates]

@@ -223,7 +223,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             learner.temperature = policy.temperature
 
             # -- measurement bookkeeping (placer.search.state)
-            measure_round(state, scorer, config)
+            measure_round(state, scorer, config, clock)
 
             # -- progress and checkpoint
             row = state.record(times, clock())
@@ -231,7 +231,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
                 on_progress(dict(row))
             if checkpoint is not None and state.rounds % config.checkpoint_every == 0:
                 save()
-        final_round(state, scorer, config, warm_start)
+        final_round(state, scorer, config, warm_start, clock)
     except KeyboardInterrupt:
         interrupted = True
         if times is not None and (state.curve[-1]["update"] if state.curve else 0) != state.rounds:

@@ -26,7 +26,12 @@ class SearchConfig:
     """Seeds every random choice of the search: the same seed and max_samples (with
     budget_s None) give the same search."""
     budget_s: float | None = 300.0
-    """Wall-clock budget in seconds, measurements and the RL warm start included; None: no limit."""
+    """Wall-clock budget in seconds for the whole search, counted from its start: RL's warm start,
+    the rounds, the periodic measurements and the closing measurement. Rounds stop being started
+    when the expected closing measurement (mean seconds per measured candidate so far times
+    measure_top_k + 1, at most half the budget) would no longer fit; a periodic measurement that
+    would end past it is skipped. Estimates: the last round's own compute, or a slower-than-usual
+    measurement, can still run past it; None: no limit."""
     max_samples: int | None = None
     """Candidates sampled (each scored once); None: no limit. Equal max_samples is how
     searches are compared."""

@@ -82,12 +82,12 @@ def local_search(problem: PlacementProblem, scorer, config: SearchConfig, warm_s
                     current, current_ms = proposal, ms
             state.rounds += 1
             # -- measurement bookkeeping (placer.search.state)
-            if measure_round(state, scorer, config):
+            if measure_round(state, scorer, config, clock):
                 (current_ms,) = scorer.score([current])  # the current point under the refitted simulator
             row = state.record(times, clock())
             if on_progress is not None:
                 on_progress(dict(row))
-        final_round(state, scorer, config, warm_start)
+        final_round(state, scorer, config, warm_start, clock)
     except KeyboardInterrupt:
         interrupted = True
     state.elapsed_s = clock()

@@ -55,11 +55,11 @@ def random_search(problem: PlacementProblem, scorer, config: SearchConfig, warm_
             state.remember(batch, times, config.keep_top)
             state.rounds += 1
             state.samples += len(batch)
-            measure_round(state, scorer, config)
+            measure_round(state, scorer, config, clock)
             row = state.record(times, clock())
             if on_progress is not None:
                 on_progress(dict(row))
-        final_round(state, scorer, config, warm_start)
+        final_round(state, scorer, config, warm_start, clock)
     except KeyboardInterrupt:
         interrupted = True
     state.elapsed_s = clock()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -63,6 +63,12 @@ class SearchState:
     measured: dict[Candidate, float] = field(default_factory=dict)  # ms; inf where infeasible
     curve: list[dict] = field(default_factory=list)
     closed_at: int | None = None  # samples when the closing round was measured; None: not yet
+    measure_s: float = 0.0  # seconds spent in the scorer's measurement sessions (this run; not checkpointed)
+    measure_n: int = 0  # candidates measured in those sessions
+
+    def measure_cost(self, n: int) -> float:
+        """Expected seconds to measure `n` candidates: the mean so far per candidate; 0 before any."""
+        return n * self.measure_s / self.measure_n if self.measure_n else 0.0
 
     def remember(self, candidates: Sequence[Candidate], times: Sequence[float], keep: int) -> None:
         """Add scored candidates, keeping the `keep` fastest distinct ones."""
@@ -125,8 +131,17 @@ class Clock:
         return time.monotonic() - self._started
 
 
+def closing_reserve(state: SearchState, config: SearchConfig) -> float:
+    """Seconds kept back for the closing round (measure_top_k + 1 candidates at the mean
+    cost per measured candidate so far), at most half the time budget; 0 without one."""
+    if config.budget_s is None or not config.measure_top_k:
+        return 0.0
+    return min(state.measure_cost(config.measure_top_k + 1), config.budget_s / 2)
+
+
 def budget_left(state: SearchState, config: SearchConfig, elapsed_s: float) -> bool:
-    return ((config.budget_s is None or elapsed_s < config.budget_s)
+    """Whether to start another round: samples left, and time left after the closing round's reserve."""
+    return ((config.budget_s is None or elapsed_s + closing_reserve(state, config) < config.budget_s)
             and (config.max_samples is None or state.samples < config.max_samples))
 
 
@@ -137,14 +152,18 @@ def round_size(state: SearchState, config: SearchConfig) -> int:
     return max(0, min(config.batch_size, config.max_samples - state.samples))
 
 
-def measure(state: SearchState, scorer: Scorer, candidates: Sequence[Candidate]) -> bool:
-    """Measure `candidates`, keep their times; when any is feasible, refit the scorer to
-    every measurement so far and re-score the kept candidates under the new fit.
-    Returns whether the scorer was refitted."""
+def measure(state: SearchState, scorer: Scorer, candidates: Sequence[Candidate], clock: Callable[[], float]) -> bool:
+    """Measure `candidates`, keep their times (and the session's seconds by `clock`); when any
+    is feasible, refit the scorer to every measurement so far and re-score the kept candidates
+    under the new fit. Returns whether the scorer was refitted."""
     todo = [c for c in dict.fromkeys(candidates) if c not in state.measured]
     if not todo:
         return False
-    for c, ms in zip(todo, scorer.measure(todo)):
+    started = clock()
+    times = scorer.measure(todo)
+    state.measure_s += clock() - started
+    state.measure_n += len(todo)
+    for c, ms in zip(todo, times):
         state.measured[c] = math.inf if ms is None else float(ms)
     return refit(state, scorer)
 
@@ -160,21 +179,28 @@ def refit(state: SearchState, scorer: Scorer) -> bool:
     return True
 
 
-def measure_round(state: SearchState, scorer: Scorer, config: SearchConfig) -> bool:
-    """The periodic measurement round: after every `measure_every` rounds. Returns
-    whether the scorer was refitted (scores from before are stale then)."""
-    if config.measure_top_k and state.rounds % config.measure_every == 0:
-        return measure(state, scorer, state.unmeasured_best(config.measure_top_k))
-    return False
+def measure_round(state: SearchState, scorer: Scorer, config: SearchConfig, clock: Callable[[], float]) -> bool:
+    """The periodic measurement round: after every `measure_every` rounds, unless, at the mean
+    cost so far, it would end past the time budget less the closing round's reserve (its
+    candidates fall to the closing round). Returns whether the scorer was refitted (scores
+    from before are stale then)."""
+    if not config.measure_top_k or state.rounds % config.measure_every:
+        return False
+    todo = state.unmeasured_best(config.measure_top_k)
+    ends_s = clock() + state.measure_cost(len(todo)) + closing_reserve(state, config)
+    if config.budget_s is not None and ends_s > config.budget_s:
+        return False
+    return measure(state, scorer, todo, clock)
 
 
-def final_round(state: SearchState, scorer: Scorer, config: SearchConfig, warm_start: Candidate | None) -> None:
+def final_round(state: SearchState, scorer: Scorer, config: SearchConfig, warm_start: Candidate | None,
+                clock: Callable[[], float]) -> None:
     """The closing measurement round: the best unmeasured candidates and the warm start,
     once per sample count (a search resumed after it closed, with no budget left, measures
     nothing; one given more budget samples more and closes again)."""
     if config.measure_top_k and state.closed_at != state.samples:
         final = state.unmeasured_best(config.measure_top_k)
-        measure(state, scorer, final + ([warm_start] if warm_start is not None else []))
+        measure(state, scorer, final + ([warm_start] if warm_start is not None else []), clock)
     state.closed_at = state.samples
 
 
