@@ -17,7 +17,7 @@ from torch import nn
 from graphs.capture import node_params
 from graphs.trace import trace_model
 from graphs.workload import Workload, load_workload
-from graphs.devices import Cluster, parse_cluster
+from graphs.devices import Cluster, format_size, parse_cluster
 from graphs.errors import PlanError
 from placer.plan import Plan, plan_from_assignment
 from placer.runtime import PlacedModule, apply, measure, measure_eager
@@ -532,7 +532,7 @@ def test_measure_reports_a_device_over_its_cap_as_infeasible():
     cluster = parse_cluster("cpu:0,cpu:1", memory="cpu:1=64KiB")
     m = measure(mlp_workload(), mlp_plan(), cluster, iters=2, warmup=1)
     assert not m.feasible
-    assert m.reason == f"cpu:1 needs {m.peak_bytes['cpu:1']} bytes but has {64 * 1024}"
+    assert m.reason == f"cpu:1 needs {format_size(m.peak_bytes['cpu:1'])} but has 64.0 KiB"
 
 
 def test_measure_survives_out_of_memory_and_timeouts_and_cleans_up():

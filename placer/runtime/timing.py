@@ -37,7 +37,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from graphs.devices import Cluster, parse_cluster
+from graphs.devices import Cluster, format_size, parse_cluster
 from graphs.problem import PlacementProblem
 from graphs.workload import Workload
 from placer.plan import Plan, make_plan, with_workload_options
@@ -276,7 +276,8 @@ class PlacedTrial(Trial):
         self.peak_bytes.update(_peak_bytes(self.placed, self.optimizer, self.cluster))
         for d in self.cluster.devices:
             if d.memory_bytes is not None and self.peak_bytes.get(d.name, 0) > d.memory_bytes:
-                raise _OverCap(f"{d.name} needs {self.peak_bytes[d.name]} bytes but has {d.memory_bytes}")
+                raise _OverCap(f"{d.name} needs {format_size(self.peak_bytes[d.name])} but has "
+                              f"{format_size(d.memory_bytes)}")
 
     def _around_step(self) -> AbstractContextManager:
         return _ThreadState(self.threads)
