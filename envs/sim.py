@@ -12,8 +12,9 @@ training step:
   inputs from other devices have arrived, pays a dispatch overhead, runs its atoms
   back to back and hands its outputs on when it ends;
 - one worker per device runs its chunks in the order they became ready; chunks
-  ready at the same moment by priority (forward: micro-batch, then fx order;
-  backward: the reverse of both), the runtime's rule (placer.runtime.dataflow);
+  ready at the same moment by priority (micro-batch, then graphs.schedule.pass_order:
+  chunks that hand work to another device first, then fx order; backward: the
+  reverse of both orders), the runtime's rule (placer.runtime.dataflow);
 - a chunk's outputs to another chunk on another device occupy the directed link
   for latency + bytes / bandwidth, one transfer after another on one link;
 - with m micro-batches (GPipe) every micro-batch runs every chunk, each at the
@@ -55,7 +56,7 @@ import numpy as np
 from graphs.bounds import microbatch_table
 from graphs.devices import Cluster, Link
 from graphs.problem import PlacementProblem
-from graphs.schedule import partition
+from graphs.schedule import partition, pass_order
 
 # Dispatching a chunk to a worker (queue hand-off, Python call overhead), before
 # calibration; measured placements refine it.
@@ -284,12 +285,12 @@ class Simulator:
         else:  # each atom's device
             devs = devices[self._atom_rows]
             dev = devs.tolist()
-        chunk_of = partition(len(dev), self._edges, dev, presorted=True)
+        part = partition(len(dev), self._edges, dev, presorted=True)
+        chunk_of = part.chunk_of
         chunks = np.array(chunk_of, dtype=np.intp)
         n_chunks = len(chunk_of) and int(chunks.max()) + 1
         cdev_array = np.zeros(n_chunks, dtype=np.intp)
         cdev_array[chunks] = devs
-        cdev = cdev_array.tolist()
         fwd = np.bincount(chunks, weights=self._fwd[self._rows, devs], minlength=n_chunks)
         bwd = np.bincount(chunks, weights=self._bwd[self._rows, devs], minlength=n_chunks)
         if m > 1:  # a chunk's atoms share its device: scale each chunk by its device's factor
@@ -305,15 +306,10 @@ class Simulator:
         links_free = [[0.0] * n_dev for _ in range(n_dev)]
         members = _members(chunk_of, n_chunks) if events is not None else None
         overhead = self.calibration.chunk_overhead_ms
-        outs, ins = np.bincount(heads, minlength=n_chunks), np.bincount(tails, minlength=n_chunks)
-        work = _Work(cdev, (fwd + overhead).tolist(), _starts(outs), tails.tolist(), pair_bytes.tolist(), ins.tolist())
+        work = _work(pass_order(part, False), cdev_array, fwd + overhead, heads, tails, pair_bytes)
         free = self._pass(work, m, False, [0.0] * n_dev, links_free, busy, events, members)
         loss_end = max(free) + self.calibration.loss_ms
-        # Backward in priority order is chunk n - 1 - c at position c, handing on along the
-        # reversed pairs, sorted by position so that each chunk hands on in priority order.
-        back = np.argsort(tails * n_chunks + heads)[::-1]
-        work = _Work(cdev[::-1], (bwd + overhead).tolist()[::-1], _starts(ins[::-1]),
-                     (n_chunks - 1 - heads[back]).tolist(), pair_bytes[back].tolist(), outs[::-1].tolist())
+        work = _work(pass_order(part, True), cdev_array, bwd + overhead, tails, heads, pair_bytes)
         free = self._pass(work, m, True, [loss_end] * n_dev, links_free, busy, events, members)
         # optimizer.step() is one call on the caller's thread once backward is done: the
         # host runs the CPU devices' updates one after another, while each GPU runs its
@@ -341,6 +337,7 @@ class Simulator:
         Updates links_free and busy; returns when each device is idle again."""
         latency, per_byte = self._latency_ms, self._ms_per_byte
         cdev, run, first, targets, sizes = work.device, work.run, work.first, work.targets, work.sizes
+        chunk_at = work.chunk
         n = len(cdev)
         start = max(free)
         pending = work.waiting * m
@@ -358,7 +355,7 @@ class Simulator:
             t = free[d] = s + run[c]
             busy[d] += t - s
             if record:
-                chunk, i = (n - 1 - c, m - 1 - task // n) if backward else (c, task // n)
+                chunk, i = chunk_at[c], (m - 1 - task // n if backward else task // n)
                 self._task_events(events, d, "bwd" if backward else "fwd", chunk, i, members[chunk], s, backward, m)
             base = task - c
             for j in range(first[c], first[c + 1]):
@@ -373,7 +370,7 @@ class Simulator:
                         at = t
                     arrival = link_free[e] = at + latency[d][e] + sizes[j] * per_byte[d][e]
                     if record:
-                        other = n - 1 - w if backward else w
+                        other = chunk_at[w]
                         self._event(events, d, "xfer", f"{self._names[d]}->{self._names[e]}", at, arrival,
                                     groups=(self._group(members[chunk][0]), self._group(members[other][0])),
                                     phase="bwd" if backward else "fwd", microbatch=i)
@@ -407,11 +404,12 @@ class Simulator:
 
 class _Work(NamedTuple):
     """One pass's chunks in priority order (position c: the chunk run c-th of those
-    ready at once): `device[c]`, `run[c]` (ms, dispatch included), and whom it hands
-    on to, as flat lists (no list per chunk): targets[j] with sizes[j] bytes for j in
-    range(first[c], first[c + 1]), in priority order; `waiting[c]`: how many chunks
-    hand on to c."""
+    ready at once, `chunk[c]`): `device[c]`, `run[c]` (ms, dispatch included), and whom
+    it hands on to, as flat lists (no list per chunk): positions targets[j] with
+    sizes[j] bytes for j in range(first[c], first[c + 1]), in priority order;
+    `waiting[c]`: how many chunks hand on to c."""
 
+    chunk: list[int]
     device: list[int]
     run: list[float]
     first: list[int]
@@ -420,9 +418,19 @@ class _Work(NamedTuple):
     waiting: list[int]
 
 
-def _starts(counts: np.ndarray) -> list[int]:
-    """Where each chunk's run of pairs starts, from the pairs per chunk, and the end."""
-    return [0, *np.cumsum(counts).tolist()]
+def _work(order: list[int], device: np.ndarray, run: np.ndarray, sources: np.ndarray, targets: np.ndarray,
+          sizes: np.ndarray) -> _Work:
+    """One pass's _Work: chunks in `order` (graphs.schedule.pass_order), chunk
+    sources[j] handing on to targets[j] (the chunk graph's pairs, reversed for the
+    backward pass) with sizes[j] bytes."""
+    n = len(order)
+    position = np.empty(n, dtype=np.intp)
+    position[order] = np.arange(n)
+    src, dst = position[sources], position[targets]
+    by = np.lexsort((dst, src))
+    return _Work(order, device[order].tolist(), run[order].tolist(),
+                 [0, *np.cumsum(np.bincount(src, minlength=n)).tolist()], dst[by].tolist(), sizes[by].tolist(),
+                 np.bincount(dst, minlength=n).tolist())
 
 
 def _members(chunk_of: list[int], n_chunks: int) -> list[list[int]]:

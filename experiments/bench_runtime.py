@@ -72,6 +72,28 @@ def module_path(node) -> str:
     return str(list(stack.values())[-1][0]) if stack else ""
 
 
+def fx_split(first_on_1: str):
+    """A contiguous split of the captured graph's order: cpu:1 from the first node of
+    module `first_on_1` on, cpu:0 before it; a parameter goes where its first reader goes."""
+    cache: dict = {}
+
+    def position(node) -> int:
+        if not cache:
+            nodes = list(node.graph.nodes)
+            cache["at"] = {n: i for i, n in enumerate(nodes)}
+            cache["cut"] = next(i for i, n in enumerate(nodes)
+                                if n.op not in ("get_attr", "placeholder") and module_path(n).startswith(first_on_1))
+        if node.op == "get_attr" and node.users:
+            return min(cache["at"][u] for u in node.users)
+        return cache["at"][node]
+
+    def assign(node) -> str:
+        at = position(node)  # fills the cache first
+        return "cpu:1" if at >= cache["cut"] else "cpu:0"
+
+    return assign
+
+
 def row(m, reference=None, name: str = "") -> dict:
     r = {"median_ms": m.median_ms, "ci_ms": m.ci_ms, "runs": m.runs, "feasible": m.feasible, "reason": m.reason}
     if reference is not None:
@@ -113,13 +135,10 @@ def towers(width: int, depth: int, batch: int, protocol: Protocol) -> dict:
                         inputs=(torch.randn(batch, width),))
     devices = ["cpu:0", "cpu:1"]
     cluster = parse_cluster(",".join(devices))
-    last = f"towers.1.{2 * depth - 2}"  # tower 1's last Linear: the issue's held-out plan moves it
 
-    def split(first: tuple[str, ...], head_on: str, also: tuple[str, ...] = ()):
+    def split(first: tuple[str, ...], head_on: str):
         def assign(node) -> str:
             path = module_path(node)
-            if path.startswith(also):
-                return "cpu:1"
             if path.startswith("head"):
                 return head_on
             return "cpu:0" if path.startswith(first) else "cpu:1"
@@ -129,8 +148,12 @@ def towers(width: int, depth: int, batch: int, protocol: Protocol) -> dict:
         "all on cpu:0": lambda n: "cpu:0",
         "towers 0,1 | 2,3 + head": split(("towers.0", "towers.1"), "cpu:1"),
         "towers 0,1 + head | 2,3": split(("towers.0", "towers.1"), "cpu:0"),
-        "towers 0,1 less tower 1's tail | rest (issue)": split(("towers.0", "towers.1"), "cpu:1", (last,)),
         "towers 0,2 | 1,3 + head (interleaved in fx order)": split(("towers.0", "towers.2"), "cpu:1"),
+        # Contiguous in fx order: a prefix on cpu:0, the rest on cpu:1 (the issue's held-out plan
+        # puts the tail of tower 1 with towers 2-3).
+        "fx prefix | suffix from tower 1's last layer (issue)": fx_split(f"towers.1.{2 * depth - 2}"),
+        "fx prefix | suffix from tower 2": fx_split("towers.2"),
+        "fx prefix | suffix from tower 1's middle": fx_split(f"towers.1.{2 * (depth // 2)}"),
     }
     entries = [("unplaced", EagerTrial(workload, threads=HOST_THREADS, warmup=protocol.warmup))]
     for label, assign in plans.items():

@@ -24,10 +24,19 @@ every member of C: b is their same-device ancestor) and leave it at a node a
 around the cycle that gives a path from b back to b in the graph itself.
 
 Each device's worker runs its ready chunks in the order they became ready; chunks
-that become ready at the same moment run by priority (the lowest member, i.e. fx
-order; in backward the reverse). That rule is work-conserving (a worker idles only
-when nothing of its own is ready), costs the runtime nothing but a FIFO queue, and
-lets the simulator compute the schedule exactly with one heap (envs.sim).
+that become ready at the same moment run by priority (`pass_order`): first those
+that hand work to another device in this pass (forward: B is not empty, another
+device reads what they compute, directly or through later work of their own
+device; backward: F is not empty, another device waits for their gradients), then
+the rest; within each, the lowest member first (fx order; in backward the reverse).
+Handing work on first keeps the other devices busy: without it, four towers split
+2+2 ran 1.2x instead of 1.8x, because in backward the device holding the head ran
+its own towers before the small chunk whose gradients the other device waited for.
+(B and F carry the rule with no cost model: any path to another device leaves its
+own device first by a cross edge out of a same-device descendant.) The rule is
+work-conserving (a worker idles only when nothing of its own is ready), costs the
+runtime nothing but a FIFO queue, and lets the simulator compute the schedule
+exactly with one heap (envs.sim).
 
 Besides data edges, a graph carries *ordering edges* (`ordering_edges`): an in-place
 update runs after the earlier readers of what it changes and before the later ones,
@@ -42,17 +51,29 @@ from __future__ import annotations
 import heapq
 import operator
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["partition", "chunk_order", "ordering_edges", "is_random", "mutated_args", "tensor_base", "setitem",
+__all__ = ["Partition", "partition", "pass_order", "chunk_order", "ordering_edges", "is_random", "mutated_args", "tensor_base", "setitem",
            "after_update"]
 
 
-def partition(n: int, edges: Sequence[tuple[int, int]], device: Sequence[int], *, presorted: bool = False) -> list[int]:
-    """The chunk of every node of a placed DAG (see the module doc).
+class Partition(NamedTuple):
+    """A placed DAG cut into chunks: `chunk_of[v]` is node v's chunk; per chunk c,
+    `hands_on_forward[c]`: another device reads what c computes (its B is not empty);
+    `hands_on_backward[c]`: another device waits for c's gradients (its F is not empty)."""
+
+    chunk_of: list[int]
+    hands_on_forward: list[bool]
+    hands_on_backward: list[bool]
+
+
+def partition(n: int, edges: Sequence[tuple[int, int]], device: Sequence[int], *,
+              presorted: bool = False) -> Partition:
+    """The chunks of a placed DAG (see the module doc).
 
     Parameters
     ----------
@@ -67,18 +88,18 @@ def partition(n: int, edges: Sequence[tuple[int, int]], device: Sequence[int], *
 
     Returns
     -------
-    list of int
-        Chunk id per node. Chunk ids are numbered by their lowest node, so a chunk's
-        id is also its priority (fx order).
+    Partition
+        The chunk id of every node, and per chunk whether it hands work to another
+        device in each pass. Chunk ids are numbered by their lowest node (fx order).
 
     Examples
     --------
     Two independent chains a0 -> a1 on device 0 and b0 -> b1 on device 1, where a1
     also reads b0: a0 runs at once, a1 once b0 has arrived.
 
-    >>> partition(4, [(0, 2), (1, 3), (1, 2)], [0, 1, 0, 1])
+    >>> partition(4, [(0, 2), (1, 3), (1, 2)], [0, 1, 0, 1]).chunk_of
     [0, 1, 2, 3]
-    >>> partition(3, [(0, 1), (1, 2)], [0, 0, 0])
+    >>> partition(3, [(0, 1), (1, 2)], [0, 0, 0]).chunk_of
     [0, 0, 0]
     """
     ordered = edges if presorted else sorted(set(edges))
@@ -102,7 +123,19 @@ def partition(n: int, edges: Sequence[tuple[int, int]], device: Sequence[int], *
             bwd[u] |= bits[cross]
             cross += 1
     ids: dict[tuple[int, int, int], int] = {}
-    return [ids.setdefault(key, len(ids)) for key in zip(device, fwd, bwd)]
+    chunk_of = [ids.setdefault(key, len(ids)) for key in zip(device, fwd, bwd)]
+    return Partition(chunk_of, [b != 0 for _, _, b in ids], [f != 0 for _, f, _ in ids])
+
+
+def pass_order(part: Partition, backward: bool) -> list[int]:
+    """The chunks in priority order for one pass (module doc): those that hand work to
+    another device first, then fx order (backward: its reverse). Position k in this
+    list is the k-th to run of chunks that become ready at the same moment."""
+    if backward:
+        hands_on = part.hands_on_backward
+        return sorted(range(len(hands_on) - 1, -1, -1), key=lambda c: not hands_on[c])
+    hands_on = part.hands_on_forward
+    return sorted(range(len(hands_on)), key=lambda c: not hands_on[c])
 
 
 _BITS: list[int] = []

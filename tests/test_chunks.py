@@ -57,7 +57,7 @@ def test_chunks_are_the_partition_of_the_computing_nodes_in_a_topological_order(
                  if a.name in position and n.name in position]
         edges += [(position["add_"], position["head"])]  # head reads y after y.add_(h): the update's edge
         devices = {d: i for i, d in enumerate(THREE)}
-        expected = partition(len(body), edges, [devices[assignment[n]] for n in body])
+        expected = partition(len(body), edges, [devices[assignment[n]] for n in body]).chunk_of
         by_chunk = {frozenset(c.nodes) for c in chunks}
         assert by_chunk == {frozenset(n for n in body if expected[position[n]] == k) for k in set(expected)}
 

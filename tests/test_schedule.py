@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphs.schedule
-from graphs.schedule import chunk_order, is_random, mutated_args, ordering_edges, partition
+from graphs.schedule import chunk_order, is_random, mutated_args, ordering_edges, partition, pass_order
 
 
 def test_doctests():
@@ -55,11 +55,16 @@ def test_partition_groups_exactly_the_nodes_with_equal_keys_and_the_chunk_graph_
     rng = random.Random(seed)
     n = rng.randrange(2, 40)
     edges, device = random_dag(rng, n, rng.choice([0.05, 0.15, 0.4]), rng.choice([2, 3]))
-    chunk = partition(n, edges, device)
+    part = partition(n, edges, device)
+    chunk = part.chunk_of
     keys = naive_keys(n, edges, device)
     for u in range(n):
         for v in range(n):
             assert (chunk[u] == chunk[v]) == (keys[u] == keys[v])
+        # A chunk hands work on in a pass when some member reaches another device, by any path.
+        _, f, b = keys[u]
+        assert part.hands_on_forward[chunk[u]] == bool(b)
+        assert part.hands_on_backward[chunk[u]] == bool(f)
     order = chunk_order(chunk, edges)  # raises on a cycle
     assert sorted(order) == list(range(max(chunk) + 1))
     assert [min(v for v in range(n) if chunk[v] == c) for c in range(max(chunk) + 1)] == sorted(
@@ -70,7 +75,7 @@ def test_towers_split_where_a_value_crosses_and_nowhere_else():
     # Two towers a0->a1->a2 (device 0) and b0->b1->b2 (device 1), a head h (device 1)
     # reading a2 and b2: each tower is one chunk; the head waits for a2.
     edges = [(0, 1), (1, 2), (3, 4), (4, 5), (2, 6), (5, 6)]
-    chunks = partition(7, edges, [0, 0, 0, 1, 1, 1, 1])
+    chunks = partition(7, edges, [0, 0, 0, 1, 1, 1, 1]).chunk_of
     assert chunks == [0, 0, 0, 1, 1, 1, 2]
     # The head's tower on device 1 is independent of tower a: not fused behind it.
     assert chunks[3] != chunks[6]
@@ -78,7 +83,21 @@ def test_towers_split_where_a_value_crosses_and_nowhere_else():
 
 def test_a_node_that_needs_a_crossing_does_not_hold_up_independent_work_before_it_in_fx_order():
     # fx order: x (dev 0), y (dev 1, reads x), z (dev 1, independent), w (dev 1, reads y and z)
-    assert partition(4, [(0, 1), (1, 3), (2, 3)], [0, 1, 1, 1]) == [0, 1, 2, 1]
+    assert partition(4, [(0, 1), (1, 3), (2, 3)], [0, 1, 1, 1]).chunk_of == [0, 1, 2, 1]
+
+
+def test_chunks_that_hand_work_to_another_device_run_first_when_ready_at_once():
+    # Towers a (device 0) and b (device 1); the head h (device 1) reads a2 and b2:
+    # backward, h's gradients make tower b and tower a's hand-off ready at once.
+    # n0 (device 1) -> a (device 0): chunk of n0 hands on forward; a hands on backward.
+    edges = [(0, 1), (1, 2), (2, 3), (4, 5), (3, 6), (5, 6)]
+    part = partition(7, edges, [1, 0, 0, 0, 1, 1, 1])
+    assert part.chunk_of == [0, 1, 1, 1, 2, 2, 3]
+    assert pass_order(part, backward=False) == [0, 1, 2, 3]  # 0 and 1 hand on; then fx order
+    # Backward: 1 (whose gradients device 1's chunk 0 waits for) and 3 (the head: device 0
+    # waits for its gradients) first, in reverse fx order; then the rest.
+    assert pass_order(part, backward=True) == [3, 1, 2, 0]
+    assert pass_order(partition(3, [(0, 1), (1, 2)], [0, 0, 0]), backward=True) == [0]
 
 
 def test_chunk_order_refuses_a_cycle():

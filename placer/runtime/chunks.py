@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from graphs.schedule import after_update, chunk_order, mutated_args, ordering_edges, partition, setitem, tensor_base
+from graphs.schedule import (Partition, after_update, chunk_order, mutated_args, ordering_edges, partition, pass_order,
+                             setitem, tensor_base)
 
 __all__ = ["Chunk", "build_chunks", "mutates_first_arg", "thread_in_place_updates"]
 
@@ -44,7 +45,9 @@ class Chunk:
     mutated_inputs: frozenset[str]  # inputs it changes in place, directly or through a view (it gets a copy)
     module: fx.GraphModule  # forward(*inputs) -> tuple(outputs)
     after: tuple[int, ...] = ()  # indices of the chunks it waits for (values and ordering)
-    priority: int = 0  # tie-break among chunks ready at once: the partition's id (lowest atom)
+    # Tie-breaks among chunks ready at once, lower first (graphs.schedule.pass_order):
+    forward_rank: int = 0
+    backward_rank: int = 0
 
 
 def mutates_first_arg(node: fx.Node, root: nn.Module) -> bool:
@@ -136,14 +139,17 @@ def build_chunks(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], *
     for node, a in zip(body, atom_of):
         atom_device[a] = assignment[node.name]
     atom_pairs = [(atom_of[u], atom_of[v]) for u, v in pairs if atom_of[u] != atom_of[v]]
-    if runs:
+    if runs:  # stages: no hand-off preference, fx order
         chunk_of_atom = [0] * n_atoms
         for a in range(1, n_atoms):
             chunk_of_atom[a] = chunk_of_atom[a - 1] + (atom_device[a] != atom_device[a - 1])
+        k = chunk_of_atom[-1] + 1 if n_atoms else 0
+        part = Partition(chunk_of_atom, [False] * k, [False] * k)
     else:
         devices = {d: i for i, d in enumerate(dict.fromkeys(atom_device))}
-        chunk_of_atom = partition(n_atoms, atom_pairs, [devices[d] for d in atom_device])
-    chunk_of = [chunk_of_atom[a] for a in atom_of]
+        part = partition(n_atoms, atom_pairs, [devices[d] for d in atom_device])
+    rank = [{c: r for r, c in enumerate(pass_order(part, backward))} for backward in (False, True)]
+    chunk_of = [part.chunk_of[a] for a in atom_of]
     order = chunk_order(chunk_of, pairs)
     index = {c: i for i, c in enumerate(order)}
 
@@ -155,8 +161,8 @@ def build_chunks(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], *
         a, b = index[chunk_of[u]], index[chunk_of[v]]
         if a != b:
             after[b].add(a)
-    return [_compile(i, run, assignment[run[0].name], lookup, tuple(sorted(after[i])), order[i])
-            for i, run in enumerate(members)]
+    return [_compile(i, run, assignment[run[0].name], lookup, tuple(sorted(after[i])), rank[0][order[i]],
+                     rank[1][order[i]]) for i, run in enumerate(members)]
 
 
 def _copy(graph: fx.Graph) -> fx.Graph:
@@ -216,7 +222,7 @@ class _Lookup:
 
 
 def _compile(index: int, run: list[fx.Node], device: str, lookup: _Lookup, after: tuple[int, ...],
-             priority: int) -> Chunk:
+             forward_rank: int, backward_rank: int) -> Chunk:
     members = set(run)
     reads = [a for n in run for a in n.all_input_nodes if a not in members]
     inputs = list(dict.fromkeys(a for a in reads if a.op != "get_attr"))
@@ -237,5 +243,5 @@ def _compile(index: int, run: list[fx.Node], device: str, lookup: _Lookup, after
         index=index, device=device, nodes=tuple(n.name for n in run),
         inputs=tuple(a.name for a in inputs), outputs=tuple(n.name for n in outputs),
         mutated_inputs=frozenset(mutated), module=fx.GraphModule(targets, g, class_name=f"Chunk{index}"),
-        after=after, priority=priority,
+        after=after, forward_rank=forward_rank, backward_rank=backward_rank,
     )

@@ -6,9 +6,10 @@ it waits for are done: forward, the chunks whose values (or ordering) it needs;
 backward, the chunks that read its values, whose gradients it needs. A ready task
 goes to the tail of its device's queue, so each device runs its work in the order
 it became ready (graphs.schedule explains why that rule); tasks made ready at the
-same moment enter in priority order (forward: micro-batch, then fx order;
-backward: the reverse of both, GPipe's backward order). The simulator (envs.sim)
-follows the same rule.
+same moment enter in priority order (micro-batch, then each chunk's rank in
+graphs.schedule.pass_order: chunks that hand work to another device first, then fx
+order; backward: the reverse of both orders, GPipe's backward order). The simulator
+(envs.sim) follows the same rule.
 
 Each task's completion is booked under one lock (counters of the tasks waiting on
 it); a cross-device hand-off is one put on the other device's queue, which wakes

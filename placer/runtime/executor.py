@@ -115,12 +115,13 @@ class Executor:
         for c in chunks:
             for a in c.after:
                 wakes[a].append(c.index)
-        prio = [c.priority for c in chunks]
+        forward = [c.forward_rank for c in chunks].__getitem__
+        backward = [c.backward_rank for c in chunks].__getitem__
         self._waits = [c.after for c in chunks]
-        self._after = [sorted(c.after, key=prio.__getitem__, reverse=True) for c in chunks]  # backward wake order
-        self._wakes = [sorted(w, key=prio.__getitem__) for w in wakes]
-        self._first = sorted((c.index for c in chunks if not c.after), key=prio.__getitem__)
-        self._last = sorted((c.index for c in chunks if not wakes[c.index]), key=prio.__getitem__, reverse=True)
+        self._after = [sorted(c.after, key=backward) for c in chunks]  # backward wake order
+        self._wakes = [sorted(w, key=forward) for w in wakes]
+        self._first = sorted((c.index for c in chunks if not c.after), key=forward)
+        self._last = sorted((c.index for c in chunks if not wakes[c.index]), key=backward)
         self._layouts: dict[tuple, microbatch.Layout] = {}
         self._whole = len(chunks) == 1 and microbatches == 1  # the whole model, one pass (runs_whole_on_caller)
         # Debug timeline: set to a list to record a ChunkEvent per chunk run.
