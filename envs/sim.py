@@ -11,10 +11,10 @@ training step:
   both run the same chunks; a chunk runs when the chunks it needs are done and its
   inputs from other devices have arrived, pays a dispatch overhead, runs its atoms
   back to back and hands its outputs on when it ends;
-- one worker per device runs its chunks in the order they became ready; chunks
-  ready at the same moment by priority (micro-batch, then graphs.schedule.pass_order:
-  chunks that hand work to another device first, then fx order; backward: the
-  reverse of both orders), the runtime's rule (placer.runtime.dataflow);
+- one worker per device runs, of its chunks ready when it is free, the one of
+  highest priority (micro-batch, then graphs.schedule.pass_order: chunks that hand
+  work to another device first, then fx order; backward: the reverse of both
+  orders), the runtime's rule (placer.runtime.dataflow);
 - a chunk's outputs to another chunk on another device occupy the directed link
   for latency + bytes / bandwidth, one transfer after another on one link;
 - with m micro-batches (GPipe) every micro-batch runs every chunk, each at the
@@ -25,11 +25,13 @@ training step:
   parameters: the CPU devices' one after another on the host, each GPU's on the
   GPU, concurrently.
 
-Each device runs its ready chunks first come, first served, so one heap of tasks
-keyed by (ready time, priority) yields every device's order: a task popped later
-never becomes ready earlier. Tasks are numbered in each pass's priority order and
-read whom they hand on to from flat lists, so the loop allocates little more than
-its heap entries; simulate() makes well over 1,000 calls a second at 256 groups.
+A device that is free takes, of its tasks ready by then, the one of highest
+priority: the runtime's rule. The simulation starts tasks in time order over all
+devices (each device keeps a heap of tasks that will arrive and a heap of those
+that have), so every task's inputs are booked before its device chooses. Tasks are
+numbered in each pass's priority order and read whom they hand on to from flat
+lists, so the loop allocates little more than its heap entries; simulate() makes
+well over 1,000 calls a second at 256 groups.
 
 Micro-batch costs: the profile records, per device kind, m -> ms of a whole training
 step at batch/m, times m (OpGraph graph attributes `microbatch_step_ms_by_kind`, and
@@ -331,27 +333,44 @@ class Simulator:
 
     def _pass(self, work: _Work, m: int, backward: bool, free: list[float], links_free: list[list[float]],
               busy: list[float], events: list | None, members: list[list[int]] | None) -> list[float]:
-        """Run every task (micro-batch i, chunk c) once it is ready, first come first
-        served per device (module doc). Tasks are numbered in priority order (`_Work`):
-        the heap holds (ready time, task), so tasks ready at once run by priority.
-        Updates links_free and busy; returns when each device is idle again."""
+        """Run every task (micro-batch i, chunk c): a device that is free takes, of its
+        tasks ready by then, the one of highest priority (module doc). Tasks are numbered
+        in priority order (`_Work`: micro-batch, then position), so that is the lowest
+        number. Tasks start in time order over all devices, so a task's inputs are
+        known when its device chooses. Updates links_free and busy; returns when each
+        device is idle again."""
         latency, per_byte = self._latency_ms, self._ms_per_byte
         cdev, run, first, targets, sizes = work.device, work.run, work.first, work.targets, work.sizes
         chunk_at = work.chunk
-        n = len(cdev)
+        n, n_dev = len(cdev), len(free)
         start = max(free)
         pending = work.waiting * m
         ready = [start] * (n * m)
-        heap = [(start, i * n + c) for i in range(m) for c in range(n) if not pending[c]]  # sorted: a heap
+        arrivals: list[list] = [[] for _ in range(n_dev)]  # per device: (ready time, task), not yet taken in
+        queued: list[list[int]] = [[] for _ in range(n_dev)]  # per device: tasks ready by the time it is free
+        for task in range(n * m):  # in number order, so each list is a heap
+            if not pending[task % n]:
+                arrivals[cdev[task % n]].append((start, task))
         record = events is not None
         push, pop = heappush, heappop
-        while heap:
-            r, task = pop(heap)
+        for _ in range(n * m):
+            d, s = -1, math.inf
+            for e in range(n_dev):  # the device that starts a task next, and when
+                if queued[e]:
+                    at = free[e]
+                elif arrivals[e]:
+                    at = arrivals[e][0][0]
+                    if free[e] > at:
+                        at = free[e]
+                else:
+                    continue
+                if at < s:
+                    d, s = e, at
+            arrived, waiting = arrivals[d], queued[d]
+            while arrived and arrived[0][0] <= s:
+                push(waiting, pop(arrived)[1])
+            task = pop(waiting)
             c = task % n
-            d = cdev[c]
-            s = free[d]
-            if r > s:
-                s = r
             t = free[d] = s + run[c]
             busy[d] += t - s
             if record:
@@ -379,7 +398,7 @@ class Simulator:
                     ready[k] = arrival
                 left = pending[k] = pending[k] - 1
                 if not left:
-                    push(heap, (ready[k], k))
+                    push(arrivals[e], (ready[k], k))
         return free
 
     def _group(self, atom: int) -> int:

@@ -23,20 +23,19 @@ every member of C: b is their same-device ancestor) and leave it at a node a
 (through a same-device run whose F only grows: again b precedes a); chained
 around the cycle that gives a path from b back to b in the graph itself.
 
-Each device's worker runs its ready chunks in the order they became ready; chunks
-that become ready at the same moment run by priority (`pass_order`): first those
-that hand work to another device in this pass (forward: B is not empty, another
-device reads what they compute, directly or through later work of their own
-device; backward: F is not empty, another device waits for their gradients), then
-the rest; within each, the lowest member first (fx order; in backward the reverse).
-Handing work on first keeps the other devices busy: without it, four towers split
-2+2 ran 1.2x instead of 1.8x, because in backward the device holding the head ran
-its own towers before the small chunk whose gradients the other device waited for.
-(B and F carry the rule with no cost model: any path to another device leaves its
-own device first by a cross edge out of a same-device descendant.) The rule is
-work-conserving (a worker idles only when nothing of its own is ready), costs the
-runtime nothing but a FIFO queue, and lets the simulator compute the schedule
-exactly with one heap (envs.sim).
+A device that is free runs, of its chunks ready by then, the one of highest
+priority: the earliest micro-batch (backward: the latest), then `pass_order`: first
+the chunks that hand work to another device in this pass (forward: B is not empty,
+another device reads what they compute, directly or through later work of their
+own device; backward: F is not empty, another device waits for their gradients),
+then the rest; within each, the lowest member first (fx order; in backward the
+reverse). Handing work on first keeps the other devices busy: without it, four
+towers split 2+2 ran 1.2x instead of 1.8x, because in backward the device holding
+the head ran its own towers before the small chunk whose gradients the other device
+waited for. (B and F carry the rule with no cost model: any path to another device
+leaves its own device first by a cross edge out of a same-device descendant.) The
+rule is work-conserving (a worker idles only when nothing of its own is ready) and
+the simulator follows it exactly (envs.sim).
 
 Besides data edges, a graph carries *ordering edges* (`ordering_edges`): an in-place
 update runs after the earlier readers of what it changes and before the later ones,

@@ -1,6 +1,6 @@
-"""placer.runtime.dataflow: a pass runs each device's ready tasks first come, first
-served (ties by priority), fails with the task's own exception after the workers
-are quiet, and never waits without a way out."""
+"""placer.runtime.dataflow: a pass runs, on each device, the ready task of highest
+priority (micro-batch, then rank), fails with the task's own exception after the
+workers are quiet, and never waits without a way out."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from graphs.devices import parse_cluster
 from graphs.errors import ExecutionError
-from placer.runtime.dataflow import Pass
+from placer.runtime.dataflow import Pass, task_keys
 from placer.runtime.worker import Worker
 
 
@@ -22,9 +22,10 @@ def workers():
         w.close()
 
 
-def run(waits_for, workers, place, micro=1, reverse=False, body=None, timeout_s=None):
+def run(waits_for, workers, place, micro=1, reverse=False, body=None, timeout_s=None, rank=None):
     """Run a pass whose chunk c is on workers[place[c]] (the first one served by this
-    thread); returns the (micro-batch, chunk) order of the inline device's tasks."""
+    thread), ranked by `rank` (default: chunk order); returns the (micro-batch, chunk)
+    order in which the tasks ran."""
     wakes = [[] for _ in waits_for]
     for c, before in enumerate(waits_for):
         for a in before:
@@ -38,16 +39,21 @@ def run(waits_for, workers, place, micro=1, reverse=False, body=None, timeout_s=
             body(worker, i, c)
 
     chunk_workers = [workers[p] for p in place]
-    Pass(waits_for, wakes, initial, micro, reverse, chunk_workers, workers[0], record).execute(workers, timeout_s)
+    keys = task_keys(rank or range(len(waits_for)), micro, reverse)
+    Pass(waits_for, wakes, initial, keys, micro, reverse, chunk_workers, workers[0], record).execute(workers, timeout_s)
     return seen
 
 
-def test_a_device_runs_its_tasks_in_the_order_they_became_ready(workers):
-    # 2 waits for 1 and 3 for 0: after 0 and 1 run, 3 became ready first
-    assert [c for _, _, c in run([(), (), (1,), (0,)], workers, [0, 0, 0, 0])] == [0, 1, 3, 2]
-    # ready at once: by priority (the order given), micro-batch first
-    assert [(i, c) for _, i, c in run([(), ()], workers, [0, 0], micro=2)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert [(i, c) for _, i, c in run([(), ()], workers, [0, 0], micro=2, reverse=True)] == [
+def test_a_device_runs_the_ready_task_of_highest_priority(workers):
+    # 2 waits for 1 and 3 for 0: once 0 has run, 1 (ready from the start) and 3 are
+    # ready, and 1 ranks higher; then 2 does.
+    assert [c for _, _, c in run([(), (), (1,), (0,)], workers, [0, 0, 0, 0])] == [0, 1, 2, 3]
+    assert [c for _, _, c in run([(), (), (1,), (0,)], workers, [0, 0, 0, 0], rank=[0, 3, 2, 1])] == [0, 3, 1, 2]
+    # A chain of two chunks on one device, two micro-batches: micro-batch 0's second
+    # chunk goes before micro-batch 1's first, ready since the start (a pipeline
+    # stage hands micro-batch 0 on first); backward, the latest micro-batch first.
+    assert [(i, c) for _, i, c in run([(), (0,)], workers, [0, 0], micro=2)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(i, c) for _, i, c in run([(), (0,)], workers, [0, 0], micro=2, reverse=True)] == [
         (1, 0), (1, 1), (0, 0), (0, 1)]
 
 

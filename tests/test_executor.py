@@ -268,7 +268,7 @@ class _Poison:
 def test_a_dead_worker_is_reported_not_waited_for(one_thread):
     placed = Placed(Towers(), tower_split)
     worker = placed.executor.workers["cpu:1"]
-    worker.queue.put((_Poison(), 0))
+    worker.queue.put((0, _Poison(), 0))
     worker._thread.join()
     with pytest.raises(ExecutionError, match="worker of cpu:1 died"):
         placed(torch.randn(2, 64)).sum().backward()
@@ -357,8 +357,10 @@ def test_the_simulators_order_per_device_is_the_runtimes(tmp_path, one_thread):
     from placer.runtime import apply
 
     torch.manual_seed(0)
-    model = Towers(width=128)
-    workload = Workload(name="towers", spec="test:towers", model=model, inputs=(torch.randn(64, 128),))
+    # Chunks of a few ms: a worker's wake-up (tens of us, more on a busy host) must not
+    # decide which of two ready tasks it takes first.
+    model = Towers(width=512)
+    workload = Workload(name="towers", spec="test:towers", model=model, inputs=(torch.randn(256, 512),))
     problem = build_problem(workload, "cpu:0,cpu:1", cache_dir=str(tmp_path))
     ops = problem.ops
 

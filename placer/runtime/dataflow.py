@@ -4,12 +4,16 @@ dataflow over the devices' workers.
 A pass is a set of tasks (micro-batch i, chunk c). A task is *ready* once the tasks
 it waits for are done: forward, the chunks whose values (or ordering) it needs;
 backward, the chunks that read its values, whose gradients it needs. A ready task
-goes to the tail of its device's queue, so each device runs its work in the order
-it became ready (graphs.schedule explains why that rule); tasks made ready at the
-same moment enter in priority order (micro-batch, then each chunk's rank in
-graphs.schedule.pass_order: chunks that hand work to another device first, then fx
-order; backward: the reverse of both orders, GPipe's backward order). The simulator
-(envs.sim) follows the same rule.
+goes to its device's ReadyQueue, and a device that finishes a task takes, of those
+ready by then, the one of highest priority: the earliest micro-batch (backward: the
+latest, GPipe's backward order), then the chunk's rank in graphs.schedule.pass_order
+(chunks that hand work to another device first, then fx order; backward, its
+reverse). Micro-batch first is what makes a pipeline: a stage cut into several
+chunks hands micro-batch 0 on before it starts micro-batch 1 (first come first
+served ran micro-batch 1's first chunk, ready from the start, before micro-batch 0's
+second, and the next stage waited for the whole of it). The rule is
+work-conserving (a device idles only when nothing of its own is ready); the
+simulator (envs.sim) follows it.
 
 Each task's completion is booked under one lock (counters of the tasks waiting on
 it); a cross-device hand-off is one put on the other device's queue, which wakes
@@ -30,9 +34,9 @@ import time
 from collections.abc import Callable, Sequence
 
 from graphs.errors import ExecutionError
-from placer.runtime.worker import Worker
+from placer.runtime.worker import ReadyQueue, Worker
 
-__all__ = ["Pass", "POLL_S"]
+__all__ = ["Pass", "task_keys", "POLL_S"]
 
 POLL_S = 0.5  # how often a waiting caller checks on the workers
 _DONE, _FAILED, _BARRIER = -1, -2, -3
@@ -43,23 +47,25 @@ class Pass:
 
     `waits_for[c]`: the chunks chunk c waits for in this pass; `wakes[c]`: the chunks
     that wait for c, in the order they enter a queue when made ready at once;
-    `initial`: the chunks that wait for nothing, in that order too. `chunk_workers[c]`:
+    `initial`: the chunks that wait for nothing, in that order too. `key[k]`: task
+    k's priority (lower first: `task_keys`). `chunk_workers[c]`:
     the worker of chunk c's device; the `inline` one's tasks come to the pass's own
     queue, served by the caller. `body(worker, i, c)` runs one task."""
 
     def __init__(self, waits_for: Sequence[Sequence[int]], wakes: Sequence[Sequence[int]], initial: Sequence[int],
-                 micro: int, reverse: bool, chunk_workers: Sequence[Worker], inline: Worker | None,
-                 body: Callable[[Worker, int, int], None]):
+                 key: Sequence[int], micro: int, reverse: bool, chunk_workers: Sequence[Worker],
+                 inline: Worker | None, body: Callable[[Worker, int, int], None]):
         self.c = len(waits_for)
         self.pending = [len(w) for w in waits_for] * micro
         self.wakes = wakes
         self.remaining = self.c * micro
         self.lock = threading.Lock()
         self.error: BaseException | None = None
-        self.own: queue.SimpleQueue = queue.SimpleQueue()
+        self.own = ReadyQueue()
         self.queues = [self.own if w is inline else w.queue for w in chunk_workers]
         self.inline = inline
         self.body = body
+        self.key = key
         order = range(micro - 1, -1, -1) if reverse else range(micro)
         self._initial = [i * self.c + c for i in order for c in initial]
 
@@ -83,10 +89,11 @@ class Pass:
                     ready.append(base + s)
             self.remaining -= 1
             done = self.remaining == 0
+        key = self.key
         for k in ready:
-            self.queues[k % self.c].put((self, k))
+            self.queues[k % self.c].put((key[k], self, k))
         if done:
-            self.own.put((self, _DONE))
+            self.own.put((-1, self, _DONE))
 
     def _fail(self, exc: BaseException) -> None:
         with self.lock:
@@ -94,7 +101,7 @@ class Pass:
             if first:
                 self.error = exc
         if first:
-            self.own.put((self, _FAILED))
+            self.own.put((-1, self, _FAILED))
 
     def execute(self, workers: Sequence[Worker], timeout_s: float | None = None) -> None:
         """Start the pass, serve the inline device on this thread until every task is
@@ -103,12 +110,12 @@ class Pass:
         if not self._initial:
             return
         for k in self._initial:
-            self.queues[k % self.c].put((self, k))
+            self.queues[k % self.c].put((self.key[k], self, k))
         begin = time.monotonic()
         try:
             while True:
                 try:
-                    owner, task = self.own.get(timeout=POLL_S)
+                    _, owner, task = self.own.get(timeout=POLL_S)
                 except queue.Empty:
                     _check(workers, begin, timeout_s)
                     continue
@@ -122,6 +129,18 @@ class Pass:
             self._fail(exc)  # a Ctrl-C or a dead worker stops the pass too
             _quiesce(workers, timeout_s)
             raise
+
+
+def task_keys(rank: Sequence[int], micro: int, reverse: bool) -> list[int]:
+    """Each task's priority key (task k = micro-batch k // C, chunk k % C over C
+    chunks): the micro-batch's place in the pass (backward: the latest first), then the
+    chunk's `rank` (graphs.schedule.pass_order)."""
+    c = len(rank)
+    key = [0] * (c * micro)
+    for place, i in enumerate(range(micro - 1, -1, -1) if reverse else range(micro)):
+        for j, r in enumerate(rank):
+            key[i * c + j] = place * c + r
+    return key
 
 
 def _check(workers: Sequence[Worker], begin: float, timeout_s: float | None) -> None:
@@ -147,7 +166,7 @@ def _quiesce(workers: Sequence[Worker], timeout_s: float | None) -> None:
     barrier = _Barrier()
     live = [w for w in workers if w.alive]
     for w in live:
-        w.queue.put((barrier, _BARRIER))
+        w.queue.put((-1, barrier, _BARRIER))
     begin = time.monotonic()
     for _ in live:
         while True:

@@ -42,7 +42,7 @@ from graphs.devices import Device
 from graphs.errors import ExecutionError, PlanError
 from placer.runtime import microbatch
 from placer.runtime.chunks import Chunk, build_chunks
-from placer.runtime.dataflow import Pass
+from placer.runtime.dataflow import Pass, task_keys
 from placer.runtime.placed_graph import Call, PlacedGraph
 from placer.runtime.refusals import checked_layout, refuse_static
 from placer.runtime.values import SavedBytes, add_grads, count_saved, map_tensors, move, receive, run_backward
@@ -115,8 +115,9 @@ class Executor:
         for c in chunks:
             for a in c.after:
                 wakes[a].append(c.index)
-        forward = [c.forward_rank for c in chunks].__getitem__
-        backward = [c.backward_rank for c in chunks].__getitem__
+        self._rank = {False: [c.forward_rank for c in chunks], True: [c.backward_rank for c in chunks]}
+        self._task_keys: dict[tuple[int, bool], list[int]] = {}
+        forward, backward = self._rank[False].__getitem__, self._rank[True].__getitem__
         self._waits = [c.after for c in chunks]
         self._after = [sorted(c.after, key=backward) for c in chunks]  # backward wake order
         self._wakes = [sorted(w, key=forward) for w in wakes]
@@ -248,7 +249,7 @@ class Executor:
             state.output_dims = self._layout(inputs, split, names).output_dims
         self._streams_wait_for_caller()
         inline = self._caller_device()
-        run = Pass(self._waits, self._wakes, self._first, micro, False, self._chunk_workers,
+        run = Pass(self._waits, self._wakes, self._first, self._keys(micro, False), micro, False, self._chunk_workers,
                    self.workers.get(inline), partial(self._forward_task, state))
         self._pin.hold(self.workers[inline].cores if inline is not None else ())
         try:
@@ -329,8 +330,8 @@ class Executor:
         self._streams_wait_for_caller()
         on_engine = [name for name, w in self.workers.items() if w.torch_device == engine_device]
         inline = on_engine[0] if on_engine else self._caller_device()
-        run = Pass(self._wakes, self._after, self._last, micro, True, self._chunk_workers, self.workers.get(inline),
-                   partial(self._backward_task, state, per_micro))
+        run = Pass(self._wakes, self._after, self._last, self._keys(micro, True), micro, True, self._chunk_workers,
+                   self.workers.get(inline), partial(self._backward_task, state, per_micro))
         self._pin.hold(self.workers[inline].cores if inline is not None else ())
         try:
             run.execute(list(self.workers.values()), self.timeout_s)
@@ -406,6 +407,13 @@ class Executor:
         return result
 
     # -- plumbing ------------------------------------------------------------
+
+    def _keys(self, micro: int, backward: bool) -> list[int]:
+        """The tasks' priority keys of one pass (dataflow.task_keys), made once."""
+        keys = self._task_keys.get((micro, backward))
+        if keys is None:
+            keys = self._task_keys[micro, backward] = task_keys(self._rank[backward], micro, backward)
+        return keys
 
     def _caller_device(self) -> str | None:
         """A CPU device whose chunks the calling thread runs itself, saving the hand-off

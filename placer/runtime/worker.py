@@ -6,10 +6,10 @@ themselves to that share (os.sched_setaffinity on the thread's native id; the
 OpenMP team a thread starts later inherits it). CUDA workers run on their own
 stream.
 
-A worker takes (owner, task) pairs from its queue, in order, and calls
-`owner.run(worker, task)`: a pass of the executor hands it tasks that way
-(placer.runtime.dataflow), and the caller's thread serves a device the same way
-from the pass's own queue.
+A worker takes (key, owner, task) items from its `ReadyQueue`, the lowest key of
+those that have arrived first, and calls `owner.run(worker, task)`: a pass of the
+executor hands it tasks that way (placer.runtime.dataflow), and the caller's thread
+serves a device the same way from the pass's own queue.
 
 Grad mode and autocast are thread-local too: `grad_mode` and `Autocast.enter`
 set the caller's on a worker around a chunk's forward (autograd records the
@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from heapq import heappop, heappush
+from itertools import count
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ import torch
 
 from graphs.devices import Device
 
-__all__ = ["Worker", "CallerPin", "Autocast", "grad_mode", "core_shares", "NOTHING", "CLOSE_WAIT_S"]
+__all__ = ["Worker", "ReadyQueue", "CallerPin", "Autocast", "grad_mode", "core_shares", "NOTHING", "CLOSE_WAIT_S"]
 
 CLOSE_WAIT_S = 60.0  # how long close() waits for a worker still running a chunk
 NOTHING = nullcontext()  # stateless, so one serves every thread
@@ -118,15 +120,47 @@ class CallerPin:
             os.sched_setaffinity(threading.get_native_id(), before)
 
 
+class ReadyQueue:
+    """A device's ready tasks: any thread puts (key, owner, task) items; the device's
+    one thread takes the item of lowest key among those that have arrived (a priority
+    queue of what is ready, not first come first served: placer.runtime.dataflow).
+    Items travel through a SimpleQueue, the cheapest way here for one thread to wake
+    another, and wait in a heap of the taker's own; `None` (close) is taken at once."""
+
+    def __init__(self):
+        self._arrived: queue.SimpleQueue = queue.SimpleQueue()
+        self._ready: list = []
+        self._order = count()  # equal keys (none within a pass) in arrival order
+
+    def put(self, item) -> None:
+        self._arrived.put(item)
+
+    def get(self, timeout: float | None = None):
+        """The ready item of lowest key, or None once closed; waits at most `timeout`
+        seconds for one to arrive (queue.Empty after that)."""
+        arrived, ready = self._arrived, self._ready
+        if not ready:
+            item = arrived.get(timeout=timeout)
+            if item is None:
+                return None
+            heappush(ready, (item[0], next(self._order), item))
+        while not arrived.empty():  # one consumer: what is there stays there
+            item = arrived.get()
+            if item is None:
+                return None
+            heappush(ready, (item[0], next(self._order), item))
+        return heappop(ready)[2]
+
+
 class Worker:
-    """A daemon thread that runs one device's work in the order it is handed over."""
+    """A daemon thread that runs one device's ready work, best key first (ReadyQueue)."""
 
     def __init__(self, device: Device, cores: Sequence[int] = ()):
         self.device = device
         self.cores = tuple(cores)
         self.torch_device = torch.device(device.torch_device)
         self.stream = torch.cuda.Stream(self.torch_device) if device.kind == "cuda" else None
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.queue = ReadyQueue()
         self._thread = threading.Thread(target=self._loop, name=f"placer-{device.name}", daemon=True)
         self._thread.start()
 
@@ -138,7 +172,7 @@ class Worker:
         else:
             torch.cuda.set_device(self.torch_device)
         while (item := self.queue.get()) is not None:
-            owner, task = item
+            _, owner, task = item
             owner.run(self, task)
 
     def context(self):
