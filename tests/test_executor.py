@@ -347,9 +347,37 @@ def test_virtual_cpu_workers_are_pinned_to_their_own_cores():
     ex.close()
 
 
-def test_the_simulators_order_per_device_is_the_runtimes(tmp_path, one_thread):
-    """The towers plan through the whole pipeline (capture, profile, group, plan,
-    apply): every device runs the same chunks, in the same order, in both passes."""
+class SkipChain(nn.Module):
+    """A chain whose first layer also feeds the last stage (as a GPT's mask or a
+    residual does): over two stages, stage 0 is two chunks."""
+
+    def __init__(self, width: int = 512):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.d(self.c(self.b(h)) + h)
+
+
+def _towers_on_two(module: str) -> int:
+    return 0 if module.startswith(("towers.0", "towers.1")) and module != "towers.1.2" else 1
+
+
+def _stages_on_two(module: str) -> int:
+    return 0 if module in ("a", "b") else 1
+
+
+# Chunks of a few ms: a worker's wake-up (tens of us, more on a busy host) must not
+# decide which of two ready tasks it takes first.
+@pytest.mark.parametrize("model, device_of, microbatches", [
+    (lambda: Towers(width=512), _towers_on_two, 1),
+    (SkipChain, _stages_on_two, 2),
+], ids=["towers", "pipelined-chain"])
+def test_the_simulators_order_per_device_is_the_runtimes(model, device_of, microbatches, tmp_path, one_thread):
+    """A plan through the whole pipeline (capture, profile, group, plan, apply): every
+    device runs the same chunks, for the same micro-batches, in the same order, in
+    both passes."""
     from envs.sim import Simulator
     from graphs.problem import build_problem
     from graphs.workload import Workload
@@ -357,29 +385,27 @@ def test_the_simulators_order_per_device_is_the_runtimes(tmp_path, one_thread):
     from placer.runtime import apply
 
     torch.manual_seed(0)
-    # Chunks of a few ms: a worker's wake-up (tens of us, more on a busy host) must not
-    # decide which of two ready tasks it takes first.
-    model = Towers(width=512)
-    workload = Workload(name="towers", spec="test:towers", model=model, inputs=(torch.randn(256, 512),))
+    workload = Workload(name="order", spec="test:order", model=model(), inputs=(torch.randn(256, 512),))
     problem = build_problem(workload, "cpu:0,cpu:1", cache_dir=str(tmp_path))
     ops = problem.ops
 
     def device(group: int) -> int:
         modules = {ops.nodes[m].get("module", "") for m in problem.groups.nodes[group]["members"]}
-        return 0 if any(p.startswith(("towers.0", "towers.1")) and p != "towers.1.2" for p in modules) else 1
+        return min(device_of(p) for p in modules)
 
     placement = [device(g) for g in range(problem.n_groups)]
     assert set(placement) == {0, 1}
-    sim = Simulator(problem).simulate(placement, timeline=True)
+    sim = Simulator(problem).simulate(placement, microbatches, timeline=True)
     simulated: dict = {}
     for e in sim.timeline:
         if e["kind"] in ("fwd", "bwd"):
             runs = simulated.setdefault((e["device"], e["kind"]), [])
-            if not runs or runs[-1][0] != e["chunk"]:
-                runs.append((e["chunk"], set()))
-            runs[-1][1].add(e["group"])
+            if not runs or runs[-1][:2] != (e["chunk"], e["microbatch"]):
+                runs.append((e["chunk"], e["microbatch"], set()))
+            runs[-1][2].add(e["group"])
 
-    plan = make_plan(problem, placement, "towers")
+    plan = make_plan(problem, placement, "order", microbatches=microbatches,
+                     schedule="gpipe" if microbatches > 1 else None)
     placed = apply(workload.fresh_model(), plan, parse_cluster("cpu:0,cpu:1"))
     group_of = {m: g for g, members in enumerate(plan.groups) for m in members}
     x = workload.inputs[0]
@@ -390,6 +416,8 @@ def test_the_simulators_order_per_device_is_the_runtimes(tmp_path, one_thread):
     chunks = placed.executor.chunks
     for e in placed.executor.timeline:
         key = (e.device, "fwd" if e.phase == "forward" else "bwd")
-        measured.setdefault(key, []).append({group_of[n] for n in chunks[e.chunk].nodes})
-    assert {k: [groups for _, groups in v] for k, v in simulated.items()} == measured
+        measured.setdefault(key, []).append((e.microbatch, {group_of[n] for n in chunks[e.chunk].nodes}))
+    assert {k: [(i, groups) for _, i, groups in v] for k, v in simulated.items()} == measured
+    if microbatches > 1:  # GPipe: stage 0 hands micro-batch 0 on before it starts micro-batch 1
+        assert [i for i, _ in measured["cpu:0", "fwd"]] == [0, 0, 1, 1]
     placed.close()
