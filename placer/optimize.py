@@ -31,7 +31,7 @@ from graphs.errors import InfeasibleError, PlacerError
 from graphs.files import folder_problem
 from graphs.problem import Candidate, PlacementProblem, build_problem
 from graphs.workload import Workload, load_workload
-from placer.baselines import BASELINES, run_baselines
+from placer.baselines import HEURISTICS
 from placer.choose import fill, pick, verdict_choice
 from placer.interrupts import Terminated, interruption
 from placer.measurements import (UNPLACED, MeasurementBook, Measurer, Protocol, candidate_key, unplaced_device,
@@ -67,9 +67,9 @@ def check_inputs(devices: str | None, memory: str | None, budget_s: float, metho
     parse_cluster(devices, memory)
     if not (math.isfinite(budget_s) and budget_s > 0):
         raise PlacerError(f"--budget {budget_s}: give a finite number of seconds > 0")
-    unknown = [m for m in methods if m not in BASELINES and m not in SEARCHES]
+    unknown = [m for m in methods if m not in HEURISTICS and m not in SEARCHES]
     if unknown:
-        raise PlacerError(f"unknown method {unknown[0]!r}; choose from {', '.join([*BASELINES, *SEARCHES])}")
+        raise PlacerError(f"unknown method {unknown[0]!r}; choose from {', '.join([*HEURISTICS, *SEARCHES])}")
     if workers > 1:
         check_workers(workers)
     if out_dir is not None and (problem := folder_problem(out_dir)):
@@ -84,7 +84,10 @@ def baseline_rows(problem: PlacementProblem, names: Sequence[str], seed: int,
     for i, name in enumerate(names):
         progress(Stage("baselines", i, len(names), {"method": name}))
         start = time.perf_counter()
-        outcome = run_baselines(problem, [name], seed=seed)[name]
+        try:
+            outcome = HEURISTICS[name](problem, seed)
+        except InfeasibleError as error:
+            outcome = error
         row = MethodResult(name, "baseline", devices=problem.cluster.names, search_s=time.perf_counter() - start)
         if isinstance(outcome, InfeasibleError):
             row.feasible, row.reason = False, str(outcome)
@@ -153,7 +156,7 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     spec = workload or DEFAULT_WORKLOAD
     protocol = protocol or Protocol()
     search = search or SearchOptions()
-    names = list(methods) if methods is not None else [*BASELINES, "rl"]
+    names = list(methods) if methods is not None else [*HEURISTICS, "rl"]
     check_inputs(devices, memory, budget_s, names, out_dir, workers)
     search.config(budget_s, seed)  # a bad --search setting: refused before any work
     policy = search.load_policy()  # a corrupt --policy: CheckpointError before any work
@@ -255,7 +258,7 @@ def _run_stages(results: Results, problem: PlacementProblem, measurer: Measurer,
     choice). Returns the Ctrl-C/SIGTERM that cut it short, if one did."""
     stage = "baselines"
     try:
-        rows, candidates = baseline_rows(problem, [n for n in names if n in BASELINES], seed, progress)
+        rows, candidates = baseline_rows(problem, [n for n in names if n in HEURISTICS], seed, progress)
         results.methods = rows
         measure_baselines(results, measurer, candidates)
         stage = "calibration"

@@ -60,3 +60,16 @@ def test_no_split_that_fits_is_an_infeasible_error():
     problem = PlacementProblem(chain([{"cpu": 1.0}] * 4, param_bytes=1000), parse_cluster("cpu:0,cpu:1", "cpu:0=1KB,cpu:1=1KB"))
     with pytest.raises(InfeasibleError, match="no contiguous split into stages fits"):
         pipeline(problem)
+
+
+def test_optimize_runs_the_pipeline_heuristic_and_its_row_carries_micro_batches_and_schedule():
+    from placer.baselines import HEURISTICS
+    from placer.optimize import baseline_rows
+
+    assert "pipeline" in HEURISTICS  # so `placer optimize` and `placer baselines` run it by default
+    problem = PlacementProblem(chain([{"cpu": 1.0}] * 8), parse_cluster("cpu:0,cpu:1"))
+    rows, candidates = baseline_rows(problem, ["pipeline", "single"], seed=0)
+    pipelined, single = rows
+    assert pipelined.method == "pipeline" and pipelined.microbatches > 1 and pipelined.schedule == "gpipe"
+    assert candidates["pipeline"] == Candidate(tuple(pipelined.placement), pipelined.microbatches)
+    assert single.microbatches == 1 and single.schedule is None

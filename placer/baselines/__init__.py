@@ -15,6 +15,11 @@ InfeasibleError with a one-line reason.
 | `kernighan_lin`   | recursive Kernighan-Lin bisection (networkx)                   | partition |
 | `etf`             | earliest-time-first list scheduling (Baechi's m-ETF)          | schedule  |
 | `sct`             | ETF plus LP-chosen favourite children (Baechi's m-SCT)         | schedule  |
+
+`pipeline` (module pipeline) also chooses a number of micro-batches: contiguous
+stages balanced by time (torchgpipe's balance_by_time, exact min-max) and the count
+the simulator finds fastest. It returns a Candidate (placement, micro-batches), so
+it lives in PIPELINES; `HEURISTICS` holds both kinds, as `placer optimize` runs them.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from placer.baselines.partition import kernighan_lin, metis
+from placer.baselines.pipeline import pipeline
 from placer.baselines.repair import repair
 from placer.baselines.schedule import etf, sct
 from placer.baselines.simple import balanced, expert, round_robin, sequential_fill, single
 from graphs.errors import InfeasibleError, PlacerError
-from graphs.problem import Placement, PlacementProblem
+from graphs.problem import Candidate, Placement, PlacementProblem
 
 Baseline = Callable[[PlacementProblem, int], Placement]
 
@@ -41,6 +47,8 @@ BASELINES: dict[str, Baseline] = {
     "etf": etf,
     "sct": sct,
 }
+PIPELINES: dict[str, Callable[[PlacementProblem, int], Candidate]] = {"pipeline": pipeline}
+HEURISTICS: dict[str, Callable[[PlacementProblem, int], Placement | Candidate]] = {**BASELINES, **PIPELINES}
 
 
 def run_baselines(problem: PlacementProblem, methods: Sequence[str] | None = None,
@@ -59,5 +67,5 @@ def run_baselines(problem: PlacementProblem, methods: Sequence[str] | None = Non
     return results
 
 
-__all__ = ["BASELINES", "run_baselines", "repair", "single", "round_robin", "sequential_fill", "balanced",
+__all__ = ["BASELINES", "PIPELINES", "HEURISTICS", "run_baselines", "pipeline", "repair", "single", "round_robin", "sequential_fill", "balanced",
            "expert", "metis", "kernighan_lin", "etf", "sct"]
