@@ -146,14 +146,14 @@ def towers(width: int, depth: int, batch: int, protocol: Protocol) -> dict:
 
     plans = {
         "all on cpu:0": lambda n: "cpu:0",
-        "towers 0,1 | 2,3 + head": split(("towers.0", "towers.1"), "cpu:1"),
-        "towers 0,1 + head | 2,3": split(("towers.0", "towers.1"), "cpu:0"),
-        "towers 0,2 | 1,3 + head (interleaved in fx order)": split(("towers.0", "towers.2"), "cpu:1"),
+        "towers 0,1 / 2,3 + head": split(("towers.0", "towers.1"), "cpu:1"),
+        "towers 0,1 + head / 2,3": split(("towers.0", "towers.1"), "cpu:0"),
+        "towers 0,2 / 1,3 + head (interleaved in fx order)": split(("towers.0", "towers.2"), "cpu:1"),
         # Contiguous in fx order: a prefix on cpu:0, the rest on cpu:1 (the issue's held-out plan
         # puts the tail of tower 1 with towers 2-3).
-        "fx prefix | suffix from tower 1's last layer (issue)": fx_split(f"towers.1.{2 * depth - 2}"),
-        "fx prefix | suffix from tower 2": fx_split("towers.2"),
-        "fx prefix | suffix from tower 1's middle": fx_split(f"towers.1.{2 * (depth // 2)}"),
+        "fx prefix / suffix from tower 1's last layer (issue)": fx_split(f"towers.1.{2 * depth - 2}"),
+        "fx prefix / suffix from tower 2": fx_split("towers.2"),
+        "fx prefix / suffix from tower 1's middle": fx_split(f"towers.1.{2 * (depth // 2)}"),
     }
     entries = [("unplaced", EagerTrial(workload, threads=HOST_THREADS, warmup=protocol.warmup))]
     for label, assign in plans.items():
