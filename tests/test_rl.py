@@ -1,6 +1,7 @@
 import itertools
 import math
 import re
+from dataclasses import replace
 
 import networkx as nx
 import pytest
@@ -368,3 +369,81 @@ def test_the_exploration_target_follows_the_problem_size():
     assert target(TrainConfig(explore_groups=2.0), synthetic(200)) == pytest.approx(0.99)
     assert target(TrainConfig(explore_groups=8.0), synthetic(10)) == 0.5  # never below one half
     assert target(TrainConfig(imitation_target=0.97), synthetic(10)) == 0.97
+
+
+# ----------------------------------------------------------------------------- micro-batch counts
+def test_a_placement_is_drawn_for_its_microbatch_count():
+    from placer.rl.policy import microbatch_indices
+
+    problem = synthetic(20, devices="cpu:0,cpu:1,cpu:2")
+    policy = policy_for(problem)
+    counts = microbatch_indices([1, 2, 4, 2, 1])
+    placements, drawn, logp, _ = policy.sample(5, torch.Generator().manual_seed(0), counts)
+    assert torch.equal(drawn, counts)
+    again, _ = policy.log_prob(placements, counts)
+    assert torch.allclose(again, logp, atol=1e-4)
+    other, _ = policy.log_prob(placements, microbatch_indices([4, 4, 2, 8, 2]))
+    assert not torch.allclose(other, logp, atol=1e-3)  # the count is an input of every step
+    with pytest.raises(ValueError, match=r"micro-batch counts \[3\]"):
+        microbatch_indices([1, 3])
+
+
+def test_advantages_compare_samples_of_the_same_microbatch_count():
+    from placer.rl.trainer import Learner, advantage
+
+    rewards = torch.tensor([-1.0, -2.0, -0.1, -0.3, -5.0])
+    groups = torch.tensor([0, 0, 1, 1, 2])
+    advantages = advantage(rewards, Learner(), TrainConfig(), groups)
+    assert advantages[0] > 0 > advantages[1] and advantages[2] > 0 > advantages[3]  # the -1.0 wins its own count
+    assert advantages[4] == 0  # alone in its count: nothing to compare with
+    for g in range(2):
+        assert float(advantages[groups == g].sum()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_counts_keep_their_own_incumbent_and_are_drawn_by_how_far_behind_it_is():
+    from placer.rl.counts import best_for, draw_weights, learn
+
+    kept = {}
+    learn(kept, [Candidate((0, 0), 1), Candidate((0, 1), 2), Candidate((1, 1), 2), Candidate((1, 0), 4)],
+          [100.0, 130.0, 110.0, math.inf])
+    assert best_for(kept, 2) == Candidate((1, 1), 2) and best_for(kept, 4) is None and best_for(kept, 8) is None
+    learn(kept, [Candidate((1, 0), 2)], [120.0])  # slower than the count's incumbent: kept as it was
+    assert best_for(kept, 2) == Candidate((1, 1), 2)
+    weights = draw_weights(kept, (1, 2, 4, 8), spread=0.1, worst=10.0)
+    assert weights[0] == 1.0 and float(weights[1]) == pytest.approx(math.exp(-math.log(1.1) / 0.1))
+    assert float(weights[2]) == pytest.approx(math.exp(-math.log(10.0) / 0.1))  # nothing feasible: as bad as worst
+    assert weights[3] == 1.0  # not tried yet
+
+
+class PipelineToy:
+    """A Scorer: one micro-batch steps 100 ms wherever the groups are; two micro-batches
+    step 200 ms less 3.5 ms per group on device 1, so the best plan is pipelined with
+    (nearly) everything on device 1, while a pipelined sample near the warm start (all
+    on device 0) or a random one is far slower than the warm start."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, candidates):
+        self.calls.append(list(candidates))
+        return [100.0 if c.microbatches == 1 else 200.0 - 3.5 * sum(c.placement) for c in candidates]
+
+    def measure(self, candidates):
+        raise AssertionError("a simulator-only search measures nothing")
+
+    def refit(self):
+        raise AssertionError("a simulator-only search refits nothing")
+
+
+def test_a_pipelined_count_improves_while_slower_than_the_best_plan():
+    problem = synthetic(40)
+    warm = (0,) * 40
+    scorer = PipelineToy()
+    config = TrainConfig(**{**QUICK, "imitation_steps": 200, "microbatches": (1, 2), "max_samples": 480})
+    result = train(problem, scorer, config, warm_start=warm)
+    first = next(batch for batch in scorer.calls if len(batch) == config.batch_size)
+    assert first[0] == Candidate(warm, 2)  # the first round scores the warm start at the other count...
+    assert len(set(first[1:])) == config.batch_size - 1 and warm not in first  # ...and random candidates
+    assert result.best.microbatches == 2 and result.best_sim_ms < 90.0
+    frozen = train(problem, PipelineToy(), replace(config, lr=0.0), warm_start=warm)
+    assert frozen.best_sim_ms == 100.0  # sampling around the incumbents without learning finds nothing

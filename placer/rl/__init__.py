@@ -1,5 +1,6 @@
 """The RL placer: a seq2seq policy with a graph encoder (policy.py), its trainer
-(trainer.py: REINFORCE and PPO) and its files (checkpoint.py)."""
+(trainer.py: REINFORCE and PPO), the micro-batch counts it searches, each with its own
+incumbent (counts.py), and its files (checkpoint.py)."""
 
 from placer.rl.checkpoint import load_policy, save_policy
 from placer.rl.policy import Seq2SeqPolicy

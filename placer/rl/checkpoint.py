@@ -25,8 +25,8 @@ from placer.search.state import CURVE_FIELDS, SearchState
 
 __all__ = ["save_policy", "load_policy", "save_checkpoint", "read_checkpoint", "restore"]
 
-POLICY_FORMAT = "placer.policy/v2"  # v2: graph layers and the micro-batch head; features with shares
-CHECKPOINT_FORMAT = "placer.search/v3"  # v3: candidates carry their micro-batch count
+POLICY_FORMAT = "placer.policy/v3"  # v3: placements decoded given the micro-batch count (no micro-batch head)
+CHECKPOINT_FORMAT = "placer.search/v4"  # v4: an incumbent per micro-batch count; v3: candidates carry their count
 
 
 def save_policy(policy: Seq2SeqPolicy, path: Path | str) -> None:

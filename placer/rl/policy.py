@@ -2,7 +2,7 @@
 with a graph encoder in front as in Placeto and GDP.
 
 It reads the groups in topological order (their ids) and emits one device per group,
-and a micro-batch count for the whole candidate:
+for a micro-batch count it is given (the trainer picks the count: placer.rl.trainer):
 
 - each group is embedded from its features (envs.features: op mix, costs per device
   kind, memory, bytes in and out, its place on the critical path);
@@ -16,10 +16,11 @@ and a micro-batch count for the whole candidate:
   of the previous group's device, and per device: what it holds so far (share of the
   compute, fraction of the memory cap), the group's relative cost there, and the
   share of the group's input bytes produced there (so "stay beside your inputs" and
-  "balance the load" are easy to learn); content-based attention over the encoder
-  states lets it look at the rest of the graph;
-- logits are clipped as C * tanh(logits / C) and divided by a temperature;
-- a small head on the mean encoding picks the micro-batch count among those allowed.
+  "balance the load" are easy to learn), and the micro-batch count (one-hot), so that
+  a pipelined candidate can be placed otherwise than an unpipelined one (spread over
+  more devices, say); content-based attention over the encoder states lets it look at
+  the rest of the graph;
+- logits are clipped as C * tanh(logits / C) and divided by a temperature.
 
 A per-step mask forbids a device where the group would certainly exceed the memory
 cap given what is already placed, and makes a group follow the device of an earlier
@@ -44,16 +45,16 @@ from envs.features import N_FEATURES, group_features
 from graphs.errors import DeviceSpecError
 from graphs.problem import Placement, PlacementProblem
 
-MICROBATCH_CHOICES = (1, 2, 4, 8, 16, 32)  # the micro-batch counts the head can name
+MICROBATCH_CHOICES = (1, 2, 4, 8, 16, 32)  # the micro-batch counts a placement can be conditioned on
 
 
 class Sample(NamedTuple):
     """Candidates drawn from the policy, with what the update needs."""
 
     placements: Tensor  # [n, groups] device indices
-    microbatches: Tensor  # [n] index into MICROBATCH_CHOICES
-    logp: Tensor  # [n] log-probability of the whole candidate
-    entropy: Tensor  # [n] summed over the groups (and the micro-batch choice)
+    microbatches: Tensor  # [n] index into MICROBATCH_CHOICES: the counts the placements were drawn for
+    logp: Tensor  # [n] log-probability of the placement, given its micro-batch count
+    entropy: Tensor  # [n] summed over the groups
 
 
 class GraphLayer(nn.Module):
@@ -76,7 +77,7 @@ class Seq2SeqPolicy(nn.Module):
 
     def __init__(self, problem: PlacementProblem | None = None, *, max_devices: int = 8, hidden: int = 64,
                  graph_layers: int = 2, temperature: float = 1.0, logit_clip: float = 5.0,
-                 masked_logit: float = -1e9, microbatches: Sequence[int] = (1,)):
+                 masked_logit: float = -1e9):
         super().__init__()
         self.config = {"max_devices": max_devices, "hidden": hidden, "graph_layers": graph_layers}
         self.max_devices = max_devices
@@ -89,35 +90,30 @@ class Seq2SeqPolicy(nn.Module):
         self.device_embed = nn.Embedding(max_devices + 1, hidden // 4)  # the last one is "no previous group"
         # Per device: valid, compute share placed, memory fraction used, this group's relative
         # cost there, and the share of its input bytes that comes from there.
-        self.decoder = nn.LSTM(2 * (hidden // 2) + hidden // 4 + 5 * max_devices, hidden, batch_first=True)
+        # ... and the micro-batch count, one-hot over MICROBATCH_CHOICES.
+        self.decoder = nn.LSTM(2 * (hidden // 2) + hidden // 4 + 5 * max_devices + len(MICROBATCH_CHOICES), hidden,
+                               batch_first=True)
         self.query = nn.Linear(hidden, 2 * (hidden // 2), bias=False)
         self.combine = nn.Linear(hidden + 2 * (hidden // 2), hidden)
         self.out = nn.Linear(hidden, max_devices)
-        self.microbatch_head = nn.Linear(2 * (hidden // 2), len(MICROBATCH_CHOICES))
         self.problem: PlacementProblem | None = None
         if problem is not None:
-            self.attach(problem, microbatches)
+            self.attach(problem)
 
     # ----------------------------------------------------------------- the problem
-    def attach(self, problem: PlacementProblem, microbatches: Sequence[int] = (1,)) -> "Seq2SeqPolicy":
-        """Bind the policy to a problem and the micro-batch counts it may choose among:
-        derive the tensors that decoding reads (not weights).
+    def attach(self, problem: PlacementProblem) -> "Seq2SeqPolicy":
+        """Bind the policy to a problem: derive the tensors that decoding reads (not weights).
 
-        Raises DeviceSpecError when the cluster has more devices than the policy's
-        max_devices, ValueError for a micro-batch count outside MICROBATCH_CHOICES."""
+        Raises DeviceSpecError when the cluster has more devices than the policy's max_devices."""
         n, d = problem.n_groups, problem.n_devices
         if d > self.max_devices:
             raise DeviceSpecError(f"the policy places on at most {self.max_devices} devices; "
                                   f"this cluster has {d} ({problem.cluster.spec()})")
-        unknown = sorted(set(microbatches) - set(MICROBATCH_CHOICES))
-        if unknown:
-            raise ValueError(f"micro-batch counts {unknown} are not among {MICROBATCH_CHOICES}")
         self._x = torch.from_numpy(group_features(problem)).float()
         edges = problem.costs.edges
         self._src, self._dst = torch.from_numpy(edges[:, 0]), torch.from_numpy(edges[:, 1])
         self._indeg = torch.bincount(self._dst, minlength=n).clamp(min=1)[:, None].float()
         self._outdeg = torch.bincount(self._src, minlength=n).clamp(min=1)[:, None].float()
-        self._microbatch_allowed = torch.tensor([m in microbatches for m in MICROBATCH_CHOICES])
 
         costs = problem.costs
         pad = self.max_devices - d
@@ -150,25 +146,30 @@ class Seq2SeqPolicy(nn.Module):
 
     # ----------------------------------------------------------------- public API
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Sample:
-        """n candidates drawn from the policy. Not differentiable: take gradients through
-        log_prob, which scores the whole sequence at once."""
-        return self._decode(n, generator=generator)
+    def sample(self, n: int, generator: torch.Generator | None = None, microbatches: Tensor | None = None) -> Sample:
+        """n placements drawn from the policy, each for its micro-batch count (`microbatches`:
+        [n] indices into MICROBATCH_CHOICES; None: all one micro-batch). Not differentiable:
+        take gradients through log_prob, which scores the whole sequence at once."""
+        return self._decode(n, self._counts(n, microbatches), generator=generator)
 
     @torch.no_grad()
-    def greedy(self) -> Placement:
-        """The most likely device at every step."""
-        return tuple(self._decode(1, greedy=True).placements[0].tolist())
+    def greedy(self, microbatches: int = 1) -> Placement:
+        """The most likely device at every step, for `microbatches` micro-batches.
+
+        Raises ValueError for a count outside MICROBATCH_CHOICES."""
+        return tuple(self._decode(1, microbatch_indices([microbatches]), greedy=True).placements[0].tolist())
 
     def log_prob(self, placements: Tensor, microbatches: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Log-probabilities [n] and entropies [n] of given placements [n, groups] and
-        micro-batch choices [n] (indices into MICROBATCH_CHOICES; None: all 1).
+        """Log-probabilities [n] and entropies [n] of given placements [n, groups], each
+        given its micro-batch count (`microbatches`: [n] indices into MICROBATCH_CHOICES;
+        None: all one micro-batch).
 
         Teacher-forced: every step's inputs follow from the given placements, so the
         decoder runs over the whole sequence in one call instead of step by step."""
         self._require_problem()
         placements = torch.as_tensor(placements, dtype=torch.long).reshape(-1, self._n)
         batch, n, d = placements.shape[0], self._n, self.max_devices
+        counts = self._counts(batch, microbatches)
         encoded = self._encode()
         onehot = nn.functional.one_hot(placements, d)  # [batch, n, d]
         prev = torch.cat([torch.full((batch, 1), d), placements[:, :-1]], dim=1)
@@ -179,18 +180,17 @@ class Seq2SeqPolicy(nn.Module):
         inputs_from = torch.zeros(batch, n, d).index_add_(
             1, self._dst, onehot[:, self._src].float() * self._edge_share[:, None])
         allowed = self._allowed(used, self._commit, placements[:, self._leader], self._is_follower)
-        steps = self._step_inputs(encoded.expand(batch, -1, -1), prev, load, used, inputs_from, self._relative_cost)
+        steps = self._step_inputs(encoded.expand(batch, -1, -1), prev, load, used, inputs_from, self._relative_cost,
+                                  counts[:, None].expand(batch, n))
         hidden, _ = self.decoder(steps)
         logp = self._log_probs(hidden, encoded, allowed)  # [batch, n, d]
-        chosen = logp.gather(2, placements[:, :, None]).squeeze(2).sum(1)
-        m_logp = self._microbatch_log_probs(encoded)
-        if microbatches is None:
-            microbatches = torch.zeros(batch, dtype=torch.long)
-        return chosen + m_logp[microbatches], _entropy(logp).sum(1) + _entropy(m_logp)
+        return logp.gather(2, placements[:, :, None]).squeeze(2).sum(1), _entropy(logp).sum(1)
 
     # ----------------------------------------------------------------- decoding
-    def _decode(self, batch: int, generator: torch.Generator | None = None, greedy: bool = False) -> Sample:
-        """Step-by-step decoding: each step's device is drawn (or the argmax) before the next."""
+    def _decode(self, batch: int, counts: Tensor, generator: torch.Generator | None = None,
+                greedy: bool = False) -> Sample:
+        """Step-by-step decoding for micro-batch counts `counts` ([batch] indices): each
+        step's device is drawn (or the argmax) before the next."""
         self._require_problem()
         n, d = self._n, self.max_devices
         encoded = self._encode()
@@ -208,7 +208,7 @@ class Seq2SeqPolicy(nn.Module):
             inputs_from = (nn.functional.one_hot(producers, d) * self._edge_share[edges, None]).sum(1)
             allowed = self._allowed(used, self._commit[i], placed[:, self._leader[i]], self._is_follower[i])
             step_in = self._step_inputs(encoded[i].expand(batch, -1), prev, load, used, inputs_from,
-                                        self._relative_cost[i])
+                                        self._relative_cost[i], counts)
             # One step of the decoder LSTM, without nn.LSTM's per-call overhead (3x faster here).
             h, c = torch.lstm_cell(step_in, (h, c), cell.weight_ih_l0, cell.weight_hh_l0,
                                    cell.bias_ih_l0, cell.bias_hh_l0)
@@ -220,10 +220,7 @@ class Seq2SeqPolicy(nn.Module):
             prev = device
             load[rows, device] += self._compute_share[i, device]
             used[rows, device] += self._memory[i]
-        m_logp = self._microbatch_log_probs(encoded).expand(batch, -1)
-        m = self._choose(m_logp, generator, greedy)
-        return Sample(placed, m, torch.stack(log_probs, 1).sum(1) + m_logp[rows, m],
-                      torch.stack(entropies, 1).sum(1) + _entropy(m_logp))
+        return Sample(placed, counts, torch.stack(log_probs, 1).sum(1), torch.stack(entropies, 1).sum(1))
 
     @staticmethod
     def _choose(logp: Tensor, generator: torch.Generator | None, greedy: bool) -> Tensor:
@@ -239,18 +236,22 @@ class Seq2SeqPolicy(nn.Module):
         encoded, _ = self.encoder(h.unsqueeze(0))
         return encoded[0]
 
-    def _microbatch_log_probs(self, encoded: Tensor) -> Tensor:
-        """[len(MICROBATCH_CHOICES)] log-probabilities of the micro-batch counts (only allowed ones > 0)."""
-        logits = self.microbatch_head(encoded.mean(dim=0))
-        return torch.log_softmax(logits.masked_fill(~self._microbatch_allowed, self.masked_logit), dim=-1)
+    @staticmethod
+    def _counts(batch: int, microbatches: Tensor | None) -> Tensor:
+        """[batch] indices into MICROBATCH_CHOICES: `microbatches`, or all one micro-batch."""
+        if microbatches is None:
+            return torch.zeros(batch, dtype=torch.long)
+        return torch.as_tensor(microbatches, dtype=torch.long).reshape(batch)
 
     def _step_inputs(self, encoded: Tensor, prev: Tensor, load: Tensor, used: Tensor, inputs_from: Tensor,
-                     relative_cost: Tensor) -> Tensor:
-        """The decoder's input for one step ([batch, ...]) or every step ([batch, n, ...])."""
+                     relative_cost: Tensor, counts: Tensor) -> Tensor:
+        """The decoder's input for one step ([batch, ...]) or every step ([batch, n, ...]);
+        `counts`: the micro-batch count indices, [batch] or [batch, n]."""
         used_frac = torch.nan_to_num((used / self._cap).float(), nan=0.0).clamp(max=2.0)
         shape = load.shape
         return torch.cat([encoded, self.device_embed(prev), self._valid.float().expand(shape), load, used_frac,
-                          relative_cost.expand(shape), inputs_from.float()], dim=-1)
+                          relative_cost.expand(shape), inputs_from.float(),
+                          nn.functional.one_hot(counts, len(MICROBATCH_CHOICES)).float()], dim=-1)
 
     def _log_probs(self, hidden: Tensor, encoded: Tensor, allowed: Tensor) -> Tensor:
         """Masked log-probabilities over devices from decoder states [..., hidden],
@@ -273,6 +274,16 @@ class Seq2SeqPolicy(nn.Module):
     def _require_problem(self) -> None:
         if self.problem is None:
             raise RuntimeError("attach(problem) the policy before decoding")
+
+
+def microbatch_indices(counts: Sequence[int]) -> Tensor:
+    """[len(counts)] indices of micro-batch counts into MICROBATCH_CHOICES.
+
+    Raises ValueError for a count outside MICROBATCH_CHOICES."""
+    unknown = sorted(set(counts) - set(MICROBATCH_CHOICES))
+    if unknown:
+        raise ValueError(f"micro-batch counts {unknown} are not among {MICROBATCH_CHOICES}: choose among those")
+    return torch.tensor([MICROBATCH_CHOICES.index(m) for m in counts], dtype=torch.long)
 
 
 def _before(cumulative: Tensor) -> Tensor:

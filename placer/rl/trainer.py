@@ -3,25 +3,38 @@ simulated step times, with real measurements of its best candidates deciding the
 
 The loop (`train`), in the order it runs:
 
-1. warm start: maximum likelihood on the best heuristic's candidate, until the policy
-   gives it a mean per-group probability of 1 - explore_groups / groups, so that the
-   search starts from the heuristic, not from random;
-2. each round samples `batch_size` candidates, scores them (Scorer.score: simulated
-   step time, inf when infeasible), turns step times into rewards by the one reward
-   rule (envs.reward: -log(step / the warm start's) by default) and takes a
-   policy-gradient step: `ppo_update` (clipped surrogate, normalized advantages) or
-   `reinforce_update` (one step, as the paper), each with a self-imitation term that
-   pulls the policy toward the best candidate found so far;
-3. exploration is held: after each update the sampling temperature is raised where
+1. warm start: maximum likelihood on the best heuristic's placement, given every
+   micro-batch count the problem allows, until the policy gives it a mean per-group
+   probability of 1 - explore_groups / groups, so that the search starts from the
+   heuristic, not from random;
+2. the first round (`seed_candidates`) scores the warm start's placement at the other
+   counts and fills the batch with uniformly random candidates; then each count's best
+   so far is imitated as in 1. Every count keeps its own incumbent (placer.rl.counts):
+   a pipelined plan may want a placement far from an unpipelined warm start (spread
+   over every device, say), and a random one is often a better start for it than the
+   warm start's;
+3. each later round draws a micro-batch count for each of `batch_size` candidates
+   (placer.rl.counts.draw_weights: a count whose incumbent is far behind the best one
+   is drawn rarely), samples a placement for each from the policy given its count,
+   scores them (Scorer.score: simulated step time, inf when infeasible), turns step
+   times into rewards by the one reward rule (envs.reward: -log(step / the warm
+   start's) by default) and takes a policy-gradient step: `ppo_update` (clipped
+   surrogate) or `reinforce_update` (one step, as the paper), with advantages
+   normalized among the samples of the same count, each with a self-imitation term
+   that pulls each sample toward its count's incumbent. Counts compared only with
+   themselves let a pipelined plan improve while the best plan is still unpipelined
+   (compared with it, every pipelined sample would only teach the policy to avoid
+   the count);
+4. exploration is held: after each update the sampling temperature is raised where
    needed so that the policy keeps straying from the incumbent on about
    `explore_groups` groups a sample. The search is thus a local search whose moves
    are learned: it samples around the best candidate, and learns which groups to move
    together and where (a stray group's successors tend to follow it, so whole branches
    and stage boundaries move in one sample, which single-group moves cannot do);
-4. every `measure_every` rounds the best kept candidates not measured yet are measured
+5. every `measure_every` rounds the best kept candidates not measured yet are measured
    and the scorer refits its simulator (placer.search.state: the same bookkeeping as
    random_search and local_search, so budgets compare);
-5. at the end the best candidates and the warm start are measured; the final choice
+6. at the end the best candidates and the warm start are measured; the final choice
    is the best measured candidate (the best simulated one when nothing is measured).
 
 The search stops at a wall-clock or a sample budget, checkpoints everything it needs to
@@ -33,17 +46,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from envs.reward import RewardRule, reference_ms
 from graphs.problem import Candidate, Placement, PlacementProblem
 from placer.rl.checkpoint import read_checkpoint, restore, save_checkpoint, save_policy
-from placer.rl.policy import MICROBATCH_CHOICES, Sample, Seq2SeqPolicy
+from placer.rl.counts import Incumbents, best_for, draw_weights, learn, rescore
+from placer.rl.policy import MICROBATCH_CHOICES, Sample, Seq2SeqPolicy, microbatch_indices
 from placer.search.config import SearchConfig, microbatch_options
+from placer.search.random_search import random_candidates
 from placer.search.state import (Clock, SearchResult, SearchState, as_candidate, budget_left, final_round,
                                  measure_round, refit, round_size)
 
@@ -61,9 +77,9 @@ class TrainConfig(SearchConfig):
     lr: float = 3e-3
     """Adam's learning rate; 0 leaves the policy as imitation made it (the ablation's "lr=0")."""
     normalize_advantages: bool = True
-    """Advantages are the batch's rewards less their mean, over their standard deviation
-    (at least advantage_floor); False: rewards less an exponential moving average of past
-    batch means (the paper's baseline)."""
+    """Advantages are the rewards less the mean of the batch's samples of the same
+    micro-batch count, over their standard deviation (at least advantage_floor); False:
+    rewards less an exponential moving average of past batch means (the paper's baseline)."""
     advantage_floor: float = 0.01
     """The least spread normalized advantages divide by, in reward units (with reward
     "neg_log", 0.01 is a step 1% faster): differences too small to matter are not blown
@@ -75,9 +91,14 @@ class TrainConfig(SearchConfig):
     this quantile of the batch's count, with the quantile as their baseline, because a
     search is judged by its best candidate, not its mean one. None: every sample counts."""
     self_imitation: float = 5.0
-    """Weight of a maximum-likelihood term on the best candidate found so far in every
-    update (self-imitation, Oh et al. 2018), while the policy gives it less than
-    the target per group (explore_groups): keeps the policy sampling around the incumbent."""
+    """Weight of a maximum-likelihood term in every update on the best candidate found so
+    far for each sample's micro-batch count (self-imitation, Oh et al. 2018), while the
+    policy gives it less than the target per group (explore_groups): keeps the policy
+    sampling around the incumbents."""
+    microbatch_spread: float = 0.1
+    """How widely micro-batch counts are drawn: a count whose best candidate so far is x
+    (relative: log of the ratio) slower than the best of all is drawn with weight
+    exp(-x / microbatch_spread) against the best count's 1 (a count not tried yet: 1)."""
     entropy_coef: float = 0.01
     """Bonus on the mean per-group entropy: keeps the policy sampling more than one candidate."""
     ppo_epochs: int = 4
@@ -123,6 +144,8 @@ class TrainConfig(SearchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.microbatch_spread <= 0:
+            raise ValueError(f"microbatch_spread={self.microbatch_spread}: give a relative slowdown > 0")
         if self.algo not in ALGOS:
             raise ValueError(f"unknown algo {self.algo!r}: use 'reinforce' or 'ppo'")
         RewardRule(self.reward, 1.0)  # ValueError for an unknown shaping, before any work
@@ -133,9 +156,11 @@ class Learner:
     """The trainer's own scalars, beside SearchState in a checkpoint."""
 
     imitated: bool = False
+    seeded: bool = False  # the first round (seed_candidates) is done
     baseline: float | None = None  # moving average of batch rewards (normalize_advantages=False)
     reference_ms: float | None = None  # the reward's reference, fixed at the start
     temperature: float | None = None  # the sampling temperature (hold_exploration moves it)
+    incumbents: Incumbents = field(default_factory=dict)  # the best candidate of each micro-batch count (placer.rl.counts)
 
 
 def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Candidate | Placement | None = None,
@@ -156,6 +181,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
     saved = read_checkpoint(checkpoint, problem) if resume and checkpoint is not None and checkpoint.exists() else None
     options = config.microbatches or microbatch_options(problem)
+    microbatch_indices(options)  # ValueError for a count the policy cannot be given, before any work
     if policy is None and saved is not None:
         policy = Seq2SeqPolicy(**saved["policy"]["config"])
     elif policy is None:
@@ -163,7 +189,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             torch.manual_seed(config.seed)
             policy = Seq2SeqPolicy(max_devices=max(config.max_devices, problem.n_devices), hidden=config.hidden,
                                    graph_layers=config.graph_layers)
-    policy.attach(problem, options)
+    policy.attach(problem)
     policy.logit_clip, policy.masked_logit = config.logit_clip, config.masked_logit
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -171,7 +197,8 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
     if saved is not None:
         state, fields = restore(saved, checkpoint, policy, optimizer, generator)
         learner = Learner(**fields)
-        refit(state, scorer)  # the scorer fits every measurement so far, this run's and the checkpoint's
+        if refit(state, scorer):  # the scorer fits every measurement so far, this run's and the checkpoint's
+            rescore(learner.incumbents, scorer)
     policy.temperature = learner.temperature or config.temperature
     clock = Clock(state.elapsed_s)
 
@@ -195,26 +222,39 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
 
         # -- warm start: keep it as a candidate, and teach it to the policy
         if warm_start is not None and not state.candidates:
-            state.remember([warm_start], scorer.score([warm_start]), config.keep_top)
+            scored = scorer.score([warm_start])
+            state.remember([warm_start], scored, config.keep_top)
+            learn(learner.incumbents, [warm_start], scored)
         if warm_start is not None and not learner.imitated:
-            imitate(policy, warm_start, config)
+            imitate(policy, [Candidate(warm_start.placement, m) for m in sorted({warm_start.microbatches, *options})], config)
             learner.imitated = True
 
         while budget_left(state, config, clock()):
-            # -- sample a batch of candidates and score them
-            sample = policy.sample(round_size(state, config), generator)
-            batch = [Candidate(tuple(p), MICROBATCH_CHOICES[m])
-                     for p, m in zip(sample.placements.tolist(), sample.microbatches.tolist())]
+            seeding = not learner.seeded
+            if seeding:  # -- the first round: the warm start at the other counts, and random candidates
+                batch = seed_candidates(problem, warm_start, options, round_size(state, config), config.seed)
+            else:  # -- draw micro-batch counts, sample a placement for each
+                weights = draw_weights(learner.incumbents, options, config.microbatch_spread,
+                                       config.infeasible_slowdown)
+                drawn = torch.multinomial(weights, round_size(state, config), replacement=True, generator=generator)
+                sample = policy.sample(len(drawn), generator, microbatch_indices([options[int(i)] for i in drawn]))
+                batch = [Candidate(tuple(p), MICROBATCH_CHOICES[m])
+                         for p, m in zip(sample.placements.tolist(), sample.microbatches.tolist())]
             times = scorer.score(batch)
             state.remember(batch, times, config.keep_top)
+            learn(learner.incumbents, batch, times)
             state.rounds += 1
             state.samples += len(batch)
 
-            # -- RL update
-            rewards = torch.tensor([rule(t) for t in times], dtype=torch.float32)
-            advantages = advantage(rewards, learner, config)
-            update = reinforce_update if config.algo == "reinforce" else ppo_update
-            update(policy, optimizer, sample, advantages, config, state.best_sim()[0])
+            if seeding:  # -- every count's search starts from its best so far
+                imitate(policy, [c for c in (best_for(learner.incumbents, m) for m in options) if c is not None], config)
+                learner.seeded = True
+            else:  # -- RL update
+                rewards = torch.tensor([rule(t) for t in times], dtype=torch.float32)
+                advantages = advantage(rewards, learner, config, sample.microbatches)
+                update = reinforce_update if config.algo == "reinforce" else ppo_update
+                update(policy, optimizer, sample, advantages, config,
+                       [best_for(learner.incumbents, c.microbatches) for c in batch])
 
             # -- hold exploration around the incumbent: no collapse onto one candidate
             incumbent = state.best_sim()[0]
@@ -223,7 +263,8 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             learner.temperature = policy.temperature
 
             # -- measurement bookkeeping (placer.search.state)
-            measure_round(state, scorer, config, clock)
+            if measure_round(state, scorer, config, clock):
+                rescore(learner.incumbents, scorer)  # the incumbents' times under the refitted simulator
 
             # -- progress and checkpoint
             row = state.record(times, clock())
@@ -259,7 +300,7 @@ def hold_temperature(policy: Seq2SeqPolicy, incumbent: Candidate, target: float,
     """The temperature in [low, high] at which the policy gives `incumbent` a mean per-group
     probability of `target` (bisection on log temperature: the probability falls as it rises)."""
     placement = torch.tensor([incumbent.placement])
-    microbatch = torch.tensor([MICROBATCH_CHOICES.index(incumbent.microbatches)])
+    microbatch = microbatch_indices([incumbent.microbatches])
     lo, hi = math.log(low), math.log(high)
     with torch.no_grad():
         for _ in range(steps):
@@ -277,35 +318,66 @@ def target(config: TrainConfig, problem: PlacementProblem) -> float:
     return max(0.5, 1.0 - config.explore_groups / max(problem.n_groups, 1))
 
 
-def imitate(policy: Seq2SeqPolicy, candidate: Candidate, config: TrainConfig) -> None:
-    """Maximum likelihood on one candidate, until the policy gives it the target mean
-    per-group probability (or config.imitation_steps steps)."""
+def seed_candidates(problem: PlacementProblem, warm_start: Candidate | None, options: Sequence[int], n: int,
+                    seed: int) -> list[Candidate]:
+    """The first round's n candidates: the warm start's placement at each other micro-batch
+    count of `options`, then uniformly random candidates (placer.search.random_search), so
+    that a count whose good placements lie far from the warm start's (a pipelined plan
+    over every device) starts from one of them."""
+    others = [Candidate(warm_start.placement, m) for m in options if m != warm_start.microbatches] if warm_start else []
+    return (others + random_candidates(problem, options, np.random.default_rng(seed), max(0, n - len(others))))[:n]
+
+
+def imitate(policy: Seq2SeqPolicy, candidates: Sequence[Candidate], config: TrainConfig) -> None:
+    """Maximum likelihood on candidates, each placement given its micro-batch count, until
+    the policy gives every one the target mean per-group probability (or
+    config.imitation_steps steps); nothing without candidates."""
+    if not candidates:
+        return
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.imitation_lr)
     goal = target(config, policy.problem)
-    placement = torch.tensor([candidate.placement])
-    microbatch = torch.tensor([MICROBATCH_CHOICES.index(candidate.microbatches)])
-    groups = len(candidate.placement)
+    counts = microbatch_indices([c.microbatches for c in candidates])
+    placements = torch.tensor([c.placement for c in candidates])
+    groups = policy.problem.n_groups
     for _ in range(config.imitation_steps):
-        logp, _ = policy.log_prob(placement, microbatch)
-        if math.exp(float(logp.detach()[0]) / groups) >= goal:
+        logp, _ = policy.log_prob(placements, counts)
+        if math.exp(float(logp.detach().min()) / groups) >= goal:
             return
         optimizer.zero_grad()
-        (-logp[0] / groups).backward()
+        (-logp.mean() / groups).backward()
         optimizer.step()
 
 
-def advantage(rewards: torch.Tensor, learner: Learner, config: TrainConfig) -> torch.Tensor:
-    """Each sample's advantage [n]: above the batch's top quantile only (risk-seeking),
-    or normalized within the batch, or against the moving baseline."""
+def advantage(rewards: torch.Tensor, learner: Learner, config: TrainConfig,
+              groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's advantage [n]: above its group's top quantile only (risk-seeking), or
+    normalized within its group, or against the moving baseline (of the whole batch).
+    `groups` [n]: which samples compare with which (the micro-batch count they were drawn
+    for); None: the whole batch is one group. A group of one sample has advantage 0."""
+    if config.top_quantile is None and not config.normalize_advantages:
+        return _moving_baseline(rewards, learner, config)
+    groups = torch.zeros(len(rewards), dtype=torch.long) if groups is None else groups
+    advantages = torch.zeros_like(rewards)
+    for group in groups.unique():
+        members = groups == group
+        advantages[members] = _within(rewards[members], config)
+    return advantages
+
+
+def _within(rewards: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Advantages [n] of one group's rewards [n]: above the top quantile, or normalized."""
     if config.top_quantile is not None:
         threshold = torch.quantile(rewards, config.top_quantile)
         above = (rewards - threshold).clamp(min=0.0)
         scale = above.max()
         return above / scale if scale > 0 else above
-    if config.normalize_advantages:
-        centred = rewards - rewards.mean()
-        spread = float(rewards.std(unbiased=False)) if len(rewards) > 1 else 0.0
-        return centred / max(spread, config.advantage_floor, 1e-8)
+    centred = rewards - rewards.mean()
+    spread = float(rewards.std(unbiased=False)) if len(rewards) > 1 else 0.0
+    return centred / max(spread, config.advantage_floor, 1e-8)
+
+
+def _moving_baseline(rewards: torch.Tensor, learner: Learner, config: TrainConfig) -> torch.Tensor:
+    """Rewards less the moving average of past batch means (which this batch then updates)."""
     if learner.baseline is None:
         learner.baseline = float(rewards.mean())
     advantages = rewards - learner.baseline
@@ -314,18 +386,19 @@ def advantage(rewards: torch.Tensor, learner: Learner, config: TrainConfig) -> t
 
 
 def reinforce_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: Sample,
-                     advantages: torch.Tensor, config: TrainConfig, best: Candidate | None = None) -> None:
+                     advantages: torch.Tensor, config: TrainConfig, best: Sequence[Candidate | None] = ()) -> None:
     """One step on the policy gradient, advantage * grad log p, plus the entropy bonus (and
-    the self-imitation term on `best`)."""
+    the self-imitation term on `best`: per sample, the incumbent of its micro-batch count)."""
     logp, entropy = policy.log_prob(sample.placements, sample.microbatches)
     loss = -(advantages * logp).mean() - config.entropy_coef * entropy.mean() / policy.problem.n_groups
     _step(optimizer, loss + _self_imitation(policy, best, config))
 
 
 def ppo_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: Sample,
-               advantages: torch.Tensor, config: TrainConfig, best: Candidate | None = None) -> None:
+               advantages: torch.Tensor, config: TrainConfig, best: Sequence[Candidate | None] = ()) -> None:
     """`ppo_epochs` steps on the clipped surrogate objective (Schulman et al. 2017), plus the
-    entropy bonus (and the self-imitation term on `best`)."""
+    entropy bonus (and the self-imitation term on `best`: per sample, the incumbent of its
+    micro-batch count)."""
     for _ in range(config.ppo_epochs):
         logp, entropy = policy.log_prob(sample.placements, sample.microbatches)
         ratio = torch.exp(logp - sample.logp)
@@ -335,17 +408,21 @@ def ppo_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: 
         _step(optimizer, loss + _self_imitation(policy, best, config))
 
 
-def _self_imitation(policy: Seq2SeqPolicy, best: Candidate | None, config: TrainConfig) -> torch.Tensor:
-    """config.self_imitation times the mean per-group negative log-likelihood of `best`,
-    while the policy gives `best` less than the target per group (above it the term is 0:
-    the policy keeps sampling around the incumbent instead of collapsing onto it)."""
-    if best is None or config.self_imitation == 0:
+def _self_imitation(policy: Seq2SeqPolicy, best: Sequence[Candidate | None], config: TrainConfig) -> torch.Tensor:
+    """config.self_imitation times the mean over `best` (one incumbent per sample, None
+    where its count has none) of the per-group negative log-likelihood of each incumbent,
+    counting only those the policy gives less than the target per group (above it the
+    term is 0: the policy keeps sampling around the incumbent instead of collapsing onto it)."""
+    present = [c for c in best if c is not None]
+    if not present or config.self_imitation == 0:
         return torch.zeros(())
-    logp, _ = policy.log_prob(torch.tensor([best.placement]), torch.tensor([MICROBATCH_CHOICES.index(best.microbatches)]))
-    per_group = logp[0] / len(best.placement)
-    if float(per_group.detach().exp()) >= target(config, policy.problem):
-        return torch.zeros(())
-    return -config.self_imitation * per_group
+    unique = list(dict.fromkeys(present))
+    logp, _ = policy.log_prob(torch.tensor([c.placement for c in unique]),
+                              microbatch_indices([c.microbatches for c in unique]))
+    per_group = logp / policy.problem.n_groups
+    below = (per_group.detach().exp() < target(config, policy.problem)).float()
+    share = torch.tensor([present.count(c) / len(best) for c in unique])
+    return -config.self_imitation * (share * below * per_group).sum()
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
