@@ -30,7 +30,7 @@ import functools
 import hashlib
 import inspect
 import operator
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from graphs.errors import CaptureError
 
 METHODS = ("auto", "export", "fx")
+_ACCEPTED_MAX = 256  # signatures a capture remembers as accepted (calls with ever new shapes run the guard)
 MODES = ("train", "eval")
 
 # nn.Module's own bookkeeping: not state a forward may be caught changing.
@@ -76,6 +77,9 @@ class Traced:
     concrete: dict[str, Any] = field(default_factory=dict)
     # None, or why flat placeholder values fall outside what the capture covers (shapes, dtypes)
     guard: Callable[[list], str | None] | None = field(default=None, compare=False)
+    # the (dtype, shape) signatures the guard accepted, so that it runs once per signature (a guard
+    # reads nothing else): export's size checks and guard function cost 3-25 us, each placed call
+    _accepted: set = field(default_factory=set, init=False, compare=False, repr=False)
 
     @functools.cached_property
     def placeholders(self) -> list[fx.Node]:
@@ -138,7 +142,7 @@ class Traced:
         """(placeholder values, "") for a call this capture covers, else (None, why not)."""
         if not kwargs and len(args) == self._tensor_arity and all(isinstance(a, torch.Tensor) for a in args):
             values = dict(zip(self._placeholder_names, args))  # what the long way finds, without binding
-            reason = self.guard(list(args)) if self.guard is not None else None
+            reason = self._refusal(args)
             return (None, reason) if reason else (values, "")
         bound = canonical_call(self.signature, args, kwargs)
         if self.method == "export":
@@ -152,8 +156,22 @@ class Traced:
                 baked = ", ".join(f"{k}={v!r}" for k, v in self.concrete.items())
                 return None, f"it was captured with {baked}"
             values = {n.name: bound.arguments.get(str(n.target)) for n in self.placeholders}
-        reason = self.guard(list(values.values())) if self.guard is not None else None
+        reason = self._refusal(list(values.values()))
         return (None, reason) if reason else (values, "")
+
+    def _refusal(self, flat: Sequence) -> str | None:
+        """The guard's answer for flat placeholder values (None: covered), asked once per
+        signature of dtypes and shapes. Non-tensor values are the capture's constants
+        (checked by `_match` before), so only the tensors' signatures tell calls apart."""
+        if self.guard is None:
+            return None
+        key = tuple((x.dtype, x.shape) if isinstance(x, torch.Tensor) else None for x in flat)
+        if key in self._accepted:
+            return None
+        reason = self.guard(list(flat))
+        if reason is None and len(self._accepted) < _ACCEPTED_MAX:
+            self._accepted.add(key)
+        return reason
 
 
 def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths: Iterable[str] = (),
@@ -188,6 +206,7 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
     WorkloadError : not here; a model that fails on its inputs shows in graphs.capture.
     """
     from graphs import trace_cache
+    from graphs.trace_effects import no_side_effects
     from graphs.trace_export import export_available, export_model
     from graphs.trace_fx import cache_hint, trace_fx
 
@@ -242,8 +261,8 @@ def canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> i
 
 def training_flags(model: nn.Module) -> tuple[bool, ...]:
     """Every module's training flag, in model.modules() order: the mode a capture froze.
-    (The walk is written out: the placed model reads it on every call, and
-    named_modules builds a name for every module, which costs 2-4x more.)"""
+    (The walk is written out: named_modules builds a name for every module, which
+    costs 2-4x more.)"""
     flags: list[bool] = []
     seen: set[nn.Module] = set()
 
@@ -268,76 +287,6 @@ def _in_mode(model: nn.Module, mode: str | None) -> Iterator[None]:
     finally:
         for m, flag in zip(model.modules(), flags):
             m.training = flag
-
-
-@contextlib.contextmanager
-def no_side_effects(model: nn.Module, recorded: bool) -> Iterator[None]:
-    """Around a capture: leave the model as it was found, and refuse what a captured
-    graph would not repeat on every call.
-
-    Every attribute a forward sets (a Python counter, a cache) is restored, and so are
-    the values of buffers and plain tensor attributes it changed in place. A forward
-    that set an attribute is a CaptureError; so is one whose in-place tensor updates
-    ran for real while capturing unless the capture `recorded` them (torch.export
-    does; torch.fx runs them on tensors it does not trace, and loses them). A root
-    forward hook looks while the forward runs (torch.export restores attributes
-    itself before returning)."""
-    before = {path: _attributes(m) for path, m in model.named_modules()}
-    tensors = {(path, key): (t, t.detach().clone()) for path, m in model.named_modules()
-               for key, t in [*vars(m).items(), *m._buffers.items()]
-               if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and not t.is_meta}
-    changed: list[str] = []
-
-    def look(*_):
-        changed.extend(c for c in _changes(model, before) if c not in changed)
-
-    handle = model.register_forward_hook(look)
-    try:
-        yield
-        look()
-    finally:
-        handle.remove()
-        for path, m in model.named_modules():
-            if path in before:
-                for key in set(vars(m)) - set(before[path]) - _MODULE_ATTRS:
-                    delattr(m, key)
-                m.__dict__.update({k: v for k, (v, _) in before[path].items()})
-        with torch.no_grad():
-            for (path, key), (t, value) in tensors.items():
-                if not t.is_inference() and t.shape == value.shape and not torch.equal(t, value):
-                    t.copy_(value)
-                    if not recorded:
-                        changed.append(f"{path}.{key}" if path else f".{key}")
-    if changed:
-        path, _, attr = changed[0].rpartition(".")
-        module = model.get_submodule(path)
-        fix = (f"list {type(module).__name__} in `leaf_modules` in the workload file, so that it runs as itself"
-               if path else "move that update into a submodule and list its class in `leaf_modules`")
-        raise CaptureError(f"module '{path or type(model).__name__}' ({type(module).__name__}) changes its attribute "
-                           f"'{attr}' in forward, which a captured graph cannot repeat on every call: {fix}")
-
-
-def _attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
-    """name -> (value, shallow copy of a list/dict value) of a module's own attributes."""
-    return {k: (v, list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else None)
-            for k, v in vars(module).items() if k not in _MODULE_ATTRS}
-
-
-def _changes(model: nn.Module, before: dict[str, dict]) -> list[str]:
-    """"path.attr" of every attribute that held a value (not None) before and now holds
-    an unequal one (a list or dict changed in place counts). An attribute first set,
-    or set from None, is a lazy initialization (a cache filled on the first call):
-    eager does it once too, so it does not count."""
-    changes = []
-    for path, m in model.named_modules():
-        for key, (value, copy) in before.get(path, {}).items():
-            new = vars(m).get(key)
-            if value is None or (new is value and (copy is None or _equal(new, copy))):
-                continue
-            if new is not value and _equal(new, value):
-                continue
-            changes.append(f"{path}.{key}" if path else f".{key}")
-    return changes
 
 
 def _equal(a: Any, b: Any) -> bool:

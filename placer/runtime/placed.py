@@ -15,11 +15,12 @@ eval capture, and captures for other arguments or shapes (a partial last batch o
 size 1, another sequence length the model fixes), made on first use and kept. A
 node of another capture takes the device of the same node (name, target and module)
 in the training capture, else its module's, else its producer's. Each call picks
-the capture of the module's current mode (`self.training`, via `train()`/`eval()`)
-that accepts its arguments. Capturing after the parameters were spread over several
-torch devices is impossible (torch.export runs on fake tensors, which refuse mixed
-devices): the eval capture is then made at apply time, and a call that needs yet
-another capture is a one-line PlanError saying how to avoid it.
+the capture of the current mode (the `training` flag of every module the model had
+when placed, set by `train()`/`eval()`) that accepts its arguments. Capturing after
+the parameters were spread over several torch devices is impossible (torch.export
+runs on fake tensors, which refuse mixed devices): the eval capture is then made at
+apply time, and a call that needs yet another capture is a one-line PlanError
+saying how to avoid it.
 
 The output is rebuilt to the eager type (ModelOutput, namedtuple, dict, tuple) on
 the device of the first tensor input, like accelerate's dispatched models.
@@ -39,7 +40,7 @@ from torch import nn
 from graphs.capture import canonical_names, node_tensors, owning_module
 from graphs.devices import Cluster, Device, parse_cluster
 from graphs.errors import CaptureError, PlanError
-from graphs.trace import Traced, trace_model, training_flags
+from graphs.trace import Traced, trace_model
 from placer.plan import Plan, load_plan, trace_for_plan
 from placer.runtime.executor import Executor
 from placer.runtime.tensors import graph_reads, localize, place_tensors, tensor_readers
@@ -100,6 +101,7 @@ class PlacedModule(nn.Module):
         self.devices = devices  # device name -> Device
         self.tensor_devices = tensor_devices  # parameter/buffer qualified name -> device name
         self.graphs = [reference]
+        self._every_module = tuple(model.modules())  # whose flags pick a capture (training_flags' order)
         self._module_devices = _module_devices(reference)
         self._finalizer = weakref.finalize(self, _close_all, self.graphs)
         object.__setattr__(self, "original", model)  # last: from here on, unknown attributes come from it
@@ -144,7 +146,7 @@ class PlacedModule(nn.Module):
         and placed now if no graph so far covers the call."""
         if not self._finalizer.alive:  # closed: the executor says so, at once
             return self.graphs[0], {}
-        flags = training_flags(self.original)
+        flags = tuple([m.training for m in self._every_module])  # training_flags without its walk, every call
         mine = [g for g in self.graphs if g.traced.training == flags]
         for graph in mine:
             inputs = graph.traced.bind(args, kwargs)

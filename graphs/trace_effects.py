@@ -1,0 +1,93 @@
+"""Around a capture: the model is left as it was found, and what a captured graph
+would not repeat on every call is refused (graphs.trace.trace_model uses it).
+
+A forward may set Python attributes (a counter, a cache) and update buffers in
+place. A graph repeats neither the attribute writes nor, when torch.fx captured it,
+the in-place updates (fx runs them on tensors it does not trace): those are
+CaptureErrors naming the module and the fix. Whatever the forward changed while
+capturing is put back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphs.errors import CaptureError
+from graphs.trace import _MODULE_ATTRS, _equal
+
+__all__ = ["no_side_effects"]
+
+
+@contextlib.contextmanager
+def no_side_effects(model: nn.Module, recorded: bool) -> Iterator[None]:
+    """Around a capture: leave the model as it was found, and refuse what a captured
+    graph would not repeat on every call.
+
+    Every attribute a forward sets (a Python counter, a cache) is restored, and so are
+    the values of buffers and plain tensor attributes it changed in place. A forward
+    that set an attribute is a CaptureError; so is one whose in-place tensor updates
+    ran for real while capturing unless the capture `recorded` them (torch.export
+    does; torch.fx runs them on tensors it does not trace, and loses them). A root
+    forward hook looks while the forward runs (torch.export restores attributes
+    itself before returning)."""
+    before = {path: _attributes(m) for path, m in model.named_modules()}
+    tensors = {(path, key): (t, t.detach().clone()) for path, m in model.named_modules()
+               for key, t in [*vars(m).items(), *m._buffers.items()]
+               if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and not t.is_meta}
+    changed: list[str] = []
+
+    def look(*_):
+        changed.extend(c for c in _changes(model, before) if c not in changed)
+
+    handle = model.register_forward_hook(look)
+    try:
+        yield
+        look()
+    finally:
+        handle.remove()
+        for path, m in model.named_modules():
+            if path in before:
+                for key in set(vars(m)) - set(before[path]) - _MODULE_ATTRS:
+                    delattr(m, key)
+                m.__dict__.update({k: v for k, (v, _) in before[path].items()})
+        with torch.no_grad():
+            for (path, key), (t, value) in tensors.items():
+                if not t.is_inference() and t.shape == value.shape and not torch.equal(t, value):
+                    t.copy_(value)
+                    if not recorded:
+                        changed.append(f"{path}.{key}" if path else f".{key}")
+    if changed:
+        path, _, attr = changed[0].rpartition(".")
+        module = model.get_submodule(path)
+        fix = (f"list {type(module).__name__} in `leaf_modules` in the workload file, so that it runs as itself"
+               if path else "move that update into a submodule and list its class in `leaf_modules`")
+        raise CaptureError(f"module '{path or type(model).__name__}' ({type(module).__name__}) changes its attribute "
+                           f"'{attr}' in forward, which a captured graph cannot repeat on every call: {fix}")
+
+
+def _attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """name -> (value, shallow copy of a list/dict value) of a module's own attributes."""
+    return {k: (v, list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else None)
+            for k, v in vars(module).items() if k not in _MODULE_ATTRS}
+
+
+def _changes(model: nn.Module, before: dict[str, dict]) -> list[str]:
+    """"path.attr" of every attribute that held a value (not None) before and now holds
+    an unequal one (a list or dict changed in place counts). An attribute first set,
+    or set from None, is a lazy initialization (a cache filled on the first call):
+    eager does it once too, so it does not count."""
+    changes = []
+    for path, m in model.named_modules():
+        for key, (value, copy) in before.get(path, {}).items():
+            new = vars(m).get(key)
+            if value is None or (new is value and (copy is None or _equal(new, copy))):
+                continue
+            if new is not value and _equal(new, value):
+                continue
+            changes.append(f"{path}.{key}" if path else f".{key}")
+    return changes
