@@ -42,8 +42,8 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from graphs.errors import CaptureError
 
 METHODS = ("auto", "export", "fx")
-_ACCEPTED_MAX = 256  # signatures a capture remembers as accepted (calls with ever new shapes run the guard)
 MODES = ("train", "eval")
+_ACCEPTED_MAX = 256  # signatures a capture remembers as accepted (calls with ever new shapes run the guard)
 
 # nn.Module's own bookkeeping: not state a forward may be caught changing.
 _MODULE_ATTRS = frozenset({
