@@ -32,7 +32,7 @@ faster, tie or slower. Larger clusters are reported simulated only.
     .venv/bin/python experiments/ablation.py --quick            # two small problems, 64 samples, 1 seed
     flock /tmp/placer-heavy.lock .venv/bin/python experiments/ablation.py --calibrate --measure
 
-Writes experiments/results/ablation.{json,md} (ablation_quick.* with --quick).
+Writes experiments/results/ablation.{json,md} (`--name` another name; ablation_quick.* with --quick).
 """
 
 from __future__ import annotations
@@ -230,6 +230,7 @@ def main() -> None:
                         help="first fit the simulator to the heuristics' measured placements (quiet host only)")
     parser.add_argument("--cap-s", type=float, default=120.0, help="seconds of timed rounds per measured problem")
     parser.add_argument("--quick", action="store_true", help="two small problems, 64 samples, one seed")
+    parser.add_argument("--name", default="ablation", help="results file name (experiments/results/NAME.{json,md})")
     args = parser.parse_args()
     if args.quick:
         args.problems, args.samples, args.seeds = list(QUICK), 64, 1
@@ -248,7 +249,7 @@ def main() -> None:
     results = {"host": host, "samples": args.samples, "seeds": list(range(args.seed, args.seed + args.seeds)),
                "methods": args.methods, "config": asdict(overrides(TrainConfig(), args.set)),
                "seconds": time.perf_counter() - started, "problems": problems}
-    record("ablation_quick" if args.quick else "ablation", results, markdown(results))
+    record(f"{args.name}_quick" if args.quick else args.name, results, markdown(results))
     print(markdown(results))
 
 
