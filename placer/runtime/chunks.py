@@ -231,14 +231,17 @@ def _compile(index: int, run: list[fx.Node], device: str, lookup: _Lookup, after
 
     g = fx.Graph()
     env = {a: g.placeholder(a.name) for a in inputs}
-    for a in attrs:
+    targets = {}
+    for a in attrs:  # the chunk's own attribute, named as its node: one lookup, not one per dotted part
         env[a] = g.node_copy(a)
+        env[a].target = a.name
+        targets[a.name] = lookup.fetch(str(a.target))
     for node in run:
         env[node] = g.node_copy(node, lambda a: env[a])
     g.output(tuple(env[n] for n in outputs))
     mutated = {tensor_base(arg).name for node in run for arg in mutated_args(node, lookup)
                if tensor_base(arg) in inputs}
-    targets = {str(n.target): lookup.fetch(str(n.target)) for n in g.nodes if n.op in ("get_attr", "call_module")}
+    targets.update({str(n.target): lookup.fetch(str(n.target)) for n in g.nodes if n.op == "call_module"})
     return Chunk(
         index=index, device=device, nodes=tuple(n.name for n in run),
         inputs=tuple(a.name for a in inputs), outputs=tuple(n.name for n in outputs),
