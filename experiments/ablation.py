@@ -52,6 +52,7 @@ from graphs.devices import host_cores
 from graphs.errors import InfeasibleError
 from graphs.problem import Candidate, PlacementProblem, build_problem
 from placer.baselines import run_baselines
+from placer.optimize import microbatches_off
 from placer.rl import TrainConfig
 from placer.search import microbatch_options, overrides, run
 from placer.search.scorer import SimulatedScorer
@@ -140,7 +141,12 @@ def fit_baselines(name: str, problem: PlacementProblem, args: argparse.Namespace
 
 
 def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> dict:
-    problem = build_problem(spec, devices=device_list, max_groups=args.max_groups)
+    from graphs.workload import load_workload
+
+    loaded = load_workload(spec)
+    problem = build_problem(loaded, devices=device_list, max_groups=args.max_groups)
+    # As placer optimize does: no micro-batches where they would change the model (batch norm).
+    refusal = microbatches_off(loaded, problem)
     calibration = calibration_for(name, problem, args)
     scorer = SimulatedScorer(problem, calibration)
     warm_name, warm, warm_ms = warm_start(problem, scorer)
@@ -158,7 +164,7 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
     return {"name": name, "workload": spec, "devices": device_list, "groups": problem.n_groups,
             "calibrated": calibration is not None, "warm_start": {"method": warm_name, "ms": warm_ms,
                                                                  "candidate": [list(warm.placement), 1]},
-            "lower_bound_ms": bound.bound_ms, "measurable": measurable(problem),
+            "lower_bound_ms": bound.bound_ms, "measurable": measurable(problem), "microbatches_off": refusal,
             "runs": runs, "problem": problem}
 
 
