@@ -31,7 +31,7 @@ devices (each device keeps a heap of tasks that will arrive and a heap of those
 that have), so every task's inputs are booked before its device chooses. Tasks are
 numbered in each pass's priority order and read whom they hand on to from flat
 lists, so the loop allocates little more than its heap entries; simulate() makes
-well over 1,000 calls a second at 256 groups.
+over 1,000 calls a second at 256 groups (1,190 on 2 devices here).
 
 Micro-batch costs: the profile records, per device kind, m -> ms of a whole training
 step at batch/m, times m (OpGraph graph attributes `microbatch_step_ms_by_kind`, and

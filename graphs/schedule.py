@@ -30,7 +30,7 @@ another device reads what they compute, directly or through later work of their
 own device; backward: F is not empty, another device waits for their gradients),
 then the rest; within each, the lowest member first (fx order; in backward the
 reverse). Handing work on first keeps the other devices busy: without it, four
-towers split 2+2 ran 1.2x instead of 1.8x, because in backward the device holding
+towers split 2+2 ran 1.4x instead of 1.75x, because in backward the device holding
 the head ran its own towers before the small chunk whose gradients the other device
 waited for. (B and F carry the rule with no cost model: any path to another device
 leaves its own device first by a cross edge out of a same-device descendant.) The

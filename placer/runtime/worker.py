@@ -22,11 +22,11 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from heapq import heappop, heappush
-from itertools import count
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from heapq import heappop, heappush
+from itertools import count
 from typing import ContextManager
 
 import torch
