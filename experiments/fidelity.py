@@ -7,7 +7,10 @@ groups moved; "split": a random contiguous cut of the group order; "pipelined": 
 split or a baseline run with m > 1 micro-batches, where the profile allows it), all
 repaired to keep colocation and memory. Each is measured through the measurement
 protocol (placer.measurements: interleaved sessions of `--session` candidates, CI of
-the median) on the dataflow runtime, and simulated. The calibration is fitted on a
+the median) on the dataflow runtime, and simulated. Every session also measures an
+anchor (everything on the first device), and each time is scaled by its session's
+anchor to a common scale: the host drifts between sessions. The candidates are
+shuffled, so that no kind falls in one session. The calibration is fitted on a
 random third of the candidates and judged on the other two thirds, against the
 uncalibrated simulator on the same two thirds: Spearman rank correlation and median
 absolute percentage error. Targets (issue 16): Spearman >= 0.9 and median error <= 10%.
@@ -28,13 +31,14 @@ Writes experiments/results/fidelity_{size}.{json,md} (fidelity_quick.* with --qu
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from _record import host_info, host_lines, record  # this folder is on sys.path when run as a script
+from _record import RESULTS, host_info, host_lines, record  # this folder is on sys.path when run as a script
 from envs.calibrate import fit_calibration, save_calibration
 from envs.sim import Calibration, Simulator
 from graphs.errors import InfeasibleError
@@ -92,6 +96,22 @@ def median_error(simulated: np.ndarray, measured: np.ndarray) -> float:
     return float(np.median(np.abs(simulated / measured - 1.0)))
 
 
+def noise_ceiling(rows: list[dict], draws: int = 500, seed: int = 0) -> float:
+    """The Spearman a perfect simulator could expect against these measurements: the
+    median over `draws` of the rank correlation between the measured medians and the
+    same medians re-drawn with each one's own noise (normal, sd = its 95% CI
+    half-width / 1.96). Where the candidates' true times differ by less than the
+    measurement noise, no simulator can rank them; this says how far that goes. The
+    measured medians carry noise themselves, so it slightly overstates the ceiling."""
+    rows = [r for r in rows if r.get("ci_ms")]
+    if len(rows) < 3:
+        return float("nan")
+    measured = np.array([r["measured_ms"] for r in rows])
+    sd = np.array([(r["ci_ms"][1] - r["ci_ms"][0]) / 2 / 1.96 for r in rows])
+    rng = np.random.default_rng(seed)
+    return float(np.median([spearman(measured, measured + rng.normal(0.0, sd)) for _ in range(draws)]))
+
+
 def cost_counts(problem: PlacementProblem, candidate: Candidate) -> dict[str, float]:
     """What a candidate pays in each cost the simulator models with few parameters."""
     p = np.asarray(candidate.placement)
@@ -122,15 +142,30 @@ def evaluate_model(name: str, args: argparse.Namespace) -> dict:
     protocol = Protocol(target=args.target, cap_s=args.cap_s, warmup=args.warmup)
     measurer = Measurer(workload, problem, MeasurementBook({"fidelity": spec, "devices": args.devices}), protocol)
     chosen = candidates(problem, args.placements, rng)
-    rows = []
+    chosen = [chosen[i] for i in rng.permutation(len(chosen))]  # no kind gathered in one session
+    anchor = Candidate((0,) * problem.n_groups)
+    rows, anchors = [], []
     for start in range(0, len(chosen), args.session):
         batch = chosen[start:start + args.session]
-        for (kind, candidate), m in zip(batch, measurer.measure([c for _, c in batch], [k for k, _ in batch])):
+        session = measurer.session([(str(i), c) for i, (_, c) in enumerate(batch)] + [("anchor", anchor)], "fidelity")
+        anchors.append(session["anchor"].median_ms if session["anchor"].feasible else float("nan"))
+        for i, (kind, candidate) in enumerate(batch):
+            m = session[str(i)]
             rows.append({"kind": kind, "placement": list(candidate.placement), "microbatches": candidate.microbatches,
-                         "feasible": bool(m.feasible), "measured_ms": m.median_ms if m.feasible else None,
-                         "ci_ms": list(m.ci_ms) if m.feasible and m.ci_ms else None, "reason": m.reason or ""})
+                         "session": len(anchors) - 1, "feasible": bool(m.feasible),
+                         "raw_ms": m.median_ms if m.feasible else None,
+                         "raw_ci_ms": list(m.ci_ms) if m.feasible and m.ci_ms else None, "reason": m.reason or ""})
             outcome = f"{m.median_ms:8.2f} ms" if m.feasible else f"infeasible: {m.reason}"
             print(f"  {spec} {len(rows):3d} {kind:9s} m={candidate.microbatches} {outcome}", flush=True)
+        print(f"  {spec} anchor (all on {problem.cluster.names[0]}) {anchors[-1]:8.2f} ms", flush=True)
+    # Drift between sessions (this host's speed wanders by 10-20% over minutes) would
+    # set candidates of different sessions apart: each time is put on a common scale
+    # by its session's anchor, measured interleaved with it.
+    reference = float(np.nanmedian(anchors)) if not np.all(np.isnan(anchors)) else float("nan")
+    for r in rows:
+        scale = reference / anchors[r["session"]] if np.isfinite(reference / anchors[r["session"]]) else 1.0
+        r["measured_ms"] = r["raw_ms"] * scale if r["feasible"] else None
+        r["ci_ms"] = [x * scale for x in r["raw_ci_ms"]] if r["raw_ci_ms"] else None
     measured_rows = [r for r in rows if r["feasible"]]
     measured = np.array([r["measured_ms"] for r in measured_rows])
     pairs = [Candidate(tuple(r["placement"]), r["microbatches"]) for r in measured_rows]
@@ -161,6 +196,7 @@ def evaluate_model(name: str, args: argparse.Namespace) -> dict:
         "workload": spec, "groups": problem.n_groups, "placements": len(rows), "measured": len(measured_rows),
         "pipelined": sum(1 for c in pairs if c.microbatches > 1), "fit_on": int(len(fit_idx)),
         "evaluated_on": int(len(test_idx)), "median_ci_halfwidth": float(np.median(noise)) if noise else None,
+        "anchor_ms": anchors,
         "before": {"spearman": spearman(sim_before[test_idx], measured[test_idx]),
                    "median_abs_error": median_error(sim_before[test_idx], measured[test_idx])},
         "after": {"spearman": spearman(sim_after[test_idx], measured[test_idx]),
@@ -178,22 +214,27 @@ def markdown(results: dict) -> str:
              f"sessions of {results['session']}, CI half-width target {100 * results['target']:.0f}%, at most "
              f"{results['cap_s']:.0f} s of timed rounds per session). Calibration fitted on a random third of each "
              "model's candidates; both columns judged on the other two thirds. Targets: Spearman >= 0.9, median "
-             "error <= 10%.", "",
+             "error <= 10%. Noise ceiling: the Spearman a perfect simulator could expect against measurements "
+             "this noisy (`noise_ceiling`).", "",
              "| model | groups | candidates (measured, pipelined) | fit / judged | noise (CI half-width) | "
-             "Spearman before | after | median error before | after |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "Spearman before | after | noise ceiling | median error before | after | after, pipelined only |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for m in results["models"]:
         b, a = m["before"], m["after"]
         noise = f"{100 * m['median_ci_halfwidth']:.1f}%" if m["median_ci_halfwidth"] is not None else "-"
+        judged = [r for r in m["rows"] if r["feasible"] and not r.get("fit")]
+        piped = [abs(r["calibrated_ms"] / r["measured_ms"] - 1) for r in judged if r["microbatches"] > 1]
+        piped_error = f"{100 * float(np.median(piped)):.1f}% ({len(piped)})" if piped else "-"
         lines.append(f"| {m['workload']} | {m['groups']} | {m['placements']} ({m['measured']}, {m['pipelined']}) | "
                      f"{m['fit_on']} / {m['evaluated_on']} | {noise} | {b['spearman']:.2f} | {a['spearman']:.2f} | "
-                     f"{100 * b['median_abs_error']:.1f}% | {100 * a['median_abs_error']:.1f}% |")
+                     f"{noise_ceiling(judged):.2f} | {100 * b['median_abs_error']:.1f}% | "
+                     f"{100 * a['median_abs_error']:.1f}% | {piped_error} |")
     counts = list(results["models"][0]["diagnosis"]) if results["models"] else []
     lines += ["", "What the calibrated simulator's remaining error follows (Spearman of log(measured / simulated) "
               "with each count, over the judged candidates):", "",
               "| model | " + " | ".join(counts) + " |", "| --- | " + " | ".join("---:" for _ in counts) + " |"]
     for m in results["models"]:
-        lines.append(f"| {m['workload']} | " + " | ".join(f"{m['diagnosis'][c]:.2f}" for c in counts) + " |")
+        lines.append(f"| {m['workload']} | " + " | ".join("-" if m["diagnosis"][c] is None else f"{m['diagnosis'][c]:.2f}" for c in counts) + " |")
     return "\n".join(lines + ["", *host_lines(host)]) + "\n"
 
 
@@ -211,13 +252,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", action="store_true", help="save each model's calibration (fit on all candidates)")
     parser.add_argument("--quick", action="store_true", help="nmt small, 6 candidates, short sessions: a check it runs")
+    parser.add_argument("--name", help="results file stem (default fidelity_SIZE, fidelity_quick with --quick)")
+    parser.add_argument("--rewrite", action="store_true", help="measure nothing: rewrite NAME.md from NAME.json")
     args = parser.parse_args()
+    if args.rewrite:
+        stem = args.name or f"fidelity_{args.size}"
+        results = json.loads((RESULTS / f"{stem}.json").read_text())
+        print(f"wrote {record(stem, results, markdown(results))[1]}")
+        return
     if args.quick:
         args.models, args.size, args.placements, args.session, args.cap_s = ["nmt"], "small", 6, 3, 5.0
 
     torch.manual_seed(args.seed)
     host = host_info()  # the load as the run starts: is it quiet enough to record?
     started = time.perf_counter()
+    stem = args.name or ("fidelity_quick" if args.quick else f"fidelity_{args.size}")
     models = []
     for name in args.models:
         print(f"{name}:", flush=True)
@@ -225,12 +274,11 @@ def main() -> None:
         m = models[-1]
         print(f"  Spearman {m['before']['spearman']:.2f} -> {m['after']['spearman']:.2f}, median error "
               f"{100 * m['before']['median_abs_error']:.1f}% -> {100 * m['after']['median_abs_error']:.1f}%")
-    results = {"host": host, "devices": args.devices, "size": args.size, "session": args.session,
-               "target": args.target, "cap_s": args.cap_s, "seed": args.seed,
-               "seconds": time.perf_counter() - started, "models": models}
-    stem = "fidelity_quick" if args.quick else f"fidelity_{args.size}"
-    paths = record(stem, results, markdown(results))
-    print(f"wrote {paths[0]} and {paths[1]}")
+        results = {"host": host, "devices": args.devices, "size": args.size, "session": args.session,
+                   "target": args.target, "cap_s": args.cap_s, "seed": args.seed,
+                   "seconds": time.perf_counter() - started, "models": models}
+        paths = record(stem, results, markdown(results))  # after each model: a cut run keeps what it measured
+        print(f"wrote {paths[0]} and {paths[1]}")
 
 
 if __name__ == "__main__":
