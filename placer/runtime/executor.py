@@ -26,12 +26,9 @@ Grad mode and autocast are per thread: each chunk's forward runs with the caller
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -45,44 +42,11 @@ from placer.runtime.chunks import Chunk, build_chunks
 from placer.runtime.dataflow import Pass, task_keys
 from placer.runtime.placed_graph import Call, PlacedGraph
 from placer.runtime.refusals import checked_layout, refuse_static
+from placer.runtime.step_state import ChunkEvent, ChunkState, StepState, record_run
 from placer.runtime.values import SavedBytes, add_grads, count_saved, map_tensors, move, receive, run_backward
 from placer.runtime.worker import NOTHING, Autocast, CallerPin, Worker, core_shares, grad_mode
 
 __all__ = ["Executor", "ChunkEvent", "ExecutionError"]
-
-
-@dataclass(frozen=True)
-class ChunkEvent:
-    """One chunk's run in the debug timeline (time.perf_counter seconds)."""
-
-    chunk: int
-    device: str
-    phase: str  # "forward" or "backward"
-    thread: str  # the thread that ran it: its device's worker, or the caller's
-    start: float
-    end: float
-    microbatch: int = 0
-
-
-@dataclass
-class ChunkState:
-    """What one chunk keeps between its forward and its backward for one micro-batch."""
-
-    inputs: list[list[torch.Tensor | None]]  # per input: its grad-requiring leaves (None elsewhere)
-    outs: tuple  # its output values, as it returned them
-    saved: dict[int, int] | None  # storage pointer -> bytes saved for backward (when counting)
-
-
-@dataclass
-class StepState:
-    split: microbatch.Split
-    grad: bool
-    values: list[dict[str, Any]]  # per micro-batch: chunk output node -> value
-    events: list[dict[int, Any]]  # per micro-batch: chunk index -> CUDA event after it (absent on the host)
-    chunks: dict[tuple[int, int], ChunkState] = field(default_factory=dict)  # (micro-batch, chunk) -> state
-    sent: list[dict[int, dict[str, list]]] = field(default_factory=list)  # backward: chunk -> input -> grads
-    output_dims: dict[str, list[int | None]] = field(default_factory=dict)
-    autocast: Autocast | None = None  # the caller's, entered around every chunk's forward
 
 
 class Executor:
@@ -111,6 +75,9 @@ class Executor:
         for c in chunks:
             for name in c.inputs:
                 self.consumers.setdefault(name, []).append(c.index)
+        # Per chunk, made once rather than per task: each input's (name, producing chunk
+        # or None for a model input, whether the chunk changes it in place).
+        self._sources = [[(n, self.producer.get(n), n in c.mutated_inputs) for n in c.inputs] for c in chunks]
         wakes = [[] for _ in chunks]
         for c in chunks:
             for a in c.after:
@@ -173,6 +140,11 @@ class Executor:
         shares = core_shares(list(self.devices.values())) if self.pin else {}
         self.workers = {name: Worker(d, shares.get(name, ())) for name, d in self.devices.items() if name in used}
         self._chunk_workers = [self.workers[c.device] for c in self.chunks]
+        self._host_only = all(w.stream is None for w in self.workers.values())
+        # Per chunk and output: (its consumers, each with whether its gradients arrive on
+        # this chunk's torch device, so that they are used as they are).
+        self._sinks = [[tuple((k, self._chunk_workers[k].torch_device == self._chunk_workers[c.index].torch_device)
+                              for k in self.consumers.get(name, ())) for name in c.outputs] for c in self.chunks]
         self._device_types = tuple({"cpu", *(w.torch_device.type for w in self.workers.values())})
         self._saved = SavedBytes(list(self.workers))
         self._anchor = torch.empty(0, requires_grad=True)  # makes outputs require grad (PlacedGraph)
@@ -191,7 +163,8 @@ class Executor:
     def __getstate__(self) -> dict:
         """Pickled without its threads; unpickling starts new workers."""
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("workers", "_chunk_workers", "_device_types", "_saved", "_anchor", "_pin")}
+                 if k not in ("workers", "_chunk_workers", "_device_types", "_saved", "_anchor", "_pin",
+                              "_host_only", "_sinks")}
         state["_layouts"] = {}
         return state
 
@@ -245,6 +218,7 @@ class Executor:
         names = list(output_nodes) if output_nodes is not None else list(self.producer)
         state = StepState(split=split, grad=grad, values=[{} for _ in range(micro)], events=[{} for _ in range(micro)],
                           autocast=Autocast.of_caller(self._device_types))
+        state.plain = self._host_only and state.autocast is None and not (grad and self.count_activations)
         if micro > 1:
             state.output_dims = self._layout(inputs, split, names).output_dims
         self._streams_wait_for_caller()
@@ -253,7 +227,8 @@ class Executor:
                    self.workers.get(inline), partial(self._forward_task, state))
         self._pin.hold(self.workers[inline].cores if inline is not None else ())
         try:
-            run.execute(list(self.workers.values()), self.timeout_s)
+            with grad_mode(grad):  # once for the caller's tasks (inside PlacedGraph.forward it is off)
+                run.execute(list(self.workers.values()), self.timeout_s)
         except BaseException:
             self._pin.release()
             raise
@@ -268,34 +243,41 @@ class Executor:
 
     def _forward_task(self, state: StepState, worker: Worker, i: int, c: int) -> None:
         chunk = self.chunks[c]
-        device, stream = worker.torch_device, worker.stream
-        values, events, inputs = state.values[i], state.events[i], state.split.inputs[i]
         grad = state.grad
-        args, leaves = [], []
-        with grad_mode(grad):  # per thread; a caller inside PlacedGraph.forward has it off
-            for name in chunk.inputs:
-                p = self.producer.get(name)
-                value, event = (inputs[name], None) if p is None else (values[name], events.get(p))
-                arg, grad_leaves = receive(value, device, detach=grad, copy=name in chunk.mutated_inputs,
-                                           event=event, stream=stream)
-                args.append(arg)
-                leaves.append(grad_leaves)
-            saved = {} if grad and self.count_activations else None
-            timeline = self.timeline
-            start = time.perf_counter() if timeline is not None else 0.0
-            with worker.context(), Autocast.enter(state.autocast), count_saved(saved, self.excluded_storages):
-                outs = chunk.module.forward(*args)
-        values.update(zip(chunk.outputs, outs))
-        event = worker.record_event()
-        if event is not None:
-            events[c] = event
+        saved = {} if grad and self.count_activations else None
+        timeline = self.timeline
+        start = time.perf_counter() if timeline is not None else 0.0
+        if state.plain and torch.is_grad_enabled() == grad:  # the common case: no context to enter
+            outs, leaves = self._forward_chunk(state, worker, i, c)
+        else:  # grad mode per thread; the worker's CUDA stream; the caller's autocast; counting
+            with grad_mode(grad), worker.context(), Autocast.enter(state.autocast), \
+                    count_saved(saved, self.excluded_storages):
+                outs, leaves = self._forward_chunk(state, worker, i, c)
+        state.values[i].update(zip(chunk.outputs, outs))
+        if worker.stream is not None:
+            state.events[i][c] = worker.record_event()
         if timeline is not None:
-            _record(timeline, chunk, "forward", start, i)
+            record_run(timeline, chunk, "forward", start, i)
         if grad:
-            chunk_state = ChunkState(inputs=leaves, outs=outs, saved=saved)
-            state.chunks[i, c] = chunk_state
+            state.chunks[i, c] = ChunkState(inputs=leaves, outs=outs, saved=saved)
             if saved:
                 self._saved.hold(chunk.device, saved)
+
+    def _forward_chunk(self, state: StepState, worker: Worker, i: int, c: int) -> tuple[tuple, list]:
+        """Chunk c's outputs for micro-batch i from its inputs as it receives them
+        (values.receive), and its inputs' grad-requiring leaves as ChunkState keeps them."""
+        device, stream, grad = worker.torch_device, worker.stream, state.grad
+        values, events, inputs = state.values[i], state.events[i], state.split.inputs[i]
+        args, leaves = [], []
+        for name, p, copy in self._sources[c]:
+            value, event = (inputs[name], None) if p is None else (values[name], events.get(p))
+            arg, grad_leaves = receive(value, device, detach=grad, copy=copy, event=event, stream=stream)
+            args.append(arg)
+            for leaf in grad_leaves:
+                if leaf is not None:
+                    leaves.append((name, grad_leaves))
+                    break
+        return self.chunks[c].module.forward(*args), leaves
 
     def _layout(self, inputs: dict, split: microbatch.Split, names: list[str]) -> microbatch.Layout:
         """The batch layout of this input signature (refusals.checked_layout, once per
@@ -351,14 +333,17 @@ class Executor:
         sent, events = state.sent[i], state.events[i]
         tensors, grads = [], []
         output_grads = per_micro[i]
-        for name, out in zip(chunk.outputs, chunk_state.outs):
+        for name, out, sinks in zip(chunk.outputs, chunk_state.outs, self._sinks[c]):
             total = output_grads.get(name)
             if total is not None:
                 total = [None if g is None else move(g, device, None, stream) for g in total]
-            for consumer in self.consumers.get(name, ()):
+            for consumer, here in sinks:
                 theirs = sent.get(consumer)
                 if theirs is not None and name in theirs:
-                    total = add_grads(total, theirs[name], device, events.get(consumer), stream)
+                    if total is None and here:  # the one gradient so far, on this device: used as it is
+                        total = theirs[name]
+                    else:
+                        total = add_grads(total, theirs[name], None if here else device, events.get(consumer), stream)
             if total is None:
                 continue
             flat = [out] if isinstance(out, torch.Tensor) else tree_flatten(out)[0]
@@ -368,17 +353,17 @@ class Executor:
                     grads.append(g)
         timeline = self.timeline
         start = time.perf_counter() if timeline is not None else 0.0
-        with worker.context():
-            if tensors:
+        if tensors:
+            if worker.stream is None:
                 run_backward(tensors, grads)
-            mine = {name: [None if leaf is None else leaf.grad for leaf in leaves]
-                    for name, leaves in zip(chunk.inputs, chunk_state.inputs) if any(x is not None for x in leaves)}
-        event = worker.record_event()
-        if event is not None:
-            events[c] = event
-        sent[c] = mine
+            else:
+                with worker.context():
+                    run_backward(tensors, grads)
+        sent[c] = {name: [None if leaf is None else leaf.grad for leaf in leaves] for name, leaves in chunk_state.inputs}
+        if worker.stream is not None:
+            events[c] = worker.record_event()
         if timeline is not None:
-            _record(timeline, chunk, "backward", start, i)
+            record_run(timeline, chunk, "backward", start, i)
         if chunk_state.saved:
             self._saved.release(chunk.device, chunk_state.saved)
 
@@ -447,7 +432,3 @@ class Executor:
         for w in self.workers.values():
             w.close()
 
-
-def _record(timeline: list[ChunkEvent], chunk: Chunk, phase: str, start: float, microbatch_index: int) -> None:
-    timeline.append(ChunkEvent(chunk.index, chunk.device, phase, threading.current_thread().name, start,
-                               time.perf_counter(), microbatch_index))

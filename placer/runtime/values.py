@@ -69,7 +69,9 @@ def receive(value: Any, device: torch.device, *, detach: bool, copy: bool, event
 
 def _receive_tensor(x: torch.Tensor, device: torch.device, detach: bool, copy: bool, event, stream):
     leaf = None
-    here = move(x.detach() if detach else x, device, event, stream)
+    here = x.detach() if detach else x
+    if here.device != device:
+        here = move(here, device, event, stream)
     if detach and x.requires_grad:
         leaf = here.requires_grad_()
     return (here.clone() if copy else here), leaf

@@ -125,15 +125,15 @@ class ReadyQueue:
     one thread takes the item of lowest key among those that have arrived (a priority
     queue of what is ready, not first come first served: placer.runtime.dataflow).
     Items travel through a SimpleQueue, the cheapest way here for one thread to wake
-    another, and wait in a heap of the taker's own; `None` (close) is taken at once."""
+    another, and wait in a heap of the taker's own; `None` (close) is taken at once.
+    A lone item that finds the heap empty is taken without entering it (the usual
+    case across a chain's crossing: one hand-off, nothing else ready)."""
 
     def __init__(self):
         self._arrived: queue.SimpleQueue = queue.SimpleQueue()
         self._ready: list = []
         self._order = count()  # equal keys (none within a pass) in arrival order
-
-    def put(self, item) -> None:
-        self._arrived.put(item)
+        self.put = self._arrived.put  # put(item): the SimpleQueue's own, no Python frame in between
 
     def get(self, timeout: float | None = None):
         """The ready item of lowest key, or None once closed; waits at most `timeout`
@@ -141,8 +141,8 @@ class ReadyQueue:
         arrived, ready = self._arrived, self._ready
         if not ready:
             item = arrived.get(timeout=timeout)
-            if item is None:
-                return None
+            if item is None or arrived.empty():  # the one item there is (a chain's hand-off): no heap
+                return item
             heappush(ready, (item[0], next(self._order), item))
         while not arrived.empty():  # one consumer: what is there stays there
             item = arrived.get()
