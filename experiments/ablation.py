@@ -18,7 +18,11 @@ difference is how each proposes candidates. The simulator's calibration: with
 - `local_search`: simulated annealing over single-group moves from the warm start.
 
 Table 1 (always): per problem and method, the best simulated step time, mean and
-spread over the seeds, and its ratio to the warm start's and to the lower bound.
+spread over the seeds, and its ratio to the warm start's. Beside the lower bound, the
+exact simulated optimum where the problem has at most --optimum-limit candidates
+(placer.search.exhaustive: every device of every colocation set at every micro-batch
+count, scored), and each method's gap to it: a method that ties the warm start where
+the warm start is the optimum had nothing left to find.
 
 With `--measure` (a quiet host: run it under `flock /tmp/placer-heavy.lock` with load
 < 1): for each problem whose devices the host can really run side by side (virtual
@@ -55,6 +59,7 @@ from placer.baselines import run_baselines
 from placer.optimize import microbatches_off
 from placer.rl import TrainConfig
 from placer.search import microbatch_options, overrides, run
+from placer.search.exhaustive import LIMIT, optimum
 from placer.search.scorer import SimulatedScorer
 
 WORKLOADS = Path(__file__).resolve().parent / "workloads"
@@ -154,6 +159,9 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
     virtual = all(d.is_virtual_cpu for d in problem.cluster.devices)
     bound = lower_bound(problem.groups, kinds, floor=cost_floor(problem.groups, calibration and calibration.compute_scale),
                         cores=host_cores() if virtual else None, microbatches=microbatch_options(problem))
+    exact = optimum(problem, scorer, limit=args.optimum_limit)
+    if exact is not None:
+        print(f"  {name:20s} optimum        {exact.ms:9.2f} ms of {exact.candidates} candidates", flush=True)
     base = overrides(TrainConfig(budget_s=None, max_samples=args.samples, measure_top_k=0), args.set)
     runs = {method: [search(problem, calibration, method, replace(base, seed=seed), warm)
                      for seed in range(args.seed, args.seed + args.seeds)] for method in args.methods}
@@ -164,7 +172,10 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
     return {"name": name, "workload": spec, "devices": device_list, "groups": problem.n_groups,
             "calibrated": calibration is not None, "warm_start": {"method": warm_name, "ms": warm_ms,
                                                                  "candidate": [list(warm.placement), 1]},
-            "lower_bound_ms": bound.bound_ms, "measurable": measurable(problem), "microbatches_off": refusal,
+            "lower_bound_ms": bound.bound_ms,
+            "optimum": None if exact is None else {"ms": exact.ms, "candidates": exact.candidates, "candidate":
+                                                    [list(exact.best.placement), exact.best.microbatches]},
+            "measurable": measurable(problem), "microbatches_off": refusal,
             "runs": runs, "problem": problem}
 
 
@@ -197,18 +208,23 @@ def markdown(results: dict) -> str:
              f"{results['samples']} sampled candidates per method, seeds {results['seeds']}; every method starts "
              "from the best heuristic (warm start) and scores on the simulator; best simulated step time, mean "
              "(and spread) over the seeds. Lower is better.", "",
-             "| problem | groups | warm start (ms) | lower bound (ms) | "
-             + " | ".join(results["methods"]) + " |", "| --- | ---: | ---: | ---: | "
+             "| problem | groups | warm start (ms) | lower bound (ms) | optimum (ms) | "
+             + " | ".join(results["methods"]) + " |", "| --- | ---: | ---: | ---: | ---: | "
              + " | ".join("---:" for _ in results["methods"]) + " |"]
     for p in results["problems"]:
+        exact = p.get("optimum")
         cells = []
         for method in results["methods"]:
             times = [r["best_ms"] for r in p["runs"][method]]
-            spread = max(times) - min(times)
-            cells.append(f"{statistics.mean(times):.2f} ({spread:.2f}, {p['warm_start']['ms'] / statistics.mean(times):.3f}x)")
+            mean, spread = statistics.mean(times), max(times) - min(times)
+            gap = "" if exact is None else f", {100 * (mean / exact['ms'] - 1):+.1f}% over the optimum"
+            cells.append(f"{mean:.2f} ({spread:.2f}, {p['warm_start']['ms'] / mean:.3f}x{gap})")
+        optimum_cell = "-" if exact is None else f"{exact['ms']:.2f}"
         lines.append(f"| {p['name']} | {p['groups']} | {p['warm_start']['ms']:.2f} ({p['warm_start']['method']}) | "
-                     f"{p['lower_bound_ms']:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: mean ms (max - min over seeds, speedup over the warm start). Simulated with the calibration "
+                     f"{p['lower_bound_ms']:.2f} | {optimum_cell} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: mean ms (max - min over seeds, speedup over the warm start, and where the problem is small "
+              "enough to enumerate, the mean's gap to the exact simulated optimum). Optimum: the fastest of every "
+              "candidate, scored (\"-\": more than --optimum-limit candidates). Simulated with the calibration "
               "saved for each model and devices where there is one (`calibrated` in the JSON), else the nominal one."]
     measured = [p for p in results["problems"] if p.get("rl_vs")]
     if measured:
@@ -231,6 +247,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-groups", type=int, default=256)
     parser.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides, key=value")
+    parser.add_argument("--optimum-limit", type=int, default=LIMIT,
+                        help="enumerate the exact optimum of problems with at most this many candidates (0: none)")
     parser.add_argument("--measure", action="store_true", help="measure the best candidates (quiet host only)")
     parser.add_argument("--calibrate", action="store_true",
                         help="first fit the simulator to the heuristics' measured placements (quiet host only)")

@@ -4,7 +4,9 @@ never lost, colocation kept, measurement bookkeeping shared."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from graphs.synthetic import random_grouped_graph
 from placer.baselines import run_baselines
 from placer.rl import TrainConfig
 from placer.search import METHODS, SearchConfig, microbatch_options, overrides, run
+from placer.search.exhaustive import candidate_count, optimum
 from placer.search.local_search import neighbour
 from placer.search.scorer import SimulatedScorer
 from placer.search.state import SearchState, budget_left, measure_round
@@ -214,3 +217,20 @@ def test_a_periodic_measurement_that_would_overrun_is_left_to_the_closing_round(
     time.now = 9.5  # now they end at 19.5 s: measured
     measure_round(state, scorer, config, clock)
     assert scorer.measured_calls == [candidates]
+
+
+def test_the_exhaustive_optimum_is_the_fastest_of_every_candidate_and_no_search_beats_it():
+    problem = synthetic(9, devices="cpu:0,cpu:1", tied_pairs=2)
+    scorer = SimulatedScorer(problem)
+    found = optimum(problem, scorer, options=(1, 2), chunk=7)  # a chunk that does not divide the count
+    sets = len(set(problem.colocation_leader))
+    assert found.candidates == candidate_count(problem, (1, 2)) == 2 ** sets * 2
+    # every assignment of devices that keeps colocation, enumerated independently
+    every = [Candidate(p, m) for p in itertools.product(range(2), repeat=9) for m in (1, 2)
+             if all(len({p[g] for g in members}) == 1 for members in problem.colocation_sets)]
+    assert len(every) == found.candidates
+    assert found.ms == min(scorer.score(every)) == scorer.score([found.best])[0]
+    for method in METHODS:
+        config = replace(CONFIG, measure_top_k=0, microbatches=(1, 2))
+        assert run(method, problem, scorer, config, best_heuristic(problem)).best_sim_ms >= found.ms
+    assert optimum(problem, scorer, options=(1, 2), limit=found.candidates - 1) is None
