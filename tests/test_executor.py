@@ -1,7 +1,7 @@
 """placer.runtime.executor: dataflow over the devices' workers (independent work runs
 ahead of dependent work), exact numerics on fx and torch.export graphs, eager's
 dropout masks, the caller's autocast on every worker, no unbounded wait (closed
-executor, dead worker, time limit), copies, and pinned workers."""
+executor, dead worker, time limit), copies, and pinned (or unpinned) workers."""
 
 from __future__ import annotations
 
@@ -344,7 +344,22 @@ def test_virtual_cpu_workers_are_pinned_to_their_own_cores():
     ex = Executor(placed.executor.chunks, devices)
     for name, worker in ex.workers.items():
         assert os.sched_getaffinity(worker._thread.native_id) == set(shares[name])
+    # Unpinned (bench_crossing's diagnosis row): new workers that may run on any core,
+    # with the same results; pinned again, on their own cores again.
+    everywhere = os.sched_getaffinity(0)
+    x = torch.randn(4, 64)
+    before = ex.run({"x": x}, placed.output_nodes, torch.device("cpu"), grad=False)
+    ex.repin(False)
+    for worker in ex.workers.values():
+        assert os.sched_getaffinity(worker._thread.native_id) == everywhere
+    after = ex.run({"x": x}, placed.output_nodes, torch.device("cpu"), grad=False)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    ex.repin(True)
+    for name, worker in ex.workers.items():
+        assert os.sched_getaffinity(worker._thread.native_id) == set(shares[name])
     ex.close()
+    with pytest.raises(ExecutionError, match="closed"):
+        ex.repin(False)
 
 
 class SkipChain(nn.Module):

@@ -425,6 +425,17 @@ class Executor:
             raise ExecutionError(f"{self.source}: the placed model was closed (placed.close()); apply the plan "
                                  f"again to run it")
 
+    def repin(self, pin: bool) -> None:
+        """Restart the workers pinned to their devices' cores (`pin`) or free to run on
+        any (the unpinned row of experiments/bench_crossing.py). Call between steps.
+
+        Raises ExecutionError at once when the executor is closed."""
+        self._check_open()
+        for w in self.workers.values():
+            w.close()
+        self.pin = pin
+        self._start()
+
     def close(self) -> None:
         """Stop the workers; any later call raises ExecutionError at once."""
         self.closed = True
