@@ -1,3 +1,4 @@
+import copy
 import itertools
 import math
 import re
@@ -447,3 +448,35 @@ def test_a_pipelined_count_improves_while_slower_than_the_best_plan():
     assert result.best.microbatches == 2 and result.best_sim_ms < 90.0
     frozen = train(problem, PipelineToy(), replace(config, lr=0.0), warm_start=warm)
     assert frozen.best_sim_ms == 100.0  # sampling around the incumbents without learning finds nothing
+
+
+def test_a_policy_collapsed_on_another_workload_still_explores_the_new_one():
+    """Transfer: a policy that places everything on one device with certainty (as a long
+    search can leave it) starts a search of another problem, whose best candidate is that
+    same placement. Imitation has nothing to teach it, so only held exploration makes its
+    first samples differ; without it every sample is the warm start."""
+    from placer.rl.trainer import imitate
+
+    source, target = synthetic(12), synthetic(20, seed=9)
+    collapsed = policy_for(source)
+    imitate(collapsed, [Candidate((0,) * 12)],
+            TrainConfig(**{**QUICK, "imitation_target": 0.9999, "imitation_steps": 400, "imitation_lr": 3e-2}))
+    assert collapsed.attach(target).greedy() == (0,) * 20
+
+    def first_sampled_round(hold):
+        seen = []
+
+        class OneDeviceBest(SimulatedScorer):
+            """Every group off device 0 costs 1 ms: the warm start stays the best candidate."""
+
+            def score(self, candidates):
+                seen.append(list(candidates))
+                return [10.0 + sum(c.placement) for c in candidates]
+
+        config = TrainConfig(**{**QUICK, "max_samples": 16, "batch_size": 8, "imitation_steps": 200,
+                                "hold_exploration": hold})
+        train(target, OneDeviceBest(target), config, warm_start=(0,) * 20, policy=copy.deepcopy(collapsed))
+        return seen[-1]  # seen: the warm start, the first round (random candidates), the policy's first round
+
+    assert len(set(first_sampled_round(True))) > 1
+    assert set(first_sampled_round(False)) == {Candidate((0,) * 20)}
