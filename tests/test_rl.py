@@ -480,3 +480,13 @@ def test_a_policy_collapsed_on_another_workload_still_explores_the_new_one():
 
     assert len(set(first_sampled_round(True))) > 1
     assert set(first_sampled_round(False)) == {Candidate((0,) * 20)}
+
+
+def test_a_foreign_pickle_is_refused_in_one_line(tmp_path):
+    """torch's refusal of a pickled class is several lines of advice: the error keeps its first."""
+    import argparse
+
+    torch.save(argparse.Namespace(format="placer.policy/v3"), tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a placer policy file") as refused:
+        load_policy(tmp_path / "foreign.pt")
+    assert len(str(refused.value).splitlines()) == 1

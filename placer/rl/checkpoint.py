@@ -20,6 +20,7 @@ import torch
 from graphs.errors import CheckpointError
 from graphs.files import write_atomically
 from graphs.problem import Candidate, PlacementProblem
+from graphs.workload import first_line
 from placer.rl.policy import Seq2SeqPolicy
 from placer.search.state import CURVE_FIELDS, SearchState
 
@@ -44,7 +45,7 @@ def load_policy(path: Path | str) -> Seq2SeqPolicy:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such policy file") from None
     except Exception as exc:  # a corrupt or foreign file
-        raise CheckpointError(f"{path}: not a placer policy file ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: not a placer policy file ({type(exc).__name__}: {first_line(exc)})") from None
     found = saved.get("format") if isinstance(saved, dict) else None
     if found != POLICY_FORMAT:
         raise CheckpointError(f"{path}: not a placer policy file of format {POLICY_FORMAT!r} (found {found!r}); "
@@ -53,7 +54,7 @@ def load_policy(path: Path | str) -> Seq2SeqPolicy:
         policy = Seq2SeqPolicy(**saved["config"])
         policy.load_state_dict(saved["state_dict"])
     except Exception as exc:
-        raise CheckpointError(f"{path}: a damaged policy file ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: a damaged policy file ({type(exc).__name__}: {first_line(exc)})") from None
     return policy
 
 
@@ -92,7 +93,7 @@ def read_checkpoint(path: Path, problem: PlacementProblem) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read the search checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: cannot read the search checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
     found = data.get("format") if isinstance(data, dict) else None
     if found != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: a search checkpoint of format {found!r}, not {CHECKPOINT_FORMAT!r}: "
