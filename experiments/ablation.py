@@ -76,6 +76,7 @@ PROBLEMS = {
     "nmt": ("zoo:nmt:medium", devices(2)),
     "inception_v3": ("zoo:inception_v3:medium", devices(2)),
     "transformer": ("zoo:transformer:medium", devices(2)),
+    "gpt": ("zoo:gpt:medium", devices(2)),
     "towers": (str(WORKLOADS / "towers.py"), devices(2)),
     "embeddings": (str(WORKLOADS / "embeddings.py"), devices(2)),
     "inception_blocks": (str(WORKLOADS / "inception_blocks.py"), devices(2)),

@@ -12,6 +12,10 @@ All three score candidates through one `Scorer`, sample the same number of candi
 in rounds of the same size and spend the same measurements at the same points
 (placer.search.state), all from the same warm start: given one SearchConfig (or a
 TrainConfig, which extends it) their results compare at equal budget.
+
+Where a problem is small enough to enumerate (at most 2^20 candidates),
+`placer.search.exhaustive.optimum` scores every candidate: the exact simulated optimum
+the searches are measured against (a yardstick, not a search: it spends no budget).
 """
 
 from __future__ import annotations

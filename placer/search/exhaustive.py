@@ -20,7 +20,7 @@ import numpy as np
 from graphs.problem import Candidate, PlacementProblem
 from placer.search.config import microbatch_options
 
-__all__ = ["Optimum", "candidate_count", "optimum"]
+__all__ = ["LIMIT", "Optimum", "candidate_count", "optimum"]
 
 LIMIT = 2 ** 20
 
