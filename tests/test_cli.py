@@ -15,7 +15,10 @@ from placer.results import method_name
 
 WORKLOAD = "zoo:transformer:small"
 DEVICES = "cpu:0,cpu:1"
-FAST = ("--iters", "2", "--measure-cap", "1")  # short measurement sessions: tests check behaviour, not speed
+# Measurement sessions of --iters timed steps per candidate (the cap ends a session as soon as every
+# candidate has them), and a short imitation of the warm start: tests check behaviour, not speed.
+FAST = ("--iters", "2", "--measure-cap", "0.01")
+SHORT_RL = ("--search", "imitation_steps=20")
 
 
 def placer(*args: str, cwd: Path | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -38,7 +41,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 def optimized(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("opt")
     result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--methods", "single,expert,metis,rl",
-                    "--budget", "600", "--search", "max_samples=16", "--search", "batch_size=8", *FAST,
+                    "--budget", "600", "--search", "max_samples=16", "--search", "batch_size=8", *SHORT_RL, *FAST,
                     "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out
@@ -138,7 +141,7 @@ def test_compare_refuses_a_plan_on_devices_this_host_lacks_in_one_line(optimized
 def test_resume_continues_the_search(optimized):
     first = json.loads((optimized / "results.json").read_text())["curve"]
     result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--methods", "single,expert,metis,rl",
-                    "--budget", "600", "--search", "max_samples=32", "--search", "batch_size=8", *FAST,
+                    "--budget", "600", "--search", "max_samples=32", "--search", "batch_size=8", *SHORT_RL, *FAST,
                     "--out", str(optimized), "--resume")
     assert result.returncode == 0, result.stderr
     resumed = json.loads((optimized / "results.json").read_text())["curve"]
@@ -223,7 +226,7 @@ def test_infeasible_optimize_leaves_no_plan_or_report(tmp_path):
 def test_parallel_measurement_with_workers(tmp_path):
     out = tmp_path / "w"
     result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--budget", "2", *FAST, "--methods", "single,expert,rl",
-                    "--search", "batch_size=4", "--workers", "2", "--reward", "measure", "--out", str(out))
+                    "--search", "batch_size=4", *SHORT_RL, "--workers", "2", "--reward", "measure", "--out", str(out))
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     measured = [row for row in results["methods"] if row["measured_ms"] is not None]

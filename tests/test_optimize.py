@@ -12,7 +12,7 @@ from placer.measurements import MeasurementBook, Measurer, Protocol, candidate_k
 from placer.search_stage import SearchOptions
 
 DEVICES = "cpu:0,cpu:1"
-PROTOCOL = Protocol(min_runs=3, max_runs=6, cap_s=0.5, warmup=1)
+PROTOCOL = Protocol(min_runs=3, max_runs=6, cap_s=0.01, warmup=1)  # a session stops at min_runs steps each
 SEARCH = SearchOptions(max_samples=32, overrides=("measure_every=1", "batch_size=8", "imitation_steps=20"))
 
 WORKLOAD = '''
