@@ -141,7 +141,8 @@ def markdown(results: dict) -> str:
         cells = ", ".join("never" if r["samples_to_within"] is None else str(r["samples_to_within"]) for r in runs)
         lines.append(f"| {label} | {cells} | {statistics.median(reached):g} | "
                      f"{statistics.mean(r['final_ms'] for r in runs):.2f} |")
-    fewer = sum(_reached(p, results["samples"]) < _reached(f, results["samples"]) for p, f in zip(results["pretrained"], results["fresh"]))
+    budget = results["samples"]
+    fewer = sum(_reached(p, budget) < _reached(f, budget) for p, f in zip(results["pretrained"], results["fresh"]))
     lines += ["", f"Seeds {[r['seed'] for r in results['fresh']]}; {results['samples']} samples per search. The "
               f"pretrained policy came within 2% in fewer samples than the fresh one on {fewer} of "
               f"{len(results['fresh'])} seeds (\"never\" counts as the budget plus one). Curves: docs/img/transfer.png."]
