@@ -145,7 +145,8 @@ def markdown(results: dict) -> str:
     fewer = sum(_reached(p, budget) < _reached(f, budget) for p, f in zip(results["pretrained"], results["fresh"]))
     lines += ["", f"Seeds {[r['seed'] for r in results['fresh']]}; {results['samples']} samples per search. The "
               f"pretrained policy came within 2% in fewer samples than the fresh one on {fewer} of "
-              f"{len(results['fresh'])} seeds (\"never\" counts as the budget plus one). Curves: docs/img/transfer.png."]
+              f"{len(results['fresh'])} seeds (\"never\" counts as the budget plus one). "
+              "Curves: docs/img/transfer.png."]
     return "\n".join(lines + ["", *host_lines(results["host"])]) + "\n"
 
 
