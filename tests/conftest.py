@@ -2,6 +2,7 @@
 suite never depends on (or pollutes) a user's ~/.cache/placer; `gpu` tests skip
 where CUDA is absent."""
 
+import functools
 import os
 import tempfile
 
@@ -20,3 +21,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def zoo_problem():
+    """`zoo_problem(name)`: the zoo model's placement problem at its small size on
+    cpu:0,cpu:1 (at most 48 groups), built once a session (capture and profiling are the
+    expensive part); its `ops` is the profiled OpGraph. Callers must not modify it."""
+    from graphs.problem import build_problem
+
+    @functools.cache
+    def build(name: str):
+        return build_problem(f"zoo:{name}:small", devices="cpu:0,cpu:1", max_groups=48)
+
+    return build

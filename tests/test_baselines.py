@@ -16,7 +16,7 @@ from placer.baselines.common import bottleneck_ms
 from placer.baselines.schedule import _favourite_children
 from graphs.devices import Cluster, Device, parse_cluster
 from graphs.errors import InfeasibleError, PlacerError, WorkloadError
-from graphs.problem import PlacementProblem, build_problem
+from graphs.problem import PlacementProblem
 
 METHODS = sorted(BASELINES)
 # Methods that place a model whenever each device can hold most of it; `single`
@@ -264,8 +264,8 @@ def test_methods_scale_to_thousands_of_groups(large_problem, method):
 
 
 @pytest.fixture(scope="module")
-def zoo_problems():
-    return {name: build_problem(f"zoo:{name}:small", devices="cpu:0,cpu:1", max_groups=48) for name in ZOO}
+def zoo_problems(zoo_problem):
+    return {name: zoo_problem(name) for name in ZOO}
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -10,7 +10,7 @@ from graphs.capture import capture
 from graphs.group import group
 from graphs.profile import profile
 from graphs.synthetic import random_op_graph
-from graphs.workload import Workload, load_workload
+from graphs.workload import Workload
 from graphs.zoo import ZOO
 
 
@@ -178,9 +178,8 @@ def test_bad_max_groups(lstm_ops):
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
-def test_every_zoo_model_groups_acyclic_with_colocation(name, tmp_path):
-    w = load_workload(f"zoo:{name}")
-    ops = profile(capture(w), w, threads=1, repeats=1, cache_dir=tmp_path)
+def test_every_zoo_model_groups_acyclic_with_colocation(name, zoo_problem):
+    ops = zoo_problem(name).ops  # the captured, profiled model, shared with test_baselines
     for max_groups in (8, 64):
         groups = group(ops, max_groups)
         check_grouping(ops, groups, max_groups)

@@ -15,7 +15,7 @@ from placer.measurements import Measurer, Protocol
 from placer.search import microbatch_options
 from placer.search_stage import SearchOptions
 
-PROTOCOL = Protocol(min_runs=3, max_runs=4, cap_s=0.3, warmup=1)
+PROTOCOL = Protocol(min_runs=3, max_runs=4, cap_s=0.01, warmup=1)  # a session stops at min_runs steps each
 SEARCH = SearchOptions(max_samples=16, overrides=("measure_every=1", "batch_size=8", "imitation_steps=10"))
 
 NORMED = '''
