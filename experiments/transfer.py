@@ -180,7 +180,8 @@ def main() -> None:
     config = overrides(TrainConfig(budget_s=None, measure_top_k=0), args.set)
 
     host = host_info()
-    pretrain_problems = [build_problem(spec, devices=args.devices, max_groups=args.max_groups) for spec in args.pretrain]
+    pretrain_problems = [build_problem(spec, devices=args.devices, max_groups=args.max_groups)
+                         for spec in args.pretrain]
     test_problem = build_problem(args.test, devices=args.devices, max_groups=args.max_groups)
     policy = pretrain(pretrain_problems, config, args)
     heuristic, _, heuristic_ms = best_heuristic(test_problem)
