@@ -18,7 +18,7 @@ from placer.plan import make_plan, plan_from_assignment
 from placer.results import MethodResult
 from tests.test_optimize import WORKLOAD
 
-PROTOCOL = Protocol(min_runs=3, max_runs=6, cap_s=0.5, warmup=1)
+PROTOCOL = Protocol(min_runs=3, max_runs=6, cap_s=0.01, warmup=1)  # a session stops at min_runs steps each
 
 
 @pytest.fixture(scope="module")
