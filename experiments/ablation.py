@@ -88,6 +88,7 @@ PROBLEMS = {
     "inception_blocks@8": (str(WORKLOADS / "inception_blocks.py"), devices(8)),
 }
 QUICK = ("towers", "embeddings")
+QUICK_OPTIMUM_LIMIT = 2 ** 16  # --quick enumerates no more (embeddings' 2^20 candidates take minutes)
 
 
 def warm_start(problem: PlacementProblem, scorer: SimulatedScorer) -> tuple[str, Candidate, float]:
@@ -254,11 +255,13 @@ def main() -> None:
     parser.add_argument("--calibrate", action="store_true",
                         help="first fit the simulator to the heuristics' measured placements (quiet host only)")
     parser.add_argument("--cap-s", type=float, default=120.0, help="seconds of timed rounds per measured problem")
-    parser.add_argument("--quick", action="store_true", help="two small problems, 64 samples, one seed")
+    parser.add_argument("--quick", action="store_true",
+                        help="two small problems, 64 samples, one seed, optima of at most 2^16 candidates")
     parser.add_argument("--name", default="ablation", help="results file name (experiments/results/NAME.{json,md})")
     args = parser.parse_args()
     if args.quick:
         args.problems, args.samples, args.seeds = list(QUICK), 64, 1
+        args.optimum_limit = min(args.optimum_limit, QUICK_OPTIMUM_LIMIT)
     torch.set_num_threads(1)  # the policy's tensors are small: more threads only contend
 
     host = host_info()  # the load as the run starts: is it quiet enough to record?
