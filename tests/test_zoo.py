@@ -34,6 +34,14 @@ def small(name: str, seed: int = 0):
 
 
 @functools.cache
+def captured_small(name: str):
+    """small(name) and its export capture, made once for the module (export is the
+    expensive part). The model may have trained since: the graph's structure is fixed."""
+    model, inputs = small(name)
+    return model, inputs, trace_model(model, inputs=inputs, allow_fallback=False)
+
+
+@functools.cache
 def on_meta(name: str, size: str):
     """Model and batch on the meta device, built once: shapes without memory or compute."""
     with torch.device("meta"):
@@ -47,9 +55,8 @@ def test_every_model_has_the_common_sizes(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_small_model_traces_whole_and_trains(name):
-    model, inputs = small(name)
+    model, inputs, traced = captured_small(name)
     loss_fn = ZOO[name].loss_fn
-    traced = trace_model(model, inputs=inputs, allow_fallback=False)
     assert traced.method == "export" and traced.leaf_paths == () and not traced.fallback_notes
     assert 20 < len(traced.gm.graph.nodes) < 1500
 
@@ -93,8 +100,7 @@ def test_same_seed_same_model_and_batch(name):
 @pytest.mark.parametrize("name", ["rnnlm", "nmt"])
 def test_lstms_are_unrolled_time_major(name):
     """One cell per (step, layer) in step-major order: the grid that pipelines."""
-    model, inputs = small(name)
-    gm = trace_model(model, inputs=inputs, allow_fallback=False).gm
+    gm = captured_small(name)[2].gm
     calls = [owning_module(n) for n in gm.graph.nodes if str(n.target) == "aten.lstm_cell.default"]
     stacks = ["lstm"] if name == "rnnlm" else ["encoder", "decoder"]
     cfg = ZOO[name].CONFIGS["small"]
