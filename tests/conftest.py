@@ -1,13 +1,16 @@
 """Test-wide settings: every test run profiles into its own fresh cache, so that the
 suite never depends on (or pollutes) a user's ~/.cache/placer; `gpu` tests skip
-where CUDA is absent."""
+where CUDA is absent; the zoo models' placement problems are built once a session."""
 
 import functools
 import os
 import tempfile
+from collections.abc import Callable
 
 import pytest
 import torch
+
+from graphs.problem import PlacementProblem, build_problem
 
 
 def pytest_configure(config):
@@ -24,11 +27,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def zoo_problem():
+def zoo_problem() -> Callable[[str], PlacementProblem]:
     """`zoo_problem(name)`: the zoo model's placement problem at its small size on
     cpu:0,cpu:1 (at most 48 groups), built once a session (capture and profiling are the
     expensive part); its `ops` is the profiled OpGraph. Callers must not modify it."""
-    from graphs.problem import build_problem
 
     @functools.cache
     def build(name: str):
