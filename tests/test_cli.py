@@ -7,6 +7,8 @@ import re
 import stat
 import subprocess
 import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,13 @@ def placer(*args: str, cwd: Path | None = None, env_extra: dict | None = None) -
     env = {**os.environ, "COLUMNS": "200", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "placer.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
+
+
+def placers(*commands: Sequence[str]) -> list[subprocess.CompletedProcess]:
+    """Independent `placer` commands, each in its own process as placer() runs it, started
+    at once so that their interpreter and torch start-ups overlap: their results, in order."""
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda args: placer(*args), commands))
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -189,20 +198,23 @@ def test_baseline_all_prints_every_method():
 
 
 def test_bad_inputs_are_one_line_and_exit_2(tmp_path):
-    assert_one_line_error(placer("inspect", str(tmp_path / "nope.py")), "nope.py")
     bad = tmp_path / "bad.py"
     bad.write_text("def build_model(:\n")
-    assert_one_line_error(placer("inspect", str(bad)), "bad.py", "syntax")
-    assert_one_line_error(placer("inspect", "zoo:resnet"), "zoo:resnet")
-    assert_one_line_error(placer("inspect", WORKLOAD, "--devices", "gpu:0"), "gpu:0")
-    assert_one_line_error(placer("inspect", WORKLOAD, "--devices", "cuda:9"), "cuda:9")
-    assert_one_line_error(placer("baseline", WORKLOAD, "--method", "single", "--devices", DEVICES,
-                                 "--memory", "cpu:0=1KiB,cpu:1=1KiB"))
-    assert_one_line_error(placer("inspect", WORKLOAD, "--max-groups", "0"), "--max-groups")
-    assert_one_line_error(placer("optimize", WORKLOAD, "--budget", "0"), "--budget")
     corrupt = tmp_path / "plan.json"
     corrupt.write_text("{not json")
-    assert_one_line_error(placer("measure", WORKLOAD, "--plan", str(corrupt)), "plan.json")
+    cases = [  # (command, fragments of its error line)
+        (("inspect", str(tmp_path / "nope.py")), ("nope.py",)),
+        (("inspect", str(bad)), ("bad.py", "syntax")),
+        (("inspect", "zoo:resnet"), ("zoo:resnet",)),
+        (("inspect", WORKLOAD, "--devices", "gpu:0"), ("gpu:0",)),
+        (("inspect", WORKLOAD, "--devices", "cuda:9"), ("cuda:9",)),
+        (("baseline", WORKLOAD, "--method", "single", "--devices", DEVICES, "--memory", "cpu:0=1KiB,cpu:1=1KiB"), ()),
+        (("inspect", WORKLOAD, "--max-groups", "0"), ("--max-groups",)),
+        (("optimize", WORKLOAD, "--budget", "0"), ("--budget",)),
+        (("measure", WORKLOAD, "--plan", str(corrupt)), ("plan.json",)),
+    ]
+    for (command, fragments), result in zip(cases, placers(*(command for command, _ in cases))):
+        assert_one_line_error(result, *fragments)
 
 
 def test_a_plan_for_another_model_is_refused(optimized):

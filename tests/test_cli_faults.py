@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import DEVICES, FAST, WORKLOAD, assert_one_line_error, placer
+from tests.test_cli import DEVICES, FAST, WORKLOAD, assert_one_line_error, placer, placers
 
 
 def start(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
@@ -82,7 +82,6 @@ def workload_file(tmp_path: Path) -> Path:
 
 
 def test_every_input_is_checked_before_any_work_and_nothing_is_created(tmp_path):
-    out = tmp_path / "out"
     policy = tmp_path / "policy.pt"
     policy.write_bytes(b"not a policy")
     a_file = tmp_path / "a-file"
@@ -94,11 +93,15 @@ def test_every_input_is_checked_before_any_work_and_nothing_is_created(tmp_path)
         (("--budget", "nan"), ("--budget",)),
         (("--search", "algo=sarsa"), ("sarsa",)),
     ]
-    for args, fragments in cases:
-        assert_one_line_error(placer("optimize", WORKLOAD, "--out", str(out), *args), *fragments)
+    outs = [tmp_path / f"out{i}" for i in range(len(cases))]  # one each: the commands run at once
+    bad_outs = (a_file / "out", Path("/proc/placer-test-out"))  # /sys alike: tests/test_files.py
+    results = placers(*[("optimize", WORKLOAD, "--out", str(out), *args) for out, (args, _) in zip(outs, cases)],
+                      *[("optimize", WORKLOAD, "--out", str(bad_out)) for bad_out in bad_outs])
+    for out, (args, fragments), result in zip(outs, cases, results):
+        assert_one_line_error(result, *fragments)
         assert not out.exists(), args  # nothing created until every input passed
-    for bad_out in (a_file / "out", Path("/proc/placer-test-out")):  # /sys alike: tests/test_files.py
-        assert_one_line_error(placer("optimize", WORKLOAD, "--out", str(bad_out)), str(bad_out))
+    for bad_out, result in zip(bad_outs, results[len(cases):]):
+        assert_one_line_error(result, str(bad_out))
     cache = placer("inspect", WORKLOAD, env_extra={"PLACER_CACHE": str(a_file)})
     assert_one_line_error(cache, str(a_file), "PLACER_CACHE")
 
