@@ -106,20 +106,21 @@ def test_optimize_writes_plan_results_and_report(optimized):
 
 def test_plan_is_reusable_by_measure_train_and_compare(optimized, tmp_path):
     plan = str(optimized / "plan.json")
-    measured = placer("measure", WORKLOAD, "--plan", plan, "--iters", "2", "--json")
+    # plan.json is on cpu when unplaced won, else on DEVICES: a plan on cpu makes the device sets differ either way.
+    made = {"metis": tmp_path / "metis.json", "single": tmp_path / "single.json"}
+    measured, trained, *baselines = placers(  # independent commands, at once
+        ("measure", WORKLOAD, "--plan", plan, "--iters", "2", "--json"),
+        ("train", WORKLOAD, "--plan", plan, "--steps", "2"),
+        *[("baseline", WORKLOAD, "--method", name, "--devices", devices, "--out", str(made[name]))
+          for name, devices in (("metis", DEVICES), ("single", "cpu"))])
     assert measured.returncode == 0, measured.stderr
     data = json.loads(measured.stdout)
     devices = json.loads(Path(plan).read_text())["devices"]  # the chosen plan's: cpu when unplaced won
     assert data["feasible"] and data["median_ms"] > 0 and set(data["peak_bytes"]) == set(devices)
     assert data["ci_ms"][0] <= data["median_ms"] <= data["ci_ms"][1] and data["runs"] == 2
-    trained = placer("train", WORKLOAD, "--plan", plan, "--steps", "2")
     assert trained.returncode == 0, trained.stderr
     assert trained.stdout.count("loss") == 2
-    # plan.json is on cpu when unplaced won, else on DEVICES: a plan on cpu makes the device sets differ either way.
-    made = {}
-    for name, devices in (("metis", DEVICES), ("single", "cpu")):
-        made[name] = tmp_path / f"{name}.json"
-        result = placer("baseline", WORKLOAD, "--method", name, "--devices", devices, "--out", str(made[name]))
+    for name, result in zip(made, baselines):
         assert result.returncode == 0 and made[name].is_file(), result.stderr
     compared = placer("compare", WORKLOAD, plan, str(made["metis"]), str(made["single"]), *FAST,
                       "--out", str(tmp_path / "cmp"))
