@@ -168,12 +168,13 @@ def test_resume_with_other_devices_is_refused_before_any_work(optimized):
 
 def test_a_fresh_run_into_another_workloads_folder_or_a_resume_of_none_is_refused(optimized, tmp_path):
     before = {name: (optimized / name).read_bytes() for name in ("measurements.json", "results.json", "plan.json")}
-    result = placer("optimize", "zoo:rnnlm:small", "--devices", DEVICES, "--budget", "4", *FAST, "--out", str(optimized))
+    missing = tmp_path / "missing"
+    result, resumed = placers(("optimize", "zoo:rnnlm:small", "--devices", DEVICES, "--budget", "4", *FAST, "--out",
+                               str(optimized)),
+                              ("optimize", WORKLOAD, "--budget", "4", "--out", str(missing), "--resume"))
     assert_one_line_error(result, f"holds a run of {WORKLOAD}", "--resume to continue it")
     assert {name: (optimized / name).read_bytes() for name in before} == before and (optimized / "search").is_dir()
-    missing = tmp_path / "missing"
-    assert_one_line_error(placer("optimize", WORKLOAD, "--budget", "4", "--out", str(missing), "--resume"),
-                          str(missing), "does not exist")
+    assert_one_line_error(resumed, str(missing), "does not exist")
     assert not missing.exists()
 
 
