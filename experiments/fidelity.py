@@ -211,7 +211,8 @@ def markdown(results: dict) -> str:
     host = results["host"]
     lines = [f"# Simulator fidelity ({host['date']})", "",
              f"Devices `{results['devices']}`; each candidate measured by the protocol (interleaved "
-             f"sessions of {results['session']}, CI half-width target {100 * results['target']:.0f}%, at most "
+             f"sessions of {results['session']} candidates and an anchor (all on the first device), by which every time is put "
+             f"on one scale, CI half-width target {100 * results['target']:.0f}%, at most "
              f"{results['cap_s']:.0f} s of timed rounds per session). Calibration fitted on a random third of each "
              "model's candidates; both columns judged on the other two thirds. Targets: Spearman >= 0.9, median "
              "error <= 10%. Noise ceiling: the Spearman a perfect simulator could expect against measurements "

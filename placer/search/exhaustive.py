@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from graphs.problem import Candidate, PlacementProblem
 from placer.search.config import microbatch_options
+
+if TYPE_CHECKING:  # placer.search imports this module
+    from placer.search import Scorer
 
 __all__ = ["LIMIT", "Optimum", "candidate_count", "optimum"]
 
@@ -39,7 +42,7 @@ def candidate_count(problem: PlacementProblem, options: Sequence[int]) -> int:
     return problem.n_devices ** len(set(problem.colocation_leader)) * len(options)
 
 
-def optimum(problem: PlacementProblem, scorer, options: Sequence[int] | None = None, limit: int = LIMIT,
+def optimum(problem: PlacementProblem, scorer: Scorer, options: Sequence[int] | None = None, limit: int = LIMIT,
             chunk: int = 4096) -> Optimum | None:
     """Score every candidate of `problem` with `scorer` (placer.search.Scorer) and return the
     fastest (the first in enumeration order among equals); None when there are more than
