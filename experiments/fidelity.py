@@ -23,6 +23,7 @@ simulator models wrongly shows as a strong correlation with its count.
 
     .venv/bin/python experiments/fidelity.py --size medium            # every zoo model, 36 candidates each
     .venv/bin/python experiments/fidelity.py --quick                  # nmt small, 6 candidates: a check it runs
+    .venv/bin/python experiments/fidelity.py --rescore                # fidelity_medium.json scored by today's simulator
     flock /tmp/placer-heavy.lock .venv/bin/python experiments/fidelity.py --size medium --save
 
 Writes experiments/results/fidelity_{size}.{json,md} (fidelity_quick.* with --quick).
@@ -167,12 +168,31 @@ def evaluate_model(name: str, args: argparse.Namespace) -> dict:
         r["measured_ms"] = r["raw_ms"] * scale if r["feasible"] else None
         r["ci_ms"] = [x * scale for x in r["raw_ci_ms"]] if r["raw_ci_ms"] else None
     measured_rows = [r for r in rows if r["feasible"]]
+    order = rng.permutation(len(measured_rows))
+    for i in order[:max(3, len(order) // 3)]:
+        measured_rows[i]["fit"] = True
+    scores = score(problem, rows)
+    if args.save and len(measured_rows) >= 3:
+        singles = [r for r in measured_rows if r["microbatches"] == 1]
+        path = save_calibration(problem, fit_calibration(problem, [r["placement"] for r in singles],
+                                                         [r["measured_ms"] for r in singles]))
+        print(f"  saved the calibration fitted on all {len(singles)} one-micro-batch measurements to {path}")
+    return {"workload": spec, "groups": problem.n_groups, "max_groups": args.max_groups, "placements": len(rows),
+            "anchor_ms": anchors, **scores, "rows": rows}
+
+
+def score(problem: PlacementProblem, rows: list[dict]) -> dict:
+    """Simulate the measured rows (dicts with "placement", "microbatches", "feasible",
+    "measured_ms", and "fit": True on the calibration third) before and after a
+    calibration fitted on the fit third's one-micro-batch rows, with the current
+    simulator; writes each row's "simulated_ms" and "calibrated_ms" and returns the
+    model's counts, the judged third's Spearman and median error before and after,
+    the diagnosis and both calibrations."""
+    measured_rows = [r for r in rows if r["feasible"]]
     measured = np.array([r["measured_ms"] for r in measured_rows])
     pairs = [Candidate(tuple(r["placement"]), r["microbatches"]) for r in measured_rows]
-
-    order = rng.permutation(len(measured_rows))
-    n_fit = max(3, len(order) // 3)
-    fit_idx, test_idx = order[:n_fit], order[n_fit:]
+    fit_idx = [i for i, r in enumerate(measured_rows) if r.get("fit")]
+    test_idx = [i for i, r in enumerate(measured_rows) if not r.get("fit")]
     plain = [i for i in fit_idx if pairs[i].microbatches == 1]  # the fit takes one-micro-batch placements
     before = Simulator(problem)
     calibration = fit_calibration(problem, [pairs[i].placement for i in plain], measured[plain])
@@ -180,31 +200,38 @@ def evaluate_model(name: str, args: argparse.Namespace) -> dict:
     for r, c in zip(measured_rows, pairs):
         r["simulated_ms"] = before.simulate(c.placement, c.microbatches).step_ms
         r["calibrated_ms"] = after.simulate(c.placement, c.microbatches).step_ms
-    for i in fit_idx:
-        measured_rows[i]["fit"] = True
     sim_before = np.array([r["simulated_ms"] for r in measured_rows])
     sim_after = np.array([r["calibrated_ms"] for r in measured_rows])
-    judged = [measured_rows[i] for i in test_idx]
     noise = [(r["ci_ms"][1] - r["ci_ms"][0]) / 2 / r["measured_ms"] for r in measured_rows if r["ci_ms"]]
-
-    if args.save and len(measured_rows) >= 3:
-        singles = [i for i, c in enumerate(pairs) if c.microbatches == 1]
-        path = save_calibration(problem, fit_calibration(problem, [pairs[i].placement for i in singles],
-                                                         measured[singles]))
-        print(f"  saved the calibration fitted on all {len(singles)} one-micro-batch measurements to {path}")
     return {
-        "workload": spec, "groups": problem.n_groups, "placements": len(rows), "measured": len(measured_rows),
-        "pipelined": sum(1 for c in pairs if c.microbatches > 1), "fit_on": int(len(fit_idx)),
-        "evaluated_on": int(len(test_idx)), "median_ci_halfwidth": float(np.median(noise)) if noise else None,
-        "anchor_ms": anchors,
+        "measured": len(measured_rows), "pipelined": sum(1 for c in pairs if c.microbatches > 1),
+        "fit_on": len(fit_idx), "evaluated_on": len(test_idx),
+        "median_ci_halfwidth": float(np.median(noise)) if noise else None,
         "before": {"spearman": spearman(sim_before[test_idx], measured[test_idx]),
                    "median_abs_error": median_error(sim_before[test_idx], measured[test_idx])},
         "after": {"spearman": spearman(sim_after[test_idx], measured[test_idx]),
                   "median_abs_error": median_error(sim_after[test_idx], measured[test_idx])},
-        "diagnosis": diagnose(problem, judged),
+        "diagnosis": diagnose(problem, [measured_rows[i] for i in test_idx]),
         "calibration": {"initial": Calibration.default(problem.cluster).to_json(), "fitted": calibration.to_json()},
-        "rows": rows,
     }
+
+
+def rescore(results: dict) -> dict:
+    """`results` (a fidelity JSON) with every model scored again by `score`: the same
+    measurements and fit/judge split, the current simulator and calibration fit. The
+    problems are built again from the spec, devices and max_groups (256 where a run
+    did not record it); the profile comes from the cache, so it is the run's own only
+    where the cache still holds it (each row's "simulated_ms" is kept as
+    "recorded_simulated_ms" so that a changed profile shows)."""
+    models = []
+    for model in results["models"]:
+        problem = build_problem(model["workload"], devices=results["devices"], max_groups=model.get("max_groups", 256))
+        rows = [dict(r) for r in model["rows"]]
+        for r in rows:
+            if r["feasible"]:
+                r.setdefault("recorded_simulated_ms", r["simulated_ms"])
+        models.append({**model, **score(problem, rows), "rows": rows})
+    return {**results, "models": models, "rescored": host_info()["date"]}
 
 
 def markdown(results: dict) -> str:
@@ -216,7 +243,9 @@ def markdown(results: dict) -> str:
              f"{results['cap_s']:.0f} s of timed rounds per session). Calibration fitted on a random third of each "
              "model's candidates; both columns judged on the other two thirds. Targets: Spearman >= 0.9, median "
              "error <= 10%. Noise ceiling: the Spearman a perfect simulator could expect against measurements "
-             "this noisy (`noise_ceiling`).", "",
+             "this noisy (`noise_ceiling`)." + (f" Scored again on {results['rescored']} with that day's simulator "
+                                               "(`--rescore`): same measurements, same split." if results.get("rescored")
+                                               else ""), "",
              "| model | groups | candidates (measured, pipelined) | fit / judged | noise (CI half-width) | "
              "Spearman before | after | noise ceiling | median error before | after | after, pipelined only |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -255,10 +284,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="nmt small, 6 candidates, short sessions: a check it runs")
     parser.add_argument("--name", help="results file stem (default fidelity_SIZE, fidelity_quick with --quick)")
     parser.add_argument("--rewrite", action="store_true", help="measure nothing: rewrite NAME.md from NAME.json")
+    parser.add_argument("--rescore", action="store_true",
+                        help="measure nothing: score NAME.json's measurements again with the current simulator and "
+                             "calibration fit (same fit/judge split), into NAME_rescored.{json,md}")
     args = parser.parse_args()
-    if args.rewrite:
+    if args.rewrite or args.rescore:
         stem = args.name or f"fidelity_{args.size}"
         results = json.loads((RESULTS / f"{stem}.json").read_text())
+        if args.rescore:
+            results, stem = rescore(results), f"{stem}_rescored"
         print(f"wrote {record(stem, results, markdown(results))[1]}")
         return
     if args.quick:
