@@ -37,13 +37,13 @@ from torch import nn
 
 from _record import host_info, host_lines  # this folder is on sys.path when run as a script
 from graphs.devices import parse_cluster
-from graphs.problem import build_problem
+from graphs.problem import PlacementProblem, build_problem
 from graphs.workload import Workload, load_workload
 from graphs.zoo import ZOO
 from placer.baselines import expert
 from placer.baselines.pipeline import pipeline
 from placer.measurements import Protocol, compare, run_session
-from placer.plan import make_plan, plan_from_assignment
+from placer.plan import Plan, make_plan, plan_from_assignment
 from placer.runtime import apply
 from placer.runtime.timing import EagerTrial, PlacedTrial
 
@@ -168,7 +168,11 @@ def towers(width: int, depth: int, batch: int, protocol: Protocol) -> dict:
             "target": 1.6}
 
 
-def chain(name: str, size: str, protocol: Protocol) -> dict:
+def chain_plans(name: str, size: str) -> tuple[Workload, PlacementProblem, dict[str, Plan], dict[str, Plan]]:
+    """The chain section's candidates for zoo model `name` at `size` on cpu:0,cpu:1:
+    the workload, its problem, and its unpipelined and pipelined plans by label (the
+    pipeline heuristic's contiguous stages at m = 1, 2, 4, 8 where the batch allows;
+    expert; all on cpu:0). experiments/bench_pinning.py measures the same plans."""
     workload = load_workload(f"zoo:{name}:{size}")
     problem = build_problem(workload, "cpu:0,cpu:1")
     stages = pipeline(problem).placement
@@ -177,6 +181,11 @@ def chain(name: str, size: str, protocol: Protocol) -> dict:
                    "all on cpu:0": make_plan(problem, (0,) * problem.n_groups, "single")}
     pipelined = {f"stages, m={m}": make_plan(problem, stages, "pipeline", microbatches=m, schedule="gpipe")
                  for m in (2, 4, 8) if m <= (problem.batch_size or m)}
+    return workload, problem, unpipelined, pipelined
+
+
+def chain(name: str, size: str, protocol: Protocol) -> dict:
+    workload, problem, unpipelined, pipelined = chain_plans(name, size)
     entries = [("unplaced", EagerTrial(workload, threads=HOST_THREADS, warmup=protocol.warmup))]
     entries += [(label, PlacedTrial(workload, plan, problem.cluster, label=label, warmup=protocol.warmup))
                 for label, plan in {**unpipelined, **pipelined}.items()]
