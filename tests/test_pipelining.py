@@ -5,6 +5,8 @@ equal the unplaced model's."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -109,6 +111,15 @@ def run_stages(pipeline, inputs):
 
 
 # -- the cut (no processes) ------------------------------------------------------------
+
+def test_importing_placer_distributed_leaves_torch_pipelining_to_the_pipelining_ranks():
+    """torch.distributed.pipelining takes seconds to import: a rank of the other backend
+    (and the CLI) never pays for it; a stage of this backend imports it when it is built."""
+    code = "import sys, placer.distributed; print('torch.distributed.pipelining' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "False"
+
 
 def test_stages_follow_the_values_and_hand_on_only_activations(net_spec):
     w = load_workload(net_spec)

@@ -45,8 +45,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.distributed.pipelining.microbatch import TensorChunkSpec
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.devices import Cluster, Device
@@ -64,7 +62,9 @@ from placer.runtime.values import move, receive
 __all__ = ["PipelinedModel", "PipelineSpec", "plan_pipeline", "SCHEDULES"]
 
 LossFn = Callable[..., torch.Tensor]
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
+"""Schedule name -> its class in torch.distributed.pipelining, imported where a stage is
+built (importing pipelining takes seconds; a rank of the other backend never needs it)."""
 
 
 @dataclass(frozen=True)
@@ -177,12 +177,16 @@ class PipelinedModel(RankShare):
         self.input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
 
     def _build_schedule(self, n_stages: int) -> None:
+        from torch.distributed import pipelining  # slow to import (seconds): only this backend's ranks need it
+        from torch.distributed.pipelining.microbatch import TensorChunkSpec
+
         inputs = [x for name in self.stage.receives for x in _empty(self.meta[name])]
         outputs = [x for name in self.stage.sends for x in _empty(self.meta[name])]
-        self.pipe_stage = PipelineStage(self.module, self.stage.index, n_stages, self.comm_device,
-                                        input_args=tuple(inputs), output_args=tuple(outputs), group=self.group)
+        self.pipe_stage = pipelining.PipelineStage(self.module, self.stage.index, n_stages, self.comm_device,
+                                                   input_args=tuple(inputs), output_args=tuple(outputs),
+                                                   group=self.group)
         self._keywords = {f"input{i}": name for i, name in enumerate(self.stage.model_inputs) if name in self.spec.dims}
-        cls = SCHEDULES[self.spec.schedule]
+        cls = getattr(pipelining, SCHEDULES[self.spec.schedule])
         options = {"scale_grads": False} if "scale_grads" in inspect.signature(cls.__init__).parameters else {}
         if any(self.spec.dims[name] for name in self._keywords.values()):
             options["kwargs_chunk_spec"] = {k: TensorChunkSpec(self.spec.dims[name]) for k, name in self._keywords.items()}
