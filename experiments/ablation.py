@@ -25,12 +25,21 @@ count, scored), and each method's gap to it: a method that ties the warm start w
 the warm start is the optimum had nothing left to find.
 
 With `--measure` (a quiet host: run it under `flock /tmp/placer-heavy.lock` with load
-< 1): for each problem whose devices the host can really run side by side (virtual
-CPU devices: at most one per core), the warm start, `unplaced` and every method's best
-candidate of every seed are measured together in one interleaved session
-(placer.measurements, CI of the median), and RL's candidate of each seed is compared
-with local_search's and random_search's of the same seed (bootstrap CI of the ratio):
-faster, tie or slower. Larger clusters are reported simulated only.
+< 1), for each problem whose devices the host can really run side by side (virtual
+CPU devices: at most one per core; larger clusters are reported simulated only), in
+two sessions, as `placer optimize` chooses (a shortlist, then a confirm session):
+
+1. selection: every method measures its --measure-top-k best distinct simulated
+   candidates of each seed (SearchResult.top: the same K for every method, an equal
+   measurement budget), all in one interleaved session (placer.measurements, CI of the
+   median) with the warm start and `unplaced`; identical candidates (same placement and
+   micro-batch count, across methods and seeds) are measured once and shared;
+2. confirm: each method's fastest measured candidate of each seed, the warm start and
+   `unplaced` in a fresh session (--confirm-cap-s). The verdicts come from it alone: the
+   selection's minimum over K noisy measurements is biased low (the winner's curse).
+   RL's pick of each seed is compared with local_search's and random_search's of the
+   same seed (bootstrap CI of the ratio): faster, tie or slower ("same candidate" when
+   both picked the very same one).
 
     .venv/bin/python experiments/ablation.py                    # every problem, 1,500 samples, 3 seeds
     .venv/bin/python experiments/ablation.py --quick            # two small problems, 64 samples, 1 seed
@@ -44,6 +53,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -64,6 +74,7 @@ from placer.search.scorer import SimulatedScorer
 
 WORKLOADS = Path(__file__).resolve().parent / "workloads"
 METHODS = ("rl", "rl_lr0", "random_search", "local_search")
+YARDSTICKS = ("local_search", "random_search")  # what RL is judged against
 
 
 def devices(n: int) -> str:
@@ -81,9 +92,14 @@ PROBLEMS = {
     "embeddings": (str(WORKLOADS / "embeddings.py"), devices(2)),
     "inception_blocks": (str(WORKLOADS / "inception_blocks.py"), devices(2)),
     "nmt@4": ("zoo:nmt:medium", devices(4)),
+    "gpt@4": ("zoo:gpt:medium", devices(4)),
+    "transformer@4": ("zoo:transformer:medium", devices(4)),
+    "mlp@4": ("zoo:mlp:medium", devices(4)),
+    "rnnlm@4": ("zoo:rnnlm:medium", devices(4)),
     "inception_v3@4": ("zoo:inception_v3:medium", devices(4)),
     "towers@4": (str(WORKLOADS / "towers.py"), devices(4)),
     "nmt@8": ("zoo:nmt:medium", devices(8)),
+    "gpt@8": ("zoo:gpt:medium", devices(8)),
     "inception_v3@8": ("zoo:inception_v3:medium", devices(8)),
     "inception_blocks@8": (str(WORKLOADS / "inception_blocks.py"), devices(8)),
 }
@@ -102,13 +118,16 @@ def warm_start(problem: PlacementProblem, scorer: SimulatedScorer) -> tuple[str,
     return name, candidate, ms
 
 
-def search(problem: PlacementProblem, calibration, method: str, config: TrainConfig, warm: Candidate) -> dict:
-    """One method's run on the simulator: its best candidate and how long it took."""
+def search(problem: PlacementProblem, calibration, method: str, config: TrainConfig, warm: Candidate,
+           top_k: int) -> dict:
+    """One method's run on the simulator: its best candidate, its `top_k` best distinct
+    ones ([placement, micro-batches, simulated ms], fastest first) and how long it took."""
     if method == "rl_lr0":
         method, config = "rl", replace(config, lr=0.0)
     start = time.perf_counter()
     result = run(method, problem, SimulatedScorer(problem, calibration), config, warm)
     return {"best_ms": result.best_sim_ms, "candidate": [list(result.best.placement), result.best.microbatches],
+            "top": [[list(c.placement), c.microbatches, ms] for c, ms in result.top[:top_k]],
             "samples": result.samples, "seconds": time.perf_counter() - start,
             "curve": [[row["samples"], row["best_sim_ms"]] for row in result.curve]}
 
@@ -121,14 +140,13 @@ def measurable(problem: PlacementProblem) -> bool:
 def calibration_for(name: str, problem: PlacementProblem, args: argparse.Namespace):
     """The simulator's calibration: with --calibrate (and a host that can run the devices)
     fitted now to the heuristics' placements, measured together; else the one saved for
-    this model and devices; else, for NAME@k, the one saved for NAME (virtual CPU devices
-    of one thread each cost alike); else None (nominal)."""
+    this model and devices; else, for NAME@k, the one saved for its workload on two
+    devices (virtual CPU devices of one thread each cost alike); else None (nominal)."""
     if args.calibrate and measurable(problem):
         fit_baselines(name, problem, args)
     calibration = load_calibration(problem)
     if calibration is None and "@" in name:
-        spec, device_list = PROBLEMS[name.split("@")[0]]
-        calibration = load_calibration(build_problem(spec, devices=device_list, max_groups=args.max_groups))
+        calibration = load_calibration(build_problem(PROBLEMS[name][0], devices=devices(2), max_groups=args.max_groups))
     return calibration
 
 
@@ -159,13 +177,14 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
     warm_name, warm, warm_ms = warm_start(problem, scorer)
     kinds = [d.kind for d in problem.cluster.devices]
     virtual = all(d.is_virtual_cpu for d in problem.cluster.devices)
-    bound = lower_bound(problem.groups, kinds, floor=cost_floor(problem.groups, calibration and calibration.compute_scale),
+    floor = cost_floor(problem.groups, calibration and calibration.compute_scale)
+    bound = lower_bound(problem.groups, kinds, floor=floor,
                         cores=host_cores() if virtual else None, microbatches=microbatch_options(problem))
     exact = optimum(problem, scorer, limit=args.optimum_limit)
     if exact is not None:
         print(f"  {name:20s} optimum        {exact.ms:9.2f} ms of {exact.candidates} candidates", flush=True)
     base = overrides(TrainConfig(budget_s=None, max_samples=args.samples, measure_top_k=0), args.set)
-    runs = {method: [search(problem, calibration, method, replace(base, seed=seed), warm)
+    runs = {method: [search(problem, calibration, method, replace(base, seed=seed), warm, args.measure_top_k)
                      for seed in range(args.seed, args.seed + args.seeds)] for method in args.methods}
     for method, rows in runs.items():
         times = [r["best_ms"] for r in rows]
@@ -181,27 +200,64 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
             "runs": runs, "problem": problem}
 
 
-def measure(entry: dict, args: argparse.Namespace) -> None:
-    """Measure every method's candidates of one problem together (module docstring)."""
-    from graphs.workload import load_workload
-    from placer.measurements import MeasurementBook, Measurer, Protocol, compare
+def distinct(shortlists: dict[str, Sequence[Candidate]]) -> tuple[dict[str, Candidate], dict[str, list[str]]]:
+    """Each distinct candidate once, for measuring identical ones once and sharing the measurement.
 
-    problem = entry.pop("problem")
-    measurer = Measurer(load_workload(entry["workload"]), problem, MeasurementBook({"ablation": entry["name"]}),
-                        Protocol(cap_s=args.cap_s))
-    labels = [("warm_start", Candidate(tuple(entry["warm_start"]["candidate"][0]))), ("unplaced", None)]
+    Returns (label -> candidate: every distinct candidate of the shortlists, labelled
+    "OWNER#RANK" after the first owner that lists it; owner -> the labels of its list, in order).
+
+    >>> same, other = Candidate((0, 1)), Candidate((1, 1), 2)
+    >>> distinct({"rl/0": [same, other], "local_search/0": [Candidate((0, 1))]})[1]
+    {'rl/0': ['rl/0#0', 'rl/0#1'], 'local_search/0': ['rl/0#0']}
+    """
+    labels: dict[Candidate, str] = {}
+    owners = {owner: [labels.setdefault(c, f"{owner}#{rank}") for rank, c in enumerate(candidates)]
+              for owner, candidates in shortlists.items()}
+    return {label: c for c, label in labels.items()}, owners
+
+
+def fastest(labels: Sequence[str], measured: dict) -> str | None:
+    """The label of `labels` whose Measurement in `measured` (label -> Measurement) has the
+    lowest feasible median; None when none is feasible."""
+    feasible = [label for label in labels if measured[label].feasible]
+    return min(feasible, key=lambda label: measured[label].median_ms, default=None)
+
+
+def measure(entry: dict, args: argparse.Namespace) -> None:
+    """Measure one problem's shortlists, then confirm each owner's fastest (module docstring)."""
+    from graphs.workload import load_workload
+    from placer.measurements import UNPLACED, MeasurementBook, Measurer, Protocol, compare
+
+    problem, workload = entry.pop("problem"), load_workload(entry["workload"])
+    shortlists = {"warm_start": [Candidate(tuple(entry["warm_start"]["candidate"][0]))]}
     for method, rows in entry["runs"].items():
-        labels += [(f"{method}/{i}", Candidate(tuple(r["candidate"][0]), r["candidate"][1])) for i, r in enumerate(rows)]
-    measured = measurer.session(labels, f"measuring {entry['name']}")
-    entry["measured"] = {label: m.to_json() for label, m in measured.items()}
-    verdicts = {}
-    for other in ("local_search", "random_search"):
-        if "rl" not in entry["runs"] or other not in entry["runs"]:
-            continue
-        ratios = [compare(measured[f"rl/{i}"], measured[f"{other}/{i}"], other) for i in range(args.seeds)]
-        verdicts[other] = [None if r is None else {"speedup": r.value, "ci": list(r.ci), "verdict": r.verdict}
-                           for r in ratios]
-    entry["rl_vs"] = verdicts
+        shortlists.update((f"{method}/{i}", [Candidate(tuple(p), m) for p, m, _ in row["top"]])
+                          for i, row in enumerate(rows))
+    candidates, owners = distinct(shortlists)
+
+    def session(stage: str, cap_s: float, labels: Sequence[str]) -> dict:
+        """A fresh interleaved session of unplaced and the candidates of `labels`: label -> Measurement."""
+        measurer = Measurer(workload, problem, MeasurementBook({"ablation": entry["name"]}), Protocol(cap_s=cap_s))
+        return measurer.session([(UNPLACED, None), *((label, candidates[label]) for label in labels)],
+                                f"{stage}: {entry['name']}")
+
+    selection = session("selection", args.cap_s, list(candidates))
+    picks = {owner: fastest(listed, selection) for owner, listed in owners.items()}
+    confirm = session("confirm", args.confirm_cap_s, list(dict.fromkeys(p for p in picks.values() if p is not None)))
+
+    def verdict(mine: str | None, theirs: str | None, name: str) -> dict | None:
+        if mine is not None and mine == theirs:
+            return {"speedup": 1.0, "ci": None, "verdict": "same candidate"}
+        ratio = None if mine is None or theirs is None else compare(confirm[mine], confirm[theirs], name)
+        return None if ratio is None else {"speedup": ratio.value, "ci": list(ratio.ci), "verdict": ratio.verdict}
+
+    entry["measured"] = {"top_k": args.measure_top_k,
+                         "candidates": {label: [list(c.placement), c.microbatches] for label, c in candidates.items()},
+                         "shortlists": owners, "picks": picks,
+                         "selection": {label: m.to_json() for label, m in selection.items()},
+                         "confirm": {label: m.to_json() for label, m in confirm.items()}}
+    entry["rl_vs"] = {other: [verdict(picks[f"rl/{i}"], picks[f"{other}/{i}"], other) for i in range(args.seeds)]
+                      for other in YARDSTICKS if "rl" in entry["runs"] and other in entry["runs"]}
 
 
 def markdown(results: dict) -> str:
@@ -228,16 +284,56 @@ def markdown(results: dict) -> str:
               "enough to enumerate, the mean's gap to the exact simulated optimum). Optimum: the fastest of every "
               "candidate, scored (\"-\": more than --optimum-limit candidates). Simulated with the calibration "
               "saved for each model and devices where there is one (`calibrated` in the JSON), else the nominal one."]
+    return "\n".join(lines + leads(results) + measured_lines(results) + ["", *host_lines(host)]) + "\n"
+
+
+def leads(results: dict) -> list[str]:
+    """Markdown: RL's simulated lead over each yardstick, seed by seed (its best ms / RL's best ms - 1)."""
+    others = [m for m in YARDSTICKS if m in results["methods"]]
+    if "rl" not in results["methods"] or not others:
+        return []
+    lines = ["", "RL's simulated lead over each yardstick per seed (the yardstick's best / RL's best - 1; "
+             "positive: RL found a faster candidate):", "",
+             "| problem | " + " | ".join(f"vs {m}" for m in others) + " |", "| --- |" + " --- |" * len(others)]
+    for p in results["problems"]:
+        cells = ["; ".join(f"{100 * (theirs['best_ms'] / mine['best_ms'] - 1):+.1f}%"
+                           for mine, theirs in zip(p["runs"]["rl"], p["runs"][m])) for m in others]
+        lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def measured_lines(results: dict) -> list[str]:
+    """Markdown: the confirm session's medians of every pick, and RL's verdicts against the yardsticks."""
     measured = [p for p in results["problems"] if p.get("rl_vs")]
-    if measured:
-        lines += ["", "## Measured: RL's best candidate against the yardsticks', seed by seed", "",
-                  "| problem | vs | speedup (95% CI), verdict, per seed |", "| --- | --- | --- |"]
-        for p in measured:
-            for other, ratios in p["rl_vs"].items():
-                cells = ["infeasible" if r is None else f"{r['speedup']:.3f}x ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) "
-                         f"{r['verdict']}" for r in ratios]
-                lines.append(f"| {p['name']} | {other} | {'; '.join(cells)} |")
-    return "\n".join(lines + ["", *host_lines(host)]) + "\n"
+    if not measured:
+        return []
+    k = measured[0]["measured"]["top_k"]
+    lines = ["", f"## Measured: each method's fastest of its {k} best simulated candidates, confirmed", "",
+             f"Selection: every method's {k} best distinct simulated candidates of each seed, the warm start and "
+             "unplaced in one interleaved session (identical candidates measured once). Confirm: each method's "
+             "fastest of them per seed, the warm start and unplaced in a fresh session; the medians and verdicts "
+             "below are the confirm session's only.", "",
+             "| problem | unplaced (ms) | warm start (ms) | " + " | ".join(results["methods"]) + " |",
+             "| --- | ---: | ---: |" + " ---: |" * len(results["methods"])]
+    for p in measured:
+        confirm, picks = p["measured"]["confirm"], p["measured"]["picks"]
+        cells = [", ".join(_median(confirm, picks[f"{m}/{i}"]) for i in range(len(p["runs"][m])))
+                 for m in results["methods"]]
+        lines.append(f"| {p['name']} | {_median(confirm, 'unplaced')} | {_median(confirm, picks['warm_start'])} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "| problem | RL vs | speedup (95% CI), verdict, per seed |", "| --- | --- | --- |"]
+    for p in measured:
+        for other, ratios in p["rl_vs"].items():
+            cells = ["infeasible" if r is None else "same candidate" if r["ci"] is None
+                     else f"{r['speedup']:.3f}x ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) {r['verdict']}" for r in ratios]
+            lines.append(f"| {p['name']} | {other} | {'; '.join(cells)} |")
+    return lines
+
+
+def _median(session: dict, label: str | None) -> str:
+    """A markdown cell: the median (ms) of `label`'s measurement in `session` (JSON), or "infeasible"."""
+    measurement = None if label is None else session[label]
+    return f"{measurement['median_ms']:.1f}" if measurement and measurement["feasible"] else "infeasible"
 
 
 def main() -> None:
@@ -254,7 +350,12 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help="measure the best candidates (quiet host only)")
     parser.add_argument("--calibrate", action="store_true",
                         help="first fit the simulator to the heuristics' measured placements (quiet host only)")
-    parser.add_argument("--cap-s", type=float, default=120.0, help="seconds of timed rounds per measured problem")
+    parser.add_argument("--measure-top-k", type=int, default=3,
+                        help="with --measure: distinct best simulated candidates measured per method and seed")
+    parser.add_argument("--cap-s", type=float, default=120.0,
+                        help="seconds of timed rounds of each calibration and selection session")
+    parser.add_argument("--confirm-cap-s", type=float, default=120.0,
+                        help="seconds of timed rounds of each confirm session")
     parser.add_argument("--quick", action="store_true",
                         help="two small problems, 64 samples, one seed, optima of at most 2^16 candidates")
     parser.add_argument("--name", default="ablation", help="results file name (experiments/results/NAME.{json,md})")

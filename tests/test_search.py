@@ -136,6 +136,27 @@ def test_a_search_with_nothing_feasible_returns_no_best():
         assert result.best is None and result.best_sim_ms == math.inf and result.best_measured_ms is None
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_search_hands_back_its_best_distinct_feasible_candidates_fastest_first(method):
+    problem = synthetic(memory="cpu:0=40MB")  # a quarter of the model's memory: many random candidates do not fit
+    scored = {}
+
+    class Recording(SimulatedScorer):
+        def score(self, candidates):
+            times = super().score(candidates)
+            scored.update(zip(candidates, times))
+            return times
+
+    scorer = Recording(problem)
+    result = run(method, problem, scorer, replace(CONFIG, measure_top_k=0, keep_top=10), best_heuristic(problem))
+    candidates, times = [c for c, _ in result.top], [ms for _, ms in result.top]
+    assert math.inf in scored.values()  # there were infeasible candidates to leave out
+    assert len(result.top) == 10 and len(set(candidates)) == 10
+    assert times == sorted(times) and times == [scored[c] for c in candidates] and math.inf not in times
+    assert result.top[0] == (result.best, result.best_sim_ms)
+    assert all(ms >= times[-1] for c, ms in scored.items() if c not in candidates)  # nothing faster left out
+
+
 def test_overrides_read_each_field_as_its_type_and_refuse_unknown_ones():
     config = overrides(TrainConfig(), ["lr=0", "algo=reinforce", "budget_s=none", "max_samples=500",
                                        "microbatches=1,2", "normalize_advantages=false"])

@@ -4,7 +4,8 @@ and what it hands back (SearchResult).
 The searches differ only in how they propose candidates; the bookkeeping here is
 shared, so that their budgets are equal by construction:
 
-- every scored candidate counts as one sample; the `keep_top` best distinct ones are kept;
+- every scored candidate counts as one sample; the `keep_top` best distinct ones are kept
+  (and handed back, fastest first, as SearchResult.top);
 - every `measure_every` rounds the `measure_top_k` best kept candidates not measured
   yet are measured, the scorer refits its simulator to every measurement so far, and
   the kept candidates are re-scored;
@@ -50,6 +51,9 @@ class SearchResult:
     elapsed_s: float
     interrupted: bool  # Ctrl-C ended it: what it had is returned
     policy: object | None = field(default=None, repr=False)  # the trained policy (rl only)
+    # the kept feasible candidates (at most keep_top, distinct) with their simulated ms, fastest
+    # first: top[:k] are the k best distinct ones, for a caller that measures after the search
+    top: list[tuple[Candidate, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -78,16 +82,19 @@ class SearchState:
 
     def best_sim(self) -> tuple[Candidate | None, float]:
         """The fastest feasible kept candidate, or (None, inf): an infeasible one is never "best"."""
-        feasible = [(c, ms) for c, ms in self.candidates.items() if math.isfinite(ms)]
-        return min(feasible, key=lambda kv: kv[1], default=(None, math.inf))
+        return next(iter(self.ranked()), (None, math.inf))
 
     def best_measured(self) -> tuple[Candidate | None, float]:
         return min(self.measured.items(), key=lambda kv: kv[1], default=(None, math.inf))
 
+    def ranked(self) -> list[tuple[Candidate, float]]:
+        """The feasible kept candidates with their scores (ms), fastest first (ties: the one kept first)."""
+        feasible = [(c, ms) for c, ms in self.candidates.items() if math.isfinite(ms)]
+        return sorted(feasible, key=lambda kv: kv[1])
+
     def unmeasured_best(self, k: int) -> list[Candidate]:
         """The k best feasible kept candidates not measured yet."""
-        ranked = sorted(self.candidates, key=self.candidates.get)
-        return [c for c in ranked if c not in self.measured and math.isfinite(self.candidates[c])][:k]
+        return [c for c, _ in self.ranked() if c not in self.measured][:k]
 
     def record(self, times: Sequence[float], elapsed_s: float) -> dict:
         """Append (and return) the curve row of the round just scored (`times`: its samples')."""
@@ -105,7 +112,7 @@ class SearchState:
         return SearchResult(method=method, best=chosen, best_sim_ms=best_sim_ms,
                             best_measured_ms=_or_none(best_measured_ms), measured=list(self.measured.items()),
                             curve=list(self.curve), samples=self.samples, rounds=self.rounds,
-                            elapsed_s=self.elapsed_s, interrupted=interrupted, policy=policy)
+                            elapsed_s=self.elapsed_s, interrupted=interrupted, policy=policy, top=self.ranked())
 
 
 def as_candidate(problem: PlacementProblem, warm_start: Candidate | Placement | None) -> Candidate | None:

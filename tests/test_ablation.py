@@ -1,0 +1,94 @@
+"""experiments/ablation.py's measured ablation: identical candidates measured once, each
+method's pick chosen in a selection session and judged in a fresh confirm session only."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+import pytest
+
+import graphs.workload
+import placer.measurements
+from graphs.problem import Candidate
+from placer.runtime.timing import Measurement
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+WARM, A, B, C, D, E = (Candidate((0, 0)), Candidate((0, 1)), Candidate((1, 0)), Candidate((1, 1)),
+                       Candidate((0, 1), 2), Candidate((1, 0), 2))
+# medians (ms) in each session: C looks fastest in selection (one lucky trial) but is not in confirm
+MEDIANS = {"selection": {WARM: 120.0, A: 100.0, B: 90.0, C: 80.0, D: 95.0, E: 85.0, None: 150.0},
+           "confirm": {WARM: 120.0, A: 100.0, B: 90.0, C: 90.0, E: 85.0, None: 150.0}}
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(EXPERIMENTS))  # the script imports its sibling _record
+        yield importlib.import_module("ablation")
+
+
+class FakeMeasurer:
+    """Measurer.session with fixed step times per session, recording what it was asked."""
+
+    sessions: list[tuple[str, float, list]] = []
+
+    def __init__(self, workload, problem, book, protocol):
+        self.protocol = protocol
+
+    def session(self, entries, stage):
+        kind = stage.split(":")[0]
+        FakeMeasurer.sessions.append((kind, self.protocol.cap_s, [c for _, c in entries]))
+        return {label: Measurement(True, MEDIANS[kind][c], times_ms=[MEDIANS[kind][c]] * 5, runs=5)
+                for label, c in entries}
+
+
+def run_row(*candidates):
+    return {"top": [[list(c.placement), c.microbatches, 10.0 + i] for i, c in enumerate(candidates)]}
+
+
+def test_distinct_labels_each_candidate_once_and_keeps_every_owner_s_list(ablation):
+    candidates, owners = ablation.distinct({"rl/0": [A, B], "local_search/0": [Candidate((0, 1)), WARM],
+                                            "random_search/0": [Candidate((0, 1), 2), B]})
+    assert candidates == {"rl/0#0": A, "rl/0#1": B, "local_search/0#1": WARM, "random_search/0#0": D}
+    assert owners == {"rl/0": ["rl/0#0", "rl/0#1"], "local_search/0": ["rl/0#0", "local_search/0#1"],
+                      "random_search/0": ["random_search/0#0", "rl/0#1"]}
+
+
+def test_fastest_is_the_lowest_feasible_median_or_none(ablation):
+    measured = {"a": Measurement(True, 5.0), "b": Measurement(True, 4.0), "c": Measurement(False, reason="memory")}
+    assert ablation.fastest(["a", "b", "c"], measured) == "b"
+    assert ablation.fastest(["c"], measured) is None
+
+
+def test_the_measured_ablation_selects_on_shared_measurements_and_judges_on_a_fresh_session(ablation, monkeypatch):
+    monkeypatch.setattr(placer.measurements, "Measurer", FakeMeasurer)
+    monkeypatch.setattr(graphs.workload, "load_workload", lambda spec: spec)
+    FakeMeasurer.sessions = []
+    entry = {"name": "fake", "workload": "fake.py", "problem": None, "warm_start": {"candidate": [[0, 0], 1]},
+             "runs": {"rl": [run_row(A, B), run_row(C, D)], "local_search": [run_row(A, WARM), run_row(E, WARM)],
+                      "random_search": [run_row(B), run_row(WARM)]}}
+    ablation.measure(entry, argparse.Namespace(cap_s=7.0, confirm_cap_s=9.0, measure_top_k=2, seeds=2))
+    (kind, cap, selected), (kind2, cap2, confirmed) = FakeMeasurer.sessions
+    # selection: unplaced and every distinct candidate once, though A, B and the warm start are listed twice or more
+    assert (kind, cap) == ("selection", 7.0) and selected[0] is None and sorted(selected[1:], key=str) == sorted(
+        [WARM, A, B, C, D, E], key=str)
+    # confirm: unplaced, the warm start and each owner's fastest (D, slower than C for rl/1, is not there)
+    assert (kind2, cap2) == ("confirm", 9.0) and confirmed[0] is None and set(confirmed[1:]) == {WARM, A, B, C, E}
+    assert len(confirmed) == 6
+    picks = {owner: entry["measured"]["candidates"][label] for owner, label in entry["measured"]["picks"].items()}
+    assert picks == {"warm_start": [[0, 0], 1], "rl/0": [[1, 0], 1], "rl/1": [[1, 1], 1],
+                     "local_search/0": [[0, 1], 1], "local_search/1": [[1, 0], 2],
+                     "random_search/0": [[1, 0], 1], "random_search/1": [[0, 0], 1]}
+    versus_local, versus_random = entry["rl_vs"]["local_search"], entry["rl_vs"]["random_search"]
+    assert versus_local[0]["verdict"] == "faster" and versus_local[0]["speedup"] == pytest.approx(100 / 90)
+    # seed 1: C beat E in selection (80 against 85 ms), but the confirm session's 90 against 85 ms is the verdict
+    assert versus_local[1]["verdict"] == "slower" and versus_local[1]["speedup"] == pytest.approx(85 / 90)
+    assert versus_random[0] == {"speedup": 1.0, "ci": None, "verdict": "same candidate"}
+    assert versus_random[1]["verdict"] == "faster"
+    table = "\n".join(ablation.measured_lines({"methods": ["rl", "local_search", "random_search"],
+                                               "problems": [entry]}))
+    assert "| fake | 150.0 | 120.0 | 90.0, 90.0 | 100.0, 85.0 | 90.0, 120.0 |" in table
+    assert "same candidate" in table and "0.944x" in table
