@@ -5,7 +5,7 @@ import json
 import networkx as nx
 import pytest
 
-from graphs.bounds import LowerBound, lower_bound
+from graphs.bounds import LowerBound, lower_bound, microbatch_factor, microbatch_table
 from graphs.summary import format_summary, summarize
 
 
@@ -90,6 +90,19 @@ def test_pipelining_shortens_the_critical_path_by_the_microbatch_count_at_its_co
     # m=2: critical path 18 * 1.1 / 2 = 9.9, work 7.5 * 1.1 = 8.25; m=4: 18 * 1.5 / 4 = 6.75 but work 11.25
     assert bound.microbatches == 2 and bound.bound_ms == pytest.approx(9.9)
     assert lower_bound(piped, ["cpu"] * 4).bound_ms == 18.0  # without pipelining the chain is whole
+
+
+def test_a_micro_batch_step_dearer_than_a_larger_batchs_is_held_to_it():
+    """A step at batch/4 measured at 150 ms (600 / 4) against 55 at batch/2 was disturbed: it is
+    held to 55 (m = 4: 220); batch/8 at 37.5 ms is cheaper than any larger batch's and stays."""
+    g = nx.DiGraph(microbatch_step_ms={"1": 100.0, "2": 110.0, "4": 600.0, "8": 300.0})
+    assert microbatch_table(g, "cpu") == {1: 100.0, 2: 110.0, 4: 220.0, 8: 300.0}
+    assert microbatch_factor(g, "cpu", 4) == pytest.approx(2.2)
+    piped = DIAMOND.copy()
+    piped.graph["microbatch_step_ms_by_kind"] = {"cpu": {1: 100.0, 2: 110.0, 4: 600.0}}
+    # m=4 held to 220: critical path 18 * 2.2 / 4 = 9.9, work 7.5 * 2.2 = 16.5 (the raw 600: 27 and 45)
+    bound = lower_bound(piped, ["cpu"] * 4, microbatches=(4,))
+    assert (bound.critical_path_ms, bound.bound_ms) == (pytest.approx(9.9), pytest.approx(16.5))
 
 
 def test_no_simulated_candidate_beats_its_bound():

@@ -322,6 +322,12 @@ def test_micro_batch_costs_come_from_the_profiled_whole_steps():
     assert sim.notes == []
 
 
+def test_a_disturbed_micro_batch_step_of_the_profile_is_held_to_a_larger_batchs():
+    # a step at batch/4 recorded at 10 ms (40 / 4), dearer than the 6 ms at batch/2: simulated as 6
+    disturbed, held = two_stage({"1": 10.0, "2": 12.0, "4": 40.0}), two_stage({"1": 10.0, "2": 12.0, "4": 24.0})
+    assert disturbed.simulate([0, 1], microbatches=4).step_ms == pytest.approx(held.simulate([0, 1], 4).step_ms)
+
+
 def test_memory_counts_every_micro_batch_in_flight():
     graph = grouped([(1, 1, 0), (1, 1, 0)])
     for g in graph.nodes:
