@@ -32,6 +32,7 @@ from graphs.files import folder_problem
 from graphs.problem import Candidate, PlacementProblem, build_problem
 from graphs.workload import Workload, load_workload
 from placer.baselines import HEURISTICS
+from placer.baselines.common import colocation_units, require_fit
 from placer.choose import fill, pick, verdict_choice
 from placer.interrupts import Terminated, interruption
 from placer.measurements import (UNPLACED, MeasurementBook, Measurer, Protocol, candidate_key, unplaced_device,
@@ -149,7 +150,8 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     ------
     PlacerError (its subclasses)
         A bad input (before any work), an incompatible --resume, or no placement that
-        can run (InfeasibleError).
+        can run (InfeasibleError; right after profiling, before any baseline or search,
+        when the memory caps cannot hold the model however it is split).
     KeyboardInterrupt
         Ctrl-C (Terminated: SIGTERM) before anything was measured; nothing is written.
     """
@@ -179,6 +181,10 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     problem = build_problem(loaded, devices, memory, max_groups=max_groups,
                             progress=lambda done, total: progress(Stage("profiling", done, total)))
     identity["fingerprint"] = problem.fingerprint
+    try:  # the memory floor: no baseline, search or measurement when no placement at all fits the caps
+        require_fit(problem, colocation_units(problem))
+    except InfeasibleError as exc:
+        raise _no_placement([str(exc)]) from exc
     refusal = microbatches_off(loaded, problem)
     if refusal and any(m > 1 for m in search.config(budget_s, seed).microbatches or ()):
         raise PlacerError(f"--search microbatches: {refusal}")
@@ -228,6 +234,15 @@ def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
             graph.graph["microbatch_step_ms_by_kind"] = {k: _only_one(t) for k, t in by_kind.items()}
             graph.graph["microbatch_step_ms"] = _only_one(graph.graph.get("microbatch_step_ms"))
     return reason
+
+
+def _no_placement(reasons: Sequence[str]) -> InfeasibleError:
+    """The refusal of a run where no placement could run, quoting the first of
+    `reasons` (why each one could not) with the advice that fits them."""
+    advice = "raise --step-timeout" if reasons and all("timed out" in r for r in reasons) else \
+        "raise --memory caps or add devices"
+    return InfeasibleError("no placement could run on these devices" + (f": {reasons[0]}" if reasons else "")
+                           + f" ({advice})")
 
 
 def _only_one(table: dict | None) -> dict | None:
@@ -375,11 +390,7 @@ def _finish(results: Results, problem: PlacementProblem, scorer: Scorer, interru
         winner = min(measured, key=lambda r: r.measured_ms)
         results.choice = verdict_choice(winner, results.unplaced, winner.session, [], device, confirmed=False)
     if results.choice.method is None:
-        reasons = [r.reason for r in results.methods if r.reason]
-        advice = "raise --step-timeout" if reasons and all("timed out" in r for r in reasons) else \
-            "raise --memory caps or add devices"
-        raise InfeasibleError("no placement could run on these devices" + (f": {reasons[0]}" if reasons else "")
-                              + f" ({advice})")
+        raise _no_placement([r.reason for r in results.methods if r.reason])
     chosen = results.row(results.choice.method)
     if chosen.kind == "unplaced":
         plan = unplaced_plan(problem, seed)

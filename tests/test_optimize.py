@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import placer.optimize as job
-from graphs.errors import CheckpointError, DeviceSpecError, PlacerError
+from graphs.errors import CheckpointError, DeviceSpecError, InfeasibleError, PlacerError
 from placer.measurements import MeasurementBook, Measurer, Protocol, candidate_key
 from placer.search_stage import SearchOptions
 
@@ -111,6 +111,17 @@ def test_an_output_folder_that_cannot_be_one_is_refused_first(workload, tmp_path
     blocker.write_text("x")
     with pytest.raises(PlacerError, match="is under the file"):
         run(workload, blocker / "out")
+
+
+def test_caps_that_no_placement_fits_are_refused_before_any_baseline_or_search(workload, tmp_path, monkeypatch):
+    monkeypatch.setattr(job, "baseline_rows", boom)
+    monkeypatch.setattr(job, "run_search", boom)
+    stages = []
+    with pytest.raises(InfeasibleError, match=r"no placement could run on these devices: .* \(raise --memory caps"):
+        run(workload, tmp_path / "out", memory="cpu:0=1KiB,cpu:1=1KiB",
+            progress=lambda stage: stages.append(stage.name))
+    assert stages and set(stages) <= {"loading workload", "profiling"}  # no baselines, search or measuring stage
+    assert not (tmp_path / "out" / "plan.json").exists() and not (tmp_path / "out" / "results.json").exists()
 
 
 def test_resume_with_other_devices_is_refused_before_any_work(first, workload, monkeypatch):
