@@ -37,7 +37,9 @@ Micro-batch costs: the profile records, per device kind, m -> ms of a whole trai
 step at batch/m, times m (OpGraph graph attributes `microbatch_step_ms_by_kind`, and
 `microbatch_step_ms`, the first kind's, which stands for kinds without a table of
 their own: graphs.bounds.microbatch_table). A micro-batch's op costs on a device of
-kind k are the batch's scaled by table_k[m] / (m * table_k[1]). A kind whose table
+kind k are the batch's scaled by table_k[m] / (m * table_k[1]), the table held so
+that no step at a smaller batch costs more than one at a larger batch (a disturbed
+profile step would otherwise stand for every plan with that count). A kind whose table
 lacks m could not run a step at batch/m: a placement using such a device is
 infeasible with that reason. Without any table, costs scale linearly (1/m), which
 overrates small micro-batches; `Simulator.notes` says so.
