@@ -16,7 +16,8 @@ weights are never touched):
   (`opt_bytes`); the median time of further steps is spread over the nodes by
   parameter bytes (`opt_ms`);
 - whole training steps of the model (zero-grad, forward, loss, backward, optimizer
-  step; the median of WHOLE_STEP_REPEATS after a warm-up step) give the total the
+  step; the median of WHOLE_STEP_REPEATS rounds that take every micro-batch count
+  in turn, each sample after a warm-up step) give the total the
   node times are scaled to, and, run at batch / m for m in MICROBATCHES where the
   batch (every input's length along its batch dimension: the workload's
   `batch_dims`, else 0) divides, the cost of m micro-batches:
@@ -195,19 +196,29 @@ def _microbatch_step_ms(model: torch.nn.Module, workload: Workload, inputs: tupl
     that divides the batch (every input's length along its batch dimension, the
     workload's `batch_dims` else 0, one for all) and at whose size the model runs
     (BatchNorm refuses a batch of one, say). m = 1 is the whole step; its failure is a
-    WorkloadError."""
+    WorkloadError.
+
+    The counts are timed in rounds, min(repeats, WHOLE_STEP_REPEATS) of them, each
+    taking every count in turn (one sample after its own warm-up call), and each
+    count keeps the median of its rounds: a burst of load on the host then disturbs
+    one sample of every count instead of every sample of one, and the table's ratios,
+    which scale every micro-batch's costs, stay those of one moment. (Timed count by
+    count, nmt-medium once recorded a step at batch/8 dearer than one at batch/4.)"""
     dims = input_batch_dims(model, inputs, workload.batch_dims)
     sizes = {t.shape[d] if t.dim() > d else None for t, d in zip(inputs, dims)}
     batch = sizes.pop() if len(sizes) == 1 else None
-    result = {}
-    for m in [m for m in MICROBATCHES if m == 1 or (batch and batch % m == 0)]:
-        part = tuple(t.narrow(d, 0, t.shape[d] // m) for t, d in zip(inputs, dims)) if m > 1 else inputs
-        try:
-            result[m] = m * _whole_step_ms(model, workload, part, repeats, sync)
-        except WorkloadError:
-            if m == 1:
-                raise
-    return result
+    parts = {m: tuple(t.narrow(d, 0, t.shape[d] // m) for t, d in zip(inputs, dims)) if m > 1 else inputs
+             for m in MICROBATCHES if m == 1 or (batch and batch % m == 0)}
+    samples: dict[int, list[float]] = {m: [] for m in parts}
+    for _ in range(max(1, min(repeats, WHOLE_STEP_REPEATS))):
+        for m in list(samples):
+            try:
+                samples[m].append(m * _whole_step_ms(model, workload, parts[m], 1, sync))
+            except WorkloadError:
+                if m == 1:
+                    raise
+                del samples[m]
+    return {m: statistics.median(ms) for m, ms in samples.items()}
 
 
 def _whole_step_ms(model: torch.nn.Module, workload: Workload, inputs: tuple, repeats: int, sync) -> float:

@@ -391,3 +391,22 @@ def test_a_slow_first_call_warms_up_and_is_not_a_sample(monkeypatch):
     clock = Clock([300.0, 250.0])
     monkeypatch.setattr(profile_module, "time", clock)
     assert profile_module.time_ms(clock.call, 5, lambda: None, budget_ms=200.0) == (pytest.approx(250.0), 2)
+
+
+def test_micro_batch_steps_are_timed_in_rounds_so_a_burst_of_load_disturbs_no_count(monkeypatch):
+    """A step costs 1 ms per row of its batch (16 rows), except during a burst of load as
+    long as one round (calls 5-8: ten times slower). Timed in rounds (16, 8, 4, 2 rows,
+    three times), each count has one slow sample of three and keeps its true cost, 16 ms
+    for every m; timed count by count, the burst would have made two of m=2's three
+    samples, and its median, slow (and two of m=4's)."""
+    calls = []
+
+    def step_ms(model, workload, inputs, repeats, sync):
+        calls.append(inputs[0].shape[0])
+        return inputs[0].shape[0] * (10.0 if 5 <= len(calls) <= 8 else 1.0)
+
+    monkeypatch.setattr(profile_module, "_whole_step_ms", step_ms)
+    w = make_workload()
+    table = profile_module._microbatch_step_ms(w.model, w, w.inputs, 5, lambda: None)
+    assert calls == [16, 8, 4, 2] * profile_module.WHOLE_STEP_REPEATS
+    assert table == {1: 16.0, 2: 16.0, 4: 16.0, 8: 16.0}
