@@ -219,8 +219,8 @@ def session_scale(anchor_ms: list[float], session: int) -> float:
     One anchor was not enough: when another process takes a core, a plan whose
     workers are pinned to both cores loses more than one on a single thread, and the
     2026-12-01 run's inception_v3 plans of several devices then measured 6-19% above
-    their session's one-device anchor in two sessions and 0-3% in the others (76% of
-    the calibrated error's variance lay between sessions)."""
+    their session's one-device anchor in two sessions and -2% to +3% in two others (76%
+    of the calibrated error's variance lay between sessions)."""
     known = [a for a in anchor_ms if np.isfinite(a)]
     factor = float(np.median(known)) / anchor_ms[session] if known else math.nan
     return factor if math.isfinite(factor) else 1.0
