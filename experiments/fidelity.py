@@ -7,11 +7,12 @@ groups moved; "split": a random contiguous cut of the group order; "pipelined": 
 split or a baseline run with m > 1 micro-batches, where the profile allows it), all
 repaired to keep colocation and memory. Each is measured through the measurement
 protocol (placer.measurements: interleaved sessions of `--session` candidates, CI of
-the median) on the dataflow runtime, and simulated. Every session also measures an
-anchor (everything on the first device), and each time is scaled by its session's
-anchor to a common scale: the host drifts between sessions. The candidates are
-shuffled, so that no kind falls in one session. The calibration is fitted on a
-random third of the candidates and judged on the other two thirds, against the
+the median) on the dataflow runtime, and simulated. Every session also measures two
+anchors (everything on the first device; the simulator's fastest multi-device
+baseline), and each time is scaled by its session's anchor of its kind (one device
+or several) to a common scale: the host drifts between sessions (`session_scale`).
+The candidates are shuffled, so that no kind falls in one session. The calibration is
+fitted on a random third of the candidates and judged on the other two thirds, against the
 uncalibrated simulator on the same two thirds: Spearman rank correlation and median
 absolute percentage error. Targets (issue 16): Spearman >= 0.9 and median error <= 10%.
 
@@ -19,7 +20,9 @@ Where the calibrated simulator still misses, `diagnose` says which cost is wrong
 correlation of the log error (measured / simulated) with what each candidate costs in
 crossings (values handed between devices), chunks (dispatches), devices busy at once
 (virtual CPU devices share one memory bus) and micro-batches. A cost that the
-simulator models wrongly shows as a strong correlation with its count.
+simulator models wrongly shows as a strong correlation with its count; drift that
+the anchors did not take out shows as a large share of the error between sessions.
+`--rescore` scores a recorded run's measurements again with the current simulator.
 
     .venv/bin/python experiments/fidelity.py --size medium            # every zoo model, 36 candidates each
     .venv/bin/python experiments/fidelity.py --quick                  # nmt small, 6 candidates: a check it runs
