@@ -12,7 +12,7 @@ difference is how each proposes candidates. The simulator's calibration: with
 - `rl`: the seq2seq policy with its graph encoder, trained as it samples (TrainConfig's
   algorithm, PPO by default), with an incumbent per micro-batch count (placer.rl.trainer);
 - `rl_lr0`: the same search with the policy never updated (lr=0): its first round (the
-  warm start at the other counts, random candidates) and the imitation of each count's
+  warm start at the other counts, random stage-like candidates) and the imitation of each count's
   best are the same, then it samples around those: what the search finds without learning;
 - `random_search`: uniformly random candidates;
 - `local_search`: simulated annealing over single-group moves from the warm start.

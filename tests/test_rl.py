@@ -2,7 +2,6 @@ import copy
 import itertools
 import math
 import re
-from dataclasses import replace
 
 import networkx as nx
 import pytest
@@ -446,8 +445,8 @@ def test_a_pipelined_count_improves_while_slower_than_the_best_plan():
     assert first[0] == Candidate(warm, 2)  # the first round scores the warm start at the other count...
     assert len(set(first[1:])) == config.batch_size - 1 and warm not in first  # ...and random candidates
     assert result.best.microbatches == 2 and result.best_sim_ms < 90.0
-    frozen = train(problem, PipelineToy(), replace(config, lr=0.0), warm_start=warm)
-    assert frozen.best_sim_ms == 100.0  # sampling around the incumbents without learning finds nothing
+    # the pipelined count went on improving past the best pipelined candidate of the first round
+    assert result.best_sim_ms < min(ms for c, ms in zip(first, PipelineToy().score(first)) if c.microbatches == 2)
 
 
 def test_a_policy_collapsed_on_another_workload_still_explores_the_new_one():

@@ -21,6 +21,7 @@ from placer.rl import TrainConfig
 from placer.search import METHODS, SearchConfig, microbatch_options, overrides, run
 from placer.search.exhaustive import candidate_count, optimum
 from placer.search.local_search import neighbour
+from placer.search.random_search import block_candidates, random_candidates
 from placer.search.scorer import SimulatedScorer
 from placer.search.state import SearchState, budget_left, measure_round
 
@@ -155,6 +156,31 @@ def test_a_search_hands_back_its_best_distinct_feasible_candidates_fastest_first
     assert times == sorted(times) and times == [scored[c] for c in candidates] and math.inf not in times
     assert result.top[0] == (result.best, result.best_sim_ms)
     assert all(ms >= times[-1] for c, ms in scored.items() if c not in candidates)  # nothing faster left out
+
+
+def test_block_candidates_are_a_few_contiguous_stages_keeping_colocation():
+    problem = synthetic(24, tied_pairs=2)
+    candidates = block_candidates(problem, (1, 4), np.random.default_rng(0), 50)
+    assert len(candidates) == 50 and {c.microbatches for c in candidates} == {1, 4}
+    leader = problem.colocation_leader
+    for c in candidates:
+        assert all(c.placement[g] == c.placement[leader[g]] for g in range(24))
+        free = [d for g, d in enumerate(c.placement) if leader[g] == g]  # the blocks, before colocation
+        changes = sum(a != b for a, b in zip(free, free[1:]))
+        assert changes < 2 * problem.n_devices  # at most 2 * devices blocks
+    assert len({c.placement for c in candidates}) > 40  # random, not one pattern
+    # uniformly random candidates change device at about two groups in three
+    uniform = random_candidates(problem, (1,), np.random.default_rng(0), 50)
+    assert max(sum(a != b for a, b in zip(c.placement, c.placement[1:])) for c in uniform) >= 2 * problem.n_devices
+
+
+def test_rl_starts_every_micro_batch_count_from_stage_like_candidates():
+    from placer.rl.trainer import seed_candidates
+
+    problem = synthetic(24, tied_pairs=0)
+    batch = seed_candidates(problem, Candidate((0,) * 24), (1, 2, 4), 16, seed=3)
+    assert batch[:2] == [Candidate((0,) * 24, 2), Candidate((0,) * 24, 4)]  # the warm start at the other counts
+    assert batch[2:] == block_candidates(problem, (1, 2, 4), np.random.default_rng(3), 14)
 
 
 def test_overrides_read_each_field_as_its_type_and_refuse_unknown_ones():

@@ -38,6 +38,27 @@ def random_candidates(problem: PlacementProblem, options: Sequence[int], rng: np
     return [Candidate(tuple(row), int(m)) for row, m in zip(devices.tolist(), counts.tolist())]
 
 
+def block_candidates(problem: PlacementProblem, options: Sequence[int], rng: np.random.Generator,
+                     n: int) -> list[Candidate]:
+    """n random candidates made of contiguous blocks: the groups in id order (a topological
+    order) cut at random into devices to 2 * devices blocks (at most one per group), each
+    block on a random device other than the previous block's (a colocation set follows its
+    first member), micro-batches uniform over `options`. Stage-like: far fewer crossings
+    than uniformly random candidates."""
+    leader = np.asarray(problem.colocation_leader)
+    groups, d = problem.n_groups, problem.n_devices
+    rows = []
+    for _ in range(n):
+        blocks = min(int(rng.integers(d, 2 * d + 1)), groups)
+        cuts = np.sort(rng.choice(np.arange(1, groups), size=blocks - 1, replace=False))  # a block starts at each
+        block_of = np.searchsorted(cuts, np.arange(groups), side="right")  # [groups] block index
+        steps = rng.integers(1, d, size=blocks - 1) if d > 1 else np.zeros(blocks - 1, dtype=int)
+        devices = (rng.integers(d) + np.concatenate([[0], np.cumsum(steps)])) % d  # [blocks] each unlike the last
+        rows.append(devices[block_of][leader])
+    counts = rng.choice(np.asarray(options), size=n)
+    return [Candidate(tuple(row.tolist()), int(m)) for row, m in zip(rows, counts.tolist())]
+
+
 def random_search(problem: PlacementProblem, scorer, config: SearchConfig, warm_start: Candidate | None = None,
                   on_progress: Callable[[dict], None] | None = None) -> SearchResult:
     """Random search at the budget and measurement cadence of `config` (placer.search.run)."""
