@@ -174,13 +174,14 @@ def test_block_candidates_are_a_few_contiguous_stages_keeping_colocation():
     assert max(sum(a != b for a, b in zip(c.placement, c.placement[1:])) for c in uniform) >= 2 * problem.n_devices
 
 
-def test_rl_starts_every_micro_batch_count_from_stage_like_candidates():
+def test_rl_starts_every_micro_batch_count_from_stage_like_and_scattered_candidates():
     from placer.rl.trainer import seed_candidates
 
     problem = synthetic(24, tied_pairs=0)
     batch = seed_candidates(problem, Candidate((0,) * 24), (1, 2, 4), 16, seed=3)
     assert batch[:2] == [Candidate((0,) * 24, 2), Candidate((0,) * 24, 4)]  # the warm start at the other counts
-    assert batch[2:] == block_candidates(problem, (1, 2, 4), np.random.default_rng(3), 14)
+    rng = np.random.default_rng(3)  # then 7 stage-like candidates and 7 uniformly random ones
+    assert batch[2:] == block_candidates(problem, (1, 2, 4), rng, 7) + random_candidates(problem, (1, 2, 4), rng, 7)
 
 
 def test_overrides_read_each_field_as_its_type_and_refuse_unknown_ones():

@@ -8,15 +8,16 @@ The loop (`train`), in the order it runs:
    probability of 1 - explore_groups / groups, so that the search starts from the
    heuristic, not from random;
 2. the first round (`seed_candidates`) scores the warm start's placement at the other
-   counts and fills the batch with random stage-like candidates (a few contiguous
+   counts and fills the batch, half with random stage-like candidates (a few contiguous
    blocks of groups, each on a random device: placer.search.random_search.
-   block_candidates); then each count's best so far is imitated as in 1. Every count
-   keeps its own incumbent (placer.rl.counts): a pipelined plan may want a placement far
-   from an unpipelined warm start (spread over every device, say), and a random one is
-   often a better start for it than the warm start's. Stage-like, not uniformly random:
-   a uniformly random start crosses devices at most groups, and the search, which samples
-   around its incumbents, stayed near such a poor start (seed by seed, RL's simulated best
-   on 4 and 8 devices ranged over 15-25%, and lost to local_search on one seed of three);
+   block_candidates), half with uniformly random ones; then each count's best so far is
+   imitated as in 1. Every count keeps its own incumbent (placer.rl.counts): a pipelined
+   plan may want a placement far from an unpipelined warm start (spread over every
+   device, say), and a random one is often a better start for it than the warm start's.
+   Both kinds, because the search, which samples around its incumbents, stays near its
+   start: from uniformly random starts alone RL lost to local_search on one seed of
+   gpt@8, transformer@4 and mlp@4 (stage-like plans win there), from stage-like ones
+   alone it lost to random search on nmt@4 (scattered plans win there);
 3. each later round draws a micro-batch count for each of `batch_size` candidates
    (placer.rl.counts.draw_weights: a count whose incumbent is far behind the best one
    is drawn rarely), samples a placement for each from the policy given its count,
@@ -63,7 +64,7 @@ from placer.rl.checkpoint import read_checkpoint, restore, save_checkpoint, save
 from placer.rl.counts import Incumbents, best_for, draw_weights, learn, rescore
 from placer.rl.policy import MICROBATCH_CHOICES, Sample, Seq2SeqPolicy, microbatch_indices
 from placer.search.config import SearchConfig, microbatch_options
-from placer.search.random_search import block_candidates
+from placer.search.random_search import block_candidates, random_candidates
 from placer.search.state import (Clock, SearchResult, SearchState, as_candidate, budget_left, final_round,
                                  measure_round, refit, round_size)
 
@@ -325,11 +326,13 @@ def target(config: TrainConfig, problem: PlacementProblem) -> float:
 def seed_candidates(problem: PlacementProblem, warm_start: Candidate | None, options: Sequence[int], n: int,
                     seed: int) -> list[Candidate]:
     """The first round's n candidates: the warm start's placement at each other micro-batch
-    count of `options`, then random stage-like candidates (placer.search.random_search.
-    block_candidates), so that a count whose good placements lie far from the warm
-    start's (a pipelined plan over every device) starts from one of them."""
+    count of `options`, then half random stage-like candidates (placer.search.random_search.
+    block_candidates), half uniformly random ones, so that a count whose good placements
+    lie far from the warm start's (a pipelined plan over every device) starts from one of them."""
     others = [Candidate(warm_start.placement, m) for m in options if m != warm_start.microbatches] if warm_start else []
-    return (others + block_candidates(problem, options, np.random.default_rng(seed), max(0, n - len(others))))[:n]
+    rng, rest = np.random.default_rng(seed), max(0, n - len(others))
+    blocks = block_candidates(problem, options, rng, rest // 2)
+    return (others + blocks + random_candidates(problem, options, rng, rest - len(blocks)))[:n]
 
 
 def imitate(policy: Seq2SeqPolicy, candidates: Sequence[Candidate], config: TrainConfig) -> None:
