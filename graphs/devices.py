@@ -17,8 +17,6 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-import torch
-
 from graphs.errors import DeviceSpecError
 
 _DEVICE_RE = re.compile(r"^(?:rank(\d+):)?(cpu|cuda)(?::(\d+))?$")
@@ -132,6 +130,8 @@ def parse_size(text: str) -> int:
 
 def default_device_spec() -> str:
     """Every visible GPU plus the CPU; on a host without GPUs, two virtual CPU devices."""
+    import torch  # imported where GPUs are counted: the CLI parses --devices before it imports torch (seconds)
+
     if torch.cuda.is_available():
         return ",".join([f"cuda:{i}" for i in range(torch.cuda.device_count())] + ["cpu"])
     return "cpu:0,cpu:1"
@@ -181,6 +181,8 @@ def parse_cluster(devices: str | None = None, memory: str | None = None) -> Clus
             raise DeviceSpecError("use either the whole host `cpu` or virtual devices `cpu:N`, not both")
     for name, kind, idx, rank in parsed:
         if kind == "cuda" and rank is None:
+            import torch  # as in default_device_spec
+
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             index = 0 if idx is None else idx
             if index >= count:

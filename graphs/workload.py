@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten
 
 from graphs.errors import WorkloadError
 from graphs.trace_cache import note_copy
+from graphs.workload_file import check_workload_file, first_line
 
 LossFn = Callable[..., torch.Tensor]
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -229,19 +230,7 @@ def _zoo_source(spec: str) -> tuple[object, str]:
 
 def _import_file(path_str: str) -> ModuleType:
     """Import a workload file under a unique module name (two files may share a stem)."""
-    path = Path(path_str)
-    if not path.is_file():
-        raise WorkloadError(f"{path_str}: no such file")
-    if path.suffix != ".py":
-        raise WorkloadError(f"{path_str}: not a Python file (a workload file ends in .py)")
-    try:
-        source = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise WorkloadError(f"{path_str}: cannot read it: {exc.strerror or first_line(exc)}") from exc
-    try:
-        compile(source, str(path), "exec")
-    except SyntaxError as exc:
-        raise WorkloadError(f"{path_str}: syntax error at line {exc.lineno}: {exc.msg}") from exc
+    path = check_workload_file(path_str)
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
     stem = re.sub(r"\W", "_", path.stem)
     module_name = f"placer_workload_{digest}_{stem}"
@@ -276,9 +265,3 @@ def _as_tensor_tuple(label: str, value: object) -> tuple[torch.Tensor, ...]:
             raise WorkloadError(f"{label}: example_inputs() item {i} is {type(item).__name__}, not a tensor; "
                                 f"it must return a tuple of tensors")
     return tuple(value)
-
-
-def first_line(exc: BaseException) -> str:
-    """The exception's message cut to one line, for one-line error messages."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "(no message)"

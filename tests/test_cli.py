@@ -220,14 +220,15 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path):
 
 
 def test_a_missing_or_broken_workload_file_is_refused_before_torch_is_imported(tmp_path):
-    """Such a refusal answers at once: nothing imports torch (seconds) before it."""
+    """Such a refusal (and a bad device string) answers at once: nothing imports torch (seconds) before it."""
     bad = tmp_path / "bad.py"
     bad.write_text("def build_model(:\n")
     (tmp_path / "w.txt").write_text("def build_model(): ...\n")
     missing = str(tmp_path / "nope.py")
     cases = [(("inspect", missing), "nope.py"), (("optimize", str(bad), "--out", str(tmp_path / "out")), "syntax"),
              (("measure", missing, "--plan", str(tmp_path / "plan.json")), "nope.py"),
-             (("baseline", str(tmp_path / "w.txt"), "--method", "single"), "not a Python file")]
+             (("baseline", str(tmp_path / "w.txt"), "--method", "single"), "not a Python file"),
+             (("inspect", "zoo:mlp", "--devices", "gpu:0"), "gpu:0")]
     for command, fragment in cases:
         result = placer(*command, env_extra={"PYTHONPROFILEIMPORTTIME": "1"})  # each import: "import time: ... | name"
         imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
