@@ -72,7 +72,7 @@ def one_thread():
 
 
 QUICK = dict(batch_size=8, budget_s=None, hidden=32, imitation_steps=0, measure_every=3, checkpoint_every=2,
-             measure_top_k=0)
+             measure_top_k=0, first_round=1)
 
 
 # ----------------------------------------------------------------------------- policy
@@ -447,6 +447,17 @@ def test_a_pipelined_count_improves_while_slower_than_the_best_plan():
     assert result.best.microbatches == 2 and result.best_sim_ms < 90.0
     # the pipelined count went on improving past the best pipelined candidate of the first round
     assert result.best_sim_ms < min(ms for c, ms in zip(first, PipelineToy().score(first)) if c.microbatches == 2)
+
+
+def test_the_first_round_scores_first_round_batches_and_later_rounds_one():
+    scorer = PipelineToy()
+    config = TrainConfig(**{**QUICK, "first_round": 3, "microbatches": (1, 2), "max_samples": 40})
+    train(synthetic(20), scorer, config, warm_start=(0,) * 20)
+    assert [len(batch) for batch in scorer.calls if len(batch) > 1] == [24, 8, 8]
+    first = next(batch for batch in scorer.calls if len(batch) > 1)
+    assert len(set(first)) == 24  # distinct starts: the warm start at the other count, then random ones
+    with pytest.raises(ValueError, match="first_round=0"):
+        TrainConfig(first_round=0)
 
 
 def test_a_policy_collapsed_on_another_workload_still_explores_the_new_one():
