@@ -2,7 +2,8 @@
 
 For each problem (a workload on a device list) every method starts from the same warm
 start (the best heuristic by simulated step time) and gets the same TrainConfig: the
-same number of sampled candidates in rounds of the same size, the same seeds. The
+same number of sampled candidates in rounds of the same size (but RL's first round,
+TrainConfig.first_round batches of starts), the same seeds. The
 searches score on the simulator and measure nothing while they run, so the only
 difference is how each proposes candidates. The simulator's calibration: with
 --calibrate, fitted first to the heuristics' placements measured together (as
