@@ -86,6 +86,9 @@ def test_independent_work_never_waits_behind_dependent_work(one_thread):
     ref = copy.deepcopy(model)
     placed = Placed(model, tower_split)
     ex = placed.executor
+    # Each worker on its own core: unpinned (the default), the OS may start cpu:1's worker only after
+    # tower 1's hand-off has arrived, and then its two ready chunks run in priority order instead.
+    ex.repin(True)
     independent = placed.chunk_of("towers_2_0")
     tail = placed.chunk_of("towers_1_2")
     assert independent != tail and not ex.chunks[independent].after  # towers 2-3 wait for nothing
@@ -341,29 +344,33 @@ def test_an_executor_copies_and_pickles_with_workers_of_its_own(one_thread):
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs Linux thread affinity and two cores")
-def test_virtual_cpu_workers_are_pinned_to_their_own_cores():
+def test_virtual_cpu_workers_run_unpinned_by_default_and_on_their_own_cores_when_pinned():
     devices = {d.name: d for d in parse_cluster("cpu:0,cpu:1").devices}
     shares = core_shares(list(devices.values()))
     assert set(shares["cpu:0"]).isdisjoint(shares["cpu:1"])
     placed = Placed(Towers(), tower_split)
     placed.executor.close()
-    ex = Executor(placed.executor.chunks, devices)
-    for name, worker in ex.workers.items():
-        assert os.sched_getaffinity(worker._thread.native_id) == set(shares[name])
-    # Unpinned (bench_crossing's diagnosis row): new workers that may run on any core,
-    # with the same results; pinned again, on their own cores again.
     everywhere = os.sched_getaffinity(0)
-    x = torch.randn(4, 64)
-    before = ex.run({"x": x}, placed.output_nodes, torch.device("cpu"), grad=False)
-    ex.repin(False)
+    ex = Executor(placed.executor.chunks, devices)  # the default: workers that may run on any core
     for worker in ex.workers.values():
         assert os.sched_getaffinity(worker._thread.native_id) == everywhere
-    after = ex.run({"x": x}, placed.output_nodes, torch.device("cpu"), grad=False)
-    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    # Pinned (bench_crossing's and bench_pinning's pinned rows): new workers on their own
+    # cores, with the same results; unpinned again, on any core again.
+    x = torch.randn(4, 64)
+    before = ex.run({"x": x}, placed.output_nodes, torch.device("cpu"), grad=False)
     ex.repin(True)
     for name, worker in ex.workers.items():
         assert os.sched_getaffinity(worker._thread.native_id) == set(shares[name])
+    after = ex.run({"x": x}, placed.output_nodes, torch.device("cpu"), grad=False)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    ex.repin(False)
+    for worker in ex.workers.values():
+        assert os.sched_getaffinity(worker._thread.native_id) == everywhere
     ex.close()
+    pinned = Executor(placed.executor.chunks, devices, pin=True)
+    for name, worker in pinned.workers.items():
+        assert os.sched_getaffinity(worker._thread.native_id) == set(shares[name])
+    pinned.close()
     with pytest.raises(ExecutionError, match="closed"):
         ex.repin(False)
 

@@ -117,8 +117,10 @@ def test_placed_steps_and_trials_leave_the_callers_threads_and_affinity_as_they_
     trial = PlacedTrial(w, two_device_plan(w), warmup=1)
     assert trial.open() is None and trial.step() is not None
     assert _caller_state() == before
-    # a forward whose backward never runs leaves the runtime's pin on the caller: the trial's step still restores it
+    # a forward whose backward never runs leaves the runtime's pin on the caller (workers pinned, which is not
+    # the default): the trial's step still restores it
     placed = trial.placed
+    placed.executor.repin(True)
     with trial._around_step():
         placed(*w.inputs).sum()
         assert os.sched_getaffinity(threading.get_native_id()) != before[1]

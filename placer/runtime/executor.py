@@ -55,11 +55,13 @@ class Executor:
     Options: `microbatches` (GPipe, m >= 1), `batch_dims` (placeholder -> the dimension
     its batch is split along; default 0), `microbatch_statistics` (accept batch
     statistics per micro-batch instead of refusing), `pin` (pin virtual CPU workers
-    to their cores), `timeout_s` (limit on one pass; None: as long as workers live)."""
+    to their cores; off by default: unpinned workers cross cheaper and lose nothing
+    where two run at once, experiments/bench_pinning.py), `timeout_s` (limit on one
+    pass; None: as long as workers live)."""
 
     def __init__(self, chunks: list[Chunk], devices: Mapping[str, Device], *, microbatches: int = 1,
                  batch_dims: Mapping[str, int] | None = None, microbatch_statistics: bool = False,
-                 pin: bool = True, timeout_s: float | None = None, source: str = "plan"):
+                 pin: bool = False, timeout_s: float | None = None, source: str = "plan"):
         if microbatches < 1:
             raise PlanError(f"{source}: microbatches must be at least 1, got {microbatches}")
         self.chunks = chunks
@@ -427,7 +429,8 @@ class Executor:
 
     def repin(self, pin: bool) -> None:
         """Restart the workers pinned to their devices' cores (`pin`) or free to run on
-        any (the unpinned row of experiments/bench_crossing.py). Call between steps.
+        any (the default; experiments/bench_crossing.py and bench_pinning.py measure both).
+        Call between steps.
 
         Raises ExecutionError at once when the executor is closed."""
         self._check_open()
