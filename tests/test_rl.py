@@ -2,6 +2,7 @@ import copy
 import itertools
 import math
 import re
+from dataclasses import replace
 
 import networkx as nx
 import pytest
@@ -451,11 +452,14 @@ def test_a_pipelined_count_improves_while_slower_than_the_best_plan():
 
 def test_the_first_round_scores_first_round_batches_and_later_rounds_one():
     scorer = PipelineToy()
-    config = TrainConfig(**{**QUICK, "first_round": 3, "microbatches": (1, 2), "max_samples": 40})
+    config = TrainConfig(**{**QUICK, "first_round": 3, "microbatches": (1, 2), "max_samples": 72})
     train(synthetic(20), scorer, config, warm_start=(0,) * 20)
-    assert [len(batch) for batch in scorer.calls if len(batch) > 1] == [24, 8, 8]
+    assert [len(batch) for batch in scorer.calls if len(batch) > 1] == [24] + [8] * 6
     first = next(batch for batch in scorer.calls if len(batch) > 1)
     assert len(set(first)) == 24  # distinct starts: the warm start at the other count, then random ones
+    small = PipelineToy()  # a small budget: the first round takes at most a quarter of it, in whole batches
+    train(synthetic(20), small, replace(config, max_samples=40), warm_start=(0,) * 20)
+    assert [len(batch) for batch in small.calls if len(batch) > 1] == [16, 8, 8, 8]
     with pytest.raises(ValueError, match="first_round=0"):
         TrainConfig(first_round=0)
 

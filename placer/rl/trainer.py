@@ -7,13 +7,12 @@ The loop (`train`), in the order it runs:
    micro-batch count the problem allows, until the policy gives it a mean per-group
    probability of 1 - explore_groups / groups, so that the search starts from the
    heuristic, not from random;
-2. the first round (`seed_candidates`) scores the warm start's placement at the other
-   counts and fills `first_round` batches, half with random stage-like candidates (a few
-   contiguous blocks of groups, each on a random device: placer.search.random_search.
-   block_candidates), half with uniformly random ones; then each count's best so far is
-   imitated as in 1. Every count keeps its own incumbent (placer.rl.counts): a pipelined
-   plan may want a placement far from an unpipelined warm start (spread over every
-   device, say), and a random one is often a better start for it than the warm start's.
+2. the first round (`seed_candidates`) scores the warm start at the other counts and fills
+   `first_round` batches (at most a quarter of max_samples), half with random stage-like
+   candidates (placer.search.random_search.block_candidates), half with uniformly random
+   ones; then each count's best so far is imitated as in 1. Every count keeps its own
+   incumbent (placer.rl.counts): a pipelined plan may want a placement far from an
+   unpipelined warm start (spread over every device), which a random one starts nearer.
    Both kinds, because the search, which samples around its incumbents, stays near its
    start: from uniformly random starts alone RL lost to local_search on one seed of
    gpt@8, transformer@4 and mlp@4 (stage-like plans win there), from stage-like ones
@@ -101,10 +100,9 @@ class TrainConfig(SearchConfig):
     policy gives it less than the target per group (explore_groups): keeps the policy
     sampling around the incumbents."""
     first_round: int = 16
-    """The first round (seed_candidates) scores this many batches of candidates. The search
-    stays near the start it imitates, so the start decides a seed: with one batch (about 3
-    starts per micro-batch count) RL lost to local_search on 2 of 3 seeds of transformer@4
-    and 1 of mlp@4; with 4 or 8 batches on one of them; with 16 on none (simulated)."""
+    """Batches the first round (seed_candidates) scores. The search stays near the start it imitates, so the
+    start decides a seed: with one batch (about 3 starts per micro-batch count) RL lost to local_search on 2 of
+    3 seeds of transformer@4 and 1 of mlp@4; with 4 or 8 batches on one of them; with 16 on none (simulated)."""
     microbatch_spread: float = 0.1
     """How widely micro-batch counts are drawn: a count whose best candidate so far is x
     (relative: log of the ratio) slower than the best of all is drawn with weight
@@ -244,7 +242,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
         while budget_left(state, config, clock()):
             seeding = not learner.seeded
             if seeding:  # -- the first round: the warm start at the other counts, random stage-like candidates
-                size = round_size(state, replace(config, batch_size=config.first_round * config.batch_size))
+                size = round_size(state, replace(config, batch_size=first_round_batches(config) * config.batch_size))
                 batch = seed_candidates(problem, warm_start, options, size, config.seed)
             else:  # -- draw micro-batch counts, sample a placement for each
                 weights = draw_weights(learner.incumbents, options, config.microbatch_spread,
@@ -329,6 +327,12 @@ def target(config: TrainConfig, problem: PlacementProblem) -> float:
     if config.imitation_target is not None:
         return config.imitation_target
     return max(0.5, 1.0 - config.explore_groups / max(problem.n_groups, 1))
+
+
+def first_round_batches(config: TrainConfig) -> int:
+    """`first_round`, at most a quarter of `max_samples` in whole batches (rounds left to learn in)."""
+    cap = math.inf if config.max_samples is None else math.ceil(config.max_samples / (4 * config.batch_size))
+    return max(1, min(config.first_round, cap))
 
 
 def seed_candidates(problem: PlacementProblem, warm_start: Candidate | None, options: Sequence[int], n: int,
