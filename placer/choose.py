@@ -22,9 +22,11 @@ The rules (issue 14, DESIGN.md "Measuring"):
    not the answer: the heuristic, judged the same way against unplaced from the same
    session, takes its place, and the headline says why. The headline never claims a
    plan that a row of its own session shows measurably slower than another.
-5. An unplaced measurement whose CI is wider than UNMEASURED_FACTOR times the
-   protocol's target (a host too busy to measure it) is no reference: ratios against
-   it carry the verdict "unmeasured", and no plan is chosen against it.
+5. An unplaced measurement that the protocol could not measure is no reference: it
+   timed more than min_runs steps (the CI was not within target, the session kept
+   going) and its CI is still wider than UNMEASURED_FACTOR times the target (a host
+   too busy to time it). Ratios against it carry the verdict "unmeasured", and no plan
+   is chosen against it. A session cut at min_runs by its cap asked for no precision.
 6. One verdict per plan: rows of the same candidate (placement and micro-batches)
    all carry the measurement of the most authoritative session that measured it
    (`share_measurements`).
@@ -36,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from graphs.problem import PlacementProblem
-from placer.measurements import UNPLACED, compare
+from placer.measurements import UNPLACED, Protocol, compare
 from placer.results import SESSIONS, Choice, MethodResult, method_name
 from placer.runtime.timing import Measurement
 
@@ -68,18 +70,18 @@ def simplicity(row: MethodResult, problem: PlacementProblem | Sequence[Placement
 
 def pick(rows: Sequence[MethodResult], measured: Mapping[str, Measurement],
          problem: PlacementProblem | Sequence[PlacementProblem] | None = None,
-         target: float | None = None) -> MethodResult | None:
+         protocol: Protocol | None = None) -> MethodResult | None:
     """The simplest of the rows that are not measurably slower than the fastest one
     (rule 2), by their measurements in `measured` (method -> Measurement of one
     session); None when none is feasible. When the fastest is measurably faster than
     `measured["unplaced"]`, only rows measurably faster than it too are eligible (rule
-    3). An unplaced too wide for the protocol's `target` (rule 5) is no candidate and
+    3). An unplaced the `protocol` could not measure (rule 5) is no candidate and
     no reference here beside a feasible plan: the confirm session judges the pick.
     `problem`: as `simplicity` reads it."""
     feasible = [r for r in rows if measured.get(r.method) is not None and measured[r.method].feasible]
     unplaced = measured.get(UNPLACED)
     placed = [r for r in feasible if r.kind != "unplaced"]
-    if unplaced is not None and placed and _too_wide(unplaced.ci_halfwidth, target):
+    if unplaced is not None and placed and _too_wide(unplaced.ci_halfwidth, unplaced.runs, protocol):
         feasible, unplaced = placed, None
     if not feasible:
         return None
@@ -97,16 +99,18 @@ def _faster(this: Measurement, unplaced: Measurement) -> bool:
     return ratio is not None and ratio.verdict == "faster"
 
 
-def _too_wide(halfwidth: float | None, target: float | None) -> bool:
-    return halfwidth is not None and target is not None and halfwidth > UNMEASURED_FACTOR * target
+def _too_wide(halfwidth: float | None, runs: int, protocol: Protocol | None) -> bool:
+    """Rule 5: a CI half-width (fraction of the median) of `runs` steps the protocol could not narrow."""
+    return (halfwidth is not None and protocol is not None and runs > protocol.min_runs
+            and halfwidth > UNMEASURED_FACTOR * protocol.target)
 
 
 def fill(row: MethodResult, measurement: Measurement, session: str, unplaced: Measurement | None,
-         heuristic: tuple[str, Measurement] | None, bound_ms: float | None, target: float | None = None) -> None:
+         heuristic: tuple[str, Measurement] | None, bound_ms: float | None,
+         protocol: Protocol | None = None) -> None:
     """Write a measurement into a row, with its speedups over `unplaced` and over the
-    best heuristic (name, measurement) measured in the same session. `target`: the
-    protocol's CI target; a ratio over an `unplaced` whose CI is too wide for it
-    (rule 5) has the verdict "unmeasured"."""
+    best heuristic (name, measurement) measured in the same session. A ratio over an
+    `unplaced` that the `protocol` could not measure (rule 5) has the verdict "unmeasured"."""
     row.session = session
     row.feasible = measurement.feasible
     row.reason = measurement.reason
@@ -118,26 +122,27 @@ def fill(row: MethodResult, measurement: Measurement, session: str, unplaced: Me
     row.runs = measurement.runs
     row.ratio_to_lower_bound = (row.measured_ms / bound_ms if row.measured_ms is not None and bound_ms else None)
     row.vs_unplaced = None if unplaced is None or row.kind == "unplaced" else compare(measurement, unplaced, UNPLACED)
-    if row.vs_unplaced is not None and _too_wide(unplaced.ci_halfwidth, target):
+    if row.vs_unplaced is not None and _too_wide(unplaced.ci_halfwidth, unplaced.runs, protocol):
         row.vs_unplaced = replace(row.vs_unplaced, verdict="unmeasured")
     row.vs_best_heuristic = None
     if heuristic is not None and heuristic[0] != row.method and row.kind != "unplaced":
         row.vs_best_heuristic = compare(measurement, heuristic[1], heuristic[0])
 
 
-def unmeasured(unplaced: MethodResult | None, target: float | None) -> str | None:
-    """Why the `unplaced` row cannot serve as the reference (rule 5: its CI half-width
-    is more than UNMEASURED_FACTOR times the protocol's `target`), or None when it can
-    (or is not measured, or `target` is None)."""
+def unmeasured(unplaced: MethodResult | None, protocol: Protocol | None) -> str | None:
+    """Why the `unplaced` row cannot serve as the reference (rule 5: more than min_runs
+    steps and a CI half-width more than UNMEASURED_FACTOR times the `protocol`'s
+    target), or None when it can (or is not measured, or `protocol` is None)."""
     if unplaced is None or not unplaced.measured or unplaced.ci_ms is None or not unplaced.measured_ms:
         return None
     low, high = unplaced.ci_ms
     half = (high - low) / 2 / unplaced.measured_ms
-    if not _too_wide(half, target):
+    if not _too_wide(half, unplaced.runs, protocol):
         return None
     return (f"unplaced could not be measured in the {unplaced.session} session (CI {low:.2f}-{high:.2f} ms around "
             f"{unplaced.measured_ms:.2f} ms is +-{half:.0%}, more than {UNMEASURED_FACTOR}x the protocol's "
-            f"+-{target:.0%} target: the host was too busy to time it), so no speedup over it is a verdict")
+            f"+-{protocol.target:.0%} target after {unplaced.runs} steps: the host was too busy to time it), so "
+            f"no speedup over it is a verdict")
 
 
 def plan_key(row: MethodResult) -> tuple | None:
@@ -165,7 +170,7 @@ def share_measurements(rows: Sequence[MethodResult]) -> None:
 def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, session: str | None,
                    shortlist: Sequence[str], unplaced_device: str, confirmed: bool = True,
                    writes_plan: bool = True, heuristic: MethodResult | None = None,
-                   target: float | None = None) -> Choice:
+                   protocol: Protocol | None = None) -> Choice:
     """The Choice and its headline from the winner's row (filled from `session`).
 
     A winner other than unplaced is kept only when it is measurably faster than
@@ -175,19 +180,19 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
     that the heuristic is faster instead of claiming the winner. Unconfirmed choices
     (interrupted before the final sessions) say so. `writes_plan`: the run writes
     plan.json (optimize), and the headline says what it holds when unplaced wins.
-    `target`: the protocol's CI target; an `unplaced` too wide for it (rule 5) chooses
+    An `unplaced` that the `protocol` could not measure (rule 5) chooses
     no plan (verdict "unmeasured", method None, the winner its contender)."""
     beaten = winner.vs_best_heuristic if confirmed and winner is not None and winner.kind != "unplaced" else None
     if beaten is None or beaten.verdict != "slower":
-        return _judged(winner, unplaced, session, shortlist, unplaced_device, confirmed, writes_plan, target)
+        return _judged(winner, unplaced, session, shortlist, unplaced_device, confirmed, writes_plan, protocol)
     lost = (f"{method_name(winner.method)}, which the final session picked, is {beaten.describe()} the best "
             f"heuristic ({method_name(beaten.reference)}) in the confirm session")
     if heuristic is not None and heuristic.method == beaten.reference and heuristic.measured:
-        choice = _judged(heuristic, unplaced, session, shortlist, unplaced_device, True, writes_plan, target)
+        choice = _judged(heuristic, unplaced, session, shortlist, unplaced_device, True, writes_plan, protocol)
         choice.headline = _line(f"{lost}, so {method_name(heuristic.method)} is judged in its place. "
                                 f"{choice.headline}")
         return choice
-    choice = _judged(winner, unplaced, session, shortlist, unplaced_device, True, writes_plan, target)
+    choice = _judged(winner, unplaced, session, shortlist, unplaced_device, True, writes_plan, protocol)
     if choice.method == winner.method:  # no claim for it: the faster plan is named first
         choice.headline = _line(f"{lost}: {method_name(beaten.reference)} is the faster plan. {choice.headline}")
     return choice
@@ -195,7 +200,7 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
 
 def _judged(winner: MethodResult | None, unplaced: MethodResult | None, session: str | None,
             shortlist: Sequence[str], unplaced_device: str, confirmed: bool, writes_plan: bool,
-            target: float | None) -> Choice:
+            protocol: Protocol | None) -> Choice:
     """verdict_choice's rules 1-3 and 5 for `winner` (as it says)."""
 
     ratio = winner.vs_unplaced if winner is not None else None
@@ -204,7 +209,7 @@ def _judged(winner: MethodResult | None, unplaced: MethodResult | None, session:
                     if heuristic is not None else "")
     if winner is None:
         return Choice(None, "none", "No placement could be measured.", None, session, list(shortlist))
-    if (reason := unmeasured(unplaced, target)) is not None:
+    if (reason := unmeasured(unplaced, protocol)) is not None:
         return _no_reference(winner, reason, session, shortlist, confirmed, writes_plan)
     if not confirmed:
         return Choice(winner.method, "unconfirmed", _line(

@@ -210,7 +210,7 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
                                     resume, out, progress)
             if pool is not None:
                 results.notes += pool.events
-        plan = _finish(results, problem, scorer, interrupt, seed, protocol.target)
+        plan = _finish(results, problem, scorer, interrupt, seed, protocol)
     except KeyboardInterrupt:  # nothing chosen yet: say what is kept
         warn(_kept(book))
         raise
@@ -332,7 +332,7 @@ def _fill_from_book(results: Results, measurer: Measurer, candidates: dict[str, 
     heuristic = min(baselines.items(), key=lambda kv: kv[1].median_ms, default=None)
     for method, measurement in measured.items():
         fill(results.row(method), measurement, session, unplaced, heuristic, results.bounds.get("lower_bound_ms"),
-             measurer.protocol.target)
+             measurer.protocol)
 
 
 def _best_measured(results: Results) -> Candidate | None:
@@ -358,11 +358,11 @@ def _choose(results: Results, problem: PlacementProblem, measurer: Measurer, can
     labels = _labels(chosen, candidates)
     entries = [(UNPLACED, None), *((label, candidates[label]) for label in dict.fromkeys(labels.values()))]
     final = measurer.session(entries, "final: measuring")
-    target = measurer.protocol.target
-    _fill_session(results, final, labels, "final", heuristic.method if heuristic else None, target)
+    protocol = measurer.protocol
+    _fill_session(results, final, labels, "final", heuristic.method if heuristic else None, protocol)
     shortlist = [UNPLACED, *labels]  # every method whose placement was re-measured
     winner = pick([results.unplaced, *(results.row(label) for label in dict.fromkeys(labels.values()))], final,
-                  problem, target)
+                  problem, protocol)
     if winner is None:
         results.choice = verdict_choice(None, results.unplaced, "final", shortlist, "")
         return
@@ -370,9 +370,9 @@ def _choose(results: Results, problem: PlacementProblem, measurer: Measurer, can
     labels = _labels(judged, candidates)
     entries = [(UNPLACED, None), *((label, candidates[label]) for label in dict.fromkeys(labels.values()))]
     confirm = measurer.session(entries, "confirm: measuring")
-    _fill_session(results, confirm, labels, "confirm", heuristic.method if heuristic else None, target)
+    _fill_session(results, confirm, labels, "confirm", heuristic.method if heuristic else None, protocol)
     results.choice = verdict_choice(winner, results.unplaced, "confirm", shortlist, results.unplaced.devices[0],
-                                    heuristic=heuristic, target=target)
+                                    heuristic=heuristic, protocol=protocol)
 
 
 def _labels(rows: Sequence[MethodResult], candidates: dict[str, Candidate]) -> dict[str, str]:
@@ -382,17 +382,17 @@ def _labels(rows: Sequence[MethodResult], candidates: dict[str, Candidate]) -> d
 
 
 def _fill_session(results: Results, measured: dict, labels: dict[str, str], session: str,
-                  heuristic: str | None, target: float) -> None:
+                  heuristic: str | None, protocol: Protocol) -> None:
     unplaced = measured[UNPLACED]
     bound = results.bounds.get("lower_bound_ms")
     fill(results.unplaced, unplaced, session, None, None, bound)
     reference = (heuristic, measured[labels[heuristic]]) if heuristic in labels else None
     for method, label in labels.items():
-        fill(results.row(method), measured[label], session, unplaced, reference, bound, target)
+        fill(results.row(method), measured[label], session, unplaced, reference, bound, protocol)
 
 
 def _finish(results: Results, problem: PlacementProblem, scorer: Scorer, interrupt: KeyboardInterrupt | None,
-            seed: int, target: float) -> Plan | None:
+            seed: int, protocol: Protocol) -> Plan | None:
     """Give rows of one plan one measurement, settle the choice (unconfirmed after an
     interrupt), simulate every row under the final calibration, and make the plan (None:
     unplaced could not be measured, no plan is chosen). Raises InfeasibleError when
@@ -409,7 +409,7 @@ def _finish(results: Results, problem: PlacementProblem, scorer: Scorer, interru
             raise interrupt
         winner = min(measured, key=lambda r: r.measured_ms)
         results.choice = verdict_choice(winner, results.unplaced, winner.session, [], device, confirmed=False,
-                                        target=target)
+                                        protocol=protocol)
     if results.choice.method is None and results.choice.verdict != "unmeasured":
         raise _no_placement([r.reason for r in results.methods if r.reason])
     chosen = results.row(results.choice.method) if results.choice.method is not None else None

@@ -4,7 +4,7 @@ ties go to the simpler plan, and unplaced wins every tie."""
 import pytest
 
 from placer.choose import fill, pick, plan_key, share_measurements, simplicity, unmeasured, verdict_choice
-from placer.measurements import compare
+from placer.measurements import Protocol, compare
 from placer.results import MethodResult
 from placer.runtime.timing import Measurement, summarize
 
@@ -166,40 +166,43 @@ def test_the_tie_break_keeps_a_plan_faster_than_unplaced_when_the_fastest_is():
 def test_an_unplaced_too_wide_to_measure_is_no_candidate_in_the_pick():
     r = rows()
     measured = {"unplaced": summarize(WIDE), "expert": around(90.0, 0.02), "rl": around(70.0, 0.02)}
-    assert pick(list(r.values()), measured, target=0.03).method == "rl"
+    assert pick(list(r.values()), measured, protocol=Protocol()).method == "rl"
     assert pick(list(r.values()), measured).method == "unplaced"  # without the target it ties everything
-    assert pick([r["unplaced"]], {"unplaced": summarize(WIDE)}, target=0.03).method == "unplaced"  # alone
+    assert pick([r["unplaced"]], {"unplaced": summarize(WIDE)}, protocol=Protocol()).method == "unplaced"  # alone
 
 
 def test_ratios_over_an_unplaced_too_wide_to_measure_are_no_verdict():
     r = rows()
     wide = summarize(WIDE)
     fill(r["unplaced"], wide, "baselines", None, None, 10.0)
-    fill(r["rl"], around(15.0), "baselines", wide, None, 10.0, target=0.03)
+    fill(r["rl"], around(15.0), "baselines", wide, None, 10.0, protocol=Protocol())
     assert r["rl"].vs_unplaced.verdict == "unmeasured" and "no verdict" in r["rl"].vs_unplaced.describe()
-    fill(r["expert"], around(15.0), "baselines", wide, None, 10.0)  # no target: judged as before
+    fill(r["expert"], around(15.0), "baselines", wide, None, 10.0)  # no protocol: judged as before
     assert r["expert"].vs_unplaced.verdict in ("faster", "tie", "slower")
-    reason = unmeasured(r["unplaced"], 0.03)
+    reason = unmeasured(r["unplaced"], Protocol())
     assert reason.startswith("unplaced could not be measured in the baselines session") and "10x" in reason
-    assert unmeasured(r["unplaced"], None) is None and unmeasured(judged(80.0, 100.0)["unplaced"], 0.03) is None
+    assert unmeasured(r["unplaced"], None) is None and unmeasured(judged(80.0, 100.0)["unplaced"], Protocol()) is None
+    fill(r["unplaced"], summarize(WIDE[:5]), "baselines", None, None, 10.0)  # cut at min_runs: no precision asked
+    assert unmeasured(r["unplaced"], Protocol(min_runs=5)) is None
+    assert unmeasured(r["unplaced"], Protocol(min_runs=4)) is not None
 
 
 def test_no_plan_is_chosen_against_an_unplaced_too_wide_to_measure():
     r = rows()
     wide = summarize(WIDE)
     fill(r["unplaced"], wide, "baselines", None, None, 10.0)
-    fill(r["single"], around(15.0), "baselines", wide, None, 10.0, target=0.03)
-    stopped = verdict_choice(r["single"], r["unplaced"], "baselines", [], "cpu", confirmed=False, target=0.03)
+    fill(r["single"], around(15.0), "baselines", wide, None, 10.0, protocol=Protocol())
+    stopped = verdict_choice(r["single"], r["unplaced"], "baselines", [], "cpu", confirmed=False, protocol=Protocol())
     assert stopped.method is None and stopped.verdict == "unmeasured" and stopped.contender == "single"
     assert stopped.headline.startswith("Interrupted before the final measurements, and unplaced could not be")
     assert "no plan.json is written" in stopped.headline and "--resume to continue" in stopped.headline
     fill(r["unplaced"], wide, "confirm", None, None, 10.0)
-    final = verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu", target=0.03)
+    final = verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu", protocol=Protocol())
     assert final.method is None and final.verdict == "unmeasured" and final.headline.startswith("No verdict: ")
     assert "quieter host" in final.headline and "faster" not in final.headline
-    compared = verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu", writes_plan=False, target=0.03)
+    compared = verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu", writes_plan=False, protocol=Protocol())
     assert compared.method is None and "plan.json" not in compared.headline
-    assert verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu").verdict != "unmeasured"  # no target
+    assert verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu").verdict != "unmeasured"  # no protocol
 
 
 def test_rows_of_one_plan_carry_the_measurement_of_its_latest_session():

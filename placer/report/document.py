@@ -14,6 +14,7 @@ import html
 from pathlib import Path
 
 from placer.choose import UNMEASURED_FACTOR, unmeasured
+from placer.measurements import Protocol
 from placer.report.plots import PLOT_FILES
 from placer.report.table import MISSING, format_bytes, markdown_table, superseded, table_cells
 from placer.results import Results, method_name
@@ -82,12 +83,17 @@ def _environment(results: Results) -> list[list[str]]:
 def _reading(results: Results) -> list[str]:
     """How to read the ratios that are no current verdict (placer.report.table.format_ratio)."""
     notes = []
-    reason = unmeasured(results.unplaced, (results.protocol or {}).get("target"))
+    try:  # the run's protocol (None: an older results.json without one)
+        protocol = Protocol(**results.protocol) if results.protocol else None
+    except (TypeError, ValueError):
+        protocol = None
+    reason = unmeasured(results.unplaced, protocol)
     if reason is not None:
         notes.append(f"{reason[:1].upper()}{reason[1:]}.")
     if any(r.vs_unplaced is not None and r.vs_unplaced.verdict == "unmeasured" for r in results.methods):
         notes.append(f"Ratios marked \"no verdict\" are over an unplaced measurement whose confidence interval was "
-                     f"more than {UNMEASURED_FACTOR}x wider than the protocol's target: no plan is judged by them.")
+                     f"still more than {UNMEASURED_FACTOR}x wider than the protocol's target after more than its "
+                     f"least number of steps: no plan is judged by them.")
     tags = {superseded(results, r) for r in results.methods} - {None}
     if tags:
         notes.append(f"Ratios in parentheses marked \"earlier session\" or \"other session\" were measured apart from "
