@@ -2,7 +2,8 @@
 
 `cuda:N` is a real GPU; `cpu` is the whole host; `cpu:0,cpu:1,...` are virtual CPU
 devices, each a worker with its own share of the host's cores, so that two of them
-really run concurrently.
+really run concurrently; the command line numbers them cpu:0 to cpu:N-1
+(check_numbering: a number names a worker, not a core).
 
 `rankR:DEVICE` (e.g. `rank0:cuda:0,rank1:cuda:0`) gives a device an owner: the
 torch.distributed rank whose process runs it (placer.distributed). Such a device may
@@ -191,8 +192,8 @@ def parse_cluster(devices: str | None = None, memory: str | None = None) -> Clus
     cores = host_cores()
     virtual = sum(1 for _, kind, idx, rank in parsed if kind == "cpu" and idx is not None and rank is None)
     if virtual > cores:
-        warnings.warn(f"{virtual} virtual CPU devices on {cores} cores: they share cores, so they cannot all "
-                      f"run at once; measured plans will not show what {virtual} devices could do", stacklevel=2)
+        _warn_once(f"{virtual} virtual CPU devices on {cores} cores: they share cores, so they cannot all run at "
+                   f"once; measured plans will not show what {virtual} devices could do")
     caps = parse_memory(memory, names)
     built = []
     for name, kind, idx, rank in parsed:
@@ -202,6 +203,39 @@ def parse_cluster(devices: str | None = None, memory: str | None = None) -> Clus
         built.append(Device(name=name, kind=kind, torch_device=torch_device, memory_bytes=caps.get(name),
                             threads=threads, rank=rank))
     return Cluster(devices=tuple(built))
+
+
+_WARNED: set[str] = set()  # the warnings this process has given (each is given once)
+
+
+def _warn_once(message: str) -> None:
+    """warnings.warn(message) the first time this process gives it: one command parses
+    its devices several times (checks, problem, resume), and says so once."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def check_numbering(cluster: Cluster) -> None:
+    """Refuse `--devices` whose virtual CPU devices are not numbered cpu:0 to cpu:N-1.
+
+    A virtual CPU device's number names a worker, not a core: workers take their
+    shares of the cores in the order listed, so `cpu:5` would be the second worker
+    on the first free cores, whatever the 5 seems to promise. The command line asks
+    for 0 to N-1, in any order and without gaps; the library accepts any numbers
+    (a plan's devices are renamed at apply time, a single device measured alone keeps
+    its name, and a rank's devices live in its own process).
+
+    Raises
+    ------
+    DeviceSpecError : a gap or a number past N-1, naming the spec to write instead.
+    """
+    virtual = [d.name for d in cluster.devices if d.is_virtual_cpu and d.rank is None]
+    if sorted(int(name.split(":")[1]) for name in virtual) != list(range(len(virtual))):
+        expected = ",".join(f"cpu:{i}" for i in range(len(virtual)))
+        raise DeviceSpecError(f"virtual CPU devices {','.join(virtual)}: number them cpu:0 to cpu:{len(virtual) - 1} "
+                              f"without gaps, e.g. {expected} (a number names a worker with its share of the "
+                              f"cores, not a core)")
 
 
 def parse_memory(memory: str | None, names: list[str]) -> dict[str, int]:

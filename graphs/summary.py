@@ -6,18 +6,18 @@ from collections.abc import Sequence
 
 import networkx as nx
 
-from graphs.bounds import group_compute_ms, lower_bound
+from graphs.bounds import LowerBound, group_compute_ms
 
 HEAVIEST = 10
 
 
-def summarize(ops: nx.DiGraph, groups: nx.DiGraph, device_kinds: Sequence[str], notes: Sequence[str] = (),
-              device_names: Sequence[str] | None = None) -> dict:
+def summarize(ops: nx.DiGraph, groups: nx.DiGraph, device_kinds: Sequence[str], *, bound: LowerBound,
+              notes: Sequence[str] = (), device_names: Sequence[str] | None = None) -> dict:
     """A JSON-ready summary of a profiled OpGraph and its GroupedGraph, for a cluster
     with one entry in `device_kinds` per device (`device_names`: their names, shown
-    instead of the kinds). `notes` are things the user should be told (fallbacks,
-    skipped device kinds)."""
-    bound = lower_bound(groups, device_kinds)
+    instead of the kinds). `bound` is the lower bound to show: the caller says which
+    (`placer inspect` gives the one optimize reports). `notes` are things the user
+    should be told (fallbacks, skipped device kinds, what the bound counts)."""
     cost = group_compute_ms(groups, device_kinds)
     kinds = list(ops.graph.get("device_kinds", []))
     memory = {attr: sum(d.get(attr, 0) for _, d in ops.nodes(data=True))
@@ -45,6 +45,7 @@ def summarize(ops: nx.DiGraph, groups: nx.DiGraph, device_kinds: Sequence[str], 
         "critical_path_ms": bound.critical_path_ms,
         "work_ms": bound.work_ms,
         "lower_bound_ms": bound.bound_ms,
+        "lower_bound_microbatches": bound.microbatches,
         "heaviest_groups": [{"name": groups.nodes[g]["name"], "ms": cost[g], "bytes": group_bytes(groups.nodes[g])}
                             for g in heaviest],
         "notes": list(notes),
@@ -68,7 +69,7 @@ def format_summary(summary: dict) -> str:
     lines += [
         f"devices      {', '.join(summary['devices'])}",
         f"lower bound  {summary['lower_bound_ms']:.2f} ms = max(critical path {summary['critical_path_ms']:.2f} ms, "
-        f"work / devices {summary['work_ms']:.2f} ms)",
+        f"work / devices {summary['work_ms']:.2f} ms){_at(summary['lower_bound_microbatches'])}",
         "heaviest groups:",
     ]
     width = max((len(h["name"]) for h in summary["heaviest_groups"]), default=0)
@@ -84,3 +85,8 @@ def _bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def _at(microbatches: int) -> str:
+    """Where a bound counts pipelining: ", at m micro-batches" (nothing for m = 1)."""
+    return f", at {microbatches} micro-batches" if microbatches > 1 else ""

@@ -7,6 +7,9 @@ The workload-file contract (DESIGN.md): a Python file defining `build_model()` a
 along; default 0) and `microbatch_statistics = True` (accept batch statistics,
 BatchNorm say, computed per micro-batch; default False: such models are not
 micro-batched). `zoo:NAME[:SIZE]` names a bundled workload instead (graphs.zoo).
+Each function's signature is checked when the file loads, before placer calls it:
+one that cannot take the arguments placer passes (a `loss_fn(output)` given the
+output and the inputs) is a WorkloadError naming the signature required.
 """
 
 from __future__ import annotations
@@ -133,6 +136,7 @@ def _build(spec: str, source: object, short_name: str, seed: int) -> Workload:
         if not callable(getattr(source, required, None)):
             raise WorkloadError(f"{spec}: defines no {required}() function (a workload file needs "
                                 f"build_model() and example_inputs())")
+        _check_signature(spec, required, getattr(source, required), 0)
 
     torch.manual_seed(seed)
     model = _call(spec, "build_model", source.build_model)
@@ -147,21 +151,53 @@ def _build(spec: str, source: object, short_name: str, seed: int) -> Workload:
     if bad:
         raise WorkloadError(f"{spec}: leaf_modules must list module classes, got {', '.join(bad)}")
 
-    def optional(name: str) -> WorkloadFunction | None:
+    def optional(name: str, n_args: int) -> WorkloadFunction | None:
         fn = getattr(source, name, None)
-        if fn is not None and not callable(fn):
+        if fn is None:
+            return None
+        if not callable(fn):
             raise WorkloadError(f"{spec}: {name} is a {type(fn).__name__}, not a function")
-        return WorkloadFunction(spec, name, fn) if fn is not None else None
+        _check_signature(spec, name, fn, n_args)
+        return WorkloadFunction(spec, name, fn)
 
     return Workload(
         name=short_name, spec=spec, model=model, inputs=batch,
-        loss_fn=optional("loss_fn") or default_loss,
-        make_optimizer=optional("make_optimizer") or default_optimizer,
+        loss_fn=optional("loss_fn", 1 + len(batch)) or default_loss,
+        make_optimizer=optional("make_optimizer", 1) or default_optimizer,
         leaf_modules=leaf_modules,
-        expert_placement=optional("expert_placement"),
+        expert_placement=optional("expert_placement", 2),
         batch_dims=_batch_dims(spec, getattr(source, "batch_dims", None), model, batch),
         microbatch_statistics=_flag(spec, "microbatch_statistics", getattr(source, "microbatch_statistics", False)),
     )
+
+
+# How placer calls each function of a workload file (every argument positional).
+_HOOK_CALLS = {
+    "build_model": "build_model()",
+    "example_inputs": "example_inputs()",
+    "loss_fn": "loss_fn(output, *inputs)",
+    "make_optimizer": "make_optimizer(params)",
+    "expert_placement": "expert_placement(module_path, n_devices)",
+}
+
+
+def _check_signature(spec: str, name: str, fn: Callable[..., Any], n_args: int) -> None:
+    """Refuse a workload function that cannot take the `n_args` positional arguments
+    placer calls it with (_HOOK_CALLS), before it is called: loss_fn gets the model's
+    output and then every example input. A callable whose signature Python cannot
+    read (some builtins) passes: its call will tell.
+
+    Raises WorkloadError naming the function, its signature and the one required."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*range(n_args))
+    except TypeError as exc:
+        given = f" (here {n_args} arguments: the output and {n_args - 1} example input(s))" if name == "loss_fn" else ""
+        raise WorkloadError(f"{spec}: {name}{signature} cannot be called as {_HOOK_CALLS[name]}{given}: {exc}; "
+                            f"define it as def {_HOOK_CALLS[name]}") from None
 
 
 def forward_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:

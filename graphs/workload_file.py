@@ -18,10 +18,12 @@ def check_workload_file(path_str: str) -> Path:
 
     Raises
     ------
-    WorkloadError : no such file, not a `.py` file, unreadable, or a syntax error
+    WorkloadError : no such file, a directory, not a `.py` file, unreadable, or a syntax error
         (one line naming the file and the line).
     """
     path = Path(path_str)
+    if path.is_dir():
+        raise WorkloadError(f"{path_str}: is a directory, not a Python file (give the path of the workload's .py file)")
     if not path.is_file():
         raise WorkloadError(f"{path_str}: no such file")
     if path.suffix != ".py":

@@ -14,24 +14,41 @@ The rules (issue 14, DESIGN.md "Measuring"):
    Only a winner measurably faster than `unplaced` there is written as the plan;
    otherwise `unplaced` wins (the single-device plan for the whole host) and the
    report's first line says that no plan is measurably faster.
+   When the fastest candidate of the final session is measurably faster than
+   unplaced there, only the candidates that are themselves measurably faster than
+   unplaced may win the tie-break: a simpler plan that ties both the fastest and
+   unplaced would be confirmed in its place and lose a verdict the session had.
 4. A winner measurably slower than the best heuristic in that confirm session is
    not the answer: the heuristic, judged the same way against unplaced from the same
    session, takes its place, and the headline says why. The headline never claims a
    plan that a row of its own session shows measurably slower than another.
+5. An unplaced measurement that the protocol could not measure is no reference: it
+   timed more than min_runs steps (the CI was not within target, the session kept
+   going) and its CI is still wider than UNMEASURED_FACTOR times the target (a host
+   too busy to time it). Ratios against it carry the verdict "unmeasured", and no plan
+   is chosen against it. A session cut at min_runs by its cap asked for no precision.
+6. One verdict per plan: rows of the same candidate (placement and micro-batches)
+   all carry the measurement of the most authoritative session that measured it
+   (`share_measurements`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from graphs.problem import PlacementProblem
-from placer.measurements import UNPLACED, compare
-from placer.results import Choice, MethodResult, method_name
+from placer.measurements import UNPLACED, Protocol, compare
+from placer.results import SESSIONS, Choice, MethodResult, method_name
 from placer.runtime.timing import Measurement
 
-__all__ = ["simplicity", "pick", "fill", "verdict_choice"]
+__all__ = ["simplicity", "pick", "fill", "verdict_choice", "unmeasured", "plan_key", "share_measurements",
+           "UNMEASURED_FACTOR"]
 
 _KIND_ORDER = {"unplaced": 0, "baseline": 1, "search": 2, "rl": 3}
+UNMEASURED_FACTOR = 10  # unplaced's CI half-width beyond this many times the protocol's target: no reference
+_SHARED = ("feasible", "reason", "measured_ms", "ci_ms", "iqr_ms", "runs", "session", "peak_bytes",
+           "ratio_to_lower_bound", "vs_unplaced", "vs_best_heuristic")  # what rows of one plan share
 
 
 def simplicity(row: MethodResult, problem: PlacementProblem | Sequence[PlacementProblem] | None = None) -> tuple:
@@ -52,24 +69,48 @@ def simplicity(row: MethodResult, problem: PlacementProblem | Sequence[Placement
 
 
 def pick(rows: Sequence[MethodResult], measured: Mapping[str, Measurement],
-         problem: PlacementProblem | Sequence[PlacementProblem] | None = None) -> MethodResult | None:
+         problem: PlacementProblem | Sequence[PlacementProblem] | None = None,
+         protocol: Protocol | None = None) -> MethodResult | None:
     """The simplest of the rows that are not measurably slower than the fastest one
     (rule 2), by their measurements in `measured` (method -> Measurement of one
-    session); None when none is feasible. `problem`: as `simplicity` reads it."""
+    session); None when none is feasible. When the fastest is measurably faster than
+    `measured["unplaced"]`, only rows measurably faster than it too are eligible (rule
+    3). An unplaced the `protocol` could not measure (rule 5) is no candidate and
+    no reference here beside a feasible plan: the confirm session judges the pick.
+    `problem`: as `simplicity` reads it."""
     feasible = [r for r in rows if measured.get(r.method) is not None and measured[r.method].feasible]
+    unplaced = measured.get(UNPLACED)
+    placed = [r for r in feasible if r.kind != "unplaced"]
+    if unplaced is not None and placed and _too_wide(unplaced.ci_halfwidth, unplaced.runs, protocol):
+        feasible, unplaced = placed, None
     if not feasible:
         return None
     fastest = min(feasible, key=lambda r: measured[r.method].median_ms)
     reference = measured[fastest.method]
     contenders = [r for r in feasible
                   if r is fastest or compare(measured[r.method], reference, fastest.method).verdict != "slower"]
+    if fastest.kind != "unplaced" and unplaced is not None and _faster(reference, unplaced):
+        contenders = [r for r in contenders if r.kind != "unplaced" and _faster(measured[r.method], unplaced)]
     return min(contenders, key=lambda r: (simplicity(r, problem), measured[r.method].median_ms))
 
 
+def _faster(this: Measurement, unplaced: Measurement) -> bool:
+    ratio = compare(this, unplaced, UNPLACED)
+    return ratio is not None and ratio.verdict == "faster"
+
+
+def _too_wide(halfwidth: float | None, runs: int, protocol: Protocol | None) -> bool:
+    """Rule 5: a CI half-width (fraction of the median) of `runs` steps the protocol could not narrow."""
+    return (halfwidth is not None and protocol is not None and runs > protocol.min_runs
+            and halfwidth > UNMEASURED_FACTOR * protocol.target)
+
+
 def fill(row: MethodResult, measurement: Measurement, session: str, unplaced: Measurement | None,
-         heuristic: tuple[str, Measurement] | None, bound_ms: float | None) -> None:
+         heuristic: tuple[str, Measurement] | None, bound_ms: float | None,
+         protocol: Protocol | None = None) -> None:
     """Write a measurement into a row, with its speedups over `unplaced` and over the
-    best heuristic (name, measurement) measured in the same session."""
+    best heuristic (name, measurement) measured in the same session. A ratio over an
+    `unplaced` that the `protocol` could not measure (rule 5) has the verdict "unmeasured"."""
     row.session = session
     row.feasible = measurement.feasible
     row.reason = measurement.reason
@@ -81,14 +122,55 @@ def fill(row: MethodResult, measurement: Measurement, session: str, unplaced: Me
     row.runs = measurement.runs
     row.ratio_to_lower_bound = (row.measured_ms / bound_ms if row.measured_ms is not None and bound_ms else None)
     row.vs_unplaced = None if unplaced is None or row.kind == "unplaced" else compare(measurement, unplaced, UNPLACED)
+    if row.vs_unplaced is not None and _too_wide(unplaced.ci_halfwidth, unplaced.runs, protocol):
+        row.vs_unplaced = replace(row.vs_unplaced, verdict="unmeasured")
     row.vs_best_heuristic = None
     if heuristic is not None and heuristic[0] != row.method and row.kind != "unplaced":
         row.vs_best_heuristic = compare(measurement, heuristic[1], heuristic[0])
 
 
+def unmeasured(unplaced: MethodResult | None, protocol: Protocol | None) -> str | None:
+    """Why the `unplaced` row cannot serve as the reference (rule 5: more than min_runs
+    steps and a CI half-width more than UNMEASURED_FACTOR times the `protocol`'s
+    target), or None when it can (or is not measured, or `protocol` is None)."""
+    if unplaced is None or not unplaced.measured or unplaced.ci_ms is None or not unplaced.measured_ms:
+        return None
+    low, high = unplaced.ci_ms
+    half = (high - low) / 2 / unplaced.measured_ms
+    if not _too_wide(half, unplaced.runs, protocol):
+        return None
+    return (f"unplaced could not be measured in the {unplaced.session} session (CI {low:.2f}-{high:.2f} ms around "
+            f"{unplaced.measured_ms:.2f} ms is +-{half:.0%}, more than {UNMEASURED_FACTOR}x the protocol's "
+            f"+-{protocol.target:.0%} target after {unplaced.runs} steps: the host was too busy to time it), so "
+            f"no speedup over it is a verdict")
+
+
+def plan_key(row: MethodResult) -> tuple | None:
+    """What makes two rows the same plan: devices, placement, micro-batches (None: unplaced, or not placed)."""
+    if row.kind == "unplaced" or row.placement is None:
+        return None
+    return tuple(row.devices), tuple(row.placement), row.microbatches
+
+
+def share_measurements(rows: Sequence[MethodResult]) -> None:
+    """One verdict per plan (rule 6): rows of one candidate (devices, placement and
+    micro-batches) measured in different sessions all take the measurement of the most
+    authoritative of them (SESSIONS, last first): its session, times, speedups."""
+    plans: dict[tuple, list[MethodResult]] = {}
+    for row in rows:
+        if row.session in SESSIONS and (key := plan_key(row)) is not None:
+            plans.setdefault(key, []).append(row)
+    for group in plans.values():
+        source = max(group, key=lambda r: SESSIONS.index(r.session))  # the first of the latest session
+        for row in (r for r in group if r.session != source.session):
+            for name in _SHARED:
+                setattr(row, name, getattr(source, name))
+
+
 def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, session: str | None,
                    shortlist: Sequence[str], unplaced_device: str, confirmed: bool = True,
-                   writes_plan: bool = True, heuristic: MethodResult | None = None) -> Choice:
+                   writes_plan: bool = True, heuristic: MethodResult | None = None,
+                   protocol: Protocol | None = None) -> Choice:
     """The Choice and its headline from the winner's row (filled from `session`).
 
     A winner other than unplaced is kept only when it is measurably faster than
@@ -97,26 +179,29 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
     the same session) gives way to it (rule 4); without that row, the headline says
     that the heuristic is faster instead of claiming the winner. Unconfirmed choices
     (interrupted before the final sessions) say so. `writes_plan`: the run writes
-    plan.json (optimize), and the headline says what it holds when unplaced wins."""
+    plan.json (optimize), and the headline says what it holds when unplaced wins.
+    An `unplaced` that the `protocol` could not measure (rule 5) chooses
+    no plan (verdict "unmeasured", method None, the winner its contender)."""
     beaten = winner.vs_best_heuristic if confirmed and winner is not None and winner.kind != "unplaced" else None
     if beaten is None or beaten.verdict != "slower":
-        return _judged(winner, unplaced, session, shortlist, unplaced_device, confirmed, writes_plan)
+        return _judged(winner, unplaced, session, shortlist, unplaced_device, confirmed, writes_plan, protocol)
     lost = (f"{method_name(winner.method)}, which the final session picked, is {beaten.describe()} the best "
             f"heuristic ({method_name(beaten.reference)}) in the confirm session")
     if heuristic is not None and heuristic.method == beaten.reference and heuristic.measured:
-        choice = _judged(heuristic, unplaced, session, shortlist, unplaced_device, True, writes_plan)
+        choice = _judged(heuristic, unplaced, session, shortlist, unplaced_device, True, writes_plan, protocol)
         choice.headline = _line(f"{lost}, so {method_name(heuristic.method)} is judged in its place. "
                                 f"{choice.headline}")
         return choice
-    choice = _judged(winner, unplaced, session, shortlist, unplaced_device, True, writes_plan)
+    choice = _judged(winner, unplaced, session, shortlist, unplaced_device, True, writes_plan, protocol)
     if choice.method == winner.method:  # no claim for it: the faster plan is named first
         choice.headline = _line(f"{lost}: {method_name(beaten.reference)} is the faster plan. {choice.headline}")
     return choice
 
 
 def _judged(winner: MethodResult | None, unplaced: MethodResult | None, session: str | None,
-            shortlist: Sequence[str], unplaced_device: str, confirmed: bool, writes_plan: bool) -> Choice:
-    """verdict_choice's rules 1-3 for `winner` (as it says)."""
+            shortlist: Sequence[str], unplaced_device: str, confirmed: bool, writes_plan: bool,
+            protocol: Protocol | None) -> Choice:
+    """verdict_choice's rules 1-3 and 5 for `winner` (as it says)."""
 
     ratio = winner.vs_unplaced if winner is not None else None
     heuristic = winner.vs_best_heuristic if winner is not None else None
@@ -124,6 +209,8 @@ def _judged(winner: MethodResult | None, unplaced: MethodResult | None, session:
                     if heuristic is not None else "")
     if winner is None:
         return Choice(None, "none", "No placement could be measured.", None, session, list(shortlist))
+    if (reason := unmeasured(unplaced, protocol)) is not None:
+        return _no_reference(winner, reason, session, shortlist, confirmed, writes_plan)
     if not confirmed:
         return Choice(winner.method, "unconfirmed", _line(
             f"Interrupted before the final measurements: {method_name(winner.method)} is the fastest measured so far "
@@ -147,6 +234,21 @@ def _judged(winner: MethodResult | None, unplaced: MethodResult | None, session:
     return Choice(winner.method, "faster", _line(
         f"{method_name(winner.method)} is measurably faster than the model run without placer: "
         f"{ratio.describe()} unplaced{vs_heuristic}."), winner.method, session, list(shortlist), ratio, heuristic)
+
+
+def _no_reference(winner: MethodResult, reason: str, session: str | None, shortlist: Sequence[str],
+                  confirmed: bool, writes_plan: bool) -> Choice:
+    """The Choice of no plan when unplaced could not be measured (rule 5): why, and what to do."""
+    start = "No verdict: " if confirmed else "Interrupted before the final measurements, and "
+    written = "; no plan is chosen"
+    if writes_plan:
+        written += " and no plan.json is written (one already in the folder is left as it was)"
+    advice = "Run again on a quieter host" if confirmed else "Run the same command again"
+    if writes_plan:
+        advice += (" with --resume: it measures the final sessions afresh" if confirmed else
+                   " with --resume to continue")
+    return Choice(None, "unmeasured", _line(f"{start}{reason}{written}. {advice}."), winner.method, session,
+                  list(shortlist))
 
 
 def _line(text: str) -> str:

@@ -11,7 +11,9 @@ Every measurement is kept in DIR/measurements.json as soon as it is made, so tha
 run interrupted (Ctrl-C, SIGTERM, a kill) and resumed with `--resume` repeats none
 of them; the RL search checkpoints itself in DIR/search/. Ctrl-C or SIGTERM at any
 stage keeps what was measured: the best plan so far is written and results.json
-says where the run was stopped.
+says where the run was stopped (no plan is written when unplaced could not be
+measured: placer.choose rule 5). Stopped before any plan was chosen, the run says
+what it kept and that `--resume` continues.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from graphs.problem import Candidate, PlacementProblem, build_problem
 from graphs.workload import Workload, load_workload
 from placer.baselines import HEURISTICS
 from placer.baselines.common import colocation_units, require_fit
-from placer.choose import fill, pick, verdict_choice
+from placer.choose import fill, pick, share_measurements, verdict_choice
 from placer.interrupts import Terminated, interruption
 from placer.measurements import (UNPLACED, MeasurementBook, Measurer, Protocol, candidate_key, unplaced_device,
                                  unplaced_plan)
@@ -153,7 +155,8 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
         can run (InfeasibleError; right after profiling, before any baseline or search,
         when the memory caps cannot hold the model however it is split).
     KeyboardInterrupt
-        Ctrl-C (Terminated: SIGTERM) before anything was measured; nothing is written.
+        Ctrl-C (Terminated: SIGTERM) before anything was measured; nothing is written but
+        the measurements made so far, and `warn` is told so (and that --resume continues).
     """
     spec = workload or DEFAULT_WORKLOAD
     protocol = protocol or Protocol()
@@ -199,14 +202,18 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
                       reward=reward, protocol=protocol.to_json(), environment=environment(command),
                       bounds=bounds_of(problem, calibration),
                       notes=[*loaded.notes, *([f"micro-batches off: {refusal}"] if refusal else [])])
-    with _measurement_pool(spec, problem, workers, protocol, memory) as pool:
-        measurer = Measurer(loaded, problem, book, protocol, pool, progress)
-        scorer = Scorer(problem, measurer, calibration, reward, warn)
-        interrupt = _run_stages(results, problem, measurer, scorer, names, seed, budget_s, search, policy,
-                                resume, out, progress)
-        if pool is not None:
-            results.notes += pool.events
-    plan = _finish(results, problem, scorer, interrupt, seed)
+    try:
+        with _measurement_pool(spec, problem, workers, protocol, memory) as pool:
+            measurer = Measurer(loaded, problem, book, protocol, pool, progress)
+            scorer = Scorer(problem, measurer, calibration, reward, warn)
+            interrupt = _run_stages(results, problem, measurer, scorer, names, seed, budget_s, search, policy,
+                                    resume, out, progress)
+            if pool is not None:
+                results.notes += pool.events
+        plan = _finish(results, problem, scorer, interrupt, seed, protocol)
+    except KeyboardInterrupt:  # nothing chosen yet: say what is kept
+        warn(_kept(book))
+        raise
     progress(Stage("report"))
     results.paths = {k: str(v) for k, v in publish(results, out, plan, warn).items()}
     return results
@@ -234,6 +241,14 @@ def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
             graph.graph["microbatch_step_ms_by_kind"] = {k: _only_one(t) for k, t in by_kind.items()}
             graph.graph["microbatch_step_ms"] = _only_one(graph.graph.get("microbatch_step_ms"))
     return reason
+
+
+def _kept(book: MeasurementBook) -> str:
+    """The line said when a run stops before it chose anything: what it kept, and how to go on."""
+    if book.entries and book.path is not None and not book.write_failed:
+        return (f"stopped before any plan was chosen: the {len(book.entries)} measurement(s) made so far are kept in "
+                f"{book.path}; run the same command with --resume to continue without repeating them")
+    return "stopped before any measurement was kept: run the command again to start over"
 
 
 def _no_placement(reasons: Sequence[str]) -> InfeasibleError:
@@ -316,7 +331,8 @@ def _fill_from_book(results: Results, measurer: Measurer, candidates: dict[str, 
     baselines = {m: x for m, x in measured.items() if results.row(m).kind == "baseline" and x.feasible}
     heuristic = min(baselines.items(), key=lambda kv: kv[1].median_ms, default=None)
     for method, measurement in measured.items():
-        fill(results.row(method), measurement, session, unplaced, heuristic, results.bounds.get("lower_bound_ms"))
+        fill(results.row(method), measurement, session, unplaced, heuristic, results.bounds.get("lower_bound_ms"),
+             measurer.protocol)
 
 
 def _best_measured(results: Results) -> Candidate | None:
@@ -342,10 +358,11 @@ def _choose(results: Results, problem: PlacementProblem, measurer: Measurer, can
     labels = _labels(chosen, candidates)
     entries = [(UNPLACED, None), *((label, candidates[label]) for label in dict.fromkeys(labels.values()))]
     final = measurer.session(entries, "final: measuring")
-    _fill_session(results, final, labels, "final", heuristic.method if heuristic else None)
+    protocol = measurer.protocol
+    _fill_session(results, final, labels, "final", heuristic.method if heuristic else None, protocol)
     shortlist = [UNPLACED, *labels]  # every method whose placement was re-measured
     winner = pick([results.unplaced, *(results.row(label) for label in dict.fromkeys(labels.values()))], final,
-                  problem)
+                  problem, protocol)
     if winner is None:
         results.choice = verdict_choice(None, results.unplaced, "final", shortlist, "")
         return
@@ -353,9 +370,9 @@ def _choose(results: Results, problem: PlacementProblem, measurer: Measurer, can
     labels = _labels(judged, candidates)
     entries = [(UNPLACED, None), *((label, candidates[label]) for label in dict.fromkeys(labels.values()))]
     confirm = measurer.session(entries, "confirm: measuring")
-    _fill_session(results, confirm, labels, "confirm", heuristic.method if heuristic else None)
+    _fill_session(results, confirm, labels, "confirm", heuristic.method if heuristic else None, protocol)
     results.choice = verdict_choice(winner, results.unplaced, "confirm", shortlist, results.unplaced.devices[0],
-                                    heuristic=heuristic)
+                                    heuristic=heuristic, protocol=protocol)
 
 
 def _labels(rows: Sequence[MethodResult], candidates: dict[str, Candidate]) -> dict[str, str]:
@@ -365,19 +382,22 @@ def _labels(rows: Sequence[MethodResult], candidates: dict[str, Candidate]) -> d
 
 
 def _fill_session(results: Results, measured: dict, labels: dict[str, str], session: str,
-                  heuristic: str | None) -> None:
+                  heuristic: str | None, protocol: Protocol) -> None:
     unplaced = measured[UNPLACED]
-    fill(results.unplaced, unplaced, session, None, None, results.bounds.get("lower_bound_ms"))
+    bound = results.bounds.get("lower_bound_ms")
+    fill(results.unplaced, unplaced, session, None, None, bound)
     reference = (heuristic, measured[labels[heuristic]]) if heuristic in labels else None
     for method, label in labels.items():
-        fill(results.row(method), measured[label], session, unplaced, reference, results.bounds.get("lower_bound_ms"))
+        fill(results.row(method), measured[label], session, unplaced, reference, bound, protocol)
 
 
 def _finish(results: Results, problem: PlacementProblem, scorer: Scorer, interrupt: KeyboardInterrupt | None,
-            seed: int) -> Plan:
-    """Settle the choice (unconfirmed after an interrupt), simulate every row under the
-    final calibration, and make the plan. Raises InfeasibleError when nothing ran, the
-    interrupt itself when nothing was measured."""
+            seed: int, protocol: Protocol) -> Plan | None:
+    """Give rows of one plan one measurement, settle the choice (unconfirmed after an
+    interrupt), simulate every row under the final calibration, and make the plan (None:
+    unplaced could not be measured, no plan is chosen). Raises InfeasibleError when
+    nothing ran, the interrupt itself when nothing was measured."""
+    share_measurements(results.methods)
     device = unplaced_device(problem)
     for row in results.methods:
         if row.placement is not None and row.feasible:
@@ -388,15 +408,16 @@ def _finish(results: Results, problem: PlacementProblem, scorer: Scorer, interru
         if not measured:
             raise interrupt
         winner = min(measured, key=lambda r: r.measured_ms)
-        results.choice = verdict_choice(winner, results.unplaced, winner.session, [], device, confirmed=False)
-    if results.choice.method is None:
+        results.choice = verdict_choice(winner, results.unplaced, winner.session, [], device, confirmed=False,
+                                        protocol=protocol)
+    if results.choice.method is None and results.choice.verdict != "unmeasured":
         raise _no_placement([r.reason for r in results.methods if r.reason])
-    chosen = results.row(results.choice.method)
-    if chosen.kind == "unplaced":
+    chosen = results.row(results.choice.method) if results.choice.method is not None else None
+    plan, placement, devices = None, [0] * problem.n_groups, [device]  # no plan chosen: the graph unplaced
+    if chosen is not None and chosen.kind == "unplaced":
         plan = unplaced_plan(problem, seed)
         plan.measured_ms = chosen.measured_ms
-        placement, devices = [0] * problem.n_groups, [device]
-    else:
+    elif chosen is not None:
         candidate = Candidate(tuple(chosen.placement), chosen.microbatches)
         plan = make_plan(problem, candidate.placement, chosen.method, seed=seed, simulated_ms=chosen.simulated_ms,
                          measured_ms=chosen.measured_ms, microbatches=chosen.microbatches, schedule=chosen.schedule)

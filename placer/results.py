@@ -31,11 +31,12 @@ from graphs.devices import host_cores
 from graphs.errors import PlacerError
 from graphs.files import write_text_atomically
 
-__all__ = ["SCHEMA", "KINDS", "NAMES", "method_name", "Stage", "Progress", "quiet", "warn_stderr", "environment",
-           "placer_version", "strict", "write_json", "Ratio", "MethodResult", "Choice", "Results"]
+__all__ = ["SCHEMA", "KINDS", "SESSIONS", "NAMES", "method_name", "Stage", "Progress", "quiet", "warn_stderr",
+           "environment", "placer_version", "strict", "write_json", "Ratio", "MethodResult", "Choice", "Results"]
 
 SCHEMA = "placer.results/v1"
 KINDS = ("unplaced", "baseline", "search", "rl")
+SESSIONS = ("baselines", "search", "final", "confirm")  # optimize's sessions, least authoritative first
 NAMES = {
     "unplaced": "unplaced", "single": "single device", "round_robin": "round robin", "expert": "expert",
     "balanced": "balanced", "sequential_fill": "sequential fill", "metis": "METIS", "kernighan_lin": "Kernighan-Lin",
@@ -157,8 +158,9 @@ class Ratio:
                    str(data.get("reference", "")))
 
     def describe(self) -> str:
-        """"1.12x (CI 1.05-1.19)", or "1.00x (tie, CI 0.97-1.03)" when the interval holds 1."""
-        tie = "tie, " if self.verdict == "tie" else ""
+        """"1.12x (CI 1.05-1.19)", "1.00x (tie, CI 0.97-1.03)" when the interval holds 1,
+        "5.37x (no verdict, CI 2.68-28.57)" when the reference could not be measured."""
+        tie = {"tie": "tie, ", "unmeasured": "no verdict, "}.get(self.verdict, "")
         return f"{self.value:.2f}x ({tie}CI {self.ci[0]:.2f}-{self.ci[1]:.2f})"
 
 
@@ -174,7 +176,8 @@ class MethodResult:
     measured_ms, ci_ms, iqr_ms, runs : median step time (ms), its confidence interval
         [low, high] (ms), interquartile range (ms) and timed steps; None/0 unmeasured.
     session : the interleaved session that measured it ("baselines", "final", "confirm",
-        "compare", or "search" for a search's own measurements).
+        "compare", or "search" for a search's own measurements). Rows of one plan share
+        the measurement of the latest of these (placer.choose.share_measurements).
     simulated_ms : the calibrated simulator's step time under the final calibration.
     placement : device index per group (None: not placed by group, e.g. unplaced).
     devices : the device names the placement indexes (unplaced: the one device it ran on).
@@ -261,7 +264,9 @@ class Choice:
         faster: unplaced is chosen), "slower" (the contender is measurably slower:
         unplaced is chosen), "unplaced infeasible" (the model cannot run unplaced: the
         fastest plan is chosen), "unconfirmed" (interrupted before the final sessions:
-        chosen from earlier measurements) or "none" (nothing measured).
+        chosen from earlier measurements), "unmeasured" (unplaced could not be measured:
+        no plan is chosen, `contender` is the plan that would have been judged) or
+        "none" (nothing measured).
     headline : the report's first line.
     session : the session whose measurements the claimed speedups come from.
     shortlist : the methods re-measured together to choose.

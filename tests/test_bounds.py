@@ -53,7 +53,7 @@ def test_summary_keys_and_text():
         data = dict(DIAMOND.nodes[i])
         ops.add_node(f"n{i}", **data)
     ops.add_edges_from((f"n{u}", f"n{v}") for u, v in DIAMOND.edges())
-    s = summarize(ops, DIAMOND, ["cpu", "cpu"], notes=["a note"])
+    s = summarize(ops, DIAMOND, ["cpu", "cpu"], bound=lower_bound(DIAMOND, ["cpu", "cpu"]), notes=["a note"])
     json.dumps(s)  # JSON-ready
     assert (s["nodes"], s["edges"], s["groups"]) == (5, 4, 5)
     assert s["param_bytes"] == 100 and s["memory"]["act_bytes"] == 5

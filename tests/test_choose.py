@@ -3,7 +3,8 @@ ties go to the simpler plan, and unplaced wins every tie."""
 
 import pytest
 
-from placer.choose import fill, pick, simplicity, verdict_choice
+from placer.choose import fill, pick, plan_key, share_measurements, simplicity, unmeasured, verdict_choice
+from placer.measurements import Protocol, compare
 from placer.results import MethodResult
 from placer.runtime.timing import Measurement, summarize
 
@@ -146,3 +147,80 @@ def test_a_winner_that_ties_the_best_heuristic_keeps_its_place():
     r = confirmed(80.0, 80.5)
     choice = verdict_choice(r["rl"], r["unplaced"], "confirm", ["unplaced", "rl"], "cpu", heuristic=r["expert"])
     assert choice.method == "rl" and choice.headline.startswith("RL is measurably faster")
+
+
+WIDE = [20.0, 450.0, 40.0, 440.0, 80.0] * 6  # a busy host: median 80 ms, its CI far wider than +-3%
+
+
+def test_the_tie_break_keeps_a_plan_faster_than_unplaced_when_the_fastest_is():
+    r = rows()  # expert ties both rl (the fastest) and unplaced; rl is measurably faster than unplaced
+    measured = {"unplaced": around(100.0, 0.02), "expert": around(98.0, 0.1), "rl": around(96.0, 0.02)}
+    assert compare(measured["rl"], measured["unplaced"], "unplaced").verdict == "faster"
+    assert compare(measured["expert"], measured["rl"], "rl").verdict == "tie"
+    assert compare(measured["expert"], measured["unplaced"], "unplaced").verdict == "tie"
+    assert pick(list(r.values()), measured).method == "rl"  # not the simpler expert
+    without_unplaced = {k: v for k, v in measured.items() if k != "unplaced"}
+    assert pick(list(r.values()), without_unplaced).method == "expert"  # no reference: simplicity decides
+
+
+def test_an_unplaced_too_wide_to_measure_is_no_candidate_in_the_pick():
+    r = rows()
+    measured = {"unplaced": summarize(WIDE), "expert": around(90.0, 0.02), "rl": around(70.0, 0.02)}
+    assert pick(list(r.values()), measured, protocol=Protocol()).method == "rl"
+    assert pick(list(r.values()), measured).method == "unplaced"  # without the target it ties everything
+    assert pick([r["unplaced"]], {"unplaced": summarize(WIDE)}, protocol=Protocol()).method == "unplaced"  # alone
+
+
+def test_ratios_over_an_unplaced_too_wide_to_measure_are_no_verdict():
+    r = rows()
+    wide = summarize(WIDE)
+    fill(r["unplaced"], wide, "baselines", None, None, 10.0)
+    fill(r["rl"], around(15.0), "baselines", wide, None, 10.0, protocol=Protocol())
+    assert r["rl"].vs_unplaced.verdict == "unmeasured" and "no verdict" in r["rl"].vs_unplaced.describe()
+    fill(r["expert"], around(15.0), "baselines", wide, None, 10.0)  # no protocol: judged as before
+    assert r["expert"].vs_unplaced.verdict in ("faster", "tie", "slower")
+    reason = unmeasured(r["unplaced"], Protocol())
+    assert reason.startswith("unplaced could not be measured in the baselines session") and "10x" in reason
+    assert unmeasured(r["unplaced"], None) is None and unmeasured(judged(80.0, 100.0)["unplaced"], Protocol()) is None
+    fill(r["unplaced"], summarize(WIDE[:5]), "baselines", None, None, 10.0)  # cut at min_runs: no precision asked
+    assert unmeasured(r["unplaced"], Protocol(min_runs=5)) is None
+    assert unmeasured(r["unplaced"], Protocol(min_runs=4)) is not None
+
+
+def test_no_plan_is_chosen_against_an_unplaced_too_wide_to_measure():
+    r = rows()
+    wide = summarize(WIDE)
+    fill(r["unplaced"], wide, "baselines", None, None, 10.0)
+    fill(r["single"], around(15.0), "baselines", wide, None, 10.0, protocol=Protocol())
+    stopped = verdict_choice(r["single"], r["unplaced"], "baselines", [], "cpu", confirmed=False, protocol=Protocol())
+    assert stopped.method is None and stopped.verdict == "unmeasured" and stopped.contender == "single"
+    assert stopped.headline.startswith("Interrupted before the final measurements, and unplaced could not be")
+    assert "no plan.json is written" in stopped.headline and "--resume to continue" in stopped.headline
+    fill(r["unplaced"], wide, "confirm", None, None, 10.0)
+    final = verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu", protocol=Protocol())
+    assert final.method is None and final.verdict == "unmeasured" and final.headline.startswith("No verdict: ")
+    assert "quieter host" in final.headline and "faster" not in final.headline
+    compared = verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu", writes_plan=False, protocol=Protocol())
+    assert compared.method is None and "plan.json" not in compared.headline
+    assert verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu").verdict != "unmeasured"  # no protocol
+
+
+def test_rows_of_one_plan_carry_the_measurement_of_its_latest_session():
+    devices = ["cpu:0", "cpu:1"]
+    balanced = MethodResult("balanced", placement=[0, 0, 1, 1], devices=devices)
+    kernighan = MethodResult("kernighan_lin", placement=[0, 0, 1, 1], devices=devices)
+    piped = MethodResult("pipeline", placement=[0, 0, 1, 1], devices=devices, microbatches=4)
+    sct = MethodResult("sct", placement=[0, 1, 0, 1], devices=devices)
+    rl = MethodResult("rl", "rl", placement=[0, 1, 0, 1], devices=devices)
+    early, late = around(100.0), around(90.0)
+    for row in (balanced, kernighan, piped, sct, rl):
+        fill(row, around(70.0), "baselines", early, None, 10.0)
+    fill(balanced, around(85.0), "final", late, None, 10.0)
+    fill(rl, around(95.0), "final", late, None, 10.0)
+    fill(sct, around(88.0), "confirm", around(88.0), None, 10.0)
+    share_measurements([balanced, kernighan, piped, sct, rl])
+    assert kernighan.session == "final" and kernighan.measured_ms == balanced.measured_ms == pytest.approx(85.0)
+    assert kernighan.vs_unplaced == balanced.vs_unplaced and kernighan.vs_unplaced.verdict == "faster"
+    assert rl.session == "confirm" and rl.measured_ms == pytest.approx(88.0) and rl.vs_unplaced.verdict == "tie"
+    assert piped.session == "baselines" and piped.measured_ms == pytest.approx(70.0)  # micro-batches: another plan
+    assert plan_key(balanced) == plan_key(kernighan) != plan_key(piped)

@@ -228,7 +228,9 @@ def test_a_missing_or_broken_workload_file_is_refused_before_torch_is_imported(t
     cases = [(("inspect", missing), "nope.py"), (("optimize", str(bad), "--out", str(tmp_path / "out")), "syntax"),
              (("measure", missing, "--plan", str(tmp_path / "plan.json")), "nope.py"),
              (("baseline", str(tmp_path / "w.txt"), "--method", "single"), "not a Python file"),
-             (("inspect", "zoo:mlp", "--devices", "gpu:0"), "gpu:0")]
+             (("inspect", "zoo:mlp", "--devices", "gpu:0"), "gpu:0"),
+             (("inspect", str(tmp_path)), "is a directory, not a Python file"),
+             (("inspect", "zoo:mlp", "--devices", "cpu:0,cpu:5"), "e.g. cpu:0,cpu:1 ")]
     for command, fragment in cases:
         result = placer(*command, env_extra={"PYTHONPROFILEIMPORTTIME": "1"})  # each import: "import time: ... | name"
         imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
@@ -244,9 +246,10 @@ def test_a_plan_for_another_model_is_refused(optimized):
     assert_one_line_error(result, "another model")
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_debug_adds_the_traceback_and_keeps_the_exit_status(tmp_path):
     result = placer("--debug", "inspect", str(tmp_path / "nope.py"))
-    assert result.returncode != 0 and "Traceback" in result.stderr
+    assert result.returncode == 2 and "Traceback" in result.stderr  # a bad input, as without --debug
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.py'}: no such file"
 
 
 def test_infeasible_optimize_leaves_no_plan_or_report(tmp_path):

@@ -126,8 +126,9 @@ def test_nan_output_is_noted_and_a_slow_step_names_its_limit(workload_file, tmp_
     assert measured.returncode == 0, measured.stderr
     data = json.loads(measured.stdout)
     assert data["feasible"] and any("nan" in note and "diverge" in note for note in data["notes"])
-    assert slow.returncode == 0, slow.stderr
-    assert "infeasible: timed out" in slow.stdout and "1e-09 s limit" in slow.stdout and "--step-timeout" in slow.stdout
+    # a plan that cannot run here (timed out, or refused by the runtime) is the user's to change: exit status 2
+    assert_one_line_error(slow, f"{plan}: infeasible: timed out", "1e-09 s limit", "--step-timeout")
+    assert "step time" not in slow.stdout
 
 
 def test_a_full_disk_is_a_warning_and_the_plan_is_still_written(tmp_path):

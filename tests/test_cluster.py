@@ -1,7 +1,9 @@
+import warnings
+
 import pytest
 import torch
 
-from graphs.devices import host_cores, parse_cluster, parse_size
+from graphs.devices import check_numbering, host_cores, parse_cluster, parse_size
 from graphs.errors import DeviceSpecError
 
 
@@ -71,10 +73,34 @@ def test_links_default_by_kind():
         cluster.index("cpu:5")
 
 
-def test_more_virtual_cpu_devices_than_cores_is_warned(monkeypatch):
+def test_more_virtual_cpu_devices_than_cores_is_warned_once_a_process(monkeypatch):
     import graphs.devices as devices
 
     monkeypatch.setattr(devices, "host_cores", lambda: 2)
+    monkeypatch.setattr(devices, "_WARNED", set())  # as in a fresh process
     with pytest.warns(UserWarning, match="3 virtual CPU devices on 2 cores"):
         cluster = devices.parse_cluster("cpu:0,cpu:1,cpu:2")
     assert [d.threads for d in cluster.devices] == [1, 1, 1]
+    with warnings.catch_warnings(record=True) as again:  # a command parses its devices several times
+        warnings.simplefilter("always")
+        devices.parse_cluster("cpu:0,cpu:1,cpu:2")
+        devices.parse_cluster("cpu:0,cpu:1,cpu:2", "cpu:0=1GiB")
+    assert again == []
+    with pytest.warns(UserWarning, match="4 virtual CPU devices on 2 cores"):  # another warning: given too
+        devices.parse_cluster("cpu:0,cpu:1,cpu:2,cpu:3")
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("cpu:0,cpu:5", "cpu:0,cpu:1"), ("cpu:1", "cpu:0"), ("cpu:1,cpu:2", "cpu:0,cpu:1"),
+    ("cpu:0,cpu:2,cpu:1,cpu:4", "cpu:0,cpu:1,cpu:2,cpu:3"),
+])
+def test_the_command_line_numbers_virtual_cpu_devices_from_0_without_gaps(spec, expected):
+    with pytest.raises(DeviceSpecError) as info:
+        check_numbering(parse_cluster(spec))
+    message = str(info.value)
+    assert "\n" not in message and spec in message and f"e.g. {expected} " in message and "not a core" in message
+
+
+@pytest.mark.parametrize("spec", ["cpu:0", "cpu:1,cpu:0", "cpu:0,cpu:1,cpu:2", "cpu", "rank0:cpu:0,rank1:cpu:1"])
+def test_numbered_virtual_cpu_devices_the_whole_host_and_other_ranks_devices_pass(spec):
+    check_numbering(parse_cluster(spec))  # other ranks' devices live in their own processes: any number

@@ -349,3 +349,53 @@ def test_a_report_that_cannot_be_written_is_a_warning_and_the_plan_is_written(re
     paths = report.publish(Results.from_json(results), tmp_path, plan("rl"), warn=warnings.append)
     assert set(paths) == {"plan", "results"} and (tmp_path / "plan.json").is_file()
     assert len(warnings) == 1 and "No space left on device" in warnings[0] and str(tmp_path) in warnings[0]
+
+
+def cells_by_method(results) -> dict[str, list[str]]:
+    from placer.report.table import table_cells
+
+    headers, cells = table_cells(results)
+    return {c[0].split(" (")[0]: dict(zip(headers, c)) for c in cells}
+
+
+def test_a_ratio_from_before_unplaced_was_measured_again_is_no_verdict(results, tmp_path):
+    results["methods"][5]["session"] = "final"  # etf: faster than unplaced as the final session measured it
+    cells = cells_by_method(results)
+    assert cells["ETF"]["vs unplaced"] == "(1.13x [1.05, 1.20]) earlier session"
+    assert cells["single device"]["vs unplaced"] == "(0.96x tie [0.90, 1.02]) earlier session"
+    assert cells["RL"]["vs unplaced"] == "1.50x [1.40, 1.60]"  # measured beside unplaced's confirm: the verdict
+    assert cells["RL"]["vs best heuristic"] == "1.25x [1.18, 1.31]"
+    notes = write_report(results, tmp_path)["markdown"].read_text().split("## Notes", 1)[1]
+    assert "marked \"earlier session\"" in notes and "the confirm session, which measured unplaced last" in notes
+    results["methods"][0]["session"] = "baselines"  # stopped in the search: unplaced from the baselines
+    results["methods"][5]["session"] = "search"
+    cells = cells_by_method(results)
+    assert cells["ETF"]["vs unplaced"] == "(1.13x [1.05, 1.20]) other session"
+    assert cells["single device"]["vs unplaced"] == "0.96x tie [0.90, 1.02]"
+
+
+def test_rows_of_one_plan_say_so(results):
+    for i, r in enumerate(results["methods"]):
+        r["placement"] = [i, 0, 0, 0]
+    results["methods"][5]["placement"] = results["methods"][4]["placement"]  # etf places as expert does
+    cells = cells_by_method(results)
+    assert cells["ETF"]["status"] == "ok (same plan as expert)"
+    assert cells["expert"]["status"] == "ok (same plan as ETF)"
+    assert cells["RL"]["status"] == "ok" and cells["unplaced"]["status"] == "ok"
+    results["methods"][5]["microbatches"] = 4  # pipelined: another plan
+    assert cells_by_method(results)["ETF"]["status"] == "ok"
+
+
+def test_ratios_over_an_unplaced_too_wide_to_measure_are_no_verdict(results, tmp_path):
+    unplaced = results["methods"][0]
+    unplaced.update(measured_ms=83.81, ci_ms=[44.44, 435.30], session="baselines")
+    for r in results["methods"][1:]:
+        if r["measured_ms"] is not None:
+            r["session"] = "baselines"
+    results["methods"][1]["vs_unplaced"] = {"value": 5.37, "ci": [2.68, 28.57], "verdict": "unmeasured",
+                                            "reference": "unplaced"}
+    cells = cells_by_method(results)
+    assert cells["single device"]["vs unplaced"] == "(5.37x [2.68, 28.57]) no verdict"
+    notes = write_report(results, tmp_path)["markdown"].read_text().split("## Notes", 1)[1]
+    assert "Unplaced could not be measured in the baselines session (CI 44.44-435.30 ms around 83.81 ms" in notes
+    assert "Ratios marked \"no verdict\"" in notes

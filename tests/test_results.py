@@ -97,3 +97,11 @@ def test_write_json_follows_the_umask(tmp_path):
 def test_ratio_describes_ties_plainly():
     assert Ratio(1.0, (0.97, 1.03), "tie", "unplaced").describe() == "1.00x (tie, CI 0.97-1.03)"
     assert Ratio(1.2, (1.1, 1.3), "faster", "unplaced").describe() == "1.20x (CI 1.10-1.30)"
+
+
+def test_a_ratio_over_an_unmeasured_reference_keeps_its_verdict_and_says_no_verdict():
+    ratio = Ratio(5.37, (2.68, 28.57), "unmeasured", "unplaced")
+    assert Ratio.from_json(json.loads(json.dumps(ratio.to_json()))) == ratio
+    assert ratio.describe() == "5.37x (no verdict, CI 2.68-28.57)"
+    choice = Choice(None, "unmeasured", "No verdict: ...", contender="single", session="confirm")
+    assert Choice.from_json(json.loads(json.dumps(choice.to_json()))) == choice

@@ -131,6 +131,11 @@ def test_missing_file(tmp_path):
         load_workload(str(tmp_path / "nope.py"))
 
 
+def test_a_folder_is_not_a_python_file(tmp_path):
+    with pytest.raises(WorkloadError, match=r"is a directory, not a Python file \(give the path of the workload"):
+        load_workload(str(tmp_path))
+
+
 def test_not_a_python_file(tmp_path):
     path = write(tmp_path, GOOD, name="model.txt")
     with pytest.raises(WorkloadError, match=r"model\.txt: not a Python file"):
@@ -185,6 +190,44 @@ def expert_placement(module_path, n_devices):
         call(w)
     message = str(err.value)
     assert message.startswith(f"{path}: {function}() called sys.exit(") and "\n" not in message
+
+
+@pytest.mark.parametrize("hook, required", [
+    ("def build_model(size):\n    return nn.Linear(4, 2)", "build_model()"),
+    ("def example_inputs(n):\n    return (torch.randn(n, 4),)", "example_inputs()"),
+    ("def loss_fn(out):\n    return out.sum()", "loss_fn(output, *inputs)"),  # the trial's: no inputs
+    ("def loss_fn(output, x, target):\n    return output.sum()", "loss_fn(output, *inputs)"),  # one input, not two
+    ("def make_optimizer():\n    return None", "make_optimizer(params)"),
+    ("def expert_placement(module_path):\n    return 0", "expert_placement(module_path, n_devices)"),
+])
+def test_a_workload_function_with_the_wrong_signature_is_refused_at_load_naming_the_one_required(
+        tmp_path, hook, required):
+    name = hook.split("(")[0].removeprefix("def ")
+    marker = tmp_path / "ran"  # none of the file's functions may run once one signature is wrong
+    text = GOOD.replace("return nn.Sequential", f"open({str(marker)!r}, 'w').close()\n    return nn.Sequential")
+    path = write(tmp_path, f"{text}\n{hook}\n")
+    with pytest.raises(WorkloadError) as err:
+        load_workload(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {name}(") and "\n" not in message
+    assert f"cannot be called as {required}" in message and f"define it as def {required}" in message
+    if name == "example_inputs":  # both are checked before build_model runs
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize("hook", [
+    "def loss_fn(output, *inputs):\n    return output.sum()",
+    "def loss_fn(output, x, scale=2.0):\n    return output.sum() * scale",
+    "loss_fn = lambda *args: args[0].sum()",
+    "import functools\ndef _loss(weight, output, x):\n    return output.sum() * weight\n"
+    "loss_fn = functools.partial(_loss, 3.0)",
+    "make_optimizer = torch.optim.Adam",
+    "def expert_placement(module_path, n_devices, size='small'):\n    return 0",
+])
+def test_a_workload_function_that_takes_what_placer_passes_loads(tmp_path, hook):
+    w = load_workload(write(tmp_path, f"{GOOD}\n{hook}\n"))
+    if "loss_fn" in hook:
+        assert w.loss_fn(torch.ones(2), *w.inputs).item() > 0
 
 
 def test_a_model_without_parameters_is_a_workload_error(tmp_path):

@@ -13,8 +13,10 @@ import base64
 import html
 from pathlib import Path
 
+from placer.choose import UNMEASURED_FACTOR, unmeasured
+from placer.measurements import Protocol
 from placer.report.plots import PLOT_FILES
-from placer.report.table import MISSING, format_bytes, markdown_table, table_cells
+from placer.report.table import MISSING, format_bytes, markdown_table, superseded, table_cells
 from placer.results import Results, method_name
 
 __all__ = ["PLOT_CAPTIONS", "NOTES", "headline", "report_blocks", "MarkdownRenderer", "HtmlRenderer"]
@@ -78,9 +80,32 @@ def _environment(results: Results) -> list[list[str]]:
     return [[str(k), str(v)] for k, v in items if v is not None and v != ""]
 
 
+def _reading(results: Results) -> list[str]:
+    """How to read the ratios that are no current verdict (placer.report.table.format_ratio)."""
+    notes = []
+    try:  # the run's protocol (None: an older results.json without one)
+        protocol = Protocol(**results.protocol) if results.protocol else None
+    except (TypeError, ValueError):
+        protocol = None
+    reason = unmeasured(results.unplaced, protocol)
+    if reason is not None:
+        notes.append(f"{reason[:1].upper()}{reason[1:]}.")
+    if any(r.vs_unplaced is not None and r.vs_unplaced.verdict == "unmeasured" for r in results.methods):
+        notes.append(f"Ratios marked \"no verdict\" are over an unplaced measurement whose confidence interval was "
+                     f"still more than {UNMEASURED_FACTOR}x wider than the protocol's target after more than its "
+                     f"least number of steps: no plan is judged by them.")
+    tags = {superseded(results, r) for r in results.methods} - {None}
+    if tags:
+        notes.append(f"Ratios in parentheses marked \"earlier session\" or \"other session\" were measured apart from "
+                     f"the {results.unplaced.session} session, which measured unplaced last: they compare with "
+                     f"unplaced as their own session found it, so they are not the verdict (the session column "
+                     f"names theirs).")
+    return notes
+
+
 def _notes(results: Results) -> list[str]:
     """The run's own notes (e.g. what a small zoo size shrank) before the standing ones."""
-    notes = [str(note) for note in results.notes]
+    notes = [*_reading(results), *(str(note) for note in results.notes)]
     if results.interrupted:
         word = "terminated" if results.status == "terminated" else "interrupted"
         where = f" during {results.interrupted_at}" if results.interrupted_at else ""

@@ -3,7 +3,10 @@
 Rows are read from a Results; the speedups shown are the ones stored in each row,
 each measured against `unplaced` (and the best heuristic) in the row's own
 interleaved session, with the ratio's confidence interval; a "tie" is a ratio
-whose interval holds 1.
+whose interval holds 1. A ratio is shown as a verdict only when it is current: one
+from a session before the one that measured unplaced last is in parentheses and
+tagged "earlier session" (or "other session"), and one over an unplaced that could
+not be measured is tagged "no verdict".
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import math
 from collections.abc import Sequence
 
 from graphs.devices import format_size
-from placer.results import MethodResult, Ratio, Results, method_name
+from placer.choose import plan_key
+from placer.results import SESSIONS, MethodResult, Ratio, Results, method_name
 
 __all__ = ["MISSING", "TABLE_HEADERS", "comparison_rows", "table_cells", "format_table", "text_table",
-           "markdown_table", "format_markdown_table", "format_bytes", "format_ratio"]
+           "markdown_table", "format_markdown_table", "format_bytes", "format_ratio", "superseded",
+           "same_plan"]
 
 MISSING = "-"
 TABLE_HEADERS = ("method", "measured ms", "CI ms", "runs", "vs unplaced", "vs best heuristic", "simulated ms",
@@ -41,12 +46,35 @@ def _num(x: float | None, fmt: str) -> str:
     return MISSING if x is None else format(x, fmt)
 
 
-def format_ratio(ratio: Ratio | None) -> str:
-    """"1.12x [1.05, 1.19]", "1.00x tie [0.97, 1.03]", or "-"."""
+def superseded(results: Results, row: MethodResult) -> str | None:
+    """"earlier session" when `row` was measured in a session before the latest one that
+    measured unplaced (its ratios compare with unplaced as that session found it, not
+    with the reference the verdict rests on), "other session" when in another one
+    (a search's), None when in the same one (or unplaced is not measured)."""
+    current = results.unplaced.session if results.unplaced is not None else None
+    if row.kind == "unplaced" or current is None or row.session is None or row.session == current:
+        return None
+    order = {name: i for i, name in enumerate(SESSIONS)}
+    return "earlier session" if order.get(row.session, -1) < order.get(current, -1) else "other session"
+
+
+def same_plan(results: Results, row: MethodResult) -> MethodResult | None:
+    """The first other row of the same plan (placer.choose.plan_key), if any: rows of one
+    plan carry one measurement (placer.choose.share_measurements)."""
+    key = plan_key(row)
+    return None if key is None else next((r for r in results.methods if r is not row and plan_key(r) == key), None)
+
+
+def format_ratio(ratio: Ratio | None, tag: str | None = None) -> str:
+    """"1.12x [1.05, 1.19]", "1.00x tie [0.97, 1.03]", or "-"; a ratio that is no
+    current verdict in parentheses with why: "(1.12x [1.05, 1.19]) earlier session"
+    (`tag`), "(5.37x [2.68, 28.57]) no verdict" (an unmeasured reference)."""
     if ratio is None:
         return MISSING
     tie = " tie" if ratio.verdict == "tie" else ""
-    return f"{ratio.value:.2f}x{tie} [{ratio.ci[0]:.2f}, {ratio.ci[1]:.2f}]"
+    text = f"{ratio.value:.2f}x{tie} [{ratio.ci[0]:.2f}, {ratio.ci[1]:.2f}]"
+    tag = "no verdict" if ratio.verdict == "unmeasured" else tag
+    return f"({text}) {tag}" if tag else text
 
 
 def format_bytes(n: float | None) -> str:
@@ -58,19 +86,23 @@ def table_cells(results: Results | dict) -> tuple[tuple[str, ...], list[list[str
     """The comparison table as strings: the one source of the text and Markdown tables.
     A `devices` column appears when the placed rows ran on different device sets
     (placer compare of plans made for different devices)."""
+    results = as_results(results)
     rows = comparison_rows(results)
     mixed = len({tuple(r.devices) for r in rows if r.kind != "unplaced"}) > 1
     headers = (TABLE_HEADERS[0], "devices", *TABLE_HEADERS[1:]) if mixed else TABLE_HEADERS
     cells = []
     for r in rows:
+        tag = superseded(results, r)
         memory = ", ".join(f"{d} {format_bytes(b)}" for d, b in r.peak_bytes.items())
         status = "ok" if r.feasible else f"infeasible: {r.reason or 'no reason given'}"
+        twin = same_plan(results, r)
+        status += f" (same plan as {method_name(twin.method)})" if twin is not None else ""
         ci = f"{r.ci_ms[0]:.2f}-{r.ci_ms[1]:.2f}" if r.measured and r.ci_ms else MISSING
         cells.append([
-            method_name(r.method) + (" (chosen)" if r.method == as_results(results).best else ""),
+            method_name(r.method) + (" (chosen)" if r.method == results.best else ""),
             *([",".join(r.devices) or MISSING] if mixed else []),
             _num(r.measured_ms if r.feasible else None, ".2f"), ci, str(r.runs) if r.runs else MISSING,
-            format_ratio(r.vs_unplaced), format_ratio(r.vs_best_heuristic), _num(r.simulated_ms, ".2f"),
+            format_ratio(r.vs_unplaced, tag), format_ratio(r.vs_best_heuristic, tag), _num(r.simulated_ms, ".2f"),
             _num(r.ratio_to_lower_bound, ".2f"), memory or MISSING, _num(r.search_s, ".1f"), r.session or MISSING,
             status,
         ])
