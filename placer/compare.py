@@ -97,17 +97,17 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
     def session(chosen: Sequence[MethodResult], stage: str) -> dict[str, Measurement]:
         """Measure the chosen rows (their plans, unplaced eagerly) in one session; fill them."""
         measured = measurer.session([(r.method, by_name.get(r.method)) for r in chosen], stage)
-        _fill(results, measured, stage)
+        _fill(results, measured, stage, protocol)
         return measured
 
     try:
-        winner = pick(rows, session(rows, "compare"), problems)
+        winner = pick(rows, session(rows, "compare"), problems, protocol)
         if winner is not None:
             judged = {r.method: r for r in (winner, results.best_heuristic) if r is not None and r.kind != "unplaced"}
             session([rows[0], *judged.values()], "confirm")
         results.choice = verdict_choice(winner, results.unplaced, "confirm", [r.method for r in rows],
                                         rows[0].devices[0], writes_plan=False,
-                                        heuristic=results.best_heuristic)
+                                        heuristic=results.best_heuristic, protocol=protocol)
     except KeyboardInterrupt:
         results.status, results.interrupted_at = "interrupted", "measuring"
         raise
@@ -130,8 +130,9 @@ def _kind(method: str) -> str:
     return {"rl": "rl", "random_search": "search", "local_search": "search"}.get(method, "baseline")
 
 
-def _fill(results: Results, measured: dict[str, Measurement], session: str) -> None:
-    """Fill the measured rows, with speedups over unplaced and the session's best baseline."""
+def _fill(results: Results, measured: dict[str, Measurement], session: str, protocol: Protocol) -> None:
+    """Fill the measured rows, with speedups over unplaced and the session's best baseline
+    (no verdict over an unplaced the protocol could not measure: placer.choose)."""
     bound = results.bounds.get("lower_bound_ms")
     unplaced = measured.get(UNPLACED)
     baselines = {r.method: measured[r.method] for r in results.methods
@@ -139,4 +140,4 @@ def _fill(results: Results, measured: dict[str, Measurement], session: str) -> N
     heuristic = min(baselines.items(), key=lambda kv: kv[1].median_ms, default=None)
     for row in results.methods:
         if row.method in measured:
-            fill(row, measured[row.method], session, unplaced, heuristic, bound)
+            fill(row, measured[row.method], session, unplaced, heuristic, bound, protocol)
