@@ -62,14 +62,13 @@ import torch
 
 from _record import host_info, host_lines, record  # this folder is on sys.path when run as a script
 from envs.calibrate import fit_calibration, load_calibration, save_calibration
-from graphs.bounds import cost_floor, lower_bound
 from graphs.devices import host_cores
 from graphs.errors import InfeasibleError
 from graphs.problem import Candidate, PlacementProblem, build_problem
 from placer.baselines import run_baselines
-from placer.optimize import microbatches_off
+from placer.optimize import bounds_of, microbatches_off
 from placer.rl import TrainConfig
-from placer.search import microbatch_options, overrides, run
+from placer.search import overrides, run
 from placer.search.exhaustive import LIMIT, optimum
 from placer.search.scorer import SimulatedScorer
 
@@ -176,11 +175,7 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
     calibration = calibration_for(name, problem, args)
     scorer = SimulatedScorer(problem, calibration)
     warm_name, warm, warm_ms = warm_start(problem, scorer)
-    kinds = [d.kind for d in problem.cluster.devices]
-    virtual = all(d.is_virtual_cpu for d in problem.cluster.devices)
-    floor = cost_floor(problem.groups, calibration and calibration.compute_scale)
-    bound = lower_bound(problem.groups, kinds, floor=floor,
-                        cores=host_cores() if virtual else None, microbatches=microbatch_options(problem))
+    bound_ms = bounds_of(problem, calibration)["lower_bound_ms"]  # the bound optimize's results.json gives
     exact = optimum(problem, scorer, limit=args.optimum_limit)
     if exact is not None:
         print(f"  {name:20s} optimum        {exact.ms:9.2f} ms of {exact.candidates} candidates", flush=True)
@@ -194,7 +189,7 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
     return {"name": name, "workload": spec, "devices": device_list, "groups": problem.n_groups,
             "calibrated": calibration is not None, "warm_start": {"method": warm_name, "ms": warm_ms,
                                                                  "candidate": [list(warm.placement), 1]},
-            "lower_bound_ms": bound.bound_ms,
+            "lower_bound_ms": bound_ms,
             "optimum": None if exact is None else {"ms": exact.ms, "candidates": exact.candidates, "candidate":
                                                     [list(exact.best.placement), exact.best.microbatches]},
             "measurable": measurable(problem), "microbatches_off": refusal,
