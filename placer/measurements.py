@@ -9,7 +9,7 @@ so that drift in the host's load and the position in a round hit all of them ali
 (order statistics, placer.runtime.timing.median_ci) is within `target` of the median
 (default +-3%); the session stops when every candidate has, or at `max_runs` steps
 each, or at the time cap (`cap_s` seconds a session, or `cap_per_candidate_s` times its
-candidates).
+candidates), or at a caller's time limit (a search's budget: `Measurer.limited`).
 
 The comparison (`compare`): the speedup of one measurement over another is the ratio
 of their medians, with a bootstrap confidence interval (seeded: the same times give
@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -100,15 +101,16 @@ class Protocol:
 
 
 def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time.perf_counter,
-                progress: Progress = quiet, stage: str = "measuring") -> list[Measurement]:
+                progress: Progress = quiet, stage: str = "measuring", limit_s: float | None = None) -> list[Measurement]:
     """Measure `trials` together under `protocol`, interleaved in alternating order.
 
     Every trial is opened (warmed up) first; those that cannot run are infeasible at
     once. Then rounds: each unsettled trial times one step, in the order of the list
     on even rounds and reversed on odd ones, until every trial is settled, or every
-    trial has its `min_runs` steps and the timed rounds have passed the protocol's
-    cap (`Protocol.session_cap_s`). Every trial is closed at the end, also on
-    Ctrl-C (which propagates).
+    trial has its `min_runs` steps and either the timed rounds have passed the
+    protocol's cap (`Protocol.session_cap_s`) or the whole session (opening included)
+    has passed `limit_s`. Every trial is closed at the end, also on Ctrl-C (which
+    propagates).
 
     Parameters
     ----------
@@ -116,11 +118,16 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
     protocol : targets and limits.
     clock : seconds, monotonic (a fake one in tests).
     progress : told Stage(stage, steps done, None) as rounds go.
+    limit_s : seconds the session may take, opening included (a search's budget left);
+        like the cap it stops the session only once every trial has min_runs steps, so
+        a session runs past it by at most its warm-up, min_runs steps and one round
+        of each trial; <= 0: min_runs steps each. None: the protocol's cap alone.
 
     Returns
     -------
     One Measurement per trial, in order.
     """
+    started = clock()
     try:
         for i, trial in enumerate(trials):
             progress(Stage(stage, i, len(trials), {"opening": trial.label}))
@@ -129,7 +136,10 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
         while True:
             live = [t for t in trials if not protocol.settled(t)]
             warm = all(t.failed is not None or len(t.times_ms) >= protocol.min_runs for t in trials)
-            if not live or (warm and clock() - begin > protocol.session_cap_s(len(trials))):
+            now = clock()
+            capped = now - begin > protocol.session_cap_s(len(trials)) or (limit_s is not None and
+                                                                           now - started >= limit_s)
+            if not live or (warm and capped):
                 break
             for trial in (live if round_ % 2 == 0 else live[::-1]):
                 trial.step()
@@ -305,7 +315,10 @@ class Measurer:
     knows to be infeasible are recorded without running; the rest in one interleaved
     session (or, with a `pool`, on its worker processes at once). `session` measures
     afresh, for the final choice, with `unplaced` among them when asked, and saved
-    plans beside them, each on its own devices (placer compare).
+    plans beside them, each on its own devices (placer compare). Sessions started
+    inside `with measurer.limited(seconds)` end by then, past min_runs steps (a
+    search's budget: run_session's limit_s); the pool's fixed-step measurements are
+    not limited.
 
     Parameters
     ----------
@@ -322,6 +335,17 @@ class Measurer:
         self.workload, self.problem, self.book, self.protocol = workload, problem, book, protocol
         self.pool, self.progress, self.clock = pool, progress, clock
         self.unplaced_problem = unplaced_problem(problem)
+        self.limit_s: float | None = None  # each session's time limit (run_session's limit_s): see `limited`
+
+    @contextmanager
+    def limited(self, limit_s: float | None) -> Iterator[None]:
+        """Sessions started in this block may take `limit_s` seconds (run_session's
+        limit_s: past it only to give each candidate min_runs steps); None: no limit."""
+        outer, self.limit_s = self.limit_s, limit_s
+        try:
+            yield
+        finally:
+            self.limit_s = outer
 
     def trial(self, candidate: Candidate | Plan | None, label: str) -> Trial:
         """A Trial of a candidate of the problem (on its cluster), of a saved Plan (on
@@ -374,7 +398,7 @@ class Measurer:
         if todo:
             trials = [self.trial(c, label) for c, label in todo.values()]
             try:
-                results = run_session(trials, self.protocol, self.clock, self.progress, stage)
+                results = run_session(trials, self.protocol, self.clock, self.progress, stage, self.limit_s)
             except KeyboardInterrupt:  # what was timed before it is kept
                 for (candidate, _), trial in zip(todo.values(), trials):
                     if trial.failed is not None or trial.times_ms:
@@ -397,7 +421,8 @@ class Measurer:
                 results[label] = known
             else:
                 runnable.append((label, self.trial(candidate, label)))
-        measured = run_session([t for _, t in runnable], self.protocol, self.clock, self.progress, stage)
+        measured = run_session([t for _, t in runnable], self.protocol, self.clock, self.progress, stage,
+                               self.limit_s)
         results.update((label, result) for (label, _), result in zip(runnable, measured))
         return {label: results[label] for label, _ in entries}
 

@@ -6,8 +6,9 @@ measurement book itself. It asks the Scorer:
 - `score(candidates)`: simulated step times (ms, inf when infeasible) under the
   current calibration; with reward "measure", measured medians instead (the paper's
   setting, every reward a real measurement);
-- `measure(candidates)`: measured medians (ms, None when infeasible), through the
-  measurement protocol and the book (placer.measurements.Measurer);
+- `measure(candidates, limit_s)`: measured medians (ms, None when infeasible), through the
+  measurement protocol and the book (placer.measurements.Measurer), in a session that
+  ends by `limit_s` seconds (the search's budget left) once each has min_runs steps;
 - `refit()`: recalibrate the simulator from every feasible measurement so far.
 
 It also keeps what makes the learning curve truthful: each refit, and each time the
@@ -80,11 +81,15 @@ class Scorer:
         results = [self.simulate(c) for c in candidates]
         return [r.step_ms if r.feasible else math.inf for r in results]
 
-    def measure(self, candidates: Sequence[Candidate | Sequence[int]]) -> list[float | None]:
+    def measure(self, candidates: Sequence[Candidate | Sequence[int]],
+                limit_s: float | None = None) -> list[float | None]:
         """Measured median step time of each candidate in ms (None when infeasible),
-        measuring together those the book lacks (Ctrl-C propagates, what was timed kept)."""
+        measuring together those the book lacks (Ctrl-C propagates, what was timed kept),
+        in a session of at most `limit_s` seconds past its min_runs steps
+        (Measurer.limited; None: the protocol's cap)."""
         batch = [as_candidate(c) for c in candidates]
-        results = self.measurer.measure(batch, stage="search: measuring")
+        with self.measurer.limited(limit_s):
+            results = self.measurer.measure(batch, stage="search: measuring")
         for candidate, result in zip(batch, results):
             self.measured[candidate] = result
             if result.feasible and (self._best is None or result.median_ms < self._best.median_ms):

@@ -46,10 +46,10 @@ class Scripted(Trial):
         return step, []
 
 
-def session(durations: dict, protocol: Protocol, **kwargs):
+def session(durations: dict, protocol: Protocol, limit_s=None, **kwargs):
     clock, log = FakeClock(), []
     trials = [Scripted(label, ms, clock, log, **kwargs) for label, ms in durations.items()]
-    results = run_session(trials, protocol, clock)
+    results = run_session(trials, protocol, clock, limit_s=limit_s)
     return dict(zip(durations, results)), log[len(durations):]  # the log without the warm-up steps
 
 
@@ -81,6 +81,29 @@ def test_the_time_cap_stops_a_session_but_only_after_min_runs():
     assert per.session_cap_s(2) == 10.0
     results, _ = session({"A": [1000.0, 3000.0], "B": [1000.0, 3000.0]}, per)
     assert [m.runs for m in results.values()] == [3, 3]  # rounds of 6, 2, 6 s: past 10 s after the third
+
+
+def test_a_session_limit_counts_from_the_opening_and_stops_only_after_min_runs():
+    # Steps of 1 s and 3 s in turn; opening warms each up with one 1 s step (2 s), then rounds of
+    # 6 s and 2 s: both have min_runs = 2 steps at 10 s. The cap alone would allow 100 steps.
+    slow = {"A": [1000.0, 3000.0], "B": [1000.0, 3000.0]}
+    protocol = Protocol(min_runs=2, max_runs=100, cap_s=1e9)
+    for limit_s, runs in ((3.0, 2), (0.0, 2), (-5.0, 2), (12.0, 3), (16.0, 3), (17.0, 4)):  # 16 s: a round ends there
+        results, _ = session(slow, protocol, limit_s)
+        assert [m.runs for m in results.values()] == [runs, runs], limit_s
+    assert [m.runs for m in session(slow, protocol)[0].values()] == [100, 100]
+
+
+def test_a_measurer_limits_the_sessions_started_in_its_limited_block():
+    problem = PlacementProblem(random_grouped_graph(6, seed=3), parse_cluster("cpu:0,cpu:1"))
+    clock = FakeClock()
+    measurer = Measurer(None, problem, MeasurementBook({}), Protocol(min_runs=2, max_runs=50, cap_s=1e9), clock=clock)
+    measurer.trial = lambda candidate, label: Scripted(label, [1000.0, 3000.0], clock, [])
+    first, second = Candidate((0,) * problem.n_groups), Candidate((1,) * problem.n_groups)
+    with measurer.limited(3.0):
+        (limited,) = measurer.measure([first])
+    (unlimited,) = measurer.measure([second])
+    assert limited.runs == 2 and unlimited.runs == 50 and measurer.limit_s is None
 
 
 def test_a_candidate_that_fails_is_infeasible_and_the_others_are_measured():

@@ -46,9 +46,9 @@ class MeasuringScorer(SimulatedScorer):
         super().__init__(problem, measure=measure_fn)
         self.calls, self.refit_sizes = [], []
 
-    def measure(self, candidates):
+    def measure(self, candidates, limit_s=None):
         self.calls += list(candidates)
-        return super().measure(candidates)
+        return super().measure(candidates, limit_s)
 
     def refit(self):
         self.refit_sizes.append(len(self.measured))
@@ -429,7 +429,7 @@ class PipelineToy:
         self.calls.append(list(candidates))
         return [100.0 if c.microbatches == 1 else 200.0 - 3.5 * sum(c.placement) for c in candidates]
 
-    def measure(self, candidates):
+    def measure(self, candidates, limit_s=None):
         raise AssertionError("a simulator-only search measures nothing")
 
     def refit(self):

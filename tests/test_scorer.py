@@ -3,6 +3,7 @@ measurements from the protocol's book, and each refit and best measurement is
 stamped onto the learning curve where it happened."""
 
 import math
+from contextlib import contextmanager
 
 import pytest
 
@@ -20,8 +21,13 @@ class FakeMeasurer:
     infeasible for placements on device 1 only; keeps what it measured in a book."""
 
     def __init__(self, problem: PlacementProblem, factor: float = 1.5):
-        self.problem, self.factor, self.book, self.calls = problem, factor, MeasurementBook({}), []
+        self.problem, self.factor, self.book, self.calls, self.limits = problem, factor, MeasurementBook({}), [], []
         self.sim = Simulator(problem)
+
+    @contextmanager
+    def limited(self, limit_s):
+        self.limits.append(limit_s)
+        yield
 
     def measure(self, candidates, labels=None, stage=""):
         self.calls.append(list(candidates))
@@ -61,9 +67,10 @@ def test_measure_returns_medians_and_none_for_infeasible(problem):
     scorer = Scorer(problem, measurer)
     ones = tuple([1] * problem.n_groups)
     zeros = tuple([0] * problem.n_groups)
-    result = scorer.measure([zeros, ones])
+    result = scorer.measure([zeros, ones], limit_s=7.0)
     assert result[0] == pytest.approx(Simulator(problem).simulate(zeros).step_ms * 1.5) and result[1] is None
     assert measurer.calls == [[Candidate(zeros), Candidate(ones)]]
+    assert measurer.limits == [7.0]  # the search's time left limits the session
 
 
 def test_reward_measure_scores_by_measurement(problem):

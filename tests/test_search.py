@@ -49,9 +49,9 @@ class Counting(SimulatedScorer):
         self.scored += len(candidates)
         return super().score(candidates)
 
-    def measure(self, candidates):
+    def measure(self, candidates, limit_s=None):
         self.measured_calls.append(list(candidates))
-        return super().measure(candidates)
+        return super().measure(candidates, limit_s)
 
     def refit(self):
         self.refit_calls += 1
@@ -222,15 +222,21 @@ class FakeTime:
 
 
 class TimedScorer(Counting):
-    """Counting, whose measurement session advances the fake clock by its known cost."""
+    """Counting, whose measurement session advances the fake clock by its cost: `measure_s`
+    per candidate (the first session; `later_s` per candidate after it), cut at the session's
+    limit as the protocol cuts it (placer.measurements.run_session): never below `floor_s` per
+    candidate (the warm-up and min_runs steps). Keeps each session's (start, limit)."""
 
-    def __init__(self, problem, time):
+    def __init__(self, problem, time, later_s=None, floor_s=None):
         super().__init__(problem)
-        self.time = time
+        self.time, self.later_s, self.floor_s, self.limits = time, later_s, floor_s, []
 
-    def measure(self, candidates):
-        self.time.now += self.time.measure_s * len(candidates)
-        return super().measure(candidates)
+    def measure(self, candidates, limit_s=None):
+        self.limits.append((self.time.now, limit_s))
+        per = self.later_s if self.later_s is not None and len(self.limits) > 1 else self.time.measure_s
+        cost, floor = per * len(candidates), (self.floor_s if self.floor_s is not None else per) * len(candidates)
+        self.time.now += cost if limit_s is None else min(cost, max(limit_s, floor))
+        return super().measure(candidates, limit_s)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -249,6 +255,27 @@ def test_a_time_budget_covers_the_closing_measurement(method, monkeypatch):
     # without the reserve the closing 3 s would end near 22 s
     assert time.now <= 20.0 + 0.25 and result.elapsed_s == time.now
     assert result.rounds >= 4  # the reserve held rounds back only near the end, not from the start
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_measurements_slower_than_predicted_are_cut_to_the_budget_and_still_measure_the_warm_start(method, monkeypatch):
+    # The first session costs 1 s a candidate; every later one would take 10 s a candidate (a loaded
+    # host; the user's 45 s round in a 60 s budget), but the protocol can stop one at its fewest steps
+    # (0.5 s a candidate) once its limit has passed.
+    time = FakeTime()
+    for module in ("placer.search.random_search", "placer.search.local_search", "placer.rl.trainer"):
+        monkeypatch.setattr(importlib.import_module(module), "Clock", time.clock)
+    problem = synthetic()
+    warm = best_heuristic(problem)
+    scorer = TimedScorer(problem, time, later_s=10.0, floor_s=0.5)
+    config = TrainConfig(**{**CONFIG.__dict__, "budget_s": 20.0, "max_samples": None, "measure_every": 2})
+    result = run(method, problem, scorer, config, warm)
+    assert Candidate(warm) in dict(result.measured)  # the closing round ran: the final choice needs it
+    # each limit is the budget left when the round began (a clock reading, 0.01 fake s, before the session)
+    assert all(limit is not None and start + limit <= 20.0 + time.tick for start, limit in scorer.limits)
+    # Uncut, the second session alone would end past 20 s (2 x 10 s). Cut, the search ends within the
+    # budget plus the closing round's fewest steps (3 candidates x 0.5 s) and the last round's compute.
+    assert len(scorer.limits) >= 2 and time.now <= 20.0 + 3 * 0.5 + 0.25 and result.elapsed_s == time.now
 
 
 def test_a_periodic_measurement_that_would_overrun_is_left_to_the_closing_round():

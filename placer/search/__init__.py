@@ -46,14 +46,17 @@ class Scorer(Protocol):
         (about a millisecond each); called for every sample.
     measure : measured median step time of each candidate through the measurement
         protocol, ms; None where infeasible (memory, a crash). Expensive; called only
-        for the few candidates a measurement round picks.
+        for the few candidates a measurement round picks, with `limit_s`, the seconds
+        the round may take (what the time budget leaves it; None: no budget): the
+        session stops by then once each candidate has the protocol's fewest steps
+        (<= 0: only those), so a slow host overruns the budget by at most that.
     refit : recalibrate `score` from every measurement made so far; called after each
         measurement round that measured something feasible, and on resume.
     """
 
     def score(self, candidates: Sequence[Candidate]) -> list[float]: ...
 
-    def measure(self, candidates: Sequence[Candidate]) -> list[float | None]: ...
+    def measure(self, candidates: Sequence[Candidate], limit_s: float | None = None) -> list[float | None]: ...
 
     def refit(self) -> None: ...
 

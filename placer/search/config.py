@@ -30,8 +30,10 @@ class SearchConfig:
     the rounds, the periodic measurements and the closing measurement. Rounds stop being started
     when the expected closing measurement (mean seconds per measured candidate so far times
     measure_top_k + 1, at most half the budget) would no longer fit; a periodic measurement that
-    would end past it is skipped. Estimates: the last round's own compute, or a slower-than-usual
-    measurement, can still run past it; None: no limit."""
+    would end past it is skipped, and every measurement session is limited to the time left
+    (Scorer.measure's limit_s), so a slower-than-usual measurement is cut short. What can still
+    run past the budget: the last round's own compute, and the protocol's fewest steps (warm-up
+    and min_runs) of each candidate the closing round measures; None: no limit."""
     max_samples: int | None = None
     """Candidates sampled (each scored once); None: no limit. Equal max_samples is how
     searches are compared."""

@@ -47,8 +47,10 @@ class SimulatedScorer:
             times.append(result.step_ms if result.feasible else math.inf)
         return times
 
-    def measure(self, candidates: Sequence[Candidate]) -> list[float | None]:
+    def measure(self, candidates: Sequence[Candidate], limit_s: float | None = None) -> list[float | None]:
         """Each candidate's measured step time through `measure`, ms; None where infeasible.
+        `limit_s` is not needed: a measure function is one call per candidate, not a
+        session that could be cut short.
 
         Raises RuntimeError when this scorer was made without a measure function."""
         if self._measure is None:

@@ -159,15 +159,17 @@ def round_size(state: SearchState, config: SearchConfig) -> int:
     return max(0, min(config.batch_size, config.max_samples - state.samples))
 
 
-def measure(state: SearchState, scorer: Scorer, candidates: Sequence[Candidate], clock: Callable[[], float]) -> bool:
-    """Measure `candidates`, keep their times (and the session's seconds by `clock`); when any
-    is feasible, refit the scorer to every measurement so far and re-score the kept candidates
-    under the new fit. Returns whether the scorer was refitted."""
+def measure(state: SearchState, scorer: Scorer, candidates: Sequence[Candidate], clock: Callable[[], float],
+            limit_s: float | None = None) -> bool:
+    """Measure `candidates` in a session of at most `limit_s` seconds (Scorer.measure), keep
+    their times (and the session's seconds by `clock`); when any is feasible, refit the scorer
+    to every measurement so far and re-score the kept candidates under the new fit. Returns
+    whether the scorer was refitted."""
     todo = [c for c in dict.fromkeys(candidates) if c not in state.measured]
     if not todo:
         return False
     started = clock()
-    times = scorer.measure(todo)
+    times = scorer.measure(todo, limit_s=limit_s)
     state.measure_s += clock() - started
     state.measure_n += len(todo)
     for c, ms in zip(todo, times):
@@ -189,25 +191,30 @@ def refit(state: SearchState, scorer: Scorer) -> bool:
 def measure_round(state: SearchState, scorer: Scorer, config: SearchConfig, clock: Callable[[], float]) -> bool:
     """The periodic measurement round: after every `measure_every` rounds, unless, at the mean
     cost so far, it would end past the time budget less the closing round's reserve (its
-    candidates fall to the closing round). Returns whether the scorer was refitted (scores
-    from before are stale then)."""
+    candidates fall to the closing round). Its session is limited to that time: a host
+    slower than the mean so far cuts it short (past the protocol's fewest steps) instead
+    of running into the closing round's reserve. Returns whether the scorer was refitted
+    (scores from before are stale then)."""
     if not config.measure_top_k or state.rounds % config.measure_every:
         return False
     todo = state.unmeasured_best(config.measure_top_k)
-    ends_s = clock() + state.measure_cost(len(todo)) + closing_reserve(state, config)
-    if config.budget_s is not None and ends_s > config.budget_s:
+    left_s = None if config.budget_s is None else config.budget_s - closing_reserve(state, config) - clock()
+    if left_s is not None and state.measure_cost(len(todo)) > left_s:
         return False
-    return measure(state, scorer, todo, clock)
+    return measure(state, scorer, todo, clock, left_s)
 
 
 def final_round(state: SearchState, scorer: Scorer, config: SearchConfig, warm_start: Candidate | None,
                 clock: Callable[[], float]) -> None:
     """The closing measurement round: the best unmeasured candidates and the warm start,
     once per sample count (a search resumed after it closed, with no budget left, measures
-    nothing; one given more budget samples more and closes again)."""
+    nothing; one given more budget samples more and closes again). It runs even when the
+    budget is spent (the final choice needs the warm start measured), limited to what the
+    budget leaves: at worst the protocol's fewest steps of each candidate past it."""
     if config.measure_top_k and state.closed_at != state.samples:
         final = state.unmeasured_best(config.measure_top_k)
-        measure(state, scorer, final + ([warm_start] if warm_start is not None else []), clock)
+        left_s = None if config.budget_s is None else config.budget_s - clock()
+        measure(state, scorer, final + ([warm_start] if warm_start is not None else []), clock, left_s)
     state.closed_at = state.samples
 
 
