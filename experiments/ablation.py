@@ -32,9 +32,12 @@ two sessions, as `placer optimize` chooses (a shortlist, then a confirm session)
 
 1. selection: every method measures its --measure-top-k best distinct simulated
    candidates of each seed (SearchResult.top: the same K for every method, an equal
-   measurement budget), all in one interleaved session (placer.measurements, CI of the
-   median) with the warm start and `unplaced`; identical candidates (same placement and
-   micro-batch count, across methods and seeds) are measured once and shared;
+   measurement budget) and the warm start, all in one interleaved session
+   (placer.measurements, CI of the median) with `unplaced`; identical candidates (same
+   placement and micro-batch count, across methods and seeds) are measured once and
+   shared. The warm start is in every method's pool because every search starts there
+   and `placer optimize`'s closing round always measures it: the product never
+   chooses, by measurement, a plan slower than the warm start;
 2. confirm: each method's fastest measured candidate of each seed, the warm start and
    `unplaced` in a fresh session (--confirm-cap-s). The verdicts come from it alone: the
    selection's minimum over K noisy measurements is biased low (the winner's curse).
@@ -212,6 +215,24 @@ def distinct(shortlists: dict[str, Sequence[Candidate]]) -> tuple[dict[str, Cand
     return {label: c for c, label in labels.items()}, owners
 
 
+def pools(entry: dict) -> dict[str, list[Candidate]]:
+    """What each method measures per seed: owner "METHOD/SEED" -> its best distinct simulated
+    candidates (the run's `top`) and then the warm start, unless among them; and owner
+    "warm_start" -> the warm start alone.
+
+    >>> pools({"warm_start": {"candidate": [[0, 0], 1]}, "runs": {"rl": [{"top": [[[0, 1], 2, 9.0]]}]}})["rl/0"]
+    [Candidate(placement=(0, 1), microbatches=2), Candidate(placement=(0, 0), microbatches=1)]
+    """
+    placement, microbatches = entry["warm_start"]["candidate"]
+    warm = Candidate(tuple(placement), microbatches)
+    shortlists = {"warm_start": [warm]}
+    for method, rows in entry["runs"].items():
+        for i, row in enumerate(rows):
+            top = [Candidate(tuple(p), m) for p, m, _ in row["top"]]
+            shortlists[f"{method}/{i}"] = top + ([warm] if warm not in top else [])
+    return shortlists
+
+
 def fastest(labels: Sequence[str], measured: dict) -> str | None:
     """The label of `labels` whose Measurement in `measured` (label -> Measurement) has the
     lowest feasible median; None when none is feasible."""
@@ -225,11 +246,7 @@ def measure(entry: dict, args: argparse.Namespace) -> None:
     from placer.measurements import UNPLACED, MeasurementBook, Measurer, Protocol, compare
 
     problem, workload = entry.pop("problem"), load_workload(entry["workload"])
-    shortlists = {"warm_start": [Candidate(tuple(entry["warm_start"]["candidate"][0]))]}
-    for method, rows in entry["runs"].items():
-        shortlists.update((f"{method}/{i}", [Candidate(tuple(p), m) for p, m, _ in row["top"]])
-                          for i, row in enumerate(rows))
-    candidates, owners = distinct(shortlists)
+    candidates, owners = distinct(pools(entry))
 
     def session(stage: str, cap_s: float, labels: Sequence[str]) -> dict:
         """A fresh interleaved session of unplaced and the candidates of `labels`: label -> Measurement."""
@@ -304,9 +321,11 @@ def measured_lines(results: dict) -> list[str]:
     if not measured:
         return []
     k = measured[0]["measured"]["top_k"]
-    lines = ["", f"## Measured: each method's fastest of its {k} best simulated candidates, confirmed", "",
-             f"Selection: every method's {k} best distinct simulated candidates of each seed, the warm start and "
-             "unplaced in one interleaved session (identical candidates measured once). Confirm: each method's "
+    lines = ["", f"## Measured: each method's fastest of its {k} best simulated candidates and the warm start, "
+             "confirmed", "",
+             f"Selection: every method's {k} best distinct simulated candidates of each seed and the warm start (in "
+             "every method's pool: each starts there, and placer optimize always measures it), with unplaced, in one "
+             "interleaved session (identical candidates measured once). Confirm: each method's "
              "fastest of them per seed, the warm start and unplaced in a fresh session; the medians and verdicts "
              "below are the confirm session's only.", "",
              "| problem | unplaced (ms) | warm start (ms) | " + " | ".join(results["methods"]) + " |",

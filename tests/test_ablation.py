@@ -92,3 +92,28 @@ def test_the_measured_ablation_selects_on_shared_measurements_and_judges_on_a_fr
                                                "problems": [entry]}))
     assert "| fake | 150.0 | 120.0 | 90.0, 90.0 | 100.0, 85.0 | 90.0, 120.0 |" in table
     assert "same candidate" in table and "0.944x" in table
+
+
+def test_every_method_s_pool_holds_the_warm_start_once(ablation):
+    entry = {"warm_start": {"candidate": [[0, 0], 1]},
+             "runs": {"rl": [run_row(A, WARM)], "local_search": [run_row(E, A)], "random_search": [run_row()]}}
+    assert ablation.pools(entry) == {"warm_start": [WARM], "rl/0": [A, WARM], "local_search/0": [E, A, WARM],
+                                     "random_search/0": [WARM]}
+    candidates, owners = ablation.distinct(ablation.pools(entry))
+    assert list(candidates.values()).count(WARM) == 1 and all(len(set(listed)) == len(listed) for listed in
+                                                             owners.values())
+
+
+def test_a_method_whose_candidates_all_measure_slower_confirms_the_warm_start(ablation, monkeypatch):
+    monkeypatch.setattr(placer.measurements, "Measurer", FakeMeasurer)
+    monkeypatch.setattr(graphs.workload, "load_workload", lambda spec: spec)
+    monkeypatch.setitem(MEDIANS["selection"], WARM, 70.0)  # faster, measured, than every search's candidate
+    monkeypatch.setitem(MEDIANS["confirm"], WARM, 70.0)
+    FakeMeasurer.sessions = []
+    entry = {"name": "fake", "workload": "fake.py", "problem": None, "warm_start": {"candidate": [[0, 0], 1]},
+             "runs": {"rl": [run_row(A, B)], "local_search": [run_row(C)], "random_search": [run_row(E)]}}
+    ablation.measure(entry, argparse.Namespace(cap_s=7.0, confirm_cap_s=9.0, measure_top_k=2, seeds=1))
+    labels = entry["measured"]["picks"]
+    assert {owner: entry["measured"]["candidates"][label] for owner, label in labels.items()} == {
+        owner: [[0, 0], 1] for owner in ("warm_start", "rl/0", "local_search/0", "random_search/0")}
+    assert entry["rl_vs"]["local_search"] == [{"speedup": 1.0, "ci": None, "verdict": "same candidate"}]
