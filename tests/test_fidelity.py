@@ -1,9 +1,12 @@
-"""experiments/fidelity.py's scoring: the noise ceiling, the sessions' anchors, the session
-share of the error, and scoring recorded measurements again (`--rescore`) with the
-current simulator on a synthetic problem whose true calibration is known."""
+"""experiments/fidelity.py: the candidates it draws, the one-session and sessions designs
+(with a fake measurer), its scoring (the noise ceiling, the sessions' anchors, the
+session share of the error, the near-optimal subset) and scoring recorded measurements
+again (`--rescore`) with the current simulator, on a synthetic problem whose true
+calibration is known."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import math
 from pathlib import Path
@@ -15,6 +18,7 @@ from envs.sim import Calibration, Simulator
 from graphs.devices import Link, parse_cluster
 from graphs.problem import PlacementProblem
 from graphs.synthetic import random_grouped_graph
+from placer.runtime.stats import Measurement
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TRUTH = Calibration({"cpu": 1.3}, {"cpu": Link(0.5e-3, 1e9)}, chunk_overhead_ms=0.2)
@@ -98,3 +102,76 @@ def test_rescoring_keeps_the_measurements_and_the_split(fidelity, monkeypatch):
     assert all(r["recorded_simulated_ms"] == 1.0 for r in model["rows"])  # what the run's simulator said
     assert model["after"]["median_abs_error"] < 0.02 and again["rescored"]
     assert "Scored again" in fidelity.markdown(again)
+
+
+def test_candidates_span_fractions_near_optimal_and_crossing_heavy_plans(fidelity):
+    """The fraction splits give the first device each share of the compute (within one
+    group's), contiguously; near-optimal and crossing-heavy candidates are among them."""
+    problem = synthetic()
+    chosen = fidelity.candidates(problem, 24, np.random.default_rng(0))
+    assert len(set(c for _, c in chosen)) == 24
+    assert {"baseline", "fraction", "near", "crossing", "random"} <= {kind for kind, _ in chosen}
+    compute = problem.costs.compute_ms[:, 0]
+    shares = []
+    for placement in (np.array(c.placement) for kind, c in chosen if kind == "fraction"):
+        assert np.all(np.diff(placement) >= 0)  # device 0's groups, then device 1's
+        shares.append(compute[placement == 0].sum() / compute.sum())
+    assert np.allclose(sorted(shares), fidelity.FRACTIONS, atol=compute.max() / compute.sum())
+
+
+def test_the_near_optimal_subset_is_the_judged_rows_within_near_of_the_fastest(fidelity):
+    rows = [{"measured_ms": ms, "calibrated_ms": ms * 1.01, "ci_ms": [ms - 1, ms + 1]}
+            for ms in (100.0, 104.0, 108.0, 109.0, 150.0, 200.0)]
+    near = fidelity.near_optimal(rows[1:], best_ms=100.0)  # the fastest itself was in the fit third
+    assert near["judged"] == 3 and near["spearman"] == pytest.approx(1.0)
+
+
+class FakeMeasurer:
+    """Measures every candidate at the true calibration's simulated time (CI +-1%),
+    recording each session's labels and time cap."""
+
+    sessions: list[tuple[list[str], float]] = []
+
+    def __init__(self, workload, problem, book, protocol):
+        self.truth, self.cap_s = Simulator(problem, TRUTH), protocol.cap_s
+
+    def session(self, entries, stage):
+        FakeMeasurer.sessions.append(([label for label, _ in entries], self.cap_s))
+        times = {label: self.truth.simulate(c.placement, c.microbatches).step_ms for label, c in entries}
+        return {label: Measurement(True, ms, ci_ms=(0.99 * ms, 1.01 * ms)) for label, ms in times.items()}
+
+
+@pytest.mark.parametrize("design, sessions, cap_s", [("one", [12], 6.0), ("sessions", [6, 6, 6], 2.0)])
+def test_one_session_measures_every_candidate_together_in_the_sessions_time(fidelity, monkeypatch, design,
+                                                                             sessions, cap_s):
+    """--design one: a single session of all 12 candidates, without anchors, capped at
+    the three sessions' time it replaces; --design sessions: three of four and two anchors."""
+    problem = synthetic()
+    monkeypatch.setattr(fidelity, "build_problem", lambda spec, devices, max_groups: problem)
+    monkeypatch.setattr(fidelity, "load_workload", lambda spec: None)
+    monkeypatch.setattr(fidelity, "microbatches_off", lambda workload, problem: None)
+    monkeypatch.setattr(fidelity, "Measurer", FakeMeasurer)
+    monkeypatch.setattr(FakeMeasurer, "sessions", [])
+    args = argparse.Namespace(size="small", devices="cpu:0,cpu:1", max_groups=256, seed=0, placements=12, session=4,
+                              target=0.03, cap_s=2.0, warmup=1, design=design, save=False)
+    model = fidelity.evaluate_model("mlp", args)
+    assert [len(labels) for labels, _ in FakeMeasurer.sessions] == sessions
+    assert {cap for _, cap in FakeMeasurer.sessions} == {cap_s}
+    assert len({r["session"] for r in model["rows"]}) == len(sessions)
+    assert model["after"]["spearman"] > 0.9 and model["near_optimal"]["judged"] >= 1
+
+
+def test_rescoring_can_scale_by_the_first_anchor_alone(fidelity, monkeypatch):
+    problem = synthetic()
+    monkeypatch.setattr(fidelity, "build_problem", lambda spec, devices, max_groups: problem)
+    rows = recorded_rows(problem, [0.0, 0.0, 0.0])
+    for r in rows:  # recorded scaled by some other anchor; raw is twice as slow in session 1
+        r.update(raw_ms=r["measured_ms"] * (2.0 if r["session"] == 1 else 1.0), raw_ci_ms=None)
+        r["measured_ms"] *= 1.5
+    results = {"host": {"date": "then"}, "devices": "cpu:0,cpu:1", "session": 4, "target": 0.03, "cap_s": 15.0,
+               "models": [{"workload": "synthetic", "groups": problem.n_groups, "placements": 12,
+                           "anchor_ms": [10.0, 20.0, 10.0], "rows": rows}]}
+    [model] = fidelity.rescore(results, "first")["models"]
+    truth = Simulator(problem, TRUTH)
+    assert all(r["measured_ms"] == pytest.approx(truth.simulate(r["placement"]).step_ms) for r in model["rows"])
+    assert fidelity.rescore(results, "none")["models"][0]["rows"][4]["measured_ms"] == pytest.approx(rows[4]["raw_ms"])
