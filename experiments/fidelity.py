@@ -2,28 +2,24 @@
 and which cost is wrong where it does not.
 
 For each zoo model on `--devices`: `--placements` candidates that span what a search
-sees (`candidates`: every baseline, contiguous splits at set shares of the compute,
-near-optimal, crossing-heavy, random, mixed, split and, where the model allows it,
-pipelined ones), all repaired to keep colocation and memory. Each is measured through
+sees (`candidates`), all repaired to keep colocation and memory, each measured through
 the measurement protocol (placer.measurements: interleaved rounds, CI of the median)
 on the dataflow runtime, and simulated. `--design one` (the default) measures all of
-a model's candidates in ONE interleaved session, with the timed rounds that its
-sessions of `--session` would have had (`--cap-s` per session): a drift of the host
-slows every candidate's steps of that time alike, so it cannot reorder them, and no
-anchor is needed. `--design sessions` (the runs recorded before 2026-12-01 06:00)
-measures sessions of `--session` shuffled candidates, each with two anchors (all on
-the first device; the simulator's fastest multi-device baseline) that scale its times
-to a common scale (`session_scale`). The calibration is fitted on a random third of
-the candidates and judged on the other two thirds, against the uncalibrated simulator
-on the same two thirds: Spearman rank correlation and median absolute percentage
-error, on the whole judged set and on the near-optimal subset (`near_optimal`).
-Targets (issue 16): Spearman >= 0.9 and median error <= 10%.
-
-Where the calibrated simulator still misses, `diagnose` says which cost is wrong: the
-correlation of the log error (measured / simulated) with what each candidate costs in
-crossings, chunks, devices busy at once and micro-batches, and the share of the error
-between sessions. `--rescore` scores a recorded run's measurements again with the
-current simulator (`--rescale`: how the sessions are put on one scale).
+a model's candidates in ONE interleaved session, each timed in every round, for the
+time its sessions of `--session` would have had (`--cap-s` each): a drift of the host
+slows every candidate alike, so it cannot reorder them, and no anchor is needed.
+`--design sessions` (the runs recorded before 2026-12-01 06:00) measures sessions of
+`--session` shuffled candidates, each with two anchors (all on the first device; the
+simulator's fastest multi-device baseline) that scale its times to a common scale
+(`session_scale`). The calibration is fitted on a random third of the candidates and
+judged on the other two thirds, against the uncalibrated simulator on the same two
+thirds: Spearman rank correlation and median absolute percentage error, on the whole
+judged set and on its near-optimal subset (`near_optimal`). Targets (issue 16):
+Spearman >= 0.9 and median error <= 10%. `diagnose` says which cost is wrong where
+the calibrated simulator misses: the correlation of the log error with each
+candidate's crossings, chunks, devices busy at once and micro-batches, and the share
+of the error between sessions. `--rescore` scores a recorded run's measurements again
+with the current simulator (`--rescale`: how its sessions are put on one scale).
 
     .venv/bin/python experiments/fidelity.py --size medium            # every zoo model, 36 candidates each
     .venv/bin/python experiments/fidelity.py --quick                  # nmt small, 6 candidates: a check it runs
@@ -31,13 +27,14 @@ current simulator (`--rescale`: how the sessions are put on one scale).
     flock /tmp/placer-heavy.lock .venv/bin/python experiments/fidelity.py --size medium --save
 
 Writes experiments/results/fidelity_{size}.{json,md} (fidelity_quick.* with --quick).
-All of a model's candidates are alive at once in the one-session design (each a
-fresh copy of the model with its optimizer state: about 3 GB for 36 medium models).
+One session holds all of a model's candidates at once (each a fresh copy of the model
+with its optimizer state: about 3 GB for 36 medium models).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -62,6 +59,7 @@ from placer.search import microbatch_options
 KINDS = ("baseline", "fraction", "near", "crossing", "random", "mixed", "split", "pipelined")
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)  # the first device's share of the compute in the "fraction" splits
 NEAR = 0.10  # the near-optimal subset: measured within this fraction of the fastest candidate
+EVERY_ROUND = 1e-9  # one session's CI target: none is this narrow, so a candidate's steps span the whole session
 
 
 def candidates(problem: PlacementProblem, count: int, rng: np.random.Generator) -> list[tuple[str, Candidate]]:
@@ -110,17 +108,13 @@ def candidates(problem: PlacementProblem, count: int, rng: np.random.Generator) 
         kind = kinds[(i - len(fixed)) % len(kinds)]
         return (kind, *makers[kind]())
 
-    attempts = 0
-    while len(chosen) < count and attempts < 50 * count:
-        kind, placement, m = draw(attempts)
-        attempts += 1
-        try:
+    for attempt in (a for a in range(50 * count) if len(chosen) < count):
+        kind, placement, m = draw(attempt)
+        with contextlib.suppress(InfeasibleError):
             candidate = Candidate(repair(problem, placement), m)
-        except InfeasibleError:
-            continue
-        if not problem.violations(candidate.placement, m):  # m micro-batches in flight need more memory
-            chosen.setdefault(candidate, kind)
-    return [(kind, c) for c, kind in list(chosen.items())[:count]]
+            if not problem.violations(candidate.placement, m):  # m micro-batches in flight need more memory
+                chosen.setdefault(candidate, kind)
+    return [(kind, c) for c, kind in chosen.items()]
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -195,7 +189,8 @@ def evaluate_model(name: str, args: argparse.Namespace) -> dict:
     chosen = [chosen[i] for i in rng.permutation(len(chosen))]  # no kind gathered in one session
     one = args.design == "one"
     blocks = math.ceil(len(chosen) / args.session)  # the sessions design's count: one session has their time
-    protocol = Protocol(target=args.target, cap_s=args.cap_s * (blocks if one else 1), warmup=args.warmup)
+    protocol = Protocol(target=EVERY_ROUND if one else args.target, cap_s=args.cap_s * (blocks if one else 1),
+                        warmup=args.warmup)
     measurer = Measurer(workload, problem, MeasurementBook({"fidelity": spec, "devices": args.devices}), protocol)
     anchors = {} if one else {"anchor": Candidate((0,) * problem.n_groups), "anchor2": spread_anchor(problem)}
     size = len(chosen) if one else args.session
@@ -337,23 +332,29 @@ def rescore(results: dict, rescale: str = "recorded") -> dict:
     return {**results, "models": models, "rescored": host_info()["date"], "rescale": rescale}
 
 
+def cell(value: float | None) -> str:
+    """A table cell of a number that JSON may have turned into None (NaN): "-"."""
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
 def markdown(results: dict) -> str:
     host = results["host"]
-    two = any(m.get("anchor2") for m in results["models"])
-    one = results.get("design") == "one"
     rescale = {"first": " Every session's times scaled by its one-device anchor alone (`--rescale first`).",
                "none": " The sessions' raw medians, unscaled (`--rescale none`)."}.get(results.get("rescale"), "")
     rescored = (f" Scored again ({results['rescored']}, `--rescore`) by the simulator and calibration fit of that "
                 f"date: same measurements, same split.{rescale}" if results.get("rescored") else "")
     anchors = ("two anchors (all on the first device, for one-device candidates; the simulator's fastest "
-               "multi-device baseline, for the others)" if two else "an anchor (all on the first device)")
+               "multi-device baseline, for the others)" if any(m.get("anchor2") for m in results["models"])
+               else "an anchor (all on the first device)")
+    design = (f"all of a model's candidates in one interleaved session, which the host's drift between sessions cannot "
+              f"reorder, each timed in every round, {results['cap_s']:.0f} s of timed rounds per {results['session']} "
+              "candidates" if results.get("design") == "one" else
+              f"interleaved sessions of {results['session']} candidates and {anchors}, by which every time is put on "
+              f"one scale, CI half-width target {100 * results['target']:.0f}%, at most {results['cap_s']:.0f} s of "
+              "timed rounds per session")
     lines = [f"# Simulator fidelity ({host['date']})", "",
-             f"Devices `{results['devices']}`; each candidate measured by the protocol ("
-             + ("all of a model's candidates in one interleaved session, which the host's drift between sessions "
-                f"cannot reorder, at most {results['cap_s']:.0f} s of timed rounds per {results['session']} candidates"
-                if one else f"interleaved sessions of {results['session']} candidates and {anchors}, by which every "
-                f"time is put on one scale, at most {results['cap_s']:.0f} s of timed rounds per session")
-             + f", CI half-width target {100 * results['target']:.0f}%). Calibration fitted on a random third of each "
+             f"Devices `{results['devices']}`; each candidate measured by the protocol ({design}). Calibration "
+             "fitted on a random third of each "
              "model's candidates; both columns judged on the other two thirds. Targets: Spearman >= 0.9, median "
              "error <= 10%. Noise ceiling: the Spearman a perfect simulator could expect against measurements "
              f"this noisy (`noise_ceiling`).{rescored}", "",
@@ -377,15 +378,15 @@ def markdown(results: dict) -> str:
     for m in results["models"]:
         span, near = m.get("span"), m.get("near_optimal")
         if span and near:
-            lines.append(f"| {m['workload']} | {span['measured']:.2f} | {span['simulated']:.2f} | {near['judged']} | "
-                         f"{near['spearman']:.2f} | {near['noise_ceiling']:.2f} |")
+            lines.append(f"| {m['workload']} | {cell(span['measured'])} | {cell(span['simulated'])} | {near['judged']} | "
+                         f"{cell(near['spearman'])} | {cell(near['noise_ceiling'])} |")
     counts = list(results["models"][0]["diagnosis"]) if results["models"] else []
     lines += ["", "What the calibrated simulator's remaining error follows (Spearman of log(measured / simulated) "
               "with each count, over the judged candidates; session_share: the share of its variance between "
               "measurement sessions, about (sessions - 1) / (candidates - 1) by chance):", "",
               "| model | " + " | ".join(counts) + " |", "| --- | " + " | ".join("---:" for _ in counts) + " |"]
     for m in results["models"]:
-        lines.append(f"| {m['workload']} | " + " | ".join("-" if m["diagnosis"][c] is None else f"{m['diagnosis'][c]:.2f}" for c in counts) + " |")
+        lines.append(f"| {m['workload']} | " + " | ".join(cell(m["diagnosis"][c]) for c in counts) + " |")
     return "\n".join(lines + ["", *host_lines(host)]) + "\n"
 
 
@@ -396,7 +397,7 @@ def main() -> None:
     parser.add_argument("--devices", default="cpu:0,cpu:1")
     parser.add_argument("--placements", type=int, default=36)
     parser.add_argument("--session", type=int, default=6, help="candidates measured together, interleaved")
-    parser.add_argument("--target", type=float, default=0.03, help="CI half-width target, relative")
+    parser.add_argument("--target", type=float, default=0.03, help="CI half-width target, relative (sessions)")
     parser.add_argument("--cap-s", type=float, default=60.0, help="seconds of timed rounds per session")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-groups", type=int, default=256)
