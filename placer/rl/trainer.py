@@ -61,13 +61,14 @@ from envs.reward import RewardRule, reference_ms
 from graphs.problem import Candidate, Placement, PlacementProblem
 from placer.rl.checkpoint import read_checkpoint, restore, save_checkpoint, save_policy
 from placer.rl.counts import Incumbents, best_for, draw_weights, learn, rescore
-from placer.rl.policy import MICROBATCH_CHOICES, Sample, Seq2SeqPolicy, microbatch_indices
+from placer.rl.policy import MICROBATCH_CHOICES, Seq2SeqPolicy, microbatch_indices
+from placer.rl.updates import advantage, ppo_update, reinforce_update
 from placer.search.config import SearchConfig, microbatch_options
 from placer.search.random_search import block_candidates, random_candidates
 from placer.search.state import (Clock, SearchResult, SearchState, as_candidate, budget_left, final_round,
                                  measure_round, refit, round_size)
 
-__all__ = ["TrainConfig", "train", "reward_rule", "reinforce_update", "ppo_update"]
+__all__ = ["TrainConfig", "train", "reward_rule"]
 
 ALGOS = ("reinforce", "ppo")
 
@@ -124,10 +125,16 @@ class TrainConfig(SearchConfig):
     """At most this many maximum-likelihood steps on the warm start."""
     imitation_lr: float = 3e-3
     """Adam's learning rate while imitating (apart from lr, so that lr=0 still imitates)."""
-    explore_groups: float = 3.0
+    explore_groups: float = 2.0
     """About how many groups a sample strays from the incumbent on: imitation and
     hold_exploration aim at a mean per-group probability of 1 - explore_groups / groups
-    (at least 0.5) for the incumbent, unless imitation_target is set."""
+    (at least 0.5) for the incumbent, unless imitation_target is set. With 3, RL stalled on
+    nmt@4 at 326.8-327.7 ms (simulated, 1,000 samples, 3 seeds) from 384-640 samples on,
+    behind random search on one seed, while single-group hill climbing from its best still
+    found 319.2: a sample that strays on 3 groups rarely beats an incumbent whose every
+    better neighbour is one move away. With 2: 319.5-321.8 there, and gpt@4, gpt@8,
+    transformer@4, mlp@4 as far ahead of local_search as with 3; with 1, one nmt seed
+    stalled at 328.4; falling from 3 (or 2) to 1 as the budget went lost a seed too."""
     imitation_target: float | None = None
     """Imitate the warm start (and hold the incumbent) at this mean per-group probability;
     None: from explore_groups. A sample that strays at one group tends to stray for a run
@@ -225,6 +232,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
                           f"goes on; a resume would start from an earlier checkpoint)", stacklevel=2)
 
     interrupted, times = False, None
+    goal = target(config, problem)  # the incumbent's mean per-group probability, held: about explore_groups strays
     try:
         # -- the reward rule (envs.reward), relative to the warm start
         rule = reward_rule(problem, scorer, config, warm_start, learner.reference_ms)
@@ -265,12 +273,12 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
                 advantages = advantage(rewards, learner, config, sample.microbatches)
                 update = reinforce_update if config.algo == "reinforce" else ppo_update
                 update(policy, optimizer, sample, advantages, config,
-                       [best_for(learner.incumbents, c.microbatches) for c in batch])
+                       [best_for(learner.incumbents, c.microbatches) for c in batch], goal)
 
             # -- hold exploration around the incumbent: no collapse onto one candidate
             incumbent = state.best_sim()[0]
             if config.hold_exploration and incumbent is not None:
-                policy.temperature = max(config.temperature, hold_temperature(policy, incumbent, target(config, problem)))
+                policy.temperature = max(config.temperature, hold_temperature(policy, incumbent, goal))
             learner.temperature = policy.temperature
 
             # -- measurement bookkeeping (placer.search.state)
@@ -365,86 +373,3 @@ def imitate(policy: Seq2SeqPolicy, candidates: Sequence[Candidate], config: Trai
         optimizer.zero_grad()
         (-logp.mean() / groups).backward()
         optimizer.step()
-
-
-def advantage(rewards: torch.Tensor, learner: Learner, config: TrainConfig,
-              groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Each sample's advantage [n]: above its group's top quantile only (risk-seeking), or
-    normalized within its group, or against the moving baseline (of the whole batch).
-    `groups` [n]: which samples compare with which (the micro-batch count they were drawn
-    for); None: the whole batch is one group. A group of one sample has advantage 0."""
-    if config.top_quantile is None and not config.normalize_advantages:
-        return _moving_baseline(rewards, learner, config)
-    groups = torch.zeros(len(rewards), dtype=torch.long) if groups is None else groups
-    advantages = torch.zeros_like(rewards)
-    for group in groups.unique():
-        members = groups == group
-        advantages[members] = _within(rewards[members], config)
-    return advantages
-
-
-def _within(rewards: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """Advantages [n] of one group's rewards [n]: above the top quantile, or normalized."""
-    if config.top_quantile is not None:
-        threshold = torch.quantile(rewards, config.top_quantile)
-        above = (rewards - threshold).clamp(min=0.0)
-        scale = above.max()
-        return above / scale if scale > 0 else above
-    centred = rewards - rewards.mean()
-    spread = float(rewards.std(unbiased=False)) if len(rewards) > 1 else 0.0
-    return centred / max(spread, config.advantage_floor, 1e-8)
-
-
-def _moving_baseline(rewards: torch.Tensor, learner: Learner, config: TrainConfig) -> torch.Tensor:
-    """Rewards less the moving average of past batch means (which this batch then updates)."""
-    if learner.baseline is None:
-        learner.baseline = float(rewards.mean())
-    advantages = rewards - learner.baseline
-    learner.baseline = config.baseline_decay * learner.baseline + (1 - config.baseline_decay) * float(rewards.mean())
-    return advantages
-
-
-def reinforce_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: Sample,
-                     advantages: torch.Tensor, config: TrainConfig, best: Sequence[Candidate | None] = ()) -> None:
-    """One step on the policy gradient, advantage * grad log p, plus the entropy bonus (and
-    the self-imitation term on `best`: per sample, the incumbent of its micro-batch count)."""
-    logp, entropy = policy.log_prob(sample.placements, sample.microbatches)
-    loss = -(advantages * logp).mean() - config.entropy_coef * entropy.mean() / policy.problem.n_groups
-    _step(optimizer, loss + _self_imitation(policy, best, config))
-
-
-def ppo_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: Sample,
-               advantages: torch.Tensor, config: TrainConfig, best: Sequence[Candidate | None] = ()) -> None:
-    """`ppo_epochs` steps on the clipped surrogate objective (Schulman et al. 2017), plus the
-    entropy bonus (and the self-imitation term on `best`: per sample, the incumbent of its
-    micro-batch count)."""
-    for _ in range(config.ppo_epochs):
-        logp, entropy = policy.log_prob(sample.placements, sample.microbatches)
-        ratio = torch.exp(logp - sample.logp)
-        clipped = torch.clamp(ratio, 1 - config.ppo_clip, 1 + config.ppo_clip)
-        objective = torch.min(ratio * advantages, clipped * advantages)
-        loss = -objective.mean() - config.entropy_coef * entropy.mean() / policy.problem.n_groups
-        _step(optimizer, loss + _self_imitation(policy, best, config))
-
-
-def _self_imitation(policy: Seq2SeqPolicy, best: Sequence[Candidate | None], config: TrainConfig) -> torch.Tensor:
-    """config.self_imitation times the mean over `best` (one incumbent per sample, None
-    where its count has none) of the per-group negative log-likelihood of each incumbent,
-    counting only those the policy gives less than the target per group (above it the
-    term is 0: the policy keeps sampling around the incumbent instead of collapsing onto it)."""
-    present = [c for c in best if c is not None]
-    if not present or config.self_imitation == 0:
-        return torch.zeros(())
-    unique = list(dict.fromkeys(present))
-    logp, _ = policy.log_prob(torch.tensor([c.placement for c in unique]),
-                              microbatch_indices([c.microbatches for c in unique]))
-    per_group = logp / policy.problem.n_groups
-    below = (per_group.detach().exp() < target(config, policy.problem)).float()
-    share = torch.tensor([present.count(c) / len(best) for c in unique])
-    return -config.self_imitation * (share * below * per_group).sum()
-
-
-def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
