@@ -101,7 +101,8 @@ class Protocol:
 
 
 def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time.perf_counter,
-                progress: Progress = quiet, stage: str = "measuring", limit_s: float | None = None) -> list[Measurement]:
+                progress: Progress = quiet, stage: str = "measuring",
+                limit_s: float | None = None) -> list[Measurement]:
     """Measure `trials` together under `protocol`, interleaved in alternating order.
 
     Every trial is opened (warmed up) first; those that cannot run are infeasible at
