@@ -132,9 +132,10 @@ class TrainConfig(SearchConfig):
     nmt@4 at 326.8-327.7 ms (simulated, 1,000 samples, 3 seeds) from 384-640 samples on,
     behind random search on one seed, while single-group hill climbing from its best still
     found 319.2: a sample that strays on 3 groups rarely beats an incumbent whose every
-    better neighbour is one move away. With 2: 319.5-321.8 there, and gpt@4, gpt@8,
-    transformer@4, mlp@4 as far ahead of local_search as with 3; with 1, one nmt seed
-    stalled at 328.4; falling from 3 (or 2) to 1 as the budget went lost a seed too."""
+    better neighbour is one move away. With 2: 319.5-321.8 there, and RL's mean best on
+    gpt@8, transformer@4 and mlp@4 3-5% lower, gpt@4's 0.7% higher, every seed ahead of
+    local_search and random search (experiments/results/ablation_clusters*.md); with 1, one
+    nmt seed stalled at 328.4; falling from 3 (or 2) to 1 as the budget went lost a seed too."""
     imitation_target: float | None = None
     """Imitate the warm start (and hold the incumbent) at this mean per-group probability;
     None: from explore_groups. A sample that strays at one group tends to stray for a run
