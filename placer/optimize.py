@@ -103,12 +103,14 @@ def baseline_rows(problem: PlacementProblem, names: Sequence[str], seed: int,
     return rows, candidates
 
 
-def bounds_of(problem: PlacementProblem, calibration: Calibration | None = None) -> dict:
+def bounds_of(problem: PlacementProblem, calibration: Calibration | None = None, *, on_host: bool = True) -> dict:
     """The problem's lower bound (graphs.bounds: costs floored by the profile's scale and
     the calibration, virtual CPUs limited by the host's cores, pipelining counted) as
-    results.json's `bounds`: critical_path_ms, work_ms, lower_bound_ms, microbatches."""
+    results.json's `bounds`: critical_path_ms, work_ms, lower_bound_ms, microbatches.
+    `on_host=False` bounds the devices as the simulator sees them, each with its own
+    cores: a larger cluster than the host's that is only simulated (experiments/ablation.py)."""
     kinds = [d.kind for d in problem.cluster.devices]
-    virtual = all(d.is_virtual_cpu for d in problem.cluster.devices)
+    virtual = on_host and all(d.is_virtual_cpu for d in problem.cluster.devices)
     scale = (calibration or Calibration.default(problem.cluster)).compute_scale
     bound = lower_bound(problem.groups, kinds, floor=cost_floor(problem.groups, scale),
                         cores=host_cores() if virtual else None, microbatches=microbatch_options(problem))
