@@ -34,6 +34,8 @@ class Measurement:
     peak_bytes : device name -> peak bytes held.
     reason : why it is infeasible.
     notes : things the user should know (e.g. the loss is NaN).
+    busy : {"load": 1-minute load average, "cores": the cores its steps ran on} when the
+        host was busy while it was timed (placer.runtime.timing.busy_host), else None.
     """
 
     feasible: bool
@@ -45,12 +47,14 @@ class Measurement:
     peak_bytes: dict[str, int] = field(default_factory=dict)
     reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    busy: dict | None = None
 
     def to_json(self) -> dict:
         """A dict of plain JSON values (ci_ms as a list)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["ci_ms"] = list(self.ci_ms) if self.ci_ms is not None else None
-        data.update(times_ms=list(self.times_ms), peak_bytes=dict(self.peak_bytes), notes=list(self.notes))
+        data.update(times_ms=list(self.times_ms), peak_bytes=dict(self.peak_bytes), notes=list(self.notes),
+                    busy=dict(self.busy) if self.busy is not None else None)
         return data
 
     @classmethod
@@ -82,7 +86,7 @@ class Measurement:
                    ci_ms=(float(ci[0]), float(ci[1])) if ci is not None else (median_ci(times) if times else None),
                    runs=int(data.get("runs") or len(times)), times_ms=times,
                    peak_bytes={str(k): int(v) for k, v in (data.get("peak_bytes") or {}).items()},
-                   notes=[str(n) for n in data.get("notes") or []])
+                   notes=[str(n) for n in data.get("notes") or []], busy=_busy(data.get("busy")))
 
     @property
     def ci_halfwidth(self) -> float | None:
@@ -90,6 +94,13 @@ class Measurement:
         if not self.feasible or self.ci_ms is None or not self.median_ms:
             return None
         return (self.ci_ms[1] - self.ci_ms[0]) / 2 / self.median_ms
+
+
+def _busy(value: object) -> dict | None:
+    """A saved `busy` field back ({"load", "cores"}); None for null or anything damaged."""
+    if not isinstance(value, Mapping) or _float_or_none(value.get("load")) is None:
+        return None
+    return {"load": float(value["load"]), "cores": int(value.get("cores") or 1)}
 
 
 def _float_or_none(value: object) -> float | None:

@@ -19,7 +19,9 @@ each device's peak memory too:
 Each step runs with the thread state its trial was made with (`_ThreadState`): the
 caller's intra-op thread count, and for the unplaced model every core of the process;
 both are restored after the step, also where the runtime left the caller pinned to a
-device's cores (a forward whose backward never ran).
+device's cores (a forward whose backward never ran). An unplaced model whose steps run
+intra-op threads records whether the host was busy when it was warmed up
+(`Measurement.busy`, from `busy_host`): placer.choose takes no verdict from it.
 
 A device over its memory cap, a real out-of-memory error, a plan the runtime refuses
 (placer.runtime.refusals.Refused: micro-batches that would change the model), or a
@@ -34,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 
 import torch
 
@@ -46,10 +49,25 @@ from placer.runtime.refusals import Refused
 from placer.runtime.stats import CONFIDENCE, Measurement, median_ci, summarize
 
 __all__ = ["Measurement", "median_ci", "summarize", "time_steps", "StepTimeout", "Trial", "PlacedTrial",
-           "EagerTrial", "run_trial", "measure", "measure_placement", "measure_eager", "CONFIDENCE", "Clock"]
+           "EagerTrial", "run_trial", "measure", "measure_placement", "measure_eager", "CONFIDENCE", "Clock",
+           "load_average", "busy_host"]
 
 
 Clock = Callable[[], float]  # seconds, monotonic (time.perf_counter; a fake one in tests)
+
+
+def load_average() -> float | None:
+    """The host's 1-minute load average (runnable processes), None where the OS cannot say."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def busy_host(cores: int) -> dict | None:
+    """{"load", "cores"} when the host is too busy to time a step that runs intra-op
+    threads on `cores` cores (its load average above cores + 1: the timing process
+    adds up to about one), else None. OpenMP teams stall while other processes hold
+    their cores: such a step can take 10-100x its idle time (placer.choose rule 7)."""
+    load = load_average()
+    return {"load": round(load, 2), "cores": cores} if load is not None and load > cores + 1 else None
 
 
 class StepTimeout(Exception):
@@ -122,6 +140,7 @@ class Trial:
         self.peak_bytes: dict[str, int] = {}
         self.notes: list[str] = []
         self.failed: Measurement | None = None
+        self.busy: dict | None = None  # busy_host's finding, for a trial whose threads a busy host stalls
         self._step: Callable[[], torch.Tensor] | None = None
         self._sync: list[str] = []
 
@@ -177,7 +196,7 @@ class Trial:
             return self.failed
         if not self.times_ms:
             return Measurement(feasible=False, peak_bytes=dict(self.peak_bytes), reason="no step was timed")
-        return summarize(self.times_ms, self.peak_bytes, self.notes, confidence)
+        return replace(summarize(self.times_ms, self.peak_bytes, self.notes, confidence), busy=self.busy)
 
     def close(self) -> None:
         """Free the model (and its device workers); the Measurement stays available."""
@@ -314,13 +333,13 @@ class EagerTrial(Trial):
     def _after_warmup(self) -> None:
         if self.device.type == "cuda":
             self.peak_bytes[str(self.device)] = int(torch.cuda.max_memory_allocated(self.device))
-        elif (self.threads or torch.get_num_threads()) > 1 and hasattr(os, "getloadavg"):
-            load, cores = os.getloadavg()[0], len(self.cores) or 1
-            if load > cores + 1:  # this process adds up to about one
-                self.notes.append(f"{self.label}: the host is busy (load average {load:.1f} on {cores} cores): "
-                                  f"torch's intra-op threads wait for each other at every parallel op, so with "
-                                  f"other processes on their cores a step can take 10-100x longer than on an "
-                                  f"idle host; measure on an idle host")
+        elif (self.threads or torch.get_num_threads()) > 1:
+            self.busy = busy_host(len(self.cores) or 1)
+            if self.busy is not None:
+                self.notes.append(f"{self.label}: the host was busy while it was timed (load average above its "
+                                  f"{self.busy['cores']} cores): torch's intra-op threads wait for each other at "
+                                  f"every parallel op, so with other processes on their cores a step can take "
+                                  f"10-100x longer than on an idle host; measure on an idle host")
 
     def _around_step(self) -> AbstractContextManager:
         return _ThreadState(self.threads if self.device.type == "cpu" else None, self.cores)
