@@ -16,9 +16,10 @@ gathered into one batch, and the backward runs every micro-batch's backward
 (microbatch.py says what is refused and why the gradients are the full batch's).
 
 The calling thread is itself the worker of one CPU device whose thread count it
-already has (a lone `cpu:0`, typically): no hand-off, and no second OpenMP team
-competing for the same cores. When autograd calls PlacedGraph.backward on a CUDA
-device's thread, that device's chunks run there instead (see Executor.backward).
+has: no hand-off, no second OpenMP team competing for the same cores. Building an
+executor gives the caller its CPU devices' count (worker.caller_threads), the one a
+plan is measured with (placer.runtime.timing). When autograd calls
+PlacedGraph.backward on a CUDA device's thread, that device's chunks run there.
 
 Grad mode and autocast are per thread: each chunk's forward runs with the caller's
 (`torch.autocast` around a placed forward reaches every worker; worker.Autocast).
@@ -44,7 +45,8 @@ from placer.runtime.placed_graph import Call, PlacedGraph
 from placer.runtime.refusals import checked_layout, refuse_static
 from placer.runtime.step_state import ChunkEvent, ChunkState, StepState, record_run
 from placer.runtime.values import SavedBytes, add_grads, count_saved, map_tensors, move, receive, run_backward
-from placer.runtime.worker import NOTHING, Autocast, CallerPin, Worker, core_shares, grad_mode
+from placer.runtime.worker import (NOTHING, Autocast, CallerPin, Worker, caller_threads, core_shares, grad_mode,
+                                   own_threads)
 
 __all__ = ["Executor", "ChunkEvent", "ExecutionError"]
 
@@ -138,9 +140,11 @@ class Executor:
                    microbatch_statistics=microbatch_statistics, source=source)
 
     def _start(self) -> None:
+        own = torch.get_num_threads()  # copied before the workers set the process-wide count (worker.py)
         used = {c.device for c in self.chunks}
         shares = core_shares(list(self.devices.values())) if self.pin else {}
         self.workers = {name: Worker(d, shares.get(name, ())) for name, d in self.devices.items() if name in used}
+        own_threads(caller_threads(self.devices.values()) or own)
         self._chunk_workers = [self.workers[c.device] for c in self.chunks]
         self._host_only = all(w.stream is None for w in self.workers.values())
         # Per chunk and output: (its consumers, each with whether its gradients arrive on
@@ -404,9 +408,7 @@ class Executor:
 
     def _caller_device(self) -> str | None:
         """A CPU device whose chunks the calling thread runs itself, saving the hand-off
-        to a worker: one whose thread count the caller already has (a lone `cpu` or
-        `cpu:0`, typically). Its OpenMP team is then the caller's own, rather than a
-        second team that competes with it for the same cores."""
+        to a worker: the first whose thread count the caller has (module doc)."""
         threads = torch.get_num_threads()
         return next((name for name, w in self.workers.items() if w.device.kind == "cpu" and w.device.threads == threads),
                     None)

@@ -219,6 +219,16 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
     `microbatches`, split along its `batch_dims` (0 for inputs it does not name), and
     with `microbatch_statistics` accepts batch statistics per micro-batch.
 
+    Threads: apply leaves the calling thread with the intra-op thread count the plan
+    is measured with (placer.runtime.timing; worker.caller_threads): that of the
+    plan's CPU devices, e.g. 1 for cpu:0,cpu:1 on 2 cores, set once every device's
+    worker has set its own. The caller runs the loss and the optimizer step and serves
+    one CPU device itself; with the host's count its OpenMP team would spin against the
+    workers (steps 10-40x slower). A plan whose one device is the whole host `cpu` (the
+    model unplaced), or that has no CPU device, keeps the caller's count. Either way the
+    process-wide count (which threads that have not run torch yet copy) ends equal to the
+    caller's. `torch.set_num_threads(n)` after apply undoes it; the workers keep theirs.
+
     Parameters
     ----------
     model : the model the plan was made for (same architecture: checked by fingerprint).

@@ -47,6 +47,7 @@ from placer.plan import Plan, make_plan, with_workload_options
 from placer.runtime.placed import PlacedModule, apply
 from placer.runtime.refusals import Refused
 from placer.runtime.stats import CONFIDENCE, Measurement, median_ci, summarize
+from placer.runtime.worker import caller_threads
 
 __all__ = ["Measurement", "median_ci", "summarize", "time_steps", "StepTimeout", "Trial", "PlacedTrial",
            "EagerTrial", "run_trial", "measure", "measure_placement", "measure_eager", "CONFIDENCE", "Clock",
@@ -273,12 +274,14 @@ class PlacedTrial(Trial):
         self.workload, self.plan = workload, plan
         self.cluster = cluster or parse_cluster(",".join(plan.devices))
         self.placed: PlacedModule | None = None
-        # The caller runs the loss and a CPU optimizer step, and serves a CPU device itself when
-        # its thread count matches that device's (placer.runtime.executor): give it the devices'.
-        self.threads = next((d.threads for d in self.cluster.devices if d.kind == "cpu"), None)
+        # Each step runs with the thread count placer.apply gives the user's caller (one rule:
+        # worker.caller_threads); apply sets it, and the trial gives the process its own back after.
+        self.threads = caller_threads(self.cluster.devices)
 
     def _build(self) -> tuple[Callable[[], torch.Tensor], list[str]]:
-        self.placed = apply(self.workload.fresh_model(), with_workload_options(self.plan, self.workload), self.cluster)
+        with _ThreadState(None):
+            self.placed = apply(self.workload.fresh_model(), with_workload_options(self.plan, self.workload),
+                                self.cluster)
         self.optimizer = self.workload.make_optimizer(self.placed.parameters())
         cuda = [d for d in self.cluster.devices if d.kind == "cuda"]
         for d in cuda:

@@ -4,7 +4,17 @@ CPU workers set their own intra-op thread count (per thread in torch), so virtua
 CPU devices each get their share of the host's cores, and on Linux they pin
 themselves to that share (os.sched_setaffinity on the thread's native id; the
 OpenMP team a thread starts later inherits it). CUDA workers run on their own
-stream.
+stream. A worker is started once it has done so (`Worker` returns then).
+
+Thread counts: ATen keeps one process-wide intra-op count, which
+torch.set_num_threads sets along with the calling thread's own, and which a thread
+copies as its own when it first needs one (its first parallel op, or
+torch.get_num_threads()). So a thread that never ran torch takes whatever count the
+last torch.set_num_threads of any thread left, and a thread that set its own before
+copying takes the process-wide count at its first op: `own_threads` copies first.
+The caller runs a placed model with `caller_threads(devices)`, the executor sets it
+once its workers have started, and measurement (placer.runtime.timing) runs each
+step with the same count.
 
 A worker takes (key, owner, task) items from its `ReadyQueue`, the lowest key of
 those that have arrived first, and calls `owner.run(worker, task)`: a pass of the
@@ -33,7 +43,8 @@ import torch
 
 from graphs.devices import Device
 
-__all__ = ["Worker", "ReadyQueue", "CallerPin", "Autocast", "grad_mode", "core_shares", "NOTHING", "CLOSE_WAIT_S"]
+__all__ = ["Worker", "ReadyQueue", "CallerPin", "Autocast", "grad_mode", "core_shares", "caller_threads", "own_threads",
+           "NOTHING", "CLOSE_WAIT_S"]
 
 CLOSE_WAIT_S = 60.0  # how long close() waits for a worker still running a chunk
 NOTHING = nullcontext()  # stateless, so one serves every thread
@@ -61,6 +72,28 @@ def core_shares(devices: Sequence[Device]) -> dict[str, tuple[int, ...]]:
         shares[d.name] = tuple(cores[start:start + d.threads])
         start += d.threads
     return shares
+
+
+def caller_threads(devices: Iterable[Device]) -> int | None:
+    """The intra-op thread count the calling thread runs a placed model with: that of
+    its CPU devices (the first one's; `cpu:k` each have their share of the cores), so
+    that the caller, which runs the loss and the optimizer step and serves one CPU
+    device itself (executor._caller_device), is one more thread of that size rather
+    than a team of the host's size spinning against the workers. None (keep the
+    caller's own) for the model unplaced, whose one device is the whole host `cpu`,
+    and where no CPU device is local (GPUs, other ranks' devices)."""
+    local = [d for d in devices if d.rank is None]
+    if len(local) == 1 and local[0].kind == "cpu" and not local[0].is_virtual_cpu:
+        return None
+    return next((d.threads for d in local if d.kind == "cpu"), None)
+
+
+def own_threads(n: int) -> None:
+    """Give the calling thread `n` intra-op threads for good (torch.set_num_threads
+    after its own count is made: see the module doc). Sets the process-wide count to
+    `n` too, which threads that have not run torch yet will copy."""
+    torch.get_num_threads()  # makes the thread's own count, from the process-wide one, before setting it
+    torch.set_num_threads(n)
 
 
 @dataclass(frozen=True)
@@ -153,7 +186,9 @@ class ReadyQueue:
 
 
 class Worker:
-    """A daemon thread that runs one device's ready work, best key first (ReadyQueue)."""
+    """A daemon thread that runs one device's ready work, best key first (ReadyQueue).
+    Returns once the thread has pinned itself and set its thread count (or CUDA device),
+    so that nothing it does to the process-wide thread count comes after."""
 
     def __init__(self, device: Device, cores: Sequence[int] = ()):
         self.device = device
@@ -161,16 +196,21 @@ class Worker:
         self.torch_device = torch.device(device.torch_device)
         self.stream = torch.cuda.Stream(self.torch_device) if device.kind == "cuda" else None
         self.queue = ReadyQueue()
-        self._thread = threading.Thread(target=self._loop, name=f"placer-{device.name}", daemon=True)
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(started,), name=f"placer-{device.name}", daemon=True)
         self._thread.start()
+        started.wait()
 
-    def _loop(self) -> None:
-        if self.cores:
-            os.sched_setaffinity(threading.get_native_id(), self.cores)
-        if self.device.kind == "cpu":
-            torch.set_num_threads(self.device.threads)
-        else:
-            torch.cuda.set_device(self.torch_device)
+    def _loop(self, started: threading.Event) -> None:
+        try:
+            if self.cores:
+                os.sched_setaffinity(threading.get_native_id(), self.cores)
+            if self.device.kind == "cpu":
+                own_threads(self.device.threads)
+            else:
+                torch.cuda.set_device(self.torch_device)
+        finally:
+            started.set()
         while (item := self.queue.get()) is not None:
             _, owner, task = item
             owner.run(self, task)
