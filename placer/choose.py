@@ -29,7 +29,16 @@ The rules (issue 14, DESIGN.md "Measuring"):
    is chosen against it. A session cut at min_runs by its cap asked for no precision.
 6. One verdict per plan: rows of the same candidate (placement and micro-batches)
    all carry the measurement of the most authoritative session that measured it
-   (`share_measurements`).
+   (`share_measurements`). Only rows of the session that measured unplaced last keep
+   their ratios (`settle_ratios`): another session's compare with an unplaced median
+   shown nowhere.
+7. An unplaced measurement taken on a busy host is no reference either (the same path
+   as rule 5): its steps run torch's intra-op threads on every core, and OpenMP teams
+   stall while other processes hold their cores, so it can take 10-100x its idle
+   time while a one-core plan does not (`Measurement.busy`: the load average above
+   the cores, placer.runtime.timing.busy_host). A ratio over it would be a thread
+   effect of that minute, not a placement's: measure on an idle host, then --resume
+   (the final and confirm sessions measure unplaced afresh).
 """
 
 from __future__ import annotations
@@ -39,11 +48,11 @@ from dataclasses import replace
 
 from graphs.problem import PlacementProblem
 from placer.measurements import UNPLACED, Protocol, compare
-from placer.results import SESSIONS, Choice, MethodResult, method_name
+from placer.results import SESSIONS, Choice, MethodResult, Results, method_name
 from placer.runtime.timing import Measurement
 
 __all__ = ["simplicity", "pick", "fill", "verdict_choice", "unmeasured", "plan_key", "share_measurements",
-           "UNMEASURED_FACTOR"]
+           "current", "settle_ratios", "UNMEASURED_FACTOR"]
 
 _KIND_ORDER = {"unplaced": 0, "baseline": 1, "search": 2, "rl": 3}
 UNMEASURED_FACTOR = 10  # unplaced's CI half-width beyond this many times the protocol's target: no reference
@@ -75,13 +84,14 @@ def pick(rows: Sequence[MethodResult], measured: Mapping[str, Measurement],
     (rule 2), by their measurements in `measured` (method -> Measurement of one
     session); None when none is feasible. When the fastest is measurably faster than
     `measured["unplaced"]`, only rows measurably faster than it too are eligible (rule
-    3). An unplaced the `protocol` could not measure (rule 5) is no candidate and
-    no reference here beside a feasible plan: the confirm session judges the pick.
+    3). An unplaced the `protocol` could not measure (rule 5), or timed on a busy host
+    (rule 7), is no candidate and no reference here beside a feasible plan: the
+    confirm session judges the pick.
     `problem`: as `simplicity` reads it."""
     feasible = [r for r in rows if measured.get(r.method) is not None and measured[r.method].feasible]
     unplaced = measured.get(UNPLACED)
     placed = [r for r in feasible if r.kind != "unplaced"]
-    if unplaced is not None and placed and _too_wide(unplaced.ci_halfwidth, unplaced.runs, protocol):
+    if unplaced is not None and placed and _no_reference_in(unplaced, protocol):
         feasible, unplaced = placed, None
     if not feasible:
         return None
@@ -105,12 +115,18 @@ def _too_wide(halfwidth: float | None, runs: int, protocol: Protocol | None) -> 
             and halfwidth > UNMEASURED_FACTOR * protocol.target)
 
 
+def _no_reference_in(unplaced: Measurement, protocol: Protocol | None) -> bool:
+    """Rules 5 and 7: an unplaced measurement the protocol could not narrow, or timed on a busy host."""
+    return unplaced.busy is not None or _too_wide(unplaced.ci_halfwidth, unplaced.runs, protocol)
+
+
 def fill(row: MethodResult, measurement: Measurement, session: str, unplaced: Measurement | None,
          heuristic: tuple[str, Measurement] | None, bound_ms: float | None,
          protocol: Protocol | None = None) -> None:
     """Write a measurement into a row, with its speedups over `unplaced` and over the
     best heuristic (name, measurement) measured in the same session. A ratio over an
-    `unplaced` that the `protocol` could not measure (rule 5) has the verdict "unmeasured"."""
+    `unplaced` that the `protocol` could not measure (rule 5) or that was timed on a busy
+    host (rule 7) has the verdict "unmeasured"."""
     row.session = session
     row.feasible = measurement.feasible
     row.reason = measurement.reason
@@ -120,9 +136,10 @@ def fill(row: MethodResult, measurement: Measurement, session: str, unplaced: Me
     row.ci_ms = measurement.ci_ms if measurement.feasible else None
     row.iqr_ms = measurement.iqr_ms if measurement.feasible else None
     row.runs = measurement.runs
+    row.busy = dict(measurement.busy) if measurement.busy is not None else None
     row.ratio_to_lower_bound = (row.measured_ms / bound_ms if row.measured_ms is not None and bound_ms else None)
     row.vs_unplaced = None if unplaced is None or row.kind == "unplaced" else compare(measurement, unplaced, UNPLACED)
-    if row.vs_unplaced is not None and _too_wide(unplaced.ci_halfwidth, unplaced.runs, protocol):
+    if row.vs_unplaced is not None and _no_reference_in(unplaced, protocol):
         row.vs_unplaced = replace(row.vs_unplaced, verdict="unmeasured")
     row.vs_best_heuristic = None
     if heuristic is not None and heuristic[0] != row.method and row.kind != "unplaced":
@@ -130,11 +147,17 @@ def fill(row: MethodResult, measurement: Measurement, session: str, unplaced: Me
 
 
 def unmeasured(unplaced: MethodResult | None, protocol: Protocol | None) -> str | None:
-    """Why the `unplaced` row cannot serve as the reference (rule 5: more than min_runs
-    steps and a CI half-width more than UNMEASURED_FACTOR times the `protocol`'s
-    target), or None when it can (or is not measured, or `protocol` is None)."""
+    """Why the `unplaced` row cannot serve as the reference (rule 7: timed on a busy
+    host; rule 5: more than min_runs steps and a CI half-width more than
+    UNMEASURED_FACTOR times the `protocol`'s target), or None when it can (or is not
+    measured; rule 5 also when `protocol` is None)."""
     if unplaced is None or not unplaced.measured or unplaced.ci_ms is None or not unplaced.measured_ms:
         return None
+    if unplaced.busy is not None:
+        return (f"the host was busy (load {unplaced.busy['load']:.1f} on {unplaced.busy['cores']} cores) while "
+                f"unplaced ran in the {unplaced.session} session ({unplaced.measured_ms:.2f} ms): torch's intra-op "
+                f"threads stall while other processes hold their cores, so a speedup over it is that minute's "
+                f"thread effect, not a placement's, and no verdict")
     low, high = unplaced.ci_ms
     half = (high - low) / 2 / unplaced.measured_ms
     if not _too_wide(half, unplaced.runs, protocol):
@@ -150,6 +173,26 @@ def plan_key(row: MethodResult) -> tuple | None:
     if row.kind == "unplaced" or row.placement is None:
         return None
     return tuple(row.devices), tuple(row.placement), row.microbatches
+
+
+def current(results: Results, row: MethodResult) -> bool:
+    """Whether `row` was measured in the session that measured unplaced last, the only
+    session whose ratios are verdicts (unplaced itself, and every row where unplaced
+    has no session, count as current)."""
+    unplaced = results.unplaced
+    return row.kind == "unplaced" or unplaced is None or unplaced.session is None or row.session == unplaced.session
+
+
+def settle_ratios(results: Results) -> None:
+    """Keep only the ratios that are verdicts (rule 6): a row measured in another session
+    than unplaced's last loses both (they compare with unplaced as that session found
+    it, a median shown nowhere, and contradict the ms column); when the choice has no
+    verdict (rules 5, 7), neither has any ratio over unplaced."""
+    for row in results.methods:
+        if not current(results, row):
+            row.vs_unplaced = row.vs_best_heuristic = None
+        elif results.choice.verdict == "unmeasured" and row.vs_unplaced is not None:
+            row.vs_unplaced = replace(row.vs_unplaced, verdict="unmeasured")
 
 
 def share_measurements(rows: Sequence[MethodResult]) -> None:
@@ -180,8 +223,9 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
     that the heuristic is faster instead of claiming the winner. Unconfirmed choices
     (interrupted before the final sessions) say so. `writes_plan`: the run writes
     plan.json (optimize), and the headline says what it holds when unplaced wins.
-    An `unplaced` that the `protocol` could not measure (rule 5) chooses
-    no plan (verdict "unmeasured", method None, the winner its contender)."""
+    An `unplaced` that the `protocol` could not measure (rule 5), or timed on a busy
+    host (rule 7), chooses no plan (verdict "unmeasured", method None, the winner its
+    contender)."""
     beaten = winner.vs_best_heuristic if confirmed and winner is not None and winner.kind != "unplaced" else None
     if beaten is None or beaten.verdict != "slower":
         return _judged(winner, unplaced, session, shortlist, unplaced_device, confirmed, writes_plan, protocol)
@@ -205,8 +249,9 @@ def _judged(winner: MethodResult | None, unplaced: MethodResult | None, session:
 
     ratio = winner.vs_unplaced if winner is not None else None
     heuristic = winner.vs_best_heuristic if winner is not None else None
-    vs_heuristic = (f"; {heuristic.describe()} the best heuristic ({method_name(heuristic.reference)})"
-                    if heuristic is not None else "")
+    vs_heuristic = "" if heuristic is None else f"; {heuristic.describe()} " + (
+        f"the best heuristic ({method_name(heuristic.reference)})" if winner.kind != "baseline" else
+        f"{method_name(heuristic.reference)}, the heuristic measured fastest before the final session")
     if winner is None:
         return Choice(None, "none", "No placement could be measured.", None, session, list(shortlist))
     if (reason := unmeasured(unplaced, protocol)) is not None:
@@ -240,13 +285,11 @@ def _no_reference(winner: MethodResult, reason: str, session: str | None, shortl
                   confirmed: bool, writes_plan: bool) -> Choice:
     """The Choice of no plan when unplaced could not be measured (rule 5): why, and what to do."""
     start = "No verdict: " if confirmed else "Interrupted before the final measurements, and "
-    written = "; no plan is chosen"
+    written = "; no plan is chosen" + (" and no plan.json is written" if writes_plan else "")
+    advice = "Measure on an idle host" if confirmed else "Run the same command again"
     if writes_plan:
-        written += " and no plan.json is written (one already in the folder is left as it was)"
-    advice = "Run again on a quieter host" if confirmed else "Run the same command again"
-    if writes_plan:
-        advice += (" with --resume: it measures the final sessions afresh" if confirmed else
-                   " with --resume to continue")
+        advice += (", then run the same command with --resume: it measures unplaced and the final sessions "
+                   "afresh" if confirmed else " with --resume to continue")
     return Choice(None, "unmeasured", _line(f"{start}{reason}{written}. {advice}."), winner.method, session,
                   list(shortlist))
 

@@ -27,7 +27,7 @@ from graphs.files import folder_problem
 from graphs.problem import build_problem
 from graphs.trace import fingerprint, trace_model
 from graphs.workload import load_workload
-from placer.choose import fill, pick, verdict_choice
+from placer.choose import fill, pick, settle_ratios, verdict_choice
 from placer.optimize import bounds_of
 from placer.measurements import UNPLACED, MeasurementBook, Measurer, Protocol, unplaced_device
 from placer.plan import Plan, load_plan, mismatch_message
@@ -108,6 +108,8 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
         results.choice = verdict_choice(winner, results.unplaced, "confirm", [r.method for r in rows],
                                         rows[0].devices[0], writes_plan=False,
                                         heuristic=results.best_heuristic, protocol=protocol)
+        settle_ratios(results)
+        results.notes = list(dict.fromkeys([*results.notes, *(n for r in rows for n in r.notes)]))
     except KeyboardInterrupt:
         results.status, results.interrupted_at = "interrupted", "measuring"
         raise

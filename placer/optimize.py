@@ -35,7 +35,7 @@ from graphs.problem import Candidate, PlacementProblem, build_problem
 from graphs.workload import Workload, load_workload
 from placer.baselines import HEURISTICS
 from placer.baselines.common import colocation_units, require_fit
-from placer.choose import fill, pick, share_measurements, verdict_choice
+from placer.choose import fill, pick, settle_ratios, share_measurements, verdict_choice
 from placer.interrupts import Terminated, interruption
 from placer.measurements import (UNPLACED, MeasurementBook, Measurer, Protocol, candidate_key, unplaced_device,
                                  unplaced_plan)
@@ -414,6 +414,7 @@ def _finish(results: Results, problem: PlacementProblem, scorer: Scorer, interru
                                         protocol=protocol)
     if results.choice.method is None and results.choice.verdict != "unmeasured":
         raise _no_placement([r.reason for r in results.methods if r.reason])
+    settle_ratios(results)
     chosen = results.row(results.choice.method) if results.choice.method is not None else None
     plan, placement, devices = None, [0] * problem.n_groups, [device]  # no plan chosen: the graph unplaced
     if chosen is not None and chosen.kind == "unplaced":

@@ -185,9 +185,12 @@ class MethodResult:
     peak_bytes : device name -> peak bytes measured.
     ratio_to_lower_bound : measured_ms / the problem's lower bound.
     search_s : seconds the method took to compute (search: its budget spent).
-    vs_unplaced, vs_best_heuristic : speedup over those, measured in the same session.
+    vs_unplaced, vs_best_heuristic : speedup over those, measured in the same session;
+        only on rows of the session that measured unplaced last (placer.choose.settle_ratios).
     plan : the plan file the row was measured from (compare).
     notes : what the user should know about this row.
+    busy : {"load", "cores"} when the host was busy while this row (unplaced) was timed
+        (placer.runtime.timing.busy_host): no verdict rests on it (placer.choose rule 7).
     """
 
     method: str
@@ -211,6 +214,7 @@ class MethodResult:
     vs_best_heuristic: Ratio | None = None
     plan: str | None = None
     notes: list[str] = field(default_factory=list)
+    busy: dict | None = None
 
     @property
     def measured(self) -> bool:
@@ -240,7 +244,8 @@ class MethodResult:
             ratio_to_lower_bound=_opt_float(data.get("ratio_to_lower_bound")),
             search_s=_opt_float(data.get("search_s")), vs_unplaced=Ratio.from_json(data.get("vs_unplaced")),
             vs_best_heuristic=Ratio.from_json(data.get("vs_best_heuristic")), plan=data.get("plan"),
-            notes=[str(n) for n in data.get("notes") or []])
+            notes=[str(n) for n in data.get("notes") or []],
+            busy=data["busy"] if isinstance(data.get("busy"), dict) else None)
 
 
 def _with_ratios(row: "MethodResult | Choice") -> dict:

@@ -35,6 +35,15 @@ def idle_host(monkeypatch):
     monkeypatch.setattr("placer.runtime.timing.load_average", lambda: 0.0)
 
 
+@pytest.fixture
+def two_threads():
+    """torch's intra-op threads at 2 (an unplaced model's, which a busy host stalls), as they were after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def zoo_problem() -> Callable[[str], PlacementProblem]:
     """`zoo_problem(name)`: the zoo model's placement problem at its small size on

@@ -3,9 +3,10 @@ ties go to the simpler plan, and unplaced wins every tie."""
 
 import pytest
 
-from placer.choose import fill, pick, plan_key, share_measurements, simplicity, unmeasured, verdict_choice
+from placer.choose import (fill, pick, plan_key, settle_ratios, share_measurements, simplicity, unmeasured,
+                           verdict_choice)
 from placer.measurements import Protocol, compare
-from placer.results import MethodResult
+from placer.results import Choice, MethodResult, Results
 from placer.runtime.timing import Measurement, summarize
 
 
@@ -199,7 +200,7 @@ def test_no_plan_is_chosen_against_an_unplaced_too_wide_to_measure():
     fill(r["unplaced"], wide, "confirm", None, None, 10.0)
     final = verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu", protocol=Protocol())
     assert final.method is None and final.verdict == "unmeasured" and final.headline.startswith("No verdict: ")
-    assert "quieter host" in final.headline and "faster" not in final.headline
+    assert "Measure on an idle host" in final.headline and "--resume" in final.headline and "faster" not in final.headline
     compared = verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu", writes_plan=False, protocol=Protocol())
     assert compared.method is None and "plan.json" not in compared.headline
     assert verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu").verdict != "unmeasured"  # no protocol
@@ -224,3 +225,60 @@ def test_rows_of_one_plan_carry_the_measurement_of_its_latest_session():
     assert rl.session == "confirm" and rl.measured_ms == pytest.approx(88.0) and rl.vs_unplaced.verdict == "tie"
     assert piped.session == "baselines" and piped.measured_ms == pytest.approx(70.0)  # micro-batches: another plan
     assert plan_key(balanced) == plan_key(kernighan) != plan_key(piped)
+
+
+BUSY = {"load": 3.8, "cores": 2}
+
+
+def busy(ms: float) -> Measurement:
+    """An unplaced measurement timed on a busy host (placer.runtime.timing.busy_host found load 3.8 on 2 cores)."""
+    m = around(ms)
+    m.busy = dict(BUSY)
+    return m
+
+
+def test_an_unplaced_timed_on_a_busy_host_is_no_reference_and_no_plan_is_chosen_against_it():
+    # Trial 2 item 1: unplaced (intra-op threads on every core) 806 ms on a loaded host beside a one-core plan's
+    # 11.5 ms read "70x measurably faster": a thread effect of that minute. Rule 7: no verdict, no plan.
+    r = rows()
+    slow = busy(806.0)
+    measured = {"unplaced": slow, "single": around(11.5), "rl": around(12.0)}
+    assert pick(list(r.values()), measured).method == "single"  # unplaced is no candidate and no reference
+    fill(r["unplaced"], slow, "confirm", None, None, 10.0)
+    fill(r["single"], around(11.5), "confirm", slow, None, 10.0, protocol=Protocol())
+    assert r["unplaced"].busy == BUSY and r["single"].vs_unplaced.verdict == "unmeasured"
+    fill(r["expert"], around(11.5), "confirm", slow, None, 10.0)  # no protocol: still no verdict (rule 7 needs none)
+    assert r["expert"].vs_unplaced.verdict == "unmeasured"
+    choice = verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu", protocol=Protocol())
+    assert choice.method is None and choice.verdict == "unmeasured" and choice.contender == "single"
+    assert choice.headline.startswith("No verdict: the host was busy (load 3.8 on 2 cores) while unplaced ran in the "
+                                      "confirm session (806.00 ms)")
+    assert "no plan.json is written" in choice.headline and "Measure on an idle host, then" in choice.headline
+    assert "--resume: it measures unplaced and the final sessions afresh" in choice.headline
+    assert "faster" not in choice.headline
+    fill(r["unplaced"], around(100.0), "confirm", None, None, 10.0)  # measured again on an idle host
+    assert r["unplaced"].busy is None and unmeasured(r["unplaced"], Protocol()) is None
+
+
+def test_only_rows_of_unplaceds_last_session_keep_their_ratios():
+    # Trial 2 item 3: ratios of another session compare with an unplaced median shown nowhere.
+    r = confirmed(80.0, 90.0)
+    fill(r["single"], around(30.0), "final", around(100.0), ("expert", around(90.0)), 10.0)
+    results = Results(methods=list(r.values()), choice=Choice("rl", "faster"))
+    settle_ratios(results)
+    assert r["single"].vs_unplaced is None and r["single"].vs_best_heuristic is None
+    assert r["rl"].vs_unplaced.verdict == "faster" and r["rl"].vs_best_heuristic is not None
+    results.choice = Choice(None, "unmeasured")  # no verdict: no ratio over unplaced has one either
+    settle_ratios(results)
+    assert r["rl"].vs_unplaced.verdict == "unmeasured" and r["expert"].vs_unplaced.verdict == "unmeasured"
+
+
+def test_a_winning_heuristic_is_not_called_the_best_heuristic_beside_another():
+    # Trial 2 item 9: single device (itself a heuristic, and the faster) was "1.04x the best heuristic (METIS)".
+    r = rows()
+    unplaced, metis = around(100.0), around(60.0)
+    fill(r["unplaced"], unplaced, "confirm", None, None, 10.0)
+    fill(r["single"], around(50.0), "confirm", unplaced, ("metis", metis), 10.0)
+    choice = verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu")
+    assert choice.method == "single" and "the best heuristic" not in choice.headline
+    assert "METIS, the heuristic measured fastest before the final session" in choice.headline

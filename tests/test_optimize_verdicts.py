@@ -46,7 +46,9 @@ def test_no_plan_is_written_against_an_unplaced_too_wide_to_measure(workload, tm
     assert results.best is None and results.choice.contender is not None
     assert "unplaced could not be measured in the baselines session" in results.choice.headline
     assert "--resume" in results.choice.headline
-    assert (out / "plan.json").read_text() == "an earlier plan"
+    # Was: the earlier plan.json left as it was; a training loop would apply it unconfirmed (trial 2, item 9).
+    assert not (out / "plan.json").exists() and (out / "plan.unconfirmed.json").read_text() == "an earlier plan"
+    assert "renamed plan.unconfirmed.json" in results.choice.headline
     assert json.loads((out / "results.json").read_text())["plan"] is None
     placed = [r for r in results.methods if r.kind != "unplaced" and r.measured]
     assert placed and all(r.vs_unplaced.verdict == "unmeasured" for r in placed)
@@ -78,3 +80,22 @@ def test_ctrl_c_before_anything_was_measured_says_nothing_was_kept(workload, tmp
     with pytest.raises(KeyboardInterrupt):
         run(workload, tmp_path / "out", warn=said.append)
     assert said[-1] == "stopped before any measurement was kept: run the command again to start over"
+
+
+def test_no_verdict_over_an_unplaced_timed_on_a_busy_host_and_resume_measures_it_again(workload, tmp_path,
+                                                                                      monkeypatch, two_threads):
+    # Trial 2 item 1: unplaced's intra-op threads stall on a loaded host (806 ms beside a one-core plan's 11.5 ms).
+    monkeypatch.setattr("placer.runtime.timing.load_average", lambda: 9.0)
+    out = tmp_path / "out"
+    results = run(workload, out, methods=["single", "expert"])
+    assert results.choice.verdict == "unmeasured" and results.best is None and results.unplaced.busy is not None
+    assert results.choice.headline.startswith("No verdict: the host was busy (load 9.0 on ")
+    assert "--resume: it measures unplaced and the final sessions afresh" in results.choice.headline
+    assert not (out / "plan.json").exists()
+    saved = json.loads((out / "results.json").read_text())
+    assert not any((r["vs_unplaced"] or {}).get("verdict") in ("faster", "slower", "tie") for r in saved["methods"])
+    assert sum("the host was busy" in note for note in results.notes) == 1  # one note, not one per session
+    monkeypatch.setattr("placer.runtime.timing.load_average", lambda: 0.0)  # an idle host: --resume judges afresh
+    resumed = run(workload, out, methods=["single", "expert"], resume=True)
+    assert resumed.choice.verdict != "unmeasured" and resumed.unplaced.busy is None
+    assert resumed.unplaced.session == "confirm" and (out / "plan.json").is_file()

@@ -25,9 +25,11 @@ from placer.report.table import comparison_rows, format_bytes, format_markdown_t
 from placer.results import Results, method_name, warn_stderr
 
 __all__ = ["publish", "write_report", "render_report", "format_table", "format_markdown_table", "comparison_rows",
-           "text_table", "format_bytes", "method_name", "save_figure", "PLOT_FILES", "REPORT_FILES"]
+           "text_table", "format_bytes", "method_name", "save_figure", "PLOT_FILES", "REPORT_FILES",
+           "UNCONFIRMED_PLAN"]
 
 REPORT_FILES = ("report.md", "report.html")
+UNCONFIRMED_PLAN = "plan.unconfirmed.json"  # an earlier plan.json, set aside by a run that chose no plan
 
 
 def render_report(results: Results, folder: Path, plan_exists: bool) -> list[str]:
@@ -103,7 +105,9 @@ def publish(results: Results, out_dir: Path, plan: Plan | None = None,
     (interrupted at "report") and the previous run's report files are removed rather
     than left beside this run's results. A file that cannot be written (disk full,
     permissions) is a warning naming it and the cause; plan.json is still written
-    when it can be.
+    when it can be. An optimize run that chose no plan (`plan` None: no verdict) renames
+    an earlier plan.json in out_dir to UNCONFIRMED_PLAN, so that no training loop
+    applies a plan this run could not confirm, and its headline says so.
 
     Returns
     -------
@@ -111,6 +115,8 @@ def publish(results: Results, out_dir: Path, plan: Plan | None = None,
     for the files written.
     """
     out_dir = Path(out_dir)
+    if plan is None and results.command == "optimize":
+        _set_aside(results, out_dir, warn)
     try:
         staging = Path(tempfile.mkdtemp(prefix=".run-", dir=out_dir))
     except OSError as exc:
@@ -145,6 +151,14 @@ def publish(results: Results, out_dir: Path, plan: Plan | None = None,
         if _try(warn, out_dir / "plan.json", lambda: plan.save(out_dir / "plan.json")):
             written["plan.json"] = out_dir / "plan.json"
     return _named(written)
+
+
+def _set_aside(results: Results, out_dir: Path, warn: Callable[[str], None]) -> None:
+    """Rename out_dir/plan.json (an earlier run's) to UNCONFIRMED_PLAN and say so in the headline."""
+    earlier = out_dir / "plan.json"
+    if earlier.is_file() and _try(warn, earlier, lambda: os.replace(earlier, out_dir / UNCONFIRMED_PLAN)):
+        results.choice.headline += (f" The earlier plan.json in {out_dir} is renamed {UNCONFIRMED_PLAN}, so that no "
+                                    f"training loop applies it unconfirmed.")
 
 
 def _direct(results: Results, out_dir: Path, plan: Plan | None, warn: Callable[[str], None]) -> dict[str, Path]:

@@ -13,10 +13,10 @@ import base64
 import html
 from pathlib import Path
 
-from placer.choose import UNMEASURED_FACTOR, unmeasured
+from placer.choose import current, unmeasured
 from placer.measurements import Protocol
 from placer.report.plots import PLOT_FILES
-from placer.report.table import MISSING, format_bytes, markdown_table, superseded, table_cells
+from placer.report.table import MISSING, format_bytes, markdown_table, table_cells
 from placer.results import Results, method_name
 
 __all__ = ["PLOT_CAPTIONS", "NOTES", "headline", "report_blocks", "MarkdownRenderer", "HtmlRenderer"]
@@ -91,16 +91,19 @@ def _reading(results: Results) -> list[str]:
     if reason is not None:
         notes.append(f"{reason[:1].upper()}{reason[1:]}.")
     if any(r.vs_unplaced is not None and r.vs_unplaced.verdict == "unmeasured" for r in results.methods):
-        notes.append(f"Ratios marked \"no verdict\" are over an unplaced measurement whose confidence interval was "
-                     f"still more than {UNMEASURED_FACTOR}x wider than the protocol's target after more than its "
-                     f"least number of steps: no plan is judged by them.")
-    tags = {superseded(results, r) for r in results.methods} - {None}
-    if tags:
-        notes.append(f"Ratios in parentheses marked \"earlier session\" or \"other session\" were measured apart from "
-                     f"the {results.unplaced.session} session, which measured unplaced last: they compare with "
-                     f"unplaced as their own session found it, so they are not the verdict (the session column "
-                     f"names theirs).")
+        notes.append("Ratios marked \"no verdict\" are over an unplaced measurement that is no reference (the "
+                     "host was busy, or its confidence interval stayed far wider than the protocol's target): no "
+                     "plan is judged by them.")
+    if any(not current(results, r) for r in results.methods if r.measured):
+        notes.append(f"Speedups are shown only for rows measured in the {results.unplaced.session} session, which "
+                     f"measured unplaced last{_ms(results.unplaced.measured_ms)}: a row of another session "
+                     f"(its session column) was compared there with unplaced as that session found it, so its "
+                     f"ratios are left out rather than set against a median shown nowhere.")
     return notes
+
+
+def _ms(value: float | None) -> str:
+    return f" ({value:.2f} ms)" if value is not None else ""
 
 
 def _notes(results: Results) -> list[str]:

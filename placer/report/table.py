@@ -3,10 +3,12 @@
 Rows are read from a Results; the speedups shown are the ones stored in each row,
 each measured against `unplaced` (and the best heuristic) in the row's own
 interleaved session, with the ratio's confidence interval; a "tie" is a ratio
-whose interval holds 1. A ratio is shown as a verdict only when it is current: one
-from a session before the one that measured unplaced last is in parentheses and
-tagged "earlier session" (or "other session"), and one over an unplaced that could
-not be measured is tagged "no verdict".
+whose interval holds 1. Ratios are shown only on rows of the session that measured
+unplaced last (placer.choose.current: another session's compare with an unplaced
+median the table does not show); one over an unplaced that is no reference
+(placer.choose rules 5 and 7) is in parentheses, tagged "no verdict". `placer
+baseline`'s rows are simulated, not measured: its column of times over the lower
+bound says so.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ import math
 from collections.abc import Sequence
 
 from graphs.devices import format_size
-from placer.choose import plan_key
-from placer.results import SESSIONS, MethodResult, Ratio, Results, method_name
+from placer.choose import current, plan_key
+from placer.results import MethodResult, Ratio, Results, method_name
 
 __all__ = ["MISSING", "TABLE_HEADERS", "comparison_rows", "table_cells", "format_table", "text_table",
-           "markdown_table", "format_markdown_table", "format_bytes", "format_ratio", "superseded",
-           "same_plan"]
+           "markdown_table", "format_markdown_table", "format_bytes", "format_ratio", "same_plan"]
 
 MISSING = "-"
 TABLE_HEADERS = ("method", "measured ms", "CI ms", "runs", "vs unplaced", "vs best heuristic", "simulated ms",
@@ -46,18 +47,6 @@ def _num(x: float | None, fmt: str) -> str:
     return MISSING if x is None else format(x, fmt)
 
 
-def superseded(results: Results, row: MethodResult) -> str | None:
-    """"earlier session" when `row` was measured in a session before the latest one that
-    measured unplaced (its ratios compare with unplaced as that session found it, not
-    with the reference the verdict rests on), "other session" when in another one
-    (a search's), None when in the same one (or unplaced is not measured)."""
-    current = results.unplaced.session if results.unplaced is not None else None
-    if row.kind == "unplaced" or current is None or row.session is None or row.session == current:
-        return None
-    order = {name: i for i, name in enumerate(SESSIONS)}
-    return "earlier session" if order.get(row.session, -1) < order.get(current, -1) else "other session"
-
-
 def same_plan(results: Results, row: MethodResult) -> MethodResult | None:
     """The first other row of the same plan (placer.choose.plan_key), if any: rows of one
     plan carry one measurement (placer.choose.share_measurements)."""
@@ -65,16 +54,14 @@ def same_plan(results: Results, row: MethodResult) -> MethodResult | None:
     return None if key is None else next((r for r in results.methods if r is not row and plan_key(r) == key), None)
 
 
-def format_ratio(ratio: Ratio | None, tag: str | None = None) -> str:
-    """"1.12x [1.05, 1.19]", "1.00x tie [0.97, 1.03]", or "-"; a ratio that is no
-    current verdict in parentheses with why: "(1.12x [1.05, 1.19]) earlier session"
-    (`tag`), "(5.37x [2.68, 28.57]) no verdict" (an unmeasured reference)."""
+def format_ratio(ratio: Ratio | None) -> str:
+    """"1.12x [1.05, 1.19]", "1.00x tie [0.97, 1.03]", or "-"; a ratio over a reference
+    that is no verdict in parentheses: "(5.37x [2.68, 28.57]) no verdict"."""
     if ratio is None:
         return MISSING
     tie = " tie" if ratio.verdict == "tie" else ""
     text = f"{ratio.value:.2f}x{tie} [{ratio.ci[0]:.2f}, {ratio.ci[1]:.2f}]"
-    tag = "no verdict" if ratio.verdict == "unmeasured" else tag
-    return f"({text}) {tag}" if tag else text
+    return f"({text}) no verdict" if ratio.verdict == "unmeasured" else text
 
 
 def format_bytes(n: float | None) -> str:
@@ -85,14 +72,17 @@ def format_bytes(n: float | None) -> str:
 def table_cells(results: Results | dict) -> tuple[tuple[str, ...], list[list[str]]]:
     """The comparison table as strings: the one source of the text and Markdown tables.
     A `devices` column appears when the placed rows ran on different device sets
-    (placer compare of plans made for different devices)."""
+    (placer compare of plans made for different devices). A row of another session
+    than unplaced's last shows no ratio (whatever an older results.json stored)."""
     results = as_results(results)
     rows = comparison_rows(results)
     mixed = len({tuple(r.devices) for r in rows if r.kind != "unplaced"}) > 1
-    headers = (TABLE_HEADERS[0], "devices", *TABLE_HEADERS[1:]) if mixed else TABLE_HEADERS
+    headers = [h if h != "x lower bound" or results.command != "baseline" else "simulated x lower bound"
+               for h in TABLE_HEADERS]
+    headers = (headers[0], "devices", *headers[1:]) if mixed else tuple(headers)
     cells = []
     for r in rows:
-        tag = superseded(results, r)
+        shown = current(results, r)
         memory = ", ".join(f"{d} {format_bytes(b)}" for d, b in r.peak_bytes.items())
         status = "ok" if r.feasible else f"infeasible: {r.reason or 'no reason given'}"
         twin = same_plan(results, r)
@@ -102,7 +92,8 @@ def table_cells(results: Results | dict) -> tuple[tuple[str, ...], list[list[str
             method_name(r.method) + (" (chosen)" if r.method == results.best else ""),
             *([",".join(r.devices) or MISSING] if mixed else []),
             _num(r.measured_ms if r.feasible else None, ".2f"), ci, str(r.runs) if r.runs else MISSING,
-            format_ratio(r.vs_unplaced, tag), format_ratio(r.vs_best_heuristic, tag), _num(r.simulated_ms, ".2f"),
+            format_ratio(r.vs_unplaced if shown else None), format_ratio(r.vs_best_heuristic if shown else None),
+            _num(r.simulated_ms, ".2f"),
             _num(r.ratio_to_lower_bound, ".2f"), memory or MISSING, _num(r.search_s, ".1f"), r.session or MISSING,
             status,
         ])
