@@ -23,7 +23,8 @@ __all__ = ["inspect_summary", "bound_as_optimize"]
 
 def inspect_summary(workload: str, devices: str | None, max_groups: int) -> dict:
     """graphs.summary.summarize's JSON-ready summary of `workload` on `devices`, its
-    bound the one optimize reports and a note saying under which calibration.
+    bound the one optimize reports and notes saying under which calibration and, as
+    optimize's do, why micro-batches are off (placer.microbatch_policy).
 
     Raises WorkloadError, CaptureError or DeviceSpecError (build_problem)."""
     loaded = load_workload(workload)
@@ -32,9 +33,11 @@ def inspect_summary(workload: str, devices: str | None, max_groups: int) -> dict
     basis = ("under this model's saved calibration for these devices" if calibration else
              "before any calibration (optimize's is lower where it finds the devices faster than profiled)")
     cluster = problem.cluster.devices
+    refusal = microbatches_off(loaded, problem)  # as optimize notes it (bound_as_optimize asks again: cached)
     return summarize(problem.ops, problem.groups, [d.kind for d in cluster],
                      bound=bound_as_optimize(loaded, problem, calibration),
-                     notes=[*loaded.notes, f"lower bound as optimize's report gives it, {basis}"],
+                     notes=[*loaded.notes, f"lower bound as optimize's report gives it, {basis}",
+                            *([f"micro-batches off: {refusal}"] if refusal else [])],
                      device_names=[d.name for d in cluster])
 
 

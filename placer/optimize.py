@@ -32,11 +32,12 @@ from graphs.devices import host_cores, parse_cluster
 from graphs.errors import InfeasibleError, PlacerError
 from graphs.files import folder_problem
 from graphs.problem import Candidate, PlacementProblem, build_problem
-from graphs.workload import Workload, load_workload
+from graphs.workload import load_workload
 from placer.baselines import HEURISTICS
 from placer.baselines.common import colocation_units, require_fit
 from placer.choose import fill, pick, settle_ratios, share_measurements, verdict_choice
 from placer.interrupts import Terminated, interruption
+from placer.microbatch_policy import microbatches_off
 from placer.measurements import (UNPLACED, MeasurementBook, Measurer, Protocol, candidate_key, unplaced_device,
                                  unplaced_plan)
 from placer.plan import Plan, make_plan
@@ -47,8 +48,8 @@ from placer.scorer import Scorer
 from placer.search import microbatch_options
 from placer.search_stage import SEARCHES, SearchOptions, run_search
 
-__all__ = ["optimize", "DEFAULT_WORKLOAD", "DEFAULT_BUDGET_S", "check_inputs", "baseline_rows", "measure_baselines",
-           "bounds_of", "microbatches_off", "SHORTLIST"]
+__all__ = ["optimize", "DEFAULT_WORKLOAD", "DEFAULT_BUDGET_S", "check_inputs", "check_protocol", "baseline_rows",
+           "measure_baselines", "bounds_of", "microbatches_off", "SHORTLIST"]
 
 DEFAULT_WORKLOAD = "zoo:nmt:medium"
 DEFAULT_BUDGET_S = 120.0
@@ -63,13 +64,16 @@ def check_inputs(devices: str | None, memory: str | None, budget_s: float, metho
     Raises
     ------
     DeviceSpecError, PlacerError
-        A bad --devices/--memory, budget, method name, worker count or output folder.
+        A bad --devices/--memory, budget, method name (or none), worker count or output folder.
     """
     from placer.runtime.pool import check_workers
 
     parse_cluster(devices, memory)
     if not (math.isfinite(budget_s) and budget_s > 0):
         raise PlacerError(f"--budget {budget_s}: give a finite number of seconds > 0")
+    if not methods:
+        raise PlacerError(f"--methods names no method: give some of {', '.join([*HEURISTICS, *SEARCHES])}, or leave "
+                          f"it out for every baseline and rl")
     unknown = [m for m in methods if m not in HEURISTICS and m not in SEARCHES]
     if unknown:
         raise PlacerError(f"unknown method {unknown[0]!r}; choose from {', '.join([*HEURISTICS, *SEARCHES])}")
@@ -77,6 +81,22 @@ def check_inputs(devices: str | None, memory: str | None, budget_s: float, metho
         check_workers(workers)
     if out_dir is not None and (problem := folder_problem(out_dir)):
         raise PlacerError(f"--out {out_dir} {problem}: choose a folder you can write")
+
+
+def check_protocol(protocol: Protocol) -> None:
+    """Refuse a user's CI target (--ci) that means nothing: a half-width of the median
+    outside (0, 0.5] (above +-50% no speedup could be told from a tie). For the command
+    line's options only: tests and experiments set a huge target on purpose (settle
+    every candidate at min_runs steps).
+
+    Raises
+    ------
+    PlacerError
+        The target is out of that range.
+    """
+    if not 0 < protocol.target <= 0.5:
+        raise PlacerError(f"--ci {protocol.target:g}: the CI half-width is a fraction of the median in (0, 0.5], "
+                          f"e.g. 0.03 for +-3%")
 
 
 def baseline_rows(problem: PlacementProblem, names: Sequence[str], seed: int,
@@ -221,30 +241,6 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     return results
 
 
-def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
-    """Why micro-batches would change what `loaded`'s model computes (batch norm in
-    training, a buffer updated in forward: placer.runtime.microbatch.static_refusal,
-    which the runtime refuses such plans by), unless the workload accepts per-micro-batch
-    statistics; None when they may run. When they may not, the problem's micro-batch
-    step tables keep m = 1 alone, so that no search (placer.search.microbatch_options)
-    and no pipeline heuristic (baselines.pipeline: the simulator finds other counts
-    unprofiled) proposes m > 1, and the lower bound counts no pipelining.
-    """
-    if problem.microbatch_statistics:
-        return None
-    from graphs.trace import trace_model
-    from placer.runtime.microbatch import static_refusal
-
-    traced = trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs)  # the capture's (trace_cache)
-    reason = static_refusal(traced.gm.graph, loaded.model, problem.workload or loaded.spec, extra_roots=(traced.gm,))
-    if reason:
-        for graph in (g for g in (problem.groups, problem.ops) if g is not None):
-            by_kind = graph.graph.get("microbatch_step_ms_by_kind") or {}
-            graph.graph["microbatch_step_ms_by_kind"] = {k: _only_one(t) for k, t in by_kind.items()}
-            graph.graph["microbatch_step_ms"] = _only_one(graph.graph.get("microbatch_step_ms"))
-    return reason
-
-
 def _kept(book: MeasurementBook) -> str:
     """The line said when a run stops before it chose anything: what it kept, and how to go on."""
     if book.entries and book.path is not None and not book.write_failed:
@@ -260,11 +256,6 @@ def _no_placement(reasons: Sequence[str]) -> InfeasibleError:
         "raise --memory caps or add devices"
     return InfeasibleError("no placement could run on these devices" + (f": {reasons[0]}" if reasons else "")
                            + f" ({advice})")
-
-
-def _only_one(table: dict | None) -> dict | None:
-    """A micro-batch step table ({m: ms}, keys ints or JSON's strings) with m = 1 alone."""
-    return {m: ms for m, ms in table.items() if int(m) == 1} if table else table
 
 
 @contextmanager

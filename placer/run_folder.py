@@ -24,7 +24,8 @@ def check_resume(path: Path, identity: dict, keys: Sequence[str]) -> None:
 
     Raises
     ------
-    CheckpointError : the folder is missing, or a key differs (naming each, was/now).
+    CheckpointError : the folder is missing, or a key differs (naming each, was/now; memory
+        without a cap before or now is not named beside other devices).
     """
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot --resume in {path.parent}: the folder does not exist (no earlier run there); "
@@ -33,6 +34,9 @@ def check_resume(path: Path, identity: dict, keys: Sequence[str]) -> None:
     if previous is None:
         return
     changed = [k for k in keys if k in previous and not _same(k, previous[k], identity.get(k))]
+    if "devices" in changed and "memory" in changed and not any(previous["memory"] or []) \
+            and not any(identity.get("memory") or []):
+        changed.remove("memory")  # no caps before or now: only the device count differs, which devices says
     if changed:
         what = "; ".join(f"{k} was {previous[k]}, now {identity.get(k)}" for k in changed)
         raise CheckpointError(f"cannot --resume in {path.parent}: the earlier run differs ({what}); "

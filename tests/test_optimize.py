@@ -97,6 +97,7 @@ def boom(*args, **kwargs):
     (dict(devices="gpu:0"), DeviceSpecError, "gpu:0"),
     (dict(budget_s=float("inf")), PlacerError, "--budget"),
     (dict(methods=["single", "warp"]), PlacerError, "warp"),
+    (dict(methods=[]), PlacerError, "--methods names no method: give some of single, "),  # was: every method
     (dict(workers=10_000), DeviceSpecError, "--workers"),
     (dict(search=SearchOptions(overrides=("batch_size=many",))), PlacerError, "batch_size=many"),
 ])
@@ -105,6 +106,17 @@ def test_bad_inputs_are_refused_before_any_work(workload, tmp_path, monkeypatch,
     with pytest.raises(error, match=fragment):
         run(workload, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target, refused", [(5.0, True), (0.51, True), (0.5, False), (0.03, False)])
+def test_a_ci_target_outside_what_the_protocol_can_mean_is_refused(target, refused):
+    # Trial 2 item 8: --ci 5 (+-500%) was accepted silently.
+    if refused:
+        with pytest.raises(PlacerError, match=rf"--ci {target:g}: the CI half-width is a fraction of the median in "
+                                              rf"\(0, 0.5\], e.g. 0.03"):
+            job.check_protocol(Protocol(target=target))
+    else:
+        job.check_protocol(Protocol(target=target))
 
 
 def test_an_output_folder_that_cannot_be_one_is_refused_first(workload, tmp_path, monkeypatch):

@@ -85,3 +85,55 @@ def test_asking_for_micro_batches_of_a_refused_model_is_one_line(normed, tmp_pat
         job.optimize(normed, devices="cpu:0,cpu:1", budget_s=5.0, out_dir=tmp_path / "out", methods=["random_search"],
                      protocol=PROTOCOL, search=SearchOptions(overrides=("microbatches=1,2",)),
                      warn=lambda text: None)
+
+
+LOSS_INSIDE = '''
+import torch
+from torch import nn
+
+class WithLoss(nn.Module):  # a loss computed inside the model, as a Hugging Face model given labels does
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x, y):
+        out = self.body(x)
+        return {"loss": nn.functional.mse_loss(out, y), "out": out}
+
+def build_model():
+    torch.manual_seed(0)
+    return WithLoss()
+
+def example_inputs():
+    return (torch.randn(16, 16), torch.randn(16, 4))
+
+def loss_fn(output, x, y):
+    return output["loss"]
+'''
+
+
+def test_a_loss_inside_the_model_turns_micro_batches_off_even_with_statistics_accepted(tmp_path):
+    # Trial 2 item 9: the bound said "at 2 micro-batches" and no note said they were off, for a model whose loss
+    # is computed inside (the runtime refuses micro-batches for it whatever the workload accepts).
+    from placer.inspect_workload import bound_as_optimize
+
+    path = tmp_path / "loss_inside.py"
+    path.write_text(LOSS_INSIDE + "\nmicrobatch_statistics = True\n")
+    loaded = load_workload(str(path))
+    problem = build_problem(loaded, "cpu:0,cpu:1")
+    assert len(microbatch_options(problem)) > 1
+    reason = job.microbatches_off(loaded, problem)
+    assert reason.startswith(f"{path}: output '") and "loss computed inside the model" in reason
+    assert "compute it in loss_fn" in reason
+    assert microbatch_options(problem) == (1,) and pipeline(problem).microbatches == 1
+    assert bound_as_optimize(loaded, problem, None).microbatches == 1  # what inspect and results.json report
+
+
+def test_inspect_notes_why_micro_batches_are_off_and_bounds_at_one(tmp_path):
+    from placer.inspect_workload import inspect_summary
+
+    path = tmp_path / "loss_inside.py"
+    path.write_text(LOSS_INSIDE)
+    summary = inspect_summary(str(path), "cpu:0,cpu:1", 48)
+    assert any(n.startswith("micro-batches off: ") and "loss computed inside" in n for n in summary["notes"])
+    assert summary["lower_bound_microbatches"] == 1

@@ -8,7 +8,7 @@ import placer.optimize as job
 from graphs.errors import CheckpointError
 from graphs.devices import host_cores
 from placer.measurements import MeasurementBook
-from placer.run_folder import check_fresh
+from placer.run_folder import check_fresh, check_resume
 
 DEVICES = "cpu:0,cpu:1"
 WORKLOAD = "zoo:mlp"
@@ -82,3 +82,17 @@ def test_resume_keeps_the_search_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(Started):
         job.optimize(WORKLOAD, DEVICES, out_dir=tmp_path, resume=True, warn=lambda text: None)
     assert snapshot(tmp_path) == before
+
+
+def test_resume_with_other_devices_names_what_differs_and_not_uncapped_memory(tmp_path):
+    # Trial 2 item 8: "memory was [None, None], now [None, None, None]" beside the devices was noise.
+    earlier_run(tmp_path)
+    now = {"workload": WORKLOAD, "devices": ["cpu:0", "cpu:1", "cpu:2"], "memory": [None] * 3, "max_groups": 256,
+           "workers": 1}
+    with pytest.raises(CheckpointError) as refused:
+        check_resume(tmp_path / "measurements.json", now, job.RESUME_KEYS)
+    assert "devices was ['cpu:0', 'cpu:1'], now ['cpu:0', 'cpu:1', 'cpu:2']" in str(refused.value)
+    assert "memory" not in str(refused.value)
+    capped = {**now, "memory": [None, None, 1024]}  # a cap is a difference worth naming
+    with pytest.raises(CheckpointError, match=r"memory was \[None, None\], now \[None, None, 1024\]"):
+        check_resume(tmp_path / "measurements.json", capped, job.RESUME_KEYS)

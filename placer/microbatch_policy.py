@@ -1,0 +1,65 @@
+"""Whether a workload's model may run in micro-batches at all, decided once before any
+search, so that the searches, the pipeline heuristic, the lower bound and the notes
+agree with what the runtime would refuse (placer.runtime.microbatch).
+
+Two kinds of model are refused:
+
+- one whose results micro-batches would change (batch norm in training, a buffer
+  updated in forward: placer.runtime.microbatch.static_refusal), unless the workload
+  accepts per-micro-batch statistics (`microbatch_statistics = True`);
+- always, one with a single-value output, such as a loss computed inside the model
+  (a ModelOutput's `loss` when labels are passed): micro-batches' values of it cannot
+  be put back together (the runtime refuses it at its first step).
+
+For either, the problem's micro-batch step tables keep m = 1 alone, so that no search
+(placer.search.microbatch_options) and no pipeline heuristic (baselines.pipeline: the
+simulator finds other counts unprofiled) proposes m > 1, and the lower bound
+(placer.optimize.bounds_of) counts no pipelining.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from graphs.problem import PlacementProblem
+from graphs.workload import Workload
+
+__all__ = ["microbatches_off", "scalar_output"]
+
+
+def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
+    """Why `loaded`'s model may not run in micro-batches (module docstring), trimming
+    the problem's micro-batch tables to m = 1 when so; None when it may."""
+    from graphs.trace import trace_model
+    from placer.runtime.microbatch import static_refusal
+
+    traced = trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs)  # the capture's (trace_cache)
+    source = problem.workload or loaded.spec
+    reason = scalar_output(traced.gm.graph, source)
+    if reason is None and not problem.microbatch_statistics:
+        reason = static_refusal(traced.gm.graph, loaded.model, source, extra_roots=(traced.gm,))
+    if reason:
+        for graph in (g for g in (problem.groups, problem.ops) if g is not None):
+            by_kind = graph.graph.get("microbatch_step_ms_by_kind") or {}
+            graph.graph["microbatch_step_ms_by_kind"] = {k: _only_one(t) for k, t in by_kind.items()}
+            graph.graph["microbatch_step_ms"] = _only_one(graph.graph.get("microbatch_step_ms"))
+    return reason
+
+
+def scalar_output(graph: fx.Graph, source: str) -> str | None:
+    """Why a captured graph with a single-value (0-dimensional) tensor output cannot be
+    micro-batched, naming the output; None when every output has dimensions (or the
+    capture recorded no shapes: the runtime's probe still checks those)."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    for node in output.all_input_nodes:
+        value = node.meta.get("val", node.meta.get("tensor_meta"))
+        if getattr(value, "shape", None) is not None and len(value.shape) == 0:
+            return (f"{source}: output '{node.name}' is a single value over the whole batch, such as a loss computed "
+                    f"inside the model; micro-batches' values of it cannot be gathered: compute it in loss_fn to "
+                    f"allow micro-batches")
+    return None
+
+
+def _only_one(table: dict | None) -> dict | None:
+    """A micro-batch step table ({m: ms}, keys ints or JSON's strings) with m = 1 alone."""
+    return {m: ms for m, ms in table.items() if int(m) == 1} if table else table
