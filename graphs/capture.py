@@ -11,8 +11,9 @@ graphs/__init__.py.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import networkx as nx
 import torch
@@ -21,8 +22,9 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from graphs.errors import WorkloadError
+from graphs.errors import WorkloadError, exit_error
 from graphs.trace import Traced, fingerprint, target_name, tensors_fingerprint, trace_model
+from graphs.trace_fx import _user_frame as user_frame
 from graphs.workload import Workload, first_line, forward_inputs
 
 # Coarse op categories (envs/features.py OP_TYPES), matched against the lowercased
@@ -76,7 +78,10 @@ def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor,
     gm = traced.gm
     if traced.method == "fx":
         values = traced.bind(tuple(inputs), {})
-        propagate_shapes(gm, tuple(values.values()), spec or name or "the model")
+        try:
+            propagate_shapes(gm, tuple(values.values()))
+        except NodeFailure as failure:
+            raise failure_on_inputs(spec or name or "the model", model, inputs, failure)
     canonical = canonical_names(model)
     g = nx.DiGraph(name=name, fingerprint=fingerprint(model, gm), granularity="module" if traced.leaf_paths else "op",
                    leaf_paths=list(traced.leaf_paths), tensor_names=list(model.state_dict()),
@@ -142,40 +147,85 @@ def example_like(signature: list[dict], device: torch.device | str = "cpu") -> t
     return tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=device) for s in signature)
 
 
-def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], spec: str = "the model") -> None:
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
     """Fill every node's meta["tensor_meta"] of an fx graph. Tried first on the meta
     device (shapes only: no arithmetic and no copy of the weights, so fast even for
     big models); a model that cannot run there (data-dependent code, tensors created
     on a fixed device) gets a real forward pass instead, its buffers restored after
-    (a forward may update them), and if that fails too the model is broken:
-    WorkloadError naming `spec` and the failing node."""
+    (a forward may update them).
+
+    Raises NodeFailure when the real pass fails (failure_on_inputs tells whose fault)."""
     try:
         weights = {name: torch.empty_like(t, device="meta") for name, t in _named_tensors(gm)}
         torch.func.functional_call(_ShapeRun(gm), weights, tuple(t.to("meta") for t in inputs))
         return
     except Exception:
         pass  # not necessarily the model's fault: the real run below decides
-    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+    with torch.no_grad(), buffers_kept(gm):
+        _ShapeRecorder(gm).run(*inputs)
+
+
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Restore the values of the module's buffers after the block (a forward may update them)."""
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
     try:
-        with torch.no_grad():
-            _ShapeRecorder(gm).run(*inputs)
-    except _NodeFailure as failure:
-        node, exc = failure.node, failure.__cause__
-        raise WorkloadError(f"{spec}: the model fails on its example inputs at node '{node.name}' "
-                            f"({target_name(node)}): {first_line(exc)}") from exc
+        yield
     finally:
         with torch.no_grad():
             for b, value in buffers:
                 b.copy_(value)
 
 
-class _NodeFailure(Exception):
-    """Which node raised: the exception it raised is the __cause__. (An attribute, not
-    an arg: fx.Interpreter.run rewrites args[0] of what passes through it.)"""
+class NodeFailure(Exception):
+    """A run of a captured graph failed at `node`: the exception it raised is the
+    __cause__. (An attribute, not an arg: fx.Interpreter.run rewrites args[0] of what
+    passes through it.) Raised by the interpreters that record a run (_ShapeRecorder,
+    graphs.profile's)."""
 
     def __init__(self, node: fx.Node):
         super().__init__(node.name)
         self.node = node
+
+
+def failure_on_inputs(spec: str, model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                      failure: NodeFailure) -> Exception:
+    """What to raise when a run of `model`'s capture on its example `inputs` failed
+    (`failure`): the model itself is run on them, as plain PyTorch runs it (no
+    gradients, buffers restored). If it fails too, the user's model or inputs are at
+    fault: a WorkloadError naming `spec`, the line that fails (else the node), the
+    error and a fix. If it runs, the capture is at fault (placer's bug): the node's
+    own exception, for the command line to report as an internal error."""
+    try:
+        with torch.no_grad(), buffers_kept(model):
+            model(*inputs)
+    except SystemExit as exc:
+        return exit_error(f"{spec}: the model's forward", exc.code)
+    except Exception as exc:
+        where = user_frame(exc)
+        if where == "unknown location":  # only torch's own code ran (an nn.Linear as the model, say)
+            node, module = failure.node, owning_module(failure.node)
+            inside = f" in module '{module}'" if module not in ("", str(node.target)) else ""
+            where = f"node '{node.name}' ({target_name(node)}){inside}"
+        error = WorkloadError(f"{spec}: the model fails on its example inputs at {where}: {type(exc).__name__}: "
+                              f"{first_line(exc)}; fix: {_inputs_fix(inputs, exc)}")
+        error.__cause__ = exc
+        return error
+    cause = failure.__cause__
+    return cause if isinstance(cause, Exception) else failure
+
+
+def _inputs_fix(inputs: tuple[torch.Tensor, ...], exc: BaseException) -> str:
+    """The fix for a model failing on its example inputs: integer inputs that reach a
+    layer wanting floats are the commonest case, named; otherwise check the batch."""
+    integers = [i for i, t in enumerate(inputs) if not (t.is_floating_point() or t.is_complex())]
+    if integers and ("dtype" in str(exc) or "scalar type" in str(exc)):
+        i = integers[0]
+        return (f"example input {i} is {str(inputs[i].dtype).removeprefix('torch.')}: layers such as nn.Linear "
+                f"take floating-point tensors (torch.randn(...) or x.float()); integer ids go through an "
+                f"nn.Embedding first")
+    return ("make example_inputs() return the tensors forward expects (shapes, dtypes, device): "
+            "model(*example_inputs()) in plain PyTorch fails the same way")
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -185,8 +235,8 @@ class _ShapeRecorder(fx.Interpreter):
     def run_node(self, n: fx.Node):
         try:
             result = super().run_node(n)
-        except Exception as exc:
-            raise _NodeFailure(n) from exc
+        except (Exception, SystemExit) as exc:  # a leaf module's forward is the workload's code
+            raise NodeFailure(n) from exc
         found_tensor = False
 
         def tensor_meta(obj):

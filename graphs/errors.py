@@ -34,3 +34,12 @@ class CheckpointError(PlacerError):
 class ExecutionError(PlacerError):
     """A placed model cannot run: its executor is closed, a worker died, or a step ran
     past its time limit."""
+
+
+def exit_error(label: str, code: object) -> WorkloadError:
+    """The error for workload code that ended the process (`sys.exit(code)`, `exit()`,
+    `raise SystemExit`) where placer ran it: `label` names what ran (a function of the
+    workload file, the model's forward). Placer turns a SystemExit into this only where
+    the workload's code runs; one raised anywhere else is left alone."""
+    return WorkloadError(f"{label} called sys.exit({code!r}); a workload must return a value or raise an "
+                         f"exception, not end the process")

@@ -44,8 +44,8 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 
 from graphs import profile_cache
-from graphs.capture import input_batch_dims
-from graphs.errors import CaptureError, DeviceSpecError, WorkloadError
+from graphs.capture import NodeFailure, failure_on_inputs, input_batch_dims
+from graphs.errors import CaptureError, DeviceSpecError, WorkloadError, exit_error
 from graphs.files import cache_dir as default_cache_dir
 from graphs.node_values import as_leaf, rebuilt
 from graphs.trace import fingerprint, is_pure, trace_model
@@ -155,7 +155,10 @@ def _measure(ops: nx.DiGraph, workload: Workload, device: torch.device, repeats:
     opt_state_bytes, step_ms = _optimizer_step(model, workload, repeats, sync)
     recorder = _Recorder(gm, model)
     with _state_kept(model):
-        recorder.record(*traced.bind(inputs, {}).values())
+        try:
+            recorder.record(*traced.bind(inputs, {}).values())
+        except NodeFailure as failure:  # the model on its inputs (a WorkloadError), or the capture (placer's bug)
+            raise failure_on_inputs(workload.spec, model, inputs, failure)
 
     named = dict(model.named_parameters()) | dict(model.named_buffers())
     trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) or 1
@@ -236,6 +239,8 @@ def _whole_step_ms(model: torch.nn.Module, workload: Workload, inputs: tuple, re
             ms, _ = time_ms(step, min(repeats, WHOLE_STEP_REPEATS), sync, budget_ms=float("inf"))
         except WorkloadError:
             raise
+        except SystemExit as exc:
+            raise exit_error(f"{workload.spec}: the model's forward", exc.code) from None
         except Exception as exc:
             raise WorkloadError(f"{workload.spec}: a training step of the model fails: {type(exc).__name__}: "
                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
@@ -291,7 +296,10 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         self.current = n.name
-        return super().run_node(n)
+        try:
+            return super().run_node(n)
+        except (Exception, SystemExit) as exc:
+            raise NodeFailure(n) from exc
 
     def _pack(self, t: torch.Tensor):
         key = _storage_key(t)

@@ -39,7 +39,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from graphs.errors import CaptureError
+from graphs.errors import CaptureError, exit_error
 
 METHODS = ("auto", "export", "fx")
 MODES = ("train", "eval")
@@ -203,7 +203,8 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
     ------
     CaptureError : neither capture works (naming the module, the source line and the
         fix), or a forward sets a Python attribute a graph cannot repeat.
-    WorkloadError : not here; a model that fails on its inputs shows in graphs.capture.
+    WorkloadError : the model's forward ended the process (sys.exit); a model that
+        fails on its inputs shows in graphs.capture and graphs.profile.
     """
     from graphs import trace_cache
     from graphs.trace_effects import no_side_effects
@@ -232,13 +233,18 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
                 return trace_cache.store(model, key, traced)  # only a capture that passed every check
             except CaptureError:
                 raise
+            except SystemExit as exc:  # the model's forward ran (on fake tensors) and ended the process
+                raise exit_error(f"the model's forward ({type(model).__name__})", exc.code) from None
             except Exception as exc:  # export raises many types from user code and from itself
                 if method == "export":
                     raise CaptureError(f"torch.export cannot capture {type(model).__name__}: "
                                        f"{first_sentence(exc)}") from exc
                 export_error = exc
-        with no_side_effects(model, recorded=False):
-            traced = trace_fx(model, leaf_classes, paths, allow_fallback, inputs, kwargs, export_error)
+        try:
+            with no_side_effects(model, recorded=False):
+                traced = trace_fx(model, leaf_classes, paths, allow_fallback, inputs, kwargs, export_error)
+        except SystemExit as exc:
+            raise exit_error(f"the model's forward ({type(model).__name__})", exc.code) from None
         if export_error is not None:
             hint = cache_hint(export_error)
             note = (f"torch.export could not capture the model ({first_sentence(export_error)}); "

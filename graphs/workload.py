@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from graphs.errors import WorkloadError
+from graphs.errors import WorkloadError, exit_error
 from graphs.trace_cache import note_copy
 from graphs.workload_file import check_workload_file, first_line
 
@@ -68,13 +68,27 @@ class WorkloadFunction:
     label: str  # the workload spec: a path or zoo:NAME
     name: str  # the function's name in the workload file
     fn: Callable[..., Any]
+    # None, or what is wrong with a value the function returned (None: nothing), e.g. _scalar_loss
+    check: Callable[[Any], str | None] | None = None
 
     def __call__(self, *args, **kwargs):
         try:
-            return self.fn(*args, **kwargs)
+            value = self.fn(*args, **kwargs)
         except SystemExit as exc:
-            raise WorkloadError(f"{self.label}: {self.name}() called sys.exit({exc.code!r}); a workload function "
-                                f"must return a value or raise an exception, not end the process") from None
+            raise exit_error(f"{self.label}: {self.name}()", exc.code) from None
+        problem = None if self.check is None else self.check(value)
+        if problem is not None:
+            raise WorkloadError(f"{self.label}: {self.name}() {problem}")
+        return value
+
+
+def _scalar_loss(value: object) -> str | None:
+    """What is wrong with a loss_fn's result, or None for a one-element tensor (what
+    backward() takes without an explicit gradient)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return None
+    what = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+    return f"returned {what}; loss_fn must return a scalar tensor: reduce it, e.g. with .mean() or .sum()"
 
 
 @dataclass
@@ -151,18 +165,20 @@ def _build(spec: str, source: object, short_name: str, seed: int) -> Workload:
     if bad:
         raise WorkloadError(f"{spec}: leaf_modules must list module classes, got {', '.join(bad)}")
 
-    def optional(name: str, n_args: int) -> WorkloadFunction | None:
+    _check_forward(spec, model, batch)
+
+    def optional(name: str, n_args: int, check: Callable[[Any], str | None] | None = None) -> WorkloadFunction | None:
         fn = getattr(source, name, None)
         if fn is None:
             return None
         if not callable(fn):
             raise WorkloadError(f"{spec}: {name} is a {type(fn).__name__}, not a function")
         _check_signature(spec, name, fn, n_args)
-        return WorkloadFunction(spec, name, fn)
+        return WorkloadFunction(spec, name, fn, check)
 
     return Workload(
         name=short_name, spec=spec, model=model, inputs=batch,
-        loss_fn=optional("loss_fn", 1 + len(batch)) or default_loss,
+        loss_fn=optional("loss_fn", 1 + len(batch), _scalar_loss) or default_loss,
         make_optimizer=optional("make_optimizer", 1) or default_optimizer,
         leaf_modules=leaf_modules,
         expert_placement=optional("expert_placement", 2),
@@ -198,6 +214,33 @@ def _check_signature(spec: str, name: str, fn: Callable[..., Any], n_args: int) 
         given = f" (here {n_args} arguments: the output and {n_args - 1} example input(s))" if name == "loss_fn" else ""
         raise WorkloadError(f"{spec}: {name}{signature} cannot be called as {_HOOK_CALLS[name]}{given}: {exc}; "
                             f"define it as def {_HOOK_CALLS[name]}") from None
+
+
+def _check_forward(spec: str, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Refuse a model whose forward cannot take the example inputs as positional
+    arguments, the way placer calls it (`model(*example_inputs())`), before any capture:
+    a keyword-only `forward(self, *, x)`, say. A forward whose signature Python cannot
+    read passes: its call will tell.
+
+    Raises WorkloadError naming the forward's signature and how to wrap the model."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*inputs)
+    except TypeError as exc:
+        keyword_only = [p.name for p in signature.parameters.values() if p.kind == p.KEYWORD_ONLY]
+        if keyword_only:
+            names = ", ".join(keyword_only)
+            passed = ", ".join(f"{n}={n}" for n in keyword_only)
+            fix = (f"placer passes example_inputs() positionally and {names} {'is' if len(keyword_only) == 1 else 'are'}"
+                   f" keyword-only: wrap the model in a module whose forward takes {names} positionally, e.g. "
+                   f"def forward(self, {names}): return self.model({passed})")
+        else:
+            fix = "make example_inputs() return one tensor for each argument forward needs, in its order"
+        raise WorkloadError(f"{spec}: {type(model).__name__}.forward{signature} cannot be called as "
+                            f"model(*example_inputs()) with {len(inputs)} tensor(s) ({exc}); {fix}") from None
 
 
 def forward_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
@@ -294,10 +337,29 @@ def _as_tensor_tuple(label: str, value: object) -> tuple[torch.Tensor, ...]:
     if isinstance(value, torch.Tensor):
         return (value,)
     if not isinstance(value, (tuple, list)):
+        hint = f": {_wrapper_hint(value)}" if isinstance(value, Mapping) else ""
         raise WorkloadError(f"{label}: example_inputs() returned {type(value).__name__}; "
-                            f"it must return a tuple of tensors")
+                            f"it must return a tuple of tensors{hint}")
     for i, item in enumerate(value):
         if not isinstance(item, torch.Tensor):
             raise WorkloadError(f"{label}: example_inputs() item {i} is {type(item).__name__}, not a tensor; "
-                                f"it must return a tuple of tensors")
+                                f"it must return a tuple of tensors: {_wrapper_hint(item)}")
     return tuple(value)
+
+
+def _wrapper_hint(item: object) -> str:
+    """How to give placer tensors only when the model takes `item`, a non-tensor input:
+    a wrapper module whose forward takes the tensors and rebuilds `item` from them."""
+    if isinstance(item, Mapping):
+        keys = list(item)
+        names = [k if isinstance(k, str) and k.isidentifier() else f"x{j}" for j, k in enumerate(keys)]
+        call = "{" + ", ".join(f"{k!r}: {n}" for k, n in zip(keys, names)) + "}"
+    elif isinstance(item, (tuple, list)):
+        names = [f"x{j}" for j in range(len(item))]
+        call = f"({', '.join(names)}{',' if len(names) == 1 else ''})" if isinstance(item, tuple) else f"[{', '.join(names)}]"
+    else:
+        return (f"a {type(item).__name__} is no input to place: give it to the model inside a wrapper module "
+                f"(def forward(self, x): return self.model(x, {item!r})) or as a default of forward")
+    return (f"wrap the model in a module whose forward takes the {type(item).__name__}'s tensors as arguments, e.g. "
+            f"def forward(self, {', '.join(names)}): return self.model({call}), and return them as a tuple from "
+            f"example_inputs()")

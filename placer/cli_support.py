@@ -7,7 +7,9 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import os
 import re
+import select
 import sys
 import textwrap
 from contextlib import contextmanager
@@ -19,7 +21,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 console = Console(stderr=True)
 STDOUT = sys.stdout  # placer's own output; sys.stdout itself is stderr while a command runs
 
-__all__ = ["STDOUT", "echo", "warn", "FiniteFloat", "devices_option", "memory_option", "groups_option", "seed_option",
+EXIT_READER_GONE = 141  # 128 + SIGPIPE: what the shell reports for `seq 1 100000 | head -1`
+
+__all__ = ["STDOUT", "echo", "warn", "PlacerGroup", "PipeBroken", "reader_gone", "leave_quietly", "EXIT_READER_GONE", "FiniteFloat", "devices_option", "memory_option", "groups_option", "seed_option",
            "iters_option", "step_timeout_option", "backend_option", "train_backend_option", "protocol_options", "protocol_from_options",
            "stage_progress", "field_meanings"]
 
@@ -32,6 +36,40 @@ def echo(text: str = "") -> None:
 def warn(text: str) -> None:
     """One line `warning: ...` on stderr."""
     click.echo(f"warning: {text}", err=True)
+
+
+class PipeBroken(Exception):
+    """A write to a pipe whose reader is gone (the BrokenPipeError is the __cause__), raised
+    past click: click ends the process with a bare sys.exit(1) on any EPIPE, a closed
+    stdout (`placer search-options | head -2`) and a dead worker's pipe alike."""
+
+
+class PlacerGroup(click.Group):
+    """The `placer` command group: a broken pipe in a command reaches main() as PipeBroken."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            raise PipeBroken() from exc
+
+
+def reader_gone() -> bool:
+    """Whether the reader of stdout or stderr went away (the write end of a pipe whose read
+    end is closed polls as an error): the user's `| head`, not a fault of placer's."""
+    poll = select.poll()
+    for fd in (1, 2):
+        poll.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+
+
+def leave_quietly() -> None:
+    """Point stdout and stderr at /dev/null, so that nothing more is written to a closed
+    pipe (Python's own flush at exit would print "Exception ignored ... BrokenPipeError")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 class FiniteFloat(click.ParamType):
@@ -91,10 +129,15 @@ def protocol_options(fn):
 
 
 def protocol_from_options(iters: int, ci_target: float, measure_cap: float, step_timeout: float):
-    """The measurement Protocol of the protocol options."""
+    """The measurement Protocol of the protocol options. Raises PlacerError for a --ci
+    outside (0, 0.5] (placer.optimize.check_protocol)."""
     from placer.measurements import Protocol
-    return Protocol(target=ci_target, min_runs=iters, max_runs=max(iters, 200), cap_per_candidate_s=measure_cap,
-                    step_timeout_s=step_timeout)
+    from placer.optimize import check_protocol
+
+    protocol = Protocol(target=ci_target, min_runs=iters, max_runs=max(iters, 200), cap_per_candidate_s=measure_cap,
+                        step_timeout_s=step_timeout)
+    check_protocol(protocol)
+    return protocol
 
 
 @contextmanager
