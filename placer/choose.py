@@ -35,10 +35,11 @@ The rules (issue 14, DESIGN.md "Measuring"):
 7. An unplaced measurement taken on a busy host is no reference either (the same path
    as rule 5): its steps run torch's intra-op threads on every core, and OpenMP teams
    stall while other processes hold their cores, so it can take 10-100x its idle
-   time while a one-core plan does not (`Measurement.busy`: the load average above
-   the cores, placer.runtime.timing.busy_host). A ratio over it would be a thread
-   effect of that minute, not a placement's: measure on an idle host, then --resume
-   (the final and confirm sessions measure unplaced afresh).
+   time while a one-core plan does not (`Measurement.busy`: other processes' load,
+   the load average less placer's own share, above half the cores and at least one:
+   placer.runtime.host_load). A ratio over it would be a thread effect of that
+   minute, not a placement's: measure on an idle host, then --resume (the final and
+   confirm sessions measure unplaced afresh).
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ def unmeasured(unplaced: MethodResult | None, protocol: Protocol | None) -> str 
     if unplaced is None or not unplaced.measured or unplaced.ci_ms is None or not unplaced.measured_ms:
         return None
     if unplaced.busy is not None:
-        return (f"the host was busy (load {unplaced.busy['load']:.1f} on {unplaced.busy['cores']} cores) while "
+        own = f", {unplaced.busy['own']:.1f} of it placer's own" if "own" in unplaced.busy else ""
+        return (f"the host was busy (load {unplaced.busy['load']:.1f} on {unplaced.busy['cores']} cores{own}) while "
                 f"unplaced ran in the {unplaced.session} session ({unplaced.measured_ms:.2f} ms): torch's intra-op "
                 f"threads stall while other processes hold their cores, so a speedup over it is that minute's "
                 f"thread effect, not a placement's, and no verdict")

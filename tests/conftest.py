@@ -1,6 +1,6 @@
 """Test-wide settings: every test run profiles into its own fresh cache, so that the
 suite never depends on (or pollutes) a user's ~/.cache/placer; every test sees an
-idle host (the load average behind placer.runtime.timing.busy_host is 0; a test of
+idle host (the load average behind placer.runtime.host_load.busy_host is 0; a test of
 the busy-host rule patches it higher); `gpu` tests skip where CUDA is absent; the
 zoo models' placement problems are built once a session."""
 
@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 def idle_host(monkeypatch):
     """The host's load average reads 0 (idle), whatever the real one is: no test's verdict
     depends on other work on the host."""
-    monkeypatch.setattr("placer.runtime.timing.load_average", lambda: 0.0)
+    monkeypatch.setattr("placer.runtime.host_load.load_average", lambda: 0.0)
 
 
 @pytest.fixture

@@ -231,7 +231,7 @@ BUSY = {"load": 3.8, "cores": 2}
 
 
 def busy(ms: float) -> Measurement:
-    """An unplaced measurement timed on a busy host (placer.runtime.timing.busy_host found load 3.8 on 2 cores)."""
+    """An unplaced measurement timed on a busy host (placer.runtime.host_load.busy_host found load 3.8 on 2 cores)."""
     m = around(ms)
     m.busy = dict(BUSY)
     return m

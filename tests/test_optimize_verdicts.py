@@ -85,7 +85,7 @@ def test_ctrl_c_before_anything_was_measured_says_nothing_was_kept(workload, tmp
 def test_no_verdict_over_an_unplaced_timed_on_a_busy_host_and_resume_measures_it_again(workload, tmp_path,
                                                                                       monkeypatch, two_threads):
     # Trial 2 item 1: unplaced's intra-op threads stall on a loaded host (806 ms beside a one-core plan's 11.5 ms).
-    monkeypatch.setattr("placer.runtime.timing.load_average", lambda: 9.0)
+    monkeypatch.setattr("placer.runtime.host_load.load_average", lambda: 9.0)
     out = tmp_path / "out"
     results = run(workload, out, methods=["single", "expert"])
     assert results.choice.verdict == "unmeasured" and results.best is None and results.unplaced.busy is not None
@@ -95,7 +95,7 @@ def test_no_verdict_over_an_unplaced_timed_on_a_busy_host_and_resume_measures_it
     saved = json.loads((out / "results.json").read_text())
     assert not any((r["vs_unplaced"] or {}).get("verdict") in ("faster", "slower", "tie") for r in saved["methods"])
     assert sum("the host was busy" in note for note in results.notes) == 1  # one note, not one per session
-    monkeypatch.setattr("placer.runtime.timing.load_average", lambda: 0.0)  # an idle host: --resume judges afresh
+    monkeypatch.setattr("placer.runtime.host_load.load_average", lambda: 0.0)  # an idle host: --resume judges afresh
     resumed = run(workload, out, methods=["single", "expert"], resume=True)
     assert resumed.choice.verdict != "unmeasured" and resumed.unplaced.busy is None
     assert resumed.unplaced.session == "confirm" and (out / "plan.json").is_file()

@@ -4,6 +4,7 @@ CI of the median, runs) and the trials that time placed and unplaced models."""
 import math
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -177,10 +178,31 @@ def test_a_slow_measurement_is_infeasible_and_names_the_limit():
 def test_an_unplaced_model_timed_on_a_busy_host_says_so(monkeypatch, load, threads, noted):
     # The load is a structured field of the Measurement (the verdict rule reads it, placer.choose rule 7), and
     # the note holds no number, so that the note of several sessions is one note. It round-trips through JSON.
-    monkeypatch.setattr("placer.runtime.timing.load_average", lambda: load)
+    monkeypatch.setattr("placer.runtime.host_load.load_average", lambda: load)
     m = run_trial(EagerTrial(workload(), "cpu", threads=threads, warmup=1), iters=1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    assert m.busy == ({"load": load, "cores": cores} if noted else None)
+    assert (m.busy is not None) == noted and (m.busy is None or (m.busy["load"], m.busy["cores"]) == (load, cores))
     busy = [n for n in m.notes if "the host was busy" in n]
     assert len(busy) == noted and all("idle host" in n and str(load) not in n for n in busy)
     assert Measurement.from_json(m.to_json()).busy == m.busy
+
+
+@pytest.mark.parametrize("load, own, cores, busy", [(2.5, 2.0, 2, False), (2.5, 0.0, 2, True), (1.9, 0.5, 2, True),
+                                                   (1.0, 0.0, 2, False), (5.0, 1.0, 16, False), (12.0, 1.0, 16, True)])
+def test_the_host_is_busy_when_other_processes_hold_more_than_half_its_cores(monkeypatch, load, own, cores, busy):
+    # The load average counts this process too (its workers, unplaced's own team): its share is taken off.
+    from placer.runtime import host_load
+
+    monkeypatch.setattr(host_load, "load_average", lambda: load)
+    monkeypatch.setattr(host_load, "own_load", lambda: own)
+    found = host_load.busy_host(cores)
+    assert (found is not None) == busy and (found is None or found == {"load": load, "cores": cores, "own": own})
+
+
+def test_this_processs_own_load_is_its_cpu_seconds_over_the_window():
+    from placer.runtime import host_load
+
+    start = time.monotonic()
+    while time.monotonic() - start < 0.2:  # keep one core busy
+        pass
+    assert 0.0 < host_load.own_load() <= os.cpu_count() + 0.5

@@ -34,8 +34,9 @@ class Measurement:
     peak_bytes : device name -> peak bytes held.
     reason : why it is infeasible.
     notes : things the user should know (e.g. the loss is NaN).
-    busy : {"load": 1-minute load average, "cores": the cores its steps ran on} when the
-        host was busy while it was timed (placer.runtime.timing.busy_host), else None.
+    busy : {"load": 1-minute load average, "cores": the cores its steps ran on, "own":
+        this process's share of the load} when the host was busy while it was timed
+        (placer.runtime.host_load.busy_host), else None.
     """
 
     feasible: bool
@@ -97,10 +98,11 @@ class Measurement:
 
 
 def _busy(value: object) -> dict | None:
-    """A saved `busy` field back ({"load", "cores"}); None for null or anything damaged."""
+    """A saved `busy` field back ({"load", "cores", "own"}); None for null or anything damaged."""
     if not isinstance(value, Mapping) or _float_or_none(value.get("load")) is None:
         return None
-    return {"load": float(value["load"]), "cores": int(value.get("cores") or 1)}
+    return {"load": float(value["load"]), "cores": int(value.get("cores") or 1),
+            **({"own": float(value["own"])} if _float_or_none(value.get("own")) is not None else {})}
 
 
 def _float_or_none(value: object) -> float | None:

@@ -21,7 +21,7 @@ caller's intra-op thread count, and for the unplaced model every core of the pro
 both are restored after the step, also where the runtime left the caller pinned to a
 device's cores (a forward whose backward never ran). An unplaced model whose steps run
 intra-op threads records whether the host was busy when it was warmed up
-(`Measurement.busy`, from `busy_host`): placer.choose takes no verdict from it.
+(`Measurement.busy`, from placer.runtime.host_load): placer.choose takes no verdict from it.
 
 A device over its memory cap, a real out-of-memory error, a plan the runtime refuses
 (placer.runtime.refusals.Refused: micro-batches that would change the model), or a
@@ -44,31 +44,17 @@ from graphs.devices import Cluster, format_size, parse_cluster
 from graphs.problem import PlacementProblem
 from graphs.workload import Workload
 from placer.plan import Plan, make_plan, with_workload_options
+from placer.runtime.host_load import busy_host
 from placer.runtime.placed import PlacedModule, apply
 from placer.runtime.refusals import Refused
 from placer.runtime.stats import CONFIDENCE, Measurement, median_ci, summarize
 from placer.runtime.worker import caller_threads
 
 __all__ = ["Measurement", "median_ci", "summarize", "time_steps", "StepTimeout", "Trial", "PlacedTrial",
-           "EagerTrial", "run_trial", "measure", "measure_placement", "measure_eager", "CONFIDENCE", "Clock",
-           "load_average", "busy_host"]
+           "EagerTrial", "run_trial", "measure", "measure_placement", "measure_eager", "CONFIDENCE", "Clock"]
 
 
 Clock = Callable[[], float]  # seconds, monotonic (time.perf_counter; a fake one in tests)
-
-
-def load_average() -> float | None:
-    """The host's 1-minute load average (runnable processes), None where the OS cannot say."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
-def busy_host(cores: int) -> dict | None:
-    """{"load", "cores"} when the host is too busy to time a step that runs intra-op
-    threads on `cores` cores (its load average above cores + 1: the timing process
-    adds up to about one), else None. OpenMP teams stall while other processes hold
-    their cores: such a step can take 10-100x its idle time (placer.choose rule 7)."""
-    load = load_average()
-    return {"load": round(load, 2), "cores": cores} if load is not None and load > cores + 1 else None
 
 
 class StepTimeout(Exception):
@@ -339,10 +325,10 @@ class EagerTrial(Trial):
         elif (self.threads or torch.get_num_threads()) > 1:
             self.busy = busy_host(len(self.cores) or 1)
             if self.busy is not None:
-                self.notes.append(f"{self.label}: the host was busy while it was timed (load average above its "
-                                  f"{self.busy['cores']} cores): torch's intra-op threads wait for each other at "
-                                  f"every parallel op, so with other processes on their cores a step can take "
-                                  f"10-100x longer than on an idle host; measure on an idle host")
+                self.notes.append(f"{self.label}: the host was busy while it was timed (other processes held "
+                                  f"some of its {self.busy['cores']} cores): torch's intra-op threads wait for "
+                                  f"each other at every parallel op, so with other processes on their cores a step "
+                                  f"can take 10-100x longer than on an idle host; measure on an idle host")
 
     def _around_step(self) -> AbstractContextManager:
         return _ThreadState(self.threads if self.device.type == "cpu" else None, self.cores)
