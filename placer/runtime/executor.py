@@ -102,7 +102,7 @@ class Executor:
         self.count_activations = False
         self.excluded_storages: set[int] = set()  # parameters and buffers: not activations
         self.closed = False
-        self._start()
+        self._start(caller_threads(self.devices.values()))
 
     @classmethod
     def build(cls, model: nn.Module, gm: fx.GraphModule, assignment: dict[str, str], devices: Mapping[str, Device], *,
@@ -139,12 +139,12 @@ class Executor:
         return cls(chunks, devices, microbatches=microbatches, batch_dims=batch_dims,
                    microbatch_statistics=microbatch_statistics, source=source)
 
-    def _start(self) -> None:
+    def _start(self, caller: int | None) -> None:  # then the caller has `caller` threads (None: its own)
         own = torch.get_num_threads()  # copied before the workers set the process-wide count (worker.py)
         used = {c.device for c in self.chunks}
         shares = core_shares(list(self.devices.values())) if self.pin else {}
         self.workers = {name: Worker(d, shares.get(name, ())) for name, d in self.devices.items() if name in used}
-        own_threads(caller_threads(self.devices.values()) or own)
+        own_threads(caller or own)
         self._chunk_workers = [self.workers[c.device] for c in self.chunks]
         self._host_only = all(w.stream is None for w in self.workers.values())
         # Per chunk and output: (its consumers, each with whether its gradients arrive on
@@ -176,7 +176,7 @@ class Executor:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._start()
+        self._start(caller_threads(self.devices.values()))
 
     # -- forward -------------------------------------------------------------
 
@@ -439,7 +439,7 @@ class Executor:
         for w in self.workers.values():
             w.close()
         self.pin = pin
-        self._start()
+        self._start(None)  # the caller keeps the count it has
 
     def close(self) -> None:
         """Stop the workers; any later call raises ExecutionError at once."""

@@ -224,7 +224,7 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
     plan's CPU devices, e.g. 1 for cpu:0,cpu:1 on 2 cores, set once every device's
     worker has set its own. The caller runs the loss and the optimizer step and serves
     one CPU device itself; with the host's count its OpenMP team would spin against the
-    workers (steps 10-40x slower). A plan whose one device is the whole host `cpu` (the
+    workers for their cores, many times slower a step. A plan whose one device is the whole host `cpu` (the
     model unplaced), or that has no CPU device, keeps the caller's count. Either way the
     process-wide count (which threads that have not run torch yet copy) ends equal to the
     caller's. `torch.set_num_threads(n)` after apply undoes it; the workers keep theirs.
