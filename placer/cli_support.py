@@ -18,12 +18,15 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from graphs.errors import PlacerError
+
 console = Console(stderr=True)
 STDOUT = sys.stdout  # placer's own output; sys.stdout itself is stderr while a command runs
 
 EXIT_READER_GONE = 141  # 128 + SIGPIPE: what the shell reports for `seq 1 100000 | head -1`
 
-__all__ = ["STDOUT", "echo", "warn", "PlacerGroup", "PipeBroken", "reader_gone", "leave_quietly", "EXIT_READER_GONE", "FiniteFloat", "devices_option", "memory_option", "groups_option", "seed_option",
+__all__ = ["STDOUT", "echo", "warn", "PlacerGroup", "PipeBroken", "reader_gone", "leave_quietly", "EXIT_READER_GONE",
+           "usage_message", "check_cache", "FiniteFloat", "devices_option", "memory_option", "groups_option", "seed_option",
            "iters_option", "step_timeout_option", "backend_option", "train_backend_option", "protocol_options", "protocol_from_options",
            "stage_progress", "field_meanings"]
 
@@ -70,6 +73,34 @@ def leave_quietly() -> None:
     for fd in (1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+
+
+def usage_message(exc: click.ClickException) -> str:
+    """A bad flag or argument as one line that points to the help of the command it was
+    given to; `--debug` after the command says where it goes instead."""
+    ctx = getattr(exc, "ctx", None)
+    command = f"placer {ctx.info_name}" if ctx is not None and ctx.parent is not None else "placer"
+    if isinstance(exc, click.NoSuchOption) and exc.option_name == "--debug" and command != "placer":
+        rest = [a for a in sys.argv[1:] if a != "--debug"]
+        return f"--debug goes before the command: placer --debug {' '.join(rest)}"
+    return f"{exc.format_message().rstrip('.')} (see {command} --help)"
+
+
+def check_cache() -> None:
+    """A $PLACER_CACHE that is a file is an error; an unwritable one a warning, and a
+    temporary folder is used for this run."""
+    import tempfile
+
+    from graphs.files import cache_dir_problem
+
+    problem = cache_dir_problem()
+    if problem is None:
+        return
+    kind, message = problem
+    if kind == "file":
+        raise PlacerError(message)
+    os.environ["PLACER_CACHE"] = tempfile.mkdtemp(prefix="placer-cache-")
+    warn(f"{message}; caching in {os.environ['PLACER_CACHE']} for this run")
 
 
 class FiniteFloat(click.ParamType):

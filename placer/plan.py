@@ -37,13 +37,15 @@ import torch.fx as fx
 from torch import nn
 
 from graphs.capture import capture_info, example_like, node_params, owning_module
-from graphs.errors import PlanError
+from graphs.devices import Cluster, parse_cluster
+from graphs.errors import DeviceSpecError, PlanError
 from graphs.files import write_text_atomically
 from graphs.problem import PlacementProblem
 from graphs.trace import Traced, trace_model
 from graphs.trace import fingerprint as model_fingerprint
 from graphs.trace import tensors_fingerprint
 from graphs.workload import Workload
+from placer.device_map import accelerate_device_map, accelerate_name, derive_device_map
 
 FORMAT = "placer.plan/v2"
 FORMAT_V1 = "placer.plan/v1"
@@ -132,6 +134,9 @@ def load_plan(path: str | Path, fingerprint: str | None = None) -> Plan:
         if isinstance(data.get("device_map"), dict):
             data["device_map"] = {k: accelerate_name(v) if isinstance(v, str) else v
                                   for k, v in data["device_map"].items()}
+    elif str(data.get("schema", "")).startswith("placer.results/"):
+        raise PlanError(f"{path}: this is a results file (what a run measured), not a plan: pass the plan.json "
+                        f"beside it, {path.parent / 'plan.json'}")
     elif version != FORMAT:
         raise PlanError(f"{path}: unknown plan format {version!r} (this placer reads {FORMAT!r} and {FORMAT_V1!r})")
     missing = [k for k in _REQUIRED if k not in data]
@@ -185,11 +190,38 @@ def _type_problem(data: dict) -> str | None:
         return "capture.inputs must list {shape, dtype} of each input"
     if not isinstance(capture.get("tensors"), (str, type(None))):
         return f"capture.tensors must be a string or null, found {capture['tensors']!r}"
+    groups, placement = data.get("groups"), data.get("placement")
+    if groups is not None and not (isinstance(groups, list) and all(
+            isinstance(g, list) and all(isinstance(n, str) for n in g) for g in groups)):
+        return "groups must be a list of lists of node names, or null"
+    n_devices = len(data["devices"])
+    if placement is not None and not (isinstance(placement, list) and all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < n_devices for d in placement)):
+        return f"placement must list a device index from 0 to {n_devices - 1} for each group, or be null"
+    if groups is not None and placement is not None and len(placement) != len(groups):
+        return (f"placement gives {len(placement)} devices for {len(groups)} groups (one each): the file was cut or "
+                f"edited; write the plan again (placer optimize, or placer baseline --out)")
     for key in ("simulated_ms", "measured_ms"):
         value = data.get(key)
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
             return f"{key} must be a finite number or null, found {value!r}"
     return None
+
+
+def plan_cluster(plan: Plan, memory: str | None = None) -> Cluster:
+    """The plan's devices on this host, with the `memory` caps (--memory).
+
+    Raises
+    ------
+    DeviceSpecError : this host lacks one of the plan's devices (naming the plan, its
+        devices and the fix: a plan of this host's devices), or `memory` is malformed.
+    """
+    try:
+        parse_cluster(",".join(plan.devices))
+    except DeviceSpecError as exc:
+        raise DeviceSpecError(f"{plan.source} places the model on {', '.join(plan.devices)}, but {exc}: make a plan "
+                              f"for this host's devices here (placer optimize, or placer baseline --out)") from None
+    return parse_cluster(",".join(plan.devices), memory)
 
 
 def mismatch_message(plan: Plan, fingerprint: str) -> str:
@@ -265,86 +297,6 @@ def _check_tensors(model: nn.Module, plan: Plan) -> None:
     if stray:
         raise PlanError(f"{plan.source} was made for another model (it places {stray[0]!r}, which this "
                         f"{type(model).__name__} lacks): re-run `placer optimize` for this model")
-
-
-def accelerate_name(device: str) -> str:
-    """The name accelerate's dispatch_model accepts for a placer device: every CPU
-    device (virtual or not) is "cpu", a GPU "cuda:N"; an owner prefix (rankR:) goes."""
-    local = device.split(":", 1)[1] if device.startswith("rank") else device
-    if local.startswith("cpu"):
-        return "cpu"
-    return local if ":" in local else f"{local}:0"
-
-
-def derive_device_map(node_modules: Mapping[str, str], node_params: Mapping[str, Iterable[str]],
-                      assignment: Mapping[str, str]) -> dict[str, str]:
-    """accelerate-style device map: the highest modules whose nodes and parameters all
-    sit on one device, plus single parameters of modules that are split.
-
-    Parameters
-    ----------
-    node_modules : node -> owning module path ("" for the root).
-    node_params : node -> qualified names of the parameters and buffers it reads.
-    assignment : node -> device name.
-
-    Returns
-    -------
-    module path (or parameter name) -> device name, sorted by key.
-
-    Examples
-    --------
-    >>> derive_device_map({"a": "m", "b": "m.inner"}, {"a": ["m.w"], "b": []}, {"a": "cpu:0", "b": "cpu:1"})
-    {'m.inner': 'cpu:1', 'm.w': 'cpu:0'}
-    """
-    devices_under: dict[str, set[str]] = {}  # module path -> devices of everything inside it
-    param_device: dict[str, str] = {}
-
-    def note(path: str, device: str) -> None:
-        parts = path.split(".") if path else []
-        for i in range(len(parts) + 1):
-            devices_under.setdefault(".".join(parts[:i]), set()).add(device)
-
-    for node, device in assignment.items():
-        note(node_modules.get(node, ""), device)
-        for p in node_params.get(node, ()):
-            param_device[p] = device
-            note(p.rpartition(".")[0], device)
-
-    def parent(path: str) -> str | None:
-        return None if path == "" else path.rpartition(".")[0]
-
-    def single(path: str | None) -> bool:
-        return path is not None and len(devices_under.get(path, ())) == 1
-
-    device_map = {}
-    for path, devs in devices_under.items():
-        if single(path) and not single(parent(path)):
-            device_map[path] = next(iter(devs))
-    for p, device in param_device.items():
-        if not single(p.rpartition(".")[0]):
-            device_map[p] = device
-    return dict(sorted(device_map.items()))
-
-
-def accelerate_device_map(device_map: Mapping[str, str], tensor_names: Iterable[str], default: str) -> dict[str, str]:
-    """`device_map` in accelerate's device names, completed so that it covers every
-    name in `tensor_names` (the model's state_dict keys): a tensor no node reads goes
-    with the highest module of its path that no entry covers, on `default`."""
-    result = {key: accelerate_name(device) for key, device in device_map.items()}
-
-    def covered(name: str) -> bool:
-        return "" in result or any(name == k or name.startswith(k + ".") for k in result)
-
-    def inside(path: str) -> bool:  # some entry lies inside this module path
-        return any(k == path or k.startswith(path + ".") for k in result) if path else bool(result)
-
-    for name in tensor_names:
-        if covered(name):
-            continue
-        parts = name.split(".")
-        key = next((".".join(parts[:i]) for i in range(1, len(parts)) if not inside(".".join(parts[:i]))), name)
-        result[key] = accelerate_name(default)
-    return dict(sorted(result.items()))
 
 
 def leaf_paths_of(gm: fx.GraphModule, fallback_paths: Iterable[str]) -> list[str]:

@@ -1,0 +1,235 @@
+"""User mistakes of the second new-user trial (docs/trial2.md items 5, 6, 8), in process where
+they can be: each is one line naming the cause and the fix, exit status 2 from the command
+line; a closed stdout is no error; placer's own faults stay internal errors (status 1)."""
+
+import json
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import click
+import pytest
+import torch
+from torch import nn
+
+from graphs.capture import NodeFailure, capture, failure_on_inputs
+from graphs.errors import DeviceSpecError, PlanError, WorkloadError
+from graphs.profile import profile
+from graphs.workload import Workload, load_workload
+from placer import cli as placer_cli
+from placer.plan import Plan, load_plan, plan_cluster
+
+ROOT = Path(__file__).parent.parent
+HEAD = "import sys\nimport torch\nfrom torch import nn\n"
+
+
+def workload_file(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "w.py"
+    path.write_text(HEAD + body)
+    return str(path)
+
+
+def load_error(tmp_path: Path, body: str) -> str:
+    with pytest.raises(WorkloadError) as err:
+        load_workload(workload_file(tmp_path, body))
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """Run placer's main() in this process on `args`: (exit status, stdout, stderr). The
+    signal handlers and warnings display main installs are restored afterwards."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["placer", *args])
+        monkeypatch.setattr(placer_cli, "echo", lambda text="": print(text))  # STDOUT was bound at import
+        try:
+            with pytest.raises(SystemExit) as exited:
+                placer_cli.main()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        out, err = capsys.readouterr()
+        return exited.value.code, out, err
+
+    return run
+
+
+@pytest.fixture
+def extra_command():
+    """Add a command to the `placer` group for one test."""
+    added = []
+
+    def add(name: str, fn) -> None:
+        placer_cli.cli.add_command(click.Command(name, callback=fn))
+        added.append(name)
+
+    yield add
+    for name in added:
+        del placer_cli.cli.commands[name]
+
+
+# --- item 5: a closed stdout, and which SystemExit is the workload's -----------------------------
+
+def test_a_reader_that_goes_away_ends_placer_quietly_with_sigpipes_status():
+    done = subprocess.Popen([sys.executable, "-c", "import sys; from placer.cli import main; sys.argv = "
+                             "['placer', 'search-options']; main()"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True)
+    done.stdout.close()  # `| head -0`: gone before placer writes its first line
+    err = done.stderr.read()
+    assert done.wait(timeout=300) == placer_cli.EXIT_READER_GONE == 141
+    assert err == ""  # not "the workload called sys.exit(1)", no "Exception ignored" either
+
+
+def test_a_broken_pipe_that_is_not_the_reader_going_away_is_an_internal_error(run_main, extra_command, monkeypatch):
+    def worker_died():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    extra_command("pipe", worker_died)
+    left = []
+    monkeypatch.setattr(placer_cli, "leave_quietly", lambda: left.append(True))
+    code, _, err = run_main("pipe")  # this test's stdout and stderr are open
+    assert code == 1 and err.strip().splitlines()[-1].startswith("error: internal error: BrokenPipeError")
+    assert "sys.exit" not in err and not left
+    monkeypatch.setattr(placer_cli, "reader_gone", lambda: True)
+    code, _, err = run_main("pipe")  # the user's `| head` went away
+    assert (code, err, left) == (141, "", [True])
+
+
+def test_a_sys_exit_that_is_not_the_workloads_is_left_alone(run_main, extra_command):
+    extra_command("exits", lambda: sys.exit(3))
+    code, _, err = run_main("exits")
+    assert code == 3 and "workload" not in err
+
+
+def test_a_forward_that_calls_sys_exit_is_a_workload_error(tmp_path):
+    path = workload_file(tmp_path, """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__(); self.l = nn.Linear(3, 3)
+    def forward(self, x):
+        sys.exit(4)
+def build_model(): return M()
+def example_inputs(): return torch.randn(2, 3)
+""")
+    with pytest.raises(WorkloadError, match=r"the model's forward \(M\) called sys.exit\(4\)"):
+        capture(load_workload(path))
+
+
+# --- item 6: the user's model failing, and a forward placer cannot call ---------------------------
+
+def test_a_keyword_only_forward_is_refused_at_load_with_the_wrapper_to_write(tmp_path):
+    message = load_error(tmp_path, """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__(); self.l = nn.Linear(4, 4)
+    def forward(self, *, x):
+        return self.l(x)
+def build_model(): return M()
+def example_inputs(): return torch.randn(3, 4)
+""")
+    assert "M.forward(*, x) cannot be called as model(*example_inputs())" in message
+    assert "x is keyword-only" in message and "def forward(self, x): return self.model(x=x)" in message
+
+
+def test_integer_inputs_to_a_linear_layer_are_a_workload_error_naming_the_dtype(tmp_path):
+    loaded = Workload(name="t", spec="t.py", model=nn.Linear(3, 3), inputs=(torch.randn(2, 3).long(),))
+    with pytest.raises(WorkloadError) as err:  # export accepts it on fake tensors: the profile's real run fails
+        profile(capture(loaded), loaded, repeats=1, cache_dir=tmp_path)
+    message = str(err.value)
+    assert message.startswith("t.py: the model fails on its example inputs at node 'linear'")
+    assert "mat1 and mat2 must have the same dtype" in message and "example input 0 is int64" in message
+
+
+def test_a_model_failing_in_its_own_code_names_the_line(tmp_path):
+    path = workload_file(tmp_path, """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__(); self.w = nn.Parameter(torch.randn(5, 2))
+    def forward(self, x):
+        return x @ self.w
+def build_model(): return M()
+def example_inputs(): return torch.randn(2, 3)
+""")
+    with pytest.raises(WorkloadError) as err:
+        capture(load_workload(path))
+    message = str(err.value)
+    assert f"the model fails on its example inputs at {path}:9 (return x @ self.w)" in message
+    assert "fix: make example_inputs() return the tensors forward expects" in message
+
+
+def test_a_capture_that_fails_where_the_model_runs_is_placers_error_not_the_users():
+    try:
+        raise RuntimeError("the capture is wrong")
+    except RuntimeError as exc:
+        failure = NodeFailure(torch.fx.symbolic_trace(nn.Linear(2, 2)).graph.find_nodes(op="placeholder")[0])
+        failure.__cause__ = exc
+    assert failure_on_inputs("t.py", nn.Linear(2, 2), (torch.randn(1, 2),), failure) is failure.__cause__
+
+
+# --- item 8: messages that say what to do -----------------------------------------------------------
+
+def test_a_dict_input_names_the_wrapper_module(tmp_path):
+    message = load_error(tmp_path, """
+def build_model(): return nn.Linear(2, 2)
+def example_inputs(): return ({"x": torch.randn(2, 2), "w": torch.randn(2, 1)},)
+""")
+    assert "item 0 is dict, not a tensor" in message
+    assert "def forward(self, x, w): return self.model({'x': x, 'w': w})" in message
+
+
+def test_a_loss_fn_that_returns_a_vector_is_told_to_return_a_scalar(tmp_path):
+    loaded = load_workload(workload_file(tmp_path, """
+def build_model(): return nn.Linear(3, 3)
+def example_inputs(): return torch.randn(2, 3)
+def loss_fn(out, x): return out
+"""))
+    x = loaded.inputs[0]
+    with pytest.raises(WorkloadError, match=r"loss_fn\(\) returned a tensor of shape \[2, 3\]; loss_fn must return "
+                                            r"a scalar tensor: reduce it, e.g. with .mean\(\)"):
+        loaded.loss_fn(loaded.model(x), x)
+    assert loaded.loss_fn(loaded.model(x).sum(dim=0, keepdim=True)[:, :1], x).numel() == 1  # one element is fine
+
+
+def test_a_plan_for_devices_this_host_lacks_names_the_plan_and_the_fix(tmp_path):
+    plan = load_plan(Plan(devices=["cpu:0", "cuda:63"], assignment={}, device_map={}, fingerprint="f")
+                     .save(tmp_path / "gpuplan.json"))
+    with pytest.raises(DeviceSpecError) as err:
+        plan_cluster(plan)
+    message = str(err.value)
+    assert message.startswith("gpuplan.json places the model on cpu:0, cuda:63, but device 'cuda:63'")
+    assert "make a plan for this host's devices here (placer optimize" in message
+    assert plan_cluster(Plan(devices=["cpu:0", "cpu:1"], assignment={}, device_map={}, fingerprint="f")).names \
+        == ["cpu:0", "cpu:1"]
+
+
+def test_a_results_file_given_as_a_plan_points_to_the_plan_beside_it(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"schema": "placer.results/v1", "methods": []}))
+    with pytest.raises(PlanError, match=r"results.json: this is a results file .* pass the plan.json beside it"):
+        load_plan(tmp_path / "results.json")
+
+
+@pytest.mark.parametrize("placement, error", [
+    ([0], "placement gives 1 devices for 2 groups (one each): the file was cut or edited"),
+    ([0, 1, 1], "placement gives 3 devices for 2 groups"),
+    ([0, 2], "placement must list a device index from 0 to 1 for each group"),
+])
+def test_a_placement_that_does_not_match_the_groups_is_refused(tmp_path, placement, error):
+    plan = Plan(devices=["cpu:0", "cpu:1"], assignment={}, device_map={}, fingerprint="f", groups=[["a"], ["b"]],
+                placement=placement)
+    with pytest.raises(PlanError) as err:
+        load_plan(plan.save(tmp_path / "plan.json"))
+    assert error in str(err.value)
+
+
+def test_debug_after_the_command_says_where_it_goes_and_option_errors_name_the_commands_help(run_main):
+    code, _, err = run_main("inspect", "model.py", "--debug")
+    assert (code, err) == (2, "error: --debug goes before the command: placer --debug inspect model.py\n")
+    code, _, err = run_main("inspect", "model.py", "--bogus")
+    assert (code, err) == (2, "error: No such option '--bogus' (see placer inspect --help)\n")
