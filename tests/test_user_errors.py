@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from graphs.capture import NodeFailure, capture, failure_on_inputs
 from graphs.errors import DeviceSpecError, PlanError, WorkloadError
 from graphs.profile import profile
 from graphs.workload import Workload, load_workload
+import placer.runtime.timing
 from placer import cli as placer_cli
 from placer.plan import Plan, load_plan, plan_cluster
 
@@ -233,3 +235,14 @@ def test_debug_after_the_command_says_where_it_goes_and_option_errors_name_the_c
     assert (code, err) == (2, "error: --debug goes before the command: placer --debug inspect model.py\n")
     code, _, err = run_main("inspect", "model.py", "--bogus")
     assert (code, err) == (2, "error: No such option '--bogus' (see placer inspect --help)\n")
+
+
+def test_a_refused_plan_is_named_once(run_main, tmp_path, monkeypatch):
+    path = workload_file(tmp_path, "def build_model(): return nn.Linear(2, 2)\n"
+                                   "def example_inputs(): return torch.randn(2, 2)\n")
+    plan = Plan(devices=["cpu:0", "cpu:1"], assignment={}, device_map={}, fingerprint="f").save(tmp_path / "p2.json")
+    refused = types.SimpleNamespace(feasible=False, notes=[], peak_bytes={},
+                                    reason="refused: p2.json: output 'loss' is computed inside the model")
+    monkeypatch.setattr(placer.runtime.timing, "measure", lambda *args, **kwargs: refused)
+    code, _, err = run_main("measure", path, "--plan", str(plan))
+    assert (code, err) == (2, f"error: {plan}: infeasible: refused: output 'loss' is computed inside the model\n")
