@@ -1,6 +1,7 @@
 """Test-wide settings: every test run profiles into its own fresh cache, so that the
-suite never depends on (or pollutes) a user's ~/.cache/placer; every test sees an
-idle host (the load average behind placer.runtime.host_load.busy_host is 0; a test of
+suite never depends on (or pollutes) a user's ~/.cache/placer; every test, and every
+placer process a test starts, sees an idle host (the load average behind
+placer.runtime.host_load.busy_host is 0, also through $PLACER_LOAD_AVERAGE; a test of
 the busy-host rule patches it higher); `gpu` tests skip where CUDA is absent; the
 zoo models' placement problems are built once a session."""
 
@@ -17,6 +18,7 @@ from graphs.problem import PlacementProblem, build_problem
 
 def pytest_configure(config):
     os.environ["PLACER_CACHE"] = tempfile.mkdtemp(prefix="placer-test-cache-")
+    os.environ["PLACER_LOAD_AVERAGE"] = "0"  # an idle host for the placer processes tests start, too
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
 def idle_host(monkeypatch):
     """The host's load average reads 0 (idle), whatever the real one is: no test's verdict
     depends on other work on the host."""
-    monkeypatch.setattr("placer.runtime.host_load.load_average", lambda: 0.0)
+    monkeypatch.setenv("PLACER_LOAD_AVERAGE", "0")  # pytest_configure's too: fixtures of wider scope run first
 
 
 @pytest.fixture

@@ -206,3 +206,14 @@ def test_this_processs_own_load_is_its_cpu_seconds_over_the_window():
     while time.monotonic() - start < 0.2:  # keep one core busy
         pass
     assert 0.0 < host_load.own_load() <= os.cpu_count() + 0.5
+
+
+def test_the_load_average_can_be_given_and_a_bad_one_is_one_line(monkeypatch):
+    from graphs.errors import PlacerError
+    from placer.runtime import host_load
+
+    monkeypatch.setenv("PLACER_LOAD_AVERAGE", "7.5")
+    assert host_load.load_average() == 7.5
+    monkeypatch.setenv("PLACER_LOAD_AVERAGE", "busy")
+    with pytest.raises(PlacerError, match="PLACER_LOAD_AVERAGE='busy' is not a number: unset it"):
+        host_load.load_average()
