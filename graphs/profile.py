@@ -49,7 +49,7 @@ from graphs.errors import CaptureError, DeviceSpecError, WorkloadError, exit_err
 from graphs.files import cache_dir as default_cache_dir
 from graphs.node_values import as_leaf, rebuilt
 from graphs.trace import fingerprint, is_pure, trace_model
-from graphs.workload import Workload
+from graphs.workload import Workload, first_line
 
 KINDS = ("cpu", "cuda")
 MIN_SAMPLE_MS = 0.5  # each timing sample runs a node this long at least
@@ -243,7 +243,9 @@ def _whole_step_ms(model: torch.nn.Module, workload: Workload, inputs: tuple, re
             raise exit_error(f"{workload.spec}: the model's forward", exc.code) from None
         except Exception as exc:
             raise WorkloadError(f"{workload.spec}: a training step of the model fails: {type(exc).__name__}: "
-                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+                                f"{first_line(exc)}; fix: the step must run in plain PyTorch (zero_grad, "
+                                f"loss_fn(model(*inputs), *inputs).backward(), the optimizer's step): run it there "
+                                f"to find the line") from exc
     return ms
 
 
@@ -359,7 +361,8 @@ def _optimizer_step(model: torch.nn.Module, workload: Workload, repeats: int, sy
     except WorkloadError:
         raise
     except Exception as exc:
-        raise WorkloadError(f"{workload.spec}: make_optimizer raised {type(exc).__name__}: {exc}") from exc
+        raise WorkloadError(f"{workload.spec}: make_optimizer(params) raised {type(exc).__name__}: {first_line(exc)}; "
+                            f"it must return a torch.optim.Optimizer over the parameters it is given") from exc
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer.step()  # creates the optimizer state
