@@ -425,6 +425,12 @@ def test_baselines_simulated_times_over_the_bound_are_labelled_simulated(results
     from placer.report.table import table_cells
 
     assert "x lower bound" in table_cells(results)[0]
-    results["command"] = "baseline"  # placer baseline: rows simulated, not measured
-    headers = table_cells(results)[0]
+    results["command"] = "baseline"  # placer baseline --measure: measured rows over the bound, as the schema says
+    headers, cells = table_cells(results)
+    column = headers.index("x lower bound")
+    assert all((c[column] == "-") == (c[headers.index("measured ms")] == "-") for c in cells)
+    for row in results["methods"]:  # placer baseline: rows simulated, not measured
+        row["measured_ms"], row["ratio_to_lower_bound"] = None, 1.5
+    headers, cells = table_cells(results)
     assert "simulated x lower bound" in headers and "x lower bound" not in headers
+    assert {c[headers.index("simulated x lower bound")] for c in cells} == {"1.50"}

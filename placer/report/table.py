@@ -8,7 +8,8 @@ unplaced last (placer.choose.current: another session's compare with an unplaced
 median the table does not show); one over an unplaced that is no reference
 (placer.choose rules 5 and 7) is in parentheses, tagged "no verdict". `placer
 baseline`'s rows are simulated, not measured: its column of times over the lower
-bound says so.
+bound says so (with --measure the column is measured over the bound, as everywhere,
+and unmeasured rows have none).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def table_cells(results: Results | dict) -> tuple[tuple[str, ...], list[list[str
     results = as_results(results)
     rows = comparison_rows(results)
     mixed = len({tuple(r.devices) for r in rows if r.kind != "unplaced"}) > 1
-    headers = [h if h != "x lower bound" or results.command != "baseline" else "simulated x lower bound"
-               for h in TABLE_HEADERS]
+    simulated = results.command == "baseline" and not any(r.measured for r in rows)  # placer baseline, unmeasured
+    headers = [h if h != "x lower bound" or not simulated else "simulated x lower bound" for h in TABLE_HEADERS]
     headers = (headers[0], "devices", *headers[1:]) if mixed else tuple(headers)
     cells = []
     for r in rows:
@@ -94,7 +95,7 @@ def table_cells(results: Results | dict) -> tuple[tuple[str, ...], list[list[str
             _num(r.measured_ms if r.feasible else None, ".2f"), ci, str(r.runs) if r.runs else MISSING,
             format_ratio(r.vs_unplaced if shown else None), format_ratio(r.vs_best_heuristic if shown else None),
             _num(r.simulated_ms, ".2f"),
-            _num(r.ratio_to_lower_bound, ".2f"), memory or MISSING, _num(r.search_s, ".1f"), r.session or MISSING,
+            _num(r.ratio_to_lower_bound if simulated or r.measured else None, ".2f"), memory or MISSING, _num(r.search_s, ".1f"), r.session or MISSING,
             status,
         ])
     return headers, cells
