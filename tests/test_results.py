@@ -105,3 +105,10 @@ def test_a_ratio_over_an_unmeasured_reference_keeps_its_verdict_and_says_no_verd
     assert ratio.describe() == "5.37x (no verdict, CI 2.68-28.57)"
     choice = Choice(None, "unmeasured", "No verdict: ...", contender="single", session="confirm")
     assert Choice.from_json(json.loads(json.dumps(choice.to_json()))) == choice
+
+
+def test_a_rows_busy_host_reading_round_trips():
+    # placer.choose rule 7 reads it from results.json too (placer report re-renders the "no verdict" note from it).
+    row = MethodResult("unplaced", "unplaced", measured_ms=806.0, busy={"load": 3.8, "cores": 2, "own": 0.9})
+    assert MethodResult.from_json(row.to_json()).busy == {"load": 3.8, "cores": 2, "own": 0.9}
+    assert MethodResult.from_json(MethodResult("rl", "rl").to_json()).busy is None
