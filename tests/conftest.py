@@ -2,7 +2,7 @@
 suite never depends on (or pollutes) a user's ~/.cache/placer; every test, and every
 placer process a test starts, sees an idle host (the load average behind
 placer.runtime.host_load.busy_host is 0, also through $PLACER_LOAD_AVERAGE; a test of
-the busy-host rule patches it higher); `gpu` tests skip where CUDA is absent; the
+the busy-host rule patches it higher) and starts at the suite's torch thread count; `gpu` tests skip where CUDA is absent; the
 zoo models' placement problems are built once a session."""
 
 import functools
@@ -35,6 +35,15 @@ def idle_host(monkeypatch):
     """The host's load average reads 0 (idle), whatever the real one is: no test's verdict
     depends on other work on the host."""
     monkeypatch.setenv("PLACER_LOAD_AVERAGE", "0")  # pytest_configure's too: fixtures of wider scope run first
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Each test starts at the thread count the suite started with: placer.apply leaves the
+    caller at its plan's CPU devices' count (1 for cpu:k), by design."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
