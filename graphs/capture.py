@@ -191,13 +191,13 @@ class NodeFailure(Exception):
 def failure_on_inputs(spec: str, model: nn.Module, inputs: tuple[torch.Tensor, ...],
                       failure: NodeFailure) -> Exception:
     """What to raise when a run of `model`'s capture on its example `inputs` failed
-    (`failure`): the model itself is run on them, as plain PyTorch runs it (no
-    gradients, buffers restored). If it fails too, the user's model or inputs are at
+    (`failure`): the model itself is run on them, as a training step runs it (buffers
+    restored afterwards). If it fails too, the user's model or inputs are at
     fault: a WorkloadError naming `spec`, the line that fails (else the node), the
     error and a fix. If it runs, the capture is at fault (placer's bug): the node's
     own exception, for the command line to report as an internal error."""
     try:
-        with torch.no_grad(), buffers_kept(model):
+        with buffers_kept(model):
             model(*inputs)
     except SystemExit as exc:
         return exit_error(f"{spec}: the model's forward", exc.code)
