@@ -230,13 +230,16 @@ def _check_forward(spec: str, model: nn.Module, inputs: tuple[torch.Tensor, ...]
     try:
         signature.bind(*inputs)
     except TypeError as exc:
-        keyword_only = [p.name for p in signature.parameters.values() if p.kind == p.KEYWORD_ONLY]
-        if keyword_only:
-            names = ", ".join(keyword_only)
-            passed = ", ".join(f"{n}={n}" for n in keyword_only)
-            fix = (f"placer passes example_inputs() positionally and {names} {'is' if len(keyword_only) == 1 else 'are'}"
-                   f" keyword-only: wrap the model in a module whose forward takes {names} positionally, e.g. "
-                   f"def forward(self, {names}): return self.model({passed})")
+        params = list(signature.parameters.values())
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        keyword_only = [p for p in params if p.kind == p.KEYWORD_ONLY]
+        needed = [p.name for p in keyword_only if p.default is p.empty] or [p.name for p in keyword_only]
+        if needed:
+            names = ", ".join(needed)
+            passed = ", ".join(positional + [f"{n}={n}" for n in needed])
+            fix = (f"placer passes example_inputs() positionally and {names} {'is' if len(needed) == 1 else 'are'} "
+                   f"keyword-only: wrap the model in a module whose forward takes {names} positionally, e.g. "
+                   f"def forward(self, {', '.join(positional + needed)}): return self.model({passed})")
         else:
             fix = "make example_inputs() return one tensor for each argument forward needs, in its order"
         raise WorkloadError(f"{spec}: {type(model).__name__}.forward{signature} cannot be called as "

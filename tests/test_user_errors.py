@@ -126,18 +126,25 @@ def example_inputs(): return torch.randn(2, 3)
 
 # --- item 6: the user's model failing, and a forward placer cannot call ---------------------------
 
-def test_a_keyword_only_forward_is_refused_at_load_with_the_wrapper_to_write(tmp_path):
-    message = load_error(tmp_path, """
+@pytest.mark.parametrize("signature, inputs, wrapper", [
+    ("*, x", "torch.randn(3, 4)", "x is keyword-only: wrap the model in a module whose forward takes x positionally, "
+                                  "e.g. def forward(self, x): return self.model(x=x)"),
+    ("x, *, mask, scale=1.0", "torch.randn(3, 4), torch.ones(3, 4)",
+     "mask is keyword-only: wrap the model in a module whose forward takes mask positionally, e.g. "
+     "def forward(self, x, mask): return self.model(x, mask=mask)"),
+])
+def test_a_keyword_only_forward_is_refused_at_load_with_the_wrapper_to_write(tmp_path, signature, inputs, wrapper):
+    message = load_error(tmp_path, f"""
 class M(nn.Module):
     def __init__(self):
         super().__init__(); self.l = nn.Linear(4, 4)
-    def forward(self, *, x):
+    def forward(self, {signature}):
         return self.l(x)
 def build_model(): return M()
-def example_inputs(): return torch.randn(3, 4)
+def example_inputs(): return ({inputs},)
 """)
-    assert "M.forward(*, x) cannot be called as model(*example_inputs())" in message
-    assert "x is keyword-only" in message and "def forward(self, x): return self.model(x=x)" in message
+    assert f"M.forward({signature}) cannot be called as model(*example_inputs())" in message
+    assert wrapper in message
 
 
 def test_integer_inputs_to_a_linear_layer_are_a_workload_error_naming_the_dtype(tmp_path):
