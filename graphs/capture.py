@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from graphs.errors import WorkloadError, exit_error
 from graphs.trace import Traced, fingerprint, target_name, tensors_fingerprint, trace_model
-from graphs.trace_fx import _user_frame as user_frame
+from graphs.trace_fx import user_frame
 from graphs.workload import Workload, first_line, forward_inputs
 
 # Coarse op categories (envs/features.py OP_TYPES), matched against the lowercased

@@ -78,13 +78,14 @@ def trace_fx(model: nn.Module, leaf_classes: tuple[type, ...], leaf_paths: tuple
             gm = fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
         except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... from user code
             failed_in = tracer.failed_in or ""
-            where, reason = _user_frame(exc), first_line(exc)
+            where, reason = user_frame(exc), first_line(exc)
             if allow_fallback and failed_in and failed_in not in paths:
                 paths.append(failed_in)
                 notes.append(f"fx could not trace inside '{failed_in}' ({reason} at {where}); "
                              f"it is placed as one unit")
                 continue
-            raise _capture_error(model, failed_in, where, reason, export_error) from exc
+            raise _capture_error(model, failed_in, where, reason, export_error,
+                                 _takes_tensors(signature, inputs)) from exc
         finally:
             for key in set(vars(model)) - stowed:
                 if key.startswith("_tensor_constant"):
@@ -162,23 +163,34 @@ def cache_hint(export_error: BaseException | None) -> str:
             f"its output holds a {found.group(1)}, which no capture can return")
 
 
+def _takes_tensors(signature: inspect.Signature, inputs: tuple | None) -> bool:
+    """Whether forward already takes the batch as explicit tensor arguments: every example
+    input a tensor, bound to a named parameter (no *args or **kwargs)."""
+    named = [p for p in signature.parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return inputs is not None and len(inputs) <= len(named) and all(isinstance(x, torch.Tensor) for x in inputs)
+
+
 def _capture_error(model: nn.Module, failed_in: str, where: str, reason: str,
-                   export_error: BaseException | None) -> CaptureError:
-    """The error when fx fails too; a cache object in the output (cache_hint) is the fix named first."""
+                   export_error: BaseException | None, takes_tensors: bool) -> CaptureError:
+    """The error when fx fails too; a cache object in the output (cache_hint) is the fix named first.
+    The wrapper is advised only for a forward that does not take the batch as tensors already."""
     exported = f" (torch.export failed too: {first_sentence(export_error)})" if export_error is not None else ""
     hint = cache_hint(export_error)
     first = f"{hint}; otherwise " if hint else ""
     if failed_in:
         fix = "list the offending module's class in `leaf_modules` in the workload file, to keep it whole"
         return CaptureError(f"cannot trace module '{failed_in}' at {where}: {reason}{exported}. Fix: {first}{fix}")
-    fix = ("wrap the model in a module whose forward takes the batch as explicit tensor arguments "
-           "(e.g. forward(self, input_ids) calling self.model(input_ids=input_ids)), and move code that "
-           "branches on tensor values into a submodule listed in `leaf_modules`")
+    fix = ("move the code that branches on tensor values into a submodule listed in `leaf_modules`, "
+           "or write it without a Python branch (torch.where)")
+    if not takes_tensors:
+        fix = ("wrap the model in a module whose forward takes the batch as explicit tensor arguments "
+               "(e.g. forward(self, input_ids) calling self.model(input_ids=input_ids)), and " + fix)
     return CaptureError(f"cannot trace the model's own forward ({type(model).__name__}) at {where}: "
                         f"{reason}{exported}. Fix: {first}{fix}")
 
 
-def _user_frame(exc: BaseException) -> str:
+def user_frame(exc: BaseException) -> str:
     """file:line (code) of the innermost traceback frame outside torch and placer."""
     ours = os.path.dirname(__file__)
     frames = [f for f in traceback.extract_tb(exc.__traceback__)

@@ -150,14 +150,30 @@ def test_untraceable_submodule_falls_back_to_torch_fx_and_a_leaf(capsys):
     assert "'inner'" in leaf and "one unit" in leaf
 
 
-def test_untraceable_root_names_module_and_line_and_asks_for_a_wrapper():
+def test_untraceable_root_names_module_and_line_and_a_fix_that_fits():
     w = workload(DataDependent(), torch.randn(3, 4))
     with pytest.raises(CaptureError) as err:
         capture(w)
     message = str(err.value)
     assert "DataDependent" in message and "test_capture.py:" in message and "if x.sum() > 0" in message
-    assert "torch.export failed too" in message and "wrap the model in a module" in message
-    assert "leaf_modules" in message and "\n" not in message
+    assert "torch.export failed too" in message and "leaf_modules" in message and "\n" not in message
+    # forward(self, x) already takes the batch as a tensor: no wrapper to write (new-user trial 2)
+    assert "wrap the model in a module" not in message and "torch.where" in message
+
+
+def test_an_untraceable_forward_of_non_tensor_arguments_is_asked_for_a_wrapper():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, batch):
+            x = self.lin(batch["x"])
+            return x if x.sum() > 0 else -x
+
+    from graphs.trace_fx import trace_fx
+    with pytest.raises(CaptureError, match="wrap the model in a module"):
+        trace_fx(Branchy(), leaf_classes=(), leaf_paths=(), allow_fallback=False, inputs=None, kwargs={})
 
 
 def test_capture_is_deterministic():

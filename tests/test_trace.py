@@ -225,5 +225,5 @@ def test_a_cache_in_the_output_names_use_cache_false_as_the_fix_first():
     message = str(caught.value)
     assert "\n" not in message
     assert "Fix: set `use_cache=False` in the model's config" in message and "holds a DynamicCache" in message
-    assert message.index("use_cache=False") < message.index("otherwise wrap the model")
+    assert message.index("use_cache=False") < message.index("; otherwise ")
     assert trace_model(tiny_gpt2(use_cache=False), inputs=(ids,)).method == "export"  # the fix works
