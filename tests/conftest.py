@@ -46,13 +46,23 @@ def torch_threads():
     torch.set_num_threads(before)
 
 
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """torch's intra-op threads at 1 (a virtual CPU device's on this host), as they were after."""
+    yield from _threads(1)
+
+
 @pytest.fixture
 def two_threads():
     """torch's intra-op threads at 2 (an unplaced model's, which a busy host stalls), as they were after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    yield from _threads(2)
 
 
 @pytest.fixture(scope="session")

@@ -51,14 +51,6 @@ class Placed:
         return next(c.index for c in self.executor.chunks if node in c.nodes)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Towers(nn.Module):
     """Four independent MLP towers on one input and a head over their sum."""
 

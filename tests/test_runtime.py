@@ -163,14 +163,6 @@ def train_steps(model: nn.Module, inputs, loss_fn, steps: int) -> list[torch.Ten
     return outs
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def check_equivalent(build, inputs, loss_fn, devices, seed, leaf_modules=(), steps=2):
     """Placed and unplaced copies: same outputs, gradients and buffers, step by step.
     (Gradients agree to float rounding only: sums over a value's consumers run in
