@@ -239,16 +239,22 @@ class TimedScorer(Counting):
         return super().measure(candidates, limit_s)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_a_time_budget_covers_the_closing_measurement(method, monkeypatch):
+def search_on_fake_time(method: str, monkeypatch, **timing):
+    """`method` run on a synthetic problem with a 20 s budget, measuring every 2 rounds, on fake
+    time (TimedScorer(**timing) sets what sessions cost): (time, scorer, warm start, result)."""
     time = FakeTime()
     for module in ("placer.search.random_search", "placer.search.local_search", "placer.rl.trainer"):
         monkeypatch.setattr(importlib.import_module(module), "Clock", time.clock)
     problem = synthetic()
     warm = best_heuristic(problem)
-    scorer = TimedScorer(problem, time)
+    scorer = TimedScorer(problem, time, **timing)
     config = TrainConfig(**{**CONFIG.__dict__, "budget_s": 20.0, "max_samples": None, "measure_every": 2})
-    result = run(method, problem, scorer, config, warm)
+    return time, scorer, warm, run(method, problem, scorer, config, warm)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_time_budget_covers_the_closing_measurement(method, monkeypatch):
+    time, scorer, warm, result = search_on_fake_time(method, monkeypatch)
     # periodic sessions ran, and the closing one (2 best + the warm start, 3 s) ended within the budget
     assert len(scorer.measured_calls) >= 2 and Candidate(warm) in dict(result.measured)
     # within the budget, give or take the last round's own compute (not reserved: at most ~0.15 fake s here);
@@ -262,14 +268,7 @@ def test_measurements_slower_than_predicted_are_cut_to_the_budget_and_still_meas
     # The first session costs 1 s a candidate; every later one would take 10 s a candidate (a loaded
     # host; the user's 45 s round in a 60 s budget), but the protocol can stop one at its fewest steps
     # (0.5 s a candidate) once its limit has passed.
-    time = FakeTime()
-    for module in ("placer.search.random_search", "placer.search.local_search", "placer.rl.trainer"):
-        monkeypatch.setattr(importlib.import_module(module), "Clock", time.clock)
-    problem = synthetic()
-    warm = best_heuristic(problem)
-    scorer = TimedScorer(problem, time, later_s=10.0, floor_s=0.5)
-    config = TrainConfig(**{**CONFIG.__dict__, "budget_s": 20.0, "max_samples": None, "measure_every": 2})
-    result = run(method, problem, scorer, config, warm)
+    time, scorer, warm, result = search_on_fake_time(method, monkeypatch, later_s=10.0, floor_s=0.5)
     assert Candidate(warm) in dict(result.measured)  # the closing round ran: the final choice needs it
     # each limit is the budget left when the round began (a clock reading, 0.01 fake s, before the session)
     assert all(limit is not None and start + limit <= 20.0 + time.tick for start, limit in scorer.limits)
