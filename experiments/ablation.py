@@ -69,7 +69,8 @@ from graphs.devices import host_cores
 from graphs.errors import InfeasibleError
 from graphs.problem import Candidate, PlacementProblem, build_problem
 from placer.baselines import run_baselines
-from placer.optimize import bounds_of, microbatches_off
+from placer.microbatch_policy import microbatches_off
+from placer.optimize import bounds_of
 from placer.rl import TrainConfig
 from placer.search import overrides, run
 from placer.search.exhaustive import LIMIT, optimum

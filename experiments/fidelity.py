@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -53,7 +54,7 @@ from graphs.zoo import ZOO
 from placer.baselines import run_baselines
 from placer.baselines.repair import repair
 from placer.measurements import MeasurementBook, Measurer, Protocol
-from placer.optimize import microbatches_off
+from placer.microbatch_policy import microbatches_off
 from placer.search import microbatch_options
 
 KINDS = ("baseline", "fraction", "near", "crossing", "random", "mixed", "split", "pipelined")
@@ -105,10 +106,9 @@ def candidates(problem: PlacementProblem, count: int, rng: np.random.Generator) 
     def draw(i: int) -> tuple[str, np.ndarray, int]:
         if i < len(fixed):
             return fixed[i]
-        kind = kinds[(i - len(fixed)) % len(kinds)]
-        return (kind, *makers[kind]())
+        return (kind := kinds[(i - len(fixed)) % len(kinds)], *makers[kind]())
 
-    for attempt in (a for a in range(50 * count) if len(chosen) < count):
+    for attempt in itertools.takewhile(lambda _: len(chosen) < count, range(50 * count)):
         kind, placement, m = draw(attempt)
         with contextlib.suppress(InfeasibleError):
             candidate = Candidate(repair(problem, placement), m)

@@ -60,6 +60,8 @@ class PlacerGroup(click.Group):
 def reader_gone() -> bool:
     """Whether the reader of stdout or stderr went away (the write end of a pipe whose read
     end is closed polls as an error): the user's `| head`, not a fault of placer's."""
+    if not hasattr(select, "poll"):  # Windows: no way to ask, so not known to be gone
+        return False
     poll = select.poll()
     for fd in (1, 2):
         poll.register(fd, select.POLLOUT)

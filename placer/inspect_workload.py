@@ -16,7 +16,8 @@ from graphs.bounds import LowerBound
 from graphs.problem import PlacementProblem, build_problem
 from graphs.summary import summarize
 from graphs.workload import Workload, load_workload
-from placer.optimize import bounds_of, microbatches_off
+from placer.microbatch_policy import microbatches_off
+from placer.optimize import bounds_of
 
 __all__ = ["inspect_summary", "bound_as_optimize"]
 
@@ -45,7 +46,7 @@ def bound_as_optimize(loaded: Workload, problem: PlacementProblem, calibration: 
     """The problem's lower bound as optimize's results.json and report give it (module
     docstring). As optimize does, it first keeps m = 1 alone in the problem's
     micro-batch tables for a model that micro-batches would change
-    (placer.optimize.microbatches_off), so call it before computing any baseline."""
+    (placer.microbatch_policy.microbatches_off), so call it before computing any baseline."""
     microbatches_off(loaded, problem)
     bounds = bounds_of(problem, calibration)
     return LowerBound(critical_path_ms=bounds["critical_path_ms"], work_ms=bounds["work_ms"],

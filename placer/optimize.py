@@ -49,7 +49,7 @@ from placer.search import microbatch_options
 from placer.search_stage import SEARCHES, SearchOptions, run_search
 
 __all__ = ["optimize", "DEFAULT_WORKLOAD", "DEFAULT_BUDGET_S", "check_inputs", "check_protocol", "baseline_rows",
-           "measure_baselines", "bounds_of", "microbatches_off", "SHORTLIST"]
+           "measure_baselines", "bounds_of", "SHORTLIST"]
 
 DEFAULT_WORKLOAD = "zoo:nmt:medium"
 DEFAULT_BUDGET_S = 120.0

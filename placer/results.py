@@ -30,6 +30,7 @@ import torch
 from graphs.devices import host_cores
 from graphs.errors import PlacerError
 from graphs.files import write_text_atomically
+from placer.runtime.stats import busy_from_json
 
 __all__ = ["SCHEMA", "KINDS", "SESSIONS", "NAMES", "method_name", "Stage", "Progress", "quiet", "warn_stderr",
            "environment", "placer_version", "strict", "write_json", "Ratio", "MethodResult", "Choice", "Results"]
@@ -245,7 +246,7 @@ class MethodResult:
             search_s=_opt_float(data.get("search_s")), vs_unplaced=Ratio.from_json(data.get("vs_unplaced")),
             vs_best_heuristic=Ratio.from_json(data.get("vs_best_heuristic")), plan=data.get("plan"),
             notes=[str(n) for n in data.get("notes") or []],
-            busy=data["busy"] if isinstance(data.get("busy"), dict) else None)
+            busy=busy_from_json(data.get("busy")))
 
 
 def _with_ratios(row: "MethodResult | Choice") -> dict:

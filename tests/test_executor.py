@@ -441,3 +441,11 @@ def test_the_simulators_order_per_device_is_the_runtimes(model, device_of, micro
     if microbatches > 1:  # GPipe: stage 0 hands micro-batch 0 on before it starts micro-batch 1
         assert [i for i, _ in measured["cpu:0", "fwd"]] == [0, 0, 1, 1]
     placed.close()
+
+
+def test_a_worker_that_cannot_start_says_why_at_once():
+    from placer.runtime.worker import Worker
+
+    device = parse_cluster("cpu:0,cpu:1").devices[0]
+    with pytest.raises(ExecutionError, match="the worker of cpu:0 could not start"):
+        Worker(device, cores=(os.cpu_count() + 4096,))  # a core this host lacks: sched_setaffinity fails

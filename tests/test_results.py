@@ -112,3 +112,5 @@ def test_a_rows_busy_host_reading_round_trips():
     row = MethodResult("unplaced", "unplaced", measured_ms=806.0, busy={"load": 3.8, "cores": 2, "own": 0.9})
     assert MethodResult.from_json(row.to_json()).busy == {"load": 3.8, "cores": 2, "own": 0.9}
     assert MethodResult.from_json(MethodResult("rl", "rl").to_json()).busy is None
+    damaged = {**row.to_json(), "busy": {}}  # a hand-edited results.json: no reading, not a busy host
+    assert MethodResult.from_json(damaged).busy is None

@@ -56,8 +56,8 @@ def _moving_baseline(rewards: torch.Tensor, learner: Learner, config: TrainConfi
 
 
 def reinforce_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: Sample,
-                     advantages: torch.Tensor, config: TrainConfig, best: Sequence[Candidate | None] = (),
-                     goal: float = 1.0) -> None:
+                     advantages: torch.Tensor, config: TrainConfig, best: Sequence[Candidate | None],
+                     goal: float) -> None:
     """One step on the policy gradient, advantage * grad log p, plus the entropy bonus (and
     the self-imitation term on `best`: per sample, the incumbent of its micro-batch count,
     pulled up while the policy gives it less than `goal` per group)."""
@@ -67,8 +67,8 @@ def reinforce_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sa
 
 
 def ppo_update(policy: Seq2SeqPolicy, optimizer: torch.optim.Optimizer, sample: Sample,
-               advantages: torch.Tensor, config: TrainConfig, best: Sequence[Candidate | None] = (),
-               goal: float = 1.0) -> None:
+               advantages: torch.Tensor, config: TrainConfig, best: Sequence[Candidate | None],
+               goal: float) -> None:
     """`ppo_epochs` steps on the clipped surrogate objective (Schulman et al. 2017), plus the
     entropy bonus (and the self-imitation term on `best`: per sample, the incumbent of its
     micro-batch count, pulled up while the policy gives it less than `goal` per group)."""

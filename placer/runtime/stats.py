@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-__all__ = ["CONFIDENCE", "Measurement", "median_ci", "summarize"]
+__all__ = ["CONFIDENCE", "Measurement", "busy_from_json", "median_ci", "summarize"]
 
 CONFIDENCE = 0.95  # of every confidence interval placer reports
 
@@ -87,7 +87,7 @@ class Measurement:
                    ci_ms=(float(ci[0]), float(ci[1])) if ci is not None else (median_ci(times) if times else None),
                    runs=int(data.get("runs") or len(times)), times_ms=times,
                    peak_bytes={str(k): int(v) for k, v in (data.get("peak_bytes") or {}).items()},
-                   notes=[str(n) for n in data.get("notes") or []], busy=_busy(data.get("busy")))
+                   notes=[str(n) for n in data.get("notes") or []], busy=busy_from_json(data.get("busy")))
 
     @property
     def ci_halfwidth(self) -> float | None:
@@ -97,7 +97,7 @@ class Measurement:
         return (self.ci_ms[1] - self.ci_ms[0]) / 2 / self.median_ms
 
 
-def _busy(value: object) -> dict | None:
+def busy_from_json(value: object) -> dict | None:
     """A saved `busy` field back ({"load", "cores", "own"}); None for null or anything damaged."""
     if not isinstance(value, Mapping) or _float_or_none(value.get("load")) is None:
         return None

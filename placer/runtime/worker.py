@@ -42,6 +42,7 @@ from typing import ContextManager
 import torch
 
 from graphs.devices import Device
+from graphs.errors import ExecutionError
 
 __all__ = ["Worker", "ReadyQueue", "CallerPin", "Autocast", "grad_mode", "core_shares", "caller_threads", "own_threads",
            "NOTHING", "CLOSE_WAIT_S"]
@@ -196,10 +197,14 @@ class Worker:
         self.torch_device = torch.device(device.torch_device)
         self.stream = torch.cuda.Stream(self.torch_device) if device.kind == "cuda" else None
         self.queue = ReadyQueue()
+        self._start_error: BaseException | None = None
         started = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(started,), name=f"placer-{device.name}", daemon=True)
         self._thread.start()
         started.wait()
+        if self._start_error is not None:
+            raise ExecutionError(f"the worker of {device.name} could not start: {self._start_error}; check the "
+                                 f"device (and its cores, {list(self.cores)})") from self._start_error
 
     def _loop(self, started: threading.Event) -> None:
         try:
@@ -209,6 +214,9 @@ class Worker:
                 own_threads(self.device.threads)
             else:
                 torch.cuda.set_device(self.torch_device)
+        except BaseException as exc:  # raised in the constructing thread, where the caller sees it
+            self._start_error = exc
+            return
         finally:
             started.set()
         while (item := self.queue.get()) is not None:
