@@ -124,6 +124,21 @@ def example_inputs(): return torch.randn(2, 3)
         capture(load_workload(path))
 
 
+def test_a_forward_that_calls_sys_exit_while_timed_is_a_workload_error(tmp_path):
+    path = workload_file(tmp_path, """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__(); self.l = nn.Linear(3, 3)
+    def forward(self, x):
+        sys.exit(5)
+def build_model(): return M()
+def example_inputs(): return torch.randn(2, 3)
+""")
+    trial = placer.runtime.timing.EagerTrial(load_workload(path), "cpu")
+    with pytest.raises(WorkloadError, match=r"the training step called sys.exit\(5\)"):
+        trial.open()
+
+
 # --- item 6: the user's model failing, and a forward placer cannot call ---------------------------
 
 @pytest.mark.parametrize("signature, inputs, wrapper", [

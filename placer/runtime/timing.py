@@ -41,6 +41,7 @@ from dataclasses import replace
 import torch
 
 from graphs.devices import Cluster, format_size, parse_cluster
+from graphs.errors import exit_error
 from graphs.problem import PlacementProblem
 from graphs.workload import Workload
 from placer.plan import Plan, make_plan, with_workload_options
@@ -197,6 +198,8 @@ class Trial:
         try:
             fn()
             return None
+        except SystemExit as exc:  # the workload's code (forward, loss_fn, optimizer) ended the process
+            raise exit_error(f"{self.label}: the training step", exc.code) from None
         except StepTimeout as exc:
             return self._infeasible(f"timed out: {exc}")
         except _OverCap as exc:
