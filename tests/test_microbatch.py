@@ -15,7 +15,7 @@ from torch import nn
 
 from graphs.errors import PlanError
 from placer.runtime import microbatch
-from tests.test_executor import Placed, one_thread  # noqa: F401  (fixture)
+from tests.test_executor import Placed
 
 
 class Chain(nn.Module):
