@@ -200,7 +200,9 @@ def test_two_processes_over_tcp_train_like_the_unplaced_model(tmp_path):
 # -- ranks die with their parent (issue 11) ------------------------------------------------
 
 def _write_pid_and_sleep(rank: LocalRank, directory: str) -> None:
-    (Path(directory) / f"rank{rank.rank}.pid").write_text(str(os.getpid()))
+    path = Path(directory) / f"rank{rank.rank}.pid"
+    path.with_suffix(".tmp").write_text(str(os.getpid()))
+    path.with_suffix(".tmp").rename(path)  # whole: the test reads every rank*.pid it sees
     time.sleep(600)
 
 
