@@ -24,22 +24,26 @@ The rules (issue 14, DESIGN.md "Measuring"):
    plan that a row of its own session shows measurably slower than another.
 5. An unplaced measurement that the protocol could not measure is no reference: it
    timed more than min_runs steps (the CI was not within target, the session kept
-   going) and its CI is still wider than UNMEASURED_FACTOR times the target (a host
-   too busy to time it). Ratios against it carry the verdict "unmeasured", and no plan
+   going) and its CI is still wider than UNMEASURED_FACTOR times the target (its step
+   times vary too much, with no other process on its cores: rule 7 covers those).
+   Ratios against it carry the verdict "unmeasured", and no plan
    is chosen against it. A session cut at min_runs by its cap asked for no precision.
 6. One verdict per plan: rows of the same candidate (placement and micro-batches)
    all carry the measurement of the most authoritative session that measured it
    (`share_measurements`). Only rows of the session that measured unplaced last keep
    their ratios (`settle_ratios`): another session's compare with an unplaced median
    shown nowhere.
-7. An unplaced measurement taken on a busy host is no reference either (the same path
-   as rule 5): its steps run torch's intra-op threads on every core, and OpenMP teams
-   stall while other processes hold their cores, so it can take 10-100x its idle
-   time while a one-core plan does not (`Measurement.busy`: other processes' load,
-   the load average less placer's own share, above half the cores and at least one:
-   placer.runtime.host_load). A ratio over it would be a thread effect of that
-   minute, not a placement's: measure on an idle host, then --resume (the final and
-   confirm sessions measure unplaced afresh).
+7. An unplaced measurement taken while other processes held its cores is no reference
+   either (the same path as rule 5): its steps run torch's intra-op threads on every
+   core, and OpenMP teams stall while other processes hold their cores, so it can take
+   10-100x its idle time while a one-core plan does not (`Measurement.busy`: the CPU
+   time other processes took on those cores during exactly its own timed steps, more
+   than half a core on average; the load average where the steps were too short to
+   tell: placer.runtime.host_load). Each session judges its own unplaced steps, so a
+   burst during the confirm session withholds the plan, and a resumed run's fresh
+   sessions drop an earlier session's finding and its note. A ratio over it would be
+   a thread effect of those seconds, not a placement's: measure on an idle host, then
+   --resume (the final and confirm sessions measure unplaced afresh).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from dataclasses import replace
 from graphs.problem import PlacementProblem
 from placer.measurements import UNPLACED, Protocol, compare
 from placer.results import SESSIONS, Choice, MethodResult, Results, method_name
+from placer.runtime.host_load import busy_cause, busy_note
 from placer.runtime.timing import Measurement
 
 __all__ = ["simplicity", "pick", "fill", "verdict_choice", "unmeasured", "plan_key", "share_measurements",
@@ -85,9 +90,9 @@ def pick(rows: Sequence[MethodResult], measured: Mapping[str, Measurement],
     (rule 2), by their measurements in `measured` (method -> Measurement of one
     session); None when none is feasible. When the fastest is measurably faster than
     `measured["unplaced"]`, only rows measurably faster than it too are eligible (rule
-    3). An unplaced the `protocol` could not measure (rule 5), or timed on a busy host
-    (rule 7), is no candidate and no reference here beside a feasible plan: the
-    confirm session judges the pick.
+    3). An unplaced the `protocol` could not measure (rule 5), or timed while other
+    processes held its cores (rule 7), is no candidate and no reference here beside a
+    feasible plan: the confirm session judges the pick.
     `problem`: as `simplicity` reads it."""
     feasible = [r for r in rows if measured.get(r.method) is not None and measured[r.method].feasible]
     unplaced = measured.get(UNPLACED)
@@ -117,7 +122,7 @@ def _too_wide(halfwidth: float | None, runs: int, protocol: Protocol | None) -> 
 
 
 def _no_reference_in(unplaced: Measurement, protocol: Protocol | None) -> bool:
-    """Rules 5 and 7: an unplaced measurement the protocol could not narrow, or timed on a busy host."""
+    """Rules 5 and 7: an unplaced measurement the protocol could not narrow, or timed while others held its cores."""
     return unplaced.busy is not None or _too_wide(unplaced.ci_halfwidth, unplaced.runs, protocol)
 
 
@@ -126,13 +131,15 @@ def fill(row: MethodResult, measurement: Measurement, session: str, unplaced: Me
          protocol: Protocol | None = None) -> None:
     """Write a measurement into a row, with its speedups over `unplaced` and over the
     best heuristic (name, measurement) measured in the same session. A ratio over an
-    `unplaced` that the `protocol` could not measure (rule 5) or that was timed on a busy
-    host (rule 7) has the verdict "unmeasured"."""
+    `unplaced` that the `protocol` could not measure (rule 5) or that was timed while
+    other processes held its cores (rule 7) has the verdict "unmeasured". The note of
+    the row's earlier busy reading goes: only this measurement's own reading speaks."""
+    stale = busy_note(row.method, row.busy) if row.busy is not None else None
     row.session = session
     row.feasible = measurement.feasible
     row.reason = measurement.reason
     row.peak_bytes = dict(measurement.peak_bytes)
-    row.notes = list(dict.fromkeys([*row.notes, *measurement.notes]))
+    row.notes = list(dict.fromkeys([*(n for n in row.notes if n != stale), *measurement.notes]))
     row.measured_ms = measurement.median_ms if measurement.feasible else None
     row.ci_ms = measurement.ci_ms if measurement.feasible else None
     row.iqr_ms = measurement.iqr_ms if measurement.feasible else None
@@ -148,26 +155,27 @@ def fill(row: MethodResult, measurement: Measurement, session: str, unplaced: Me
 
 
 def unmeasured(unplaced: MethodResult | None, protocol: Protocol | None) -> str | None:
-    """Why the `unplaced` row cannot serve as the reference (rule 7: timed on a busy
-    host; rule 5: more than min_runs steps and a CI half-width more than
-    UNMEASURED_FACTOR times the `protocol`'s target), or None when it can (or is not
-    measured; rule 5 also when `protocol` is None)."""
+    """Why the `unplaced` row cannot serve as the reference (rule 7: other processes held
+    its cores while it was timed; rule 5: more than min_runs steps and a CI half-width
+    more than UNMEASURED_FACTOR times the `protocol`'s target), or None when it can (or
+    is not measured; rule 5 also when `protocol` is None). Rule 5 blames no busy host:
+    on the CPU, the session's own reading found none."""
     if unplaced is None or not unplaced.measured or unplaced.ci_ms is None or not unplaced.measured_ms:
         return None
     if unplaced.busy is not None:
-        own = f", {unplaced.busy['own']:.1f} of it placer's own" if "own" in unplaced.busy else ""
-        return (f"the host was busy (load {unplaced.busy['load']:.1f} on {unplaced.busy['cores']} cores{own}) while "
-                f"unplaced ran in the {unplaced.session} session ({unplaced.measured_ms:.2f} ms): torch's intra-op "
-                f"threads stall while other processes hold their cores, so a speedup over it is that minute's "
-                f"thread effect, not a placement's, and no verdict")
+        return (f"{busy_cause(unplaced.busy)} while unplaced was timed in the {unplaced.session} session "
+                f"({unplaced.measured_ms:.2f} ms): torch's intra-op threads stall while other processes hold their "
+                f"cores, so a speedup over it is a thread effect of those seconds, not a placement's, and no verdict")
     low, high = unplaced.ci_ms
     half = (high - low) / 2 / unplaced.measured_ms
     if not _too_wide(half, unplaced.runs, protocol):
         return None
+    idle = ", with the host otherwise idle: other processes held less than half a core while it was timed" \
+        if unplaced.devices[:1] == ["cpu"] else ""
     return (f"unplaced could not be measured in the {unplaced.session} session (CI {low:.2f}-{high:.2f} ms around "
             f"{unplaced.measured_ms:.2f} ms is +-{half:.0%}, more than {UNMEASURED_FACTOR}x the protocol's "
-            f"+-{protocol.target:.0%} target after {unplaced.runs} steps: the host was too busy to time it), so "
-            f"no speedup over it is a verdict")
+            f"+-{protocol.target:.0%} target after {unplaced.runs} steps{idle}): its own step times vary too much "
+            f"to be a reference, so no speedup over it is a verdict")
 
 
 def plan_key(row: MethodResult) -> tuple | None:
@@ -225,8 +233,8 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
     that the heuristic is faster instead of claiming the winner. Unconfirmed choices
     (interrupted before the final sessions) say so. `writes_plan`: the run writes
     plan.json (optimize), and the headline says what it holds when unplaced wins.
-    An `unplaced` that the `protocol` could not measure (rule 5), or timed on a busy
-    host (rule 7), chooses no plan (verdict "unmeasured", method None, the winner its
+    An `unplaced` that the `protocol` could not measure (rule 5), or timed while other
+    processes held its cores (rule 7), chooses no plan (verdict "unmeasured", method None, the winner its
     contender)."""
     beaten = winner.vs_best_heuristic if confirmed and winner is not None and winner.kind != "unplaced" else None
     if beaten is None or beaten.verdict != "slower":

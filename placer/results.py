@@ -190,8 +190,11 @@ class MethodResult:
         only on rows of the session that measured unplaced last (placer.choose.settle_ratios).
     plan : the plan file the row was measured from (compare).
     notes : what the user should know about this row.
-    busy : {"load", "cores"} when the host was busy while this row (unplaced) was timed
-        (placer.runtime.timing.busy_host): no verdict rests on it (placer.choose rule 7).
+    busy : what its session found when other processes held the cores this row
+        (unplaced) ran its intra-op threads on while it was timed: {"others", "cores",
+        "steps"} (the direct reading) or {"load", "cores", "own"} (the load average,
+        placer.runtime.host_load); None when they did not. No verdict rests on a busy
+        row (placer.choose rule 7).
     """
 
     method: str

@@ -7,6 +7,7 @@ from placer.choose import (fill, pick, plan_key, settle_ratios, share_measuremen
                            verdict_choice)
 from placer.measurements import Protocol, compare
 from placer.results import Choice, MethodResult, Results
+from placer.runtime.host_load import busy_note
 from placer.runtime.timing import Measurement, summarize
 
 
@@ -182,6 +183,8 @@ def test_ratios_over_an_unplaced_too_wide_to_measure_are_no_verdict():
     assert r["expert"].vs_unplaced.verdict in ("faster", "tie", "slower")
     reason = unmeasured(r["unplaced"], Protocol())
     assert reason.startswith("unplaced could not be measured in the baselines session") and "10x" in reason
+    # No busy host is blamed: the session's own reading found the host otherwise idle (placer.runtime.host_load).
+    assert "with the host otherwise idle" in reason and "busy" not in reason
     assert unmeasured(r["unplaced"], None) is None and unmeasured(judged(80.0, 100.0)["unplaced"], Protocol()) is None
     fill(r["unplaced"], summarize(WIDE[:5]), "baselines", None, None, 10.0)  # cut at min_runs: no precision asked
     assert unmeasured(r["unplaced"], Protocol(min_runs=5)) is None
@@ -252,13 +255,38 @@ def test_an_unplaced_timed_on_a_busy_host_is_no_reference_and_no_plan_is_chosen_
     assert r["expert"].vs_unplaced.verdict == "unmeasured"
     choice = verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu", protocol=Protocol())
     assert choice.method is None and choice.verdict == "unmeasured" and choice.contender == "single"
-    assert choice.headline.startswith("No verdict: the host was busy (load 3.8 on 2 cores) while unplaced ran in the "
-                                      "confirm session (806.00 ms)")
+    assert choice.headline.startswith("No verdict: the host was busy (load 3.8 on 2 cores) while unplaced was timed "
+                                      "in the confirm session (806.00 ms)")
     assert "no plan.json is written" in choice.headline and "Measure on an idle host, then" in choice.headline
     assert "--resume: it measures unplaced and the final sessions afresh" in choice.headline
     assert "faster" not in choice.headline
     fill(r["unplaced"], around(100.0), "confirm", None, None, 10.0)  # measured again on an idle host
     assert r["unplaced"].busy is None and unmeasured(r["unplaced"], Protocol()) is None
+
+
+def test_the_headline_names_the_cores_other_processes_held_while_unplaced_was_timed():
+    # The direct reading (placer.runtime.host_load.ContentionMeter): others' CPU time over unplaced's own steps.
+    r = rows()
+    slow = around(806.0)
+    slow.busy = {"others": 1.62, "cores": 2, "steps": 30}
+    fill(r["unplaced"], slow, "confirm", None, None, 10.0)
+    fill(r["single"], around(11.5), "confirm", slow, None, 10.0, protocol=Protocol())
+    choice = verdict_choice(r["single"], r["unplaced"], "confirm", [], "cpu", protocol=Protocol())
+    assert choice.method is None and choice.verdict == "unmeasured"
+    assert choice.headline.startswith("No verdict: other processes held 1.6 of the 2 cores while unplaced was timed "
+                                      "in the confirm session (806.00 ms)")
+    assert "load" not in choice.headline and "faster" not in choice.headline
+
+
+def test_a_row_measured_afresh_drops_the_busy_note_of_its_earlier_session():
+    # The new-user trial: a resumed run's fresh, idle confirm session still carried the first run's busy note.
+    r = rows()
+    stale = busy(806.0)
+    stale.notes = [busy_note("unplaced", stale.busy), "unplaced: a note of the model's own"]
+    fill(r["unplaced"], stale, "baselines", None, None, 10.0)
+    assert busy_note("unplaced", BUSY) in r["unplaced"].notes
+    fill(r["unplaced"], around(100.0), "confirm", None, None, 10.0)
+    assert r["unplaced"].busy is None and r["unplaced"].notes == ["unplaced: a note of the model's own"]
 
 
 def test_only_rows_of_unplaceds_last_session_keep_their_ratios():

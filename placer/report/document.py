@@ -91,9 +91,10 @@ def _reading(results: Results) -> list[str]:
     if reason is not None:
         notes.append(f"{reason[:1].upper()}{reason[1:]}.")
     if any(r.vs_unplaced is not None and r.vs_unplaced.verdict == "unmeasured" for r in results.methods):
-        notes.append("Ratios marked \"no verdict\" are over an unplaced measurement that is no reference (the "
-                     "host was busy, or its confidence interval stayed far wider than the protocol's target): no "
-                     "plan is judged by them.")
+        cause = "other processes held its cores while it was timed" if results.unplaced is not None and \
+            results.unplaced.busy is not None else "its confidence interval stayed far wider than the protocol's target"
+        notes.append(f"Ratios marked \"no verdict\" are over an unplaced measurement that is no reference ({cause}): "
+                     f"no plan is judged by them.")
     if any(not current(results, r) for r in results.methods if r.measured):
         notes.append(f"Speedups are shown only for rows measured in the {results.unplaced.session} session, which "
                      f"measured unplaced last{_ms(results.unplaced.measured_ms)}: a row of another session "

@@ -34,9 +34,12 @@ class Measurement:
     peak_bytes : device name -> peak bytes held.
     reason : why it is infeasible.
     notes : things the user should know (e.g. the loss is NaN).
-    busy : {"load": 1-minute load average, "cores": the cores its steps ran on, "own":
-        this process's share of the load} when the host was busy while it was timed
-        (placer.runtime.host_load.busy_host), else None.
+    busy : when other processes held the cores its intra-op threads ran on while its
+        timed steps ran (placer.runtime.host_load), what was found: {"others": cores
+        they held on average over those steps, "cores": the cores the steps ran on,
+        "steps": steps counted}, or where the steps could not tell, the load-average
+        fallback's {"load": 1-minute load average, "cores", "own": this process's share
+        of the load}; None when they did not (or nobody checked: one thread, a GPU).
     """
 
     feasible: bool
@@ -98,11 +101,24 @@ class Measurement:
 
 
 def busy_from_json(value: object) -> dict | None:
-    """A saved `busy` field back ({"load", "cores", "own"}); None for null or anything damaged."""
-    if not isinstance(value, Mapping) or _float_or_none(value.get("load")) is None:
+    """A saved `busy` field back: the direct reading ({"others", "cores", "steps"}) or the
+    load average's ({"load", "cores", "own"}, also every file written before the direct
+    reading); None for null or anything damaged."""
+    if not isinstance(value, Mapping):
         return None
-    return {"load": float(value["load"]), "cores": int(value.get("cores") or 1),
-            **({"own": float(value["own"])} if _float_or_none(value.get("own")) is not None else {})}
+    cores = _int_or_none(value.get("cores")) or 1
+    if (others := _float_or_none(value.get("others"))) is not None:
+        steps = _int_or_none(value.get("steps"))
+        return {"others": others, "cores": cores, **({"steps": steps} if steps is not None else {})}
+    if (load := _float_or_none(value.get("load"))) is None:
+        return None
+    own = _float_or_none(value.get("own"))
+    return {"load": load, "cores": cores, **({"own": own} if own is not None else {})}
+
+
+def _int_or_none(value: object) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        else None
 
 
 def _float_or_none(value: object) -> float | None:

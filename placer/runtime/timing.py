@@ -20,8 +20,9 @@ Each step runs with the thread state its trial was made with (`_ThreadState`): t
 caller's intra-op thread count, and for the unplaced model every core of the process;
 both are restored after the step, also where the runtime left the caller pinned to a
 device's cores (a forward whose backward never ran). An unplaced model whose steps run
-intra-op threads records whether the host was busy when it was warmed up
-(`Measurement.busy`, from placer.runtime.host_load): placer.choose takes no verdict from it.
+intra-op threads records whether other processes held its cores while its timed steps
+ran (`Measurement.busy`, placer.runtime.host_load.ContentionMeter over exactly its own
+steps): placer.choose takes no verdict from it.
 
 A device over its memory cap, a real out-of-memory error, a plan the runtime refuses
 (placer.runtime.refusals.Refused: micro-batches that would change the model), or a
@@ -45,7 +46,7 @@ from graphs.errors import exit_error
 from graphs.problem import PlacementProblem
 from graphs.workload import Workload
 from placer.plan import Plan, make_plan, with_workload_options
-from placer.runtime.host_load import busy_host
+from placer.runtime.host_load import ContentionMeter, busy_host, busy_note
 from placer.runtime.placed import PlacedModule, apply
 from placer.runtime.refusals import Refused
 from placer.runtime.stats import CONFIDENCE, Measurement, median_ci, summarize
@@ -128,7 +129,7 @@ class Trial:
         self.peak_bytes: dict[str, int] = {}
         self.notes: list[str] = []
         self.failed: Measurement | None = None
-        self.busy: dict | None = None  # busy_host's finding, for a trial whose threads a busy host stalls
+        self.meter: ContentionMeter | None = None  # for a trial whose threads other processes stall
         self._step: Callable[[], torch.Tensor] | None = None
         self._sync: list[str] = []
 
@@ -169,7 +170,7 @@ class Trial:
         out: list[float] = []
 
         def timed() -> None:
-            with self._around_step():
+            with self._around_step(), self.meter.window() if self.meter is not None else nullcontext():
                 out.extend(time_steps(self._step, 1, self._sync, self.clock, self.step_timeout_s))
 
         self.failed = self._guard(timed)
@@ -184,7 +185,9 @@ class Trial:
             return self.failed
         if not self.times_ms:
             return Measurement(feasible=False, peak_bytes=dict(self.peak_bytes), reason="no step was timed")
-        return replace(summarize(self.times_ms, self.peak_bytes, self.notes, confidence), busy=self.busy)
+        busy = self.meter.busy(busy_host) if self.meter is not None else None
+        notes = [*self.notes, busy_note(self.label, busy)] if busy is not None else self.notes
+        return replace(summarize(self.times_ms, self.peak_bytes, notes, confidence), busy=busy)
 
     def close(self) -> None:
         """Free the model (and its device workers); the Measurement stays available."""
@@ -326,12 +329,7 @@ class EagerTrial(Trial):
         if self.device.type == "cuda":
             self.peak_bytes[str(self.device)] = int(torch.cuda.max_memory_allocated(self.device))
         elif (self.threads or torch.get_num_threads()) > 1:
-            self.busy = busy_host(len(self.cores) or 1)
-            if self.busy is not None:
-                self.notes.append(f"{self.label}: the host was busy while it was timed (other processes held "
-                                  f"some of its {self.busy['cores']} cores): torch's intra-op threads wait for "
-                                  f"each other at every parallel op, so with other processes on their cores a step "
-                                  f"can take 10-100x longer than on an idle host; measure on an idle host")
+            self.meter = ContentionMeter(self.cores)
 
     def _around_step(self) -> AbstractContextManager:
         return _ThreadState(self.threads if self.device.type == "cpu" else None, self.cores)
