@@ -170,8 +170,8 @@ def unmeasured(unplaced: MethodResult | None, protocol: Protocol | None) -> str 
     half = (high - low) / 2 / unplaced.measured_ms
     if not _too_wide(half, unplaced.runs, protocol):
         return None
-    idle = ", with the host otherwise idle: other processes held less than half a core while it was timed" \
-        if unplaced.devices[:1] == ["cpu"] else ""
+    idle = ", with the host otherwise idle: placer's check found no other process holding its cores while it " \
+           "was timed" if unplaced.devices[:1] == ["cpu"] else ""
     return (f"unplaced could not be measured in the {unplaced.session} session (CI {low:.2f}-{high:.2f} ms around "
             f"{unplaced.measured_ms:.2f} ms is +-{half:.0%}, more than {UNMEASURED_FACTOR}x the protocol's "
             f"+-{protocol.target:.0%} target after {unplaced.runs} steps{idle}): its own step times vary too much "
