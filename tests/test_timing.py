@@ -217,3 +217,14 @@ def test_the_load_average_can_be_given_and_a_bad_one_is_one_line(monkeypatch):
     monkeypatch.setenv("PLACER_LOAD_AVERAGE", "busy")
     with pytest.raises(PlacerError, match="PLACER_LOAD_AVERAGE='busy' is not a number: unset it"):
         host_load.load_average()
+
+
+def test_measuring_a_plan_for_devices_this_host_lacks_names_the_plan_and_the_fix(tmp_path):
+    from graphs.errors import DeviceSpecError
+    from placer.plan import Plan, load_plan
+
+    w = workload()
+    path = Plan(devices=["cuda:63"], assignment={}, device_map={}, fingerprint="f").save(tmp_path / "gpu.json")
+    with pytest.raises(DeviceSpecError, match=r"^gpu.json places the model on cuda:63, but .*make a plan for this "
+                                              r"host's devices"):
+        measure(w, load_plan(path), iters=1, warmup=0)

@@ -41,11 +41,11 @@ from dataclasses import replace
 
 import torch
 
-from graphs.devices import Cluster, format_size, parse_cluster
+from graphs.devices import Cluster, format_size
 from graphs.errors import exit_error
 from graphs.problem import PlacementProblem
 from graphs.workload import Workload
-from placer.plan import Plan, make_plan, with_workload_options
+from placer.plan import Plan, make_plan, plan_cluster, with_workload_options
 from placer.runtime.host_load import ContentionMeter, busy_host, busy_note
 from placer.runtime.placed import PlacedModule, apply
 from placer.runtime.refusals import Refused
@@ -264,7 +264,7 @@ class PlacedTrial(Trial):
                  **kwargs):
         super().__init__(label or plan.method, **kwargs)
         self.workload, self.plan = workload, plan
-        self.cluster = cluster or parse_cluster(",".join(plan.devices))
+        self.cluster = cluster or plan_cluster(plan)
         self.placed: PlacedModule | None = None
         # Each step runs with the thread count placer.apply gives the user's caller (one rule:
         # worker.caller_threads); apply sets it, and the trial gives the process its own back after.
