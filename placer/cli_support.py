@@ -12,7 +12,7 @@ import re
 import select
 import sys
 import textwrap
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 
 import click
 from rich.console import Console
@@ -24,11 +24,12 @@ console = Console(stderr=True)
 STDOUT = sys.stdout  # placer's own output; sys.stdout itself is stderr while a command runs
 
 EXIT_READER_GONE = 141  # 128 + SIGPIPE: what the shell reports for `seq 1 100000 | head -1`
+MAX_CI = 0.5  # --ci: a wider CI target could not tell any speedup from a tie
 
-__all__ = ["STDOUT", "echo", "warn", "PlacerGroup", "PipeBroken", "reader_gone", "leave_quietly", "EXIT_READER_GONE",
+__all__ = ["STDOUT", "echo", "warn", "PlacerGroup", "PlacerCommand", "PipeBroken", "reader_gone", "leave_quietly", "EXIT_READER_GONE",
            "usage_message", "check_cache", "FiniteFloat", "devices_option", "memory_option", "groups_option", "seed_option",
            "iters_option", "step_timeout_option", "backend_option", "train_backend_option", "protocol_options", "protocol_from_options",
-           "stage_progress", "field_meanings"]
+           "warn_wide_cis", "stage_progress", "field_meanings", "MAX_CI"]
 
 
 def echo(text: str = "") -> None:
@@ -47,8 +48,27 @@ class PipeBroken(Exception):
     stdout (`placer search-options | head -2`) and a dead worker's pipe alike."""
 
 
+class PlacerCommand(click.Command):
+    """A `placer` command: while it runs, whatever the workload prints goes to stderr
+    (placer's own output to STDOUT, through `echo`). Parsing, --help and usage errors
+    come before, so that the help is on stdout, as every tool's is."""
+
+    def invoke(self, ctx: click.Context):
+        with redirect_stdout(sys.stderr):
+            return super().invoke(ctx)
+
+
 class PlacerGroup(click.Group):
-    """The `placer` command group: a broken pipe in a command reaches main() as PipeBroken."""
+    """The `placer` command group: a broken pipe, in a command or while the group's
+    --help or --version is written, reaches main() as PipeBroken."""
+
+    command_class = PlacerCommand
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError as exc:
+            raise PipeBroken() from exc
 
     def invoke(self, ctx: click.Context):
         try:
@@ -85,6 +105,8 @@ def usage_message(exc: click.ClickException) -> str:
     if isinstance(exc, click.NoSuchOption) and exc.option_name == "--debug" and command != "placer":
         rest = [a for a in sys.argv[1:] if a != "--debug"]
         return f"--debug goes before the command: placer --debug {' '.join(rest)}"
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # its message is the whole help: one line instead
+        return f"no command given: name one of {', '.join(exc.ctx.command.list_commands(exc.ctx))} (see {command} --help)"
     return f"{exc.format_message().rstrip('.')} (see {command} --help)"
 
 
@@ -106,20 +128,23 @@ def check_cache() -> None:
 
 
 class FiniteFloat(click.ParamType):
-    """A finite float > `above` (nan and inf refused)."""
+    """A finite float > `above` and, with `at_most`, <= it (nan and inf refused); `meaning`
+    ends the refusal's line (what the number is, e.g. "+-3% is 0.03")."""
 
     name = "number"
 
-    def __init__(self, above: float = 0.0):
-        self.above = above
+    def __init__(self, above: float = 0.0, at_most: float | None = None, meaning: str = ""):
+        self.above, self.at_most, self.meaning = above, at_most, meaning
 
     def convert(self, value, param, ctx) -> float:
         try:
             number = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(number) or number <= self.above:
-            self.fail(f"{value!r}: give a finite number above {self.above:g}", param, ctx)
+        if not math.isfinite(number) or number <= self.above or (self.at_most is not None and number > self.at_most):
+            limit = f" and at most {self.at_most:g}" if self.at_most is not None else ""
+            meaning = f" ({self.meaning})" if self.meaning else ""
+            self.fail(f"{value!r}: give a finite number above {self.above:g}{limit}{meaning}", param, ctx)
         return number
 
 
@@ -150,7 +175,9 @@ def protocol_options(fn):
     """--iters, --ci, --measure-cap and --step-timeout: the measurement protocol."""
     for option in reversed([
         iters_option,
-        click.option("--ci", "ci_target", default=0.03, show_default=True, type=FiniteFloat(),
+        click.option("--ci", "ci_target", default=0.03, show_default=True, type=FiniteFloat(
+                     at_most=MAX_CI, meaning="the CI half-width as a fraction of the median, 0.03 for +-3%; above "
+                                             f"+-{MAX_CI:.0%} no speedup could be told from a tie"),
                      help="Measure each candidate until its median's confidence interval is within this "
                           "fraction of the median (0.03: +-3%)..."),
         click.option("--measure-cap", default=6.0, show_default=True, type=FiniteFloat(),
@@ -162,15 +189,25 @@ def protocol_options(fn):
 
 
 def protocol_from_options(iters: int, ci_target: float, measure_cap: float, step_timeout: float):
-    """The measurement Protocol of the protocol options. Raises PlacerError for a --ci
-    outside (0, 0.5] (placer.optimize.check_protocol)."""
+    """The measurement Protocol of the protocol options (each checked by its option's type)."""
     from placer.measurements import Protocol
-    from placer.optimize import check_protocol
 
-    protocol = Protocol(target=ci_target, min_runs=iters, max_runs=max(iters, 200), cap_per_candidate_s=measure_cap,
-                        step_timeout_s=step_timeout)
-    check_protocol(protocol)
-    return protocol
+    return Protocol(target=ci_target, min_runs=iters, max_runs=max(iters, 200), cap_per_candidate_s=measure_cap,
+                    step_timeout_s=step_timeout)
+
+
+def warn_wide_cis(rows: list[tuple[str, float, float]], target: float, fix: str) -> None:
+    """One warning for the figures (name, median ms, CI half-width as a fraction of it)
+    whose CI is wider than placer.choose.UNMEASURED_FACTOR times the protocol's `target`
+    (the rule by which choose takes no verdict over unplaced): such a median is no
+    measurement to rely on. `fix`: the options that take more steps."""
+    from placer.choose import UNMEASURED_FACTOR
+
+    wide = [(name, median, half) for name, median, half in rows if half > UNMEASURED_FACTOR * target]
+    if wide:
+        figures = ", ".join(f"{name} {median:.2f} ms +-{half:.0%}" for name, median, half in wide)
+        warn(f"{figures}: a CI over {UNMEASURED_FACTOR}x the +-{target:.0%} target, so not a measurement to rely on "
+             f"(likely other processes on the host, or too few steps): measure on an idle host, with {fix}")
 
 
 @contextmanager

@@ -21,8 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from envs.calibrate import load_calibration
-from graphs.devices import parse_cluster
-from graphs.errors import DeviceSpecError, PlacerError, PlanError
+from graphs.errors import PlacerError, PlanError
 from graphs.files import folder_problem
 from graphs.problem import build_problem
 from graphs.trace import fingerprint, trace_model
@@ -30,7 +29,7 @@ from graphs.workload import load_workload
 from placer.choose import fill, pick, settle_ratios, verdict_choice
 from placer.optimize import bounds_of
 from placer.measurements import UNPLACED, MeasurementBook, Measurer, Protocol, unplaced_device
-from placer.plan import Plan, load_plan, mismatch_message
+from placer.plan import Plan, load_plan, mismatch_message, plan_cluster
 from placer.report import publish
 from placer.results import MethodResult, Progress, Results, environment, quiet, warn_stderr
 from placer.runtime.timing import Measurement
@@ -53,16 +52,17 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
     Raises
     ------
     PlanError
-        A plan cannot be read, or names a device this host lacks (before the workload
-        is loaded), or was made for another model than `workload` (before anything is
-        profiled, measured or written).
+        A plan cannot be read, or was made for another model than `workload` (before
+        anything is profiled, measured or written).
+    DeviceSpecError
+        A plan names a device this host lacks (before the workload is loaded).
     PlacerError
         The output folder cannot be written; the workload cannot be loaded or captured.
     """
     protocol = protocol or Protocol()
     loaded_plans: list[Plan] = [load_plan(p) for p in plans]
     for plan in loaded_plans:
-        _check_host(plan)
+        plan_cluster(plan)  # a device this host lacks: refused naming the plan, before the workload loads
     device_sets = list(dict.fromkeys(tuple(plan.devices) for plan in loaded_plans))
     if out_dir is not None and (problem := folder_problem(out_dir)):
         raise PlacerError(f"--out {out_dir} {problem}: choose a folder you can write")
@@ -115,16 +115,6 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
         raise
     results.paths = {k: str(v) for k, v in publish(results, out, None, warn).items()}
     return results
-
-
-def _check_host(plan: Plan) -> None:
-    """Raise PlanError, naming the plan, when this host cannot run its devices (what
-    the runtime's parse_cluster refuses: a GPU it lacks, a name it cannot read)."""
-    try:
-        parse_cluster(",".join(plan.devices))
-    except DeviceSpecError as exc:
-        raise PlanError(f"{plan.source} places on {','.join(plan.devices)}, but {exc}: compare it on a host that "
-                        f"has them, or make a plan for this host's devices (placer optimize --devices ...)") from exc
 
 
 def _kind(method: str) -> str:

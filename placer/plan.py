@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphs.capture import capture_info, example_like, node_params, owning_module
-from graphs.devices import Cluster, parse_cluster
+from graphs.devices import Cluster, default_device_spec, host_cores, parse_cluster
 from graphs.errors import DeviceSpecError, PlanError
 from graphs.files import write_text_atomically
 from graphs.problem import PlacementProblem
@@ -135,8 +135,7 @@ def load_plan(path: str | Path, fingerprint: str | None = None) -> Plan:
             data["device_map"] = {k: accelerate_name(v) if isinstance(v, str) else v
                                   for k, v in data["device_map"].items()}
     elif str(data.get("schema", "")).startswith("placer.results/"):
-        raise PlanError(f"{path}: this is a results file (what a run measured), not a plan: pass the plan.json "
-                        f"beside it, {path.parent / 'plan.json'}")
+        raise PlanError(f"{path}: this is a results file (what a run measured), not a plan: {_plan_of_run(path, data)}")
     elif version != FORMAT:
         raise PlanError(f"{path}: unknown plan format {version!r} (this placer reads {FORMAT!r} and {FORMAT_V1!r})")
     missing = [k for k in _REQUIRED if k not in data]
@@ -154,6 +153,26 @@ def load_plan(path: str | Path, fingerprint: str | None = None) -> Plan:
     if fingerprint is not None and plan.fingerprint != fingerprint:
         raise PlanError(mismatch_message(plan, fingerprint))
     return plan
+
+
+def _plan_of_run(path: Path, results: dict) -> str:
+    """What to pass instead of the results file `path` (its JSON `results`): the plan its
+    run wrote, while it is there; else why it wrote none, in the run's own headline."""
+    from placer.report import UNCONFIRMED_PLAN  # here: placer.report imports this module
+
+    written = path.parent / str(results.get("plan") or "")
+    if results.get("plan") and written.is_file():
+        return f"pass the plan beside it, {written}"
+    if results.get("command") == "compare":
+        plans = [r["plan"] for r in results.get("methods", []) if isinstance(r, dict) and Path(r.get("plan") or "").is_file()]
+        return "placer compare writes no plan: pass one of the plans it compared" + (f", e.g. {plans[0]}" if plans else "")
+    if results.get("plan"):
+        return f"the plan its run wrote, {written}, is no longer there: run placer optimize again to write one"
+    choice = results.get("choice") if isinstance(results.get("choice"), dict) else {}
+    aside = path.parent / UNCONFIRMED_PLAN
+    earlier = f" ({aside} is an earlier run's plan that it could not confirm)" if aside.is_file() else ""
+    why = str(choice.get("headline") or "") or "Run placer optimize again to write one."  # says what to do
+    return f"its run wrote no plan{earlier}: {why}"
 
 
 def _type_problem(data: dict) -> str | None:
@@ -208,20 +227,37 @@ def _type_problem(data: dict) -> str | None:
     return None
 
 
-def plan_cluster(plan: Plan, memory: str | None = None) -> Cluster:
-    """The plan's devices on this host, with the `memory` caps (--memory).
+def plan_cluster(plan: Plan, memory: str | None = None, devices: str | Cluster | None = None) -> Cluster:
+    """Where `plan` runs on this host: its own devices capped by `memory` (--memory), or
+    `devices` (a --devices string, capped by `memory`, or a Cluster) standing for them:
+    naming every device the plan names, or as many, of the same kinds in the same order
+    (cuda:2,cuda:3 for a cuda:0,cuda:1 plan). All that runs a plan (placer.apply,
+    measure, train, compare, the measurement pool) gets its devices here.
 
     Raises
     ------
-    DeviceSpecError : this host lacks one of the plan's devices (naming the plan, its
-        devices and the fix: a plan of this host's devices), or `memory` is malformed.
+    DeviceSpecError : this host lacks a device of the plan (naming the plan, its devices,
+        this host's and the fix: a plan of this host's), or `memory`/`devices` is malformed.
+    PlanError : `devices` cannot stand for the plan's devices one to one.
     """
-    try:
-        parse_cluster(",".join(plan.devices))
-    except DeviceSpecError as exc:
-        raise DeviceSpecError(f"{plan.source} places the model on {', '.join(plan.devices)}, but {exc}: make a plan "
-                              f"for this host's devices here (placer optimize, or placer baseline --out)") from None
-    return parse_cluster(",".join(plan.devices), memory)
+    if devices is None:
+        try:
+            parse_cluster(",".join(plan.devices))
+        except DeviceSpecError as exc:
+            here = default_device_spec()
+            gpus = ", ".join(d for d in here.split(",") if d.startswith("cuda")) or "no GPU"
+            raise DeviceSpecError(f"{plan.source} places the model on {', '.join(plan.devices)}, but {exc}; this "
+                                  f"host has {gpus} and {host_cores()} CPU cores: make a plan for this host's devices "
+                                  f"here (placer optimize --devices {here}, or placer baseline --out)") from None
+        return parse_cluster(",".join(plan.devices), memory)
+    cluster = devices if isinstance(devices, Cluster) else parse_cluster(devices, memory)
+    kinds = [(d.split(":", 1)[1] if d.startswith("rank") else d).split(":")[0] for d in plan.devices]
+    if not set(plan.devices) <= set(cluster.names) and (
+            len(cluster) != len(plan.devices) or [d.kind for d in cluster.devices] != kinds):
+        raise PlanError(f"{plan.source} places nodes on {','.join(plan.devices)}; the devices given "
+                        f"({cluster.spec()}) must be as many, of the same kinds in the same order "
+                        f"({','.join(kinds)}), to stand for them one to one")
+    return cluster
 
 
 def mismatch_message(plan: Plan, fingerprint: str) -> str:

@@ -282,6 +282,9 @@ def test_numbers_that_are_not_finite_and_positive_are_refused(text):
     with pytest.raises(click.BadParameter):
         FiniteFloat().convert(text, None, None)
     assert FiniteFloat().convert("2.5", None, None) == 2.5
+    with pytest.raises(click.BadParameter, match="above 0 and at most 0.5"):
+        FiniteFloat(at_most=0.5).convert("0.51", None, None)
+    assert FiniteFloat(at_most=0.5).convert("0.5", None, None) == 0.5
 
 
 def test_report_re_renders_a_results_file_without_running_anything(optimized, tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 import placer.compare as compare_module
 from graphs.devices import parse_cluster
-from graphs.errors import PlanError
+from graphs.errors import DeviceSpecError, PlanError
 from graphs.problem import PlacementProblem, build_problem
 from graphs.synthetic import random_grouped_graph
 from placer.baselines import run_baselines
@@ -94,8 +94,8 @@ def test_a_plan_on_devices_this_host_lacks_is_refused_before_any_work(plans, tmp
     other["devices"] = ["cpu:0", "cpu:1", "cuda:99"]
     (tmp_path / "other.json").write_text(json.dumps(other))
     monkeypatch.setattr(compare_module, "load_workload", boom)
-    with pytest.raises(PlanError, match=r"other.json places on cpu:0,cpu:1,cuda:99, but device 'cuda:99' does not "
-                                        r"exist on this host.*placer optimize --devices"):
+    with pytest.raises(DeviceSpecError, match=r"other.json places the model on cpu:0, cpu:1, cuda:99, but device "
+                                              r"'cuda:99' does not exist on this host.*placer optimize --devices"):
         compare(workload, [paths[0], tmp_path / "other.json"], out_dir=tmp_path / "out", protocol=PROTOCOL)
     assert not (tmp_path / "out").exists()
 

@@ -383,3 +383,14 @@ def test_a_plan_from_the_whole_pipeline_applies_to_a_fresh_model(tmp_path):
     assert {c.device for c in placed.executor.chunks} == {"cpu:0", "cpu:1"}
     torch.testing.assert_close(placed(*workload.inputs), workload.model(*workload.inputs))
     placed.close()
+
+
+def test_the_measurement_pool_refuses_a_plan_its_workers_devices_cannot_stand_for_before_sending_any():
+    from placer.runtime.pool import MeasurementPool
+
+    pool = MeasurementPool.__new__(MeasurementPool)  # no worker started: the check comes before any is used
+    pool.device_sets, pool.workers = [(["cpu:0", "cpu:1"], [0])], []
+    three = Plan(devices=["cpu:0", "cpu:1", "cpu:2"], assignment={}, device_map={}, fingerprint="f")
+    with pytest.raises(PlanError, match=r"places nodes on cpu:0,cpu:1,cpu:2; the devices given \(cpu:0,cpu:1\) must "
+                                        r"be as many"):
+        pool.measure_many([three])

@@ -22,6 +22,7 @@ from graphs.workload import Workload, load_workload
 import placer.runtime.timing
 from placer import cli as placer_cli
 from placer.plan import Plan, load_plan, plan_cluster
+from placer.runtime.stats import Measurement
 
 ROOT = Path(__file__).parent.parent
 HEAD = "import sys\nimport torch\nfrom torch import nn\n"
@@ -51,14 +52,16 @@ def run_main(monkeypatch, capsys):
     def run(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["placer", *args])
         monkeypatch.setattr(placer_cli, "echo", lambda text="": print(text))  # STDOUT was bound at import
+        code = 0  # main() returns when the command succeeds
         try:
-            with pytest.raises(SystemExit) as exited:
-                placer_cli.main()
+            placer_cli.main()
+        except SystemExit as exited:
+            code = exited.code
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         out, err = capsys.readouterr()
-        return exited.value.code, out, err
+        return code, out, err
 
     return run
 
@@ -79,14 +82,31 @@ def extra_command():
 
 # --- item 5: a closed stdout, and which SystemExit is the workload's -----------------------------
 
-def test_a_reader_that_goes_away_ends_placer_quietly_with_sigpipes_status():
-    done = subprocess.Popen([sys.executable, "-c", "import sys; from placer.cli import main; sys.argv = "
-                             "['placer', 'search-options']; main()"],
+def placer_process(*args: str) -> subprocess.Popen:
+    """`placer ARGS` started as a user starts it, its stdout and stderr piped."""
+    return subprocess.Popen([sys.executable, "-c", f"import sys; from placer.cli import main; sys.argv = "
+                             f"{['placer', *args]!r}; main()"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True)
+
+
+@pytest.mark.parametrize("args", [("search-options",), ("--help",), ("--version",), ("optimize", "--help")])
+def test_a_reader_that_goes_away_ends_placer_quietly_with_sigpipes_status(args):
+    done = placer_process(*args)
     done.stdout.close()  # `| head -0`: gone before placer writes its first line
     err = done.stderr.read()
     assert done.wait(timeout=300) == placer_cli.EXIT_READER_GONE == 141
-    assert err == ""  # not "the workload called sys.exit(1)", no "Exception ignored" either
+    assert err == ""  # not the help again on the terminal, not "the workload called sys.exit(1)", no "Exception ignored"
+
+
+def test_help_and_version_are_written_once_on_stdout_and_no_command_is_one_line():
+    helped, version, bare = (placer_process(*args) for args in (("--help",), ("--version",), ()))
+    out, err = helped.communicate(timeout=300)
+    assert (helped.returncode, err) == (0, "") and out.startswith("Usage: placer ") and out.count("Usage:") == 1
+    out, err = version.communicate(timeout=300)
+    assert (version.returncode, err) == (0, "") and out.startswith("placer, version ")
+    out, err = bare.communicate(timeout=300)  # click's own usage error: its message is the whole help
+    assert (bare.returncode, out) == (2, "") and err.count("\n") == 1
+    assert err.startswith("error: no command given: name one of baseline, ") and err.endswith("(see placer --help)\n")
 
 
 def test_a_broken_pipe_that_is_not_the_reader_going_away_is_an_internal_error(run_main, extra_command, monkeypatch):
@@ -209,22 +229,60 @@ def loss_fn(out, x): return out
     assert loaded.loss_fn(loaded.model(x).sum(dim=0, keepdim=True)[:, :1], x).numel() == 1  # one element is fine
 
 
-def test_a_plan_for_devices_this_host_lacks_names_the_plan_and_the_fix(tmp_path):
-    plan = load_plan(Plan(devices=["cpu:0", "cuda:63"], assignment={}, device_map={}, fingerprint="f")
-                     .save(tmp_path / "gpuplan.json"))
+def test_a_plan_for_devices_this_host_lacks_names_the_plan_and_the_fix_wherever_it_runs(tmp_path, run_main):
+    path = Plan(devices=["cpu:0", "cuda:63"], assignment={}, device_map={}, fingerprint="f").save(tmp_path / "gpu.json")
     with pytest.raises(DeviceSpecError) as err:
-        plan_cluster(plan)
+        plan_cluster(load_plan(path))
     message = str(err.value)
-    assert message.startswith("gpuplan.json places the model on cpu:0, cuda:63, but device 'cuda:63'")
-    assert "make a plan for this host's devices here (placer optimize" in message
+    assert message.startswith("gpu.json places the model on cpu:0, cuda:63, but device 'cuda:63' does not exist on "
+                              "this host (")
+    assert "; this host has " in message and " CPU cores: make a plan for this host's devices here (placer optimize " \
+        "--devices " in message and message.endswith(", or placer baseline --out)")
     assert plan_cluster(Plan(devices=["cpu:0", "cpu:1"], assignment={}, device_map={}, fingerprint="f")).names \
         == ["cpu:0", "cpu:1"]
+    with pytest.raises(DeviceSpecError) as applied:  # the API: not a bare device error from torch
+        placer.apply(nn.Linear(2, 2), path)
+    assert str(applied.value) == message
+    workload = workload_file(tmp_path, "def build_model(): return nn.Linear(2, 2)\n"
+                                       "def example_inputs(): return torch.randn(2, 2)\n")
+    for command in ("measure", "train"):  # the command line: one line, exit status 2
+        assert run_main(command, workload, "--plan", str(path)) == (2, "", f"error: {message}\n")
 
 
-def test_a_results_file_given_as_a_plan_points_to_the_plan_beside_it(tmp_path):
-    (tmp_path / "results.json").write_text(json.dumps({"schema": "placer.results/v1", "methods": []}))
-    with pytest.raises(PlanError, match=r"results.json: this is a results file .* pass the plan.json beside it"):
-        load_plan(tmp_path / "results.json")
+HEADLINE = ("No verdict: the host was busy while unplaced was timed; no plan is chosen and no plan.json is "
+            "written. Measure on an idle host, then run the same command with --resume.")
+
+
+def results_error(folder: Path, **fields) -> str:
+    """load_plan's message for a results.json of `fields` in `folder`."""
+    path = folder / "results.json"
+    path.write_text(json.dumps({"schema": "placer.results/v1", "command": "optimize", "methods": [], **fields}))
+    with pytest.raises(PlanError) as err:
+        load_plan(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: this is a results file (what a run measured), not a plan: ")
+    return message
+
+
+def test_a_results_file_given_as_a_plan_points_to_a_plan_that_exists_or_says_why_there_is_none(tmp_path):
+    (tmp_path / "plan.json").write_text("{}")
+    assert results_error(tmp_path, plan="plan.json").endswith(f"pass the plan beside it, {tmp_path / 'plan.json'}")
+    # A run that chose no plan (busy host, no verdict) wrote none: its own headline says why and what to do.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    message = results_error(bare, plan=None, choice={"verdict": "unmeasured", "headline": HEADLINE})
+    assert message.endswith(f"its run wrote no plan: {HEADLINE}") and "plan.json beside" not in message
+    (bare / "plan.unconfirmed.json").write_text("{}")  # an earlier plan this run set aside
+    assert f"wrote no plan ({bare / 'plan.unconfirmed.json'} is an earlier run's plan that it could not confirm): " \
+        in results_error(bare, plan=None, choice={"verdict": "unmeasured", "headline": HEADLINE})
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    assert "the plan its run wrote, " in results_error(gone, plan="plan.json") and "no longer there" \
+        in results_error(gone, plan="plan.json")
+    compared = results_error(bare, command="compare", plan=None,
+                             methods=[{"method": "unplaced"}, {"method": "rl", "plan": str(tmp_path / "plan.json")}])
+    assert compared.endswith(f"placer compare writes no plan: pass one of the plans it compared, e.g. "
+                             f"{tmp_path / 'plan.json'}")
 
 
 @pytest.mark.parametrize("placement, error", [
@@ -256,3 +314,52 @@ def test_a_refused_plan_is_named_once(run_main, tmp_path, monkeypatch):
     monkeypatch.setattr(placer.runtime.timing, "measure", lambda *args, **kwargs: refused)
     code, _, err = run_main("measure", path, "--plan", str(plan))
     assert (code, err) == (2, f"error: {plan}: infeasible: refused: output 'loss' is computed inside the model\n")
+
+
+# --- new-user trial 4: a median with a CI far beyond the protocol's target, and --ci's range -------
+
+def wide_warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "not a measurement to rely on" in line]
+
+
+def test_a_measured_median_whose_ci_is_far_beyond_the_target_is_warned_about_once(run_main, tmp_path, monkeypatch):
+    path = workload_file(tmp_path, "def build_model(): return nn.Linear(2, 2)\n"
+                                   "def example_inputs(): return torch.randn(2, 2)\n")
+    plan = Plan(devices=["cpu:0", "cpu:1"], assignment={}, device_map={}, fingerprint="f").save(tmp_path / "p.json")
+    lines = []
+    for ci in ((40.0, 160.0), (99.0, 101.0)):  # +-60% against the default +-3%; +-1%
+        timed = Measurement(feasible=True, median_ms=100.0, iqr_ms=5.0, ci_ms=ci, runs=10)
+        monkeypatch.setattr(placer.runtime.timing, "measure", lambda *args, timed=timed, **kwargs: timed)
+        for json_flag in ((), ("--json",)):  # under --json too: the warning is on stderr
+            code, _, err = run_main("measure", path, "--plan", str(plan), *json_flag)
+            assert code == 0, err
+            lines.append(wide_warnings(err))
+    wide = ("warning: step time 100.00 ms +-60%: a CI over 10x the +-3% target, so not a measurement to rely on "
+            "(likely other processes on the host, or too few steps): measure on an idle host, with more --iters")
+    assert lines == [[wide], [wide], [], []]
+
+
+def test_compare_and_optimize_rows_whose_ci_is_far_beyond_the_target_are_one_warning(capsys, monkeypatch):
+    from placer.measurements import Protocol
+    from placer.report import format_table
+    from placer.results import MethodResult, Results
+
+    monkeypatch.setattr(placer_cli, "echo", lambda text="": print(text))
+    rows = [MethodResult("unplaced", "unplaced", devices=["cpu"], measured_ms=10.0, ci_ms=(9.9, 10.1), runs=5),
+            MethodResult("rl", "rl", measured_ms=100.0, ci_ms=(40.0, 160.0), runs=5),
+            MethodResult("metis", "baseline", measured_ms=50.0, ci_ms=(30.0, 70.0), runs=5)]
+    placer_cli._print_results(Results(command="compare", methods=rows, protocol=Protocol(target=0.03).to_json()),
+                              format_table)
+    (line,) = wide_warnings(capsys.readouterr().err)
+    assert line.startswith("warning: rl 100.00 ms +-60%, metis 50.00 ms +-40%: a CI over 10x the +-3% target")
+    assert "other processes on the host, or too few steps" in line and "--iters" in line and "unplaced" not in line
+
+
+@pytest.mark.parametrize("command", [("optimize",), ("baseline", "w.py", "--method", "all"),
+                                     ("compare", "w.py", "p.json")])
+def test_ci_outside_its_range_is_refused_by_the_option_type_of_every_command(run_main, command):
+    for ci in ("0.7", "0", "nan"):
+        code, _, err = run_main(*command, "--ci", ci)
+        assert code == 2 and err == (f"error: Invalid value for '--ci': '{ci}': give a finite number above 0 and at "
+                                     f"most 0.5 (the CI half-width as a fraction of the median, 0.03 for +-3%; above "
+                                     f"+-50% no speedup could be told from a tie) (see placer {command[0]} --help)\n")

@@ -38,10 +38,10 @@ import torch.fx as fx
 from torch import nn
 
 from graphs.capture import canonical_names, node_tensors, owning_module
-from graphs.devices import Cluster, Device, parse_cluster
+from graphs.devices import Cluster, Device
 from graphs.errors import CaptureError, PlanError
 from graphs.trace import Traced, trace_model
-from placer.plan import Plan, load_plan, trace_for_plan
+from placer.plan import Plan, load_plan, plan_cluster, trace_for_plan
 from placer.runtime.executor import Executor
 from placer.runtime.tensors import graph_reads, localize, place_tensors, tensor_readers
 
@@ -246,6 +246,8 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
         micro-batches would change what the model computes (batch statistics without
         `microbatch_statistics`; at the first call for what only running shows).
     CaptureError : the model cannot be captured the way the plan was.
+    DeviceSpecError : this host lacks a device the plan names (placer.plan.plan_cluster:
+        the plan, its devices, this host's and the fix), or `devices` is malformed.
     """
     if isinstance(model, PlacedModule):
         raise PlanError("the model is already placed: apply the plan to its .original "
@@ -270,17 +272,9 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
 
 def _devices_for(plan: Plan, devices: str | Cluster | None) -> tuple[Cluster, dict[str, str]]:
     """(the cluster to run on, plan device name -> its device name there)."""
-    if devices is None:
-        cluster = parse_cluster(",".join(plan.devices))
-    else:
-        cluster = devices if isinstance(devices, Cluster) else parse_cluster(devices)
+    cluster = plan_cluster(plan, devices=devices)
     if set(plan.devices) <= set(cluster.names):
         return cluster, {d: d for d in plan.devices}
-    kinds = [(d.split(":", 1)[1] if d.startswith("rank") else d).split(":")[0] for d in plan.devices]
-    if len(cluster) != len(plan.devices) or [d.kind for d in cluster.devices] != kinds:
-        raise PlanError(f"{plan.source} places nodes on {','.join(plan.devices)}; the devices given "
-                        f"({cluster.spec()}) must be as many, of the same kinds in the same order "
-                        f"({','.join(kinds)}), to stand for them one to one")
     return cluster, dict(zip(plan.devices, cluster.names))
 
 

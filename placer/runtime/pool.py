@@ -38,7 +38,7 @@ import torch.multiprocessing as mp
 from graphs.workload import load_workload
 from graphs.devices import host_cores, parse_cluster, parse_memory
 from graphs.errors import DeviceSpecError, PlacerError
-from placer.plan import Plan, accelerate_name
+from placer.plan import Plan, accelerate_name, plan_cluster
 from placer.runtime.timing import Measurement, measure
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -168,7 +168,17 @@ class MeasurementPool:
         self.workers[worker.slot] = self._start(worker.slot)
 
     def measure_many(self, plans: list[Plan]) -> list[Measurement]:
-        """One Measurement per plan, in order; never raises for a failed worker."""
+        """One Measurement per plan, in order; never raises for a failed worker.
+
+        Raises
+        ------
+        PlanError
+            A plan's devices cannot be stood for by the workers' (placer.plan.plan_cluster):
+            refused before any plan is sent.
+        """
+        workers = parse_cluster(",".join(self.device_sets[0][0]))
+        for plan in plans:
+            plan_cluster(plan, devices=workers)
         results: list[Measurement | None] = [None] * len(plans)
         queue = deque(_Task(i) for i in range(len(plans)))
         running: dict[int, _Task] = {}  # worker slot -> its task
