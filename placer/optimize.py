@@ -48,7 +48,7 @@ from placer.scorer import Scorer
 from placer.search import microbatch_options
 from placer.search_stage import SEARCHES, SearchOptions, run_search
 
-__all__ = ["optimize", "DEFAULT_WORKLOAD", "DEFAULT_BUDGET_S", "check_inputs", "check_protocol", "baseline_rows",
+__all__ = ["optimize", "DEFAULT_WORKLOAD", "DEFAULT_BUDGET_S", "check_inputs", "baseline_rows",
            "measure_baselines", "bounds_of", "SHORTLIST"]
 
 DEFAULT_WORKLOAD = "zoo:nmt:medium"
@@ -81,22 +81,6 @@ def check_inputs(devices: str | None, memory: str | None, budget_s: float, metho
         check_workers(workers)
     if out_dir is not None and (problem := folder_problem(out_dir)):
         raise PlacerError(f"--out {out_dir} {problem}: choose a folder you can write")
-
-
-def check_protocol(protocol: Protocol) -> None:
-    """Refuse a user's CI target (--ci) that means nothing: a half-width of the median
-    outside (0, 0.5] (above +-50% no speedup could be told from a tie). For the command
-    line's options only: tests and experiments set a huge target on purpose (settle
-    every candidate at min_runs steps).
-
-    Raises
-    ------
-    PlacerError
-        The target is out of that range.
-    """
-    if not 0 < protocol.target <= 0.5:
-        raise PlacerError(f"--ci {protocol.target:g}: the CI half-width is a fraction of the median in (0, 0.5], "
-                          f"e.g. 0.03 for +-3%")
 
 
 def baseline_rows(problem: PlacementProblem, names: Sequence[str], seed: int,

@@ -109,17 +109,6 @@ def test_bad_inputs_are_refused_before_any_work(workload, tmp_path, monkeypatch,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("target, refused", [(5.0, True), (0.51, True), (0.5, False), (0.03, False)])
-def test_a_ci_target_outside_what_the_protocol_can_mean_is_refused(target, refused):
-    # Trial 2 item 8: --ci 5 (+-500%) was accepted silently.
-    if refused:
-        with pytest.raises(PlacerError, match=rf"--ci {target:g}: the CI half-width is a fraction of the median in "
-                                              rf"\(0, 0.5\], e.g. 0.03"):
-            job.check_protocol(Protocol(target=target))
-    else:
-        job.check_protocol(Protocol(target=target))
-
-
 def test_an_output_folder_that_cannot_be_one_is_refused_first(workload, tmp_path, monkeypatch):
     monkeypatch.setattr(job, "load_workload", boom)
     blocker = tmp_path / "file"
