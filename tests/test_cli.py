@@ -294,3 +294,22 @@ def test_report_re_renders_a_results_file_without_running_anything(optimized, tm
     assert result.stdout.splitlines()[0] == headline
     assert (tmp_path / "again" / "report.md").read_text().splitlines()[0] == f"**{headline}**"
     assert (tmp_path / "again" / "report.html").is_file() and not (tmp_path / "again" / "plan.json").exists()
+
+
+def test_the_progress_display_draws_from_its_callbacks_and_runs_no_thread_of_its_own(monkeypatch):
+    # a refresh thread would take the GIL and a core inside timed steps (unplaced's among them)
+    import io
+    import threading
+
+    from rich.console import Console
+
+    import placer.cli_support as cli_support
+    from placer.results import Stage
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli_support, "console", Console(file=out, force_terminal=True, width=100))
+    before = threading.active_count()
+    with cli_support.stage_progress() as update:
+        assert threading.active_count() == before
+        update(Stage("measuring", 1, 4, {"candidate": "metis"}))
+        assert "measuring" in out.getvalue() and "metis" in out.getvalue()
