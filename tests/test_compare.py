@@ -117,13 +117,20 @@ def test_when_unplaced_wins_compares_headline_promises_no_plan_file():
     assert "plan.json" not in choice.headline
 
 
-def test_compare_gives_no_verdict_over_an_unplaced_timed_on_a_busy_host(plans, tmp_path, monkeypatch, two_threads):
+@pytest.mark.parametrize("reading", ["direct", "load average"])
+def test_compare_gives_no_verdict_over_an_unplaced_timed_on_a_busy_host(plans, tmp_path, monkeypatch, two_threads,
+                                                                         reading):
     # Trial 2 item 1: compare printed "215.84x" over an unplaced whose threads a busy host stalled, without a note.
     workload, paths = plans
-    monkeypatch.setattr("placer.runtime.timing.busy_host", lambda cores: {"load": 7.5, "cores": cores})
+    if reading == "direct":  # other processes' CPU time on unplaced's cores, over its own steps
+        monkeypatch.setenv("PLACER_OTHER_CORES", "1.5")
+        cause = "No verdict: other processes held 1.5 of the "
+    else:  # the fallback where the host's tick counters cannot tell
+        monkeypatch.setattr("placer.runtime.timing.busy_host", lambda cores: {"load": 7.5, "cores": cores})
+        cause = "No verdict: the host was busy (load 7.5 on "
     results = compare(workload, paths, out_dir=tmp_path, protocol=PROTOCOL, warn=pytest.fail)
     assert results.choice.verdict == "unmeasured" and results.best is None
-    assert results.choice.headline.startswith("No verdict: the host was busy (load 7.5 on ")
+    assert results.choice.headline.startswith(cause)
     assert "plan.json" not in results.choice.headline and "--resume" not in results.choice.headline
     assert all(r.vs_unplaced is None or r.vs_unplaced.verdict == "unmeasured" for r in results.methods)
     assert sum("the host was busy" in note for note in results.notes) == 1  # on the terminal, once
