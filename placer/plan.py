@@ -121,7 +121,9 @@ def load_plan(path: str | Path, fingerprint: str | None = None) -> Plan:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise PlanError(f"{path}: no such plan file") from None
+        from placer.run_folder import run_beside  # here: run_folder imports what imports this module
+
+        raise PlanError(f"{path}: no such plan file{run_beside(path)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PlanError(f"{path}: cannot read plan file ({exc})") from None
     except json.JSONDecodeError as exc:
@@ -135,7 +137,9 @@ def load_plan(path: str | Path, fingerprint: str | None = None) -> Plan:
             data["device_map"] = {k: accelerate_name(v) if isinstance(v, str) else v
                                   for k, v in data["device_map"].items()}
     elif str(data.get("schema", "")).startswith("placer.results/"):
-        raise PlanError(f"{path}: this is a results file (what a run measured), not a plan: {_plan_of_run(path, data)}")
+        from placer.run_folder import plan_of_run
+
+        raise PlanError(f"{path}: this is a results file (what a run measured), not a plan: {plan_of_run(path, data)}")
     elif version != FORMAT:
         raise PlanError(f"{path}: unknown plan format {version!r} (this placer reads {FORMAT!r} and {FORMAT_V1!r})")
     missing = [k for k in _REQUIRED if k not in data]
@@ -153,26 +157,6 @@ def load_plan(path: str | Path, fingerprint: str | None = None) -> Plan:
     if fingerprint is not None and plan.fingerprint != fingerprint:
         raise PlanError(mismatch_message(plan, fingerprint))
     return plan
-
-
-def _plan_of_run(path: Path, results: dict) -> str:
-    """What to pass instead of the results file `path` (its JSON `results`): the plan its
-    run wrote, while it is there; else why it wrote none, in the run's own headline."""
-    from placer.report import UNCONFIRMED_PLAN  # here: placer.report imports this module
-
-    written = path.parent / str(results.get("plan") or "")
-    if results.get("plan") and written.is_file():
-        return f"pass the plan beside it, {written}"
-    if results.get("command") == "compare":
-        plans = [r["plan"] for r in results.get("methods", []) if isinstance(r, dict) and Path(r.get("plan") or "").is_file()]
-        return "placer compare writes no plan: pass one of the plans it compared" + (f", e.g. {plans[0]}" if plans else "")
-    if results.get("plan"):
-        return f"the plan its run wrote, {written}, is no longer there: run placer optimize again to write one"
-    choice = results.get("choice") if isinstance(results.get("choice"), dict) else {}
-    aside = path.parent / UNCONFIRMED_PLAN
-    earlier = f" ({aside} is an earlier run's plan that it could not confirm)" if aside.is_file() else ""
-    why = str(choice.get("headline") or "") or "Run placer optimize again to write one."  # says what to do
-    return f"its run wrote no plan{earlier}: {why}"
 
 
 def _type_problem(data: dict) -> str | None:

@@ -2,11 +2,13 @@
 there only when it is the same job (its measurements' identity: workload, devices,
 memory caps, groups, workers, then the graph's fingerprint), and a fresh run never
 mixes with an earlier one (another workload's run is refused; the same one's search
-checkpoint is removed).
+checkpoint is removed). What a run there wrote, for a user who passes its results.json
+or a plan.json it did not write (`plan_of_run`, `run_beside`).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 from graphs.errors import CheckpointError
 from placer.measurements import MeasurementBook
 
-__all__ = ["check_resume", "check_fresh"]
+__all__ = ["check_resume", "check_fresh", "plan_of_run", "run_beside"]
 
 
 def check_resume(path: Path, identity: dict, keys: Sequence[str]) -> None:
@@ -73,3 +75,33 @@ def _same(key: str, before: object, now: object) -> bool:
     if key != "workload" or not isinstance(before, str):
         return False
     return Path(before).is_file() and Path(str(now)).is_file() and Path(before).samefile(str(now))
+
+
+def plan_of_run(path: Path, results: dict) -> str:
+    """What to pass instead of the results file `path` (its JSON `results`): the plan its
+    run wrote, while it is there; else why it wrote none, in the run's own headline."""
+    from placer.report import UNCONFIRMED_PLAN  # here: placer.report imports what imports this module
+
+    written = path.parent / str(results.get("plan") or "")
+    if results.get("plan") and written.is_file():
+        return f"pass the plan beside it, {written}"
+    if results.get("command") == "compare":
+        plans = [r["plan"] for r in results.get("methods", []) if isinstance(r, dict) and Path(r.get("plan") or "").is_file()]
+        return "placer compare writes no plan: pass one of the plans it compared" + (f", e.g. {plans[0]}" if plans else "")
+    if results.get("plan"):
+        return f"the plan its run wrote, {written}, is no longer there: run placer optimize again to write one"
+    choice = results.get("choice") if isinstance(results.get("choice"), dict) else {}
+    aside = path.parent / UNCONFIRMED_PLAN
+    earlier = f" ({aside} is an earlier run's plan that it could not confirm)" if aside.is_file() else ""
+    why = str(choice.get("headline") or "") or "Run placer optimize again to write one."  # says what to do
+    return f"its run wrote no plan{earlier}: {why}"
+
+
+def run_beside(path: Path) -> str:
+    """For a plan file `path` that is not there: "; " and what the run whose results.json
+    lies beside it wrote (plan_of_run), or "" where there is none."""
+    try:
+        results = json.loads((path.parent / "results.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return f"; {plan_of_run(path.parent / 'results.json', results)}" if isinstance(results, dict) else ""

@@ -285,6 +285,20 @@ def test_a_results_file_given_as_a_plan_points_to_a_plan_that_exists_or_says_why
                              f"{tmp_path / 'plan.json'}")
 
 
+def test_a_plan_json_that_a_run_did_not_write_says_why_from_the_results_beside_it(tmp_path):
+    # Trial 4: `placer optimize m.py && placer train m.py --plan .../plan.json` after a no-verdict run said only
+    # "no such plan file".
+    (tmp_path / "results.json").write_text(json.dumps({"schema": "placer.results/v1", "command": "optimize",
+                                                       "plan": None, "methods": [],
+                                                       "choice": {"verdict": "unmeasured", "headline": HEADLINE}}))
+    with pytest.raises(PlanError) as err:
+        load_plan(tmp_path / "plan.json")
+    assert str(err.value) == f"{tmp_path / 'plan.json'}: no such plan file; its run wrote no plan: {HEADLINE}"
+    with pytest.raises(PlanError) as err:  # no run beside it: nothing to add
+        load_plan(tmp_path / "elsewhere" / "plan.json")
+    assert str(err.value) == f"{tmp_path / 'elsewhere' / 'plan.json'}: no such plan file"
+
+
 @pytest.mark.parametrize("placement, error", [
     ([0], "placement gives 1 devices for 2 groups (one each): the file was cut or edited"),
     ([0, 1, 1], "placement gives 3 devices for 2 groups"),
