@@ -233,9 +233,10 @@ def check_numbering(cluster: Cluster) -> None:
     virtual = [d.name for d in cluster.devices if d.is_virtual_cpu and d.rank is None]
     if sorted(int(name.split(":")[1]) for name in virtual) != list(range(len(virtual))):
         expected = ",".join(f"cpu:{i}" for i in range(len(virtual)))
-        raise DeviceSpecError(f"virtual CPU devices {','.join(virtual)}: number them cpu:0 to cpu:{len(virtual) - 1} "
-                              f"without gaps, e.g. {expected} (a number names a worker with its share of the "
-                              f"cores, not a core)")
+        fix = ("number a single device 0" if len(virtual) == 1 else
+               f"number them cpu:0 to cpu:{len(virtual) - 1} without gaps")
+        raise DeviceSpecError(f"virtual CPU device{'s' if len(virtual) > 1 else ''} {','.join(virtual)}: {fix}, "
+                              f"e.g. {expected} (a number names a worker with its share of the cores, not a core)")
 
 
 def parse_memory(memory: str | None, names: list[str]) -> dict[str, int]:

@@ -60,7 +60,8 @@ class PlacerCommand(click.Command):
 
 class PlacerGroup(click.Group):
     """The `placer` command group: a broken pipe, in a command or while the group's
-    --help or --version is written, reaches main() as PipeBroken."""
+    --help or --version is written, reaches main() as PipeBroken; a command's
+    KeyboardInterrupt as click's Abort, with an empty line only on a terminal."""
 
     command_class = PlacerCommand
 
@@ -75,6 +76,10 @@ class PlacerGroup(click.Group):
             return super().invoke(ctx)
         except BrokenPipeError as exc:
             raise PipeBroken() from exc
+        except KeyboardInterrupt as exc:  # as Abort, which click passes on without its blank line
+            if sys.stderr.isatty():  # ... which closes the terminal's ^C echo, and only there is one
+                click.echo(err=True)
+            raise click.exceptions.Abort() from exc
 
 
 def reader_gone() -> bool:

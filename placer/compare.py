@@ -41,7 +41,9 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
             progress: Progress = quiet, warn: Callable[[str], None] = warn_stderr, command: str = "") -> Results:
     """Measure `plans` of `workload`, each on its own devices, and the unplaced model
     together; write results.json and the report into out_dir (default
-    placer-out/<name>-compare).
+    placer-out/<name>-compare). A file given more than once is measured once, in one
+    row (a note says so); a plan that runs the whole model on unplaced's device is
+    noted as the unplaced model run through placer's runtime.
 
     Returns
     -------
@@ -60,6 +62,9 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
         The output folder cannot be written; the workload cannot be loaded or captured.
     """
     protocol = protocol or Protocol()
+    given = [Path(p).resolve() for p in plans]
+    plans = list({Path(p).resolve(): p for p in plans}.values())  # a file given twice: one row, in first place
+    repeated = [str(p) for p in plans if given.count(Path(p).resolve()) > 1]
     loaded_plans: list[Plan] = [load_plan(p) for p in plans]
     for plan in loaded_plans:
         plan_cluster(plan)  # a device this host lacks: refused naming the plan, before the workload loads
@@ -81,6 +86,8 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
                       protocol=protocol.to_json(), environment=environment(command), notes=list(loaded.notes),
                       bounds=min((bounds_of(p, load_calibration(p)) for p in problems),
                                  key=lambda b: b["lower_bound_ms"]))
+    if repeated:
+        results.notes.append(f"{', '.join(repeated)} given more than once: measured once, in one row")
     measurer = Measurer(loaded, host, MeasurementBook({}), protocol, progress=progress)
     rows = [MethodResult(UNPLACED, "unplaced", devices=[unplaced_device(host)])]
     methods = [plan.method for plan in loaded_plans]
@@ -91,6 +98,9 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
         rows.append(MethodResult(name, _kind(plan.method), placement=plan.placement, devices=list(plan.devices),
                                  microbatches=plan.microbatches, schedule=plan.schedule,
                                  simulated_ms=plan.simulated_ms, plan=str(path)))
+        if list(plan.devices) == rows[0].devices and plan.microbatches <= 1:
+            rows[-1].notes.append(f"{name}: the unplaced model (the whole model on {plan.devices[0]}, as unplaced "
+                                  f"runs it), through placer's runtime")
     results.methods = rows
     by_name = dict(zip([r.method for r in rows[1:]], loaded_plans))
 

@@ -104,3 +104,9 @@ def test_the_command_line_numbers_virtual_cpu_devices_from_0_without_gaps(spec, 
 @pytest.mark.parametrize("spec", ["cpu:0", "cpu:1,cpu:0", "cpu:0,cpu:1,cpu:2", "cpu", "rank0:cpu:0,rank1:cpu:1"])
 def test_numbered_virtual_cpu_devices_the_whole_host_and_other_ranks_devices_pass(spec):
     check_numbering(parse_cluster(spec))  # other ranks' devices live in their own processes: any number
+
+
+def test_a_single_misnumbered_virtual_cpu_device_is_told_the_one_number_to_write():
+    with pytest.raises(DeviceSpecError) as info:  # not "number them cpu:0 to cpu:0 without gaps"
+        check_numbering(parse_cluster("cpu:5"))
+    assert str(info.value).startswith("virtual CPU device cpu:5: number a single device 0, e.g. cpu:0 (")

@@ -134,3 +134,16 @@ def test_compare_gives_no_verdict_over_an_unplaced_timed_on_a_busy_host(plans, t
     assert "plan.json" not in results.choice.headline and "--resume" not in results.choice.headline
     assert all(r.vs_unplaced is None or r.vs_unplaced.verdict == "unmeasured" for r in results.methods)
     assert sum("the host was busy" in note for note in results.notes) == 1  # on the terminal, once
+
+
+def test_a_plan_file_given_twice_is_one_row_and_a_whole_host_plan_is_named_the_unplaced_model(plans, whole_host_plan,
+                                                                                              tmp_path):
+    workload, paths = plans
+    results = compare(workload, [str(paths[1]), whole_host_plan, paths[1]], out_dir=tmp_path, protocol=PROTOCOL,
+                      warn=pytest.fail)
+    assert [r.method for r in results.methods] == ["unplaced", "round_robin", "unplaced (plan.json)"]
+    assert f"{paths[1]} given more than once: measured once, in one row" in results.notes
+    (twin,) = [r for r in results.methods if r.notes]
+    assert twin.method == "unplaced (plan.json)" and twin.notes[0].startswith(
+        "unplaced (plan.json): the unplaced model (the whole model on cpu, as unplaced runs it)")
+    assert twin.notes[0] in results.notes

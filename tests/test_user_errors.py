@@ -377,3 +377,50 @@ def test_ci_outside_its_range_is_refused_by_the_option_type_of_every_command(run
         assert code == 2 and err == (f"error: Invalid value for '--ci': '{ci}': give a finite number above 0 and at "
                                      f"most 0.5 (the CI half-width as a fraction of the median, 0.03 for +-3%; above "
                                      f"+-50% no speedup could be told from a tie) (see placer {command[0]} --help)\n")
+
+
+# --- trial4: --search values, Ctrl-C before any output ------------------------------------------
+
+@pytest.mark.parametrize("text", ["1,2", "(1,2)", "(1, 2)", "[1,2]", "1 2", " 1, 2,"])
+def test_search_microbatches_takes_the_tuple_forms_a_user_writes(text):
+    from placer.search import SearchConfig, overrides
+
+    assert overrides(SearchConfig(), [f"microbatches={text}"]).microbatches == (1, 2)
+
+
+def test_every_default_search_options_prints_reads_back_through_search():
+    from dataclasses import fields
+
+    from placer.rl.trainer import TrainConfig
+    from placer.search.config import format_value, overrides
+
+    base = TrainConfig()
+    printed = [f"{f.name}={format_value(getattr(base, f.name))}" for f in fields(TrainConfig)]
+    assert overrides(base, printed) == base
+    assert format_value((1,)) == "1" and format_value(None) == "none"
+
+
+@pytest.mark.parametrize("pair, error", [
+    ("lr=-1", "lr=-1.0: give a value >= 0"), ("top_quantile=2", "top_quantile=2.0: give a value in (0, 1]"),
+    ("budget_s=0", "budget_s=0.0: give a value > 0"), ("batch_size=0", "batch_size=0: give a value >= 1"),
+    ("microbatches=(0,)", "microbatches=0: give counts >= 1"),
+    ("microbatches=x", "cannot set 'microbatches=x': microbatches takes counts separated by commas or none, "
+                       "e.g. microbatches=1,2,4"),
+    ("seed=1.5", "cannot set 'seed=1.5': seed takes an integer, e.g. seed=4"),
+])
+def test_a_search_setting_out_of_its_range_or_form_is_one_line_naming_field_value_and_range(run_main, tmp_path,
+                                                                                            pair, error):
+    workload = workload_file(tmp_path, "def build_model(): return nn.Linear(2, 2)\n"
+                                       "def example_inputs(): return torch.randn(3, 2)\n")
+    code, out, err = run_main("optimize", workload, "--devices", "cpu:0,cpu:1", "--search", pair,
+                              "--out", str(tmp_path / "out"))
+    assert (code, out, err) == (2, "", f"error: --search: {error}\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_in_a_command_before_any_output_is_the_one_line_interrupted(run_main, extra_command):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    extra_command("stop", interrupted)
+    assert run_main("stop") == (placer_cli.EXIT_INTERRUPTED, "", "interrupted\n")  # no empty line before it

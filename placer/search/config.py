@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from graphs.bounds import microbatch_table
 from graphs.problem import PlacementProblem
 
-__all__ = ["SearchConfig", "overrides", "microbatch_options"]
+__all__ = ["SearchConfig", "RANGES", "overrides", "format_value", "microbatch_options"]
 
 
 @dataclass
@@ -48,7 +48,7 @@ class SearchConfig:
     """Distinct best-scoring candidates kept (the ones a measurement round picks from)."""
     microbatches: tuple[int, ...] | None = None
     """Micro-batch counts searched; None: every count the workload's profile allows
-    (microbatch_options); (1,): no pipelining."""
+    (microbatch_options); 1: no pipelining."""
     checkpoint_every: int = 10
     """Rounds between checkpoints, when the search has an output folder (RL)."""
     anneal: float = 0.02
@@ -57,19 +57,43 @@ class SearchConfig:
     probability 1/e. It falls linearly to 0 (pure hill climbing) at the end of the budget."""
 
     def __post_init__(self) -> None:
-        if self.max_samples is not None and self.max_samples < 0:
-            raise ValueError(f"max_samples={self.max_samples}: give a count >= 0 or None")
-        for name in ("batch_size", "measure_every", "keep_top", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: give a count >= 1")
-        if self.anneal < 0:
-            raise ValueError(f"anneal={self.anneal}: give a temperature >= 0 (0: hill climbing)")
-        if self.measure_top_k < 0:
-            raise ValueError(f"measure_top_k={self.measure_top_k}: give a count >= 0")
         if self.microbatches is not None:
             self.microbatches = tuple(int(m) for m in self.microbatches)
             if not self.microbatches or min(self.microbatches) < 1:
-                raise ValueError(f"microbatches={self.microbatches}: give counts >= 1")
+                raise ValueError(f"microbatches={format_value(self.microbatches)}: give counts >= 1")
+        names = {f.name for f in dataclasses.fields(self)}
+        for name, (low, high, strict) in RANGES.items():
+            value = getattr(self, name) if name in names else None
+            if value is None:
+                continue
+            if (value <= low if strict else value < low) or (high is not None and value > high):
+                raise ValueError(f"{name}={value}: give {_range_text(low, high, strict)}")
+
+
+RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "budget_s": (0, None, True), "max_samples": (0, None, False), "measure_top_k": (0, None, False),
+    "batch_size": (1, None, False), "measure_every": (1, None, False), "keep_top": (1, None, False),
+    "checkpoint_every": (1, None, False), "anneal": (0, None, False),
+    # The RL trainer's TrainConfig fields, in one table with these so that every setting is refused alike
+    # (its own __post_init__ checks microbatch_spread and first_round).
+    "lr": (0, None, False), "imitation_lr": (0, None, False), "advantage_floor": (0, None, False),
+    "baseline_decay": (0, 1, False), "top_quantile": (0, 1, True), "self_imitation": (0, None, False),
+    "entropy_coef": (0, None, False), "ppo_epochs": (1, None, False), "ppo_clip": (0, None, True),
+    "infeasible_slowdown": (1, None, False), "reference_fallback_ms": (0, None, True),
+    "imitation_steps": (0, None, False), "explore_groups": (0, None, False), "imitation_target": (0, 1, False),
+    "temperature": (0, None, True), "logit_clip": (0, None, True), "hidden": (1, None, False),
+    "graph_layers": (0, None, False), "max_devices": (1, None, False),
+}
+"""The values each numeric setting takes, by field name: (low, high or None, whether low
+itself is excluded). A field listed here that a config lacks is skipped; None (no limit,
+every count) is always accepted."""
+
+
+def _range_text(low: float, high: float | None, strict: bool) -> str:
+    """How a range reads in a refusal: "a value > 0", "a value in [0, 1]"."""
+    if high is not None:
+        return f"a value in {'(' if strict else '['}{low}, {high}]"
+    return f"a value {'>' if strict else '>='} {low}"
 
 
 C = typing.TypeVar("C", bound=SearchConfig)
@@ -79,10 +103,14 @@ def overrides(config: C, pairs: Sequence[str]) -> C:
     """A copy of `config` with fields set from "key=value" strings (the CLI's
     `--search key=value`), each value read as its field's type.
 
-    Raises ValueError naming the pair for an unknown field or an unreadable value.
+    Raises ValueError naming the pair for an unknown field or an unreadable value (with
+    the form to write), and SearchConfig's ValueError for a value out of its field's range
+    (RANGES).
 
     >>> overrides(SearchConfig(), ["batch_size=32", "budget_s=none", "microbatches=1,2,4"]).microbatches
     (1, 2, 4)
+    >>> overrides(SearchConfig(), ["microbatches=(1, 2)"]).microbatches
+    (1, 2)
     """
     fields = {f.name: f for f in dataclasses.fields(config)}
     hints = typing.get_type_hints(type(config))
@@ -95,8 +123,29 @@ def overrides(config: C, pairs: Sequence[str]) -> C:
         try:
             changes[key] = _parse(text.strip(), hints[key])
         except ValueError:
-            raise ValueError(f"cannot set {pair!r}: {text!r} is not a {hints[key]}") from None
+            raise ValueError(f"cannot set {pair!r}: {_example(key, hints[key])}") from None
     return dataclasses.replace(config, **changes)
+
+
+def format_value(value: object) -> str:
+    """A setting's value as `--search key=VALUE` takes it back: 1,2 for a tuple, none for None,
+    a string without quotes."""
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _example(key: str, hint: object) -> str:
+    """What a value of `key`, of the type `hint`, looks like on the command line, for a refusal."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        (hint,) = [a for a in args if a is not type(None)]
+    kind, value = {int: ("an integer", "4"), float: ("a number", "0.5"), bool: ("true or false", "true"),
+                   str: ("a word", "x")}.get(hint, ("counts separated by commas", "1,2,4"))
+    return f"{key} takes {kind}{' or none' if optional else ''}, e.g. {key}={value}"
 
 
 def _parse(text: str, hint: object) -> object:
@@ -106,8 +155,8 @@ def _parse(text: str, hint: object) -> object:
         if text.lower() == "none":
             return None
         (hint,) = [a for a in args if a is not type(None)]
-    if typing.get_origin(hint) is tuple:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+    if typing.get_origin(hint) is tuple:  # 1,2 as search-options prints it; (1, 2), [1,2] and 1 2 as Python would
+        return tuple(int(part) for part in text.strip("()[] ").replace(",", " ").split())
     if hint is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(text)
