@@ -83,13 +83,18 @@ def test_a_two_device_plan_trains_and_evaluates_like_eager(name):
 
 def test_gpt2_is_captured_at_op_grain_and_each_block_places_alone():
     case = load_case("hf_gpt2_tied_lm_head")
-    model, inputs = case.build_model(), case.example_inputs()
-    traced = trace_model(model, inputs=inputs)
+    in_block = lambda n: owning_module(n).startswith("lm.transformer.h.1")  # noqa: E731
+    captured = []
+
+    def make_plan(model, inputs):
+        # the capture call plan_from_assignment makes: it reuses this one (graphs.trace_cache), no second export
+        captured.append(trace_model(model, inputs=inputs))
+        return split_in_two(model, inputs, on_second=in_block)
+
+    plan = check_equivalent(case, make_plan, steps=1, seed=False, eval_mode=False)
+    (traced,) = captured
     ops = [n for n in traced.gm.graph.nodes if n.op == "call_function"]
     assert traced.method == "export" and len(ops) >= 100
-    in_block = lambda n: owning_module(n).startswith("lm.transformer.h.1")  # noqa: E731
-    plan = check_equivalent(case, lambda m, x: split_in_two(m, x, on_second=in_block), steps=1, seed=False,
-                            eval_mode=False)
     module_of = {n.name: owning_module(n) for n in traced.gm.graph.nodes}
     moved = {module_of[name] for name, device in plan.assignment.items() if device == "cpu:1"}
     assert moved and all(m.startswith("lm.transformer.h.1") for m in moved)
