@@ -222,7 +222,12 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
     with _in_mode(model, mode):
         options = (use_export, method, training_flags(model), leaf_classes, paths, allow_fallback, inputs is None)
         key = trace_cache.request_key(options, tuple(inputs or ()), kwargs)
-        kept = trace_cache.lookup(model, key)
+        # an export depends on neither the method that asked for it nor allow_fallback (fx only): "auto" and
+        # "export" share it (profiling and placer.apply ask for the capture that capture() made)
+        export_key = trace_cache.request_key(("export", options[2:5], inputs is None), tuple(inputs or ()), kwargs)
+        kept = trace_cache.lookup(model, export_key) if use_export else None
+        if kept is None:
+            kept = trace_cache.lookup(model, key)  # an "auto" whose export failed before: its fx capture
         if kept is not None:
             return kept
         export_error = None
@@ -230,7 +235,7 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
             try:
                 with no_side_effects(model, recorded=True):
                     traced = export_model(model, tuple(inputs or ()), kwargs)
-                return trace_cache.store(model, key, traced)  # only a capture that passed every check
+                return trace_cache.store(model, export_key, traced)  # only a capture that passed every check
             except CaptureError:
                 raise
             except SystemExit as exc:  # the model's forward ran (on fake tensors) and ended the process

@@ -205,6 +205,9 @@ def test_a_model_and_its_fresh_copies_are_captured_once_while_nothing_changes(mo
     third = workload.fresh_model()
     kept_for_source = trace_model(third, inputs=(ids(5),), mode="eval")  # a copy's capture serves the next copy
     assert len(exports) == 2 and kept_for_source.gm.get_parameter("fc.weight") is third.fc.weight
+    # profiling and placer.apply ask for an export outright, after capture() asked "auto": one export serves both
+    trace_model(third, inputs=(ids(5),), mode="eval", method="export", allow_fallback=False)
+    assert len(exports) == 2
     copy.seq = 6.0  # any change of what the forward may read makes a new capture
     trace_model(copy, inputs=(ids(),), mode="eval")
     trace_model(copy, inputs=(ids(),), mode="train")
