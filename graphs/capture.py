@@ -23,6 +23,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from graphs.errors import WorkloadError, exit_error
+from graphs.schedule import written_state
 from graphs.trace import Traced, fingerprint, target_name, tensors_fingerprint, trace_model
 from graphs.trace_fx import user_frame
 from graphs.workload import Workload, first_line, forward_inputs
@@ -334,16 +335,19 @@ def canonical_names(model: nn.Module) -> dict[int, str]:
 def node_params(gm: fx.GraphModule, node: fx.Node) -> list[str]:
     """Qualified names (as the captured module spells them) of the parameters and
     buffers a node reads: its own get_attr target, a leaf module's tensors, or the
-    targets of the get_attr nodes it takes as inputs (so that a parameter's readers
-    are placed with it, and a buffer is updated where it lives). Attributes that are
-    not tensors (a subgraph of a higher-order op) are not listed."""
+    targets of the get_attr nodes it takes as inputs, or whose tensors it updates in
+    place through views and other updates (`self.ema.mul_(a).add_(b)`: the add_
+    updates `ema`; graphs.schedule.written_state), so that a parameter's readers are
+    placed with it, and a buffer is updated where it lives. Attributes that are not
+    tensors (a subgraph of a higher-order op) are not listed."""
     if node.op == "get_attr":
         return [str(node.target)] if isinstance(operator.attrgetter(str(node.target))(gm), torch.Tensor) else []
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         prefix = f"{node.target}."
         return [prefix + n for n, _ in module.named_parameters()] + [prefix + n for n, _ in module.named_buffers()]
-    return [name for a in node.all_input_nodes if a.op == "get_attr" for name in node_params(gm, a)]
+    reads = [a for a in node.all_input_nodes if a.op == "get_attr"] + written_state(node, gm)
+    return list(dict.fromkeys(name for a in reads for name in node_params(gm, a)))
 
 
 

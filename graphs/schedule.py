@@ -57,7 +57,7 @@ import torch.fx as fx
 from torch import nn
 
 __all__ = ["Partition", "partition", "pass_order", "chunk_order", "ordering_edges", "is_random", "mutated_args", "tensor_base", "setitem",
-           "after_update"]
+           "after_update", "mutates_first_arg", "memory_owner", "written_state"]
 
 
 class Partition(NamedTuple):
@@ -282,6 +282,8 @@ def mutated_args(node: fx.Node, root: nn.Module) -> list[fx.Node]:
     if node.op != "call_function":
         return []
     target = node.target
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return _hop_mutated_args(node, root)
     if isinstance(target, torch._ops.OpOverload):
         written = []
         for i, a in enumerate(target._schema.arguments):
@@ -296,6 +298,21 @@ def mutated_args(node: fx.Node, root: nn.Module) -> list[fx.Node]:
     if target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_")):
         return first
     return []
+
+
+def _hop_mutated_args(node: fx.Node, root: nn.Module) -> list[fx.Node]:
+    """What a higher-order op that runs a subgraph on the arguments after it
+    (wrap_with_set_grad_enabled, wrap_with_autocast: `torch.no_grad()` blocks in an
+    export) changes in place: the arguments whose subgraph placeholders it updates."""
+    args = list(node.args)
+    at = next((i for i, a in enumerate(args) if isinstance(a, fx.Node) and a.op == "get_attr"
+               and isinstance(_fetch(root, str(a.target)), fx.GraphModule)), None)
+    if at is None:
+        return []
+    sub = _fetch(root, str(args[at].target))
+    operands = dict(zip((n for n in sub.graph.nodes if n.op == "placeholder"), args[at + 1:]))
+    written = [operands.get(memory_owner(a, sub)) for n in sub.graph.nodes for a in mutated_args(n, sub)]
+    return list(dict.fromkeys(a for a in written if isinstance(a, fx.Node)))
 
 
 def tensor_base(node: fx.Node) -> fx.Node:
@@ -313,6 +330,32 @@ def tensor_base(node: fx.Node) -> fx.Node:
         elif _name(target) not in _VIEW_NAMES:
             return node
         node = node.args[0]
+
+
+def mutates_first_arg(node: fx.Node, root: nn.Module) -> bool:
+    """Whether a node changes its first argument in place (x.add_(y), x += y, x[i] = y,
+    ReLU(inplace=True), F.relu(x, inplace=True), aten.relu_); its result is then that
+    argument's tensor."""
+    return bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0] in mutated_args(node, root)
+
+
+def memory_owner(node: fx.Node, root: nn.Module) -> fx.Node:
+    """The node that owns the memory `node`'s value lives in, following views
+    (`tensor_base`) and in-place updates, whose result is the tensor they change:
+    in `self.ema.mul_(0.9).add_(y)` the add_ changes the buffer itself, so both
+    updates' owner is the get_attr of `ema`."""
+    while True:
+        node = tensor_base(node)
+        if not mutates_first_arg(node, root):
+            return node
+        node = node.args[0]
+
+
+def written_state(node: fx.Node, root: nn.Module) -> list[fx.Node]:
+    """The get_attr nodes (parameters, buffers) whose tensors `node` changes in place,
+    directly, through views or through a chain of in-place updates."""
+    owners = (memory_owner(a, root) for a in mutated_args(node, root))
+    return list(dict.fromkeys(o for o in owners if o.op == "get_attr"))
 
 
 def _fetch(root: nn.Module, target: str):
@@ -346,8 +389,8 @@ def ordering_edges(graph: fx.Graph, root: nn.Module) -> list[tuple[str, str]]:
     last_random: fx.Node | None = None
 
     def key(node: fx.Node) -> object:
-        base = tensor_base(node)
-        return ("tensor", id(_fetch(root, str(base.target)))) if base.op == "get_attr" else base
+        owner = memory_owner(node, root)  # an update of a chain of updates of a buffer updates the buffer
+        return ("tensor", id(_fetch(root, str(owner.target)))) if owner.op == "get_attr" else tensor_base(node)
 
     for node in graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):

@@ -56,7 +56,7 @@ from placer.distributed.stages import Pipeline, Stage, split_stages
 from placer.plan import Plan, load_plan, trace_for_plan
 from placer.runtime import microbatch
 from placer.runtime.refusals import checked_layout, refuse_static
-from placer.runtime.tensors import localize, tensor_readers
+from placer.runtime.tensors import localize, tensor_readers, written_tensors
 from placer.runtime.values import move, receive
 
 __all__ = ["PipelinedModel", "PipelineSpec", "plan_pipeline", "SCHEDULES"]
@@ -165,7 +165,9 @@ class PipelinedModel(RankShare):
         self.local_devices = {self.stage.device: self.devices[self.stage.device]}
         device = torch.device(self.devices[self.stage.device].torch_device)
         self.comm_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        readers = tensor_readers(model, chunk_reads(s.chunk for s in stages), self.plan.source, shared_buffers=True)
+        written = set().union(*(written_tensors(s.chunk.module) for s in stages))
+        readers = tensor_readers(model, chunk_reads(s.chunk for s in stages), self.plan.source, shared_buffers=True,
+                                 written=written)
         owners = {s.device: (s.index, self.devices[s.device].torch_device) for s in stages}  # stage i on rank i
         self._place(readers, owners, default_device=stages[0].device)
         localize(model, self.stage.chunk.module, lambda node: device)  # after the shape pass on the host

@@ -38,6 +38,7 @@ from graphs.capture import node_params
 from graphs.errors import PlanError
 from graphs.schedule import is_random, mutated_args
 from placer.runtime.chunks import Chunk, build_chunks
+from placer.runtime.tensors import written_tensors
 
 __all__ = ["Stage", "Pipeline", "split_stages", "input_only_nodes", "stage_order"]
 
@@ -79,11 +80,13 @@ def input_only_nodes(graph: fx.Graph, root: nn.Module) -> set[fx.Node]:
     """The nodes every stage may compute for itself (see the module's Note), and the
     get_attr nodes of buffers and constants (`root` is the traced GraphModule)."""
     pure: set[fx.Node] = set()
+    written = written_tensors(root)  # a buffer updated in forward lives on one stage: a copy would miss updates
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        reads_parameter = any(isinstance(attrgetter(name)(root), nn.Parameter) for name in node_params(root, node))
-        if (not reads_parameter and not is_random(node, root) and not mutated_args(node, root)
+        reads_state = any(isinstance(t, nn.Parameter) or id(t) in written
+                          for t in (attrgetter(name)(root) for name in node_params(root, node)))
+        if (not reads_state and not is_random(node, root) and not mutated_args(node, root)
                 and all(a.op == "placeholder" or a in pure for a in node.all_input_nodes)):
             pure.add(node)
     return pure

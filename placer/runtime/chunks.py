@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from graphs.schedule import (Partition, after_update, chunk_order, mutated_args, ordering_edges, partition, pass_order,
-                             setitem, tensor_base)
+from graphs.schedule import (Partition, after_update, chunk_order, memory_owner, mutated_args, mutates_first_arg,
+                             ordering_edges, partition, pass_order, setitem, tensor_base)
 
-__all__ = ["Chunk", "build_chunks", "mutates_first_arg", "thread_in_place_updates"]
+__all__ = ["Chunk", "build_chunks", "thread_in_place_updates"]
 
 _SKIP = ("placeholder", "output", "get_attr")
 
@@ -50,61 +50,76 @@ class Chunk:
     backward_rank: int = 0
 
 
-def mutates_first_arg(node: fx.Node, root: nn.Module) -> bool:
-    """Whether a node changes its first argument in place (x.add_(y), x += y, x[i] = y,
-    ReLU(inplace=True), F.relu(x, inplace=True), aten.relu_)."""
-    return bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0] in mutated_args(node, root)
-
-
 def thread_in_place_updates(graph: fx.Graph, root: nn.Module) -> dict[str, str]:
     """Make in-place updates visible as edges, in `graph` itself: a node that reads
     `x` after `x.add_(y)` reads the add_ node instead (the same tensor in eager mode,
     so nothing changes there). Without this, a chunk that changes its input in place
     works on a copy and a later chunk reading `x` would miss the update.
 
-    An update through a view (`x[:, 0] = y` as aten.copy_(aten.select(x, ...), y))
-    gets its views made again from `x` just before it and a node after it that
-    stands for `x` updated (graphs.schedule.after_update), which later readers of `x`
-    read. Returns those added nodes' names, each with the update whose chunk it must
-    share (the chunk that holds, and changes, its own copy of `x`)."""
+    An update of a parameter's or buffer's memory reads the get_attr itself, through
+    its views made again just before it: `self.ema.mul_(a).add_(b)` is captured as
+    add_(mul_, b), and an add_ handed mul_'s value by another chunk would change a
+    copy, so add_ reads `ema` instead; `self.buf[:4].mul_(a)` changes a slice made
+    again from `buf` in the update's own chunk (graphs.capture.node_params counts such
+    an update as a reader of the tensor, so a plan keeps it on the tensor's device).
+    An update through a view of any other value (`x[:, 0] = y` as
+    aten.copy_(aten.select(x, ...), y)) gets its views made again from `x` the same
+    way and a node after it that stands for `x` updated (graphs.schedule.after_update),
+    which later readers of `x` read. Returns the added nodes' names, each with the
+    update whose chunk it must share."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     glue: dict[str, str] = {}
     for node in list(graph.nodes):
         for arg in mutated_args(node, root):
-            base = tensor_base(arg)
-            if arg is base:
-                if node.target is operator.setitem:
-                    node.target = setitem  # returns x, so that later readers can read the update
-                later, stand_in = arg, node
-            elif base.op == "get_attr":
-                continue  # a parameter or buffer: every chunk reads the tensor itself, ordering_edges orders them
+            owner = memory_owner(arg, root)
+            base = owner if owner.op == "get_attr" else tensor_base(arg)
+            if node.target is operator.setitem:
+                node.target = setitem  # returns x, so that later readers can read the update
+            if arg is base or owner.op == "get_attr":
+                later = _aliases(arg, root) if mutates_first_arg(node, root) and node.args[0] is arg else []
+                if arg is not base:
+                    node.replace_input_with(arg, _view_again(graph, node, arg, base, glue, root))
+                stand_in = node
             else:
-                stand_in = _view_again(graph, node, arg, base, glue)
-                later = base
-            for user in list(later.users):
-                if user in order and order[user] > order[node]:
-                    user.replace_input_with(later, stand_in)
+                node.replace_input_with(arg, _view_again(graph, node, arg, base, glue, root))
+                with graph.inserting_after(node):
+                    stand_in = graph.call_function(after_update, (base, node))
+                glue[stand_in.name] = node.name
+                later = [base]
+            for value in later:
+                for user in list(value.users):
+                    if user in order and order[user] > order[node]:
+                        user.replace_input_with(value, stand_in)
     return glue
 
 
-def _view_again(graph: fx.Graph, update: fx.Node, view: fx.Node, base: fx.Node, glue: dict[str, str]) -> fx.Node:
-    """Make `view` again from `base` right before `update`, have `update` change the new
-    view, and add the node after it that stands for `base` updated; returns that node."""
+def _aliases(value: fx.Node, root: nn.Module) -> list[fx.Node]:
+    """`value` and the nodes whose result is exactly its memory: the in-place updates
+    it is the result of, back to the value they started from."""
+    same = [value]
+    while mutates_first_arg(value, root):
+        value = value.args[0]
+        same.append(value)
+    return same
+
+
+def _view_again(graph: fx.Graph, update: fx.Node, view: fx.Node, base: fx.Node, glue: dict[str, str],
+                root: nn.Module) -> fx.Node:
+    """`view` made again from `base` right before `update`, each new node glued to
+    `update` (in-place updates on the way hand their argument's memory on and are
+    left out); `base` itself when no view is on the way."""
     chain = []
     while view is not base:
-        chain.append(view)
+        if not mutates_first_arg(view, root):
+            chain.append(view)
         view = view.args[0]
     last = base
     with graph.inserting_before(update):
         for v in reversed(chain):
-            prev = last
-            last = graph.node_copy(v, lambda n, v=v, prev=prev: prev if n is v.args[0] else n)
+            prev, source = last, v.args[0]
+            last = graph.node_copy(v, lambda n, source=source, prev=prev: prev if n is source else n)
             glue[last.name] = update.name
-    update.replace_input_with(chain[0], last)
-    with graph.inserting_after(update):
-        updated = graph.call_function(after_update, (base, update))
-    glue[updated.name] = update.name
-    return updated
+    return last
 
 
 def build_chunks(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], *,

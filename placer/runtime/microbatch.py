@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.errors import PlanError
-from graphs.schedule import mutated_args, tensor_base
+from graphs.schedule import written_state
 from placer.runtime.chunks import _Lookup
 
 __all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "Layout", "layout",
@@ -161,9 +161,8 @@ def static_refusal(graph: fx.Graph, root: nn.Module, source: str, extra_roots: S
             if training is not False:
                 return (f"{source}: {_where(node)} computes batch statistics in training, over each micro-batch "
                         f"alone; {_REDUCTIONS_ADVICE}")
-        for arg in mutated_args(node, root):
-            base = tensor_base(arg)
-            if base.op == "get_attr" and not isinstance(root.fetch(str(base.target)), nn.Parameter):
+        for base in written_state(node, root):  # also through views, chains of updates and no_grad blocks
+            if not isinstance(root.fetch(str(base.target)), nn.Parameter):
                 return (f"{source}: {_where(node)} updates buffer '{base.target}' in forward, which micro-batches "
                         f"would update once each; {_REDUCTIONS_ADVICE}")
     return None

@@ -5,7 +5,8 @@ process holds.
 
 - `tensor_readers`: the devices that read each tensor. A parameter read on two
   devices is a PlanError (its gradient would be split); a buffer may be, where the
-  caller keeps read-only copies (a causal mask every pipeline stage slices).
+  caller keeps read-only copies (a causal mask every pipeline stage slices), unless
+  the model updates it in forward (`written_tensors`): a copy would miss updates.
 - `place_tensors`: each tensor to the first of its devices that this process holds,
   keeping its identity, or its storage freed where another process holds them all.
 - `localize`: a tensor the graph creates on the capture's device (torch.export writes
@@ -16,7 +17,7 @@ process holds.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -24,8 +25,9 @@ from torch import nn
 
 from graphs.capture import canonical_names, node_tensors
 from graphs.errors import PlanError
+from graphs.schedule import written_state
 
-__all__ = ["graph_reads", "tensor_readers", "place_tensors", "localize"]
+__all__ = ["graph_reads", "written_tensors", "tensor_readers", "place_tensors", "localize"]
 
 
 def graph_reads(gm: fx.GraphModule, device_of: Callable[[fx.Node], str | None]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -39,8 +41,14 @@ def graph_reads(gm: fx.GraphModule, device_of: Callable[[fx.Node], str | None]) 
                 yield device, tensor
 
 
+def written_tensors(gm: fx.GraphModule) -> set[int]:
+    """ids of the tensors (parameters, buffers) that nodes of `gm` update in place,
+    directly, through views or through a chain of updates (graphs.schedule.written_state)."""
+    return {id(operator.attrgetter(str(a.target))(gm)) for node in gm.graph.nodes for a in written_state(node, gm)}
+
+
 def tensor_readers(model: nn.Module, reads: Iterable[tuple[str, torch.Tensor]], source: str,
-                   shared_buffers: bool = False) -> dict[str, list[str]]:
+                   shared_buffers: bool = False, written: Collection[int] = ()) -> dict[str, list[str]]:
     """The devices that read each of `model`'s tensors, first reader first.
 
     Parameters
@@ -50,7 +58,8 @@ def tensor_readers(model: nn.Module, reads: Iterable[tuple[str, torch.Tensor]], 
     reads : (device name, tensor) pairs in execution order (`graph_reads`).
     source : how error messages name the plan.
     shared_buffers : whether a buffer may be read on several devices (the caller keeps
-        read-only copies); parameters never may.
+        read-only copies); parameters never may, nor buffers in `written`.
+    written : ids of the tensors the model updates in forward (`written_tensors`).
 
     Returns
     -------
@@ -58,8 +67,9 @@ def tensor_readers(model: nn.Module, reads: Iterable[tuple[str, torch.Tensor]], 
 
     Raises
     ------
-    PlanError : a parameter (or, without `shared_buffers`, a buffer) is read on two
-        devices: nodes that share a tensor must share a device.
+    PlanError : a parameter (or, without `shared_buffers`, a buffer; or a buffer the
+        model updates in forward) is read on two devices: nodes that share a tensor
+        must share a device. The message names the tensor and its module.
     """
     canonical = canonical_names(model)
     readers: dict[str, list[str]] = {}
@@ -70,11 +80,23 @@ def tensor_readers(model: nn.Module, reads: Iterable[tuple[str, torch.Tensor]], 
         devices = readers.setdefault(name, [device])
         if device in devices:
             continue
-        if not shared_buffers or isinstance(tensor, nn.Parameter):
-            raise PlanError(f"{source} splits parameter {name!r} across {devices[0]} and {device}: "
-                            f"nodes that share a parameter must share a device")
+        if isinstance(tensor, nn.Parameter):
+            raise PlanError(f"{source} splits parameter {name!r} across {devices[0]} and {device}: nodes that "
+                            f"share a parameter ({_module(model, name)}'s) must share a device; put them on one")
+        if not shared_buffers or id(tensor) in written:
+            updated = "updates it in forward" if id(tensor) in written else "uses it"
+            raise PlanError(f"{source} splits buffer {name!r} across {devices[0]} and {device}: {_module(model, name)} "
+                            f"{updated}, and the nodes that read or update a buffer must share a device; put them "
+                            f"on one")
         devices.append(device)
     return readers
+
+
+def _module(model: nn.Module, name: str) -> str:
+    """How a message names the module that holds tensor `name`."""
+    path = name.rpartition(".")[0]
+    owner = model.get_submodule(path)
+    return f"module '{path}' ({type(owner).__name__})" if path else f"the model ({type(model).__name__})"
 
 
 def place_tensors(model: nn.Module, readers: Mapping[str, Sequence[str]],
