@@ -45,7 +45,7 @@ from placer.distributed.schedule import Crossing, Schedule, TensorMeta, ValueMet
 from placer.distributed.share import RankShare, bind, chunk_reads, eager_output, rank_cluster
 from placer.plan import Plan, load_plan, trace_for_plan
 from placer.runtime.chunks import Chunk, build_chunks
-from placer.runtime.tensors import localize, tensor_readers
+from placer.runtime.tensors import localize, tensor_readers, written_tensors
 from placer.runtime.values import add_grads, move, receive
 
 LossFn = Callable[..., torch.Tensor]
@@ -81,7 +81,8 @@ class DistributedModel(RankShare):
         schedule = build_schedule(chunks, [device_of[c.device] for c in chunks], self._output_nodes)
         self.schedule = schedule.with_meta(self._propagate_shapes(schedule, example_inputs))
         self.comm_device = self._communication_device(cluster)
-        readers = tensor_readers(model, chunk_reads(chunks), plan.source)
+        readers = tensor_readers(model, chunk_reads(chunks), plan.source,
+                                 written=set().union(*(written_tensors(c.module) for c in chunks)))
         self._place(readers, {name: (d.rank, d.torch_device) for name, d in device_of.items()}, plan.devices[0])
         for chunk in chunks:  # after the shape pass, which runs every chunk on the host
             if device_of[chunk.device].rank == self.rank:
