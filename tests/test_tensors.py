@@ -50,7 +50,7 @@ def test_readers_name_each_tensor_once_leave_constants_out_and_refuse_a_split_pa
         tensor_readers(model, b_on_1, "plan")
     both = [("cpu:1", model.scale), ("cpu:0", model.scale), ("cpu:1", model.scale)]
     assert tensor_readers(model, both, "plan", shared_buffers=True) == {"scale": ["cpu:1", "cpu:0"]}
-    with pytest.raises(PlanError, match="splits parameter 'scale'"):  # without read-only copies, not even a buffer
+    with pytest.raises(PlanError, match="splits buffer 'scale'"):  # without read-only copies, not even a buffer
         tensor_readers(model, both, "plan")
     with pytest.raises(PlanError, match="splits parameter 'a.bias'"):  # a parameter, never
         tensor_readers(model, [("cpu:0", model.a.bias), ("cpu:1", model.a.bias)], "plan", shared_buffers=True)
