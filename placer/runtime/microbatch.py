@@ -137,8 +137,9 @@ def _where(node: fx.Node) -> str:
         return f"module '{node.target}'"
     stack = node.meta.get("nn_module_stack")
     if stack:
-        path, cls = list(stack.values())[-1]
-        return f"module '{path}' ({getattr(cls, '__name__', cls)})"
+        path, cls = list(stack.values())[-1]  # export records the class as a string qualified by its module
+        name = getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1]
+        return f"module '{path}' ({name})" if path else f"the model ({name})"
     return f"node '{node.name}'"
 
 
