@@ -274,6 +274,26 @@ def test_a_killed_pool_worker_loses_no_candidate():
         assert [m.feasible for m in pool.measure_many(plans[:2])] == [True, True]
 
 
+def test_workers_started_from_a_thread_that_ends_live_on():
+    # Linux's parent-death signal follows the thread that started a process (prctl(2)): a
+    # worker replaced from a search thread was killed when that thread ended.
+    plans = [alternating_plan(SPEC, 2)]
+    box: dict = {}
+
+    def start_and_measure():
+        box["pool"] = MeasurementPool(SPEC, TWO, n_workers=1, iters=1, timeout_s=20.0, warmup=0)
+        box["first"] = box["pool"].measure_many(plans)  # the worker is ready: its signal request is made
+
+    thread = threading.Thread(target=start_and_measure)
+    thread.start()
+    thread.join(timeout=120)
+    with box["pool"] as pool:
+        assert box["first"][0].feasible
+        pool.workers[0].process.join(timeout=1.0)
+        assert pool.workers[0].process.is_alive()
+        assert pool.measure_many(plans)[0].feasible and pool.events == []
+
+
 @pytest.mark.slow
 def test_a_hung_worker_is_replaced_and_a_candidate_that_fails_twice_is_infeasible():
     plans = [alternating_plan(SPEC, blocks) for blocks in (2, 3)]

@@ -12,8 +12,10 @@ fresh process, and its candidate is retried once on another worker; a second fai
 marks the candidate infeasible with the reason. The search never loses a candidate.
 
 Workers never outlive the process that started them: on Linux each asks the kernel
-for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere a watchdog
-thread exits when the parent's pid goes away. They ignore Ctrl-C (the parent stops
+for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere, and for workers
+started from a thread other than the main one (the kernel's signal follows the
+starting thread, which may end long before the parent), a watchdog thread exits when
+the parent's pid goes away. They ignore Ctrl-C (the parent stops
 them: no tracebacks from every worker on a terminal's Ctrl-C), and whatever the
 workload prints goes to stderr, so that a `--json` on stdout stays JSON.
 """
@@ -141,15 +143,15 @@ class MeasurementPool:
         caps = ",".join(f"{devices[i]}={self.caps[name]}" for i, name in enumerate(self.search_devices)
                         if name in self.caps)
         parent, child = self._ctx.Pipe()
+        main = threading.current_thread() is threading.main_thread()
         process = self._ctx.Process(
             target=_worker_main, daemon=True, name=f"placer-measure{slot}",
             args=(self.workload_spec, devices, caps or None, cores, self.iters, self.warmup, self.timeout_s, child,
-                  os.getpid()))
+                  os.getpid(), main))
         # Born ignoring Ctrl-C (an ignored signal stays ignored across exec): a terminal's Ctrl-C
         # reaches the whole process group, and a worker (or multiprocessing's resource tracker)
         # still starting would die of it with a traceback. The parent stops the pool. A Ctrl-C in
         # this short window is lost; handlers can only be set from the main thread.
-        main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
             process.start()
@@ -280,10 +282,14 @@ def _on_devices(plan: Plan, devices: list[str]) -> Plan:
                    device_map={m: accelerate.get(d, d) for m, d in plan.device_map.items()})
 
 
-def die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int, kernel_signal: bool = True) -> None:
     """End this process when `parent` ends: the kernel's parent-death signal on Linux,
-    else a watchdog thread polling the parent's pid."""
-    libc = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    else a watchdog thread polling the parent's pid.
+
+    `kernel_signal=False` where the parent started this process from a thread other
+    than its main one: Linux sends the parent-death signal when that thread ends
+    (prctl(2)), even though the parent lives on."""
+    libc = ctypes.util.find_library("c") if kernel_signal and sys.platform.startswith("linux") else None
     if libc is not None and ctypes.CDLL(libc, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
         if os.getppid() != parent:  # it died before prctl took effect
             os._exit(1)
@@ -298,8 +304,8 @@ def die_with_parent(parent: int) -> None:
 
 
 def _worker_main(workload_spec: str, devices: list[str], memory: str | None, cores: list[int], iters: int,
-                 warmup: int, timeout_s: float, conn: Connection, parent: int) -> None:
-    die_with_parent(parent)
+                 warmup: int, timeout_s: float, conn: Connection, parent: int, parent_on_main_thread: bool) -> None:
+    die_with_parent(parent, kernel_signal=parent_on_main_thread)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool on Ctrl-C
     os.dup2(2, 1)  # the workload's prints go to stderr: never onto the parent's stdout
     try:
