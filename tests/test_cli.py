@@ -1,4 +1,5 @@
-"""The `placer` command end to end, as a user runs it: a real process, real exit codes."""
+"""The `placer` command end to end, as a user runs it: a process of its own, real exit codes
+(most forked from a server with torch imported: tests.cli_runner)."""
 
 import dataclasses
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from placer.results import method_name
+from tests import cli_runner
 
 WORKLOAD = "zoo:transformer:small"
 DEVICES = "cpu:0,cpu:1"
@@ -23,8 +25,14 @@ FAST = ("--iters", "2", "--measure-cap", "0.01")
 SHORT_RL = ("--search", "imitation_steps=20")
 
 
-def placer(*args: str, cwd: Path | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def placer(*args: str, cwd: Path | None = None, env_extra: dict | None = None,
+           fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
+    """`placer ARGS` in a process of its own, to its end: by default forked from a server with
+    torch and placer imported (tests.cli_runner); `fresh_interpreter` runs `python -m placer.cli`,
+    for what depends on the interpreter's start."""
     env = {**os.environ, "COLUMNS": "200", **(env_extra or {})}
+    if not fresh_interpreter:
+        return cli_runner.run(list(args), cwd, env, timeout=600)
     return subprocess.run([sys.executable, "-m", "placer.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
 
@@ -51,7 +59,7 @@ def optimized(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("opt")
     result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--methods", "single,expert,metis,rl",
                     "--budget", "600", "--search", "max_samples=16", "--search", "batch_size=8", *SHORT_RL, *FAST,
-                    "--out", str(out))
+                    "--out", str(out), fresh_interpreter=True)  # the whole command as a user starts it
     assert result.returncode == 0, result.stderr
     return out
 
@@ -236,7 +244,7 @@ def test_a_missing_or_broken_workload_file_is_refused_before_torch_is_imported(t
              (("inspect", str(tmp_path)), "is a directory, not a Python file"),
              (("inspect", "zoo:mlp", "--devices", "cpu:0,cpu:5"), "e.g. cpu:0,cpu:1 ")]
     for command, fragment in cases:
-        result = placer(*command, env_extra={"PYTHONPROFILEIMPORTTIME": "1"})  # each import: "import time: ... | name"
+        result = placer(*command, env_extra={"PYTHONPROFILEIMPORTTIME": "1"}, fresh_interpreter=True)  # each import: "import time: ... | name"
         imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
                     if line.startswith("import time:")}
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
