@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import linecache
+import operator
 import os
 import re
 import traceback
@@ -118,14 +119,19 @@ def _concrete_args(signature: inspect.Signature, inputs: tuple, kwargs: dict) ->
 
 
 def _drop_baked_placeholders(graph: fx.Graph, signature: inspect.Signature, concrete: dict) -> None:
-    """fx keeps a placeholder (and an `_assert_is_none`) for each baked argument; the
-    binding checks the value instead, so both go."""
+    """fx keeps a placeholder for each baked argument, checked by `_assert_is_none(x)` for
+    None and by `torch._assert(x == value)` for a bool, int or float; the binding checks
+    the value instead, so all of them go."""
     params = [name for name, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     for name, node in zip(params, [n for n in graph.nodes if n.op == "placeholder"]):
         if name not in concrete:
             continue
         for user in list(node.users):
-            if user.op == "call_function" and user.target in _ASSERTS and not user.users:
+            if user.op == "call_function" and user.target is operator.eq:
+                for check in list(user.users):
+                    if check.op == "call_function" and check.target in _ASSERTS and not check.users:
+                        graph.erase_node(check)
+            if not user.users and (user.target in _ASSERTS or user.target is operator.eq):
                 graph.erase_node(user)
         if not node.users:
             graph.erase_node(node)

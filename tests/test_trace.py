@@ -62,6 +62,31 @@ def test_omitted_optional_arguments_are_traced_at_their_defaults(method):
 
 
 
+class Scaled(nn.Module):
+    """Python scalars with defaults beside the tensor (new-user trial 5: fx's check of a
+    baked float crashed every capture on the fx path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, scale: float = 0.5, flag: bool = True, n: int = 3):
+        h = self.fc(x) * scale
+        return h.relu() * n if flag else h
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_scalar_arguments_at_their_defaults_are_baked_and_another_value_is_another_call(method):
+    model, x = Scaled(), torch.randn(2, 4)
+    traced = trace_model(model, inputs=(x,), method=method)
+    assert len(traced.placeholders) == 1
+    torch.testing.assert_close(traced.run(x), model(x))
+    assert traced.bind((x, 0.5, True, 3), {}) is not None  # the defaults, passed
+    assert traced.bind((x,), {"scale": 2.0}) is None and traced.bind((x,), {"flag": False}) is None
+    other = trace_model(model, inputs=(x, 2.0), kwargs={"flag": False}, method=method)
+    torch.testing.assert_close(other.run(x, 2.0, flag=False), model(x, 2.0, flag=False))
+
+
 @pytest.mark.parametrize("method", ["export", "fx"])
 def test_calls_python_binds_alike_give_the_same_placeholder_values(method):
     model, x = PosNet().eval(), ids()
