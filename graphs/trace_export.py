@@ -24,6 +24,7 @@ import math
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils._pytree import tree_flatten, tree_map
 
 from graphs.trace import Traced, canonical_call, first_line, normalize, training_flags
@@ -50,6 +51,7 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
     except Exception:  # some models refuse dynamic dims (and **kwargs have no dynamic-shape form)
         program = _export(model, call_args, call_kwargs, None)
     gm = program.module()
+    _refuse_value_dependent_sizes(gm.graph)
     flat, in_spec = tree_flatten((call_args, call_kwargs))
     guards_fn = getattr(gm, "_guards_fn", None)
     graph = gm.graph
@@ -70,6 +72,18 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
         constants=tuple((i, v) for i, v in enumerate(flat) if not isinstance(v, torch.Tensor)),
         guard=_guard([n.meta.get("val") for n in placeholders], program.range_constraints, guards_fn),
     )
+
+
+def _refuse_value_dependent_sizes(graph: torch.fx.Graph) -> None:
+    """Raise ValueError at the first node whose output's size depends on tensor values
+    (nonzero, a boolean mask: an unbacked size to torch.export), naming its module.
+    Placer costs each node by its output's size, so such a graph has none to cost;
+    trace_model falls back to torch.fx, whose sizes are the example's."""
+    for node in graph.nodes:
+        if free_unbacked_symbols(node.meta.get("val")):
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            where = f" in module '{stack[-1][0]}' ({str(stack[-1][1]).rsplit('.', 1)[-1]})" if stack else ""
+            raise ValueError(f"the size of {node.name}'s output{where} depends on tensor values")
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> torch.export.ExportedProgram:

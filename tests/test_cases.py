@@ -64,9 +64,9 @@ def split_in_two(model: torch.nn.Module, inputs: tuple, on_second=None):
 def test_inspect_and_every_baseline_run(name, monkeypatch):
     """In-process (the CLI's own process tests are in test_cli.py): the commands'
     code paths, without a fresh interpreter per case."""
-    load_case(name)
+    captured_by = f"op granularity, captured by torch.{getattr(load_case(name), 'CAPTURE', 'export')}"
     path = str(CASES_DIR / f"{name}.py")
-    for command, expected in ((["inspect"], "op granularity, captured by torch.export"), (["baseline", "--method", "all"], "METIS")):
+    for command, expected in ((["inspect"], captured_by), (["baseline", "--method", "all"], "METIS")):
         shown = io.StringIO()
         monkeypatch.setattr("placer.cli_support.STDOUT", shown)  # where the CLI prints its own output
         result = CliRunner().invoke(cli, [*command, path, "--devices", ",".join(TWO)])
@@ -78,7 +78,7 @@ def test_inspect_and_every_baseline_run(name, monkeypatch):
 def test_a_two_device_plan_trains_and_evaluates_like_eager(name):
     case = load_case(name)
     plan = check_equivalent(case, split_in_two, steps=2, seed=True, eval_mode=True)
-    assert set(plan.assignment.values()) == set(TWO) and plan.capture.method == "export"
+    assert set(plan.assignment.values()) == set(TWO) and plan.capture.method == getattr(case, "CAPTURE", "export")
 
 
 def test_gpt2_is_captured_at_op_grain_and_each_block_places_alone():
