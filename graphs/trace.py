@@ -385,12 +385,20 @@ def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     """The graph in the form every Traced has (module doc), changed in place: unused
-    pure nodes dropped, and plain code generation (flat placeholders in, the flat
-    output tuple out)."""
+    pure nodes dropped, a parameter or buffer returned as an output returned through
+    an alias (a node that some device computes, so that the runtime returns it like any
+    output and its gradient reaches the parameter), and plain code generation (flat
+    placeholders in, the flat output tuple out)."""
     graph = gm.graph
     for node in reversed(list(graph.nodes)):
         if not node.users and is_pure(node):
             graph.erase_node(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    for read in [n for n in output.all_input_nodes if n.op == "get_attr"]:
+        with graph.inserting_before(output):
+            alias = graph.call_function(torch.ops.aten.alias.default, (read,))
+        alias.meta = dict(read.meta)
+        output.replace_input_with(read, alias)
     graph._codegen = fx.graph.CodeGen()
     gm._forward_pre_hooks.clear()  # older torch checks the pytree input structure there
     gm.recompile()
