@@ -249,3 +249,42 @@ def test_a_closed_placed_model_refuses_every_call_at_once(pair):
     placed.eval()  # a mode never run before would need a new capture: still refused
     with pytest.raises(ExecutionError, match="closed"):
         placed(tokens())
+
+
+def test_a_second_backward_or_a_gradient_of_the_gradient_is_refused_in_one_line():
+    # new-user trial 5: retain_graph=True then backward again failed with AttributeError, and a
+    # gradient penalty (create_graph=True) silently had no graph
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    placed = apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "2"], TWO,
+                                               inputs=(torch.randn(3, 4),)))
+    try:
+        loss = placed(torch.randn(3, 4)).mean()
+        loss.backward(retain_graph=True)
+        with pytest.raises(ExecutionError, match="one backward: a second backward through the same forward"):
+            loss.backward()
+        x = torch.randn(3, 4, requires_grad=True)
+        with pytest.raises(ExecutionError, match="create_graph=True"):
+            torch.autograd.grad(placed(x).sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad(placed(x).sum(), x)  # first order: as eager's
+        torch.testing.assert_close(g, torch.autograd.grad(model(x).sum(), x)[0])
+    finally:
+        placed.close()
+
+
+def test_a_module_under_two_names_keeps_both_in_state_dict():
+    # trial 5: `self.enc2 = self.enc1` lost enc2's keys, so the checkpoint did not load into the plain model
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model.again = model[0]
+    ref_keys = list(model.state_dict())
+    placed = apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "2"], TWO,
+                                               inputs=(torch.randn(3, 4),)))
+    try:
+        assert list(placed.state_dict()) == ref_keys and "again.weight" in ref_keys
+        fresh = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        fresh.again = fresh[0]
+        fresh.load_state_dict(placed.state_dict())
+        assert len(list(placed.parameters())) == len(list(model.parameters())) == 4
+    finally:
+        placed.close()

@@ -90,8 +90,9 @@ class PlacedModule(nn.Module):
     def __init__(self, model: nn.Module, plan: Plan, devices: dict[str, Device], reference: PlacedCapture,
                  tensor_devices: dict[str, str], eval_capture: Traced | None):
         super().__init__()
-        for name, child in model.named_children():
-            self.add_module(name, child)
+        for name, child in model._modules.items():  # every name, also a second name of one module
+            if child is not None:
+                self.add_module(name, child)
         for name, p in model._parameters.items():
             self.register_parameter(name, p)
         for name, b in model._buffers.items():

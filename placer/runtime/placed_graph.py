@@ -1,6 +1,8 @@
 """The placed graph as one autograd node: `PlacedGraph`, whose forward runs the
 executor's forward pass and whose backward runs its backward pass, so that the CPU
-autograd engine does not run the whole backward on one thread."""
+autograd engine does not run the whole backward on one thread. One backward per
+forward, of first order: the executor frees a forward's state in its backward, and
+the chunks' backward builds no graph of its own."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
+from graphs.errors import ExecutionError
 from placer.runtime.values import move
 
 __all__ = ["Call", "PlacedGraph"]
@@ -55,9 +58,14 @@ class PlacedGraph(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # backward(create_graph=True), autograd.grad(create_graph=True)
+            raise ExecutionError("a placed model has no gradient of its gradient: create_graph=True (a gradient "
+                                 "penalty, double backward) needs the unplaced model, or that part of it run unplaced")
         call, state = ctx.call, ctx.state
+        if state is None:
+            raise ExecutionError("a placed model's forward takes one backward: a second backward through the same "
+                                 "forward (retain_graph=True) is not supported; run the forward again for each backward")
         ctx.state = None  # free the chunk graphs' bookkeeping once used
         output_grads: dict[str, list] = {}
         for (name, i), g in zip(call.refs, grads):
