@@ -288,3 +288,40 @@ def test_a_module_under_two_names_keeps_both_in_state_dict():
         assert len(list(placed.parameters())) == len(list(model.parameters())) == 4
     finally:
         placed.close()
+
+
+class WithBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.c = nn.Linear(8, 2)
+        self.register_buffer("shift", torch.full((8,), 0.5))
+
+    def forward(self, x):
+        return self.c(self.a(x).relu() + self.shift)
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda p: setattr(p.c, "weight", nn.Parameter(torch.ones(2, 8))), "'c.weight' was replaced"),
+    (lambda p: setattr(p.original, "c", nn.Linear(8, 2)), "'c' was replaced"),
+    (lambda p: setattr(p, "shift", torch.zeros(8)), "'shift' was replaced"),
+    (lambda p: p.a.register_forward_hook(lambda m, i, o: o * 2), "a hook of module 'a' was added or removed"),
+    (lambda p: p.to(torch.float64), "'shift' was replaced"),  # .to() makes new buffers (parameters keep their objects)
+])
+def test_a_model_changed_after_apply_is_refused_at_the_next_call(change, named):
+    # new-user trial 5: each of these was silently ignored (the graphs kept the old ones), a wrong number
+    torch.manual_seed(0)
+    model = WithBuffer()
+    placed = apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "c"], TWO,
+                                               inputs=(torch.randn(3, 4),)))
+    try:
+        x = torch.randn(3, 4)
+        with torch.no_grad():
+            placed.a.weight.mul_(0.5)  # changes in place are seen
+        placed.load_state_dict(placed.state_dict())
+        torch.testing.assert_close(placed(x), model(x))
+        change(placed)
+        with pytest.raises(ExecutionError, match=f"the model changed after placer.apply \\({named}\\)"):
+            placed(x)
+    finally:
+        placed.close()

@@ -39,10 +39,11 @@ from torch import nn
 
 from graphs.capture import canonical_names, node_tensors, owning_module
 from graphs.devices import Cluster, Device
-from graphs.errors import CaptureError, PlanError
+from graphs.errors import CaptureError, ExecutionError, PlanError
 from graphs.trace import Traced, trace_model
 from placer.plan import Plan, load_plan, plan_cluster, trace_for_plan
 from placer.runtime.executor import Executor
+from placer.runtime.model_changes import ModelSnapshot
 from placer.runtime.tensors import graph_reads, localize, place_tensors, tensor_readers
 
 __all__ = ["apply", "PlacedModule"]
@@ -108,6 +109,7 @@ class PlacedModule(nn.Module):
         object.__setattr__(self, "original", model)  # last: from here on, unknown attributes come from it
         if eval_capture is not None:
             self.graphs.append(self._placed(eval_capture))
+        self._snapshot = ModelSnapshot([*model.named_modules(), ("", self)])  # its own dicts: `placed.x = ...`
 
     @property
     def executor(self) -> Executor:
@@ -135,7 +137,8 @@ class PlacedModule(nn.Module):
         """The model's output for `model(*args, **kwargs)`, of the eager type, on the
         device of the first tensor input. Raises TypeError for a call the forward's
         signature rejects, PlanError where a new capture is needed but impossible
-        (parameters spread over devices), ExecutionError once closed."""
+        (parameters spread over devices), ExecutionError once closed or when the model
+        changed after apply (placer.runtime.model_changes)."""
         graph, inputs = self._graph_for(args, kwargs)
         first = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
         out_device = first.device if first is not None else _HOST
@@ -147,6 +150,11 @@ class PlacedModule(nn.Module):
         and placed now if no graph so far covers the call."""
         if not self._finalizer.alive:  # closed: the executor says so, at once
             return self.graphs[0], {}
+        changed = self._snapshot.change()
+        if changed is not None:
+            raise ExecutionError(f"the model changed after placer.apply ({changed}) and the placed graphs hold what it "
+                                 f"had then: make such changes before placer.apply, or apply the plan again to "
+                                 f"placed.original")
         flags = tuple([m.training for m in self._every_module])  # training_flags without its walk, every call
         mine = [g for g in self.graphs if g.traced.training == flags]
         for graph in mine:

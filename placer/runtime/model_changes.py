@@ -1,0 +1,53 @@
+"""What a placed model's graphs hold of the model, checked before every call.
+
+placer.apply captures the model once: its graphs hold the parameters, buffers and
+submodules the model had then, and ran the hooks it had then. A parameter, buffer or
+submodule replaced afterwards (`m.fc.weight = nn.Parameter(...)`, `m.fc = nn.Linear(...)`,
+`.to(torch.bfloat16)` on a model with buffers, `load_state_dict(..., assign=True)`), or
+a hook added or removed, would be silently ignored: a wrong number. `ModelSnapshot`
+notices such a change at the next call, in C-level loops over the module dicts (about
+0.1 us an entry), so the call can refuse it. Changes made in place (`weight.data = ...`,
+`load_state_dict`, an optimizer's step, `requires_grad_`) keep the objects, and the
+graphs see them.
+"""
+
+from __future__ import annotations
+
+import operator
+
+from torch import nn
+
+__all__ = ["ModelSnapshot"]
+
+
+class ModelSnapshot:
+    """Each module's parameters, buffers, submodules and hooks of `modules` ((qualified
+    name, module) pairs; each module's own dicts only), as they are now."""
+
+    def __init__(self, modules: list[tuple[str, nn.Module]]):
+        self._dicts, self._keys, self._values, self._names = [], [], [], []
+        self._hooks, self._hook_owners = [], []
+        for prefix, module in modules:
+            for table in (module._parameters, module._buffers, module._modules):
+                for key, value in table.items():
+                    self._dicts.append(table)
+                    self._keys.append(key)
+                    self._values.append(value)
+                    self._names.append(f"{prefix}.{key}" if prefix else key)
+            for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                          getattr(module, "_backward_pre_hooks", {})):
+                self._hooks.append(hooks)
+                self._hook_owners.append(prefix)
+        self._hook_counts = list(map(len, self._hooks))
+
+    def change(self) -> str | None:
+        """What changed since the snapshot, as a phrase ("'fc.weight' was replaced"); None
+        when nothing did."""
+        if list(map(len, self._hooks)) != self._hook_counts:
+            owner = next(o for h, n, o in zip(self._hooks, self._hook_counts, self._hook_owners) if len(h) != n)
+            return f"a hook of {f'module {owner!r}' if owner else 'the model'} was added or removed"
+        now = list(map(dict.get, self._dicts, self._keys))
+        if any(map(operator.is_not, now, self._values)):
+            name = next(n for a, b, n in zip(now, self._values, self._names) if a is not b)
+            return f"{name!r} was replaced"
+        return None
