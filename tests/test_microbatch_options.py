@@ -82,6 +82,35 @@ def test_a_batch_second_model_split_along_its_named_dimension_trains_like_the_ea
     assert plan.microbatches == 2 and plan.batch_dims == {"x": 1}
 
 
+class SeqFirstAttention(nn.Module):
+    """x: [steps, batch, 8] through nn.MultiheadAttention (batch_first=False), whose
+    view(steps, batch * heads, d) torch.export records with the example's batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(8, 2)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.att(x, x, x)[0])
+
+
+def test_a_batch_the_capture_fixed_along_a_named_dimension_is_refused_naming_the_capture():
+    # new-user trial 5: the refusal asked whether the model assumes a fixed batch size; it does not
+    torch.manual_seed(0)
+    model = SeqFirstAttention()
+    inputs = (torch.randn(5, 4, 8),)
+    placed = placer.apply(model, replace(plan_from_assignment(model, second_layer_apart, TWO, inputs=inputs,
+                                                              batch_dims={"x": 1}), microbatches=2))
+    try:
+        with pytest.raises(PlanError, match=r"a torch.export capture keeps only dimension 0 of a float input free, "
+                                            r"so it may fix the batch's size along dimension 1 of input 'x'\. "
+                                            r"Use microbatches = 1$"):
+            placed(*inputs)
+    finally:
+        placed.close()
+
+
 def test_without_batch_dims_a_batch_second_model_whose_output_loses_the_steps_is_refused():
     model = TimePooled()
     placed = placer.apply(model, piped(model, steps_batch()))

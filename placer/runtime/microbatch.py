@@ -225,9 +225,12 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
     except PlanError:
         raise
     except Exception as exc:
+        along = [f"dimension {d} of input {n!r}" for n, d in dims.items() if d and inputs[n].is_floating_point()]
+        why = (f"a torch.export capture keeps only dimension 0 of a float input free, so it may fix the batch's size "
+               f"along {', '.join(along)}." if along else "does it assume a fixed batch size?")
         raise PlanError(f"{source}: the model fails on a batch of {rows[0]} rows ({type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); does it assume a "
-                        f"fixed batch size? Use microbatches = 1") from exc
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); {why} "
+                        f"Use microbatches = 1") from exc
     nodes = [n for c in chunks for n in c.module.graph.nodes]
     split = (name, dims[name])
     found = batch_layout(nodes, output_nodes, [runs[0].shapes, runs[1].shapes], rows, split, source)
