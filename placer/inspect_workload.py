@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from envs.calibrate import Calibration, load_calibration
 from graphs.bounds import LowerBound
+from graphs.devices import host_cores
 from graphs.problem import PlacementProblem, build_problem
 from graphs.summary import summarize
 from graphs.workload import Workload, load_workload
@@ -35,10 +36,13 @@ def inspect_summary(workload: str, devices: str | None, max_groups: int) -> dict
              "before any calibration (optimize's is lower where it finds the devices faster than profiled)")
     cluster = problem.cluster.devices
     refusal = microbatches_off(loaded, problem)  # as optimize notes it (bound_as_optimize asks again: cached)
+    virtual = [d for d in cluster if d.is_virtual_cpu]
+    shares = (f"virtual CPU devices' intra-op threads (each its share of this host's {host_cores()} cores): "
+              + ", ".join(f"{d.name} {d.threads}" for d in virtual)) if virtual else None
     return summarize(problem.ops, problem.groups, [d.kind for d in cluster],
                      bound=bound_as_optimize(loaded, problem, calibration),
                      notes=[*loaded.notes, f"lower bound as optimize's report gives it, {basis}",
-                            *([f"micro-batches off: {refusal}"] if refusal else [])],
+                            *([shares] if shares else []), *([f"micro-batches off: {refusal}"] if refusal else [])],
                      device_names=[d.name for d in cluster])
 
 

@@ -70,6 +70,8 @@ def test_inspect_json_has_the_documented_keys():
     summary = json.loads(result.stdout)
     for key in ("nodes", "edges", "groups", "param_bytes", "compute_ms", "critical_path_ms", "lower_bound_ms"):
         assert key in summary
+    assert any(re.fullmatch(r"virtual CPU devices' intra-op threads \(each its share of this host's \d+ cores\): "
+                            r"cpu:0 \d+, cpu:1 \d+", note) for note in summary["notes"]), summary["notes"]
     assert summary["lower_bound_ms"] >= summary["critical_path_ms"] > 0
     assert summary["compute_ms"]["cpu"] > 0
     assert summary["devices"] == DEVICES.split(",")  # the devices by name, not by kind
