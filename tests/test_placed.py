@@ -325,3 +325,33 @@ def test_a_model_changed_after_apply_is_refused_at_the_next_call(change, named):
             placed(x)
     finally:
         placed.close()
+
+
+class RegistersOnGrowth(nn.Module):
+    """A leaf module that re-registers its cache buffer when a longer input comes (the
+    rotary-embedding caches of older Hugging Face models do so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(2, 4), persistent=False)
+
+    def forward(self, x):
+        if x.shape[0] > self.cache.shape[0]:
+            self.register_buffer("cache", torch.zeros(x.shape[0], 4), persistent=False)
+        return x + self.cache[: x.shape[0]]
+
+
+def test_what_a_leaf_module_changes_of_itself_is_read_live_and_not_refused():
+    model = nn.Sequential(nn.Linear(4, 4), RegistersOnGrowth(), nn.Linear(4, 2))
+    placed = apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "2"], TWO,
+                                               inputs=(torch.randn(2, 4),), leaf_modules=(RegistersOnGrowth,)))
+    try:
+        for rows in (2, 5, 3):
+            torch.testing.assert_close(placed(torch.ones(rows, 4)), model(torch.ones(rows, 4)))
+        placed.original[2].register_forward_hook(lambda m, i, o: o * 2)  # fx calls nn's modules whole: run live
+        torch.testing.assert_close(placed(torch.ones(2, 4)), model(torch.ones(2, 4)))
+        placed.original[0] = nn.Linear(4, 4)  # but the graph holds the modules it calls
+        with pytest.raises(ExecutionError, match="'0' was replaced"):
+            placed(torch.ones(2, 4))
+    finally:
+        placed.close()

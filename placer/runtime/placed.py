@@ -109,7 +109,10 @@ class PlacedModule(nn.Module):
         object.__setattr__(self, "original", model)  # last: from here on, unknown attributes come from it
         if eval_capture is not None:
             self.graphs.append(self._placed(eval_capture))
-        self._snapshot = ModelSnapshot([*model.named_modules(), ("", self)])  # its own dicts: `placed.x = ...`
+        # leaf modules run as themselves, reading their insides live (a rotary cache they re-register included)
+        live = {id(m) for graph in self.graphs for leaf in graph.leaf_modules for m in leaf.modules()}
+        self._snapshot = ModelSnapshot([*((name, m) for name, m in model.named_modules() if id(m) not in live),
+                                        ("", self)])  # its own dicts too: `placed.x = ...`
 
     @property
     def executor(self) -> Executor:
