@@ -395,8 +395,9 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             graph.erase_node(node)
     output = next(n for n in graph.nodes if n.op == "output")
     for read in [n for n in output.all_input_nodes if n.op == "get_attr"]:
-        with graph.inserting_before(output):
-            alias = graph.call_function(torch.ops.aten.alias.default, (read,))
+        with graph.inserting_before(output):  # named after what it returns, for messages about outputs
+            alias = graph.create_node("call_function", torch.ops.aten.alias.default, (read,),
+                                      name=f"{str(read.target).replace('.', '_')}_output")
         alias.meta = dict(read.meta)
         output.replace_input_with(read, alias)
     graph._codegen = fx.graph.CodeGen()

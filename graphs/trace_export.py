@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from graphs.trace import Traced, canonical_call, first_line, normalize, training_flags
 
@@ -80,9 +80,11 @@ def _refuse_value_dependent_sizes(graph: torch.fx.Graph) -> None:
     Placer costs each node by its output's size, so such a graph has none to cost;
     trace_model falls back to torch.fx, whose sizes are the example's."""
     for node in graph.nodes:
-        if free_unbacked_symbols(node.meta.get("val")):
+        if any(free_unbacked_symbols(v) for v in tree_leaves(node.meta.get("val")) if isinstance(v, torch.Tensor)):
             stack = list((node.meta.get("nn_module_stack") or {}).values())
-            where = f" in module '{stack[-1][0]}' ({str(stack[-1][1]).rsplit('.', 1)[-1]})" if stack else ""
+            kind = stack[-1][1] if stack else None
+            kind = kind.__name__ if isinstance(kind, type) else str(kind).rsplit(".", 1)[-1].rstrip("'>")
+            where = f" in module '{stack[-1][0]}' ({kind})" if stack else ""
             raise ValueError(f"the size of {node.name}'s output{where} depends on tensor values")
 
 

@@ -119,12 +119,12 @@ def _concrete_args(signature: inspect.Signature, inputs: tuple, kwargs: dict) ->
 
 
 def _drop_baked_placeholders(graph: fx.Graph, signature: inspect.Signature, concrete: dict) -> None:
-    """fx keeps a placeholder for each baked argument, checked by `_assert_is_none(x)` for
-    None and by `torch._assert(x == value)` for a bool, int or float; the binding checks
-    the value instead, so all of them go."""
-    params = [name for name, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    for name, node in zip(params, [n for n in graph.nodes if n.op == "placeholder"]):
-        if name not in concrete:
+    """fx keeps a placeholder `{name}_{k}` for each leaf of a baked argument (none for an
+    empty tuple), checked by `_assert_is_none(x)` for None and by `torch._assert(x == value)`
+    for a bool, int or float; the binding checks the value instead, so all of them go."""
+    baked = [re.compile(rf"{re.escape(name)}_\d+") for name in concrete]
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:
+        if str(node.target) in signature.parameters or not any(b.fullmatch(str(node.target)) for b in baked):
             continue
         for user in list(node.users):
             if user.op == "call_function" and user.target is operator.eq:

@@ -38,7 +38,8 @@ def inspect_summary(workload: str, devices: str | None, max_groups: int) -> dict
     refusal = microbatches_off(loaded, problem)  # as optimize notes it (bound_as_optimize asks again: cached)
     virtual = [d for d in cluster if d.is_virtual_cpu]
     shares = (f"virtual CPU devices' intra-op threads (each its share of this host's {host_cores()} cores): "
-              + ", ".join(f"{d.name} {d.threads}" for d in virtual)) if virtual else None
+              + ", ".join(f"{d.name}: {d.threads} thread{'s' if d.threads > 1 else ''}" for d in virtual)
+              ) if virtual else None
     return summarize(problem.ops, problem.groups, [d.kind for d in cluster],
                      bound=bound_as_optimize(loaded, problem, calibration),
                      notes=[*loaded.notes, f"lower bound as optimize's report gives it, {basis}",

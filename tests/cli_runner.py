@@ -61,9 +61,12 @@ def run(args: list[str], cwd: Path | None, env: dict[str, str], timeout: float) 
         process = _context.Process(target=_command, name="placer",
                                    args=(list(args), str(cwd or os.getcwd()), env, str(out), str(err)))
         process.start()
-        process.join(timeout)
-        if process.exitcode is None:
-            process.kill()
-            process.join()
-            raise subprocess.TimeoutExpired(["placer", *args], timeout)
+        try:
+            process.join(timeout)
+            if process.exitcode is None:
+                raise subprocess.TimeoutExpired(["placer", *args], timeout)
+        finally:  # also when pytest-timeout or Ctrl-C ends the test: no command outlives it
+            if process.exitcode is None:
+                process.kill()
+                process.join()
         return subprocess.CompletedProcess(["placer", *args], process.exitcode, out.read_text(), err.read_text())

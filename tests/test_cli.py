@@ -71,7 +71,8 @@ def test_inspect_json_has_the_documented_keys():
     for key in ("nodes", "edges", "groups", "param_bytes", "compute_ms", "critical_path_ms", "lower_bound_ms"):
         assert key in summary
     assert any(re.fullmatch(r"virtual CPU devices' intra-op threads \(each its share of this host's \d+ cores\): "
-                            r"cpu:0 \d+, cpu:1 \d+", note) for note in summary["notes"]), summary["notes"]
+                            r"cpu:0: \d+ threads?, cpu:1: \d+ threads?", note) for note in summary["notes"]), \
+        summary["notes"]
     assert summary["lower_bound_ms"] >= summary["critical_path_ms"] > 0
     assert summary["compute_ms"]["cpu"] > 0
     assert summary["devices"] == DEVICES.split(",")  # the devices by name, not by kind
@@ -246,7 +247,8 @@ def test_a_missing_or_broken_workload_file_is_refused_before_torch_is_imported(t
              (("inspect", str(tmp_path)), "is a directory, not a Python file"),
              (("inspect", "zoo:mlp", "--devices", "cpu:0,cpu:5"), "e.g. cpu:0,cpu:1 ")]
     for command, fragment in cases:
-        result = placer(*command, env_extra={"PYTHONPROFILEIMPORTTIME": "1"}, fresh_interpreter=True)  # each import: "import time: ... | name"
+        # each import: "import time: ... | name"
+        result = placer(*command, env_extra={"PYTHONPROFILEIMPORTTIME": "1"}, fresh_interpreter=True)
         imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
                     if line.startswith("import time:")}
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

@@ -302,11 +302,11 @@ class WithBuffer(nn.Module):
 
 
 @pytest.mark.parametrize("change, named", [
-    (lambda p: setattr(p.c, "weight", nn.Parameter(torch.ones(2, 8))), "'c.weight' was replaced"),
-    (lambda p: setattr(p.original, "c", nn.Linear(8, 2)), "'c' was replaced"),
-    (lambda p: setattr(p, "shift", torch.zeros(8)), "'shift' was replaced"),
+    (lambda p: setattr(p.c, "weight", nn.Parameter(torch.ones(2, 8))), "'c.weight' was replaced or removed"),
+    (lambda p: setattr(p.original, "c", nn.Linear(8, 2)), "'c' was replaced or removed"),
+    (lambda p: setattr(p, "shift", torch.zeros(8)), "'shift' was replaced or removed"),
     (lambda p: p.a.register_forward_hook(lambda m, i, o: o * 2), "a hook of module 'a' was added or removed"),
-    (lambda p: p.to(torch.float64), "'shift' was replaced"),  # .to() makes new buffers (parameters keep their objects)
+    (lambda p: p.to(torch.float64), "'shift' was replaced or removed"),  # .to(): new buffers, same parameters
 ])
 def test_a_model_changed_after_apply_is_refused_at_the_next_call(change, named):
     # new-user trial 5: each of these was silently ignored (the graphs kept the old ones), a wrong number
@@ -353,5 +353,26 @@ def test_what_a_leaf_module_changes_of_itself_is_read_live_and_not_refused():
         placed.original[0] = nn.Linear(4, 4)  # but the graph holds the modules it calls
         with pytest.raises(ExecutionError, match="'0' was replaced"):
             placed(torch.ones(2, 4))
+    finally:
+        placed.close()
+
+
+def test_autograd_grad_and_backward_inputs_leave_parameters_grads_as_eager_does():
+    # review: the chunks' backward accumulated into every parameter's .grad under autograd.grad(out, x)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    ref = copy.deepcopy(model)
+    placed = apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "2"], TWO,
+                                               inputs=(torch.randn(3, 4),)))
+    try:
+        x = torch.randn(3, 4, requires_grad=True)
+        (g,) = torch.autograd.grad(placed(x).sum(), x)
+        assert all(p.grad is None for p in placed.parameters())
+        torch.testing.assert_close(g, torch.autograd.grad(ref(x).sum(), x)[0])
+        x.grad = None
+        placed(x).sum().backward(inputs=[x])
+        assert all(p.grad is None for p in placed.parameters()) and torch.equal(x.grad, g)
+        placed(x).sum().backward()  # a plain backward: every parameter, as before
+        assert all(p.grad is not None for p in placed.parameters())
     finally:
         placed.close()

@@ -255,3 +255,16 @@ def test_a_cache_in_the_output_names_use_cache_false_as_the_fix_first():
     assert "Fix: set `use_cache=False` in the model's config" in message and "holds a DynamicCache" in message
     assert message.index("use_cache=False") < message.index("; otherwise ")
     assert trace_model(tiny_gpt2(use_cache=False), inputs=(ids,)).method == "export"  # the fix works
+
+
+def test_a_size_that_depends_on_tensor_values_falls_back_to_fx_naming_the_module():
+    from tests.test_cases import load_case
+
+    case = load_case("moe_top1_routing")  # top-1 routing: each expert's rows come from nonzero()
+    model, inputs = case.build_model(), case.example_inputs()
+    traced = trace_model(model, inputs=inputs)
+    assert traced.method == "fx"
+    assert "the size of nonzero's output in module 'moe' (MoE) depends on tensor values" in traced.fallback_notes[0]
+    torch.testing.assert_close(traced.run(*inputs), model(*inputs))
+    with pytest.raises(CaptureError, match="torch.export cannot capture Net: the size of nonzero's output"):
+        trace_model(model, inputs=inputs, method="export")

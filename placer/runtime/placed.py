@@ -91,13 +91,10 @@ class PlacedModule(nn.Module):
     def __init__(self, model: nn.Module, plan: Plan, devices: dict[str, Device], reference: PlacedCapture,
                  tensor_devices: dict[str, str], eval_capture: Traced | None):
         super().__init__()
-        for name, child in model._modules.items():  # every name, also a second name of one module
-            if child is not None:
-                self.add_module(name, child)
-        for name, p in model._parameters.items():
-            self.register_parameter(name, p)
-        for name, b in model._buffers.items():
-            self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+        # The model's own tables, shared (every name, also a second name of one module): `placed.x = ...`
+        # and `.to()` change the original too, which a new placer.apply of `placed.original` then sees.
+        for table in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            object.__setattr__(self, table, getattr(model, table))
         self.training = model.training
         self.plan = plan
         self.devices = devices  # device name -> Device
@@ -109,10 +106,14 @@ class PlacedModule(nn.Module):
         object.__setattr__(self, "original", model)  # last: from here on, unknown attributes come from it
         if eval_capture is not None:
             self.graphs.append(self._placed(eval_capture))
-        # leaf modules run as themselves, reading their insides live (a rotary cache they re-register included)
+        self._snapshot = self._snapshot_now()
+
+    def _snapshot_now(self) -> ModelSnapshot:
+        """The model's tables as the graphs hold them (placer.runtime.model_changes). Leaf
+        modules run as themselves and read their insides live (a rotary cache they
+        re-register included), so those are left out."""
         live = {id(m) for graph in self.graphs for leaf in graph.leaf_modules for m in leaf.modules()}
-        self._snapshot = ModelSnapshot([*((name, m) for name, m in model.named_modules() if id(m) not in live),
-                                        ("", self)])  # its own dicts too: `placed.x = ...`
+        return ModelSnapshot([(name, m) for name, m in self.original.named_modules() if id(m) not in live])
 
     @property
     def executor(self) -> Executor:
@@ -176,6 +177,7 @@ class PlacedModule(nn.Module):
                              kwargs=kwargs, method=reference.method, mode=None)
         graph = self._placed(traced)
         self.graphs.append(graph)
+        self._snapshot = self._snapshot_now()  # the capture ran the forward, which may add hooks (transformers')
         inputs = traced.bind(args, kwargs)
         if inputs is None:
             raise CaptureError(f"a fresh capture does not accept the call it was made for ({traced.why_not(args, kwargs)})")

@@ -65,8 +65,10 @@ class PlacedGraph(torch.autograd.Function):
         call, state = ctx.call, ctx.state
         if state is None:
             raise ExecutionError("a placed model's forward takes one backward: a second backward through the same "
-                                 "forward (retain_graph=True) is not supported; run the forward again for each backward")
+                                 "forward (retain_graph=True) is not supported; sum the losses and call backward "
+                                 "once ((loss1 + loss2).backward()), or run the forward again")
         ctx.state = None  # free the chunk graphs' bookkeeping once used
+        kept = _grads_to_keep(ctx, call.executor)
         output_grads: dict[str, list] = {}
         for (name, i), g in zip(call.refs, grads):
             if g is not None:
@@ -74,9 +76,27 @@ class PlacedGraph(torch.autograd.Function):
                 slot[i] = g if slot[i] is None else slot[i] + g
         cuda = [g.device for g in grads if g is not None and g.device.type == "cuda"]
         input_grads = call.executor.backward(state, output_grads, engine_device=cuda[0] if cuda else None)
+        for param, grad in kept:
+            param.grad = grad
         result = []
         for name in call.tensor_inputs:
             direct = output_grads.get(name, [None])[0]  # the model returned this input itself
             g = (input_grads.get(name) or [None])[0]
             result.append(direct if g is None else g if direct is None else g + direct)
         return (None, None, *result)
+
+
+def _grads_to_keep(ctx, executor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(parameter, a copy of its .grad) for every parameter, where this backward must leave
+    them as they are: `torch.autograd.grad(out, inputs)` and `backward(inputs=...)`
+    accumulate into no parameter of a placed model (parameters are not inputs of its one
+    autograd node), while the chunks' backward accumulates into every parameter it
+    reaches. The anchor's AccumulateGrad tells them apart at no cost: only a plain
+    backward runs it. Empty for a plain backward."""
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)
+    anchor = ctx.next_functions[0][0]
+    if will_run is None or anchor is None or will_run(anchor):
+        return []
+    params = {id(p): p for chunk in executor.chunks for p in chunk.module.parameters() if p.requires_grad}
+    return [(p, None if p.grad is None else p.grad.clone()) for p in params.values()]
+
