@@ -376,3 +376,16 @@ def test_autograd_grad_and_backward_inputs_leave_parameters_grads_as_eager_does(
         assert all(p.grad is not None for p in placed.parameters())
     finally:
         placed.close()
+
+
+def test_a_hook_on_the_placed_model_itself_runs_and_is_not_refused():
+    torch.manual_seed(0)
+    model = WithBuffer()
+    placed = apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "c"], TWO,
+                                               inputs=(torch.randn(3, 4),)))
+    try:
+        x = torch.randn(3, 4)
+        placed.register_forward_hook(lambda m, i, o: o * 2)  # nn.Module.__call__ runs it around the placed forward
+        torch.testing.assert_close(placed(x), model(x) * 2)
+    finally:
+        placed.close()
