@@ -301,6 +301,14 @@ class WithBuffer(nn.Module):
         return self.c(self.a(x).relu() + self.shift)
 
 
+def with_buffer_placed() -> tuple[WithBuffer, PlacedModule]:
+    """(the model, its placed self): `c` on cpu:1, the rest on cpu:0."""
+    torch.manual_seed(0)
+    model = WithBuffer()
+    return model, apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "c"], TWO,
+                                                    inputs=(torch.randn(3, 4),)))
+
+
 @pytest.mark.parametrize("change, named", [
     (lambda p: setattr(p.c, "weight", nn.Parameter(torch.ones(2, 8))), "'c.weight' was replaced or removed"),
     (lambda p: setattr(p.original, "c", nn.Linear(8, 2)), "'c' was replaced or removed"),
@@ -310,10 +318,7 @@ class WithBuffer(nn.Module):
 ])
 def test_a_model_changed_after_apply_is_refused_at_the_next_call(change, named):
     # new-user trial 5: each of these was silently ignored (the graphs kept the old ones), a wrong number
-    torch.manual_seed(0)
-    model = WithBuffer()
-    placed = apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "c"], TWO,
-                                               inputs=(torch.randn(3, 4),)))
+    model, placed = with_buffer_placed()
     try:
         x = torch.randn(3, 4)
         with torch.no_grad():
@@ -379,10 +384,7 @@ def test_autograd_grad_and_backward_inputs_leave_parameters_grads_as_eager_does(
 
 
 def test_a_hook_on_the_placed_model_itself_runs_and_is_not_refused():
-    torch.manual_seed(0)
-    model = WithBuffer()
-    placed = apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "c"], TWO,
-                                               inputs=(torch.randn(3, 4),)))
+    model, placed = with_buffer_placed()
     try:
         x = torch.randn(3, 4)
         placed.register_forward_hook(lambda m, i, o: o * 2)  # nn.Module.__call__ runs it around the placed forward
