@@ -128,6 +128,7 @@ def test_no_simulated_candidate_beats_its_bound():
             assert overall <= bound + 1e-9 and bound <= sim.simulate(placement).step_ms + 1e-9
 
 
+@pytest.mark.alone  # a profile taken while another test runs claims too much: measured steps then beat it
 def test_no_measured_plan_of_a_small_zoo_model_beats_the_bound_beyond_its_ci(tmp_path, monkeypatch):
     """The bound is true on the real runtime: a measured step's whole confidence interval
     does not lie below it (nor below the candidate's own bound).
