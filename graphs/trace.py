@@ -338,6 +338,18 @@ def first_sentence(exc: BaseException) -> str:
     return line.split(". ", 1)[0].rstrip(".")
 
 
+def module_label(node: fx.Node) -> str | None:
+    """The innermost module of the capture's nn_module_stack for messages, "module 'path'
+    (Class)" or "the model (Class)"; None where the capture recorded no stack. The class
+    is a type, or a string that export qualifies by its module ("<class 'a.B'>", "a.B")."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1].rstrip("'>")
+    return f"module '{path}' ({name})" if path else f"the model ({name})"
+
+
 def target_name(node: fx.Node) -> str:
     """A process-independent name of a node's target (a function's repr has an address);
     an aten op is named by its overload, e.g. "aten.linear.default"."""

@@ -27,7 +27,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
-from graphs.trace import Traced, canonical_call, first_line, normalize, training_flags
+from graphs.trace import Traced, canonical_call, first_line, module_label, normalize, training_flags
 
 # aten ops that assert trace-time facts (a value's device and dtype when captured):
 # placed on another device they would fail, and they compute nothing.
@@ -81,11 +81,9 @@ def _refuse_value_dependent_sizes(graph: torch.fx.Graph) -> None:
     trace_model falls back to torch.fx, whose sizes are the example's."""
     for node in graph.nodes:
         if any(free_unbacked_symbols(v) for v in tree_leaves(node.meta.get("val")) if isinstance(v, torch.Tensor)):
-            stack = list((node.meta.get("nn_module_stack") or {}).values())
-            kind = stack[-1][1] if stack else None
-            kind = kind.__name__ if isinstance(kind, type) else str(kind).rsplit(".", 1)[-1].rstrip("'>")
-            where = f" in module '{stack[-1][0]}' ({kind})" if stack else ""
-            raise ValueError(f"the size of {node.name}'s output{where} depends on tensor values")
+            where = module_label(node)
+            raise ValueError(f"the size of {node.name}'s output{f' in {where}' if where else ''} depends on tensor "
+                             f"values")
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> torch.export.ExportedProgram:

@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.errors import PlanError
 from graphs.schedule import written_state
+from graphs.trace import module_label
 from placer.runtime.chunks import _Lookup
 
 __all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "Layout", "layout",
@@ -135,12 +136,7 @@ def _where(node: fx.Node) -> str:
     """The module a node belongs to, for messages."""
     if node.op == "call_module":
         return f"module '{node.target}'"
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path, cls = list(stack.values())[-1]  # export records the class as a string qualified by its module
-        name = getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1]
-        return f"module '{path}' ({name})" if path else f"the model ({name})"
-    return f"node '{node.name}'"
+    return module_label(node) or f"node '{node.name}'"
 
 
 def static_refusal(graph: fx.Graph, root: nn.Module, source: str, extra_roots: Sequence[nn.Module] = ()) -> str | None:
