@@ -251,13 +251,18 @@ def test_a_closed_placed_model_refuses_every_call_at_once(pair):
         placed(tokens())
 
 
+def split_at(model: nn.Module, second: str, rows: int = 3, **options) -> PlacedModule:
+    """`model` (inputs of `rows` x 4) placed with its module `second` on cpu:1, the rest on cpu:0."""
+    return apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == second], TWO,
+                                             inputs=(torch.randn(rows, 4),), **options))
+
+
 def test_a_second_backward_or_a_gradient_of_the_gradient_is_refused_in_one_line():
     # new-user trial 5: retain_graph=True then backward again failed with AttributeError, and a
     # gradient penalty (create_graph=True) silently had no graph
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-    placed = apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "2"], TWO,
-                                               inputs=(torch.randn(3, 4),)))
+    placed = split_at(model, "2")
     try:
         loss = placed(torch.randn(3, 4)).mean()
         loss.backward(retain_graph=True)
@@ -278,8 +283,7 @@ def test_a_module_under_two_names_keeps_both_in_state_dict():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     model.again = model[0]
     ref_keys = list(model.state_dict())
-    placed = apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "2"], TWO,
-                                               inputs=(torch.randn(3, 4),)))
+    placed = split_at(model, "2")
     try:
         assert list(placed.state_dict()) == ref_keys and "again.weight" in ref_keys
         fresh = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -305,8 +309,7 @@ def with_buffer_placed() -> tuple[WithBuffer, PlacedModule]:
     """(the model, its placed self): `c` on cpu:1, the rest on cpu:0."""
     torch.manual_seed(0)
     model = WithBuffer()
-    return model, apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "c"], TWO,
-                                                    inputs=(torch.randn(3, 4),)))
+    return model, split_at(model, "c")
 
 
 @pytest.mark.parametrize("change, named", [
@@ -348,8 +351,7 @@ class RegistersOnGrowth(nn.Module):
 
 def test_what_a_leaf_module_changes_of_itself_is_read_live_and_not_refused():
     model = nn.Sequential(nn.Linear(4, 4), RegistersOnGrowth(), nn.Linear(4, 2))
-    placed = apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "2"], TWO,
-                                               inputs=(torch.randn(2, 4),), leaf_modules=(RegistersOnGrowth,)))
+    placed = split_at(model, "2", rows=2, leaf_modules=(RegistersOnGrowth,))
     try:
         for rows in (2, 5, 3):
             torch.testing.assert_close(placed(torch.ones(rows, 4)), model(torch.ones(rows, 4)))
@@ -367,8 +369,7 @@ def test_autograd_grad_and_backward_inputs_leave_parameters_grads_as_eager_does(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     ref = copy.deepcopy(model)
-    placed = apply(model, plan_from_assignment(model, lambda n: TWO[owning_module(n) == "2"], TWO,
-                                               inputs=(torch.randn(3, 4),)))
+    placed = split_at(model, "2")
     try:
         x = torch.randn(3, 4, requires_grad=True)
         (g,) = torch.autograd.grad(placed(x).sum(), x)
