@@ -65,7 +65,7 @@ def capture(workload: Workload) -> nx.DiGraph:
     Raises CaptureError when the model cannot be captured at all, WorkloadError when
     it fails on its example inputs.
     """
-    traced = trace_model(workload.model, workload.leaf_modules, inputs=workload.inputs)
+    traced = trace_model(workload.model, workload.leaf_modules, inputs=workload.inputs, batch_dims=workload.batch_dims)
     workload.notes.extend(traced.fallback_notes)
     return capture_traced(traced, workload.model, workload.inputs, name=workload.name, spec=workload.spec,
                           batch_dims=workload.batch_dims)
@@ -124,9 +124,9 @@ def capture_info(traced: Traced, inputs: tuple[torch.Tensor, ...] | None, model:
     """What re-captures the same graph later (plans keep it): the method, the leaf
     paths, the example batch's signature (shapes and dtypes, from which inputs that
     capture alike are built: graphs.trace captures never read values; None without a
-    batch), and `tensors`, graphs.trace.tensors_fingerprint of the model (checked
-    before a capture)."""
-    return {"method": traced.method, "leaf_paths": list(traced.leaf_paths),
+    batch), the batch dims the capture keeps free besides dim 0 (`batch_dims`), and
+    `tensors`, graphs.trace.tensors_fingerprint of the model (checked before a capture)."""
+    return {"method": traced.method, "leaf_paths": list(traced.leaf_paths), "batch_dims": dict(traced.batch_dims),
             "inputs": None if inputs is None else input_signature(inputs), "tensors": tensors_fingerprint(model)}
 
 

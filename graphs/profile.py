@@ -146,7 +146,7 @@ def _measure(ops: nx.DiGraph, workload: Workload, device: torch.device, repeats:
     inputs = tuple(t.to(device) for t in workload.inputs)
     method = ops.graph.get("capture", {}).get("method", "fx")
     traced = trace_model(model, workload.leaf_modules, ops.graph.get("leaf_paths", ()), allow_fallback=False,
-                         inputs=inputs, method=method)
+                         inputs=inputs, method=method, batch_dims=workload.batch_dims)
     gm = traced.gm
     if fingerprint(model, gm) != ops.graph["fingerprint"]:
         raise CaptureError(f"{workload.spec}: the graph to profile was captured from a different model "

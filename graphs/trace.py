@@ -30,7 +30,7 @@ import functools
 import hashlib
 import inspect
 import operator
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,8 @@ class Traced:
     training: tuple[bool, ...]  # each module's training flag (model.modules() order) at capture
     signature: inspect.Signature  # of the model's forward
     out_spec: TreeSpec  # rebuilds the eager output from the flat output leaves
+    # (forward input, dim): batch dims other than 0 that the capture keeps free (export; trace_model's batch_dims)
+    batch_dims: tuple[tuple[str, int], ...] = ()
     # export: how a call flattens onto the placeholders, and the non-tensor leaves it baked in
     in_spec: TreeSpec | None = None
     constants: tuple[tuple[int, Any], ...] = ()
@@ -176,7 +178,7 @@ class Traced:
 
 def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths: Iterable[str] = (),
                 allow_fallback: bool = True, *, inputs: tuple | None = None, kwargs: dict | None = None,
-                method: str = "auto", mode: str | None = "train") -> Traced:
+                method: str = "auto", mode: str | None = "train", batch_dims: Mapping[str, int] | None = None) -> Traced:
     """Capture `model` called as `model(*inputs, **kwargs)` in `mode` as a Traced graph.
 
     Parameters
@@ -192,6 +194,9 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
     method : "auto" (export, else fx with a note), "export" or "fx".
     mode : "train" or "eval" (every module's flag set for the capture, then restored),
         or None for the flags as they are.
+    batch_dims : forward input -> the dimension its batch lies along (the workload's),
+        kept dynamic by export so that micro-batches of any size fit the capture
+        (dim 0 always is). Recorded in `Traced.batch_dims`.
 
     Returns
     -------
@@ -220,11 +225,12 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
                                         and not paths and export_available())
     kwargs = dict(kwargs or {})
     with _in_mode(model, mode):
-        options = (use_export, method, training_flags(model), leaf_classes, paths, allow_fallback, inputs is None)
+        free = tuple(sorted((name, dim) for name, dim in (batch_dims or {}).items() if dim != 0))
+        options = (use_export, method, training_flags(model), leaf_classes, paths, allow_fallback, inputs is None, free)
         key = trace_cache.request_key(options, tuple(inputs or ()), kwargs)
         # an export depends on neither the method that asked for it nor allow_fallback (fx only): "auto" and
         # "export" share it (profiling and placer.apply ask for the capture that capture() made)
-        export_key = trace_cache.request_key(("export", options[2:5], inputs is None), tuple(inputs or ()), kwargs)
+        export_key = trace_cache.request_key(("export", options[2:5], inputs is None, free), tuple(inputs or ()), kwargs)
         kept = trace_cache.lookup(model, export_key) if use_export else None
         if kept is None:
             kept = trace_cache.lookup(model, key)  # an "auto" whose export failed before: its fx capture
@@ -234,7 +240,7 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
         if use_export:
             try:
                 with no_side_effects(model, recorded=True):
-                    traced = export_model(model, tuple(inputs or ()), kwargs)
+                    traced = export_model(model, tuple(inputs or ()), kwargs, free)
                 return trace_cache.store(model, export_key, traced)  # only a capture that passed every check
             except CaptureError:
                 raise

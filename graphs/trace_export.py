@@ -7,9 +7,10 @@ real parameter or buffer. Buffers a forward updates in place are updated by the
 graph in place (inside `torch.no_grad()` regions too: a `wrap_with_set_grad_enabled`
 subgraph), once per call, as in eager.
 
-The batch dim of every input, and every dim of integer inputs (the sequence length of
-token ids), is dynamic where the model allows (`Dim.AUTO`); dims the model fixes, and
-dims of size 1 in the example, are specialized. `guard` tells, for
+The batch dim of every input (dim 0, or the one the workload's `batch_dims` names), and
+every dim of integer inputs (the sequence length of token ids), is dynamic where the
+model allows (`Dim.AUTO`); dims the model fixes, and dims of size 1 in the example, are
+specialized. `guard` tells, for
 a call, whether its shapes and dtypes are ones the graph was made for; the runtime
 captures again (cached) for a call outside them.
 """
@@ -40,14 +41,15 @@ def export_available() -> bool:
     return (major, minor) >= (2, 5)
 
 
-def export_model(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
+def export_model(model: nn.Module, args: tuple, kwargs: dict, batch_dims: tuple[tuple[str, int], ...] = ()) -> Traced:
     """Export `model(*args, **kwargs)` in the model's current mode and normalize the
-    graph (graphs.trace.normalize). Raises what torch.export raises."""
+    graph (graphs.trace.normalize). `batch_dims`: (forward input, dim) pairs kept
+    dynamic besides dim 0. Raises what torch.export raises."""
     signature = inspect.signature(model.forward)
     bound = canonical_call(signature, args, kwargs)
     call_args, call_kwargs = bound.args, bound.kwargs
     try:
-        program = _export(model, call_args, call_kwargs, _dynamic_shapes(bound))
+        program = _export(model, call_args, call_kwargs, _dynamic_shapes(bound, dict(batch_dims)))
     except Exception:  # some models refuse dynamic dims (and **kwargs have no dynamic-shape form)
         program = _export(model, call_args, call_kwargs, None)
     gm = program.module()
@@ -67,7 +69,7 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
     if len(placeholders) != len(flat):
         raise RuntimeError(f"export made {len(placeholders)} inputs of {len(flat)} argument leaves")
     return Traced(
-        gm=gm, leaf_paths=(), fallback_notes=(), method="export", training=training_flags(model),
+        gm=gm, leaf_paths=(), fallback_notes=(), method="export", training=training_flags(model), batch_dims=batch_dims,
         signature=signature, out_spec=out_spec, in_spec=in_spec,
         constants=tuple((i, v) for i, v in enumerate(flat) if not isinstance(v, torch.Tensor)),
         guard=_guard([n.meta.get("val") for n in placeholders], program.range_constraints, guards_fn),
@@ -119,10 +121,11 @@ def _before_2_9() -> bool:
     return (major, minor) < (2, 9)
 
 
-def _dynamic_shapes(bound: inspect.BoundArguments) -> dict | None:
+def _dynamic_shapes(bound: inspect.BoundArguments, batch_dims: dict[str, int]) -> dict | None:
     """Which dims may vary (Dim.AUTO: export specializes those the model fixes): the
-    batch (dim 0) of every tensor argument, and every dim of integer ones (token ids
-    and masks: the sequence length). Image sizes and feature widths stay static:
+    batch of every tensor argument (dim 0, and the dim `batch_dims` names for it: a
+    seq-first model's batch is dim 1, which micro-batches split), and every dim of
+    integer ones (token ids and masks: the sequence length). Image sizes and feature widths stay static:
     symbolic, they cost a convolution net several times the capture time, and a
     training run rarely changes them (another size is another capture). None where
     this torch has no Dim.AUTO."""
@@ -130,12 +133,14 @@ def _dynamic_shapes(bound: inspect.BoundArguments) -> dict | None:
     if auto is None:
         return None
 
-    def dims(t):
+    def dims(t, named: int = 0):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return None
-        return {i: auto for i in range(t.dim() if not t.is_floating_point() else 1)}
+        free = range(t.dim()) if not t.is_floating_point() else {0, named} & set(range(t.dim()))
+        return {i: auto for i in free}
 
-    return {name: tree_map(dims, value) for name, value in bound.arguments.items()}
+    return {name: tree_map(lambda t: dims(t, batch_dims.get(name, 0)), value)
+            for name, value in bound.arguments.items()}
 
 
 def _guard(vals: list, ranges: dict, guards_fn: nn.Module | None):

@@ -73,7 +73,8 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
         raise PlacerError(f"--out {out_dir} {problem}: choose a folder you can write")
     loaded = load_workload(workload)
     # The fingerprint of the workload's capture, as the problem's (the trace is cached for it).
-    this_model = fingerprint(loaded.model, trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs).gm)
+    this_model = fingerprint(loaded.model, trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs,
+                                                       batch_dims=loaded.batch_dims).gm)
     for plan in loaded_plans:
         if plan.fingerprint != this_model:
             raise PlanError(mismatch_message(plan, this_model))

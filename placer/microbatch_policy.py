@@ -33,7 +33,8 @@ def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
     from graphs.trace import trace_model
     from placer.runtime.microbatch import static_refusal
 
-    traced = trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs)  # the capture's (trace_cache)
+    traced = trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs,
+                         batch_dims=loaded.batch_dims)  # the capture's (trace_cache)
     source = problem.workload or loaded.spec
     reason = scalar_output(traced.gm.graph, source)
     if reason is None and not problem.microbatch_statistics:

@@ -65,6 +65,7 @@ class Capture:
     leaf_paths: list[str] = field(default_factory=list)  # module paths kept whole (fx)
     inputs: list[dict] | None = None  # the example batch: [{"shape": [...], "dtype": "int64"}]; None in v1 plans
     tensors: str | None = None  # graphs.trace.tensors_fingerprint of the model; None in older plans
+    batch_dims: dict[str, int] = field(default_factory=dict)  # batch dims besides 0 the capture keeps free (export)
 
 
 @dataclass
@@ -177,13 +178,14 @@ def _type_problem(data: dict) -> str | None:
         return f"microbatches must be a whole number >= 1, found {m!r}"
     if data.get("schedule") not in (None, *SCHEDULES):
         return f"schedule must be null or one of {', '.join(SCHEDULES)}, found {data.get('schedule')!r}"
-    dims = data.get("batch_dims", {})
-    if not (isinstance(dims, dict) and all(isinstance(k, str) and isinstance(d, int) and not isinstance(d, bool)
-                                           and d >= 0 for k, d in dims.items())):
-        return f"batch_dims must map input names to whole numbers >= 0, found {dims!r}"
+    capture = data.get("capture", {})
+    for where, dims in (("batch_dims", data.get("batch_dims", {})),
+                        ("capture.batch_dims", capture.get("batch_dims", {}) if isinstance(capture, dict) else {})):
+        if not (isinstance(dims, dict) and all(isinstance(k, str) and isinstance(d, int) and not isinstance(d, bool)
+                                               and d >= 0 for k, d in dims.items())):
+            return f"{where} must map input names to whole numbers >= 0, found {dims!r}"
     if not isinstance(data.get("microbatch_statistics", False), bool):
         return f"microbatch_statistics must be true or false, found {data['microbatch_statistics']!r}"
-    capture = data.get("capture", {})
     if not isinstance(capture, dict) or capture.get("method", "fx") not in ("export", "fx"):
         return "capture must be an object whose method is export or fx"
     inputs = capture.get("inputs")
@@ -286,7 +288,7 @@ def trace_for_plan(model: nn.Module, plan: Plan, mode: str = "train") -> Traced:
     device = first.device if first is not None else torch.device("cpu")
     inputs = None if plan.capture.inputs is None else example_like(plan.capture.inputs, device)
     traced = trace_model(model, leaf_paths=plan.capture.leaf_paths, allow_fallback=False, inputs=inputs,
-                         method=plan.capture.method, mode=mode)
+                         method=plan.capture.method, mode=mode, batch_dims=plan.capture.batch_dims)
     if mode == "train":
         fp = model_fingerprint(model, traced.gm)
         if fp != plan.fingerprint:
@@ -353,7 +355,7 @@ def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], dev
         is no input of the capture.
     CaptureError : the model cannot be captured.
     """
-    traced = trace_model(model, leaf_modules=leaf_modules, inputs=inputs)
+    traced = trace_model(model, leaf_modules=leaf_modules, inputs=inputs, batch_dims=batch_dims)
     gm = traced.gm
     assignment = {n.name: assign(n) for n in gm.graph.nodes}
     unknown = sorted(set(assignment.values()) - set(devices))
@@ -372,7 +374,7 @@ def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], dev
         device_map=accelerate_device_map(devices_of_modules, model.state_dict(), devices[0]),
         fingerprint=model_fingerprint(model, gm),
         capture=Capture(method=info["method"], leaf_paths=leaf_paths_of(gm, traced.leaf_paths), inputs=info["inputs"],
-                        tensors=info["tensors"]),
+                        tensors=info["tensors"], batch_dims=info["batch_dims"]),
         batch_dims=dict(batch_dims or {}), microbatch_statistics=microbatch_statistics,
         method=method, workload=workload,
     )
@@ -426,7 +428,7 @@ def make_plan(problem: PlacementProblem, placement: Sequence[int], method: str, 
         device_map=accelerate_device_map(device_map, ops.graph.get("tensor_names", []), names[0]),
         fingerprint=ops.graph.get("fingerprint", problem.fingerprint),
         capture=Capture(method=info.get("method", "fx"), leaf_paths=sorted(called | set(ops.graph.get("leaf_paths", []))),
-                        inputs=info.get("inputs"), tensors=info.get("tensors")),
+                        inputs=info.get("inputs"), tensors=info.get("tensors"), batch_dims=info.get("batch_dims", {})),
         microbatches=microbatches, schedule=schedule,
         batch_dims=dict(problem.batch_dims), microbatch_statistics=problem.microbatch_statistics,
         method=method, seed=seed, groups=groups, placement=list(placement),

@@ -22,7 +22,7 @@ from graphs.errors import PlanError
 from graphs.problem import build_problem
 from graphs.workload import Workload, load_workload
 from placer.cli import cli
-from placer.plan import make_plan, plan_from_assignment
+from placer.plan import load_plan, make_plan, plan_from_assignment
 from placer.runtime.timing import measure
 from tests.equivalence import check_equivalent
 
@@ -95,16 +95,23 @@ class SeqFirstAttention(nn.Module):
         return self.out(self.att(x, x, x)[0])
 
 
-def test_a_batch_the_capture_fixed_along_a_named_dimension_is_refused_naming_the_capture():
-    # new-user trial 5: the refusal asked whether the model assumes a fixed batch size; it does not
+def test_a_seq_first_model_whose_capture_keeps_the_named_batch_dimension_free_trains_like_the_eager_model():
+    # new-user trial 5: torch.export kept only dim 0 free, so these micro-batches were refused
+    source = SimpleNamespace(build_model=SeqFirstAttention, example_inputs=lambda: (torch.randn(5, 4, 8),))
+    plan = check_equivalent(source, lambda model, inputs: piped(model, inputs, batch_dims={"x": 1}), seed=False)
+    assert plan.capture.method == "export" and plan.capture.batch_dims == {"x": 1}
+
+
+def test_a_plan_whose_capture_fixed_the_named_batch_dimension_is_refused_naming_the_capture():
     torch.manual_seed(0)
     model = SeqFirstAttention()
     inputs = (torch.randn(5, 4, 8),)
-    placed = placer.apply(model, replace(plan_from_assignment(model, second_layer_apart, TWO, inputs=inputs,
-                                                              batch_dims={"x": 1}), microbatches=2))
+    made_without = plan_from_assignment(model, second_layer_apart, TWO, inputs=inputs)
+    placed = placer.apply(model, replace(made_without, batch_dims={"x": 1}, microbatches=2))
     try:
-        with pytest.raises(PlanError, match=r"a torch.export capture keeps only dimension 0 of a float input free, "
-                                            r"so it may fix the batch's size along dimension 1 of input 'x'\. "
+        with pytest.raises(PlanError, match=r"the plan's capture may fix the batch's size along dimension 1 of input "
+                                            r"'x': torch.export keeps it free only in a capture made with batch_dims "
+                                            r"naming it, so make the plan again from the workload\. "
                                             r"Use microbatches = 1$"):
             placed(*inputs)
     finally:
@@ -206,6 +213,23 @@ def test_a_plan_made_from_the_workload_carries_its_options_to_apply(tmp_path):
     torch.testing.assert_close(placed(x), torch.cat([per_half(x[:4]), per_half(x[4:])]))
     placed.close()
 
+
+
+def test_a_seq_first_workloads_plan_keeps_its_batch_dimension_free_from_profile_to_apply(tmp_path):
+    """workload with batch_dims -> problem (capture and profile) -> plan file -> apply in micro-batches."""
+    torch.manual_seed(0)
+    workload = Workload(name="seqfirst", spec="test:seqfirst", model=SeqFirstAttention(), inputs=(torch.randn(5, 4, 8),),
+                        batch_dims={"x": 1})
+    problem = build_problem(workload, "cpu:0,cpu:1", max_groups=3, cache_dir=str(tmp_path / "cache"))
+    plan = make_plan(problem, [g % 2 for g in range(problem.n_groups)], "alternate", microbatches=2)
+    assert plan.capture.batch_dims == {"x": 1}
+    model, eager = workload.fresh_model(), workload.fresh_model()
+    placed = placer.apply(model, load_plan(plan.save(tmp_path / "plan.json")))
+    try:
+        x = torch.randn(5, 6, 8)
+        torch.testing.assert_close(placed(x), eager(x))
+    finally:
+        placed.close()
 
 BATCH_SECOND_FILE = textwrap.dedent("""
     import torch

@@ -47,7 +47,7 @@ def test_save_and_load_round_trip(tmp_path):
     data = json.loads(path.read_text())
     assert data["format"] == FORMAT and data["microbatches"] == 1 and data["schedule"] is None
     assert data["capture"] == {"method": "export", "leaf_paths": [], "inputs": [{"shape": [4, 6], "dtype": "float32"}],
-                               "tensors": tensors_fingerprint(Net())}
+                               "tensors": tensors_fingerprint(Net()), "batch_dims": {}}
     assert load_plan(path) == plan
     assert load_plan(path, fingerprint=plan.fingerprint) == plan
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temp file left behind

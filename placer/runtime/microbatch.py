@@ -222,8 +222,9 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
         raise
     except Exception as exc:
         along = [f"dimension {d} of input {n!r}" for n, d in dims.items() if d and inputs[n].is_floating_point()]
-        why = (f"a torch.export capture keeps only dimension 0 of a float input free, so it may fix the batch's size "
-               f"along {', '.join(along)}." if along else "does it assume a fixed batch size?")
+        why = (f"the plan's capture may fix the batch's size along {', '.join(along)}: torch.export keeps it free "
+               f"only in a capture made with batch_dims naming it, so make the plan again from the workload."
+               if along else "does it assume a fixed batch size?")
         raise PlanError(f"{source}: the model fails on a batch of {rows[0]} rows ({type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); {why} "
                         f"Use microbatches = 1") from exc

@@ -174,7 +174,7 @@ class PlacedModule(nn.Module):
                             f"arguments and shapes like the plan's example batch (e.g. DataLoader(drop_last=True))")
         reference = self.graphs[0].traced
         traced = trace_model(self.original, leaf_paths=reference.leaf_paths, allow_fallback=False, inputs=args,
-                             kwargs=kwargs, method=reference.method, mode=None)
+                             kwargs=kwargs, method=reference.method, mode=None, batch_dims=dict(reference.batch_dims))
         graph = self._placed(traced)
         self.graphs.append(graph)
         self._snapshot = self._snapshot_now()  # the capture ran the forward, which may add hooks (transformers')
