@@ -23,7 +23,7 @@ from placer.runtime.executor import Executor
 TWO = ["cpu:0", "cpu:1"]
 # Python-level calls a crossing adds (forward + backward, both threads, with the added
 # block's own ~10 module calls): 89.5 before the per-chunk routes, the context-free host
-# path and the heap-free lone hand-off, 53 after.
+# path and the heap-free lone hand-off, 53 after; 53 with the chain run on the caller's thread.
 CALLS_PER_CROSSING = 56
 
 
@@ -108,8 +108,10 @@ def test_a_host_chunk_enters_no_context_and_a_lone_hand_off_skips_the_heap(per_c
     entered = {k: v for k, v in per_crossing.items()
                if k.endswith(("__enter__", "__exit__")) and not k.startswith("C:") and v}  # the pass's lock is C
     assert not entered, entered
-    # A chain hands on one task at a time: it never waits in the ready heap.
+    # A chain hands on one task at a time to an idle device: the thread that ran the last task runs it
+    # (dataflow), with no queue and no wake-up of another thread.
     assert per_crossing.get("C:heappush", 0) == 0 and per_crossing.get("C:heappop", 0) == 0
+    assert per_crossing.get("C:SimpleQueue.put", 0) == 0 and per_crossing.get("C:SimpleQueue.get", 0) == 0
     # One chunk task per crossing each way, one engine call per chunk backward.
     assert per_crossing["executor.py:_forward_task"] == 1
     assert per_crossing["executor.py:_backward_task"] == 1

@@ -5,6 +5,7 @@ workers are quiet, and never waits without a way out."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -24,8 +25,8 @@ def workers():
 
 def run(waits_for, workers, place, micro=1, reverse=False, body=None, timeout_s=None, rank=None):
     """Run a pass whose chunk c is on workers[place[c]] (the first one served by this
-    thread), ranked by `rank` (default: chunk order); returns the (micro-batch, chunk)
-    order in which the tasks ran."""
+    thread), ranked by `rank` (default: chunk order); returns (device, micro-batch,
+    chunk, thread) in the order the tasks ran."""
     wakes = [[] for _ in waits_for]
     for c, before in enumerate(waits_for):
         for a in before:
@@ -34,7 +35,7 @@ def run(waits_for, workers, place, micro=1, reverse=False, body=None, timeout_s=
     seen = []
 
     def record(worker, i, c):
-        seen.append((worker.device.name, i, c))
+        seen.append((worker.device.name, i, c, threading.current_thread().name))
         if body is not None:
             body(worker, i, c)
 
@@ -47,19 +48,54 @@ def run(waits_for, workers, place, micro=1, reverse=False, body=None, timeout_s=
 def test_a_device_runs_the_ready_task_of_highest_priority(workers):
     # 2 waits for 1 and 3 for 0: once 0 has run, 1 (ready from the start) and 3 are
     # ready, and 1 ranks higher; then 2 does.
-    assert [c for _, _, c in run([(), (), (1,), (0,)], workers, [0, 0, 0, 0])] == [0, 1, 2, 3]
-    assert [c for _, _, c in run([(), (), (1,), (0,)], workers, [0, 0, 0, 0], rank=[0, 3, 2, 1])] == [0, 3, 1, 2]
+    assert [c for _, _, c, _ in run([(), (), (1,), (0,)], workers, [0, 0, 0, 0])] == [0, 1, 2, 3]
+    assert [c for _, _, c, _ in run([(), (), (1,), (0,)], workers, [0, 0, 0, 0], rank=[0, 3, 2, 1])] == [0, 3, 1, 2]
     # A chain of two chunks on one device, two micro-batches: micro-batch 0's second
     # chunk goes before micro-batch 1's first, ready since the start (a pipeline
     # stage hands micro-batch 0 on first); backward, the latest micro-batch first.
-    assert [(i, c) for _, i, c in run([(), (0,)], workers, [0, 0], micro=2)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert [(i, c) for _, i, c in run([(), (0,)], workers, [0, 0], micro=2, reverse=True)] == [
+    assert [(i, c) for _, i, c, _ in run([(), (0,)], workers, [0, 0], micro=2)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(i, c) for _, i, c, _ in run([(), (0,)], workers, [0, 0], micro=2, reverse=True)] == [
         (1, 0), (1, 1), (0, 0), (0, 1)]
 
 
 def test_tasks_run_on_their_devices_and_wait_for_what_they_need(workers):
     seen = run([(), (0,), (1,), (2,)], workers, [0, 1, 0, 1])
-    assert [(d, c) for d, _, c in seen] == [("cpu:0", 0), ("cpu:1", 1), ("cpu:0", 2), ("cpu:1", 3)]
+    assert [(d, c) for d, _, c, _ in seen] == [("cpu:0", 0), ("cpu:1", 1), ("cpu:0", 2), ("cpu:1", 3)]
+
+
+def test_a_chain_over_idle_devices_runs_on_the_thread_that_hands_it_on(workers):
+    # unpinned virtual CPUs: the caller runs cpu:1's chunks itself, with no wake-up per crossing; a chain that
+    # starts on cpu:1 runs there until it reaches the caller's device, which only the caller runs
+    me = threading.current_thread().name
+    assert {t for *_, t in run([(), (0,), (1,), (2,)], workers, [0, 1, 0, 1])} == {me}
+    seen = run([(), (0,), (1,), (2,)], workers, [1, 1, 0, 1])
+    assert [(d, c, t) for d, _, c, t in seen] == [("cpu:1", 0, "placer-cpu:1"), ("cpu:1", 1, "placer-cpu:1"),
+                                                  ("cpu:0", 2, me), ("cpu:1", 3, me)]
+
+
+def test_a_device_held_pinned_runs_its_tasks_on_its_own_thread():
+    pinned = [Worker(d, cores=(k,)) for k, d in enumerate(parse_cluster("cpu:0,cpu:1").devices)]
+    try:
+        seen = run([(), (0,), (1,), (2,)], pinned, [0, 1, 0, 1])
+    finally:
+        for w in pinned:
+            w.close()
+    assert {(d, t) for d, _, _, t in seen} == {("cpu:0", threading.current_thread().name), ("cpu:1", "placer-cpu:1")}
+
+
+def test_a_device_runs_one_task_at_a_time_whichever_thread_runs_it(workers):
+    # chunk 2 (cpu:1) runs from the start on cpu:1's worker; chunk 1 (cpu:1) becomes ready while it runs, when
+    # the caller has nothing of its own left: it must wait for cpu:1, not run beside chunk 2 on the caller
+    spans = {}
+
+    def body(worker, i, c):
+        start = time.perf_counter()
+        time.sleep(0.05 if c == 2 else 0.01)
+        spans[c] = (worker.device.name, start, time.perf_counter())
+
+    run([(), (0,), ()], workers, [0, 1, 1], body=body)
+    on_one = sorted((s, e) for d, s, e in spans.values() if d == "cpu:1")
+    assert len(on_one) == 2 and on_one[0][1] <= on_one[1][0]
 
 
 def test_a_failing_task_fails_the_pass_with_its_own_exception_and_nothing_keeps_running(workers):

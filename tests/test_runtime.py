@@ -258,14 +258,20 @@ def test_keyword_arguments_and_tuple_outputs(one_thread):
 
 
 def test_the_caller_runs_the_device_with_its_own_thread_count_itself(one_thread):
-    """With one thread in the caller, cpu:0's chunks (one thread) run on the caller and
-    cpu:1's on its worker; results are unchanged (test_placed_model_trains_... too)."""
+    """With one thread in the caller, cpu:0's chunks (one thread) run on the caller only,
+    cpu:1's on its worker or on the caller where it hands them on to an idle cpu:1
+    (dataflow); pinned, on cpu:1's worker only. Results are unchanged
+    (test_placed_model_trains_... too)."""
     model = BranchyCNN()
     placed = apply(model, random_plan(model, TWO, 6), one_thread_cluster(TWO))
-    placed.executor.timeline = []
-    placed(torch.randn(2, 3, 8, 8)).sum().backward()
-    threads = {(e.device, e.thread) for e in placed.executor.timeline}
-    assert threads == {("cpu:0", threading.current_thread().name), ("cpu:1", "placer-cpu:1")}
+    me = threading.current_thread().name
+    for pin, cpu1 in ((False, {me, "placer-cpu:1"}), (True, {"placer-cpu:1"})):
+        placed.executor.repin(pin)
+        placed.executor.timeline = []
+        placed(torch.randn(2, 3, 8, 8)).sum().backward()
+        threads = {(e.device, e.thread) for e in placed.executor.timeline}
+        assert {t for d, t in threads if d == "cpu:0"} == {me}
+        assert {t for d, t in threads if d == "cpu:1"} <= cpu1
     placed.close()
 
 

@@ -132,7 +132,8 @@ class Record:
         self.counts: list[int] = []
         self.done = threading.Event()
 
-    def run(self, worker: Worker, task: object) -> None:
+    def run(self, worker: Worker, task: object) -> None:  # called holding worker.busy, as dataflow.Pass.run is
+        worker.busy.release()
         torch.ones(64).sum()
         self.counts.append(torch.get_num_threads())
         self.done.set()

@@ -20,6 +20,17 @@ it); a cross-device hand-off is one put on the other device's queue, which wakes
 its worker. The caller's thread serves one device itself (the "inline" device) from
 the pass's own queue, and learns there that the pass is done or failed.
 
+A device is a slot, not a thread: whoever runs one of its tasks holds its `busy`
+lock, so it runs one task at a time. When a task makes exactly one task ready, and
+the thread that ran it has nothing of its own device waiting, the thread runs that
+task itself if its device is idle and may be run from this thread (an unpinned
+virtual CPU device of the same thread count, not the inline one, whose tasks are the
+caller's: worker.Worker.shared_threads). A chain across devices then runs on one
+thread with no wake-up per crossing (two thread wake-ups, forward and backward, were
+most of a crossing's cost: docs/results.md), while devices with work of their own
+still run in parallel. With three or more devices, work that reaches a device
+while its thread runs another's waits for that task to end.
+
 No wait is unbounded: the caller polls its queue, checks that every worker is still
 alive, and honours an optional time limit; a task that raises fails the pass, and
 the caller waits for the workers to finish what they are running (a barrier behind
@@ -63,37 +74,62 @@ class Pass:
         self.error: BaseException | None = None
         self.own = ReadyQueue()
         self.queues = [self.own if w is inline else w.queue for w in chunk_workers]
+        self.chunk_workers = chunk_workers
+        self.queues_of = {w: self.own if w is inline else w.queue for w in chunk_workers}
+        # per chunk: the workers whose threads may run its task (module doc)
+        takers = {w: {w, *(h for h in self.queues_of if w is not inline and w.shared_threads is not None
+                           and h.shared_threads == w.shared_threads)} for w in self.queues_of}
+        self.takers = [takers[w] for w in chunk_workers]
         self.inline = inline
         self.body = body
         self.key = key
         order = range(micro - 1, -1, -1) if reverse else range(micro)
         self._initial = [i * self.c + c for i in order for c in initial]
 
-    def run(self, worker: Worker, task: int) -> None:
-        """Run one task on `worker`'s thread, then hand on what it made ready."""
-        if self.error is not None:
+    def run(self, home: Worker, task: int) -> None:
+        """Run one task of `home`'s device on its thread, then hand on what it made
+        ready, running the one task it made ready itself where it may (module doc).
+        Called holding home.busy; returns having released it."""
+        worker, own = home, self.queues_of.get(home)
+        while True:
+            if self.error is not None:
+                worker.busy.release()
+                return
+            i, c = divmod(task, self.c)
+            try:
+                self.body(worker, i, c)
+            except BaseException as exc:  # raised in the caller as itself
+                worker.busy.release()
+                self._fail(exc)
+                return
+            ready = []
+            base = i * self.c
+            with self.lock:
+                pending = self.pending
+                for s in self.wakes[c]:
+                    pending[base + s] -= 1
+                    if pending[base + s] == 0:
+                        ready.append(base + s)
+                self.remaining -= 1
+                done = self.remaining == 0
+            worker.busy.release()
+            if len(ready) == 1 and not done and home in self.takers[ready[0] % self.c] \
+                    and not own.ready and own.arrived.empty():  # nothing of its own waits
+                k = ready[0]
+                target = self.chunk_workers[k % self.c]
+                if target.busy.acquire(blocking=False):
+                    # the device's own thread moves what arrives into `ready` before it takes the lock
+                    theirs = self.queues_of[target]
+                    if not theirs.ready and theirs.arrived.empty():
+                        task, worker = k, target
+                        continue
+                    target.busy.release()
+            key = self.key
+            for k in ready:
+                self.queues[k % self.c].put((key[k], self, k))
+            if done:
+                self.own.put((-1, self, _DONE))
             return
-        i, c = divmod(task, self.c)
-        try:
-            self.body(worker, i, c)
-        except BaseException as exc:  # raised in the caller as itself
-            self._fail(exc)
-            return
-        ready = []
-        base = i * self.c
-        with self.lock:
-            pending = self.pending
-            for s in self.wakes[c]:
-                pending[base + s] -= 1
-                if pending[base + s] == 0:
-                    ready.append(base + s)
-            self.remaining -= 1
-            done = self.remaining == 0
-        key = self.key
-        for k in ready:
-            self.queues[k % self.c].put((key[k], self, k))
-        if done:
-            self.own.put((-1, self, _DONE))
 
     def _fail(self, exc: BaseException) -> None:
         with self.lock:
@@ -115,11 +151,13 @@ class Pass:
         try:
             while True:
                 try:
-                    _, owner, task = self.own.get(timeout=POLL_S)
+                    self.own.wait(timeout=POLL_S)
                 except queue.Empty:
                     _check(workers, begin, timeout_s)
                     continue
+                _, owner, task = self.own.pop()
                 if task >= 0:
+                    self.inline.busy.acquire()
                     owner.run(self.inline, task)
                 elif task == _DONE:
                     return
@@ -158,6 +196,7 @@ class _Barrier:
         self.replies: queue.SimpleQueue = queue.SimpleQueue()
 
     def run(self, worker: Worker, task: int) -> None:
+        worker.busy.release()
         self.replies.put(task)
 
 

@@ -59,7 +59,8 @@ class Executor:
     statistics per micro-batch instead of refusing), `pin` (pin virtual CPU workers
     to their cores; off by default: unpinned workers cross cheaper and lose nothing
     where two run at once, experiments/bench_pinning.py), `timeout_s` (limit on one
-    pass; None: as long as workers live)."""
+    pass, which the caller checks between the tasks it runs: a chunk that hangs on the
+    caller's own thread is not cut; None: as long as workers live)."""
 
     def __init__(self, chunks: list[Chunk], devices: Mapping[str, Device], *, microbatches: int = 1,
                  batch_dims: Mapping[str, int] | None = None, microbatch_statistics: bool = False,

@@ -16,10 +16,11 @@ The caller runs a placed model with `caller_threads(devices)`, the executor sets
 once its workers have started, and measurement (placer.runtime.timing) runs each
 step with the same count.
 
-A worker takes (key, owner, task) items from its `ReadyQueue`, the lowest key of
-those that have arrived first, and calls `owner.run(worker, task)`: a pass of the
-executor hands it tasks that way (placer.runtime.dataflow), and the caller's thread
-serves a device the same way from the pass's own queue.
+A worker waits for (key, owner, task) items to arrive in its `ReadyQueue`, takes
+the device's `busy` lock, pops the lowest key of those that have arrived, and calls
+`owner.run(worker, task)`, which releases the lock: a pass of the executor hands it
+tasks that way (placer.runtime.dataflow), and the caller's thread serves a device
+the same way from the pass's own queue.
 
 Grad mode and autocast are thread-local too: `grad_mode` and `Autocast.enter`
 set the caller's on a worker around a chunk's forward (autograd records the
@@ -156,40 +157,49 @@ class CallerPin:
 
 class ReadyQueue:
     """A device's ready tasks: any thread puts (key, owner, task) items; the device's
-    one thread takes the item of lowest key among those that have arrived (a priority
-    queue of what is ready, not first come first served: placer.runtime.dataflow).
-    Items travel through a SimpleQueue, the cheapest way here for one thread to wake
-    another, and wait in a heap of the taker's own; `None` (close) is taken at once.
-    A lone item that finds the heap empty is taken without entering it (the usual
-    case across a chain's crossing: one hand-off, nothing else ready)."""
+    one thread waits for them (`wait`) and takes the item of lowest key among those
+    that have arrived (`pop`: a priority queue of what is ready, not first come first
+    served: placer.runtime.dataflow). Items travel through a SimpleQueue, the
+    cheapest way here for one thread to wake another, and wait in a heap of the
+    taker's own; `None` (close) ends the waiting at once. Nothing waits when both
+    `ready` (the heap) and `arrived` are empty: exact for the taking thread, a snapshot
+    for others (dataflow reads the two itself, a crossing's hot path)."""
 
     def __init__(self):
-        self._arrived: queue.SimpleQueue = queue.SimpleQueue()
-        self._ready: list = []
+        self.arrived: queue.SimpleQueue = queue.SimpleQueue()
+        self.ready: list = []
         self._order = count()  # equal keys (none within a pass) in arrival order
-        self.put = self._arrived.put  # put(item): the SimpleQueue's own, no Python frame in between
+        self.put = self.arrived.put  # put(item): the SimpleQueue's own, no Python frame in between
 
-    def get(self, timeout: float | None = None):
-        """The ready item of lowest key, or None once closed; waits at most `timeout`
-        seconds for one to arrive (queue.Empty after that)."""
-        arrived, ready = self._arrived, self._ready
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait at most `timeout` seconds for an item (queue.Empty after that) and move
+        what has arrived into the heap; False once closed. The taking thread only."""
+        arrived, ready = self.arrived, self.ready
         if not ready:
             item = arrived.get(timeout=timeout)
-            if item is None or arrived.empty():  # the one item there is (a chain's hand-off): no heap
-                return item
+            if item is None:
+                return False
             heappush(ready, (item[0], next(self._order), item))
         while not arrived.empty():  # one consumer: what is there stays there
             item = arrived.get()
             if item is None:
-                return None
+                return False
             heappush(ready, (item[0], next(self._order), item))
-        return heappop(ready)[2]
+        return True
+
+    def pop(self):
+        """The waiting item of lowest key (after `wait` returned True)."""
+        return heappop(self.ready)[2]
 
 
 class Worker:
     """A daemon thread that runs one device's ready work, best key first (ReadyQueue).
     Returns once the thread has pinned itself and set its thread count (or CUDA device),
-    so that nothing it does to the process-wide thread count comes after."""
+    so that nothing it does to the process-wide thread count comes after.
+
+    `busy` is held by whichever thread runs one of the device's tasks: a device runs one
+    task at a time, and an unpinned virtual CPU device's task may run on another thread
+    of its thread count (`shared_threads`; placer.runtime.dataflow says when)."""
 
     def __init__(self, device: Device, cores: Sequence[int] = ()):
         self.device = device
@@ -197,6 +207,10 @@ class Worker:
         self.torch_device = torch.device(device.torch_device)
         self.stream = torch.cuda.Stream(self.torch_device) if device.kind == "cuda" else None
         self.queue = ReadyQueue()
+        self.busy = threading.Lock()
+        # The thread count under which any thread may run this device's tasks; None: only its own
+        # thread may (a CUDA device's stream and current device, a pinned device's cores).
+        self.shared_threads = device.threads if device.kind == "cpu" and not self.cores else None
         self._start_error: BaseException | None = None
         started = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(started,), name=f"placer-{device.name}", daemon=True)
@@ -219,9 +233,11 @@ class Worker:
             return
         finally:
             started.set()
-        while (item := self.queue.get()) is not None:
-            _, owner, task = item
-            owner.run(self, task)
+        ready, busy = self.queue, self.busy
+        while ready.wait():
+            busy.acquire()  # another thread may be running one of this device's tasks (dataflow)
+            _, owner, task = ready.pop()
+            owner.run(self, task)  # releases busy
 
     def context(self):
         """The worker's CUDA stream, where it has one."""
