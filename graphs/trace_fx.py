@@ -76,6 +76,7 @@ def trace_fx(model: nn.Module, leaf_classes: tuple[type, ...], leaf_paths: tuple
         stowed = set(vars(model))
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
+            _drop_baked_placeholders(graph, signature, concrete)  # before codegen, which fails on a tuple's leaves
             gm = fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
         except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... from user code
             failed_in = tracer.failed_in or ""
@@ -91,7 +92,6 @@ def trace_fx(model: nn.Module, leaf_classes: tuple[type, ...], leaf_paths: tuple
             for key in set(vars(model)) - stowed:
                 if key.startswith("_tensor_constant"):
                     delattr(model, key)  # the graph module holds its own reference
-        _drop_baked_placeholders(gm.graph, signature, concrete)
         out_spec = _flatten_output(gm.graph)
         normalize(gm)
         return Traced(gm=gm, leaf_paths=tuple(paths), fallback_notes=tuple(notes), method="fx",
@@ -142,7 +142,11 @@ def _flatten_output(graph: fx.Graph) -> TreeSpec:
     eager structure. fx records a dict or list output as its immutable kind: rebuilt
     as the plain dict or list eager returns."""
     out = next(n for n in graph.nodes if n.op == "output")
-    leaves, spec = tree_flatten(_plain(out.args[0]))
+    flattened = getattr(getattr(graph._codegen, "pytree_info", None), "out_spec", None)
+    if flattened is not None:  # fx flattened the output itself (a tuple or dict among the baked arguments)
+        leaves, spec = list(out.args[0]), flattened
+    else:
+        leaves, spec = tree_flatten(_plain(out.args[0]))
     out.args = (tuple(leaves),)
     return spec
 

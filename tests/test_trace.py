@@ -87,6 +87,28 @@ def test_scalar_arguments_at_their_defaults_are_baked_and_another_value_is_anoth
     torch.testing.assert_close(other.run(x, 2.0, flag=False), model(x, 2.0, flag=False))
 
 
+class Reshaped(nn.Module):
+    """A tuple and a dict among the defaults, a dict output (fx flattens the call itself
+    then, and its code generation failed on the tuple's leaves: "invalid syntax")."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x, shape: tuple = (2, 3), weights: dict = {"a": 2.0}):  # read, never mutated
+        return {"y": self.fc(x).view(x.shape[0], *shape) * weights["a"], "x": x}
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_tuple_and_dict_defaults_are_baked_and_the_output_keeps_its_structure(method):
+    model, x = Reshaped(), torch.randn(4, 6)
+    traced = trace_model(model, inputs=(x,), method=method)
+    out, expected = traced.run(x), model(x)
+    assert type(out) is dict and out.keys() == expected.keys()
+    torch.testing.assert_close(out, expected)
+    assert traced.bind((x,), {"shape": (3, 2)}) is None  # another value: another call
+
+
 @pytest.mark.parametrize("method", ["export", "fx"])
 def test_calls_python_binds_alike_give_the_same_placeholder_values(method):
     model, x = PosNet().eval(), ids()
