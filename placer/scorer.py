@@ -5,7 +5,8 @@ measurement book itself. It asks the Scorer:
 
 - `score(candidates)`: simulated step times (ms, inf when infeasible) under the
   current calibration; with reward "measure", measured medians instead (the paper's
-  setting, every reward a real measurement);
+  setting, every reward a real measurement), in a session that ends by the search's
+  budget (`begin`) once each candidate has min_runs steps;
 - `measure(candidates, limit_s)`: measured medians (ms, None when infeasible), through the
   measurement protocol and the book (placer.measurements.Measurer), in a session that
   ends by `limit_s` seconds (the search's budget left) once each has min_runs steps;
@@ -19,6 +20,7 @@ every curve row as the search reports it).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 from envs.calibrate import fit_calibration, save_calibration
@@ -65,6 +67,7 @@ class Scorer:
         self._last_row: dict = {}
         self._unstamped: list[dict] = []  # marks made since the last curve row
         self._best: Measurement | None = None
+        self._deadline: float | None = None  # time.monotonic() at which the search's budget ends
 
     # -- the three calls a search makes ----------------------------------------------
 
@@ -77,7 +80,8 @@ class Scorer:
         """Step time of each candidate in ms (inf when infeasible): simulated, or measured
         with reward "measure"."""
         if self.reward == "measure":
-            return [math.inf if ms is None else ms for ms in self.measure(candidates)]
+            left = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+            return [math.inf if ms is None else ms for ms in self.measure(candidates, left)]
         results = [self.simulate(c) for c in candidates]
         return [r.step_ms if r.feasible else math.inf for r in results]
 
@@ -115,10 +119,12 @@ class Scorer:
 
     # -- the learning curve ------------------------------------------------------------
 
-    def begin(self) -> None:
-        """A new search starts: its best measurement and its rows start afresh (the
-        calibration and the book carry over)."""
+    def begin(self, budget_s: float | None = None) -> None:
+        """A new search of `budget_s` seconds (None: no limit on measured rewards)
+        starts: its best measurement and its rows start afresh (the calibration and the
+        book carry over)."""
         self._best, self._last_row, self._unstamped = None, {}, []
+        self._deadline = None if budget_s is None else time.monotonic() + budget_s
 
     def on_round(self, row: dict) -> dict:
         """Note a search's curve row: the refits and best measurements made during its

@@ -114,7 +114,7 @@ def run_search(method: str, problem: PlacementProblem, scorer: Scorer, budget_s:
     earlier = _earlier(out) if resume and method == "rl" else Results()
     annotated: dict[int, dict] = {}
     refits_before, best_before = len(scorer.refits), len(scorer.best_measured)
-    scorer.begin()
+    scorer.begin(budget_s)
 
     def on_progress(row: dict) -> None:
         annotated[row["update"]] = scorer.on_round({**row, "method": method})

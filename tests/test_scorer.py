@@ -73,10 +73,14 @@ def test_measure_returns_medians_and_none_for_infeasible(problem):
     assert measurer.limits == [7.0]  # the search's time left limits the session
 
 
-def test_reward_measure_scores_by_measurement(problem):
-    scorer = Scorer(problem, FakeMeasurer(problem), reward="measure")
+def test_reward_measure_scores_by_measurement_within_the_searchs_budget(problem):
+    measurer = FakeMeasurer(problem)
+    scorer = Scorer(problem, measurer, reward="measure")
     ones = tuple([1] * problem.n_groups)
     assert scorer.score([ones]) == [math.inf]
+    scorer.begin(budget_s=30.0)
+    scorer.score([ones])
+    assert measurer.limits[0] is None and 29.0 < measurer.limits[1] <= 30.0  # the session ends with the budget
     with pytest.raises(ValueError, match="unknown reward"):
         Scorer(problem, FakeMeasurer(problem), reward="guess")
 
