@@ -231,6 +231,33 @@ def test_a_seq_first_workloads_plan_keeps_its_batch_dimension_free_from_profile_
     finally:
         placed.close()
 
+
+class Bag(nn.Module):
+    """EmbeddingBag over flat indices with per-bag offsets: the batch is the offsets'."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(50, 8, mode="mean")
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, ids, offsets):
+        return self.out(self.bag(ids, offsets))
+
+
+def test_inputs_without_a_common_batch_dimension_are_refused_naming_what_was_split():
+    # trial 5: the refusal asked whether the model assumes a fixed batch size
+    model = Bag()
+    inputs = (torch.randint(0, 50, (20,)), torch.tensor([0, 3, 7, 12]))
+    placed = placer.apply(model, piped(model, inputs))
+    try:
+        with pytest.raises(PlanError, match=r"only 'ids' was split \(20 rows along dimension 0\); 'offsets' went "
+                                            r"whole to every micro-batch, its length differing: name each input's "
+                                            r"batch dimension in batch_dims if they share one, else the model's "
+                                            r"inputs cannot be split\. Use microbatches = 1$"):
+            placed(*inputs)
+    finally:
+        placed.close()
+
 BATCH_SECOND_FILE = textwrap.dedent("""
     import torch
     from torch import nn

@@ -222,9 +222,17 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
         raise
     except Exception as exc:
         along = [f"dimension {d} of input {n!r}" for n, d in dims.items() if d and inputs[n].is_floating_point()]
-        why = (f"the plan's capture may fix the batch's size along {', '.join(along)}: torch.export keeps it free "
-               f"only in a capture made with batch_dims naming it, so make the plan again from the workload."
-               if along else "does it assume a fixed batch size?")
+        whole = [n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and n not in dims]
+        if whole:  # e.g. EmbeddingBag's flat indices with their offsets: no common batch dimension
+            why = (f"only {', '.join(repr(n) for n in dims)} was split ({inputs[name].shape[dims[name]]} rows along "
+                   f"dimension {dims[name]}); {', '.join(repr(n) for n in whole)} went whole to every micro-batch, "
+                   f"its length differing: name each input's batch dimension in batch_dims if they share one, "
+                   f"else the model's inputs cannot be split.")
+        elif along:
+            why = (f"the plan's capture may fix the batch's size along {', '.join(along)}: torch.export keeps it "
+                   f"free only in a capture made with batch_dims naming it, so make the plan again from the workload.")
+        else:
+            why = "does it assume a fixed batch size?"
         raise PlanError(f"{source}: the model fails on a batch of {rows[0]} rows ({type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); {why} "
                         f"Use microbatches = 1") from exc
