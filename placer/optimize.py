@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 from envs.calibrate import load_calibration
@@ -206,6 +207,7 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     results = Results(command="optimize", run_id=uuid.uuid4().hex[:12], workload=spec, devices=problem.cluster.names,
                       memory={d.name: d.memory_bytes for d in problem.cluster.devices}, seed=seed, budget_s=budget_s,
                       reward=reward, protocol=protocol.to_json(), environment=environment(command),
+                      search=asdict(search.config(budget_s, seed)) if any(n in SEARCHES for n in names) else {},
                       bounds=bounds_of(problem, calibration),
                       notes=[*loaded.notes, *([f"micro-batches off: {refusal}"] if refusal else [])])
     try:

@@ -76,6 +76,8 @@ def test_the_pipeline_measures_unplaced_beside_every_row_and_chooses_honestly(fi
     assert plan["method"] == results.best and plan["measured_ms"] == chosen.measured_ms
     saved = json.loads((out / "results.json").read_text())
     assert saved["run_id"] == results.run_id and saved["choice"]["method"] == results.best
+    assert saved["search"]["budget_s"] == 60.0 and saved["search"]["seed"] == 0  # the search configuration used
+    assert saved["search"]["batch_size"] == SEARCH.config(60.0, 0).batch_size
     assert results.run_id in (out / "report.md").read_text()
 
 
