@@ -130,9 +130,14 @@ def run_search(method: str, problem: PlacementProblem, scorer: Scorer, budget_s:
     best = [*(m for m in earlier.best_measured if m.get("method") == method), *scorer.best_measured[best_before:]]
     row = None
     if result.best is not None:
+        allowed = tuple(config.microbatches or ())
+        kept = (result.best == warm_start and bool(allowed) and result.best.microbatches not in allowed)
         row = MethodResult(method, KINDS.get(method, "search"), placement=list(result.best.placement),
                            devices=problem.cluster.names, microbatches=result.best.microbatches,
-                           schedule="gpipe" if result.best.microbatches > 1 else None, search_s=result.elapsed_s)
+                           schedule="gpipe" if result.best.microbatches > 1 else None, search_s=result.elapsed_s,
+                           notes=[f"no candidate at microbatches {', '.join(map(str, allowed))} measured faster than "
+                                  f"the search's warm start (microbatches {result.best.microbatches}), which it keeps "
+                                  f"so that its result is never worse"] if kept else [])
     return SearchOutcome(row, curve, marks, best, result.interrupted)
 
 

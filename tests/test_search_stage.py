@@ -1,6 +1,8 @@
 """placer.search_stage: the user's search settings, and one search run on the Scorer
 turned into a row and an annotated learning curve."""
 
+from dataclasses import replace
+
 import pytest
 
 from graphs.devices import parse_cluster
@@ -56,3 +58,25 @@ def test_a_search_gives_a_row_and_a_curve_stamped_with_its_calibration(tmp_path)
     best = outcome.best_measured
     assert best and all(m["method"] == "random_search" and m["ci_ms"][0] <= m["median_ms"] for m in best)
     assert [m["median_ms"] for m in best] == sorted((m["median_ms"] for m in best), reverse=True)  # improvements
+
+
+class SlowMicrobatches(FakeMeasurer):
+    """Every pipelined candidate measures 10x slower than its placement alone."""
+
+    def measure(self, candidates, labels=None, stage=""):
+        results = super().measure(candidates, labels, stage)
+        return [replace(r, median_ms=r.median_ms * 10) if c.microbatches > 1 and r.feasible else r
+                for c, r in zip(candidates, results)]
+
+
+def test_a_warm_start_kept_outside_the_micro_batch_counts_asked_for_is_noted(tmp_path):
+    # new-user trial 6: the row showed microbatches 1 after --search microbatches=2,4, unexplained
+    problem = PlacementProblem(random_grouped_graph(10, seed=1), parse_cluster("cpu:0,cpu:1"))
+    scorer = Scorer(problem, SlowMicrobatches(problem), warn=pytest.fail)
+    options = SearchOptions(overrides=("batch_size=8", "measure_every=1", "microbatches=2,4"), max_samples=16)
+    warm = Candidate((0,) * problem.n_groups)
+    outcome = run_search("random_search", problem, scorer, 600.0, 0, options, None, warm, False, tmp_path,
+                         lambda stage: None)
+    assert outcome.row.microbatches == 1 and outcome.row.placement == list(warm.placement)
+    assert outcome.row.notes == ["no candidate at microbatches 2, 4 measured faster than the search's warm start "
+                                 "(microbatches 1), which it keeps so that its result is never worse"]
