@@ -159,7 +159,7 @@ class LossInside(nn.Module):
 
 def test_an_output_without_a_batch_dimension_is_refused_at_the_first_call(one_thread):
     placed = Placed(LossInside(), lambda n: "cpu:0", microbatches=2, microbatch_statistics=True)
-    with pytest.raises(PlanError, match="output 'mse_loss' has no batch dimension.*compute it in loss_fn"):
+    with pytest.raises(PlanError, match="output 'mse_loss' is a scalar over the whole batch, such as a loss computed inside the model.*compute it in loss_fn"):
         placed(torch.randn(8, 6), torch.randn(8, 6))
     placed.executor.close()
 

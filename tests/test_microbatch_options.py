@@ -123,7 +123,7 @@ def test_without_batch_dims_a_batch_second_model_whose_output_loses_the_steps_is
     placed = placer.apply(model, piped(model, steps_batch()))
     with pytest.raises(PlanError, match=r"output '\w+' has no batch dimension \(shape \[4, 6\] at 2 rows\).*: "
                                         r"compute it in loss_fn, name the batch's dimension in the workload "
-                                        r"\(batch_dims = \{'x': 1\}\) if it is not 0, or use microbatches = 1$"):
+                                        r"\(batch_dims = \{'x': 1\}\) and make the plan again, if it is not 0, or use microbatches = 1$"):
         placed(*steps_batch())
     placed.close()
     named = TimePooled()
@@ -169,7 +169,7 @@ def test_dropout_is_not_mistaken_for_mixing_and_does_not_hide_it():
     with pytest.raises(PlanError, match=r"output '\w+' for rows 1-2 alone differs from those rows of a 3-row batch: "
                                         r"the model mixes values along dimension 0 of input 'x', which micro-batches "
                                         r"split; name the batch's dimension in the workload \(batch_dims = \{'x': 1\}\)"
-                                        r" if it is not 0, else use microbatches = 1$"):
+                                        r" and make the plan again, if it is not 0, else use microbatches = 1$"):
         placed(*steps_batch())
     placed.close()
 

@@ -273,7 +273,8 @@ def _name_the_batch(split: tuple[str, int]) -> str:
     """Advice for a batch split along the wrong dimension of input split[0]."""
     x, dim = split
     other = 1 if dim == 0 else 0
-    return f"name the batch's dimension in the workload (batch_dims = {{'{x}': {other}}}) if it is not {dim}"
+    return (f"name the batch's dimension in the workload (batch_dims = {{'{x}': {other}}}) and make the plan again, "
+            f"if it is not {dim}")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -304,11 +305,15 @@ def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], se
         for x, y in zip(a[name], b[name]):
             if isinstance(x, tuple):
                 d = _batch_dim(x, y, rows)
+                if d is None and not x:  # a 0-d value: another batch dimension would not give it one
+                    raise PlanError(f"{source}: output '{name}' is a scalar over the whole batch, such as a loss "
+                                    f"computed inside the model (a `labels` argument), which cannot be gathered from "
+                                    f"micro-batches: compute it in loss_fn from the model's outputs, or use "
+                                    f"microbatches = 1")
                 if d is None:
                     raise PlanError(f"{source}: output '{name}' has no batch dimension (shape {list(x)} at {rows[0]} "
-                                    f"rows); a value over the whole batch, such as a loss computed inside the model, "
-                                    f"cannot be gathered from micro-batches: compute it in loss_fn, "
-                                    f"{_name_the_batch(split)}, or use microbatches = 1")
+                                    f"rows); a value over the whole batch cannot be gathered from micro-batches: "
+                                    f"compute it in loss_fn, {_name_the_batch(split)}, or use microbatches = 1")
                 leaves.append(d)
             elif x != y:
                 raise PlanError(f"{source}: output '{name}' is {x!r} for {rows[0]} rows and {y!r} for {rows[1]}: "
