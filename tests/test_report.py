@@ -434,3 +434,15 @@ def test_baselines_simulated_times_over_the_bound_are_labelled_simulated(results
     headers, cells = table_cells(results)
     assert "simulated x lower bound" in headers and "x lower bound" not in headers
     assert {c[headers.index("simulated x lower bound")] for c in cells} == {"1.50"}
+
+
+def test_rows_measured_below_the_lower_bound_are_explained(results, tmp_path):
+    # trial 6: "x lower bound 0.95" stood unexplained (a profile taken on a busy host)
+    notes = write_report(results, tmp_path)["markdown"].read_text().split("## Notes", 1)[1]
+    assert "below the lower bound" not in notes
+    for r in results["methods"]:
+        if r["method"] in ("rl", "expert"):
+            r["ratio_to_lower_bound"] = 0.95
+    notes = write_report(results, tmp_path)["markdown"].read_text().split("## Notes", 1)[1]
+    assert "expert and others measured below the lower bound (x lower bound < 1)" in notes
+    assert "profile-*.json" in notes

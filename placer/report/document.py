@@ -95,6 +95,14 @@ def _reading(results: Results) -> list[str]:
             results.unplaced.busy is not None else "its confidence interval stayed far wider than the protocol's target"
         notes.append(f"Ratios marked \"no verdict\" are over an unplaced measurement that is no reference ({cause}): "
                      f"no plan is judged by them.")
+    below = [r.method for r in results.methods if r.measured and r.ratio_to_lower_bound is not None
+             and r.ratio_to_lower_bound < 1]
+    if below:
+        notes.append(f"{method_name(below[0])}{' and others' if len(below) > 1 else ''} measured below the lower "
+                     f"bound (x lower bound < 1): the profile the bound comes from was taken while the host ran "
+                     f"slower (busy, or its speed wandered), so here it bounds nothing. To profile again, remove the "
+                     f"profile-*.json files of the cache folder ($PLACER_CACHE, default ~/.cache/placer) and run on a "
+                     f"quiet host.")
     if any(not current(results, r) for r in results.methods if r.measured):
         notes.append(f"Speedups are shown only for rows measured in the {results.unplaced.session} session, which "
                      f"measured unplaced last{_ms(results.unplaced.measured_ms)}: a row of another session "
