@@ -100,7 +100,8 @@ def main() -> None:
     # --- the user's own loop, on a distributed placement --------------------------
     rank = init_from_env(plan)  # torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
     if pipelined:
-        model = PipelinedModel(workload.fresh_model(), plan, workload.inputs, args.microbatches, args.schedule)
+        model = PipelinedModel(workload.fresh_model(), plan, workload.inputs, args.microbatches, args.schedule,
+                               loss_fn=workload.loss_fn)
     else:
         model = DistributedModel(workload.fresh_model(), plan, workload.inputs)
     params = model.parameters()  # this rank's share

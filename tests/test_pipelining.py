@@ -21,9 +21,9 @@ from graphs.capture import owning_module
 from graphs.errors import PlanError
 from graphs.trace import trace_model
 from graphs.workload import load_workload
-from placer.distributed import (DistributedModel, LocalRank, merge_checkpoints, run_local, save_checkpoint,
+from placer.distributed import (LocalRank, merge_checkpoints, run_local, save_checkpoint,
                                 train_pipelined)
-from placer.distributed.launch import _pipelined
+from placer.distributed.launch import Pipelined, distributed_model
 from placer.distributed.pipelining import plan_pipeline
 from placer.distributed.stages import input_only_nodes, split_stages
 from placer.plan import Plan, plan_from_assignment
@@ -205,7 +205,7 @@ def assert_trained_like_the_unplaced_model(spec: str, plan: Plan, stages: int, m
                                            directory: Path, steps: int = 3, rtol: float = 1e-5,
                                            build=None) -> None:
     results = run_local(spec, plan, stages, _train_and_save, steps, str(directory), timeout_s=180,
-                        build=build or _pipelined(microbatches, schedule))
+                        build=build or Pipelined(microbatches, schedule))
     losses, _, trained = reference_steps(spec, steps)
     state = trained.state_dict()
     assert all(r == results[0] for r in results)  # every rank returns the batch's loss
@@ -244,7 +244,7 @@ def test_a_cuda_and_cpu_plan_on_two_gloo_ranks_trains_like_the_unplaced_model(ne
     torch.backends.cuda.matmul.allow_tf32 = False
     w = load_workload(net_spec)
     plan = layered_plan(w.fresh_model(), {"a": "cuda:0", "b": "cpu", "c": "cpu"}, ["cuda:0", "cpu"], inputs=w.inputs)
-    build = DistributedModel if backend == "distributed" else None
+    build = distributed_model if backend == "distributed" else None
     assert_trained_like_the_unplaced_model(net_spec, plan, 2, microbatches=2, schedule="gpipe", directory=tmp_path,
                                            rtol=1e-4, build=build)
 
@@ -362,3 +362,40 @@ def test_the_launcher_runs_a_plan_with_the_workload_files_batch_dims(tmp_path):
     merged = merge_checkpoints(tmp_path / "ranks")
     for name, expected in trained.state_dict().items():
         torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+
+
+# -- how micro-batches' losses make the batch's ------------------------------------------
+
+def test_each_micro_batchs_loss_is_weighted_by_how_the_loss_reduces(net_spec):
+    """The mean of the micro-batches' losses for a mean, their sum for a sum (new-user
+    trial 6: a summed loss was weighted 1/m, a wrong step with no warning); any other
+    combination is refused."""
+    w = load_workload(net_spec)
+    plan = layered_plan(w.fresh_model(), LAYERS, THREE, inputs=w.inputs)
+
+    def scale(loss_fn):
+        return plan_pipeline(w.fresh_model(), plan, w.inputs, microbatches=4, loss_fn=loss_fn).loss_scale
+
+    assert scale(w.loss_fn) == 0.25
+    assert scale(lambda out, x, mask: (out - x).pow(2).sum()) == 1.0
+    assert plan_pipeline(w.fresh_model(), plan, w.inputs, microbatches=1).loss_scale == 1.0
+
+    def per_kept_entry(out, x, mask):  # normalized by a count that differs between micro-batches
+        return ((out - x).pow(2) * mask).sum() / mask.sum()
+
+    with pytest.raises(PlanError, match=r"is neither the mean \(.*\) nor the sum \(.*\) of its 4 micro-batches' "
+                                        r"losses .*use --backend local or distributed, which compute it on the "
+                                        r"whole batch, or microbatches = 1$"):
+        scale(per_kept_entry)
+
+
+SUMMED = NET.replace("return (out - x).pow(2).mean()", "return (out - x).pow(2).sum()")
+
+
+def test_two_ranks_train_a_summed_loss_like_the_unplaced_model(tmp_path):
+    spec = tmp_path / "summed.py"
+    spec.write_text(SUMMED)
+    w = load_workload(str(spec))
+    plan = layered_plan(w.fresh_model(), {"a": "cpu:0", "b": "cpu:1", "c": "cpu:1"}, THREE[:2], inputs=w.inputs)
+    assert_trained_like_the_unplaced_model(str(spec), plan, 2, microbatches=2, schedule="gpipe",
+                                           directory=tmp_path / "ranks")

@@ -8,7 +8,7 @@ Inside a torchrun-launched script (experiments/train_distributed.py):
 
     plan = placer.load_plan("plan.json")
     init_from_env(plan)
-    model = DistributedModel(workload.fresh_model(), plan, workload.inputs)   # or PipelinedModel
+    model = DistributedModel(workload.fresh_model(), plan, workload.inputs)   # or PipelinedModel(..., loss_fn=...)
     optimizer = torch.optim.AdamW(model.parameters())   # this rank's parameters
     loss = model.train_step(workload.inputs, workload.loss_fn); optimizer.step()
 """

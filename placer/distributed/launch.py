@@ -1,7 +1,7 @@
 """Start the ranks: join a group torchrun made (`init_from_env`), or spawn local ranks
 on this host (`run_local`, for tests, the CLI and measurement). Every rank builds its
-model with a factory: DistributedModel (backend.py, any plan) or PipelinedModel
-(pipelining.py, plans whose devices form a pipeline).
+model from the workload with a factory: `distributed_model` (backend.py, any plan) or
+`Pipelined` (pipelining.py, plans whose devices form a pipeline).
 
 torchrun (one host or several) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT in each process; `init_from_env` joins with init_method="env://". Several
@@ -39,7 +39,26 @@ from placer.runtime.pool import die_with_parent
 from placer.runtime.timing import Measurement, summarize, time_steps
 
 RankModel = DistributedModel | PipelinedModel
-ModelFactory = Callable[[torch.nn.Module, Plan, Sequence[torch.Tensor]], RankModel]
+ModelFactory = Callable[[Workload, Plan], RankModel]
+
+
+def distributed_model(workload: Workload, plan: Plan) -> DistributedModel:
+    """The distributed backend's model of `workload` placed by `plan` (a ModelFactory)."""
+    return DistributedModel(workload.fresh_model(), plan, workload.inputs)
+
+
+@dataclass(frozen=True)
+class Pipelined:
+    """The pipelining backend's ModelFactory: `microbatches` and `schedule` (None: the
+    plan's); the workload's loss function is checked for how micro-batches' losses
+    combine (plan_pipeline)."""
+
+    microbatches: int | None = None
+    schedule: str | None = None
+
+    def __call__(self, workload: Workload, plan: Plan) -> PipelinedModel:
+        return PipelinedModel(workload.fresh_model(), plan, workload.inputs, self.microbatches, self.schedule,
+                              loss_fn=workload.loss_fn)
 
 
 class RankFailed(PlacerError):
@@ -94,10 +113,10 @@ class LocalRank:
 
 def run_local(workload_spec: str, plan: Plan, world_size: int, fn: Callable[..., Any], *args: Any,
               on_report: Callable[[Any], None] | None = None, timeout_s: float = 600.0,
-              build: ModelFactory = DistributedModel) -> list[Any]:
+              build: ModelFactory = distributed_model) -> list[Any]:
     """Run `fn(LocalRank, *args)` on `world_size` spawned ranks of this host (gloo or
     NCCL over loopback), each with the workload's model placed by `plan` through
-    `build` (DistributedModel, or a functools.partial of PipelinedModel); return each
+    `build` (distributed_model, or a Pipelined); return each
     rank's result, in rank order. `fn` and `build` must be picklable (module-level).
     Each rank gets an equal share of the host's cores and dies with this process.
     Raises RankFailed when a rank raises, dies, or the whole run passes `timeout_s`."""
@@ -152,7 +171,7 @@ def _rank_main(rank: int, world_size: int, port: int, threads: int, timeout_s: f
     try:
         init_from_env(plan, timeout_s)
         workload = load_workload(workload_spec)
-        model = build(workload.fresh_model(), plan, workload.inputs)
+        model = build(workload, plan)
         result = fn(LocalRank(rank, world_size, workload, model, messages), *args)
         messages.put(("result", rank, _pack(result)))
     except Exception as exc:
@@ -184,7 +203,7 @@ def measure_distributed(workload_spec: str, plan: Plan, iters: int = 10, warmup:
     the plan names owners), after `warmup`: median and IQR of the slowest rank's step,
     and every device's peak memory. A rank that fails or runs past `timeout_s` gives
     an infeasible Measurement with the reason."""
-    return _measure(workload_spec, plan, world_size or world_size_of(plan), DistributedModel, iters, warmup,
+    return _measure(workload_spec, plan, world_size or world_size_of(plan), distributed_model, iters, warmup,
                     timeout_s)
 
 
@@ -195,7 +214,7 @@ def measure_pipelined(workload_spec: str, plan: Plan, iters: int = 10, warmup: i
     `microbatches` and `schedule` (None: the plan's). A plan that is no pipeline
     raises PlanError here, before any rank starts."""
     plan, n_stages = _pipeline_for(workload_spec, plan, microbatches, schedule)
-    return _measure(workload_spec, plan, n_stages, _pipelined(microbatches, schedule), iters, warmup, timeout_s)
+    return _measure(workload_spec, plan, n_stages, Pipelined(microbatches, schedule), iters, warmup, timeout_s)
 
 
 def _measure(workload_spec: str, plan: Plan, world_size: int, build: ModelFactory, iters: int, warmup: int,
@@ -233,7 +252,7 @@ def train_pipelined(workload_spec: str, plan: Plan, steps: int,
     plan, n_stages = _pipeline_for(workload_spec, plan, microbatches, schedule)
     return run_local(workload_spec, plan, n_stages, _train_rank, steps, checkpoint_dir,
                      on_report=(lambda item: on_step(*item)) if on_step else None, timeout_s=timeout_s,
-                     build=_pipelined(microbatches, schedule))[0]
+                     build=Pipelined(microbatches, schedule))[0]
 
 
 def pipeline_stages(workload: Workload, plan: Plan, microbatches: int | None = None,
@@ -242,7 +261,7 @@ def pipeline_stages(workload: Workload, plan: Plan, microbatches: int | None = N
     every check `plan_pipeline` makes, with the workload's micro-batch options
     (`with_workload_options`). Raises PlanError (one line) otherwise."""
     spec = plan_pipeline(workload.fresh_model(), with_workload_options(plan, workload), workload.inputs,
-                         microbatches, schedule)
+                         microbatches, schedule, loss_fn=workload.loss_fn)
     return len(spec.pipeline.stages)
 
 
@@ -252,10 +271,6 @@ def _pipeline_for(workload_spec: str, plan: Plan, microbatches: int | None,
     workload = load_workload(workload_spec)
     plan = with_workload_options(plan, workload)
     return plan, pipeline_stages(workload, plan, microbatches, schedule)
-
-
-def _pipelined(microbatches: int | None, schedule: str | None) -> ModelFactory:
-    return functools.partial(PipelinedModel, microbatches=microbatches, schedule=schedule)
 
 
 def _optimizer(rank: LocalRank) -> torch.optim.Optimizer | None:

@@ -5,9 +5,9 @@ micro-batches scheduled by `ScheduleGPipe` or `Schedule1F1B`.
 
     plan = placer.load_plan("plan.json")                   # microbatches=4, schedule="1f1b"
     init_from_env(plan)                                    # torchrun: one rank per stage
-    model = PipelinedModel(workload.fresh_model(), plan, workload.inputs)
+    model = PipelinedModel(workload.fresh_model(), plan, workload.inputs, loss_fn=workload.loss_fn)
     optimizer = torch.optim.AdamW(model.parameters())      # this stage's parameters
-    loss = model.train_step(workload.inputs, workload.loss_fn); optimizer.step()
+    loss = model.train_step(workload.inputs); optimizer.step()
 
 [Note: the loss inside the schedule]
 1F1B starts a micro-batch's backward before the last forward, so the loss must be
@@ -16,10 +16,14 @@ computed inside the schedule, per micro-batch, on the last stage (the schedule's
 schedule's is `loss_fn(output, target)` over one micro-batch. The target handed to
 the schedule is `arange(batch)`: split like the inputs, it tells the last stage which
 rows a micro-batch holds, and the last stage takes those rows of the batch inputs
-(every rank holds the whole batch). Each micro-batch's loss is weighted 1/m, so for a
-loss that averages over the batch the summed gradients are the full batch's (a loss
-that sums over the batch would need weight 1: it is not supported). Gradients are
-not rescaled by the schedule (`scale_grads=False` where torch has the option).
+(every rank holds the whole batch). Each micro-batch's loss is weighted so that
+their sum is the batch's: 1/m for a loss that averages over the batch, 1 for one that
+sums. Which one, `plan_pipeline` finds before any rank starts: the example batch's
+loss, without gradients and with random numbers held fixed, must equal the mean or
+the sum of its micro-batches' losses; any other loss (normalized by a count that
+differs between micro-batches, such as unpadded tokens) is refused, because no weight
+would make the step the full batch's. Gradients are not rescaled by the schedule
+(`scale_grads=False` where torch has the option).
 
 [Note: model inputs on every stage]
 Each stage receives the model inputs it reads as keyword arguments of the schedule's
@@ -39,6 +43,7 @@ dimension always. `plan_pipeline` probes on the host, before any rank starts.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -78,12 +83,13 @@ class PipelineSpec:
     schedule: str  # a key of SCHEDULES
     batch: int  # rows of the example batch
     dims: dict[str, int]  # batch-sized model input -> the dimension it is split along
+    loss_scale: float | None = None  # each micro-batch's loss weight (1/m mean, 1 sum); None: no loss checked
 
 
 def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor],
                   microbatches: int | None = None, schedule: str | None = None,
                   batch_dims: Mapping[str, int] | None = None,
-                  microbatch_statistics: bool | None = None) -> PipelineSpec:
+                  microbatch_statistics: bool | None = None, loss_fn: LossFn | None = None) -> PipelineSpec:
     """Check `plan` for the pipelining backend and cut it into stages (no process
     group needed: the launcher calls it before starting ranks, every rank again).
 
@@ -96,15 +102,19 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
         The workload's: placeholder -> its batch dimension (default 0), and whether
         per-micro-batch statistics are acceptable (placer.runtime.microbatch); None:
         the plan's fields.
+    loss_fn
+        The training loss, `loss_fn(output, *inputs)`: with micro-batches, checked for
+        how its micro-batches' losses make the batch's (`PipelineSpec.loss_scale`).
 
     Raises
     ------
     PlanError
         The plan was made for another model, is no pipeline, hands on a value
         pipelining cannot send, the batch does not split into `microbatches` equal
-        parts, or micro-batches would change what the model computes (as the
-        in-process engine refuses them: placer.runtime.refusals); one line each,
-        with the fix.
+        parts, micro-batches would change what the model computes (as the
+        in-process engine refuses them: placer.runtime.refusals), or the batch's loss
+        is neither the mean nor the sum of its micro-batches'; one line each, with the
+        fix.
     """
     source = plan.source
     traced = trace_for_plan(model, plan)
@@ -126,14 +136,48 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
     if len(split.sizes) != m or len(set(split.sizes)) > 1:
         raise PlanError(f"a batch of {sum(split.sizes)} rows does not split into {m} equal micro-batches "
                         f"(pipelining's shapes are static): choose a micro-batch count that divides it")
+    scale = 1.0 if m == 1 else None
     if m > 1:  # the in-process engine's probe, on the host (the model is not placed yet)
         chunks = [s.chunk for s in pipeline.stages]
         checked_layout(chunks, [torch.device("cpu")] * len(chunks), batch, split.dims, pipeline.output_nodes, source,
                        microbatch_statistics)
+        if loss_fn is not None:
+            scale = _loss_scale(traced, pipeline, batch, split, example_inputs, loss_fn, source)
     meta = _propagate_shapes(gm, pipeline, split.inputs[0])
     _check_sendable(pipeline, meta, source)
     return PipelineSpec(traced=traced, pipeline=pipeline, meta=meta, microbatches=m, schedule=name,
-                        batch=sum(split.sizes), dims=split.dims)
+                        batch=sum(split.sizes), dims=split.dims, loss_scale=scale)
+
+
+def _loss_scale(traced: Traced, pipeline: Pipeline, batch: Mapping[str, object], split: microbatch.Split,
+                example_inputs: Sequence[torch.Tensor], loss_fn: LossFn, source: str) -> float:
+    """The weight of each micro-batch's loss that makes their sum the batch's: 1/m when
+    the example batch's loss is the mean of its m micro-batches' losses, 1 when it is
+    their sum (module Note). Raises PlanError for any other loss."""
+    chunks = [s.chunk for s in pipeline.stages]
+    placeholder_of = {id(x): name for name, x in batch.items()}
+
+    def loss(start: int, rows: int) -> float:
+        run = microbatch.probe(chunks, [torch.device("cpu")] * len(chunks), batch, split.dims, rows, start)
+        out = eager_output(traced, pipeline.output, run.values)
+        inputs = [run.values[placeholder_of[id(x)]] if id(x) in placeholder_of else x for x in example_inputs]
+        with torch.no_grad():
+            return float(loss_fn(out, *inputs))
+
+    m = len(split.sizes)
+    whole = loss(0, sum(split.sizes))
+    parts = [loss(i * split.sizes[0], split.sizes[0]) for i in range(m)]
+    mean, total = sum(parts) / m, sum(parts)
+    is_mean, is_sum = (math.isclose(whole, x, rel_tol=1e-4, abs_tol=1e-9) for x in (mean, total))
+    if is_mean != is_sum:
+        return 1.0 / m if is_mean else 1.0
+    found = (f"equals both the mean and the sum of its {m} micro-batches' losses, so whether it averages or sums "
+             f"cannot be told" if is_mean else
+             f"is neither the mean ({mean:.6g}) nor the sum ({total:.6g}) of its {m} micro-batches' losses (a loss "
+             f"normalized by a count that differs between micro-batches, such as unpadded tokens?)")
+    raise PlanError(f"{source}: the example batch's loss ({whole:.6g}) {found}; the pipelining backend computes the "
+                    f"loss per micro-batch and weights each alike: use --backend local or distributed, which compute "
+                    f"it on the whole batch, or microbatches = 1")
 
 
 class PipelinedModel(RankShare):
@@ -141,7 +185,9 @@ class PipelinedModel(RankShare):
     group with one rank per stage (a collective: same model, seed, plan and example
     batch); then every rank calls `train_step` with the same batch and steps an
     optimizer over `parameters()`. `batch_dims` and `microbatch_statistics` default
-    to the plan's (see `plan_pipeline`).
+    to the plan's (see `plan_pipeline`). `loss_fn(output, *inputs)` is the training
+    loss `train_step` computes; with micro-batches it is required, and checked here
+    for how its micro-batches' losses combine.
 
     Raises PlanError (one line) as `plan_pipeline` does, and when the group's size is
     not the number of stages.
@@ -150,11 +196,16 @@ class PipelinedModel(RankShare):
     def __init__(self, model: nn.Module, plan: Plan | str, example_inputs: Sequence[torch.Tensor],
                  microbatches: int | None = None, schedule: str | None = None, cluster: Cluster | None = None,
                  group: dist.ProcessGroup | None = None, batch_dims: Mapping[str, int] | None = None,
-                 microbatch_statistics: bool | None = None):
+                 microbatch_statistics: bool | None = None, loss_fn: LossFn | None = None):
         super().__init__(model, group)
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         spec = plan_pipeline(model, self.plan, example_inputs, microbatches, schedule, batch_dims,
-                             microbatch_statistics)
+                             microbatch_statistics, loss_fn)
+        if spec.loss_scale is None:
+            raise PlanError(f"{self.plan.source}: with {spec.microbatches} micro-batches the pipelining backend "
+                            f"computes the loss per micro-batch: give it to PipelinedModel(..., loss_fn=...), which "
+                            f"checks how the micro-batches' losses make the batch's")
+        self.loss_fn = loss_fn
         self.spec, self.pipeline, self.meta = spec, spec.pipeline, spec.meta
         stages = self.pipeline.stages
         if len(stages) != dist.get_world_size(group):
@@ -198,13 +249,22 @@ class PipelinedModel(RankShare):
 
     # -- a training step -------------------------------------------------------------
 
-    def train_step(self, inputs: Sequence[torch.Tensor], loss_fn: LossFn) -> float:
+    def train_step(self, inputs: Sequence[torch.Tensor], loss_fn: LossFn | None = None) -> float:
         """Forward, loss and backward of one batch, pipelined in micro-batches over all
         ranks (every rank calls it with the same batch). Gradients accumulate in this
-        rank's parameters' .grad. Returns the batch's loss on every rank.
+        rank's parameters' .grad. Returns the batch's loss on every rank. `loss_fn`:
+        the one the model was built with (None: that one); another only without
+        micro-batches.
 
         Raises ValueError for a batch of other shapes than the example batch's (the
-        pipeline's shapes are static)."""
+        pipeline's shapes are static), PlanError for another loss with micro-batches."""
+        if loss_fn is None or loss_fn is self.loss_fn:
+            loss_fn = self.loss_fn
+        elif self.spec.microbatches > 1:
+            raise PlanError("with micro-batches, train_step takes the loss_fn the PipelinedModel was built with "
+                            "(checked for how its micro-batches' losses combine): pass that one, or none")
+        if loss_fn is None:
+            raise ValueError("train_step needs a loss_fn: pass one, or give it to PipelinedModel(..., loss_fn=...)")
         shapes = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
         if shapes != self.input_shapes:
             raise ValueError(f"batch shapes {shapes} differ from the example batch's {self.input_shapes}: "
@@ -231,7 +291,7 @@ class PipelinedModel(RankShare):
         out = eager_output(self.spec.traced, self.pipeline.output, values)
         placeholder_of = {id(x): name for name, x in self._step_values.items()}
         inputs = [batch[placeholder_of[id(x)]] if id(x) in placeholder_of else x for x in self._step_inputs]
-        return self._step_loss_fn(out, *inputs) / self.spec.microbatches
+        return self._step_loss_fn(out, *inputs) * self.spec.loss_scale
 
     def _rows(self, name: str, x, rows: torch.Tensor):
         """The rows of input `name` that a micro-batch holds (all of a non-batch input)."""
