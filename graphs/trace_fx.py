@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
-from torch.utils._pytree import TreeSpec, tree_flatten
+from torch.utils._pytree import SUPPORTED_NODES, TreeSpec, tree_flatten
 
 from graphs.errors import CaptureError
 from graphs.trace import Traced, canonical_call, first_line, first_sentence, normalize, training_flags
@@ -34,14 +34,21 @@ _ASSERTS = {torch.fx._symbolic_trace._assert_is_none, torch._assert}
 
 
 class PlacerTracer(fx.Tracer):
-    """fx.Tracer that keeps given module classes and module paths whole and remembers
-    which module it was inside when tracing failed."""
+    """fx.Tracer that keeps given module classes and module paths whole, remembers
+    which module it was inside when tracing failed, and the type of what the forward
+    returned (fx records any dict as a plain one: a ModelOutput would come back as a dict)."""
 
     def __init__(self, leaf_classes: tuple[type, ...], leaf_paths: Iterable[str]):
         super().__init__()
         self.leaf_classes = leaf_classes
         self.leaf_paths = set(leaf_paths)
         self.failed_in: str | None = None  # innermost module path an exception passed through
+        self.returned: type | None = None  # the type of the last value made an argument: the forward's return
+
+    def create_arg(self, a):
+        arg = super().create_arg(a)
+        self.returned = type(a)  # after its parts: the outermost value is set last (the output node's)
+        return arg
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or isinstance(m, self.leaf_classes):
@@ -92,7 +99,7 @@ def trace_fx(model: nn.Module, leaf_classes: tuple[type, ...], leaf_paths: tuple
             for key in set(vars(model)) - stowed:
                 if key.startswith("_tensor_constant"):
                     delattr(model, key)  # the graph module holds its own reference
-        out_spec = _flatten_output(gm.graph)
+        out_spec = _flatten_output(gm.graph, tracer.returned)
         normalize(gm)
         return Traced(gm=gm, leaf_paths=tuple(paths), fallback_notes=tuple(notes), method="fx",
                       training=training_flags(model), signature=signature, out_spec=out_spec, concrete=concrete)
@@ -137,16 +144,21 @@ def _drop_baked_placeholders(graph: fx.Graph, signature: inspect.Signature, conc
             graph.erase_node(node)
 
 
-def _flatten_output(graph: fx.Graph) -> TreeSpec:
+def _flatten_output(graph: fx.Graph, returned: type | None) -> TreeSpec:
     """Make the output node return a flat tuple of leaves; returns how to rebuild the
     eager structure. fx records a dict or list output as its immutable kind: rebuilt
-    as the plain dict or list eager returns."""
+    as the plain dict or list eager returns, or as the dict type the forward returned
+    (`returned`, a ModelOutput) where pytree knows that type."""
     out = next(n for n in graph.nodes if n.op == "output")
     flattened = getattr(getattr(graph._codegen, "pytree_info", None), "out_spec", None)
     if flattened is not None:  # fx flattened the output itself (a tuple or dict among the baked arguments)
         leaves, spec = list(out.args[0]), flattened
     else:
-        leaves, spec = tree_flatten(_plain(out.args[0]))
+        value = _plain(out.args[0])
+        if (type(value) is dict and returned is not None and returned is not dict and issubclass(returned, dict)
+                and returned in SUPPORTED_NODES and all(isinstance(k, str) for k in value)):
+            value = returned(**value)
+        leaves, spec = tree_flatten(value)
     out.args = (tuple(leaves),)
     return spec
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutput
 
 from graphs.errors import CaptureError
 from graphs.trace import fingerprint, trace_model, training_flags
@@ -107,6 +108,29 @@ def test_tuple_and_dict_defaults_are_baked_and_the_output_keeps_its_structure(me
     assert type(out) is dict and out.keys() == expected.keys()
     torch.testing.assert_close(out, expected)
     assert traced.bind((x,), {"shape": (3, 2)}) is None  # another value: another call
+
+
+class WithOutput(nn.Module):
+    """Returns a transformers ModelOutput, its loss computed when labels are given."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x, labels=None):
+        logits = self.fc(x)
+        return CausalLMOutput(loss=None if labels is None else (logits - labels).pow(2).mean(), logits=logits)
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_a_model_output_comes_back_as_its_own_type(method):
+    # new-user trial 6: on the fx path it came back as a dict, and a loss_fn reading out.loss crashed
+    model, x = WithOutput(), torch.randn(4, 6)
+    for kwargs in ({"labels": x}, {}):
+        out, expected = trace_model(model, inputs=(x,), kwargs=kwargs, method=method).run(x, **kwargs), model(x, **kwargs)
+        assert type(out) is type(expected) and list(out.keys()) == list(expected.keys())
+        torch.testing.assert_close(out.logits, expected.logits)
+    assert out.loss is None
 
 
 @pytest.mark.parametrize("method", ["export", "fx"])
