@@ -178,7 +178,8 @@ class Traced:
 
 def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths: Iterable[str] = (),
                 allow_fallback: bool = True, *, inputs: tuple | None = None, kwargs: dict | None = None,
-                method: str = "auto", mode: str | None = "train", batch_dims: Mapping[str, int] | None = None) -> Traced:
+                method: str = "auto", mode: str | None = "train",
+                batch_dims: Mapping[str, int] | None = None) -> Traced:
     """Capture `model` called as `model(*inputs, **kwargs)` in `mode` as a Traced graph.
 
     Parameters
@@ -230,7 +231,8 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
         key = trace_cache.request_key(options, tuple(inputs or ()), kwargs)
         # an export depends on neither the method that asked for it nor allow_fallback (fx only): "auto" and
         # "export" share it (profiling and placer.apply ask for the capture that capture() made)
-        export_key = trace_cache.request_key(("export", options[2:5], inputs is None, free), tuple(inputs or ()), kwargs)
+        export_key = trace_cache.request_key(("export", options[2:5], inputs is None, free), tuple(inputs or ()),
+                                             kwargs)
         kept = trace_cache.lookup(model, export_key) if use_export else None
         if kept is None:
             kept = trace_cache.lookup(model, key)  # an "auto" whose export failed before: its fx capture

@@ -446,3 +446,17 @@ def test_rows_measured_below_the_lower_bound_are_explained(results, tmp_path):
     notes = write_report(results, tmp_path)["markdown"].read_text().split("## Notes", 1)[1]
     assert "expert and others measured below the lower bound (x lower bound < 1)" in notes
     assert "profile-*.json" in notes
+
+
+def test_a_micro_batches_column_appears_when_a_row_is_pipelined(results):
+    # trial 6: no table showed a plan's micro-batch count
+    from placer.report.table import table_cells
+
+    assert "micro-batches" not in table_cells(results)[0]
+    rl = next(r for r in results["methods"] if r["method"] == "rl")
+    rl["microbatches"], rl["schedule"] = 4, "gpipe"
+    headers, cells = table_cells(results)
+    column = headers.index("micro-batches")
+    by_method = {c[0].split(" (")[0]: c[column] for c in cells}
+    assert by_method["RL"] == "4 gpipe" and by_method["unplaced"] == "1"
+    assert all(len(c) == len(headers) for c in cells)

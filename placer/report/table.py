@@ -73,14 +73,16 @@ def format_bytes(n: float | None) -> str:
 def table_cells(results: Results | dict) -> tuple[tuple[str, ...], list[list[str]]]:
     """The comparison table as strings: the one source of the text and Markdown tables.
     A `devices` column appears when the placed rows ran on different device sets
-    (placer compare of plans made for different devices). A row of another session
-    than unplaced's last shows no ratio (whatever an older results.json stored)."""
+    (placer compare of plans made for different devices), a `micro-batches` column
+    ("4 gpipe") when a row is pipelined. A row of another session than unplaced's
+    last shows no ratio (whatever an older results.json stored)."""
     results = as_results(results)
     rows = comparison_rows(results)
     mixed = len({tuple(r.devices) for r in rows if r.kind != "unplaced"}) > 1
     simulated = results.command == "baseline" and not any(r.measured for r in rows)  # placer baseline, unmeasured
     headers = [h if h != "x lower bound" or not simulated else "simulated x lower bound" for h in TABLE_HEADERS]
-    headers = (headers[0], "devices", *headers[1:]) if mixed else tuple(headers)
+    piped = any(r.microbatches > 1 for r in rows)
+    headers = (headers[0], *(["devices"] if mixed else []), *(["micro-batches"] if piped else []), *headers[1:])
     cells = []
     for r in rows:
         shown = current(results, r)
@@ -92,6 +94,7 @@ def table_cells(results: Results | dict) -> tuple[tuple[str, ...], list[list[str
         cells.append([
             method_name(r.method) + (" (chosen)" if r.method == results.best else ""),
             *([",".join(r.devices) or MISSING] if mixed else []),
+            *([f"{r.microbatches} {r.schedule or 'gpipe'}" if r.microbatches > 1 else "1"] if piped else []),
             _num(r.measured_ms if r.feasible else None, ".2f"), ci, str(r.runs) if r.runs else MISSING,
             format_ratio(r.vs_unplaced if shown else None), format_ratio(r.vs_best_heuristic if shown else None),
             _num(r.simulated_ms, ".2f"),
