@@ -177,7 +177,9 @@ def _type_problem(data: dict) -> str | None:
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         return f"microbatches must be a whole number >= 1, found {m!r}"
     if data.get("schedule") not in (None, *SCHEDULES):
-        return f"schedule must be null or one of {', '.join(SCHEDULES)}, found {data.get('schedule')!r}"
+        return (f"schedule must be null or one of {', '.join(SCHEDULES)}, found {data.get('schedule')!r}"
+                + (" (1F1B runs on the pipelining backend: `placer train --backend pipelining --schedule 1f1b`)"
+                   if str(data.get("schedule")).lower() == "1f1b" else ""))
     capture = data.get("capture", {})
     for where, dims in (("batch_dims", data.get("batch_dims", {})),
                         ("capture.batch_dims", capture.get("batch_dims", {}) if isinstance(capture, dict) else {})):
@@ -279,8 +281,8 @@ def trace_for_plan(model: nn.Module, plan: Plan, mode: str = "train") -> Traced:
     ------
     PlanError : the model's parameters and buffers, or its training capture, differ from
         the plan's (another model: checked on the tensors before capturing, so that
-        another model's forward never fails on the plan's inputs), or the plan leaves
-        one of its nodes unplaced.
+        another model's forward never fails on the plan's inputs), the plan leaves
+        one of its nodes unplaced, or its batch_dims name no input of the forward.
     CaptureError : the model cannot be captured that way.
     """
     _check_tensors(model, plan)
@@ -293,6 +295,10 @@ def trace_for_plan(model: nn.Module, plan: Plan, mode: str = "train") -> Traced:
         fp = model_fingerprint(model, traced.gm)
         if fp != plan.fingerprint:
             raise PlanError(mismatch_message(plan, fp))
+        stray = sorted(set(plan.batch_dims) - set(traced.signature.parameters))
+        if stray:  # a hand-edited plan: its micro-batches would not split what it names
+            raise PlanError(f"{plan.source}: batch_dims names {stray[0]!r}, which is no input of the model's forward "
+                            f"({', '.join(traced.signature.parameters)}): name one of those")
         unplaced = [n.name for n in traced.gm.graph.nodes
                     if n.op not in ("placeholder", "output", "get_attr") and n.name not in plan.assignment]
         if unplaced:

@@ -326,3 +326,19 @@ def test_micro_batches_the_probe_could_not_check_are_warned_about_once():
         "plan: aten.bernoulli in node 'bernoulli' draws random numbers the probe cannot hold fixed: outputs' values "
         "along the split dimension were not compared, so rows mixed along it would go unrefused "
         "(microbatches = 1 is safe)"]
+
+
+def test_a_hand_edited_plans_batch_dims_that_name_no_input_or_dimension_are_refused():
+    # trial 6: {"y": 1} (no such input) and {"x": 5} (a 3-d input) were ignored, the batch split along dim 0
+    model = RunningMean()
+    plan = piped(model, steps_batch())
+    with pytest.raises(PlanError, match=r"batch_dims names 'y', which is no input of the model's forward \(x\): "
+                                        r"name one of those$"):
+        placer.apply(model, replace(plan, batch_dims={"y": 1}))
+    placed = placer.apply(model, replace(plan, batch_dims={"x": 5}))
+    try:
+        with pytest.raises(PlanError, match=r"batch_dims names dimension 5 of input 'x', which has 3 "
+                                            r"\(shape \[5, 4, 6\]\): name the dimension its batch lies along$"):
+            placed(*steps_batch())
+    finally:
+        placed.close()

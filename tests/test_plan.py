@@ -156,6 +156,11 @@ def test_device_map_lists_single_parameters_of_split_modules():
     (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
                  "schedule": "zigzag"}), "schedule must be null or one of gpipe"),
     (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
+                 "schedule": "1f1b"}), r"found '1f1b' \(1F1B runs on the pipelining backend: `placer train "
+                                       r"--backend pipelining --schedule 1f1b`\)"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
+                 "capture": {"batch_dims": {"x": "one"}}}), "capture.batch_dims must map input names"),
+    (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",
                  "batch_dims": {"x": -1}}),
      r"batch_dims must map input names to whole numbers >= 0, found \{'x': -1\}"),
     (json.dumps({"format": FORMAT, "devices": ["cpu:0"], "assignment": {}, "device_map": {}, "fingerprint": "f",

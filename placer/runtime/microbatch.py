@@ -74,8 +74,12 @@ def split_dims(inputs: Mapping[str, Any], batch_dims: Mapping[str, int]) -> dict
     input as long along its batch dimension (`batch_dims` names it per input, default
     0) as the first tensor input is along its own; the first one included. Empty
     when no input is a tensor with dimensions. Other inputs go whole to every
-    micro-batch."""
+    micro-batch. Raises PlanError when `batch_dims` names a dimension an input lacks."""
     tensors = [(name, v) for name, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    short = next(((n, v) for n, v in tensors if batch_dims.get(n, 0) >= v.dim()), None)
+    if short is not None:
+        raise PlanError(f"batch_dims names dimension {batch_dims[short[0]]} of input {short[0]!r}, which has "
+                        f"{short[1].dim()} (shape {list(short[1].shape)}): name the dimension its batch lies along")
     if not tensors:
         return {}
     name0, first = tensors[0]
