@@ -30,11 +30,17 @@ __all__ = ["microbatches_off", "scalar_output"]
 def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
     """Why `loaded`'s model may not run in micro-batches (module docstring), trimming
     the problem's micro-batch tables to m = 1 when so; None when it may."""
+    from graphs.capture import NodeFailure, propagate_shapes
     from graphs.trace import trace_model
     from placer.runtime.microbatch import static_refusal
 
     traced = trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs,
                          batch_dims=loaded.batch_dims)  # the capture's (trace_cache)
+    if traced.method == "fx":  # fx records no shapes (the capture's shape pass may have run on a copy's graph)
+        try:
+            propagate_shapes(traced.gm, tuple(traced.bind(tuple(loaded.inputs), {}).values()))
+        except NodeFailure:
+            pass  # no shapes: the runtime's probe refuses a scalar output at the first micro-batched step
     source = problem.workload or loaded.spec
     reason = scalar_output(traced.gm.graph, source)
     if reason is None and not problem.microbatch_statistics:

@@ -137,3 +137,14 @@ def test_inspect_notes_why_micro_batches_are_off_and_bounds_at_one(tmp_path):
     summary = inspect_summary(str(path), "cpu:0,cpu:1", 48)
     assert any(n.startswith("micro-batches off: ") and "loss computed inside" in n for n in summary["notes"])
     assert summary["lower_bound_microbatches"] == 1
+
+
+def test_a_loss_inside_a_model_captured_by_fx_turns_micro_batches_off_too(tmp_path):
+    # trial 6: fx records no shapes, so the scalar output went unseen and a search at m > 1 ran on
+    path = tmp_path / "loss_inside_fx.py"
+    path.write_text(LOSS_INSIDE + "\nleaf_modules = [nn.ReLU]\n")  # a leaf: captured by torch.fx
+    loaded = load_workload(str(path))
+    problem = build_problem(loaded, "cpu:0,cpu:1")
+    assert problem.ops.graph["capture"]["method"] == "fx"
+    assert "loss computed inside the model" in job.microbatches_off(loaded, problem)
+    assert microbatch_options(problem) == (1,)
