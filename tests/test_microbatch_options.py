@@ -112,7 +112,7 @@ def test_a_plan_whose_capture_fixed_the_named_batch_dimension_is_refused_naming_
         with pytest.raises(PlanError, match=r"the plan's capture may fix the batch's size along dimension 1 of input "
                                             r"'x': torch.export keeps it free only in a capture made with batch_dims "
                                             r"naming it, so make the plan again from the workload\. "
-                                            r"Use microbatches = 1$"):
+                                            r"Otherwise, use microbatches = 1$"):
             placed(*inputs)
     finally:
         placed.close()
@@ -253,7 +253,7 @@ def test_inputs_without_a_common_batch_dimension_are_refused_naming_what_was_spl
         with pytest.raises(PlanError, match=r"only 'ids' was split \(20 rows along dimension 0\); 'offsets' went "
                                             r"whole to every micro-batch, its length differing: name each input's "
                                             r"batch dimension in batch_dims if they share one, else the model's "
-                                            r"inputs cannot be split\. Use microbatches = 1$"):
+                                            r"inputs cannot be split\. Otherwise, use microbatches = 1$"):
             placed(*inputs)
     finally:
         placed.close()

@@ -239,7 +239,7 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
             why = "does it assume a fixed batch size?"
         raise PlanError(f"{source}: the model fails on a batch of {rows[0]} rows ({type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); {why} "
-                        f"Use microbatches = 1") from exc
+                        f"Otherwise, use microbatches = 1") from exc
     nodes = [n for c in chunks for n in c.module.graph.nodes]
     split = (name, dims[name])
     found = batch_layout(nodes, output_nodes, [runs[0].shapes, runs[1].shapes], rows, split, source)
