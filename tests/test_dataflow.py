@@ -122,3 +122,16 @@ def test_a_pass_past_its_time_limit_raises(workers):
     threading.Timer(1.0, gate.set).start()
     with pytest.raises(ExecutionError, match="limit of 0.01 s"):
         run([()], workers, [1], body=lambda w, i, c: gate.wait(), timeout_s=0.01)
+
+
+def test_an_interrupted_task_run_for_another_device_leaves_no_device_locked(workers):
+    # the caller runs cpu:1's chunk 1 itself (a chain), and Ctrl-C arrives inside it
+    def body(worker, i, c):
+        if c == 1:
+            assert threading.current_thread() is threading.main_thread()
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run([(), (0,), (1,)], workers, [0, 1, 0], body=body)
+    assert not any(w.busy.locked() for w in workers)
+    assert [c for *_, c, _ in run([(), (0,), (1,)], workers, [0, 1, 0])] == [0, 1, 2]  # the next pass runs

@@ -306,7 +306,6 @@ def test_a_step_past_its_time_limit_raises_and_the_model_runs_again(one_thread):
 
     gm = fx.GraphModule(model, Tracer().trace(model))
     placed = Placed(model, lambda n: "cpu:1" if n.name == "gate" else "cpu:0", gm=gm)
-    placed.executor.repin(True)  # the gate on cpu:1's own thread: unpinned, the caller would run it (dataflow)
     placed.executor.timeout_s = 0.05
     releaser = threading.Timer(1.0, gate.set)  # the barrier after the failure waits for the blocked chunk
     releaser.start()

@@ -11,7 +11,7 @@ latest, GPipe's backward order), then the chunk's rank in graphs.schedule.pass_o
 reverse). Micro-batch first is what makes a pipeline: a stage cut into several
 chunks hands micro-batch 0 on before it starts micro-batch 1 (first come first
 served ran micro-batch 1's first chunk, ready from the start, before micro-batch 0's
-second, and the next stage waited for the whole of it). The rule is
+second, and the next stage waited for the whole of it). On two devices the rule is
 work-conserving (a device idles only when nothing of its own is ready); the
 simulator (envs.sim) follows it.
 
@@ -29,7 +29,10 @@ caller's: worker.Worker.shared_threads). A chain across devices then runs on one
 thread with no wake-up per crossing (two thread wake-ups, forward and backward, were
 most of a crossing's cost: docs/results.md), while devices with work of their own
 still run in parallel. With three or more devices, work that reaches a device
-while its thread runs another's waits for that task to end.
+while its thread runs another's waits for that task to end. Per-thread state of the
+caller beyond grad mode and autocast (saved-tensor hooks, dispatch modes, profiler
+ranges) reaches the chunks it runs: its own device's, and those it runs for others.
+A pass with a time limit keeps the caller to its own device, so that it can watch.
 
 No wait is unbounded: the caller polls its queue, checks that every worker is still
 alive, and honours an optional time limit; a task that raises fails the pass, and
@@ -86,50 +89,56 @@ class Pass:
         order = range(micro - 1, -1, -1) if reverse else range(micro)
         self._initial = [i * self.c + c for i in order for c in initial]
 
-    def run(self, home: Worker, task: int) -> None:
+    def run(self, home: Worker, task: int, locked: bool = True) -> None:
         """Run one task of `home`'s device on its thread, then hand on what it made
         ready, running the one task it made ready itself where it may (module doc).
-        Called holding home.busy; returns having released it."""
+        Called holding home.busy (`locked`; else it is taken here); returns having
+        released every device lock it took, also when interrupted (Ctrl-C)."""
         worker, own = home, self.queues_of.get(home)
-        while True:
-            if self.error is not None:
-                worker.busy.release()
+        held = home.busy if locked or home.busy.acquire() else None
+        try:
+            while self.error is None:
+                i, c = divmod(task, self.c)
+                try:
+                    self.body(worker, i, c)
+                except BaseException as exc:  # raised in the caller as itself
+                    self._fail(exc)
+                    return
+                ready = []
+                base = i * self.c
+                with self.lock:
+                    pending = self.pending
+                    for s in self.wakes[c]:
+                        pending[base + s] -= 1
+                        if pending[base + s] == 0:
+                            ready.append(base + s)
+                    self.remaining -= 1
+                    done = self.remaining == 0
+                held.release()
+                held = None
+                if len(ready) == 1 and not done and home in self.takers[ready[0] % self.c] \
+                        and not own.ready and own.arrived.empty():  # nothing of its own waits
+                    k = ready[0]
+                    target = self.chunk_workers[k % self.c]
+                    if target.busy.acquire(blocking=False):
+                        held = target.busy
+                        # its own thread moves what arrives into `ready` before it takes the lock (a snapshot:
+                        # an item in between is taken after this task, which costs order, never correctness)
+                        theirs = self.queues_of[target]
+                        if not theirs.ready and theirs.arrived.empty():
+                            task, worker = k, target
+                            continue
+                        held.release()
+                        held = None
+                key = self.key
+                for k in ready:
+                    self.queues[k % self.c].put((key[k], self, k))
+                if done:
+                    self.own.put((-1, self, _DONE))
                 return
-            i, c = divmod(task, self.c)
-            try:
-                self.body(worker, i, c)
-            except BaseException as exc:  # raised in the caller as itself
-                worker.busy.release()
-                self._fail(exc)
-                return
-            ready = []
-            base = i * self.c
-            with self.lock:
-                pending = self.pending
-                for s in self.wakes[c]:
-                    pending[base + s] -= 1
-                    if pending[base + s] == 0:
-                        ready.append(base + s)
-                self.remaining -= 1
-                done = self.remaining == 0
-            worker.busy.release()
-            if len(ready) == 1 and not done and home in self.takers[ready[0] % self.c] \
-                    and not own.ready and own.arrived.empty():  # nothing of its own waits
-                k = ready[0]
-                target = self.chunk_workers[k % self.c]
-                if target.busy.acquire(blocking=False):
-                    # the device's own thread moves what arrives into `ready` before it takes the lock
-                    theirs = self.queues_of[target]
-                    if not theirs.ready and theirs.arrived.empty():
-                        task, worker = k, target
-                        continue
-                    target.busy.release()
-            key = self.key
-            for k in ready:
-                self.queues[k % self.c].put((key[k], self, k))
-            if done:
-                self.own.put((-1, self, _DONE))
-            return
+        finally:
+            if held is not None:
+                held.release()
 
     def _fail(self, exc: BaseException) -> None:
         with self.lock:
@@ -145,6 +154,8 @@ class Pass:
         ExecutionError if a worker died or the pass ran past `timeout_s`."""
         if not self._initial:
             return
+        if timeout_s is not None:  # the caller runs its own device's tasks only, between which it watches the limit
+            self.takers = [t - {self.inline} for t in self.takers]
         for k in self._initial:
             self.queues[k % self.c].put((self.key[k], self, k))
         begin = time.monotonic()
@@ -157,8 +168,7 @@ class Pass:
                     continue
                 _, owner, task = self.own.pop()
                 if task >= 0:
-                    self.inline.busy.acquire()
-                    owner.run(self.inline, task)
+                    owner.run(self.inline, task, locked=False)
                 elif task == _DONE:
                     return
                 elif task == _FAILED:

@@ -236,6 +236,9 @@ class Worker:
         ready, busy = self.queue, self.busy
         while ready.wait():
             busy.acquire()  # another thread may be running one of this device's tasks (dataflow)
+            if not ready.wait():  # what arrived meanwhile competes too (the heap is not empty: no waiting)
+                busy.release()
+                break
             _, owner, task = ready.pop()
             owner.run(self, task)  # releases busy
 
