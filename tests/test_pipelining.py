@@ -308,6 +308,9 @@ def test_plan_pipeline_splits_along_the_plans_batch_dims_and_honours_its_statist
         plan_pipeline(normed, plan_from_assignment(normed, lambda n: "cpu:0", THREE[:1], inputs=x), x, microbatches=2)
     accepting = plan_from_assignment(normed, lambda n: "cpu:0", THREE[:1], inputs=x, microbatch_statistics=True)
     assert plan_pipeline(normed, accepting, x, microbatches=2).microbatches == 2
+    # per-micro-batch statistics change the outputs, not how the loss reduces (review: refused as a loss before)
+    spec = plan_pipeline(normed, accepting, x, microbatches=2, loss_fn=lambda out, x: out.pow(2).mean())
+    assert spec.loss_scale == 0.5
 
 
 class Centred(nn.Module):

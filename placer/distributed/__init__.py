@@ -15,12 +15,12 @@ Inside a torchrun-launched script (experiments/train_distributed.py):
 
 from placer.distributed.backend import DistributedModel
 from placer.distributed.checkpoint import merge_checkpoints, save_checkpoint
-from placer.distributed.launch import (LocalRank, RankFailed, init_from_env, measure_distributed, measure_pipelined,
-                                       pipeline_stages, run_local, train_distributed, train_pipelined, train_step,
-                                       world_size_of)
+from placer.distributed.launch import (LocalRank, Pipelined, RankFailed, distributed_model, init_from_env,
+                                       measure_distributed, measure_pipelined, pipeline_stages, run_local,
+                                       train_distributed, train_pipelined, train_step, world_size_of)
 from placer.distributed.pipelining import PipelinedModel
 from placer.distributed.share import rank_cluster
 
 __all__ = ["DistributedModel", "PipelinedModel", "merge_checkpoints", "save_checkpoint", "rank_cluster", "LocalRank",
-           "RankFailed", "init_from_env", "measure_distributed", "measure_pipelined", "pipeline_stages", "run_local",
+           "RankFailed", "Pipelined", "distributed_model", "init_from_env", "measure_distributed", "measure_pipelined", "pipeline_stages", "run_local",
            "train_distributed", "train_pipelined", "train_step", "world_size_of"]

@@ -18,11 +18,12 @@ the schedule is `arange(batch)`: split like the inputs, it tells the last stage 
 rows a micro-batch holds, and the last stage takes those rows of the batch inputs
 (every rank holds the whole batch). Each micro-batch's loss is weighted so that
 their sum is the batch's: 1/m for a loss that averages over the batch, 1 for one that
-sums. Which one, `plan_pipeline` finds before any rank starts: the example batch's
-loss, without gradients and with random numbers held fixed, must equal the mean or
-the sum of its micro-batches' losses; any other loss (normalized by a count that
-differs between micro-batches, such as unpadded tokens) is refused, because no weight
-would make the step the full batch's. Gradients are not rescaled by the schedule
+sums. Which one, `plan_pipeline` finds before any rank starts: the loss of the
+example batch's output (its micro-batches' outputs gathered, so that only the loss's
+own reduction is judged, not the model's), without gradients and with random numbers
+held fixed, must equal the mean or the sum of its micro-batches' losses; any other
+loss (normalized by a count that differs between micro-batches, such as unpadded
+tokens) is refused, because no weight would make the step the full batch's. Gradients are not rescaled by the schedule
 (`scale_grads=False` where torch has the option).
 
 [Note: model inputs on every stage]
@@ -139,10 +140,10 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
     scale = 1.0 if m == 1 else None
     if m > 1:  # the in-process engine's probe, on the host (the model is not placed yet)
         chunks = [s.chunk for s in pipeline.stages]
-        checked_layout(chunks, [torch.device("cpu")] * len(chunks), batch, split.dims, pipeline.output_nodes, source,
-                       microbatch_statistics)
+        layout = checked_layout(chunks, [torch.device("cpu")] * len(chunks), batch, split.dims, pipeline.output_nodes,
+                                source, microbatch_statistics)
         if loss_fn is not None:
-            scale = _loss_scale(traced, pipeline, batch, split, example_inputs, loss_fn, source)
+            scale = _loss_scale(traced, pipeline, batch, split, layout, example_inputs, loss_fn, source)
     meta = _propagate_shapes(gm, pipeline, split.inputs[0])
     _check_sendable(pipeline, meta, source)
     return PipelineSpec(traced=traced, pipeline=pipeline, meta=meta, microbatches=m, schedule=name,
@@ -150,25 +151,32 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
 
 
 def _loss_scale(traced: Traced, pipeline: Pipeline, batch: Mapping[str, object], split: microbatch.Split,
-                example_inputs: Sequence[torch.Tensor], loss_fn: LossFn, source: str) -> float:
+                layout: microbatch.Layout, example_inputs: Sequence[torch.Tensor], loss_fn: LossFn,
+                source: str) -> float:
     """The weight of each micro-batch's loss that makes their sum the batch's: 1/m when
-    the example batch's loss is the mean of its m micro-batches' losses, 1 when it is
-    their sum (module Note). Raises PlanError for any other loss."""
+    the loss of the gathered output is the mean of the m micro-batches' losses, 1 when
+    it is their sum (module Note). Raises PlanError for any other loss."""
     chunks = [s.chunk for s in pipeline.stages]
     placeholder_of = {id(x): name for name, x in batch.items()}
+    rows = split.sizes[0]
+    runs = [microbatch.probe(chunks, [torch.device("cpu")] * len(chunks), batch, split.dims, rows, i * rows)
+            for i in range(len(split.sizes))]
+    gathered = {name: microbatch.gather([r.values[name] for r in runs], layout.output_dims[name])
+                for name in pipeline.output_nodes}
 
-    def loss(start: int, rows: int) -> float:
-        run = microbatch.probe(chunks, [torch.device("cpu")] * len(chunks), batch, split.dims, rows, start)
-        out = eager_output(traced, pipeline.output, run.values)
-        inputs = [run.values[placeholder_of[id(x)]] if id(x) in placeholder_of else x for x in example_inputs]
-        with torch.no_grad():
-            return float(loss_fn(out, *inputs))
+    def loss(values: Mapping[str, object], inputs: Mapping[str, object]) -> torch.Tensor:
+        out = eager_output(traced, pipeline.output, values)
+        args = [inputs[placeholder_of[id(x)]] if id(x) in placeholder_of else x for x in example_inputs]
+        with torch.no_grad(), torch.random.fork_rng():
+            return loss_fn(out, *args).detach()
 
-    m = len(split.sizes)
-    whole = loss(0, sum(split.sizes))
-    parts = [loss(i * split.sizes[0], split.sizes[0]) for i in range(m)]
+    whole = loss({**batch, **gathered}, batch)
+    parts = [float(loss(r.values, r.values)) for r in runs]
+    m = len(parts)
     mean, total = sum(parts) / m, sum(parts)
-    is_mean, is_sum = (math.isclose(whole, x, rel_tol=1e-4, abs_tol=1e-9) for x in (mean, total))
+    rel = 1e-2 if whole.dtype in (torch.float16, torch.bfloat16) else 1e-4  # the loss's own rounding
+    whole = float(whole)
+    is_mean, is_sum = (math.isclose(whole, x, rel_tol=rel, abs_tol=1e-9) for x in (mean, total))
     if is_mean != is_sum:
         return 1.0 / m if is_mean else 1.0
     found = (f"equals both the mean and the sum of its {m} micro-batches' losses, so whether it averages or sums "
@@ -258,7 +266,7 @@ class PipelinedModel(RankShare):
 
         Raises ValueError for a batch of other shapes than the example batch's (the
         pipeline's shapes are static), PlanError for another loss with micro-batches."""
-        if loss_fn is None or loss_fn is self.loss_fn:
+        if loss_fn is None or loss_fn == self.loss_fn:  # == : a bound method is made anew on each access
             loss_fn = self.loss_fn
         elif self.spec.microbatches > 1:
             raise PlanError("with micro-batches, train_step takes the loss_fn the PipelinedModel was built with "
