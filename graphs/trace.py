@@ -227,8 +227,8 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
     kwargs = dict(kwargs or {})
     with _in_mode(model, mode):
         free = tuple(sorted((name, dim) for name, dim in (batch_dims or {}).items() if dim != 0))
-        options = (use_export, method, training_flags(model), leaf_classes, paths, allow_fallback, inputs is None, free)
-        key = trace_cache.request_key(options, tuple(inputs or ()), kwargs)
+        options = (use_export, method, training_flags(model), leaf_classes, paths, allow_fallback, inputs is None)
+        key = trace_cache.request_key(options, tuple(inputs or ()), kwargs)  # fx's: it keeps every size free
         # an export depends on neither the method that asked for it nor allow_fallback (fx only): "auto" and
         # "export" share it (profiling and placer.apply ask for the capture that capture() made)
         export_key = trace_cache.request_key(("export", options[2:5], inputs is None, free), tuple(inputs or ()),

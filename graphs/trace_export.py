@@ -44,7 +44,8 @@ def export_available() -> bool:
 def export_model(model: nn.Module, args: tuple, kwargs: dict, batch_dims: tuple[tuple[str, int], ...] = ()) -> Traced:
     """Export `model(*args, **kwargs)` in the model's current mode and normalize the
     graph (graphs.trace.normalize). `batch_dims`: (forward input, dim) pairs kept
-    dynamic besides dim 0. Raises what torch.export raises."""
+    dynamic besides dim 0; the capture records them only where the dynamic export
+    succeeded. Raises what torch.export raises."""
     signature = inspect.signature(model.forward)
     bound = canonical_call(signature, args, kwargs)
     call_args, call_kwargs = bound.args, bound.kwargs
@@ -52,6 +53,7 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict, batch_dims: tuple[
         program = _export(model, call_args, call_kwargs, _dynamic_shapes(bound, dict(batch_dims)))
     except Exception:  # some models refuse dynamic dims (and **kwargs have no dynamic-shape form)
         program = _export(model, call_args, call_kwargs, None)
+        batch_dims = ()  # every size fixed: none kept free
     gm = program.module()
     _refuse_value_dependent_sizes(gm.graph)
     flat, in_spec = tree_flatten((call_args, call_kwargs))

@@ -72,10 +72,10 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
     if out_dir is not None and (problem := folder_problem(out_dir)):
         raise PlacerError(f"--out {out_dir} {problem}: choose a folder you can write")
     loaded = load_workload(workload)
-    # The fingerprint of the workload's capture, as the problem's (the trace is cached for it).
-    this_model = fingerprint(loaded.model, trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs,
-                                                       batch_dims=loaded.batch_dims).gm)
+    # The fingerprint of the workload's capture as each plan made it (the batch dims it kept free; traces cached).
     for plan in loaded_plans:
+        this_model = fingerprint(loaded.model, trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs,
+                                                           batch_dims=plan.capture.batch_dims).gm)
         if plan.fingerprint != this_model:
             raise PlanError(mismatch_message(plan, this_model))
     out = Path(out_dir) if out_dir is not None else Path("placer-out") / f"{loaded.name}-compare"
