@@ -84,6 +84,8 @@ def trace_fx(model: nn.Module, leaf_classes: tuple[type, ...], leaf_paths: tuple
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
             _drop_baked_placeholders(graph, signature, concrete)  # before codegen, which fails on a tuple's leaves
+            for node in [n for n in graph.nodes if n.op == "placeholder"]:
+                node.args = ()  # no default values: fx writes them into a flattening assignment (a syntax error)
             gm = fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
         except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... from user code
             failed_in = tracer.failed_in or ""

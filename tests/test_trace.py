@@ -100,6 +100,20 @@ class Reshaped(nn.Module):
         return {"y": self.fc(x).view(x.shape[0], *shape) * weights["a"], "x": x}
 
 
+class Extra(Reshaped):
+    def forward(self, x, shape: tuple = (2, 3), extra=None):
+        y = self.fc(x) if extra is None else self.fc(x) + extra
+        return y.view(x.shape[0], *shape)
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_a_tuple_default_before_an_optional_tensor_the_call_passes(method):
+    # new-user trial 7: fx wrote the tensor's default into its flattening assignment, a syntax error
+    model, x, extra = Extra(), torch.randn(4, 6), torch.ones(6)
+    traced = trace_model(model, inputs=(x,), kwargs={"extra": extra}, method=method)
+    torch.testing.assert_close(traced.run(x, extra=extra), model(x, extra=extra))
+
+
 @pytest.mark.parametrize("method", ["export", "fx"])
 def test_tuple_and_dict_defaults_are_baked_and_the_output_keeps_its_structure(method):
     model, x = Reshaped(), torch.randn(4, 6)

@@ -182,7 +182,8 @@ def _loss_scale(traced: Traced, pipeline: Pipeline, batch: Mapping[str, object],
     found = (f"equals both the mean and the sum of its {m} micro-batches' losses, so whether it averages or sums "
              f"cannot be told" if is_mean else
              f"is neither the mean ({mean:.6g}) nor the sum ({total:.6g}) of its {m} micro-batches' losses (a loss "
-             f"normalized by a count that differs between micro-batches, such as unpadded tokens?)")
+             f"normalized by a count that differs between micro-batches, such as unpadded tokens, or one that draws "
+             f"random numbers?)")
     raise PlanError(f"{source}: the example batch's loss ({whole:.6g}) {found}; the pipelining backend computes the "
                     f"loss per micro-batch and weights each alike: use --backend local or distributed, which compute "
                     f"it on the whole batch, or microbatches = 1")
