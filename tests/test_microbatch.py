@@ -38,6 +38,15 @@ def halves(node) -> str:
     return "cpu:0" if node.name.startswith(("layers_0", "layers_1", "layers_2", "layers_3")) else "cpu:1"
 
 
+def test_an_empty_batch_runs_as_one_call(one_thread):
+    # new-user trial 7: its three empty micro-batches were refused as a model that fails on 1 row
+    model = Chain()
+    placed = Placed(model, halves, microbatches=3)
+    x = torch.randn(0, 12)
+    assert placed(x).shape == (0, 12) and torch.equal(placed(x), model(x))
+    placed.executor.close()
+
+
 @pytest.mark.parametrize("m, rows", [(2, 8), (4, 10), (3, 4)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_gradients_are_the_full_batchs_for_any_loss_reduction(m, rows, reduction, one_thread):

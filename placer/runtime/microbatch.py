@@ -93,9 +93,9 @@ def split(inputs: Mapping[str, Any], m: int, batch_dims: Mapping[str, int]) -> S
     micro-batches with torch.chunk: equal sizes but the last, and fewer than `m`
     when the batch is small (4 rows in 3 -> 2, 2)."""
     dims = split_dims(inputs, batch_dims)
-    if not dims:
+    name0 = next(iter(dims), None)
+    if name0 is None or inputs[name0].shape[dims[name0]] == 0:  # nothing to split (an empty batch: one call)
         return Split([dict(inputs)], [0], {})
-    name0 = next(iter(dims))
     pieces = {name: torch.chunk(inputs[name], m, dim) for name, dim in dims.items()}
     count = len(pieces[name0])
     parts = [{name: pieces[name][i] if name in pieces else v for name, v in inputs.items()} for i in range(count)]
