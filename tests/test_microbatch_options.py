@@ -342,3 +342,43 @@ def test_a_hand_edited_plans_batch_dims_that_name_no_input_or_dimension_are_refu
             placed(*steps_batch())
     finally:
         placed.close()
+
+
+class ChainedEma(nn.Module):
+    """A buffer updated by a chain of in-place ops and read later in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+        self.register_buffer("ema", torch.zeros(32))
+
+    def forward(self, x):
+        h = self.a(x)
+        self.ema.mul_(0.5).add_(h.detach().mean(0))
+        return self.b(h + self.ema)
+
+
+@pytest.mark.parametrize("devices", [TWO, ["cpu:0", "cpu:1", "cpu:2"]])
+def test_micro_batches_update_a_buffer_in_turn_as_eager_runs_them(devices):
+    # new-user trial 7: every micro-batch's mul_ ran before any add_ (m0 + m1 + m2), and the result varied by run
+    torch.manual_seed(0)
+    model, x = ChainedEma(), torch.randn(12, 16)
+    m = len(devices)
+
+    def assign(node) -> str:
+        module = owning_module(node)
+        return devices[0] if module == "" else devices[1] if module == "a" else devices[-1]
+
+    plan = replace(plan_from_assignment(copy.deepcopy(model), assign, devices, inputs=(x,), microbatch_statistics=True),
+                   microbatches=m)
+    placed, eager = placer.apply(copy.deepcopy(model), plan), copy.deepcopy(model)
+    try:
+        for _ in range(2):
+            placed(x).sum().backward()
+            for part in x.chunk(m):  # eager, one micro-batch after another
+                eager(part).sum().backward()
+            torch.testing.assert_close(placed.original.ema, eager.ema)
+            for p, q in zip(placed.parameters(), eager.parameters()):
+                torch.testing.assert_close(p.grad, q.grad)
+    finally:
+        placed.close()

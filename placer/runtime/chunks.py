@@ -28,9 +28,9 @@ import torch.fx as fx
 from torch import nn
 
 from graphs.schedule import (Partition, after_update, chunk_order, memory_owner, mutated_args, mutates_first_arg,
-                             ordering_edges, partition, pass_order, setitem, tensor_base)
+                             ordering_edges, partition, pass_order, setitem, tensor_base, written_state)
 
-__all__ = ["Chunk", "build_chunks", "thread_in_place_updates"]
+__all__ = ["Chunk", "build_chunks", "thread_in_place_updates", "buffer_turns"]
 
 _SKIP = ("placeholder", "output", "get_attr")
 
@@ -178,6 +178,21 @@ def build_chunks(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], *
             after[b].add(a)
     return [_compile(i, run, assignment[run[0].name], lookup, tuple(sorted(after[i])), rank[0][order[i]],
                      rank[1][order[i]]) for i, run in enumerate(members)]
+
+
+def buffer_turns(chunks: Sequence[Chunk]) -> list[list[int]]:
+    """Per chunk, the chunks that touch (read or update) a tensor it touches that some
+    chunk updates in place: with micro-batches, chunk c of micro-batch i waits for those
+    of micro-batch i - 1 (dataflow.Pass `previous`), so that each micro-batch reads and
+    updates a buffer after the one before it is done with it, as eager runs them in turn.
+    Empty lists where the forward updates no tensor in place."""
+    def tensors(chunk: Chunk, nodes) -> set[int]:
+        return {id(operator.attrgetter(str(n.target))(chunk.module)) for n in nodes}
+
+    written = set().union(*(tensors(c, (a for n in c.module.graph.nodes for a in written_state(n, c.module)))
+                            for c in chunks))
+    touched = [tensors(c, (n for n in c.module.graph.nodes if n.op == "get_attr")) & written for c in chunks]
+    return [[b for b, theirs in enumerate(touched) if mine & theirs] for mine in touched]
 
 
 def _copy(graph: fx.Graph) -> fx.Graph:

@@ -64,13 +64,20 @@ class Pass:
     `initial`: the chunks that wait for nothing, in that order too. `key[k]`: task
     k's priority (lower first: `task_keys`). `chunk_workers[c]`:
     the worker of chunk c's device; the `inline` one's tasks come to the pass's own
-    queue, served by the caller. `body(worker, i, c)` runs one task."""
+    queue, served by the caller. `body(worker, i, c)` runs one task. `previous[c]`
+    (forward passes): the chunks of micro-batch i - 1 that chunk c of micro-batch i
+    waits for too (those touching a buffer the forward updates, so that micro-batches
+    update it in turn, as eager runs them one after another)."""
 
     def __init__(self, waits_for: Sequence[Sequence[int]], wakes: Sequence[Sequence[int]], initial: Sequence[int],
                  key: Sequence[int], micro: int, reverse: bool, chunk_workers: Sequence[Worker],
-                 inline: Worker | None, body: Callable[[Worker, int, int], None]):
+                 inline: Worker | None, body: Callable[[Worker, int, int], None],
+                 previous: Sequence[Sequence[int]] | None = None):
         self.c = len(waits_for)
-        self.pending = [len(w) for w in waits_for] * micro
+        self.micro = micro
+        previous = previous if previous and not reverse and micro > 1 else [()] * self.c
+        self.pending = [len(w) + (len(previous[c]) if i else 0) for i in range(micro) for c, w in enumerate(waits_for)]
+        self.next_wakes = [[c for c in range(self.c) if p in previous[c]] for p in range(self.c)]
         self.wakes = wakes
         self.remaining = self.c * micro
         self.lock = threading.Lock()
@@ -87,7 +94,7 @@ class Pass:
         self.body = body
         self.key = key
         order = range(micro - 1, -1, -1) if reverse else range(micro)
-        self._initial = [i * self.c + c for i in order for c in initial]
+        self._initial = [i * self.c + c for i in order for c in initial if not (i and previous[c])]
 
     def run(self, home: Worker, task: int, locked: bool = True) -> None:
         """Run one task of `home`'s device on its thread, then hand on what it made
@@ -112,6 +119,11 @@ class Pass:
                         pending[base + s] -= 1
                         if pending[base + s] == 0:
                             ready.append(base + s)
+                    if i + 1 < self.micro:
+                        for s in self.next_wakes[c]:  # the next micro-batch's turn at a buffer
+                            pending[base + self.c + s] -= 1
+                            if pending[base + self.c + s] == 0:
+                                ready.append(base + self.c + s)
                     self.remaining -= 1
                     done = self.remaining == 0
                 held.release()

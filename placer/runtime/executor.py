@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from graphs.devices import Device
 from graphs.errors import ExecutionError, PlanError
 from placer.runtime import microbatch
-from placer.runtime.chunks import Chunk, build_chunks
+from placer.runtime.chunks import Chunk, buffer_turns, build_chunks
 from placer.runtime.dataflow import Pass, task_keys
 from placer.runtime.placed_graph import Call, PlacedGraph
 from placer.runtime.refusals import checked_layout, refuse_static
@@ -55,12 +55,11 @@ class Executor:
     """The schedule of a placed model's chunks over its devices' workers.
 
     Options: `microbatches` (GPipe, m >= 1), `batch_dims` (placeholder -> the dimension
-    its batch is split along; default 0), `microbatch_statistics` (accept batch
-    statistics per micro-batch instead of refusing), `pin` (pin virtual CPU workers
-    to their cores; off by default: unpinned workers cross cheaper and lose nothing
-    where two run at once, experiments/bench_pinning.py), `timeout_s` (limit on one
-    pass, which the caller checks between the tasks it runs: a chunk that hangs on the
-    caller's own thread is not cut; None: as long as workers live)."""
+    its batch is split along; default 0), `microbatch_statistics` (accept batch statistics
+    per micro-batch instead of refusing), `pin` (pin virtual CPU workers to their cores;
+    off by default: unpinned workers cross cheaper, experiments/bench_pinning.py),
+    `timeout_s` (limit on one pass, checked by the caller between its tasks: a chunk
+    hanging on its own thread is not cut; None: as long as workers live)."""
 
     def __init__(self, chunks: list[Chunk], devices: Mapping[str, Device], *, microbatches: int = 1,
                  batch_dims: Mapping[str, int] | None = None, microbatch_statistics: bool = False,
@@ -94,11 +93,11 @@ class Executor:
         self._after = [sorted(c.after, key=backward) for c in chunks]  # backward wake order
         self._wakes = [sorted(w, key=forward) for w in wakes]
         self._first = sorted((c.index for c in chunks if not c.after), key=forward)
+        self._turns = buffer_turns(chunks) if microbatches > 1 else None  # micro-batches take buffers in turn
         self._last = sorted((c.index for c in chunks if not wakes[c.index]), key=backward)
         self._layouts: dict[tuple, microbatch.Layout] = {}
         self._whole = len(chunks) == 1 and microbatches == 1  # the whole model, one pass (runs_whole_on_caller)
-        # Debug timeline: set to a list to record a ChunkEvent per chunk run.
-        self.timeline: list[ChunkEvent] | None = None
+        self.timeline: list[ChunkEvent] | None = None  # debug: set to a list to record a ChunkEvent per chunk run
         # Activation accounting (timing.py): bytes saved for backward, live and peak, per device.
         self.count_activations = False
         self.excluded_storages: set[int] = set()  # parameters and buffers: not activations
@@ -231,7 +230,7 @@ class Executor:
         self._streams_wait_for_caller()
         inline = self._caller_device()
         run = Pass(self._waits, self._wakes, self._first, self._keys(micro, False), micro, False, self._chunk_workers,
-                   self.workers.get(inline), partial(self._forward_task, state))
+                   self.workers.get(inline), partial(self._forward_task, state), self._turns)
         self._pin.hold(self.workers[inline].cores if inline is not None else ())
         try:
             with grad_mode(grad):  # once for the caller's tasks (inside PlacedGraph.forward it is off)
