@@ -402,3 +402,31 @@ def test_two_ranks_train_a_summed_loss_like_the_unplaced_model(tmp_path):
     plan = layered_plan(w.fresh_model(), {"a": "cpu:0", "b": "cpu:1", "c": "cpu:1"}, THREE[:2], inputs=w.inputs)
     assert_trained_like_the_unplaced_model(str(spec), plan, 2, microbatches=2, schedule="gpipe",
                                            directory=tmp_path / "ranks")
+
+
+MASKED = NET.replace("return (out - x).pow(2).mean()", "return ((out - x).pow(2) * mask).sum() / mask.sum()").replace(
+    "return torch.randn(8, 8), (torch.rand(8, 8) > 0.3).float()", "return torch.randn(8, 8), torch.ones(8, 8)")
+
+
+def _step_with_uneven_mask(rank: LocalRank) -> str:
+    x, _ = rank.workload.inputs
+    mask = torch.ones(8, 8)
+    mask[4:, 1:] = 0  # the second micro-batch keeps 4 of 32 entries, the first all 32
+    try:
+        rank.model.train_step((x, mask))
+    except PlanError as exc:
+        return str(exc)
+    return "no refusal"
+
+
+def test_a_step_whose_loss_its_micro_batches_do_not_make_is_refused_on_every_rank(tmp_path):
+    # new-user trial 7: a masked mean with equal counts in the example batch passed the check, and a later batch
+    # with uneven padding trained with wrong gradients
+    spec = tmp_path / "masked.py"
+    spec.write_text(MASKED)
+    w = load_workload(str(spec))
+    plan = layered_plan(w.fresh_model(), {"a": "cpu:0", "b": "cpu:1", "c": "cpu:1"}, THREE[:2], inputs=w.inputs)
+    assert plan_pipeline(w.fresh_model(), plan, w.inputs, microbatches=2, loss_fn=w.loss_fn).loss_scale == 0.5
+    said = run_local(str(spec), plan, 2, _step_with_uneven_mask, timeout_s=180, build=Pipelined(2, "gpipe"))
+    assert all("is not what its micro-batches' weighted losses make" in text and "zero them" in text
+               for text in said), said

@@ -23,7 +23,8 @@ example batch's output (its micro-batches' outputs gathered, so that only the lo
 own reduction is judged, not the model's), without gradients and with random numbers
 held fixed, must equal the mean or the sum of its micro-batches' losses; any other
 loss (normalized by a count that differs between micro-batches, such as unpadded
-tokens) is refused, because no weight would make the step the full batch's. Gradients are not rescaled by the schedule
+tokens) is refused, because no weight would make the step the full batch's. Each
+step checks it again on its own batch (`train_step`), from the gathered outputs. Gradients are not rescaled by the schedule
 (`scale_grads=False` where torch has the option).
 
 [Note: model inputs on every stage]
@@ -85,6 +86,7 @@ class PipelineSpec:
     batch: int  # rows of the example batch
     dims: dict[str, int]  # batch-sized model input -> the dimension it is split along
     loss_scale: float | None = None  # each micro-batch's loss weight (1/m mean, 1 sum); None: no loss checked
+    output_dims: dict[str, list[int | None]] | None = None  # each output leaf's batch dimension (m > 1)
 
 
 def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor],
@@ -147,7 +149,8 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
     meta = _propagate_shapes(gm, pipeline, split.inputs[0])
     _check_sendable(pipeline, meta, source)
     return PipelineSpec(traced=traced, pipeline=pipeline, meta=meta, microbatches=m, schedule=name,
-                        batch=sum(split.sizes), dims=split.dims, loss_scale=scale)
+                        batch=sum(split.sizes), dims=split.dims, loss_scale=scale,
+                        output_dims=layout.output_dims if m > 1 else None)
 
 
 def _loss_scale(traced: Traced, pipeline: Pipeline, batch: Mapping[str, object], split: microbatch.Split,
@@ -235,6 +238,7 @@ class PipelinedModel(RankShare):
         self._build_schedule(len(stages))
         self._step_inputs: tuple = ()
         self._step_values: dict = {}  # placeholder -> value of this step's batch
+        self._step_outputs: list[tuple[int, dict]] = []  # (first row, output node -> value) per micro-batch
         self._step_loss_fn: LossFn | None = None
         self.input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
 
@@ -266,7 +270,11 @@ class PipelinedModel(RankShare):
         micro-batches.
 
         Raises ValueError for a batch of other shapes than the example batch's (the
-        pipeline's shapes are static), PlanError for another loss with micro-batches."""
+        pipeline's shapes are static), PlanError for another loss with micro-batches,
+        and PlanError on every rank, after the step, when this batch's loss is not what
+        its micro-batches' weighted losses make (checked on the last stage from their
+        gathered outputs: a masked mean whose counts differ between micro-batches here
+        though not in the example batch): its gradients are then wrong, so zero them."""
         if loss_fn is None or loss_fn == self.loss_fn:  # == : a bound method is made anew on each access
             loss_fn = self.loss_fn
         elif self.spec.microbatches > 1:
@@ -284,12 +292,30 @@ class PipelinedModel(RankShare):
         self.module.whole = {n: values[n] for n in self.stage.model_inputs if n not in self.spec.dims}
         split = {k: values[name] for k, name in self._keywords.items()}
         losses: list[torch.Tensor] = []
+        self._step_outputs = []
         with self.count_saved(self.stage.device):
             self.schedule.step(**split, target=torch.arange(self.spec.batch), losses=losses, **self._step_options)
-        loss = torch.tensor([float(sum(x.detach().float().sum() for x in losses)) if losses else 0.0],
-                            dtype=torch.float64, device=self.comm_device)
+        total = float(sum(x.detach().float().sum() for x in losses)) if losses else 0.0
+        whole, rel = self._whole_loss(loss_fn) if losses and self.spec.microbatches > 1 else (total, 0.0)
+        loss = torch.tensor([total, whole, rel], dtype=torch.float64, device=self.comm_device)
         dist.broadcast(loss, self.global_rank(len(self.pipeline.stages) - 1), group=self.group)
-        return float(loss.item())
+        total, whole, rel = loss.tolist()
+        if not math.isclose(total, whole, rel_tol=rel, abs_tol=1e-9):
+            raise PlanError(f"{self.plan.source}: this batch's loss ({whole:.6g}) is not what its micro-batches' "
+                            f"weighted losses make ({total:.6g}), as it was on the example batch (a loss normalized by "
+                            f"a count that differs between micro-batches here?): this step's gradients are wrong; "
+                            f"zero them, and train this loss with --backend local or distributed, or microbatches = 1")
+        return total
+
+    def _whole_loss(self, loss_fn: LossFn) -> tuple[float, float]:
+        """The loss of this step's batch from its micro-batches' outputs, gathered (last
+        stage), and the relative tolerance of its dtype."""
+        parts = [values for _, values in sorted(self._step_outputs, key=lambda item: item[0])]
+        gathered = {name: microbatch.gather([p[name] for p in parts], self.spec.output_dims[name]) for name in parts[0]}
+        out = eager_output(self.spec.traced, self.pipeline.output, {**self._step_values, **gathered})
+        with torch.no_grad(), torch.random.fork_rng():
+            loss = loss_fn(out, *self._step_inputs)
+        return float(loss), 1e-2 if loss.dtype in (torch.float16, torch.bfloat16) else 1e-4
 
     def _microbatch_loss(self, output: tuple, rows: torch.Tensor) -> torch.Tensor:
         """The schedule's loss of one micro-batch (see the module's Note), on the last stage."""
@@ -297,6 +323,8 @@ class PipelinedModel(RankShare):
         leaves = iter(output if isinstance(output, tuple) else (output,))
         values = {name: batch[name] if name in batch else _rebuild(self.meta[name], leaves)
                   for name in self.pipeline.output_nodes}
+        self._step_outputs.append((int(rows[0]), {name: _detached(v) for name, v in values.items()
+                                                  if name not in batch}))
         out = eager_output(self.spec.traced, self.pipeline.output, values)
         placeholder_of = {id(x): name for name, x in self._step_values.items()}
         inputs = [batch[placeholder_of[id(x)]] if id(x) in placeholder_of else x for x in self._step_inputs]
@@ -394,3 +422,9 @@ def _rebuild(meta: ValueMeta, tensors) -> object:
     """A value from its tensor leaves (taken in order from the iterator `tensors`) and
     the constants of the shape pass."""
     return tree_unflatten([next(tensors) if isinstance(leaf, TensorMeta) else leaf for leaf in meta.leaves], meta.spec)
+
+
+def _detached(value: object) -> object:
+    """A value with its tensor leaves detached (kept for the step's loss check)."""
+    flat, spec = tree_flatten(value)
+    return tree_unflatten([x.detach() if isinstance(x, torch.Tensor) else x for x in flat], spec)
