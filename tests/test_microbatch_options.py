@@ -71,6 +71,16 @@ def second_layer_apart(node) -> str:
     return "cpu:1" if owning_module(node).startswith(("out", "head")) else "cpu:0"
 
 
+def assert_refused(model: nn.Module, plan: placer.Plan, inputs: tuple, match: str) -> None:
+    """The first call of `model` placed by `plan` on `inputs` raises PlanError matching `match`."""
+    placed = placer.apply(model, plan)
+    try:
+        with pytest.raises(PlanError, match=match):
+            placed(*inputs)
+    finally:
+        placed.close()
+
+
 def piped(model: nn.Module, inputs: tuple, microbatches: int = 2, **options) -> placer.Plan:
     plan = plan_from_assignment(model, second_layer_apart, TWO, inputs=inputs, **options)
     return replace(plan, microbatches=microbatches, schedule="gpipe")
@@ -107,15 +117,10 @@ def test_a_plan_whose_capture_fixed_the_named_batch_dimension_is_refused_naming_
     model = SeqFirstAttention()
     inputs = (torch.randn(5, 4, 8),)
     made_without = plan_from_assignment(model, second_layer_apart, TWO, inputs=inputs)
-    placed = placer.apply(model, replace(made_without, batch_dims={"x": 1}, microbatches=2))
-    try:
-        with pytest.raises(PlanError, match=r"the plan's capture may fix the batch's size along dimension 1 of input "
-                                            r"'x': torch.export keeps it free only in a capture made with batch_dims "
-                                            r"naming it, so make the plan again from the workload\. "
-                                            r"Otherwise, use microbatches = 1$"):
-            placed(*inputs)
-    finally:
-        placed.close()
+    assert_refused(model, replace(made_without, batch_dims={"x": 1}, microbatches=2), inputs,
+                   r"the plan's capture may fix the batch's size along dimension 1 of input 'x': torch.export keeps "
+                   r"it free only in a capture made with batch_dims naming it, so make the plan again from the "
+                   r"workload\. Otherwise, use microbatches = 1$")
 
 
 def test_without_batch_dims_a_batch_second_model_whose_output_loses_the_steps_is_refused():
@@ -248,15 +253,10 @@ def test_inputs_without_a_common_batch_dimension_are_refused_naming_what_was_spl
     # trial 5: the refusal asked whether the model assumes a fixed batch size
     model = Bag()
     inputs = (torch.randint(0, 50, (20,)), torch.tensor([0, 3, 7, 12]))
-    placed = placer.apply(model, piped(model, inputs))
-    try:
-        with pytest.raises(PlanError, match=r"only 'ids' was split \(20 rows along dimension 0\); 'offsets' went "
-                                            r"whole to every micro-batch, its length differing: name each input's "
-                                            r"batch dimension in batch_dims if they share one, else the model's "
-                                            r"inputs cannot be split\. Otherwise, use microbatches = 1$"):
-            placed(*inputs)
-    finally:
-        placed.close()
+    assert_refused(model, piped(model, inputs), inputs,
+                   r"only 'ids' was split \(20 rows along dimension 0\); 'offsets' went whole to every micro-batch, "
+                   r"its length differing: name each input's batch dimension in batch_dims if they share one, else "
+                   r"the model's inputs cannot be split\. Otherwise, use microbatches = 1$")
 
 BATCH_SECOND_FILE = textwrap.dedent("""
     import torch
@@ -335,13 +335,9 @@ def test_a_hand_edited_plans_batch_dims_that_name_no_input_or_dimension_are_refu
     with pytest.raises(PlanError, match=r"batch_dims names 'y', which is no input of the model's forward \(x\): "
                                         r"name one of those$"):
         placer.apply(model, replace(plan, batch_dims={"y": 1}))
-    placed = placer.apply(model, replace(plan, batch_dims={"x": 5}))
-    try:
-        with pytest.raises(PlanError, match=r"batch_dims names dimension 5 of input 'x', which has 3 "
-                                            r"\(shape \[5, 4, 6\]\): name the dimension its batch lies along$"):
-            placed(*steps_batch())
-    finally:
-        placed.close()
+    assert_refused(model, replace(plan, batch_dims={"x": 5}), steps_batch(),
+                   r"batch_dims names dimension 5 of input 'x', which has 3 \(shape \[5, 4, 6\]\): name the "
+                   r"dimension its batch lies along$")
 
 
 class ChainedEma(nn.Module):

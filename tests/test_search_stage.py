@@ -42,13 +42,19 @@ def test_a_file_that_is_not_a_policy_is_one_short_line(tmp_path):
     assert "\n" not in message and "not a placer policy file" in message and "weights_only" not in message
 
 
-def test_a_search_gives_a_row_and_a_curve_stamped_with_its_calibration(tmp_path):
+def random_search(measurer: type, overrides: tuple[str, ...], samples: int, tmp_path):
+    """(the problem, run_search's outcome): random search from all on device 0 on a
+    10-group problem over cpu:0,cpu:1, measured by `measurer`."""
     problem = PlacementProblem(random_grouped_graph(10, seed=1), parse_cluster("cpu:0,cpu:1"))
-    scorer = Scorer(problem, FakeMeasurer(problem), warn=pytest.fail)
-    options = SearchOptions(overrides=("batch_size=8", "measure_every=1", "measure_top_k=1"), max_samples=32)
+    scorer = Scorer(problem, measurer(problem), warn=pytest.fail)
     warm = Candidate((0,) * problem.n_groups)
-    outcome = run_search("random_search", problem, scorer, 600.0, 0, options, None, warm, False, tmp_path,
-                         lambda stage: None)
+    return problem, run_search("random_search", problem, scorer, 600.0, 0,
+                               SearchOptions(overrides=overrides, max_samples=samples), None, warm, False, tmp_path,
+                               lambda stage: None)
+
+
+def test_a_search_gives_a_row_and_a_curve_stamped_with_its_calibration(tmp_path):
+    problem, outcome = random_search(FakeMeasurer, ("batch_size=8", "measure_every=1", "measure_top_k=1"), 32, tmp_path)
     row, curve, marks = outcome.row, outcome.curve, outcome.recalibrations
     assert not outcome.interrupted and row.method == "random_search" and row.kind == "search"
     assert len(row.placement) == problem.n_groups and row.devices == ["cpu:0", "cpu:1"]
@@ -71,12 +77,8 @@ class SlowMicrobatches(FakeMeasurer):
 
 def test_a_warm_start_kept_outside_the_micro_batch_counts_asked_for_is_noted(tmp_path):
     # new-user trial 6: the row showed microbatches 1 after --search microbatches=2,4, unexplained
-    problem = PlacementProblem(random_grouped_graph(10, seed=1), parse_cluster("cpu:0,cpu:1"))
-    scorer = Scorer(problem, SlowMicrobatches(problem), warn=pytest.fail)
-    options = SearchOptions(overrides=("batch_size=8", "measure_every=1", "microbatches=2,4"), max_samples=16)
-    warm = Candidate((0,) * problem.n_groups)
-    outcome = run_search("random_search", problem, scorer, 600.0, 0, options, None, warm, False, tmp_path,
-                         lambda stage: None)
-    assert outcome.row.microbatches == 1 and outcome.row.placement == list(warm.placement)
+    problem, outcome = random_search(SlowMicrobatches, ("batch_size=8", "measure_every=1", "microbatches=2,4"), 16,
+                                     tmp_path)
+    assert outcome.row.microbatches == 1 and outcome.row.placement == [0] * problem.n_groups
     assert outcome.row.notes == ["no candidate at microbatches 2, 4 measured faster than the search's warm start "
                                  "(microbatches 1), which it keeps so that its result is never worse"]
