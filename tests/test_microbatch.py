@@ -47,6 +47,19 @@ def test_an_empty_batch_runs_as_one_call(one_thread):
     placed.executor.close()
 
 
+def test_a_batch_the_model_fails_on_whole_raises_what_eager_raises(one_thread):
+    # new-user trial 7: a float64 batch was refused as a model that fails on 2 rows ("fixed batch size?")
+    model = Chain()
+    placed = Placed(model, halves, microbatches=3)
+    x = torch.randn(6, 12, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="dtype"):
+        model(x)
+    with pytest.raises(RuntimeError, match="dtype") as caught:
+        placed(x)
+    assert not isinstance(caught.value, PlanError)
+    placed.executor.close()
+
+
 @pytest.mark.parametrize("m, rows", [(2, 8), (4, 10), (3, 4)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_gradients_are_the_full_batchs_for_any_loss_reduction(m, rows, reduction, one_thread):

@@ -216,6 +216,8 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
     ------
     PlanError : the model fails on a smaller batch (it assumes a fixed batch size), an
         output has no batch dimension, or a non-tensor output depends on the batch.
+    Exception : what the model raises on the whole batch too (a wrong dtype, say), as
+        eager would raise it.
     """
     name = next(iter(dims))
     rows = (2, 3) if inputs[name].shape[dims[name]] >= 3 else (1, 2)
@@ -225,6 +227,7 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
     except PlanError:
         raise
     except Exception as exc:
+        probe(chunks, devices, inputs, dims, inputs[name].shape[dims[name]])  # failing whole too: eager's error
         along = [f"dimension {d} of input {n!r}" for n, d in dims.items() if d and inputs[n].is_floating_point()]
         whole = [n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and n not in dims]
         if whole:  # e.g. EmbeddingBag's flat indices with their offsets: no common batch dimension
