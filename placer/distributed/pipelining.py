@@ -64,7 +64,7 @@ from placer.plan import Plan, load_plan, trace_for_plan
 from placer.runtime import microbatch
 from placer.runtime.refusals import checked_layout, refuse_static
 from placer.runtime.tensors import localize, tensor_readers, written_tensors
-from placer.runtime.values import move, receive
+from placer.runtime.values import map_tensors, move, receive
 
 __all__ = ["PipelinedModel", "PipelineSpec", "plan_pipeline", "SCHEDULES"]
 
@@ -323,8 +323,8 @@ class PipelinedModel(RankShare):
         leaves = iter(output if isinstance(output, tuple) else (output,))
         values = {name: batch[name] if name in batch else _rebuild(self.meta[name], leaves)
                   for name in self.pipeline.output_nodes}
-        self._step_outputs.append((int(rows[0]), {name: _detached(v) for name, v in values.items()
-                                                  if name not in batch}))
+        self._step_outputs.append((int(rows[0]), {name: map_tensors(torch.Tensor.detach, v)
+                                                  for name, v in values.items() if name not in batch}))
         out = eager_output(self.spec.traced, self.pipeline.output, values)
         placeholder_of = {id(x): name for name, x in self._step_values.items()}
         inputs = [batch[placeholder_of[id(x)]] if id(x) in placeholder_of else x for x in self._step_inputs]
@@ -422,9 +422,3 @@ def _rebuild(meta: ValueMeta, tensors) -> object:
     """A value from its tensor leaves (taken in order from the iterator `tensors`) and
     the constants of the shape pass."""
     return tree_unflatten([next(tensors) if isinstance(leaf, TensorMeta) else leaf for leaf in meta.leaves], meta.spec)
-
-
-def _detached(value: object) -> object:
-    """A value with its tensor leaves detached (kept for the step's loss check)."""
-    flat, spec = tree_flatten(value)
-    return tree_unflatten([x.detach() if isinstance(x, torch.Tensor) else x for x in flat], spec)

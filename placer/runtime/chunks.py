@@ -28,7 +28,8 @@ import torch.fx as fx
 from torch import nn
 
 from graphs.schedule import (Partition, after_update, chunk_order, memory_owner, mutated_args, mutates_first_arg,
-                             ordering_edges, partition, pass_order, setitem, tensor_base, written_state)
+                             ordering_edges, partition, pass_order, setitem, tensor_base)
+from placer.runtime.tensors import written_tensors
 
 __all__ = ["Chunk", "build_chunks", "thread_in_place_updates", "buffer_turns"]
 
@@ -186,12 +187,9 @@ def buffer_turns(chunks: Sequence[Chunk]) -> list[list[int]]:
     of micro-batch i - 1 (dataflow.Pass `previous`), so that each micro-batch reads and
     updates a buffer after the one before it is done with it, as eager runs them in turn.
     Empty lists where the forward updates no tensor in place."""
-    def tensors(chunk: Chunk, nodes) -> set[int]:
-        return {id(operator.attrgetter(str(n.target))(chunk.module)) for n in nodes}
-
-    written = set().union(*(tensors(c, (a for n in c.module.graph.nodes for a in written_state(n, c.module)))
-                            for c in chunks))
-    touched = [tensors(c, (n for n in c.module.graph.nodes if n.op == "get_attr")) & written for c in chunks]
+    written = set().union(*(written_tensors(c.module) for c in chunks))
+    touched = [{id(operator.attrgetter(str(n.target))(c.module)) for n in c.module.graph.nodes if n.op == "get_attr"}
+               & written for c in chunks]
     return [[b for b, theirs in enumerate(touched) if mine & theirs] for mine in touched]
 
 
