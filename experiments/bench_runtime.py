@@ -22,7 +22,8 @@ Record only on a quiet host, under the heavy lock:
     flock /tmp/placer-heavy.lock .venv/bin/python experiments/bench_runtime.py
     .venv/bin/python experiments/bench_runtime.py --quick    # small sizes, few steps: a check that it runs
 
-Writes experiments/results/runtime.{json,md} (runtime_quick.* with --quick).
+Writes experiments/results/runtime.{json,md} (runtime_quick.* with --quick); one section alone,
+`--sections towers`, writes runtime_towers.{json,md}.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from placer.runtime.timing import EagerTrial, PlacedTrial
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HOST_THREADS = torch.get_num_threads()
+SECTIONS = ("overhead", "towers", "chains", "scaling")
 
 
 class Towers(nn.Module):
@@ -236,20 +238,23 @@ def fmt(x, spec: str = ".2f") -> str:
 
 def write_markdown(path: Path, results: dict) -> None:
     lines = [f"# Engine benchmarks{' (quick: timings meaningless)' if results['quick'] else ''}", "",
-             *host_lines(results["host"]), "",
-             "## (a) Overhead: everything on cpu:0 through the runtime vs eager (target within 3%)", "",
-             "| model | threads | unplaced ms | runtime ms | overhead (95% CI) |", "| --- | ---: | ---: | ---: | --- |"]
-    for r in results["overhead"]:
+             *host_lines(results["host"])]
+    if "overhead" in results:
+        lines += ["", "## (a) Overhead: everything on cpu:0 through the runtime vs eager (target within 3%)", "",
+                  "| model | threads | unplaced ms | runtime ms | overhead (95% CI) |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+    for r in results.get("overhead", []):
         o = r["overhead"]
         lines.append(f"| {r['model']} | {r['threads']} | {fmt(r['unplaced']['median_ms'])} | "
                      f"{fmt(r['runtime']['median_ms'])} | "
                      + ("-" if o is None else f"{o['value']:+.1%} ({o['ci'][0]:+.1%} to {o['ci'][1]:+.1%})") + " |")
-    t = results["towers"]
-    lines += ["", "## (b) Towers over cpu:0,cpu:1 (target at least 1.6x over all on cpu:0)", "", t["model"], "",
-              "| placement | median ms (95% CI) | vs all on cpu:0 | vs unplaced |", "| --- | --- | --- | --- |"]
+    t = results.get("towers", {"rows": {}})
+    if "towers" in results:
+        lines += ["", "## (b) Towers over cpu:0,cpu:1 (target at least 1.6x over all on cpu:0)", "", t["model"], "",
+                  "| placement | median ms (95% CI) | vs all on cpu:0 | vs unplaced |", "| --- | --- | --- | --- |"]
     for label, r in t["rows"].items():
         lines.append(f"| {label} | {_ms(r)} | {_ratio(r.get('vs_cpu0'))} | {_ratio(r.get('vs_unplaced'))} |")
-    for c in results["chains"]:
+    for c in results.get("chains", []):
         lines += ["", f"## (c) {c['model']}: pipelined vs unpipelined on cpu:0,cpu:1 (target at least 1.3x)", "",
                   "| plan | median ms (95% CI) | runs | vs unplaced |", "| --- | --- | ---: | --- |"]
         for label, r in c["rows"].items():
@@ -257,9 +262,10 @@ def write_markdown(path: Path, results: dict) -> None:
         lines += ["", f"Best pipelined ({c['best']['pipelined']}) over best unpipelined ({c['best']['unpipelined']}): "
                   f"{_ratio(c['pipelined_vs_unpipelined'])}; its gradients differ from eager's by at most "
                   f"{fmt(c['gradient_rel_error'], '.1e')} (relative)."]
-    lines += ["", "## (d) Intra-op scaling of the eager step (what the whole host gains inside every op)", "",
-              "| model | 1 thread ms | 2 threads ms | speed-up |", "| --- | ---: | ---: | --- |"]
-    for r in results["scaling"]:
+    if "scaling" in results:
+        lines += ["", "## (d) Intra-op scaling of the eager step (what the whole host gains inside every op)", "",
+                  "| model | 1 thread ms | 2 threads ms | speed-up |", "| --- | ---: | ---: | --- |"]
+    for r in results.get("scaling", []):
         lines.append(f"| {r['model']} | {fmt(r['one_thread_ms'])} | {fmt(r['two_threads_ms'])} | "
                      f"{_ratio(r['speedup'])} |")
     path.write_text("\n".join(lines) + "\n")
@@ -280,21 +286,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps: a check that it runs")
     parser.add_argument("--cap", type=float, default=60.0, help="seconds of timed rounds per session")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated, of " + ", ".join(SECTIONS) + " (default: all); a subset writes "
+                             "runtime_<sections>.{json,md}")
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    if not set(sections) <= set(SECTIONS):
+        parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
     protocol = (Protocol(min_runs=2, max_runs=3, cap_s=1.0, warmup=1) if args.quick
                 else Protocol(target=0.03, min_runs=10, max_runs=300, cap_s=args.cap, warmup=3))
     torch.set_num_threads(1)  # the caller serves cpu:0 of two 1-thread devices (the unplaced rows set their own)
     size = "small" if args.quick else "medium"
-    results = {
-        "quick": args.quick, "host": host_info(), "protocol": protocol.to_json(),  # host: experiments/_record.py
-        "towers": towers(*((128, 2, 64) if args.quick else (1024, 4, 256)), protocol),
-        "chains": [chain(name, size, protocol) for name in ("mlp", "gpt")],
-        "scaling": scaling([f"zoo:{name}:{size}" for name in ("mlp", "gpt", "transformer", "nmt")], protocol),
-    }
-    torch.set_num_threads(HOST_THREADS)  # one device `cpu:0` has all the host's threads
-    results["overhead"] = overhead(sorted(ZOO), protocol)
+    results = {"quick": args.quick, "host": host_info(), "protocol": protocol.to_json()}  # host: _record.py
+    if "towers" in sections:
+        results["towers"] = towers(*((128, 2, 64) if args.quick else (1024, 4, 256)), protocol)
+    if "chains" in sections:
+        results["chains"] = [chain(name, size, protocol) for name in ("mlp", "gpt")]
+    if "scaling" in sections:
+        results["scaling"] = scaling([f"zoo:{name}:{size}" for name in ("mlp", "gpt", "transformer", "nmt")], protocol)
+    if "overhead" in sections:
+        torch.set_num_threads(HOST_THREADS)  # one device `cpu:0` has all the host's threads
+        results["overhead"] = overhead(sorted(ZOO), protocol)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "runtime_quick" if args.quick else "runtime"
+    stem = "runtime" + ("_quick" if args.quick else "") + ("" if set(sections) == set(SECTIONS) else
+                                                          "_" + "_".join(s for s in SECTIONS if s in sections))
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     write_markdown(RESULTS / f"{stem}.md", results)
     print(f"wrote {RESULTS / stem}.json and .md")

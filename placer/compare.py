@@ -12,6 +12,11 @@ each runs on its own devices, which this host must have. Each device set has its
 problem (placer.choose counts a row's cut edges on its own); the unplaced model runs
 on a GPU where some set's profile makes one the fastest device, else on the whole
 host; the lower bound is the least of the sets' bounds, so no row can beat it.
+
+A row's placement and simulated step time come from the plan's `assignment` on its
+problem, not from the plan's stored `placement` and `simulated_ms`: a hand edit of
+plan.json changes the assignment only, and two plans with one stored placement would
+otherwise count as one candidate (placer.choose.plan_key) and share a measurement.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from envs.calibrate import load_calibration
+from envs.sim import Simulator
 from graphs.errors import PlacerError, PlanError
 from graphs.files import folder_problem
-from graphs.problem import build_problem
+from graphs.problem import PlacementProblem, build_problem
 from graphs.trace import fingerprint, trace_model
 from graphs.workload import load_workload
 from placer.choose import fill, pick, settle_ratios, verdict_choice
@@ -92,13 +98,20 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
     measurer = Measurer(loaded, host, MeasurementBook({}), protocol, progress=progress)
     rows = [MethodResult(UNPLACED, "unplaced", devices=[unplaced_device(host)])]
     methods = [plan.method for plan in loaded_plans]
+    simulators = [Simulator(p, load_calibration(p)) for p in problems]
     for path, plan in zip(plans, loaded_plans):
         # Bare method names where they are unique; files tell apart plans of one method.
         name = plan.method if methods.count(plan.method) == 1 and plan.method != UNPLACED \
             else f"{plan.method} ({Path(path).name})"
-        rows.append(MethodResult(name, _kind(plan.method), placement=plan.placement, devices=list(plan.devices),
-                                 microbatches=plan.microbatches, schedule=plan.schedule,
-                                 simulated_ms=plan.simulated_ms, plan=str(path)))
+        at = device_sets.index(tuple(plan.devices))
+        placement = placement_of(problems[at], plan)
+        rows.append(MethodResult(name, _kind(plan.method), placement=placement, devices=list(plan.devices),
+                                 microbatches=plan.microbatches, schedule=plan.schedule, plan=str(path),
+                                 simulated_ms=None if placement is None else
+                                 simulators[at].simulate(placement, plan.microbatches).step_ms))
+        if placement is None:
+            rows[-1].notes.append(f"{name}: not simulated: its assignment does not put each profiled group on one "
+                                  f"device (a hand edit split a group)")
         if list(plan.devices) == rows[0].devices and plan.microbatches <= 1:
             rows[-1].notes.append(f"{name}: the unplaced model (the whole model on {plan.devices[0]}, as unplaced "
                                   f"runs it), through placer's runtime")
@@ -126,6 +139,20 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
         raise
     results.paths = {k: str(v) for k, v in publish(results, out, None, warn).items()}
     return results
+
+
+def placement_of(problem: PlacementProblem, plan: Plan) -> list[int] | None:
+    """Group id -> device index of `problem`'s cluster, as `plan.assignment` places
+    each group's member nodes; None where a group's members are on several devices
+    (or on a device the cluster lacks). `plan` must be for the problem's capture."""
+    index = {name: i for i, name in enumerate(problem.cluster.names)}
+    placement = []
+    for g in range(problem.n_groups):
+        devices = {plan.assignment.get(m) for m in problem.groups.nodes[g]["members"]}
+        if len(devices) != 1 or (device := devices.pop()) not in index:
+            return None
+        placement.append(index[device])
+    return placement
 
 
 def _kind(method: str) -> str:

@@ -147,3 +147,31 @@ def test_a_plan_file_given_twice_is_one_row_and_a_whole_host_plan_is_named_the_u
     assert twin.method == "unplaced (plan.json)" and twin.notes[0].startswith(
         "unplaced (plan.json): the unplaced model (the whole model on cpu, as unplaced runs it)")
     assert twin.notes[0] in results.notes
+
+
+def test_a_hand_edited_plan_is_its_own_candidate_simulated_from_its_assignment(plans, tmp_path):
+    """A hand edit of plan.json changes `assignment`, not the stored `placement` or
+    `simulated_ms`: compare must read the plan from its assignment, or the edited plan
+    would pass for the original (one candidate, one shared measurement) with its number."""
+    workload, paths = plans
+    original = json.loads(paths[1].read_text())  # round_robin
+    problem = build_problem(workload, "cpu:0,cpu:1")
+    members = problem.groups.nodes[0]["members"]
+    assert len(members) > 1  # so that moving one member splits the group
+    other = {"cpu:0": "cpu:1", "cpu:1": "cpu:0"}
+    edited = {**original, "assignment": {n: other[d] if n in members else d
+                                         for n, d in original["assignment"].items()}}
+    split = {**original, "assignment": {**original["assignment"], members[0]: other[original["assignment"][members[0]]]}}
+    edited_path, split_path = tmp_path / "edited.json", tmp_path / "split.json"
+    edited_path.write_text(json.dumps(edited))
+    split_path.write_text(json.dumps(split))
+    results = compare(workload, [paths[1], edited_path, split_path], out_dir=tmp_path / "out", protocol=PROTOCOL,
+                      warn=pytest.fail)
+    rows = {r.plan: r for r in results.methods[1:]}
+    first, moved, halved = rows[str(paths[1])], rows[str(edited_path)], rows[str(split_path)]
+    assert first.placement == original["placement"]
+    assert moved.placement == [1 - original["placement"][0], *original["placement"][1:]]
+    simulator = compare_module.Simulator(problem, compare_module.load_calibration(problem))
+    assert moved.simulated_ms == pytest.approx(simulator.simulate(moved.placement).step_ms)
+    assert halved.placement is None and halved.simulated_ms is None
+    assert any("not simulated" in n and "split.json" in n for n in results.notes)
