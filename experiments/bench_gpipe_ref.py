@@ -8,8 +8,10 @@ forward of every micro-batch and then the backward in reverse (torchgpipe's GPip
 Kim et al. 2020), the loss of micro-batch i weighted by its share of the batch. Beside
 it: placer.apply of the pipeline heuristic's stages (placer.baselines.pipeline) at the
 same m, and the eager model on one thread (what "all on cpu:0" runs). Candidates
-interleaved A B C / C B A, ratios of medians with 95% bootstrap CIs. Record only on a
-quiet host:
+interleaved A B C / C B A, ratios of medians with 95% bootstrap CIs, and each step's
+minor page faults (the process's, a count the host's load does not change: on this KVM
+guest a fault costs microseconds, and allocator behaviour differs between the two).
+Record only on a quiet host:
 
     flock /tmp/placer-heavy.lock .venv/bin/python experiments/bench_gpipe_ref.py
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import queue
+import resource
 import threading
 import time
 from typing import Callable
@@ -116,14 +119,18 @@ def main() -> None:
             candidates[f"placer m={m}"] = (
                 placed, lambda placed=placed: workload.loss_fn(placed(x), x).backward())
         times: dict[str, list[float]] = {label: [] for label in candidates}
+        faults: dict[str, list[int]] = {label: [] for label in candidates}
 
         def step(label: str) -> float:
             model, run = candidates[label]
             for p in model.parameters():
-                p.grad = None
+                p.grad = None  # as optimizer.zero_grad() does
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             run()
-            return (time.perf_counter() - start) * 1e3
+            elapsed = (time.perf_counter() - start) * 1e3
+            faults[label].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            return elapsed
 
         try:
             for label in candidates:  # warm-up
@@ -136,8 +143,8 @@ def main() -> None:
             for close in closers:
                 close()
         base = times["one thread (eager)"]
-        rows = {label: {"median_ms": float(np.median(t)), "steps": len(t),
-                        "vs_one_thread": ratio_ci(base, t)} for label, t in times.items()}
+        rows = {label: {"median_ms": float(np.median(t)), "steps": len(t), "vs_one_thread": ratio_ci(base, t),
+                        "page_faults": int(np.median(faults[label][1:]))} for label, t in times.items()}
         for m in counts:
             rows[f"placer m={m}"]["vs_threaded_gpipe"] = ratio_ci(times[f"threaded GPipe m={m}"],
                                                                  times[f"placer m={m}"])
@@ -147,11 +154,11 @@ def main() -> None:
              *host_lines(results["host"])]
     for model, rows in results["models"].items():
         lines += ["", f"## {model}", "", "| candidate | median ms | steps | over one thread (95% CI) |"
-                  " placer / GPipe (> 1: placer faster) |", "| --- | ---: | ---: | --- | --- |"]
+                  " placer / GPipe (> 1: placer faster) | page faults a step |", "| --- | ---: | ---: | --- | --- | ---: |"]
         for label, r in rows.items():
             vs = r.get("vs_threaded_gpipe")
             lines.append(f"| {label} | {r['median_ms']:.1f} | {r['steps']} | {_ci(r['vs_one_thread'])} | "
-                         f"{_ci(vs) if vs else ''} |")
+                         f"{_ci(vs) if vs else ''} | {r['page_faults']} |")
     record("gpipe_ref", results, "\n".join(lines) + "\n")
 
 
