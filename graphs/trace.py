@@ -150,7 +150,8 @@ class Traced:
         if self.method == "export":
             flat, spec = tree_flatten((bound.args, bound.kwargs))
             if spec != self.in_spec or not all(_same(flat[i], v) for i, v in self.constants):
-                return None, f"it was captured for arguments {str(self.in_spec).replace(chr(10), ' ')}"
+                passed = ", ".join(k if isinstance(v, torch.Tensor) else f"{k}={v!r}" for k, v in bound.arguments.items())
+                return None, f"it was captured for other arguments or Python values than this call's ({passed})"
             values = dict(zip(self._placeholder_names, flat))
         else:
             bound.apply_defaults()

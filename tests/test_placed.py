@@ -18,6 +18,7 @@ from graphs.capture import owning_module
 from graphs.errors import ExecutionError, PlanError
 from placer.plan import Plan, plan_from_assignment
 from placer.runtime import PlacedModule, apply
+from placer.runtime.placed import EXTRA_CAPTURES
 
 TWO = ["cpu:0", "cpu:1"]
 Outputs = namedtuple("Outputs", ["logits", "aux"])
@@ -211,6 +212,33 @@ def test_a_call_with_other_arguments_gets_its_own_capture():
     assert type(out) is dict
     torch.testing.assert_close(out["y"], ref(x, torch.ones(3, 6))["y"])
     out["extra"] = 1  # a plain, mutable dict
+    placed.close()
+
+
+class Tempered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x, temperature: float = 1.0):
+        return self.fc(x) / temperature
+
+
+def test_a_float_argument_new_on_every_call_keeps_few_captures_and_warns_once():
+    """new-user trial 8: an annealed float argument made a capture per call, each kept
+    for good: memory grew every step, silently."""
+    torch.manual_seed(0)
+    ref = Tempered()
+    model = copy.deepcopy(ref)
+    x = torch.randn(3, 6)
+    placed = placer.apply(model, plan_from_assignment(model, lambda n: "cpu:0", TWO, inputs=(x,)))
+    kept = len(placed.graphs)
+    temperatures = [2.0 - 0.1 * step for step in range(12)] + [2.0]  # the first value again, its capture dropped
+    with pytest.warns(UserWarning) as caught:
+        for t in temperatures:
+            torch.testing.assert_close(placed(x, t), ref(x, t))
+            assert len(placed.graphs) <= kept + EXTRA_CAPTURES
+    assert len(caught) == 1 and "temperature" in str(caught[0].message) and "as tensors" in str(caught[0].message)
     placed.close()
 
 

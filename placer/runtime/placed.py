@@ -12,7 +12,10 @@ workers, forward and backward (executor.py, through `Executor.run` only).
 A capture freezes one mode and covers calls of some shapes (graphs.trace), so the
 module keeps one placed graph per capture: the training capture of the plan, an
 eval capture, and captures for other arguments or shapes (a partial last batch of
-size 1, another sequence length the model fixes), made on first use and kept. A
+size 1, another sequence length the model fixes, another value of a Python float
+argument), made on first use and kept, the `EXTRA_CAPTURES` latest of them: a loop
+whose calls each need one (an annealed float, padding to each batch's own length)
+would otherwise grow without bound, and a warning says so once, with the fix. A
 node of another capture takes the device of the same node (name, target and module)
 in the training capture, else its module's, else its producer's. Each call picks
 the capture of the current mode (the `training` flag of every module the model had
@@ -28,6 +31,7 @@ the device of the first tensor input, like accelerate's dispatched models.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,6 +53,7 @@ from placer.runtime.tensors import graph_reads, localize, place_tensors, tensor_
 __all__ = ["apply", "PlacedModule"]
 
 _HOST = torch.device("cpu")
+EXTRA_CAPTURES = 8  # captures made on first use that a placed model keeps (the oldest is dropped)
 
 
 @dataclass
@@ -106,6 +111,8 @@ class PlacedModule(nn.Module):
         object.__setattr__(self, "original", model)  # last: from here on, unknown attributes come from it
         if eval_capture is not None:
             self.graphs.append(self._placed(eval_capture))
+        self._kept = len(self.graphs)  # the captures made here, never dropped
+        self._made = 0  # captures made on first use so far
         self._snapshot = self._snapshot_now()
 
     def _snapshot_now(self) -> ModelSnapshot:
@@ -177,6 +184,14 @@ class PlacedModule(nn.Module):
                              kwargs=kwargs, method=reference.method, mode=None, batch_dims=dict(reference.batch_dims))
         graph = self._placed(traced)
         self.graphs.append(graph)
+        self._made += 1
+        if len(self.graphs) > self._kept + EXTRA_CAPTURES:
+            self.graphs.pop(self._kept).executor.close()
+            if self._made == EXTRA_CAPTURES + 1:
+                warnings.warn(f"placer: {self._made} calls of this placed model each needed a new capture of the "
+                              f"model (the latest because {why}); a capture takes seconds, and only the "
+                              f"{EXTRA_CAPTURES} latest are kept: pass values that change between calls as tensors "
+                              f"and keep shapes fixed (pad to one length; DataLoader(drop_last=True))", stacklevel=5)
         self._snapshot = self._snapshot_now()  # the capture ran the forward, which may add hooks (transformers')
         inputs = traced.bind(args, kwargs)
         if inputs is None:
