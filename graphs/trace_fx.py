@@ -177,14 +177,21 @@ def _plain(value):
     return value
 
 
+def cache_class(export_error: BaseException | None) -> str | None:
+    """The class name of the cache object (a Hugging Face model's DynamicCache with
+    `use_cache=True`) whose presence in the output made torch.export fail, else None."""
+    found = re.search(r"Found <class '(?:[\w.]*\.)?(\w*Cache)'> in output", str(export_error or ""))
+    return None if found is None else found.group(1)
+
+
 def cache_hint(export_error: BaseException | None) -> str:
     """"set use_cache=False ..." when torch.export failed because the output holds a
-    cache object (a Hugging Face model's DynamicCache with `use_cache=True`), else ""."""
-    found = re.search(r"Found <class '(?:[\w.]*\.)?(\w*Cache)'> in output", str(export_error or ""))
-    if found is None:
+    cache object (`cache_class`), else ""."""
+    cache = cache_class(export_error)
+    if cache is None:
         return ""
     return (f"set `use_cache=False` in the model's config (e.g. GPT2Config(..., use_cache=False)): "
-            f"its output holds a {found.group(1)}, which no capture can return")
+            f"its output holds a {cache}, which no capture can return")
 
 
 def _takes_tensors(signature: inspect.Signature, inputs: tuple | None) -> bool:
@@ -197,21 +204,26 @@ def _takes_tensors(signature: inspect.Signature, inputs: tuple | None) -> bool:
 
 def _capture_error(model: nn.Module, failed_in: str, where: str, reason: str,
                    export_error: BaseException | None, takes_tensors: bool) -> CaptureError:
-    """The error when fx fails too; a cache object in the output (cache_hint) is the fix named first.
-    The wrapper is advised only for a forward that does not take the batch as tensors already."""
+    """The error when fx fails too; a cache object in the output (cache_class) is the cause
+    and fix named first. The wrapper is advised only for a forward that does not take the
+    batch as tensors already."""
+    cache = cache_class(export_error)
+    if cache is not None:  # what the user can act on first: torch.fx's own failure only follows from it here
+        return CaptureError(f"cannot capture {type(model).__name__}: its output holds a {cache} (the model's "
+                            f"key/value cache), which no capture can return (torch.fx failed too, at {where}: "
+                            f"{reason}). Fix: set `use_cache=False` in the model's config (e.g. "
+                            f"GPT2Config(..., use_cache=False))")
     exported = f" (torch.export failed too: {first_sentence(export_error)})" if export_error is not None else ""
-    hint = cache_hint(export_error)
-    first = f"{hint}; otherwise " if hint else ""
     if failed_in:
         fix = "list the offending module's class in `leaf_modules` in the workload file, to keep it whole"
-        return CaptureError(f"cannot trace module '{failed_in}' at {where}: {reason}{exported}. Fix: {first}{fix}")
+        return CaptureError(f"cannot trace module '{failed_in}' at {where}: {reason}{exported}. Fix: {fix}")
     fix = ("move the code that branches on tensor values into a submodule listed in `leaf_modules`, "
            "or write it without a Python branch (torch.where)")
     if not takes_tensors:
         fix = ("wrap the model in a module whose forward takes the batch as explicit tensor arguments "
                "(e.g. forward(self, input_ids) calling self.model(input_ids=input_ids)), and " + fix)
     return CaptureError(f"cannot trace the model's own forward ({type(model).__name__}) at {where}: "
-                        f"{reason}{exported}. Fix: {first}{fix}")
+                        f"{reason}{exported}. Fix: {fix}")
 
 
 def user_frame(exc: BaseException) -> str:
