@@ -347,7 +347,21 @@ def _as_tensor_tuple(label: str, value: object) -> tuple[torch.Tensor, ...]:
         if not isinstance(item, torch.Tensor):
             raise WorkloadError(f"{label}: example_inputs() item {i} is {type(item).__name__}, not a tensor; "
                                 f"it must return a tuple of tensors: {_wrapper_hint(item)}")
-    return tuple(value)
+    return _own_memory(tuple(value))
+
+
+def _own_memory(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`batch` with every tensor that shares memory with an earlier one cloned (`(ids, ids)`
+    for labels that are the inputs): torch.export captures aliased inputs as one, and
+    placer.apply captures again from separate tensors, so a plan made from the aliased
+    batch would match no later capture of the model. The values are unchanged."""
+    seen: set[int] = set()
+    owned = []
+    for x in batch:
+        address = x.untyped_storage().data_ptr() if x.layout == torch.strided else 0
+        owned.append(x.clone() if address and address in seen else x)
+        seen.add(address)
+    return tuple(owned)
 
 
 def _wrapper_hint(item: object) -> str:

@@ -303,3 +303,48 @@ def test_bad_micro_batch_options_give_one_line_naming_the_file_the_value_and_the
     assert "\n" not in message and message.startswith(path)
     for fragment in fragments:
         assert fragment in message
+
+
+ALIASED = """
+import torch
+from torch import nn
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, ids, labels):
+        logits = self.head(self.emb(ids))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+
+def build_model():
+    return Tagger()
+
+def example_inputs():
+    ids = torch.randint(20, (4, 6))
+    return (ids, ids)  # labels are the inputs: one tensor twice
+"""
+
+
+def test_one_tensor_given_twice_as_inputs_makes_plans_that_apply(tmp_path):
+    """new-user trial 8: `(ids, ids)` made plans whose fingerprint no later capture
+    reproduced (torch.export captured the two inputs as one), so every plan was refused."""
+    import placer
+    from graphs.problem import build_problem
+    from placer.plan import make_plan
+
+    path = write(tmp_path, ALIASED)
+    workload = load_workload(path)
+    ids, labels = workload.inputs
+    assert torch.equal(ids, labels) and ids.untyped_storage().data_ptr() != labels.untyped_storage().data_ptr()
+    problem = build_problem(workload, "cpu:0,cpu:1")
+    plan = make_plan(problem, [g % 2 for g in range(problem.n_groups)], "round_robin")
+    model = workload.fresh_model()
+    eager = workload.fresh_model()
+    placed = placer.apply(model, plan)
+    try:
+        torch.testing.assert_close(placed(ids, ids), eager(ids, ids))
+    finally:
+        placed.close()
