@@ -214,7 +214,7 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
         fails on its inputs shows in graphs.capture and graphs.profile.
     """
     from graphs import trace_cache
-    from graphs.trace_effects import no_side_effects
+    from graphs.trace_effects import no_side_effects, refuse_input_writes
     from graphs.trace_export import export_available, export_model
     from graphs.trace_fx import cache_hint, trace_fx
 
@@ -244,6 +244,7 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
             try:
                 with no_side_effects(model, recorded=True):
                     traced = export_model(model, tuple(inputs or ()), kwargs, free)
+                refuse_input_writes(traced.gm, model)
                 return trace_cache.store(model, export_key, traced)  # only a capture that passed every check
             except CaptureError:
                 raise
@@ -264,6 +265,7 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
             note = (f"torch.export could not capture the model ({first_sentence(export_error)}); "
                     f"captured with torch.fx instead" + (f" (to capture it whole, {hint})" if hint else ""))
             traced = _with_note(traced, note)
+        refuse_input_writes(traced.gm, model)
         return trace_cache.store(model, key, traced)
 
 

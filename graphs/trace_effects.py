@@ -5,7 +5,9 @@ A forward may set Python attributes (a counter, a cache) and update buffers in
 place. A graph repeats neither the attribute writes nor, when torch.fx captured it,
 the in-place updates (fx runs them on tensors it does not trace): those are
 CaptureErrors naming the module and the fix. Whatever the forward changed while
-capturing is put back.
+capturing is put back. A forward that changes one of its inputs in place changes the
+caller's tensor in eager; a placed model runs on its own copy of the input where a
+device writes it (placer.runtime.chunks), so that is refused too (`refuse_input_writes`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from graphs.errors import CaptureError
-from graphs.trace import _MODULE_ATTRS, _equal
+import torch.fx as fx
 
-__all__ = ["no_side_effects"]
+from graphs.errors import CaptureError
+from graphs.schedule import mutated_args, tensor_base
+from graphs.trace import _MODULE_ATTRS, _equal, module_label
+
+__all__ = ["no_side_effects", "refuse_input_writes"]
+
+
+def refuse_input_writes(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Raise CaptureError at the first node of the captured graph `gm` that changes one
+    of the forward's inputs in place (directly or through a view), naming the input,
+    the module and the fix."""
+    for node in gm.graph.nodes:
+        for arg in mutated_args(node, gm):
+            base = tensor_base(arg)
+            if base.op == "placeholder":
+                where = module_label(node)
+                raise CaptureError(f"{type(model).__name__}.forward changes its input {base.target!r} in place "
+                                   f"({node.name}{f' in {where}' if where else ''}), which a placed model would not "
+                                   f"do to the caller's tensor. Fix: change a copy in forward "
+                                   f"(x = x.clone() first, or x = x * 0.5 instead of x.mul_(0.5))")
 
 
 @contextlib.contextmanager

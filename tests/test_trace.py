@@ -328,3 +328,26 @@ def test_a_size_that_depends_on_tensor_values_falls_back_to_fx_naming_the_module
     torch.testing.assert_close(traced.run(*inputs), model(*inputs))
     with pytest.raises(CaptureError, match="torch.export cannot capture Net: the size of nonzero's output"):
         trace_model(model, inputs=inputs, method="export")
+
+
+class HalvesItsInput(nn.Module):
+    def __init__(self, through_view: bool):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.through_view = through_view
+
+    def forward(self, x):
+        h = self.fc(x)
+        h.relu_()  # its own value: nothing the caller sees
+        (x[:, :2] if self.through_view else x).mul_(0.5)
+        return h + x
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+@pytest.mark.parametrize("through_view", [False, True])
+def test_a_forward_that_changes_its_input_in_place_is_refused_naming_it(method, through_view):
+    """new-user trial 8: eager changes the caller's tensor, a placed model changed its own copy."""
+    with pytest.raises(CaptureError) as caught:
+        trace_model(HalvesItsInput(through_view), inputs=(torch.randn(3, 4),), method=method)
+    message = str(caught.value)
+    assert message.startswith("HalvesItsInput.forward changes its input 'x' in place") and "x.clone()" in message
