@@ -420,3 +420,14 @@ def test_a_hook_on_the_placed_model_itself_runs_and_is_not_refused():
         torch.testing.assert_close(placed(x), model(x) * 2)
     finally:
         placed.close()
+
+
+def test_a_call_eager_would_fail_on_raises_eager_s_error_not_a_capture_s():
+    """new-user trial 8: a wrong input width raised torch.export's CaptureError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    placed = placer.apply(model, plan_from_assignment(model, lambda n: "cpu:0", TWO, inputs=(x,)))
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        placed(torch.randn(3, 5))
+    placed.close()

@@ -45,6 +45,7 @@ from graphs.capture import canonical_names, node_tensors, owning_module
 from graphs.devices import Cluster, Device
 from graphs.errors import CaptureError, ExecutionError, PlanError
 from graphs.trace import Traced, trace_model
+from graphs.trace_effects import no_side_effects
 from placer.plan import Plan, load_plan, plan_cluster, trace_for_plan
 from placer.runtime.executor import Executor
 from placer.runtime.model_changes import ModelSnapshot
@@ -180,8 +181,13 @@ class PlacedModule(nn.Module):
                             f"once its parameters are spread over {', '.join(spread)}: call the placed model with "
                             f"arguments and shapes like the plan's example batch (e.g. DataLoader(drop_last=True))")
         reference = self.graphs[0].traced
-        traced = trace_model(self.original, leaf_paths=reference.leaf_paths, allow_fallback=False, inputs=args,
-                             kwargs=kwargs, method=reference.method, mode=None, batch_dims=dict(reference.batch_dims))
+        try:
+            traced = trace_model(self.original, leaf_paths=reference.leaf_paths, allow_fallback=False, inputs=args,
+                                 kwargs=kwargs, method=reference.method, mode=None,
+                                 batch_dims=dict(reference.batch_dims))
+        except CaptureError:
+            _raise_eager_error(self.original, args, kwargs)
+            raise
         graph = self._placed(traced)
         self.graphs.append(graph)
         self._made += 1
@@ -346,6 +352,17 @@ def _module_devices(graph: PlacedCapture) -> dict[str, str]:
         for i in range(len(parts) + 1):
             devices.setdefault(".".join(parts[:i]), graph.assignment[node.name])
     return devices
+
+
+def _raise_eager_error(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Raise what the eager model raises for this call (a wrong input width, say), if it
+    does: the user's own error, not a capture's (no gradient; random numbers, buffers and
+    attributes left as they were)."""
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), no_side_effects(model, recorded=True):
+            model(*args, **kwargs)
+    except CaptureError:  # eager ran, setting an attribute: the capture's error stands
+        pass
 
 
 def _close_all(graphs: list[PlacedCapture]) -> None:
