@@ -285,6 +285,14 @@ def test_a_buffer_updated_in_forward_is_refused():
     assert microbatch.static_refusal(fx.symbolic_trace(Chain()).graph, Chain(), "plan") is None
 
 
+def test_a_parameter_updated_in_forward_is_refused_naming_it():
+    """new-user trial 8: Embedding(max_norm=...) renormalizes its weight in place; the
+    refusal blamed a reduction over the batch."""
+    model = nn.Sequential(nn.Embedding(50, 8, max_norm=1.0), nn.Linear(8, 2))
+    gm = torch.export.export(model, (torch.randint(50, (4, 5)),), strict=False).module()
+    assert "(Embedding) updates parameter '0.weight' in forward" in microbatch.static_refusal(gm.graph, gm, "plan")
+
+
 def test_schedules_other_than_gpipe_are_for_the_pipelining_backend():
     with pytest.raises(PlanError, match="'1f1b' runs only on the pipelining backend"):
         Placed(Chain(), halves, microbatches=2, schedule="1f1b")

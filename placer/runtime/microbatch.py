@@ -163,9 +163,9 @@ def static_refusal(graph: fx.Graph, root: nn.Module, source: str, extra_roots: S
                 return (f"{source}: {_where(node)} computes batch statistics in training, over each micro-batch "
                         f"alone; {_REDUCTIONS_ADVICE}")
         for base in written_state(node, root):  # also through views, chains of updates and no_grad blocks
-            if not isinstance(root.fetch(str(base.target)), nn.Parameter):
-                return (f"{source}: {_where(node)} updates buffer '{base.target}' in forward, which micro-batches "
-                        f"would update once each; {_REDUCTIONS_ADVICE}")
+            kind = "parameter" if isinstance(root.fetch(str(base.target)), nn.Parameter) else "buffer"
+            return (f"{source}: {_where(node)} updates {kind} '{base.target}' in forward, which micro-batches "
+                    f"would update once each; {_REDUCTIONS_ADVICE}")
     return None
 
 
