@@ -13,34 +13,73 @@ device writes it (placer.runtime.chunks), so that is refused too (`refuse_input_
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import nn
-
 import torch.fx as fx
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves
 
 from graphs.errors import CaptureError
-from graphs.schedule import mutated_args, tensor_base
+from graphs.schedule import mutated_args
 from graphs.trace import _MODULE_ATTRS, _equal, module_label
 
 __all__ = ["no_side_effects", "refuse_input_writes"]
 
+# Ops whose result always shares its first argument's memory, for graphs without values
+# to compare (torch.fx): `to`, `contiguous`, `reshape` and the like copy at times, and
+# eager then leaves the caller's tensor alone.
+_ALWAYS_VIEWS = frozenset({"view", "view_as", "t", "transpose", "permute", "unsqueeze", "squeeze", "narrow", "select",
+                           "detach", "expand", "expand_as", "unflatten", "diagonal", "movedim", "swapaxes", "swapdims",
+                           "unfold", "split", "chunk", "unbind", "slice", "alias", "as_strided"})
+
 
 def refuse_input_writes(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Raise CaptureError at the first node of the captured graph `gm` that changes one
-    of the forward's inputs in place (directly or through a view), naming the input,
-    the module and the fix."""
+    """Refuse a captured graph that changes one of the forward's inputs in place.
+
+    Parameters
+    ----------
+    gm : the capture's graph (torch.export's, whose nodes carry fake values, or torch.fx's).
+    model : the model captured, for the message.
+
+    Raises
+    ------
+    CaptureError
+        At the first node that writes an input, directly or through a view (a node
+        whose value shares the input's memory; without values, the ops of
+        `_ALWAYS_VIEWS` and indexing without tensors), naming the input, the module
+        and the fix.
+    """
     for node in gm.graph.nodes:
         for arg in mutated_args(node, gm):
-            base = tensor_base(arg)
-            if base.op == "placeholder":
+            base = _viewed(arg)
+            if base is not None and base.op == "placeholder":
                 where = module_label(node)
                 raise CaptureError(f"{type(model).__name__}.forward changes its input {base.target!r} in place "
                                    f"({node.name}{f' in {where}' if where else ''}), which a placed model would not "
                                    f"do to the caller's tensor. Fix: change a copy in forward "
                                    f"(x = x.clone() first, or x = x * 0.5 instead of x.mul_(0.5))")
+
+
+def _viewed(node: fx.Node) -> fx.Node | None:
+    """The node whose memory `node` surely shares, following views back; None where a
+    step may have copied (then no input is written through it)."""
+    while node.op in ("call_function", "call_method") and node.args and isinstance(node.args[0], fx.Node):
+        source = node.args[0]
+        value, before = node.meta.get("val"), source.meta.get("val")
+        if isinstance(value, torch.Tensor) and isinstance(before, torch.Tensor):
+            if StorageWeakRef(value.untyped_storage()) != StorageWeakRef(before.untyped_storage()):
+                return None
+        elif node.target is operator.getitem:
+            if any(isinstance(a, fx.Node) for a in tree_leaves(node.args[1:])):  # indexing by tensors copies
+                return None
+        elif getattr(node.target, "__name__", str(node.target)).split(".")[0] not in _ALWAYS_VIEWS:
+            return None
+        node = source
+    return node
 
 
 @contextlib.contextmanager

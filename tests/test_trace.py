@@ -351,3 +351,29 @@ def test_a_forward_that_changes_its_input_in_place_is_refused_naming_it(method, 
         trace_model(HalvesItsInput(through_view), inputs=(torch.randn(3, 4),), method=method)
     message = str(caught.value)
     assert message.startswith("HalvesItsInput.forward changes its input 'x' in place") and "x.clone()" in message
+
+
+class WritesCopiesOfItsInput(nn.Module):
+    """Each write lands on a copy of an input in eager (a dtype change, contiguous() of
+    a transpose, indexing by a tensor): the caller's tensors stay as they were."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, ids, x):
+        as_float = ids.to(torch.float32)
+        as_float.mul_(2)
+        rows = x.t().contiguous()
+        rows.add_(1)
+        picked = x[ids[:, 0] % 3]
+        picked.add_(1)
+        return self.fc(x) + as_float.sum() + rows.sum() + picked.sum()
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_writes_to_copies_of_an_input_are_not_refused(method):
+    ids, x = torch.randint(0, 5, (3, 4)), torch.randn(3, 4)
+    model = WritesCopiesOfItsInput()
+    traced = trace_model(model, inputs=(ids, x), method=method)
+    torch.testing.assert_close(traced.run(ids.clone(), x.clone()), model(ids.clone(), x.clone()))
