@@ -242,6 +242,22 @@ def test_a_float_argument_new_on_every_call_keeps_few_captures_and_warns_once():
     placed.close()
 
 
+def test_a_dropped_capture_still_runs_the_backward_of_its_calls():
+    """review: dropping a capture closed its executor while a backward through it was pending."""
+    torch.manual_seed(0)
+    ref = Tempered()
+    model = copy.deepcopy(ref)
+    x = torch.randn(3, 6)
+    placed = placer.apply(model, plan_from_assignment(model, lambda n: "cpu:0", TWO, inputs=(x,)))
+    temperatures = [1.0 + step / 10 for step in range(EXTRA_CAPTURES + 3)]
+    with pytest.warns(UserWarning, match="new capture"):
+        sum(placed(x, t).sum() for t in temperatures).backward()
+    sum(ref(x, t).sum() for t in temperatures).backward()
+    for p, q in zip(placed.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    placed.close()
+
+
 
 @pytest.mark.parametrize("devices", [["cpu:0"], TWO])
 def test_outputs_require_grad_exactly_where_eager_s_do(devices):

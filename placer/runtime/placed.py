@@ -13,7 +13,7 @@ A capture freezes one mode and covers calls of some shapes (graphs.trace), so th
 module keeps one placed graph per capture: the training capture of the plan, an
 eval capture, and captures for other arguments or shapes (a partial last batch of
 size 1, another sequence length the model fixes, another value of a Python float
-argument), made on first use and kept, the `EXTRA_CAPTURES` latest of them: a loop
+argument), made on first use and kept, the `EXTRA_CAPTURES` most recently used of them: a loop
 whose calls each need one (an annealed float, padding to each batch's own length)
 would otherwise grow without bound, and a warning says so once, with the fix. A
 node of another capture takes the device of the same node (name, target and module)
@@ -172,6 +172,9 @@ class PlacedModule(nn.Module):
         for graph in mine:
             inputs = graph.traced.bind(args, kwargs)
             if inputs is not None:
+                if graph is not self.graphs[-1] and self.graphs.index(graph) >= self._kept:
+                    self.graphs.remove(graph)  # the most recently used capture is dropped last
+                    self.graphs.append(graph)
                 return graph, inputs
         why = mine[0].traced.why_not(args, kwargs) if mine else "not captured in this mode yet"
         spread = sorted({str(t.device) for t in list(self.original.parameters()) + list(self.original.buffers())})
@@ -192,11 +195,14 @@ class PlacedModule(nn.Module):
         self.graphs.append(graph)
         self._made += 1
         if len(self.graphs) > self._kept + EXTRA_CAPTURES:
-            self.graphs.pop(self._kept).executor.close()
+            dropped = self.graphs.pop(self._kept).executor
+            # A backward of its may be pending (its autograd node holds the executor): its
+            # workers stop once nothing does.
+            weakref.finalize(dropped, _close_workers, list(dropped.workers.values()))
             if self._made == EXTRA_CAPTURES + 1:
                 warnings.warn(f"placer: {self._made} calls of this placed model each needed a new capture of the "
                               f"model (the latest because {why}); a capture takes seconds, and only the "
-                              f"{EXTRA_CAPTURES} latest are kept: pass values that change between calls as tensors "
+                              f"{EXTRA_CAPTURES} most recently used are kept: pass values that change between calls as tensors "
                               f"and keep shapes fixed (pad to one length; DataLoader(drop_last=True))", stacklevel=5)
         self._snapshot = self._snapshot_now()  # the capture ran the forward, which may add hooks (transformers')
         inputs = traced.bind(args, kwargs)
@@ -363,6 +369,11 @@ def _raise_eager_error(model: nn.Module, args: tuple, kwargs: dict) -> None:
             model(*args, **kwargs)
     except CaptureError:  # eager ran, setting an attribute: the capture's error stands
         pass
+
+
+def _close_workers(workers: list) -> None:
+    for worker in workers:
+        worker.close()
 
 
 def _close_all(graphs: list[PlacedCapture]) -> None:
