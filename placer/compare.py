@@ -105,13 +105,16 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
             else f"{plan.method} ({Path(path).name})"
         at = device_sets.index(tuple(plan.devices))
         placement = placement_of(problems[at], plan)
+        simulated = None if placement is None else simulators[at].simulate(placement, plan.microbatches)
         rows.append(MethodResult(name, _kind(plan.method), placement=placement, devices=list(plan.devices),
                                  microbatches=plan.microbatches, schedule=plan.schedule, plan=str(path),
-                                 simulated_ms=None if placement is None else
-                                 simulators[at].simulate(placement, plan.microbatches).step_ms))
+                                 simulated_ms=simulated.step_ms if simulated is not None and simulated.feasible
+                                 else None))
         if placement is None:
-            rows[-1].notes.append(f"{name}: not simulated: its assignment does not put each profiled group on one "
-                                  f"device (a hand edit split a group)")
+            rows[-1].notes.append(f"{name}: not simulated: its assignment does not keep each of this profile's "
+                                  f"groups on one device (a hand edit, or a plan made with another --max-groups)")
+        elif not simulated.feasible:
+            rows[-1].notes.append(f"{name}: not simulated: {simulated.reason}")
         if list(plan.devices) == rows[0].devices and plan.microbatches <= 1:
             rows[-1].notes.append(f"{name}: the unplaced model (the whole model on {plan.devices[0]}, as unplaced "
                                   f"runs it), through placer's runtime")

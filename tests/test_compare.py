@@ -175,3 +175,15 @@ def test_a_hand_edited_plan_is_its_own_candidate_simulated_from_its_assignment(p
     assert moved.simulated_ms == pytest.approx(simulator.simulate(moved.placement).step_ms)
     assert halved.placement is None and halved.simulated_ms is None
     assert any("not simulated" in n and "split.json" in n for n in results.notes)
+
+
+def test_a_plan_edited_to_a_micro_batch_count_the_profile_lacks_shows_no_simulated_time(plans, tmp_path):
+    """review: the simulator answers inf for a count without a profile; shown as a number."""
+    workload, paths = plans
+    edited = {**json.loads(paths[1].read_text()), "microbatches": 3, "schedule": "gpipe"}
+    path = tmp_path / "three.json"
+    path.write_text(json.dumps(edited))
+    results = compare(workload, [path], out_dir=tmp_path / "out", protocol=PROTOCOL, warn=pytest.fail)
+    row = results.methods[1]
+    assert row.microbatches == 3 and row.simulated_ms is None
+    assert any(n.startswith("round_robin: not simulated") for n in results.notes)
