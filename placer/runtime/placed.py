@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from graphs.capture import canonical_names, node_tensors, owning_module
 from graphs.devices import Cluster, Device
@@ -150,7 +151,8 @@ class PlacedModule(nn.Module):
         device of the first tensor input. Raises TypeError for a call the forward's
         signature rejects, PlanError where a new capture is needed but impossible
         (parameters spread over devices), ExecutionError once closed or when the model
-        changed after apply (placer.runtime.model_changes)."""
+        changed after apply (placer.runtime.model_changes); where a new capture fails,
+        what the eager model raises for the call, else CaptureError."""
         graph, inputs = self._graph_for(args, kwargs)
         first = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
         out_device = first.device if first is not None else _HOST
@@ -362,10 +364,16 @@ def _module_devices(graph: PlacedCapture) -> dict[str, str]:
 
 def _raise_eager_error(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Raise what the eager model raises for this call (a wrong input width, say), if it
-    does: the user's own error, not a capture's (no gradient; random numbers, buffers and
-    attributes left as they were)."""
+    does: the user's own error, not a capture's. It runs without gradients on copies of
+    the call's tensors, moved to the model's one device, with the random generators of
+    the CPU and of that device forked, and buffers and attributes restored after (a
+    parameter a forward writes in place, as Embedding's max_norm does, is not)."""
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), _HOST)
+    args, kwargs = tree_map(lambda v: v.detach().clone().to(device) if isinstance(v, torch.Tensor) else v,
+                            (args, kwargs))
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), no_side_effects(model, recorded=True):
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                no_side_effects(model, recorded=True):
             model(*args, **kwargs)
     except CaptureError:  # eager ran, setting an attribute: the capture's error stands
         pass
