@@ -30,6 +30,7 @@ import functools
 import hashlib
 import inspect
 import operator
+import reprlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 from graphs.errors import CaptureError, exit_error
 
@@ -150,7 +151,8 @@ class Traced:
         if self.method == "export":
             flat, spec = tree_flatten((bound.args, bound.kwargs))
             if spec != self.in_spec or not all(_same(flat[i], v) for i, v in self.constants):
-                passed = ", ".join(k if isinstance(v, torch.Tensor) else f"{k}={v!r}" for k, v in bound.arguments.items())
+                passed = ", ".join(k if isinstance(v, torch.Tensor) else f"{k}={_brief(v)}"
+                                   for k, v in bound.arguments.items())
                 return None, f"it was captured for other arguments or Python values than this call's ({passed})"
             values = dict(zip(self._placeholder_names, flat))
         else:
@@ -267,6 +269,11 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
             traced = _with_note(traced, note)
         refuse_input_writes(traced.gm, model)
         return trace_cache.store(model, key, traced)
+
+
+def _brief(value: Any) -> str:
+    """A value for a one-line message: tensors inside it as their shapes, cut short."""
+    return reprlib.repr(tree_map(lambda v: f"Tensor{tuple(v.shape)}" if isinstance(v, torch.Tensor) else v, value))
 
 
 def canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> inspect.BoundArguments:

@@ -377,3 +377,19 @@ def test_writes_to_copies_of_an_input_are_not_refused(method):
     model = WritesCopiesOfItsInput()
     traced = trace_model(model, inputs=(ids, x), method=method)
     torch.testing.assert_close(traced.run(ids.clone(), x.clone()), model(ids.clone(), x.clone()))
+
+
+def test_why_a_capture_does_not_cover_a_call_is_one_short_line():
+    """review: tensors inside a structured argument were printed whole."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, extra=None, t: float = 1.0):
+            return self.fc(x) / t
+
+    traced = trace_model(Scaled(), inputs=(torch.randn(3, 4),), method="export")
+    why = traced.why_not((torch.randn(3, 4),), {"extra": (torch.randn(2, 4), torch.randn(200, 4)), "t": 2.0})
+    assert "\n" not in why and "Tensor(200, 4)" in why and "t=2.0" in why and len(why) < 200
