@@ -359,7 +359,7 @@ def _own_memory(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     owned = []
     for x in batch:
         address = x.untyped_storage().data_ptr() if x.layout == torch.strided else 0
-        owned.append(x.clone() if address and address in seen else x)
+        owned.append(x.detach().clone().requires_grad_(x.requires_grad) if address and address in seen else x)
         seen.add(address)
     return tuple(owned)
 

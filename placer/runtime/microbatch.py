@@ -15,7 +15,8 @@ per-micro-batch statistics (`microbatch_statistics = True`):
 - layers that compute over the batch: BatchNorm in training; any reduction across
   the batch inside the model (x.mean(), x.sum(0), x[0]), or mixing of its rows that
   keeps the shape (softmax over the batch);
-- buffers updated in forward: they would be updated once per micro-batch;
+- buffers (or parameters, as Embedding's max_norm renormalizes) updated in forward:
+  they would be updated once per micro-batch;
 - and, always refused, an output without a batch dimension (a loss computed inside
   the model): micro-batches' values of it cannot be put back together.
 
@@ -145,7 +146,7 @@ def _where(node: fx.Node) -> str:
 
 def static_refusal(graph: fx.Graph, root: nn.Module, source: str, extra_roots: Sequence[nn.Module] = ()) -> str | None:
     """Why micro-batches would change what the model computes, seen from the graph
-    alone (batch norm in training, buffers updated in forward); None if nothing.
+    alone (batch norm in training, buffers or parameters updated in forward); None if nothing.
     `root`: the module the graph's targets name (the traced GraphModule, typically);
     `extra_roots`: where targets `root` lacks are found (chunks.build_chunks)."""
     root = _Lookup(root, extra_roots)
@@ -163,8 +164,11 @@ def static_refusal(graph: fx.Graph, root: nn.Module, source: str, extra_roots: S
                 return (f"{source}: {_where(node)} computes batch statistics in training, over each micro-batch "
                         f"alone; {_REDUCTIONS_ADVICE}")
         for base in written_state(node, root):  # also through views, chains of updates and no_grad blocks
-            kind = "parameter" if isinstance(root.fetch(str(base.target)), nn.Parameter) else "buffer"
-            return (f"{source}: {_where(node)} updates {kind} '{base.target}' in forward, which micro-batches "
+            if isinstance(root.fetch(str(base.target)), nn.Parameter):  # Embedding's max_norm renormalizes rows
+                return (f"{source}: {_where(node)} updates parameter '{base.target}' in forward, which micro-batches "
+                        f"would update once each; use microbatches = 1, or set microbatch_statistics = True in the "
+                        f"workload to accept an update per micro-batch")
+            return (f"{source}: {_where(node)} updates buffer '{base.target}' in forward, which micro-batches "
                     f"would update once each; {_REDUCTIONS_ADVICE}")
     return None
 

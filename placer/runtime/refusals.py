@@ -4,7 +4,7 @@ so that a model micro-batches would change is refused the same way, with the sam
 message, whichever runs it (microbatch.py says what is refused and why).
 
 - `refuse_static`, from the graph alone, when the plan is built: batch norm in
-  training, buffers updated in forward.
+  training, buffers (or parameters) updated in forward.
 - `checked_layout`, from a probe of the model on a few rows (microbatch.layout):
   reductions over the batch and rows mixed along the split dimension; and a warning
   where the probe could not compare values (a random op it cannot hold fixed).
@@ -41,7 +41,7 @@ def refuse_static(graph: fx.Graph, root: nn.Module, source: str, microbatch_stat
 
     Raises
     ------
-    Refused : batch norm in training or a buffer updated in forward (one line, with the fix).
+    Refused : batch norm in training or a buffer or parameter updated in forward (one line, with the fix).
     """
     if not microbatch_statistics:
         reason = microbatch.static_refusal(graph, root, source, extra_roots)
