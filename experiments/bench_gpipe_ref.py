@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from _record import host_info, host_lines, record  # this folder is on sys.path when run as a script
-from bench_handoff import ratio_ci
+from bench_handoff import interleave, ratio_ci
 from bench_runtime import chain_plans
 from placer.runtime import apply
 
@@ -118,7 +118,6 @@ def main() -> None:
             closers.append(placed.close)
             candidates[f"placer m={m}"] = (
                 placed, lambda placed=placed: workload.loss_fn(placed(x), x).backward())
-        times: dict[str, list[float]] = {label: [] for label in candidates}
         faults: dict[str, list[int]] = {label: [] for label in candidates}
 
         def step(label: str) -> float:
@@ -133,12 +132,7 @@ def main() -> None:
             return elapsed
 
         try:
-            for label in candidates:  # warm-up
-                step(label)
-            order = list(candidates)
-            for r in range(args.rounds):
-                for label in (order if r % 2 == 0 else order[::-1]):
-                    times[label] += [step(label) for _ in range(args.steps)]
+            times = interleave(list(candidates), step, args.rounds, args.steps)
         finally:
             for close in closers:
                 close()

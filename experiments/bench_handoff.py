@@ -20,6 +20,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,6 +50,18 @@ def ratio_ci(a: list[float], b: list[float], n: int = 2000) -> tuple[float, floa
     return float(np.median(x) / np.median(y)), float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
+def interleave(names: list[str], step: Callable[[str], float], rounds: int, steps: int) -> dict[str, list[float]]:
+    """Times of `step(name)` (ms) for every candidate: one warm-up step each, then `rounds`
+    rounds of `steps` steps each, in order A B C, then C B A, alternately."""
+    for name in names:
+        step(name)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name] += [step(name) for _ in range(steps)]
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12)
@@ -67,8 +80,6 @@ def main() -> None:
                                           ("all on cpu:0", Towers(1024, 4), lambda n: "cpu:0"))}
     candidates = {"slot": (placed["towers"], SLOT), "thread": (placed["towers"], thread_per_device),
                   "all on cpu:0": (placed["all on cpu:0"], SLOT)}
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-
     def step(name: str) -> float:
         model, init = candidates[name]
         dataflow.Pass.__init__ = init  # each pass is a new Pass
@@ -77,12 +88,7 @@ def main() -> None:
         return (time.perf_counter() - start) * 1e3
 
     try:
-        for name in candidates:
-            step(name)
-        order = list(candidates)
-        for r in range(args.rounds):
-            for name in (order if r % 2 == 0 else order[::-1]):
-                times[name] += [step(name) for _ in range(args.steps)]
+        times = interleave(list(candidates), step, args.rounds, args.steps)
     finally:
         dataflow.Pass.__init__ = SLOT
         for model in placed.values():

@@ -201,12 +201,17 @@ class Gated(nn.Module):
         return y if mask is None else {"y": y * mask, "kept": mask.sum()}
 
 
-def test_a_call_with_other_arguments_gets_its_own_capture():
+def on_cpu0(cls: type) -> tuple[nn.Module, PlacedModule, torch.Tensor]:
+    """A `cls()` model, a copy of it placed all on cpu:0 of two devices, and a (3, 6) batch."""
     torch.manual_seed(0)
-    ref = Gated()
+    ref = cls()
     model = copy.deepcopy(ref)
     x = torch.randn(3, 6)
-    placed = placer.apply(model, plan_from_assignment(model, lambda n: "cpu:0", TWO, inputs=(x,)))
+    return ref, placer.apply(model, plan_from_assignment(model, lambda n: "cpu:0", TWO, inputs=(x,))), x
+
+
+def test_a_call_with_other_arguments_gets_its_own_capture():
+    ref, placed, x = on_cpu0(Gated)
     assert_same(placed(x), ref(x))
     out = placed(x, mask=torch.ones(3, 6))
     assert type(out) is dict
@@ -227,11 +232,7 @@ class Tempered(nn.Module):
 def test_a_float_argument_new_on_every_call_keeps_few_captures_and_warns_once():
     """new-user trial 8: an annealed float argument made a capture per call, each kept
     for good: memory grew every step, silently."""
-    torch.manual_seed(0)
-    ref = Tempered()
-    model = copy.deepcopy(ref)
-    x = torch.randn(3, 6)
-    placed = placer.apply(model, plan_from_assignment(model, lambda n: "cpu:0", TWO, inputs=(x,)))
+    ref, placed, x = on_cpu0(Tempered)
     kept = len(placed.graphs)
     temperatures = [2.0 - 0.1 * step for step in range(12)] + [2.0]  # the first value again, its capture dropped
     with pytest.warns(UserWarning) as caught:
@@ -244,11 +245,7 @@ def test_a_float_argument_new_on_every_call_keeps_few_captures_and_warns_once():
 
 def test_a_dropped_capture_still_runs_the_backward_of_its_calls():
     """review: dropping a capture closed its executor while a backward through it was pending."""
-    torch.manual_seed(0)
-    ref = Tempered()
-    model = copy.deepcopy(ref)
-    x = torch.randn(3, 6)
-    placed = placer.apply(model, plan_from_assignment(model, lambda n: "cpu:0", TWO, inputs=(x,)))
+    ref, placed, x = on_cpu0(Tempered)
     temperatures = [1.0 + step / 10 for step in range(EXTRA_CAPTURES + 3)]
     with pytest.warns(UserWarning, match="new capture"):
         sum(placed(x, t).sum() for t in temperatures).backward()
