@@ -13,9 +13,9 @@ A capture freezes one mode and covers calls of some shapes (graphs.trace), so th
 module keeps one placed graph per capture: the training capture of the plan, an
 eval capture, and captures for other arguments or shapes (a partial last batch of
 size 1, another sequence length the model fixes, another value of a Python float
-argument), made on first use and kept, the `EXTRA_CAPTURES` most recently used of them: a loop
-whose calls each need one (an annealed float, padding to each batch's own length)
-would otherwise grow without bound, and a warning says so once, with the fix. A
+argument), made on first use and kept, the `EXTRA_CAPTURES` most recently used of
+them: a loop whose calls each need one (an annealed float, padding to each batch's
+own length) would otherwise grow without bound, and a warning says so once. A
 node of another capture takes the device of the same node (name, target and module)
 in the training capture, else its module's, else its producer's. Each call picks
 the capture of the current mode (the `training` flag of every module the model had
@@ -55,7 +55,7 @@ from placer.runtime.tensors import graph_reads, localize, place_tensors, tensor_
 __all__ = ["apply", "PlacedModule"]
 
 _HOST = torch.device("cpu")
-EXTRA_CAPTURES = 8  # captures made on first use that a placed model keeps (the oldest is dropped)
+EXTRA_CAPTURES = 8  # captures made on first use that a placed model keeps (the least recently used is dropped)
 
 
 @dataclass
@@ -204,8 +204,9 @@ class PlacedModule(nn.Module):
             if self._made == EXTRA_CAPTURES + 1:
                 warnings.warn(f"placer: {self._made} calls of this placed model each needed a new capture of the "
                               f"model (the latest because {why}); a capture takes seconds, and only the "
-                              f"{EXTRA_CAPTURES} most recently used are kept: pass values that change between calls as tensors "
-                              f"and keep shapes fixed (pad to one length; DataLoader(drop_last=True))", stacklevel=5)
+                              f"{EXTRA_CAPTURES} most recently used are kept: pass values that change between calls "
+                              f"as tensors and keep shapes fixed (pad to one length; DataLoader(drop_last=True))",
+                              stacklevel=5)
         self._snapshot = self._snapshot_now()  # the capture ran the forward, which may add hooks (transformers')
         inputs = traced.bind(args, kwargs)
         if inputs is None:
