@@ -161,7 +161,9 @@ def test_a_hand_edited_plan_is_its_own_candidate_simulated_from_its_assignment(p
     other = {"cpu:0": "cpu:1", "cpu:1": "cpu:0"}
     edited = {**original, "assignment": {n: other[d] if n in members else d
                                          for n, d in original["assignment"].items()}}
-    split = {**original, "assignment": {**original["assignment"], members[0]: other[original["assignment"][members[0]]]}}
+    first_member = members[0]
+    split = {**original, "assignment": {**original["assignment"],
+                                        first_member: other[original["assignment"][first_member]]}}
     edited_path, split_path = tmp_path / "edited.json", tmp_path / "split.json"
     edited_path.write_text(json.dumps(edited))
     split_path.write_text(json.dumps(split))
