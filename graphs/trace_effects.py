@@ -24,17 +24,17 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 from graphs.errors import CaptureError
-from graphs.schedule import mutated_args
+from graphs.schedule import _VIEW_NAMES, _name, mutated_args
 from graphs.trace import _MODULE_ATTRS, _equal, module_label
 
 __all__ = ["no_side_effects", "refuse_input_writes"]
 
 # Ops whose result always shares its first argument's memory, for graphs without values
-# to compare (torch.fx): `to`, `contiguous`, `reshape` and the like copy at times, and
-# eager then leaves the caller's tensor alone.
-_ALWAYS_VIEWS = frozenset({"view", "view_as", "t", "transpose", "permute", "unsqueeze", "squeeze", "narrow", "select",
-                           "detach", "expand", "expand_as", "unflatten", "diagonal", "movedim", "swapaxes", "swapdims",
-                           "unfold", "split", "chunk", "unbind", "slice", "alias", "as_strided"})
+# to compare (torch.fx): graphs.schedule's views less those that copy at times
+# (`reshape`, `flatten`, `contiguous`; indexing is judged by its index), where eager
+# then leaves the caller's tensor alone.
+_ALWAYS_VIEWS = (_VIEW_NAMES - {"reshape", "reshape_as", "flatten", "contiguous", "getitem"}) | {"slice", "alias",
+                                                                                             "unfold", "swapdims"}
 
 
 def refuse_input_writes(gm: fx.GraphModule, model: nn.Module) -> None:
@@ -76,7 +76,7 @@ def _viewed(node: fx.Node) -> fx.Node | None:
         elif node.target is operator.getitem:
             if any(isinstance(a, fx.Node) for a in tree_leaves(node.args[1:])):  # indexing by tensors copies
                 return None
-        elif getattr(node.target, "__name__", str(node.target)).split(".")[0] not in _ALWAYS_VIEWS:
+        elif _name(node.target) not in _ALWAYS_VIEWS:
             return None
         node = source
     return node

@@ -177,6 +177,9 @@ def _plain(value):
     return value
 
 
+_CACHE_FIX = "set `use_cache=False` in the model's config (e.g. GPT2Config(..., use_cache=False))"
+
+
 def cache_class(export_error: BaseException | None) -> str | None:
     """The class name of the cache object (a Hugging Face model's DynamicCache with
     `use_cache=True`) whose presence in the output made torch.export fail, else None."""
@@ -190,8 +193,7 @@ def cache_hint(export_error: BaseException | None) -> str:
     cache = cache_class(export_error)
     if cache is None:
         return ""
-    return (f"set `use_cache=False` in the model's config (e.g. GPT2Config(..., use_cache=False)): "
-            f"its output holds a {cache}, which no capture can return")
+    return f"{_CACHE_FIX}: its output holds a {cache}, which no capture can return"
 
 
 def _takes_tensors(signature: inspect.Signature, inputs: tuple | None) -> bool:
@@ -211,8 +213,7 @@ def _capture_error(model: nn.Module, failed_in: str, where: str, reason: str,
     if cache is not None:  # what the user can act on first: torch.fx's own failure only follows from it here
         return CaptureError(f"cannot capture {type(model).__name__}: its output holds a {cache} (the model's "
                             f"key/value cache), which no capture can return (torch.fx failed too, at {where}: "
-                            f"{reason}). Fix: set `use_cache=False` in the model's config (e.g. "
-                            f"GPT2Config(..., use_cache=False))")
+                            f"{reason}). Fix: {_CACHE_FIX}")
     exported = f" (torch.export failed too: {first_sentence(export_error)})" if export_error is not None else ""
     if failed_in:
         fix = "list the offending module's class in `leaf_modules` in the workload file, to keep it whole"
