@@ -23,7 +23,10 @@ Record only on a quiet host, under the heavy lock:
     .venv/bin/python experiments/bench_runtime.py --quick    # small sizes, few steps: a check that it runs
 
 Writes experiments/results/runtime.{json,md} (runtime_quick.* with --quick); one section alone,
-`--sections towers`, writes runtime_towers.{json,md}.
+`--sections towers`, writes runtime_towers.{json,md}. The scaling section of other workloads:
+
+    .venv/bin/python experiments/bench_runtime.py --sections scaling \
+        --scaling experiments/workloads/narrow_towers.py --name narrow    # runtime_scaling_narrow.*
 """
 
 from __future__ import annotations
@@ -289,6 +292,10 @@ def main() -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="comma-separated, of " + ", ".join(SECTIONS) + " (default: all); a subset writes "
                              "runtime_<sections>.{json,md}")
+    parser.add_argument("--scaling", default=None, metavar="SPEC,...",
+                        help="workloads of the scaling section (default: zoo mlp, gpt, transformer, nmt); "
+                             "the files' stem gets --name")
+    parser.add_argument("--name", default="", help="suffix of the written files' stem, e.g. narrow")
     args = parser.parse_args()
     sections = args.sections.split(",")
     if not set(sections) <= set(SECTIONS):
@@ -303,13 +310,16 @@ def main() -> None:
     if "chains" in sections:
         results["chains"] = [chain(name, size, protocol) for name in ("mlp", "gpt")]
     if "scaling" in sections:
-        results["scaling"] = scaling([f"zoo:{name}:{size}" for name in ("mlp", "gpt", "transformer", "nmt")], protocol)
+        specs = (args.scaling.split(",") if args.scaling
+                 else [f"zoo:{name}:{size}" for name in ("mlp", "gpt", "transformer", "nmt")])
+        results["scaling"] = scaling(specs, protocol)
     if "overhead" in sections:
         torch.set_num_threads(HOST_THREADS)  # one device `cpu:0` has all the host's threads
         results["overhead"] = overhead(sorted(ZOO), protocol)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "runtime" + ("_quick" if args.quick else "") + ("" if set(sections) == set(SECTIONS) else
-                                                          "_" + "_".join(s for s in SECTIONS if s in sections))
+                                                          "_" + "_".join(s for s in SECTIONS if s in sections)) + (
+        f"_{args.name}" if args.name else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     write_markdown(RESULTS / f"{stem}.md", results)
     print(f"wrote {RESULTS / stem}.json and .md")
