@@ -48,6 +48,8 @@ The rules (issue 14, DESIGN.md "Measuring"):
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
@@ -72,13 +74,15 @@ def simplicity(row: MethodResult, problem: PlacementProblem | Sequence[Placement
 
     Edges cut are counted on the row's own problem: of `problem` (one, or one per
     device set, as placer compare has), the one on the row's devices whose groups
-    its placement indexes; none there counts 0."""
+    its placement indexes; none there counts 0. A row without a placement (a plan
+    whose assignment splits a profiled group) has unknown cuts: last among equals."""
     if row.kind == "unplaced":
         return (0,)
     placement = row.placement or []
     problems = [problem] if isinstance(problem, PlacementProblem) else list(problem or [])
     own = next((p for p in problems if p.cluster.names == row.devices and len(placement) == p.n_groups), None)
-    cut = 0 if own is None else sum(placement[u] != placement[v] for u, v in own.costs.edges.tolist())
+    cut = (math.inf if row.placement is None
+           else 0 if own is None else sum(placement[u] != placement[v] for u, v in own.costs.edges.tolist()))
     used = len(set(placement)) if placement else len(row.devices)
     return (1, used, row.microbatches, cut, _KIND_ORDER.get(row.kind, 9))
 

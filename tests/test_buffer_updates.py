@@ -137,7 +137,8 @@ def test_a_plan_that_splits_the_updates_of_a_buffer_is_refused_in_one_line(varia
     plan = spread_plan(model)
     assignment = {**plan.assignment, **{name: "cpu:1" if i == 0 else "cpu:0" for i, name in enumerate(readers)}}
     split = dataclasses.replace(plan, assignment=assignment, groups=None, placement=None)
-    with pytest.raises(PlanError, match=r"splits buffer 'ema' across cpu:. and cpu:.: the model \(Ema\) uses it") \
+    with pytest.raises(PlanError, match=r"splits buffer 'ema' across cpu:. \(node '\w+'\) and cpu:. \(node "
+                                          r"'\w+'\): the model \(Ema\) uses it") \
             as caught:
         placer.apply(build(variant), split)
     assert "\n" not in str(caught.value)

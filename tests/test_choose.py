@@ -31,6 +31,12 @@ def test_simpler_plans_sort_first():
     assert simplicity(r["expert"]) < simplicity(piped)
 
 
+def test_a_plan_whose_cut_edges_are_unknown_is_not_the_simplest_of_equals():
+    r = rows()  # a hand-edited plan that splits a profiled group has no placement (placer compare)
+    edited = MethodResult("edited.json", placement=None, devices=["cpu:0", "cpu:1"])
+    assert simplicity(r["expert"]) < simplicity(edited)
+
+
 def test_the_fastest_wins_when_it_is_measurably_faster():
     r = rows()
     measured = {"unplaced": around(100.0), "single": around(98.0), "expert": around(90.0), "rl": around(70.0)}

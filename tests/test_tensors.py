@@ -46,14 +46,18 @@ def test_readers_name_each_tensor_once_leave_constants_out_and_refuse_a_split_pa
     assert set(readers) == {"a.weight", "a.bias", "b.bias", "scale"}  # b.weight is a.weight; no stowed constant
     assert all(devices == ["cpu:0"] for devices in readers.values())
     b_on_1 = graph_reads(gm, lambda n: "cpu:1" if "b" in str(n.meta.get("nn_module_stack", "")) else "cpu:0")
-    with pytest.raises(PlanError, match=r"plan splits parameter 'a.weight' across cpu:0 and cpu:1"):
+    b_linear = next(n.name for n in gm.graph.nodes if n.op == "call_function" and "b" in
+                    str(n.meta.get("nn_module_stack", "")) and "linear" in n.name)
+    with pytest.raises(PlanError, match=rf"plan splits parameter 'a.weight' across cpu:0 \(node '\w+'\) and "
+                                        rf"cpu:1 \(node '{b_linear}'\)"):  # the readers on each device
         tensor_readers(model, b_on_1, "plan")
-    both = [("cpu:1", model.scale), ("cpu:0", model.scale), ("cpu:1", model.scale)]
+    both = [("cpu:1", model.scale, "m1"), ("cpu:0", model.scale, "m0"), ("cpu:1", model.scale, "m2")]
     assert tensor_readers(model, both, "plan", shared_buffers=True) == {"scale": ["cpu:1", "cpu:0"]}
     with pytest.raises(PlanError, match="splits buffer 'scale'"):  # without read-only copies, not even a buffer
         tensor_readers(model, both, "plan")
     with pytest.raises(PlanError, match="splits parameter 'a.bias'"):  # a parameter, never
-        tensor_readers(model, [("cpu:0", model.a.bias), ("cpu:1", model.a.bias)], "plan", shared_buffers=True)
+        tensor_readers(model, [("cpu:0", model.a.bias, "n0"), ("cpu:1", model.a.bias, "n1")], "plan",
+                       shared_buffers=True)
 
 
 def test_place_keeps_what_this_process_holds_with_identity_and_frees_the_rest():

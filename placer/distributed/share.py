@@ -70,8 +70,8 @@ def eager_output(traced: Traced, leaves: Sequence[Any], values: Mapping[str, Any
     return traced.unflatten([values[leaf.name] if isinstance(leaf, fx.Node) else leaf for leaf in leaves])
 
 
-def chunk_reads(chunks: Iterable[Chunk]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(plan device name, tensor) for every parameter, buffer or constant each chunk
+def chunk_reads(chunks: Iterable[Chunk]) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(plan device name, tensor, node name) for every parameter, buffer or constant each chunk
     reads, chunk by chunk: what placer.runtime.tensors.tensor_readers takes."""
     for chunk in chunks:
         yield from graph_reads(chunk.module, lambda node, device=chunk.device: device)

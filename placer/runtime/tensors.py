@@ -30,15 +30,16 @@ from graphs.schedule import written_state
 __all__ = ["graph_reads", "written_tensors", "tensor_readers", "place_tensors", "localize"]
 
 
-def graph_reads(gm: fx.GraphModule, device_of: Callable[[fx.Node], str | None]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(device name, tensor) for each parameter, buffer or stowed constant each node of
-    `gm` reads (graphs.capture.node_params), in graph order; nodes whose
+def graph_reads(gm: fx.GraphModule, device_of: Callable[[fx.Node], str | None]
+                ) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(device name, tensor, node name) for each parameter, buffer or stowed constant
+    each node of `gm` reads (graphs.capture.node_params), in graph order; nodes whose
     `device_of(node)` is None are passed over."""
     for node in gm.graph.nodes:
         device = device_of(node)
         if device is not None:
             for tensor in node_tensors(gm, node):
-                yield device, tensor
+                yield device, tensor, node.name
 
 
 def written_tensors(gm: fx.GraphModule) -> set[int]:
@@ -47,7 +48,7 @@ def written_tensors(gm: fx.GraphModule) -> set[int]:
     return {id(operator.attrgetter(str(a.target))(gm)) for node in gm.graph.nodes for a in written_state(node, gm)}
 
 
-def tensor_readers(model: nn.Module, reads: Iterable[tuple[str, torch.Tensor]], source: str,
+def tensor_readers(model: nn.Module, reads: Iterable[tuple[str, torch.Tensor, str]], source: str,
                    shared_buffers: bool = False, written: Collection[int] = ()) -> dict[str, list[str]]:
     """The devices that read each of `model`'s tensors, first reader first.
 
@@ -55,7 +56,7 @@ def tensor_readers(model: nn.Module, reads: Iterable[tuple[str, torch.Tensor]], 
     ----------
     model : the model whose parameters and buffers count (tensors of `reads` that are
         not its own, constants a capture stowed, are left out).
-    reads : (device name, tensor) pairs in execution order (`graph_reads`).
+    reads : (device name, tensor, reading node's name) in execution order (`graph_reads`).
     source : how error messages name the plan.
     shared_buffers : whether a buffer may be read on several devices (the caller keeps
         read-only copies); parameters never may, nor buffers in `written`.
@@ -69,25 +70,28 @@ def tensor_readers(model: nn.Module, reads: Iterable[tuple[str, torch.Tensor]], 
     ------
     PlanError : a parameter (or, without `shared_buffers`, a buffer; or a buffer the
         model updates in forward) is read on two devices: nodes that share a tensor
-        must share a device. The message names the tensor and its module.
+        must share a device. The message names the tensor, its module and a node that
+        reads it on each device.
     """
     canonical = canonical_names(model)
     readers: dict[str, list[str]] = {}
-    for device, tensor in reads:
+    first_reader: dict[str, str] = {}  # canonical name -> the node that read it first
+    for device, tensor, node in reads:
         name = canonical.get(id(tensor))
         if name is None:
             continue
         devices = readers.setdefault(name, [device])
+        first_reader.setdefault(name, node)
         if device in devices:
             continue
+        across = f"across {devices[0]} (node {first_reader[name]!r}) and {device} (node {node!r})"
         if isinstance(tensor, nn.Parameter):
-            raise PlanError(f"{source} splits parameter {name!r} across {devices[0]} and {device}: nodes that "
-                            f"share a parameter ({_module(model, name)}'s) must share a device; put them on one")
+            raise PlanError(f"{source} splits parameter {name!r} {across}: nodes that share a parameter "
+                            f"({_module(model, name)}'s) must share a device; put them on one")
         if not shared_buffers or id(tensor) in written:
             updated = "updates it in forward" if id(tensor) in written else "uses it"
-            raise PlanError(f"{source} splits buffer {name!r} across {devices[0]} and {device}: {_module(model, name)} "
-                            f"{updated}, and the nodes that read or update a buffer must share a device; put them "
-                            f"on one")
+            raise PlanError(f"{source} splits buffer {name!r} {across}: {_module(model, name)} {updated}, and the "
+                            f"nodes that read or update a buffer must share a device; put them on one")
         devices.append(device)
     return readers
 
