@@ -114,11 +114,11 @@ def session(entries: list[tuple[str, object]], protocol: Protocol) -> dict:
     return {label: row(m, unplaced, "unplaced") for label, m in results.items()}, results
 
 
-def overhead(names: list[str], protocol: Protocol) -> list[dict]:
+def overhead(specs: list[str], protocol: Protocol) -> list[dict]:
     rows = []
     cluster = parse_cluster("cpu:0")
-    for name in names:
-        workload = load_workload(f"zoo:{name}")
+    for spec in specs:
+        workload = load_workload(spec)
         plan = plan_from_assignment(workload.model, lambda n: "cpu:0", ["cpu:0"], inputs=workload.inputs,
                                     leaf_modules=workload.leaf_modules)
         table, raw = session([("unplaced", EagerTrial(workload, threads=cluster.devices[0].threads,
@@ -126,11 +126,11 @@ def overhead(names: list[str], protocol: Protocol) -> list[dict]:
                               ("runtime", PlacedTrial(workload, plan, cluster, label="runtime",
                                                       warmup=protocol.warmup))], protocol)
         ratio = compare(raw["unplaced"], raw["runtime"], "runtime")  # runtime over eager: > 1 is overhead
-        rows.append({"model": f"{name}-small", "threads": cluster.devices[0].threads, **table,
+        rows.append({"model": spec, "threads": cluster.devices[0].threads, **table,
                      "overhead": None if ratio is None else {"value": ratio.value - 1,
                                                              "ci": (ratio.ci[0] - 1, ratio.ci[1] - 1)},
                      "target": 0.03})
-        print(f"overhead {name}: {rows[-1]['overhead']}")
+        print(f"overhead {spec}: {rows[-1]['overhead']}")
     return rows
 
 
@@ -293,8 +293,9 @@ def main() -> None:
                         help="comma-separated, of " + ", ".join(SECTIONS) + " (default: all); a subset writes "
                              "runtime_<sections>.{json,md}")
     parser.add_argument("--scaling", default=None, metavar="SPEC,...",
-                        help="workloads of the scaling section (default: zoo mlp, gpt, transformer, nmt); "
-                             "the files' stem gets --name")
+                        help="workloads of the scaling section (default: zoo mlp, gpt, transformer, nmt)")
+    parser.add_argument("--overhead", default=None, metavar="SPEC,...",
+                        help="workloads of the overhead section (default: every zoo model, small)")
     parser.add_argument("--name", default="", help="suffix of the written files' stem, e.g. narrow")
     args = parser.parse_args()
     sections = args.sections.split(",")
@@ -315,7 +316,8 @@ def main() -> None:
         results["scaling"] = scaling(specs, protocol)
     if "overhead" in sections:
         torch.set_num_threads(HOST_THREADS)  # one device `cpu:0` has all the host's threads
-        results["overhead"] = overhead(sorted(ZOO), protocol)
+        results["overhead"] = overhead(args.overhead.split(",") if args.overhead
+                                       else [f"zoo:{name}:small" for name in sorted(ZOO)], protocol)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "runtime" + ("_quick" if args.quick else "") + ("" if set(sections) == set(SECTIONS) else
                                                           "_" + "_".join(s for s in SECTIONS if s in sections)) + (

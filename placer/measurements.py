@@ -106,12 +106,16 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
     """Measure `trials` together under `protocol`, interleaved in alternating order.
 
     Every trial is opened (warmed up) first; those that cannot run are infeasible at
-    once. Then rounds: each unsettled trial times one step, in the order of the list
-    on even rounds and reversed on odd ones, until every trial is settled, or every
+    once. Then rounds: each trial that has not failed or reached max_runs times one
+    step, in the order of the list on even rounds and reversed on odd ones, until every
+    trial is settled, or every
     trial has its `min_runs` steps and either the timed rounds have passed the
     protocol's cap (`Protocol.session_cap_s`) or the whole session (opening included)
-    has passed `limit_s`. Every trial is closed at the end, also on Ctrl-C (which
-    propagates).
+    has passed `limit_s`. A settled trial keeps its place in the rounds while another is
+    unsettled: the others would otherwise run back to back, which here ran 4-6% faster
+    than alternating (new-user trial 9) and made a ratio between two trials of one
+    session read a speedup that was not there. Every trial is closed at the end, also on
+    Ctrl-C (which propagates).
 
     Parameters
     ----------
@@ -135,12 +139,13 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
             trial.open()
         begin, round_ = clock(), 0
         while True:
-            live = [t for t in trials if not protocol.settled(t)]
+            unsettled = any(not protocol.settled(t) for t in trials)
+            live = [t for t in trials if t.failed is None and len(t.times_ms) < protocol.max_runs]
             warm = all(t.failed is not None or len(t.times_ms) >= protocol.min_runs for t in trials)
             now = clock()
             capped = now - begin > protocol.session_cap_s(len(trials)) or (limit_s is not None and
                                                                            now - started >= limit_s)
-            if not live or (warm and capped):
+            if not unsettled or (warm and capped):
                 break
             for trial in (live if round_ % 2 == 0 else live[::-1]):
                 trial.step()

@@ -60,13 +60,16 @@ def test_candidates_are_interleaved_in_alternating_order():
     assert all(m.runs == 4 and m.feasible for m in results.values())
 
 
-def test_a_candidate_stops_once_its_ci_is_within_target_others_go_on():
+def test_a_settled_candidate_keeps_its_place_in_the_rounds_until_every_one_is_settled():
+    # Back to back, the unsettled one would run faster than alternating (trial 9): none runs alone.
     results, log = session({"steady": [20.0], "noisy": [10.0, 40.0, 25.0]},
                            Protocol(target=0.03, min_runs=5, max_runs=30, cap_s=1e9))
     steady, noisy = results["steady"], results["noisy"]
-    assert steady.runs == 5 and steady.ci_ms == pytest.approx((20.0, 20.0)) and steady.ci_halfwidth < 1e-9
+    assert steady.ci_ms == pytest.approx((20.0, 20.0)) and steady.ci_halfwidth < 1e-9
     assert noisy.runs == 30 and noisy.ci_halfwidth > 0.03  # max_runs reached without meeting the target
-    assert log[:10] == ["steady", "noisy", "noisy", "steady"] * 2 + ["steady", "noisy"]
+    assert steady.runs == 30 and log == ["steady", "noisy", "noisy", "steady"] * 15
+    results, log = session({"a": [20.0], "b": [30.0]}, Protocol(target=0.03, min_runs=5, max_runs=30, cap_s=1e9))
+    assert [m.runs for m in results.values()] == [5, 5]  # all settled: the session ends
 
 
 def test_the_time_cap_stops_a_session_but_only_after_min_runs():

@@ -155,6 +155,25 @@ def test_applying_a_plan_to_a_placed_model_is_refused_and_its_original_takes_it_
     again.close()
 
 
+def test_torch_compile_runs_a_placed_model_as_it_is_and_a_compiled_model_is_refused_in_one_line():
+    torch.manual_seed(0)
+    model = TinyLM()
+    ref = copy.deepcopy(model)
+    plan = plan_from_assignment(model, body_on_second, TWO, inputs=(tokens(),))
+    placed = apply(model, plan)
+    compiled = torch.compile(placed)  # dynamo leaves the placed forward to run as it is
+    for run in (compiled, ref):
+        torch.manual_seed(1)  # the same dropout masks
+        out = run(tokens())
+        (out.logits.sum() + out.aux.sum()).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    with pytest.raises(PlanError, match=r"^the model is a torch.compile wrapper: apply the plan to the model itself "
+                                        r"\(`placer.apply\(model._orig_mod, plan\)`\)"):
+        apply(torch.compile(TinyLM()), plan)
+    placed.close()
+
+
 def test_devices_are_remapped_one_to_one_at_apply_time():
     torch.manual_seed(0)
     ref = TinyLM().eval()

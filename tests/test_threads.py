@@ -11,12 +11,15 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+import placer
 
 from graphs.capture import owning_module
 from graphs.devices import Cluster, Device, parse_cluster
@@ -152,4 +155,25 @@ def test_a_workers_count_survives_the_caller_setting_another():
         assert record.counts == [1]
     finally:
         worker.close()
+        torch.set_num_threads(before)
+
+
+def test_a_thread_count_changed_after_apply_is_warned_about_once_with_the_count_to_set():
+    before = torch.get_num_threads()
+    m = model()
+    plan = plan_from_assignment(m, lambda n: "cpu:1" if owning_module(n) == "2" else "cpu:0", VIRTUAL, inputs=(x(),))
+    placed = placer.apply(m, plan, one_thread_cluster())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            placed(x())  # the count apply gave: no word
+        torch.set_num_threads(3)
+        with pytest.warns(UserWarning, match=r"this thread runs 3 intra-op threads, where placer.apply gave it 1 .*"
+                                             r"call torch.set_num_threads\(1\) after apply"):
+            placed(x()).sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            placed(x())  # once per placed model
+    finally:
+        placed.close()
         torch.set_num_threads(before)

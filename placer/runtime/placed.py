@@ -51,6 +51,7 @@ from placer.plan import Plan, load_plan, plan_cluster, trace_for_plan
 from placer.runtime.executor import Executor
 from placer.runtime.model_changes import ModelSnapshot
 from placer.runtime.tensors import graph_reads, localize, place_tensors, tensor_readers
+from placer.runtime.worker import caller_threads
 
 __all__ = ["apply", "PlacedModule"]
 
@@ -93,6 +94,8 @@ class PlacedModule(nn.Module):
     `copy.deepcopy(placed)` and `torch.save(placed)` copy the original model and the
     plan, and apply the plan again to the copy (`torch.load(..., weights_only=False)`
     to read it back). One call at a time: the device workers are shared by every call.
+    `torch.compile(placed)` runs it as it is: the forward is not compiled (dynamo cannot
+    trace across the device workers' threads; torch.compiler.disable).
     """
 
     def __init__(self, model: nn.Module, plan: Plan, devices: dict[str, Device], reference: PlacedCapture,
@@ -110,6 +113,8 @@ class PlacedModule(nn.Module):
         self._every_module = tuple(model.modules())  # whose flags pick a capture (training_flags' order)
         self._module_devices = _module_devices(reference)
         self._finalizer = weakref.finalize(self, _close_all, self.graphs)
+        self._caller_threads = caller_threads(devices.values())  # what apply gave the caller (None: its own)
+        self._threads_warned = False
         object.__setattr__(self, "original", model)  # last: from here on, unknown attributes come from it
         if eval_capture is not None:
             self.graphs.append(self._placed(eval_capture))
@@ -146,6 +151,7 @@ class PlacedModule(nn.Module):
         self.original.training = mode
         return self
 
+    @torch.compiler.disable
     def forward(self, *args, **kwargs):
         """The model's output for `model(*args, **kwargs)`, of the eager type, on the
         device of the first tensor input. Raises TypeError for a call the forward's
@@ -153,6 +159,14 @@ class PlacedModule(nn.Module):
         (parameters spread over devices), ExecutionError once closed or when the model
         changed after apply (placer.runtime.model_changes); where a new capture fails,
         what the eager model raises for the call, else CaptureError."""
+        if self._caller_threads not in (None, torch.get_num_threads()) and not self._threads_warned:
+            self._threads_warned = True
+            warnings.warn(f"placer: this thread runs {torch.get_num_threads()} intra-op threads, where placer.apply "
+                          f"gave it {self._caller_threads} (its CPU devices' count, with which the plan was "
+                          f"measured): its thread team now competes with the devices' workers for their cores, "
+                          f"and the step may run slower than the model unplaced; call "
+                          f"torch.set_num_threads({self._caller_threads}) after apply, not another count",
+                          stacklevel=2)
         graph, inputs = self._graph_for(args, kwargs)
         first = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
         out_device = first.device if first is not None else _HOST
@@ -284,7 +298,7 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
 
     Raises
     ------
-    PlanError : `model` is already a PlacedModule, the plan was made for another model
+    PlanError : `model` is already a PlacedModule or a torch.compile wrapper, the plan was made for another model
         (its parameters differ: checked before capturing), leaves a node unplaced, splits a
         shared parameter, `devices` cannot stand for the plan's devices, or its
         micro-batches would change what the model computes (batch statistics without
@@ -296,6 +310,9 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
     if isinstance(model, PlacedModule):
         raise PlanError("the model is already placed: apply the plan to its .original "
                         "(`placer.apply(placed.original, plan)`)")
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise PlanError("the model is a torch.compile wrapper: apply the plan to the model itself "
+                        "(`placer.apply(model._orig_mod, plan)`); a placed model runs uncompiled")
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
     cluster, rename = _devices_for(plan, devices)
