@@ -193,7 +193,9 @@ def parse_cluster(devices: str | None = None, memory: str | None = None) -> Clus
     virtual = sum(1 for _, kind, idx, rank in parsed if kind == "cpu" and idx is not None and rank is None)
     if virtual > cores:
         _warn_once(f"{virtual} virtual CPU devices on {cores} cores: they share cores, so they cannot all run at "
-                   f"once; measured plans will not show what {virtual} devices could do")
+                   f"once; a plan over them runs slower here than on {virtual} cores, may be slower than the model "
+                   f"run without placer, and plans measured here will not show what {virtual} devices could do "
+                   f"(re-run placer optimize on this host for a plan made for it)")
     caps = parse_memory(memory, names)
     built = []
     for name, kind, idx, rank in parsed:

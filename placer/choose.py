@@ -247,8 +247,8 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
             f"heuristic ({method_name(beaten.reference)}) in the confirm session")
     if heuristic is not None and heuristic.method == beaten.reference and heuristic.measured:
         choice = _judged(heuristic, unplaced, session, shortlist, unplaced_device, True, writes_plan, protocol)
-        choice.headline = _line(f"{lost}, so {method_name(heuristic.method)} is judged in its place. "
-                                f"{choice.headline}")
+        choice.headline = _line(f"{choice.headline} ({lost}, so {method_name(heuristic.method)} was judged in "
+                                f"its place.)")  # the verdict first (trial 9)
         return choice
     choice = _judged(winner, unplaced, session, shortlist, unplaced_device, True, writes_plan, protocol)
     if choice.method == winner.method:  # no claim for it: the faster plan is named first

@@ -132,9 +132,9 @@ def test_a_winner_measurably_slower_than_the_best_heuristic_gives_way_to_it():
     choice = verdict_choice(r["rl"], r["unplaced"], "confirm", ["unplaced", "rl"], "cpu", heuristic=r["expert"])
     assert choice.method == "expert" and choice.verdict == "faster"
     assert choice.vs_unplaced.value == pytest.approx(100 / 60) and choice.vs_unplaced.verdict == "faster"
-    assert choice.headline.startswith("RL, which the final session picked, is 0.75x")
-    assert "so expert is judged in its place. Expert is measurably faster than the model run without placer" \
-        in choice.headline
+    assert choice.headline.startswith("Expert is measurably faster than the model run without placer")
+    assert choice.headline.endswith("(RL, which the final session picked, is 0.75x (CI 0.75-0.75) the best heuristic "
+                                    "(expert) in the confirm session, so expert was judged in its place.)")
 
 
 def test_the_heuristic_in_the_winners_place_is_judged_against_unplaced_too():
