@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 
 from placer.choose import current, unmeasured
@@ -103,11 +104,35 @@ def _reading(results: Results) -> list[str]:
                      f"slower (busy, or its speed wandered), so here it bounds nothing. To profile again, remove the "
                      f"profile-*.json files of the cache folder ($PLACER_CACHE, default ~/.cache/placer) and run on a "
                      f"quiet host.")
+    notes += _why_chosen(results)
     if any(not current(results, r) for r in results.methods if r.measured):
         notes.append(f"Speedups are shown only for rows measured in the {results.unplaced.session} session, which "
                      f"measured unplaced last{_ms(results.unplaced.measured_ms)}: a row of another session "
                      f"(its session column) was compared there with unplaced as that session found it, so its "
                      f"ratios are left out rather than set against a median shown nowhere.")
+    return notes
+
+
+def _why_chosen(results: Results) -> list[str]:
+    """What a reader of a win asks (new-user trial 9): why a plan beats unplaced on virtual
+    CPU devices, and why a row measured faster than the chosen plan was not chosen."""
+    chosen = results.row(results.choice.method) if results.choice.method else None
+    if chosen is None or not chosen.measured:
+        return []
+    notes = []
+    if results.choice.verdict == "faster" and chosen.kind != "unplaced" and \
+            any(re.fullmatch(r"cpu:\d+", d) for d in chosen.devices or results.devices):
+        notes.append(f"Why {method_name(chosen.method)} wins: unplaced runs every op on all the host's cores "
+                     f"(intra-op threads); the plan runs its parts side by side on CPU devices of a share of the "
+                     f"cores each, which pays where ops gain little from more threads. placer.apply gives your "
+                     f"training loop's thread that share; torch.set_num_threads after apply gives the win back.")
+    faster = [r for r in results.methods if r.measured and r.method != chosen.method
+              and r.measured_ms < chosen.measured_ms]
+    if faster:
+        notes.append(f"{method_name(faster[0].method)}{' and others' if len(faster) > 1 else ''} measured faster "
+                     f"than {method_name(chosen.method)}, but not measurably so where both were measured together "
+                     f"(the final session picks the simplest plan within the fastest one's interval), or in a "
+                     f"session without it: {method_name(chosen.method)} was chosen.")
     return notes
 
 
