@@ -49,7 +49,6 @@ The rules (issue 14, DESIGN.md "Measuring"):
 from __future__ import annotations
 
 import math
-
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 

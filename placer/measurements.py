@@ -108,10 +108,9 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
     Every trial is opened (warmed up) first; those that cannot run are infeasible at
     once. Then rounds: each trial that has not failed or reached max_runs times one
     step, in the order of the list on even rounds and reversed on odd ones, until every
-    trial is settled, or every
-    trial has its `min_runs` steps and either the timed rounds have passed the
-    protocol's cap (`Protocol.session_cap_s`) or the whole session (opening included)
-    has passed `limit_s`. A settled trial keeps its place in the rounds while another is
+    trial is settled, or every trial has its `min_runs` steps and either the timed
+    rounds have passed the protocol's cap (`Protocol.session_cap_s`) or the whole
+    session (opening included) has passed `limit_s`. A settled trial keeps its place in the rounds while another is
     unsettled: the others would otherwise run back to back, which here ran 4-6% faster
     than alternating (new-user trial 9) and made a ratio between two trials of one
     session read a speedup that was not there. Every trial is closed at the end, also on
