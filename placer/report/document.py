@@ -30,8 +30,9 @@ PLOT_CAPTIONS = {
 }
 NOTES = [
     "Measured times are medians of whole training steps (forward, loss, backward, optimizer step) after "
-    "warm-up. Candidates measured together are interleaved in alternating order (A B C, C B A, ...), each "
-    "repeated until the confidence interval of its median is within the protocol's target or its time cap; "
+    "warm-up. Candidates measured together are interleaved in alternating order (A B C, C B A, ...), all of "
+    "them to the session's end: until the confidence interval of every median is within the protocol's "
+    "target, or the session's time cap; "
     "the CI column is that interval, runs the timed steps behind it.",
     "Speedups (vs unplaced, vs best heuristic) are ratios of medians measured in the same session as the "
     "row (its session column), with a bootstrap confidence interval; above 1 means faster. A ratio whose "
@@ -125,7 +126,7 @@ def _why_chosen(results: Results) -> list[str]:
         notes.append(f"Why {method_name(chosen.method)} wins: unplaced runs every op on all the host's cores "
                      f"(intra-op threads); the plan runs its parts side by side on CPU devices of a share of the "
                      f"cores each, which pays where ops gain little from more threads. placer.apply gives your "
-                     f"training loop's thread that share; torch.set_num_threads after apply gives the win back.")
+                     f"training loop's thread that share; another torch.set_num_threads after apply can lose the win.")
     faster = [r for r in results.methods if r.measured and r.method != chosen.method
               and r.measured_ms < chosen.measured_ms]
     if faster:
