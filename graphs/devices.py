@@ -195,7 +195,7 @@ def parse_cluster(devices: str | None = None, memory: str | None = None) -> Clus
         _warn_once(f"{virtual} virtual CPU devices on {cores} cores: they share cores, so they cannot all run at "
                    f"once; a plan over them runs slower here than on {virtual} cores, may be slower than the model "
                    f"run without placer, and plans measured here will not show what {virtual} devices could do "
-                   f"(re-run placer optimize on this host for a plan made for it)")
+                   f"(use at most {cores} cpu:N devices here, or make the plan on the host it will run on)")
     caps = parse_memory(memory, names)
     built = []
     for name, kind, idx, rank in parsed:

@@ -277,13 +277,12 @@ def _brief(value: Any) -> str:
 
 
 def canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    """`args`/`kwargs` bound as Python binds them, minus arguments passed at their
-    default value itself (so `f(x)` and `f(x, mask=None)` are one call). Raises
-    TypeError for a call the signature rejects, naming the signature."""
+    """`args`/`kwargs` bound as Python binds them, minus arguments passed at their default value
+    itself (`f(x)`, `f(x, mask=None)`: one call). TypeError names the rejecting signature's parameters."""
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as exc:  # inspect's words alone ("too many positional arguments") name no function
-        raise TypeError(f"forward{signature}: {exc}") from None
+        raise TypeError(f"forward({', '.join(signature.parameters)}): {exc}") from None
     for name, param in signature.parameters.items():
         variadic = param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
         if name in bound.arguments and not variadic and bound.arguments[name] is param.default:

@@ -23,8 +23,8 @@ The rules (issue 14, DESIGN.md "Measuring"):
    session, takes its place, and the headline says why. The headline never claims a
    plan that a row of its own session shows measurably slower than another.
 5. An unplaced measurement that the protocol could not measure is no reference: it
-   timed more than min_runs steps (the CI was not within target, the session kept
-   going) and its CI is still wider than UNMEASURED_FACTOR times the target (its step
+   timed more than min_runs steps (some CI of its session was not within target, so
+   the session kept going) and its own CI is still wider than UNMEASURED_FACTOR times the target (its step
    times vary too much, with no other process on its cores: rule 7 covers those).
    Ratios against it carry the verdict "unmeasured", and no plan
    is chosen against it. A session cut at min_runs by its cap asked for no precision.

@@ -4,11 +4,11 @@ comparison of two measurements, and the persistent measurement book.
 The protocol (`Protocol`, `run_session`). Candidates measured in one *session* are
 timed interleaved, round by round, in alternating order: A B C, C B A, A B C, ...,
 so that drift in the host's load and the position in a round hit all of them alike
-(measured A-then-B every round, two identical placements differed by 9%). After
-`min_runs` steps a candidate stops once the confidence interval of its median
-(order statistics, placer.runtime.timing.median_ci) is within `target` of the median
-(default +-3%); the session stops when every candidate has, or at `max_runs` steps
-each, or at the time cap (`cap_s` seconds a session, or `cap_per_candidate_s` times its
+(measured A-then-B every round, two identical placements differed by 9%). Every
+candidate stays in the rounds to the session's end, which comes when, after `min_runs`
+steps each, the confidence interval of every candidate's median (order statistics,
+placer.runtime.timing.median_ci) is within `target` of the median (default +-3%), or
+at `max_runs` steps each, or at the time cap (`cap_s` seconds a session, or `cap_per_candidate_s` times its
 candidates), or at a caller's time limit (a search's budget: `Measurer.limited`).
 
 The comparison (`compare`): the speedup of one measurement over another is the ratio

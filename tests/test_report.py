@@ -451,15 +451,22 @@ def test_rows_measured_below_the_lower_bound_are_explained(results, tmp_path):
 def test_a_win_on_virtual_cpu_devices_says_why_and_a_faster_row_not_chosen_says_why_not(results, tmp_path):
     # trial 9: a win over unplaced on cpu:0,cpu:1 came with no word of why, and an RL row faster
     # than the chosen plan with no word of why it lost
-    notes = write_report(results, tmp_path)["markdown"].read_text().split("## Notes", 1)[1]
-    assert "Why RL wins: unplaced runs every op on all the host's cores" in notes
-    assert "was chosen." not in notes  # nothing measured faster than RL
-    next(r for r in results["methods"] if r["method"] == "metis").update(measured_ms=60.0, ci_ms=[59.0, 61.5])
-    notes = write_report(results, tmp_path)["markdown"].read_text().split("## Notes", 1)[1]
-    assert "METIS measured faster than RL, but not measurably so where both were measured together" in notes
+    def notes() -> str:
+        return write_report(results, tmp_path)["markdown"].read_text().split("## Notes", 1)[1]
+
+    results["methods"][0]["devices"] = ["cpu"]  # unplaced on the whole host
+    assert "Why RL wins: unplaced runs every op on all the host's cores" in notes()
+    assert "was chosen." not in notes()  # nothing measured faster than RL
+    for method, ms in (("metis", 60.0), ("etf", 62.0)):
+        next(r for r in results["methods"] if r["method"] == method).update(measured_ms=ms, ci_ms=[ms - 1, ms + 1.5])
+    assert "METIS and others measured faster than RL, but not measurably so where both were measured" in notes()
+    results["methods"][0]["devices"] = ["cuda:0"]  # unplaced on a GPU: the intra-op threads are not the story
+    assert "Why RL wins" not in notes()
+    results["methods"][0]["devices"] = ["cpu"]
+    next(r for r in results["methods"] if r["method"] == "rl")["placement"] = [1, 1, 1, 1]  # one device: no side by side
+    assert "Why RL wins" not in notes()
     results["choice"].update(method="unplaced", verdict="tie")
-    notes = write_report(results, tmp_path)["markdown"].read_text().split("## Notes", 1)[1]
-    assert "Why" not in notes.split("Measured times are medians")[0]
+    assert "Why" not in notes() and "was chosen." not in notes()
 
 
 def test_a_micro_batches_column_appears_when_a_row_is_pipelined(results):

@@ -169,8 +169,9 @@ def test_a_thread_count_changed_after_apply_is_warned_about_once_with_the_count_
             placed(x())  # the count apply gave: no word
         torch.set_num_threads(3)
         with pytest.warns(UserWarning, match=r"this thread runs 3 intra-op threads, where placer.apply gave it 1 .*"
-                                             r"call torch.set_num_threads\(1\) after apply"):
+                                             r"call torch.set_num_threads\(1\) after apply") as caught:
             placed(x()).sum().backward()
+        assert caught[0].filename == __file__  # the user's line, past torch.compiler.disable's frames
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             placed(x())  # once per placed model

@@ -121,15 +121,18 @@ def _why_chosen(results: Results) -> list[str]:
     if chosen is None or not chosen.measured:
         return []
     notes = []
-    if results.choice.verdict == "faster" and chosen.kind != "unplaced" and \
-            any(re.fullmatch(r"cpu:\d+", d) for d in chosen.devices or results.devices):
+    devices = chosen.devices or results.devices
+    used = {devices[d] for d in chosen.placement or () if d < len(devices)}
+    unplaced_on_host = results.unplaced is not None and results.unplaced.devices in ([], ["cpu"])
+    if results.choice.verdict == "faster" and chosen.kind != "unplaced" and unplaced_on_host and len(used) > 1 \
+            and all(re.fullmatch(r"cpu:\d+", d) for d in used):
         notes.append(f"Why {method_name(chosen.method)} wins: unplaced runs every op on all the host's cores "
                      f"(intra-op threads); the plan runs its parts side by side on CPU devices of a share of the "
                      f"cores each, which pays where ops gain little from more threads. placer.apply gives your "
                      f"training loop's thread that share; another torch.set_num_threads after apply can lose the win.")
-    faster = [r for r in results.methods if r.measured and r.method != chosen.method
-              and r.measured_ms < chosen.measured_ms]
-    if faster:
+    faster = sorted((r for r in results.methods if r.measured and r.method != chosen.method
+                     and r.measured_ms < chosen.measured_ms), key=lambda r: r.measured_ms)
+    if faster and chosen.kind != "unplaced":  # unplaced's headline says no plan is measurably faster
         notes.append(f"{method_name(faster[0].method)}{' and others' if len(faster) > 1 else ''} measured faster "
                      f"than {method_name(chosen.method)}, but not measurably so where both were measured together "
                      f"(the final session picks the simplest plan within the fastest one's interval), or in a "

@@ -31,6 +31,7 @@ the device of the first tensor input, like accelerate's dispatched models.
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, replace
@@ -166,7 +167,7 @@ class PlacedModule(nn.Module):
                           f"measured): its thread team now competes with the devices' workers for their cores, "
                           f"and the step may run slower than the model unplaced; call "
                           f"torch.set_num_threads({self._caller_threads}) after apply, not another count",
-                          stacklevel=2)
+                          stacklevel=_user_stacklevel())
         graph, inputs = self._graph_for(args, kwargs)
         first = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
         out_device = first.device if first is not None else _HOST
@@ -220,7 +221,7 @@ class PlacedModule(nn.Module):
                               f"model (the latest because {why}); a capture takes seconds, and only the "
                               f"{EXTRA_CAPTURES} most recently used are kept: pass values that change between calls "
                               f"as tensors and keep shapes fixed (pad to one length; DataLoader(drop_last=True))",
-                              stacklevel=5)
+                              stacklevel=_user_stacklevel())
         self._snapshot = self._snapshot_now()  # the capture ran the forward, which may add hooks (transformers')
         inputs = traced.bind(args, kwargs)
         if inputs is None:
@@ -395,6 +396,15 @@ def _raise_eager_error(model: nn.Module, args: tuple, kwargs: dict) -> None:
             model(*args, **kwargs)
     except CaptureError:  # eager ran, setting an attribute: the capture's error stands
         pass
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel, for its caller, of the first frame outside placer and
+    torch: the user's call (torch.compiler.disable and nn.Module add frames between)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("placer", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _close_workers(workers: list) -> None:

@@ -32,14 +32,17 @@ __all__ = ["graph_reads", "written_tensors", "tensor_readers", "place_tensors", 
 
 def graph_reads(gm: fx.GraphModule, device_of: Callable[[fx.Node], str | None]
                 ) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """(device name, tensor, node name) for each parameter, buffer or stowed constant
+    """(device name, tensor, reader's name) for each parameter, buffer or stowed constant
     each node of `gm` reads (graphs.capture.node_params), in graph order; nodes whose
-    `device_of(node)` is None are passed over."""
+    `device_of(node)` is None are passed over. The reader of a get_attr or placeholder
+    node is its first user (the op that reads the tensor), else the node itself."""
     for node in gm.graph.nodes:
         device = device_of(node)
         if device is not None:
+            access = node.op in ("get_attr", "placeholder") and node.users
+            reader = next(iter(node.users)).name if access else node.name
             for tensor in node_tensors(gm, node):
-                yield device, tensor, node.name
+                yield device, tensor, reader
 
 
 def written_tensors(gm: fx.GraphModule) -> set[int]:
