@@ -67,7 +67,14 @@ class Device:
 
     @property
     def is_virtual_cpu(self) -> bool:
-        return self.kind == "cpu" and ":" in self.local_name
+        return is_virtual_cpu_name(self.name)
+
+
+def is_virtual_cpu_name(name: str) -> bool:
+    """Whether device `name` is a virtual CPU device (`cpu:k`, `rank1:cpu:k`): a share of
+    the host's cores, not the whole host `cpu`."""
+    match = _DEVICE_RE.match(name)
+    return match is not None and match.group(2) == "cpu" and match.group(3) is not None
 
 
 @dataclass(frozen=True)

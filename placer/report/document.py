@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import base64
 import html
-import re
 from pathlib import Path
 
+from graphs.devices import is_virtual_cpu_name
 from placer.choose import current, unmeasured
 from placer.measurements import Protocol
 from placer.report.plots import PLOT_FILES
@@ -125,7 +125,7 @@ def _why_chosen(results: Results) -> list[str]:
     used = {devices[d] for d in chosen.placement or () if d < len(devices)}
     unplaced_on_host = results.unplaced is not None and results.unplaced.devices in ([], ["cpu"])
     if results.choice.verdict == "faster" and chosen.kind != "unplaced" and unplaced_on_host and len(used) > 1 \
-            and all(re.fullmatch(r"cpu:\d+", d) for d in used):
+            and all(map(is_virtual_cpu_name, used)):
         notes.append(f"Why {method_name(chosen.method)} wins: unplaced runs every op on all the host's cores "
                      f"(intra-op threads); the plan runs its parts side by side on CPU devices of a share of the "
                      f"cores each, which pays where ops gain little from more threads. placer.apply gives your "
