@@ -175,6 +175,8 @@ def test_a_thread_count_changed_after_apply_is_warned_about_once_with_the_count_
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             placed(x())  # once per placed model
+            placed.eval()(x())  # a new capture (eval mode), whose executor keeps the user's count
+        assert torch.get_num_threads() == 3
     finally:
         placed.close()
         torch.set_num_threads(before)

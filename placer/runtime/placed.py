@@ -52,7 +52,7 @@ from placer.plan import Plan, load_plan, plan_cluster, trace_for_plan
 from placer.runtime.executor import Executor
 from placer.runtime.model_changes import ModelSnapshot
 from placer.runtime.tensors import graph_reads, localize, place_tensors, tensor_readers
-from placer.runtime.worker import caller_threads
+from placer.runtime.worker import caller_threads, own_threads
 
 __all__ = ["apply", "PlacedModule"]
 
@@ -208,7 +208,9 @@ class PlacedModule(nn.Module):
         except CaptureError:
             _raise_eager_error(self.original, args, kwargs)
             raise
+        threads = torch.get_num_threads()
         graph = self._placed(traced)
+        own_threads(threads)  # the new executor's start gave the caller apply's count: keep the user's own
         self.graphs.append(graph)
         self._made += 1
         if len(self.graphs) > self._kept + EXTRA_CAPTURES:
