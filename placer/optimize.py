@@ -65,11 +65,12 @@ def check_inputs(devices: str | None, memory: str | None, budget_s: float, metho
     Raises
     ------
     DeviceSpecError, PlacerError
-        A bad --devices/--memory, budget, method name (or none), worker count or output folder.
+        A bad --devices/--memory, budget, method name (or none), worker count (more than the
+        cores, or more than one with CPU devices: placer.runtime.pool.check_workers) or output folder.
     """
     from placer.runtime.pool import check_workers
 
-    parse_cluster(devices, memory)
+    cluster = parse_cluster(devices, memory)
     if not (math.isfinite(budget_s) and budget_s > 0):
         raise PlacerError(f"--budget {budget_s}: give a finite number of seconds > 0")
     if not methods:
@@ -78,8 +79,7 @@ def check_inputs(devices: str | None, memory: str | None, budget_s: float, metho
     unknown = [m for m in methods if m not in HEURISTICS and m not in SEARCHES]
     if unknown:
         raise PlacerError(f"unknown method {unknown[0]!r}; choose from {', '.join([*HEURISTICS, *SEARCHES])}")
-    if workers > 1:
-        check_workers(workers)
+    check_workers(workers, cluster)
     if out_dir is not None and (problem := folder_problem(out_dir)):
         raise PlacerError(f"--out {out_dir} {problem}: choose a folder you can write")
 

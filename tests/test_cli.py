@@ -276,14 +276,13 @@ def test_infeasible_optimize_leaves_no_plan_or_report(tmp_path):
     assert not (out / "plan.json").exists() and not (out / "report.html").exists()
 
 
-def test_parallel_measurement_with_workers(tmp_path):
+def test_workers_on_cpu_devices_are_refused_before_any_work(tmp_path):
+    # each worker would measure cpu:0,cpu:1 on its share of the cores, not on the plan's
     out = tmp_path / "w"
-    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--budget", "2", *FAST, "--methods", "single,expert,rl",
-                    "--search", "batch_size=4", *SHORT_RL, "--workers", "2", "--reward", "measure", "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    results = json.loads((out / "results.json").read_text())
-    measured = [row for row in results["methods"] if row["measured_ms"] is not None]
-    assert len(measured) >= 2 and results["best"] in {row["method"] for row in measured}
+    result = placer("optimize", WORKLOAD, "--devices", DEVICES, "--workers", "2", "--reward", "measure",
+                    "--out", str(out))
+    assert_one_line_error(result, "--workers 2", "cpu:0,cpu:1", "use --workers 1")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("text", ["nan", "inf", "-inf", "0", "-3", "fast"])

@@ -32,33 +32,6 @@ def wait_for(condition, what: str, timeout: float = 300.0) -> None:
         time.sleep(0.1)
 
 
-def children(pid: int) -> set[int]:
-    """Live processes whose parent is `pid` (Linux /proc)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.add(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def measure_workers(pid: int) -> set[int]:
-    """The measurement worker processes among pid's children (spawned interpreters)."""
-    return {c for c in children(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()}
-
-
 @pytest.fixture
 def workload_file(tmp_path: Path) -> Path:
     """A tiny workload that prints as it builds and runs, and whose output is NaN."""
@@ -178,24 +151,6 @@ def test_ctrl_c_before_anything_is_measured_says_interrupted(tmp_path):
     assert not (out / "plan.json").exists()
 
 
-def test_workers_die_with_their_parent(tmp_path):
-    run = start("optimize", WORKLOAD, "--devices", DEVICES, "--workers", "2", "--reward", "measure",
-                "--methods", "single,rl", "--budget", "300", *FAST, "--out", str(tmp_path / "out"))
-    wait_for(lambda: len(measure_workers(run.pid)) == 2 or run.poll() is not None, "two measurement workers")
-    workers = measure_workers(run.pid)
-    assert len(workers) == 2, run.communicate()[1]
-    run.kill()  # SIGKILL: the parent gets no chance to stop them
-    run.communicate(timeout=60)
-    wait_for(lambda: not any(alive(pid) for pid in workers), "the orphaned workers to die", timeout=60)
-
-
-def test_ctrl_c_with_workers_prints_one_line_and_no_traceback(tmp_path):
-    out = tmp_path / "out"
-    run = start("optimize", WORKLOAD, "--devices", DEVICES, "--workers", "2", "--reward", "measure",
-                "--methods", "single,rl", "--budget", "300", *FAST, "--out", str(out), start_new_session=True)
-    wait_for(lambda: len(measure_workers(run.pid)) == 2 or run.poll() is not None, "two measurement workers")
-    os.killpg(run.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
-    stdout, stderr = run.communicate(timeout=300)
-    assert run.returncode == 130, stderr
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-    assert stderr.strip().splitlines()[-1] == "interrupted"
+# Measurement workers dying with their parent and ignoring Ctrl-C: tests/test_distributed.py's pool
+# section. `placer optimize --workers 2` is refused on CPU devices (tests/test_cli.py), and one worker
+# measures in the command's own process, so no command here can start a pool.

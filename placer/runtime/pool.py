@@ -2,14 +2,22 @@
 its own disjoint devices, as the controller/worker design of Mirhoseini et al. did.
 
 Each worker is a spawned process that loads the workload once and then measures the
-plans it is sent with placer.runtime.timing.measure on its own device set: on a CPU host,
-its own share of the cores (pinned with sched_setaffinity) split over virtual CPU
-devices named like the search's; with GPUs, its own block of them. Device i of a plan
-is device i of the worker's set; peak memory comes back under the plan's names.
+plans it is sent with placer.runtime.timing.measure on its own device set: with GPUs,
+its own block of them; device i of a plan is device i of the worker's set, and peak
+memory comes back under the plan's names. Each worker is pinned (sched_setaffinity) to
+its own share of the host's cores.
+
+More than one worker is for GPU devices only (check_workers): the search's CPU devices
+share the host's cores out among them (graphs.devices.parse_cluster), so a worker's
+1/n of the cores would run them on fewer than the plan does and time something else. A
+pool of one worker may hold CPU devices: it has every core, and a hung or crashed
+measurement costs a worker, not the caller (`placer optimize --workers 1` measures in
+its own process instead).
 
 A worker that dies (killed, crashed) or passes the hard time limit is replaced by a
-fresh process, and its candidate is retried once on another worker; a second failure
-marks the candidate infeasible with the reason. The search never loses a candidate.
+fresh process, and its candidate is retried once: on another worker where there is
+one, else on that fresh one. A second failure marks the candidate infeasible with both
+reasons. The search never loses a candidate.
 
 Workers never outlive the process that started them: on Linux each asks the kernel
 for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere, and for workers
@@ -30,6 +38,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
@@ -38,7 +47,7 @@ import torch
 import torch.multiprocessing as mp
 
 from graphs.workload import load_workload
-from graphs.devices import host_cores, parse_cluster, parse_memory
+from graphs.devices import Cluster, host_cores, parse_cluster, parse_memory
 from graphs.errors import DeviceSpecError, PlacerError
 from placer.plan import Plan, accelerate_name, plan_cluster
 from placer.runtime.timing import Measurement, measure
@@ -79,23 +88,43 @@ def max_workers() -> int:
     return host_cores()
 
 
-def check_workers(n_workers: int) -> None:
-    """Refuse more workers than the host can run.
+def check_workers(n_workers: int, cluster: Cluster) -> None:
+    """Refuse a pool this host cannot run, or one whose measurements would not be the plan's.
+
+    Parameters
+    ----------
+    n_workers : the pool's worker processes (1: no refusal for the CPU's sake).
+    cluster : the search's devices (graphs.devices.parse_cluster of `--devices`, `--memory`).
 
     Raises
     ------
     DeviceSpecError
-        `n_workers` is more than `max_workers()`, with the limit and why.
+        `n_workers` is more than `max_workers()` (one core each), or more than one while
+        the cluster has CPU devices: a worker's share of the cores is fewer than the
+        threads the plan runs them with. Either names the values and the fix.
     """
     limit = max_workers()
     if n_workers > limit:
         raise DeviceSpecError(f"--workers {n_workers}: this host has {limit} core(s) and every measurement worker "
                               f"needs one of its own; use --workers {limit} or fewer")
+    cpus = [d for d in cluster.devices if d.kind == "cpu"]
+    share, needed = limit // n_workers, sum(d.threads for d in cpus)
+    if n_workers > 1 and share < needed:
+        threads = {d.threads for d in cpus}  # parse_cluster gives a host's virtual devices one count
+        each = ""
+        if len(cpus) > 1 and len(threads) == 1:
+            each = " (one thread each)" if threads == {1} else f" ({min(threads)} threads each)"
+        raise DeviceSpecError(f"--workers {n_workers}: each worker would run {','.join(d.name for d in cpus)} on "
+                              f"{share} of this host's {limit} cores, where the plan runs "
+                              f"{'them' if len(cpus) > 1 else 'it'} on {needed}{each}, so its measurements would "
+                              f"not be the plan's; use --workers 1 (a pool pays where every device is a GPU, each "
+                              f"worker with its own)")
 
 
 def worker_device_sets(devices: list[str], n_workers: int) -> list[tuple[list[str], list[int]]]:
-    """Each worker's (device names, host cores): disjoint cores for CPU devices; for
-    GPUs, worker w takes cuda:(w*k + i) for the k devices of the search."""
+    """Each worker's (device names, host cores): disjoint shares of the cores (every core
+    for one worker, the only pool check_workers allows CPU devices); for GPUs, worker w
+    takes cuda:(w*k + i) for the k devices of the search."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(host_cores()))
     share = max(1, len(cores) // n_workers)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -126,7 +155,7 @@ class MeasurementPool:
 
     def __init__(self, workload_spec: str, devices_per_worker: list[str], n_workers: int, iters: int = 10,
                  timeout_s: float = 120.0, warmup: int = 3, memory: str | None = None):
-        check_workers(n_workers)
+        check_workers(n_workers, parse_cluster(",".join(devices_per_worker), memory))
         self.workload_spec = workload_spec
         self.search_devices = list(devices_per_worker)
         self.caps = parse_memory(memory, self.search_devices)  # the search's device names -> bytes
@@ -313,10 +342,13 @@ def _worker_main(workload_spec: str, devices: list[str], memory: str | None, cor
             os.sched_setaffinity(0, cores)
         torch.set_num_threads(max(1, len(cores)))
         workload = load_workload(workload_spec)
-        cluster = parse_cluster(",".join(devices), memory)
-        threads = max(1, len(cores) // len(devices))
-        cluster = replace(cluster, devices=tuple(replace(d, threads=threads) if d.kind == "cpu" else d
-                                                 for d in cluster.devices))
+        # Parsed on the worker's cores, its CPU devices get the threads the search's have:
+        # check_workers lets CPU devices into one worker only, which has every core. The
+        # parent parsed the same devices and gave their warnings; one from here would be a
+        # second copy (and its advice would count this worker's cores, not the host's).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cluster = parse_cluster(",".join(devices), memory)
     except Exception as exc:
         conn.send(("error", traceback.format_exception_only(type(exc), exc)[-1].strip()))
         return
