@@ -1,4 +1,5 @@
-"""Test-wide settings: every test run profiles into its own fresh cache, so that the
+"""Test-wide settings: every test run profiles into its own fresh cache (one for all of
+its xdist worker processes, so that a profile made by one serves the other), so that the
 suite never depends on (or pollutes) a user's ~/.cache/placer; every test, and every
 placer process a test starts, sees an idle host (the load average behind
 placer.runtime.host_load.busy_host is 0, also through $PLACER_LOAD_AVERAGE; a test of
@@ -20,7 +21,8 @@ from graphs.problem import PlacementProblem, build_problem
 
 
 def pytest_configure(config):
-    os.environ["PLACER_CACHE"] = tempfile.mkdtemp(prefix="placer-test-cache-")
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # a worker keeps the cache its controller made
+        os.environ["PLACER_CACHE"] = tempfile.mkdtemp(prefix="placer-test-cache-")
     os.environ["PLACER_LOAD_AVERAGE"] = "0"  # an idle host for the placer processes tests start, too
 
 
