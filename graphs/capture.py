@@ -125,9 +125,31 @@ def capture_info(traced: Traced, inputs: tuple[torch.Tensor, ...] | None, model:
     paths, the example batch's signature (shapes and dtypes, from which inputs that
     capture alike are built: graphs.trace captures never read values; None without a
     batch), the batch dims the capture keeps free besides dim 0 (`batch_dims`), and
-    `tensors`, graphs.trace.tensors_fingerprint of the model (checked before a capture)."""
+    `tensors`, graphs.trace.tensors_fingerprint of the model (checked before a capture),
+    and `shapes`, `tensor_shapes` (which name what differs)."""
     return {"method": traced.method, "leaf_paths": list(traced.leaf_paths), "batch_dims": dict(traced.batch_dims),
-            "inputs": None if inputs is None else input_signature(inputs), "tensors": tensors_fingerprint(model)}
+            "inputs": None if inputs is None else input_signature(inputs), "tensors": tensors_fingerprint(model),
+            "shapes": tensor_shapes(model)}
+
+
+def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Each parameter's and buffer's qualified name -> its shape, in the order
+    graphs.trace.tensors_fingerprint hashes them."""
+    return {name: list(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def shape_difference(recorded: Mapping[str, list[int]], model: nn.Module) -> str:
+    """In words, the first parameter or buffer whose name or shape differs between
+    `recorded` (a `tensor_shapes` table) and `model`."""
+    here = tensor_shapes(model)
+    for name, shape in recorded.items():
+        if name not in here:
+            return f"the plan's {name!r} {tuple(shape)} is not in this {type(model).__name__}"
+        if here[name] != shape:
+            return f"{name!r} is {tuple(here[name])} here and {tuple(shape)} in the plan"
+    extra = [name for name in here if name not in recorded]
+    return (f"this {type(model).__name__} has {extra[0]!r} {tuple(here[extra[0]])}, which the plan lacks" if extra
+            else "its parameters and buffers come in another order")
 
 
 def input_batch_dims(model: nn.Module, inputs: tuple, batch_dims: Mapping[str, int]) -> list[int]:

@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphs.capture import capture_info, example_like, node_params, owning_module
+from graphs.capture import capture_info, example_like, node_params, owning_module, shape_difference
 from graphs.devices import Cluster, default_device_spec, host_cores, parse_cluster
 from graphs.errors import DeviceSpecError, PlanError
 from graphs.files import write_text_atomically
@@ -65,6 +65,7 @@ class Capture:
     leaf_paths: list[str] = field(default_factory=list)  # module paths kept whole (fx)
     inputs: list[dict] | None = None  # the example batch: [{"shape": [...], "dtype": "int64"}]; None in v1 plans
     tensors: str | None = None  # graphs.trace.tensors_fingerprint of the model; None in older plans
+    shapes: dict[str, list[int]] | None = None  # graphs.trace.tensor_shapes of the model; None in older plans
     batch_dims: dict[str, int] = field(default_factory=dict)  # batch dims besides 0 the capture keeps free (export)
 
 
@@ -197,6 +198,10 @@ def _type_problem(data: dict) -> str | None:
         return "capture.inputs must list {shape, dtype} of each input"
     if not isinstance(capture.get("tensors"), (str, type(None))):
         return f"capture.tensors must be a string or null, found {capture['tensors']!r}"
+    shapes = capture.get("shapes")
+    if shapes is not None and not (isinstance(shapes, dict) and all(
+            isinstance(s, list) and all(isinstance(d, int) for d in s) for s in shapes.values())):
+        return "capture.shapes must map each parameter and buffer name to its shape, or be null"
     groups, placement = data.get("groups"), data.get("placement")
     if groups is not None and not (isinstance(groups, list) and all(
             isinstance(g, list) and all(isinstance(n, str) for n in g) for g in groups)):
@@ -317,8 +322,9 @@ def _check_tensors(model: nn.Module, plan: Plan) -> None:
     """
     if plan.capture.tensors is not None:
         if plan.capture.tensors != tensors_fingerprint(model):
-            raise PlanError(f"{plan.source} was made for another model (its parameters' names or shapes differ): "
-                            f"re-run `placer optimize` for this model")
+            why = ("its parameters' names or shapes differ" if plan.capture.shapes is None  # an older plan
+                   else shape_difference(plan.capture.shapes, model))
+            raise PlanError(f"{plan.source} was made for another model ({why}): re-run `placer optimize` for this model")
         return
     known = {name for name, _ in model.named_modules()} | set(model.state_dict())
     stray = sorted(set(plan.device_map) - known - {""})
@@ -380,7 +386,7 @@ def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], dev
         device_map=accelerate_device_map(devices_of_modules, model.state_dict(), devices[0]),
         fingerprint=model_fingerprint(model, gm),
         capture=Capture(method=info["method"], leaf_paths=leaf_paths_of(gm, traced.leaf_paths), inputs=info["inputs"],
-                        tensors=info["tensors"], batch_dims=info["batch_dims"]),
+                        tensors=info["tensors"], shapes=info["shapes"], batch_dims=info["batch_dims"]),
         batch_dims=dict(batch_dims or {}), microbatch_statistics=microbatch_statistics,
         method=method, workload=workload,
     )
@@ -434,7 +440,8 @@ def make_plan(problem: PlacementProblem, placement: Sequence[int], method: str, 
         device_map=accelerate_device_map(device_map, ops.graph.get("tensor_names", []), names[0]),
         fingerprint=ops.graph.get("fingerprint", problem.fingerprint),
         capture=Capture(method=info.get("method", "fx"), leaf_paths=sorted(called | set(ops.graph.get("leaf_paths", []))),
-                        inputs=info.get("inputs"), tensors=info.get("tensors"), batch_dims=info.get("batch_dims", {})),
+                        inputs=info.get("inputs"), tensors=info.get("tensors"), shapes=info.get("shapes"),
+                        batch_dims=info.get("batch_dims", {})),
         microbatches=microbatches, schedule=schedule,
         batch_dims=dict(problem.batch_dims), microbatch_statistics=problem.microbatch_statistics,
         method=method, seed=seed, groups=groups, placement=list(placement),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from graphs.capture import capture
+from graphs.capture import capture, tensor_shapes
 from graphs.trace import tensors_fingerprint
 from graphs.workload import Workload
 from graphs.errors import CaptureError, WorkloadError
@@ -71,7 +71,8 @@ def test_schema_shapes_and_bytes():
     assert nx.is_directed_acyclic_graph(g)
     assert g.graph["name"] == "t" and g.graph["granularity"] == "op" and g.graph["leaf_paths"] == []
     assert g.graph["capture"] == {"method": "export", "leaf_paths": [], "inputs": [{"shape": [2, 5], "dtype": "int64"}],
-                                  "tensors": tensors_fingerprint(model), "batch_dims": {}}
+                                  "tensors": tensors_fingerprint(model), "shapes": tensor_shapes(model),
+                                  "batch_dims": {}}
     assert set(g.graph["tensor_names"]) == {"emb.weight", "block.fc.weight", "block.fc.bias", "head.weight"}
     assert g.graph["batch_size"] == 2
     assert len(g.graph["fingerprint"]) == 16

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from graphs.capture import capture_traced, owning_module
+from graphs.capture import capture_traced, owning_module, tensor_shapes
 from graphs.group import group
 from graphs.trace import fingerprint, tensors_fingerprint, trace_model
 from graphs.devices import parse_cluster
@@ -47,7 +47,7 @@ def test_save_and_load_round_trip(tmp_path):
     data = json.loads(path.read_text())
     assert data["format"] == FORMAT and data["microbatches"] == 1 and data["schedule"] is None
     assert data["capture"] == {"method": "export", "leaf_paths": [], "inputs": [{"shape": [4, 6], "dtype": "float32"}],
-                               "tensors": tensors_fingerprint(Net()), "batch_dims": {}}
+                               "tensors": tensors_fingerprint(Net()), "shapes": tensor_shapes(Net()), "batch_dims": {}}
     assert load_plan(path) == plan
     assert load_plan(path, fingerprint=plan.fingerprint) == plan
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temp file left behind
@@ -207,18 +207,24 @@ class TwoInputs(nn.Module):
         return self.a(x) + y
 
 
-def test_a_plan_refuses_another_model_by_its_parameters_before_capturing_it():
+def test_a_plan_refuses_another_model_by_its_parameters_before_capturing_it(tmp_path):
     plan = plan_from_assignment(Net(), lambda n: "cpu:0", ["cpu:0"], inputs=(torch.randn(4, 6),))
     other = TwoInputs()
-    with pytest.raises(PlanError, match=r"^plan was made for another model \(its parameters' names or shapes "
-                                        r"differ\): re-run `placer optimize` for this model$"):
+    with pytest.raises(PlanError, match=r"^plan was made for another model \(the plan's 'enc.0.weight' \(8, 6\) is "
+                                        r"not in this TwoInputs\): re-run `placer optimize` for this model$"):
         apply(other, plan)
     assert other.calls == 0  # refused before any capture ran its forward
-    # Same parameter names, other shapes and other input shapes (H8's repro).
+    # Same parameter names, other shapes and other input shapes (H8's repro; trial 9: name the parameter).
     small = plan_from_assignment(nn.Sequential(nn.Linear(4, 4)), lambda n: "cpu:0", ["cpu:0"],
                                  inputs=(torch.randn(2, 4),))
-    with pytest.raises(PlanError, match="made for another model"):
+    with pytest.raises(PlanError, match=r"another model \('0.weight' is \(64, 32\) here and \(4, 4\) in the plan\)"):
         apply(nn.Sequential(nn.Linear(32, 64)), small)
+    with pytest.raises(PlanError, match=r"another model \(this Sequential has '1.weight' \(2, 4\), which the plan lacks"):
+        apply(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), small)
+    older = load_plan(small.save(tmp_path / "older.json"))
+    older.capture.shapes = None  # a plan from before the shapes: the hash alone
+    with pytest.raises(PlanError, match=r"another model \(its parameters' names or shapes differ\)"):
+        apply(nn.Sequential(nn.Linear(32, 64)), older)
 
 
 def test_an_older_plan_without_the_tensors_hash_refuses_another_model_by_the_names_it_places(tmp_path):
