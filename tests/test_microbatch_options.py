@@ -258,6 +258,52 @@ def test_inputs_without_a_common_batch_dimension_are_refused_naming_what_was_spl
                    r"its length differing: name each input's batch dimension in batch_dims if they share one, else "
                    r"the model's inputs cannot be split\. Otherwise, use microbatches = 1$")
 
+
+class Scaled(nn.Module):
+    """forward(x [B, 8], scale [24]): `scale` is not batched; with 24 rows it is as long as the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(8, 24), nn.Linear(24, 2)
+
+    def forward(self, x, scale):
+        return self.out(torch.relu(self.a(x)) * scale.mean())
+
+
+class ColumnScaled(nn.Module):
+    """forward(x [B, 24], scale [24]): each column of x scaled; `scale` is not batched."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(24, 24), nn.Linear(24, 2)
+
+    def forward(self, x, scale):
+        return self.out(self.a(x) * scale)
+
+
+@pytest.mark.parametrize("model, width, match", [
+    (Scaled(), 8, r"micro-batches split every input as long as the batch: 'x' along dimension 0, 'scale' along "
+                  r"dimension 0: if one is not batched but as long as the batch by chance, use microbatches = 1 "
+                  r"\(per-micro-batch statistics would not fix it\)\. Otherwise: .*reduces over the batch"),
+    (ColumnScaled(), 24, r"the model fails on a batch of 2 rows \(RuntimeError: .*\); micro-batches split every "
+                         r"input as long as the batch: 'x' along dimension 0, 'scale' along dimension 0: is one of "
+                         r"them not batched, as long as the batch by chance\? Otherwise, use microbatches = 1$"),
+])
+def test_an_input_as_long_as_the_batch_by_chance_is_named_before_any_other_advice(model, width, match):
+    # new-user trial 10: the refusal said the model reduced over the batch, its advice (accept per-micro-batch
+    # statistics) then trained on a split `scale`, silently wrong; or asked whether it assumed a fixed batch size
+    rows = 24
+    example = (torch.randn(6, width), torch.rand(24))
+    plan = piped(model, example)
+    placed = placer.apply(model, plan)
+    try:
+        torch.testing.assert_close(placed(*example), model(*example))  # 6 rows: `scale` is not split
+        with pytest.raises(PlanError, match=match):
+            placed(torch.randn(rows, width), example[1])
+    finally:
+        placed.close()
+
+
 BATCH_SECOND_FILE = textwrap.dedent("""
     import torch
     from torch import nn

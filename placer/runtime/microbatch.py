@@ -71,11 +71,10 @@ class Split:
 
 
 def split_dims(inputs: Mapping[str, Any], batch_dims: Mapping[str, int]) -> dict[str, int]:
-    """The inputs a batch is split along, and the dimension of each: every tensor
-    input as long along its batch dimension (`batch_dims` names it per input, default
-    0) as the first tensor input is along its own; the first one included. Empty
-    when no input is a tensor with dimensions. Other inputs go whole to every
-    micro-batch. Raises PlanError when `batch_dims` names a dimension an input lacks."""
+    """The inputs a batch is split along and the dimension of each: every tensor input as
+    long along its batch dimension (`batch_dims`, default 0) as the first is along its own,
+    also one not batched but as long by chance (a model with one needs microbatches = 1);
+    {} without a tensor input with dimensions. Raises PlanError for a dimension an input lacks."""
     tensors = [(name, v) for name, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0]
     short = next(((n, v) for n, v in tensors if batch_dims.get(n, 0) >= v.dim()), None)
     if short is not None:
@@ -120,8 +119,7 @@ def split_grads(output_grads: Mapping[str, list], sizes: Sequence[int],
     dimensions here (model inputs returned as they are) are left out."""
     per_micro: list[dict[str, list]] = [{} for _ in sizes]
     for name, grads in output_grads.items():
-        dims = output_dims.get(name)
-        if dims is None:
+        if (dims := output_dims.get(name)) is None:
             continue
         pieces = [None if g is None else torch.split(g, list(sizes), dims[k]) for k, g in enumerate(grads)]
         for i in range(len(sizes)):
@@ -239,6 +237,8 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
                    f"dimension {dims[name]}); {', '.join(repr(n) for n in whole)} went whole to every micro-batch, "
                    f"its length differing: name each input's batch dimension in batch_dims if they share one, "
                    f"else the model's inputs cannot be split.")
+        elif len(dims) > 1:
+            why = f"{_inputs_split(dims)}: is one of them not batched, as long as the batch by chance?"
         elif along:
             why = (f"the plan's capture may fix the batch's size along {', '.join(along)}: torch.export keeps it "
                    f"free only in a capture made with batch_dims naming it, so make the plan again from the workload.")
@@ -250,13 +250,22 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
     nodes = [n for c in chunks for n in c.module.graph.nodes]
     split = (name, dims[name])
     found = batch_layout(nodes, output_nodes, [runs[0].shapes, runs[1].shapes], rows, split, source)
-    if found.reduction:
-        return found
-    random = next((r.random for r in runs if r.random), None)
-    if random:
-        return replace(found, unchecked=f"{random} draws random numbers the probe cannot hold fixed: outputs' "
-                                        f"values along the split dimension were not compared")
-    return replace(found, reduction=_mixing(output_nodes, found.output_dims, runs, rows, split, source))
+    if not found.reduction:
+        random = next((r.random for r in runs if r.random), None)
+        if random:
+            return replace(found, unchecked=f"{random} draws random numbers the probe cannot hold fixed: outputs' "
+                                            f"values along the split dimension were not compared")
+        found = replace(found, reduction=_mixing(output_nodes, found.output_dims, runs, rows, split, source))
+    if found.reduction and len(dims) > 1:  # an input split by chance looks like a reduction or mixing (trial 10)
+        return replace(found, reduction=f"{source}: {_inputs_split(dims)}: if one is not batched but as long as the "
+                       f"batch by chance, use microbatches = 1 (per-micro-batch statistics would not fix it). "
+                       f"Otherwise: {found.reduction.removeprefix(source + ': ')}")
+    return found
+
+
+def _inputs_split(dims: Mapping[str, int]) -> str:  # every tensor as long as the batch (split_dims)
+    return "micro-batches split every input as long as the batch: " + ", ".join(
+        f"{name!r} along dimension {d}" for name, d in dims.items())
 
 
 def _mixing(output_nodes: Sequence[str], output_dims: Mapping[str, list[int | None]], runs: Sequence[Probe],
