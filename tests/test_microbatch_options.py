@@ -281,27 +281,33 @@ class ColumnScaled(nn.Module):
         return self.out(self.a(x) * scale)
 
 
-@pytest.mark.parametrize("model, width, match", [
-    (Scaled(), 8, r"micro-batches split every input as long as the batch: 'x' along dimension 0, 'scale' along "
-                  r"dimension 0: if one is not batched but as long as the batch by chance, use microbatches = 1 "
-                  r"\(per-micro-batch statistics would not fix it\)\. Otherwise: .*reduces over the batch"),
-    (ColumnScaled(), 24, r"the model fails on a batch of 2 rows \(RuntimeError: .*\); micro-batches split every "
-                         r"input as long as the batch: 'x' along dimension 0, 'scale' along dimension 0: is one of "
-                         r"them not batched, as long as the batch by chance\? Otherwise, use microbatches = 1$"),
-])
-def test_an_input_as_long_as_the_batch_by_chance_is_named_before_any_other_advice(model, width, match):
-    # new-user trial 10: the refusal said the model reduced over the batch, its advice (accept per-micro-batch
-    # statistics) then trained on a split `scale`, silently wrong; or asked whether it assumed a fixed batch size
-    rows = 24
-    example = (torch.randn(6, width), torch.rand(24))
-    plan = piped(model, example)
-    placed = placer.apply(model, plan)
+@pytest.mark.parametrize("make, width", [(Scaled, 8), (ColumnScaled, 24)])
+def test_an_input_the_example_had_not_as_long_as_the_batch_is_never_split(make, width):
+    # new-user trial 10: `scale` (24) was split at a batch of 24 rows; the refusal blamed a reduction over the
+    # batch, and its advice (accept per-micro-batch statistics) then trained on a split `scale`, silently wrong
+    model = make()
+    plan = piped(model, (torch.randn(6, width), torch.rand(24)))
+    placed = placer.apply(copy.deepcopy(model), plan)
     try:
-        torch.testing.assert_close(placed(*example), model(*example))  # 6 rows: `scale` is not split
-        with pytest.raises(PlanError, match=match):
-            placed(torch.randn(rows, width), example[1])
+        for rows in (6, 24, 7):
+            x, scale = torch.randn(rows, width), torch.rand(24)
+            torch.testing.assert_close(placed(x, scale), model(x, scale))
     finally:
         placed.close()
+
+
+@pytest.mark.parametrize("make, width, match", [
+    (Scaled, 8, r"micro-batches split every input as long as the batch: 'x' along dimension 0, 'scale' along "
+                r"dimension 0: if one is not batched but as long as the batch by chance, use microbatches = 1 "
+                r"\(per-micro-batch statistics would not fix it\)\. Otherwise: .*reduces over the batch"),
+    (ColumnScaled, 24, r"the model fails on a batch of 2 rows \(RuntimeError: .*\); micro-batches split every "
+                       r"input as long as the batch: 'x' along dimension 0, 'scale' along dimension 0: is one of "
+                       r"them not batched, as long as the batch by chance\? Otherwise, use microbatches = 1$"),
+])
+def test_an_input_as_long_as_the_batch_in_the_example_too_is_named_before_any_other_advice(make, width, match):
+    model = make()
+    example = (torch.randn(24, width), torch.rand(24))  # the plan's own example: `scale` as long as the batch
+    assert_refused(model, piped(model, example), example, match)
 
 
 BATCH_SECOND_FILE = textwrap.dedent("""
@@ -381,9 +387,9 @@ def test_a_hand_edited_plans_batch_dims_that_name_no_input_or_dimension_are_refu
     with pytest.raises(PlanError, match=r"batch_dims names 'y', which is no input of the model's forward \(x\): "
                                         r"name one of those$"):
         placer.apply(model, replace(plan, batch_dims={"y": 1}))
-    assert_refused(model, replace(plan, batch_dims={"x": 5}), steps_batch(),
-                   r"batch_dims names dimension 5 of input 'x', which has 3 \(shape \[5, 4, 6\]\): name the "
-                   r"dimension its batch lies along$")
+    with pytest.raises(PlanError, match=r"batch_dims names dimension 5 of input 'x', which has 3 "
+                                        r"\(shape \[5, 4, 6\]\): name the dimension its batch lies along$"):
+        placer.apply(model, replace(plan, batch_dims={"x": 5}))  # found on the plan's example batch
 
 
 class ChainedEma(nn.Module):

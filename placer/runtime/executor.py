@@ -121,7 +121,7 @@ class Executor:
         groups : the plan's groups (member node names), the partition's atoms where
             they serve; None: single nodes.
         microbatches, schedule : GPipe micro-batches per call (schedule None or "gpipe").
-        batch_dims : placeholder -> the dimension its batch is split along (default 0).
+        batch_dims : placeholder -> the dimension its batch is split along (default 0; None: never).
         microbatch_statistics : accept batch statistics per micro-batch instead of refusing.
         source : how error messages name the plan.
 

@@ -70,12 +70,13 @@ class Split:
     dims: dict[str, int]
 
 
-def split_dims(inputs: Mapping[str, Any], batch_dims: Mapping[str, int]) -> dict[str, int]:
+def split_dims(inputs: Mapping[str, Any], batch_dims: Mapping[str, int | None]) -> dict[str, int]:
     """The inputs a batch is split along and the dimension of each: every tensor input as
     long along its batch dimension (`batch_dims`, default 0) as the first is along its own,
-    also one not batched but as long by chance (a model with one needs microbatches = 1);
+    also one not batched but as long by chance, unless `batch_dims` maps it to None;
     {} without a tensor input with dimensions. Raises PlanError for a dimension an input lacks."""
-    tensors = [(name, v) for name, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    tensors = [(name, v) for name, v in inputs.items()
+               if isinstance(v, torch.Tensor) and v.dim() > 0 and batch_dims.get(name, 0) is not None]
     short = next(((n, v) for n, v in tensors if batch_dims.get(n, 0) >= v.dim()), None)
     if short is not None:
         raise PlanError(f"batch_dims names dimension {batch_dims[short[0]]} of input {short[0]!r}, which has "
@@ -84,11 +85,10 @@ def split_dims(inputs: Mapping[str, Any], batch_dims: Mapping[str, int]) -> dict
         return {}
     name0, first = tensors[0]
     rows = first.shape[batch_dims.get(name0, 0)]
-    return {name: batch_dims.get(name, 0) for name, v in tensors
-            if v.dim() > batch_dims.get(name, 0) and v.shape[batch_dims.get(name, 0)] == rows}
+    return {name: batch_dims.get(name, 0) for name, v in tensors if v.shape[batch_dims.get(name, 0)] == rows}
 
 
-def split(inputs: Mapping[str, Any], m: int, batch_dims: Mapping[str, int]) -> Split:
+def split(inputs: Mapping[str, Any], m: int, batch_dims: Mapping[str, int | None]) -> Split:
     """Split every batch-sized tensor input (`split_dims`) into at most `m`
     micro-batches with torch.chunk: equal sizes but the last, and fewer than `m`
     when the batch is small (4 rows in 3 -> 2, 2)."""

@@ -43,12 +43,13 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from graphs.capture import canonical_names, node_tensors, owning_module
+from graphs.capture import canonical_names, example_like, node_tensors, owning_module
 from graphs.devices import Cluster, Device
 from graphs.errors import CaptureError, ExecutionError, PlanError
 from graphs.trace import Traced, trace_model
 from graphs.trace_effects import no_side_effects
 from placer.plan import Plan, load_plan, plan_cluster, trace_for_plan
+from placer.runtime import microbatch
 from placer.runtime.executor import Executor
 from placer.runtime.model_changes import ModelSnapshot
 from placer.runtime.tensors import graph_reads, localize, place_tensors, tensor_readers
@@ -342,6 +343,19 @@ def _devices_for(plan: Plan, devices: str | Cluster | None) -> tuple[Cluster, di
     return cluster, dict(zip(plan.devices, cluster.names))
 
 
+def _batch_dims(plan: Plan, traced: Traced) -> dict[str, int | None]:
+    """The plan's batch dims, and None (never split) for each input its example batch
+    had not as long as the batch: a later batch where one is so by chance still splits
+    only the batched ones (microbatch.split_dims; new-user trial 10)."""
+    example = None if plan.microbatches == 1 or plan.capture.inputs is None else \
+        traced.bind(example_like(plan.capture.inputs), {})
+    if example is None:
+        return dict(plan.batch_dims)
+    batched = microbatch.split_dims(example, plan.batch_dims)
+    return {**plan.batch_dims, **{name: None for name, value in example.items()
+                                  if isinstance(value, torch.Tensor) and value.dim() > 0 and name not in batched}}
+
+
 def _build(model: nn.Module, plan: Plan, traced: Traced, assignment: dict[str, str], devices: dict[str, Device],
            groups: list[list[str]] | None) -> PlacedCapture:
     """The executor of a capture placed by `assignment` (chunked over `groups`, the
@@ -352,7 +366,7 @@ def _build(model: nn.Module, plan: Plan, traced: Traced, assignment: dict[str, s
     localize(model, gm, lambda n: torch.device(devices[assignment[n.name]].torch_device)
              if n.name in assignment else None)
     executor = Executor.build(gm, gm, assignment, devices, groups=groups, microbatches=plan.microbatches,
-                              schedule=plan.schedule, batch_dims=plan.batch_dims,
+                              schedule=plan.schedule, batch_dims=_batch_dims(plan, traced),
                               microbatch_statistics=plan.microbatch_statistics, source=plan.source)
     leaves = [(leaf.name, None) if isinstance(leaf, fx.Node) else (None, leaf) for leaf in traced.output_leaves]
     output_nodes = list(dict.fromkeys(name for name, _ in leaves if name is not None))
