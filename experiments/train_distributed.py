@@ -37,7 +37,7 @@ from graphs.workload import load_workload
 from placer.distributed import (DistributedModel, PipelinedModel, init_from_env, merge_checkpoints, pipeline_stages,
                                 save_checkpoint)
 from placer.plan import Plan, load_plan, plan_from_assignment
-from placer.runtime.pool import die_with_parent
+from placer.runtime.processes import die_with_parent
 
 
 def contiguous_plan(model: nn.Module, devices: Sequence[str], leaf_modules=(), workload: str = "",

@@ -1,7 +1,7 @@
-"""Start the ranks: join a group torchrun made (`init_from_env`), or spawn local ranks
-on this host (`run_local`, for tests, the CLI and measurement). Every rank builds its
-model from the workload with a factory: `distributed_model` (backend.py, any plan) or
-`Pipelined` (pipelining.py, plans whose devices form a pipeline).
+"""Start the ranks: join a group torchrun made (`init_from_env`), or start local ranks
+on this host (`run_local`, for tests, the CLI and measurement; placer.runtime.processes).
+Every rank builds its model from the workload with a factory: `distributed_model`
+(backend.py, any plan) or `Pipelined` (pipelining.py, plans whose devices form a pipeline).
 
 torchrun (one host or several) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT in each process; `init_from_env` joins with init_method="env://". Several
@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from graphs.devices import host_cores
 from graphs.errors import PlacerError
@@ -35,7 +34,7 @@ from placer.distributed.share import rank_cluster
 from placer.distributed.checkpoint import save_checkpoint
 from placer.distributed.pipelining import PipelinedModel, plan_pipeline
 from placer.plan import Plan, with_workload_options
-from placer.runtime.pool import die_with_parent
+from placer.runtime import processes
 from placer.runtime.timing import Measurement, summarize, time_steps
 
 RankModel = DistributedModel | PipelinedModel
@@ -114,19 +113,18 @@ class LocalRank:
 def run_local(workload_spec: str, plan: Plan, world_size: int, fn: Callable[..., Any], *args: Any,
               on_report: Callable[[Any], None] | None = None, timeout_s: float = 600.0,
               build: ModelFactory = distributed_model) -> list[Any]:
-    """Run `fn(LocalRank, *args)` on `world_size` spawned ranks of this host (gloo or
+    """Run `fn(LocalRank, *args)` on `world_size` local ranks of this host (gloo or
     NCCL over loopback), each with the workload's model placed by `plan` through
     `build` (distributed_model, or a Pipelined); return each
     rank's result, in rank order. `fn` and `build` must be picklable (module-level).
     Each rank gets an equal share of the host's cores and dies with this process.
     Raises RankFailed when a rank raises, dies, or the whole run passes `timeout_s`."""
-    ctx = mp.get_context("spawn")
+    ctx = processes.context(["torch", "placer.distributed.launch", "graphs.zoo"])
     messages = ctx.Queue()
     port = free_port()
     threads = max(1, host_cores() // world_size)
-    procs = [ctx.Process(target=_rank_main, daemon=True, name=f"placer-rank{rank}",
-                         args=(rank, world_size, port, threads, timeout_s, workload_spec, plan, build, fn, args,
-                               messages, os.getpid()))
+    procs = [processes.process(ctx, _rank_main, (rank, world_size, port, threads, timeout_s, workload_spec, plan,
+                                                 build, fn, args, messages), name=f"placer-rank{rank}")
              for rank in range(world_size)]
     for p in procs:
         p.start()
@@ -163,8 +161,7 @@ def run_local(workload_spec: str, plan: Plan, world_size: int, fn: Callable[...,
 
 
 def _rank_main(rank: int, world_size: int, port: int, threads: int, timeout_s: float, workload_spec: str,
-               plan: Plan, build: ModelFactory, fn: Callable, args: tuple, messages, parent_pid: int) -> None:
-    die_with_parent(parent_pid)
+               plan: Plan, build: ModelFactory, fn: Callable, args: tuple, messages) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)

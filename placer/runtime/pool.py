@@ -1,8 +1,9 @@
 """Measure many candidate placements at once: a pool of worker processes, each with
 its own disjoint devices, as the controller/worker design of Mirhoseini et al. did.
 
-Each worker is a spawned process that loads the workload once and then measures the
-plans it is sent with placer.runtime.timing.measure on its own device set: with GPUs,
+Each worker is a process (forked from a server with torch imported once:
+placer.runtime.processes) that loads the workload once and then measures the plans it
+is sent with placer.runtime.timing.measure on its own device set: with GPUs,
 its own block of them; device i of a plan is device i of the worker's set, and peak
 memory comes back under the plan's names. Each worker is pinned (sched_setaffinity) to
 its own share of the host's cores.
@@ -19,40 +20,31 @@ fresh process, and its candidate is retried once: on another worker where there 
 one, else on that fresh one. A second failure marks the candidate infeasible with both
 reasons. The search never loses a candidate.
 
-Workers never outlive the process that started them: on Linux each asks the kernel
-for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere, and for workers
-started from a thread other than the main one (the kernel's signal follows the
-starting thread, which may end long before the parent), a watchdog thread exits when
-the parent's pid goes away. They ignore Ctrl-C (the parent stops
+Workers never outlive the process that started them (placer.runtime.processes). They ignore Ctrl-C (the parent stops
 them: no tracebacks from every worker on a terminal's Ctrl-C), and whatever the
 workload prints goes to stderr, so that a `--json` on stdout stays JSON.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
-import sys
-import threading
 import time
 import traceback
 import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 
 import torch
-import torch.multiprocessing as mp
 
 from graphs.workload import load_workload
 from graphs.devices import Cluster, host_cores, parse_cluster, parse_memory
 from graphs.errors import DeviceSpecError, PlacerError
 from placer.plan import Plan, accelerate_name, plan_cluster
+from placer.runtime import processes
 from placer.runtime.timing import Measurement, measure
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class WorkerStartError(PlacerError):
@@ -64,7 +56,7 @@ class _Worker:
     slot: int
     devices: list[str]  # its device set, device i standing in for the plan's device i
     cores: list[int]  # the host cores it is pinned to (CPU devices)
-    process: mp.Process
+    process: BaseProcess
     conn: Connection
     ready: bool = False
     task: int | None = None  # index of the candidate it is measuring
@@ -164,7 +156,7 @@ class MeasurementPool:
         self.start_s = max(120.0, self.hang_s)  # importing torch and loading the workload
         self.device_sets = worker_device_sets(list(devices_per_worker), n_workers)
         self.events: list[str] = []  # one line per worker failure, for the search's log
-        self._ctx = mp.get_context("spawn")
+        self._ctx = processes.context(["torch", "placer.runtime.pool", "graphs.zoo"])
         self.workers = [self._start(slot) for slot in range(n_workers)]
 
     def _start(self, slot: int) -> _Worker:
@@ -172,21 +164,10 @@ class MeasurementPool:
         caps = ",".join(f"{devices[i]}={self.caps[name]}" for i, name in enumerate(self.search_devices)
                         if name in self.caps)
         parent, child = self._ctx.Pipe()
-        main = threading.current_thread() is threading.main_thread()
-        process = self._ctx.Process(
-            target=_worker_main, daemon=True, name=f"placer-measure{slot}",
-            args=(self.workload_spec, devices, caps or None, cores, self.iters, self.warmup, self.timeout_s, child,
-                  os.getpid(), main))
-        # Born ignoring Ctrl-C (an ignored signal stays ignored across exec): a terminal's Ctrl-C
-        # reaches the whole process group, and a worker (or multiprocessing's resource tracker)
-        # still starting would die of it with a traceback. The parent stops the pool. A Ctrl-C in
-        # this short window is lost; handlers can only be set from the main thread.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-        try:
-            process.start()
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
+        process = processes.process(self._ctx, _worker_main, (self.workload_spec, devices, caps or None, cores,
+                                                             self.iters, self.warmup, self.timeout_s, child),
+                                    name=f"placer-measure{slot}")
+        process.start()
         child.close()
         return _Worker(slot, devices, cores, process, parent, since=time.monotonic())
 
@@ -311,30 +292,8 @@ def _on_devices(plan: Plan, devices: list[str]) -> Plan:
                    device_map={m: accelerate.get(d, d) for m, d in plan.device_map.items()})
 
 
-def die_with_parent(parent: int, kernel_signal: bool = True) -> None:
-    """End this process when `parent` ends: the kernel's parent-death signal on Linux,
-    else a watchdog thread polling the parent's pid.
-
-    `kernel_signal=False` where the parent started this process from a thread other
-    than its main one: Linux sends the parent-death signal when that thread ends
-    (prctl(2)), even though the parent lives on."""
-    libc = ctypes.util.find_library("c") if kernel_signal and sys.platform.startswith("linux") else None
-    if libc is not None and ctypes.CDLL(libc, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
-        if os.getppid() != parent:  # it died before prctl took effect
-            os._exit(1)
-        return
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="placer-parent-watchdog", daemon=True).start()
-
-
 def _worker_main(workload_spec: str, devices: list[str], memory: str | None, cores: list[int], iters: int,
-                 warmup: int, timeout_s: float, conn: Connection, parent: int, parent_on_main_thread: bool) -> None:
-    die_with_parent(parent, kernel_signal=parent_on_main_thread)
+                 warmup: int, timeout_s: float, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool on Ctrl-C
     os.dup2(2, 1)  # the workload's prints go to stderr: never onto the parent's stdout
     try:
