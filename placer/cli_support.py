@@ -176,14 +176,26 @@ train_backend_option = click.option("--backend", type=click.Choice(["local", "di
                                          "contiguous plan on torch.distributed.pipelining (docs/distributed.md).")
 
 
+_PROGRAM = False  # the `placer` program's own process (as_program), not an in-process caller's
+
+
+def as_program() -> None:
+    """Say that this process is the `placer` program's own (placer.cli.main), which owns its heap."""
+    global _PROGRAM
+    _PROGRAM = True
+
+
 def freeze_imports() -> None:
     """Leave every object alive now (torch's and the command's imports, some 370k) out of
     the garbage collector's full passes (gc.freeze), which each measured trial's close
     makes: ~0.4 s a trial here otherwise. Frozen objects are still freed by reference
-    counting; a measuring command calls it once its imports are made."""
-    import gc
+    counting; a measuring command calls it once its imports are made. Only in the
+    `placer` program (as_program): an in-process caller's (CliRunner's, an embedding's)
+    cycles alive then would never be collected."""
+    if _PROGRAM:
+        import gc
 
-    gc.freeze()
+        gc.freeze()
 
 
 def protocol_options(fn):

@@ -65,7 +65,7 @@ class Capture:
     leaf_paths: list[str] = field(default_factory=list)  # module paths kept whole (fx)
     inputs: list[dict] | None = None  # the example batch: [{"shape": [...], "dtype": "int64"}]; None in v1 plans
     tensors: str | None = None  # graphs.trace.tensors_fingerprint of the model; None in older plans
-    shapes: dict[str, list[int]] | None = None  # graphs.trace.tensor_shapes of the model; None in older plans
+    shapes: dict[str, list[int]] | None = None  # graphs.capture.tensor_shapes of the model; None in older plans
     batch_dims: dict[str, int] = field(default_factory=dict)  # batch dims besides 0 the capture keeps free (export)
 
 

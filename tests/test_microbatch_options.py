@@ -266,8 +266,9 @@ class Scaled(nn.Module):
         super().__init__()
         self.a, self.out = nn.Linear(8, 24), nn.Linear(24, 2)
 
-    def forward(self, x, scale):
-        return self.out(torch.relu(self.a(x)) * scale.mean())
+    def forward(self, x, scale, shift=None):  # shift [B, 2]: another argument, another capture
+        out = self.out(torch.relu(self.a(x)) * scale.mean())
+        return out if shift is None else out + shift
 
 
 class ColumnScaled(nn.Module):
@@ -292,17 +293,22 @@ def test_an_input_the_example_had_not_as_long_as_the_batch_is_never_split(make, 
         for rows in (6, 24, 7):
             x, scale = torch.randn(rows, width), torch.rand(24)
             torch.testing.assert_close(placed(x, scale), model(x, scale))
+        if make is Scaled:  # a capture made on first use, for the call with `shift`, splits as the plan's
+            x, scale, shift = torch.randn(24, width), torch.rand(24), torch.randn(24, 2)
+            torch.testing.assert_close(placed(x, scale, shift), model(x, scale, shift))
     finally:
         placed.close()
 
 
 @pytest.mark.parametrize("make, width, match", [
-    (Scaled, 8, r"micro-batches split every input as long as the batch: 'x' along dimension 0, 'scale' along "
-                r"dimension 0: if one is not batched but as long as the batch by chance, use microbatches = 1 "
-                r"\(per-micro-batch statistics would not fix it\)\. Otherwise: .*reduces over the batch"),
-    (ColumnScaled, 24, r"the model fails on a batch of 2 rows \(RuntimeError: .*\); micro-batches split every "
-                       r"input as long as the batch: 'x' along dimension 0, 'scale' along dimension 0: is one of "
-                       r"them not batched, as long as the batch by chance\? Otherwise, use microbatches = 1$"),
+    (Scaled, 8, r"micro-batches split 'x' along dimension 0, 'scale' along dimension 0: if one is not batched but "
+                r"as long as the batch by chance, make the plan from an example batch of another size \(an input it "
+                r"has not batch-sized is never split\), or use microbatches = 1 \(per-micro-batch statistics would "
+                r"not fix it\)\. Otherwise: .*reduces over the batch"),
+    (ColumnScaled, 24, r"the model fails on a batch of 2 rows \(RuntimeError: .*\); micro-batches split 'x' along "
+                       r"dimension 0, 'scale' along dimension 0: is one not batched, as long as the batch by chance\? "
+                       r"Make the plan from an example batch of another size \(an input it has not batch-sized is "
+                       r"never split\)\. Otherwise, use microbatches = 1$"),
 ])
 def test_an_input_as_long_as_the_batch_in_the_example_too_is_named_before_any_other_advice(make, width, match):
     model = make()

@@ -127,7 +127,7 @@ def run_local(workload_spec: str, plan: Plan, world_size: int, fn: Callable[...,
                                                  build, fn, args, messages), name=f"placer-rank{rank}")
              for rank in range(world_size)]
     for p in procs:
-        p.start()
+        processes.start(p)
     results: dict[int, Any] = {}
     deadline = time.monotonic() + timeout_s
     try:

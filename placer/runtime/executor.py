@@ -62,7 +62,7 @@ class Executor:
     hanging on its own thread is not cut; None: as long as workers live)."""
 
     def __init__(self, chunks: list[Chunk], devices: Mapping[str, Device], *, microbatches: int = 1,
-                 batch_dims: Mapping[str, int] | None = None, microbatch_statistics: bool = False,
+                 batch_dims: Mapping[str, int | None] | None = None, microbatch_statistics: bool = False,
                  pin: bool = False, timeout_s: float | None = None, source: str = "plan"):
         if microbatches < 1:
             raise PlanError(f"{source}: microbatches must be at least 1, got {microbatches}")
@@ -107,7 +107,7 @@ class Executor:
     @classmethod
     def build(cls, model: nn.Module, gm: fx.GraphModule, assignment: dict[str, str], devices: Mapping[str, Device], *,
               groups: Sequence[Sequence[str]] | None = None, microbatches: int = 1, schedule: str | None = None,
-              batch_dims: Mapping[str, int] | None = None, microbatch_statistics: bool = False,
+              batch_dims: Mapping[str, int | None] | None = None, microbatch_statistics: bool = False,
               source: str = "plan") -> Executor:
         """The executor of `gm` (traced from `model`) placed by `assignment` on
         `devices`, chunked over the plan's `groups` (chunks.py).

@@ -55,6 +55,7 @@ from placer.runtime.chunks import _Lookup
 __all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "Layout", "layout",
            "Probe", "probe", "batch_layout"]
 
+_OTHER_SIZE = "Make the plan from an example batch of another size (an input it has not batch-sized is never split)"
 _REDUCTIONS_ADVICE = ("set microbatch_statistics = True in the workload to accept per-micro-batch statistics, "
                       "or use microbatches = 1")
 
@@ -238,7 +239,7 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
                    f"its length differing: name each input's batch dimension in batch_dims if they share one, "
                    f"else the model's inputs cannot be split.")
         elif len(dims) > 1:
-            why = f"{_inputs_split(dims)}: is one of them not batched, as long as the batch by chance?"
+            why = f"{_inputs_split(dims)}: is one not batched, as long as the batch by chance? {_OTHER_SIZE}."
         elif along:
             why = (f"the plan's capture may fix the batch's size along {', '.join(along)}: torch.export keeps it "
                    f"free only in a capture made with batch_dims naming it, so make the plan again from the workload.")
@@ -258,14 +259,13 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
         found = replace(found, reduction=_mixing(output_nodes, found.output_dims, runs, rows, split, source))
     if found.reduction and len(dims) > 1:  # an input split by chance looks like a reduction or mixing (trial 10)
         return replace(found, reduction=f"{source}: {_inputs_split(dims)}: if one is not batched but as long as the "
-                       f"batch by chance, use microbatches = 1 (per-micro-batch statistics would not fix it). "
-                       f"Otherwise: {found.reduction.removeprefix(source + ': ')}")
+                       f"batch by chance, {_OTHER_SIZE.lower()}, or use microbatches = 1 (per-micro-batch statistics "
+                       f"would not fix it). Otherwise: {found.reduction.removeprefix(source + ': ')}")
     return found
 
 
-def _inputs_split(dims: Mapping[str, int]) -> str:  # every tensor as long as the batch (split_dims)
-    return "micro-batches split every input as long as the batch: " + ", ".join(
-        f"{name!r} along dimension {d}" for name, d in dims.items())
+def _inputs_split(dims: Mapping[str, int]) -> str:
+    return "micro-batches split " + ", ".join(f"{name!r} along dimension {d}" for name, d in dims.items())
 
 
 def _mixing(output_nodes: Sequence[str], output_dims: Mapping[str, list[int | None]], runs: Sequence[Probe],

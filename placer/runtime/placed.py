@@ -101,7 +101,7 @@ class PlacedModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, plan: Plan, devices: dict[str, Device], reference: PlacedCapture,
-                 tensor_devices: dict[str, str], eval_capture: Traced | None):
+                 tensor_devices: dict[str, str], eval_capture: Traced | None, batch_dims: dict[str, int | None]):
         super().__init__()
         # The model's own tables, shared (every name, also a second name of one module): `placed.x = ...`
         # and `.to()` change the original too, which a new placer.apply of `placed.original` then sees.
@@ -111,6 +111,7 @@ class PlacedModule(nn.Module):
         self.plan = plan
         self.devices = devices  # device name -> Device
         self.tensor_devices = tensor_devices  # parameter/buffer qualified name -> device name
+        self._batch_dims = batch_dims  # of every capture's executor (_batch_dims)
         self.graphs = [reference]
         self._every_module = tuple(model.modules())  # whose flags pick a capture (training_flags' order)
         self._module_devices = _module_devices(reference)
@@ -210,8 +211,10 @@ class PlacedModule(nn.Module):
             _raise_eager_error(self.original, args, kwargs)
             raise
         threads = torch.get_num_threads()
-        graph = self._placed(traced)
-        own_threads(threads)  # the new executor's start gave the caller apply's count: keep the user's own
+        try:
+            graph = self._placed(traced)
+        finally:
+            own_threads(threads)  # the new executor's start gave the caller apply's count: keep the user's own
         self.graphs.append(graph)
         self._made += 1
         if len(self.graphs) > self._kept + EXTRA_CAPTURES:
@@ -252,7 +255,7 @@ class PlacedModule(nn.Module):
             else:
                 assignment[node.name] = self._device_by_module(owning_module(node), node, assignment)
         _with_parameter_reads(traced.gm, assignment)
-        return _build(self.original, self.plan, traced, assignment, self.devices, None)
+        return _build(self.original, self.plan, traced, assignment, self.devices, None, self._batch_dims)
 
     def _device_by_module(self, module: str, node: fx.Node, assignment: dict[str, str]) -> str:
         parts = module.split(".") if module else []
@@ -331,8 +334,9 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
     reads = graph_reads(reference.gm, lambda n: None if n.op == "output" else assignment.get(n.name))
     tensor_devices = place_tensors(model, tensor_readers(model, reads, plan.source),
                                    lambda d: torch.device(by_name[d].torch_device))
-    graph = _build(model, plan, reference, assignment, by_name, plan.groups)
-    return PlacedModule(model, plan, by_name, graph, tensor_devices, eval_capture)
+    batch_dims = _batch_dims(plan, reference)
+    graph = _build(model, plan, reference, assignment, by_name, plan.groups, batch_dims)
+    return PlacedModule(model, plan, by_name, graph, tensor_devices, eval_capture, batch_dims)
 
 
 def _devices_for(plan: Plan, devices: str | Cluster | None) -> tuple[Cluster, dict[str, str]]:
@@ -357,16 +361,17 @@ def _batch_dims(plan: Plan, traced: Traced) -> dict[str, int | None]:
 
 
 def _build(model: nn.Module, plan: Plan, traced: Traced, assignment: dict[str, str], devices: dict[str, Device],
-           groups: list[list[str]] | None) -> PlacedCapture:
+           groups: list[list[str]] | None, batch_dims: dict[str, int | None]) -> PlacedCapture:
     """The executor of a capture placed by `assignment` (chunked over `groups`, the
     plan's, for its own capture), after what the capture baked in about devices is
     made to follow the placement (tensors.localize); micro-batched as the plan says
-    (microbatches, schedule, batch_dims, microbatch_statistics)."""
+    (microbatches, schedule, microbatch_statistics), along `batch_dims` (`_batch_dims`
+    of the training capture, for every capture)."""
     gm = traced.gm
     localize(model, gm, lambda n: torch.device(devices[assignment[n.name]].torch_device)
              if n.name in assignment else None)
     executor = Executor.build(gm, gm, assignment, devices, groups=groups, microbatches=plan.microbatches,
-                              schedule=plan.schedule, batch_dims=_batch_dims(plan, traced),
+                              schedule=plan.schedule, batch_dims=batch_dims,
                               microbatch_statistics=plan.microbatch_statistics, source=plan.source)
     leaves = [(leaf.name, None) if isinstance(leaf, fx.Node) else (None, leaf) for leaf in traced.output_leaves]
     output_nodes = list(dict.fromkeys(name for name, _ in leaves if name is not None))

@@ -167,7 +167,7 @@ class MeasurementPool:
         process = processes.process(self._ctx, _worker_main, (self.workload_spec, devices, caps or None, cores,
                                                              self.iters, self.warmup, self.timeout_s, child),
                                     name=f"placer-measure{slot}")
-        process.start()
+        processes.start(process)
         child.close()
         return _Worker(slot, devices, cores, process, parent, since=time.monotonic())
 
