@@ -9,7 +9,9 @@ Two kinds of model are refused:
   accepts per-micro-batch statistics (`microbatch_statistics = True`);
 - always, one with a single-value output, such as a loss computed inside the model
   (a ModelOutput's `loss` when labels are passed): micro-batches' values of it cannot
-  be put back together (the runtime refuses it at its first step).
+  be put back together (the runtime refuses it at its first step); and one with a
+  gradient hook on a parameter, which micro-batches would run once each
+  (placer.runtime.refusals.gradient_hook).
 
 For either, the problem's micro-batch step tables keep m = 1 alone, so that no search
 (placer.search.microbatch_options) and no pipeline heuristic (baselines.pipeline: the
@@ -33,6 +35,7 @@ def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
     from graphs.capture import NodeFailure, propagate_shapes
     from graphs.trace import trace_model
     from placer.runtime.microbatch import static_refusal
+    from placer.runtime.refusals import gradient_hook
 
     traced = trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs,
                          batch_dims=loaded.batch_dims)  # the capture's (trace_cache)
@@ -43,6 +46,8 @@ def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
             pass  # no shapes: the runtime's probe refuses a scalar output at the first micro-batched step
     source = problem.workload or loaded.spec
     reason = scalar_output(traced.gm.graph, source)
+    if reason is None and (hooked := gradient_hook(loaded.model)):
+        reason = f"{source}: parameter '{hooked}' has a gradient hook, which micro-batches would run once each"
     if reason is None and not problem.microbatch_statistics:
         reason = static_refusal(traced.gm.graph, loaded.model, source, extra_roots=(traced.gm,))
     if reason:

@@ -436,3 +436,35 @@ def test_micro_batches_update_a_buffer_in_turn_as_eager_runs_them(devices):
                 torch.testing.assert_close(p.grad, q.grad)
     finally:
         placed.close()
+
+
+def second_layer_apart_by_index(node) -> str:
+    return "cpu:1" if owning_module(node) == "2" else "cpu:0"
+
+
+def test_a_parameter_with_a_gradient_hook_is_refused_micro_batches_and_the_distributed_backends():
+    # new-user trial 10: a clamping hook ran once per micro-batch (a gradient 3x the model's), and the
+    # distributed backends trained without it
+    from placer.distributed import DistributedModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(8, 8)
+    plan = plan_from_assignment(model, second_layer_apart_by_index, TWO, inputs=(x,))
+    model[0].weight.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
+    with pytest.raises(PlanError, match=r"^plan: parameter '0\.weight' has a gradient hook, which micro-batches "
+                                        r"would run once each, on each one's share of the gradient; use "
+                                        r"microbatches = 1, or remove the hook$"):
+        placer.apply(model, replace(plan, microbatches=4, schedule="gpipe"))
+    eager = copy.deepcopy(model)  # deepcopy leaves hooks behind
+    eager[0].weight.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
+    eager(x).sum().backward()
+    placed = placer.apply(model, plan)  # one micro-batch: the hook runs once, as in eager
+    try:
+        placed(x).sum().backward()
+        torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad)
+    finally:
+        placed.close()
+    with pytest.raises(PlanError, match=r"parameter '0\.weight' has a gradient hook, which the distributed and "
+                                        r"pipelining backends do not run: remove it, or use --backend local"):
+        DistributedModel(model, plan, (x,))

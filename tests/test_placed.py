@@ -463,3 +463,17 @@ def test_a_call_eager_would_fail_on_raises_eager_s_error_not_a_capture_s():
     with pytest.raises(RuntimeError, match="cannot be multiplied"):
         placed(torch.randn(3, 5))
     placed.close()
+
+
+def test_a_forward_hook_is_warned_about_at_the_users_line():
+    # new-user trial 10: a hook that logged ran while the model was captured, never at a placed call, silently
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(4, 8)
+    plan = plan_from_assignment(model, lambda n: "cpu:1" if owning_module(n) == "2" else "cpu:0", ["cpu:0", "cpu:1"],
+                                inputs=(x,))
+    model[2].register_forward_pre_hook(lambda module, inputs: None)
+    with pytest.warns(UserWarning, match=r"^placer: module '2' has a forward hook: the placed model runs what it "
+                                         r"computes on tensors, as captured, but not its other Python work") as caught:
+        placed = apply(model, plan)
+    assert caught[0].filename == __file__
+    placed.close()

@@ -300,7 +300,7 @@ class PipelinedModel(RankShare):
         loss = torch.tensor([total, whole, rel], dtype=torch.float64, device=self.comm_device)
         dist.broadcast(loss, self.global_rank(len(self.pipeline.stages) - 1), group=self.group)
         total, whole, rel = loss.tolist()
-        if not math.isclose(total, whole, rel_tol=rel, abs_tol=1e-9):
+        if math.isfinite(whole) and not math.isclose(total, whole, rel_tol=rel, abs_tol=1e-9):  # nan: the caller's
             raise PlanError(f"{self.plan.source}: this batch's loss ({whole:.6g}) is not what its micro-batches' "
                             f"weighted losses make ({total:.6g}), as it was on the example batch (a loss normalized by "
                             f"a count that differs between micro-batches here?): this step's gradients are wrong; "

@@ -22,6 +22,7 @@ from graphs.errors import PlanError
 from graphs.trace import Traced
 from placer.plan import Plan
 from placer.runtime.chunks import Chunk
+from placer.runtime.refusals import gradient_hook
 from placer.runtime.tensors import graph_reads, place_tensors
 from placer.runtime.values import count_saved
 
@@ -83,6 +84,10 @@ class RankShare:
     several pipeline stages read)."""
 
     def __init__(self, model: nn.Module, group: dist.ProcessGroup | None):
+        hooked = gradient_hook(model)
+        if hooked:  # the ranks' backward would not run it (new-user trial 10): training another model
+            raise PlanError(f"parameter '{hooked}' has a gradient hook, which the distributed and pipelining backends "
+                            f"do not run: remove it, or use --backend local")
         self.model = model
         self.group = group
         self.rank = dist.get_rank(group)

@@ -17,11 +17,26 @@ temperature) is baked into the capture and is not checked.
 from __future__ import annotations
 
 import operator
+import warnings
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["ModelSnapshot"]
+__all__ = ["ModelSnapshot", "warn_of_forward_hooks"]
+
+
+def warn_of_forward_hooks(model: nn.Module, stacklevel: int) -> None:
+    """Warn where a module has forward (pre-)hooks: the capture holds what they compute on
+    tensors, but their other Python work (logging, counting) runs only while the model is
+    captured, if at all, never at a placed call (new-user trial 10). `stacklevel`: the
+    caller's warnings.warn stacklevel of the user's line."""
+    owners = [repr(name) if name else "the model" for name, m in model.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks]
+    if owners:
+        more = f" and {len(owners) - 1} other module(s)" if len(owners) > 1 else ""
+        warnings.warn(f"placer: module {owners[0]}{more} has a forward hook: the placed model runs what it computes "
+                      f"on tensors, as captured, but not its other Python work (logging, counters), which runs only "
+                      f"while placer captures the model, if at all", stacklevel=stacklevel + 1)
 
 
 class ModelSnapshot:

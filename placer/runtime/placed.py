@@ -51,7 +51,7 @@ from graphs.trace_effects import no_side_effects
 from placer.plan import Plan, load_plan, plan_cluster, trace_for_plan
 from placer.runtime import microbatch
 from placer.runtime.executor import Executor
-from placer.runtime.model_changes import ModelSnapshot
+from placer.runtime.model_changes import ModelSnapshot, warn_of_forward_hooks
 from placer.runtime.tensors import graph_reads, localize, place_tensors, tensor_readers
 from placer.runtime.worker import caller_threads, own_threads
 
@@ -323,6 +323,7 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
     cluster, rename = _devices_for(plan, devices)
+    warn_of_forward_hooks(model, _user_stacklevel())
     reference = trace_for_plan(model, plan, mode="train")
     assignment = {name: rename[device] for name, device in plan.assignment.items()}
     _with_parameter_reads(reference.gm, assignment)

@@ -3,8 +3,9 @@
 so that a model micro-batches would change is refused the same way, with the same
 message, whichever runs it (microbatch.py says what is refused and why).
 
-- `refuse_static`, from the graph alone, when the plan is built: batch norm in
-  training, buffers (or parameters) updated in forward.
+- `refuse_static`, from the graph alone, when the plan is built: a parameter with a
+  gradient hook (`gradient_hook`), batch norm in training, buffers (or parameters)
+  updated in forward.
 - `checked_layout`, from a probe of the model on a few rows (microbatch.layout):
   reductions over the batch and rows mixed along the split dimension; and a warning
   where the probe could not compare values (a random op it cannot hold fixed).
@@ -24,7 +25,7 @@ from graphs.errors import PlanError
 from placer.runtime import microbatch
 from placer.runtime.chunks import Chunk
 
-__all__ = ["Refused", "refuse_static", "checked_layout"]
+__all__ = ["Refused", "refuse_static", "checked_layout", "gradient_hook"]
 
 
 class Refused(PlanError):
@@ -33,16 +34,34 @@ class Refused(PlanError):
     (placer.runtime.timing), not a crash."""
 
 
+def gradient_hook(*modules: nn.Module) -> str | None:
+    """The name of the first parameter of `modules` with a gradient hook
+    (Tensor.register_hook, register_post_accumulate_grad_hook), else None. Micro-batches
+    would run it once each, on each one's share of the gradient (new-user trial 10: a
+    clamp made a gradient 3x the model's), and the distributed backends do not carry it."""
+    for module in modules:
+        for name, parameter in module.named_parameters():
+            if parameter._backward_hooks or getattr(parameter, "_post_accumulate_grad_hooks", None):
+                return name
+    return None
+
+
 def refuse_static(graph: fx.Graph, root: nn.Module, source: str, microbatch_statistics: bool,
                   extra_roots: Sequence[nn.Module] = ()) -> None:
-    """Refuse micro-batches of `graph` that `microbatch.static_refusal` finds would
-    change what the model computes, unless the workload accepts per-micro-batch
-    statistics. `root`, `extra_roots`: where the graph's targets are found.
+    """Refuse micro-batches of `graph` with a parameter that has a gradient hook
+    (`gradient_hook`, always), or that `microbatch.static_refusal` finds would change
+    what the model computes unless the workload accepts per-micro-batch statistics.
+    `root`, `extra_roots`: where the graph's targets are found.
 
     Raises
     ------
-    Refused : batch norm in training or a buffer or parameter updated in forward (one line, with the fix).
+    Refused : a gradient hook, batch norm in training or a buffer or parameter updated
+        in forward (one line, with the fix).
     """
+    hooked = gradient_hook(root, *extra_roots)
+    if hooked:
+        raise Refused(f"{source}: parameter '{hooked}' has a gradient hook, which micro-batches would run once "
+                      f"each, on each one's share of the gradient; use microbatches = 1, or remove the hook")
     if not microbatch_statistics:
         reason = microbatch.static_refusal(graph, root, source, extra_roots)
         if reason:
