@@ -310,6 +310,20 @@ def test_timeline_draws_event_kinds_it_does_not_know(results, tmp_path):
     assert path.read_bytes().startswith(b"\x89PNG")
 
 
+def test_each_devices_idle_share_is_the_step_its_compute_leaves_uncovered(tmp_path):
+    """A pipeline's bubbles: overlapping events count once, transfers are not compute."""
+    def event(device, kind, start, end, micro=0):
+        return {"device": device, "kind": kind, "label": "g", "start_ms": start, "end_ms": end, "chunk": 0,
+                "microbatch": micro}
+
+    timeline = [event("cpu:0", "fwd", 0, 4), event("cpu:0", "bwd", 6, 10, 1), event("cpu:1", "fwd", 2, 6, 1),
+                event("cpu:1", "fwd", 3, 5, 1), event("cpu:1", "xfer", 6, 8)]
+    assert plots.idle_fractions(timeline, ["cpu:0", "cpu:1", "cpu:2"]) == pytest.approx(
+        {"cpu:0": 0.2, "cpu:1": 0.6, "cpu:2": 1.0})
+    path = plots.plot_timeline(timeline, ["cpu:0", "cpu:1"], tmp_path / "t.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
 def plan(method: str):
     from placer.plan import Plan
     return Plan(devices=["cpu:0", "cpu:1"], assignment={"x": "cpu:0"}, device_map={"": "cpu:0"}, fingerprint="f",

@@ -25,7 +25,8 @@ __all__ = ["PLOT_CAPTIONS", "NOTES", "headline", "report_blocks", "MarkdownRende
 PLOT_CAPTIONS = {
     "step_times.png": "Measured step time per method (median and confidence interval, each from its session)",
     "learning_curve.png": "Learning curve of the search (dotted: recalibrations)",
-    "timeline.png": "Simulated per-device timeline of the chosen placement",
+    "timeline.png": ("Simulated per-device timeline of the chosen placement (each device's idle share: a "
+                     "pipeline's bubbles)"),
     "graph.png": "Grouped graph coloured by device",
 }
 NOTES = [

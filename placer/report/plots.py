@@ -17,7 +17,7 @@ from matplotlib.patches import Patch
 from placer.report.table import comparison_rows
 from placer.results import MethodResult, Results, method_name
 
-__all__ = ["PLOT_FILES", "save_figure", "plot_step_times", "plot_learning_curve", "plot_timeline",
+__all__ = ["PLOT_FILES", "save_figure", "plot_step_times", "plot_learning_curve", "plot_timeline", "idle_fractions",
            "layered_layout", "plot_grouped_graph", "draw_plots"]
 
 # Timeline colours: compute phases in blue/orange/green, transfers in grey.
@@ -122,11 +122,29 @@ def plot_learning_curve(curve: Sequence[dict] | None, path: Path, lower_bound_ms
     return save_figure(fig, path)
 
 
+def idle_fractions(timeline: Sequence[dict], devices: Sequence[str]) -> dict[str, float]:
+    """Each device's idle share of the step (0-1): the time between the step's first
+    event and its last that none of the device's compute (fwd, bwd, opt) covers; over a
+    pipeline, its bubbles (a device whose stage waits for micro-batches, or is done)."""
+    begin, end = min(t["start_ms"] for t in timeline), max(t["end_ms"] for t in timeline)
+    idle = {}
+    for device in devices:
+        busy, reach = 0.0, begin
+        for start, stop in sorted((t["start_ms"], t["end_ms"]) for t in timeline
+                                  if t["device"] == device and t.get("kind") != "xfer"):
+            busy += max(0.0, stop - max(start, reach))
+            reach = max(reach, stop)
+        idle[device] = 1.0 - busy / (end - begin) if end > begin else 0.0
+    return idle
+
+
 def plot_timeline(timeline: Sequence[dict] | None, devices: Sequence[str] | None,
                   path: Path) -> Path | None:
     """A Gantt chart of one simulated training step: one row per device, forward,
     backward, optimizer and transfer intervals (and any other event kind) in their
-    own colours."""
+    own colours; each row names the device's idle share of the step (`idle_fractions`:
+    a pipeline's bubbles) and, with micro-batches, each forward and backward task its
+    micro-batch."""
     if not timeline:
         return None
     rows = list(dict.fromkeys([*(devices or []), *(t["device"] for t in timeline)]))
@@ -140,9 +158,19 @@ def plot_timeline(timeline: Sequence[dict] | None, devices: Sequence[str] | None
             spans = [(t["start_ms"], t["end_ms"] - t["start_ms"]) for t in timeline
                      if t["device"] == device and str(t.get("kind")) == kind]
             ax.broken_barh(spans, (y - 0.35, 0.7), facecolors=colours[kind], linewidth=0)
+    tasks: dict[tuple, list[float]] = {}  # (device, kind, chunk, micro-batch) -> [start, end]
+    for t in timeline:
+        if t.get("kind") in ("fwd", "bwd") and "microbatch" in t:
+            span = tasks.setdefault((t["device"], t["kind"], t.get("chunk"), t["microbatch"]), [t["start_ms"], 0.0])
+            span[0], span[1] = min(span[0], t["start_ms"]), max(span[1], t["end_ms"])
+    if any(key[3] for key in tasks):  # micro-batches: number each task
+        for (device, _, _, micro), (start, end) in tasks.items():
+            ax.text((start + end) / 2, rows.index(device), str(micro), ha="center", va="center", fontsize=6,
+                    color="white", clip_on=True)
     ax.legend(handles=[Patch(color=colours[k], label=k) for k in kinds],
               loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, ncol=len(kinds), frameon=False)
-    ax.set_yticks(range(len(rows)), rows)
+    idle = idle_fractions(timeline, rows)
+    ax.set_yticks(range(len(rows)), [f"{d}\nidle {idle[d]:.0%}" for d in rows])
     ax.invert_yaxis()
     ax.set_xlabel("time within one training step (ms, simulated)")
     ax.set_title("Per-device timeline of the chosen placement", loc="left")
