@@ -269,8 +269,8 @@ class Simulator:
         problems = problem.violations(devices, m, used=used)
         unprofiled = sorted({self._kinds[d] for d in set(p) if math.isnan(self.compute_factors(m)[d])})
         if unprofiled:
-            reason = (f"{m} micro-batches were not profiled on {unprofiled[0]} (the model could not run a training "
-                      f"step at batch/{m} there): choose a micro-batch count the profile has")
+            has = sorted(self._tables[unprofiled[0]] or {})  # profiling times 1, 2, 4, 8 where the batch divides
+            reason = f"{m} micro-batches were not profiled on {unprofiled[0]}, which has {has}: choose one of those"
             return SimResult(math.inf, (0.0,) * self._n_dev, tuple(int(b) for b in used), False,
                              "; ".join([reason, *problems]))
         events = [] if record else None
