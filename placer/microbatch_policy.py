@@ -11,7 +11,7 @@ Two kinds of model are refused:
   (a ModelOutput's `loss` when labels are passed): micro-batches' values of it cannot
   be put back together (the runtime refuses it at its first step); and one with a
   gradient hook on a parameter, which micro-batches would run once each
-  (placer.runtime.refusals.gradient_hook).
+  (placer.runtime.refusals.hook_refusal).
 
 For either, the problem's micro-batch step tables keep m = 1 alone, so that no search
 (placer.search.microbatch_options) and no pipeline heuristic (baselines.pipeline: the
@@ -35,7 +35,7 @@ def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
     from graphs.capture import NodeFailure, propagate_shapes
     from graphs.trace import trace_model
     from placer.runtime.microbatch import static_refusal
-    from placer.runtime.refusals import gradient_hook
+    from placer.runtime.refusals import hook_refusal
 
     traced = trace_model(loaded.model, loaded.leaf_modules, inputs=loaded.inputs,
                          batch_dims=loaded.batch_dims)  # the capture's (trace_cache)
@@ -45,9 +45,7 @@ def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
         except NodeFailure:
             pass  # no shapes: the runtime's probe refuses a scalar output at the first micro-batched step
     source = problem.workload or loaded.spec
-    reason = scalar_output(traced.gm.graph, source)
-    if reason is None and (hooked := gradient_hook(loaded.model)):
-        reason = f"{source}: parameter '{hooked}' has a gradient hook, which micro-batches would run once each"
+    reason = scalar_output(traced.gm.graph, source) or hook_refusal(source, loaded.model)
     if reason is None and not problem.microbatch_statistics:
         reason = static_refusal(traced.gm.graph, loaded.model, source, extra_roots=(traced.gm,))
     if reason:

@@ -25,7 +25,7 @@ from graphs.errors import PlanError
 from placer.runtime import microbatch
 from placer.runtime.chunks import Chunk
 
-__all__ = ["Refused", "refuse_static", "checked_layout", "gradient_hook"]
+__all__ = ["Refused", "refuse_static", "checked_layout", "gradient_hook", "hook_refusal"]
 
 
 class Refused(PlanError):
@@ -46,6 +46,14 @@ def gradient_hook(*modules: nn.Module) -> str | None:
     return None
 
 
+def hook_refusal(source: str, *modules: nn.Module) -> str | None:
+    """Why micro-batches are refused for `modules`: a parameter with a gradient hook
+    (`gradient_hook`); None if none has one."""
+    hooked = gradient_hook(*modules)
+    return hooked and (f"{source}: parameter '{hooked}' has a gradient hook, which micro-batches would run once each, "
+                       f"on each one's share of the gradient; use microbatches = 1, or remove the hook")
+
+
 def refuse_static(graph: fx.Graph, root: nn.Module, source: str, microbatch_statistics: bool,
                   extra_roots: Sequence[nn.Module] = ()) -> None:
     """Refuse micro-batches of `graph` with a parameter that has a gradient hook
@@ -55,13 +63,12 @@ def refuse_static(graph: fx.Graph, root: nn.Module, source: str, microbatch_stat
 
     Raises
     ------
-    Refused : a gradient hook, batch norm in training or a buffer or parameter updated
+    Refused : a gradient hook (`hook_refusal`), batch norm in training or a buffer or parameter updated
         in forward (one line, with the fix).
     """
-    hooked = gradient_hook(root, *extra_roots)
+    hooked = hook_refusal(source, root, *extra_roots)
     if hooked:
-        raise Refused(f"{source}: parameter '{hooked}' has a gradient hook, which micro-batches would run once "
-                      f"each, on each one's share of the gradient; use microbatches = 1, or remove the hook")
+        raise Refused(hooked)
     if not microbatch_statistics:
         reason = microbatch.static_refusal(graph, root, source, extra_roots)
         if reason:
