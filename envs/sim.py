@@ -1,48 +1,41 @@
 """The step-time simulator: what one training step of a placed model would cost.
 
-It replays the runtime's schedule (placer.runtime) on profiled costs instead of
-running the model, so a reward costs well under a millisecond instead of a whole
-training step:
+It replays the runtime's schedule (placer.runtime) on profiled costs instead of running the model, so a
+reward costs well under a millisecond instead of a whole training step:
 
-- the work comes in *atoms*: the groups (only those with ops that compute: inputs,
-  parameters and buffers cost nothing and are never handed between devices);
-- the atoms are cut into chunks by graphs.schedule.partition, the very function the
-  runtime cuts its chunks with (the runtime uses the plan's groups as its atoms), so
-  both run the same chunks; a chunk runs when the chunks it needs are done and its
-  inputs from other devices have arrived, pays a dispatch overhead, runs its atoms
-  back to back and hands its outputs on when it ends;
-- one worker per device runs, of its chunks ready when it is free, the one of
-  highest priority (micro-batch, then graphs.schedule.pass_order: chunks that hand
-  work to another device first, then fx order; backward: the reverse of both
-  orders), the runtime's rule (placer.runtime.dataflow);
-- a chunk's outputs to another chunk on another device occupy the directed link
-  for latency + bytes / bandwidth, one transfer after another on one link;
-- with m micro-batches (GPipe) every micro-batch runs every chunk, each at the
-  profiled cost of a micro-batch (`microbatch_step_ms`, below), all forwards first;
-- the whole forward pass completes, then the loss, then the backward pass, whose
-  gradients flow along the reversed edges at the same transfer cost;
-- once the whole backward pass is done, the optimizer steps every device's
-  parameters: the CPU devices' one after another on the host, each GPU's on the
-  GPU, concurrently.
+- the work comes in *atoms*: the groups (only those with ops that compute: inputs, parameters and buffers
+  cost nothing and are never handed between devices);
+- the atoms are cut into chunks by graphs.schedule.partition, the very function the runtime cuts its chunks
+  with (the runtime uses the plan's groups as its atoms), so both run the same chunks; a chunk runs when the
+  chunks it needs are done and its inputs from other devices have arrived, pays a dispatch overhead, runs
+  its atoms back to back and hands its outputs on when it ends;
+- one worker per device runs, of its chunks ready when it is free, the one of highest priority (micro-batch,
+  then graphs.schedule.pass_order: chunks that hand work to another device first, then fx order; backward:
+  the reverse of both orders), the runtime's rule (placer.runtime.dataflow);
+- a chunk's outputs to another chunk on another device occupy the directed link for latency + bytes /
+  bandwidth, one transfer after another on one link;
+- with m micro-batches (GPipe) every micro-batch runs every chunk, each at the profiled cost of a
+  micro-batch (`microbatch_step_ms`, below), all forwards first;
+- the whole forward pass completes, then the loss, then the backward pass, whose gradients flow along the
+  reversed edges at the same transfer cost;
+- once the whole backward pass is done, the optimizer steps every device's parameters: the CPU devices' one
+  after another on the host, each GPU's on the GPU, concurrently.
 
-A device that is free takes, of its tasks ready by then, the one of highest
-priority: the runtime's rule. The simulation starts tasks in time order over all
-devices (each device keeps a heap of tasks that will arrive and a heap of those
-that have), so every task's inputs are booked before its device chooses. Tasks are
-numbered in each pass's priority order and read whom they hand on to from flat
-lists, so the loop allocates little more than its heap entries; simulate() makes
-over 1,000 calls a second at 256 groups (1,190 on 2 devices here).
+A device that is free takes, of its tasks ready by then, the one of highest priority: the runtime's rule.
+The simulation starts tasks in time order over all devices (each device keeps a heap of tasks that will
+arrive and a heap of those that have), so every task's inputs are booked before its device chooses. Tasks
+are numbered in each pass's priority order and read whom they hand on to from flat lists, so the loop
+allocates little more than its heap entries; simulate() makes over 1,000 calls a second at 256 groups (1,190
+on 2 devices here).
 
-Micro-batch costs: the profile records, per device kind, m -> ms of a whole training
-step at batch/m, times m (OpGraph graph attributes `microbatch_step_ms_by_kind`, and
-`microbatch_step_ms`, the first kind's, which stands for kinds without a table of
-their own: graphs.bounds.microbatch_table). A micro-batch's op costs on a device of
-kind k are the batch's scaled by table_k[m] / (m * table_k[1]), the table held so
-that no step at a smaller batch costs more than one at a larger batch (a disturbed
-profile step would otherwise stand for every plan with that count). A kind whose table
-lacks m could not run a step at batch/m: a placement using such a device is
-infeasible with that reason. Without any table, costs scale linearly (1/m), which
-overrates small micro-batches; `Simulator.notes` says so.
+Micro-batch costs: the profile records, per device kind, m -> ms of a whole training step at batch/m, times
+m (OpGraph graph attributes `microbatch_step_ms_by_kind`, and `microbatch_step_ms`, the first kind's, which
+stands for kinds without a table of their own: graphs.bounds.microbatch_table). A micro-batch's op costs on
+a device of kind k are the batch's scaled by table_k[m] / (m * table_k[1]), the table held so that no step
+at a smaller batch costs more than one at a larger batch (a disturbed profile step would otherwise stand for
+every plan with that count). A kind whose table lacks m (profiling times 1, 2, 4 and 8 where the batch
+divides and the model runs): a placement using such a device is infeasible with that reason. Without any
+table, costs scale linearly (1/m), which overrates small micro-batches; `Simulator.notes` says so.
 """
 
 from __future__ import annotations
@@ -100,25 +93,19 @@ class Calibration:
 
     def to_json(self) -> dict:
         """A JSON-ready dict (from_json reads it back)."""
-        return {
-            "compute_scale": dict(self.compute_scale),
-            "links": {"+".join(sorted(k)): {"latency_s": v.latency_s, "bandwidth_Bps": v.bandwidth_Bps}
-                      for k, v in self.links.items()},
-            "chunk_overhead_ms": self.chunk_overhead_ms,
-            "loss_ms": self.loss_ms,
-        }
+        return {"compute_scale": dict(self.compute_scale),
+                "links": {"+".join(sorted(k)): {"latency_s": v.latency_s, "bandwidth_Bps": v.bandwidth_Bps}
+                          for k, v in self.links.items()},
+                "chunk_overhead_ms": self.chunk_overhead_ms, "loss_ms": self.loss_ms}
 
     @classmethod
     def from_json(cls, data: Mapping | str) -> Calibration:
         """From to_json's dict, or its text."""
         if isinstance(data, str):
             data = json.loads(data)
-        return cls(
-            compute_scale=dict(data["compute_scale"]),
-            links={k: Link(float(v["latency_s"]), float(v["bandwidth_Bps"])) for k, v in data["links"].items()},
-            chunk_overhead_ms=float(data["chunk_overhead_ms"]),
-            loss_ms=float(data["loss_ms"]),
-        )
+        return cls(compute_scale=dict(data["compute_scale"]),
+                   links={k: Link(float(v["latency_s"]), float(v["bandwidth_Bps"])) for k, v in data["links"].items()},
+                   chunk_overhead_ms=float(data["chunk_overhead_ms"]), loss_ms=float(data["loss_ms"]))
 
 
 @dataclass(frozen=True)
@@ -128,10 +115,10 @@ class SimResult:
     peak_bytes: tuple[int, ...]  # per device (PlacementProblem.memory_per_device)
     feasible: bool
     reason: str = ""  # why it is infeasible; "" when feasible
-    # With simulate(..., timeline=True): one dict per event, {"device", "kind" (fwd, bwd,
-    # opt, xfer), "label" (group name, or "src->dst" devices for a transfer), "start_ms",
-    # "end_ms"}, plus for fwd/bwd "group", "chunk" and "microbatch", for xfer "groups" (a
-    # group of the sending chunk and one of the receiving chunk), "phase" and "microbatch".
+    # With simulate(..., timeline=True): one dict per event, {"device", "kind" (fwd, bwd, opt, xfer), "label"
+    # (group name, or "src->dst" devices for a transfer), "start_ms", "end_ms"}, plus for fwd/bwd "group", "chunk"
+    # and "microbatch", for xfer "groups" (a group of the sending and one of the receiving chunk), "phase" and
+    # "microbatch".
     timeline: list[dict] | None = field(default=None, compare=False)
 
 
