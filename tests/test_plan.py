@@ -219,7 +219,8 @@ def test_a_plan_refuses_another_model_by_its_parameters_before_capturing_it(tmp_
                                  inputs=(torch.randn(2, 4),))
     with pytest.raises(PlanError, match=r"another model \('0.weight' is \(64, 32\) here and \(4, 4\) in the plan\)"):
         apply(nn.Sequential(nn.Linear(32, 64)), small)
-    with pytest.raises(PlanError, match=r"another model \(this Sequential has '1.weight' \(2, 4\), which the plan lacks"):
+    with pytest.raises(PlanError, match=r"another model \(this Sequential has '1.weight' \(2, 4\), "
+                                        r"which the plan lacks"):
         apply(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), small)
     older = load_plan(small.save(tmp_path / "older.json"))
     older.capture.shapes = None  # a plan from before the shapes: the hash alone

@@ -20,9 +20,10 @@ fresh process, and its candidate is retried once: on another worker where there 
 one, else on that fresh one. A second failure marks the candidate infeasible with both
 reasons. The search never loses a candidate.
 
-Workers never outlive the process that started them (placer.runtime.processes). They ignore Ctrl-C (the parent stops
-them: no tracebacks from every worker on a terminal's Ctrl-C), and whatever the
-workload prints goes to stderr, so that a `--json` on stdout stays JSON.
+Workers never outlive the process that started them (placer.runtime.processes). They
+ignore Ctrl-C (the parent stops them: no tracebacks from every worker on a terminal's
+Ctrl-C), and whatever the workload prints goes to stderr, so that a `--json` on stdout
+stays JSON.
 """
 
 from __future__ import annotations
