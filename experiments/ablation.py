@@ -38,8 +38,12 @@ two sessions, as `placer optimize` chooses (a shortlist, then a confirm session)
    shared. The warm start is in every method's pool because every search starts there
    and `placer optimize`'s closing round always measures it: the product never
    chooses, by measurement, a plan slower than the warm start;
-2. confirm: each method's fastest measured candidate of each seed, the warm start and
-   `unplaced` in a fresh session (--confirm-cap-s). The verdicts come from it alone: the
+2. confirm: each method's pick of each seed, the warm start and `unplaced` in a fresh
+   session (--confirm-cap-s). A pick is the fastest measured candidate of the method's
+   pool, or the warm start where it ties that one (the CI of their ratio holds 1):
+   `placer optimize` keeps the simpler plan of a tie, a heuristic before a search
+   (placer.choose rule 2), and a selection of a few noisy steps each would otherwise
+   pick by noise alone (ablation_measured_s14: 370.4 against 370.6 ms). The verdicts come from it alone: the
    selection's minimum over K noisy measurements is biased low (the winner's curse).
    RL's pick of each seed is compared with local_search's and random_search's of the
    same seed (bootstrap CI of the ratio): faster, tie or slower ("same candidate" when
@@ -235,15 +239,23 @@ def pools(entry: dict) -> dict[str, list[Candidate]]:
     return shortlists
 
 
-def fastest(labels: Sequence[str], measured: dict) -> str | None:
-    """The label of `labels` whose Measurement in `measured` (label -> Measurement) has the
-    lowest feasible median; None when none is feasible."""
+def pick(labels: Sequence[str], measured: dict, warm: str) -> str | None:
+    """The label of `labels` with the lowest feasible median in `measured` (label ->
+    Measurement), or `warm` (the warm start's label) where it is among them and not
+    measurably slower than that one (placer.choose rule 2: the simpler plan of a tie);
+    None when none is feasible."""
+    from placer.measurements import compare
+
     feasible = [label for label in labels if measured[label].feasible]
-    return min(feasible, key=lambda label: measured[label].median_ms, default=None)
+    best = min(feasible, key=lambda label: measured[label].median_ms, default=None)
+    if best is None or best == warm or warm not in feasible:
+        return best
+    ratio = compare(measured[warm], measured[best], best)
+    return warm if ratio is not None and ratio.verdict != "slower" else best
 
 
 def measure(entry: dict, args: argparse.Namespace) -> None:
-    """Measure one problem's shortlists, then confirm each owner's fastest (module docstring)."""
+    """Measure one problem's shortlists, then confirm each owner's pick (module docstring)."""
     from graphs.workload import load_workload
     from placer.measurements import UNPLACED, MeasurementBook, Measurer, Protocol, compare
 
@@ -257,7 +269,7 @@ def measure(entry: dict, args: argparse.Namespace) -> None:
                                 f"{stage}: {entry['name']}")
 
     selection = session("selection", args.cap_s, list(candidates))
-    picks = {owner: fastest(listed, selection) for owner, listed in owners.items()}
+    picks = {owner: pick(listed, selection, owners["warm_start"][0]) for owner, listed in owners.items()}
     confirm = session("confirm", args.confirm_cap_s, list(dict.fromkeys(p for p in picks.values() if p is not None)))
 
     def verdict(mine: str | None, theirs: str | None, name: str) -> dict | None:

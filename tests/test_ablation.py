@@ -57,10 +57,24 @@ def test_distinct_labels_each_candidate_once_and_keeps_every_owner_s_list(ablati
                       "random_search/0": ["random_search/0#0", "rl/0#1"]}
 
 
-def test_fastest_is_the_lowest_feasible_median_or_none(ablation):
-    measured = {"a": Measurement(True, 5.0), "b": Measurement(True, 4.0), "c": Measurement(False, reason="memory")}
-    assert ablation.fastest(["a", "b", "c"], measured) == "b"
-    assert ablation.fastest(["c"], measured) is None
+def test_a_pick_is_the_lowest_feasible_median_or_none(ablation):
+    measured = {"a": Measurement(True, 5.0, times_ms=[5.0] * 5), "b": Measurement(True, 4.0, times_ms=[4.0] * 5),
+                "c": Measurement(False, reason="memory")}
+    assert ablation.pick(["a", "b", "c"], measured, warm="a") == "b"  # the warm start measurably slower
+    assert ablation.pick(["a", "b", "c"], measured, warm="w") == "b"
+    assert ablation.pick(["c"], measured, warm="c") is None
+
+
+def test_a_pick_that_ties_the_warm_start_is_the_warm_start(ablation):
+    """As placer.choose keeps the simpler plan of a tie: the 5-step selection of 2026-12-02 picked
+    local_search's 370.4 ms over the warm start's 370.6, and confirmed them at 393.9 and 412.0 ms."""
+    noisy = [300.0, 340.0, 370.0, 400.0, 440.0]
+    measured = {"warm": Measurement(True, 370.6, times_ms=[t + 0.6 for t in noisy]),
+                "search": Measurement(True, 370.4, times_ms=[t + 0.4 for t in noisy])}
+    assert ablation.pick(["search", "warm"], measured, warm="warm") == "warm"
+    measured["search"] = Measurement(True, 300.0, times_ms=[300.0, 301.0, 299.0, 300.5, 299.5])
+    measured["warm"] = Measurement(True, 370.0, times_ms=[369.0, 371.0, 370.0, 370.5, 369.5])
+    assert ablation.pick(["search", "warm"], measured, warm="warm") == "search"
 
 
 def test_the_measured_ablation_selects_on_shared_measurements_and_judges_on_a_fresh_session(ablation, monkeypatch):
