@@ -182,7 +182,7 @@ class Traced:
 def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths: Iterable[str] = (),
                 allow_fallback: bool = True, *, inputs: tuple | None = None, kwargs: dict | None = None,
                 method: str = "auto", mode: str | None = "train",
-                batch_dims: Mapping[str, int] | None = None) -> Traced:
+                batch_dims: Mapping[str, int | None] | None = None) -> Traced:
     """Capture `model` called as `model(*inputs, **kwargs)` in `mode` as a Traced graph.
 
     Parameters
@@ -198,9 +198,9 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
     method : "auto" (export, else fx with a note), "export" or "fx".
     mode : "train" or "eval" (every module's flag set for the capture, then restored),
         or None for the flags as they are.
-    batch_dims : forward input -> the dimension its batch lies along (the workload's),
-        kept dynamic by export so that micro-batches of any size fit the capture
-        (dim 0 always is). Recorded in `Traced.batch_dims`.
+    batch_dims : forward input -> the dimension its batch lies along (the workload's;
+        None: not batched), kept dynamic by export so that micro-batches of any size
+        fit the capture (dim 0 always is). Recorded in `Traced.batch_dims`.
 
     Returns
     -------
@@ -229,7 +229,7 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
                                         and not paths and export_available())
     kwargs = dict(kwargs or {})
     with _in_mode(model, mode):
-        free = tuple(sorted((name, dim) for name, dim in (batch_dims or {}).items() if dim != 0))
+        free = tuple(sorted((name, dim) for name, dim in (batch_dims or {}).items() if dim))  # None: unbatched
         options = (use_export, method, training_flags(model), leaf_classes, paths, allow_fallback, inputs is None)
         key = trace_cache.request_key(options, tuple(inputs or ()), kwargs)  # fx's: it keeps every size free
         # an export depends on neither the method that asked for it nor allow_fallback (fx only): "auto" and

@@ -4,7 +4,7 @@ The workload-file contract (DESIGN.md): a Python file defining `build_model()` a
 `example_inputs()`; optionally `loss_fn(output, *inputs)`, `make_optimizer(params)`,
 `leaf_modules`, `expert_placement(module_path, n_devices)`, and for micro-batches
 `batch_dims = {"input_name": dim}` (the dimension each forward input's batch lies
-along; default 0) and `microbatch_statistics = True` (accept batch statistics,
+along; default 0; None: not batched, never split) and `microbatch_statistics = True` (accept batch statistics,
 BatchNorm say, computed per micro-batch; default False: such models are not
 micro-batched). `zoo:NAME[:SIZE]` names a bundled workload instead (graphs.zoo).
 Each function's signature is checked when the file loads, before placer calls it:
@@ -101,7 +101,7 @@ class Workload:
     make_optimizer: OptimizerFactory = default_optimizer
     leaf_modules: tuple[type, ...] = ()
     expert_placement: ExpertFn | None = None  # module path, n_devices -> device index or None
-    batch_dims: dict[str, int] = field(default_factory=dict)  # forward input -> its batch dimension (default 0)
+    batch_dims: dict[str, int | None] = field(default_factory=dict)  # forward input -> its batch dim (0; None: never)
     microbatch_statistics: bool = False  # accept batch statistics computed per micro-batch
     notes: list[str] = field(default_factory=list)  # things the user should be told (fallbacks)
 
@@ -257,34 +257,40 @@ def forward_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[s
     return {name: value for name, value in bound.arguments.items() if isinstance(value, torch.Tensor)}
 
 
-def _batch_dims(spec: str, value: object, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
+def _batch_dims(spec: str, value: object, model: nn.Module,
+                inputs: tuple[torch.Tensor, ...]) -> dict[str, int | None]:
     """The workload's `batch_dims`, checked against the forward's inputs and the
-    example batch, negative dimensions counted from the end (None: none named).
+    example batch, negative dimensions counted from the end, None kept (an input never
+    split, which does not define the batch either); {} when the file names none.
     Raises WorkloadError."""
     if value is None:
         return {}
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise WorkloadError(f"{spec}: batch_dims must map forward input names to dimensions, e.g. "
-                            f"batch_dims = {{'x': 1}}, got {value!r}")
+        raise WorkloadError(f"{spec}: batch_dims must map forward input names to dimensions (None: never split), "
+                            f"e.g. batch_dims = {{'x': 1}}, got {value!r}")
     named = forward_inputs(model, inputs)
-    dims: dict[str, int] = {}
+    dims: dict[str, int | None] = {}
     for name, dim in value.items():
         if name not in named:
             raise WorkloadError(f"{spec}: batch_dims names {name!r}, which is not an input of "
                                 f"{type(model).__name__}.forward that example_inputs() fills "
                                 f"(its inputs: {', '.join(named) or 'none by name'}): name one of those")
+        if dim is None:
+            dims[name] = None
+            continue
         rank = named[name].dim()
         if rank == 0:
             raise WorkloadError(f"{spec}: batch_dims names {name!r}, a tensor without dimensions (no batch to "
                                 f"split): leave it out of batch_dims")
         if isinstance(dim, bool) or not isinstance(dim, int) or not -rank <= dim < rank:
             raise WorkloadError(f"{spec}: batch_dims[{name!r}] = {dim!r}, but {name} has shape "
-                                f"{list(named[name].shape)}: use a whole number from 0 to {rank - 1}")
+                                f"{list(named[name].shape)}: use a whole number from 0 to {rank - 1}, or None if "
+                                f"{name} is not batched")
         dims[name] = dim % rank
-    first = next((n for n, t in named.items() if t.dim() > 0), None)
+    first = next((n for n, t in named.items() if t.dim() > 0 and dims.get(n, 0) is not None), None)
     if first is not None:
         rows = named[first].shape[dims.get(first, 0)]
-        wrong = [n for n, d in dims.items() if named[n].shape[d] != rows]
+        wrong = [n for n, d in dims.items() if d is not None and named[n].shape[d] != rows]
         if wrong:
             raise WorkloadError(f"{spec}: batch_dims puts {wrong[0]}'s batch along dimension {dims[wrong[0]]} "
                                 f"(size {named[wrong[0]].shape[dims[wrong[0]]]}), but the batch has {rows} rows "

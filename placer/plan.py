@@ -12,12 +12,12 @@ else of its producer.
 `microbatches` (1) and `schedule` (None; "gpipe" when microbatches > 1) are read by
 the pipelined engine, and with them the workload's micro-batch options:
 `batch_dims` (forward input -> the dimension its batch lies along; absent inputs
-use 0) and `microbatch_statistics` (false: a model whose batch statistics
-micro-batches would change is refused). Both are optional in the file ({} and
-false when absent), so plans written before them still load. The `device_map`
-(module qualified name -> device) is for people and for accelerate: device names
-accelerate accepts ("cpu" for every virtual CPU device, "cuda:N"), covering every
-tensor of the model's state_dict.
+use 0, null marks one never split) and `microbatch_statistics` (false: a model
+whose batch statistics micro-batches would change is refused). Both are optional
+in the file ({} and false when absent), so plans written before them still load.
+The `device_map` (module qualified name -> device) is for people and for
+accelerate: device names accelerate accepts ("cpu" for every virtual CPU device,
+"cuda:N"), covering every tensor of the model's state_dict.
 
 A v1 plan (no capture info, fx node names) still loads, as one micro-batch captured
 by torch.fx; applying it works while its fingerprint still matches the model.
@@ -44,6 +44,7 @@ from graphs.problem import PlacementProblem
 from graphs.trace import Traced, trace_model
 from graphs.trace import fingerprint as model_fingerprint
 from graphs.trace import tensors_fingerprint
+from graphs.trace_inputs import check_batch_dims
 from graphs.workload import Workload
 from placer.device_map import accelerate_device_map, accelerate_name, derive_device_map
 
@@ -78,7 +79,7 @@ class Plan:
     capture: Capture = field(default_factory=Capture)
     microbatches: int = 1  # the batch is split into this many micro-batches, pipelined
     schedule: str | None = None  # the pipeline schedule ("gpipe") when microbatches > 1
-    batch_dims: dict[str, int] = field(default_factory=dict)  # forward input -> its batch dimension (default 0)
+    batch_dims: dict[str, int | None] = field(default_factory=dict)  # forward input -> its batch dim (0; None: never)
     microbatch_statistics: bool = False  # batch statistics computed per micro-batch are acceptable
     method: str = "manual"
     seed: int | None = None
@@ -182,11 +183,12 @@ def _type_problem(data: dict) -> str | None:
                 + (" (1F1B runs on the pipelining backend: `placer train --backend pipelining --schedule 1f1b`)"
                    if str(data.get("schedule")).lower() == "1f1b" else ""))
     capture = data.get("capture", {})
-    for where, dims in (("batch_dims", data.get("batch_dims", {})),
-                        ("capture.batch_dims", capture.get("batch_dims", {}) if isinstance(capture, dict) else {})):
-        if not (isinstance(dims, dict) and all(isinstance(k, str) and isinstance(d, int) and not isinstance(d, bool)
-                                               and d >= 0 for k, d in dims.items())):
-            return f"{where} must map input names to whole numbers >= 0, found {dims!r}"
+    kept = capture.get("batch_dims", {}) if isinstance(capture, dict) else {}
+    for where, dims, null in (("batch_dims", data.get("batch_dims", {}), True), ("capture.batch_dims", kept, False)):
+        if not (isinstance(dims, dict) and all(
+                isinstance(k, str) and ((null and d is None) or (type(d) is int and d >= 0)) for k, d in dims.items())):
+            return f"{where} must map input names to whole numbers >= 0, found {dims!r}" + (
+                " (or to null: an input never split)" if null else "")
     if not isinstance(data.get("microbatch_statistics", False), bool):
         return f"microbatch_statistics must be true or false, found {data['microbatch_statistics']!r}"
     if not isinstance(capture, dict) or capture.get("method", "fx") not in ("export", "fx"):
@@ -300,10 +302,7 @@ def trace_for_plan(model: nn.Module, plan: Plan, mode: str = "train") -> Traced:
         fp = model_fingerprint(model, traced.gm)
         if fp != plan.fingerprint:
             raise PlanError(mismatch_message(plan, fp))
-        stray = sorted(set(plan.batch_dims) - set(traced.signature.parameters))
-        if stray:  # a hand-edited plan: its micro-batches would not split what it names
-            raise PlanError(f"{plan.source}: batch_dims names {stray[0]!r}, which is no input of the model's forward "
-                            f"({', '.join(traced.signature.parameters)}): name one of those")
+        check_batch_dims(traced, plan.batch_dims, f"{plan.source}: ")  # a hand-edited plan
         unplaced = [n.name for n in traced.gm.graph.nodes
                     if n.op not in ("placeholder", "output", "get_attr") and n.name not in plan.assignment]
         if unplaced:
@@ -345,7 +344,8 @@ def leaf_paths_of(gm: fx.GraphModule, fallback_paths: Iterable[str]) -> list[str
 def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], devices: Sequence[str], *,
                          inputs: tuple[torch.Tensor, ...] | None = None, leaf_modules: Iterable[type] = (),
                          method: str = "manual", workload: str = "",
-                         batch_dims: Mapping[str, int] | None = None, microbatch_statistics: bool = False) -> Plan:
+                         batch_dims: Mapping[str, int | None] | None = None,
+                         microbatch_statistics: bool = False) -> Plan:
     """A plan made by capturing `model` (on `inputs`: torch.export where it can; without
     them torch.fx) and asking `assign(node)` for each node's device: the way to write a
     placement by hand (tests, examples, benchmarks). A parameter's get_attr node must
@@ -365,7 +365,7 @@ def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], dev
     Raises
     ------
     PlanError : `assign` names a device not in `devices`, or `batch_dims` a name that
-        is no input of the capture.
+        is no input of the model's forward.
     CaptureError : the model cannot be captured.
     """
     traced = trace_model(model, leaf_modules=leaf_modules, inputs=inputs, batch_dims=batch_dims)
@@ -374,11 +374,7 @@ def plan_from_assignment(model: nn.Module, assign: Callable[[fx.Node], str], dev
     unknown = sorted(set(assignment.values()) - set(devices))
     if unknown:
         raise PlanError(f"assignment uses devices {unknown} that are not among {list(devices)}")
-    inputs_named = [n.name for n in traced.placeholders]
-    stray = sorted(set(batch_dims or {}) - set(inputs_named))
-    if stray:
-        raise PlanError(f"batch_dims names {stray[0]!r}, which is no input of the capture "
-                        f"(its inputs: {', '.join(inputs_named)}): name one of those")
+    check_batch_dims(traced, batch_dims or {})
     devices_of_modules = derive_device_map({n.name: owning_module(n) for n in gm.graph.nodes},
                                            {n.name: node_params(gm, n) for n in gm.graph.nodes}, assignment)
     info = capture_info(traced, inputs, model)

@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.devices import Cluster
 from placer.distributed.schedule import Crossing, Schedule, TensorMeta, ValueMeta, build_schedule, describe
-from placer.distributed.share import RankShare, bind, chunk_reads, eager_output, rank_cluster
+from placer.distributed.share import RankShare, bind, check_shapes, chunk_reads, eager_output, rank_cluster
 from placer.plan import Plan, load_plan, trace_for_plan
 from placer.runtime.chunks import Chunk, build_chunks
 from placer.runtime.tensors import localize, tensor_readers, written_tensors
@@ -87,7 +87,7 @@ class DistributedModel(RankShare):
         for chunk in chunks:  # after the shape pass, which runs every chunk on the host
             if device_of[chunk.device].rank == self.rank:
                 localize(model, chunk.module, lambda node, d=torch.device(device_of[chunk.device].torch_device): d)
-        self.input_shapes = [tuple(x.shape) for x in example_inputs]
+        self.input_shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
 
     # -- set-up ------------------------------------------------------------------
 
@@ -119,7 +119,8 @@ class DistributedModel(RankShare):
     def train_step(self, inputs: Sequence[torch.Tensor], loss_fn: LossFn) -> float:
         """Forward, loss and backward of one batch over all ranks (every rank calls it
         with the same batch). Gradients accumulate in this rank's parameters' .grad.
-        Returns the loss on every rank."""
+        Returns the loss on every rank. Raises PlanError for a batch of other shapes
+        or dtypes than the example batch's (the schedule is static)."""
         return self._run(inputs, loss_fn, backward=True)
 
     @torch.no_grad()
@@ -130,9 +131,7 @@ class DistributedModel(RankShare):
 
     def _run(self, inputs: Sequence[torch.Tensor], loss_fn: LossFn, backward: bool) -> float:
         inputs = tuple(inputs)
-        if [tuple(x.shape) for x in inputs] != self.input_shapes:
-            raise ValueError(f"batch shapes {[tuple(x.shape) for x in inputs]} differ from the example batch's "
-                             f"{self.input_shapes}: the distributed schedule is built for one batch shape")
+        check_shapes(inputs, self.input_shapes, "the distributed schedule")
         step = _Step(self, inputs, loss_fn)
         step.forward()
         # Every rank learns the loss while the backward pass runs.

@@ -57,8 +57,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from graphs.devices import Cluster, Device
 from graphs.errors import PlanError
 from graphs.trace import Traced
+from graphs.trace_inputs import input_names, placeholder_dims
 from placer.distributed.schedule import TensorMeta, ValueMeta, describe
-from placer.distributed.share import RankShare, bind, chunk_reads, eager_output, rank_cluster
+from placer.distributed.share import RankShare, bind, check_shapes, chunk_reads, eager_output, rank_cluster
 from placer.distributed.stages import Pipeline, Stage, split_stages
 from placer.plan import Plan, load_plan, trace_for_plan
 from placer.runtime import microbatch
@@ -91,7 +92,7 @@ class PipelineSpec:
 
 def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor],
                   microbatches: int | None = None, schedule: str | None = None,
-                  batch_dims: Mapping[str, int] | None = None,
+                  batch_dims: Mapping[str, int | None] | None = None,
                   microbatch_statistics: bool | None = None, loss_fn: LossFn | None = None) -> PipelineSpec:
     """Check `plan` for the pipelining backend and cut it into stages (no process
     group needed: the launcher calls it before starting ranks, every rank again).
@@ -102,9 +103,9 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
         Micro-batches per step and "gpipe" or "1f1b"; None: the plan's fields (1 and
         "gpipe" for a plan without them).
     batch_dims, microbatch_statistics
-        The workload's: placeholder -> its batch dimension (default 0), and whether
-        per-micro-batch statistics are acceptable (placer.runtime.microbatch); None:
-        the plan's fields.
+        The workload's: forward input -> its batch dimension (default 0; None: never
+        split), and whether per-micro-batch statistics are acceptable
+        (placer.runtime.microbatch); None: the plan's fields.
     loss_fn
         The training loss, `loss_fn(output, *inputs)`: with micro-batches, checked for
         how its micro-batches' losses make the batch's (`PipelineSpec.loss_scale`).
@@ -124,7 +125,7 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
     gm = traced.gm
     pipeline = split_stages(gm, gm.graph, plan.assignment, source)
     m = microbatches or plan.microbatches
-    batch_dims = plan.batch_dims if batch_dims is None else batch_dims
+    batch_dims = placeholder_dims(traced, plan.batch_dims if batch_dims is None else batch_dims)
     microbatch_statistics = plan.microbatch_statistics if microbatch_statistics is None else microbatch_statistics
     name = (schedule or plan.schedule or "gpipe").lower()
     if name not in SCHEDULES:
@@ -134,8 +135,8 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
                         f"raise the micro-batch count or use gpipe")
     if m > 1:
         refuse_static(gm.graph, gm, source, microbatch_statistics)
-    batch = bind(traced, example_inputs)
-    split = microbatch.split(batch, m, batch_dims)
+    batch, names = bind(traced, example_inputs), input_names(traced)
+    split = microbatch.split(batch, m, batch_dims, names)
     if len(split.sizes) != m or len(set(split.sizes)) > 1:
         raise PlanError(f"a batch of {sum(split.sizes)} rows does not split into {m} equal micro-batches "
                         f"(pipelining's shapes are static): choose a micro-batch count that divides it")
@@ -143,7 +144,7 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
     if m > 1:  # the in-process engine's probe, on the host (the model is not placed yet)
         chunks = [s.chunk for s in pipeline.stages]
         layout = checked_layout(chunks, [torch.device("cpu")] * len(chunks), batch, split.dims, pipeline.output_nodes,
-                                source, microbatch_statistics)
+                                source, microbatch_statistics, names)
         if loss_fn is not None:
             scale = _loss_scale(traced, pipeline, batch, split, layout, example_inputs, loss_fn, source)
     meta = _propagate_shapes(gm, pipeline, split.inputs[0])
@@ -207,7 +208,7 @@ class PipelinedModel(RankShare):
 
     def __init__(self, model: nn.Module, plan: Plan | str, example_inputs: Sequence[torch.Tensor],
                  microbatches: int | None = None, schedule: str | None = None, cluster: Cluster | None = None,
-                 group: dist.ProcessGroup | None = None, batch_dims: Mapping[str, int] | None = None,
+                 group: dist.ProcessGroup | None = None, batch_dims: Mapping[str, int | None] | None = None,
                  microbatch_statistics: bool | None = None, loss_fn: LossFn | None = None):
         super().__init__(model, group)
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -269,8 +270,8 @@ class PipelinedModel(RankShare):
         the one the model was built with (None: that one); another only without
         micro-batches.
 
-        Raises ValueError for a batch of other shapes than the example batch's (the
-        pipeline's shapes are static), PlanError for another loss with micro-batches,
+        Raises PlanError for a batch of other shapes than the example batch's (the
+        pipeline's shapes are static), for another loss with micro-batches,
         and PlanError on every rank, after the step, when this batch's loss is not what
         its micro-batches' weighted losses make (checked on the last stage from their
         gathered outputs: a masked mean whose counts differ between micro-batches here
@@ -282,10 +283,7 @@ class PipelinedModel(RankShare):
                             "(checked for how its micro-batches' losses combine): pass that one, or none")
         if loss_fn is None:
             raise ValueError("train_step needs a loss_fn: pass one, or give it to PipelinedModel(..., loss_fn=...)")
-        shapes = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
-        if shapes != self.input_shapes:
-            raise ValueError(f"batch shapes {shapes} differ from the example batch's {self.input_shapes}: "
-                             f"the pipeline is built for one batch shape")
+        check_shapes(inputs, self.input_shapes, "the pipeline")
         self._step_inputs, self._step_loss_fn = tuple(inputs), loss_fn
         self._step_values = values = bind(self.spec.traced, inputs)
         self.module.keywords = self._keywords

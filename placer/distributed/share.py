@@ -26,7 +26,7 @@ from placer.runtime.refusals import gradient_hook
 from placer.runtime.tensors import graph_reads, place_tensors
 from placer.runtime.values import count_saved
 
-__all__ = ["RankShare", "rank_cluster", "chunk_reads", "bind", "eager_output"]
+__all__ = ["RankShare", "rank_cluster", "chunk_reads", "bind", "check_shapes", "eager_output"]
 
 
 def rank_cluster(plan: Plan, world_size: int, cluster: Cluster | None = None) -> Cluster:
@@ -56,13 +56,31 @@ def bind(traced: Traced, inputs: Sequence[Any]) -> dict[str, Any]:
 
     Raises
     ------
-    ValueError
-        The capture does not cover the call (other shapes, say): one line saying why.
+    PlanError
+        The capture does not cover the call (other shapes or dtypes, say): one line
+        saying why, and the fix.
     """
     values = traced.bind(tuple(inputs), {})
     if values is None:
-        raise ValueError(f"the plan's capture does not cover this batch: {traced.why_not(tuple(inputs), {})}")
+        raise PlanError(f"the plan's capture does not cover this batch ({traced.why_not(tuple(inputs), {})}): give "
+                        f"every step a batch like the example batch, its shapes and dtypes")
     return values
+
+
+def check_shapes(inputs: Sequence[Any], shapes: Sequence[tuple[int, ...]], built: str) -> None:
+    """Refuse a batch whose tensors' shapes are not `shapes`, the example batch's, for
+    which `built` ("the pipeline") was built: its schedule is static.
+
+    Raises
+    ------
+    PlanError
+        Naming both batches' shapes and the fix.
+    """
+    here = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
+    if here != list(shapes):
+        raise PlanError(f"batch shapes {here} differ from the example batch's {list(shapes)}: {built} is built for "
+                        f"one batch shape; give every step a batch of those shapes (DataLoader(drop_last=True), "
+                        f"padding to one length), or build it again with an example batch of these")
 
 
 def eager_output(traced: Traced, leaves: Sequence[Any], values: Mapping[str, Any]) -> Any:

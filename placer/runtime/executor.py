@@ -55,25 +55,22 @@ class Executor:
     """The schedule of a placed model's chunks over its devices' workers.
 
     Options: `microbatches` (GPipe, m >= 1), `batch_dims` (placeholder -> the dimension
-    its batch is split along; default 0), `microbatch_statistics` (accept batch statistics
+    its batch is split along; default 0), `input_names` (placeholder -> the forward input
+    it holds, as messages name inputs), `microbatch_statistics` (accept batch statistics
     per micro-batch instead of refusing), `pin` (pin virtual CPU workers to their cores;
     off by default: unpinned workers cross cheaper, experiments/bench_pinning.py),
     `timeout_s` (limit on one pass, checked by the caller between its tasks: a chunk
     hanging on its own thread is not cut; None: as long as workers live)."""
 
     def __init__(self, chunks: list[Chunk], devices: Mapping[str, Device], *, microbatches: int = 1,
-                 batch_dims: Mapping[str, int | None] | None = None, microbatch_statistics: bool = False,
-                 pin: bool = False, timeout_s: float | None = None, source: str = "plan"):
+                 batch_dims: Mapping[str, int | None] | None = None, input_names: Mapping[str, str] | None = None,
+                 microbatch_statistics: bool = False, pin: bool = False, timeout_s: float | None = None,
+                 source: str = "plan"):
         if microbatches < 1:
             raise PlanError(f"{source}: microbatches must be at least 1, got {microbatches}")
-        self.chunks = chunks
-        self.devices = dict(devices)
-        self.microbatches = microbatches
-        self.batch_dims = dict(batch_dims or {})
-        self.microbatch_statistics = microbatch_statistics
-        self.pin = pin
-        self.timeout_s = timeout_s
-        self.source = source
+        self.chunks, self.devices, self.microbatches = chunks, dict(devices), microbatches
+        self.batch_dims, self.input_names = dict(batch_dims or {}), dict(input_names or {})
+        self.microbatch_statistics, self.pin, self.timeout_s, self.source = microbatch_statistics, pin, timeout_s, source
         self.producer = {node: c.index for c in chunks for node in c.outputs}
         self.consumers: dict[str, list[int]] = {}
         for c in chunks:
@@ -107,8 +104,8 @@ class Executor:
     @classmethod
     def build(cls, model: nn.Module, gm: fx.GraphModule, assignment: dict[str, str], devices: Mapping[str, Device], *,
               groups: Sequence[Sequence[str]] | None = None, microbatches: int = 1, schedule: str | None = None,
-              batch_dims: Mapping[str, int | None] | None = None, microbatch_statistics: bool = False,
-              source: str = "plan") -> Executor:
+              batch_dims: Mapping[str, int | None] | None = None, input_names: Mapping[str, str] | None = None,
+              microbatch_statistics: bool = False, source: str = "plan") -> Executor:
         """The executor of `gm` (traced from `model`) placed by `assignment` on
         `devices`, chunked over the plan's `groups` (chunks.py).
 
@@ -122,6 +119,7 @@ class Executor:
             they serve; None: single nodes.
         microbatches, schedule : GPipe micro-batches per call (schedule None or "gpipe").
         batch_dims : placeholder -> the dimension its batch is split along (default 0; None: never).
+        input_names : placeholder -> the forward input it holds, as messages name inputs.
         microbatch_statistics : accept batch statistics per micro-batch instead of refusing.
         source : how error messages name the plan.
 
@@ -136,7 +134,7 @@ class Executor:
         chunks = build_chunks(model, gm.graph, assignment, groups=groups, extra_roots=(gm,))
         if microbatches > 1:
             refuse_static(gm.graph, model, source, microbatch_statistics, extra_roots=(gm,))
-        return cls(chunks, devices, microbatches=microbatches, batch_dims=batch_dims,
+        return cls(chunks, devices, microbatches=microbatches, batch_dims=batch_dims, input_names=input_names,
                    microbatch_statistics=microbatch_statistics, source=source)
 
     def _start(self, caller: int | None) -> None:  # then the caller has `caller` threads (None: its own)
@@ -218,7 +216,7 @@ class Executor:
         Returns the values of `output_nodes` (default: every chunk output), gathered
         over micro-batches, on their devices, and the state backward needs."""
         self._check_open()
-        split = (microbatch.split(inputs, self.microbatches, self.batch_dims) if self.microbatches > 1
+        split = (microbatch.split(inputs, self.microbatches, self.batch_dims, self.input_names) if self.microbatches > 1
                  else microbatch.Split([inputs], [0], {}))
         micro = len(split.inputs)
         names = list(output_nodes) if output_nodes is not None else list(self.producer)
@@ -293,7 +291,7 @@ class Executor:
         if key not in self._layouts:
             devices = [w.torch_device for w in self._chunk_workers]
             self._layouts[key] = checked_layout(self.chunks, devices, inputs, split.dims, names, self.source,
-                                                self.microbatch_statistics)
+                                                self.microbatch_statistics, self.input_names)
         return self._layouts[key]
 
     # -- backward ------------------------------------------------------------

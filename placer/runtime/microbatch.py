@@ -37,20 +37,20 @@ than eager for the same seed (the random generator is used in another order).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphs.errors import PlanError
 from graphs.schedule import written_state
 from graphs.trace import module_label
 from placer.runtime.chunks import _Lookup
+from placer.runtime.probe import Probe, probe
 
 __all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "Layout", "layout",
            "Probe", "probe", "batch_layout"]
@@ -71,17 +71,22 @@ class Split:
     dims: dict[str, int]
 
 
-def split_dims(inputs: Mapping[str, Any], batch_dims: Mapping[str, int | None]) -> dict[str, int]:
+def split_dims(inputs: Mapping[str, Any], batch_dims: Mapping[str, int | None],
+               names: Mapping[str, str] | None = None) -> dict[str, int]:
     """The inputs a batch is split along and the dimension of each: every tensor input as
     long along its batch dimension (`batch_dims`, default 0) as the first is along its own,
-    also one not batched but as long by chance, unless `batch_dims` maps it to None;
-    {} without a tensor input with dimensions. Raises PlanError for a dimension an input lacks."""
+    also one not batched but as long by chance, unless `batch_dims` maps it to None (such
+    an input does not define the batch either); {} without a tensor input with dimensions.
+    `inputs`, `batch_dims`: by placeholder; `names`: placeholder -> the forward input it
+    holds (graphs.trace_inputs.input_names), as messages name inputs. Raises PlanError
+    for a dimension an input lacks."""
     tensors = [(name, v) for name, v in inputs.items()
                if isinstance(v, torch.Tensor) and v.dim() > 0 and batch_dims.get(name, 0) is not None]
     short = next(((n, v) for n, v in tensors if batch_dims.get(n, 0) >= v.dim()), None)
     if short is not None:
-        raise PlanError(f"batch_dims names dimension {batch_dims[short[0]]} of input {short[0]!r}, which has "
-                        f"{short[1].dim()} (shape {list(short[1].shape)}): name the dimension its batch lies along")
+        raise PlanError(f"batch_dims names dimension {batch_dims[short[0]]} of input {_named(short[0], names)!r}, "
+                        f"which has {short[1].dim()} (shape {list(short[1].shape)}): name the dimension its batch "
+                        f"lies along")
     if not tensors:
         return {}
     name0, first = tensors[0]
@@ -89,11 +94,12 @@ def split_dims(inputs: Mapping[str, Any], batch_dims: Mapping[str, int | None]) 
     return {name: batch_dims.get(name, 0) for name, v in tensors if v.shape[batch_dims.get(name, 0)] == rows}
 
 
-def split(inputs: Mapping[str, Any], m: int, batch_dims: Mapping[str, int | None]) -> Split:
-    """Split every batch-sized tensor input (`split_dims`) into at most `m`
-    micro-batches with torch.chunk: equal sizes but the last, and fewer than `m`
-    when the batch is small (4 rows in 3 -> 2, 2)."""
-    dims = split_dims(inputs, batch_dims)
+def split(inputs: Mapping[str, Any], m: int, batch_dims: Mapping[str, int | None],
+          names: Mapping[str, str] | None = None) -> Split:
+    """Split every batch-sized tensor input (`split_dims`, which takes `names`) into at
+    most `m` micro-batches with torch.chunk: equal sizes but the last, and fewer than
+    `m` when the batch is small (4 rows in 3 -> 2, 2)."""
+    dims = split_dims(inputs, batch_dims, names)
     name0 = next(iter(dims), None)
     if name0 is None or inputs[name0].shape[dims[name0]] == 0:  # nothing to split (an empty batch: one call)
         return Split([dict(inputs)], [0], {})
@@ -101,6 +107,11 @@ def split(inputs: Mapping[str, Any], m: int, batch_dims: Mapping[str, int | None
     count = len(pieces[name0])
     parts = [{name: pieces[name][i] if name in pieces else v for name, v in inputs.items()} for i in range(count)]
     return Split(parts, [p.shape[dims[name0]] for p in pieces[name0]], dims)
+
+
+def _named(placeholder: str, names: Mapping[str, str] | None) -> str:
+    """The forward input a placeholder holds, as messages name it (`split_dims`)."""
+    return (names or {}).get(placeholder, placeholder)
 
 
 def gather(values: Sequence[Any], dims: Sequence[int | None]) -> Any:
@@ -186,10 +197,6 @@ class Layout:
     unchecked: str | None = None
 
 
-def _shapes(value: Any) -> list:
-    return [tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in tree_flatten(value)[0]]
-
-
 def _batch_dim(a: tuple, b: tuple, rows: tuple[int, int]) -> int | None:
     """The first dimension whose size follows the number of rows (a at rows[0], b at rows[1])."""
     if len(a) != len(b):
@@ -201,7 +208,8 @@ def _batch_dim(a: tuple, b: tuple, rows: tuple[int, int]) -> int | None:
 
 
 def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mapping[str, Any],
-           dims: Mapping[str, int], output_nodes: Sequence[str], source: str) -> Layout:
+           dims: Mapping[str, int], output_nodes: Sequence[str], source: str,
+           names: Mapping[str, str] | None = None) -> Layout:
     """The batch layout of a call: `probe` on rows [0:2], [0:3] and [1:3] ([0:1],
     [0:2], [1:2] for a smaller batch); shapes compared by `batch_layout`, then values
     (`Layout.reduction` says where rows [0:2] or [1:3] alone differ from those rows of
@@ -214,6 +222,7 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
     dims : the inputs the batch splits, and along which dimension (`split_dims`).
     output_nodes : the nodes whose values the call returns.
     source : how error messages name the plan.
+    names : placeholder -> the forward input it holds, as messages name inputs.
 
     Raises
     ------
@@ -223,6 +232,7 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
         eager would raise it.
     """
     name = next(iter(dims))
+    whole = [n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and n not in dims]
     rows = (2, 3) if inputs[name].shape[dims[name]] >= 3 else (1, 2)
     try:  # rows [0:2], [0:3] and [1:3] (or [0:1], [0:2], [1:2])
         runs = [probe(chunks, devices, inputs, dims, n, start)
@@ -231,17 +241,17 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
         raise
     except Exception as exc:
         probe(chunks, devices, inputs, dims, inputs[name].shape[dims[name]])  # failing whole too: eager's error
-        along = [f"dimension {d} of input {n!r}" for n, d in dims.items() if d and inputs[n].is_floating_point()]
-        whole = [n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and n not in dims]
+        along = _listed((f"dimension {d} of input {_named(n, names)!r}" for n, d in dims.items()
+                         if d and inputs[n].is_floating_point()))
         if whole:  # e.g. EmbeddingBag's flat indices with their offsets: no common batch dimension
-            why = (f"only {', '.join(repr(n) for n in dims)} was split ({inputs[name].shape[dims[name]]} rows along "
-                   f"dimension {dims[name]}); {', '.join(repr(n) for n in whole)} went whole to every micro-batch, "
-                   f"its length differing: name each input's batch dimension in batch_dims if they share one, "
-                   f"else the model's inputs cannot be split.")
+            cut, kept = (_listed(repr(_named(n, names)) for n in group) for group in (dims, whole))
+            why = (f"only {cut} was split ({inputs[name].shape[dims[name]]} rows along dimension {dims[name]}); "
+                   f"{kept} went whole to every micro-batch, its length differing: name each input's batch "
+                   f"dimension in batch_dims if they share one, else the model's inputs cannot be split.")
         elif len(dims) > 1:
-            why = f"{_inputs_split(dims)}: is one not batched, as long as the batch by chance? {_OTHER_SIZE}."
+            why = f"{_inputs_split(dims, names)}: is one not batched, as long as the batch by chance? {_OTHER_SIZE}."
         elif along:
-            why = (f"the plan's capture may fix the batch's size along {', '.join(along)}: torch.export keeps it "
+            why = (f"the plan's capture may fix the batch's size along {along}: torch.export keeps it "
                    f"free only in a capture made with batch_dims naming it, so make the plan again from the workload.")
         else:
             why = "does it assume a fixed batch size?"
@@ -249,27 +259,33 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); {why} "
                         f"Otherwise, use microbatches = 1") from exc
     nodes = [n for c in chunks for n in c.module.graph.nodes]
-    split = (name, dims[name])
-    found = batch_layout(nodes, output_nodes, [runs[0].shapes, runs[1].shapes], rows, split, source)
+    split = (_named(name, names), dims[name])
+    fix = _name_the_batch(split, inputs[name].dim(), [_named(n, names) for n in whole])
+    found = batch_layout(nodes, output_nodes, [runs[0].shapes, runs[1].shapes], rows, fix, source)
     if not found.reduction:
         random = next((r.random for r in runs if r.random), None)
         if random:
             return replace(found, unchecked=f"{random} draws random numbers the probe cannot hold fixed: outputs' "
                                             f"values along the split dimension were not compared")
-        found = replace(found, reduction=_mixing(output_nodes, found.output_dims, runs, rows, split, source))
+        found = replace(found, reduction=_mixing(output_nodes, found.output_dims, runs, rows, split, fix, source))
     if found.reduction and len(dims) > 1:  # an input split by chance looks like a reduction or mixing (trial 10)
-        return replace(found, reduction=f"{source}: {_inputs_split(dims)}: if one is not batched but as long as the "
-                       f"batch by chance, {_OTHER_SIZE.lower()}, or use microbatches = 1 (per-micro-batch statistics "
-                       f"would not fix it). Otherwise: {found.reduction.removeprefix(source + ': ')}")
+        return replace(found, reduction=f"{source}: {_inputs_split(dims, names)}: if one is not batched but as "
+                       f"long as the batch by chance, {_OTHER_SIZE.lower()}, or use microbatches = 1 (per-micro-batch "
+                       f"statistics would not fix it). Otherwise: {found.reduction.removeprefix(source + ': ')}")
     return found
 
 
-def _inputs_split(dims: Mapping[str, int]) -> str:
-    return "micro-batches split " + ", ".join(f"{name!r} along dimension {d}" for name, d in dims.items())
+def _listed(phrases: Iterable[str]) -> str:
+    """Phrases for a message, each once (a nested input's placeholders are named alike)."""
+    return ", ".join(dict.fromkeys(phrases))
+
+
+def _inputs_split(dims: Mapping[str, int], names: Mapping[str, str] | None) -> str:
+    return "micro-batches split " + _listed(f"{_named(n, names)!r} along dimension {d}" for n, d in dims.items())
 
 
 def _mixing(output_nodes: Sequence[str], output_dims: Mapping[str, list[int | None]], runs: Sequence[Probe],
-            rows: tuple[int, int], split: tuple[str, int], source: str) -> str | None:
+            rows: tuple[int, int], split: tuple[str, int], fix: Sequence[str], source: str) -> str | None:
     """Why an output of rows [0:a] or [1:b] run alone (runs[0], runs[2]) is not those
     rows of the b-row output (runs[1]), along its batch dimension; None if every one is."""
     a, b = rows
@@ -285,16 +301,22 @@ def _mixing(output_nodes: Sequence[str], output_dims: Mapping[str, list[int | No
                     span = f"row {start}" if a == 1 else f"rows {start}-{start + a - 1}"
                     return (f"{source}: output '{name}' for {span} alone differs from those rows of a {b}-row batch: "
                             f"the model mixes values along dimension {split[1]} of input '{split[0]}', which "
-                            f"micro-batches split; {_name_the_batch(split)}, else use microbatches = 1")
+                            f"micro-batches split; {', '.join([*fix, 'else use']) if fix else 'use'} microbatches = 1")
     return None
 
 
-def _name_the_batch(split: tuple[str, int]) -> str:
-    """Advice for a batch split along the wrong dimension of input split[0]."""
+def _name_the_batch(split: tuple[str, int], rank: int, whole: Sequence[str]) -> list[str]:
+    """Advice for a batch split along dimension split[1] of input split[0] (of `rank`
+    dimensions), which may not be where its batch lies: another of its dimensions, and
+    where inputs went whole (`whole`), split[0] marked unbatched, so that the next input
+    defines the batch (new-user trial 10: the other dimension of a 1-d input cannot)."""
     x, dim = split
-    other = 1 if dim == 0 else 0
-    return (f"name the batch's dimension in the workload (batch_dims = {{'{x}': {other}}}) and make the plan again, "
-            f"if it is not {dim}")
+    fixes = [f"name the batch's dimension in the workload (batch_dims = {{'{x}': {1 if dim == 0 else 0}}}) and make "
+             f"the plan again, if it is not {dim}"] if rank > 1 else []
+    if whole:  # None needs no new capture: the plan's own batch_dims take it too
+        fixes.append(f"mark {x!r} unbatched if {whole[0]!r} holds the batch (batch_dims = {{'{x}': None}} in the "
+                     f"workload or the plan)")
+    return fixes
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -314,10 +336,10 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], seen: Sequence[dict[str, list]],
-                 rows: tuple[int, int], split: tuple[str, int], source: str) -> Layout:
-    """Compare the shapes `probe` saw at two numbers of rows of the batch, split along
-    dimension split[1] of input split[0]. Raises PlanError when an output has no batch
-    dimension or a non-tensor output depends on the batch."""
+                 rows: tuple[int, int], fix: Sequence[str], source: str) -> Layout:
+    """Compare the shapes `probe` saw at two numbers of rows of the batch. Raises
+    PlanError when an output has no batch dimension (its message offers `fix`, ways to
+    name the batch otherwise: `_name_the_batch`) or a non-tensor output depends on the batch."""
     a, b = seen
     dims: dict[str, list[int | None]] = {}
     for name in output_nodes:
@@ -333,7 +355,7 @@ def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], se
                 if d is None:
                     raise PlanError(f"{source}: output '{name}' has no batch dimension (shape {list(x)} at {rows[0]} "
                                     f"rows); a value over the whole batch cannot be gathered from micro-batches: "
-                                    f"compute it in loss_fn, {_name_the_batch(split)}, or use microbatches = 1")
+                                    f"{', '.join(['compute it in loss_fn', *fix])}, or use microbatches = 1")
                 leaves.append(d)
             elif x != y:
                 raise PlanError(f"{source}: output '{name}' is {x!r} for {rows[0]} rows and {y!r} for {rows[1]}: "
@@ -355,96 +377,3 @@ def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], se
                          f"{rows[0]} rows), so each micro-batch would see only its own rows; {_REDUCTIONS_ADVICE}")
             break
     return Layout(dims, reduction)
-
-
-@dataclass
-class Probe:
-    """One `probe` run: every node's output shapes (per pytree leaf; non-tensor
-    leaves as they are), the values of the inputs and the chunks' outputs, and the
-    first random op it could not hold fixed ("aten.op in node 'n'"; None if none)."""
-
-    shapes: dict[str, list]
-    values: dict[str, Any]
-    random: str | None = None
-
-
-class _FixedRandom(TorchDispatchMode):
-    """Random numbers held fixed, so that a model's values do not depend on how many
-    rows it sees: dropout (`native_dropout`, an op's `dropout`/`dropout_p` argument)
-    keeps every value; ops that only draw (`bernoulli_`, `uniform_`, `rand_like`,
-    `randperm`: no tensor input but the one they fill or copy the shape of) return 1
-    (0 for integers); other random ops run as they are and are recorded in `random`."""
-
-    def __init__(self):
-        super().__init__()
-        self.node = ""
-        self.random: str | None = None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        names = [a.name for a in func._schema.arguments]
-        dropout = next((names.index(n) for n in ("dropout_p", "dropout") if n in names), None)
-        if dropout is not None:
-            if dropout < len(args):
-                args = (*args[:dropout], 0.0, *args[dropout + 1:])
-            else:
-                kwargs = {**kwargs, names[dropout]: 0.0}
-            return func(*args, **kwargs)
-        if torch.Tag.nondeterministic_seeded not in func.tags:
-            return func(*args, **kwargs)
-        if func is torch.ops.aten.native_dropout.default:
-            return args[0].clone(), torch.ones_like(args[0], dtype=torch.bool)
-        tensors = [a.name for a in func._schema.arguments if "Tensor" in str(a.type)]
-        base = func._schema.name.split("::")[-1]
-        if not tensors or (tensors == ["self"] and (base.endswith("_") or base.endswith("_like"))):
-            out = func(*args, **kwargs)
-            return out.fill_(1 if out.is_floating_point() or out.dtype == torch.bool else 0)
-        if self.random is None:
-            self.random = f"{func._schema.name.replace('::', '.')} in node '{self.node}'"
-        return func(*args, **kwargs)
-
-
-class _Recorder(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule, seen: dict[str, list], mode: _FixedRandom):
-        super().__init__(module)
-        self.seen = seen
-        self.mode = mode
-
-    def run_node(self, n: fx.Node) -> Any:
-        self.mode.node = n.name
-        out = super().run_node(n)
-        if n.op not in ("output", "get_attr"):
-            self.seen[n.name] = _shapes(out)
-        return out
-
-
-def probe(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mapping[str, Any], dims: Mapping[str, int],
-          rows: int, start: int = 0) -> Probe:
-    """Run the chunks (in order, on this thread, without gradients, random numbers
-    held fixed: `_FixedRandom`) on rows [start, start + rows) of the inputs that
-    `dims` splits (other inputs whole). The random generators and every buffer the
-    chunks hold are restored afterwards."""
-    seen: dict[str, list] = {}
-    values = {name: v.narrow(dims[name], start, rows) if name in dims else v for name, v in inputs.items()}
-    for name, v in values.items():
-        seen[name] = _shapes(v)
-    buffers = {id(b): b for c in chunks for b in c.module.buffers()}
-    saved = {k: b.clone() for k, b in buffers.items()}
-    cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
-    fixed = _FixedRandom()
-    with torch.random.fork_rng(devices=cuda, device_type="cuda" if cuda else "cpu"), torch.no_grad():
-        try:
-            for chunk, device in zip(chunks, devices):
-                args = [_to(values[name], device) for name in chunk.inputs]
-                with fixed:
-                    outs = _Recorder(chunk.module, seen, fixed).run(*args)
-                values.update(zip(chunk.outputs, outs))
-        finally:
-            for k, b in buffers.items():
-                b.copy_(saved[k])
-    return Probe(seen, values, fixed.random)
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    flat, spec = tree_flatten(value)
-    return tree_unflatten([x.to(device) if isinstance(x, torch.Tensor) else x for x in flat], spec)

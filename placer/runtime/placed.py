@@ -48,6 +48,7 @@ from graphs.devices import Cluster, Device
 from graphs.errors import CaptureError, ExecutionError, PlanError
 from graphs.trace import Traced, trace_model
 from graphs.trace_effects import no_side_effects
+from graphs.trace_inputs import input_names, placeholder_dims
 from placer.plan import Plan, load_plan, plan_cluster, trace_for_plan
 from placer.runtime import microbatch
 from placer.runtime.executor import Executor
@@ -101,7 +102,7 @@ class PlacedModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, plan: Plan, devices: dict[str, Device], reference: PlacedCapture,
-                 tensor_devices: dict[str, str], eval_capture: Traced | None, batch_dims: dict[str, int | None]):
+                 tensor_devices: dict[str, str], eval_capture: Traced | None, unbatched: frozenset[str]):
         super().__init__()
         # The model's own tables, shared (every name, also a second name of one module): `placed.x = ...`
         # and `.to()` change the original too, which a new placer.apply of `placed.original` then sees.
@@ -111,7 +112,7 @@ class PlacedModule(nn.Module):
         self.plan = plan
         self.devices = devices  # device name -> Device
         self.tensor_devices = tensor_devices  # parameter/buffer qualified name -> device name
-        self._batch_dims = batch_dims  # of every capture's executor (_batch_dims)
+        self._unbatched = unbatched  # never split, in every capture (_unbatched)
         self.graphs = [reference]
         self._every_module = tuple(model.modules())  # whose flags pick a capture (training_flags' order)
         self._module_devices = _module_devices(reference)
@@ -255,7 +256,7 @@ class PlacedModule(nn.Module):
             else:
                 assignment[node.name] = self._device_by_module(owning_module(node), node, assignment)
         _with_parameter_reads(traced.gm, assignment)
-        return _build(self.original, self.plan, traced, assignment, self.devices, None, self._batch_dims)
+        return _build(self.original, self.plan, traced, assignment, self.devices, None, self._unbatched)
 
     def _device_by_module(self, module: str, node: fx.Node, assignment: dict[str, str]) -> str:
         parts = module.split(".") if module else []
@@ -281,8 +282,8 @@ class PlacedModule(nn.Module):
 def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | None = None) -> PlacedModule:
     """Place `model` by `plan` (a Plan or a plan file). Moves the model's parameters and
     buffers in place; never changes their values. Each call runs in the plan's
-    `microbatches`, split along its `batch_dims` (0 for inputs it does not name), and
-    with `microbatch_statistics` accepts batch statistics per micro-batch.
+    `microbatches`, split along its `batch_dims` (0 for an input it does not name; None:
+    never split), and with `microbatch_statistics` accepts batch statistics per micro-batch.
 
     Threads: apply leaves the calling thread with the intra-op thread count the plan
     is measured with (placer.runtime.timing; worker.caller_threads): that of the
@@ -335,9 +336,9 @@ def apply(model: nn.Module, plan: Plan | str | Path, devices: str | Cluster | No
     reads = graph_reads(reference.gm, lambda n: None if n.op == "output" else assignment.get(n.name))
     tensor_devices = place_tensors(model, tensor_readers(model, reads, plan.source),
                                    lambda d: torch.device(by_name[d].torch_device))
-    batch_dims = _batch_dims(plan, reference)
-    graph = _build(model, plan, reference, assignment, by_name, plan.groups, batch_dims)
-    return PlacedModule(model, plan, by_name, graph, tensor_devices, eval_capture, batch_dims)
+    unbatched = _unbatched(plan, reference)
+    graph = _build(model, plan, reference, assignment, by_name, plan.groups, unbatched)
+    return PlacedModule(model, plan, by_name, graph, tensor_devices, eval_capture, unbatched)
 
 
 def _devices_for(plan: Plan, devices: str | Cluster | None) -> tuple[Cluster, dict[str, str]]:
@@ -348,38 +349,39 @@ def _devices_for(plan: Plan, devices: str | Cluster | None) -> tuple[Cluster, di
     return cluster, dict(zip(plan.devices, cluster.names))
 
 
-def _batch_dims(plan: Plan, traced: Traced) -> dict[str, int | None]:
-    """The plan's batch dims, and None (never split) for each input its example batch
-    had not as long as the batch: a later batch where one is so by chance still splits
+def _unbatched(plan: Plan, traced: Traced) -> frozenset[str]:
+    """The placeholders of the plan's capture that its example batch had not as long as
+    the batch: never split, so that a later batch where one is so by chance still splits
     only the batched ones (microbatch.split_dims; new-user trial 10)."""
     example = None if plan.microbatches == 1 or plan.capture.inputs is None else \
         traced.bind(example_like(plan.capture.inputs), {})
     if example is None:
-        return dict(plan.batch_dims)
-    batched = microbatch.split_dims(example, plan.batch_dims)
-    return {**plan.batch_dims, **{name: None for name, value in example.items()
-                                  if isinstance(value, torch.Tensor) and value.dim() > 0 and name not in batched}}
+        return frozenset()
+    batched = microbatch.split_dims(example, placeholder_dims(traced, plan.batch_dims), input_names(traced))
+    return frozenset(name for name, value in example.items()
+                     if isinstance(value, torch.Tensor) and value.dim() > 0 and name not in batched)
 
 
 def _build(model: nn.Module, plan: Plan, traced: Traced, assignment: dict[str, str], devices: dict[str, Device],
-           groups: list[list[str]] | None, batch_dims: dict[str, int | None]) -> PlacedCapture:
+           groups: list[list[str]] | None, unbatched: frozenset[str]) -> PlacedCapture:
     """The executor of a capture placed by `assignment` (chunked over `groups`, the
     plan's, for its own capture), after what the capture baked in about devices is
     made to follow the placement (tensors.localize); micro-batched as the plan says
-    (microbatches, schedule, microbatch_statistics), along `batch_dims` (`_batch_dims`
-    of the training capture, for every capture)."""
+    (microbatches, schedule, microbatch_statistics), each placeholder along the dimension
+    the plan's `batch_dims` gives its forward input (graphs.trace_inputs), never those in
+    `unbatched` (`_unbatched` of the training capture, for every capture)."""
     gm = traced.gm
     localize(model, gm, lambda n: torch.device(devices[assignment[n.name]].torch_device)
              if n.name in assignment else None)
+    batch_dims = {**placeholder_dims(traced, plan.batch_dims), **dict.fromkeys(unbatched)}
     executor = Executor.build(gm, gm, assignment, devices, groups=groups, microbatches=plan.microbatches,
-                              schedule=plan.schedule, batch_dims=batch_dims,
+                              schedule=plan.schedule, batch_dims=batch_dims, input_names=input_names(traced),
                               microbatch_statistics=plan.microbatch_statistics, source=plan.source)
     leaves = [(leaf.name, None) if isinstance(leaf, fx.Node) else (None, leaf) for leaf in traced.output_leaves]
     output_nodes = list(dict.fromkeys(name for name, _ in leaves if name is not None))
+    modules = tuple(gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module")
     return PlacedCapture(traced=traced, assignment=assignment, executor=executor, output_nodes=output_nodes,
-                         leaves=leaves, parameters=tuple(gm.parameters()),
-                         leaf_modules=tuple(gm.get_submodule(str(n.target)) for n in gm.graph.nodes
-                                            if n.op == "call_module"))
+                         leaves=leaves, parameters=tuple(gm.parameters()), leaf_modules=modules)
 
 
 def _with_parameter_reads(gm: fx.GraphModule, assignment: dict[str, str]) -> None:
@@ -445,6 +447,4 @@ def _reapply(model: nn.Module, plan: Plan, devices: str, training: bool) -> Plac
     first = next(iter(model.parameters()), None)
     if first is not None and len({t.device for t in list(model.parameters()) + list(model.buffers())}) > 1:
         model.to(first.device)
-    placed = apply(model, replace(plan), devices)
-    placed.train(training)
-    return placed
+    return apply(model, replace(plan), devices).train(training)
