@@ -27,7 +27,7 @@ from placer.distributed.launch import Pipelined
 from placer.distributed.pipelining import plan_pipeline
 from placer.plan import load_plan, plan_from_assignment
 from tests.equivalence import check_equivalent
-from tests.test_microbatch_options import TWO, piped
+from tests.test_microbatch_options import TWO, ColumnScaled, Scaled, piped
 from tests.test_pipelining import NET, layered_plan
 
 
@@ -170,6 +170,26 @@ def test_a_first_input_that_is_not_the_batch_is_advised_unbatched_and_so_marked_
         assert placed.executor.forward({"v": v, "x": x}, grad=False)[1].split.dims == {"x": 0}
     finally:
         placed.close()
+
+
+@pytest.mark.parametrize("make, width", [(Scaled, 8), (ColumnScaled, 24)])
+def test_an_unbatched_input_as_long_as_the_batch_is_advised_none_and_so_marked_trains_like_eager(make, width):
+    # new-user trial 10 (F1): a fixed `scale` of 24 beside an example batch of 24 was split; the only fix offered
+    # was another example batch size
+    example = (torch.randn(24, width), torch.rand(24))
+    model = make()
+    placed = placer.apply(model, piped(model, example))
+    try:
+        with pytest.raises(PlanError, match=r"if one is not batched but as long as the batch by chance, mark it never "
+                                            r"split \(e\.g\. batch_dims = \{'scale': None\} in the workload or the "
+                                            r"plan\) or make the plan from an example batch of another size|is one not "
+                                            r"batched, as long as the batch by chance\? If so, mark it never split "
+                                            r"\(e\.g\. batch_dims = \{'scale': None\}"):
+            placed(*example)
+    finally:
+        placed.close()
+    source = SimpleNamespace(build_model=make, example_inputs=lambda: example)
+    check_equivalent(source, lambda m, inputs: piped(m, inputs, batch_dims={"scale": None}), seed=False)
 
 
 VEC_FIRST_FILE = textwrap.dedent('''

@@ -55,7 +55,6 @@ from placer.runtime.probe import Probe, probe
 __all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "Layout", "layout",
            "Probe", "probe", "batch_layout"]
 
-_OTHER_SIZE = "Make the plan from an example batch of another size (an input it has not batch-sized is never split)"
 _REDUCTIONS_ADVICE = ("set microbatch_statistics = True in the workload to accept per-micro-batch statistics, "
                       "or use microbatches = 1")
 
@@ -249,7 +248,8 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
                    f"{kept} went whole to every micro-batch, its length differing: name each input's batch "
                    f"dimension in batch_dims if they share one, else the model's inputs cannot be split.")
         elif len(dims) > 1:
-            why = f"{_inputs_split(dims, names)}: is one not batched, as long as the batch by chance? {_OTHER_SIZE}."
+            why = (f"{_inputs_split(dims, names)}: is one not batched, as long as the batch by chance? If so, "
+                   f"{_not_batched(dims, names)}.")
         elif along:
             why = (f"the plan's capture may fix the batch's size along {along}: torch.export keeps it "
                    f"free only in a capture made with batch_dims naming it, so make the plan again from the workload.")
@@ -270,8 +270,9 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
         found = replace(found, reduction=_mixing(output_nodes, found.output_dims, runs, rows, split, fix, source))
     if found.reduction and len(dims) > 1:  # an input split by chance looks like a reduction or mixing (trial 10)
         return replace(found, reduction=f"{source}: {_inputs_split(dims, names)}: if one is not batched but as "
-                       f"long as the batch by chance, {_OTHER_SIZE.lower()}, or use microbatches = 1 (per-micro-batch "
-                       f"statistics would not fix it). Otherwise: {found.reduction.removeprefix(source + ': ')}")
+                       f"long as the batch by chance, {_not_batched(dims, names)}, or use microbatches = 1 "
+                       f"(per-micro-batch statistics would not fix it). Otherwise: "
+                       f"{found.reduction.removeprefix(source + ': ')}")
     return found
 
 
@@ -282,6 +283,16 @@ def _listed(phrases: Iterable[str]) -> str:
 
 def _inputs_split(dims: Mapping[str, int], names: Mapping[str, str] | None) -> str:
     return "micro-batches split " + _listed(f"{_named(n, names)!r} along dimension {d}" for n, d in dims.items())
+
+
+def _not_batched(dims: Mapping[str, int], names: Mapping[str, str] | None) -> str:
+    """How to keep one of the split inputs whole that is only as long as the batch by
+    chance (new-user trial 10): None in batch_dims, which needs no new capture, or an
+    example batch of another size (an input the plan's example has not batch-sized is
+    never split: placer.runtime.placed._unbatched)."""
+    x = _named(list(dims)[-1], names)
+    return (f"mark it never split (e.g. batch_dims = {{'{x}': None}} in the workload or the plan) or make the plan "
+            f"from an example batch of another size (an input it has not batch-sized is never split)")
 
 
 def _mixing(output_nodes: Sequence[str], output_dims: Mapping[str, list[int | None]], runs: Sequence[Probe],
