@@ -17,6 +17,13 @@ For either, the problem's micro-batch step tables keep m = 1 alone, so that no s
 (placer.search.microbatch_options) and no pipeline heuristic (baselines.pipeline: the
 simulator finds other counts unprofiled) proposes m > 1, and the lower bound
 (placer.optimize.bounds_of) counts no pipelining.
+
+optimize plans a training step, so this looks at the training capture whatever mode
+the workload's model is in: batch norm keeps micro-batches off here although a plan
+with m > 1 runs such a model exactly in eval mode (the runtime refuses it only at the
+first call in training mode: placer.runtime.refusals.capture_refusal). Its note keeps
+the workload's advice (`microbatch_statistics = True`), which only the workload's
+author can follow before optimizing again.
 """
 
 from __future__ import annotations

@@ -18,6 +18,16 @@ sequence so that partitions take about equal time, on equal devices. Here:
   (envs.sim, GPipe with the profile's micro-batch costs) and the fastest
   (placement, m) returned. The optimizer step is left out of the balance: it runs
   after the whole backward, on every device at once.
+
+A parameter stays on one device with all its readers (graphs.capture.node_params),
+which `repair` restores after the cut. A model whose first and last layers read one
+parameter (a language model's tied embedding and output weights) then has its first
+and last stage on one device, and its values flow back to it: a plan that the
+simulator and the local runtime run micro-batched (GPipe over the chunk graph, any
+order of devices), but no chain of stages, which is what the pipelining backend needs
+(torch.distributed.pipelining hands values from stage i to stage i+1 only;
+placer.distributed.stages refuses such a plan, naming the parameter). No split over
+several devices of such a model is a chain, so the heuristic does not look for one.
 """
 
 from __future__ import annotations

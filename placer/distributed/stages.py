@@ -9,7 +9,12 @@ device reads a value made on another) is acyclic. The stage order is then a
 topological order of that graph (ties: the device whose first node comes first in
 fx order), and each stage runs its device's nodes in fx order. A value made in
 stage i and read in stage j > i+1 passes through the stages between, as
-torch.distributed.pipelining hands values only from stage i to stage i+1.
+torch.distributed.pipelining hands values only from stage i to stage i+1. A plan
+keeps a parameter with all its readers, so a model whose first and last layers read
+one parameter (a language model's tied embedding and output weights) is a pipeline on
+one device only: the pipeline heuristic's plan for it (placer.baselines.pipeline) runs
+micro-batched on the local backend, which runs any plan, and is refused here with
+that parameter named.
 
 [Note: values every stage makes for itself]
 torch.distributed.pipelining sends only floating-point activations with gradients
@@ -92,8 +97,11 @@ def input_only_nodes(graph: fx.Graph, root: nn.Module) -> set[fx.Node]:
     return pure
 
 
-def stage_order(graph: fx.Graph, assignment: dict[str, str], skip: set[fx.Node], source: str = "plan") -> list[str]:
+def stage_order(graph: fx.Graph, assignment: dict[str, str], skip: set[fx.Node], source: str = "plan",
+                root: nn.Module | None = None) -> list[str]:
     """The devices in pipeline order (see the module's Note), over the nodes not in `skip`.
+    `root`: the traced GraphModule, where the refusal finds a parameter its readers tie
+    to one device (`_tied_cause`); None: the refusal names none.
 
     Raises
     ------
@@ -114,8 +122,33 @@ def stage_order(graph: fx.Graph, assignment: dict[str, str], skip: set[fx.Node],
         return list(nx.lexicographical_topological_sort(graph_of_devices, key=first.get))
     except nx.NetworkXUnfeasible:
         cycle = sorted({a for a, _ in nx.find_cycle(graph_of_devices)}, key=first.get)
+        tied = _tied_cause(root, body, assignment, cycle) if root is not None else ""
         raise PlanError(f"{source} is not a pipeline: values flow both ways between {', '.join(cycle)} (its devices "
-                        f"do not form contiguous stages); run it with --backend distributed") from None
+                        f"do not form contiguous stages{tied}); the local backend runs it, micro-batches included: "
+                        f"run it with --backend local or --backend distributed") from None
+
+
+def _tied_cause(root: nn.Module, body: list[fx.Node], assignment: dict[str, str], cycle: list[str]) -> str:
+    """Why a plan can be no pipeline, where a parameter is the cause: one read by two
+    nodes with a node of another of the `cycle`'s devices between them (fx order), as
+    a language model's embedding and output layer read one tied weight. A plan keeps a
+    parameter's readers on its device (graphs.capture.node_params), so no split of such
+    a model over several devices is a pipeline. "" when no parameter is read so."""
+    readers: dict[int, tuple[str, list[int]]] = {}  # parameter (by identity: tied names are one) -> readers
+    for i, node in enumerate(body):
+        for name in node_params(root, node):
+            tensor = attrgetter(name)(root)
+            if isinstance(tensor, nn.Parameter):
+                readers.setdefault(id(tensor), (name, []))[1].append(i)
+    for name, at in readers.values():
+        device = assignment[body[at[0]].name]
+        between = [body[i] for i in range(at[0] + 1, at[-1])
+                   if assignment[body[i].name] != device and assignment[body[i].name] in cycle]
+        if device in cycle and between:
+            return (f": '{body[at[0]].name}' and '{body[at[-1]].name}' read one parameter, '{name}', which stays on "
+                    f"{device} with its readers, and '{between[0].name}' runs on {assignment[between[0].name]} "
+                    f"between them")
+    return ""
 
 
 def split_stages(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], source: str = "plan") -> Pipeline:
@@ -129,7 +162,7 @@ def split_stages(root: nn.Module, graph: fx.Graph, assignment: dict[str, str], s
         When the plan is no pipeline (`stage_order`).
     """
     pure = input_only_nodes(graph, root)
-    order = stage_order(graph, assignment, pure, source)
+    order = stage_order(graph, assignment, pure, source, root)
     stage_of = {d: i for i, d in enumerate(order)}
     nodes = list(graph.nodes)
     output = next(n for n in nodes if n.op == "output")

@@ -3,12 +3,21 @@
 so that a model micro-batches would change is refused the same way, with the same
 message, whichever runs it (microbatch.py says what is refused and why).
 
-- `refuse_static`, from the graph alone, when the plan is built: a parameter with a
-  gradient hook (`gradient_hook`), batch norm in training, buffers (or parameters)
-  updated in forward.
+- `capture_refusal`, from a capture's graph alone: a parameter with a gradient hook
+  (`gradient_hook`, raised at once), and batch norm in training or buffers (or
+  parameters) updated in forward, returned. A capture freezes the mode it was made in
+  (graphs.trace), and placer.apply places the training capture of every model, also of
+  one that only ever runs in eval mode, where batch norm reads its running statistics
+  and micro-batches are exact: so the engine raises this reason at the capture's first
+  micro-batched call (`checked_layout`), which only a call in the capture's mode makes.
+  `refuse_static` raises it at once, for the pipelining backend, which only trains.
 - `checked_layout`, from a probe of the model on a few rows (microbatch.layout):
   reductions over the batch and rows mixed along the split dimension; and a warning
   where the probe could not compare values (a random op it cannot hold fixed).
+
+Their advice is for whoever holds the plan (`PLAN_ADVICE`): placer.apply reads only
+the plan; a workload's options are merged into it only where placer runs the two
+together (placer.plan.with_workload_options).
 """
 
 from __future__ import annotations
@@ -25,7 +34,12 @@ from graphs.errors import PlanError
 from placer.runtime import microbatch
 from placer.runtime.chunks import Chunk
 
-__all__ = ["Refused", "refuse_static", "checked_layout", "gradient_hook", "hook_refusal"]
+__all__ = ["Refused", "PLAN_ADVICE", "capture_refusal", "refuse_static", "checked_layout", "gradient_hook",
+           "hook_refusal"]
+
+# What a plan's holder can change; the cause comes first in each message
+PLAN_ADVICE = ("set the plan's microbatches to 1 (the same placement, one micro-batch) or its "
+               "microbatch_statistics to true (statistics per micro-batch)")
 
 
 class Refused(PlanError):
@@ -54,49 +68,74 @@ def hook_refusal(source: str, *modules: nn.Module) -> str | None:
                        f"on each one's share of the gradient; use microbatches = 1, or remove the hook")
 
 
-def refuse_static(graph: fx.Graph, root: nn.Module, source: str, microbatch_statistics: bool,
-                  extra_roots: Sequence[nn.Module] = ()) -> None:
-    """Refuse micro-batches of `graph` with a parameter that has a gradient hook
-    (`gradient_hook`, always), or that `microbatch.static_refusal` finds would change
-    what the model computes unless the workload accepts per-micro-batch statistics.
-    `root`, `extra_roots`: where the graph's targets are found.
+def capture_refusal(graph: fx.Graph, root: nn.Module, source: str, microbatch_statistics: bool,
+                    extra_roots: Sequence[nn.Module] = ()) -> str | None:
+    """Why micro-batches would change what a capture computes in the mode it was made
+    in (`microbatch.static_refusal`: batch norm in training, a buffer or parameter
+    updated in forward), with `PLAN_ADVICE`; None where nothing does, or the plan
+    accepts per-micro-batch statistics. `graph`: the capture's; `root`, `extra_roots`:
+    where its targets are found. The engine raises it at the capture's first
+    micro-batched call (module docstring).
 
     Raises
     ------
-    Refused : a gradient hook (`hook_refusal`), batch norm in training or a buffer or parameter updated
-        in forward (one line, with the fix).
+    Refused : a parameter with a gradient hook (`hook_refusal`), in any mode.
     """
     hooked = hook_refusal(source, root, *extra_roots)
     if hooked:
         raise Refused(hooked)
-    if not microbatch_statistics:
-        reason = microbatch.static_refusal(graph, root, source, extra_roots)
-        if reason:
-            raise Refused(reason)
+    reason = None if microbatch_statistics else microbatch.static_refusal(graph, root, source, extra_roots)
+    return reason and _for_the_plan(reason)
+
+
+def refuse_static(graph: fx.Graph, root: nn.Module, source: str, microbatch_statistics: bool,
+                  extra_roots: Sequence[nn.Module] = ()) -> None:
+    """Refuse micro-batches of a capture at once (`capture_refusal`), for a backend that
+    runs it only in the mode it was made in.
+
+    Raises
+    ------
+    Refused : a gradient hook, batch norm in training or a buffer or parameter updated
+        in forward (one line, with the fix).
+    """
+    reason = capture_refusal(graph, root, source, microbatch_statistics, extra_roots)
+    if reason:
+        raise Refused(reason)
+
+
+def _for_the_plan(reason: str) -> str:
+    """A refusal of microbatch.py's with its advice for the workload's author (who can
+    make the plan again) put for whoever holds the plan (`PLAN_ADVICE`)."""
+    return reason.replace(microbatch._REDUCTIONS_ADVICE, PLAN_ADVICE)
 
 
 def checked_layout(chunks: Sequence[Chunk], devices: Sequence[torch.device], inputs: Mapping[str, Any],
                    dims: Mapping[str, int], output_nodes: Sequence[str], source: str,
-                   microbatch_statistics: bool) -> microbatch.Layout:
+                   microbatch_statistics: bool, names: Mapping[str, str] | None = None,
+                   refusal: str | None = None) -> microbatch.Layout:
     """`microbatch.layout` of a call (arguments as there: the chunks in order, each
     one's device, placeholder -> value of the whole batch, the split inputs and their
-    dimensions, the nodes the call returns), refused unless the workload accepts
+    dimensions, the nodes the call returns, placeholder -> the forward input it holds,
+    as messages name inputs), refused unless the workload accepts
     per-micro-batch statistics where it found a reduction over the batch or rows
     mixed along the split dimension. Where the probe could not compare values
     (`Layout.unchecked`), warns (UserWarning) that micro-batches of this model were
     not checked for mixing rows; the executor probes once per input signature.
+    `refusal`: the capture's own (`capture_refusal`), raised before any probe.
 
     Raises
     ------
-    Refused : as microbatch.layout (no batch dimension in an output, the model fails
-        on fewer rows), and `Layout.reduction` unless `microbatch_statistics`.
+    Refused : `refusal`; as microbatch.layout (no batch dimension in an output, the
+        model fails on fewer rows), and `Layout.reduction` unless `microbatch_statistics`.
     """
+    if refusal:
+        raise Refused(refusal)
     try:
-        layout = microbatch.layout(chunks, devices, inputs, dims, output_nodes, source)
+        layout = microbatch.layout(chunks, devices, inputs, dims, output_nodes, source, names)
     except PlanError as exc:
         raise Refused(str(exc)) from exc
     if layout.reduction and not microbatch_statistics:
-        raise Refused(layout.reduction)
+        raise Refused(_for_the_plan(layout.reduction))
     if layout.unchecked:
         warnings.warn(f"{source}: {layout.unchecked}, so rows mixed along it would go unrefused "
                       f"(microbatches = 1 is safe)", stacklevel=2)
