@@ -88,9 +88,13 @@ def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor,
                    leaf_paths=list(traced.leaf_paths), tensor_names=list(model.state_dict()),
                    capture=capture_info(traced, inputs, model))
     dims = input_batch_dims(model, inputs, batch_dims or {})
-    rows = next((t.shape[d] for t, d in zip(inputs, dims) if isinstance(t, torch.Tensor) and t.dim() > d), None)
+    rows = next((t.shape[d] for t, d in zip(inputs, dims)
+                 if isinstance(t, torch.Tensor) and d is not None and t.dim() > d), None)
     if rows is not None:
-        g.graph["batch_size"] = int(rows)  # the first tensor input's, along its batch dimension
+        g.graph["batch_size"] = int(rows)  # the first batched tensor input's, along its batch dimension
+    named = {id(v): name for name, v in forward_inputs(model, inputs).items()}
+    # each input's forward name, as batch_dims names it (export renames placeholder `input` to `input_1`)
+    g.graph["input_names"] = [named.get(id(t)) for t in inputs]
     nodes = [n for n in gm.graph.nodes if n.op != "get_attr"]  # a parameter is part of its readers
     for order, node in enumerate(nodes):
         g.add_node(node.name, op=node.op, target=target_name(node), module=owning_module(node),
@@ -152,10 +156,10 @@ def shape_difference(recorded: Mapping[str, list[int]], model: nn.Module) -> str
             else "its parameters and buffers come in another order")
 
 
-def input_batch_dims(model: nn.Module, inputs: tuple, batch_dims: Mapping[str, int]) -> list[int]:
+def input_batch_dims(model: nn.Module, inputs: tuple, batch_dims: Mapping[str, int | None]) -> list[int | None]:
     """The dimension each of `inputs` (as `model(*inputs)` takes them) has its batch
     along: `batch_dims` names forward inputs (graphs.workload.forward_inputs), 0 for
-    the others (unnamed, or bound to `*args`)."""
+    the others (unnamed, or bound to `*args`), None for one marked never split."""
     names = {id(v): name for name, v in forward_inputs(model, inputs).items()} if batch_dims else {}
     return [batch_dims.get(names.get(id(t), ""), 0) for t in inputs]
 

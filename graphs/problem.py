@@ -138,15 +138,17 @@ class PlacementProblem:
 
     @cached_property
     def _rows_along_batch_dims(self) -> int | None:
-        """The first input's length along its `batch_dims` dimension; None without
+        """The first batched input's length along its `batch_dims` dimension (inputs by
+        forward input name, as batch_dims names them; None: never split); None without
         batch_dims or an OpGraph that records its inputs' shapes."""
         if not self.batch_dims or self.ops is None:
             return None
         ops = self.ops
-        inputs = sorted((n for n in ops.nodes if ops.nodes[n]["op"] == "placeholder"),
-                        key=lambda n: ops.nodes[n]["order"])
+        names = ops.graph.get("input_names") or sorted(  # placeholders: an OpGraph cached before input_names
+            (n for n in ops.nodes if ops.nodes[n]["op"] == "placeholder"), key=lambda n: ops.nodes[n]["order"])
         shapes = [s["shape"] for s in (ops.graph.get("capture") or {}).get("inputs") or []]
-        return next((int(shape[self.batch_dims.get(name, 0)]) for name, shape in zip(inputs, shapes) if shape), None)
+        return next((int(shape[d]) for name, shape in zip(names, shapes)
+                     if (d := self.batch_dims.get(name, 0)) is not None and len(shape) > d), None)
 
     def activation_factor(self, microbatches: int = 1) -> float:
         """Activations held with `microbatches` micro-batches in flight, relative to

@@ -208,9 +208,10 @@ def _microbatch_step_ms(model: torch.nn.Module, workload: Workload, inputs: tupl
     which scale every micro-batch's costs, stay those of one moment. (Timed count by
     count, nmt-medium once recorded a step at batch/8 dearer than one at batch/4.)"""
     dims = input_batch_dims(model, inputs, workload.batch_dims)
-    sizes = {t.shape[d] if t.dim() > d else None for t, d in zip(inputs, dims)}
+    sizes = {t.shape[d] if t.dim() > d else None for t, d in zip(inputs, dims) if d is not None}
     batch = sizes.pop() if len(sizes) == 1 else None
-    parts = {m: tuple(t.narrow(d, 0, t.shape[d] // m) for t, d in zip(inputs, dims)) if m > 1 else inputs
+    parts = {m: tuple(t if d is None else t.narrow(d, 0, t.shape[d] // m) for t, d in zip(inputs, dims)) if m > 1
+             else inputs
              for m in MICROBATCHES if m == 1 or (batch and batch % m == 0)}
     samples: dict[int, list[float]] = {m: [] for m in parts}
     for _ in range(max(1, min(repeats, WHOLE_STEP_REPEATS))):

@@ -160,8 +160,10 @@ class Normed(nn.Module):
 
 
 def test_batch_norm_in_training_is_refused_unless_the_workload_accepts_per_micro_batch_statistics(one_thread):
-    with pytest.raises(PlanError, match=r"module 'norm' \(BatchNorm1d\).*microbatch_statistics = True"):
-        Placed(Normed(), lambda n: "cpu:1" if n.name == "norm" else "cpu:0", microbatches=2)
+    refused = Placed(Normed(), lambda n: "cpu:1" if n.name == "norm" else "cpu:0", microbatches=2)
+    with pytest.raises(PlanError, match=r"module 'norm' \(BatchNorm1d\).*microbatch_statistics to true"):
+        refused(torch.randn(8, 6))  # at the first micro-batched call (refusals.capture_refusal)
+    refused.executor.close()
     placed = Placed(Normed(), lambda n: "cpu:1" if n.name == "norm" else "cpu:0", microbatches=2,
                     microbatch_statistics=True)
     assert placed(torch.randn(8, 6)).shape == (8, 6)
@@ -279,8 +281,10 @@ class Counting(nn.Module):
 def test_a_buffer_updated_in_forward_is_refused():
     model = Counting()
     gm = torch.export.export(model, (torch.randn(4, 6),), strict=False).module()
+    placed = Placed(gm, lambda n: "cpu:0", gm=gm, microbatches=2)
     with pytest.raises(PlanError, match="updates buffer 'seen' in forward"):
-        Placed(gm, lambda n: "cpu:0", gm=gm, microbatches=2)
+        placed(torch.randn(4, 6))  # at the first micro-batched call (refusals.capture_refusal)
+    placed.executor.close()
     assert "updates buffer 'seen'" in microbatch.static_refusal(gm.graph, gm, "plan")  # a plain module will do
     assert microbatch.static_refusal(fx.symbolic_trace(Chain()).graph, Chain(), "plan") is None
 

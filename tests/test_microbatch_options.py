@@ -183,9 +183,8 @@ def test_batch_norm_runs_per_micro_batch_only_where_the_plan_accepts_batch_stati
     torch.manual_seed(0)
     x = torch.randn(8, 6)
     refused = Normed()
-    with pytest.raises(PlanError, match=r"module 'norm' \(\S*BatchNorm1d\).*; set microbatch_statistics = True in "
-                                        r"the workload to accept per-micro-batch statistics, or use microbatches = 1"):
-        placer.apply(refused, piped(refused, (x,)))
+    assert_refused(refused, piped(refused, (x,)), (x,), r"module 'norm' \(\S*BatchNorm1d\).*; set the plan's "
+                   r"microbatches to 1 \(the same placement, one micro-batch\) or its microbatch_statistics to true")
     model = Normed()
     per_half, whole = copy.deepcopy(model), copy.deepcopy(model)
     placed = placer.apply(model, piped(model, (x,), microbatch_statistics=True))
@@ -302,13 +301,15 @@ def test_an_input_the_example_had_not_as_long_as_the_batch_is_never_split(make, 
 
 @pytest.mark.parametrize("make, width, match", [
     (Scaled, 8, r"micro-batches split 'x' along dimension 0, 'scale' along dimension 0: if one is not batched but "
-                r"as long as the batch by chance, make the plan from an example batch of another size \(an input it "
-                r"has not batch-sized is never split\), or use microbatches = 1 \(per-micro-batch statistics would "
-                r"not fix it\)\. Otherwise: .*reduces over the batch"),
+                r"as long as the batch by chance, mark it never split \(e\.g\. batch_dims = \{'scale': None\} in the "
+                r"workload or the plan\) or make the plan from an example batch of another size \(an input it has not "
+                r"batch-sized is never split\), or use microbatches = 1 \(per-micro-batch statistics would not fix "
+                r"it\)\. Otherwise: .*reduces over the batch"),
     (ColumnScaled, 24, r"the model fails on a batch of 2 rows \(RuntimeError: .*\); micro-batches split 'x' along "
                        r"dimension 0, 'scale' along dimension 0: is one not batched, as long as the batch by chance\? "
-                       r"Make the plan from an example batch of another size \(an input it has not batch-sized is "
-                       r"never split\)\. Otherwise, use microbatches = 1$"),
+                       r"If so, mark it never split \(e\.g\. batch_dims = \{'scale': None\} in the workload or the "
+                       r"plan\) or make the plan from an example batch of another size \(an input it has not "
+                       r"batch-sized is never split\)\. Otherwise, use microbatches = 1$"),
 ])
 def test_an_input_as_long_as_the_batch_in_the_example_too_is_named_before_any_other_advice(make, width, match):
     model = make()

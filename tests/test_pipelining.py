@@ -304,7 +304,7 @@ def test_plan_pipeline_splits_along_the_plans_batch_dims_and_honours_its_statist
 
     normed = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6))
     x = (torch.randn(4, 6),)
-    with pytest.raises(PlanError, match="set microbatch_statistics = True in the workload"):
+    with pytest.raises(PlanError, match="or its microbatch_statistics to true"):
         plan_pipeline(normed, plan_from_assignment(normed, lambda n: "cpu:0", THREE[:1], inputs=x), x, microbatches=2)
     accepting = plan_from_assignment(normed, lambda n: "cpu:0", THREE[:1], inputs=x, microbatch_statistics=True)
     assert plan_pipeline(normed, accepting, x, microbatches=2).microbatches == 2

@@ -81,7 +81,8 @@ def test_the_workload_files_options_add_to_the_plans():
 
 
 def test_a_hand_made_plan_refuses_batch_dims_naming_no_input():
-    with pytest.raises(PlanError, match=r"batch_dims names 'y', which is no input of the capture \(its inputs: x\)"):
+    with pytest.raises(PlanError, match=r"batch_dims names 'y', which is no input of the model's forward \(x\): "
+                                        r"name one of those$"):
         plan_from_assignment(Net(), lambda n: "cpu:0", ["cpu:0"], inputs=(torch.randn(4, 6),), batch_dims={"y": 0})
 
 
@@ -351,6 +352,20 @@ def test_the_problems_batch_size_lies_along_the_workloads_batch_dims():
     assert problem.batch_size == 5 and problem.activation_factor(2) == pytest.approx(6 / 5)  # dimension 0
     batch_second = replace(problem, batch_dims={"x": 1})
     assert batch_second.batch_size == 4 and batch_second.activation_factor(2) == 1.0
+
+
+def test_the_problems_batch_size_reads_batch_dims_by_forward_input_name_and_skips_inputs_never_split():
+    class Scaled(nn.Module):  # export names the placeholder of `input` input_1
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 2)
+
+        def forward(self, v, input):  # v: [3] per feature, never split; input: [steps, batch, 6]
+            return self.lin(input) * v.sum()
+
+    problem = grouped_problem(Scaled(), (torch.randn(3), torch.randn(5, 4, 6)), "cpu:0,cpu:1")
+    assert replace(problem, batch_dims={"v": None, "input": 1}).batch_size == 4
+    assert replace(problem, batch_dims={"v": None}).batch_size == 5
 
 
 def test_plan_leaf_paths_reproduce_a_trace_with_leaf_classes():

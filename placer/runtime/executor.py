@@ -42,7 +42,7 @@ from placer.runtime import microbatch
 from placer.runtime.chunks import Chunk, buffer_turns, build_chunks
 from placer.runtime.dataflow import Pass, task_keys
 from placer.runtime.placed_graph import Call, PlacedGraph
-from placer.runtime.refusals import checked_layout, refuse_static
+from placer.runtime.refusals import capture_refusal, checked_layout
 from placer.runtime.step_state import ChunkEvent, ChunkState, StepState, record_run
 from placer.runtime.values import SavedBytes, add_grads, count_saved, map_tensors, move, receive, run_backward
 from placer.runtime.worker import (NOTHING, Autocast, CallerPin, Worker, caller_threads, core_shares, grad_mode,
@@ -65,12 +65,13 @@ class Executor:
     def __init__(self, chunks: list[Chunk], devices: Mapping[str, Device], *, microbatches: int = 1,
                  batch_dims: Mapping[str, int | None] | None = None, input_names: Mapping[str, str] | None = None,
                  microbatch_statistics: bool = False, pin: bool = False, timeout_s: float | None = None,
-                 source: str = "plan"):
+                 source: str = "plan", refusal: str | None = None):
         if microbatches < 1:
             raise PlanError(f"{source}: microbatches must be at least 1, got {microbatches}")
         self.chunks, self.devices, self.microbatches = chunks, dict(devices), microbatches
         self.batch_dims, self.input_names = dict(batch_dims or {}), dict(input_names or {})
         self.microbatch_statistics, self.pin, self.timeout_s, self.source = microbatch_statistics, pin, timeout_s, source
+        self.refusal = refusal  # refusals.capture_refusal: raised at the first micro-batched call, not before
         self.producer = {node: c.index for c in chunks for node in c.outputs}
         self.consumers: dict[str, list[int]] = {}
         for c in chunks:
@@ -125,17 +126,16 @@ class Executor:
 
         Raises
         ------
-        PlanError : a schedule other than GPipe, or micro-batches that would change
-            what the model computes (refusals.refuse_static).
+        PlanError : a schedule other than GPipe, or a gradient hook; what else micro-batches would
+            change in the capture's mode is refused at its first micro-batched call (refusals.capture_refusal).
         """
         if microbatches > 1 and schedule not in (None, "gpipe"):
             raise PlanError(f"{source}: schedule {schedule!r} runs only on the pipelining backend "
                             f"(placer train --backend pipelining); placer.apply runs 'gpipe'")
         chunks = build_chunks(model, gm.graph, assignment, groups=groups, extra_roots=(gm,))
-        if microbatches > 1:
-            refuse_static(gm.graph, model, source, microbatch_statistics, extra_roots=(gm,))
+        refusal = capture_refusal(gm.graph, model, source, microbatch_statistics, (gm,)) if microbatches > 1 else None
         return cls(chunks, devices, microbatches=microbatches, batch_dims=batch_dims, input_names=input_names,
-                   microbatch_statistics=microbatch_statistics, source=source)
+                   microbatch_statistics=microbatch_statistics, source=source, refusal=refusal)
 
     def _start(self, caller: int | None) -> None:  # then the caller has `caller` threads (None: its own)
         own = torch.get_num_threads()  # copied before the workers set the process-wide count (worker.py)
@@ -291,7 +291,7 @@ class Executor:
         if key not in self._layouts:
             devices = [w.torch_device for w in self._chunk_workers]
             self._layouts[key] = checked_layout(self.chunks, devices, inputs, split.dims, names, self.source,
-                                                self.microbatch_statistics, self.input_names)
+                                                self.microbatch_statistics, self.input_names, self.refusal)
         return self._layouts[key]
 
     # -- backward ------------------------------------------------------------

@@ -172,6 +172,7 @@ def static_refusal(graph: fx.Graph, root: nn.Module, source: str, extra_roots: S
             if training is not False:
                 return (f"{source}: {_where(node)} computes batch statistics in training, over each micro-batch "
                         f"alone; {_REDUCTIONS_ADVICE}")
+    for node in graph.nodes:  # after batch norm, whose num_batches_tracked update comes first and matters less
         for base in written_state(node, root):  # also through views, chains of updates and no_grad blocks
             if isinstance(root.fetch(str(base.target)), nn.Parameter):  # Embedding's max_norm renormalizes rows
                 return (f"{source}: {_where(node)} updates parameter '{base.target}' in forward, which micro-batches "
