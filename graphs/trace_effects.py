@@ -21,13 +21,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from graphs.errors import CaptureError
 from graphs.schedule import _VIEW_NAMES, _name, mutated_args
 from graphs.trace import _MODULE_ATTRS, _equal, module_label
 
-__all__ = ["no_side_effects", "refuse_input_writes"]
+__all__ = ["no_side_effects", "raise_eager_error", "refuse_input_writes"]
 
 # Ops whose result always shares its first argument's memory, for graphs without values
 # to compare (torch.fx): graphs.schedule's views less those that copy at times
@@ -150,3 +150,20 @@ def _changes(model: nn.Module, before: dict[str, dict]) -> list[str]:
                 continue
             changes.append(f"{path}.{key}" if path else f".{key}")
     return changes
+
+
+def raise_eager_error(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Raise what the eager model raises for this call (a wrong input width, say), if it
+    does: the user's own error, not a capture's. It runs without gradients on copies of
+    the call's tensors, moved to the model's one device, with the random generators of
+    the CPU and of that device forked, and buffers and attributes restored after (a
+    parameter a forward writes in place, as Embedding's max_norm does, is not)."""
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+    args, kwargs = tree_map(lambda v: v.detach().clone().to(device) if isinstance(v, torch.Tensor) else v,
+                            (args, kwargs))
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                no_side_effects(model, recorded=True):
+            model(*args, **kwargs)
+    except CaptureError:  # eager ran, setting an attribute: the capture's error stands
+        pass

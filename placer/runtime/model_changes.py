@@ -1,26 +1,40 @@
 """What a placed model's graphs hold of the model, checked before every call.
 
 placer.apply captures the model once: its graphs hold the parameters, buffers and
-submodules the model had then, and ran the hooks it had then. A parameter, buffer or
-submodule replaced afterwards (`m.fc.weight = nn.Parameter(...)`, `m.fc = nn.Linear(...)`,
-`.to(torch.bfloat16)` on a model with buffers, `load_state_dict(..., assign=True)`), or
-a hook added or removed, would be silently ignored: a wrong number. `ModelSnapshot`
-notices such a change at the next call so that the call can refuse it. The check runs
-C-level loops over the module dicts: 0.08 ms for BERT-base's 228 modules on a 2-core
-host. A hook added anywhere moves torch's global hook counter, so only then are the
-hook tables compared key by key. Changes made in place (`weight.data = ...`,
-`load_state_dict`, an optimizer's step, `requires_grad_`) keep the objects, and the
-graphs see them. A Python attribute that the forward reads (Dropout's `p`, a
-temperature) is baked into the capture and is not checked.
+submodules the model had then, ran the hooks it had then, and baked in the Python
+attributes its forward read (Dropout's `p`, a temperature, a flag, a config's
+`output_hidden_states`, a tensor kept as a plain attribute). Any of these replaced,
+added or removed afterwards (`m.fc.weight = nn.Parameter(...)`, `m.fc = nn.Linear(...)`,
+`m.layers.append(...)`, `.to(torch.bfloat16)` on a model with buffers,
+`load_state_dict(..., assign=True)`, `m.scale = 2.0`, `m.config.use_cache = True`), or
+a hook added or removed, would be silently ignored: a wrong number (new-user trial 11).
+`ModelSnapshot` notices such a change at the next call so that the call can refuse it.
+
+Which attributes a forward reads cannot be seen from outside, so every attribute of
+every module is checked, and of each plain object one holds (a config), its own
+attributes: a bookkeeping attribute changed after apply is refused too, and its fix is
+the same (apply the plan again to `placed.original`). Values are compared by identity
+in C-level loops (BERT-base's 228 modules: about 0.1 ms on a 2-core host) and, where
+an attribute was reassigned, by value: setting an equal value again is no change (but a
+tensor: the graphs read the old one, and would miss what is later written into the new). A
+hook added anywhere moves torch's global hook counter, so only then are the hook tables
+compared key by key. Changes made in place (`weight.data = ...`, `load_state_dict`, an
+optimizer's step, `requires_grad_`, a tensor attribute written into) keep the objects,
+and the graphs see them; a list or dict attribute changed in place is not noticed.
 """
 
 from __future__ import annotations
 
 import operator
+import reprlib
 import warnings
+from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from graphs.trace import _MODULE_ATTRS, _equal
 
 __all__ = ["ModelSnapshot", "warn_of_forward_hooks"]
 
@@ -39,8 +53,15 @@ def warn_of_forward_hooks(model: nn.Module, stacklevel: int) -> None:
                       f"while placer captures the model, if at all", stacklevel=stacklevel + 1)
 
 
+def _holds_attributes(value: Any) -> bool:
+    """Whether `value` is a plain object whose own attributes a forward may read (a
+    config), not a module, tensor, function or class."""
+    return (hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor, type))
+            and not callable(value))
+
+
 class ModelSnapshot:
-    """The parameters, buffers, submodules and hooks of some modules, as they are now.
+    """The parameters, buffers, submodules, attributes and hooks of some modules, as they are now.
 
     Parameters
     ----------
@@ -49,26 +70,47 @@ class ModelSnapshot:
     """
 
     def __init__(self, modules: list[tuple[str, nn.Module]]):
-        self._dicts, self._keys, self._values, self._names = [], [], [], []
+        self._dicts, self._keys, self._values, self._names = [], [], [], []  # tables' entries: compared by identity
+        self._attr_dicts, self._attr_keys, self._attrs, self._attr_names = [], [], [], []  # then by value
+        self._sized, self._sized_names = [], []  # every dict above: a key added shows in its length
         self._hooks, self._hook_owners = [], []
+        held: set[int] = set()
         for prefix, module in modules:
             for table in (module._parameters, module._buffers, module._modules):
+                self._sized.append(table)
+                self._sized_names.append(prefix)
                 for key, value in table.items():
                     self._dicts.append(table)
                     self._keys.append(key)
                     self._values.append(value)
                     self._names.append(f"{prefix}.{key}" if prefix else key)
+            self._add_attributes(vars(module), prefix, lambda key: key not in _MODULE_ATTRS)
+            for key, value in vars(module).items():
+                if key not in _MODULE_ATTRS and _holds_attributes(value) and id(value) not in held:
+                    held.add(id(value))
+                    self._add_attributes(vars(value), f"{prefix}.{key}" if prefix else key, lambda _: True)
             for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
                           getattr(module, "_backward_pre_hooks", {})):
                 self._hooks.append(hooks)
                 self._hook_owners.append(prefix)
+        self._sizes = list(map(len, self._sized))
         self._hook_counts = list(map(len, self._hooks))
         self._hook_keys = [tuple(h) for h in self._hooks]
         self._hooks_made = RemovableHandle.next_id  # every hook registration anywhere moves it
 
+    def _add_attributes(self, attributes: dict, prefix: str, kept) -> None:
+        self._sized.append(attributes)
+        self._sized_names.append(prefix)
+        for key, value in attributes.items():
+            if kept(key):
+                self._attr_dicts.append(attributes)
+                self._attr_keys.append(key)
+                self._attrs.append(value)
+                self._attr_names.append(f"{prefix}.{key}" if prefix else key)
+
     def change(self) -> str | None:
         """What changed since the snapshot, as a phrase ("'fc.weight' was replaced or
-        removed"); None when nothing did."""
+        removed", "attribute 'scale' changed from 1.0 to 2.0"); None when nothing did."""
         if RemovableHandle.next_id != self._hooks_made or list(map(len, self._hooks)) != self._hook_counts:
             keys = [tuple(h) for h in self._hooks]
             if keys != self._hook_keys:
@@ -77,6 +119,23 @@ class ModelSnapshot:
             self._hooks_made = RemovableHandle.next_id  # hooks of other modules
         now = list(map(dict.get, self._dicts, self._keys))
         if any(map(operator.is_not, now, self._values)):
-            name = next(n for a, b, n in zip(now, self._values, self._names) if a is not b)
-            return f"{name!r} was replaced or removed"
+            new, old, name = next((a, b, n) for a, b, n in zip(now, self._values, self._names) if a is not b)
+            if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and new.dtype != old.dtype:
+                return f"{name!r} is {new.dtype} where it was {old.dtype}: .to(dtype) and .half() replace buffers"
+            return (f"{name!r} was replaced or removed (by an assignment, load_state_dict(assign=True) or "
+                    f"torch.func.functional_call, which placer cannot run)")
+        now = list(map(dict.get, self._attr_dicts, self._attr_keys))
+        if any(map(operator.is_not, now, self._attrs)):
+            for i, (new, old) in enumerate(zip(now, self._attrs)):
+                if new is old:
+                    continue
+                if self._attr_keys[i] not in self._attr_dicts[i]:
+                    return f"attribute {self._attr_names[i]!r} was removed"
+                if isinstance(old, torch.Tensor) or not _equal(new, old):  # the graphs read the old tensor
+                    return f"attribute {self._attr_names[i]!r} changed from {reprlib.repr(old)} to {reprlib.repr(new)}"
+                self._attrs[i] = new  # an equal value set again: no change
+        if list(map(len, self._sized)) != self._sizes:
+            i = next(i for i, (d, n) in enumerate(zip(self._sized, self._sizes)) if len(d) != n)
+            owner = repr(self._sized_names[i]) if self._sized_names[i] else "the model"
+            return f"{owner} gained or lost an entry (a parameter, buffer, submodule or attribute)"
         return None

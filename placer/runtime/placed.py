@@ -41,13 +41,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from graphs.capture import canonical_names, example_like, node_tensors, owning_module
 from graphs.devices import Cluster, Device
 from graphs.errors import CaptureError, ExecutionError, PlanError
 from graphs.trace import Traced, trace_model
-from graphs.trace_effects import no_side_effects
+from graphs.trace_effects import raise_eager_error
 from graphs.trace_inputs import input_names, placeholder_dims
 from placer.plan import Plan, load_plan, plan_cluster, trace_for_plan
 from placer.runtime import microbatch
@@ -104,8 +103,8 @@ class PlacedModule(nn.Module):
     def __init__(self, model: nn.Module, plan: Plan, devices: dict[str, Device], reference: PlacedCapture,
                  tensor_devices: dict[str, str], eval_capture: Traced | None, unbatched: frozenset[str]):
         super().__init__()
-        # The model's own tables, shared (every name, also a second name of one module): `placed.x = ...`
-        # and `.to()` change the original too, which a new placer.apply of `placed.original` then sees.
+        # The model's own tables, shared (every name, also a second name of one module): `.to()` and
+        # `placed.x = ...` (__setattr__) change the original, which a new apply of `placed.original` sees.
         for table in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
             object.__setattr__(self, table, getattr(model, table))
         self.training = model.training
@@ -119,12 +118,12 @@ class PlacedModule(nn.Module):
         self._finalizer = weakref.finalize(self, _close_all, self.graphs)
         self._caller_threads = caller_threads(devices.values())  # what apply gave the caller (None: its own)
         self._threads_warned = False
-        object.__setattr__(self, "original", model)  # last: from here on, unknown attributes come from it
+        self._kept, self._made, self._snapshot = 1, 0, None  # set below, once `original` is
+        object.__setattr__(self, "original", model)  # last: from here on, other attributes are the model's
         if eval_capture is not None:
             self.graphs.append(self._placed(eval_capture))
         self._kept = len(self.graphs)  # the captures made here, never dropped
-        self._made = 0  # captures made on first use so far
-        self._snapshot = self._snapshot_now()
+        self._snapshot = self._snapshot_now()  # captures made on first use so far: _made
 
     def _snapshot_now(self) -> ModelSnapshot:
         """The model's tables as the graphs hold them (placer.runtime.model_changes). Leaf
@@ -149,6 +148,22 @@ class PlacedModule(nn.Module):
             if "original" not in self.__dict__:
                 raise
             return getattr(self.__dict__["original"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._models_own(name):  # `placed.scale = 2.0` (new-user trial 11): the model's; the next call checks it
+            setattr(self.original, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self._models_own(name):
+            delattr(self.original, name)
+        else:
+            super().__delattr__(name)
+
+    def _models_own(self, name: str) -> bool:
+        """Whether `name` is a plain attribute of the original model, not of this wrapper."""
+        return name not in self.__dict__ and "original" in self.__dict__ and name in vars(self.__dict__["original"])
 
     def train(self, mode: bool = True) -> "PlacedModule":
         super().train(mode)
@@ -209,7 +224,7 @@ class PlacedModule(nn.Module):
                                  kwargs=kwargs, method=reference.method, mode=None,
                                  batch_dims=dict(reference.batch_dims))
         except CaptureError:
-            _raise_eager_error(self.original, args, kwargs)
+            raise_eager_error(self.original, args, kwargs)
             raise
         threads = torch.get_num_threads()
         try:
@@ -403,23 +418,6 @@ def _module_devices(graph: PlacedCapture) -> dict[str, str]:
         for i in range(len(parts) + 1):
             devices.setdefault(".".join(parts[:i]), graph.assignment[node.name])
     return devices
-
-
-def _raise_eager_error(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Raise what the eager model raises for this call (a wrong input width, say), if it
-    does: the user's own error, not a capture's. It runs without gradients on copies of
-    the call's tensors, moved to the model's one device, with the random generators of
-    the CPU and of that device forked, and buffers and attributes restored after (a
-    parameter a forward writes in place, as Embedding's max_norm does, is not)."""
-    device = next((t.device for t in [*model.parameters(), *model.buffers()]), _HOST)
-    args, kwargs = tree_map(lambda v: v.detach().clone().to(device) if isinstance(v, torch.Tensor) else v,
-                            (args, kwargs))
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                no_side_effects(model, recorded=True):
-            model(*args, **kwargs)
-    except CaptureError:  # eager ran, setting an attribute: the capture's error stands
-        pass
 
 
 def _user_stacklevel() -> int:

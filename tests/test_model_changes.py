@@ -1,0 +1,119 @@
+"""A model changed after placer.apply in ways its captures baked in (new-user trial 11): each was
+a silently wrong number; now the next call refuses it in one line, and applying the plan again
+to `placed.original` trains like the changed plain model."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from graphs.capture import owning_module
+from graphs.errors import ExecutionError, PlanError
+from placer.plan import plan_from_assignment
+from placer.runtime.placed import apply
+
+TWO = ["cpu:0", "cpu:1"]
+
+
+class Options(nn.Module):
+    """A model with what trial 11 changed after apply: a Python float, a flag, a plain
+    tensor attribute, a config object, dropout and a ModuleList that a forward loops over."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(double_last=False)
+        self.scale = 1.0
+        self.use_skip = True
+        self.mask = torch.ones(8)
+        self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = x
+        for layer in self.layers:
+            h = layer(h).relu() + (h if self.use_skip else 0)
+        h = self.drop(h * self.mask) * self.scale
+        out = self.head(h)
+        return out * 2 if self.config.double_last else out
+
+
+def placed_pair() -> tuple[Options, object]:
+    """(a plain model, its copy placed with its head on cpu:1)."""
+    torch.manual_seed(0)
+    model = Options()
+    twin = copy.deepcopy(model)
+    plan = plan_from_assignment(twin, lambda n: TWO[owning_module(n) == "head"], TWO, inputs=(torch.randn(4, 8),))
+    return model, apply(twin, plan)
+
+
+# (the change, what the refusal names, whether the plan still fits the changed model's graph)
+@pytest.mark.parametrize("change, named, same_graph", [
+    (lambda m: setattr(m, "scale", 2.0), "attribute 'scale' changed from 1.0 to 2.0", True),
+    (lambda m: setattr(m.drop, "p", 0.0), "attribute 'drop.p' changed from 0.5 to 0.0", True),
+    (lambda m: setattr(m, "mask", torch.zeros(8)), "attribute 'mask' changed from tensor", True),
+    (lambda m: setattr(m, "mask", torch.ones(8)), "attribute 'mask' changed from tensor", True),  # graphs read the old
+    (lambda m: setattr(m, "use_skip", False), "attribute 'use_skip' changed from True to False", False),
+    (lambda m: setattr(m.config, "double_last", True), "attribute 'config.double_last' changed from False to True",
+     False),
+    (lambda m: m.layers.append(nn.Linear(8, 8)), "'layers' gained or lost an entry", False),
+    (lambda m: delattr(m.config, "double_last"), "attribute 'config.double_last' was removed", None),
+])
+@pytest.mark.parametrize("through", ["placed", "original"])
+def test_a_change_the_captures_baked_in_is_refused_and_applying_again_trains_like_eager(change, named, same_graph,
+                                                                                         through):
+    model, placed = placed_pair()
+    try:
+        x = torch.randn(4, 8)
+        placed.eval(), model.eval()
+        torch.testing.assert_close(placed(x), model(x))
+        change(placed if through == "placed" else placed.original)  # `placed.scale = 2.0` reaches the model
+        if same_graph is not None:
+            change(model)
+        for mode in ("train", "eval"):  # trial 11: a capture made later (eval) saw it, the training one did not
+            getattr(placed, mode)()
+            with pytest.raises(ExecutionError, match=f"the model changed after placer.apply \\({named}"):
+                placed(x)
+        if same_graph is None:  # a model that no longer runs
+            return
+        if not same_graph:  # another graph: the plan is for another model, and apply says so
+            with pytest.raises(PlanError, match="plan was made for another model"):
+                apply(placed.original, placed.plan)
+            return
+        placed.original.drop.p = model.drop.p = 0.0  # then one training step is the same in both
+        again = apply(placed.original, placed.plan)
+        try:
+            again.eval(), model.eval()
+            torch.testing.assert_close(again(x), model(x))
+            again.train(), model.train()
+            for m in (again, model):
+                opt = torch.optim.SGD(m.parameters(), lr=0.1)
+                m(x).square().mean().backward()
+                opt.step()
+            for (name, p), q in zip(again.named_parameters(), model.parameters()):
+                torch.testing.assert_close(p, q, msg=name)
+        finally:
+            again.close()
+    finally:
+        placed.close()
+
+
+def test_an_equal_value_set_again_and_bookkeeping_read_back_are_no_change():
+    model, placed = placed_pair()
+    try:
+        x = torch.randn(4, 8)
+        placed.scale = 1.0  # a new float object, equal: no change
+        placed.config.double_last = False
+        assert placed.scale == placed.original.scale == 1.0
+        placed.eval(), model.eval()
+        torch.testing.assert_close(placed(x), model(x))
+        with torch.no_grad():
+            placed.original.mask[:4] = 0  # in place: the graphs read the same tensor
+            model.mask[:4] = 0
+        torch.testing.assert_close(placed(x), model(x))
+    finally:
+        placed.close()
