@@ -255,7 +255,7 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
             except Exception as exc:  # export raises many types from user code and from itself
                 if method == "export":
                     raise CaptureError(f"torch.export cannot capture {type(model).__name__}: "
-                                       f"{first_sentence(exc)}") from exc
+                                       f"{cache_hint(exc) or first_sentence(exc)}") from exc
                 export_error = exc
         try:
             with no_side_effects(model, recorded=False):

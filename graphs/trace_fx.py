@@ -177,7 +177,8 @@ def _plain(value):
     return value
 
 
-_CACHE_FIX = "set `use_cache=False` in the model's config (e.g. GPT2Config(..., use_cache=False))"
+_CACHE_FIX = ("set `use_cache=False` in the model's config (e.g. GPT2Config(..., use_cache=False)) and pass no "
+              "use_cache=True")
 
 
 def cache_class(export_error: BaseException | None) -> str | None:

@@ -313,8 +313,18 @@ def test_a_cache_in_the_output_names_use_cache_false_as_the_fix_first():
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith("cannot capture GPT2LMHeadModel: its output holds a DynamicCache")
-    assert message.endswith("Fix: set `use_cache=False` in the model's config (e.g. GPT2Config(..., use_cache=False))")
+    assert message.endswith("Fix: set `use_cache=False` in the model's config (e.g. GPT2Config(..., use_cache=False)) "
+                            "and pass no use_cache=True")
     assert trace_model(tiny_gpt2(use_cache=False), inputs=(ids,)).method == "export"  # the fix works
+
+
+def test_a_call_asking_for_the_cache_names_the_fix_where_only_export_may_capture():
+    # new-user trial 11: placed(ids, use_cache=True) needs a new capture (export only, as the plan's): it gave
+    # export's "Found <class DynamicCache> in output ..." alone
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CaptureError, match=r"^torch.export cannot capture GPT2LMHeadModel: set `use_cache=False` .* "
+                                           r"and pass no use_cache=True: its output holds a DynamicCache"):
+        trace_model(tiny_gpt2(use_cache=False), inputs=(ids,), kwargs={"use_cache": True}, method="export")
 
 
 def test_a_size_that_depends_on_tensor_values_falls_back_to_fx_naming_the_module():

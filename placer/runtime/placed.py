@@ -90,7 +90,8 @@ class PlacedModule(nn.Module):
     """The model run by the placement. It registers the original model's children,
     parameters and buffers under their own names, so `state_dict()` keys are the
     model's own and checkpoints move between placed and unplaced models; tied
-    parameters stay tied. Attributes it lacks are read from the original model,
+    parameters stay tied. Attributes it lacks are read from the original model (its
+    methods too: they run unplaced, with `self` the original),
     which stays reachable as `placed.original`.
 
     `copy.deepcopy(placed)` and `torch.save(placed)` copy the original model and the
