@@ -5,6 +5,7 @@ to `placed.original` trains like the changed plain model."""
 from __future__ import annotations
 
 import copy
+import tempfile
 from types import SimpleNamespace
 
 import pytest
@@ -19,13 +20,22 @@ from placer.runtime.placed import apply
 TWO = ["cpu:0", "cpu:1"]
 
 
+class Shifted:
+    def __init__(self, shift: float):
+        self.shift = shift
+
+    def __call__(self, x):
+        return x + self.shift
+
+
 class Options(nn.Module):
     """A model with what trial 11 changed after apply: a Python float, a flag, a plain
     tensor attribute, a config object, dropout and a ModuleList that a forward loops over."""
 
     def __init__(self):
         super().__init__()
-        self.config = SimpleNamespace(double_last=False)
+        self.config = SimpleNamespace(double_last=False, inner=SimpleNamespace(shift=0.0))
+        self.act = Shifted(0.0)  # a callable object with state, as activation classes are
         self.scale = 1.0
         self.use_skip = True
         self.mask = torch.ones(8)
@@ -38,7 +48,7 @@ class Options(nn.Module):
         for layer in self.layers:
             h = layer(h).relu() + (h if self.use_skip else 0)
         h = self.drop(h * self.mask) * self.scale
-        out = self.head(h)
+        out = self.act(self.head(h)) + self.config.inner.shift
         return out * 2 if self.config.double_last else out
 
 
@@ -61,6 +71,8 @@ def placed_pair() -> tuple[Options, object]:
     (lambda m: setattr(m.config, "double_last", True), "attribute 'config.double_last' changed from False to True",
      False),
     (lambda m: m.layers.append(nn.Linear(8, 8)), "'layers' gained or lost an entry", False),
+    (lambda m: setattr(m.config.inner, "shift", 1.0), "attribute 'config.inner.shift' changed from 0.0 to 1.0", True),
+    (lambda m: setattr(m.act, "shift", 1.0), "attribute 'act.shift' changed from 0.0 to 1.0", True),
     (lambda m: delattr(m.config, "double_last"), "attribute 'config.double_last' was removed", None),
 ])
 @pytest.mark.parametrize("through", ["placed", "original"])
@@ -115,5 +127,29 @@ def test_an_equal_value_set_again_and_bookkeeping_read_back_are_no_change():
             placed.original.mask[:4] = 0  # in place: the graphs read the same tensor
             model.mask[:4] = 0
         torch.testing.assert_close(placed(x), model(x))
+    finally:
+        placed.close()
+
+
+def test_saving_a_hugging_face_model_is_no_change():
+    """review 14: save_pretrained writes config.architectures and config.dtype, which no forward
+    reads; training every N steps with a checkpoint between was refused."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(model)
+    plan = plan_from_assignment(twin, lambda n: TWO[owning_module(n).startswith("classifier")], TWO, inputs=(ids,))
+    placed = apply(twin, plan)
+    try:
+        torch.testing.assert_close(placed(ids).logits, model(ids).logits)
+        with tempfile.TemporaryDirectory() as folder:
+            placed.save_pretrained(folder)
+        torch.testing.assert_close(placed(ids).logits, model(ids).logits)
+        placed.config.num_labels = 3  # what a forward may read is still checked
+        with pytest.raises(ExecutionError, match="attribute 'config"):
+            placed(ids)
     finally:
         placed.close()

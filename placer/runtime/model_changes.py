@@ -11,9 +11,11 @@ a hook added or removed, would be silently ignored: a wrong number (new-user tri
 `ModelSnapshot` notices such a change at the next call so that the call can refuse it.
 
 Which attributes a forward reads cannot be seen from outside, so every attribute of
-every module is checked, and of each plain object one holds (a config), its own
-attributes: a bookkeeping attribute changed after apply is refused too, and its fix is
-the same (apply the plan again to `placed.original`). Values are compared by identity
+every module is checked, and of each plain object one holds (a config, its sub-configs,
+HELD_DEPTH levels deep), its own attributes but the metadata transformers' save_pretrained
+writes: a bookkeeping attribute changed after apply is refused too, and its fix is the
+same (apply the plan again to `placed.original`). Not walked: objects in lists or dicts,
+objects with __slots__ only, modules held outside the module tree (in a plain list). Values are compared by identity
 in C-level loops (BERT-base's 228 modules: about 0.1 ms on a 2-core host) and, where
 an attribute was reassigned, by value: setting an equal value again is no change (but a
 tensor: the graphs read the old one, and would miss what is later written into the new). A
@@ -25,8 +27,10 @@ and the graphs see them; a list or dict attribute changed in place is not notice
 
 from __future__ import annotations
 
+import functools
 import operator
 import reprlib
+import types
 import warnings
 from typing import Any
 
@@ -53,11 +57,21 @@ def warn_of_forward_hooks(model: nn.Module, stacklevel: int) -> None:
                       f"while placer captures the model, if at all", stacklevel=stacklevel + 1)
 
 
+# What transformers' save_pretrained writes into a config (and from_pretrained reads), which no forward reads: a
+# checkpoint saved every N steps must not stop training (review 14)
+_SAVE_METADATA = frozenset({"architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version",
+                            "_commit_hash"})
+HELD_DEPTH = 3  # how deep held plain objects are walked: a config, its sub-configs (config.text_config), theirs
+_NOT_HELD = (nn.Module, torch.Tensor, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+             types.ModuleType, functools.partial)  # checked otherwise (modules, tensors) or never changed in place
+
+
 def _holds_attributes(value: Any) -> bool:
     """Whether `value` is a plain object whose own attributes a forward may read (a
-    config), not a module, tensor, function or class."""
-    return (hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor, type))
-            and not callable(value))
+    config, a callable activation object), not a module, tensor, function, class or
+    Python module."""
+    return hasattr(value, "__dict__") and not isinstance(value, _NOT_HELD)
+
 
 
 class ModelSnapshot:
@@ -74,7 +88,7 @@ class ModelSnapshot:
         self._attr_dicts, self._attr_keys, self._attrs, self._attr_names = [], [], [], []  # then by value
         self._sized, self._sized_names = [], []  # every dict above: a key added shows in its length
         self._hooks, self._hook_owners = [], []
-        held: set[int] = set()
+        self._held: set[int] = set()
         for prefix, module in modules:
             for table in (module._parameters, module._buffers, module._modules):
                 self._sized.append(table)
@@ -84,11 +98,7 @@ class ModelSnapshot:
                     self._keys.append(key)
                     self._values.append(value)
                     self._names.append(f"{prefix}.{key}" if prefix else key)
-            self._add_attributes(vars(module), prefix, lambda key: key not in _MODULE_ATTRS)
-            for key, value in vars(module).items():
-                if key not in _MODULE_ATTRS and _holds_attributes(value) and id(value) not in held:
-                    held.add(id(value))
-                    self._add_attributes(vars(value), f"{prefix}.{key}" if prefix else key, lambda _: True)
+            self._add_attributes(vars(module), prefix, lambda key: key not in _MODULE_ATTRS, HELD_DEPTH)
             for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
                           getattr(module, "_backward_pre_hooks", {})):
                 self._hooks.append(hooks)
@@ -98,15 +108,21 @@ class ModelSnapshot:
         self._hook_keys = [tuple(h) for h in self._hooks]
         self._hooks_made = RemovableHandle.next_id  # every hook registration anywhere moves it
 
-    def _add_attributes(self, attributes: dict, prefix: str, kept) -> None:
+    def _add_attributes(self, attributes: dict, prefix: str, kept, depth: int) -> None:
+        """Take `attributes` (an object's __dict__) whose keys pass `kept`, and the
+        attributes of the plain objects among them, `depth` levels deep, each once."""
         self._sized.append(attributes)
         self._sized_names.append(prefix)
         for key, value in attributes.items():
             if kept(key):
+                name = f"{prefix}.{key}" if prefix else key
                 self._attr_dicts.append(attributes)
                 self._attr_keys.append(key)
                 self._attrs.append(value)
-                self._attr_names.append(f"{prefix}.{key}" if prefix else key)
+                self._attr_names.append(name)
+                if depth > 0 and _holds_attributes(value) and id(value) not in self._held:
+                    self._held.add(id(value))
+                    self._add_attributes(vars(value), name, lambda k: k not in _SAVE_METADATA, depth - 1)
 
     def change(self) -> str | None:
         """What changed since the snapshot, as a phrase ("'fc.weight' was replaced or
