@@ -32,6 +32,8 @@ class Options(nn.Module):
     """A model with what trial 11 changed after apply: a Python float, a flag, a plain
     tensor attribute, a config object, dropout and a ModuleList that a forward loops over."""
 
+    offset = 0.0  # a class-level default, which an instance attribute would hide (review 14)
+
     def __init__(self):
         super().__init__()
         self.config = SimpleNamespace(double_last=False, inner=SimpleNamespace(shift=0.0))
@@ -48,7 +50,7 @@ class Options(nn.Module):
         for layer in self.layers:
             h = layer(h).relu() + (h if self.use_skip else 0)
         h = self.drop(h * self.mask) * self.scale
-        out = self.act(self.head(h)) + self.config.inner.shift
+        out = self.act(self.head(h)) + self.config.inner.shift + self.offset
         return out * 2 if self.config.double_last else out
 
 
@@ -70,20 +72,19 @@ def placed_pair() -> tuple[Options, object]:
     (lambda m: setattr(m, "use_skip", False), "attribute 'use_skip' changed from True to False", False),
     (lambda m: setattr(m.config, "double_last", True), "attribute 'config.double_last' changed from False to True",
      False),
-    (lambda m: m.layers.append(nn.Linear(8, 8)), "'layers' gained or lost an entry", False),
+    (lambda m: m.layers.append(nn.Linear(8, 8)), "'layers.2' was added or removed", False),
     (lambda m: setattr(m.config.inner, "shift", 1.0), "attribute 'config.inner.shift' changed from 0.0 to 1.0", True),
     (lambda m: setattr(m.act, "shift", 1.0), "attribute 'act.shift' changed from 0.0 to 1.0", True),
+    (lambda m: setattr(m, "offset", 1.0), "attribute 'offset' was set, hiding its class's value", True),
     (lambda m: delattr(m.config, "double_last"), "attribute 'config.double_last' was removed", None),
 ])
-@pytest.mark.parametrize("through", ["placed", "original"])
-def test_a_change_the_captures_baked_in_is_refused_and_applying_again_trains_like_eager(change, named, same_graph,
-                                                                                         through):
+def test_a_change_the_captures_baked_in_is_refused_and_applying_again_trains_like_eager(change, named, same_graph):
     model, placed = placed_pair()
     try:
         x = torch.randn(4, 8)
         placed.eval(), model.eval()
         torch.testing.assert_close(placed(x), model(x))
-        change(placed if through == "placed" else placed.original)  # `placed.scale = 2.0` reaches the model
+        change(placed)  # `placed.scale = 2.0` sets the model's own attribute
         if same_graph is not None:
             change(model)
         for mode in ("train", "eval"):  # trial 11: a capture made later (eval) saw it, the training one did not
@@ -120,6 +121,8 @@ def test_an_equal_value_set_again_and_bookkeeping_read_back_are_no_change():
         x = torch.randn(4, 8)
         placed.scale = 1.0  # a new float object, equal: no change
         placed.config.double_last = False
+        placed.original.epoch = 3  # a new name, which the captured forward cannot have read
+        placed.config.architectures = ["Options"]  # what save_pretrained writes
         assert placed.scale == placed.original.scale == 1.0
         placed.eval(), model.eval()
         torch.testing.assert_close(placed(x), model(x))

@@ -379,7 +379,7 @@ def with_buffer_placed() -> tuple[WithBuffer, PlacedModule]:
     (lambda p: p.a.register_forward_hook(lambda m, i, o: o * 2), "a hook of module 'a' was added or removed"),
     (lambda p: p.to(torch.float64), "'shift' is torch.float64 where it was torch.float32"),  # .to(): new buffers
     (lambda p: setattr(p.a, "out_features", 9), "attribute 'a.out_features' changed from 8 to 9"),
-    (lambda p: p.c.register_parameter("extra", nn.Parameter(torch.ones(1))), "'c' gained or lost an entry"),
+    (lambda p: p.c.register_parameter("extra", nn.Parameter(torch.ones(1))), "'c.extra' was added or removed"),
 ])
 def test_a_model_changed_after_apply_is_refused_at_the_next_call(change, named):
     # new-user trial 5: each of these was silently ignored (the graphs kept the old ones), a wrong number

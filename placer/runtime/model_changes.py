@@ -28,6 +28,7 @@ and the graphs see them; a list or dict attribute changed in place is not notice
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 import reprlib
 import types
@@ -57,13 +58,13 @@ def warn_of_forward_hooks(model: nn.Module, stacklevel: int) -> None:
                       f"while placer captures the model, if at all", stacklevel=stacklevel + 1)
 
 
-# What transformers' save_pretrained writes into a config (and from_pretrained reads), which no forward reads: a
-# checkpoint saved every N steps must not stop training (review 14)
-_SAVE_METADATA = frozenset({"architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version",
-                            "_commit_hash"})
+# What no forward reads but libraries write during training (review 14): transformers' save_pretrained writes
+# a config's metadata (a checkpoint every N steps must not stop training), generate's settings and TRL's tags
+_NOT_READ = frozenset({"architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version",
+                       "_commit_hash", "generation_config", "model_tags"})
 HELD_DEPTH = 3  # how deep held plain objects are walked: a config, its sub-configs (config.text_config), theirs
 _NOT_HELD = (nn.Module, torch.Tensor, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
-             types.ModuleType, functools.partial)  # checked otherwise (modules, tensors) or never changed in place
+             types.ModuleType, functools.partial, logging.Logger)  # checked otherwise (modules, tensors) or never changed in place
 
 
 def _holds_attributes(value: Any) -> bool:
@@ -86,33 +87,40 @@ class ModelSnapshot:
     def __init__(self, modules: list[tuple[str, nn.Module]]):
         self._dicts, self._keys, self._values, self._names = [], [], [], []  # tables' entries: compared by identity
         self._attr_dicts, self._attr_keys, self._attrs, self._attr_names = [], [], [], []  # then by value
-        self._sized, self._sized_names = [], []  # every dict above: a key added shows in its length
+        self._sized, self._sized_names, self._sized_owners = [], [], []  # every dict above: a key added shows
+        self._sized_keys: list[frozenset] = []  # ... in its length; its keys then name it
         self._hooks, self._hook_owners = [], []
         self._held: set[int] = set()
         for prefix, module in modules:
             for table in (module._parameters, module._buffers, module._modules):
-                self._sized.append(table)
-                self._sized_names.append(prefix)
+                self._size(table, prefix, None)
                 for key, value in table.items():
                     self._dicts.append(table)
                     self._keys.append(key)
                     self._values.append(value)
                     self._names.append(f"{prefix}.{key}" if prefix else key)
-            self._add_attributes(vars(module), prefix, lambda key: key not in _MODULE_ATTRS, HELD_DEPTH)
+            self._add_attributes(module, prefix, lambda key: key not in _MODULE_ATTRS and key not in _NOT_READ,
+                                 HELD_DEPTH)
             for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
                           getattr(module, "_backward_pre_hooks", {})):
                 self._hooks.append(hooks)
                 self._hook_owners.append(prefix)
         self._sizes = list(map(len, self._sized))
+        self._sized_keys = [frozenset(d) for d in self._sized]
         self._hook_counts = list(map(len, self._hooks))
         self._hook_keys = [tuple(h) for h in self._hooks]
         self._hooks_made = RemovableHandle.next_id  # every hook registration anywhere moves it
 
-    def _add_attributes(self, attributes: dict, prefix: str, kept, depth: int) -> None:
-        """Take `attributes` (an object's __dict__) whose keys pass `kept`, and the
-        attributes of the plain objects among them, `depth` levels deep, each once."""
-        self._sized.append(attributes)
+    def _size(self, table: dict, prefix: str, owner: object | None) -> None:
+        self._sized.append(table)
         self._sized_names.append(prefix)
+        self._sized_owners.append(owner)  # None: a table of parameters, buffers or submodules
+
+    def _add_attributes(self, owner: object, prefix: str, kept, depth: int) -> None:
+        """Take the attributes of `owner` whose names pass `kept`, and those of the plain
+        objects among them, `depth` levels deep, each once."""
+        attributes = vars(owner)
+        self._size(attributes, prefix, owner)
         for key, value in attributes.items():
             if kept(key):
                 name = f"{prefix}.{key}" if prefix else key
@@ -122,7 +130,7 @@ class ModelSnapshot:
                 self._attr_names.append(name)
                 if depth > 0 and _holds_attributes(value) and id(value) not in self._held:
                     self._held.add(id(value))
-                    self._add_attributes(vars(value), name, lambda k: k not in _SAVE_METADATA, depth - 1)
+                    self._add_attributes(value, name, lambda k: k not in _NOT_READ, depth - 1)
 
     def change(self) -> str | None:
         """What changed since the snapshot, as a phrase ("'fc.weight' was replaced or
@@ -151,7 +159,23 @@ class ModelSnapshot:
                     return f"attribute {self._attr_names[i]!r} changed from {reprlib.repr(old)} to {reprlib.repr(new)}"
                 self._attrs[i] = new  # an equal value set again: no change
         if list(map(len, self._sized)) != self._sizes:
-            i = next(i for i, (d, n) in enumerate(zip(self._sized, self._sizes)) if len(d) != n)
-            owner = repr(self._sized_names[i]) if self._sized_names[i] else "the model"
-            return f"{owner} gained or lost an entry (a parameter, buffer, submodule or attribute)"
+            return self._entries_changed()
+        return None
+
+    def _entries_changed(self) -> str | None:
+        """What was added to or removed from a table or an object's attributes: a new
+        attribute counts only where it hides the class's own (a default `scale`, a
+        property's value); a new name the captured forward cannot have read does not."""
+        for i, (table, owner) in enumerate(zip(self._sized, self._sized_owners)):
+            if len(table) == self._sizes[i]:
+                continue
+            now, was, prefix = frozenset(table), self._sized_keys[i], self._sized_names[i]
+            named = sorted(repr(f"{prefix}.{k}" if prefix else k) for k in (now ^ was) - _NOT_READ)
+            if owner is None:
+                return f"{', '.join(named)} was added or removed"
+            if was - now:
+                return f"attribute {', '.join(named)} was removed"
+            if any(hasattr(type(owner), key) for key in now - was - _NOT_READ):
+                return f"attribute {', '.join(named)} was set, hiding its class's value"
+            self._sizes[i], self._sized_keys[i] = len(table), now  # a new name: not read by the captured forward
         return None

@@ -90,9 +90,8 @@ class PlacedModule(nn.Module):
     """The model run by the placement. It registers the original model's children,
     parameters and buffers under their own names, so `state_dict()` keys are the
     model's own and checkpoints move between placed and unplaced models; tied
-    parameters stay tied. Attributes it lacks are read from the original model (its
-    methods too: they run unplaced, with `self` the original),
-    which stays reachable as `placed.original`.
+    parameters stay tied. Attributes it lacks are read from the original model, which
+    stays reachable as `placed.original` (its methods run unplaced: `self` is the original).
 
     `copy.deepcopy(placed)` and `torch.save(placed)` copy the original model and the
     plan, and apply the plan again to the copy (`torch.load(..., weights_only=False)`
@@ -163,8 +162,10 @@ class PlacedModule(nn.Module):
             super().__delattr__(name)
 
     def _models_own(self, name: str) -> bool:
-        """Whether `name` is a plain attribute of the original model, not of this wrapper."""
-        return name not in self.__dict__ and "original" in self.__dict__ and name in vars(self.__dict__["original"])
+        """Whether `name` is the model's attribute (its own or its class's), not this wrapper's."""
+        model = self.__dict__.get("original")
+        return (model is not None and name not in self.__dict__ and not hasattr(type(self), name)
+                and (name in vars(model) or hasattr(type(model), name)))
 
     def train(self, mode: bool = True) -> "PlacedModule":
         super().train(mode)
@@ -227,6 +228,8 @@ class PlacedModule(nn.Module):
         except CaptureError:
             raise_eager_error(self.original, args, kwargs)
             raise
+        finally:  # the forward ran: it may add hooks (transformers') or set what eager sets once (problem_type)
+            self._snapshot = self._snapshot_now()
         threads = torch.get_num_threads()
         try:
             graph = self._placed(traced)
@@ -238,14 +241,13 @@ class PlacedModule(nn.Module):
             dropped = self.graphs.pop(self._kept).executor
             # A backward of its may be pending (its autograd node holds the executor): its
             # workers stop once nothing does.
-            weakref.finalize(dropped, _close_workers, list(dropped.workers.values()))
+            weakref.finalize(dropped, _close_each, list(dropped.workers.values()))
             if self._made == EXTRA_CAPTURES + 1:
                 warnings.warn(f"placer: {self._made} calls of this placed model each needed a new capture of the "
                               f"model (the latest because {why}); a capture takes seconds, and only the "
                               f"{EXTRA_CAPTURES} most recently used are kept: pass values that change between calls "
                               f"as tensors and keep shapes fixed (pad to one length; DataLoader(drop_last=True))",
                               stacklevel=_user_stacklevel())
-        self._snapshot = self._snapshot_now()  # the capture ran the forward, which may add hooks (transformers')
         inputs = traced.bind(args, kwargs)
         if inputs is None:
             raise CaptureError(f"a fresh capture does not accept the call it was made for ({traced.why_not(args, kwargs)})")
@@ -430,14 +432,13 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _close_workers(workers: list) -> None:
-    for worker in workers:
-        worker.close()
+def _close_each(closable: list) -> None:  # workers, executors
+    for item in closable:
+        item.close()
 
 
 def _close_all(graphs: list[PlacedCapture]) -> None:
-    for graph in graphs:
-        graph.executor.close()
+    _close_each([graph.executor for graph in graphs])
 
 
 def _reapply(model: nn.Module, plan: Plan, devices: str, training: bool) -> PlacedModule:
