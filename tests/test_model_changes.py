@@ -156,3 +156,16 @@ def test_saving_a_hugging_face_model_is_no_change():
             placed(ids)
     finally:
         placed.close()
+
+
+def test_a_global_module_hook_added_after_apply_is_refused():
+    """review 14: torch.nn.modules.module.register_module_forward_hook changed every eager
+    module's output while the placed graphs ran without it."""
+    model, placed = placed_pair()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        with pytest.raises(ExecutionError, match=r"\(a global module hook was added or removed\)"):
+            placed(torch.randn(4, 8))
+    finally:
+        handle.remove()
+        placed.close()

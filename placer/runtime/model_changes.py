@@ -64,7 +64,7 @@ _NOT_READ = frozenset({"architectures", "dtype", "torch_dtype", "_name_or_path",
                        "_commit_hash", "generation_config", "model_tags"})
 HELD_DEPTH = 3  # how deep held plain objects are walked: a config, its sub-configs (config.text_config), theirs
 _NOT_HELD = (nn.Module, torch.Tensor, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
-             types.ModuleType, functools.partial, logging.Logger)  # checked otherwise (modules, tensors) or never changed in place
+             types.ModuleType, functools.partial, logging.Logger)  # checked otherwise (modules, tensors), or not read
 
 
 def _holds_attributes(value: Any) -> bool:
@@ -73,6 +73,13 @@ def _holds_attributes(value: Any) -> bool:
     Python module."""
     return hasattr(value, "__dict__") and not isinstance(value, _NOT_HELD)
 
+
+
+def _global_hooks() -> list[dict]:
+    """torch's hook tables for every module (torch.nn.modules.module's `_global_*_hooks`)."""
+    tables = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+              "_global_backward_pre_hooks")
+    return [getattr(torch.nn.modules.module, name) for name in tables if hasattr(torch.nn.modules.module, name)]
 
 
 class ModelSnapshot:
@@ -107,6 +114,9 @@ class ModelSnapshot:
                 self._hook_owners.append(prefix)
         self._sizes = list(map(len, self._sized))
         self._sized_keys = [frozenset(d) for d in self._sized]
+        for hooks in _global_hooks():  # register_module_forward_hook and the like: every module's
+            self._hooks.append(hooks)
+            self._hook_owners.append(None)
         self._hook_counts = list(map(len, self._hooks))
         self._hook_keys = [tuple(h) for h in self._hooks]
         self._hooks_made = RemovableHandle.next_id  # every hook registration anywhere moves it
@@ -139,7 +149,8 @@ class ModelSnapshot:
             keys = [tuple(h) for h in self._hooks]
             if keys != self._hook_keys:
                 owner = next(o for k, was, o in zip(keys, self._hook_keys, self._hook_owners) if k != was)
-                return f"a hook of {f'module {owner!r}' if owner else 'the model'} was added or removed"
+                what = f"module {owner!r}" if owner else "the model"
+                return f"{'a global module hook' if owner is None else f'a hook of {what}'} was added or removed"
             self._hooks_made = RemovableHandle.next_id  # hooks of other modules
         now = list(map(dict.get, self._dicts, self._keys))
         if any(map(operator.is_not, now, self._values)):
