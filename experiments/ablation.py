@@ -43,8 +43,9 @@ two sessions, as `placer optimize` chooses (a shortlist, then a confirm session)
    pool, or the warm start where it ties that one (the CI of their ratio holds 1):
    `placer optimize` keeps the simpler plan of a tie, a heuristic before a search
    (placer.choose rule 2), and a selection of a few noisy steps each would otherwise
-   pick by noise alone (ablation_measured_s14: 370.4 against 370.6 ms). The verdicts come from it alone: the
-   selection's minimum over K noisy measurements is biased low (the winner's curse).
+   pick by noise alone (ablation_measured_s14: 370.4 against 370.6 ms). The verdicts
+   come from the confirm session alone: the selection's minimum over K noisy
+   measurements is biased low (the winner's curse).
    RL's pick of each seed is compared with local_search's and random_search's of the
    same seed (bootstrap CI of the ratio): faster, tie or slower ("same candidate" when
    both picked the very same one).

@@ -92,9 +92,7 @@ def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor,
                  if isinstance(t, torch.Tensor) and d is not None and t.dim() > d), None)
     if rows is not None:
         g.graph["batch_size"] = int(rows)  # the first batched tensor input's, along its batch dimension
-    named = {id(v): name for name, v in forward_inputs(model, inputs).items()}
-    # each input's forward name, as batch_dims names it (export renames placeholder `input` to `input_1`)
-    g.graph["input_names"] = [named.get(id(t)) for t in inputs]
+    g.graph["input_names"] = forward_names(model, inputs)  # as batch_dims names them (export's `input_1` is `input`)
     nodes = [n for n in gm.graph.nodes if n.op != "get_attr"]  # a parameter is part of its readers
     for order, node in enumerate(nodes):
         g.add_node(node.name, op=node.op, target=target_name(node), module=owning_module(node),
@@ -156,12 +154,20 @@ def shape_difference(recorded: Mapping[str, list[int]], model: nn.Module) -> str
             else "its parameters and buffers come in another order")
 
 
+def forward_names(model: nn.Module, inputs: tuple) -> list[str | None]:
+    """The forward input each of `inputs` (as `model(*inputs)` takes them) binds to
+    (graphs.workload.forward_inputs); None for one bound to `*args`, or all where the
+    inputs do not fit the forward."""
+    named = {id(v): name for name, v in forward_inputs(model, inputs).items()}
+    return [named.get(id(t)) for t in inputs]
+
+
 def input_batch_dims(model: nn.Module, inputs: tuple, batch_dims: Mapping[str, int | None]) -> list[int | None]:
     """The dimension each of `inputs` (as `model(*inputs)` takes them) has its batch
-    along: `batch_dims` names forward inputs (graphs.workload.forward_inputs), 0 for
-    the others (unnamed, or bound to `*args`), None for one marked never split."""
-    names = {id(v): name for name, v in forward_inputs(model, inputs).items()} if batch_dims else {}
-    return [batch_dims.get(names.get(id(t), ""), 0) for t in inputs]
+    along: `batch_dims` names forward inputs (`forward_names`), 0 for the others
+    (unnamed, or bound to `*args`), None for one marked never split."""
+    names = forward_names(model, inputs) if batch_dims else [None] * len(inputs)
+    return [batch_dims.get(name, 0) for name in names]
 
 
 def input_signature(inputs: tuple[torch.Tensor, ...]) -> list[dict]:

@@ -169,3 +169,22 @@ def test_a_global_module_hook_added_after_apply_is_refused():
     finally:
         handle.remove()
         placed.close()
+
+
+def test_a_hook_removed_after_the_snapshot_is_a_change():
+    """A removal moves no hook counter: the table's size shows it."""
+    from placer.runtime.model_changes import ModelSnapshot
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    own = model[0].register_forward_hook(lambda *args: None)
+    every = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        snapshot = ModelSnapshot(list(model.named_modules()))
+        assert snapshot.change() is None
+        every.remove()
+        assert snapshot.change() == "a global module hook was added or removed"
+        snapshot = ModelSnapshot(list(model.named_modules()))
+        own.remove()
+        assert snapshot.change() == "a hook of module '0' was added or removed"
+    finally:
+        every.remove()

@@ -12,17 +12,21 @@ a hook added or removed, would be silently ignored: a wrong number (new-user tri
 
 Which attributes a forward reads cannot be seen from outside, so every attribute of
 every module is checked, and of each plain object one holds (a config, its sub-configs,
-HELD_DEPTH levels deep), its own attributes but the metadata transformers' save_pretrained
-writes: a bookkeeping attribute changed after apply is refused too, and its fix is the
-same (apply the plan again to `placed.original`). Not walked: objects in lists or dicts,
-objects with __slots__ only, modules held outside the module tree (in a plain list). Values are compared by identity
-in C-level loops (BERT-base's 228 modules: about 0.1 ms on a 2-core host) and, where
-an attribute was reassigned, by value: setting an equal value again is no change (but a
-tensor: the graphs read the old one, and would miss what is later written into the new). A
-hook added anywhere moves torch's global hook counter, so only then are the hook tables
-compared key by key. Changes made in place (`weight.data = ...`, `load_state_dict`, an
-optimizer's step, `requires_grad_`, a tensor attribute written into) keep the objects,
-and the graphs see them; a list or dict attribute changed in place is not noticed.
+HELD_DEPTH levels deep), its own attributes, but for what libraries write and no forward
+reads (`_NOT_READ`: save_pretrained's config metadata, generation_config, TRL's tags;
+loggers) and a new name, unless it hides its class's attribute: a bookkeeping attribute
+changed after apply is refused too, and its fix is the same (apply the plan again to
+`placed.original`). Not walked: objects in lists or dicts,
+objects with __slots__ only, modules held outside the module tree (in a plain list).
+Values are compared by identity in C-level loops (BERT-base's 228 modules: 0.20 ms on
+a 2-core host, experiments/probe_snapshot.py) and, where an attribute was reassigned,
+by value: setting an equal value again is no change (but a tensor: the graphs read the
+old one, and would miss what is later written into the new). A dict's size shows an
+entry added or removed, a hook removed too; a hook added anywhere moves torch's global
+hook counter, so only then are the hook tables compared key by key. Changes made in
+place (`weight.data = ...`, `load_state_dict`, an optimizer's step, `requires_grad_`, a
+tensor attribute written into) keep the objects, and the graphs see them; a list or dict
+attribute changed in place is not noticed.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ def warn_of_forward_hooks(model: nn.Module, stacklevel: int) -> None:
 # a config's metadata (a checkpoint every N steps must not stop training), generate's settings and TRL's tags
 _NOT_READ = frozenset({"architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version",
                        "_commit_hash", "generation_config", "model_tags"})
+_HOOKS = object()  # the owner of a hook table (ModelSnapshot._size)
 HELD_DEPTH = 3  # how deep held plain objects are walked: a config, its sub-configs (config.text_config), theirs
 _NOT_HELD = (nn.Module, torch.Tensor, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
              types.ModuleType, functools.partial, logging.Logger)  # checked otherwise (modules, tensors), or not read
@@ -74,12 +79,18 @@ def _holds_attributes(value: Any) -> bool:
     return hasattr(value, "__dict__") and not isinstance(value, _NOT_HELD)
 
 
-
 def _global_hooks() -> list[dict]:
     """torch's hook tables for every module (torch.nn.modules.module's `_global_*_hooks`)."""
     tables = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
               "_global_backward_pre_hooks")
     return [getattr(torch.nn.modules.module, name) for name in tables if hasattr(torch.nn.modules.module, name)]
+
+
+def _hook_change(owner: str | None) -> str:
+    """The phrase for a hook added to or removed from `owner`'s tables (None: torch's global ones)."""
+    if owner is None:
+        return "a global module hook was added or removed"
+    return f"a hook of {f'module {owner!r}' if owner else 'the model'} was added or removed"
 
 
 class ModelSnapshot:
@@ -94,10 +105,9 @@ class ModelSnapshot:
     def __init__(self, modules: list[tuple[str, nn.Module]]):
         self._dicts, self._keys, self._values, self._names = [], [], [], []  # tables' entries: compared by identity
         self._attr_dicts, self._attr_keys, self._attrs, self._attr_names = [], [], [], []  # then by value
-        self._sized, self._sized_names, self._sized_owners = [], [], []  # every dict above: a key added shows
-        self._sized_keys: list[frozenset] = []  # ... in its length; its keys then name it
-        self._hooks, self._hook_owners = [], []
-        self._held: set[int] = set()
+        self._sized, self._sized_names, self._sized_owners = [], [], []  # every dict here: a key added or removed
+        self._hooks, self._hook_owners = [], []  # shows in its length, and its keys then name it
+        held: set[int] = set()  # ids of the plain objects taken
         for prefix, module in modules:
             for table in (module._parameters, module._buffers, module._modules):
                 self._size(table, prefix, None)
@@ -107,28 +117,29 @@ class ModelSnapshot:
                     self._values.append(value)
                     self._names.append(f"{prefix}.{key}" if prefix else key)
             self._add_attributes(module, prefix, lambda key: key not in _MODULE_ATTRS and key not in _NOT_READ,
-                                 HELD_DEPTH)
+                                 HELD_DEPTH, held)
             for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
                           getattr(module, "_backward_pre_hooks", {})):
                 self._hooks.append(hooks)
                 self._hook_owners.append(prefix)
-        self._sizes = list(map(len, self._sized))
-        self._sized_keys = [frozenset(d) for d in self._sized]
         for hooks in _global_hooks():  # register_module_forward_hook and the like: every module's
             self._hooks.append(hooks)
             self._hook_owners.append(None)
-        self._hook_counts = list(map(len, self._hooks))
+        for hooks, owner in zip(self._hooks, self._hook_owners):
+            self._size(hooks, owner, _HOOKS)
+        self._sizes = list(map(len, self._sized))
+        self._sized_keys = [frozenset(d) for d in self._sized]
         self._hook_keys = [tuple(h) for h in self._hooks]
         self._hooks_made = RemovableHandle.next_id  # every hook registration anywhere moves it
 
-    def _size(self, table: dict, prefix: str, owner: object | None) -> None:
+    def _size(self, table: dict, prefix: str | None, owner: object | None) -> None:
         self._sized.append(table)
-        self._sized_names.append(prefix)
-        self._sized_owners.append(owner)  # None: a table of parameters, buffers or submodules
+        self._sized_names.append(prefix)  # a hook table's: None for torch's global ones
+        self._sized_owners.append(owner)  # None: a table of parameters, buffers or submodules; _HOOKS
 
-    def _add_attributes(self, owner: object, prefix: str, kept, depth: int) -> None:
+    def _add_attributes(self, owner: object, prefix: str, kept, depth: int, held: set[int]) -> None:
         """Take the attributes of `owner` whose names pass `kept`, and those of the plain
-        objects among them, `depth` levels deep, each once."""
+        objects among them, `depth` levels deep, each once (`held`: the ids taken)."""
         attributes = vars(owner)
         self._size(attributes, prefix, owner)
         for key, value in attributes.items():
@@ -138,19 +149,17 @@ class ModelSnapshot:
                 self._attr_keys.append(key)
                 self._attrs.append(value)
                 self._attr_names.append(name)
-                if depth > 0 and _holds_attributes(value) and id(value) not in self._held:
-                    self._held.add(id(value))
-                    self._add_attributes(value, name, lambda k: k not in _NOT_READ, depth - 1)
+                if depth > 0 and _holds_attributes(value) and id(value) not in held:
+                    held.add(id(value))
+                    self._add_attributes(value, name, lambda k: k not in _NOT_READ, depth - 1, held)
 
     def change(self) -> str | None:
         """What changed since the snapshot, as a phrase ("'fc.weight' was replaced or
         removed", "attribute 'scale' changed from 1.0 to 2.0"); None when nothing did."""
-        if RemovableHandle.next_id != self._hooks_made or list(map(len, self._hooks)) != self._hook_counts:
+        if RemovableHandle.next_id != self._hooks_made:  # a hook added somewhere (one removed: by size, below)
             keys = [tuple(h) for h in self._hooks]
             if keys != self._hook_keys:
-                owner = next(o for k, was, o in zip(keys, self._hook_keys, self._hook_owners) if k != was)
-                what = f"module {owner!r}" if owner else "the model"
-                return f"{'a global module hook' if owner is None else f'a hook of {what}'} was added or removed"
+                return _hook_change(next(o for k, was, o in zip(keys, self._hook_keys, self._hook_owners) if k != was))
             self._hooks_made = RemovableHandle.next_id  # hooks of other modules
         now = list(map(dict.get, self._dicts, self._keys))
         if any(map(operator.is_not, now, self._values)):
@@ -182,6 +191,8 @@ class ModelSnapshot:
                 continue
             now, was, prefix = frozenset(table), self._sized_keys[i], self._sized_names[i]
             named = sorted(repr(f"{prefix}.{k}" if prefix else k) for k in (now ^ was) - _NOT_READ)
+            if owner is _HOOKS:
+                return _hook_change(prefix)
             if owner is None:
                 return f"{', '.join(named)} was added or removed"
             if was - now:

@@ -118,12 +118,12 @@ class PlacedModule(nn.Module):
         self._finalizer = weakref.finalize(self, _close_all, self.graphs)
         self._caller_threads = caller_threads(devices.values())  # what apply gave the caller (None: its own)
         self._threads_warned = False
-        self._kept, self._made, self._snapshot = 1, 0, None  # set below, once `original` is
-        object.__setattr__(self, "original", model)  # last: from here on, other attributes are the model's
+        self._kept, self._made = 1 + (eval_capture is not None), 0  # captures made here (never dropped), on use
+        self._snapshot: ModelSnapshot | None = None  # taken once the captures made here are placed
+        object.__setattr__(self, "original", model)  # last: from here on, the model's attributes are set on it
         if eval_capture is not None:
             self.graphs.append(self._placed(eval_capture))
-        self._kept = len(self.graphs)  # the captures made here, never dropped
-        self._snapshot = self._snapshot_now()  # captures made on first use so far: _made
+        self._snapshot = self._snapshot_now()
 
     def _snapshot_now(self) -> ModelSnapshot:
         """The model's tables as the graphs hold them (placer.runtime.model_changes). Leaf
