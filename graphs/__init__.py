@@ -20,7 +20,8 @@ next op of its module, so it belongs to its layer.
       whole training step at batch/m}} for m in 1, 2, 4, 8 where the batch divides and
       the model runs), `microbatch_step_ms` (the first kind's table) and
       `profile_scale` ({kind: the factor every node's time was scaled by so that they
-      add up to a measured whole step}).
+      add up to a measured whole step}), `whole_step_spread` ({kind: the least of the
+      whole steps timed at the full batch over their median, <= 1}).
   node attrs: `op` (fx op), `target` (str; an aten overload such as
       "aten.linear.default" for export captures), `module` (owning module's qualified
       name, "" for the root), `op_type` (coarse category: conv, linear, matmul,
@@ -37,8 +38,9 @@ next op of its module, so it belongs to its layer.
 order of the (acyclic) quotient graph.
   graph attrs: `name`, `fingerprint`, `device_kinds`, `colocate` (list of lists of
       group ids that must share a device), and the OpGraph's `batch_size`,
-      `microbatch_step_ms`, `microbatch_step_ms_by_kind` and `profile_scale` where it
-      has them (graphs.group.COPIED_ATTRS: bounds and the simulator read them there).
+      `microbatch_step_ms`, `microbatch_step_ms_by_kind`, `profile_scale` and
+      `whole_step_spread` where it has them (graphs.group.COPIED_ATTRS: bounds and the
+      simulator read them there).
   node attrs: `name` (readable: a module path), `members` (list of op node names),
       `fwd_ms`, `bwd_ms`, `opt_ms` (dict kind -> ms, sums), `param_bytes`, `grad_bytes`,
       `opt_bytes`, `act_bytes`, `out_bytes` (sums), `op_mix` (dict op_type -> count).

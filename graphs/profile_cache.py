@@ -27,7 +27,8 @@ def cache_path(cache: Path, key: dict) -> Path:
 
 def load(cache: Path, key: dict, nodes: set[str]) -> dict | None:
     """{"nodes": {node: {field: number}}, "microbatch_step_ms": {m: ms}, "profile_scale":
-    number} cached under `key` for exactly `nodes`, or None (a miss)."""
+    number, "whole_step_spread": number} cached under `key` for exactly `nodes`, or None
+    (a miss)."""
     path = cache_path(cache, key)
     try:
         if not path.exists():
@@ -41,7 +42,7 @@ def load(cache: Path, key: dict, nodes: set[str]) -> dict | None:
         _warn(f"ignoring the profile cache {path}: {problem}")
         return None
     return {"nodes": data["nodes"], "microbatch_step_ms": {int(m): ms for m, ms in data["microbatch_step_ms"].items()},
-            "profile_scale": data["profile_scale"]}
+            "profile_scale": data["profile_scale"], "whole_step_spread": data["whole_step_spread"]}
 
 
 def store(cache: Path, key: dict, result: dict) -> None:
@@ -50,7 +51,7 @@ def store(cache: Path, key: dict, result: dict) -> None:
     path = cache_path(cache, key)
     payload = {"key": key, "nodes": result["nodes"],
                "microbatch_step_ms": {str(m): ms for m, ms in result["microbatch_step_ms"].items()},
-               "profile_scale": result["profile_scale"]}
+               "profile_scale": result["profile_scale"], "whole_step_spread": result["whole_step_spread"]}
     try:
         write_text_atomically(path, json.dumps(payload, allow_nan=False))
     except (OSError, ValueError) as exc:
@@ -72,6 +73,9 @@ def _problem(data, key: dict, nodes: set[str]) -> str | None:
         return "micro-batch step times missing or not finite, non-negative numbers"
     if not _number(data.get("profile_scale")):
         return "the profile's scale factor missing or not a finite, non-negative number"
+    spread = data.get("whole_step_spread")
+    if not _number(spread) or spread > 1:
+        return "the whole step's spread missing or not a number in [0, 1]"
     return None
 
 

@@ -78,6 +78,16 @@ def test_a_profile_scale_above_one_is_undone_and_one_below_kept():
     assert cost_floor(scaled, {"cpu": 0.8, "cuda": 1.3}) == {"cpu": 0.4, "cuda": 1.0}
 
 
+def test_the_fastest_whole_step_lowers_every_cost_by_its_share_of_the_median():
+    from graphs.bounds import cost_floor
+
+    spread = DIAMOND.copy()
+    spread.graph["profile_scale"] = {"cpu": 2.0, "cuda": 0.5}
+    spread.graph["whole_step_spread"] = {"cpu": 0.5, "cuda": 0.75}  # least samples at half and 3/4 of the median
+    assert cost_floor(spread) == {"cpu": 0.25, "cuda": 0.75}
+    assert lower_bound(spread, ["cpu"] * 4, floor=cost_floor(spread)).bound_ms == 18.0 * 0.25
+
+
 def test_virtual_cpu_devices_work_no_faster_than_the_host_has_cores():
     assert lower_bound(DIAMOND, ["cpu"] * 4, cores=2).work_ms == 15.0
     assert lower_bound(DIAMOND, ["cpu"] * 4, cores=8).work_ms == 7.5

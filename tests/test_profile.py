@@ -1,6 +1,7 @@
 """profile: measured costs and memory per node, stable between runs, cached on disk."""
 
 import json
+import statistics
 from collections import OrderedDict
 
 import pytest
@@ -232,8 +233,12 @@ def spoil_scale(data: dict) -> None:
     data["profile_scale"] = "2"
 
 
+def spoil_spread(data: dict) -> None:
+    data["whole_step_spread"] = 1.5  # a least sample above the median
+
+
 @pytest.mark.parametrize("spoil", [None, spoil_nan, spoil_negative, spoil_string, spoil_missing, spoil_steps,
-                                   spoil_scale])
+                                   spoil_scale, spoil_spread])
 def test_a_corrupt_cache_file_is_a_miss_with_a_warning_and_rewritten(tmp_path, spoil):
     w = make_workload()
     ops = capture(w)
@@ -278,7 +283,9 @@ def test_micro_batch_step_times_for_every_count_that_divides_the_batch(tmp_path)
     assert sorted(steps) == [1, 2, 4, 8] and all(ms > 0 for ms in steps.values())
     assert g.graph["microbatch_step_ms_by_kind"] == {"cpu": steps}
     assert g.graph["profile_scale"]["cpu"] > 0
-    assert run(make_workload(), tmp_path).graph["profile_scale"] == g.graph["profile_scale"]  # from the cache
+    assert 0 < g.graph["whole_step_spread"]["cpu"] <= 1
+    cached = run(make_workload(), tmp_path).graph
+    assert {k: cached[k] for k in COPIED_ATTRS} == {k: g.graph[k] for k in COPIED_ATTRS}
     grouped = group(g, 4)  # what bounds and the simulator read, on the grouped graph too
     assert {k: grouped.graph[k] for k in COPIED_ATTRS} == {k: g.graph[k] for k in COPIED_ATTRS}
     torch.manual_seed(0)
@@ -395,10 +402,11 @@ def test_a_slow_first_call_warms_up_and_is_not_a_sample(monkeypatch):
 
 def test_micro_batch_steps_are_timed_in_rounds_so_a_burst_of_load_disturbs_no_count(monkeypatch):
     """A step costs 1 ms per row of its batch (16 rows), except during a burst of load as
-    long as one round (calls 5-8: ten times slower). Timed in rounds (16, 8, 4, 2 rows,
-    three times), each count has one slow sample of three and keeps its true cost, 16 ms
-    for every m; timed count by count, the burst would have made two of m=2's three
-    samples, and its median, slow (and two of m=4's)."""
+    long as one round (calls 5-8: ten times slower). Timed in rounds (16, 8, 4, 2 rows),
+    each count has one slow sample and keeps its true cost, 16 ms for every m; timed
+    count by count, the burst would have made two of m=2's three samples, and its
+    median, slow (and two of m=4's). Rounds go on while they fit in the budget (these
+    take no time), three at least, one where a single repeat is asked for."""
     calls = []
 
     def step_ms(model, workload, inputs, repeats, sync):
@@ -407,6 +415,12 @@ def test_micro_batch_steps_are_timed_in_rounds_so_a_burst_of_load_disturbs_no_co
 
     monkeypatch.setattr(profile_module, "_whole_step_ms", step_ms)
     w = make_workload()
-    table = profile_module._microbatch_step_ms(w.model, w, w.inputs, 5, lambda: None)
-    assert calls == [16, 8, 4, 2] * profile_module.WHOLE_STEP_REPEATS
-    assert table == {1: 16.0, 2: 16.0, 4: 16.0, 8: 16.0}
+    samples = profile_module._microbatch_step_samples(w.model, w, w.inputs, 5, lambda: None)
+    assert calls == [16, 8, 4, 2] * profile_module.WHOLE_STEP_ROUNDS
+    assert {m: statistics.median(ms) for m, ms in samples.items()} == {1: 16.0, 2: 16.0, 4: 16.0, 8: 16.0}
+    assert min(samples[1]) == 16.0 and max(samples[1]) == 160.0
+    monkeypatch.setattr(profile_module, "WHOLE_STEP_BUDGET_MS", 0.0)
+    for repeats, rounds in [(5, profile_module.WHOLE_STEP_REPEATS), (1, 1)]:
+        calls.clear()
+        profile_module._microbatch_step_samples(w.model, w, w.inputs, repeats, lambda: None)
+        assert len(calls) == 4 * rounds
