@@ -188,3 +188,34 @@ def test_a_hook_removed_after_the_snapshot_is_a_change():
         assert snapshot.change() == "a hook of module '0' was added or removed"
     finally:
         every.remove()
+
+
+@pytest.mark.parametrize("convert, dtype", [(lambda m: m.to(torch.float64), torch.float64),
+                                            (lambda m: m.bfloat16(), torch.bfloat16)])
+def test_parameters_converted_in_place_are_refused_and_a_plan_for_the_converted_model_runs_it(convert, dtype):
+    """`.to(dtype)` converts a parameter in place (its `.data`), keeping the object; on a model
+    without buffers nothing was replaced, and GPT2 made bfloat16 after apply then failed in torch
+    on the float32 constants its capture held (review 14)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    twin = copy.deepcopy(model)
+    plan = plan_from_assignment(twin, lambda n: TWO[owning_module(n) == "2"], TWO, inputs=(torch.randn(4, 8),))
+    placed = apply(twin, plan)
+    try:
+        convert(placed)
+        convert(model)
+        assert placed.original[0].weight.dtype == dtype
+        with pytest.raises(ExecutionError, match=f"the model changed after placer.apply \\('0.weight' is {dtype} "
+                                                 f"where it was torch.float32: .to\\(\\), .half\\(\\)"):
+            placed(torch.randn(4, 8, dtype=dtype))
+        with pytest.raises(PlanError, match="plan was made for another model"):
+            apply(placed.original, placed.plan)
+        x = torch.randn(4, 8, dtype=dtype)
+        again = apply(placed.original, plan_from_assignment(placed.original, lambda n: TWO[owning_module(n) == "2"],
+                                                            TWO, inputs=(x,)))
+        try:
+            torch.testing.assert_close(again(x), model(x))
+        finally:
+            again.close()
+    finally:
+        placed.close()

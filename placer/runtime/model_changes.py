@@ -5,7 +5,7 @@ submodules the model had then, ran the hooks it had then, and baked in the Pytho
 attributes its forward read (Dropout's `p`, a temperature, a flag, a config's
 `output_hidden_states`, a tensor kept as a plain attribute). Any of these replaced,
 added or removed afterwards (`m.fc.weight = nn.Parameter(...)`, `m.fc = nn.Linear(...)`,
-`m.layers.append(...)`, `.to(torch.bfloat16)` on a model with buffers,
+`m.layers.append(...)`, `.to(torch.bfloat16)`, `.cuda()`,
 `load_state_dict(..., assign=True)`, `m.scale = 2.0`, `m.config.use_cache = True`), or
 a hook added or removed, would be silently ignored: a wrong number (new-user trial 11).
 `ModelSnapshot` notices such a change at the next call so that the call can refuse it.
@@ -25,8 +25,11 @@ old one, and would miss what is later written into the new). A dict's size shows
 entry added or removed, a hook removed too; a hook added anywhere moves torch's global
 hook counter, so only then are the hook tables compared key by key. Changes made in
 place (`weight.data = ...`, `load_state_dict`, an optimizer's step, `requires_grad_`, a
-tensor attribute written into) keep the objects, and the graphs see them; a list or dict
-attribute changed in place is not noticed.
+tensor attribute written into) keep the objects, and the graphs see them, but for a
+parameter's or buffer's dtype or device: `.to()` converts a parameter in place (`.data`),
+and the graphs hold ops and constants of the old dtype (a float32 attention mask: GPT2
+made bfloat16 after apply failed in torch) and moves between the plan's devices. A list
+or dict attribute changed in place is not noticed.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def warn_of_forward_hooks(model: nn.Module, stacklevel: int) -> None:
 _NOT_READ = frozenset({"architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version",
                        "_commit_hash", "generation_config", "model_tags"})
 _HOOKS = object()  # the owner of a hook table (ModelSnapshot._size)
+_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
 HELD_DEPTH = 3  # how deep held plain objects are walked: a config, its sub-configs (config.text_config), theirs
 _NOT_HELD = (nn.Module, torch.Tensor, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
              types.ModuleType, functools.partial, logging.Logger)  # checked otherwise (modules, tensors), or not read
@@ -84,6 +88,15 @@ def _global_hooks() -> list[dict]:
     tables = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
               "_global_backward_pre_hooks")
     return [getattr(torch.nn.modules.module, name) for name in tables if hasattr(torch.nn.modules.module, name)]
+
+
+def _converted(name: str, new: tuple[torch.dtype, torch.device], old: tuple[torch.dtype, torch.device]) -> str:
+    """The phrase for tensor `name` now of another (dtype, device) than `old`."""
+    if new[0] != old[0]:
+        return (f"{name!r} is {new[0]} where it was {old[0]}: .to(), .half(), .cuda() and the like convert "
+                f"parameters and buffers, and a plan is made for one dtype (the converted model needs its own)")
+    return (f"{name!r} is on {new[1]} where the plan put it on {old[1]}: .to(), .half(), .cuda() and the like "
+            f"move parameters and buffers")
 
 
 def _hook_change(owner: str | None) -> str:
@@ -107,6 +120,7 @@ class ModelSnapshot:
         self._attr_dicts, self._attr_keys, self._attrs, self._attr_names = [], [], [], []  # then by value
         self._sized, self._sized_names, self._sized_owners = [], [], []  # every dict here: a key added or removed
         self._hooks, self._hook_owners = [], []  # shows in its length, and its keys then name it
+        self._tensors: list[torch.Tensor] = []  # parameters and buffers: their dtypes and devices
         held: set[int] = set()  # ids of the plain objects taken
         for prefix, module in modules:
             for table in (module._parameters, module._buffers, module._modules):
@@ -116,6 +130,8 @@ class ModelSnapshot:
                     self._keys.append(key)
                     self._values.append(value)
                     self._names.append(f"{prefix}.{key}" if prefix else key)
+                    if isinstance(value, torch.Tensor):
+                        self._tensors.append(value)
             self._add_attributes(module, prefix, lambda key: key not in _MODULE_ATTRS and key not in _NOT_READ,
                                  HELD_DEPTH, held)
             for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
@@ -131,6 +147,7 @@ class ModelSnapshot:
         self._sized_keys = [frozenset(d) for d in self._sized]
         self._hook_keys = [tuple(h) for h in self._hooks]
         self._hooks_made = RemovableHandle.next_id  # every hook registration anywhere moves it
+        self._dtypes, self._devices = list(map(_DTYPE, self._tensors)), list(map(_DEVICE, self._tensors))
 
     def _size(self, table: dict, prefix: str | None, owner: object | None) -> None:
         self._sized.append(table)
@@ -164,10 +181,13 @@ class ModelSnapshot:
         now = list(map(dict.get, self._dicts, self._keys))
         if any(map(operator.is_not, now, self._values)):
             new, old, name = next((a, b, n) for a, b, n in zip(now, self._values, self._names) if a is not b)
-            if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and new.dtype != old.dtype:
-                return f"{name!r} is {new.dtype} where it was {old.dtype}: .to(dtype) and .half() replace buffers"
+            if (isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor)
+                    and (new.dtype, new.device) != (old.dtype, old.device)):
+                return _converted(name, (new.dtype, new.device), (old.dtype, old.device))  # .to() replaces buffers
             return (f"{name!r} was replaced or removed (by an assignment, load_state_dict(assign=True) or "
                     f"torch.func.functional_call, which placer cannot run)")
+        if list(map(_DTYPE, self._tensors)) != self._dtypes or list(map(_DEVICE, self._tensors)) != self._devices:
+            return self._tensor_converted()
         now = list(map(dict.get, self._attr_dicts, self._attr_keys))
         if any(map(operator.is_not, now, self._attrs)):
             for i, (new, old) in enumerate(zip(now, self._attrs)):
@@ -181,6 +201,12 @@ class ModelSnapshot:
         if list(map(len, self._sized)) != self._sizes:
             return self._entries_changed()
         return None
+
+    def _tensor_converted(self) -> str:
+        """The phrase for the first parameter or buffer converted in place."""
+        names = dict(zip(map(id, self._values), self._names))
+        return next(_converted(names[id(t)], (t.dtype, t.device), was)
+                    for t, was in zip(self._tensors, zip(self._dtypes, self._devices)) if (t.dtype, t.device) != was)
 
     def _entries_changed(self) -> str | None:
         """What was added to or removed from a table or an object's attributes: a new
