@@ -157,7 +157,8 @@ def test_a_first_input_that_is_not_the_batch_is_advised_unbatched_and_so_marked_
     try:  # the advice was batch_dims = {'v': 1}, a dimension v lacks
         with pytest.raises(PlanError, match=r"output '\w+' has no batch dimension .*: compute it in loss_fn, mark 'v' "
                                             r"unbatched if 'x' holds the batch \(batch_dims = \{'v': None\} in the "
-                                            r"workload or the plan\), or use microbatches = 1$"):
+                                            r"workload or the plan\), or set the plan's microbatches to 1 \(the "
+                                            r"same placement, one micro-batch\)$"):
             placed(*vec_first_batch())
     finally:
         placed.close()

@@ -120,7 +120,7 @@ def test_a_plan_whose_capture_fixed_the_named_batch_dimension_is_refused_naming_
     assert_refused(model, replace(made_without, batch_dims={"x": 1}, microbatches=2), inputs,
                    r"the plan's capture may fix the batch's size along dimension 1 of input 'x': torch.export keeps "
                    r"it free only in a capture made with batch_dims naming it, so make the plan again from the "
-                   r"workload\. Otherwise, use microbatches = 1$")
+                   r"workload\. Otherwise, set the plan's microbatches to 1 \(the same placement, one micro-batch\)$")
 
 
 def test_without_batch_dims_a_batch_second_model_whose_output_loses_the_steps_is_refused():
@@ -128,7 +128,8 @@ def test_without_batch_dims_a_batch_second_model_whose_output_loses_the_steps_is
     placed = placer.apply(model, piped(model, steps_batch()))
     with pytest.raises(PlanError, match=r"output '\w+' has no batch dimension \(shape \[4, 6\] at 2 rows\).*: "
                                         r"compute it in loss_fn, name the batch's dimension in the workload "
-                                        r"\(batch_dims = \{'x': 1\}\) and make the plan again, if it is not 0, or use microbatches = 1$"):
+                                        r"\(batch_dims = \{'x': 1\}\) and make the plan again, if it is not 0, or "
+                                        r"set the plan's microbatches to 1 \(the same placement, one micro-batch\)$"):
         placed(*steps_batch())
     placed.close()
     named = TimePooled()
@@ -174,7 +175,8 @@ def test_dropout_is_not_mistaken_for_mixing_and_does_not_hide_it():
     with pytest.raises(PlanError, match=r"output '\w+' for rows 1-2 alone differs from those rows of a 3-row batch: "
                                         r"the model mixes values along dimension 0 of input 'x', which micro-batches "
                                         r"split; name the batch's dimension in the workload \(batch_dims = \{'x': 1\}\)"
-                                        r" and make the plan again, if it is not 0, else use microbatches = 1$"):
+                                        r" and make the plan again, if it is not 0, else "
+                                        r"set the plan's microbatches to 1 \(the same placement, one micro-batch\)$"):
         placed(*steps_batch())
     placed.close()
 
@@ -255,7 +257,8 @@ def test_inputs_without_a_common_batch_dimension_are_refused_naming_what_was_spl
     assert_refused(model, piped(model, inputs), inputs,
                    r"only 'ids' was split \(20 rows along dimension 0\); 'offsets' went whole to every micro-batch, "
                    r"its length differing: name each input's batch dimension in batch_dims if they share one, else "
-                   r"the model's inputs cannot be split\. Otherwise, use microbatches = 1$")
+                   r"the model's inputs cannot be split\. Otherwise, set the plan's microbatches to 1 \(the same "
+                   r"placement, one micro-batch\)$")
 
 
 class Scaled(nn.Module):
@@ -303,13 +306,14 @@ def test_an_input_the_example_had_not_as_long_as_the_batch_is_never_split(make, 
     (Scaled, 8, r"micro-batches split 'x' along dimension 0, 'scale' along dimension 0: if one is not batched but "
                 r"as long as the batch by chance, mark it never split \(e\.g\. batch_dims = \{'scale': None\} in the "
                 r"workload or the plan\) or make the plan from an example batch of another size \(an input it has not "
-                r"batch-sized is never split\), or use microbatches = 1 \(per-micro-batch statistics would not fix "
-                r"it\)\. Otherwise: .*reduces over the batch"),
+                r"batch-sized is never split\), or set the plan's microbatches to 1 \(the same placement, one "
+                r"micro-batch\): its microbatch_statistics would not fix it\. Otherwise: .*reduces over the batch"),
     (ColumnScaled, 24, r"the model fails on a batch of 2 rows \(RuntimeError: .*\); micro-batches split 'x' along "
                        r"dimension 0, 'scale' along dimension 0: is one not batched, as long as the batch by chance\? "
                        r"If so, mark it never split \(e\.g\. batch_dims = \{'scale': None\} in the workload or the "
                        r"plan\) or make the plan from an example batch of another size \(an input it has not "
-                       r"batch-sized is never split\)\. Otherwise, use microbatches = 1$"),
+                       r"batch-sized is never split\)\. Otherwise, set the plan's microbatches to 1 \(the same "
+                       r"placement, one micro-batch\)$"),
 ])
 def test_an_input_as_long_as_the_batch_in_the_example_too_is_named_before_any_other_advice(make, width, match):
     model = make()
@@ -383,8 +387,8 @@ def test_micro_batches_the_probe_could_not_check_are_warned_about_once():
         placed.close()
     assert [str(w.message) for w in caught if "probe" in str(w.message)] == [
         "plan: aten.bernoulli in node 'bernoulli' draws random numbers the probe cannot hold fixed: outputs' values "
-        "along the split dimension were not compared, so rows mixed along it would go unrefused "
-        "(microbatches = 1 is safe)"]
+        "along the split dimension were not compared, so rows mixed along it would go unrefused; where they might, "
+        "set the plan's microbatches to 1 (the same placement, one micro-batch)"]
 
 
 def test_a_hand_edited_plans_batch_dims_that_name_no_input_or_dimension_are_refused():
@@ -454,8 +458,9 @@ def test_a_parameter_with_a_gradient_hook_is_refused_micro_batches_and_the_distr
     plan = plan_from_assignment(model, second_layer_apart_by_index, TWO, inputs=(x,))
     model[0].weight.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
     with pytest.raises(PlanError, match=r"^plan: parameter '0\.weight' has a gradient hook, which micro-batches "
-                                        r"would run once each, on each one's share of the gradient; use "
-                                        r"microbatches = 1, or remove the hook$"):
+                                        r"would run once each, on each one's share of the gradient; "
+                                        r"set the plan's microbatches to 1 \(the same placement, one "
+                                        r"micro-batch\), or remove the hook$"):
         placer.apply(model, replace(plan, microbatches=4, schedule="gpipe"))
     eager = copy.deepcopy(model)  # deepcopy leaves hooks behind
     eager[0].weight.register_hook(lambda g: g.clamp(-1e-3, 1e-3))

@@ -388,7 +388,8 @@ def test_each_micro_batchs_loss_is_weighted_by_how_the_loss_reduces(net_spec):
 
     with pytest.raises(PlanError, match=r"is neither the mean \(.*\) nor the sum \(.*\) of its 4 micro-batches' "
                                         r"losses .*use --backend local or distributed, which compute it on the "
-                                        r"whole batch, or microbatches = 1$"):
+                                        r"whole batch, or set the plan's microbatches to 1 \(the same "
+                                        r"placement, one micro-batch\)$"):
         scale(per_kept_entry)
 
 

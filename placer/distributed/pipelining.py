@@ -63,6 +63,7 @@ from placer.distributed.share import RankShare, bind, check_shapes, chunk_reads,
 from placer.distributed.stages import Pipeline, Stage, split_stages
 from placer.plan import Plan, load_plan, trace_for_plan
 from placer.runtime import microbatch
+from placer.runtime.microbatch import ONE_MICROBATCH
 from placer.runtime.refusals import checked_layout, refuse_static
 from placer.runtime.tensors import localize, tensor_readers, written_tensors
 from placer.runtime.values import map_tensors, move, receive
@@ -144,7 +145,8 @@ def plan_pipeline(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.T
     if m > 1:  # the in-process engine's probe, on the host (the model is not placed yet)
         chunks = [s.chunk for s in pipeline.stages]
         layout = checked_layout(chunks, [torch.device("cpu")] * len(chunks), batch, split.dims, pipeline.output_nodes,
-                                source, microbatch_statistics, names)
+                                source, microbatch_statistics, names,
+                                marked=[p for p, d in batch_dims.items() if d is None])
         if loss_fn is not None:
             scale = _loss_scale(traced, pipeline, batch, split, layout, example_inputs, loss_fn, source)
     meta = _propagate_shapes(gm, pipeline, split.inputs[0])
@@ -190,7 +192,7 @@ def _loss_scale(traced: Traced, pipeline: Pipeline, batch: Mapping[str, object],
              f"random numbers?)")
     raise PlanError(f"{source}: the example batch's loss ({whole:.6g}) {found}; the pipelining backend computes the "
                     f"loss per micro-batch and weights each alike: use --backend local or distributed, which compute "
-                    f"it on the whole batch, or microbatches = 1")
+                    f"it on the whole batch, or {ONE_MICROBATCH}")
 
 
 class PipelinedModel(RankShare):
@@ -271,7 +273,7 @@ class PipelinedModel(RankShare):
         micro-batches.
 
         Raises PlanError for a batch of other shapes than the example batch's (the
-        pipeline's shapes are static), for another loss with micro-batches,
+        pipeline's shapes are static), for no loss_fn at all, for another loss with micro-batches,
         and PlanError on every rank, after the step, when this batch's loss is not what
         its micro-batches' weighted losses make (checked on the last stage from their
         gathered outputs: a masked mean whose counts differ between micro-batches here
@@ -281,8 +283,9 @@ class PipelinedModel(RankShare):
         elif self.spec.microbatches > 1:
             raise PlanError("with micro-batches, train_step takes the loss_fn the PipelinedModel was built with "
                             "(checked for how its micro-batches' losses combine): pass that one, or none")
-        if loss_fn is None:
-            raise ValueError("train_step needs a loss_fn: pass one, or give it to PipelinedModel(..., loss_fn=...)")
+        if loss_fn is None:  # PlanError, as the constructor's for a loss it needs (a caller catches one type)
+            raise PlanError(f"{self.plan.source}: train_step needs a loss_fn: pass one, or give it to "
+                            f"PipelinedModel(..., loss_fn=...)")
         check_shapes(inputs, self.input_shapes, "the pipeline")
         self._step_inputs, self._step_loss_fn = tuple(inputs), loss_fn
         self._step_values = values = bind(self.spec.traced, inputs)
@@ -302,7 +305,7 @@ class PipelinedModel(RankShare):
             raise PlanError(f"{self.plan.source}: this batch's loss ({whole:.6g}) is not what its micro-batches' "
                             f"weighted losses make ({total:.6g}), as it was on the example batch (a loss normalized by "
                             f"a count that differs between micro-batches here?): this step's gradients are wrong; "
-                            f"zero them, and train this loss with --backend local or distributed, or microbatches = 1")
+                            f"zero them, and train this loss with --backend local or distributed, or {ONE_MICROBATCH}")
         return total
 
     def _whole_loss(self, loss_fn: LossFn) -> tuple[float, float]:

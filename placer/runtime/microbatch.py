@@ -37,9 +37,9 @@ than eager for the same seed (the random generator is used in another order).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -52,11 +52,25 @@ from graphs.trace import module_label
 from placer.runtime.chunks import _Lookup
 from placer.runtime.probe import Probe, probe
 
-__all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "static_refusal", "Layout", "layout",
-           "Probe", "probe", "batch_layout"]
+__all__ = ["Split", "split_dims", "split", "gather", "split_grads", "join_grads", "Reader", "ONE_MICROBATCH",
+           "accepting", "static_refusal", "leaf_refusal", "Layout", "layout", "Probe", "probe", "batch_layout"]
 
-_REDUCTIONS_ADVICE = ("set microbatch_statistics = True in the workload to accept per-micro-batch statistics, "
-                      "or use microbatches = 1")
+Reader = Literal["plan", "workload"]
+"""Who reads a refusal, and so what its advice may name: whoever holds a plan
+(placer.apply and the backends read only the plan: its `microbatches` and
+`microbatch_statistics`) or a workload's author (placer optimize's note: optimize keeps
+one micro-batch itself for a model it refuses; the workload's `microbatch_statistics`)."""
+
+# The one wording of each fix a refusal offers (new-user trial 10: advice naming a field the reader does not hold)
+ONE_MICROBATCH = "set the plan's microbatches to 1 (the same placement, one micro-batch)"
+
+
+def accepting(reader: Reader, what: str = "statistics per micro-batch") -> str:
+    """The advice ending a refusal that `microbatch_statistics` lifts, for `reader`;
+    `what` is what the flag accepts (batch statistics, an update of a parameter)."""
+    if reader == "plan":
+        return f"{ONE_MICROBATCH} or its microbatch_statistics to true ({what})"
+    return f"set microbatch_statistics = True in the workload to accept {what}"
 
 
 @dataclass(frozen=True)
@@ -153,34 +167,60 @@ def _where(node: fx.Node) -> str:
     return module_label(node) or f"node '{node.name}'"
 
 
-def static_refusal(graph: fx.Graph, root: nn.Module, source: str, extra_roots: Sequence[nn.Module] = ()) -> str | None:
+def static_refusal(graph: fx.Graph, root: nn.Module, source: str, extra_roots: Sequence[nn.Module] = (), *,
+                   reader: Reader = "workload", leaves: bool = True) -> str | None:
     """Why micro-batches would change what the model computes, seen from the graph
-    alone (batch norm in training, buffers or parameters updated in forward); None if nothing.
-    `root`: the module the graph's targets name (the traced GraphModule, typically);
-    `extra_roots`: where targets `root` lacks are found (chunks.build_chunks)."""
+    alone (batch norm in training, buffers or parameters updated in forward), with
+    advice for `reader`; None if nothing.
+
+    Parameters
+    ----------
+    graph : the capture's graph.
+    root, extra_roots : the module the graph's targets name (the traced GraphModule,
+        typically), and where targets `root` lacks are found (chunks.build_chunks).
+    source : how the message names the plan or workload.
+    reader : who reads the message (`Reader`): the workload's author by default
+        (placer.microbatch_policy), "plan" for whoever holds a plan.
+    leaves : also judge the modules the graph calls whole by their flags now
+        (`leaf_refusal`); False where that is left to a call in the capture's mode.
+    """
     root = _Lookup(root, extra_roots)
-    for node in graph.nodes:
-        if node.op == "call_module":
-            module = root.get_submodule(str(node.target))
-            norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-            if norms:
-                return (f"{source}: {_where(node)} ({type(norms[0]).__name__}) computes batch statistics in training, "
-                        f"over each micro-batch alone; {_REDUCTIONS_ADVICE}")
-        name = getattr(node.target, "__name__", "")
-        if "batch_norm" in name and node.op == "call_function":
+    reason = leaf_refusal(graph, root, source, reader) if leaves else None
+    if reason:
+        return reason
+    for node in graph.nodes:  # a capture froze these in its mode (graphs.trace)
+        if node.op == "call_function" and "batch_norm" in getattr(node.target, "__name__", ""):
             training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
             if training is not False:
-                return (f"{source}: {_where(node)} computes batch statistics in training, over each micro-batch "
-                        f"alone; {_REDUCTIONS_ADVICE}")
+                return _batch_statistics(node, "", source, reader)
     for node in graph.nodes:  # after batch norm, whose num_batches_tracked update comes first and matters less
         for base in written_state(node, root):  # also through views, chains of updates and no_grad blocks
-            if isinstance(root.fetch(str(base.target)), nn.Parameter):  # Embedding's max_norm renormalizes rows
-                return (f"{source}: {_where(node)} updates parameter '{base.target}' in forward, which micro-batches "
-                        f"would update once each; use microbatches = 1, or set microbatch_statistics = True in the "
-                        f"workload to accept an update per micro-batch")
-            return (f"{source}: {_where(node)} updates buffer '{base.target}' in forward, which micro-batches "
-                    f"would update once each; {_REDUCTIONS_ADVICE}")
+            parameter = isinstance(root.fetch(str(base.target)), nn.Parameter)  # Embedding's max_norm renormalizes
+            return (f"{source}: {_where(node)} updates {'parameter' if parameter else 'buffer'} '{base.target}' in "
+                    f"forward, which micro-batches would update once each; "
+                    f"{accepting(reader, 'an update per micro-batch' if parameter else 'statistics per micro-batch')}")
     return None
+
+
+def leaf_refusal(graph: fx.Graph, root: nn.Module, source: str, reader: Reader) -> str | None:
+    """Why micro-batches would change a module the graph calls whole (an fx leaf, such
+    as a BatchNorm listed in the workload's `leaf_modules`): batch norm in training now,
+    with advice for `reader`; None if none is. Such a module reads its training flag
+    when it runs, not when it was captured, so a call in the capture's mode (its first
+    micro-batched call: refusals.checked_layout) judges it as it will run. `root`: the
+    module the graph's targets name."""
+    for node in graph.nodes:
+        if node.op == "call_module":
+            norms = [m for m in root.get_submodule(str(node.target)).modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+            if norms:
+                return _batch_statistics(node, f" ({type(norms[0]).__name__})", source, reader)
+    return None
+
+
+def _batch_statistics(node: fx.Node, kind: str, source: str, reader: Reader) -> str:
+    return (f"{source}: {_where(node)}{kind} computes batch statistics in training, over each micro-batch alone; "
+            f"{accepting(reader)}")
 
 
 @dataclass(frozen=True)
@@ -209,7 +249,7 @@ def _batch_dim(a: tuple, b: tuple, rows: tuple[int, int]) -> int | None:
 
 def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mapping[str, Any],
            dims: Mapping[str, int], output_nodes: Sequence[str], source: str,
-           names: Mapping[str, str] | None = None) -> Layout:
+           names: Mapping[str, str] | None = None, marked: Collection[str] = ()) -> Layout:
     """The batch layout of a call: `probe` on rows [0:2], [0:3] and [1:3] ([0:1],
     [0:2], [1:2] for a smaller batch); shapes compared by `batch_layout`, then values
     (`Layout.reduction` says where rows [0:2] or [1:3] alone differ from those rows of
@@ -223,6 +263,10 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
     output_nodes : the nodes whose values the call returns.
     source : how error messages name the plan.
     names : placeholder -> the forward input it holds, as messages name inputs.
+    marked : the placeholders the plan's batch_dims mark never split (None), which its
+        advice never offers to mark again, nor blames on their length.
+
+    Messages are for whoever holds the plan (`Reader`), as only the runtime calls this.
 
     Raises
     ------
@@ -233,6 +277,7 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
     """
     name = next(iter(dims))
     whole = [n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and n not in dims]
+    differing = [n for n in whole if n not in marked]  # whole for their length, or as the plan's example had them
     rows = (2, 3) if inputs[name].shape[dims[name]] >= 3 else (1, 2)
     try:  # rows [0:2], [0:3] and [1:3] (or [0:1], [0:2], [1:2])
         runs = [probe(chunks, devices, inputs, dims, n, start)
@@ -243,8 +288,8 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
         probe(chunks, devices, inputs, dims, inputs[name].shape[dims[name]])  # failing whole too: eager's error
         along = _listed((f"dimension {d} of input {_named(n, names)!r}" for n, d in dims.items()
                          if d and inputs[n].is_floating_point()))
-        if whole:  # e.g. EmbeddingBag's flat indices with their offsets: no common batch dimension
-            cut, kept = (_listed(repr(_named(n, names)) for n in group) for group in (dims, whole))
+        if differing:  # e.g. EmbeddingBag's flat indices with their offsets: no common batch dimension
+            cut, kept = (_listed(repr(_named(n, names)) for n in group) for group in (dims, differing))
             why = (f"only {cut} was split ({inputs[name].shape[dims[name]]} rows along dimension {dims[name]}); "
                    f"{kept} went whole to every micro-batch, its length differing: name each input's batch "
                    f"dimension in batch_dims if they share one, else the model's inputs cannot be split.")
@@ -254,14 +299,18 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
         elif along:
             why = (f"the plan's capture may fix the batch's size along {along}: torch.export keeps it "
                    f"free only in a capture made with batch_dims naming it, so make the plan again from the workload.")
+        elif whole:  # marked by the user: not to blame for their length, but maybe wrongly
+            why = (f"does it assume a fixed batch size, or is {_listed(repr(_named(n, names)) for n in whole)}, "
+                   f"which batch_dims mark never split (None), batched too?")
         else:
             why = "does it assume a fixed batch size?"
         raise PlanError(f"{source}: the model fails on a batch of {rows[0]} rows ({type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); {why} "
-                        f"Otherwise, use microbatches = 1") from exc
+                        f"Otherwise, {ONE_MICROBATCH}") from exc
     nodes = [n for c in chunks for n in c.module.graph.nodes]
     split = (_named(name, names), dims[name])
-    fix = _name_the_batch(split, inputs[name].dim(), [_named(n, names) for n in whole])
+    fix = _name_the_batch(split, inputs[name].dim(), [_named(n, names) for n in whole],
+                          {_named(n, names) for n in whole if n in marked})
     found = batch_layout(nodes, output_nodes, [runs[0].shapes, runs[1].shapes], rows, fix, source)
     if not found.reduction:
         random = next((r.random for r in runs if r.random), None)
@@ -271,8 +320,8 @@ def layout(chunks: Sequence[Any], devices: Sequence[torch.device], inputs: Mappi
         found = replace(found, reduction=_mixing(output_nodes, found.output_dims, runs, rows, split, fix, source))
     if found.reduction and len(dims) > 1:  # an input split by chance looks like a reduction or mixing (trial 10)
         return replace(found, reduction=f"{source}: {_inputs_split(dims, names)}: if one is not batched but as "
-                       f"long as the batch by chance, {_not_batched(dims, names)}, or use microbatches = 1 "
-                       f"(per-micro-batch statistics would not fix it). Otherwise: "
+                       f"long as the batch by chance, {_not_batched(dims, names)}, or {ONE_MICROBATCH}: "
+                       f"its microbatch_statistics would not fix it. Otherwise: "
                        f"{found.reduction.removeprefix(source + ': ')}")
     return found
 
@@ -311,23 +360,30 @@ def _mixing(output_nodes: Sequence[str], output_dims: Mapping[str, list[int | No
             for start, part in ((0, alone), (1, later)):
                 if not _close(whole.narrow(d, start * per_row, a * per_row), part):
                     span = f"row {start}" if a == 1 else f"rows {start}-{start + a - 1}"
+                    advice = ", ".join([*fix, f"else {ONE_MICROBATCH}"]) if fix else ONE_MICROBATCH
                     return (f"{source}: output '{name}' for {span} alone differs from those rows of a {b}-row batch: "
                             f"the model mixes values along dimension {split[1]} of input '{split[0]}', which "
-                            f"micro-batches split; {', '.join([*fix, 'else use']) if fix else 'use'} microbatches = 1")
+                            f"micro-batches split; {advice}")
     return None
 
 
-def _name_the_batch(split: tuple[str, int], rank: int, whole: Sequence[str]) -> list[str]:
+def _name_the_batch(split: tuple[str, int], rank: int, whole: Sequence[str], marked: Collection[str]) -> list[str]:
     """Advice for a batch split along dimension split[1] of input split[0] (of `rank`
     dimensions), which may not be where its batch lies: another of its dimensions, and
     where inputs went whole (`whole`), split[0] marked unbatched, so that the next input
-    defines the batch (new-user trial 10: the other dimension of a 1-d input cannot)."""
+    defines the batch (new-user trial 10: the other dimension of a 1-d input cannot);
+    one of `whole` that batch_dims mark None (`marked`) is offered only where no other is,
+    with its None moved to split[0] (both marked, nothing would split)."""
     x, dim = split
     fixes = [f"name the batch's dimension in the workload (batch_dims = {{'{x}': {1 if dim == 0 else 0}}}) and make "
              f"the plan again, if it is not {dim}"] if rank > 1 else []
-    if whole:  # None needs no new capture: the plan's own batch_dims take it too
-        fixes.append(f"mark {x!r} unbatched if {whole[0]!r} holds the batch (batch_dims = {{'{x}': None}} in the "
+    holder = next((w for w in whole if w not in marked), None)
+    if holder is not None:  # None needs no new capture: the plan's own batch_dims take it too
+        fixes.append(f"mark {x!r} unbatched if {holder!r} holds the batch (batch_dims = {{'{x}': None}} in the "
                      f"workload or the plan)")
+    elif whole:
+        fixes.append(f"if {whole[0]!r} holds the batch, move its None in batch_dims to {x!r} (batch_dims = "
+                     f"{{'{x}': None}} in the workload or the plan, not {{'{whole[0]}': None}})")
     return fixes
 
 
@@ -362,17 +418,17 @@ def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], se
                 if d is None and not x:  # a 0-d value: another batch dimension would not give it one
                     raise PlanError(f"{source}: output '{name}' is a scalar over the whole batch, such as a loss "
                                     f"computed inside the model (a `labels` argument), which cannot be gathered from "
-                                    f"micro-batches: compute it in loss_fn from the model's outputs, or use "
-                                    f"microbatches = 1")
+                                    f"micro-batches: compute it in loss_fn from the model's outputs, or "
+                                    f"{ONE_MICROBATCH}")
                 if d is None:
                     raise PlanError(f"{source}: output '{name}' has no batch dimension (shape {list(x)} at {rows[0]} "
                                     f"rows); a value over the whole batch cannot be gathered from micro-batches: "
-                                    f"{', '.join(['compute it in loss_fn', *fix])}, or use microbatches = 1")
+                                    f"{', '.join(['compute it in loss_fn', *fix])}, or {ONE_MICROBATCH}")
                 leaves.append(d)
             elif x != y:
                 raise PlanError(f"{source}: output '{name}' is {x!r} for {rows[0]} rows and {y!r} for {rows[1]}: "
-                                f"it depends on the batch and cannot be gathered from micro-batches; use "
-                                f"microbatches = 1")
+                                f"it depends on the batch and cannot be gathered from micro-batches; "
+                                f"{ONE_MICROBATCH}")
             else:
                 leaves.append(None)
         dims[name] = leaves
@@ -386,6 +442,6 @@ def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], se
         if (out and any(_batch_dim(x, y, rows) is not None for x, y in ins)
                 and all(_batch_dim(x, y, rows) is None for x, y in out)):
             reduction = (f"{source}: {_where(node)} reduces over the batch (output shape {list(out[0][0])} at "
-                         f"{rows[0]} rows), so each micro-batch would see only its own rows; {_REDUCTIONS_ADVICE}")
+                         f"{rows[0]} rows), so each micro-batch would see only its own rows; {accepting('plan')}")
             break
     return Layout(dims, reduction)

@@ -15,15 +15,22 @@ message, whichever runs it (microbatch.py says what is refused and why).
   reductions over the batch and rows mixed along the split dimension; and a warning
   where the probe could not compare values (a random op it cannot hold fixed).
 
-Their advice is for whoever holds the plan (`PLAN_ADVICE`): placer.apply reads only
-the plan; a workload's options are merged into it only where placer runs the two
-together (placer.plan.with_workload_options).
+Their advice is for whoever holds the plan (`PLAN_ADVICE`, microbatch.Reader): placer.apply
+reads only the plan; a workload's options are merged into it only where placer runs
+the two together (placer.plan.with_workload_options). `hook_refusal` also serves
+placer optimize, whose note advises the workload's author.
+
+A module the capture calls whole (an fx leaf: a BatchNorm listed in the workload's
+`leaf_modules`) reads its training flag when it runs, not when it was captured: it
+is judged at the capture's first micro-batched call (`checked_layout`), in the
+capture's mode, so that a model applied in eval and then trained gets the batch-norm
+refusal as the others do (microbatch.leaf_refusal).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,13 +40,13 @@ from torch import nn
 from graphs.errors import PlanError
 from placer.runtime import microbatch
 from placer.runtime.chunks import Chunk
+from placer.runtime.microbatch import ONE_MICROBATCH, Reader
 
 __all__ = ["Refused", "PLAN_ADVICE", "capture_refusal", "refuse_static", "checked_layout", "gradient_hook",
            "hook_refusal"]
 
 # What a plan's holder can change; the cause comes first in each message
-PLAN_ADVICE = ("set the plan's microbatches to 1 (the same placement, one micro-batch) or its "
-               "microbatch_statistics to true (statistics per micro-batch)")
+PLAN_ADVICE = microbatch.accepting("plan")
 
 
 class Refused(PlanError):
@@ -60,32 +67,35 @@ def gradient_hook(*modules: nn.Module) -> str | None:
     return None
 
 
-def hook_refusal(source: str, *modules: nn.Module) -> str | None:
+def hook_refusal(source: str, *modules: nn.Module, reader: Reader = "workload") -> str | None:
     """Why micro-batches are refused for `modules`: a parameter with a gradient hook
-    (`gradient_hook`); None if none has one."""
+    (`gradient_hook`), with advice for `reader` (microbatch.Reader: the workload's author
+    by default, as placer.microbatch_policy asks); None if none has one."""
     hooked = gradient_hook(*modules)
+    fix = f"{ONE_MICROBATCH}, or remove the hook" if reader == "plan" else "remove the hook to allow micro-batches"
     return hooked and (f"{source}: parameter '{hooked}' has a gradient hook, which micro-batches would run once each, "
-                       f"on each one's share of the gradient; use microbatches = 1, or remove the hook")
+                       f"on each one's share of the gradient; {fix}")
 
 
 def capture_refusal(graph: fx.Graph, root: nn.Module, source: str, microbatch_statistics: bool,
-                    extra_roots: Sequence[nn.Module] = ()) -> str | None:
+                    extra_roots: Sequence[nn.Module] = (), leaves: bool = False) -> str | None:
     """Why micro-batches would change what a capture computes in the mode it was made
     in (`microbatch.static_refusal`: batch norm in training, a buffer or parameter
     updated in forward), with `PLAN_ADVICE`; None where nothing does, or the plan
     accepts per-micro-batch statistics. `graph`: the capture's; `root`, `extra_roots`:
-    where its targets are found. The engine raises it at the capture's first
-    micro-batched call (module docstring).
+    where its targets are found; `leaves`: judge modules called whole by their flags
+    now (else `checked_layout` does, at a call in the capture's mode). The engine
+    raises it at the capture's first micro-batched call (module docstring).
 
     Raises
     ------
     Refused : a parameter with a gradient hook (`hook_refusal`), in any mode.
     """
-    hooked = hook_refusal(source, root, *extra_roots)
+    hooked = hook_refusal(source, root, *extra_roots, reader="plan")
     if hooked:
         raise Refused(hooked)
-    reason = None if microbatch_statistics else microbatch.static_refusal(graph, root, source, extra_roots)
-    return reason and _for_the_plan(reason)
+    return None if microbatch_statistics else microbatch.static_refusal(graph, root, source, extra_roots,
+                                                                        reader="plan", leaves=leaves)
 
 
 def refuse_static(graph: fx.Graph, root: nn.Module, source: str, microbatch_statistics: bool,
@@ -95,48 +105,48 @@ def refuse_static(graph: fx.Graph, root: nn.Module, source: str, microbatch_stat
 
     Raises
     ------
-    Refused : a gradient hook, batch norm in training or a buffer or parameter updated
-        in forward (one line, with the fix).
+    Refused : a gradient hook, batch norm in training (also in a module called whole,
+        by its flag now) or a buffer or parameter updated in forward (one line, with
+        the fix).
     """
-    reason = capture_refusal(graph, root, source, microbatch_statistics, extra_roots)
+    reason = capture_refusal(graph, root, source, microbatch_statistics, extra_roots, leaves=True)
     if reason:
         raise Refused(reason)
-
-
-def _for_the_plan(reason: str) -> str:
-    """A refusal of microbatch.py's with its advice for the workload's author (who can
-    make the plan again) put for whoever holds the plan (`PLAN_ADVICE`)."""
-    return reason.replace(microbatch._REDUCTIONS_ADVICE, PLAN_ADVICE)
 
 
 def checked_layout(chunks: Sequence[Chunk], devices: Sequence[torch.device], inputs: Mapping[str, Any],
                    dims: Mapping[str, int], output_nodes: Sequence[str], source: str,
                    microbatch_statistics: bool, names: Mapping[str, str] | None = None,
-                   refusal: str | None = None) -> microbatch.Layout:
+                   refusal: str | None = None, marked: Collection[str] = ()) -> microbatch.Layout:
     """`microbatch.layout` of a call (arguments as there: the chunks in order, each
     one's device, placeholder -> value of the whole batch, the split inputs and their
     dimensions, the nodes the call returns, placeholder -> the forward input it holds,
-    as messages name inputs), refused unless the workload accepts
-    per-micro-batch statistics where it found a reduction over the batch or rows
-    mixed along the split dimension. Where the probe could not compare values
-    (`Layout.unchecked`), warns (UserWarning) that micro-batches of this model were
-    not checked for mixing rows; the executor probes once per input signature.
-    `refusal`: the capture's own (`capture_refusal`), raised before any probe.
+    as messages name inputs, the placeholders the plan's batch_dims mark None), refused
+    unless the plan accepts per-micro-batch statistics where it found a reduction over
+    the batch or rows mixed along the split dimension. Where the probe could not
+    compare values (`Layout.unchecked`), warns (UserWarning) that micro-batches of this
+    model were not checked for mixing rows; the executor probes once per input signature.
+    `refusal`: the capture's own (`capture_refusal`), raised before any probe, after
+    batch norm in training in a module the chunks call whole (microbatch.leaf_refusal:
+    the call is in the capture's mode, module docstring).
 
     Raises
     ------
-    Refused : `refusal`; as microbatch.layout (no batch dimension in an output, the
-        model fails on fewer rows), and `Layout.reduction` unless `microbatch_statistics`.
+    Refused : batch norm in a module called whole, unless `microbatch_statistics`;
+        `refusal`; as microbatch.layout (no batch dimension in an output, the model
+        fails on fewer rows), and `Layout.reduction` unless `microbatch_statistics`.
     """
-    if refusal:
-        raise Refused(refusal)
+    leaf = None if microbatch_statistics else next(
+        filter(None, (microbatch.leaf_refusal(c.module.graph, c.module, source, "plan") for c in chunks)), None)
+    if leaf or refusal:
+        raise Refused(leaf or refusal)
     try:
-        layout = microbatch.layout(chunks, devices, inputs, dims, output_nodes, source, names)
+        layout = microbatch.layout(chunks, devices, inputs, dims, output_nodes, source, names, marked)
     except PlanError as exc:
         raise Refused(str(exc)) from exc
     if layout.reduction and not microbatch_statistics:
-        raise Refused(_for_the_plan(layout.reduction))
+        raise Refused(layout.reduction)
     if layout.unchecked:
-        warnings.warn(f"{source}: {layout.unchecked}, so rows mixed along it would go unrefused "
-                      f"(microbatches = 1 is safe)", stacklevel=2)
+        warnings.warn(f"{source}: {layout.unchecked}, so rows mixed along it would go unrefused; where they might, "
+                      f"{ONE_MICROBATCH}", stacklevel=2)
     return layout
