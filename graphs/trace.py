@@ -228,7 +228,7 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type] = (), leaf_paths:
     use_export = method == "export" or (method == "auto" and inputs is not None and not leaf_classes
                                         and not paths and export_available())
     kwargs = dict(kwargs or {})
-    with _in_mode(model, mode):
+    with in_mode(model, mode):
         free = tuple(sorted((name, dim) for name, dim in (batch_dims or {}).items() if dim))  # None: unbatched
         options = (use_export, method, training_flags(model), leaf_classes, paths, allow_fallback, inputs is None)
         key = trace_cache.request_key(options, tuple(inputs or ()), kwargs)  # fx's: it keeps every size free
@@ -292,8 +292,7 @@ def canonical_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> i
 
 def training_flags(model: nn.Module) -> tuple[bool, ...]:
     """Every module's training flag, in model.modules() order: the mode a capture froze.
-    (The walk is written out: named_modules builds a name for every module, which
-    costs 2-4x more.)"""
+    (The walk is written out: named_modules names every module, at 2-4x the cost.)"""
     flags: list[bool] = []
     seen: set[nn.Module] = set()
 
@@ -309,7 +308,8 @@ def training_flags(model: nn.Module) -> tuple[bool, ...]:
 
 
 @contextlib.contextmanager
-def _in_mode(model: nn.Module, mode: str | None) -> Iterator[None]:
+def in_mode(model: nn.Module, mode: str | None) -> Iterator[None]:
+    """The block run with the model in `mode` ("train", "eval"; None: as it is), flags restored after."""
     flags = training_flags(model)
     if mode is not None:
         model.train(mode == "train")

@@ -31,6 +31,7 @@ from __future__ import annotations
 from torch import fx
 
 from graphs.problem import PlacementProblem
+from graphs.trace import in_mode
 from graphs.workload import Workload
 
 __all__ = ["microbatches_off", "scalar_output"]
@@ -54,7 +55,8 @@ def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
     source = problem.workload or loaded.spec
     reason = scalar_output(traced.gm.graph, source) or hook_refusal(source, loaded.model)
     if reason is None and not problem.microbatch_statistics:
-        reason = static_refusal(traced.gm.graph, loaded.model, source, extra_roots=(traced.gm,))
+        with in_mode(loaded.model, "train"):  # a module called whole (an fx leaf) reads its flag as it runs
+            reason = static_refusal(traced.gm.graph, loaded.model, source, extra_roots=(traced.gm,))
     if reason:
         for graph in (g for g in (problem.groups, problem.ops) if g is not None):
             by_kind = graph.graph.get("microbatch_step_ms_by_kind") or {}

@@ -172,3 +172,27 @@ def test_an_fx_leaf_batch_norm_applied_in_training_is_refused_at_its_first_call(
         placed(batch()).sum().backward()
     finally:
         placed.close()
+
+
+def test_placer_apply_does_not_offer_an_input_marked_none_as_the_batch(one_thread):
+    model = VecFirst()
+    inputs = (torch.rand(64), torch.randn(24, 32))
+    plan = plan_from_assignment(model, first_apart, TWO, inputs=inputs, batch_dims={"x": None})
+    placed = placer.apply(model, replace(plan, microbatches=2, schedule="gpipe"))
+    try:
+        with pytest.raises(PlanError, match=r"if 'x' holds the batch, move its None in batch_dims to 'v'"):
+            placed(*inputs)
+    finally:
+        placed.close()
+
+
+def test_optimize_keeps_micro_batches_off_for_an_fx_leaf_batch_norm_in_either_mode():
+    from graphs.problem import build_problem
+    from graphs.workload import Workload
+    from placer.microbatch_policy import microbatches_off
+    from tests.test_microbatch_modes import trained_cnn
+
+    for model in (trained_cnn(), trained_cnn().train()):
+        loaded = Workload(name="cnn", spec="cnn.py", model=model, inputs=(batch(),), leaf_modules=(nn.BatchNorm2d,))
+        reason = microbatches_off(loaded, build_problem(loaded, "cpu:0,cpu:1"))
+        assert reason is not None and "(BatchNorm2d) computes batch statistics" in reason

@@ -28,7 +28,7 @@ Grad mode and autocast are per thread: each chunk's forward runs with the caller
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -65,13 +65,14 @@ class Executor:
     def __init__(self, chunks: list[Chunk], devices: Mapping[str, Device], *, microbatches: int = 1,
                  batch_dims: Mapping[str, int | None] | None = None, input_names: Mapping[str, str] | None = None,
                  microbatch_statistics: bool = False, pin: bool = False, timeout_s: float | None = None,
-                 source: str = "plan", refusal: str | None = None):
+                 source: str = "plan", refusal: str | None = None, marked: Collection[str] = ()):
         if microbatches < 1:
             raise PlanError(f"{source}: microbatches must be at least 1, got {microbatches}")
         self.chunks, self.devices, self.microbatches = chunks, dict(devices), microbatches
         self.batch_dims, self.input_names = dict(batch_dims or {}), dict(input_names or {})
         self.microbatch_statistics, self.pin, self.timeout_s, self.source = microbatch_statistics, pin, timeout_s, source
         self.refusal = refusal  # refusals.capture_refusal: raised at the first micro-batched call, not before
+        self.marked = frozenset(marked)  # placeholders the plan's batch_dims mark None, as refusals tell them
         self.producer = {node: c.index for c in chunks for node in c.outputs}
         self.consumers: dict[str, list[int]] = {}
         for c in chunks:
@@ -106,7 +107,7 @@ class Executor:
     def build(cls, model: nn.Module, gm: fx.GraphModule, assignment: dict[str, str], devices: Mapping[str, Device], *,
               groups: Sequence[Sequence[str]] | None = None, microbatches: int = 1, schedule: str | None = None,
               batch_dims: Mapping[str, int | None] | None = None, input_names: Mapping[str, str] | None = None,
-              microbatch_statistics: bool = False, source: str = "plan") -> Executor:
+              microbatch_statistics: bool = False, source: str = "plan", marked: Collection[str] = ()) -> Executor:
         """The executor of `gm` (traced from `model`) placed by `assignment` on
         `devices`, chunked over the plan's `groups` (chunks.py).
 
@@ -119,7 +120,8 @@ class Executor:
         groups : the plan's groups (member node names), the partition's atoms where
             they serve; None: single nodes.
         microbatches, schedule : GPipe micro-batches per call (schedule None or "gpipe").
-        batch_dims : placeholder -> the dimension its batch is split along (default 0; None: never).
+        batch_dims : placeholder -> the dimension its batch is split along (default 0; None: never);
+            `marked`: those the plan's batch_dims (not its example batch) mark None.
         input_names : placeholder -> the forward input it holds, as messages name inputs.
         microbatch_statistics : accept batch statistics per micro-batch instead of refusing.
         source : how error messages name the plan.
@@ -135,7 +137,7 @@ class Executor:
         chunks = build_chunks(model, gm.graph, assignment, groups=groups, extra_roots=(gm,))
         refusal = capture_refusal(gm.graph, model, source, microbatch_statistics, (gm,)) if microbatches > 1 else None
         return cls(chunks, devices, microbatches=microbatches, batch_dims=batch_dims, input_names=input_names,
-                   microbatch_statistics=microbatch_statistics, source=source, refusal=refusal)
+                   microbatch_statistics=microbatch_statistics, source=source, refusal=refusal, marked=marked)
 
     def _start(self, caller: int | None) -> None:  # then the caller has `caller` threads (None: its own)
         own = torch.get_num_threads()  # copied before the workers set the process-wide count (worker.py)
@@ -291,7 +293,7 @@ class Executor:
         if key not in self._layouts:
             devices = [w.torch_device for w in self._chunk_workers]
             self._layouts[key] = checked_layout(self.chunks, devices, inputs, split.dims, names, self.source,
-                                                self.microbatch_statistics, self.input_names, self.refusal)
+                                                self.microbatch_statistics, self.input_names, self.refusal, self.marked)
         return self._layouts[key]
 
     # -- backward ------------------------------------------------------------

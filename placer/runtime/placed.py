@@ -382,19 +382,19 @@ def _unbatched(plan: Plan, traced: Traced) -> frozenset[str]:
 
 def _build(model: nn.Module, plan: Plan, traced: Traced, assignment: dict[str, str], devices: dict[str, Device],
            groups: list[list[str]] | None, unbatched: frozenset[str]) -> PlacedCapture:
-    """The executor of a capture placed by `assignment` (chunked over `groups`, the
-    plan's, for its own capture), after what the capture baked in about devices is
-    made to follow the placement (tensors.localize); micro-batched as the plan says
-    (microbatches, schedule, microbatch_statistics), each placeholder along the dimension
-    the plan's `batch_dims` gives its forward input (graphs.trace_inputs), never those in
-    `unbatched` (`_unbatched` of the training capture, for every capture)."""
+    """The executor of a capture placed by `assignment` (chunked over `groups`, the plan's, for its own capture),
+    after what the capture baked in about devices is made to follow the placement (tensors.localize); micro-batched
+    as the plan says (microbatches, schedule, microbatch_statistics), each placeholder along the dimension the plan's
+    `batch_dims` gives its forward input (graphs.trace_inputs), never those in `unbatched` (`_unbatched` of the
+    training capture, for every capture)."""
     gm = traced.gm
     localize(model, gm, lambda n: torch.device(devices[assignment[n.name]].torch_device)
              if n.name in assignment else None)
-    batch_dims = {**placeholder_dims(traced, plan.batch_dims), **dict.fromkeys(unbatched)}
+    dims = placeholder_dims(traced, plan.batch_dims)  # the plan's own (None: marked never split, as refusals say)
     executor = Executor.build(gm, gm, assignment, devices, groups=groups, microbatches=plan.microbatches,
-                              schedule=plan.schedule, batch_dims=batch_dims, input_names=input_names(traced),
-                              microbatch_statistics=plan.microbatch_statistics, source=plan.source)
+                              schedule=plan.schedule, batch_dims={**dims, **dict.fromkeys(unbatched)},
+                              input_names=input_names(traced), microbatch_statistics=plan.microbatch_statistics,
+                              source=plan.source, marked=[p for p, d in dims.items() if d is None])
     leaves = [(leaf.name, None) if isinstance(leaf, fx.Node) else (None, leaf) for leaf in traced.output_leaves]
     output_nodes = list(dict.fromkeys(name for name, _ in leaves if name is not None))
     modules = tuple(gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module")
