@@ -219,3 +219,19 @@ def test_parameters_converted_in_place_are_refused_and_a_plan_for_the_converted_
             again.close()
     finally:
         placed.close()
+
+
+def test_a_module_whose_class_was_swapped_is_refused():
+    """`m.__class__ = Other` keeps every table and attribute but runs another forward."""
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model, placed = placed_pair()
+    try:
+        placed.head.__class__ = Doubled
+        with pytest.raises(ExecutionError, match=r"\(module 'head' is a Doubled where it was a Linear\)"):
+            placed(torch.randn(4, 8))
+    finally:
+        placed.close()

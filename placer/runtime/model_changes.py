@@ -6,8 +6,9 @@ attributes its forward read (Dropout's `p`, a temperature, a flag, a config's
 `output_hidden_states`, a tensor kept as a plain attribute). Any of these replaced,
 added or removed afterwards (`m.fc.weight = nn.Parameter(...)`, `m.fc = nn.Linear(...)`,
 `m.layers.append(...)`, `.to(torch.bfloat16)`, `.cuda()`,
-`load_state_dict(..., assign=True)`, `m.scale = 2.0`, `m.config.use_cache = True`), or
-a hook added or removed, would be silently ignored: a wrong number (new-user trial 11).
+`load_state_dict(..., assign=True)`, `m.scale = 2.0`, `m.config.use_cache = True`), a
+module's class swapped (`m.__class__ = Other`: its forward is another), or a hook added
+or removed, would be silently ignored: a wrong number (new-user trial 11).
 `ModelSnapshot` notices such a change at the next call so that the call can refuse it.
 
 Which attributes a forward reads cannot be seen from outside, so every attribute of
@@ -121,6 +122,9 @@ class ModelSnapshot:
         self._sized, self._sized_names, self._sized_owners = [], [], []  # every dict here: a key added or removed
         self._hooks, self._hook_owners = [], []  # shows in its length, and its keys then name it
         self._tensors: list[torch.Tensor] = []  # parameters and buffers: their dtypes and devices
+        self._modules = [module for _, module in modules]
+        self._module_names = [prefix for prefix, _ in modules]
+        self._classes = list(map(type, self._modules))
         held: set[int] = set()  # ids of the plain objects taken
         for prefix, module in modules:
             for table in (module._parameters, module._buffers, module._modules):
@@ -188,6 +192,10 @@ class ModelSnapshot:
                     f"torch.func.functional_call, which placer cannot run)")
         if list(map(_DTYPE, self._tensors)) != self._dtypes or list(map(_DEVICE, self._tensors)) != self._devices:
             return self._tensor_converted()
+        if list(map(type, self._modules)) != self._classes:
+            name, now, was = next((n, type(m), c) for n, m, c in zip(self._module_names, self._modules, self._classes)
+                                  if type(m) is not c)
+            return f"{f'module {name!r}' if name else 'the model'} is a {now.__name__} where it was a {was.__name__}"
         now = list(map(dict.get, self._attr_dicts, self._attr_keys))
         if any(map(operator.is_not, now, self._attrs)):
             for i, (new, old) in enumerate(zip(now, self._attrs)):
