@@ -7,6 +7,12 @@ grain there. Arguments the example call leaves out are traced at their defaults
 (`concrete_args`), so `if mask is not None:` takes the branch eager takes. Tensors fx
 stows on the model while tracing (`_tensor_constant0`, ...) move to the graph module,
 so a second trace of the same model names them alike.
+
+fx traces buffers as the concrete tensors they are, so a forward that reads one as a
+Python value (`float(self.k)`, `.item()`, `if self.flag:`) would have it baked into
+the graph, and an update of the buffer in place would go unseen: a wrong number. Such a
+read fails the trace (`_BufferReads`), so the module doing it runs as itself (a leaf),
+reading the buffer live, or, for the model's own forward, the capture is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +37,25 @@ from graphs.trace import Traced, canonical_call, first_line, first_sentence, nor
 _TORCH_DIR = os.path.dirname(torch.__file__)
 MAX_FALLBACK_LEAVES = 64
 _ASSERTS = {torch.fx._symbolic_trace._assert_is_none, torch._assert}
+
+
+class _BufferReads(torch.overrides.TorchFunctionMode):
+    """Raises TypeError where the traced forward reads one of `model`'s buffers as a
+    Python value (module doc)."""
+
+    READS = {torch.Tensor.__float__: "float()", torch.Tensor.__int__: "int()", torch.Tensor.__bool__: "an if or bool()",
+             torch.Tensor.__index__: "an index", torch.Tensor.item: ".item()", torch.Tensor.tolist: ".tolist()"}
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.names = {id(t): name for name, t in model.named_buffers()}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS and args and id(args[0]) in self.names:
+            raise TypeError(f"the forward reads buffer '{self.names[id(args[0])]}' as a Python value "
+                            f"({self.READS[func]}), which a capture would fix at its value now (read it as a "
+                            f"tensor: x * self.k, torch.where)")
+        return func(*args, **(kwargs or {}))
 
 
 class PlacerTracer(fx.Tracer):
@@ -82,7 +107,8 @@ def trace_fx(model: nn.Module, leaf_classes: tuple[type, ...], leaf_paths: tuple
         tracer = PlacerTracer(leaf_classes, paths)
         stowed = set(vars(model))
         try:
-            graph = tracer.trace(model, concrete_args=concrete or None)
+            with _BufferReads(model):
+                graph = tracer.trace(model, concrete_args=concrete or None)
             _drop_baked_placeholders(graph, signature, concrete)  # before codegen, which fails on a tuple's leaves
             for node in [n for n in graph.nodes if n.op == "placeholder"]:
                 node.args = ()  # no default values: fx writes them into a flattening assignment (a syntax error)

@@ -3,6 +3,7 @@ calls a capture covers, outputs of the eager type, and a model left as it was fo
 
 from __future__ import annotations
 
+import copy
 from collections import namedtuple
 
 import pytest
@@ -403,3 +404,51 @@ def test_why_a_capture_does_not_cover_a_call_is_one_short_line():
     traced = trace_model(Scaled(), inputs=(torch.randn(3, 4),), method="export")
     why = traced.why_not((torch.randn(3, 4),), {"extra": (torch.randn(2, 4), torch.randn(200, 4)), "t": 2.0})
     assert "\n" not in why and "Tensor(200, 4)" in why and "t=2.0" in why and len(why) < 200
+
+
+class ReadsItsScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("k", torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.fc(x) * float(self.k)  # export refuses (data-dependent); fx would bake 2.0 in
+
+
+class HoldsAReader(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = ReadsItsScale()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def test_a_buffer_read_as_a_python_number_is_never_baked_into_the_capture():
+    """Baked in, a buffer updated in place afterwards was silently not seen (1.5 off at the output):
+    the module reading it runs whole instead, and the model's own forward doing it is refused."""
+    from graphs.errors import CaptureError
+    from placer.plan import plan_from_assignment
+    from placer.runtime.placed import apply
+
+    torch.manual_seed(0)
+    model, x = HoldsAReader(), torch.randn(3, 4)
+    traced = trace_model(model, inputs=(x,))
+    assert traced.leaf_paths == ("inner",) and "reads buffer 'inner.k' as a Python value (float())" in \
+        traced.fallback_notes[-1]
+    twin = copy.deepcopy(model)
+    plan = plan_from_assignment(twin, lambda n: ["cpu:0", "cpu:1"][n.name.startswith("head")], ["cpu:0", "cpu:1"],
+                                inputs=(x,))
+    placed = apply(twin, plan)
+    try:
+        with torch.no_grad():
+            placed.original.inner.k.fill_(5.0)
+            model.inner.k.fill_(5.0)
+        torch.testing.assert_close(placed(x), model(x))
+    finally:
+        placed.close()
+    with pytest.raises(CaptureError, match=r"own forward \(ReadsItsScale\) at .*reads buffer 'k' as a Python value "
+                                           r"\(float\(\)\).*read it as a tensor"):
+        trace_model(ReadsItsScale(), inputs=(x,))
