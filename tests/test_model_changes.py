@@ -235,3 +235,16 @@ def test_a_module_whose_class_was_swapped_is_refused():
             placed(torch.randn(4, 8))
     finally:
         placed.close()
+
+
+def test_a_parameter_moved_to_another_device_is_refused(monkeypatch):
+    """Where a tensor can move (a GPU is visible; here pretended, and the move is to the meta device),
+    the snapshot keeps every parameter's device: `.cuda()` moves them in place."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model, placed = placed_pair()
+    try:
+        placed.head.to("meta")
+        with pytest.raises(ExecutionError, match=r"\('head.weight' is on meta where the plan put it on cpu: .to\(\)"):
+            placed(torch.randn(4, 8))
+    finally:
+        placed.close()
