@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from graphs.errors import WorkloadError, exit_error
+from graphs.errors import CaptureError, WorkloadError, exit_error
 from graphs.schedule import written_state
 from graphs.trace import Traced, fingerprint, target_name, tensors_fingerprint, trace_model
 from graphs.trace_fx import user_frame
@@ -65,7 +65,11 @@ def capture(workload: Workload) -> nx.DiGraph:
     Raises CaptureError when the model cannot be captured at all, WorkloadError when
     it fails on its example inputs.
     """
-    traced = trace_model(workload.model, workload.leaf_modules, inputs=workload.inputs, batch_dims=workload.batch_dims)
+    try:
+        traced = trace_model(workload.model, workload.leaf_modules, inputs=workload.inputs,
+                             batch_dims=workload.batch_dims)
+    except CaptureError as exc:  # the model's own failure on its inputs is the cause to name (new-user trial 12)
+        raise failure_on_inputs(workload.spec, workload.model, workload.inputs) or exc
     workload.notes.extend(traced.fallback_notes)
     return capture_traced(traced, workload.model, workload.inputs, name=workload.name, spec=workload.spec,
                           batch_dims=workload.batch_dims)
@@ -222,13 +226,14 @@ class NodeFailure(Exception):
 
 
 def failure_on_inputs(spec: str, model: nn.Module, inputs: tuple[torch.Tensor, ...],
-                      failure: NodeFailure) -> Exception:
+                      failure: NodeFailure | None = None) -> Exception | None:
     """What to raise when a run of `model`'s capture on its example `inputs` failed
-    (`failure`): the model itself is run on them, as a training step runs it (buffers
-    restored afterwards). If it fails too, the user's model or inputs are at
-    fault: a WorkloadError naming `spec`, the line that fails (else the node), the
-    error and a fix. If it runs, the capture is at fault (placer's bug): the node's
-    own exception, for the command line to report as an internal error."""
+    (`failure`), or its capture did (None): the model itself is run on them, as a
+    training step runs it (buffers restored afterwards). If it fails too, the user's
+    model or inputs are at fault: a WorkloadError naming `spec`, the line that fails
+    (else the node), the error and a fix. If it runs, the capture is at fault: the
+    node's own exception, for the command line to report as an internal error (None
+    without a `failure`: the capture's own error stands)."""
     try:
         with buffers_kept(model):
             model(*inputs)
@@ -236,7 +241,7 @@ def failure_on_inputs(spec: str, model: nn.Module, inputs: tuple[torch.Tensor, .
         return exit_error(f"{spec}: the model's forward", exc.code)
     except Exception as exc:
         where = user_frame(exc)
-        if where == "unknown location":  # only torch's own code ran (an nn.Linear as the model, say)
+        if where == "unknown location" and failure is not None:  # only torch's code ran (an nn.Linear model)
             node, module = failure.node, owning_module(failure.node)
             inside = f" in module '{module}'" if module not in ("", str(node.target)) else ""
             where = f"node '{node.name}' ({target_name(node)}){inside}"
@@ -244,6 +249,8 @@ def failure_on_inputs(spec: str, model: nn.Module, inputs: tuple[torch.Tensor, .
                               f"{first_line(exc)}; fix: {_inputs_fix(inputs, exc)}")
         error.__cause__ = exc
         return error
+    if failure is None:
+        return None
     cause = failure.__cause__
     return cause if isinstance(cause, Exception) else failure
 

@@ -196,6 +196,27 @@ def example_inputs(): return torch.randn(2, 3)
     assert "fix: make example_inputs() return the tensors forward expects" in message
 
 
+def test_a_model_raising_its_own_error_is_named_as_such_not_as_a_tracing_limit(tmp_path):
+    # new-user trial 12: export failed with the model's own ValueError, fx on the shape branch, and the
+    # fx message led with a fix that could not help ("move the code that branches on tensor values ...")
+    path = workload_file(tmp_path, """
+class M(nn.Module):
+    def __init__(self):
+        super().__init__(); self.fc = nn.Linear(4, 4)
+    def forward(self, x):
+        if x.shape[0] != 7:
+            raise ValueError("batch must be 7")
+        return self.fc(x)
+def build_model(): return M()
+def example_inputs(): return torch.randn(8, 4)
+""")
+    with pytest.raises(WorkloadError) as err:
+        capture(load_workload(path))
+    message = str(err.value)
+    assert f"the model fails on its example inputs at {path}:10 (raise ValueError" in message
+    assert "ValueError: batch must be 7; fix: make example_inputs() return the tensors forward expects" in message
+
+
 def test_a_capture_that_fails_where_the_model_runs_is_placers_error_not_the_users():
     try:
         raise RuntimeError("the capture is wrong")
