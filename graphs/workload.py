@@ -159,6 +159,10 @@ def _build(spec: str, source: object, short_name: str, seed: int) -> Workload:
     if not any(True for _ in model.parameters()):
         raise WorkloadError(f"{spec}: build_model() returned a {type(model).__name__} without parameters: there is "
                             f"nothing to train or place (build the model whose weights should be spread)")
+    if not any(p.requires_grad for p in model.parameters()):  # a training step's backward would fail (trial 12)
+        raise WorkloadError(f"{spec}: no parameter of the {type(model).__name__} build_model() returned requires "
+                            f"grad: there is nothing to train (unfreeze what should train, e.g. a head left frozen "
+                            f"with the backbone: requires_grad_(True))")
     batch = _as_tensor_tuple(spec, _call(spec, "example_inputs", source.example_inputs))
     leaf_modules = tuple(getattr(source, "leaf_modules", ()) or ())
     bad = [repr(c) for c in leaf_modules if not isinstance(c, type)]

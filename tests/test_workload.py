@@ -235,6 +235,11 @@ def test_a_model_without_parameters_is_a_workload_error(tmp_path):
                                         "return nn.ReLU()"))
     with pytest.raises(WorkloadError, match=r"model\.py: build_model\(\) returned a ReLU without parameters"):
         load_workload(path)
+    frozen = write(tmp_path, GOOD.replace("return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))",
+                                          "return nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)).requires_grad_(False)"))
+    with pytest.raises(WorkloadError, match=r"model\.py: no parameter of the Sequential build_model\(\) returned "
+                                            r"requires grad: there is nothing to train \(unfreeze"):
+        load_workload(frozen)  # new-user trial 12: an internal error at the first measured step
 
 
 def test_the_default_loss_reads_every_floating_tensor_of_a_structured_output():
