@@ -1,18 +1,19 @@
-"""Capture a workload as an OpGraph: one node per node of the captured graph but its
-get_attr nodes (a parameter or buffer belongs to the nodes that read it: their
-`params`, which also makes them share a device), with bytes on nodes and edges.
+"""Capture a workload as an OpGraph (schema: graphs/__init__.py): one node per node of the
+captured graph but its get_attr nodes (a parameter or buffer belongs to the nodes that read
+it: their `params`, which also makes them share a device), with bytes on nodes and edges.
 
-The graph comes from `graphs.trace.trace_model` (profiling, plans and the runtime
-capture through it too, so node names agree). Sizes come from the capture itself
-for torch.export graphs (each node's fake value, at the example batch's sizes), and
-from a shape-propagating run of the graph for fx ones. The schema is in
-graphs/__init__.py.
+The graph comes from `graphs.trace.trace_model` (profiling, plans and the runtime capture
+through it too, so node names agree). Sizes come from the capture itself for torch.export
+graphs (each node's fake value, at the example batch's sizes), and from a shape-propagating
+run of the graph for fx ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
+import os
 from collections.abc import Iterator, Mapping
 
 import networkx as nx
@@ -127,12 +128,11 @@ def _order_side_effects(g: nx.DiGraph, nodes: list[fx.Node]) -> None:
 
 
 def capture_info(traced: Traced, inputs: tuple[torch.Tensor, ...] | None, model: nn.Module) -> dict:
-    """What re-captures the same graph later (plans keep it): the method, the leaf
-    paths, the example batch's signature (shapes and dtypes, from which inputs that
-    capture alike are built: graphs.trace captures never read values; None without a
-    batch), the batch dims the capture keeps free besides dim 0 (`batch_dims`), and
-    `tensors`, graphs.trace.tensors_fingerprint of the model (checked before a capture),
-    and `shapes`, `tensor_shapes` (which name what differs)."""
+    """What re-captures the same graph later (plans keep it): the method, the leaf paths, the
+    example batch's signature (shapes and dtypes, from which inputs that capture alike are
+    built: captures never read values; None without a batch), the batch dims the capture keeps
+    free besides dim 0 (`batch_dims`), `tensors` (graphs.trace.tensors_fingerprint of the
+    model, checked before a capture) and `shapes` (`tensor_shapes`: which name what differs)."""
     return {"method": traced.method, "leaf_paths": list(traced.leaf_paths), "batch_dims": dict(traced.batch_dims),
             "inputs": None if inputs is None else input_signature(inputs), "tensors": tensors_fingerprint(model),
             "shapes": tensor_shapes(model)}
@@ -144,18 +144,26 @@ def tensor_shapes(model: nn.Module) -> dict[str, list[int]]:
     return {name: list(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
-def shape_difference(recorded: Mapping[str, list[int]], model: nn.Module) -> str:
-    """In words, the first parameter or buffer whose name or shape differs between
-    `recorded` (a `tensor_shapes` table) and `model`."""
-    here = tensor_shapes(model)
+def shape_difference(recorded: Mapping[str, list[int]], model: nn.Module) -> tuple[str, str]:
+    """(in words, the first parameter or buffer whose name or shape differs between `recorded`, a
+    `tensor_shapes` table, and `model`; the fix). Where one holds the other whole under a prefix (the
+    wrapper a workload file builds around the model the user trains: trial 12), apply the plan there."""
+    here, kind, again = tensor_shapes(model), type(model).__name__, "re-run `placer optimize` for this model"
+    for outer, inner, plans in ((dict(recorded), here, True), (here, dict(recorded), False)):
+        prefix = os.path.commonprefix(list(outer)).rpartition(".")[0]
+        if prefix and {k[len(prefix) + 1:]: v for k, v in outer.items()} == inner:
+            return ((f"the plan's tensors are this {kind}'s under '{prefix}.'",
+                     f"apply it to the wrapper it was made for (whose '{prefix}' is this {kind})") if plans else
+                    (f"this {kind}'s tensors are the plan's under '{prefix}.'",
+                     f"apply it to this model's '{prefix}' (placer.apply(model.{prefix}, plan)), which it was made for"))
     for name, shape in recorded.items():
         if name not in here:
-            return f"the plan's {name!r} {tuple(shape)} is not in this {type(model).__name__}"
+            return f"the plan's {name!r} {tuple(shape)} is not in this {kind}", again
         if here[name] != shape:
-            return f"{name!r} is {tuple(here[name])} here and {tuple(shape)} in the plan"
+            return f"{name!r} is {tuple(here[name])} here and {tuple(shape)} in the plan", again
     extra = [name for name in here if name not in recorded]
-    return (f"this {type(model).__name__} has {extra[0]!r} {tuple(here[extra[0]])}, which the plan lacks" if extra
-            else "its parameters and buffers come in another order")
+    return (f"this {kind} has {extra[0]!r} {tuple(here[extra[0]])}, which the plan lacks" if extra
+            else "its parameters and buffers come in another order"), again
 
 
 def forward_names(model: nn.Module, inputs: tuple) -> list[str | None]:
@@ -185,11 +193,10 @@ def example_like(signature: list[dict], device: torch.device | str = "cpu") -> t
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Fill every node's meta["tensor_meta"] of an fx graph. Tried first on the meta
-    device (shapes only: no arithmetic and no copy of the weights, so fast even for
-    big models); a model that cannot run there (data-dependent code, tensors created
-    on a fixed device) gets a real forward pass instead, its buffers restored after
-    (a forward may update them).
+    """Fill every node's meta["tensor_meta"] of an fx graph. Tried first on the meta device
+    (shapes only: no arithmetic, no copy of the weights, fast even for big models); a model
+    that cannot run there (data-dependent code, tensors created on a fixed device) gets a
+    real forward pass instead, its buffers restored after (a forward may update them).
 
     Raises NodeFailure when the real pass fails (failure_on_inputs tells whose fault)."""
     try:
@@ -228,12 +235,11 @@ class NodeFailure(Exception):
 def failure_on_inputs(spec: str, model: nn.Module, inputs: tuple[torch.Tensor, ...],
                       failure: NodeFailure | None = None) -> Exception | None:
     """What to raise when a run of `model`'s capture on its example `inputs` failed
-    (`failure`), or its capture did (None): the model itself is run on them, as a
-    training step runs it (buffers restored afterwards). If it fails too, the user's
-    model or inputs are at fault: a WorkloadError naming `spec`, the line that fails
-    (else the node), the error and a fix. If it runs, the capture is at fault: the
-    node's own exception, for the command line to report as an internal error (None
-    without a `failure`: the capture's own error stands)."""
+    (`failure`), or its capture did (None): the model itself is run on them, as a training
+    step runs it (buffers restored afterwards). If it fails too, the user's model or inputs
+    are at fault: a WorkloadError naming `spec`, the line that fails (else the node), the
+    error and a fix. If it runs, the capture is at fault: the node's own exception, for the
+    command line to report as an internal error (None without a `failure`)."""
     try:
         with buffers_kept(model):
             model(*inputs)
@@ -249,9 +255,7 @@ def failure_on_inputs(spec: str, model: nn.Module, inputs: tuple[torch.Tensor, .
                               f"{first_line(exc)}; fix: {_inputs_fix(inputs, exc)}")
         error.__cause__ = exc
         return error
-    if failure is None:
-        return None
-    cause = failure.__cause__
+    cause = None if failure is None else failure.__cause__
     return cause if isinstance(cause, Exception) else failure
 
 
@@ -311,10 +315,10 @@ def _named_tensors(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
 
 
 def owning_module(node: fx.Node) -> str:
-    """Qualified name of the innermost module whose forward created the node ("" for the
-    root). From the capture's nn_module_stack when it recorded one; otherwise a
-    call_module's own path; a get_attr belongs to the first node that reads it (a
-    tied weight to the first layer that uses it), or to its parent path."""
+    """Qualified name of the innermost module whose forward created the node ("" for the root).
+    From the capture's nn_module_stack when it recorded one; otherwise a call_module's own path;
+    a get_attr belongs to the first node that reads it (a tied weight to the first layer that
+    uses it), or to its parent path."""
     if node.op == "get_attr" and node.users:
         return owning_module(next(iter(node.users)))
     stack = node.meta.get("nn_module_stack")
@@ -429,10 +433,7 @@ def _value_bytes(value) -> int:
 def _meta_bytes(meta) -> int:
     """Bytes of every tensor described by the (possibly nested) tensor_meta."""
     if isinstance(meta, TensorMetadata):  # a NamedTuple: test before the tuple case
-        numel = 1
-        for d in meta.shape:
-            numel *= int(d)
-        return numel * torch.empty((), dtype=meta.dtype).element_size()
+        return math.prod(int(d) for d in meta.shape) * torch.empty((), dtype=meta.dtype).element_size()
     if isinstance(meta, (tuple, list)):
         return sum(_meta_bytes(m) for m in meta)
     if isinstance(meta, dict):

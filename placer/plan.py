@@ -321,10 +321,9 @@ def _check_tensors(model: nn.Module, plan: Plan) -> None:
     """
     if plan.capture.tensors is not None:
         if plan.capture.tensors != tensors_fingerprint(model):
-            why = ("its parameters' names or shapes differ" if plan.capture.shapes is None  # an older plan
-                   else shape_difference(plan.capture.shapes, model))
-            raise PlanError(f"{plan.source} was made for another model ({why}): "
-                            f"re-run `placer optimize` for this model")
+            why, fix = (("its parameters' names or shapes differ", "re-run `placer optimize` for this model")  # an
+                        if plan.capture.shapes is None else shape_difference(plan.capture.shapes, model))  # old plan
+            raise PlanError(f"{plan.source} was made for another model ({why}): {fix}")
         return
     known = {name for name, _ in model.named_modules()} | set(model.state_dict())
     stray = sorted(set(plan.device_map) - known - {""})

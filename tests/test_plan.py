@@ -223,10 +223,37 @@ def test_a_plan_refuses_another_model_by_its_parameters_before_capturing_it(tmp_
     with pytest.raises(PlanError, match=r"another model \(this Sequential has '1.weight' \(2, 4\), "
                                         r"which the plan lacks"):
         apply(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), small)
+
     older = load_plan(small.save(tmp_path / "older.json"))
     older.capture.shapes = None  # a plan from before the shapes: the hash alone
     with pytest.raises(PlanError, match=r"another model \(its parameters' names or shapes differ\)"):
         apply(nn.Sequential(nn.Linear(32, 64)), older)
+
+
+class Wrapper(nn.Module):
+    """What a workload file builds around the model the user trains (a dict input turned into arguments)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_a_plan_for_a_wrapper_applied_to_the_model_it_holds_says_where_to_apply_it():
+    # new-user trial 12: the advice was to re-run optimize, which makes the same wrapper plan again
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    outer_plan = plan_from_assignment(Wrapper(inner), lambda n: "cpu:0", ["cpu:0"], inputs=(torch.randn(2, 4),))
+    with pytest.raises(PlanError, match=r"another model \(the plan's tensors are this Sequential's under 'model.'\): "
+                                        r"apply it to the wrapper it was made for \(whose 'model' is this Sequential\)$"):
+        apply(inner, outer_plan)
+    inner_plan = plan_from_assignment(inner, lambda n: "cpu:0", ["cpu:0"], inputs=(torch.randn(2, 4),))
+    with pytest.raises(PlanError, match=r"another model \(this Wrapper's tensors are the plan's under 'model.'\): "
+                                        r"apply it to this model's 'model' \(placer.apply\(model.model, plan\)\)"):
+        apply(Wrapper(inner), inner_plan)
+    apply(Wrapper(inner), outer_plan).close()  # as advised
+    apply(inner, inner_plan).close()
 
 
 def test_an_older_plan_without_the_tensors_hash_refuses_another_model_by_the_names_it_places(tmp_path):
