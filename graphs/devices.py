@@ -194,7 +194,8 @@ def parse_cluster(devices: str | None = None, memory: str | None = None) -> Clus
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             index = 0 if idx is None else idx
             if index >= count:
-                raise DeviceSpecError(f"device {name!r} does not exist on this host ({count} CUDA device(s) visible)")
+                raise DeviceSpecError(f"device {name!r} does not exist on this host ({count} CUDA device(s) visible): "
+                                      f"name the devices it has, e.g. --devices cpu:0,cpu:1, or leave --devices out")
 
     cores = host_cores()
     virtual = sum(1 for _, kind, idx, rank in parsed if kind == "cpu" and idx is not None and rank is None)

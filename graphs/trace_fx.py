@@ -220,7 +220,7 @@ def cache_hint(export_error: BaseException | None) -> str:
     cache = cache_class(export_error)
     if cache is None:
         return ""
-    return f"{_CACHE_FIX}: its output holds a {cache}, which no capture can return"
+    return f"{_CACHE_FIX}: its output holds a cache object ({cache}), which no capture can return"
 
 
 def _takes_tensors(signature: inspect.Signature, inputs: tuple | None) -> bool:
@@ -238,9 +238,9 @@ def _capture_error(model: nn.Module, failed_in: str, where: str, reason: str,
     batch as tensors already."""
     cache = cache_class(export_error)
     if cache is not None:  # what the user can act on first: torch.fx's own failure only follows from it here
-        return CaptureError(f"cannot capture {type(model).__name__}: its output holds a {cache} (the model's "
-                            f"key/value cache), which no capture can return (torch.fx failed too, at {where}: "
-                            f"{reason}). Fix: {_CACHE_FIX}")
+        return CaptureError(f"cannot capture {type(model).__name__}: its output holds the model's key/value cache "
+                            f"({cache}), which no capture can return (torch.fx cannot capture it either). "
+                            f"Fix: {_CACHE_FIX}")
     exported = f" (torch.export failed too: {first_sentence(export_error)})" if export_error is not None else ""
     if failed_in:
         fix = "list the offending module's class in `leaf_modules` in the workload file, to keep it whole"

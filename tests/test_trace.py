@@ -313,7 +313,8 @@ def test_a_cache_in_the_output_names_use_cache_false_as_the_fix_first():
         trace_model(tiny_gpt2(use_cache=True), inputs=(ids,))
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith("cannot capture GPT2LMHeadModel: its output holds a DynamicCache")
+    assert message.startswith("cannot capture GPT2LMHeadModel: its output holds the model's key/value cache "
+                              "(DynamicCache)")
     assert message.endswith("Fix: set `use_cache=False` in the model's config (e.g. GPT2Config(..., use_cache=False)) "
                             "and pass no use_cache=True")
     assert trace_model(tiny_gpt2(use_cache=False), inputs=(ids,)).method == "export"  # the fix works
@@ -324,7 +325,7 @@ def test_a_call_asking_for_the_cache_names_the_fix_where_only_export_may_capture
     # export's "Found <class DynamicCache> in output ..." alone
     ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
     with pytest.raises(CaptureError, match=r"^torch.export cannot capture GPT2LMHeadModel: set `use_cache=False` .* "
-                                           r"and pass no use_cache=True: its output holds a DynamicCache"):
+                                           r"and pass no use_cache=True: its output holds a cache object \(DynamicCache\)"):
         trace_model(tiny_gpt2(use_cache=False), inputs=(ids,), kwargs={"use_cache": True}, method="export")
 
 

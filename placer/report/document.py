@@ -77,7 +77,7 @@ def _environment(results: Results) -> list[list[str]]:
         ("seed", results.seed), ("search budget (s)", results.budget_s), ("reward", results.reward),
         ("measurement target", _protocol_text(protocol) if protocol.get("target") else None),
         ("lower bound (ms)", ms("lower_bound_ms")), ("critical path (ms)", ms("critical_path_ms")),
-        ("total work (ms)", ms("work_ms")), ("run", results.run_id or None),
+        ("work / devices (ms)", ms("work_ms")), ("run", results.run_id or None),
         *(results.environment or {}).items(),
     ]
     return [[str(k), str(v)] for k, v in items if v is not None and v != ""]
