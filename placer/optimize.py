@@ -30,7 +30,7 @@ from envs.calibrate import load_calibration
 from envs.sim import Calibration
 from graphs.bounds import cost_floor, lower_bound
 from graphs.devices import host_cores, parse_cluster
-from graphs.errors import InfeasibleError, PlacerError
+from graphs.errors import DeviceSpecError, InfeasibleError, PlacerError
 from graphs.files import folder_problem
 from graphs.problem import Candidate, PlacementProblem, build_problem
 from graphs.workload import load_workload
@@ -173,6 +173,9 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     search.config(budget_s, seed)  # a bad --search setting: refused before any work
     policy = search.load_policy()  # a corrupt --policy: CheckpointError before any work
     cluster = parse_cluster(devices, memory)
+    if len(cluster.devices) < 2:  # new-user trial 12: a whole run's minutes to find that every plan ties
+        raise DeviceSpecError(f"--devices names one device ({cluster.names[0]}): every plan runs the model unplaced, "
+                              f"so there is nothing to search; name two or more, e.g. --devices cpu:0,cpu:1")
     identity = {"workload": spec, "devices": cluster.names, "memory": [d.memory_bytes for d in cluster.devices],
                 "max_groups": max_groups, "workers": workers, "cores": host_cores()}
     progress(Stage("loading workload"))

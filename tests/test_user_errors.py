@@ -445,3 +445,15 @@ def test_ctrl_c_in_a_command_before_any_output_is_the_one_line_interrupted(run_m
 
     extra_command("stop", interrupted)
     assert run_main("stop") == (placer_cli.EXIT_INTERRUPTED, "", "interrupted\n")  # no empty line before it
+
+
+def test_optimize_on_one_device_is_refused_before_any_work(tmp_path):
+    # new-user trial 12: `--devices cpu` profiled, searched and measured for minutes to find that all plans tie
+    from graphs.errors import DeviceSpecError
+    from placer.optimize import optimize
+
+    for devices in ("cpu", "cpu:0"):
+        with pytest.raises(DeviceSpecError, match=rf"--devices names one device \({devices}\): every plan runs the "
+                                                  rf"model unplaced.*e.g. --devices cpu:0,cpu:1"):
+            optimize("zoo:mlp:small", devices, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
