@@ -13,12 +13,19 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
+import torch.fx as fx
 from torch.utils._pytree import tree_leaves, tree_unflatten
 
 from graphs.errors import PlanError
 from graphs.trace import Traced
 
-__all__ = ["input_names", "placeholder_dims", "check_batch_dims"]
+__all__ = ["input_names", "placeholder_dims", "check_batch_dims", "reads_inputs", "BATCH_FREE"]
+
+# why an output that no input reaches cannot be gathered from micro-batches, and what to do (new-user trial 12:
+# open_clip returns `self.logit_scale.exp()`, and was told to compute it in loss_fn, which cannot read the model)
+BATCH_FREE = ("does not depend on the batch (a parameter or constant returned as an output, such as a learned "
+              "temperature): placer gathers only outputs of the batch from micro-batches, so such a model trains with "
+              "one micro-batch")
 
 
 def input_names(traced: Traced) -> dict[str, str]:
@@ -48,6 +55,17 @@ def placeholder_dims(traced: Traced, batch_dims: Mapping[str, int | None]) -> di
     if not batch_dims:
         return {}
     return {placeholder: batch_dims[name] for placeholder, name in input_names(traced).items() if name in batch_dims}
+
+
+def reads_inputs(node: fx.Node) -> bool:
+    """Whether any placeholder (an input of the forward) reaches `node` in its graph."""
+    seen, todo = {node}, [node]
+    while todo:
+        current = todo.pop()
+        if current.op == "placeholder":
+            return True
+        todo.extend(n for n in current.all_input_nodes if n not in seen and not seen.add(n))
+    return False
 
 
 def check_batch_dims(traced: Traced, batch_dims: Mapping[str, int | None], where: str = "") -> None:

@@ -32,6 +32,7 @@ from torch import fx
 
 from graphs.problem import PlacementProblem
 from graphs.trace import in_mode
+from graphs.trace_inputs import BATCH_FREE, reads_inputs
 from graphs.workload import Workload
 
 __all__ = ["microbatches_off", "scalar_output"]
@@ -73,6 +74,8 @@ def scalar_output(graph: fx.Graph, source: str) -> str | None:
     for node in output.all_input_nodes:
         value = node.meta.get("val", node.meta.get("tensor_meta"))
         if getattr(value, "shape", None) is not None and len(value.shape) == 0:
+            if not reads_inputs(node):
+                return f"{source}: output '{node.name}' {BATCH_FREE}"
             return (f"{source}: output '{node.name}' is a single value over the whole batch, such as a loss computed "
                     f"inside the model; micro-batches' values of it cannot be gathered: compute it in loss_fn to "
                     f"allow micro-batches")

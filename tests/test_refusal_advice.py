@@ -196,3 +196,39 @@ def test_optimize_keeps_micro_batches_off_for_an_fx_leaf_batch_norm_in_either_mo
         loaded = Workload(name="cnn", spec="cnn.py", model=model, inputs=(batch(),), leaf_modules=(nn.BatchNorm2d,))
         reason = microbatches_off(loaded, build_problem(loaded, "cpu:0,cpu:1"))
         assert reason is not None and "(BatchNorm2d) computes batch statistics" in reason
+
+
+class ReturnsItsTemperature(nn.Module):
+    """As open_clip's CLIP returns `self.logit_scale.exp()` beside the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.b(self.a(x)), self.logit_scale.exp()
+
+
+def test_an_output_that_does_not_depend_on_the_batch_is_named_so_with_a_fix_that_works(one_thread):
+    # new-user trial 12: it was called "a loss computed inside the model" with the advice to compute it in loss_fn,
+    # which cannot read the model
+    from graphs.trace import trace_model
+    from placer.microbatch_policy import scalar_output
+
+    model, x = ReturnsItsTemperature(), torch.randn(8, 4)
+    note = scalar_output(trace_model(model, inputs=(x,)).gm.graph, "clip.py")
+    assert note.startswith("clip.py: output 'exp' does not depend on the batch (a parameter or constant returned")
+    plan = plan_from_assignment(model, lambda n: TWO[owning_module(n) == "b"], TWO, inputs=(x,))
+    placed = placer.apply(model, replace(plan, microbatches=2, schedule="gpipe"))
+    try:
+        with pytest.raises(PlanError, match=r"output 'exp' does not depend on the batch .* trains with one "
+                                            r"micro-batch: " + re.escape(ONE_MICROBATCH)):
+            placed(x)
+    finally:
+        placed.close()
+    placed = placer.apply(model, plan)  # as advised
+    try:
+        torch.testing.assert_close(placed(x), model(x))
+    finally:
+        placed.close()

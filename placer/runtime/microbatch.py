@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from graphs.errors import PlanError
 from graphs.schedule import written_state
 from graphs.trace import module_label
+from graphs.trace_inputs import BATCH_FREE, reads_inputs
 from placer.runtime.chunks import _Lookup
 from placer.runtime.probe import Probe, probe
 
@@ -415,6 +416,8 @@ def batch_layout(graph_nodes: Sequence[fx.Node], output_nodes: Sequence[str], se
         for x, y in zip(a[name], b[name]):
             if isinstance(x, tuple):
                 d = _batch_dim(x, y, rows)
+                if d is None and not x and not reads_inputs(next(n for n in graph_nodes if n.name == name)):
+                    raise PlanError(f"{source}: output '{name}' {BATCH_FREE}: {ONE_MICROBATCH}")
                 if d is None and not x:  # a 0-d value: another batch dimension would not give it one
                     raise PlanError(f"{source}: output '{name}' is a scalar over the whole batch, such as a loss "
                                     f"computed inside the model (a `labels` argument), which cannot be gathered from "
