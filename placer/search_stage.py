@@ -25,6 +25,7 @@ __all__ = ["SEARCHES", "SearchOptions", "SearchOutcome", "run_search"]
 
 SEARCHES = ("rl", "random_search", "local_search")  # placer.search.METHODS (imported late: it pulls in torch)
 KINDS = {"rl": "rl"}  # a search's row kind; the others are "search"
+FEW_ROUNDS = 3  # a search that ends with fewer rounds says so on its row
 
 
 @dataclass(frozen=True)
@@ -132,12 +133,17 @@ def run_search(method: str, problem: PlacementProblem, scorer: Scorer, budget_s:
     if result.best is not None:
         allowed = tuple(config.microbatches or ())
         kept = (result.best == warm_start and bool(allowed) and result.best.microbatches not in allowed)
+        notes = [f"no candidate at microbatches {', '.join(map(str, allowed))} measured faster than the search's "
+                 f"warm start (microbatches {result.best.microbatches}), which it keeps so that its result is never "
+                 f"worse"] if kept else []
+        if result.rounds < FEW_ROUNDS and not result.interrupted:  # trial 12: 0-1 RL updates on a busy host, unsaid
+            notes.append(f"{result.rounds} round(s), {result.samples} candidates in {result.elapsed_s:.0f} s of a "
+                         f"{budget_s:g}-s budget: too few for the search to move; a busy host slows its rounds (the "
+                         f"host-load note says), else give it a larger --budget")
         row = MethodResult(method, KINDS.get(method, "search"), placement=list(result.best.placement),
                            devices=problem.cluster.names, microbatches=result.best.microbatches,
                            schedule="gpipe" if result.best.microbatches > 1 else None, search_s=result.elapsed_s,
-                           notes=[f"no candidate at microbatches {', '.join(map(str, allowed))} measured faster than "
-                                  f"the search's warm start (microbatches {result.best.microbatches}), which it keeps "
-                                  f"so that its result is never worse"] if kept else [])
+                           notes=notes)
     return SearchOutcome(row, curve, marks, best, result.interrupted)
 
 

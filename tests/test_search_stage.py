@@ -59,6 +59,7 @@ def test_a_search_gives_a_row_and_a_curve_stamped_with_its_calibration(tmp_path)
     assert not outcome.interrupted and row.method == "random_search" and row.kind == "search"
     assert len(row.placement) == problem.n_groups and row.devices == ["cpu:0", "cpu:1"]
     assert [r["update"] for r in curve] == [1, 2, 3, 4] and all(r["method"] == "random_search" for r in curve)
+    assert row.notes == []  # four rounds: not too few
     assert [r["calibration"] for r in curve] == sorted(r["calibration"] for r in curve) and curve[-1]["calibration"]
     assert marks and all(m["method"] == "random_search" for m in marks)
     best = outcome.best_measured
@@ -80,5 +81,7 @@ def test_a_warm_start_kept_outside_the_micro_batch_counts_asked_for_is_noted(tmp
     problem, outcome = random_search(SlowMicrobatches, ("batch_size=8", "measure_every=1", "microbatches=2,4"), 16,
                                      tmp_path)
     assert outcome.row.microbatches == 1 and outcome.row.placement == [0] * problem.n_groups
-    assert outcome.row.notes == ["no candidate at microbatches 2, 4 measured faster than the search's warm start "
-                                 "(microbatches 1), which it keeps so that its result is never worse"]
+    assert outcome.row.notes[0] == ("no candidate at microbatches 2, 4 measured faster than the search's warm start "
+                                    "(microbatches 1), which it keeps so that its result is never worse")
+    # new-user trial 12: a search with too few rounds to move (here 2, of 8 candidates) says so on its row
+    assert outcome.row.notes[1].startswith("2 round(s), 16 candidates in ") and "--budget" in outcome.row.notes[1]
