@@ -255,9 +255,9 @@ def plan_cluster(plan: Plan, memory: str | None = None, devices: str | Cluster |
     return cluster
 
 
-def mismatch_message(plan: Plan, fingerprint: str) -> str:
-    return (f"{plan.source} was made for another model (fingerprint {plan.fingerprint}, this model {fingerprint}): "
-            f"re-run `placer optimize` for this model")
+def mismatch_message(plan: Plan, fingerprint: str, why: str = "") -> str:
+    return (f"{plan.source} was made for another model (fingerprint {plan.fingerprint}, this model {fingerprint}"
+            f"{why}): re-run `placer optimize` for this model")
 
 
 def with_workload_options(plan: Plan, workload: Workload) -> Plan:
@@ -300,8 +300,9 @@ def trace_for_plan(model: nn.Module, plan: Plan, mode: str = "train") -> Traced:
                          method=plan.capture.method, mode=mode, batch_dims=plan.capture.batch_dims)
     if mode == "train":
         fp = model_fingerprint(model, traced.gm)
-        if fp != plan.fingerprint:
-            raise PlanError(mismatch_message(plan, fp))
+        if fp != plan.fingerprint:  # the same tensors (_check_tensors), another graph (new-user trial 12)
+            raise PlanError(mismatch_message(plan, fp, "; its parameters and buffers are the plan's, its captured "
+                                                       "forward is not: the forward, or a flag it reads, changed"))
         check_batch_dims(traced, plan.batch_dims, f"{plan.source}: ")  # a hand-edited plan
         unplaced = [n.name for n in traced.gm.graph.nodes
                     if n.op not in ("placeholder", "output", "get_attr") and n.name not in plan.assignment]

@@ -448,3 +448,24 @@ def test_the_measurement_pool_refuses_a_plan_its_workers_devices_cannot_stand_fo
     with pytest.raises(PlanError, match=r"places nodes on cpu:0,cpu:1,cpu:2; the devices given \(cpu:0,cpu:1\) must "
                                         r"be as many"):
         pool.measure_many([three])
+
+
+class Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.twice = False
+
+    def forward(self, x):
+        return self.fc(self.fc(x)) if self.twice else self.fc(x)
+
+
+def test_a_plan_refusing_the_same_tensors_says_the_forward_changed():
+    # new-user trial 12: a forward edited after optimize got the same words as another model
+    model = Flagged()
+    plan = plan_from_assignment(model, lambda n: "cpu:0", ["cpu:0"], inputs=(torch.randn(2, 4),))
+    model.twice = True
+    with pytest.raises(PlanError, match=r"another model \(fingerprint \w+, this model \w+; its parameters and buffers "
+                                        r"are the plan's, its captured forward is not: the forward, or a flag it "
+                                        r"reads, changed\): re-run `placer optimize` for this model$"):
+        apply(model, plan)
