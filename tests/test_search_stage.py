@@ -85,3 +85,21 @@ def test_a_warm_start_kept_outside_the_micro_batch_counts_asked_for_is_noted(tmp
                                     "(microbatches 1), which it keeps so that its result is never worse")
     # new-user trial 12: a search with too few rounds to move (here 2, of 8 candidates) says so on its row
     assert outcome.row.notes[1].startswith("2 round(s), 16 candidates in ") and "--budget" in outcome.row.notes[1]
+
+
+def test_a_search_runs_its_own_ops_on_one_thread_and_gives_the_count_back(tmp_path, monkeypatch):
+    """On a busy host two intra-op threads stalled RL 10x (new-user trial 12: 0-1 updates in 4x the budget)."""
+    import torch
+
+    import placer.search
+
+    seen = []
+    real = placer.search.run
+    monkeypatch.setattr(placer.search, "run", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        random_search(FakeMeasurer, ("batch_size=8",), 16, tmp_path)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
