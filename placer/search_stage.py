@@ -126,7 +126,7 @@ def run_search(method: str, problem: PlacementProblem, scorer: Scorer, budget_s:
     threads = torch.get_num_threads()
     # The policy's ops on one intra-op thread: on a quiet 2-core host an RL search of gpt-medium took 7% longer
     # (6.74 against 6.31 s), beside another process's two threads 10x less (8.4 against 85 s; new-user trial 12
-    # saw 0-1 updates in 4x the budget). Measurements set their own thread counts (placer.runtime.timing).
+    # saw 0-1 updates in 4x the budget). Measurements set their CPU devices' counts (placer.runtime.timing).
     torch.set_num_threads(1)
     try:
         result = run(method, problem, scorer, config, warm_start, out_dir=out / "search" if method == "rl" else None,
