@@ -113,11 +113,10 @@ def capture_traced(traced: Traced, model: nn.Module, inputs: tuple[torch.Tensor,
 
 
 def _order_side_effects(g: nx.DiGraph, nodes: list[fx.Node]) -> None:
-    """Give every node whose value nothing reads an edge (0 bytes) to the next op of
-    its module, else the next op, else the output: an in-place update such as
-    BatchNorm's `num_batches_tracked += 1` then belongs to its layer instead of
-    floating as a graph of its own (which grouping would have to merge blindly), and
-    an unused input joins the graph. Edges follow fx order, so the graph stays acyclic."""
+    """Give every node whose value nothing reads an edge (0 bytes) to the next op of its module,
+    else the next op, else the output: an in-place update such as BatchNorm's `num_batches_tracked
+    += 1` then belongs to its layer instead of floating as a graph of its own (which grouping would
+    have to merge blindly), and an unused input joins the graph. Edges follow fx order: acyclic."""
     for i, node in enumerate(nodes):
         if node.users or node.op == "output":
             continue
@@ -247,8 +246,11 @@ def failure_on_inputs(spec: str, model: nn.Module, inputs: tuple[torch.Tensor, .
         return exit_error(f"{spec}: the model's forward", exc.code)
     except Exception as exc:
         where = user_frame(exc)
-        if where == "unknown location" and failure is not None:  # only torch's code ran (an nn.Linear model)
-            node, module = failure.node, owning_module(failure.node)
+        node = failure.node if failure is not None else None
+        if where == "unknown location" and node is not None and node.op == "call_module":  # a layer run whole
+            where = f"layer '{node.target}' ({type(model.get_submodule(str(node.target))).__name__})"
+        elif where == "unknown location" and node is not None:  # only torch's code ran (an nn.Linear model)
+            module = owning_module(node)
             inside = f" in module '{module}'" if module not in ("", str(node.target)) else ""
             where = f"node '{node.name}' ({target_name(node)}){inside}"
         error = WorkloadError(f"{spec}: the model fails on its example inputs at {where}: {type(exc).__name__}: "
@@ -442,8 +444,7 @@ def _meta_bytes(meta) -> int:
 
 
 def _edge_bytes(src: fx.Node, dst: fx.Node, g: nx.DiGraph) -> int:
-    """What crosses src -> dst: the producer's output, except that indexing into a tuple
-    output (LSTM's (out, (h, c)), say) moves only the selected element."""
+    """What crosses src -> dst: the producer's output, or the element a getitem selects (LSTM's (out, (h, c)))."""
     if dst.op == "call_function" and dst.target is operator.getitem and dst.args[0] is src:
         return g.nodes[dst.name]["out_bytes"]
     return g.nodes[src.name]["out_bytes"]

@@ -189,7 +189,7 @@ def test_a_model_that_fails_on_its_inputs_names_the_node_and_prints_nothing(caps
     with pytest.raises(WorkloadError) as err:
         capture(workload(bad, torch.randn(3, 4)))
     message = str(err.value)
-    assert message.startswith("t.py: the model fails on its example inputs at node '_1' (1): ")
+    assert message.startswith("t.py: the model fails on its example inputs at layer '1' (Linear): ")
     assert "mat1 and mat2 shapes cannot be multiplied" in message and "\n" not in message
     assert capsys.readouterr() == ("", "")
 

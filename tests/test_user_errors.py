@@ -196,6 +196,17 @@ def example_inputs(): return torch.randn(2, 3)
     assert "fix: make example_inputs() return the tensors forward expects" in message
 
 
+def test_a_layer_of_a_sequential_failing_on_the_inputs_is_named_by_path_and_class(tmp_path):
+    # new-user trial 12: "at node '_0' (0)" said little
+    path = workload_file(tmp_path, """
+def build_model(): return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 2))
+def example_inputs(): return torch.randn(8, 15)
+""")
+    with pytest.raises(WorkloadError, match=r"fails on its example inputs at layer '0' \(Linear\): RuntimeError: "
+                                            r"mat1 and mat2 shapes cannot be multiplied"):
+        capture(load_workload(path))
+
+
 def test_a_model_raising_its_own_error_is_named_as_such_not_as_a_tracing_limit(tmp_path):
     # new-user trial 12: export failed with the model's own ValueError, fx on the shape branch, and the
     # fx message led with a fix that could not help ("move the code that branches on tensor values ...")
