@@ -8,9 +8,10 @@ grain there. Arguments the example call leaves out are traced at their defaults
 stows on the model while tracing (`_tensor_constant0`, ...) move to the graph module,
 so a second trace of the same model names them alike.
 
-fx traces buffers as the concrete tensors they are, so a forward that reads one as a
-Python value (`float(self.k)`, `.item()`, `if self.flag:`) would have it baked into
-the graph, and an update of the buffer in place would go unseen: a wrong number. Such a
+fx traces buffers (and plain tensor attributes) as the concrete tensors they are, so a
+forward that reads one, or a tensor computed from it, as a Python value (`float(self.k)`,
+`.item()`, `if self.step > 3:`) would have it baked into the graph, and an update of the
+buffer in place would go unseen: a wrong number. Such a
 read fails the trace (`_BufferReads`), so the module doing it runs as itself (a leaf),
 reading the buffer live, or, for the model's own forward, the capture is refused.
 """
@@ -40,22 +41,32 @@ _ASSERTS = {torch.fx._symbolic_trace._assert_is_none, torch._assert}
 
 
 class _BufferReads(torch.overrides.TorchFunctionMode):
-    """Raises TypeError where the traced forward reads one of `model`'s buffers as a
-    Python value (module doc)."""
+    """Raises TypeError where the traced forward reads one of `model`'s buffers or tensor
+    attributes, or a tensor computed from them alone (`self.k.sum()`, `self.k[0]`: fx
+    computes those on the concrete tensor), as a Python value (module doc)."""
 
     READS = {torch.Tensor.__float__: "float()", torch.Tensor.__int__: "int()", torch.Tensor.__bool__: "an if or bool()",
-             torch.Tensor.__index__: "an index", torch.Tensor.item: ".item()", torch.Tensor.tolist: ".tolist()"}
+             torch.Tensor.__index__: "an index", torch.Tensor.item: ".item()", torch.Tensor.tolist: ".tolist()",
+             torch.Tensor.numpy: ".numpy()", torch.Tensor.__array__: "numpy", torch.Tensor.__format__: "a format",
+             torch.equal: "torch.equal", torch.Tensor.equal: ".equal()", torch.is_nonzero: "torch.is_nonzero"}
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.names = {id(t): name for name, t in model.named_buffers()}
+        held = [(f"{p}.{k}" if p else k, v) for p, m in model.named_modules() for k, v in vars(m).items()
+                if type(v) is torch.Tensor]  # a plain tensor attribute, as fx reads it: concrete (review 15)
+        self.names = {id(t): name for name, t in [*model.named_buffers(), *held]}  # id -> what it is or comes from
+        self.derived: list[torch.Tensor] = []  # held, so that their ids stay theirs while tracing
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS and args and id(args[0]) in self.names:
-            raise TypeError(f"the forward reads buffer '{self.names[id(args[0])]}' as a Python value "
-                            f"({self.READS[func]}), which a capture would fix at its value now (read it as a "
-                            f"tensor: x * self.k, torch.where)")
-        return func(*args, **(kwargs or {}))
+        source = next((self.names[id(a)] for a in tree_flatten((args, kwargs))[0] if id(a) in self.names), None)
+        if func in self.READS and source is not None:
+            raise TypeError(f"the forward reads '{source}' as a Python value ({self.READS[func]}), which a capture "
+                            f"would fix at its value now (read it as a tensor: x * self.k, torch.where)")
+        result = func(*args, **(kwargs or {}))
+        if source is not None and type(result) is torch.Tensor:  # concrete: computed on the buffer, not traced
+            self.names[id(result)] = source
+            self.derived.append(result)
+        return result
 
 
 class PlacerTracer(fx.Tracer):

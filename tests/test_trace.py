@@ -437,7 +437,7 @@ def test_a_buffer_read_as_a_python_number_is_never_baked_into_the_capture():
     torch.manual_seed(0)
     model, x = HoldsAReader(), torch.randn(3, 4)
     traced = trace_model(model, inputs=(x,))
-    assert traced.leaf_paths == ("inner",) and "reads buffer 'inner.k' as a Python value (float())" in \
+    assert traced.leaf_paths == ("inner",) and "reads 'inner.k' as a Python value (float())" in \
         traced.fallback_notes[-1]
     twin = copy.deepcopy(model)
     plan = plan_from_assignment(twin, lambda n: ["cpu:0", "cpu:1"][n.name.startswith("head")], ["cpu:0", "cpu:1"],
@@ -450,6 +450,32 @@ def test_a_buffer_read_as_a_python_number_is_never_baked_into_the_capture():
         torch.testing.assert_close(placed(x), model(x))
     finally:
         placed.close()
-    with pytest.raises(CaptureError, match=r"own forward \(ReadsItsScale\) at .*reads buffer 'k' as a Python value "
+    with pytest.raises(CaptureError, match=r"own forward \(ReadsItsScale\) at .*reads 'k' as a Python value "
                                            r"\(float\(\)\).*read it as a tensor"):
         trace_model(ReadsItsScale(), inputs=(x,))
+
+
+class ReadsAValueOfItsBuffer(nn.Module):
+    def __init__(self, read):
+        super().__init__()
+        self.fc, self.read = nn.Linear(4, 4), read
+        self.register_buffer("k", torch.tensor([2.0, 3.0]))
+        self.plain = torch.tensor(4.0)  # a tensor attribute, not a buffer: fx reads it concrete too
+
+    def forward(self, x):
+        return self.fc(x) * self.read(self)
+
+
+@pytest.mark.parametrize("read", [
+    lambda m: m.k.sum().item(),  # a value computed from the buffer (review 15)
+    lambda m: float(m.k[0]),
+    lambda m: 2.0 if m.k[1] > 2.5 else 1.0,  # a step counter's `if`
+    lambda m: 2.0 if torch.equal(m.k, torch.ones(2)) else 1.0,
+    lambda m: float(m.k.numpy()[0]),
+    lambda m: float(m.plain),
+])
+def test_a_value_read_from_a_buffer_or_tensor_attribute_is_refused_not_baked_by_fx(read):
+    with pytest.raises(CaptureError, match=r"reads '(k|plain)' as a Python value"):
+        trace_model(ReadsAValueOfItsBuffer(read), inputs=(torch.randn(3, 4),), method="fx")
+    assert trace_model(ReadsAValueOfItsBuffer(lambda m: m.k[0] * m.plain), inputs=(torch.randn(3, 4),),
+                       method="fx").method == "fx"  # read as tensors: captured

@@ -26,7 +26,8 @@ old one, and would miss what is later written into the new). A dict's size shows
 entry added or removed, a hook removed too; a hook added anywhere moves torch's global
 hook counter, so only then are the hook tables compared key by key. Changes made in
 place (`weight.data = ...`, `load_state_dict`, an optimizer's step, `requires_grad_`, a
-tensor attribute written into) keep the objects, and the graphs see them, but for a
+tensor attribute written into) keep the objects, and the graphs see them (not a plain
+tensor attribute the forward read as a number: export bakes that in), but for a
 parameter's or buffer's dtype or device: `.to()` converts a parameter in place (`.data`),
 and the graphs hold ops and constants of the old dtype (a float32 attention mask: GPT2
 made bfloat16 after apply failed in torch) and moves between the plan's devices. A list
