@@ -154,7 +154,7 @@ def shape_difference(recorded: Mapping[str, list[int]], model: nn.Module) -> tup
             return ((f"the plan's tensors are this {kind}'s under '{prefix}.'",
                      f"apply it to the wrapper it was made for (whose '{prefix}' is this {kind})") if plans else
                     (f"this {kind}'s tensors are the plan's under '{prefix}.'",
-                     f"apply it to this model's '{prefix}' (placer.apply(model.{prefix}, plan)), which it was made for"))
+                     f"apply it to model.get_submodule('{prefix}'), which it was made for"))
     for name, shape in recorded.items():
         if name not in here:
             return f"the plan's {name!r} {tuple(shape)} is not in this {kind}", again

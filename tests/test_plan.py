@@ -250,7 +250,7 @@ def test_a_plan_for_a_wrapper_applied_to_the_model_it_holds_says_where_to_apply_
         apply(inner, outer_plan)
     inner_plan = plan_from_assignment(inner, lambda n: "cpu:0", ["cpu:0"], inputs=(torch.randn(2, 4),))
     with pytest.raises(PlanError, match=r"another model \(this Wrapper's tensors are the plan's under 'model.'\): "
-                                        r"apply it to this model's 'model' \(placer.apply\(model.model, plan\)\)"):
+                                        r"apply it to model.get_submodule\('model'\), which it was made for"):
         apply(Wrapper(inner), inner_plan)
     apply(Wrapper(inner), outer_plan).close()  # as advised
     apply(inner, inner_plan).close()
