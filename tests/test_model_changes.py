@@ -248,3 +248,21 @@ def test_a_parameter_moved_to_another_device_is_refused(monkeypatch):
             placed(torch.randn(4, 8))
     finally:
         placed.close()
+
+
+def test_a_leaf_module_converted_after_apply_is_refused_too():
+    """A module the capture runs whole reads its insides live, so its tables are not checked, but its tensors'
+    dtypes are: converted, it met its neighbours' float32 tensors with torch's raw error (review 15)."""
+    from tests.test_trace import HoldsAReader  # fx keeps its reader of a buffer's value whole
+
+    torch.manual_seed(0)
+    model, x = HoldsAReader(), torch.randn(3, 4)
+    plan = plan_from_assignment(model, lambda n: TWO[n.name.startswith("head")], TWO, inputs=(x,))
+    placed = apply(copy.deepcopy(model), plan)
+    try:
+        assert "inner" in placed.graphs[0].traced.leaf_paths
+        placed.original.inner.double()
+        with pytest.raises(ExecutionError, match=r"\('inner.fc.weight' is torch.float64 where it was torch.float32"):
+            placed(x)
+    finally:
+        placed.close()

@@ -42,6 +42,7 @@ import operator
 import reprlib
 import types
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -115,14 +116,24 @@ class ModelSnapshot:
     ----------
     modules : (qualified name, module) pairs; each module's own tables are taken, not
         its children's (list the children too).
+    live : modules among them that run as themselves (leaves) and read their insides
+        live: only their parameters' and buffers' dtypes and devices are taken (converted,
+        one would meet its neighbours' tensors of the old dtype: review 15).
     """
 
-    def __init__(self, modules: list[tuple[str, nn.Module]]):
+    def __init__(self, modules: list[tuple[str, nn.Module]], live: Iterable[nn.Module] = ()):
         self._dicts, self._keys, self._values, self._names = [], [], [], []  # tables' entries: compared by identity
         self._attr_dicts, self._attr_keys, self._attrs, self._attr_names = [], [], [], []  # then by value
         self._sized, self._sized_names, self._sized_owners = [], [], []  # every dict here: a key added or removed
         self._hooks, self._hook_owners = [], []  # shows in its length, and its keys then name it
-        self._tensors: list[torch.Tensor] = []  # parameters and buffers: their dtypes and devices
+        self._tensors, self._tensor_names = [], []  # parameters and buffers: their dtypes and devices
+        live_ids = {id(m) for m in live}
+        for prefix, module in modules:
+            for key, value in [*module._parameters.items(), *module._buffers.items()]:
+                if isinstance(value, torch.Tensor):
+                    self._tensors.append(value)
+                    self._tensor_names.append(f"{prefix}.{key}" if prefix else key)
+        modules = [(prefix, module) for prefix, module in modules if id(module) not in live_ids]
         self._modules = [module for _, module in modules]
         self._module_names = [prefix for prefix, _ in modules]
         self._classes = list(map(type, self._modules))
@@ -135,8 +146,6 @@ class ModelSnapshot:
                     self._keys.append(key)
                     self._values.append(value)
                     self._names.append(f"{prefix}.{key}" if prefix else key)
-                    if isinstance(value, torch.Tensor):
-                        self._tensors.append(value)
             self._add_attributes(module, prefix, lambda key: key not in _MODULE_ATTRS and key not in _NOT_READ,
                                  HELD_DEPTH, held)
             for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
@@ -216,9 +225,8 @@ class ModelSnapshot:
 
     def _tensor_converted(self) -> str:
         """The phrase for the first parameter or buffer converted in place."""
-        names = dict(zip(map(id, self._values), self._names))
-        return next(_converted(names[id(t)], (t.dtype, t.device), was)
-                    for t, was in zip(self._tensors, zip(self._dtypes, self._devices or map(_DEVICE, self._tensors)))
+        return next(_converted(name, (t.dtype, t.device), was) for t, name, was in
+                    zip(self._tensors, self._tensor_names, zip(self._dtypes, self._devices or map(_DEVICE, self._tensors)))
                     if (t.dtype, t.device) != was)
 
     def _entries_changed(self) -> str | None:

@@ -128,9 +128,9 @@ class PlacedModule(nn.Module):
     def _snapshot_now(self) -> ModelSnapshot:
         """The model's tables as the graphs hold them (placer.runtime.model_changes). Leaf
         modules run as themselves and read their insides live (a rotary cache they
-        re-register included), so those are left out."""
-        live = {id(m) for graph in self.graphs for leaf in graph.leaf_modules for m in leaf.modules()}
-        return ModelSnapshot([(name, m) for name, m in self.original.named_modules() if id(m) not in live])
+        re-register included): of those, only their tensors' dtypes and devices."""
+        live = [m for graph in self.graphs for leaf in graph.leaf_modules for m in leaf.modules()]
+        return ModelSnapshot(list(self.original.named_modules()), live)
 
     @property
     def executor(self) -> Executor:
