@@ -21,13 +21,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from graphs.errors import CaptureError
 from graphs.schedule import _VIEW_NAMES, _name, mutated_args
 from graphs.trace import _MODULE_ATTRS, _equal, module_label
 
-__all__ = ["no_side_effects", "raise_eager_error", "refuse_input_writes"]
+__all__ = ["no_side_effects", "raise_eager_error", "refuse_input_writes", "ValueReads"]
 
 # Ops whose result always shares its first argument's memory, for graphs without values
 # to compare (torch.fx): graphs.schedule's views less those that copy at times
@@ -167,3 +167,38 @@ def raise_eager_error(model: nn.Module, args: tuple, kwargs: dict) -> None:
             model(*args, **kwargs)
     except CaptureError:  # eager ran, setting an attribute: the capture's error stands
         pass
+
+
+class ValueReads(torch.overrides.TorchFunctionMode):
+    """Raises TypeError where a captured forward reads one of `model`'s buffers or tensor
+    attributes, or a tensor computed from them alone (`self.k.sum()`, `self.k[0]`), as a
+    Python value (`float(self.k)`, `.item()`, `if self.step > 3:`): the capture would
+    bake the value in, and an update of the tensor in place afterwards would go unseen,
+    a wrong number. fx traces buffers and tensor attributes as concrete tensors, and
+    torch.export (non-strict) plain tensor attributes (buffers it fakes, and refuses
+    such reads of them as data-dependent): both capture under this mode (graphs.trace_fx,
+    graphs.trace_export), so the module doing such a read becomes a leaf (fx), reading it
+    live, or the capture is refused."""
+
+    READS = {torch.Tensor.__float__: "float()", torch.Tensor.__int__: "int()", torch.Tensor.__bool__: "an if or bool()",
+             torch.Tensor.__index__: "an index", torch.Tensor.item: ".item()", torch.Tensor.tolist: ".tolist()",
+             torch.Tensor.numpy: ".numpy()", torch.Tensor.__array__: "numpy", torch.Tensor.__format__: "a format",
+             torch.equal: "torch.equal", torch.Tensor.equal: ".equal()", torch.is_nonzero: "torch.is_nonzero"}
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        held = [(f"{p}.{k}" if p else k, v) for p, m in model.named_modules() for k, v in vars(m).items()
+                if type(v) is torch.Tensor]  # a plain tensor attribute, as fx reads it: concrete (review 15)
+        self.names = {id(t): name for name, t in [*model.named_buffers(), *held]}  # id -> what it is or comes from
+        self.derived: list[torch.Tensor] = []  # held, so that their ids stay theirs while tracing
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        source = next((self.names[id(a)] for a in tree_flatten((args, kwargs))[0] if id(a) in self.names), None)
+        if func in self.READS and source is not None:
+            raise TypeError(f"the forward reads '{source}' as a Python value ({self.READS[func]}), which a capture "
+                            f"would fix at its value now (read it as a tensor: x * self.k, torch.where)")
+        result = func(*args, **(kwargs or {}))
+        if source is not None and type(result) is torch.Tensor:  # concrete: computed on the buffer, not traced
+            self.names[id(result)] = source
+            self.derived.append(result)
+        return result

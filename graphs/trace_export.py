@@ -29,6 +29,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from graphs.trace import Traced, canonical_call, first_line, module_label, normalize, training_flags
+from graphs.trace_effects import ValueReads
 
 # aten ops that assert trace-time facts (a value's device and dtype when captured):
 # placed on another device they would fail, and they compute nothing.
@@ -93,7 +94,7 @@ def _refuse_value_dependent_sizes(graph: torch.fx.Graph) -> None:
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> torch.export.ExportedProgram:
     export = getattr(torch.export, "export_for_training", None) if _before_2_9() else None
     export = export or torch.export.export
-    with _quiet():
+    with _quiet(), ValueReads(model):  # export bakes a plain tensor attribute read as a number (review 15)
         return export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 
 

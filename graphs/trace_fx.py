@@ -12,7 +12,7 @@ fx traces buffers (and plain tensor attributes) as the concrete tensors they are
 forward that reads one, or a tensor computed from it, as a Python value (`float(self.k)`,
 `.item()`, `if self.step > 3:`) would have it baked into the graph, and an update of the
 buffer in place would go unseen: a wrong number. Such a
-read fails the trace (`_BufferReads`), so the module doing it runs as itself (a leaf),
+read fails the trace (`trace_effects.ValueReads`), so the module doing it runs as itself (a leaf),
 reading the buffer live, or, for the model's own forward, the capture is refused.
 """
 
@@ -33,40 +33,12 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils._pytree import SUPPORTED_NODES, TreeSpec, tree_flatten
 
 from graphs.errors import CaptureError
+from graphs.trace_effects import ValueReads
 from graphs.trace import Traced, canonical_call, first_line, first_sentence, normalize, training_flags
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 MAX_FALLBACK_LEAVES = 64
 _ASSERTS = {torch.fx._symbolic_trace._assert_is_none, torch._assert}
-
-
-class _BufferReads(torch.overrides.TorchFunctionMode):
-    """Raises TypeError where the traced forward reads one of `model`'s buffers or tensor
-    attributes, or a tensor computed from them alone (`self.k.sum()`, `self.k[0]`: fx
-    computes those on the concrete tensor), as a Python value (module doc)."""
-
-    READS = {torch.Tensor.__float__: "float()", torch.Tensor.__int__: "int()", torch.Tensor.__bool__: "an if or bool()",
-             torch.Tensor.__index__: "an index", torch.Tensor.item: ".item()", torch.Tensor.tolist: ".tolist()",
-             torch.Tensor.numpy: ".numpy()", torch.Tensor.__array__: "numpy", torch.Tensor.__format__: "a format",
-             torch.equal: "torch.equal", torch.Tensor.equal: ".equal()", torch.is_nonzero: "torch.is_nonzero"}
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        held = [(f"{p}.{k}" if p else k, v) for p, m in model.named_modules() for k, v in vars(m).items()
-                if type(v) is torch.Tensor]  # a plain tensor attribute, as fx reads it: concrete (review 15)
-        self.names = {id(t): name for name, t in [*model.named_buffers(), *held]}  # id -> what it is or comes from
-        self.derived: list[torch.Tensor] = []  # held, so that their ids stay theirs while tracing
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        source = next((self.names[id(a)] for a in tree_flatten((args, kwargs))[0] if id(a) in self.names), None)
-        if func in self.READS and source is not None:
-            raise TypeError(f"the forward reads '{source}' as a Python value ({self.READS[func]}), which a capture "
-                            f"would fix at its value now (read it as a tensor: x * self.k, torch.where)")
-        result = func(*args, **(kwargs or {}))
-        if source is not None and type(result) is torch.Tensor:  # concrete: computed on the buffer, not traced
-            self.names[id(result)] = source
-            self.derived.append(result)
-        return result
 
 
 class PlacerTracer(fx.Tracer):
@@ -118,7 +90,7 @@ def trace_fx(model: nn.Module, leaf_classes: tuple[type, ...], leaf_paths: tuple
         tracer = PlacerTracer(leaf_classes, paths)
         stowed = set(vars(model))
         try:
-            with _BufferReads(model):
+            with ValueReads(model):
                 graph = tracer.trace(model, concrete_args=concrete or None)
             _drop_baked_placeholders(graph, signature, concrete)  # before codegen, which fails on a tuple's leaves
             for node in [n for n in graph.nodes if n.op == "placeholder"]:

@@ -474,8 +474,18 @@ class ReadsAValueOfItsBuffer(nn.Module):
     lambda m: float(m.k.numpy()[0]),
     lambda m: float(m.plain),
 ])
-def test_a_value_read_from_a_buffer_or_tensor_attribute_is_refused_not_baked_by_fx(read):
+def test_a_value_read_from_a_buffer_or_tensor_attribute_is_refused_not_baked(read):
+    x = torch.randn(3, 4)
     with pytest.raises(CaptureError, match=r"reads '(k|plain)' as a Python value"):
-        trace_model(ReadsAValueOfItsBuffer(read), inputs=(torch.randn(3, 4),), method="fx")
+        trace_model(ReadsAValueOfItsBuffer(read), inputs=(x,), method="fx")
+    model = ReadsAValueOfItsBuffer(read)  # export first: it baked a plain tensor attribute read as a number
+    try:
+        traced = trace_model(model, inputs=(x,))
+    except CaptureError as exc:
+        assert "as a Python value" in str(exc)
+    else:  # export records `.item()` of a buffer as an op of the graph: it reads the value live
+        with torch.no_grad():
+            model.k.fill_(7.0), model.plain.fill_(5.0)
+        torch.testing.assert_close(traced.run(x), model(x))
     assert trace_model(ReadsAValueOfItsBuffer(lambda m: m.k[0] * m.plain), inputs=(torch.randn(3, 4),),
                        method="fx").method == "fx"  # read as tensors: captured
