@@ -1,32 +1,25 @@
 """Profile an OpGraph: measured time and memory per node, per device kind, cached on disk.
 
-How each number is obtained (all on a private copy of the model, so the user's
-weights are never touched):
-- one real forward of the traced module records every node's output, and, through
-  saved-tensor hooks, which node saved which tensors for backward (`act_bytes`:
-  de-duplicated by storage, parameters excluded, a tensor counted at its first saver);
-- each node is then re-run alone on detached copies of its recorded inputs: its
-  forward (with autograd recording, as in training) and, when its output needs a
-  gradient, its backward; the median of up to `repeats` samples after one warm-up
-  call (time_ms), each long enough for the clock's resolution not to matter. A slow
-  node gets fewer samples (NODE_BUDGET_MS): its relative noise is small, and
-  repeating the convolutions of a big CNN five times would multiply the profiling
-  time for little gain;
-- an optimizer step on zero gradients gives the optimizer state's size per parameter
-  (`opt_bytes`); the median time of further steps is spread over the nodes by
-  parameter bytes (`opt_ms`);
-- whole training steps of the model (zero-grad, forward, loss, backward, optimizer
-  step; the median of WHOLE_STEP_REPEATS rounds that take every micro-batch count
-  in turn, each sample after a warm-up step) give the total the
-  node times are scaled to, and, run at batch / m for m in MICROBATCHES where the
-  batch (every input's length along its batch dimension: the workload's
-  `batch_dims`, else 0) divides, the cost of m micro-batches:
-  `graph["microbatch_step_ms"] = {m: m x ms of a step at batch / m}` on the first
-  profiled kind (`graph["microbatch_step_ms_by_kind"]`: every kind's), which the
-  simulator scales node costs by.
-A shared parameter is counted at its first user only. The graph profiled is the one
-the runtime runs: captured again from the private copy the same way (graphs.trace),
-checked by fingerprint.
+How each number is obtained (all on a private copy of the model, so the user's weights are never touched):
+- one real forward of the traced module records every node's output, and, through saved-tensor hooks, which
+  node saved which tensors for backward (`act_bytes`: de-duplicated by storage, parameters excluded, a tensor
+  counted at its first saver);
+- each node is then re-run alone on detached copies of its recorded inputs: its forward (with autograd
+  recording, as in training) and, when its output needs a gradient, its backward; the median of up to `repeats`
+  samples after one warm-up call (time_ms), each long enough for the clock's resolution not to matter. A slow
+  node gets fewer samples (NODE_BUDGET_MS): its relative noise is small, and repeating the convolutions of a big
+  CNN five times would multiply the profiling time for little gain;
+- an optimizer step on zero gradients gives the optimizer state's size per parameter (`opt_bytes`); the median
+  time of further steps is spread over the nodes by parameter bytes (`opt_ms`);
+- whole training steps of the model (zero-grad, forward, loss, backward, optimizer step; the median of rounds
+  that take every micro-batch count in turn, each sample after a warm-up step: _microbatch_step_samples) give
+  the total the node times are scaled to, their least over their median (`whole_step_spread`, for the lower
+  bound), and, run at batch / m for m in MICROBATCHES where the batch (every input's length along its batch
+  dimension: the workload's `batch_dims`, else 0) divides, the cost of m micro-batches:
+  `graph["microbatch_step_ms"] = {m: m x ms of a step at batch / m}` on the first profiled kind
+  (`graph["microbatch_step_ms_by_kind"]`: every kind's), which the simulator scales node costs by.
+A shared parameter is counted at its first user only. The graph profiled is the one the runtime runs: captured
+again from the private copy the same way (graphs.trace), checked by fingerprint.
 """
 
 from __future__ import annotations
@@ -35,7 +28,7 @@ import contextlib
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import networkx as nx
@@ -102,7 +95,7 @@ def profile(ops: nx.DiGraph, workload: Workload, kinds: Sequence[str] = ("cpu",)
     total = len(todo) * ops.number_of_nodes()
     for i, (kind, key) in enumerate(todo):
         step = None if progress is None else (lambda done, _, base=i * ops.number_of_nodes(): progress(base + done, total))
-        with _cpu_threads(threads if kind == "cpu" else None):
+        with cpu_threads(threads if kind == "cpu" else None):
             results[kind] = _measure(ops, workload, torch.device(kind), repeats, step)
         profile_cache.store(cache, key, results[kind])
     return _annotated(ops, results)
@@ -200,23 +193,19 @@ def _measure(ops: nx.DiGraph, workload: Workload, device: torch.device, repeats:
 
 def _microbatch_step_samples(model: torch.nn.Module, workload: Workload, inputs: tuple, repeats: int,
                             sync) -> dict[int, list[float]]:
-    """{m: samples of m x ms of one real training step (zero-grad, forward, loss, backward,
-    optimizer step) at batch / m}, on the profiled device, for each m in MICROBATCHES
-    that divides the batch (every input's length along its batch dimension, the
-    workload's `batch_dims` else 0, one for all) and at whose size the model runs
-    (BatchNorm refuses a batch of one, say). m = 1 is the whole step; its failure is a
-    WorkloadError.
+    """{m: samples of m x ms of one real training step (zero-grad, forward, loss, backward, optimizer step)
+    at batch / m}, on the profiled device, for each m in MICROBATCHES that divides the batch (every input's
+    length along its batch dimension, the workload's `batch_dims` else 0, one for all) and at whose size the
+    model runs (BatchNorm refuses a batch of one, say). m = 1 is the whole step; its failure is a WorkloadError.
 
-    The counts are timed in rounds, each taking every count in turn (one sample after
-    its own warm-up call), and the profile keeps each count's median: a burst of load
-    on the host then disturbs one sample of every count instead of every sample of one,
-    and the table's ratios, which scale every micro-batch's costs, stay those of one
-    moment. (Timed count by count, nmt-medium once recorded a step at batch/8 dearer
-    than one at batch/4.) min(repeats, WHOLE_STEP_REPEATS) rounds at least; where
-    repeats allows that many, more while the rounds fit in WHOLE_STEP_BUDGET_MS, up
-    to WHOLE_STEP_ROUNDS: a 7 ms step of zoo:transformer:small ran 5.96-8.94 ms in
-    three rounds, and a median of three then set the lower bound's costs 20% above
-    the steps measured seconds later (tests/test_bounds.py)."""
+    The counts are timed in rounds, each taking every count in turn (one sample after its own warm-up call),
+    and the profile keeps each count's median: a burst of load on the host then disturbs one sample of every
+    count instead of every sample of one, and the table's ratios, which scale every micro-batch's costs, stay
+    those of one moment. (Timed count by count, nmt-medium once recorded a step at batch/8 dearer than one at
+    batch/4.) min(repeats, WHOLE_STEP_REPEATS) rounds at least; where repeats allows that many, more while the
+    rounds fit in WHOLE_STEP_BUDGET_MS, up to WHOLE_STEP_ROUNDS: a 7 ms step of zoo:transformer:small ran
+    5.96-8.94 ms in three rounds, and a median of three then set the lower bound's costs 20% above the steps
+    measured seconds later (tests/test_bounds.py)."""
     dims = input_batch_dims(model, inputs, workload.batch_dims)
     sizes = {t.shape[d] if t.dim() > d else None for t, d in zip(inputs, dims) if d is not None}
     batch = sizes.pop() if len(sizes) == 1 else None
@@ -279,12 +268,11 @@ def _state_kept(model: torch.nn.Module):
 
 
 def _scale_to_whole_step(result: dict[str, dict], step_ms: float) -> float:
-    """Scale every node's forward and backward time so that they add up, with the
-    optimizer step, to the measured whole step, and return the factor (1 where nothing
-    was timed; graphs.bounds undoes a factor above 1). Timing a node alone pays a
-    dispatch and an autograd-engine start of its own, which inflates the sum of small
-    nodes several times over (2.6x on zoo:rnnlm:small); the whole step is the truth
-    about the total, the isolated timings about the shares. The loss is spread likewise."""
+    """Scale every node's forward and backward time so that they add up, with the optimizer step, to the
+    measured whole step, and return the factor (1 where nothing was timed; graphs.bounds undoes a factor above
+    1). Timing a node alone pays a dispatch and an autograd-engine start of its own, which inflates the sum of
+    small nodes several times over (2.6x on zoo:rnnlm:small); the whole step is the truth about the total, the
+    isolated timings about the shares. The loss is spread likewise."""
     compute = sum(r["fwd_ms"] + r["bwd_ms"] for r in result.values())
     optimizer = sum(r["opt_ms"] for r in result.values())
     if compute <= 0:
@@ -431,7 +419,8 @@ def _cache_key(ops: nx.DiGraph, workload: Workload, kind: str, threads: int | No
 # --- small helpers -----------------------------------------------------------------
 
 @contextlib.contextmanager
-def _cpu_threads(threads: int | None):
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """The block run with torch's intra-op thread count at `threads` (None, 0: as it is), restored after."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

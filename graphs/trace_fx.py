@@ -11,9 +11,9 @@ so a second trace of the same model names them alike.
 fx traces buffers (and plain tensor attributes) as the concrete tensors they are, so a
 forward that reads one, or a tensor computed from it, as a Python value (`float(self.k)`,
 `.item()`, `if self.step > 3:`) would have it baked into the graph, and an update of the
-buffer in place would go unseen: a wrong number. Such a
-read fails the trace (`trace_effects.ValueReads`), so the module doing it runs as itself (a leaf),
-reading the buffer live, or, for the model's own forward, the capture is refused.
+buffer in place would go unseen: a wrong number. Such a read fails the trace
+(`trace_effects.ValueReads`), so the module doing it runs as itself (a leaf), reading the
+buffer live, or, for the model's own forward, the capture is refused.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils._pytree import SUPPORTED_NODES, TreeSpec, tree_flatten
 
 from graphs.errors import CaptureError
-from graphs.trace_effects import ValueReads
 from graphs.trace import Traced, canonical_call, first_line, first_sentence, normalize, training_flags
+from graphs.trace_effects import ValueReads
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 MAX_FALLBACK_LEAVES = 64

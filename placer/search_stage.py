@@ -109,8 +109,7 @@ def run_search(method: str, problem: PlacementProblem, scorer: Scorer, budget_s:
     so far) and return what it adds to the results (SearchOutcome). On --resume, the
     earlier run's curve rows and marks of this search (from out/results.json) are kept.
     """
-    import torch
-
+    from graphs.profile import cpu_threads
     from placer.search import run
 
     config = options.config(budget_s, seed)
@@ -123,17 +122,13 @@ def run_search(method: str, problem: PlacementProblem, scorer: Scorer, budget_s:
         annotated[row["update"]] = scorer.on_round({**row, "method": method})
         progress(Stage("search", min(row["elapsed_s"], budget_s), budget_s, {**row, "method": method}))
 
-    threads = torch.get_num_threads()
     # The policy's ops on one intra-op thread: on a quiet 2-core host an RL search of gpt-medium took 7% longer
     # (6.74 against 6.31 s), beside another process's two threads 10x less (8.4 against 85 s; new-user trial 12
     # saw 0-1 updates in 4x the budget). Measurements set their CPU devices' counts (placer.runtime.timing).
-    torch.set_num_threads(1)
-    try:
+    with cpu_threads(1):
         result = run(method, problem, scorer, config, warm_start, out_dir=out / "search" if method == "rl" else None,
                      resume=resume and method == "rl", on_progress=on_progress,
                      policy=policy if method == "rl" else None)
-    finally:
-        torch.set_num_threads(threads)
     scorer.finish()
     before = {row.get("update"): row for row in earlier.curve if row.get("method", method) == method}
     curve = [annotated.get(row["update"]) or before.get(row["update"]) or {**row, "method": method}

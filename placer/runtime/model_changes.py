@@ -20,14 +20,14 @@ changed after apply is refused too, and its fix is the same (apply the plan agai
 `placed.original`). Not walked: objects in lists or dicts,
 objects with __slots__ only, modules held outside the module tree (in a plain list).
 Values are compared by identity in C-level loops (BERT-base's 228 modules: 0.25 ms on
-a 2-core host, experiments/probe_snapshot.py, 0.05 of it the dtypes and classes) and, where an attribute was reassigned,
-by value: setting an equal value again is no change (but a tensor: the graphs read the
+a 2-core host, experiments/probe_snapshot.py, 0.05 of it the dtypes and classes) and,
+where an attribute was reassigned, by value: setting an equal value again is no change (but a tensor: the graphs read the
 old one, and would miss what is later written into the new). A dict's size shows an
 entry added or removed, a hook removed too; a hook added anywhere moves torch's global
 hook counter, so only then are the hook tables compared key by key. Changes made in
 place (`weight.data = ...`, `load_state_dict`, an optimizer's step, `requires_grad_`, a
-tensor attribute written into) keep the objects, and the graphs see them (not a plain
-tensor attribute the forward read as a number: export bakes that in), but for a
+tensor attribute written into) keep the objects, and the graphs see them (one the
+forward reads as a number is refused at capture: graphs.trace_effects.ValueReads), but for a
 parameter's or buffer's dtype or device: `.to()` converts a parameter in place (`.data`),
 and the graphs hold ops and constants of the old dtype (a float32 attention mask: GPT2
 made bfloat16 after apply failed in torch) and moves between the plan's devices. A list
