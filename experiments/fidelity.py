@@ -20,6 +20,10 @@ the calibrated simulator misses: the correlation of the log error with each
 candidate's crossings, chunks, devices busy at once and micro-batches, and the share
 of the error between sessions. `--rescore` scores a recorded run's measurements again
 with the current simulator (`--rescale`: how its sessions are put on one scale).
+`--estimate blocked` takes each candidate's time relative to the others in the same
+rounds (`blocked`) instead of the protocol's median: the host's drift from round to
+round, which moves every candidate of a round alike, is taken out of the ranking.
+Every row keeps its timed steps (`times_ms`), so a run can be scored either way.
 
     .venv/bin/python experiments/fidelity.py --size medium            # every zoo model, 36 candidates each
     .venv/bin/python experiments/fidelity.py --quick                  # nmt small, 6 candidates: a check it runs
@@ -207,7 +211,8 @@ def evaluate_model(name: str, args: argparse.Namespace) -> dict:
             rows.append({"kind": kind, "placement": list(candidate.placement), "microbatches": candidate.microbatches,
                          "session": start // size, "feasible": bool(m.feasible),
                          "raw_ms": m.median_ms if m.feasible else None,
-                         "raw_ci_ms": list(m.ci_ms) if m.feasible and m.ci_ms else None, "reason": m.reason or ""})
+                         "raw_ci_ms": list(m.ci_ms) if m.feasible and m.ci_ms else None, "reason": m.reason or "",
+                         "times_ms": list(m.times_ms) if m.feasible else None})
             outcome = f"{m.median_ms:8.2f} ms" if m.feasible else f"infeasible: {m.reason}"
             print(f"  {spec} {len(rows):3d} {kind:9s} m={candidate.microbatches} {outcome}", flush=True)
         if anchors:
@@ -218,6 +223,8 @@ def evaluate_model(name: str, args: argparse.Namespace) -> dict:
         scale = session_scale(anchor_ms["anchor2" if spread else "anchor"], r["session"]) if anchors else 1.0
         r["measured_ms"] = r["raw_ms"] * scale if r["feasible"] else None
         r["ci_ms"] = [x * scale for x in r["raw_ci_ms"]] if r["raw_ci_ms"] else None
+    if args.estimate == "blocked":
+        blocked(rows)
     measured_rows = [r for r in rows if r["feasible"]]
     order = rng.permutation(len(measured_rows))
     for i in order[:max(3, len(order) // 3)]:
@@ -241,6 +248,36 @@ def spread_anchor(problem: PlacementProblem) -> Candidate | None:
               if not isinstance(p, InfeasibleError) and len(set(p)) > 1]
     sim = Simulator(problem)
     return Candidate(min(spread, key=lambda p: sim.simulate(p).step_ms)) if spread else None
+
+
+def blocked(rows: list[dict], draws: int = 1000, seed: int = 0) -> None:
+    """Set each feasible row's "measured_ms" and "ci_ms" (ms) to its step time with the
+    host's drift between rounds taken out (`--estimate blocked`). The rows of each session
+    hold "times_ms", one step a round, in the order of the rounds (the one design times
+    every candidate in every round); rounds that some row lacks are left out.
+
+    The rounds are the blocks of a randomized complete block design (R. A. Fisher, The
+    Design of Experiments, 1935; D. C. Montgomery, Design and Analysis of Experiments,
+    ch. 4): log t[c, r] minus the mean over the candidates of log t[., r] is candidate c's
+    time relative to round r, free of whatever slowed or sped the host for that whole
+    round (this host's speed wanders by 10-20% over minutes). A candidate's estimate is
+    the median of those over the rounds, put back in ms at the session's geometric mean
+    step. Its CI (95%, percentile) resamples whole rounds (`draws` times, seeded) with the
+    level held: it says how well the candidates are told apart, not how fast the host ran.
+    """
+    rng = np.random.default_rng(seed)
+    for session in {r["session"] for r in rows if r["feasible"]}:
+        mine = [r for r in rows if r["feasible"] and r["session"] == session]
+        rounds = min(len(r["times_ms"]) for r in mine)
+        log_t = np.log([r["times_ms"][:rounds] for r in mine])  # [candidates, rounds]
+        level = float(log_t.mean())
+        relative = log_t - log_t.mean(axis=0)
+        estimate = np.median(relative, axis=1)
+        again = np.median(relative[:, rng.integers(0, rounds, (draws, rounds))], axis=2)  # [candidates, draws]
+        low, high = np.percentile(again, [2.5, 97.5], axis=1)
+        for r, e, lo, hi in zip(mine, estimate, low, high):
+            r["measured_ms"] = math.exp(level + e)
+            r["ci_ms"] = [math.exp(level + lo), math.exp(level + hi)]
 
 
 def session_scale(anchor_ms: list[float], session: int) -> float:
@@ -304,7 +341,7 @@ def near_optimal(judged: list[dict], best_ms: float) -> dict:
     return {"judged": len(near), "spearman": spearman(calibrated, measured), "noise_ceiling": noise_ceiling(near)}
 
 
-def rescore(results: dict, rescale: str = "recorded") -> dict:
+def rescore(results: dict, rescale: str = "recorded", estimate: str = "median") -> dict:
     """`results` (a fidelity JSON) with every model scored again by `score`: the same
     measurements and fit/judge split, the current simulator and calibration fit. The
     problems are built again from the spec, devices and max_groups (256 where a run
@@ -316,7 +353,10 @@ def rescore(results: dict, rescale: str = "recorded") -> dict:
     run's scaling, "first" scales every row by its session's one-device anchor alone,
     "none" takes the raw medians. (On the 04:31 run one noisy measurement of the second
     anchor scaled all of its session's multi-device plans: inception_v3's Spearman
-    0.08 with both anchors, 0.67 with the first alone, 0.53 unscaled.)"""
+    0.08 with both anchors, 0.67 with the first alone, 0.53 unscaled.)
+
+    `estimate` "blocked" replaces the medians by `blocked`'s estimates from each row's
+    "times_ms" (runs recorded before 2026-12-02 08:00 UTC kept no steps: ValueError)."""
     models = []
     for model in results["models"]:
         problem = build_problem(model["workload"], devices=results["devices"], max_groups=model.get("max_groups", 256))
@@ -328,8 +368,13 @@ def rescore(results: dict, rescale: str = "recorded") -> dict:
                     factor = session_scale(model["anchor_ms"], r["session"]) if rescale == "first" else 1.0
                     r["measured_ms"] = r["raw_ms"] * factor
                     r["ci_ms"] = [x * factor for x in r["raw_ci_ms"]] if r["raw_ci_ms"] else None
+        if estimate == "blocked":
+            if any(r["feasible"] and not r.get("times_ms") for r in rows):
+                raise ValueError(f"{model['workload']}: the run kept no timed steps (times_ms); --estimate blocked "
+                                 "needs a run recorded since 2026-12-02")
+            blocked(rows)
         models.append({**model, **score(problem, rows), "rows": rows})
-    return {**results, "models": models, "rescored": host_info()["date"], "rescale": rescale}
+    return {**results, "models": models, "rescored": host_info()["date"], "rescale": rescale, "estimate": estimate}
 
 
 def cell(value: float | None) -> str:
@@ -352,12 +397,15 @@ def markdown(results: dict) -> str:
               f"interleaved sessions of {results['session']} candidates and {anchors}, by which every time is put on "
               f"one scale, CI half-width target {100 * results['target']:.0f}%, at most {results['cap_s']:.0f} s of "
               "timed rounds per session")
+    estimate = (" Each candidate's time is its median relative to the others timed in the same rounds (`--estimate "
+                "blocked`: the host's drift between rounds taken out), its CI from resampled rounds."
+                if results.get("estimate") == "blocked" else "")
     lines = [f"# Simulator fidelity ({host['date']})", "",
              f"Devices `{results['devices']}`; each candidate measured by the protocol ({design}). Calibration "
              "fitted on a random third of each "
              "model's candidates; both columns judged on the other two thirds. Targets: Spearman >= 0.9, median "
              "error <= 10%. Noise ceiling: the Spearman a perfect simulator could expect against measurements "
-             f"this noisy (`noise_ceiling`).{rescored}", "",
+             f"this noisy (`noise_ceiling`).{estimate}{rescored}", "",
              "| model | groups | candidates (measured, pipelined) | fit / judged | noise (CI half-width) | "
              "Spearman before | after | noise ceiling | median error before | after | after, pipelined only |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -412,16 +460,22 @@ def main() -> None:
                              "candidates put on one scale by their anchors")
     parser.add_argument("--rescale", default="recorded", choices=["recorded", "first", "none"],
                         help="with --rescore: the recorded sessions' scaling, the first anchor's alone, or none")
+    parser.add_argument("--estimate", default="median", choices=["median", "blocked"],
+                        help="a candidate's time: the protocol's median, or its median relative to the others in the "
+                             "same rounds (the one design only; with --rescore, runs that kept their steps)")
     parser.add_argument("--rescore", action="store_true",
                         help="measure nothing: score NAME.json's measurements again with the current simulator and "
                              "calibration fit (same fit/judge split), into NAME_rescored.{json,md}")
     args = parser.parse_args()
+    if args.estimate == "blocked" and args.design != "one" and not args.rescore:
+        parser.error("--estimate blocked needs --design one: its rounds must hold every candidate")
     if args.rewrite or args.rescore:
         stem = args.name or f"fidelity_{args.size}"
         results = json.loads((RESULTS / f"{stem}.json").read_text())
         if args.rescore:
-            suffix = "" if args.rescale == "recorded" else f"_{args.rescale}"
-            results, stem = rescore(results, args.rescale), f"{stem}_rescored{suffix}"
+            suffix = ("" if args.rescale == "recorded" else f"_{args.rescale}") + (
+                "_blocked" if args.estimate == "blocked" else "")
+            results, stem = rescore(results, args.rescale, args.estimate), f"{stem}_rescored{suffix}"
         print(f"wrote {record(stem, results, markdown(results))[1]}")
         return
     if args.quick:
@@ -439,7 +493,7 @@ def main() -> None:
         print(f"  Spearman {m['before']['spearman']:.2f} -> {m['after']['spearman']:.2f}, median error "
               f"{100 * m['before']['median_abs_error']:.1f}% -> {100 * m['after']['median_abs_error']:.1f}%")
         results = {"host": host, "devices": args.devices, "size": args.size, "design": args.design,
-                   "session": args.session,
+                   "session": args.session, "estimate": args.estimate,
                    "target": args.target, "cap_s": args.cap_s, "seed": args.seed,
                    "seconds": time.perf_counter() - started, "models": models}
         paths = record(stem, results, markdown(results))  # after each model: a cut run keeps what it measured

@@ -18,7 +18,7 @@ from envs.sim import Calibration, Simulator
 from graphs.devices import Link, parse_cluster
 from graphs.problem import PlacementProblem
 from graphs.synthetic import random_grouped_graph
-from placer.runtime.stats import Measurement
+from placer.runtime.stats import Measurement, median_ci
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TRUTH = Calibration({"cpu": 1.3}, {"cpu": Link(0.5e-3, 1e9)}, chunk_overhead_ms=0.2)
@@ -153,7 +153,8 @@ def test_one_session_measures_every_candidate_together_in_the_sessions_time(fide
     monkeypatch.setattr(fidelity, "Measurer", FakeMeasurer)
     monkeypatch.setattr(FakeMeasurer, "sessions", [])
     args = argparse.Namespace(size="small", devices="cpu:0,cpu:1", max_groups=256, seed=0, placements=12, session=4,
-                              target=0.03, cap_s=2.0, warmup=1, design=design, save=False)
+                              target=0.03, cap_s=2.0, warmup=1, design=design, save=False,
+                              estimate="median")
     model = fidelity.evaluate_model("mlp", args)
     assert [len(labels) for labels, _ in FakeMeasurer.sessions] == sessions
     assert {cap for _, cap in FakeMeasurer.sessions} == {cap_s}
@@ -175,3 +176,36 @@ def test_rescoring_can_scale_by_the_first_anchor_alone(fidelity, monkeypatch):
     truth = Simulator(problem, TRUTH)
     assert all(r["measured_ms"] == pytest.approx(truth.simulate(r["placement"]).step_ms) for r in model["rows"])
     assert fidelity.rescore(results, "none")["models"][0]["rows"][4]["measured_ms"] == pytest.approx(rows[4]["raw_ms"])
+
+
+def test_the_blocked_estimate_takes_the_hosts_drift_between_rounds_out(fidelity):
+    """Ten candidates 1% apart, timed in 15 rounds whose speed wanders by +-20% (one
+    factor for the whole round) with 0.5% noise of each step: the blocked estimates keep
+    their order and ratios, with CIs narrower than the 1% between them; the CI of a
+    plain median holds the drift."""
+    rng = np.random.default_rng(0)
+    true_ms = 100.0 * 1.01 ** np.arange(10)
+    drift = np.exp(rng.uniform(-0.2, 0.2, 15))
+    times = true_ms[:, None] * drift[None, :] * np.exp(rng.normal(0.0, 0.005, (10, 15)))
+    rows = [{"feasible": True, "session": 0, "times_ms": list(t)} for t in times]
+    fidelity.blocked(rows)
+    measured = np.array([r["measured_ms"] for r in rows])
+    assert fidelity.spearman(measured, true_ms) == pytest.approx(1.0)
+    assert np.allclose(measured[1:] / measured[:-1], 1.01, atol=0.005)
+    assert all(r["ci_ms"][0] <= r["measured_ms"] <= r["ci_ms"][1] < 1.01 * r["ci_ms"][0] for r in rows)
+    low, high = median_ci(times[0])
+    assert high > 1.05 * low
+
+
+def test_rescoring_blocked_needs_the_runs_steps(fidelity, monkeypatch):
+    problem = synthetic()
+    monkeypatch.setattr(fidelity, "build_problem", lambda spec, devices, max_groups: problem)
+    results = {"host": {"date": "then"}, "devices": "cpu:0,cpu:1", "models": [
+        {"workload": "synthetic", "rows": recorded_rows(problem, [0.0, 0.0, 0.0])}]}
+    with pytest.raises(ValueError, match="kept no timed steps"):
+        fidelity.rescore(results, estimate="blocked")
+    rng = np.random.default_rng(1)
+    for r in results["models"][0]["rows"]:
+        r["times_ms"] = list(r["measured_ms"] * np.exp(rng.normal(0.0, 0.001, 9)))
+    [model] = fidelity.rescore(results, estimate="blocked")["models"]
+    assert model["after"]["spearman"] > 0.9
