@@ -11,12 +11,14 @@ each time the same four candidates together:
 and records, per candidate: the median step time, IQR/median, the CI half-width the
 protocol reached (relative to the median, target 3%), the timed steps it took, and
 across the R sessions the spread of the medians ((max - min) / mean). The ratio of
-`placed` over its copy, with its CI, says whether two identical placements tie.
+`placed` over its copy, with its CI, says whether two identical placements tie: paired
+by their session (placer.measurements.compare, as every comparison of one session is),
+and unpaired (each sample resampled on its own, as before 2026-12-02).
 
     flock /tmp/placer-heavy.lock .venv/bin/python experiments/bench_noise.py      # the record: quiet host only
     .venv/bin/python experiments/bench_noise.py --quick                           # a check that it runs
 
-Writes experiments/results/noise.{json,md} (noise_quick.* with --quick); the host's
+Writes experiments/results/NAME.{json,md} (`--name`, default noise; noise_quick.* with --quick); the host's
 load at the start is recorded, and a run that did not start quiet says so.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import replace
 
 from _record import RESULTS, host_info, host_lines, record  # this folder is on sys.path when run as a script
 
@@ -52,7 +55,9 @@ def measure_workload(spec: str, sessions: int, protocol) -> dict:
             trials[1], trials[2] = trials[2], trials[1]
         measured = {t.label: m for t, m in zip(trials, run_session(trials, protocol))}
         copy = compare(measured["placed"], measured["placed (copy)"], "placed (copy)")
+        apart = compare(replace(measured["placed"], session=None), measured["placed (copy)"], "placed (copy)")
         runs.append({"session": s, "copy_ratio": copy.to_json() if copy else None,
+                     "copy_ratio_unpaired": apart.to_json() if apart else None,
                      **{label: {"median_ms": m.median_ms, "iqr_rel": m.iqr_ms / m.median_ms if m.feasible else None,
                                 "ci_halfwidth_rel": m.ci_halfwidth, "runs": m.runs, "feasible": m.feasible,
                                 "reason": m.reason} for label, m in measured.items()}})
@@ -70,9 +75,11 @@ def measure_workload(spec: str, sessions: int, protocol) -> dict:
             "runs": statistics.median(r["runs"] for r in rows) if rows else None,
             "spread_of_medians": (max(medians) - min(medians)) / statistics.mean(medians) if len(medians) > 1 else None,
         }
-    ties = sum(1 for r in runs if r["copy_ratio"] and r["copy_ratio"]["verdict"] == "tie")
+    ties = {key: sum(1 for r in runs if r[key] and r[key]["verdict"] == "tie")
+            for key in ("copy_ratio", "copy_ratio_unpaired")}
     return {"workload": spec, "groups": problem.n_groups, "sessions": runs, "summary": summary,
-            "identical_placements_tie": f"{ties}/{len(runs)}"}
+            "identical_placements_tie": f"{ties['copy_ratio']}/{len(runs)}",
+            "identical_placements_tie_unpaired": f"{ties['copy_ratio_unpaired']}/{len(runs)}"}
 
 
 def pct(x: float | None) -> str:
@@ -99,7 +106,15 @@ def to_markdown(results: dict) -> str:
                          f"{pct(s['ci_halfwidth_rel'])} | {steps} | {pct(s['spread_of_medians'])} |")
     lines += ["", "Identical placements measured in one session tie (their ratio's CI holds 1) in: "
               + ", ".join(f"{w['workload']} {w['identical_placements_tie']}" for w in results["workloads"]) + ".",
-              "", "Host:", "", *host_lines(results["host"]), ""]
+              "", "The ratio of `placed` over its copy, per session: paired by rounds (what placer reports) and "
+              "unpaired (each sample resampled on its own):", "",
+              "| workload | session | paired ratio (95% CI) | unpaired ratio (95% CI) |", "|---|---|---|---|"]
+    for w in results["workloads"]:
+        for r in w["sessions"]:
+            cells = [f"{x['value']:.3f} ({x['ci'][0]:.3f}-{x['ci'][1]:.3f}) {x['verdict']}" if x else "-"
+                     for x in (r["copy_ratio"], r.get("copy_ratio_unpaired"))]
+            lines.append(f"| {w['workload']} | {r['session']} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Host:", "", *host_lines(results["host"]), ""]
     return "\n".join(lines)
 
 
@@ -109,10 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sessions", type=int, default=3, help="independent sessions per workload")
     parser.add_argument("--target", type=float, default=0.03, help="CI half-width target (fraction of the median)")
     parser.add_argument("--cap", type=float, default=10.0, help="seconds per candidate in a session")
+    parser.add_argument("--name", default="noise", help="results file stem")
     parser.add_argument("--quick", action="store_true",
                         help="a check that it runs: transformer small, 2 sessions, 2 s sessions; noise_quick.*")
     args = parser.parse_args(argv)
-    name = "noise"
+    name = args.name
     if args.quick:
         name, args.workloads, args.sessions, args.cap = "noise_quick", ["zoo:transformer:small"], 2, 0.5
     from placer.measurements import Protocol  # the heavy import, after argument errors

@@ -2,9 +2,14 @@
 comparison of two measurements, and the persistent measurement book.
 
 The protocol (`Protocol`, `run_session`). Candidates measured in one *session* are
-timed interleaved, round by round, in alternating order: A B C, C B A, A B C, ...,
-so that drift in the host's load and the position in a round hit all of them alike
-(measured A-then-B every round, two identical placements differed by 9%). Every
+timed interleaved, round by round, each round in the order of a row of a Williams
+design (`williams_order`: A B, B A for two; each candidate runs right after each other
+equally often), so that drift in the host's load, the position in a round and what the
+step before leaves behind hit all of them alike (measured A-then-B every round, two
+identical placements differed by 9%; in alternating order A B C D, D C B A, the one
+right after the eager model ran 5.9% slower, identical placements measured apart in
+22 sessions of 25). A candidate's step that follows another's waits `pause_ms` first
+(untimed), for the threads an eager step leaves spinning to go idle. Every
 candidate stays in the rounds to the session's end, which comes when, after `min_runs`
 steps each, the confidence interval of every candidate's median (order statistics,
 placer.runtime.timing.median_ci) is within `target` of the median (default +-3%), or
@@ -14,7 +19,9 @@ candidates), or at a caller's time limit (a search's budget: `Measurer.limited`)
 The comparison (`compare`): the speedup of one measurement over another is the ratio
 of their medians, with a bootstrap confidence interval (seeded: the same times give
 the same interval). A ratio whose interval holds 1 is a *tie*: neither is measurably
-faster.
+faster. Two measurements of one session are *paired*: their steps were timed side by
+side, round by round, so the bootstrap resamples whole rounds, and a drift of the host
+that slowed both in the same rounds does not widen the interval of their ratio.
 
 The book (`MeasurementBook`): every measurement of a run, saved to DIR/measurements.json
 as soon as it is made, so that a run resumed after Ctrl-C or a kill repeats none of
@@ -27,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -69,8 +77,16 @@ class Protocol:
     """A step (warm-up included) longer than this makes a candidate infeasible."""
     confidence: float = CONFIDENCE
     """Coverage of every confidence interval."""
+    pause_ms: float = 10.0
+    """Milliseconds of idle host before a candidate's step that follows another candidate's
+    step (not timed). An eager step on several intra-op threads leaves them spinning after
+    it: without the pause, the step timed next ran 5.9% slower on this host (identical
+    placements measured apart in 22 sessions of 25; 2 ms: 3.1%, 10 ms: 0.7%, as after a
+    one-thread step; docs/results.md "Position in a round")."""
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.pause_ms) and self.pause_ms >= 0):
+            raise ValueError(f"pause_ms={self.pause_ms}: give a finite number >= 0")
         for name in ("target", "cap_s", "step_timeout_s", "cap_per_candidate_s"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -100,14 +116,38 @@ class Protocol:
         return halfwidth is not None and halfwidth <= self.target
 
 
+def williams_order(n: int, round_: int) -> list[int]:
+    """The order of `n` candidates in round `round_` (0-based): a row of a Williams
+    design (E. J. Williams, "Experimental designs balanced for the estimation of residual
+    effects of treatments", 1949), a Latin square in which every candidate runs right
+    after every other equally often: once each over n rounds for even n, twice over 2n
+    for odd n. What a step leaves behind (threads still spinning, a cache of its own)
+    then slows no candidate more than another. Two candidates alternate: A B, B A.
+
+    >>> [williams_order(4, r) for r in range(4)]
+    [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]]
+    """
+    first, low, high = [0][:n], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    row = round_ % (n if n % 2 == 0 else 2 * n) if n else 0
+    order = [(x + row) % n for x in first]
+    return order[::-1] if row >= n else order
+
+
 def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time.perf_counter,
                 progress: Progress = quiet, stage: str = "measuring",
                 limit_s: float | None = None) -> list[Measurement]:
-    """Measure `trials` together under `protocol`, interleaved in alternating order.
+    """Measure `trials` together under `protocol`, interleaved in Williams-design rounds.
 
     Every trial is opened (warmed up) first; those that cannot run are infeasible at
     once. Then rounds: each trial that has not failed or reached max_runs times one
-    step, in the order of the list on even rounds and reversed on odd ones, until every
+    step (after a pause of `Protocol.pause_ms` where the step before was another's), in
+    the order `williams_order` gives the round, until every
     trial is settled, or every trial has its `min_runs` steps and either the timed
     rounds have passed the protocol's cap (`Protocol.session_cap_s`) or the whole
     session (opening included) has passed `limit_s`. A settled trial keeps its place in the rounds while another is
@@ -129,14 +169,14 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
 
     Returns
     -------
-    One Measurement per trial, in order.
+    One Measurement per trial, in order, all with one `session` id.
     """
     started = clock()
     try:
         for i, trial in enumerate(trials):
             progress(Stage(stage, i, len(trials), {"opening": trial.label}))
             trial.open()
-        begin, round_ = clock(), 0
+        begin, round_, previous = clock(), 0, None
         while True:
             unsettled = any(not protocol.settled(t) for t in trials)
             live = [t for t in trials if t.failed is None and len(t.times_ms) < protocol.max_runs]
@@ -146,12 +186,16 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
                                                                            now - started >= limit_s)
             if not unsettled or (warm and capped):
                 break
-            for trial in (live if round_ % 2 == 0 else live[::-1]):
+            for trial in (live[i] for i in williams_order(len(live), round_)):
+                if protocol.pause_ms and trial is not previous:
+                    time.sleep(protocol.pause_ms / 1e3)
                 trial.step()
+                previous = trial
             round_ += 1
             done = sum(len(t.times_ms) for t in trials)
             progress(Stage(stage, done, None, {"round": round_, "steps": done}))
-        return [t.result(protocol.confidence) for t in trials]
+        session = uuid.uuid4().hex  # the rounds' steps of these measurements are aligned: compare pairs them
+        return [replace(t.result(protocol.confidence), session=session) for t in trials]
     finally:
         for trial in trials:
             trial.close()
@@ -162,14 +206,20 @@ def compare(this: Measurement, reference: Measurement, reference_name: str, conf
     """The speedup of `this` over `reference` with a bootstrap CI, or None when either
     is infeasible or has no step times.
 
-    The interval is the percentile bootstrap of median(reference) / median(this), each
-    sample resampled on its own (`resamples` times, seeded: deterministic)."""
+    The interval is the percentile bootstrap of median(reference) / median(this)
+    (`resamples` times, seeded: deterministic). Measurements of one session (the same
+    `session` id and as many steps) are resampled by whole rounds: step i of each was
+    timed in round i, beside the other, so a drift of the host that slowed a round
+    slowed both (the paired bootstrap: Efron and Tibshirani, An Introduction to the
+    Bootstrap, 1993, ch. 6). Otherwise each sample is resampled on its own."""
     if not (this.feasible and reference.feasible and this.times_ms and reference.times_ms):
         return None
     rng = np.random.default_rng(seed)
     a, b = np.asarray(this.times_ms), np.asarray(reference.times_ms)
-    ratios = (np.median(rng.choice(b, (resamples, b.size)), axis=1)
-              / np.median(rng.choice(a, (resamples, a.size)), axis=1))
+    paired = this.session is not None and this.session == reference.session and a.size == b.size
+    rounds_b = rng.integers(0, b.size, (resamples, b.size))
+    rounds_a = rounds_b if paired else rng.integers(0, a.size, (resamples, a.size))
+    ratios = np.median(b[rounds_b], axis=1) / np.median(a[rounds_a], axis=1)
     tail = (1 - confidence) / 2 * 100
     low, high = (float(x) for x in np.percentile(ratios, [tail, 100 - tail]))
     value = float(np.median(b) / np.median(a))

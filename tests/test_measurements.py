@@ -3,6 +3,7 @@ how fast this host is), the comparison of two measurements, the persistent book 
 the unplaced model's device."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from graphs.devices import parse_cluster
 from graphs.problem import Candidate, PlacementProblem
 from graphs.synthetic import random_grouped_graph
 from placer.measurements import (BOOK_FORMAT, UNPLACED, MeasurementBook, Measurer, Protocol, candidate_key, compare,
-                                 key_candidate, run_session, unplaced_device, unplaced_problem)
+                                 key_candidate, run_session, unplaced_device, unplaced_problem,
+                                 williams_order)
 from placer.plan import Plan
 from placer.runtime.timing import Measurement, PlacedTrial, Trial, summarize
 
@@ -53,11 +55,34 @@ def session(durations: dict, protocol: Protocol, limit_s=None, **kwargs):
     return dict(zip(durations, results)), log[len(durations):]  # the log without the warm-up steps
 
 
-def test_candidates_are_interleaved_in_alternating_order():
+def test_candidates_are_interleaved_so_that_each_runs_after_each_other_equally_often():
+    """Rounds follow a Williams design: with three candidates, six rounds in which each
+    runs right after each other twice and holds each position twice; two alternate."""
     noisy = [10.0, 30.0]  # never settles: the CI of alternating 10/30 stays wide
-    results, log = session({"A": noisy, "B": noisy, "C": noisy}, Protocol(min_runs=2, max_runs=4, cap_s=1e9))
-    assert log == list("ABCCBAABCCBA")
-    assert all(m.runs == 4 and m.feasible for m in results.values())
+    results, log = session({"A": noisy, "B": noisy, "C": noisy}, Protocol(min_runs=2, max_runs=6, cap_s=1e9))
+    rounds = ["".join(log[i:i + 3]) for i in range(0, 18, 3)]
+    assert all(sorted(r) == list("ABC") for r in rounds)
+    after = Counter(a + b for r in rounds for a, b in zip(r, r[1:]))
+    assert set(after) == {"AB", "AC", "BA", "BC", "CA", "CB"} and set(after.values()) == {2}
+    assert all(Counter(r[i] for r in rounds) == Counter("AABBCC") for i in range(3))
+    assert all(m.runs == 6 and m.feasible for m in results.values())
+    assert session({"A": noisy, "B": noisy}, Protocol(min_runs=2, max_runs=4, cap_s=1e9))[1] == list("ABBAABBA")
+    assert [williams_order(n, r) for n in (0, 1) for r in (0, 1)] == [[], [], [0], [0]]
+
+
+def test_a_pause_comes_before_a_step_that_follows_another_candidates_step(monkeypatch):
+    """Not between two steps of one candidate (at a round's seam), nor with pause_ms 0."""
+    import placer.measurements as measurements
+
+    pauses = []
+    monkeypatch.setattr(measurements.time, "sleep", pauses.append)
+    _, log = session({"A": [10.0, 30.0], "B": [10.0, 30.0]}, Protocol(min_runs=2, max_runs=4, cap_s=1e9, pause_ms=5))
+    assert log == list("ABBAABBA") and pauses == [0.005] * 5  # first step (after B's warm-up), A-B and B-A
+    pauses.clear()
+    session({"A": [10.0], "B": [10.0]}, Protocol(min_runs=2, max_runs=4, cap_s=1e9, pause_ms=0))
+    assert pauses == []
+    with pytest.raises(ValueError, match="pause_ms"):
+        Protocol(pause_ms=-1.0)
 
 
 def test_a_settled_candidate_keeps_its_place_in_the_rounds_until_every_one_is_settled():
@@ -141,6 +166,26 @@ def test_compare_gives_a_ratio_with_an_interval_and_calls_ties():
     assert compare(fast, same, "same").verdict == "tie"
     assert compare(fast, slow, "slow") == ratio  # seeded: the same times give the same interval
     assert compare(Measurement(feasible=False, reason="x"), slow, "slow") is None
+
+
+def test_measurements_of_one_session_are_compared_round_by_round():
+    """B is 3% slower than A in every round, and the host's speed wanders by +-20% from
+    round to round: paired by their session, the ratio's interval is narrow and says
+    faster; the same steps from two sessions tie. A session gives every measurement one
+    id, and the book keeps it."""
+    drift = [1.0 + 0.2 * ((7 * i) % 11 - 5) / 5 for i in range(20)]
+    a, b = [10.0 * d for d in drift], [10.3 * d for d in drift]
+    paired = compare(Measurement(**vars(summarize(a)) | {"session": "s"}),
+                     Measurement(**vars(summarize(b)) | {"session": "s"}), "B")
+    assert paired.value == pytest.approx(1.03) and paired.verdict == "faster"
+    assert paired.ci[1] - paired.ci[0] < 0.01
+    apart = compare(Measurement(**vars(summarize(a)) | {"session": "s"}),
+                    Measurement(**vars(summarize(b)) | {"session": "t"}), "B")
+    assert apart.value == pytest.approx(1.03) and apart.verdict == "tie"
+    results, _ = session({"A": [10.0], "B": [12.0]}, Protocol(min_runs=2, max_runs=3, cap_s=1e9))
+    assert results["A"].session and results["A"].session == results["B"].session
+    assert Measurement.from_json(results["A"].to_json()).session == results["A"].session
+    assert Measurement.from_json(summarize([1.0]).to_json()).session is None
 
 
 def test_candidate_keys_round_trip():

@@ -40,6 +40,10 @@ class Measurement:
         "steps": steps counted}, or where the steps could not tell, the load-average
         fallback's {"load": 1-minute load average, "cores", "own": this process's share
         of the load}; None when they did not (or nobody checked: one thread, a GPU).
+    session : an id shared by the measurements of one interleaved session
+        (placer.measurements.run_session), whose times_ms are then timed round by
+        round side by side (placer.measurements.compare pairs them); None where not
+        known (a measurement of its own, or one recorded before 2026-12-02).
     """
 
     feasible: bool
@@ -52,6 +56,7 @@ class Measurement:
     reason: str | None = None
     notes: list[str] = field(default_factory=list)
     busy: dict | None = None
+    session: str | None = None
 
     def to_json(self) -> dict:
         """A dict of plain JSON values (ci_ms as a list)."""
@@ -90,7 +95,8 @@ class Measurement:
                    ci_ms=(float(ci[0]), float(ci[1])) if ci is not None else (median_ci(times) if times else None),
                    runs=int(data.get("runs") or len(times)), times_ms=times,
                    peak_bytes={str(k): int(v) for k, v in (data.get("peak_bytes") or {}).items()},
-                   notes=[str(n) for n in data.get("notes") or []], busy=busy_from_json(data.get("busy")))
+                   notes=[str(n) for n in data.get("notes") or []], busy=busy_from_json(data.get("busy")),
+                   session=str(data["session"]) if data.get("session") else None)
 
     @property
     def ci_halfwidth(self) -> float | None:
