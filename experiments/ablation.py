@@ -162,7 +162,8 @@ def calibration_for(name: str, problem: PlacementProblem, args: argparse.Namespa
 def fit_baselines(name: str, problem: PlacementProblem, args: argparse.Namespace) -> None:
     """Measure every heuristic's placement in one session and save the calibration fitted to them."""
     from graphs.workload import load_workload
-    from placer.measurements import MeasurementBook, Measurer, Protocol
+    from placer.book import MeasurementBook
+    from placer.measurements import Measurer, Protocol
 
     placements = {n: p for n, p in run_baselines(problem).items() if not isinstance(p, InfeasibleError)}
     unique = list(dict.fromkeys(tuple(p) for p in placements.values()))
@@ -258,7 +259,8 @@ def pick(labels: Sequence[str], measured: dict, warm: str) -> str | None:
 def measure(entry: dict, args: argparse.Namespace) -> None:
     """Measure one problem's shortlists, then confirm each owner's pick (module docstring)."""
     from graphs.workload import load_workload
-    from placer.measurements import UNPLACED, MeasurementBook, Measurer, Protocol, compare
+    from placer.book import MeasurementBook
+    from placer.measurements import UNPLACED, Measurer, Protocol, compare
 
     problem, workload = entry.pop("problem"), load_workload(entry["workload"])
     candidates, owners = distinct(pools(entry))

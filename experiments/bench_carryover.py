@@ -33,7 +33,8 @@ def main() -> None:
     from graphs.problem import Candidate, build_problem
     from graphs.workload import load_workload
     from placer.baselines import run_baselines
-    from placer.measurements import MeasurementBook, Measurer, Protocol, compare
+    from placer.book import MeasurementBook
+    from placer.measurements import Measurer, Protocol, compare
     from placer.runtime.stats import summarize
 
     host = host_info()

@@ -40,7 +40,8 @@ def measure_workload(spec: str, sessions: int, protocol) -> dict:
     from graphs.problem import Candidate, build_problem
     from graphs.workload import load_workload
     from placer.baselines import run_baselines
-    from placer.measurements import MeasurementBook, Measurer, compare, run_session
+    from placer.book import MeasurementBook
+    from placer.measurements import Measurer, compare, run_session
 
     loaded = load_workload(spec)
     problem = build_problem(loaded, DEVICES)
@@ -91,7 +92,8 @@ def to_markdown(results: dict) -> str:
     lines = ["# Noise of the measurement protocol", "",
              f"Each workload: {results['sessions']} independent sessions, each measuring unplaced (eager, the whole "
              f"host), a two-device placement ({DEVICES}, the expert placement), the same placement again, and "
-             "everything on cpu:0, interleaved in alternating order until each median's confidence interval was "
+             "everything on cpu:0, interleaved by the protocol (placer.measurements.run_session) until each "
+             "median's confidence interval was "
              f"within {protocol['target']:.0%} (at least {protocol['min_runs']} steps, at most "
              f"{protocol['cap_per_candidate_s']:g} s per candidate a session). Columns are medians over the "
              "sessions; spread is (max - min) / mean of the sessions' medians.", "",

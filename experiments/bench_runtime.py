@@ -1,7 +1,7 @@
 """The execution engine's targets (issue 15), on whole training steps.
 
 Every section measures its candidates together with placer's protocol
-(placer.measurements.run_session: interleaved A B C / C B A rounds until each
+(placer.measurements.run_session: interleaved rounds in a Williams design until each
 median's 95% CI is within 3%, or a time cap), always with the `unplaced` row (the
 eager model on the whole host), and reports ratios with their bootstrap CI.
 

@@ -34,7 +34,8 @@ def main() -> None:
     from graphs.problem import Candidate, build_problem
     from graphs.workload import load_workload
     from placer.baselines import run_baselines
-    from placer.measurements import MeasurementBook, Measurer, Protocol
+    from placer.book import MeasurementBook
+    from placer.measurements import Measurer, Protocol
 
     host = host_info()
     workload = load_workload(args.workload)

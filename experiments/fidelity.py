@@ -57,7 +57,8 @@ from graphs.workload import load_workload
 from graphs.zoo import ZOO
 from placer.baselines import run_baselines
 from placer.baselines.repair import repair
-from placer.measurements import MeasurementBook, Measurer, Protocol
+from placer.book import MeasurementBook
+from placer.measurements import Measurer, Protocol
 from placer.microbatch_policy import microbatches_off
 from placer.search import microbatch_options
 
@@ -369,6 +370,9 @@ def rescore(results: dict, rescale: str = "recorded", estimate: str = "median") 
                     r["measured_ms"] = r["raw_ms"] * factor
                     r["ci_ms"] = [x * factor for x in r["raw_ci_ms"]] if r["raw_ci_ms"] else None
         if estimate == "blocked":
+            if results.get("design") != "one":
+                raise ValueError(f"{model['workload']}: the run is of the sessions design, whose anchors put the "
+                                 "sessions on one scale; --estimate blocked needs one session of every candidate")
             if any(r["feasible"] and not r.get("times_ms") for r in rows):
                 raise ValueError(f"{model['workload']}: the run kept no timed steps (times_ms); --estimate blocked "
                                  "needs a run recorded since 2026-12-02")

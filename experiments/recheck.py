@@ -28,7 +28,8 @@ def recheck(path: Path, sessions: int, protocol) -> dict:
     """Claims of one results.json against `sessions` fresh interleaved re-measurements."""
     from graphs.problem import Candidate, build_problem
     from graphs.workload import load_workload
-    from placer.measurements import MeasurementBook, Measurer, compare
+    from placer.book import MeasurementBook
+    from placer.measurements import Measurer, compare
     from placer.results import Results
 
     results = Results.load(path)

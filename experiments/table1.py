@@ -119,7 +119,7 @@ def to_markdown(table: dict) -> str:
         "Measured training-step time, median in milliseconds with its confidence interval (lower is better), "
         "in the layout of Table 1 of Mirhoseini et al. (ICML 2017). unplaced is the model run without placer on "
         f"the whole host (the paper's single CPU); the other columns place the model on {devices}. Candidates "
-        "were measured interleaved (A B C, C B A, ...) until each median's CI was within "
+        "were measured interleaved (placer.measurements.run_session) until each median's CI was within "
         f"{table['protocol']['target']:.0%} or {table['protocol']['cap_per_candidate_s']:g} s per candidate a "
         "session. The speedups are "
         "ratios with their confidence interval from one interleaved session (RL's from the final or confirm "

@@ -34,7 +34,8 @@ from graphs.trace import fingerprint, trace_model
 from graphs.workload import load_workload
 from placer.choose import fill, pick, settle_ratios, verdict_choice
 from placer.optimize import bounds_of
-from placer.measurements import UNPLACED, MeasurementBook, Measurer, Protocol, unplaced_device
+from placer.book import MeasurementBook
+from placer.measurements import UNPLACED, Measurer, Protocol, unplaced_device
 from placer.plan import Plan, load_plan, mismatch_message, plan_cluster
 from placer.report import publish
 from placer.results import MethodResult, Progress, Results, environment, quiet, warn_stderr

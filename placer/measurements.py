@@ -3,13 +3,14 @@ comparison of two measurements, and the persistent measurement book.
 
 The protocol (`Protocol`, `run_session`). Candidates measured in one *session* are
 timed interleaved, round by round, each round in the order of a row of a Williams
-design (`williams_order`: A B, B A for two; each candidate runs right after each other
-equally often), so that drift in the host's load, the position in a round and what the
+design (`williams_order`: A B, B A for two; within a round's cycle, each candidate runs
+right after each other equally often), so that drift in the host's load, the position in a round and what the
 step before leaves behind hit all of them alike (measured A-then-B every round, two
 identical placements differed by 9%; in alternating order A B C D, D C B A, the one
 right after the eager model ran 5.9% slower, identical placements measured apart in
-22 sessions of 25). A candidate's step that follows another's waits `pause_ms` first
-(untimed), for the threads an eager step leaves spinning to go idle. Every
+22 sessions of 25). Every timed step waits `pause_ms` first (untimed), for the threads
+an eager step leaves spinning to go idle: each step then starts from an idle host, in
+every session alike, whoever ran before it. Every
 candidate stays in the rounds to the session's end, which comes when, after `min_runs`
 steps each, the confidence interval of every candidate's median (order statistics,
 placer.runtime.timing.median_ci) is within `target` of the median (default +-3%), or
@@ -23,37 +24,31 @@ faster. Two measurements of one session are *paired*: their steps were timed sid
 side, round by round, so the bootstrap resamples whole rounds, and a drift of the host
 that slowed both in the same rounds does not widen the interval of their ratio.
 
-The book (`MeasurementBook`): every measurement of a run, saved to DIR/measurements.json
-as soon as it is made, so that a run resumed after Ctrl-C or a kill repeats none of
-them. The file keeps each *identity* (workload fingerprint, devices, memory caps,
-protocol) apart: a run never reads, nor overwrites, another identity's measurements.
+The book (placer.book.MeasurementBook) keeps every measurement of a run on disk.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
 from graphs.devices import parse_cluster
 from graphs.problem import Candidate, PlacementProblem
 from graphs.workload import Workload
+from placer.book import UNPLACED, MeasurementBook, candidate_key
 from placer.plan import Plan, make_plan
-from placer.results import Progress, Ratio, Stage, quiet, warn_stderr, write_json
+from placer.results import Progress, Ratio, Stage, quiet
 from placer.runtime.timing import CONFIDENCE, Clock, EagerTrial, Measurement, PlacedTrial, Trial
 
-__all__ = ["Protocol", "run_session", "compare", "candidate_key", "key_candidate", "MeasurementBook", "BOOK_FORMAT",
+__all__ = ["Protocol", "williams_order", "run_session", "compare",
            "Measurer", "UNPLACED", "unplaced_device", "unplaced_problem", "unplaced_plan"]
 
-UNPLACED = "unplaced"  # the method name, and book key, of the model run without placer
-BOOK_FORMAT = "placer.measurements/v2"  # v2: one book per identity, Measurement with ci_ms and runs
 
 
 @dataclass(frozen=True)
@@ -67,7 +62,8 @@ class Protocol:
     max_runs: int = 200
     """Timed steps of a candidate at most."""
     cap_s: float = 60.0
-    """Seconds of timed rounds per session, once every candidate has min_runs steps (warm-up not counted)."""
+    """Seconds of rounds (their pauses included) per session, once every candidate has min_runs steps (warm-up
+    not counted)."""
     cap_per_candidate_s: float | None = None
     """When set, the session's cap is this times its number of candidates instead of cap_s
     (what optimize uses: a search's round of two candidates stays short, the baselines' long)."""
@@ -78,11 +74,14 @@ class Protocol:
     confidence: float = CONFIDENCE
     """Coverage of every confidence interval."""
     pause_ms: float = 10.0
-    """Milliseconds of idle host before a candidate's step that follows another candidate's
-    step (not timed). An eager step on several intra-op threads leaves them spinning after
+    """Milliseconds of idle host before every timed step (not timed; the caps count it).
+    An eager step on several intra-op threads leaves them spinning after
     it: without the pause, the step timed next ran 5.9% slower on this host (identical
     placements measured apart in 22 sessions of 25; 2 ms: 3.1%, 10 ms: 0.7%, as after a
-    one-thread step; docs/results.md "Position in a round")."""
+    one-thread step; docs/results.md "Position in a round"). Before every step, not only
+    after another candidate's: a step that follows its own, threads hot, would otherwise
+    run from another start than the rest, and how often that happens depends on the
+    session's size."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.pause_ms) and self.pause_ms >= 0):
@@ -119,9 +118,10 @@ class Protocol:
 def williams_order(n: int, round_: int) -> list[int]:
     """The order of `n` candidates in round `round_` (0-based): a row of a Williams
     design (E. J. Williams, "Experimental designs balanced for the estimation of residual
-    effects of treatments", 1949), a Latin square in which every candidate runs right
-    after every other equally often: once each over n rounds for even n, twice over 2n
-    for odd n. What a step leaves behind (threads still spinning, a cache of its own)
+    effects of treatments", 1949), a Latin square in which, within the rows, every
+    candidate runs right after every other equally often: once each over n rounds for
+    even n, twice over 2n for odd n (the seams between rounds are not balanced). What a
+    step leaves behind (threads still spinning, a cache of its own)
     then slows no candidate more than another. Two candidates alternate: A B, B A.
 
     >>> [williams_order(4, r) for r in range(4)]
@@ -146,7 +146,7 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
 
     Every trial is opened (warmed up) first; those that cannot run are infeasible at
     once. Then rounds: each trial that has not failed or reached max_runs times one
-    step (after a pause of `Protocol.pause_ms` where the step before was another's), in
+    step (after a pause of `Protocol.pause_ms`), in
     the order `williams_order` gives the round, until every
     trial is settled, or every trial has its `min_runs` steps and either the timed
     rounds have passed the protocol's cap (`Protocol.session_cap_s`) or the whole
@@ -176,7 +176,7 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
         for i, trial in enumerate(trials):
             progress(Stage(stage, i, len(trials), {"opening": trial.label}))
             trial.open()
-        begin, round_, previous = clock(), 0, None
+        begin, round_ = clock(), 0
         while True:
             unsettled = any(not protocol.settled(t) for t in trials)
             live = [t for t in trials if t.failed is None and len(t.times_ms) < protocol.max_runs]
@@ -187,10 +187,9 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
             if not unsettled or (warm and capped):
                 break
             for trial in (live[i] for i in williams_order(len(live), round_)):
-                if protocol.pause_ms and trial is not previous:
+                if protocol.pause_ms:
                     time.sleep(protocol.pause_ms / 1e3)
                 trial.step()
-                previous = trial
             round_ += 1
             done = sum(len(t.times_ms) for t in trials)
             progress(Stage(stage, done, None, {"round": round_, "steps": done}))
@@ -225,112 +224,6 @@ def compare(this: Measurement, reference: Measurement, reference_name: str, conf
     value = float(np.median(b) / np.median(a))
     verdict = "faster" if low > 1 else "slower" if high < 1 else "tie"
     return Ratio(value, (low, high), verdict, reference_name)
-
-
-def candidate_key(candidate: Candidate | Sequence[int] | None) -> str:
-    """A candidate's key in the book: "0,1,1" (one micro-batch), "0,1,1/m4", or
-    "unplaced" for None (the model run without placer)."""
-    if candidate is None:
-        return UNPLACED
-    if not isinstance(candidate, Candidate):
-        candidate = Candidate(tuple(int(d) for d in candidate))
-    key = ",".join(str(int(d)) for d in candidate.placement)
-    return key if candidate.microbatches == 1 else f"{key}/m{candidate.microbatches}"
-
-
-def key_candidate(key: str) -> Candidate | None:
-    """The Candidate of a book key (inverse of candidate_key)."""
-    if key == UNPLACED:
-        return None
-    placement, _, m = key.partition("/m")
-    return Candidate(tuple(int(d) for d in placement.split(",") if d), int(m) if m else 1)
-
-
-class MeasurementBook:
-    """Every measurement of one identity, kept in memory and saved to `path` (JSON) as
-    soon as it is recorded; measurements of other identities in the same file are kept
-    untouched.
-
-    Parameters
-    ----------
-    identity : what the measurements depend on (JSON values): workload fingerprint,
-        devices, memory caps, protocol. Entries are reused only under an equal identity.
-    path : the book's file; None keeps it in memory only.
-    warn : told one line per problem with the file (damaged, unreadable, unwritable).
-    """
-
-    def __init__(self, identity: dict, path: Path | None = None, warn: Callable[[str], None] = warn_stderr):
-        self.identity, self.path, self.warn = json.loads(json.dumps(identity)), path, warn
-        self.entries: dict[str, Measurement] = {}
-        self.others: list[dict] = []  # the other identities' books, as read
-        self.write_failed = False
-        if path is not None and path.exists():
-            self._read(path)
-
-    def _read(self, path: Path) -> None:
-        try:
-            saved = json.loads(path.read_text())
-            if not isinstance(saved, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            self.warn(f"{path}: unreadable measurement book ({type(exc).__name__}: {exc}); measuring afresh")
-            return
-        books = saved.get("books") if saved.get("format") == BOOK_FORMAT else \
-            [{"identity": saved.get("identity"), "entries": saved.get("entries")}]  # v1: one identity
-        damaged = 0
-        for book in books if isinstance(books, list) else []:
-            if not isinstance(book, dict):
-                continue
-            if book.get("identity") != self.identity:
-                self.others.append(book)
-                continue
-            for key, entry in (book.get("entries") or {}).items():
-                try:
-                    key_candidate(key)
-                    self.entries[key] = Measurement.from_json(entry)
-                except (ValueError, TypeError, AttributeError):
-                    damaged += 1
-        if damaged:
-            self.warn(f"{path}: {damaged} damaged measurement(s) ignored (measured again)")
-
-    @staticmethod
-    def last_identity(path: Path) -> dict | None:
-        """The identity of the book saved last in `path` (the run that wrote it last):
-        what `--resume` must match. None when there is no readable book."""
-        try:
-            saved = json.loads(path.read_text())
-            books = saved["books"] if saved.get("format") == BOOK_FORMAT else [saved]
-            identity = books[-1]["identity"]
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, AttributeError):
-            return None
-        return identity if isinstance(identity, dict) else None
-
-    def get(self, candidate: Candidate | Sequence[int] | None) -> Measurement | None:
-        """The recorded measurement of a candidate, if any."""
-        return self.entries.get(candidate_key(candidate))
-
-    def record(self, candidate: Candidate | Sequence[int] | None, measurement: Measurement) -> None:
-        """Keep a measurement and save the book (a failed save is one warning, once)."""
-        self.entries[candidate_key(candidate)] = measurement
-        self.save()
-
-    def save(self) -> None:
-        """Write the file (this identity's book last); a failure is one warning, once."""
-        if self.path is None:
-            return
-        books = [*self.others, {"identity": self.identity,
-                                "entries": {k: m.to_json() for k, m in self.entries.items()}}]
-        try:
-            write_json(self.path, {"format": BOOK_FORMAT, "books": books})
-        except OSError as exc:
-            if not self.write_failed:
-                self.warn(f"cannot save measurements to {self.path} ({exc.strerror or exc}); they are kept in "
-                          f"memory, but a resumed run will measure them again")
-            self.write_failed = True
-
-    def feasible(self) -> list[tuple[Candidate, Measurement]]:
-        """Every feasible measurement of a placement (not unplaced's), in the order recorded."""
-        return [(key_candidate(k), m) for k, m in self.entries.items() if m.feasible and k != UNPLACED]
 
 
 # ----------------------------------------------------------------------------- measuring a problem's candidates

@@ -39,8 +39,8 @@ from placer.baselines.common import colocation_units, require_fit
 from placer.choose import fill, pick, settle_ratios, share_measurements, verdict_choice
 from placer.interrupts import Terminated, interruption
 from placer.microbatch_policy import microbatches_off
-from placer.measurements import (UNPLACED, MeasurementBook, Measurer, Protocol, candidate_key, unplaced_device,
-                                 unplaced_plan)
+from placer.book import MeasurementBook, candidate_key
+from placer.measurements import UNPLACED, Measurer, Protocol, unplaced_device, unplaced_plan
 from placer.plan import Plan, make_plan
 from placer.report import publish
 from placer.run_folder import check_fresh, check_resume

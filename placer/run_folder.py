@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from graphs.errors import CheckpointError
-from placer.measurements import MeasurementBook
+from placer.book import MeasurementBook
 
 __all__ = ["check_resume", "check_fresh", "plan_of_run", "run_beside"]
 

@@ -200,10 +200,12 @@ def test_the_blocked_estimate_takes_the_hosts_drift_between_rounds_out(fidelity)
 def test_rescoring_blocked_needs_the_runs_steps(fidelity, monkeypatch):
     problem = synthetic()
     monkeypatch.setattr(fidelity, "build_problem", lambda spec, devices, max_groups: problem)
-    results = {"host": {"date": "then"}, "devices": "cpu:0,cpu:1", "models": [
+    results = {"host": {"date": "then"}, "devices": "cpu:0,cpu:1", "design": "one", "models": [
         {"workload": "synthetic", "rows": recorded_rows(problem, [0.0, 0.0, 0.0])}]}
     with pytest.raises(ValueError, match="kept no timed steps"):
         fidelity.rescore(results, estimate="blocked")
+    with pytest.raises(ValueError, match="sessions design"):
+        fidelity.rescore({**results, "design": "sessions"}, estimate="blocked")
     rng = np.random.default_rng(1)
     for r in results["models"][0]["rows"]:
         r["times_ms"] = list(r["measured_ms"] * np.exp(rng.normal(0.0, 0.001, 9)))

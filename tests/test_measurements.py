@@ -11,8 +11,8 @@ import torch
 from graphs.devices import parse_cluster
 from graphs.problem import Candidate, PlacementProblem
 from graphs.synthetic import random_grouped_graph
-from placer.measurements import (BOOK_FORMAT, UNPLACED, MeasurementBook, Measurer, Protocol, candidate_key, compare,
-                                 key_candidate, run_session, unplaced_device, unplaced_problem,
+from placer.book import BOOK_FORMAT, MeasurementBook, candidate_key, key_candidate
+from placer.measurements import (UNPLACED, Measurer, Protocol, compare, run_session, unplaced_device, unplaced_problem,
                                  williams_order)
 from placer.plan import Plan
 from placer.runtime.timing import Measurement, PlacedTrial, Trial, summarize
@@ -70,14 +70,15 @@ def test_candidates_are_interleaved_so_that_each_runs_after_each_other_equally_o
     assert [williams_order(n, r) for n in (0, 1) for r in (0, 1)] == [[], [], [0], [0]]
 
 
-def test_a_pause_comes_before_a_step_that_follows_another_candidates_step(monkeypatch):
-    """Not between two steps of one candidate (at a round's seam), nor with pause_ms 0."""
+def test_a_pause_comes_before_every_timed_step(monkeypatch):
+    """Also where a candidate follows itself (at a round's seam): every step starts from
+    an idle host, whatever the session's size; none with pause_ms 0."""
     import placer.measurements as measurements
 
     pauses = []
     monkeypatch.setattr(measurements.time, "sleep", pauses.append)
     _, log = session({"A": [10.0, 30.0], "B": [10.0, 30.0]}, Protocol(min_runs=2, max_runs=4, cap_s=1e9, pause_ms=5))
-    assert log == list("ABBAABBA") and pauses == [0.005] * 5  # first step (after B's warm-up), A-B and B-A
+    assert log == list("ABBAABBA") and pauses == [0.005] * 8
     pauses.clear()
     session({"A": [10.0], "B": [10.0]}, Protocol(min_runs=2, max_runs=4, cap_s=1e9, pause_ms=0))
     assert pauses == []

@@ -8,7 +8,8 @@ import pytest
 
 import placer.optimize as job
 from graphs.errors import CheckpointError, DeviceSpecError, InfeasibleError, PlacerError
-from placer.measurements import MeasurementBook, Measurer, Protocol, candidate_key
+from placer.book import MeasurementBook, candidate_key
+from placer.measurements import Measurer, Protocol
 from placer.search_stage import SearchOptions
 
 DEVICES = "cpu:0,cpu:1"

@@ -7,7 +7,7 @@ import pytest
 import placer.optimize as job
 from graphs.errors import CheckpointError
 from graphs.devices import host_cores
-from placer.measurements import MeasurementBook
+from placer.book import MeasurementBook
 from placer.run_folder import check_fresh, check_resume
 
 DEVICES = "cpu:0,cpu:1"

@@ -11,7 +11,7 @@ from envs.sim import Simulator
 from graphs.devices import parse_cluster
 from graphs.problem import Candidate, PlacementProblem
 from graphs.synthetic import random_grouped_graph
-from placer.measurements import MeasurementBook
+from placer.book import MeasurementBook
 from placer.runtime.timing import Measurement, summarize
 from placer.scorer import Scorer
 

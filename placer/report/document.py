@@ -32,7 +32,8 @@ PLOT_CAPTIONS = {
 NOTES = [
     "Measured times are medians of whole training steps (forward, loss, backward, optimizer step) after "
     "warm-up. Candidates measured together are interleaved round by round, each running right after each other "
-    "equally often (a Williams design; A B, B A for two) and after a short untimed pause, all of "
+    "equally often within the rounds (a Williams design; A B, B A for two), every step after a 10-ms untimed "
+    "pause, all of "
     "them to the session's end: until the confidence interval of every median is within the protocol's "
     "target, or the session's time cap; "
     "the CI column is that interval, runs the timed steps behind it.",
