@@ -2,6 +2,7 @@
 how fast this host is), the comparison of two measurements, the persistent book and
 the unplaced model's device."""
 
+import doctest
 import json
 from collections import Counter
 
@@ -68,6 +69,13 @@ def test_candidates_are_interleaved_so_that_each_runs_after_each_other_equally_o
     assert all(m.runs == 6 and m.feasible for m in results.values())
     assert session({"A": noisy, "B": noisy}, Protocol(min_runs=2, max_runs=4, cap_s=1e9))[1] == list("ABBAABBA")
     assert [williams_order(n, r) for n in (0, 1) for r in (0, 1)] == [[], [], [0], [0]]
+
+
+def test_doctests():
+    import placer.measurements
+
+    result = doctest.testmod(placer.measurements)
+    assert result.attempted >= 1 and result.failed == 0
 
 
 def test_a_pause_comes_before_every_timed_step(monkeypatch):
