@@ -320,8 +320,9 @@ def test_a_hung_worker_is_replaced_and_a_candidate_that_fails_twice_is_infeasibl
         assert pool.measure_many(plans)[0].feasible  # on the second replacement
 
 
-_POOL_SCRIPT = """import sys, time
+_POOL_SCRIPT = """import signal, sys, time
 sys.path.insert(0, {root!r})
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job starts with Ctrl-C ignored; a terminal's has it
 from placer.runtime.pool import MeasurementPool
 from tests.test_distributed import SPEC, alternating_plan
 if __name__ == '__main__':
