@@ -33,9 +33,9 @@ from placer.runtime.stats import summarize
 def pairs(rows: list[dict]) -> dict:
     """The paired and unpaired comparisons of every pair of `rows` (fidelity rows of one
     session, each with "times_ms"), summarized."""
-    measured = [summarize(r["times_ms"]) for r in rows if r["feasible"] and r.get("times_ms")]
-    rounds = min((m.runs for m in measured), default=0)
-    measured = [summarize(m.times_ms[:rounds]) for m in measured]  # the rounds every candidate has
+    steps = [r["times_ms"] for r in rows if r["feasible"] and r.get("times_ms")]
+    rounds = min(map(len, steps), default=0)
+    measured = [summarize(t[:rounds]) for t in steps]  # the rounds every candidate has
     counts = {"pairs": 0, "apart_paired": 0, "apart_unpaired": 0, "verdicts_differ": 0}
     widths = {"paired": [], "unpaired": []}
     for a, b in itertools.combinations(measured, 2):

@@ -1,16 +1,16 @@
 """Measuring candidates so that their comparison can be trusted: the protocol, the
-comparison of two measurements, and the persistent measurement book.
+comparison of two measurements, and the Measurer that runs a problem's candidates.
 
 The protocol (`Protocol`, `run_session`). Candidates measured in one *session* are
 timed interleaved, round by round, each round in the order of a row of a Williams
-design (`williams_order`: A B, B A for two; within a round's cycle, each candidate runs
-right after each other equally often), so that drift in the host's load, the position in a round and what the
-step before leaves behind hit all of them alike (measured A-then-B every round, two
-identical placements differed by 9%; in alternating order A B C D, D C B A, the one
-right after the eager model ran 5.9% slower, identical placements measured apart in
-22 sessions of 25). Every timed step waits `pause_ms` first (untimed), for the threads
-an eager step leaves spinning to go idle: each step then starts from an idle host, in
-every session alike, whoever ran before it. Every
+design (`williams_order`: A B, B A for two; within the rounds, each candidate runs
+right after each other equally often), so that drift in the host's load, the position
+in a round and what the step before leaves behind hit all of them alike (measured
+A-then-B every round, two identical placements differed by 9%; in alternating order
+A B C D, D C B A, the one right after the eager model ran 5.9% slower, identical
+placements measured apart in 22 sessions of 25). Every timed step waits `pause_ms`
+first (untimed), for the threads an eager step leaves spinning to go idle: each step
+then starts from an idle host, in every session alike, whoever ran before it. Every
 candidate stays in the rounds to the session's end, which comes when, after `min_runs`
 steps each, the confidence interval of every candidate's median (order statistics,
 placer.runtime.timing.median_ci) is within `target` of the median (default +-3%), or
@@ -50,7 +50,6 @@ __all__ = ["Protocol", "williams_order", "run_session", "compare",
            "Measurer", "UNPLACED", "unplaced_device", "unplaced_problem", "unplaced_plan"]
 
 
-
 @dataclass(frozen=True)
 class Protocol:
     """How candidates are measured (module docstring)."""
@@ -75,8 +74,7 @@ class Protocol:
     """Coverage of every confidence interval."""
     pause_ms: float = 10.0
     """Milliseconds of idle host before every timed step (not timed; the caps count it).
-    An eager step on several intra-op threads leaves them spinning after
-    it: without the pause, the step timed next ran 5.9% slower on this host (identical
+    An eager step on several intra-op threads leaves them spinning after it: without the pause, the step timed next ran 5.9% slower on this host (identical
     placements measured apart in 22 sessions of 25; 2 ms: 3.1%, 10 ms: 0.7%, as after a
     one-thread step; docs/results.md "Position in a round"). Before every step, not only
     after another candidate's: a step that follows its own, threads hot, would otherwise
@@ -121,8 +119,8 @@ def williams_order(n: int, round_: int) -> list[int]:
     effects of treatments", 1949), a Latin square in which, within the rows, every
     candidate runs right after every other equally often: once each over n rounds for
     even n, twice over 2n for odd n (the seams between rounds are not balanced). What a
-    step leaves behind (threads still spinning, a cache of its own)
-    then slows no candidate more than another. Two candidates alternate: A B, B A.
+    step leaves behind (threads still spinning, a cache of its own) then slows no
+    candidate more than another. Two candidates alternate: A B, B A.
 
     >>> [williams_order(4, r) for r in range(4)]
     [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]]
@@ -146,9 +144,8 @@ def run_session(trials: Sequence[Trial], protocol: Protocol, clock: Clock = time
 
     Every trial is opened (warmed up) first; those that cannot run are infeasible at
     once. Then rounds: each trial that has not failed or reached max_runs times one
-    step (after a pause of `Protocol.pause_ms`), in
-    the order `williams_order` gives the round, until every
-    trial is settled, or every trial has its `min_runs` steps and either the timed
+    step (after a pause of `Protocol.pause_ms`), in the order `williams_order` gives the
+    round, until every trial is settled, or every trial has its `min_runs` steps and either the timed
     rounds have passed the protocol's cap (`Protocol.session_cap_s`) or the whole
     session (opening included) has passed `limit_s`. A settled trial keeps its place in the rounds while another is
     unsettled: the others would otherwise run back to back, which here ran 4-6% faster
