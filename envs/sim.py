@@ -14,6 +14,14 @@ reward costs well under a millisecond instead of a whole training step:
   the reverse of both orders), the runtime's rule (placer.runtime.dataflow);
 - a chunk's outputs to another chunk on another device occupy the directed link for latency + bytes /
   bandwidth, one transfer after another on one link;
+- the CPU devices of one host share its memory bus and caches: a chunk that starts on a CPU device while
+  other CPU devices compute runs (1 + contention x the share of its cost that their current chunks overlap,
+  summed over them) times its cost (`Calibration.contention`, fitted; 0 by default). Judged once, at the
+  chunk's start, from what already runs (a chunk that starts later does not slow it): one comparison a chunk,
+  and continuous in the times; the contention is a fitted whole-plan effect, not a physical constant. (Two
+  threads on the two vCPUs of the development host ran 1.11-1.17x slower than one alone,
+  experiments/probe_contention.py; pipelined plans, which overlap most, measured 5-20% slower than the
+  simulator without it said: docs/results.md);
 - with m micro-batches (GPipe) every micro-batch runs every chunk, each at the profiled cost of a
   micro-batch (`microbatch_step_ms`, below), all forwards first;
 - the whole forward pass completes, then the loss, then the backward pass, whose gradients flow along the
@@ -33,9 +41,13 @@ m (OpGraph graph attributes `microbatch_step_ms_by_kind`, and `microbatch_step_m
 stands for kinds without a table of their own: graphs.bounds.microbatch_table). A micro-batch's op costs on
 a device of kind k are the batch's scaled by table_k[m] / (m * table_k[1]), the table held so that no step
 at a smaller batch costs more than one at a larger batch (a disturbed profile step would otherwise stand for
-every plan with that count). A kind whose table lacks m (profiling times 1, 2, 4 and 8 where the batch
-divides and the model runs): a placement using such a device is infeasible with that reason. Without any
-table, costs scale linearly (1/m), which overrates small micro-batches; `Simulator.notes` says so.
+every plan with that count), times (1 + microbatch_slowdown x (1 - 1/m)) (`Calibration.microbatch_slowdown`,
+fitted, 0 by default: the profile times whole steps of the eager model at batch/m alone, where a small
+batch's activations stay in cache, gpt-medium's two half-batch steps taking 0.90 of one full step; placed, two
+devices share the caches, and pipelined plans measured 9-22% above the simulator without it). A kind whose
+table lacks m (profiling times 1, 2, 4 and 8 where the batch divides and the model runs): a placement using
+such a device is infeasible with that reason. Without any table, costs scale linearly (1/m), which overrates
+small micro-batches; `Simulator.notes` says so.
 """
 
 from __future__ import annotations
@@ -77,6 +89,8 @@ class Calibration:
     links: dict[frozenset[str], Link]  # kind pair -> link; Link or (latency_s, bandwidth_Bps) accepted
     chunk_overhead_ms: float = DEFAULT_CHUNK_OVERHEAD_MS  # per chunk dispatch, each pass
     loss_ms: float = 0.0  # between the end of the forward pass and the start of backward
+    contention: float = 0.0  # a CPU device's compute slows by this share per other CPU device computing
+    microbatch_slowdown: float = 0.0  # a micro-batch's compute: the profile's x (1 + this x (1 - 1/m))
 
     def __post_init__(self) -> None:
         links = {link_key(k): v if isinstance(v, Link) else Link(*map(float, v)) for k, v in self.links.items()}
@@ -96,7 +110,8 @@ class Calibration:
         return {"compute_scale": dict(self.compute_scale),
                 "links": {"+".join(sorted(k)): {"latency_s": v.latency_s, "bandwidth_Bps": v.bandwidth_Bps}
                           for k, v in self.links.items()},
-                "chunk_overhead_ms": self.chunk_overhead_ms, "loss_ms": self.loss_ms}
+                "chunk_overhead_ms": self.chunk_overhead_ms, "loss_ms": self.loss_ms, "contention": self.contention,
+                "microbatch_slowdown": self.microbatch_slowdown}
 
     @classmethod
     def from_json(cls, data: Mapping | str) -> Calibration:
@@ -105,7 +120,9 @@ class Calibration:
             data = json.loads(data)
         return cls(compute_scale=dict(data["compute_scale"]),
                    links={k: Link(float(v["latency_s"]), float(v["bandwidth_Bps"])) for k, v in data["links"].items()},
-                   chunk_overhead_ms=float(data["chunk_overhead_ms"]), loss_ms=float(data["loss_ms"]))
+                   chunk_overhead_ms=float(data["chunk_overhead_ms"]), loss_ms=float(data["loss_ms"]),
+                   contention=float(data.get("contention", 0.0)),  # files written before them: none
+                   microbatch_slowdown=float(data.get("microbatch_slowdown", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -220,6 +237,9 @@ class Simulator:
         self._n_dev = n_dev
         self._names = [d.name for d in devices]
         self._on_host = [d.kind == "cpu" for d in devices]
+        # per device: the other devices whose compute slows its own (module doc); empty without contention
+        self._contenders = [[e for e in range(n_dev) if e != d and self._on_host[e]] if on and cal.contention else []
+                            for d, on in enumerate(self._on_host)]
         self._cached = lru_cache(maxsize=CACHE_SIZE)(self._evaluate)
 
     def simulate(self, placement: Sequence[int], microbatches: int = 1, timeline: bool = False) -> SimResult:
@@ -244,7 +264,8 @@ class Simulator:
                         f"(1/m), which overrates small micro-batches")
                 if note not in self.notes:
                     self.notes.append(note)
-            self._factors[m] = np.array([math.nan if f is None else f for f in factors])
+            slowdown = 1.0 + self.calibration.microbatch_slowdown * (1.0 - 1.0 / m)
+            self._factors[m] = np.array([math.nan if f is None else f * slowdown for f in factors])
         return self._factors[m]
 
     def _evaluate(self, p: tuple[int, ...], m: int = 1, record: bool = False) -> SimResult:
@@ -331,6 +352,7 @@ class Simulator:
         latency, per_byte = self._latency_ms, self._ms_per_byte
         cdev, run, first, targets, sizes = work.device, work.run, work.first, work.targets, work.sizes
         chunk_at = work.chunk
+        contenders, contention = self._contenders, self.calibration.contention
         n, n_dev = len(cdev), len(free)
         start = max(free)
         pending = work.waiting * m
@@ -360,11 +382,17 @@ class Simulator:
                 push(waiting, pop(arrived)[1])
             task = pop(waiting)
             c = task % n
-            t = free[d] = s + run[c]
+            cost, stretch = run[c], 1.0
+            for e in contenders[d]:  # tasks start in time order: free[e] > s means e computes until free[e]
+                ahead = free[e] - s
+                if ahead > 0 and cost > 0:
+                    stretch += contention * (ahead / cost if ahead < cost else 1.0)
+            t = free[d] = s + cost * stretch
             busy[d] += t - s
             if record:
                 chunk, i = chunk_at[c], (m - 1 - task // n if backward else task // n)
-                self._task_events(events, d, "bwd" if backward else "fwd", chunk, i, members[chunk], s, backward, m)
+                self._task_events(events, d, "bwd" if backward else "fwd", chunk, i, members[chunk], s, backward, m,
+                                  stretch)
             base = task - c
             for j in range(first[c], first[c + 1]):
                 w = targets[j]
@@ -394,11 +422,12 @@ class Simulator:
         return self._atom_group[atom]
 
     def _task_events(self, events: list, d: int, kind: str, c: int, i: int, atoms: list[int], start: float,
-                     backward: bool, m: int) -> None:
-        """One event per group of a chunk; the dispatch overhead shows as part of the first."""
+                     backward: bool, m: int, stretch: float) -> None:
+        """One event per group of a chunk; the dispatch overhead shows as part of the first. `stretch`:
+        the contention's factor on the chunk."""
         cost = self._bwd if backward else self._fwd
-        factor = float(self.compute_factors(m)[d]) if m > 1 else 1.0
-        t = start + self.calibration.chunk_overhead_ms
+        factor = (float(self.compute_factors(m)[d]) if m > 1 else 1.0) * stretch
+        t = start + self.calibration.chunk_overhead_ms * stretch
         for k, a in enumerate(reversed(atoms) if backward else atoms):
             begin, t = t, t + float(cost[a, d]) * factor
             g = self._atom_group[a]

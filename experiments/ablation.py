@@ -1,13 +1,14 @@
 """Ablation: RL against RL with lr=0, random_search and local_search, at equal samples.
 
 For each problem (a workload on a device list) every method starts from the same warm
-start (the best heuristic by simulated step time) and gets the same TrainConfig: the
+start (the best heuristic by simulated step time, the pipeline heuristic among them, as
+`placer optimize` starts from the best one measured) and gets the same TrainConfig: the
 same number of sampled candidates in rounds of the same size (but RL's first round,
 TrainConfig.first_round batches of starts), the same seeds. The
 searches score on the simulator and measure nothing while they run, so the only
 difference is how each proposes candidates. The simulator's calibration: with
---calibrate, fitted first to the heuristics' placements measured together (as
-`placer optimize` does); else the one saved for the model and devices (e.g. by
+--calibrate, fitted first to the heuristics' candidates measured together (the pipeline
+heuristic's with its micro-batches, as `placer optimize` does); else the one saved for the model and devices (e.g. by
 `fidelity.py --save` or an optimize run); for NAME@k the one of NAME; else nominal.
 
 - `rl`: the seq2seq policy with its graph encoder, trained as it samples (TrainConfig's
@@ -60,6 +61,7 @@ Writes experiments/results/ablation.{json,md} (`--name` another name; ablation_q
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Sequence
@@ -73,7 +75,7 @@ from envs.calibrate import fit_calibration, load_calibration, save_calibration
 from graphs.devices import host_cores
 from graphs.errors import InfeasibleError
 from graphs.problem import Candidate, PlacementProblem, build_problem
-from placer.baselines import run_baselines
+from placer.baselines import HEURISTICS
 from placer.microbatch_policy import microbatches_off
 from placer.optimize import bounds_of
 from placer.rl import TrainConfig
@@ -116,13 +118,20 @@ QUICK = ("towers", "embeddings")
 QUICK_OPTIMUM_LIMIT = 2 ** 16  # --quick enumerates no more (embeddings' 2^20 candidates take minutes)
 
 
+def heuristics(problem: PlacementProblem) -> dict[str, Candidate]:
+    """Each heuristic's candidate, by method (the pipeline heuristic's with its micro-batches), as
+    `placer optimize` runs them; infeasible ones left out."""
+    candidates = {}
+    for name, method in HEURISTICS.items():
+        with contextlib.suppress(InfeasibleError):
+            outcome = method(problem, 0)
+            candidates[name] = outcome if isinstance(outcome, Candidate) else Candidate(tuple(outcome))
+    return candidates
+
+
 def warm_start(problem: PlacementProblem, scorer: SimulatedScorer) -> tuple[str, Candidate, float]:
     """The best heuristic by simulated step time: (method, candidate, ms)."""
-    scored = []
-    for name, placement in run_baselines(problem).items():
-        if not isinstance(placement, InfeasibleError):
-            candidate = Candidate(tuple(placement))
-            scored.append((scorer.score([candidate])[0], name, candidate))
+    scored = [(scorer.score([c])[0], name, c) for name, c in heuristics(problem).items()]
     ms, name, candidate = min(scored, key=lambda s: s[0])
     return name, candidate, ms
 
@@ -148,7 +157,7 @@ def measurable(problem: PlacementProblem) -> bool:
 
 def calibration_for(name: str, problem: PlacementProblem, args: argparse.Namespace):
     """The simulator's calibration: with --calibrate (and a host that can run the devices)
-    fitted now to the heuristics' placements, measured together; else the one saved for
+    fitted now to the heuristics' candidates, measured together; else the one saved for
     this model and devices; else, for NAME@k, the one saved for its workload on two
     devices (virtual CPU devices of one thread each cost alike); else None (nominal)."""
     if args.calibrate and measurable(problem):
@@ -160,19 +169,19 @@ def calibration_for(name: str, problem: PlacementProblem, args: argparse.Namespa
 
 
 def fit_baselines(name: str, problem: PlacementProblem, args: argparse.Namespace) -> None:
-    """Measure every heuristic's placement in one session and save the calibration fitted to them."""
+    """Measure every heuristic's candidate (the pipeline heuristic's with its micro-batches) in one
+    session and save the calibration fitted to them, as `placer optimize` calibrates."""
     from graphs.workload import load_workload
     from placer.book import MeasurementBook
     from placer.measurements import Measurer, Protocol
 
-    placements = {n: p for n, p in run_baselines(problem).items() if not isinstance(p, InfeasibleError)}
-    unique = list(dict.fromkeys(tuple(p) for p in placements.values()))
+    unique = list(dict.fromkeys(heuristics(problem).values()))
     measurer = Measurer(load_workload(PROBLEMS[name][0]), problem, MeasurementBook({"calibrate": name}),
                         Protocol(cap_s=args.cap_s))
-    measured = measurer.session([(str(i), Candidate(p)) for i, p in enumerate(unique)], f"calibrating {name}")
-    pairs = [(p, m.median_ms) for p, m in zip(unique, measured.values()) if m.feasible]
+    measured = measurer.session([(str(i), c) for i, c in enumerate(unique)], f"calibrating {name}")
+    pairs = [(c, m.median_ms) for c, m in zip(unique, measured.values()) if m.feasible]
     if len(pairs) >= 2:
-        save_calibration(problem, fit_calibration(problem, [p for p, _ in pairs], [ms for _, ms in pairs]))
+        save_calibration(problem, fit_calibration(problem, [c for c, _ in pairs], [ms for _, ms in pairs]))
 
 
 def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> dict:
@@ -199,7 +208,7 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
               f"{', '.join(f'{t:.2f}' for t in times)})", flush=True)
     return {"name": name, "workload": spec, "devices": device_list, "groups": problem.n_groups,
             "calibrated": calibration is not None, "warm_start": {"method": warm_name, "ms": warm_ms,
-                                                                 "candidate": [list(warm.placement), 1]},
+                                                                 "candidate": [list(warm.placement), warm.microbatches]},
             "lower_bound_ms": bound_ms,
             "optimum": None if exact is None else {"ms": exact.ms, "candidates": exact.candidates, "candidate":
                                                     [list(exact.best.placement), exact.best.microbatches]},

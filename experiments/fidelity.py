@@ -68,8 +68,10 @@ NEAR = 0.10  # the near-optimal subset: measured within this fraction of the fas
 EVERY_ROUND = 1e-9  # one session's CI target: none is this narrow, so a candidate's steps span the whole session
 
 
-def candidates(problem: PlacementProblem, count: int, rng: np.random.Generator) -> list[tuple[str, Candidate]]:
-    """`count` distinct (kind, candidate) pairs that span what a search sees: every
+def candidates(problem: PlacementProblem, count: int, rng: np.random.Generator,
+               pipelined: int = 0) -> list[tuple[str, Candidate]]:
+    """`count` distinct (kind, candidate) pairs that span what a search sees, and
+    `pipelined` more of kind "pipelined" where the profile allows: every
     baseline (at most a third of `count`); contiguous splits that give the first
     device FRACTIONS of the compute (the rest shared evenly); then, in turn, "near"
     (the simulator's fastest baseline with 2-10% of its groups moved: what a search
@@ -109,11 +111,14 @@ def candidates(problem: PlacementProblem, count: int, rng: np.random.Generator) 
     kinds = [kind for kind in makers if kind != "pipelined" or piped]
 
     def draw(i: int) -> tuple[str, np.ndarray, int]:
+        if len(chosen) >= count:
+            return ("pipelined", *makers["pipelined"]())
         if i < len(fixed):
             return fixed[i]
         return (kind := kinds[(i - len(fixed)) % len(kinds)], *makers[kind]())
 
-    for attempt in itertools.takewhile(lambda _: len(chosen) < count, range(50 * count)):
+    total = count + (pipelined if piped else 0)
+    for attempt in itertools.takewhile(lambda _: len(chosen) < total, range(50 * total)):
         kind, placement, m = draw(attempt)
         with contextlib.suppress(InfeasibleError):
             candidate = Candidate(repair(problem, placement), m)
@@ -190,7 +195,7 @@ def evaluate_model(name: str, args: argparse.Namespace) -> dict:
     workload = load_workload(spec)
     microbatches_off(workload, problem)  # batch norm: no pipelined candidates, which the runtime would refuse
     rng = np.random.default_rng(args.seed)
-    chosen = candidates(problem, args.placements, rng)
+    chosen = candidates(problem, args.placements, rng, args.pipelined)
     chosen = [chosen[i] for i in rng.permutation(len(chosen))]  # no kind gathered in one session
     one = args.design == "one"
     blocks = math.ceil(len(chosen) / args.session)  # the sessions design's count: one session has their time
@@ -232,10 +237,10 @@ def evaluate_model(name: str, args: argparse.Namespace) -> dict:
         measured_rows[i]["fit"] = True
     scores = score(problem, rows)
     if args.save and len(measured_rows) >= 3:
-        singles = [r for r in measured_rows if r["microbatches"] == 1]
-        path = save_calibration(problem, fit_calibration(problem, [r["placement"] for r in singles],
-                                                         [r["measured_ms"] for r in singles]))
-        print(f"  saved the calibration fitted on all {len(singles)} one-micro-batch measurements to {path}")
+        fitted = fit_calibration(problem, [Candidate(tuple(r["placement"]), r["microbatches"]) for r in measured_rows],
+                                 [r["measured_ms"] for r in measured_rows])
+        print(f"  saved the calibration fitted on all {len(measured_rows)} measurements to "
+              f"{save_calibration(problem, fitted)}")
     return {"workload": spec, "groups": problem.n_groups, "max_groups": args.max_groups, "placements": len(rows),
             "anchor_ms": anchor_ms.get("anchor", []), "anchor2_ms": anchor_ms.get("anchor2", []),
             "anchor2": list(anchors["anchor2"].placement) if anchors.get("anchor2") else None, "cap_s": protocol.cap_s,
@@ -297,7 +302,7 @@ def session_scale(anchor_ms: list[float], session: int) -> float:
 def score(problem: PlacementProblem, rows: list[dict]) -> dict:
     """Simulate the measured rows (dicts with "placement", "microbatches", "feasible",
     "measured_ms", and "fit": True on the calibration third) before and after a
-    calibration fitted on the fit third's one-micro-batch rows, with the current
+    calibration fitted on the fit third's rows (pipelined ones included), with the current
     simulator; writes each row's "simulated_ms" and "calibrated_ms" and returns the
     model's counts, the judged third's Spearman and median error before and after,
     the diagnosis and both calibrations."""
@@ -306,9 +311,8 @@ def score(problem: PlacementProblem, rows: list[dict]) -> dict:
     pairs = [Candidate(tuple(r["placement"]), r["microbatches"]) for r in measured_rows]
     fit_idx = [i for i, r in enumerate(measured_rows) if r.get("fit")]
     test_idx = [i for i, r in enumerate(measured_rows) if not r.get("fit")]
-    plain = [i for i in fit_idx if pairs[i].microbatches == 1]  # the fit takes one-micro-batch placements
     before = Simulator(problem)
-    calibration = fit_calibration(problem, [pairs[i].placement for i in plain], measured[plain])
+    calibration = fit_calibration(problem, [pairs[i] for i in fit_idx], measured[fit_idx])
     after = Simulator(problem, calibration)
     for r, c in zip(measured_rows, pairs):
         r["simulated_ms"] = before.simulate(c.placement, c.microbatches).step_ms
@@ -448,6 +452,8 @@ def main() -> None:
     parser.add_argument("--size", default="medium", choices=["small", "medium"], help="zoo size")
     parser.add_argument("--devices", default="cpu:0,cpu:1")
     parser.add_argument("--placements", type=int, default=36)
+    parser.add_argument("--pipelined", type=int, default=0,
+                        help="this many pipelined candidates more (where the model may run micro-batches)")
     parser.add_argument("--session", type=int, default=6, help="candidates measured together, interleaved")
     parser.add_argument("--target", type=float, default=0.03, help="CI half-width target, relative (sessions)")
     parser.add_argument("--cap-s", type=float, default=60.0, help="seconds of timed rounds per session")

@@ -103,12 +103,12 @@ class Scorer:
         return [r.median_ms if r.feasible else None for r in results]
 
     def refit(self) -> None:
-        """Recalibrate the simulator from every feasible measurement in the book (of one
-        micro-batch: the calibration's model); kept as is with fewer than two."""
-        pairs = [(c.placement, m.median_ms) for c, m in self.measurer.book.feasible() if c.microbatches == 1]
+        """Recalibrate the simulator from every feasible measurement in the book, pipelined
+        ones included (envs.calibrate.fit_calibration); kept as is with fewer than two."""
+        pairs = [(c, m.median_ms) for c, m in self.measurer.book.feasible()]
         if len(pairs) < 2:
             return
-        calibration = fit_calibration(self.problem, [p for p, _ in pairs], [ms for _, ms in pairs],
+        calibration = fit_calibration(self.problem, [c for c, _ in pairs], [ms for _, ms in pairs],
                                       initial=self.simulator.calibration)
         try:
             save_calibration(self.problem, calibration)

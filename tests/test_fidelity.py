@@ -117,6 +117,10 @@ def test_candidates_span_fractions_near_optimal_and_crossing_heavy_plans(fidelit
         assert np.all(np.diff(placement) >= 0)  # device 0's groups, then device 1's
         shares.append(compute[placement == 0].sum() / compute.sum())
     assert np.allclose(sorted(shares), fidelity.FRACTIONS, atol=compute.max() / compute.sum())
+    problem.groups.graph["microbatch_step_ms"] = {1: 10.0, 2: 12.0, 4: 16.0}  # a profile that pipelines
+    more = fidelity.candidates(problem, 24, np.random.default_rng(0), pipelined=6)  # and six pipelined ones more
+    assert len(more) == 30 and sum(kind == "pipelined" for kind, _ in more[24:]) == 6
+    assert all(c.microbatches in (2, 4) for kind, c in more if kind == "pipelined")
 
 
 def test_the_near_optimal_subset_is_the_judged_rows_within_near_of_the_fastest(fidelity):
@@ -153,7 +157,7 @@ def test_one_session_measures_every_candidate_together_in_the_sessions_time(fide
     monkeypatch.setattr(fidelity, "Measurer", FakeMeasurer)
     monkeypatch.setattr(FakeMeasurer, "sessions", [])
     args = argparse.Namespace(size="small", devices="cpu:0,cpu:1", max_groups=256, seed=0, placements=12, session=4,
-                              target=0.03, cap_s=2.0, warmup=1, design=design, save=False,
+                              pipelined=0, target=0.03, cap_s=2.0, warmup=1, design=design, save=False,
                               estimate="median")
     model = fidelity.evaluate_model("mlp", args)
     assert [len(labels) for labels, _ in FakeMeasurer.sessions] == sessions

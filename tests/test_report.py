@@ -495,3 +495,9 @@ def test_a_micro_batches_column_appears_when_a_row_is_pipelined(results):
     by_method = {c[0].split(" (")[0]: c[column] for c in cells}
     assert by_method["RL"] == "4 gpipe" and by_method["unplaced"] == "1"
     assert all(len(c) == len(headers) for c in cells)
+
+
+def test_the_measurement_target_names_the_pause_before_each_step(results, tmp_path):
+    results["protocol"] = {"target": 0.03, "min_runs": 5, "cap_s": 60.0, "pause_ms": 7.5}
+    md = write_report(results, tmp_path)["markdown"].read_text()
+    assert "CI half-width 3%, at least 5 steps, at most 60 s a session, a 7.5-ms pause before each step" in md

@@ -4,10 +4,11 @@ stamped onto the learning curve where it happened."""
 
 import math
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 
-from envs.sim import Simulator
+from envs.sim import Calibration, Simulator
 from graphs.devices import parse_cluster
 from graphs.problem import Candidate, PlacementProblem
 from graphs.synthetic import random_grouped_graph
@@ -17,12 +18,13 @@ from placer.scorer import Scorer
 
 
 class FakeMeasurer:
-    """Measures by the simulator times a factor (the 'real' machine is slower), or
-    infeasible for placements on device 1 only; keeps what it measured in a book."""
+    """Measures by the simulator (`truth`, default the nominal one) times a factor (the
+    'real' machine is slower), or infeasible for placements on device 1 only; keeps
+    what it measured in a book."""
 
-    def __init__(self, problem: PlacementProblem, factor: float = 1.5):
+    def __init__(self, problem: PlacementProblem, factor: float = 1.5, truth: Simulator | None = None):
         self.problem, self.factor, self.book, self.calls, self.limits = problem, factor, MeasurementBook({}), [], []
-        self.sim = Simulator(problem)
+        self.sim = truth or Simulator(problem)
 
     @contextmanager
     def limited(self, limit_s):
@@ -36,7 +38,7 @@ class FakeMeasurer:
             if set(c.placement) == {1}:
                 m = Measurement(False, reason="cpu:1 is too small")
             else:
-                ms = self.sim.simulate(c.placement).step_ms * self.factor
+                ms = self.sim.simulate(c.placement, c.microbatches).step_ms * self.factor
                 m = summarize([ms * 0.99, ms, ms * 1.01])
             self.book.record(c, m)
             results.append(m)
@@ -101,3 +103,17 @@ def test_refit_recalibrates_from_the_book_and_marks_the_curve(problem):
     assert row["calibration"] == 1 and len(row["best_measured_ci_ms"]) == 2
     assert scorer.refits == [{"measurements": 3, "update": 2, "samples": 32, "elapsed_s": 2.0}]
     assert scorer.best_measured[0]["update"] == 2  # stamped with the round it happened in
+
+
+def test_refit_fits_pipelined_measurements_too(problem):
+    """Measured on a 'real' machine whose devices contend (envs.sim), pipelined candidates
+    alone are enough to refit, and the refitted simulator reproduces them."""
+    truth = Simulator(problem, replace(Calibration.default(problem.cluster), contention=0.3))
+    measurer = FakeMeasurer(problem, truth=truth)
+    scorer = Scorer(problem, measurer, warn=lambda text: None)
+    batch = [Candidate(p, 2) for p in placements(problem, 40)[::8]]
+    measured = scorer.measure(batch)
+    scorer.refit()
+    assert scorer.refits[0]["measurements"] == len(batch)
+    assert scorer.simulator.calibration.contention > 0
+    assert scorer.score(batch) == pytest.approx(measured, rel=0.03)

@@ -32,9 +32,8 @@ PLOT_CAPTIONS = {
 NOTES = [
     "Measured times are medians of whole training steps (forward, loss, backward, optimizer step) after "
     "warm-up. Candidates measured together are interleaved round by round, each running right after each other "
-    "equally often within the rounds (a Williams design; A B, B A for two), every step after a 10-ms untimed "
-    "pause, all of "
-    "them to the session's end: until the confidence interval of every median is within the protocol's "
+    "equally often within the rounds (a Williams design; A B, B A for two), every step after a short untimed "
+    "pause (the measurement target row gives it), all of them to the session's end: until the confidence interval of every median is within the protocol's "
     "target, or the session's time cap; "
     "the CI column is that interval, runs the timed steps behind it.",
     "Speedups (vs unplaced, vs best heuristic) are ratios of medians measured in the same session as the "
@@ -63,7 +62,9 @@ def headline(results: Results) -> str:
 def _protocol_text(protocol: dict) -> str:
     cap = (f"{protocol['cap_per_candidate_s']:g} s per candidate" if protocol.get("cap_per_candidate_s")
            else f"{protocol['cap_s']:g} s")
-    return f"CI half-width {protocol['target']:.0%}, at least {protocol['min_runs']} steps, at most {cap} a session"
+    pause = f", a {protocol['pause_ms']:g}-ms pause before each step" if protocol.get("pause_ms") else ""
+    return (f"CI half-width {protocol['target']:.0%}, at least {protocol['min_runs']} steps, at most {cap} a session"
+            f"{pause}")
 
 
 def _environment(results: Results) -> list[list[str]]:

@@ -65,12 +65,12 @@ class SimulatedScorer:
         return times
 
     def refit(self) -> None:
-        """Fit the simulator to every feasible one-micro-batch measurement so far (kept as it is
-        with fewer than two)."""
-        pairs = [(c.placement, ms) for c, ms in self.measured.items() if c.microbatches == 1]
+        """Fit the simulator to every feasible measurement so far, pipelined ones included
+        (kept as it is with fewer than two)."""
+        pairs = list(self.measured.items())
         if len(pairs) < 2:
             return
-        placements, times = zip(*pairs)
-        calibration = fit_calibration(self.problem, placements, times, initial=self.simulator.calibration)
+        candidates, times = zip(*pairs)
+        calibration = fit_calibration(self.problem, candidates, times, initial=self.simulator.calibration)
         self.simulator = Simulator(self.problem, calibration)
         self.refits += 1
