@@ -6,12 +6,12 @@ chunk dispatch costs, how compute slows when devices share a host. A few measure
 placements pin these down.
 
 The parameters are the compute scale of each device kind, each link's latency and
-time per byte, the chunk overhead and the CPU devices' contention (not the loss time: see
-_pack): the simulated step is piecewise linear in all of them, so the fit works on them directly, bounded below
-(no negative time, no infinite bandwidth). It is least squares on log step time
-(relative errors, so a 5 ms and a 500 ms placement count alike) plus a weak prior
-toward the initial values, so that a parameter the measurements cannot see stays
-where it was and a handful of measurements is enough.
+time per byte, the chunk overhead and the micro-batch slowdown (not the loss time: see
+_pack): the simulated step is piecewise linear in all of them, so the fit works on them
+directly, bounded below (no negative time, no infinite bandwidth). It is least squares
+on log step time (relative errors, so a 5 ms and a 500 ms placement count alike) plus
+a weak prior toward the initial values, so that a parameter the measurements cannot
+see stays where it was and a handful of measurements is enough.
 """
 
 from __future__ import annotations
@@ -35,10 +35,7 @@ from envs.sim import Calibration, Simulator
 MEASUREMENT_SPREAD = 0.05  # relative noise of a measured median step time
 PRIOR_SHARE = 0.1  # prior width of a time parameter: a tenth of a typical step (see _prior)
 MIN_SCALE = 0.01  # compute is at least 100x cheaper than profiled, never free
-CONTENTION_PRIOR = 0.25  # prior width of the contention share (two vCPUs here: 0.11-0.17, envs.sim)
-SLOWDOWN_PRIOR = 0.5  # prior width of the micro-batch slowdown (0.25 fits gpt-medium's pipelined plans here)
-CONTENTION_GRID = (0.0, 0.2, 0.4, 0.7, 1.0)  # shares fit_calibration holds the contention at
-TOLERANCES = {"ftol": 1e-4, "xtol": 1e-4, "gtol": 1e-4}  # relative: far below the measurements' 5%
+SLOWDOWN_PRIOR = 0.5  # prior width of the micro-batch slowdown (0.2 fits gpt-medium's pipelined plans here)
 MIN_MS_PER_MB = 1e-6  # bandwidth at most 1 PB/s: finite, so that it converts back
 MS_PER_MB = 1e9  # bandwidth_Bps = MS_PER_MB / (ms per megabyte)
 MAX_NAME = 120  # characters of a calibration file's name before its tail is hashed
@@ -52,8 +49,8 @@ def _link_keys(problem: PlacementProblem) -> list[frozenset[str]]:
 
 
 def _pack(calibration: Calibration, kinds: list[str], keys: list[frozenset[str]]) -> np.ndarray:
-    """[scale per kind, (latency ms, ms per MB) per link, chunk overhead ms, micro-batch slowdown,
-    contention] (the contention last: fit_calibration holds it apart). The loss
+    """[scale per kind, (latency ms, ms per MB) per link, chunk overhead ms, micro-batch slowdown]
+    (the slowdown last: fit_calibration can hold it). The loss
     time is not fitted: a constant that every placement pays can explain any set of
     step times that the schedule fails to rank, and it then did, flattening every
     reward (seen on zoo:rnnlm:small: compute scale at its floor, loss = the step)."""
@@ -61,7 +58,7 @@ def _pack(calibration: Calibration, kinds: list[str], keys: list[frozenset[str]]
     for key in keys:
         link = calibration.links[key]
         values += [link.latency_s * 1e3, MS_PER_MB / link.bandwidth_Bps]
-    return np.array(values + [calibration.chunk_overhead_ms, calibration.microbatch_slowdown, calibration.contention])
+    return np.array(values + [calibration.chunk_overhead_ms, calibration.microbatch_slowdown])
 
 
 def _unpack(theta: np.ndarray, base: Calibration, kinds: list[str], keys: list[frozenset[str]]) -> Calibration:
@@ -71,36 +68,34 @@ def _unpack(theta: np.ndarray, base: Calibration, kinds: list[str], keys: list[f
     for i, key in enumerate(keys):
         latency_ms, ms_per_mb = values[len(kinds) + 2 * i: len(kinds) + 2 * i + 2]
         links[key] = Link(latency_ms / 1e3, MS_PER_MB / ms_per_mb)
-    return Calibration(compute_scale=scale, links=links, chunk_overhead_ms=values[-3], loss_ms=base.loss_ms,
-                       microbatch_slowdown=values[-2], contention=values[-1])
+    return Calibration(compute_scale=scale, links=links, chunk_overhead_ms=values[-2], loss_ms=base.loss_ms,
+                       microbatch_slowdown=values[-1])
 
 
 def _prior(theta0: np.ndarray, n_kinds: int, n_links: int, step_ms: float,
            mean_mb: float) -> tuple[np.ndarray, np.ndarray]:
     """Lower bounds and prior widths. A width is the parameter's own size or, when
-    larger, the value at which one transfer, one chunk would take a tenth
-    of a typical step (a compute scale may move by 1, contention by CONTENTION_PRIOR): a few widths are still far
-    more than any real effect, while a handful of noisy measurements cannot drag a
-    parameter they hardly see to an absurd value."""
-    lower = [MIN_SCALE] * n_kinds + [0.0, MIN_MS_PER_MB] * n_links + [0.0, 0.0, 0.0]
+    larger, the value at which one transfer, one chunk would take a tenth of a typical
+    step (a compute scale may move by 1, the slowdown by SLOWDOWN_PRIOR): a few widths
+    are still far more than any real effect, while a handful of noisy measurements
+    cannot drag a parameter they hardly see to an absurd value."""
+    lower = [MIN_SCALE] * n_kinds + [0.0, MIN_MS_PER_MB] * n_links + [0.0, 0.0]
     tenth = PRIOR_SHARE * step_ms
-    typical = [1.0] * n_kinds + [tenth, tenth / max(mean_mb, 1e-6)] * n_links + [tenth, SLOWDOWN_PRIOR,
-                                                                                 CONTENTION_PRIOR]
+    typical = [1.0] * n_kinds + [tenth, tenth / max(mean_mb, 1e-6)] * n_links + [tenth, SLOWDOWN_PRIOR]
     return np.array(lower), np.maximum(np.abs(theta0), typical)
 
 
 def fit_calibration(problem: PlacementProblem, candidates: Sequence[Candidate | Sequence[int]],
                     measured_ms: Sequence[float], initial: Calibration | None = None,
-                    contention: bool = True) -> Calibration:
+                    slowdown: bool = True) -> Calibration:
     """The calibration under which the simulator best reproduces `measured_ms` (the
     measured step time, ms, of each candidate: a Candidate, or a bare placement run as
     one micro-batch). Works from a single measurement (the prior then keeps all but the
     best-determined parameters near `initial`). Pipelined candidates belong in the fit:
-    their devices overlap most, and without them the contention is hardly seen (fitted
-    on one-micro-batch plans alone, the simulator put the pipelined plans that searches
-    picked 5-20% too fast: docs/results.md). `contention=False` holds the contention
-    at `initial`'s (an ablation of the term); it is held anyway where fewer than two CPU
-    devices could contend.
+    only they show the micro-batch slowdown (fitted on one-micro-batch plans alone, the
+    simulator put the pipelined plans that searches picked 13-14% too fast:
+    docs/results.md). `slowdown=False` holds the slowdown at `initial`'s (an ablation of
+    the term).
 
     Raises ValueError without one positive, finite time per candidate."""
     measured = np.asarray(measured_ms, dtype=np.float64)
@@ -123,7 +118,6 @@ def fit_calibration(problem: PlacementProblem, candidates: Sequence[Candidate | 
     if not timed:
         raise ValueError("the simulator cannot time any of the candidates (micro-batch counts not profiled)")
     candidates, log_measured = [candidates[i] for i in timed], log_measured[timed]
-    contended = contention and sum(d.kind == "cpu" for d in problem.cluster.devices) > 1
 
     # The search runs on u = theta / width: every variable of order one, and the
     # prior is simply u - u0. (Not on theta - theta0: least_squares sizes its first
@@ -136,29 +130,13 @@ def fit_calibration(problem: PlacementProblem, candidates: Sequence[Candidate | 
 
     u0 = theta0 / width
     u_lower = lower / width
-
-    def fit(start: np.ndarray, share: float | None = None):
-        """least_squares from `start`; with `share`, the contention held there and the rest fitted."""
-        if share is None:
-            return least_squares(residuals, start, bounds=(u_lower, np.inf), diff_step=1e-3, **TOLERANCES)
-        held = share / width[-1]
-        result = least_squares(lambda v: residuals(np.append(v, held)), start[:-1], bounds=(u_lower[:-1], np.inf),
-                               diff_step=1e-3, **TOLERANCES)
-        result.x = np.append(result.x, held)  # its cost holds the held share's prior term: residuals has it
-        return result
-
     start = np.maximum(u0, u_lower)
-    if not contended:
-        return _unpack(fit(start, initial.contention).x * width, initial, kinds, keys)
-    best = fit(start)
-    # The step time is rough in the contention (it moves which chunks overlap), too rough at the finite-
-    # difference step for the joint fit to follow: also the rest fitted with it held at each share of a grid.
-    held = [fit(start, c) for c in CONTENTION_GRID]
-    i = min(range(len(held)), key=lambda k: held[k].cost)  # then halfway to its neighbours on the grid
-    held += [fit(start, (CONTENTION_GRID[i] + CONTENTION_GRID[k]) / 2) for k in (i - 1, i + 1)
-             if 0 <= k < len(CONTENTION_GRID)]
-    best = min([best, *held], key=lambda r: r.cost)
-    return _unpack(best.x * width, initial, kinds, keys)
+    if slowdown:
+        u = least_squares(residuals, start, bounds=(u_lower, np.inf), diff_step=1e-3).x
+    else:  # the slowdown (last) held at the initial's
+        u = np.append(least_squares(lambda v: residuals(np.append(v, u0[-1])), start[:-1],
+                                    bounds=(u_lower[:-1], np.inf), diff_step=1e-3).x, u0[-1])
+    return _unpack(u * width, initial, kinds, keys)
 
 
 def calibration_path(problem: PlacementProblem) -> Path:
@@ -225,6 +203,5 @@ def _invalid(data: object) -> str:
         checks += [number(link["latency_s"], f"link {key!r} latency_s"),
                    number(link["bandwidth_Bps"], f"link {key!r} bandwidth_Bps", positive=True)]
     checks += [number(data["chunk_overhead_ms"], "chunk_overhead_ms"), number(data["loss_ms"], "loss_ms"),
-               number(data.get("contention", 0.0), "contention"),
                number(data.get("microbatch_slowdown", 0.0), "microbatch_slowdown")]
     return next((c for c in checks if c), "")

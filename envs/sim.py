@@ -14,14 +14,6 @@ reward costs well under a millisecond instead of a whole training step:
   the reverse of both orders), the runtime's rule (placer.runtime.dataflow);
 - a chunk's outputs to another chunk on another device occupy the directed link for latency + bytes /
   bandwidth, one transfer after another on one link;
-- the CPU devices of one host share its memory bus and caches: a chunk that starts on a CPU device while
-  other CPU devices compute runs (1 + contention x the share of its cost that their current chunks overlap,
-  summed over them) times its cost (`Calibration.contention`, fitted; 0 by default). Judged once, at the
-  chunk's start, from what already runs (a chunk that starts later does not slow it): one comparison a chunk,
-  and continuous in the times; the contention is a fitted whole-plan effect, not a physical constant. (Two
-  threads on the two vCPUs of the development host ran 1.11-1.17x slower than one alone,
-  experiments/probe_contention.py; pipelined plans, which overlap most, measured 5-20% slower than the
-  simulator without it said: docs/results.md);
 - with m micro-batches (GPipe) every micro-batch runs every chunk, each at the profiled cost of a
   micro-batch (`microbatch_step_ms`, below), all forwards first;
 - the whole forward pass completes, then the loss, then the backward pass, whose gradients flow along the
@@ -89,7 +81,6 @@ class Calibration:
     links: dict[frozenset[str], Link]  # kind pair -> link; Link or (latency_s, bandwidth_Bps) accepted
     chunk_overhead_ms: float = DEFAULT_CHUNK_OVERHEAD_MS  # per chunk dispatch, each pass
     loss_ms: float = 0.0  # between the end of the forward pass and the start of backward
-    contention: float = 0.0  # a CPU device's compute slows by this share per other CPU device computing
     microbatch_slowdown: float = 0.0  # a micro-batch's compute: the profile's x (1 + this x (1 - 1/m))
 
     def __post_init__(self) -> None:
@@ -110,7 +101,7 @@ class Calibration:
         return {"compute_scale": dict(self.compute_scale),
                 "links": {"+".join(sorted(k)): {"latency_s": v.latency_s, "bandwidth_Bps": v.bandwidth_Bps}
                           for k, v in self.links.items()},
-                "chunk_overhead_ms": self.chunk_overhead_ms, "loss_ms": self.loss_ms, "contention": self.contention,
+                "chunk_overhead_ms": self.chunk_overhead_ms, "loss_ms": self.loss_ms,
                 "microbatch_slowdown": self.microbatch_slowdown}
 
     @classmethod
@@ -121,8 +112,7 @@ class Calibration:
         return cls(compute_scale=dict(data["compute_scale"]),
                    links={k: Link(float(v["latency_s"]), float(v["bandwidth_Bps"])) for k, v in data["links"].items()},
                    chunk_overhead_ms=float(data["chunk_overhead_ms"]), loss_ms=float(data["loss_ms"]),
-                   contention=float(data.get("contention", 0.0)),  # files written before them: none
-                   microbatch_slowdown=float(data.get("microbatch_slowdown", 0.0)))
+                   microbatch_slowdown=float(data.get("microbatch_slowdown", 0.0)))  # files before it: none
 
 
 @dataclass(frozen=True)
@@ -237,9 +227,6 @@ class Simulator:
         self._n_dev = n_dev
         self._names = [d.name for d in devices]
         self._on_host = [d.kind == "cpu" for d in devices]
-        # per device: the other devices whose compute slows its own (module doc); empty without contention
-        self._contenders = [[e for e in range(n_dev) if e != d and self._on_host[e]] if on and cal.contention else []
-                            for d, on in enumerate(self._on_host)]
         self._cached = lru_cache(maxsize=CACHE_SIZE)(self._evaluate)
 
     def simulate(self, placement: Sequence[int], microbatches: int = 1, timeline: bool = False) -> SimResult:
@@ -352,7 +339,6 @@ class Simulator:
         latency, per_byte = self._latency_ms, self._ms_per_byte
         cdev, run, first, targets, sizes = work.device, work.run, work.first, work.targets, work.sizes
         chunk_at = work.chunk
-        contenders, contention = self._contenders, self.calibration.contention
         n, n_dev = len(cdev), len(free)
         start = max(free)
         pending = work.waiting * m
@@ -382,17 +368,11 @@ class Simulator:
                 push(waiting, pop(arrived)[1])
             task = pop(waiting)
             c = task % n
-            cost, stretch = run[c], 1.0
-            for e in contenders[d]:  # tasks start in time order: free[e] > s means e computes until free[e]
-                ahead = free[e] - s
-                if ahead > 0 and cost > 0:
-                    stretch += contention * (ahead / cost if ahead < cost else 1.0)
-            t = free[d] = s + cost * stretch
+            t = free[d] = s + run[c]
             busy[d] += t - s
             if record:
                 chunk, i = chunk_at[c], (m - 1 - task // n if backward else task // n)
-                self._task_events(events, d, "bwd" if backward else "fwd", chunk, i, members[chunk], s, backward, m,
-                                  stretch)
+                self._task_events(events, d, "bwd" if backward else "fwd", chunk, i, members[chunk], s, backward, m)
             base = task - c
             for j in range(first[c], first[c + 1]):
                 w = targets[j]
@@ -422,12 +402,11 @@ class Simulator:
         return self._atom_group[atom]
 
     def _task_events(self, events: list, d: int, kind: str, c: int, i: int, atoms: list[int], start: float,
-                     backward: bool, m: int, stretch: float) -> None:
-        """One event per group of a chunk; the dispatch overhead shows as part of the first. `stretch`:
-        the contention's factor on the chunk."""
+                     backward: bool, m: int) -> None:
+        """One event per group of a chunk; the dispatch overhead shows as part of the first."""
         cost = self._bwd if backward else self._fwd
-        factor = (float(self.compute_factors(m)[d]) if m > 1 else 1.0) * stretch
-        t = start + self.calibration.chunk_overhead_ms * stretch
+        factor = float(self.compute_factors(m)[d]) if m > 1 else 1.0
+        t = start + self.calibration.chunk_overhead_ms
         for k, a in enumerate(reversed(atoms) if backward else atoms):
             begin, t = t, t + float(cost[a, d]) * factor
             g = self._atom_group[a]

@@ -4,9 +4,7 @@ The issue's target: at least 1,000 simulate() calls a second for a 256-group gra
 on one core. Random grouped DAGs (no model needed) on 2 and 4 virtual CPU devices;
 each call is a new random placement, so the memo cache never answers (the cached
 rate, a placement seen before, is reported apart), and the timeline variant (what
-the report draws) is timed too. The simulator has the contention a calibration fits on
-virtual CPU devices (`--contention`, default 0.1; 0 is the nominal simulator's), whose
-check costs one comparison a chunk per other CPU device.
+the report draws) is timed too.
 
     .venv/bin/python experiments/bench_sim.py            # 256 and 1024 groups, 5,000 placements
     .venv/bin/python experiments/bench_sim.py --quick    # 256 groups, 300 placements: a check that it runs
@@ -21,13 +19,12 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from _record import host_info  # this folder is on sys.path when run as a script
-from envs.sim import Calibration, Simulator
+from envs.sim import Simulator
 from graphs.synthetic import random_grouped_graph
 from graphs.devices import parse_cluster
 from graphs.problem import PlacementProblem
@@ -46,20 +43,19 @@ def per_second(run: Callable[[], int], repeats: int = 3) -> float:
     return best
 
 
-def bench(n_groups: int, devices: str, count: int, seed: int, contention: float) -> dict:
+def bench(n_groups: int, devices: str, count: int, seed: int) -> dict:
     problem = PlacementProblem(random_grouped_graph(n_groups, seed=seed, tied_pairs=n_groups // 100),
                                parse_cluster(devices))
-    calibration = replace(Calibration.default(problem.cluster), contention=contention)
     rng = np.random.default_rng(seed)
     placements = [tuple(rng.integers(0, problem.n_devices, n_groups).tolist()) for _ in range(count)]
 
     def fresh() -> int:  # a new simulator each time, so that no call is answered from its cache
-        sim = Simulator(problem, calibration)
+        sim = Simulator(problem)
         for p in placements:
             sim.simulate(p)
         return count
 
-    sim = Simulator(problem, calibration)
+    sim = Simulator(problem)
 
     def cached() -> int:
         for _ in range(count):
@@ -71,15 +67,15 @@ def bench(n_groups: int, devices: str, count: int, seed: int, contention: float)
             sim.simulate(p, timeline=True)
         return len(placements[:100])
 
-    return {"groups": n_groups, "edges": int(len(problem.costs.edges)), "devices": devices, "contention": contention,
+    return {"groups": n_groups, "edges": int(len(problem.costs.edges)), "devices": devices,
             "per_second": per_second(fresh), "cached_per_second": per_second(cached),
             "timeline_per_second": per_second(with_timeline)}
 
 
 def markdown(results: dict) -> str:
     lines = [f"# Simulator speed ({results['host']['date']})", "",
-             f"Host: {results['host']['platform']}, one Python thread. Random placements of random grouped DAGs, "
-             f"contention {results.get('contention', 0.0):g}; target >= 1,000 a second at 256 groups.", "",
+             f"Host: {results['host']['platform']}, one Python thread. Random placements of random grouped DAGs; "
+             "target >= 1,000 a second at 256 groups.", "",
              "| groups | edges | devices | placements/s | cached/s | with timeline/s |",
              "| ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in results["rows"]:
@@ -94,7 +90,6 @@ def main() -> None:
     parser.add_argument("--devices", nargs="*", default=["cpu:0,cpu:1", "cpu:0,cpu:1,cpu:2,cpu:3"])
     parser.add_argument("--placements", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--contention", type=float, default=0.1, help="the simulator's contention share")
     parser.add_argument("--quick", action="store_true", help="256 groups, 300 placements: check that the script runs")
     args = parser.parse_args()
     if args.quick:
@@ -105,12 +100,12 @@ def main() -> None:
     rows = []
     for n in args.groups:
         for devices in args.devices:
-            row = bench(n, devices, args.placements, args.seed, args.contention)
+            row = bench(n, devices, args.placements, args.seed)
             rows.append(row)
             print(f"{n} groups on {devices}: {row['per_second']:,.0f} placements/s "
                   f"(cached {row['cached_per_second']:,.0f}/s, with timeline {row['timeline_per_second']:,.0f}/s)")
     results = {"host": host_info(),  # experiments/_record.py: the one host-info helper
-               "placements": args.placements, "seed": args.seed, "contention": args.contention, "rows": rows}
+               "placements": args.placements, "seed": args.seed, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "bench_sim_quick" if args.quick else "bench_sim"
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))

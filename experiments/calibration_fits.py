@@ -1,24 +1,28 @@
-"""What the calibration's fit gains from pipelined measurements and the contention term
-(envs.sim, envs.calibrate), scored offline on recorded measurements; nothing is timed.
+"""What the calibration's fit gains from pipelined measurements and the micro-batch
+slowdown (envs.sim, envs.calibrate), scored offline on recorded measurements; nothing
+is timed.
 
-Four fit rules on the same measurements:
+Three fit rules on the same measurements:
 
-- `one micro-batch`: fitted on the one-micro-batch measurements alone, neither contention
-  nor micro-batch slowdown (the rule until 2026-12-02);
-- `all, neither`: every feasible measurement, pipelined ones included, both held at 0;
-- `all, contention`: every feasible measurement, the contention fitted, the slowdown at 0;
-- `all, both`: every feasible measurement, both fitted (today's rule).
+- `one micro-batch`: fitted on the one-micro-batch measurements alone, no slowdown (the
+  rule until 2026-12-02);
+- `all, no slowdown`: every feasible measurement, pipelined ones included, the slowdown
+  held at 0;
+- `all, slowdown`: every feasible measurement, the slowdown fitted (today's rule).
 
 Each is fitted on one part of a model's candidates and judged on the rest: the recorded
 fit/judge split of a `fidelity.py` run, and three random folds (each candidate judged
-once). Reported per rule, as the mean over the splits: the judged candidates' Spearman
-and median absolute error, the median signed error log(measured / simulated) of the
-judged pipelined and one-micro-batch candidates apart (a rule that leaves pipelined
-plans faster in simulation than measured shows a positive pipelined bias), the fitted
-contention and the seconds a fit took.
+once); with `--fit-on OTHER`, fitted on all of OTHER's measurements of the model and
+judged on all of NAME's (a calibration fitted on one set of plans, judged on the plans
+of another run, e.g. a search's shortlist: what a search needs). Reported per rule, as
+the mean over the splits: the judged candidates' Spearman and median absolute error,
+the median signed error log(measured / simulated) of the judged pipelined and
+one-micro-batch candidates apart (a rule that leaves pipelined plans faster in
+simulation than measured shows a positive pipelined bias), the fitted slowdown and the
+seconds a fit took.
 
     .venv/bin/python experiments/calibration_fits.py fidelity_medium_piped
-    .venv/bin/python experiments/calibration_fits.py ablation_measured_s16 --models gpt nmt
+    .venv/bin/python experiments/calibration_fits.py ablation_measured_s17 --fit-on fidelity_medium_piped
 
 A `fidelity` results file gives its rows; an `ablation` one the selection session's
 measured candidates (the warm start and every method's shortlist). The problems are
@@ -47,9 +51,8 @@ from fidelity import median_error, spearman
 from graphs.problem import Candidate, PlacementProblem, build_problem
 
 RESULTS = Path(__file__).parent / "results"
-# rule -> (pipelined measurements in the fit, contention fitted, micro-batch slowdown fitted)
-RULES = {"one micro-batch": (False, False, False), "all, neither": (True, False, False),
-         "all, contention": (True, True, False), "all, slowdown": (True, False, True), "all, both": (True, True, True)}
+# rule -> (pipelined measurements in the fit, micro-batch slowdown fitted)
+RULES = {"one micro-batch": (False, False), "all, no slowdown": (True, False), "all, slowdown": (True, True)}
 FOLDS = 3
 
 
@@ -65,7 +68,7 @@ def fidelity_sets(results: dict, models: list[str]) -> list[dict]:
         sim = Simulator(problem)
         same = all(math.isclose(sim.simulate(r["placement"], r["microbatches"]).step_ms, r["simulated_ms"],
                                 rel_tol=1e-6) for r in rows if r.get("simulated_ms"))
-        sets.append({"name": model["workload"], "problem": problem,
+        sets.append({"name": model["workload"], "workload": model["workload"], "problem": problem,
                      "candidates": [Candidate(tuple(r["placement"]), r["microbatches"]) for r in rows],
                      "measured": [r["measured_ms"] for r in rows],
                      "recorded_fit": [i for i, r in enumerate(rows) if r.get("fit")], "same_profile": same})
@@ -87,10 +90,18 @@ def ablation_sets(results: dict, models: list[str]) -> list[dict]:
                     labels[f"{method}/{seed}#{k}"] = Candidate(tuple(placement), m)
         measured = {c: selection[label]["median_ms"] for label, c in labels.items()
                     if label in selection and selection[label]["feasible"]}
-        sets.append({"name": entry["name"], "problem": problem, "candidates": list(measured),
+        sets.append({"name": entry["name"], "workload": entry["workload"], "problem": problem,
+                     "candidates": list(measured),
                      "measured": list(measured.values()), "recorded_fit": None,
                      "same_profile": problem.n_groups == entry["groups"]})
     return sets
+
+
+def load_sets(name: str, models: list[str]) -> list[dict]:
+    """The measured sets of results file `name` (fidelity or measured ablation), each marked with its source."""
+    source = json.loads((RESULTS / f"{name}.json").read_text())
+    sets = fidelity_sets(source, models) if "models" in source else ablation_sets(source, models)
+    return [{**e, "source": name} for e in sets]
 
 
 def _tupled(value):
@@ -107,45 +118,43 @@ def splits(n: int, recorded_fit: list[int] | None, seed: int = 0) -> list[tuple[
     return out
 
 
-def judge(problem: PlacementProblem, candidates: list[Candidate], measured: np.ndarray, fit: list[int],
-          judged: list[int], pipelined: bool, contention: bool, slowdown: bool) -> dict | None:
-    """One rule on one split; None where the rule has fewer than two measurements to fit."""
-    used = [i for i in fit if pipelined or candidates[i].microbatches == 1]
+def judge(fitted: dict, fit: list[int], judged: dict, on: list[int], pipelined: bool, slowdown: bool) -> dict | None:
+    """One rule, fitted on `fitted`'s candidates `fit` and judged on `judged`'s candidates `on` (one set's
+    split, or two sets of one model); None where the rule has fewer than two measurements to fit."""
+    used = [i for i in fit if pipelined or fitted["candidates"][i].microbatches == 1]
     if len(used) < 2:
         return None
     started = time.perf_counter()
-    width = calibrate.SLOWDOWN_PRIOR
-    calibrate.SLOWDOWN_PRIOR = width if slowdown else 1e-12  # a prior this narrow holds it at 0
-    try:
-        calibration = fit_calibration(problem, [candidates[i] for i in used], measured[used], contention=contention)
-    finally:
-        calibrate.SLOWDOWN_PRIOR = width
+    calibration = fit_calibration(fitted["problem"], [fitted["candidates"][i] for i in used],
+                                  [fitted["measured"][i] for i in used], slowdown=slowdown)
     seconds = time.perf_counter() - started
-    sim = Simulator(problem, calibration)
+    sim = Simulator(judged["problem"], calibration)
+    candidates = [judged["candidates"][i] for i in on]
+    measured = np.array([judged["measured"][i] for i in on], dtype=np.float64)
     simulated = np.array([sim.simulate(c.placement, c.microbatches).step_ms for c in candidates])
     error = np.log(measured / simulated)
-    piped = [i for i in judged if candidates[i].microbatches > 1]
-    single = [i for i in judged if candidates[i].microbatches == 1]
-    return {"spearman": spearman(simulated[judged], measured[judged]),
-            "median_abs_error": median_error(simulated[judged], measured[judged]),
-            "pipelined_bias": float(np.median(error[piped])) if piped else math.nan, "pipelined_judged": len(piped),
-            "single_bias": float(np.median(error[single])) if single else math.nan,
-            "contention": calibration.contention, "slowdown": calibration.microbatch_slowdown, "fit_s": seconds}
+    piped = np.array([c.microbatches > 1 for c in candidates])
+    return {"spearman": spearman(simulated, measured), "median_abs_error": median_error(simulated, measured),
+            "pipelined_bias": float(np.median(error[piped])) if piped.any() else math.nan,
+            "pipelined_judged": int(piped.sum()),
+            "single_bias": float(np.median(error[~piped])) if (~piped).any() else math.nan,
+            "slowdown": calibration.microbatch_slowdown, "fit_s": seconds}
 
 
-def score(entry: dict) -> dict:
-    measured = np.array(entry["measured"], dtype=np.float64)
-    out = {"name": entry["name"], "measured": len(measured),
-           "pipelined": sum(c.microbatches > 1 for c in entry["candidates"]), "same_profile": entry["same_profile"],
-           "rules": {}}
+def score(entry: dict, fit_on: dict | None = None) -> dict:
+    """Every rule on `entry`'s splits, or fitted on all of `fit_on` and judged on all of `entry`."""
+    n = len(entry["measured"])
+    pairs = ([(fit_on, list(range(len(fit_on["measured"]))), entry, list(range(n)))] if fit_on else
+             [(entry, fit, entry, judged) for fit, judged in splits(n, entry["recorded_fit"])])
+    out = {"name": entry["name"], "measured": n, "pipelined": sum(c.microbatches > 1 for c in entry["candidates"]),
+           "same_profile": entry["same_profile"], "fit_on": fit_on["source"] if fit_on else None, "rules": {}}
     for rule, flags in RULES.items():
-        rows = [r for fit, judged in splits(len(measured), entry["recorded_fit"])
-                if (r := judge(entry["problem"], entry["candidates"], measured, fit, judged, *flags))]
+        rows = [r for pair in pairs if (r := judge(*pair, *flags))]
         out["rules"][rule] = {key: float(np.nanmean([r[key] for r in rows])) if rows else None
                               for key in ("spearman", "median_abs_error", "pipelined_bias", "pipelined_judged",
-                                          "single_bias", "contention", "slowdown", "fit_s")}
+                                          "single_bias", "slowdown", "fit_s")}
         out["rules"][rule]["splits"] = len(rows)
-        print(f"  {entry['name']:26s} {rule:20s} {out['rules'][rule]}", flush=True)
+        print(f"  {entry['name']:26s} {rule:18s} {out['rules'][rule]}", flush=True)
     return out
 
 
@@ -153,18 +162,19 @@ def markdown(results: dict) -> str:
     def cell(x, fmt):
         return "-" if x is None or not math.isfinite(x) else format(x, fmt)
 
-    lines = [f"# Calibration fits scored offline: {results['source']} ({results['host']['date']})", "",
+    fitted = f", fitted on all of {results['fit_on']}" if results.get("fit_on") else ""
+    lines = [f"# Calibration fits scored offline: {results['source']}{fitted} ({results['host']['date']})", "",
              "| model | measured (pipelined) | rule | splits | Spearman, judged | median error | bias, pipelined "
-             "(judged n) | bias, one micro-batch | contention | slowdown | fit (s) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "(judged n) | bias, one micro-batch | slowdown | fit (s) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for m in results["models"]:
         flag = "" if m["same_profile"] else " \\*"
         for rule, r in m["rules"].items():
             lines.append(f"| {m['name']}{flag} | {m['measured']} ({m['pipelined']}) | {rule} | {r['splits']} | "
                          f"{cell(r['spearman'], '.2f')} | {cell(r['median_abs_error'], '.1%')} | "
                          f"{cell(r['pipelined_bias'], '+.1%')} ({cell(r['pipelined_judged'], '.1f')}) | "
-                         f"{cell(r['single_bias'], '+.1%')} | {cell(r['contention'], '.2f')} | "
-                         f"{cell(r['slowdown'], '.2f')} | {cell(r['fit_s'], '.1f')} |")
+                         f"{cell(r['single_bias'], '+.1%')} | {cell(r['slowdown'], '.2f')} | "
+                         f"{cell(r['fit_s'], '.1f')} |")
     lines += ["", "Bias: median of log(measured / simulated) over the judged candidates; positive: the simulator "
               "put them faster than they ran. \\* the cached profile is not the run's (the uncalibrated simulator "
               "does not reproduce its simulated times): indicative.", "", *host_lines(results["host"])]
@@ -175,15 +185,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="a results file stem in experiments/results (fidelity or measured ablation)")
     parser.add_argument("--models", nargs="*", default=[], help="models or problems to score (default: all)")
+    parser.add_argument("--fit-on", help="fit on all of this run's measurements of each model, judge on NAME's")
     parser.add_argument("--save", action="store_true", help="save each model's calibration fitted on all of it")
     args = parser.parse_args()
-    source = json.loads((RESULTS / f"{args.name}.json").read_text())
-    sets = fidelity_sets(source, args.models) if "models" in source else ablation_sets(source, args.models)
+    sets = load_sets(args.name, args.models)
     for entry in sets if args.save else ():
         fitted = fit_calibration(entry["problem"], entry["candidates"], entry["measured"])
         print(f"  {entry['name']}: {fitted.to_json()} saved to {save_calibration(entry['problem'], fitted)}")
-    results = {"source": args.name, "host": host_info(), "models": [score(entry) for entry in sets]}
-    record(f"{args.name}_fits", results, markdown(results))
+    fit_on = {e["workload"]: e for e in load_sets(args.fit_on, [])} if args.fit_on else None
+    if fit_on is not None:
+        sets = [e for e in sets if e["workload"] in fit_on]
+    results = {"source": args.name, "fit_on": args.fit_on, "host": host_info(),
+               "models": [score(e, fit_on[e["workload"]] if fit_on else None) for e in sets]}
+    record(f"{args.name}_fits" + (f"_from_{args.fit_on}" if args.fit_on else ""), results, markdown(results))
 
 
 if __name__ == "__main__":
