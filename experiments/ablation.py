@@ -8,8 +8,9 @@ TrainConfig.first_round batches of starts), the same seeds. The
 searches score on the simulator and measure nothing while they run, so the only
 difference is how each proposes candidates. The simulator's calibration: with
 --calibrate, fitted first to the heuristics' candidates measured together (the pipeline
-heuristic's with its micro-batches, as `placer optimize` does); else the one saved for the model and devices (e.g. by
-`fidelity.py --save` or an optimize run); for NAME@k the one of NAME; else nominal.
+heuristic's with its micro-batches, as `placer optimize` does); else the one saved for
+the model and devices (e.g. by `fidelity.py --save` or an optimize run); for NAME@k the
+one of NAME; else nominal.
 
 - `rl`: the seq2seq policy with its graph encoder, trained as it samples (TrainConfig's
   algorithm, PPO by default), with an incumbent per micro-batch count (placer.rl.trainer);
@@ -61,7 +62,6 @@ Writes experiments/results/ablation.{json,md} (`--name` another name; ablation_q
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from collections.abc import Sequence
@@ -73,11 +73,10 @@ import torch
 from _record import host_info, host_lines, record  # this folder is on sys.path when run as a script
 from envs.calibrate import fit_calibration, load_calibration, save_calibration
 from graphs.devices import host_cores
-from graphs.errors import InfeasibleError
 from graphs.problem import Candidate, PlacementProblem, build_problem
 from placer.baselines import HEURISTICS
 from placer.microbatch_policy import microbatches_off
-from placer.optimize import bounds_of
+from placer.optimize import baseline_rows, bounds_of
 from placer.rl import TrainConfig
 from placer.search import overrides, run
 from placer.search.exhaustive import LIMIT, optimum
@@ -119,14 +118,9 @@ QUICK_OPTIMUM_LIMIT = 2 ** 16  # --quick enumerates no more (embeddings' 2^20 ca
 
 
 def heuristics(problem: PlacementProblem) -> dict[str, Candidate]:
-    """Each heuristic's candidate, by method (the pipeline heuristic's with its micro-batches), as
-    `placer optimize` runs them; infeasible ones left out."""
-    candidates = {}
-    for name, method in HEURISTICS.items():
-        with contextlib.suppress(InfeasibleError):
-            outcome = method(problem, 0)
-            candidates[name] = outcome if isinstance(outcome, Candidate) else Candidate(tuple(outcome))
-    return candidates
+    """Each feasible heuristic's candidate, by method (the pipeline heuristic's with its
+    micro-batches), as `placer optimize` runs them."""
+    return baseline_rows(problem, list(HEURISTICS), seed=0)[1]
 
 
 def warm_start(problem: PlacementProblem, scorer: SimulatedScorer) -> tuple[str, Candidate, float]:
@@ -207,8 +201,8 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
         print(f"  {name:20s} {method:14s} best {statistics.mean(times):9.2f} ms (warm {warm_ms:.2f}, "
               f"{', '.join(f'{t:.2f}' for t in times)})", flush=True)
     return {"name": name, "workload": spec, "devices": device_list, "groups": problem.n_groups,
-            "calibrated": calibration is not None, "warm_start": {"method": warm_name, "ms": warm_ms,
-                                                                 "candidate": [list(warm.placement), warm.microbatches]},
+            "calibrated": calibration is not None,
+            "warm_start": {"method": warm_name, "ms": warm_ms, "candidate": [list(warm.placement), warm.microbatches]},
             "lower_bound_ms": bound_ms,
             "optimum": None if exact is None else {"ms": exact.ms, "candidates": exact.candidates, "candidate":
                                                     [list(exact.best.placement), exact.best.microbatches]},

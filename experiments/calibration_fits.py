@@ -44,11 +44,10 @@ from pathlib import Path
 import numpy as np
 
 from _record import host_info, host_lines, record  # this folder is on sys.path when run as a script
-from envs import calibrate
 from envs.calibrate import fit_calibration, save_calibration
 from envs.sim import Simulator
 from fidelity import median_error, spearman
-from graphs.problem import Candidate, PlacementProblem, build_problem
+from graphs.problem import Candidate, build_problem
 
 RESULTS = Path(__file__).parent / "results"
 # rule -> (pipelined measurements in the fit, micro-batch slowdown fitted)
