@@ -82,7 +82,8 @@ def ablation_sets(results: dict, models: list[str]) -> list[dict]:
             continue
         problem = build_problem(entry["workload"], devices=entry["devices"])
         selection = entry["measured"]["selection"]
-        labels = {"warm_start#0": Candidate(*map(_tupled, entry["warm_start"]["candidate"]))}
+        placement, m = entry["warm_start"]["candidate"]
+        labels = {"warm_start#0": Candidate(tuple(placement), m)}
         for method, runs in entry["runs"].items():
             for seed, run in enumerate(runs):
                 for k, (placement, m, _) in enumerate(run["top"]):
@@ -101,10 +102,6 @@ def load_sets(name: str, models: list[str]) -> list[dict]:
     source = json.loads((RESULTS / f"{name}.json").read_text())
     sets = fidelity_sets(source, models) if "models" in source else ablation_sets(source, models)
     return [{**e, "source": name} for e in sets]
-
-
-def _tupled(value):
-    return tuple(value) if isinstance(value, list) else value
 
 
 def splits(n: int, recorded_fit: list[int] | None, seed: int = 0) -> list[tuple[list[int], list[int]]]:

@@ -33,7 +33,8 @@ NOTES = [
     "Measured times are medians of whole training steps (forward, loss, backward, optimizer step) after "
     "warm-up. Candidates measured together are interleaved round by round, each running right after each other "
     "equally often within the rounds (a Williams design; A B, B A for two), every step after a short untimed "
-    "pause (the measurement target row gives it), all of them to the session's end: until the confidence interval of every median is within the protocol's "
+    "pause (the measurement target row gives it), all of them to the session's end: until the confidence "
+    "interval of every median is within the protocol's "
     "target, or the session's time cap; "
     "the CI column is that interval, runs the timed steps behind it.",
     "Speedups (vs unplaced, vs best heuristic) are ratios of medians measured in the same session as the "
