@@ -131,3 +131,19 @@ def test_a_method_whose_candidates_all_measure_slower_confirms_the_warm_start(ab
     assert {owner: entry["measured"]["candidates"][label] for owner, label in labels.items()} == {
         owner: [[0, 0], 1] for owner in ("warm_start", "rl/0", "local_search/0", "random_search/0")}
     assert entry["rl_vs"]["local_search"] == [{"speedup": 1.0, "ci": None, "verdict": "same candidate"}]
+
+
+def test_the_simulator_s_optimism_is_read_per_method_against_the_warm_start(ablation):
+    """A shortlist that ran 10% slower than simulated, where the warm start ran as simulated: +0.095 (log 1.1)."""
+    shortlists = {"warm_start": ["warm_start#0"], "rl/0": ["rl/0#0", "warm_start#0"],
+                  "local_search/0": ["local_search/0#0", "warm_start#0"]}
+    selection = {"warm_start#0": 100.0, "rl/0#0": 55.0, "local_search/0#0": 80.0}
+    entry = {"name": "fake", "warm_start": {"candidate": [[0, 0], 1], "ms": 100.0},
+             "runs": {"rl": [{"top": [[[0, 1], 2, 50.0]]}], "local_search": [{"top": [[[1, 0], 1, 80.0]]}]},
+             "measured": {"candidates": {"warm_start#0": [[0, 0], 1], "rl/0#0": [[0, 1], 2],
+                                         "local_search/0#0": [[1, 0], 1]},
+                          "shortlists": shortlists, "picks": {"warm_start": "warm_start#0"},
+                          "selection": {label: {"median_ms": ms, "feasible": True} for label, ms in selection.items()}}}
+    table = ablation.optimism_lines({"methods": ["rl", "local_search"], "problems": [entry]})
+    assert table[-1] == "| fake | +0.095 | +0.000 |"
+    assert ablation.optimism_lines({"methods": ["rl"], "problems": [{"name": "simulated only"}]}) == []
