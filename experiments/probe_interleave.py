@@ -45,6 +45,7 @@ def interleaved(problem: PlacementProblem, chunks: int, microbatches: int) -> Ca
 
 
 def probe(name: str, args: argparse.Namespace) -> dict:
+    """One problem's session: the warm start and each interleaved plan, simulated and measured, with unplaced."""
     spec, devices = PROBLEMS[name]
     problem = build_problem(spec, devices=devices, max_groups=256)
     scorer = SimulatedScorer(problem, load_calibration(problem))
@@ -70,6 +71,7 @@ def probe(name: str, args: argparse.Namespace) -> dict:
 
 
 def markdown(results: dict) -> str:
+    """The results as a Markdown table, one row per plan, and the host."""
     lines = [f"# Interleaved stages ({results['host']['date']})", "",
              "Each plan's simulated and measured step time, and its speedup over the warm start's "
              "(the best heuristic: simulated ratio; measured ratio of medians with its 95% CI, one session).", "",
