@@ -6,7 +6,7 @@ chunk dispatch costs, how compute slows when devices share a host. A few measure
 placements pin these down.
 
 The parameters are the compute scale of each device kind, each link's latency and
-time per byte, the chunk overhead and the micro-batch slowdown (not the loss time: see
+time per byte, the chunk overhead and the pipelined slowdown (not the loss time: see
 _pack): the simulated step is piecewise linear in all of them, so the fit works on them
 directly, bounded below (no negative time, no infinite bandwidth). It is least squares
 on log step time (relative errors, so a 5 ms and a 500 ms placement count alike) plus
@@ -35,7 +35,7 @@ from envs.sim import Calibration, Simulator
 MEASUREMENT_SPREAD = 0.05  # relative noise of a measured median step time
 PRIOR_SHARE = 0.1  # prior width of a time parameter: a tenth of a typical step (see _prior)
 MIN_SCALE = 0.01  # compute is at least 100x cheaper than profiled, never free
-SLOWDOWN_PRIOR = 0.5  # prior width of the micro-batch slowdown (0.2 fits gpt-medium's pipelined plans here)
+SLOWDOWN_PRIOR = 0.5  # prior width of the pipelined slowdown (0.17 fits gpt-medium's pipelined plans here)
 MIN_MS_PER_MB = 1e-6  # bandwidth at most 1 PB/s: finite, so that it converts back
 MS_PER_MB = 1e9  # bandwidth_Bps = MS_PER_MB / (ms per megabyte)
 MAX_NAME = 120  # characters of a calibration file's name before its tail is hashed
@@ -49,7 +49,7 @@ def _link_keys(problem: PlacementProblem) -> list[frozenset[str]]:
 
 
 def _pack(calibration: Calibration, kinds: list[str], keys: list[frozenset[str]]) -> np.ndarray:
-    """[scale per kind, (latency ms, ms per MB) per link, chunk overhead ms, micro-batch slowdown]
+    """[scale per kind, (latency ms, ms per MB) per link, chunk overhead ms, pipelined slowdown]
     (the slowdown last: fit_calibration can hold it). The loss
     time is not fitted: a constant that every placement pays can explain any set of
     step times that the schedule fails to rank, and it then did, flattening every
@@ -58,7 +58,7 @@ def _pack(calibration: Calibration, kinds: list[str], keys: list[frozenset[str]]
     for key in keys:
         link = calibration.links[key]
         values += [link.latency_s * 1e3, MS_PER_MB / link.bandwidth_Bps]
-    return np.array(values + [calibration.chunk_overhead_ms, calibration.microbatch_slowdown])
+    return np.array(values + [calibration.chunk_overhead_ms, calibration.pipelined_slowdown])
 
 
 def _unpack(theta: np.ndarray, base: Calibration, kinds: list[str], keys: list[frozenset[str]]) -> Calibration:
@@ -69,7 +69,7 @@ def _unpack(theta: np.ndarray, base: Calibration, kinds: list[str], keys: list[f
         latency_ms, ms_per_mb = values[len(kinds) + 2 * i: len(kinds) + 2 * i + 2]
         links[key] = Link(latency_ms / 1e3, MS_PER_MB / ms_per_mb)
     return Calibration(compute_scale=scale, links=links, chunk_overhead_ms=values[-2], loss_ms=base.loss_ms,
-                       microbatch_slowdown=values[-1])
+                       pipelined_slowdown=values[-1])
 
 
 def _prior(theta0: np.ndarray, n_kinds: int, n_links: int, step_ms: float,
@@ -92,7 +92,7 @@ def fit_calibration(problem: PlacementProblem, candidates: Sequence[Candidate | 
     measured step time, ms, of each candidate: a Candidate, or a bare placement run as
     one micro-batch). Works from a single measurement (the prior then keeps all but the
     best-determined parameters near `initial`). Pipelined candidates belong in the fit:
-    only they show the micro-batch slowdown (fitted on one-micro-batch plans alone, the
+    only they show the pipelined slowdown (fitted on one-micro-batch plans alone, the
     simulator put the pipelined plans that searches picked 13-14% too fast:
     docs/results.md). `slowdown=False` holds the slowdown at `initial`'s (an ablation of
     the term).
@@ -203,5 +203,5 @@ def _invalid(data: object) -> str:
         checks += [number(link["latency_s"], f"link {key!r} latency_s"),
                    number(link["bandwidth_Bps"], f"link {key!r} bandwidth_Bps", positive=True)]
     checks += [number(data["chunk_overhead_ms"], "chunk_overhead_ms"), number(data["loss_ms"], "loss_ms"),
-               number(data.get("microbatch_slowdown", 0.0), "microbatch_slowdown")]
+               number(data.get("pipelined_slowdown", 0.0), "pipelined_slowdown")]
     return next((c for c in checks if c), "")

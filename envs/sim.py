@@ -33,10 +33,12 @@ m (OpGraph graph attributes `microbatch_step_ms_by_kind`, and `microbatch_step_m
 stands for kinds without a table of their own: graphs.bounds.microbatch_table). A micro-batch's op costs on
 a device of kind k are the batch's scaled by table_k[m] / (m * table_k[1]), the table held so that no step
 at a smaller batch costs more than one at a larger batch (a disturbed profile step would otherwise stand for
-every plan with that count), times (1 + microbatch_slowdown x (1 - 1/m)) (`Calibration.microbatch_slowdown`,
+every plan with that count), times (1 + pipelined_slowdown) for every m > 1 (`Calibration.pipelined_slowdown`,
 fitted, 0 by default: the profile times whole steps of the eager model at batch/m alone, where a small
 batch's activations stay in cache, gpt-medium's two half-batch steps taking 0.90 of one full step; placed, two
-devices share the caches, and pipelined plans measured 9-22% above the simulator without it). A kind whose
+devices share the caches, and pipelined plans measured 9-22% above the simulator without it). One factor for
+every count: measured on the same stages at m = 1, 2, 4 and 8, the extra cost did not grow with m (a factor
+growing as 1 - 1/m priced m = 2 4-7% too cheap against m = 4: docs/results.md, "Interleaved stages"). A kind whose
 table lacks m (profiling times 1, 2, 4 and 8 where the batch divides and the model runs): a placement using
 such a device is infeasible with that reason. Without any table, costs scale linearly (1/m), which overrates
 small micro-batches; `Simulator.notes` says so.
@@ -81,7 +83,7 @@ class Calibration:
     links: dict[frozenset[str], Link]  # kind pair -> link; Link or (latency_s, bandwidth_Bps) accepted
     chunk_overhead_ms: float = DEFAULT_CHUNK_OVERHEAD_MS  # per chunk dispatch, each pass
     loss_ms: float = 0.0  # between the end of the forward pass and the start of backward
-    microbatch_slowdown: float = 0.0  # a micro-batch's compute: the profile's x (1 + this x (1 - 1/m))
+    pipelined_slowdown: float = 0.0  # a micro-batch's compute with m > 1: the profile's x (1 + this)
 
     def __post_init__(self) -> None:
         links = {link_key(k): v if isinstance(v, Link) else Link(*map(float, v)) for k, v in self.links.items()}
@@ -102,7 +104,7 @@ class Calibration:
                 "links": {"+".join(sorted(k)): {"latency_s": v.latency_s, "bandwidth_Bps": v.bandwidth_Bps}
                           for k, v in self.links.items()},
                 "chunk_overhead_ms": self.chunk_overhead_ms, "loss_ms": self.loss_ms,
-                "microbatch_slowdown": self.microbatch_slowdown}
+                "pipelined_slowdown": self.pipelined_slowdown}
 
     @classmethod
     def from_json(cls, data: Mapping | str) -> Calibration:
@@ -112,7 +114,7 @@ class Calibration:
         return cls(compute_scale=dict(data["compute_scale"]),
                    links={k: Link(float(v["latency_s"]), float(v["bandwidth_Bps"])) for k, v in data["links"].items()},
                    chunk_overhead_ms=float(data["chunk_overhead_ms"]), loss_ms=float(data["loss_ms"]),
-                   microbatch_slowdown=float(data.get("microbatch_slowdown", 0.0)))  # files before it: none
+                   pipelined_slowdown=float(data.get("pipelined_slowdown", 0.0)))  # older files: none
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,7 @@ class Simulator:
                         f"(1/m), which overrates small micro-batches")
                 if note not in self.notes:
                     self.notes.append(note)
-            slowdown = 1.0 + self.calibration.microbatch_slowdown * (1.0 - 1.0 / m)
+            slowdown = 1.0 + (self.calibration.pipelined_slowdown if m > 1 else 0.0)
             self._factors[m] = np.array([math.nan if f is None else f * slowdown for f in factors])
         return self._factors[m]
 

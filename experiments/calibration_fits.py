@@ -1,4 +1,4 @@
-"""What the calibration's fit gains from pipelined measurements and the micro-batch
+"""What the calibration's fit gains from pipelined measurements and the pipelined
 slowdown (envs.sim, envs.calibrate), scored offline on recorded measurements; nothing
 is timed.
 
@@ -50,7 +50,7 @@ from fidelity import median_error, spearman
 from graphs.problem import Candidate, build_problem
 
 RESULTS = Path(__file__).parent / "results"
-# rule -> (pipelined measurements in the fit, micro-batch slowdown fitted)
+# rule -> (pipelined measurements in the fit, pipelined slowdown fitted)
 RULES = {"one micro-batch": (False, False), "all, no slowdown": (True, False), "all, slowdown": (True, True)}
 FOLDS = 3
 
@@ -134,7 +134,7 @@ def judge(fitted: dict, fit: list[int], judged: dict, on: list[int], pipelined: 
             "pipelined_bias": float(np.median(error[piped])) if piped.any() else math.nan,
             "pipelined_judged": int(piped.sum()),
             "single_bias": float(np.median(error[~piped])) if (~piped).any() else math.nan,
-            "slowdown": calibration.microbatch_slowdown, "fit_s": seconds}
+            "slowdown": calibration.pipelined_slowdown, "fit_s": seconds}
 
 
 def score(entry: dict, fit_on: dict | None = None) -> dict:

@@ -63,7 +63,7 @@ def replaced(path, value):
     (json.dumps(replaced(["compute_scale", "cpu"], "fast")), "a string"),
     (json.dumps(replaced(["compute_scale", "cpu"], math.nan)), "NaN"),
     (json.dumps(replaced(["chunk_overhead_ms"], -1.0)), "negative"),
-    (json.dumps(replaced(["microbatch_slowdown"], "fast")), "a string slowdown"),
+    (json.dumps(replaced(["pipelined_slowdown"], "fast")), "a string slowdown"),
     (json.dumps(replaced(["links", "cpu", "bandwidth_Bps"], 0)), "zero bandwidth"),
     (json.dumps(replaced(["links", "cpu"], {"latency_s": 1e-4})), "a link without bandwidth"),
 ])

@@ -108,12 +108,12 @@ def test_refit_recalibrates_from_the_book_and_marks_the_curve(problem):
 def test_refit_fits_pipelined_measurements_too(problem):
     """Measured on a 'real' machine whose micro-batches run slower than profiled (envs.sim),
     pipelined candidates alone are enough to refit, and the refitted simulator reproduces them."""
-    truth = Simulator(problem, replace(Calibration.default(problem.cluster), microbatch_slowdown=0.3))
+    truth = Simulator(problem, replace(Calibration.default(problem.cluster), pipelined_slowdown=0.3))
     measurer = FakeMeasurer(problem, truth=truth)
     scorer = Scorer(problem, measurer, warn=lambda text: None)
     batch = [Candidate(p, 2) for p in placements(problem, 40)[::8]]
     measured = scorer.measure(batch)
     scorer.refit()
     assert scorer.refits[0]["measurements"] == len(batch)
-    assert scorer.simulator.calibration.microbatch_slowdown > 0
+    assert scorer.simulator.calibration.pipelined_slowdown > 0
     assert scorer.score(batch) == pytest.approx(measured, rel=0.03)

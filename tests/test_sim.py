@@ -223,10 +223,12 @@ def test_calibration_json_round_trip_and_link_spellings():
     assert cal.link("cuda", "cpu") == Link(1e-5, 1e10)
     assert cal.link("cuda", "cuda") == Link(2e-5, 5e10)
     assert Calibration.from_json(cal.to_json()) == cal
-    fitted = Calibration({"cpu": 1.0}, {"cpu": SLOW_LINK}, microbatch_slowdown=0.2)
+    fitted = Calibration({"cpu": 1.0}, {"cpu": SLOW_LINK}, pipelined_slowdown=0.2)
     assert Calibration.from_json(fitted.to_json()) == fitted
-    older = {k: v for k, v in fitted.to_json().items() if k != "microbatch_slowdown"}
+    older = {k: v for k, v in fitted.to_json().items() if k != "pipelined_slowdown"}
     assert Calibration.from_json(older) == Calibration({"cpu": 1.0}, {"cpu": SLOW_LINK})  # written before it
+    # a slowdown of the earlier shape (1 + s (1 - 1/m), field microbatch_slowdown) is not read as this one
+    assert Calibration.from_json({**older, "microbatch_slowdown": 0.2}) == Calibration({"cpu": 1.0}, {"cpu": SLOW_LINK})
 
 
 # loss_ms is not fitted (envs.calibrate._pack): the truth keeps the initial value.
@@ -256,19 +258,19 @@ def test_calibration_recovers_known_parameters():
 
 def test_calibration_recovers_the_micro_batch_slowdown_from_pipelined_measurements():
     problem = random_problem(40, "cpu:0,cpu:1", seed=3)
-    truth = Simulator(problem, replace(TRUE_CALIBRATION, microbatch_slowdown=0.3))
+    truth = Simulator(problem, replace(TRUE_CALIBRATION, pipelined_slowdown=0.3))
     rng = np.random.default_rng(0)
     candidates = [Candidate(tuple(rng.integers(0, 2, problem.n_groups).tolist()), m) for m in (1, 2, 4) * 10]
     candidates.append(Candidate((0,) * problem.n_groups))
     measured = [truth.simulate(c.placement, c.microbatches).step_ms for c in candidates]
     fit = fit_calibration(problem, candidates, measured)
-    assert fit.microbatch_slowdown == pytest.approx(0.3, rel=0.1)
+    assert fit.pipelined_slowdown == pytest.approx(0.3, rel=0.1)
     assert fit.compute_scale["cpu"] == pytest.approx(1.3, rel=0.03)
     fitted = Simulator(problem, fit)
     assert max(abs(fitted.simulate(c.placement, c.microbatches).step_ms / t - 1)
                for c, t in zip(candidates, measured)) < 0.02
     held = fit_calibration(problem, candidates, measured, slowdown=False)  # the ablation of the term
-    assert held.microbatch_slowdown == 0.0
+    assert held.pipelined_slowdown == 0.0
 
 
 def test_calibration_keeps_the_loss_time_it_was_given():
@@ -344,12 +346,15 @@ def test_micro_batch_costs_come_from_the_profiled_whole_steps():
     assert sim.notes == []
 
 
-def test_the_micro_batch_slowdown_scales_micro_batches_and_leaves_one_alone():
+def test_the_pipelined_slowdown_scales_every_micro_batch_count_alike_and_leaves_one_alone():
     graph = grouped([(2, 2, 0), (2, 2, 0)], {(0, 1): 0})
-    graph.graph["microbatch_step_ms"] = {1: 10.0, 2: 12.0}
-    cal = Calibration({"cpu": 1.0}, {"cpu": SLOW_LINK}, chunk_overhead_ms=0.0, microbatch_slowdown=0.5)
-    sim = Simulator(PlacementProblem(graph, parse_cluster("cpu:0,cpu:1")), cal)
-    # 1.2 ms a micro-batch (above) x (1 + 0.5 x (1 - 1/2)) = 1.5: fwd cpu:0 0-1.5, 1.5-3; cpu:1 2.5-4, 4-5.5;
+    graph.graph["microbatch_step_ms"] = {1: 10.0, 2: 12.0, 4: 16.0}
+    problem = PlacementProblem(graph, parse_cluster("cpu:0,cpu:1"))
+    cal = Calibration({"cpu": 1.0}, {"cpu": SLOW_LINK}, chunk_overhead_ms=0.0, pipelined_slowdown=0.25)
+    sim, plain = Simulator(problem, cal), Simulator(problem, replace(cal, pipelined_slowdown=0.0))
+    for m, factor in ((1, 1.0), (2, 1.25), (4, 1.25)):  # one factor for every count above 1
+        assert sim.compute_factors(m) == pytest.approx(plain.compute_factors(m) * factor), m
+    # 1.2 ms a micro-batch (above) x 1.25 = 1.5: fwd cpu:0 0-1.5, 1.5-3; cpu:1 2.5-4, 4-5.5;
     # bwd cpu:1 5.5-7, 7-8.5; cpu:0 8-9.5, 9.5-11
     assert sim.simulate([0, 1], microbatches=2).step_ms == pytest.approx(11.0)
     assert sim.simulate([0, 1]).step_ms == pytest.approx(10.0)  # one micro-batch: as without it
