@@ -62,6 +62,9 @@ def probe(name: str, args: argparse.Namespace) -> dict:
     rows = {}
     for label in candidates:
         ratio = compare(measured[label], measured[reference], label)
+        if ratio is None:  # it or the warm start could not run (e.g. out of memory at this micro-batch count)
+            print(f"  {name} {label}: not measured ({measured[label].reason or measured[reference].reason})")
+            continue
         rows[label] = {"simulated_ms": simulated[label], "measured_ms": measured[label].median_ms,
                        "sim_speedup": simulated[reference] / simulated[label],
                        "speedup": ratio.value, "ci": list(ratio.ci), "verdict": ratio.verdict}
