@@ -99,6 +99,7 @@ PROBLEMS = {
     "inception_v3": ("zoo:inception_v3:medium", devices(2)),
     "transformer": ("zoo:transformer:medium", devices(2)),
     "gpt": ("zoo:gpt:medium", devices(2)),
+    "mlp": ("zoo:mlp:medium", devices(2)),
     "towers": (str(WORKLOADS / "towers.py"), devices(2)),
     "embeddings": (str(WORKLOADS / "embeddings.py"), devices(2)),
     "inception_blocks": (str(WORKLOADS / "inception_blocks.py"), devices(2)),
@@ -383,7 +384,6 @@ def optimism_lines(results: dict) -> list[str]:
 
         def error(label: str) -> float:
             return math.log(selection[label]["median_ms"] / simulated[tuple(labels[label][0]), labels[label][1]])
-
         warm = error(p["measured"]["picks"]["warm_start"])
         shortlists = [{label for i in range(len(p["runs"][method])) for label in p["measured"]["shortlists"][
             f"{method}/{i}"] if not label.startswith("warm_start") and selection[label]["feasible"]}
