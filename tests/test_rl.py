@@ -464,6 +464,32 @@ def test_the_first_round_scores_first_round_batches_and_later_rounds_one():
         TrainConfig(first_round=0)
 
 
+class Flat(PipelineToy):
+    """A Scorer on which every candidate steps 100 ms: no search ever makes progress."""
+
+    def score(self, candidates):
+        self.calls.append(list(candidates))
+        return [100.0] * len(candidates)
+
+
+def test_a_stalled_search_starts_again_while_the_budget_leaves_room():
+    problem, warm = synthetic(20), (0,) * 20
+    config = TrainConfig(**{**QUICK, "first_round": 2, "restart_patience": 3, "microbatches": (1, 2),
+                            "max_samples": 100})
+    scorer = Flat()
+    result = train(problem, scorer, config, warm_start=warm)
+    # a first round (2 batches), 3 rounds without progress, a second first round; then too little budget is
+    # left for a third start (2 batches and 3 rounds): the search goes on from the second
+    assert [len(batch) for batch in scorer.calls if len(batch) > 1] == [16, 8, 8, 8, 16, 8, 8, 8, 8, 8, 4]
+    first, again = [batch for batch in scorer.calls if len(batch) == 16]
+    assert Candidate(warm, 2) in first and Candidate(warm, 2) not in again  # the warm start begins the first only
+    assert not set(first) & set(again)  # the second start draws other candidates
+    assert result.samples == 100 and result.best_sim_ms == 100.0
+    never = Flat()
+    train(problem, never, replace(config, restart_patience=None), warm_start=warm)
+    assert [len(batch) for batch in never.calls if len(batch) > 1] == [16] + [8] * 10 + [4]
+
+
 def test_a_policy_collapsed_on_another_workload_still_explores_the_new_one():
     """Transfer: a policy that places everything on one device with certainty (as a long
     search can leave it) starts a search of another problem, whose best candidate is that

@@ -22,7 +22,7 @@ import torch
 
 from graphs.problem import Candidate
 
-__all__ = ["Incumbents", "learn", "best_for", "rescore", "draw_weights"]
+__all__ = ["Incumbents", "learn", "best_for", "leader", "rescore", "draw_weights"]
 
 Incumbents = dict[int, list]
 
@@ -46,6 +46,17 @@ def best_for(incumbents: Incumbents, microbatches: int) -> Candidate | None:
     """The incumbent of this count; None while it has no feasible one."""
     placement, _ = incumbents.get(microbatches, (None, math.inf))
     return None if placement is None else Candidate(tuple(placement), microbatches)
+
+
+def leader(incumbents: Incumbents) -> Candidate | None:
+    """The fastest incumbent of any count; None while none is feasible.
+
+    >>> leader({1: [[0, 0], 9.0], 2: [[0, 1], 8.0], 4: [None, math.inf]})
+    Candidate(placement=(0, 1), microbatches=2)
+    """
+    count = min((m for m, (placement, _) in incumbents.items() if placement is not None),
+                key=lambda m: incumbents[m][1], default=None)
+    return None if count is None else best_for(incumbents, count)
 
 
 def rescore(incumbents: Incumbents, scorer) -> None:

@@ -35,10 +35,16 @@ The loop (`train`), in the order it runs:
    are learned: it samples around the best candidate, and learns which groups to move
    together and where (a stray group's successors tend to follow it, so whole branches
    and stage boundaries move in one sample, which single-group moves cannot do);
-5. every `measure_every` rounds the best kept candidates not measured yet are measured
+5. restarts: when the best candidate since the last start has stopped improving for
+   `restart_patience` rounds and the budget leaves room for another start, the search
+   starts again from a fresh first round of random starts (2, without the warm start),
+   the policy's weights kept. A local search ends in the basin of its start: on mlp
+   (2 devices) RL's curve was flat from about 600 of 1,500 samples on, in the best
+   basin on 3 of 6 seeds and 4-8% behind it on the others;
+6. every `measure_every` rounds the best kept candidates not measured yet are measured
    and the scorer refits its simulator (placer.search.state: the same bookkeeping as
    random_search and local_search, so budgets compare);
-6. at the end the best candidates and the warm start are measured; the final choice
+7. at the end the best candidates and the warm start are measured; the final choice
    is the best measured candidate (the best simulated one when nothing is measured).
 
 The search stops at a wall-clock or a sample budget, checkpoints everything it needs to
@@ -60,7 +66,7 @@ import torch
 from envs.reward import RewardRule, reference_ms
 from graphs.problem import Candidate, Placement, PlacementProblem
 from placer.rl.checkpoint import read_checkpoint, restore, save_checkpoint, save_policy
-from placer.rl.counts import Incumbents, best_for, draw_weights, learn, rescore
+from placer.rl.counts import Incumbents, best_for, draw_weights, leader, learn, rescore
 from placer.rl.policy import MICROBATCH_CHOICES, Seq2SeqPolicy, microbatch_indices
 from placer.rl.updates import advantage, ppo_update, reinforce_update
 from placer.search.config import SearchConfig, microbatch_options
@@ -104,6 +110,16 @@ class TrainConfig(SearchConfig):
     """Batches the first round (seed_candidates) scores. The search stays near the start it imitates, so the
     start decides a seed: with one batch (about 3 starts per micro-batch count) RL lost to local_search on 2 of
     3 seeds of transformer@4 and 1 of mlp@4; with 4 or 8 batches on one of them; with 16 on none (simulated)."""
+    restart_patience: int | None = 20
+    """Rounds in which the best candidate since the search's last start improves by less than
+    restart_gain before the search starts again (module docstring, 5), where the budget still
+    leaves the first round and this many rounds after it; None: never. Simulated, 1,500 samples,
+    6 seeds (experiments/results/ablation_restarts.md): with 10, RL on mlp ended in the best basin
+    on 5 seeds (3 without restarts), but on the transformer, whose searches improve after plateaus
+    of 30 rounds, one seed ended 13% behind; with 20, mlp's 5 seeds, gpt no seed worse and one 6%
+    better, the transformer 1-3% behind on 2 seeds; with 30 none ever restarted."""
+    restart_gain: float = 0.002
+    """The relative improvement (0.002: a step 0.2% faster) that counts as progress for restart_patience."""
     microbatch_spread: float = 0.1
     """How widely micro-batch counts are drawn: a count whose best candidate so far is x
     (relative: log of the ratio) slower than the best of all is drawn with weight
@@ -179,6 +195,10 @@ class Learner:
     reference_ms: float | None = None  # the reward's reference, fixed at the start
     temperature: float | None = None  # the sampling temperature (hold_exploration moves it)
     incumbents: Incumbents = field(default_factory=dict)  # the best candidate of each micro-batch count (placer.rl.counts)
+    # since the last start (a restart empties it)
+    restarts: int = 0
+    mark_ms: float = math.inf  # the incumbents' best when it last improved by restart_gain
+    stalled: int = 0  # rounds since then
 
 
 def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Candidate | Placement | None = None,
@@ -252,7 +272,8 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             seeding = not learner.seeded
             if seeding:  # -- the first round: the warm start at the other counts, random stage-like candidates
                 size = round_size(state, replace(config, batch_size=first_round_batches(config) * config.batch_size))
-                batch = seed_candidates(problem, warm_start, options, size, config.seed)
+                batch = seed_candidates(problem, warm_start if not learner.restarts else None, options, size,
+                                        config.seed, learner.restarts)
             else:  # -- draw micro-batch counts, sample a placement for each
                 weights = draw_weights(learner.incumbents, options, config.microbatch_spread,
                                        config.infeasible_slowdown)
@@ -276,8 +297,14 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
                 update(policy, optimizer, sample, advantages, config,
                        [best_for(learner.incumbents, c.microbatches) for c in batch], goal)
 
+            # -- a search stalled in its start's basin starts again
+            progress(learner, config)
+            if restart_due(learner, state, config, clock()):
+                learner.seeded, learner.incumbents, learner.mark_ms, learner.stalled = False, {}, math.inf, 0
+                learner.restarts += 1
+
             # -- hold exploration around the incumbent: no collapse onto one candidate
-            incumbent = state.best_sim()[0]
+            incumbent = leader(learner.incumbents)
             if config.hold_exploration and incumbent is not None:
                 policy.temperature = max(config.temperature, hold_temperature(policy, incumbent, goal))
             learner.temperature = policy.temperature
@@ -285,6 +312,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             # -- measurement bookkeeping (placer.search.state)
             if measure_round(state, scorer, config, clock):
                 rescore(learner.incumbents, scorer)  # the incumbents' times under the refitted simulator
+                learner.mark_ms = min((ms for _, ms in learner.incumbents.values()), default=math.inf)
 
             # -- progress and checkpoint
             row = state.record(times, clock())
@@ -338,6 +366,27 @@ def target(config: TrainConfig, problem: PlacementProblem) -> float:
     return max(0.5, 1.0 - config.explore_groups / max(problem.n_groups, 1))
 
 
+def progress(learner: Learner, config: TrainConfig) -> None:
+    """Count a round without progress (the incumbents' best not restart_gain below the mark), or move the mark."""
+    best = min((ms for _, ms in learner.incumbents.values()), default=math.inf)
+    if best < learner.mark_ms * (1.0 - config.restart_gain):
+        learner.mark_ms, learner.stalled = best, 0
+    else:
+        learner.stalled += 1
+
+
+def restart_due(learner: Learner, state: SearchState, config: TrainConfig, elapsed_s: float) -> bool:
+    """Whether to start again: stalled for restart_patience rounds, with the samples (and, at
+    the rate so far, the time) left for a first round and restart_patience rounds after it."""
+    if config.restart_patience is None or learner.stalled < config.restart_patience:
+        return False
+    needed = (first_round_batches(config) + config.restart_patience) * config.batch_size
+    left = [] if config.max_samples is None else [config.max_samples - state.samples]
+    if config.budget_s is not None and elapsed_s > 0:
+        left.append((config.budget_s - elapsed_s) * state.samples / elapsed_s)
+    return all(n >= needed for n in left)
+
+
 def first_round_batches(config: TrainConfig) -> int:
     """`first_round`, at most a quarter of `max_samples` in whole batches (rounds left to learn in)."""
     cap = math.inf if config.max_samples is None else math.ceil(config.max_samples / (4 * config.batch_size))
@@ -345,13 +394,15 @@ def first_round_batches(config: TrainConfig) -> int:
 
 
 def seed_candidates(problem: PlacementProblem, warm_start: Candidate | None, options: Sequence[int], n: int,
-                    seed: int) -> list[Candidate]:
+                    seed: int, start: int = 0) -> list[Candidate]:
     """The first round's n candidates: the warm start's placement at each other micro-batch
     count of `options`, then half random stage-like candidates (placer.search.random_search.
     block_candidates), half uniformly random ones, so that a count whose good placements
-    lie far from the warm start's (a pipelined plan over every device) starts from one of them."""
+    lie far from the warm start's (a pipelined plan over every device) starts from one of them.
+    `start` numbers the search's starts (0: the first): each draws other random candidates."""
     others = [Candidate(warm_start.placement, m) for m in options if m != warm_start.microbatches] if warm_start else []
-    rng, rest = np.random.default_rng(seed), max(0, n - len(others))
+    rng = np.random.default_rng(seed if start == 0 else [seed, start])  # start 0 as before restarts existed
+    rest = max(0, n - len(others))
     blocks = block_candidates(problem, options, rng, rest // 2)
     return (others + blocks + random_candidates(problem, options, rng, rest - len(blocks)))[:n]
 
