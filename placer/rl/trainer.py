@@ -114,10 +114,10 @@ class TrainConfig(SearchConfig):
     """Rounds in which the best candidate since the search's last start improves by less than
     restart_gain before the search starts again (module docstring, 5), where the budget still
     leaves the first round and this many rounds after it; None: never. Simulated, 1,500 samples,
-    6 seeds (experiments/results/ablation_restarts.md): with 10, RL on mlp ended in the best basin
+    6 seeds (experiments/results/ablation_restarts_*.md): with 10, RL on mlp ended in the best basin
     on 5 seeds (3 without restarts), but on the transformer, whose searches improve after plateaus
-    of 30 rounds, one seed ended 13% behind; with 20, mlp's 5 seeds, gpt no seed worse and one 6%
-    better, the transformer 1-3% behind on 2 seeds; with 30 none ever restarted."""
+    of 30 rounds, one seed ended 13% slower than without restarts; with 20, mlp's 5 seeds, gpt no
+    seed slower and one 6% faster, the transformer 1-3% slower on 2 seeds; with 30 none restarted."""
     restart_gain: float = 0.002
     """The relative improvement (0.002: a step 0.2% faster) that counts as progress for restart_patience."""
     microbatch_spread: float = 0.1
