@@ -488,6 +488,27 @@ def test_a_stalled_search_starts_again_while_the_budget_leaves_room():
     never = Flat()
     train(problem, never, replace(config, restart_patience=None), warm_start=warm)
     assert [len(batch) for batch in never.calls if len(batch) > 1] == [16] + [8] * 10 + [4]
+    with pytest.raises(ValueError, match="restart_patience=0"):
+        replace(config, restart_patience=0)
+
+
+class FirstStartWins(Flat):
+    """Every candidate steps 100 ms but one of the first round's, 50 ms: only the first start finds anything."""
+
+    def score(self, candidates):
+        times = super().score(candidates)
+        if sum(len(batch) == 16 for batch in self.calls) == 1 and len(candidates) == 16:  # the first first round
+            times[3] = 50.0
+        return times
+
+
+def test_a_restart_keeps_what_the_earlier_starts_found():
+    config = TrainConfig(**{**QUICK, "first_round": 2, "restart_patience": 3, "microbatches": (1, 2),
+                            "max_samples": 100})
+    scorer = FirstStartWins()
+    result = train(synthetic(20), scorer, config, warm_start=(0,) * 20)
+    first, again = [batch for batch in scorer.calls if len(batch) == 16]  # it did start again
+    assert result.best == first[3] and result.best_sim_ms == 50.0 and first[3] not in again
 
 
 def test_a_policy_collapsed_on_another_workload_still_explores_the_new_one():

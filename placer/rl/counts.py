@@ -22,7 +22,7 @@ import torch
 
 from graphs.problem import Candidate
 
-__all__ = ["Incumbents", "learn", "best_for", "leader", "rescore", "draw_weights"]
+__all__ = ["Incumbents", "learn", "best_for", "leader", "fastest_ms", "rescore", "draw_weights"]
 
 Incumbents = dict[int, list]
 
@@ -57,6 +57,11 @@ def leader(incumbents: Incumbents) -> Candidate | None:
     count = min((m for m, (placement, _) in incumbents.items() if placement is not None),
                 key=lambda m: incumbents[m][1], default=None)
     return None if count is None else best_for(incumbents, count)
+
+
+def fastest_ms(incumbents: Incumbents) -> float:
+    """The fastest incumbent's simulated ms; inf while none is feasible."""
+    return min((ms for _, ms in incumbents.values()), default=math.inf)
 
 
 def rescore(incumbents: Incumbents, scorer) -> None:

@@ -66,13 +66,13 @@ import torch
 from envs.reward import RewardRule, reference_ms
 from graphs.problem import Candidate, Placement, PlacementProblem
 from placer.rl.checkpoint import read_checkpoint, restore, save_checkpoint, save_policy
-from placer.rl.counts import Incumbents, best_for, draw_weights, leader, learn, rescore
+from placer.rl.counts import Incumbents, best_for, draw_weights, fastest_ms, leader, learn, rescore
 from placer.rl.policy import MICROBATCH_CHOICES, Seq2SeqPolicy, microbatch_indices
 from placer.rl.updates import advantage, ppo_update, reinforce_update
 from placer.search.config import SearchConfig, microbatch_options
 from placer.search.random_search import block_candidates, random_candidates
-from placer.search.state import (Clock, SearchResult, SearchState, as_candidate, budget_left, final_round,
-                                 measure_round, refit, round_size)
+from placer.search.state import (Clock, SearchResult, SearchState, as_candidate, budget_left, closing_reserve,
+                                 final_round, measure_round, refit, round_size)
 
 __all__ = ["TrainConfig", "train", "reward_rule"]
 
@@ -116,8 +116,9 @@ class TrainConfig(SearchConfig):
     leaves the first round and this many rounds after it; None: never. Simulated, 1,500 samples,
     6 seeds (experiments/results/ablation_restarts_*.md): with 10, RL on mlp ended in the best basin
     on 5 seeds (3 without restarts), but on the transformer, whose searches improve after plateaus
-    of 30 rounds, one seed ended 13% slower than without restarts; with 20, mlp's 5 seeds, gpt no
-    seed slower and one 6% faster, the transformer 1-3% slower on 2 seeds; with 30 none restarted."""
+    of up to 35 rounds, one seed ended 13% slower than without restarts; with 20, mlp's 5 seeds, gpt
+    no seed slower and one 6% faster, the transformer 1-3% slower on 2 seeds (with 30 a restart can
+    only begin between 736 and 764 of 1,500 samples, and none did)."""
     restart_gain: float = 0.002
     """The relative improvement (0.002: a step 0.2% faster) that counts as progress for restart_patience."""
     microbatch_spread: float = 0.1
@@ -160,7 +161,7 @@ class TrainConfig(SearchConfig):
     """Divides the logits: above 1 samples more widely (the least, with hold_exploration)."""
     hold_exploration: bool = True
     """After every update, raise the temperature (up to 10) where needed so that the policy
-    gives the best candidate found at most the target per-group probability: however sharp
+    gives the best candidate since the search's last start at most the target per-group probability: however sharp
     the policy grows, its samples keep straying from the incumbent, where it has learned
     to stray (no collapse onto one candidate)."""
     logit_clip: float = 5.0
@@ -194,10 +195,10 @@ class Learner:
     baseline: float | None = None  # moving average of batch rewards (normalize_advantages=False)
     reference_ms: float | None = None  # the reward's reference, fixed at the start
     temperature: float | None = None  # the sampling temperature (hold_exploration moves it)
-    incumbents: Incumbents = field(default_factory=dict)  # the best candidate of each micro-batch count (placer.rl.counts)
-    # since the last start (a restart empties it)
+    # the best candidate of each micro-batch count since the last start (placer.rl.counts; a restart empties it)
+    incumbents: Incumbents = field(default_factory=dict)
     restarts: int = 0
-    mark_ms: float = math.inf  # the incumbents' best when it last improved by restart_gain
+    mark_ms: float = math.inf  # the incumbents' best when it last improved by restart_gain (inf: not yet)
     stalled: int = 0  # rounds since then
 
 
@@ -237,6 +238,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
         learner = Learner(**fields)
         if refit(state, scorer):  # the scorer fits every measurement so far, this run's and the checkpoint's
             rescore(learner.incumbents, scorer)
+            learner.mark_ms = fastest_ms(learner.incumbents)  # progress is counted on the new fit's scale
     policy.temperature = learner.temperature or config.temperature
     clock = Clock(state.elapsed_s)
 
@@ -302,6 +304,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             if restart_due(learner, state, config, clock()):
                 learner.seeded, learner.incumbents, learner.mark_ms, learner.stalled = False, {}, math.inf, 0
                 learner.restarts += 1
+                policy.temperature = config.temperature  # every start is imitated as the first was
 
             # -- hold exploration around the incumbent: no collapse onto one candidate
             incumbent = leader(learner.incumbents)
@@ -312,7 +315,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             # -- measurement bookkeeping (placer.search.state)
             if measure_round(state, scorer, config, clock):
                 rescore(learner.incumbents, scorer)  # the incumbents' times under the refitted simulator
-                learner.mark_ms = min((ms for _, ms in learner.incumbents.values()), default=math.inf)
+                learner.mark_ms = fastest_ms(learner.incumbents)
 
             # -- progress and checkpoint
             row = state.record(times, clock())
@@ -368,7 +371,7 @@ def target(config: TrainConfig, problem: PlacementProblem) -> float:
 
 def progress(learner: Learner, config: TrainConfig) -> None:
     """Count a round without progress (the incumbents' best not restart_gain below the mark), or move the mark."""
-    best = min((ms for _, ms in learner.incumbents.values()), default=math.inf)
+    best = fastest_ms(learner.incumbents)
     if best < learner.mark_ms * (1.0 - config.restart_gain):
         learner.mark_ms, learner.stalled = best, 0
     else:
@@ -377,13 +380,14 @@ def progress(learner: Learner, config: TrainConfig) -> None:
 
 def restart_due(learner: Learner, state: SearchState, config: TrainConfig, elapsed_s: float) -> bool:
     """Whether to start again: stalled for restart_patience rounds, with the samples (and, at
-    the rate so far, the time) left for a first round and restart_patience rounds after it."""
+    the rate so far, the time before the closing round's reserve) left for a first round and
+    restart_patience rounds after it."""
     if config.restart_patience is None or learner.stalled < config.restart_patience:
         return False
     needed = (first_round_batches(config) + config.restart_patience) * config.batch_size
     left = [] if config.max_samples is None else [config.max_samples - state.samples]
     if config.budget_s is not None and elapsed_s > 0:
-        left.append((config.budget_s - elapsed_s) * state.samples / elapsed_s)
+        left.append((config.budget_s - closing_reserve(state, config) - elapsed_s) * state.samples / elapsed_s)
     return all(n >= needed for n in left)
 
 
