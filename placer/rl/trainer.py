@@ -237,8 +237,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
         state, fields = restore(saved, checkpoint, policy, optimizer, generator)
         learner = Learner(**fields)
         if refit(state, scorer):  # the scorer fits every measurement so far, this run's and the checkpoint's
-            rescore(learner.incumbents, scorer)
-            learner.mark_ms = fastest_ms(learner.incumbents)  # progress is counted on the new fit's scale
+            rescore_incumbents(learner, scorer)
     policy.temperature = learner.temperature or config.temperature
     clock = Clock(state.elapsed_s)
 
@@ -314,8 +313,7 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
 
             # -- measurement bookkeeping (placer.search.state)
             if measure_round(state, scorer, config, clock):
-                rescore(learner.incumbents, scorer)  # the incumbents' times under the refitted simulator
-                learner.mark_ms = fastest_ms(learner.incumbents)
+                rescore_incumbents(learner, scorer)
 
             # -- progress and checkpoint
             row = state.record(times, clock())
@@ -367,6 +365,12 @@ def target(config: TrainConfig, problem: PlacementProblem) -> float:
     if config.imitation_target is not None:
         return config.imitation_target
     return max(0.5, 1.0 - config.explore_groups / max(problem.n_groups, 1))
+
+
+def rescore_incumbents(learner: Learner, scorer) -> None:
+    """The incumbents' times under the refitted simulator; progress is counted on its scale from here."""
+    rescore(learner.incumbents, scorer)
+    learner.mark_ms = fastest_ms(learner.incumbents)
 
 
 def progress(learner: Learner, config: TrainConfig) -> None:
