@@ -6,7 +6,11 @@ start (the best heuristic by simulated step time, the pipeline heuristic among t
 same number of sampled candidates in rounds of the same size (but RL's first round,
 TrainConfig.first_round batches of starts), the same seeds. The
 searches score on the simulator and measure nothing while they run, so the only
-difference is how each proposes candidates. The simulator's calibration: with
+difference is how each proposes candidates; with --measure-during they measure as
+`placer optimize`'s do (TrainConfig.measure_top_k best every measure_every rounds, then a
+refit to every measurement so far, the heuristics' included; the same cadence for every
+method, placer.search.state), each search on its own copy of the heuristics'
+measurements, and their choice is the best they measured. The simulator's calibration: with
 --calibrate, fitted first to the heuristics' candidates measured together (the pipeline
 heuristic's with its micro-batches, as `placer optimize` does); else the one saved for
 the model and devices (e.g. by `fidelity.py --save` or an optimize run); for NAME@k the
@@ -34,12 +38,15 @@ two sessions, as `placer optimize` chooses (a shortlist, then a confirm session)
 
 1. selection: every method measures its --measure-top-k best distinct simulated
    candidates of each seed (SearchResult.top: the same K for every method, an equal
-   measurement budget) and the warm start, all in one interleaved session
-   (placer.measurements, CI of the median) with `unplaced`; identical candidates (same
-   placement and micro-batch count, across methods and seeds) are measured once and
-   shared. The warm start is in every method's pool because every search starts there
-   and `placer optimize`'s closing round always measures it: the product never
-   chooses, by measurement, a plan slower than the warm start;
+   measurement budget), its own choice (with --measure-during, the best it measured)
+   and the warm start, with `unplaced`, in an interleaved session of their own
+   (placer.measurements, CI of the median), one per method and seed: in one session
+   of 30+ candidates the same plans ran slower and several times as spread as in one
+   of four (probe_session_size.py), and the pick is made within the method's pool
+   anyway. Identical candidates (same placement and micro-batch count) share a label.
+   The warm start is in every method's pool because every search starts there and
+   `placer optimize`'s closing round always measures it: the product never chooses,
+   by measurement, a plan slower than the warm start;
 2. confirm: each method's pick of each seed, the warm start and `unplaced` in a fresh
    session (--confirm-cap-s). A pick is the fastest measured candidate of the method's
    pool, or the warm start where it ties that one (the CI of their ratio holds 1):
@@ -62,7 +69,6 @@ Writes experiments/results/ablation.{json,md} (`--name` another name; ablation_q
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -71,21 +77,25 @@ from pathlib import Path
 
 import torch
 
-from _record import host_info, host_lines, record  # this folder is on sys.path when run as a script
+from _record import host_info, record  # this folder is on sys.path when run as a script
+from ablation_report import YARDSTICKS, markdown
 from envs.calibrate import fit_calibration, load_calibration, save_calibration
 from graphs.devices import host_cores
 from graphs.problem import Candidate, PlacementProblem, build_problem
+from graphs.workload import load_workload
 from placer.baselines import HEURISTICS
+from placer.book import MeasurementBook
+from placer.measurements import Measurer, Protocol
 from placer.microbatch_policy import microbatches_off
 from placer.optimize import baseline_rows, bounds_of
 from placer.rl import TrainConfig
 from placer.search import overrides, run
 from placer.search.exhaustive import LIMIT, optimum
+from placer.scorer import Scorer
 from placer.search.scorer import SimulatedScorer
 
 WORKLOADS = Path(__file__).resolve().parent / "workloads"
 METHODS = ("rl", "rl_lr0", "random_search", "local_search")
-YARDSTICKS = ("local_search", "random_search")  # what RL is judged against
 
 
 def devices(n: int) -> str:
@@ -132,16 +142,19 @@ def warm_start(problem: PlacementProblem, scorer: SimulatedScorer) -> tuple[str,
     return name, candidate, ms
 
 
-def search(problem: PlacementProblem, calibration, method: str, config: TrainConfig, warm: Candidate,
+def search(problem: PlacementProblem, scorer: Scorer, method: str, config: TrainConfig, warm: Candidate,
            top_k: int) -> dict:
-    """One method's run on the simulator: its best candidate, its `top_k` best distinct
-    ones ([placement, micro-batches, simulated ms], fastest first) and how long it took."""
+    """One method's run: its choice (`candidate`: the best measured where it measured, else
+    the best simulated), its `top_k` best distinct simulated candidates ([placement,
+    micro-batches, simulated ms], fastest first, under its last refit), what it measured
+    ([placement, micro-batches, ms]) and how long it took."""
     if method == "rl_lr0":
         method, config = "rl", replace(config, lr=0.0)
     start = time.perf_counter()
-    result = run(method, problem, SimulatedScorer(problem, calibration), config, warm)
+    result = run(method, problem, scorer, config, warm)
     return {"best_ms": result.best_sim_ms, "candidate": [list(result.best.placement), result.best.microbatches],
             "top": [[list(c.placement), c.microbatches, ms] for c, ms in result.top[:top_k]],
+            "measured": [[list(c.placement), c.microbatches, ms] for c, ms in result.measured],
             "samples": result.samples, "seconds": time.perf_counter() - start,
             "curve": [[row["samples"], row["best_sim_ms"]] for row in result.curve]}
 
@@ -151,43 +164,55 @@ def measurable(problem: PlacementProblem) -> bool:
     return all(d.is_virtual_cpu for d in problem.cluster.devices) and problem.n_devices <= host_cores()
 
 
-def calibration_for(name: str, problem: PlacementProblem, args: argparse.Namespace):
-    """The simulator's calibration: with --calibrate (and a host that can run the devices)
-    fitted now to the heuristics' candidates, measured together; else the one saved for
-    this model and devices; else, for NAME@k, the one saved for its workload on two
-    devices (virtual CPU devices of one thread each cost alike); else None (nominal)."""
-    if args.calibrate and measurable(problem):
-        fit_baselines(name, problem, args)
+def calibration_for(name: str, loaded, problem: PlacementProblem, args: argparse.Namespace):
+    """The simulator's calibration and the book of what it was fitted to: with --calibrate
+    (or --measure-during) and a host that can run the devices, fitted now to the
+    heuristics' candidates, measured together; else the one saved for this model and
+    devices; else, for NAME@k, the one saved for its workload on two devices (virtual
+    CPU devices of one thread each cost alike); else None (nominal). The book is None
+    unless measured now."""
+    book = fit_baselines(name, loaded, problem, args) if calibrating(problem, args) else None
     calibration = load_calibration(problem)
     if calibration is None and "@" in name:
         calibration = load_calibration(build_problem(PROBLEMS[name][0], devices=devices(2), max_groups=args.max_groups))
-    return calibration
+    return calibration, book
 
 
-def fit_baselines(name: str, problem: PlacementProblem, args: argparse.Namespace) -> None:
+def calibrating(problem: PlacementProblem, args: argparse.Namespace) -> bool:
+    return (args.calibrate or args.measure_during) and measurable(problem)
+
+
+def fit_baselines(name: str, loaded, problem: PlacementProblem, args: argparse.Namespace) -> MeasurementBook:
     """Measure every heuristic's candidate (the pipeline heuristic's with its micro-batches) in one
-    session and save the calibration fitted to them, as `placer optimize` calibrates."""
-    from graphs.workload import load_workload
-    from placer.book import MeasurementBook
-    from placer.measurements import Measurer, Protocol
-
+    session and save the calibration fitted to them, as `placer optimize` calibrates. Returns
+    the book of those measurements."""
     unique = list(dict.fromkeys(heuristics(problem).values()))
-    measurer = Measurer(load_workload(PROBLEMS[name][0]), problem, MeasurementBook({"calibrate": name}),
-                        Protocol(cap_s=args.cap_s))
-    measured = measurer.session([(str(i), c) for i, c in enumerate(unique)], f"calibrating {name}")
-    pairs = [(c, m.median_ms) for c, m in zip(unique, measured.values()) if m.feasible]
+    book = MeasurementBook({"ablation": name})
+    Measurer(loaded, problem, book, Protocol(cap_s=args.cap_s)).measure(unique, stage=f"calibrating {name}")
+    pairs = [(c, m.median_ms) for c, m in book.feasible()]
     if len(pairs) >= 2:
         save_calibration(problem, fit_calibration(problem, [c for c, _ in pairs], [ms for _, ms in pairs]))
+    return book
+
+
+def measuring_scorer(loaded, problem: PlacementProblem, calibration, book: MeasurementBook,
+                     args: argparse.Namespace) -> Scorer:
+    """A Scorer that measures as `placer optimize`'s searches do (the search's measure_top_k best
+    every measure_every rounds, in sessions of at most --search-cap-s seconds a candidate, then a
+    refit to every measurement so far), on a copy of `book` (the heuristics' measurements): every
+    search starts from the same calibration and measurements."""
+    own = MeasurementBook(book.identity)
+    own.entries = dict(book.entries)
+    measurer = Measurer(loaded, problem, own, Protocol(cap_per_candidate_s=args.search_cap_s))
+    return Scorer(problem, measurer, calibration, warn=lambda line: print(f"  warning: {line}", flush=True))
 
 
 def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> dict:
-    from graphs.workload import load_workload
-
     loaded = load_workload(spec)
     problem = build_problem(loaded, devices=device_list, max_groups=args.max_groups)
     # As placer optimize does: no micro-batches where they would change the model (batch norm).
     refusal = microbatches_off(loaded, problem)
-    calibration = calibration_for(name, problem, args)
+    calibration, book = calibration_for(name, loaded, problem, args)
     scorer = SimulatedScorer(problem, calibration)
     warm_name, warm, warm_ms = warm_start(problem, scorer)
     # The bound optimize's results.json gives; a cluster the host cannot run is bounded as simulated.
@@ -195,15 +220,23 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
     exact = optimum(problem, scorer, limit=args.optimum_limit)
     if exact is not None:
         print(f"  {name:20s} optimum        {exact.ms:9.2f} ms of {exact.candidates} candidates", flush=True)
-    base = overrides(TrainConfig(budget_s=None, max_samples=args.samples, measure_top_k=0), args.set)
-    runs = {method: [search(problem, calibration, method, replace(base, seed=seed), warm, args.measure_top_k)
+    during = args.measure_during and book is not None
+    base = overrides(TrainConfig(budget_s=None, max_samples=args.samples, **({} if during else {"measure_top_k": 0})),
+                     args.set)
+
+    def scorer() -> SimulatedScorer | Scorer:
+        return measuring_scorer(loaded, problem, calibration, book, args) if during else SimulatedScorer(
+            problem, calibration)
+    runs = {method: [search(problem, scorer(), method, replace(base, seed=seed), warm, args.measure_top_k)
                      for seed in range(args.seed, args.seed + args.seeds)] for method in args.methods}
+    if during:  # each search's refits were cached (as optimize's are): leave the one every search started from
+        save_calibration(problem, calibration)
     for method, rows in runs.items():
         times = [r["best_ms"] for r in rows]
         print(f"  {name:20s} {method:14s} best {statistics.mean(times):9.2f} ms (warm {warm_ms:.2f}, "
               f"{', '.join(f'{t:.2f}' for t in times)})", flush=True)
     return {"name": name, "workload": spec, "devices": device_list, "groups": problem.n_groups,
-            "calibrated": calibration is not None,
+            "calibrated": calibration is not None, "measured_during": during,
             "warm_start": {"method": warm_name, "ms": warm_ms, "candidate": [list(warm.placement), warm.microbatches]},
             "lower_bound_ms": bound_ms,
             "optimum": None if exact is None else {"ms": exact.ms, "candidates": exact.candidates, "candidate":
@@ -230,10 +263,12 @@ def distinct(shortlists: dict[str, Sequence[Candidate]]) -> tuple[dict[str, Cand
 
 def pools(entry: dict) -> dict[str, list[Candidate]]:
     """What each method measures per seed: owner "METHOD/SEED" -> its best distinct simulated
-    candidates (the run's `top`) and then the warm start, unless among them; and owner
-    "warm_start" -> the warm start alone.
+    candidates (the run's `top`), then its own choice (the best it measured, with
+    --measure-during) and the warm start, each unless among them; and owner "warm_start"
+    -> the warm start alone.
 
-    >>> pools({"warm_start": {"candidate": [[0, 0], 1]}, "runs": {"rl": [{"top": [[[0, 1], 2, 9.0]]}]}})["rl/0"]
+    >>> run = {"top": [[[0, 1], 2, 9.0]], "candidate": [[0, 1], 2]}
+    >>> pools({"warm_start": {"candidate": [[0, 0], 1]}, "runs": {"rl": [run]}})["rl/0"]
     [Candidate(placement=(0, 1), microbatches=2), Candidate(placement=(0, 0), microbatches=1)]
     """
     placement, microbatches = entry["warm_start"]["candidate"]
@@ -241,8 +276,9 @@ def pools(entry: dict) -> dict[str, list[Candidate]]:
     shortlists = {"warm_start": [warm]}
     for method, rows in entry["runs"].items():
         for i, row in enumerate(rows):
+            chosen = Candidate(tuple(row["candidate"][0]), row["candidate"][1])
             top = [Candidate(tuple(p), m) for p, m, _ in row["top"]]
-            shortlists[f"{method}/{i}"] = top + ([warm] if warm not in top else [])
+            shortlists[f"{method}/{i}"] = list(dict.fromkeys([*top, chosen, warm]))
     return shortlists
 
 
@@ -276,8 +312,9 @@ def measure(entry: dict, args: argparse.Namespace) -> None:
         return measurer.session([(UNPLACED, None), *((label, candidates[label]) for label in labels)],
                                 f"{stage}: {entry['name']}")
 
-    selection = session("selection", args.cap_s, list(candidates))
-    picks = {owner: pick(listed, selection, owners["warm_start"][0]) for owner, listed in owners.items()}
+    warm, pooled = owners["warm_start"][0], {owner: listed for owner, listed in owners.items() if owner != "warm_start"}
+    selection = {owner: session(f"selection {owner}", args.cap_s, listed) for owner, listed in pooled.items()}
+    picks = {"warm_start": warm, **{owner: pick(listed, selection[owner], warm) for owner, listed in pooled.items()}}
     confirm = session("confirm", args.confirm_cap_s, list(dict.fromkeys(p for p in picks.values() if p is not None)))
 
     def verdict(mine: str | None, theirs: str | None, name: str) -> dict | None:
@@ -289,115 +326,11 @@ def measure(entry: dict, args: argparse.Namespace) -> None:
     entry["measured"] = {"top_k": args.measure_top_k,
                          "candidates": {label: [list(c.placement), c.microbatches] for label, c in candidates.items()},
                          "shortlists": owners, "picks": picks,
-                         "selection": {label: m.to_json() for label, m in selection.items()},
+                         "selection": {owner: {label: m.to_json() for label, m in measured.items()}
+                                       for owner, measured in selection.items()},
                          "confirm": {label: m.to_json() for label, m in confirm.items()}}
     entry["rl_vs"] = {other: [verdict(picks[f"rl/{i}"], picks[f"{other}/{i}"], other) for i in range(args.seeds)]
                       for other in YARDSTICKS if "rl" in entry["runs"] and other in entry["runs"]}
-
-
-def markdown(results: dict) -> str:
-    host = results["host"]
-    lines = [f"# Ablation ({host['date']})", "",
-             f"{results['samples']} sampled candidates per method, seeds {results['seeds']}; every method starts "
-             "from the best heuristic (warm start) and scores on the simulator; best simulated step time, mean "
-             "(and spread) over the seeds. Lower is better.", "",
-             "| problem | groups | warm start (ms) | lower bound (ms) | optimum (ms) | "
-             + " | ".join(results["methods"]) + " |", "| --- | ---: | ---: | ---: | ---: | "
-             + " | ".join("---:" for _ in results["methods"]) + " |"]
-    for p in results["problems"]:
-        exact = p.get("optimum")
-        cells = []
-        for method in results["methods"]:
-            times = [r["best_ms"] for r in p["runs"][method]]
-            mean, spread = statistics.mean(times), max(times) - min(times)
-            gap = "" if exact is None else f", {100 * (mean / exact['ms'] - 1):+.1f}% over the optimum"
-            cells.append(f"{mean:.2f} ({spread:.2f}, {p['warm_start']['ms'] / mean:.3f}x{gap})")
-        optimum_cell = "-" if exact is None else f"{exact['ms']:.2f}"
-        lines.append(f"| {p['name']} | {p['groups']} | {p['warm_start']['ms']:.2f} ({p['warm_start']['method']}) | "
-                     f"{p['lower_bound_ms']:.2f} | {optimum_cell} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: mean ms (max - min over seeds, speedup over the warm start, and where the problem is small "
-              "enough to enumerate, the mean's gap to the exact simulated optimum). Optimum: the fastest of every "
-              "candidate, scored (\"-\": more than --optimum-limit candidates). Simulated with the calibration "
-              "saved for each model and devices where there is one (`calibrated` in the JSON), else the nominal one."]
-    return "\n".join(lines + leads(results) + measured_lines(results) + optimism_lines(results)
-                     + ["", *host_lines(host)]) + "\n"
-
-
-def leads(results: dict) -> list[str]:
-    """Markdown: RL's simulated lead over each yardstick, seed by seed (its best ms / RL's best ms - 1)."""
-    others = [m for m in YARDSTICKS if m in results["methods"]]
-    if "rl" not in results["methods"] or not others:
-        return []
-    lines = ["", "RL's simulated lead over each yardstick per seed (the yardstick's best / RL's best - 1; "
-             "positive: RL found a faster candidate):", "",
-             "| problem | " + " | ".join(f"vs {m}" for m in others) + " |", "| --- |" + " --- |" * len(others)]
-    for p in results["problems"]:
-        cells = ["; ".join(f"{100 * (theirs['best_ms'] / mine['best_ms'] - 1):+.1f}%"
-                           for mine, theirs in zip(p["runs"]["rl"], p["runs"][m])) for m in others]
-        lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def measured_lines(results: dict) -> list[str]:
-    """Markdown: the confirm session's medians of every pick, and RL's verdicts against the yardsticks."""
-    measured = [p for p in results["problems"] if p.get("rl_vs")]
-    if not measured:
-        return []
-    k = measured[0]["measured"]["top_k"]
-    lines = ["", f"## Measured: each method's fastest of its {k} best simulated candidates and the warm start, "
-             "confirmed", "",
-             f"Selection: every method's {k} best distinct simulated candidates of each seed and the warm start (in "
-             "every method's pool: each starts there, and placer optimize always measures it), with unplaced, in one "
-             "interleaved session (identical candidates measured once). Confirm: each method's "
-             "fastest of them per seed, the warm start and unplaced in a fresh session; the medians and verdicts "
-             "below are the confirm session's only.", "",
-             "| problem | unplaced (ms) | warm start (ms) | " + " | ".join(results["methods"]) + " |",
-             "| --- | ---: | ---: |" + " ---: |" * len(results["methods"])]
-    for p in measured:
-        confirm, picks = p["measured"]["confirm"], p["measured"]["picks"]
-        cells = [", ".join(_median(confirm, picks[f"{m}/{i}"]) for i in range(len(p["runs"][m])))
-                 for m in results["methods"]]
-        lines.append(f"| {p['name']} | {_median(confirm, 'unplaced')} | {_median(confirm, picks['warm_start'])} | "
-                     + " | ".join(cells) + " |")
-    lines += ["", "| problem | RL vs | speedup (95% CI), verdict, per seed |", "| --- | --- | --- |"]
-    for p in measured:
-        for other, ratios in p["rl_vs"].items():
-            cells = ["infeasible" if r is None else "same candidate" if r["ci"] is None
-                     else f"{r['speedup']:.3f}x ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) {r['verdict']}" for r in ratios]
-            lines.append(f"| {p['name']} | {other} | {'; '.join(cells)} |")
-    return lines
-
-
-def optimism_lines(results: dict) -> list[str]:
-    """Markdown: the simulator's optimism about each method's shortlist relative to the warm start (below). A
-    search finds where the simulator errs in its favour: a shortlist that reads high won less when measured."""
-    if not (measured := [p for p in results["problems"] if p.get("measured")]):
-        return []
-    lines = ["", "The simulator's optimism about each shortlist, relative to the warm start: the selection session's "
-             "median of log(measured / simulated) over the method's candidates minus the warm start's (+0.10: they "
-             "ran about 10% slower against the warm start than simulated):", "",
-             "| problem | " + " | ".join(results["methods"]) + " |", "| --- |" + " ---: |" * len(results["methods"])]
-    for p in measured:
-        selection, labels = p["measured"]["selection"], p["measured"]["candidates"]
-        simulated = {(tuple(c), m): ms for runs in p["runs"].values() for run in runs for c, m, ms in run["top"]}
-        simulated[tuple(p["warm_start"]["candidate"][0]), p["warm_start"]["candidate"][1]] = p["warm_start"]["ms"]
-
-        def error(label: str) -> float:
-            return math.log(selection[label]["median_ms"] / simulated[tuple(labels[label][0]), labels[label][1]])
-        warm = error(p["measured"]["picks"]["warm_start"])
-        shortlists = [{label for i in range(len(p["runs"][method])) for label in p["measured"]["shortlists"][
-            f"{method}/{i}"] if not label.startswith("warm_start") and selection[label]["feasible"]}
-            for method in results["methods"]]
-        cells = [f"{statistics.median(error(label) for label in mine) - warm:+.3f}" if mine else "-"
-                 for mine in shortlists]
-        lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _median(session: dict, label: str | None) -> str:
-    """A markdown cell: the median (ms) of `label`'s measurement in `session` (JSON), or "infeasible"."""
-    measurement = None if label is None else session[label]
-    return f"{measurement['median_ms']:.1f}" if measurement and measurement["feasible"] else "infeasible"
 
 
 def main() -> None:
@@ -414,10 +347,17 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help="measure the best candidates (quiet host only)")
     parser.add_argument("--calibrate", action="store_true",
                         help="first fit the simulator to the heuristics' measured placements (quiet host only)")
+    parser.add_argument("--measure-during", action="store_true",
+                        help="the searches measure and refit as placer optimize's do (implies --calibrate; "
+                             "quiet host only)")
+    parser.add_argument("--search-cap-s", type=float, default=6.0,
+                        help="with --measure-during: seconds per candidate of each measurement round "
+                             "(placer optimize's --measure-cap)")
     parser.add_argument("--measure-top-k", type=int, default=3,
                         help="with --measure: distinct best simulated candidates measured per method and seed")
     parser.add_argument("--cap-s", type=float, default=120.0,
-                        help="seconds of timed rounds of each calibration and selection session")
+                        help="seconds of timed rounds of the calibration session and of each selection session "
+                             "(one per method and seed)")
     parser.add_argument("--confirm-cap-s", type=float, default=120.0,
                         help="seconds of timed rounds of each confirm session")
     parser.add_argument("--quick", action="store_true",

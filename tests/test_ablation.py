@@ -1,5 +1,5 @@
-"""experiments/ablation.py's measured ablation: identical candidates measured once, each
-method's pick chosen in a selection session and judged in a fresh confirm session only."""
+"""experiments/ablation.py's measured ablation: each method's pick chosen in a selection session of
+its own pool per seed and judged in a fresh confirm session only."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ def ablation():
         yield importlib.import_module("ablation")
 
 
+@pytest.fixture(scope="module")
+def ablation_report(ablation):
+    return importlib.import_module("ablation_report")  # on sys.path while `ablation` is
+
+
 class FakeMeasurer:
     """Measurer.session with fixed step times per session, recording what it was asked."""
 
@@ -39,14 +44,17 @@ class FakeMeasurer:
         self.protocol = protocol
 
     def session(self, entries, stage):
-        kind = stage.split(":")[0]
+        kind = stage.split(":")[0].split()[0]  # "selection rl/0: NAME", "confirm: NAME"
         FakeMeasurer.sessions.append((kind, self.protocol.cap_s, [c for _, c in entries]))
         return {label: Measurement(True, MEDIANS[kind][c], times_ms=[MEDIANS[kind][c]] * 5, runs=5)
                 for label, c in entries}
 
 
-def run_row(*candidates):
-    return {"top": [[list(c.placement), c.microbatches, 10.0 + i] for i, c in enumerate(candidates)]}
+def run_row(*candidates, chosen=None):
+    """A run's row: its `top` and its choice (`chosen`, else its first candidate, else the warm start)."""
+    choice = chosen or (candidates[0] if candidates else WARM)
+    return {"top": [[list(c.placement), c.microbatches, 10.0 + i] for i, c in enumerate(candidates)],
+            "candidate": [list(choice.placement), choice.microbatches]}
 
 
 def test_distinct_labels_each_candidate_once_and_keeps_every_owner_s_list(ablation):
@@ -77,7 +85,8 @@ def test_a_pick_that_ties_the_warm_start_is_the_warm_start(ablation):
     assert ablation.pick(["search", "warm"], measured, warm="warm") == "search"
 
 
-def test_the_measured_ablation_selects_on_shared_measurements_and_judges_on_a_fresh_session(ablation, monkeypatch):
+def test_the_measured_ablation_selects_per_method_and_seed_and_judges_on_a_fresh_session(ablation, ablation_report,
+                                                                                         monkeypatch):
     monkeypatch.setattr(placer.measurements, "Measurer", FakeMeasurer)
     monkeypatch.setattr(graphs.workload, "load_workload", lambda spec: spec)
     FakeMeasurer.sessions = []
@@ -85,10 +94,11 @@ def test_the_measured_ablation_selects_on_shared_measurements_and_judges_on_a_fr
              "runs": {"rl": [run_row(A, B), run_row(C, D)], "local_search": [run_row(A, WARM), run_row(E, WARM)],
                       "random_search": [run_row(B), run_row(WARM)]}}
     ablation.measure(entry, argparse.Namespace(cap_s=7.0, confirm_cap_s=9.0, measure_top_k=2, seeds=2))
-    (kind, cap, selected), (kind2, cap2, confirmed) = FakeMeasurer.sessions
-    # selection: unplaced and every distinct candidate once, though A, B and the warm start are listed twice or more
-    assert (kind, cap) == ("selection", 7.0) and selected[0] is None and sorted(selected[1:], key=str) == sorted(
-        [WARM, A, B, C, D, E], key=str)
+    *selections, (kind2, cap2, confirmed) = FakeMeasurer.sessions
+    # selection: a session per method and seed, of unplaced and that run's pool (its top, its choice, the warm start)
+    assert [(kind, cap) for kind, cap, _ in selections] == [("selection", 7.0)] * 6
+    assert [selected for _, _, selected in selections] == [[None, A, B, WARM], [None, C, D, WARM], [None, A, WARM],
+                                                           [None, E, WARM], [None, B, WARM], [None, WARM]]
     # confirm: unplaced, the warm start and each owner's fastest (D, slower than C for rl/1, is not there)
     assert (kind2, cap2) == ("confirm", 9.0) and confirmed[0] is None and set(confirmed[1:]) == {WARM, A, B, C, E}
     assert len(confirmed) == 6
@@ -102,7 +112,7 @@ def test_the_measured_ablation_selects_on_shared_measurements_and_judges_on_a_fr
     assert versus_local[1]["verdict"] == "slower" and versus_local[1]["speedup"] == pytest.approx(85 / 90)
     assert versus_random[0] == {"speedup": 1.0, "ci": None, "verdict": "same candidate"}
     assert versus_random[1]["verdict"] == "faster"
-    table = "\n".join(ablation.measured_lines({"methods": ["rl", "local_search", "random_search"],
+    table = "\n".join(ablation_report.measured_lines({"methods": ["rl", "local_search", "random_search"],
                                                "problems": [entry]}))
     assert "| fake | 150.0 | 120.0 | 90.0, 90.0 | 100.0, 85.0 | 90.0, 120.0 |" in table
     assert "same candidate" in table and "0.944x" in table
@@ -110,9 +120,10 @@ def test_the_measured_ablation_selects_on_shared_measurements_and_judges_on_a_fr
 
 def test_every_method_s_pool_holds_the_warm_start_once(ablation):
     entry = {"warm_start": {"candidate": [[0, 0], 1]},
-             "runs": {"rl": [run_row(A, WARM)], "local_search": [run_row(E, A)], "random_search": [run_row()]}}
+             "runs": {"rl": [run_row(A, WARM)], "local_search": [run_row(E, A)], "random_search": [run_row()],
+                      "rl_lr0": [run_row(A, chosen=C)]}}  # a choice outside the top: the best it measured
     assert ablation.pools(entry) == {"warm_start": [WARM], "rl/0": [A, WARM], "local_search/0": [E, A, WARM],
-                                     "random_search/0": [WARM]}
+                                     "random_search/0": [WARM], "rl_lr0/0": [A, C, WARM]}
     candidates, owners = ablation.distinct(ablation.pools(entry))
     assert list(candidates.values()).count(WARM) == 1 and all(len(set(listed)) == len(listed) for listed in
                                                              owners.values())
@@ -133,17 +144,21 @@ def test_a_method_whose_candidates_all_measure_slower_confirms_the_warm_start(ab
     assert entry["rl_vs"]["local_search"] == [{"speedup": 1.0, "ci": None, "verdict": "same candidate"}]
 
 
-def test_the_simulator_s_optimism_is_read_per_method_against_the_warm_start(ablation):
-    """A shortlist that ran 10% slower than simulated, where the warm start ran as simulated: +0.095 (log 1.1)."""
+def test_the_simulator_s_optimism_is_read_per_method_against_the_warm_start(ablation_report):
+    """A shortlist that ran 10% slower than simulated, where the warm start ran as simulated: +0.095 (log 1.1);
+    one that ran 10% slower in a session where the warm start did too: +0.000."""
     shortlists = {"warm_start": ["warm_start#0"], "rl/0": ["rl/0#0", "warm_start#0"],
                   "local_search/0": ["local_search/0#0", "warm_start#0"]}
-    selection = {"warm_start#0": 100.0, "rl/0#0": 55.0, "local_search/0#0": 80.0}
+    selection = {"rl/0": {"warm_start#0": 100.0, "rl/0#0": 55.0},
+                 "local_search/0": {"warm_start#0": 110.0, "local_search/0#0": 88.0}}
     entry = {"name": "fake", "warm_start": {"candidate": [[0, 0], 1], "ms": 100.0},
              "runs": {"rl": [{"top": [[[0, 1], 2, 50.0]]}], "local_search": [{"top": [[[1, 0], 1, 80.0]]}]},
              "measured": {"candidates": {"warm_start#0": [[0, 0], 1], "rl/0#0": [[0, 1], 2],
                                          "local_search/0#0": [[1, 0], 1]},
                           "shortlists": shortlists, "picks": {"warm_start": "warm_start#0"},
-                          "selection": {label: {"median_ms": ms, "feasible": True} for label, ms in selection.items()}}}
-    table = ablation.optimism_lines({"methods": ["rl", "local_search"], "problems": [entry]})
+                          "selection": {owner: {label: {"median_ms": ms, "feasible": True}
+                                                for label, ms in session.items()}
+                                        for owner, session in selection.items()}}}
+    table = ablation_report.optimism_lines({"methods": ["rl", "local_search"], "problems": [entry]})
     assert table[-1] == "| fake | +0.095 | +0.000 |"
-    assert ablation.optimism_lines({"methods": ["rl"], "problems": [{"name": "simulated only"}]}) == []
+    assert ablation_report.optimism_lines({"methods": ["rl"], "problems": [{"name": "simulated only"}]}) == []
