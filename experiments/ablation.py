@@ -85,7 +85,7 @@ from graphs.problem import Candidate, PlacementProblem, build_problem
 from graphs.workload import load_workload
 from placer.baselines import HEURISTICS
 from placer.book import MeasurementBook
-from placer.measurements import Measurer, Protocol
+from placer.measurements import UNPLACED, Measurer, Protocol, compare
 from placer.microbatch_policy import microbatches_off
 from placer.optimize import baseline_rows, bounds_of
 from placer.rl import TrainConfig
@@ -287,8 +287,6 @@ def pick(labels: Sequence[str], measured: dict, warm: str) -> str | None:
     Measurement), or `warm` (the warm start's label) where it is among them and not
     measurably slower than that one (placer.choose rule 2: the simpler plan of a tie);
     None when none is feasible."""
-    from placer.measurements import compare
-
     feasible = [label for label in labels if measured[label].feasible]
     best = min(feasible, key=lambda label: measured[label].median_ms, default=None)
     if best is None or best == warm or warm not in feasible:
@@ -299,10 +297,6 @@ def pick(labels: Sequence[str], measured: dict, warm: str) -> str | None:
 
 def measure(entry: dict, args: argparse.Namespace) -> None:
     """Measure one problem's shortlists, then confirm each owner's pick (module docstring)."""
-    from graphs.workload import load_workload
-    from placer.book import MeasurementBook
-    from placer.measurements import UNPLACED, Measurer, Protocol, compare
-
     problem, workload = entry.pop("problem"), load_workload(entry["workload"])
     candidates, owners = distinct(pools(entry))
 

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import graphs.workload
-import placer.measurements
 from graphs.problem import Candidate
 from placer.runtime.timing import Measurement
 
@@ -87,8 +85,8 @@ def test_a_pick_that_ties_the_warm_start_is_the_warm_start(ablation):
 
 def test_the_measured_ablation_selects_per_method_and_seed_and_judges_on_a_fresh_session(ablation, ablation_report,
                                                                                          monkeypatch):
-    monkeypatch.setattr(placer.measurements, "Measurer", FakeMeasurer)
-    monkeypatch.setattr(graphs.workload, "load_workload", lambda spec: spec)
+    monkeypatch.setattr(ablation, "Measurer", FakeMeasurer)
+    monkeypatch.setattr(ablation, "load_workload", lambda spec: spec)
     FakeMeasurer.sessions = []
     entry = {"name": "fake", "workload": "fake.py", "problem": None, "warm_start": {"candidate": [[0, 0], 1]},
              "runs": {"rl": [run_row(A, B), run_row(C, D)], "local_search": [run_row(A, WARM), run_row(E, WARM)],
@@ -130,8 +128,8 @@ def test_every_method_s_pool_holds_the_warm_start_once(ablation):
 
 
 def test_a_method_whose_candidates_all_measure_slower_confirms_the_warm_start(ablation, monkeypatch):
-    monkeypatch.setattr(placer.measurements, "Measurer", FakeMeasurer)
-    monkeypatch.setattr(graphs.workload, "load_workload", lambda spec: spec)
+    monkeypatch.setattr(ablation, "Measurer", FakeMeasurer)
+    monkeypatch.setattr(ablation, "load_workload", lambda spec: spec)
     monkeypatch.setitem(MEDIANS["selection"], WARM, 70.0)  # faster, measured, than every search's candidate
     monkeypatch.setitem(MEDIANS["confirm"], WARM, 70.0)
     FakeMeasurer.sessions = []
