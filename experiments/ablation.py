@@ -246,7 +246,7 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
 
 
 def distinct(shortlists: dict[str, Sequence[Candidate]]) -> tuple[dict[str, Candidate], dict[str, list[str]]]:
-    """Each distinct candidate once, for measuring identical ones once and sharing the measurement.
+    """Each distinct candidate under one label: identical picks are confirmed once and judged "same candidate".
 
     Returns (label -> candidate: every distinct candidate of the shortlists, labelled
     "OWNER#RANK" after the first owner that lists it; owner -> the labels of its list, in order).

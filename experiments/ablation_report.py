@@ -9,6 +9,7 @@ import statistics
 from collections.abc import Iterable
 
 from _record import host_lines  # this folder is on sys.path when run as a script
+from placer.runtime.timing import Measurement
 
 YARDSTICKS = ("local_search", "random_search")  # what RL is judged against
 
@@ -101,8 +102,7 @@ def _noise(measurements: Iterable[dict]) -> str:
     >>> _noise([{"feasible": True, "median_ms": 100.0, "ci_ms": [90.0, 110.0]}, {"feasible": False}])
     '10.0%'
     """
-    shares = [(m["ci_ms"][1] - m["ci_ms"][0]) / 2 / m["median_ms"] for m in measurements
-              if m["feasible"] and m.get("ci_ms")]
+    shares = [share for m in measurements if (share := Measurement.from_json(m).ci_halfwidth) is not None]
     return f"{100 * statistics.median(shares):.1f}%" if shares else "-"
 
 

@@ -40,7 +40,7 @@ def session(loaded, problem, candidates: dict[str, Candidate | None], steps: int
     return {"candidates": len(candidates), "seconds": time.perf_counter() - start,
             "faults_per_step": faults / max(timed, 1),
             "watched": {label: {"median_ms": m.median_ms, "iqr": m.iqr_ms / m.median_ms,
-                                "ci_halfwidth": (m.ci_ms[1] - m.ci_ms[0]) / 2 / m.median_ms, "runs": m.runs}
+                                "ci_halfwidth": m.ci_halfwidth, "runs": m.runs}
                         for label, m in measured.items() if label in WATCHED}}
 
 
