@@ -155,7 +155,7 @@ def search(problem: PlacementProblem, scorer: Scorer, method: str, config: Train
     return {"best_ms": result.best_sim_ms, "candidate": [list(result.best.placement), result.best.microbatches],
             "top": [[list(c.placement), c.microbatches, ms] for c, ms in result.top[:top_k]],
             "measured": [[list(c.placement), c.microbatches, ms] for c, ms in result.measured],
-            "samples": result.samples, "seconds": time.perf_counter() - start,
+            "samples": result.samples, "enumerated": result.enumerated, "seconds": time.perf_counter() - start,
             "curve": [[row["samples"], row["best_sim_ms"]] for row in result.curve]}
 
 

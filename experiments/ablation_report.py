@@ -43,6 +43,11 @@ def markdown(results: dict) -> str:
                   "placer optimize's do, on its own copy of the heuristics' measurements, so its simulated times are "
                   "under its own last refit (they compare within a run, not across runs), and its choice is the best "
                   "it measured."]
+    if enumerated := [f"{p['name']} ({count} candidates)" for p in results["problems"]
+                      if (count := p["runs"][results["methods"][0]][0].get("enumerated"))]:
+        lines += ["", f"Enumerated ({', '.join(enumerated)}): no more candidates than the sample budget, so every "
+                  "method scored each one instead of sampling (placer.search.exhaustive): they ran the same search, "
+                  "and differ only where their measurements did."]
     return "\n".join(lines + leads(results) + measured_lines(results) + optimism_lines(results)
                      + ["", *host_lines(host)]) + "\n"
 

@@ -142,6 +142,10 @@ def run_search(method: str, problem: PlacementProblem, scorer: Scorer, budget_s:
         notes = [f"no candidate at microbatches {', '.join(map(str, allowed))} measured faster than the search's "
                  f"warm start (microbatches {result.best.microbatches}), which it keeps so that its result is never "
                  f"worse"] if kept else []
+        if result.enumerated is not None:
+            notes.append(f"the problem has {result.enumerated} candidates, no more than the search may sample: it "
+                         f"scored every one instead of sampling (placer.search.exhaustive)"
+                         + ("; no policy was trained" if method == "rl" else ""))
         if result.rounds < FEW_ROUNDS and not result.interrupted:  # trial 12: 0-1 RL updates on a busy host, unsaid
             notes.append(f"{result.rounds} round(s), {result.samples} candidates in {result.elapsed_s:.0f} s of a "
                          f"{budget_s:g}-s budget: too few for the search to move; a busy host slows its rounds (the "

@@ -19,7 +19,7 @@ from graphs.synthetic import random_grouped_graph
 from placer.baselines import run_baselines
 from placer.rl import TrainConfig
 from placer.search import METHODS, SearchConfig, microbatch_options, overrides, run
-from placer.search.exhaustive import candidate_count, optimum
+from placer.search.exhaustive import candidate_count, enumerates, optimum
 from placer.search.local_search import neighbour
 from placer.search.random_search import block_candidates, random_candidates
 from placer.search.scorer import SimulatedScorer
@@ -84,6 +84,33 @@ def test_every_search_spends_the_same_budget_and_never_loses_the_warm_start(meth
     for candidate, _ in result.measured:
         for members in problem.colocation_sets:  # every candidate keeps colocation
             assert len({candidate.placement[m] for m in members}) == 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_space_no_larger_than_the_sample_budget_is_enumerated_at_the_same_budget_and_cadence(method):
+    problem = synthetic(5, devices="cpu:0,cpu:1", tied_pairs=1)
+    config = replace(CONFIG, microbatches=(1, 2))
+    count = candidate_count(problem, (1, 2))
+    assert count < config.max_samples
+    found = optimum(problem, SimulatedScorer(problem), (1, 2))
+    scored = []
+
+    class Recording(Counting):
+        def score(self, candidates):
+            scored.extend(candidates)
+            return super().score(candidates)
+
+    scorer = Recording(problem)
+    result = run(method, problem, scorer, config, best_heuristic(problem))
+    assert result.method == method and result.enumerated == count and result.policy is None
+    assert result.samples == 96 and result.rounds == 12  # as a sampling search: test_every_search_spends...
+    assert [len(batch) for batch in scorer.measured_calls][:3] == [2, 2, 2]
+    assert len(set(scored)) == count  # every candidate, and nothing else
+    assert result.best_sim_ms == found.ms and scorer.score([result.best])[0] == found.ms
+    # a sample budget smaller than the space, or no sample budget and a space above SMALL: sampled
+    assert run("random_search", problem, scorer, replace(config, max_samples=count - 1)).enumerated is None
+    assert enumerates(problem, replace(config, max_samples=None))
+    assert not enumerates(synthetic(16, tied_pairs=0), replace(config, max_samples=None))  # 3**16 * 2
 
 
 def test_local_search_never_returns_worse_than_its_start_and_improves_a_poor_one():
@@ -243,7 +270,7 @@ def search_on_fake_time(method: str, monkeypatch, **timing):
     """`method` run on a synthetic problem with a 20 s budget, measuring every 2 rounds, on fake
     time (TimedScorer(**timing) sets what sessions cost): (time, scorer, warm start, result)."""
     time = FakeTime()
-    for module in ("placer.search.random_search", "placer.search.local_search", "placer.rl.trainer"):
+    for module in ("placer.search.state", "placer.search.local_search", "placer.rl.trainer"):
         monkeypatch.setattr(importlib.import_module(module), "Clock", time.clock)
     problem = synthetic()
     warm = best_heuristic(problem)

@@ -13,7 +13,10 @@ in rounds of the same size and spend the same measurements at the same points
 (placer.search.state), all from the same warm start: given one SearchConfig (or a
 TrainConfig, which extends it) their results compare at equal budget.
 
-Where a problem is small enough to enumerate (at most 2^20 candidates),
+Where a problem has no more candidates than a search may sample, every method scores
+each one instead (placer.search.exhaustive.exhaustive_search, at the same budget and
+cadence; the result's `enumerated` says so): sampling a space that small only draws the
+same candidates again. Where it is small enough to enumerate at all (at most 2^20),
 `placer.search.exhaustive.optimum` scores every candidate: the exact simulated optimum
 the searches are measured against (a yardstick, not a search: it spends no budget).
 """
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from graphs.problem import Candidate, Placement, PlacementProblem
 from placer.search.config import SearchConfig, microbatch_options, overrides
+from placer.search.exhaustive import enumerates, exhaustive_search
 from placer.search.local_search import local_search
 from placer.search.random_search import random_search
 from placer.search.state import CURVE_FIELDS, SearchResult, as_candidate
@@ -85,7 +89,10 @@ def run(method: str, problem: PlacementProblem, scorer: Scorer, config: SearchCo
 
     Returns
     -------
-    SearchResult; its `best` is None when nothing feasible was found.
+    SearchResult; its `best` is None when nothing feasible was found. Where the problem
+    has no more candidates than the sample budget (placer.search.exhaustive.enumerates),
+    every method scores each one instead of sampling: `enumerated` is then set, and RL
+    trains no policy (its `policy` is None, and nothing is saved in `out_dir`).
 
     Raises
     ------
@@ -94,6 +101,10 @@ def run(method: str, problem: PlacementProblem, scorer: Scorer, config: SearchCo
     CheckpointError : resume from a checkpoint of another problem, or a damaged one.
     """
     warm_start = as_candidate(problem, warm_start)
+    if method not in METHODS:
+        raise ValueError(f"unknown search {method!r}: choose one of {', '.join(METHODS)}")
+    if enumerates(problem, config):
+        return exhaustive_search(method, problem, scorer, config, warm_start, on_progress)
     if method == "rl":
         # Imported here, not above: the trainer builds on this package's state and config,
         # so importing it at the top would make `import placer.rl` circular.
@@ -104,6 +115,4 @@ def run(method: str, problem: PlacementProblem, scorer: Scorer, config: SearchCo
                      on_progress=on_progress, policy=policy)
     if method == "random_search":
         return random_search(problem, scorer, config, warm_start, on_progress=on_progress)
-    if method == "local_search":
-        return local_search(problem, scorer, config, warm_start, on_progress=on_progress)
-    raise ValueError(f"unknown search {method!r}: choose one of {', '.join(METHODS)}")
+    return local_search(problem, scorer, config, warm_start, on_progress=on_progress)

@@ -15,8 +15,7 @@ import numpy as np
 
 from graphs.problem import Candidate, PlacementProblem
 from placer.search.config import SearchConfig, microbatch_options
-from placer.search.state import (Clock, SearchResult, SearchState, budget_left, final_round, measure_round,
-                                 round_size)
+from placer.search.state import SearchResult, sample
 
 __all__ = []
 
@@ -64,24 +63,6 @@ def random_search(problem: PlacementProblem, scorer, config: SearchConfig, warm_
     """Random search at the budget and measurement cadence of `config` (placer.search.run)."""
     rng = np.random.default_rng(config.seed)
     options = config.microbatches or microbatch_options(problem)
-    state = SearchState()
-    clock = Clock()
-    interrupted = False
-    try:
-        if warm_start is not None:
-            state.remember([warm_start], scorer.score([warm_start]), config.keep_top)
-        while budget_left(state, config, clock()):
-            batch = random_candidates(problem, options, rng, round_size(state, config))
-            times = scorer.score(batch)
-            state.remember(batch, times, config.keep_top)
-            state.rounds += 1
-            state.samples += len(batch)
-            measure_round(state, scorer, config, clock)
-            row = state.record(times, clock())
-            if on_progress is not None:
-                on_progress(dict(row))
-        final_round(state, scorer, config, warm_start, clock)
-    except KeyboardInterrupt:
-        interrupted = True
-    state.elapsed_s = clock()
+    state, interrupted = sample(lambda _, n: random_candidates(problem, options, rng, n), scorer, config,
+                                warm_start, on_progress)
     return state.result("random_search", interrupted)

@@ -54,6 +54,9 @@ class SearchResult:
     # the kept feasible candidates (at most keep_top, distinct) with their simulated ms, fastest
     # first: top[:k] are the k best distinct ones, for a caller that measures after the search
     top: list[tuple[Candidate, float]] = field(default_factory=list)
+    # how many candidates the problem has, when the search scored every one of them instead of
+    # sampling (placer.search.exhaustive: a space no larger than the sample budget); None: it sampled
+    enumerated: int | None = None
 
 
 @dataclass
@@ -105,14 +108,16 @@ class SearchState:
         self.curve.append(row)
         return row
 
-    def result(self, method: str, interrupted: bool, policy: object | None = None) -> SearchResult:
+    def result(self, method: str, interrupted: bool, policy: object | None = None,
+               enumerated: int | None = None) -> SearchResult:
         best_sim, best_sim_ms = self.best_sim()
         best_measured, best_measured_ms = self.best_measured()
         chosen = best_measured if best_measured is not None and math.isfinite(best_measured_ms) else best_sim
         return SearchResult(method=method, best=chosen, best_sim_ms=best_sim_ms,
                             best_measured_ms=_or_none(best_measured_ms), measured=list(self.measured.items()),
                             curve=list(self.curve), samples=self.samples, rounds=self.rounds,
-                            elapsed_s=self.elapsed_s, interrupted=interrupted, policy=policy, top=self.ranked())
+                            elapsed_s=self.elapsed_s, interrupted=interrupted, policy=policy, top=self.ranked(),
+                            enumerated=enumerated)
 
 
 def as_candidate(problem: PlacementProblem, warm_start: Candidate | Placement | None) -> Candidate | None:
@@ -216,6 +221,35 @@ def final_round(state: SearchState, scorer: Scorer, config: SearchConfig, warm_s
         left_s = None if config.budget_s is None else config.budget_s - clock()
         measure(state, scorer, final + ([warm_start] if warm_start is not None else []), clock, left_s)
     state.closed_at = state.samples
+
+
+def sample(proposals: Callable[[SearchState, int], list[Candidate]], scorer: Scorer, config: SearchConfig,
+           warm_start: Candidate | None,
+           on_progress: Callable[[dict], None] | None = None) -> tuple[SearchState, bool]:
+    """The loop of a search whose rounds do not depend on their scores (random_search and
+    the enumeration of placer.search.exhaustive): the warm start scored and kept, then,
+    while the budget lasts, a round of `proposals(state, n)` scored, kept and counted, the
+    periodic measurement round, a curve row; then the closing round. Returns the state and
+    whether Ctrl-C ended it early (the state then holds what it had)."""
+    state, clock, interrupted = SearchState(), Clock(), False
+    try:
+        if warm_start is not None:
+            state.remember([warm_start], scorer.score([warm_start]), config.keep_top)
+        while budget_left(state, config, clock()):
+            batch = proposals(state, round_size(state, config))
+            times = scorer.score(batch)
+            state.remember(batch, times, config.keep_top)
+            state.rounds += 1
+            state.samples += len(batch)
+            measure_round(state, scorer, config, clock)
+            row = state.record(times, clock())
+            if on_progress is not None:
+                on_progress(dict(row))
+        final_round(state, scorer, config, warm_start, clock)
+    except KeyboardInterrupt:
+        interrupted = True
+    state.elapsed_s = clock()
+    return state, interrupted
 
 
 def temperature(state: SearchState, config: SearchConfig, elapsed_s: float) -> float:
