@@ -270,7 +270,7 @@ def search_on_fake_time(method: str, monkeypatch, **timing):
     """`method` run on a synthetic problem with a 20 s budget, measuring every 2 rounds, on fake
     time (TimedScorer(**timing) sets what sessions cost): (time, scorer, warm start, result)."""
     time = FakeTime()
-    for module in ("placer.search.state", "placer.search.local_search", "placer.rl.trainer"):
+    for module in ("placer.search.state", "placer.rl.trainer"):
         monkeypatch.setattr(importlib.import_module(module), "Clock", time.clock)
     problem = synthetic()
     warm = best_heuristic(problem)

@@ -26,7 +26,7 @@ import numpy as np
 
 from graphs.problem import Candidate, PlacementProblem
 from placer.search.config import SearchConfig, microbatch_options
-from placer.search.state import SearchResult, sample
+from placer.search.state import SearchResult, search_loop
 
 if TYPE_CHECKING:  # placer.search imports this module
     from placer.search import Scorer
@@ -128,8 +128,8 @@ def exhaustive_search(method: str, problem: PlacementProblem, scorer: Scorer, co
     """
     every = [c for batch in candidates(problem, config.microbatches or microbatch_options(problem)) for c in batch]
 
-    def proposals(state, n: int) -> list[Candidate]:
-        return [every[(state.samples + i) % len(every)] for i in range(n)]
+    def play(state, n: int, _) -> list[float]:
+        return state.score(scorer, [every[(state.samples + i) % len(every)] for i in range(n)], config.keep_top)
 
-    state, interrupted = sample(proposals, scorer, config, warm_start, on_progress)
+    state, interrupted = search_loop(play, scorer, config, warm_start, on_progress)
     return state.result(method, interrupted, enumerated=len(every) if state.samples >= len(every) else None)

@@ -13,6 +13,7 @@ candidate (one sample).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -20,8 +21,7 @@ import numpy as np
 from graphs.problem import Candidate, PlacementProblem
 from placer.search.config import SearchConfig, microbatch_options
 from placer.search.random_search import random_candidates
-from placer.search.state import (Clock, SearchResult, SearchState, accept, budget_left, final_round,
-                                 measure_round, round_size, temperature)
+from placer.search.state import SearchResult, SearchState, accept, search_loop, temperature
 
 __all__ = []
 
@@ -56,39 +56,29 @@ def local_search(problem: PlacementProblem, scorer, config: SearchConfig, warm_s
     options = config.microbatches or microbatch_options(problem)
     leader = np.asarray(problem.colocation_leader)
     sets = [np.flatnonzero(leader == g) for g in np.unique(leader)]
-    state = SearchState()
-    clock = Clock()
-    interrupted = False
-    try:
-        if warm_start is not None:
-            current = warm_start
-            (current_ms,) = scorer.score([current])
-        else:
+    current, current_ms = warm_start, math.inf
+
+    def play(state: SearchState, n: int, clock: Callable[[], float]) -> list[float]:
+        nonlocal current, current_ms
+        times = []
+        if state.rounds == 0 and current is None:  # no warm start: start from a random candidate, a sample of the round
             (current,) = random_candidates(problem, options, rng, 1)
-            (current_ms,) = scorer.score([current])
-            state.samples += 1
-        state.remember([current], [current_ms], config.keep_top)
-        while budget_left(state, config, clock()):
-            times = []
-            for _ in range(round_size(state, config)):
-                # -- propose one move and score it
-                proposal = neighbour(current, sets, problem.n_devices, options, rng)
-                (ms,) = scorer.score([proposal])
-                times.append(ms)
-                state.samples += 1
-                state.remember([proposal], [ms], config.keep_top)
-                # -- accept it if faster, or by the annealing rule
-                if accept(ms, current_ms, temperature(state, config, clock()), float(rng.random())):
-                    current, current_ms = proposal, ms
-            state.rounds += 1
-            # -- measurement bookkeeping (placer.search.state)
-            if measure_round(state, scorer, config, clock):
-                (current_ms,) = scorer.score([current])  # the current point under the refitted simulator
-            row = state.record(times, clock())
-            if on_progress is not None:
-                on_progress(dict(row))
-        final_round(state, scorer, config, warm_start, clock)
-    except KeyboardInterrupt:
-        interrupted = True
-    state.elapsed_s = clock()
+            (current_ms,) = times = state.score(scorer, [current], config.keep_top)
+        elif state.rounds == 0:
+            current_ms = state.candidates[current]  # search_loop scored the warm start
+        for _ in range(n - len(times)):
+            # -- propose one move and score it
+            proposal = neighbour(current, sets, problem.n_devices, options, rng)
+            (ms,) = state.score(scorer, [proposal], config.keep_top)
+            times.append(ms)
+            # -- accept it if faster, or by the annealing rule
+            if accept(ms, current_ms, temperature(state, config, clock()), float(rng.random())):
+                current, current_ms = proposal, ms
+        return times
+
+    def refitted() -> None:  # the current point under the refitted simulator
+        nonlocal current_ms
+        (current_ms,) = scorer.score([current])
+
+    state, interrupted = search_loop(play, scorer, config, warm_start, on_progress, refitted)
     return state.result("local_search", interrupted)

@@ -15,7 +15,7 @@ import numpy as np
 
 from graphs.problem import Candidate, PlacementProblem
 from placer.search.config import SearchConfig, microbatch_options
-from placer.search.state import SearchResult, sample
+from placer.search.state import SearchResult, search_loop
 
 __all__ = []
 
@@ -63,6 +63,7 @@ def random_search(problem: PlacementProblem, scorer, config: SearchConfig, warm_
     """Random search at the budget and measurement cadence of `config` (placer.search.run)."""
     rng = np.random.default_rng(config.seed)
     options = config.microbatches or microbatch_options(problem)
-    state, interrupted = sample(lambda _, n: random_candidates(problem, options, rng, n), scorer, config,
-                                warm_start, on_progress)
+    state, interrupted = search_loop(
+        lambda state, n, _: state.score(scorer, random_candidates(problem, options, rng, n), config.keep_top),
+        scorer, config, warm_start, on_progress)
     return state.result("random_search", interrupted)

@@ -83,6 +83,13 @@ class SearchState:
         if len(self.candidates) > keep:
             self.candidates = dict(sorted(self.candidates.items(), key=lambda kv: kv[1])[:keep])
 
+    def score(self, scorer: Scorer, candidates: Sequence[Candidate], keep: int) -> list[float]:
+        """Score `candidates` (Scorer.score), keep them (`remember`) and count them as samples; their times, ms."""
+        times = scorer.score(candidates)
+        self.remember(candidates, times, keep)
+        self.samples += len(candidates)
+        return times
+
     def best_sim(self) -> tuple[Candidate | None, float]:
         """The fastest feasible kept candidate, or (None, inf): an infeasible one is never "best"."""
         return next(iter(self.ranked()), (None, math.inf))
@@ -223,25 +230,25 @@ def final_round(state: SearchState, scorer: Scorer, config: SearchConfig, warm_s
     state.closed_at = state.samples
 
 
-def sample(proposals: Callable[[SearchState, int], list[Candidate]], scorer: Scorer, config: SearchConfig,
-           warm_start: Candidate | None,
-           on_progress: Callable[[dict], None] | None = None) -> tuple[SearchState, bool]:
-    """The loop of a search whose rounds do not depend on their scores (random_search and
-    the enumeration of placer.search.exhaustive): the warm start scored and kept, then,
-    while the budget lasts, a round of `proposals(state, n)` scored, kept and counted, the
-    periodic measurement round, a curve row; then the closing round. Returns the state and
-    whether Ctrl-C ended it early (the state then holds what it had)."""
+def search_loop(play: Callable[[SearchState, int, Callable[[], float]], list[float]], scorer: Scorer,
+                config: SearchConfig, warm_start: Candidate | None,
+                on_progress: Callable[[dict], None] | None = None,
+                refitted: Callable[[], None] | None = None) -> tuple[SearchState, bool]:
+    """The loop of random_search, local_search and the enumeration (placer.search.exhaustive):
+    the warm start scored and kept; then, while the budget lasts, a round, `play(state, n,
+    clock)`, which scores n candidates (SearchState.score) and returns their times, then the
+    periodic measurement round (and `refitted()` after a refit: scores from before it are
+    stale), then a curve row; then the closing round. Returns the state and whether Ctrl-C
+    ended it early (the state then holds what it had)."""
     state, clock, interrupted = SearchState(), Clock(), False
     try:
         if warm_start is not None:
             state.remember([warm_start], scorer.score([warm_start]), config.keep_top)
         while budget_left(state, config, clock()):
-            batch = proposals(state, round_size(state, config))
-            times = scorer.score(batch)
-            state.remember(batch, times, config.keep_top)
+            times = play(state, round_size(state, config), clock)
             state.rounds += 1
-            state.samples += len(batch)
-            measure_round(state, scorer, config, clock)
+            if measure_round(state, scorer, config, clock) and refitted is not None:
+                refitted()
             row = state.record(times, clock())
             if on_progress is not None:
                 on_progress(dict(row))
