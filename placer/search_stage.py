@@ -145,8 +145,12 @@ def run_search(method: str, problem: PlacementProblem, scorer: Scorer, budget_s:
         if result.enumerated is not None:
             notes.append(f"the problem has {result.enumerated} candidates, no more than the search may sample: it "
                          f"scored every one instead of sampling (placer.search.exhaustive)"
-                         + ("; no policy was trained" if method == "rl" else ""))
-        if result.rounds < FEW_ROUNDS and not result.interrupted:  # trial 12: 0-1 RL updates on a busy host, unsaid
+                         + ("; no policy was trained" + (", and the starting policy (--policy) was not used"
+                                                         if policy is not None else "") if method == "rl" else ""))
+        elif result.rounds < FEW_ROUNDS and config.max_samples is not None and result.samples >= config.max_samples:
+            notes.append(f"{result.rounds} round(s): the sample budget (max_samples={config.max_samples}) ended the "
+                         f"search, too few rounds for it to move; give a larger --search max_samples")
+        elif result.rounds < FEW_ROUNDS and not result.interrupted:  # trial 12: 0-1 RL updates on a busy host, unsaid
             notes.append(f"{result.rounds} round(s), {result.samples} candidates in {result.elapsed_s:.0f} s of a "
                          f"{budget_s:g}-s budget: too few for the search to move; a busy host slows its rounds (the "
                          f"host-load note says), else give it a larger --budget")

@@ -107,6 +107,9 @@ def test_a_space_no_larger_than_the_sample_budget_is_enumerated_at_the_same_budg
     assert [len(batch) for batch in scorer.measured_calls][:3] == [2, 2, 2]
     assert len(set(scored)) == count  # every candidate, and nothing else
     assert result.best_sim_ms == found.ms and scorer.score([result.best])[0] == found.ms
+    # without a sample budget (nor a time budget here) it ends once every candidate is scored
+    once = run(method, problem, Counting(problem), replace(config, max_samples=None), best_heuristic(problem))
+    assert once.enumerated == count and once.samples == count and once.rounds == math.ceil(count / config.batch_size)
     # a sample budget smaller than the space, or no sample budget and a space above SMALL: sampled
     assert run("random_search", problem, scorer, replace(config, max_samples=count - 1)).enumerated is None
     assert enumerates(problem, replace(config, max_samples=None))

@@ -83,8 +83,24 @@ def test_a_warm_start_kept_outside_the_micro_batch_counts_asked_for_is_noted(tmp
     assert outcome.row.microbatches == 1 and outcome.row.placement == [0] * problem.n_groups
     assert outcome.row.notes[0] == ("no candidate at microbatches 2, 4 measured faster than the search's warm start "
                                     "(microbatches 1), which it keeps so that its result is never worse")
-    # new-user trial 12: a search with too few rounds to move (here 2, of 8 candidates) says so on its row
-    assert outcome.row.notes[1].startswith("2 round(s), 16 candidates in ") and "--budget" in outcome.row.notes[1]
+    # new-user trial 12: a search with too few rounds to move (here 2, of 8 candidates) says so on its row, and
+    # what ended it: here the sample budget, so a larger --budget would not help
+    assert outcome.row.notes[1] == ("2 round(s): the sample budget (max_samples=16) ended the search, too few rounds "
+                                    "for it to move; give a larger --search max_samples")
+
+
+def test_an_enumerated_search_says_so_and_that_a_starting_policy_was_not_used(tmp_path):
+    from placer.rl import Seq2SeqPolicy
+
+    problem = PlacementProblem(random_grouped_graph(4, seed=1, tied_pairs=0), parse_cluster("cpu:0,cpu:1"))
+    scorer = Scorer(problem, FakeMeasurer(problem), warn=pytest.fail)
+    outcome = run_search("rl", problem, scorer, 600.0, 0, SearchOptions(overrides=("batch_size=4",)),
+                         Seq2SeqPolicy(hidden=8), Candidate((0,) * 4), False, tmp_path, lambda stage: None)
+    # 2**4 candidates, no sample budget: scored once each (4 rounds), then the closing round; no policy saved
+    assert len(outcome.curve) == 4 and outcome.curve[-1]["samples"] == 16 and not (tmp_path / "search").exists()
+    assert outcome.row.notes == ["the problem has 16 candidates, no more than the search may sample: it scored every "
+                                 "one instead of sampling (placer.search.exhaustive); no policy was trained, and the "
+                                 "starting policy (--policy) was not used"]
 
 
 def test_a_search_runs_its_own_ops_on_one_thread_and_gives_the_count_back(tmp_path, monkeypatch):

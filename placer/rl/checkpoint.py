@@ -43,7 +43,8 @@ def load_policy(path: Path | str) -> Seq2SeqPolicy:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such policy file") from None
+        raise CheckpointError(f"{path}: no such policy file; give the search/policy.pt an earlier placer optimize "
+                              f"wrote (an rl search that scored every candidate of a small space trains none)") from None
     except Exception as exc:  # a corrupt or foreign file
         raise CheckpointError(f"{path}: not a placer policy file ({type(exc).__name__}: {first_line(exc)})") from None
     found = saved.get("format") if isinstance(saved, dict) else None

@@ -36,7 +36,8 @@ class SearchConfig:
     and min_runs) of each candidate the closing round measures; None: no limit."""
     max_samples: int | None = None
     """Candidates sampled (each scored once); None: no limit. Equal max_samples is how
-    searches are compared."""
+    searches are compared. A problem with no more candidates than this (without it, 4,096)
+    has each scored instead, by every method (placer.search.exhaustive)."""
     batch_size: int = 16
     """Candidates sampled per round (RL: per policy update; local_search: neighbours tried per step)."""
     measure_every: int = 25

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -119,14 +120,21 @@ def exhaustive_search(method: str, problem: PlacementProblem, scorer: Scorer, co
     """Score every candidate, at the budget and measurement cadence of `config`, as `method`
     (placer.search.run: its result names the method it stood in for).
 
-    Rounds of `batch_size` take the candidates in enumeration order (`candidates`), and
-    begin again from the first once every one is scored, so that the search samples as
-    many candidates and measures at the same points as a sampling search would; a candidate
-    scored again is scored under the simulator as the measurements since have refitted it.
-    The result's `enumerated` is the number of candidates when every one was scored (None
-    when the budget ended first).
+    Rounds of `batch_size` take the candidates in enumeration order (`candidates`). With a
+    sample budget they begin again from the first once every one is scored, so that the
+    search samples as many candidates and measures at the same points as a sampling search
+    of that budget (the ablation compares at equal samples); a candidate scored again is
+    scored under the simulator as the measurements since have refitted it. Without one (a
+    time budget alone, as `placer optimize` searches) the search ends once every candidate
+    is scored, with its closing round: scoring the same candidates again for the rest of the
+    time would only fill the learning curve. The result's `enumerated` is the number of
+    candidates when every one was scored (None when the budget ended first). No checkpoint
+    is kept: resumed, the enumeration runs again (seconds; its measurements come from the
+    caller's book where it has them).
     """
     every = [c for batch in candidates(problem, config.microbatches or microbatch_options(problem)) for c in batch]
+    if config.max_samples is None:
+        config = replace(config, max_samples=len(every))
 
     def play(state, n: int, _) -> list[float]:
         return state.score(scorer, [every[(state.samples + i) % len(every)] for i in range(n)], config.keep_top)
