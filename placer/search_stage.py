@@ -143,10 +143,13 @@ def run_search(method: str, problem: PlacementProblem, scorer: Scorer, budget_s:
                  f"warm start (microbatches {result.best.microbatches}), which it keeps so that its result is never "
                  f"worse"] if kept else []
         if result.enumerated is not None:
-            notes.append(f"the problem has {result.enumerated} candidates, no more than the search may sample: it "
-                         f"scored every one instead of sampling (placer.search.exhaustive)"
-                         + ("; no policy was trained" + (", and the starting policy (--policy) was not used"
-                                                         if policy is not None else "") if method == "rl" else ""))
+            note = (f"the problem has {result.enumerated} candidates, no more than the search may sample: it scored "
+                    f"every one instead of sampling (placer.search.exhaustive)")
+            if method == "rl":
+                note += "; no policy was trained"
+                if policy is not None:
+                    note += ", and the starting policy (--policy) was not used"
+            notes.append(note)
         elif result.rounds < FEW_ROUNDS and config.max_samples is not None and result.samples >= config.max_samples:
             notes.append(f"{result.rounds} round(s): the sample budget (max_samples={config.max_samples}) ended the "
                          f"search, too few rounds for it to move; give a larger --search max_samples")
