@@ -47,17 +47,23 @@ two sessions, as `placer optimize` chooses (a shortlist, then a confirm session)
    The warm start is in every method's pool because every search starts there and
    `placer optimize`'s closing round always measures it: the product never chooses,
    by measurement, a plan slower than the warm start;
-2. confirm: each method's pick of each seed, the warm start and `unplaced` in a fresh
-   session (--confirm-cap-s). A pick is the fastest measured candidate of the method's
+2. confirm: each method's pick of each seed, the warm start and `unplaced` in --confirms
+   fresh sessions (2; --confirm-cap-s each), each in the reverse order of the one before
+   (A B B A). A pick is the fastest measured candidate of the method's
    pool, or the warm start where it ties that one (the CI of their ratio holds 1):
    `placer optimize` keeps the simpler plan of a tie, a heuristic before a search
    (placer.choose rule 2), and a selection of a few noisy steps each would otherwise
    pick by noise alone (ablation_measured_s14: 370.4 against 370.6 ms). The verdicts
-   come from the confirm session alone: the selection's minimum over K noisy
+   come from the confirm sessions alone: the selection's minimum over K noisy
    measurements is biased low (the winner's curse).
    RL's pick of each seed is compared with local_search's and random_search's of the
-   same seed (bootstrap CI of the ratio): faster, tie or slower ("same candidate" when
-   both picked the very same one).
+   same seed in each confirm session (bootstrap CI of the ratio): faster or slower where
+   every session says so, else a tie ("same candidate" when both picked the very same
+   one). One session's CI holds only the noise within it: at s22 a pick confirmed 7%
+   slower against unplaced than its selection session had measured it, a gap no CI of
+   either session allowed for.
+
+`--reconfirm RESULTS.json` confirms an earlier run's picks again, and nothing else.
 
     .venv/bin/python experiments/ablation.py                    # every problem, 1,500 samples, 3 seeds
     .venv/bin/python experiments/ablation.py --quick            # two small problems, 64 samples, 1 seed
@@ -69,6 +75,8 @@ Writes experiments/results/ablation.{json,md} (`--name` another name; ablation_q
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -241,7 +249,7 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
             "lower_bound_ms": bound_ms,
             "optimum": None if exact is None else {"ms": exact.ms, "candidates": exact.candidates, "candidate":
                                                     [list(exact.best.placement), exact.best.microbatches]},
-            "measurable": measurable(problem), "microbatches_off": refusal,
+            "measurable": measurable(problem), "microbatches_off": refusal, "fingerprint": problem.fingerprint,
             "runs": runs, "problem": problem}
 
 
@@ -299,32 +307,90 @@ def measure(entry: dict, args: argparse.Namespace) -> None:
     """Measure one problem's shortlists, then confirm each owner's pick (module docstring)."""
     problem, workload = entry.pop("problem"), load_workload(entry["workload"])
     candidates, owners = distinct(pools(entry))
-
-    def session(stage: str, cap_s: float, labels: Sequence[str]) -> dict:
-        """A fresh interleaved session of unplaced and the candidates of `labels`: label -> Measurement."""
-        measurer = Measurer(workload, problem, MeasurementBook({"ablation": entry["name"]}), Protocol(cap_s=cap_s))
-        return measurer.session([(UNPLACED, None), *((label, candidates[label]) for label in labels)],
-                                f"{stage}: {entry['name']}")
-
     warm, pooled = owners["warm_start"][0], {owner: listed for owner, listed in owners.items() if owner != "warm_start"}
-    selection = {owner: session(f"selection {owner}", args.cap_s, listed) for owner, listed in pooled.items()}
+    selection = {owner: session(entry["name"], workload, problem, f"selection {owner}", args.cap_s,
+                                [(label, candidates[label]) for label in listed]) for owner, listed in pooled.items()}
     picks = {"warm_start": warm, **{owner: pick(listed, selection[owner], warm) for owner, listed in pooled.items()}}
-    confirm = session("confirm", args.confirm_cap_s, list(dict.fromkeys(p for p in picks.values() if p is not None)))
-
-    def verdict(mine: str | None, theirs: str | None, name: str) -> dict | None:
-        if mine is not None and mine == theirs:
-            return {"speedup": 1.0, "ci": None, "verdict": "same candidate"}
-        ratio = None if mine is None or theirs is None else compare(confirm[mine], confirm[theirs], name)
-        return None if ratio is None else {"speedup": ratio.value, "ci": list(ratio.ci), "verdict": ratio.verdict}
-
     entry["measured"] = {"top_k": args.measure_top_k,
                          "candidates": {label: [list(c.placement), c.microbatches] for label, c in candidates.items()},
                          "shortlists": owners, "picks": picks,
                          "selection": {owner: {label: m.to_json() for label, m in measured.items()}
-                                       for owner, measured in selection.items()},
-                         "confirm": {label: m.to_json() for label, m in confirm.items()}}
-    entry["rl_vs"] = {other: [verdict(picks[f"rl/{i}"], picks[f"{other}/{i}"], other) for i in range(args.seeds)]
+                                       for owner, measured in selection.items()}}
+    confirm(entry, workload, problem, args)
+
+
+def session(name: str, workload, problem: PlacementProblem, stage: str, cap_s: float,
+            entries: Sequence[tuple[str, Candidate]]) -> dict:
+    """A fresh interleaved session of unplaced and the (label, candidate) `entries`: label -> Measurement."""
+    measurer = Measurer(workload, problem, MeasurementBook({"ablation": name}), Protocol(cap_s=cap_s))
+    return measurer.session([(UNPLACED, None), *entries], f"{stage}: {name}")
+
+
+def confirm(entry: dict, workload, problem: PlacementProblem, args: argparse.Namespace) -> None:
+    """Measure each owner's pick, the warm start and unplaced in --confirms fresh sessions,
+    each in the reverse order of the one before, and judge RL's picks against the yardsticks'
+    of the same seed in every session (`verdict`). Sets entry["measured"]["confirms"] and
+    entry["rl_vs"]."""
+    measured, seeds = entry["measured"], len(entry["runs"]["rl"]) if "rl" in entry["runs"] else 0
+    picks = measured["picks"]
+    labels = list(dict.fromkeys(p for p in picks.values() if p is not None))
+    entries = [(label, Candidate(tuple(measured["candidates"][label][0]), measured["candidates"][label][1]))
+               for label in labels]
+    confirms = [session(entry["name"], workload, problem, f"confirm {n + 1}", args.confirm_cap_s,
+                        entries if n % 2 == 0 else entries[::-1]) for n in range(args.confirms)]
+    measured["confirms"] = [{label: m.to_json() for label, m in c.items()} for c in confirms]
+    entry["rl_vs"] = {other: [verdict(confirms, picks[f"rl/{i}"], picks[f"{other}/{i}"], other)
+                              for i in range(seeds)]
                       for other in YARDSTICKS if "rl" in entry["runs"] and other in entry["runs"]}
+
+
+def verdict(confirms: Sequence[dict], mine: str | None, theirs: str | None, name: str) -> dict | None:
+    """RL's pick `mine` against a yardstick's pick `theirs` (labels) over the confirm sessions
+    (label -> Measurement each): the speedup (geometric mean of the sessions'), the hull of the
+    sessions' CIs, and a verdict of "faster" or "slower" only where every session's says so,
+    else "tie" (a difference one session sees and another does not is the host's, not the
+    plans'); "same candidate" where both picked the same; None where either is infeasible.
+
+    >>> from placer.runtime.timing import Measurement
+    >>> fast, slow = Measurement(True, 90.0, times_ms=[90.0] * 9), Measurement(True, 100.0, times_ms=[100.0] * 9)
+    >>> verdict([{"a": fast, "b": slow}, {"a": slow, "b": fast}], "a", "b", "b")["verdict"]
+    'tie'
+    """
+    if mine is not None and mine == theirs:
+        return {"speedup": 1.0, "ci": None, "verdict": "same candidate"}
+    ratios = [None if mine is None or theirs is None else compare(c[mine], c[theirs], name) for c in confirms]
+    if not ratios or any(r is None for r in ratios):
+        return None
+    verdicts = {r.verdict for r in ratios}
+    return {"speedup": math.exp(statistics.fmean(math.log(r.value) for r in ratios)),
+            "ci": [min(r.ci[0] for r in ratios), max(r.ci[1] for r in ratios)],
+            "verdict": verdicts.pop() if len(verdicts) == 1 else "tie",
+            "sessions": [{"speedup": r.value, "ci": list(r.ci), "verdict": r.verdict} for r in ratios]}
+
+
+def reconfirm(path: Path, args: argparse.Namespace) -> dict:
+    """The results of an earlier measured ablation (`path`, its JSON) with each measured
+    problem's picks confirmed again (`confirm`): its `rl_vs` are the new sessions' verdicts,
+    the earlier ones kept as `earlier_rl_vs`, the earlier host as `earlier_host`.
+
+    Raises SystemExit when a problem no longer builds as it did (another group count, or
+    fingerprint where recorded): its picks would place other groups."""
+    started, results = time.perf_counter(), json.loads(path.read_text())
+    for entry in results["problems"]:
+        if not entry.get("rl_vs"):
+            continue
+        print(f"{entry['name']}:", flush=True)
+        workload = load_workload(entry["workload"])
+        problem = build_problem(workload, devices=entry["devices"], max_groups=args.max_groups)
+        if problem.n_groups != entry["groups"] or entry.get("fingerprint", problem.fingerprint) != problem.fingerprint:
+            raise SystemExit(f"{path}: {entry['name']} builds {problem.n_groups} groups (fingerprint "
+                             f"{problem.fingerprint}) at --max-groups {args.max_groups}, not the {entry['groups']} "
+                             f"its picks place; give the run's --max-groups")
+        entry["earlier_rl_vs"] = entry.pop("rl_vs")
+        entry["measured"].pop("confirm", None)  # the earlier session (kept in `path`)
+        confirm(entry, workload, problem, args)
+    return {**results, "host": host_info(), "earlier_host": results["host"], "reconfirmed": str(path),
+            "seconds": time.perf_counter() - started}
 
 
 def main() -> None:
@@ -354,6 +420,12 @@ def main() -> None:
                              "(one per method and seed)")
     parser.add_argument("--confirm-cap-s", type=float, default=120.0,
                         help="seconds of timed rounds of each confirm session")
+    parser.add_argument("--confirms", type=int, default=2,
+                        help="confirm sessions, each in the reverse order of the one before; a verdict of faster or "
+                             "slower needs every one of them")
+    parser.add_argument("--reconfirm", type=Path, metavar="JSON",
+                        help="confirm the picks of an earlier measured ablation (its results JSON) again, "
+                             "nothing else: writes experiments/results/NAME.{json,md}")
     parser.add_argument("--quick", action="store_true",
                         help="two small problems, 64 samples, one seed, optima of at most 2^16 candidates")
     parser.add_argument("--name", default="ablation", help="results file name (experiments/results/NAME.{json,md})")
@@ -362,6 +434,11 @@ def main() -> None:
         args.problems, args.samples, args.seeds = list(QUICK), 64, 1
         args.optimum_limit = min(args.optimum_limit, QUICK_OPTIMUM_LIMIT)
     torch.set_num_threads(1)  # the policy's tensors are small: more threads only contend
+    if args.reconfirm is not None:
+        results = reconfirm(args.reconfirm, args)
+        record(args.name, results, markdown(results))
+        print(markdown(results))
+        return
 
     host = host_info()  # the load as the run starts: is it quiet enough to record?
     started = time.perf_counter()

@@ -1,5 +1,5 @@
 """The ablation's markdown (experiments/ablation.py writes it beside its JSON): the simulated table, RL's
-simulated lead per seed, and, for measured problems, the confirm session's medians, RL's verdicts and the
+simulated lead per seed, and, for measured problems, the confirm sessions' medians, RL's verdicts and the
 simulator's optimism about each shortlist."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def leads(results: dict) -> list[str]:
 
 
 def measured_lines(results: dict) -> list[str]:
-    """Markdown: the confirm session's medians of every pick, and RL's verdicts against the yardsticks."""
+    """Markdown: the confirm sessions' medians of every pick, and RL's verdicts against the yardsticks."""
     measured = [p for p in results["problems"] if p.get("rl_vs")]
     if not measured:
         return []
@@ -78,27 +78,43 @@ def measured_lines(results: dict) -> list[str]:
              f"Selection: every method's {k} best distinct simulated candidates of each seed, its own choice and the "
              "warm start (in every method's pool: each starts there, and placer optimize always measures it), with "
              "unplaced, in an interleaved session per method and seed. Confirm: each method's "
-             "fastest of them per seed, the warm start and unplaced in a fresh session; the medians and verdicts "
-             "below are the confirm session's only.", "",
+             "fastest of them per seed, the warm start and unplaced in fresh sessions, each in the reverse order of "
+             "the one before; the medians (one per confirm session, separated by /) and verdicts below are theirs "
+             "only. A verdict of faster or slower needs every confirm session's (in brackets).", "",
              "| problem | unplaced (ms) | warm start (ms) | " + " | ".join(results["methods"]) + " |",
              "| --- | ---: | ---: |" + " ---: |" * len(results["methods"])]
     for p in measured:
-        confirm, picks = p["measured"]["confirm"], p["measured"]["picks"]
-        cells = [", ".join(_median(confirm, picks[f"{m}/{i}"]) for i in range(len(p["runs"][m])))
+        confirms, picks = p["measured"]["confirms"], p["measured"]["picks"]
+        cells = [", ".join(_medians(confirms, picks[f"{m}/{i}"]) for i in range(len(p["runs"][m])))
                  for m in results["methods"]]
-        lines.append(f"| {p['name']} | {_median(confirm, 'unplaced')} | {_median(confirm, picks['warm_start'])} | "
+        lines.append(f"| {p['name']} | {_medians(confirms, 'unplaced')} | {_medians(confirms, picks['warm_start'])} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "| problem | RL vs | speedup (95% CI), verdict, per seed |", "| --- | --- | --- |"]
+    lines += ["", "| problem | RL vs | speedup (95% CI), verdict [each session's], per seed |", "| --- | --- | --- |"]
     for p in measured:
         for other, ratios in p["rl_vs"].items():
-            cells = ["infeasible" if r is None else "same candidate" if r["ci"] is None
-                     else f"{r['speedup']:.3f}x ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) {r['verdict']}" for r in ratios]
-            lines.append(f"| {p['name']} | {other} | {'; '.join(cells)} |")
+            lines.append(f"| {p['name']} | {other} | {'; '.join(map(_verdict, ratios))} |")
+    if earlier := [p for p in measured if p.get("earlier_rl_vs")]:
+        lines += ["", f"The same picks' verdicts in the run's own confirm session ({results['reconfirmed']}, "
+                  f"{results['earlier_host']['date']}):", "",
+                  "| problem | RL vs | speedup (95% CI), verdict, per seed |", "| --- | --- | --- |"]
+        lines += [f"| {p['name']} | {other} | {'; '.join(map(_verdict, ratios))} |"
+                  for p in earlier for other, ratios in p["earlier_rl_vs"].items()]
     lines += ["", "The sessions' noise: the median, over their candidates, of the CI half-width as a share of the "
               "median (the protocol's target is 3%; a session far above it is no ground for a pick):", ""]
     lines += [f"- {p['name']}: selection {_noise(m for s in p['measured']['selection'].values() for m in s.values())}"
-              f", confirm {_noise(p['measured']['confirm'].values())}" for p in measured]
+              f", confirm {' / '.join(_noise(c.values()) for c in p['measured']['confirms'])}" for p in measured]
     return lines
+
+
+def _verdict(ratio: dict | None) -> str:
+    """A verdict's cell text: speedup, CI, verdict and, where there were several sessions, each one's verdict."""
+    if ratio is None:
+        return "infeasible"
+    if ratio["ci"] is None:
+        return "same candidate"
+    sessions = ratio.get("sessions") or []
+    each = f" [{', '.join(s['verdict'] for s in sessions)}]" if len(sessions) > 1 else ""
+    return f"{ratio['speedup']:.3f}x ({ratio['ci'][0]:.3f}-{ratio['ci'][1]:.3f}) {ratio['verdict']}{each}"
 
 
 def _noise(measurements: Iterable[dict]) -> str:
@@ -146,7 +162,7 @@ def _errors(problem: dict, method: str) -> list[float]:
     return errors
 
 
-def _median(session: dict, label: str | None) -> str:
-    """A markdown cell: the median (ms) of `label`'s measurement in `session` (JSON), or "infeasible"."""
-    measurement = None if label is None else session[label]
-    return f"{measurement['median_ms']:.1f}" if measurement and measurement["feasible"] else "infeasible"
+def _medians(sessions: list[dict], label: str | None) -> str:
+    """A markdown cell: the medians (ms) of `label`'s measurement in each of `sessions` (JSON), or "infeasible"."""
+    return "/".join(f"{m['median_ms']:.1f}" if (m := None if label is None else session[label]) and m["feasible"]
+                    else "infeasible" for session in sessions)

@@ -19,6 +19,7 @@ WARM, A, B, C, D, E = (Candidate((0, 0)), Candidate((0, 1)), Candidate((1, 0)), 
 # medians (ms) in each session: C looks fastest in selection (one lucky trial) but is not in confirm
 MEDIANS = {"selection": {WARM: 120.0, A: 100.0, B: 90.0, C: 80.0, D: 95.0, E: 85.0, None: 150.0},
            "confirm": {WARM: 120.0, A: 100.0, B: 90.0, C: 90.0, E: 85.0, None: 150.0}}
+AGAIN = {}  # medians of the second confirm session that differ from the first's
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,10 @@ class FakeMeasurer:
         self.protocol = protocol
 
     def session(self, entries, stage):
-        kind = stage.split(":")[0].split()[0]  # "selection rl/0: NAME", "confirm: NAME"
+        kind, *number = stage.split(":")[0].split()  # "selection rl/0: NAME", "confirm 2: NAME"
         FakeMeasurer.sessions.append((kind, self.protocol.cap_s, [c for _, c in entries]))
-        return {label: Measurement(True, MEDIANS[kind][c], times_ms=[MEDIANS[kind][c]] * 5, runs=5)
-                for label, c in entries}
+        medians = {**MEDIANS[kind], **(AGAIN if number == ["2"] else {})}
+        return {label: Measurement(True, medians[c], times_ms=[medians[c]] * 5, runs=5) for label, c in entries}
 
 
 def run_row(*candidates, chosen=None):
@@ -91,8 +92,8 @@ def test_the_measured_ablation_selects_per_method_and_seed_and_judges_on_a_fresh
     entry = {"name": "fake", "workload": "fake.py", "problem": None, "warm_start": {"candidate": [[0, 0], 1]},
              "runs": {"rl": [run_row(A, B), run_row(C, D)], "local_search": [run_row(A, WARM), run_row(E, WARM)],
                       "random_search": [run_row(B), run_row(WARM)]}}
-    ablation.measure(entry, argparse.Namespace(cap_s=7.0, confirm_cap_s=9.0, measure_top_k=2, seeds=2))
-    *selections, (kind2, cap2, confirmed) = FakeMeasurer.sessions
+    ablation.measure(entry, argparse.Namespace(cap_s=7.0, confirm_cap_s=9.0, measure_top_k=2, seeds=2, confirms=2))
+    *selections, (kind2, cap2, confirmed), (kind3, cap3, again) = FakeMeasurer.sessions
     # selection: a session per method and seed, of unplaced and that run's pool (its top, its choice, the warm start)
     assert [(kind, cap) for kind, cap, _ in selections] == [("selection", 7.0)] * 6
     assert [selected for _, _, selected in selections] == [[None, A, B, WARM], [None, C, D, WARM], [None, A, WARM],
@@ -100,6 +101,8 @@ def test_the_measured_ablation_selects_per_method_and_seed_and_judges_on_a_fresh
     # confirm: unplaced, the warm start and each owner's fastest (D, slower than C for rl/1, is not there)
     assert (kind2, cap2) == ("confirm", 9.0) and confirmed[0] is None and set(confirmed[1:]) == {WARM, A, B, C, E}
     assert len(confirmed) == 6
+    # a second confirm session of the same, in the reverse order (A B B A), unplaced first in both
+    assert (kind3, cap3) == ("confirm", 9.0) and again == [None, *confirmed[:0:-1]]
     picks = {owner: entry["measured"]["candidates"][label] for owner, label in entry["measured"]["picks"].items()}
     assert picks == {"warm_start": [[0, 0], 1], "rl/0": [[1, 0], 1], "rl/1": [[1, 1], 1],
                      "local_search/0": [[0, 1], 1], "local_search/1": [[1, 0], 2],
@@ -112,8 +115,27 @@ def test_the_measured_ablation_selects_per_method_and_seed_and_judges_on_a_fresh
     assert versus_random[1]["verdict"] == "faster"
     table = "\n".join(ablation_report.measured_lines({"methods": ["rl", "local_search", "random_search"],
                                                "problems": [entry]}))
-    assert "| fake | 150.0 | 120.0 | 90.0, 90.0 | 100.0, 85.0 | 90.0, 120.0 |" in table
-    assert "same candidate" in table and "0.944x" in table
+    assert "| fake | 150.0/150.0 | 120.0/120.0 | 90.0/90.0, 90.0/90.0 | 100.0/100.0, 85.0/85.0 |" in table
+    assert "same candidate" in table and "0.944x (0.944-0.944) slower [slower, slower]" in table
+
+
+def test_a_verdict_needs_every_confirm_session(ablation, ablation_report, monkeypatch):
+    """A difference one confirm session sees and the other does not is a tie: RL's C ran 90 ms against
+    local_search's E at 85 in the first session and 80 against 85 in the second."""
+    monkeypatch.setattr(ablation, "Measurer", FakeMeasurer)
+    monkeypatch.setattr(ablation, "load_workload", lambda spec: spec)
+    monkeypatch.setitem(AGAIN, C, 80.0)
+    entry = {"name": "fake", "workload": "fake.py", "problem": None, "warm_start": {"candidate": [[0, 0], 1]},
+             "runs": {"rl": [run_row(C)], "local_search": [run_row(E)]}}
+    ablation.measure(entry, argparse.Namespace(cap_s=7.0, confirm_cap_s=9.0, measure_top_k=1, seeds=1, confirms=2))
+    (ratio,) = entry["rl_vs"]["local_search"]
+    assert [s["verdict"] for s in ratio["sessions"]] == ["slower", "faster"] and ratio["verdict"] == "tie"
+    assert ratio["ci"] == pytest.approx([85 / 90, 85 / 80])
+    assert ratio["speedup"] == pytest.approx((85 / 90 * 85 / 80) ** 0.5)
+    table = "\n".join(ablation_report.measured_lines({"methods": ["rl", "local_search"], "problems": [entry]}))
+    assert "| fake | 150.0/150.0 | 120.0/120.0 | 90.0/80.0 | 85.0/85.0 |" in table
+    assert "tie [slower, faster]" in table
+
 
 
 def test_every_method_s_pool_holds_the_warm_start_once(ablation):
@@ -135,7 +157,7 @@ def test_a_method_whose_candidates_all_measure_slower_confirms_the_warm_start(ab
     FakeMeasurer.sessions = []
     entry = {"name": "fake", "workload": "fake.py", "problem": None, "warm_start": {"candidate": [[0, 0], 1]},
              "runs": {"rl": [run_row(A, B)], "local_search": [run_row(C)], "random_search": [run_row(E)]}}
-    ablation.measure(entry, argparse.Namespace(cap_s=7.0, confirm_cap_s=9.0, measure_top_k=2, seeds=1))
+    ablation.measure(entry, argparse.Namespace(cap_s=7.0, confirm_cap_s=9.0, measure_top_k=2, seeds=1, confirms=2))
     labels = entry["measured"]["picks"]
     assert {owner: entry["measured"]["candidates"][label] for owner, label in labels.items()} == {
         owner: [[0, 0], 1] for owner in ("warm_start", "rl/0", "local_search/0", "random_search/0")}
@@ -160,3 +182,11 @@ def test_the_simulator_s_optimism_is_read_per_method_against_the_warm_start(abla
     table = ablation_report.optimism_lines({"methods": ["rl", "local_search"], "problems": [entry]})
     assert table[-1] == "| fake | +0.095 | +0.000 |"
     assert ablation_report.optimism_lines({"methods": ["rl"], "problems": [{"name": "simulated only"}]}) == []
+
+
+def test_doctests(ablation, ablation_report):
+    import doctest
+
+    for module in (ablation, ablation_report):
+        result = doctest.testmod(module)
+        assert result.attempted and not result.failed, module.__name__
