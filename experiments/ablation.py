@@ -10,10 +10,10 @@ difference is how each proposes candidates; with --measure-during they measure a
 `placer optimize`'s do (TrainConfig.measure_top_k best every measure_every rounds, then a
 refit to every measurement so far, the heuristics' included; the same cadence for every
 method, placer.search.state), each search on its own copy of the heuristics'
-measurements, and their choice is the best they measured. The simulator's calibration: with
---calibrate, fitted first to the heuristics' candidates measured together (the pipeline
-heuristic's with its micro-batches, as `placer optimize` does); else the one saved for
-the model and devices (e.g. by `fidelity.py --save` or an optimize run); for NAME@k the
+measurements, and their choice is the fastest of their closing session (placer.search.state).
+The simulator's calibration: with --calibrate, fitted first to the heuristics' candidates
+measured together (the pipeline heuristic's with its micro-batches, as `placer optimize`
+does); else the one saved for the model and devices (e.g. by `fidelity.py --save` or an optimize run); for NAME@k the
 one of NAME; else nominal.
 
 - `rl`: the seq2seq policy with its graph encoder, trained as it samples (TrainConfig's
@@ -38,7 +38,7 @@ two sessions, as `placer optimize` chooses (a shortlist, then a confirm session)
 
 1. selection: every method measures its --measure-top-k best distinct simulated
    candidates of each seed (SearchResult.top: the same K for every method, an equal
-   measurement budget), its own choice (with --measure-during, the best it measured)
+   measurement budget), its own choice (with --measure-during, the fastest of its closing session)
    and the warm start, with `unplaced`, in an interleaved session of their own
    (placer.measurements, CI of the median), one per method and seed: in one session
    of 30+ candidates the same plans ran slower and several times as spread as in one
@@ -152,10 +152,11 @@ def warm_start(problem: PlacementProblem, scorer: SimulatedScorer) -> tuple[str,
 
 def search(problem: PlacementProblem, scorer: Scorer, method: str, config: TrainConfig, warm: Candidate,
            top_k: int) -> dict:
-    """One method's run: its choice (`candidate`: the best measured where it measured, else
-    the best simulated), its `top_k` best distinct simulated candidates ([placement,
-    micro-batches, simulated ms], fastest first, under its last refit), what it measured
-    ([placement, micro-batches, ms]) and how long it took."""
+    """One method's run: its choice (`candidate`: the fastest of its closing session where it
+    measured, else the best simulated), its `top_k` best distinct simulated candidates
+    ([placement, micro-batches, simulated ms], fastest first, under its last refit), what it
+    measured and what its closing session measured again (`measured`, `final`: [placement,
+    micro-batches, ms]) and how long it took."""
     if method == "rl_lr0":
         method, config = "rl", replace(config, lr=0.0)
     start = time.perf_counter()
@@ -163,6 +164,7 @@ def search(problem: PlacementProblem, scorer: Scorer, method: str, config: Train
     return {"best_ms": result.best_sim_ms, "candidate": [list(result.best.placement), result.best.microbatches],
             "top": [[list(c.placement), c.microbatches, ms] for c, ms in result.top[:top_k]],
             "measured": [[list(c.placement), c.microbatches, ms] for c, ms in result.measured],
+            "final": [[list(c.placement), c.microbatches, ms] for c, ms in result.final],
             "samples": result.samples, "enumerated": result.enumerated, "seconds": time.perf_counter() - start,
             "curve": [[row["samples"], row["best_sim_ms"]] for row in result.curve]}
 
@@ -271,7 +273,7 @@ def distinct(shortlists: dict[str, Sequence[Candidate]]) -> tuple[dict[str, Cand
 
 def pools(entry: dict) -> dict[str, list[Candidate]]:
     """What each method measures per seed: owner "METHOD/SEED" -> its best distinct simulated
-    candidates (the run's `top`), then its own choice (the best it measured, with
+    candidates (the run's `top`), then its own choice (the fastest of its closing session, with
     --measure-during) and the warm start, each unless among them; and owner "warm_start"
     -> the warm start alone.
 
@@ -368,10 +370,11 @@ def verdict(confirms: Sequence[dict], mine: str | None, theirs: str | None, name
             "sessions": [{"speedup": r.value, "ci": list(r.ci), "verdict": r.verdict} for r in ratios]}
 
 
-def reconfirm(path: Path, args: argparse.Namespace) -> dict:
+def reconfirm(path: Path, args: argparse.Namespace, host: dict) -> dict:
     """The results of an earlier measured ablation (`path`, its JSON) with each measured
     problem's picks confirmed again (`confirm`): its `rl_vs` are the new sessions' verdicts,
-    the earlier ones kept as `earlier_rl_vs`, the earlier host as `earlier_host`.
+    the earlier ones kept as `earlier_rl_vs`, the earlier host as `earlier_host`; `host`:
+    host_info() as this run started.
 
     Raises SystemExit when a problem no longer builds as it did (another group count, or
     fingerprint where recorded): its picks would place other groups."""
@@ -389,7 +392,7 @@ def reconfirm(path: Path, args: argparse.Namespace) -> dict:
         entry["earlier_rl_vs"] = entry.pop("rl_vs")
         entry["measured"].pop("confirm", None)  # the earlier session (kept in `path`)
         confirm(entry, workload, problem, args)
-    return {**results, "host": host_info(), "earlier_host": results["host"], "reconfirmed": str(path),
+    return {**results, "host": host, "earlier_host": results["host"], "reconfirmed": str(path),
             "seconds": time.perf_counter() - started}
 
 
@@ -434,13 +437,13 @@ def main() -> None:
         args.problems, args.samples, args.seeds = list(QUICK), 64, 1
         args.optimum_limit = min(args.optimum_limit, QUICK_OPTIMUM_LIMIT)
     torch.set_num_threads(1)  # the policy's tensors are small: more threads only contend
+    host = host_info()  # the load as the run starts: is it quiet enough to record?
     if args.reconfirm is not None:
-        results = reconfirm(args.reconfirm, args)
+        results = reconfirm(args.reconfirm, args, host)
         record(args.name, results, markdown(results))
         print(markdown(results))
         return
 
-    host = host_info()  # the load as the run starts: is it quiet enough to record?
     started = time.perf_counter()
     problems = []
     for name in args.problems:

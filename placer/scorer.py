@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from envs.calibrate import fit_calibration, save_calibration
 from envs.sim import Calibration, SimResult, Simulator
 from graphs.problem import Candidate, PlacementProblem
+from placer.book import candidate_key
 from placer.measurements import Measurer
 from placer.results import warn_stderr
 from placer.runtime.timing import Measurement
@@ -63,7 +64,6 @@ class Scorer:
         self.simulator = Simulator(problem, calibration)
         self.refits: list[dict] = []  # one mark per refit: the curve row it happened in
         self.best_measured: list[dict] = []  # one mark per improvement of the best measurement
-        self.measured: dict[Candidate, Measurement] = {}  # what this search measured
         self._last_row: dict = {}
         self._unstamped: list[dict] = []  # marks made since the last curve row
         self._best: Measurement | None = None
@@ -85,17 +85,22 @@ class Scorer:
         results = [self.simulate(c) for c in candidates]
         return [r.step_ms if r.feasible else math.inf for r in results]
 
-    def measure(self, candidates: Sequence[Candidate | Sequence[int]],
-                limit_s: float | None = None) -> list[float | None]:
+    def measure(self, candidates: Sequence[Candidate | Sequence[int]], limit_s: float | None = None,
+                afresh: bool = False) -> list[float | None]:
         """Measured median step time of each candidate in ms (None when infeasible),
         measuring together those the book lacks (Ctrl-C propagates, what was timed kept),
-        in a session of at most `limit_s` seconds past its min_runs steps
+        or with `afresh` every one, side by side in a new session that the book does not
+        keep (Measurer.session: the book keeps each candidate's first measurement, which
+        the refits fit), in a session of at most `limit_s` seconds past its min_runs steps
         (Measurer.limited; None: the protocol's cap)."""
         batch = [as_candidate(c) for c in candidates]
         with self.measurer.limited(limit_s):
-            results = self.measurer.measure(batch, stage="search: measuring")
-        for candidate, result in zip(batch, results):
-            self.measured[candidate] = result
+            if afresh:
+                session = self.measurer.session([(candidate_key(c), c) for c in batch], "search: closing session")
+                results = [session[candidate_key(c)] for c in batch]
+            else:
+                results = self.measurer.measure(batch, stage="search: measuring")
+        for result in results:
             if result.feasible and (self._best is None or result.median_ms < self._best.median_ms):
                 self._best = result
                 self._mark(self.best_measured, {"median_ms": result.median_ms,

@@ -40,14 +40,15 @@ def sim_score(problem):
 
 
 class MeasuringScorer(SimulatedScorer):
-    """The simulator scores; `measure_fn` stands in for the real machine; refits are counted."""
+    """The simulator scores; `measure_fn` stands in for the real machine; refits are counted;
+    what it measures is kept in `calls`, what the closing session measures again in `closing`."""
 
     def __init__(self, problem, measure_fn):
         super().__init__(problem, measure=measure_fn)
-        self.calls, self.refit_sizes = [], []
+        self.calls, self.closing, self.refit_sizes = [], [], []
 
-    def measure(self, candidates, limit_s=None):
-        self.calls += list(candidates)
+    def measure(self, candidates, limit_s=None, afresh=False):
+        (self.closing if afresh else self.calls).extend(candidates)
         return super().measure(candidates, limit_s)
 
     def refit(self):
@@ -270,7 +271,7 @@ def test_a_finished_search_resumed_measures_nothing_until_given_more_budget(tmp_
     first = train(problem, scorer(), config, out_dir=tmp_path)
     again = scorer()
     resumed = train(problem, again, config, out_dir=tmp_path, resume=True)
-    assert again.calls == [] and resumed.samples == 24
+    assert again.calls == again.closing == [] and resumed.samples == 24
     assert resumed.best == first.best and resumed.measured == first.measured
     more = scorer()
     longer = train(problem, more, TrainConfig(**{**QUICK, "max_samples": 40, "measure_top_k": 2}), out_dir=tmp_path,
@@ -291,7 +292,8 @@ def test_final_choice_is_the_best_measured_placement():
     assert Candidate(warm) in dict(result.measured)  # the heuristic is always measured
     best, best_ms = min(result.measured, key=lambda pm: pm[1])
     assert result.best == best and result.best_measured_ms == best_ms
-    assert len(set(scorer.calls)) == len(scorer.calls)  # nothing is measured twice
+    assert len(set(scorer.calls)) == len(scorer.calls)  # nothing is measured twice but by the closing session
+    assert scorer.closing == [c for c, _ in result.final] and Candidate(warm) in scorer.closing
     recalibrations = scorer.refit_sizes
     assert recalibrations == sorted(recalibrations) and len(recalibrations) == 3  # after updates 3 and 6, and the end
 
@@ -429,7 +431,7 @@ class PipelineToy:
         self.calls.append(list(candidates))
         return [100.0 if c.microbatches == 1 else 200.0 - 3.5 * sum(c.placement) for c in candidates]
 
-    def measure(self, candidates, limit_s=None):
+    def measure(self, candidates, limit_s=None, afresh=False):
         raise AssertionError("a simulator-only search measures nothing")
 
     def refit(self):

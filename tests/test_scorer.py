@@ -20,10 +20,11 @@ from placer.scorer import Scorer
 class FakeMeasurer:
     """Measures by the simulator (`truth`, default the nominal one) times a factor (the
     'real' machine is slower), or infeasible for placements on device 1 only; keeps
-    what it measured in a book."""
+    what it measured in a book (`measure`), or not (`session`, kept in `sessions`)."""
 
     def __init__(self, problem: PlacementProblem, factor: float = 1.5, truth: Simulator | None = None):
         self.problem, self.factor, self.book, self.calls, self.limits = problem, factor, MeasurementBook({}), [], []
+        self.sessions = []
         self.sim = truth or Simulator(problem)
 
     @contextmanager
@@ -31,18 +32,22 @@ class FakeMeasurer:
         self.limits.append(limit_s)
         yield
 
+    def measurement(self, c: Candidate) -> Measurement:
+        if set(c.placement) == {1}:
+            return Measurement(False, reason="cpu:1 is too small")
+        ms = self.sim.simulate(c.placement, c.microbatches).step_ms * self.factor
+        return summarize([ms * 0.99, ms, ms * 1.01])
+
     def measure(self, candidates, labels=None, stage=""):
         self.calls.append(list(candidates))
-        results = []
-        for c in candidates:
-            if set(c.placement) == {1}:
-                m = Measurement(False, reason="cpu:1 is too small")
-            else:
-                ms = self.sim.simulate(c.placement, c.microbatches).step_ms * self.factor
-                m = summarize([ms * 0.99, ms, ms * 1.01])
+        results = [self.measurement(c) for c in candidates]
+        for c, m in zip(candidates, results):
             self.book.record(c, m)
-            results.append(m)
         return results
+
+    def session(self, entries, stage=""):
+        self.sessions.append([c for _, c in entries])
+        return {label: self.measurement(c) for label, c in entries}
 
 
 @pytest.fixture

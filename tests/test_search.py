@@ -49,7 +49,7 @@ class Counting(SimulatedScorer):
         self.scored += len(candidates)
         return super().score(candidates)
 
-    def measure(self, candidates, limit_s=None):
+    def measure(self, candidates, limit_s=None, afresh=False):
         self.measured_calls.append(list(candidates))
         return super().measure(candidates, limit_s)
 
@@ -84,6 +84,52 @@ def test_every_search_spends_the_same_budget_and_never_loses_the_warm_start(meth
     for candidate, _ in result.measured:
         for members in problem.colocation_sets:  # every candidate keeps colocation
             assert len({candidate.placement[m] for m in members}) == 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_closing_session_of_the_finalists_chooses_not_the_luckiest_measurement(method):
+    """The first candidate a search measures catches a fast moment of the host (half its time):
+    the best of all measurements would pick it. The closing session measures the finalists
+    (the best measured, and the warm start) again side by side, and only it chooses."""
+    problem = synthetic()
+    warm = Candidate(best_heuristic(problem))
+    truth, lucky = SimulatedScorer(problem), []
+
+    def measure(candidate):
+        ms = 1.1 * truth.score([candidate])[0]
+        if not lucky and candidate != warm:
+            lucky.append(candidate)
+            return 0.5 * ms
+        return ms
+
+    def search(finalists):
+        lucky.clear()
+        scorer = Closing(problem, measure)
+        return scorer, run(method, problem, scorer, replace(CONFIG, finalists=finalists), warm)
+
+    scorer, result = search(3)
+    measured = dict(result.measured)
+    assert min(measured, key=measured.get) == lucky[0]  # the luckiest of every session's measurements
+    finalists = sorted(measured, key=measured.get)[:3]
+    assert scorer.closing == [[*finalists, *([warm] if warm not in finalists else [])]]
+    final = dict(result.final)
+    assert final[lucky[0]] == pytest.approx(1.1 * truth.score([lucky[0]])[0])  # measured again: no luck
+    assert result.best == min(final, key=final.get) and final[result.best] <= final[warm]
+    assert [len(batch) for batch in scorer.measured_calls][:3] == [2, 2, 2]  # the cadence is unchanged
+    scorer, result = search(0)
+    assert scorer.closing == [] and result.final == [] and result.best == lucky[0]
+
+
+class Closing(SimulatedScorer):
+    """`measure_fn` stands in for the real machine; the closing session's calls are kept in `closing`."""
+
+    def __init__(self, problem, measure_fn):
+        super().__init__(problem, measure=measure_fn)
+        self.measured_calls, self.closing = [], []
+
+    def measure(self, candidates, limit_s=None, afresh=False):
+        (self.closing if afresh else self.measured_calls).append(list(candidates))
+        return super().measure(candidates, limit_s)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -261,7 +307,7 @@ class TimedScorer(Counting):
         super().__init__(problem)
         self.time, self.later_s, self.floor_s, self.limits = time, later_s, floor_s, []
 
-    def measure(self, candidates, limit_s=None):
+    def measure(self, candidates, limit_s=None, afresh=False):
         self.limits.append((self.time.now, limit_s))
         per = self.later_s if self.later_s is not None and len(self.limits) > 1 else self.time.measure_s
         cost, floor = per * len(candidates), (self.floor_s if self.floor_s is not None else per) * len(candidates)
@@ -303,8 +349,9 @@ def test_measurements_slower_than_predicted_are_cut_to_the_budget_and_still_meas
     # each limit is the budget left when the round began (a clock reading, 0.01 fake s, before the session)
     assert all(limit is not None and start + limit <= 20.0 + time.tick for start, limit in scorer.limits)
     # Uncut, the second session alone would end past 20 s (2 x 10 s). Cut, the search ends within the
-    # budget plus the closing round's fewest steps (3 candidates x 0.5 s) and the last round's compute.
-    assert len(scorer.limits) >= 2 and time.now <= 20.0 + 3 * 0.5 + 0.25 and result.elapsed_s == time.now
+    # budget plus the fewest steps of the closing round (3 candidates x 0.5 s) and of the closing session
+    # (at most finalists + 1 = 4 candidates x 0.5 s), and the last round's compute.
+    assert len(scorer.limits) >= 2 and time.now <= 20.0 + 7 * 0.5 + 0.25 and result.elapsed_s == time.now
 
 
 def test_a_periodic_measurement_that_would_overrun_is_left_to_the_closing_round():
@@ -313,11 +360,14 @@ def test_a_periodic_measurement_that_would_overrun_is_left_to_the_closing_round(
     state = SearchState(rounds=2, measure_s=4.0, measure_n=2)  # 2 s per measured candidate so far
     candidates = [Candidate((0,) * 16), Candidate((1,) * 16)]
     state.remember(candidates, scorer.score(candidates), keep=8)
-    config = SearchConfig(budget_s=20.0, measure_every=2, measure_top_k=2)
+    config = SearchConfig(budget_s=20.0, measure_every=2, measure_top_k=2, finalists=0)
     # 2 candidates at 2 s each, then the closing reserve of 3 x 2 s, would end at 20.5 s
     clock = time.clock(already_s=10.5)
     assert not measure_round(state, scorer, config, clock) and scorer.measured_calls == []
     assert budget_left(state, config, 13.5) and not budget_left(state, config, 14.5)  # reserve: 6 s
+    # the closing session's finalists and the warm start are reserved too: (3 + 1 + 1) x 2 s
+    longer = replace(config, budget_s=40.0, finalists=1)
+    assert budget_left(state, longer, 29.5) and not budget_left(state, longer, 30.5)
     time.now = 9.5  # now they end at 19.5 s: measured
     measure_round(state, scorer, config, clock)
     assert scorer.measured_calls == [candidates]

@@ -75,7 +75,7 @@ def save_checkpoint(path: Path, problem: PlacementProblem, state: SearchState, l
         "learner": learner,
         "state": {"rounds": state.rounds, "samples": state.samples, "elapsed_s": state.elapsed_s,
                   "curve": state.curve, "candidates": _pack(state.candidates), "measured": _pack(state.measured),
-                  "closed_at": state.closed_at},
+                  "closed_at": state.closed_at, "final": _pack(state.final)},
     }
     write_atomically(path, lambda f: torch.save(data, f))
     write_atomically(path.with_name("curve.json"), lambda f: f.write(json.dumps(state.curve, indent=1).encode()))
@@ -124,7 +124,7 @@ def restore(data: dict, path: Path, policy: Seq2SeqPolicy, optimizer: torch.opti
     generator.set_state(data["generator"])
     fields = data["state"]
     state = SearchState(**{**fields, "candidates": _unpack(fields["candidates"]),
-                           "measured": _unpack(fields["measured"])})
+                           "measured": _unpack(fields["measured"]), "final": _unpack(fields.get("final", []))})
     return state, dict(data["learner"])
 
 

@@ -53,14 +53,18 @@ class Scorer(Protocol):
         for the few candidates a measurement round picks, with `limit_s`, the seconds
         the round may take (what the time budget leaves it; None: no budget): the
         session stops by then once each candidate has the protocol's fewest steps
-        (<= 0: only those), so a slow host overruns the budget by at most that.
+        (<= 0: only those), so a slow host overruns the budget by at most that. With
+        `afresh`, every candidate is measured again in one new session, side by side,
+        even one measured before (the closing session's finalists); else a scorer may
+        answer from what it measured already.
     refit : recalibrate `score` from every measurement made so far; called after each
         measurement round that measured something feasible, and on resume.
     """
 
     def score(self, candidates: Sequence[Candidate]) -> list[float]: ...
 
-    def measure(self, candidates: Sequence[Candidate], limit_s: float | None = None) -> list[float | None]: ...
+    def measure(self, candidates: Sequence[Candidate], limit_s: float | None = None,
+                afresh: bool = False) -> list[float | None]: ...
 
     def refit(self) -> None: ...
 

@@ -27,13 +27,13 @@ class SearchConfig:
     budget_s None) give the same search."""
     budget_s: float | None = 300.0
     """Wall-clock budget in seconds for the whole search, counted from its start: RL's warm start,
-    the rounds, the periodic measurements and the closing measurement. Rounds stop being started
-    when the expected closing measurement (mean seconds per measured candidate so far times
-    measure_top_k + 1, at most half the budget) would no longer fit; a periodic measurement that
+    the rounds, the periodic measurements and the closing measurements. Rounds stop being started
+    when the expected closing measurements (mean seconds per measured candidate so far times
+    measure_top_k + 1, plus finalists + 1, at most half the budget) would no longer fit; a periodic measurement that
     would end past it is skipped, and every measurement session is limited to the time left
     (Scorer.measure's limit_s), so a slower-than-usual measurement is cut short. What can still
     run past the budget: the last round's own compute, and the protocol's fewest steps (warm-up
-    and min_runs) of each candidate the closing round measures; None: no limit."""
+    and min_runs) of each candidate the closing round and the closing session measure; None: no limit."""
     max_samples: int | None = None
     """Candidates sampled (each scored once); None: no limit. Equal max_samples is how
     searches are compared. A problem with no more candidates than this (without it, 4,096)
@@ -45,6 +45,11 @@ class SearchConfig:
     measure_top_k: int = 2
     """Best not-yet-measured candidates measured per measurement round, and again at the
     end (with the warm start); 0 never measures (a simulator-only search)."""
+    finalists: int = 3
+    """Best measured candidates measured again at the end, with the warm start, side by side in
+    one closing session, whose times alone choose the search's result (placer.search.state:
+    the best of every session's measurements favours whichever was measured in a fast moment
+    of the host); 0: the best measurement of the whole search is its result."""
     keep_top: int = 64
     """Distinct best-scoring candidates kept (the ones a measurement round picks from)."""
     microbatches: tuple[int, ...] | None = None
@@ -73,6 +78,7 @@ class SearchConfig:
 
 RANGES: dict[str, tuple[float, float | None, bool]] = {
     "budget_s": (0, None, True), "max_samples": (0, None, False), "measure_top_k": (0, None, False),
+    "finalists": (0, None, False),
     "batch_size": (1, None, False), "measure_every": (1, None, False), "keep_top": (1, None, False),
     "checkpoint_every": (1, None, False), "anneal": (0, None, False),
     # The RL trainer's TrainConfig fields, in one table with these so that every setting is refused alike

@@ -47,10 +47,11 @@ class SimulatedScorer:
             times.append(result.step_ms if result.feasible else math.inf)
         return times
 
-    def measure(self, candidates: Sequence[Candidate], limit_s: float | None = None) -> list[float | None]:
+    def measure(self, candidates: Sequence[Candidate], limit_s: float | None = None,
+                afresh: bool = False) -> list[float | None]:
         """Each candidate's measured step time through `measure`, ms; None where infeasible.
         `limit_s` is not needed: a measure function is one call per candidate, not a
-        session that could be cut short.
+        session that could be cut short; nor is `afresh`: every call measures afresh.
 
         Raises RuntimeError when this scorer was made without a measure function."""
         if self._measure is None:

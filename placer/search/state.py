@@ -10,11 +10,18 @@ shared, so that their budgets are equal by construction:
   yet are measured, the scorer refits its simulator to every measurement so far, and
   the kept candidates are re-scored;
 - at the end the same again, plus the warm start, so that the result is never worse
-  than the heuristic it started from, measured; once: a finished search resumed with
-  no new samples measures nothing (its kept candidates, re-scored under a refit that
-  has seen more measurements, would otherwise pick new ones);
-- the final choice is the best measured feasible candidate, else (nothing measured)
-  the best simulated feasible one, else None.
+  than the heuristic it started from, measured; then the `finalists` best measured
+  candidates and the warm start are measured again side by side in one closing
+  session (`closing_session`); all of it once: a finished search resumed with no new
+  samples measures nothing (its kept candidates, re-scored under a refit that has seen
+  more measurements, would otherwise pick new ones);
+- the final choice is the fastest feasible candidate of the closing session, else the
+  best measured feasible candidate, else (nothing measured) the best simulated feasible
+  one, else None. The best of every session's measurements is biased towards whichever
+  candidate was measured in a fast moment of the host (the winner's curse: at s22 an
+  mlp search measured its pick at 205 ms in a 6-s session, and it confirmed 3.5%
+  slower than the candidate another search chose); side by side in one session, the
+  finalists share the host's moments.
 """
 
 from __future__ import annotations
@@ -57,6 +64,9 @@ class SearchResult:
     # how many candidates the problem has, when the search scored every one of them instead of
     # sampling (placer.search.exhaustive: a space no larger than the sample budget); None: it sampled
     enumerated: int | None = None
+    # the closing session's measurements (ms; inf where infeasible) of the finalists: the best
+    # measured candidates and the warm start, side by side; empty where there was none
+    final: list[tuple[Candidate, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -68,6 +78,7 @@ class SearchState:
     elapsed_s: float = 0.0
     candidates: dict[Candidate, float] = field(default_factory=dict)  # best scored, at most keep_top
     measured: dict[Candidate, float] = field(default_factory=dict)  # ms; inf where infeasible
+    final: dict[Candidate, float] = field(default_factory=dict)  # the closing session's, ms (closing_session)
     curve: list[dict] = field(default_factory=list)
     closed_at: int | None = None  # samples when the closing round was measured; None: not yet
     measure_s: float = 0.0  # seconds spent in the scorer's measurement sessions (this run; not checkpointed)
@@ -117,14 +128,17 @@ class SearchState:
 
     def result(self, method: str, interrupted: bool, policy: object | None = None,
                enumerated: int | None = None) -> SearchResult:
+        """What the search found (module docstring: the final choice)."""
         best_sim, best_sim_ms = self.best_sim()
         best_measured, best_measured_ms = self.best_measured()
-        chosen = best_measured if best_measured is not None and math.isfinite(best_measured_ms) else best_sim
+        finalist, finalist_ms = min(self.final.items(), key=lambda kv: kv[1], default=(None, math.inf))
+        chosen = (finalist if math.isfinite(finalist_ms)
+                  else best_measured if math.isfinite(best_measured_ms) else best_sim)
         return SearchResult(method=method, best=chosen, best_sim_ms=best_sim_ms,
                             best_measured_ms=_or_none(best_measured_ms), measured=list(self.measured.items()),
                             curve=list(self.curve), samples=self.samples, rounds=self.rounds,
                             elapsed_s=self.elapsed_s, interrupted=interrupted, policy=policy, top=self.ranked(),
-                            enumerated=enumerated)
+                            enumerated=enumerated, final=list(self.final.items()))
 
 
 def as_candidate(problem: PlacementProblem, warm_start: Candidate | Placement | None) -> Candidate | None:
@@ -151,11 +165,13 @@ class Clock:
 
 
 def closing_reserve(state: SearchState, config: SearchConfig) -> float:
-    """Seconds kept back for the closing round (measure_top_k + 1 candidates at the mean
-    cost per measured candidate so far), at most half the time budget; 0 without one."""
+    """Seconds kept back for the closing round (measure_top_k + 1 candidates, and the
+    closing session's finalists + 1, at the mean cost per measured candidate so far), at
+    most half the time budget; 0 without one."""
     if config.budget_s is None or not config.measure_top_k:
         return 0.0
-    return min(state.measure_cost(config.measure_top_k + 1), config.budget_s / 2)
+    closing = config.measure_top_k + 1 + (config.finalists + 1 if config.finalists else 0)
+    return min(state.measure_cost(closing), config.budget_s / 2)
 
 
 def budget_left(state: SearchState, config: SearchConfig, elapsed_s: float) -> bool:
@@ -219,15 +235,35 @@ def measure_round(state: SearchState, scorer: Scorer, config: SearchConfig, cloc
 def final_round(state: SearchState, scorer: Scorer, config: SearchConfig, warm_start: Candidate | None,
                 clock: Callable[[], float]) -> None:
     """The closing measurement round: the best unmeasured candidates and the warm start,
-    once per sample count (a search resumed after it closed, with no budget left, measures
-    nothing; one given more budget samples more and closes again). It runs even when the
-    budget is spent (the final choice needs the warm start measured), limited to what the
-    budget leaves: at worst the protocol's fewest steps of each candidate past it."""
+    then the closing session (`closing_session`), once per sample count (a search resumed
+    after it closed, with no budget left, measures nothing; one given more budget samples
+    more and closes again). It runs even when the budget is spent (the final choice needs
+    the warm start measured), limited to what the budget leaves: at worst the protocol's
+    fewest steps of each candidate past it."""
     if config.measure_top_k and state.closed_at != state.samples:
         final = state.unmeasured_best(config.measure_top_k)
         left_s = None if config.budget_s is None else config.budget_s - clock()
         measure(state, scorer, final + ([warm_start] if warm_start is not None else []), clock, left_s)
+        closing_session(state, scorer, config, warm_start, clock)
     state.closed_at = state.samples
+
+
+def closing_session(state: SearchState, scorer: Scorer, config: SearchConfig, warm_start: Candidate | None,
+                    clock: Callable[[], float]) -> None:
+    """Measure the `finalists` best measured feasible candidates and the warm start again,
+    side by side in one session (Scorer.measure afresh), limited to what the budget leaves;
+    their times there (state.final) alone choose the search's result. Nothing where fewer
+    than two are measured feasible: one candidate needs no comparison."""
+    ranked = sorted((c for c, ms in state.measured.items() if math.isfinite(ms)), key=state.measured.__getitem__)
+    finalists = ranked[:config.finalists]
+    if warm_start is not None and warm_start in ranked and warm_start not in finalists:
+        finalists.append(warm_start)
+    state.final = {}
+    if not config.finalists or len(finalists) < 2:
+        return
+    left_s = None if config.budget_s is None else config.budget_s - clock()
+    times = scorer.measure(finalists, limit_s=left_s, afresh=True)
+    state.final = {c: math.inf if ms is None else float(ms) for c, ms in zip(finalists, times)}
 
 
 def search_loop(play: Callable[[SearchState, int, Callable[[], float]], list[float]], scorer: Scorer,
