@@ -433,6 +433,8 @@ def main() -> None:
                         help="two small problems, 64 samples, one seed, optima of at most 2^16 candidates")
     parser.add_argument("--name", default="ablation", help="results file name (experiments/results/NAME.{json,md})")
     args = parser.parse_args()
+    if args.confirms < 1:
+        parser.error(f"--confirms {args.confirms}: give at least 1 (the default 2: verdicts both sessions agree on)")
     if args.quick:
         args.problems, args.samples, args.seeds = list(QUICK), 64, 1
         args.optimum_limit = min(args.optimum_limit, QUICK_OPTIMUM_LIMIT)
