@@ -386,9 +386,10 @@ def reconfirm(path: Path, args: argparse.Namespace, host: dict) -> dict:
         workload = load_workload(entry["workload"])
         problem = build_problem(workload, devices=entry["devices"], max_groups=args.max_groups)
         if problem.n_groups != entry["groups"] or entry.get("fingerprint", problem.fingerprint) != problem.fingerprint:
-            raise SystemExit(f"{path}: {entry['name']} builds {problem.n_groups} groups (fingerprint "
-                             f"{problem.fingerprint}) at --max-groups {args.max_groups}, not the {entry['groups']} "
-                             f"its picks place; give the run's --max-groups")
+            raise SystemExit(f"{path}: {entry['name']} builds {problem.n_groups} groups of a model of fingerprint "
+                             f"{problem.fingerprint!r} at --max-groups {args.max_groups}; its picks place "
+                             f"{entry['groups']} of {entry.get('fingerprint', 'an unrecorded fingerprint')!r}: give "
+                             f"the run's --max-groups, and its workload unchanged")
         entry["earlier_rl_vs"] = entry.pop("rl_vs")
         entry["measured"].pop("confirm", None)  # the earlier session (kept in `path`)
         confirm(entry, workload, problem, args)
