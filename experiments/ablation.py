@@ -436,6 +436,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.confirms < 1:
         parser.error(f"--confirms {args.confirms}: give at least 1 (the default 2: verdicts both sessions agree on)")
+    if args.reconfirm is not None and not args.reconfirm.is_file():
+        parser.error(f"--reconfirm {args.reconfirm}: no such file; give the results JSON of an earlier measured "
+                     f"ablation (experiments/results/NAME.json)")
     if args.quick:
         args.problems, args.samples, args.seeds = list(QUICK), 64, 1
         args.optimum_limit = min(args.optimum_limit, QUICK_OPTIMUM_LIMIT)

@@ -8,10 +8,10 @@ The rules (issue 14, DESIGN.md "Measuring"):
    says so; otherwise they tie. Among the fastest candidate and every candidate that
    ties with it, the simplest wins (`simplicity`): `unplaced` first, then fewer
    devices, fewer micro-batches, fewer cut edges, a heuristic before a search.
-3. The winner is measured once more beside `unplaced` and the best heuristic in a
-   second fresh session (`confirm`), and every speedup reported for it comes from
-   that session: the measurements that selected it are not the ones that judge it.
-   Only a winner measurably faster than `unplaced` there is written as the plan;
+3. The winner is measured once more beside `unplaced` and the best heuristic in
+   fresh sessions (`crosscheck`, then `confirm`: rule 8), and every speedup reported
+   for it comes from them: the measurements that selected it are not the ones that
+   judge it. Only a winner measurably faster than `unplaced` there is written as the plan;
    otherwise `unplaced` wins (the single-device plan for the whole host) and the
    report's first line says that no plan is measurably faster.
    When the fastest candidate of the final session is measurably faster than
@@ -44,22 +44,31 @@ The rules (issue 14, DESIGN.md "Measuring"):
    sessions drop an earlier session's finding and its note. A ratio over it would be
    a thread effect of those seconds, not a placement's: measure on an idle host, then
    --resume (the final and confirm sessions measure unplaced afresh).
+8. Two sessions judge (`confirm`): the crosscheck session measures the winner, the best
+   heuristic and unplaced in the reverse order of the confirm session after it, and a
+   ratio's verdict is "faster" or "slower" only where both sessions give it, else
+   "tie" (`agreed`); the times shown are the confirm session's. One session's CI holds
+   the noise within it, not how much a plan's time moves from one session to the next
+   on a busy host (experiments/ablation.py: the nmt pick of 2026-12-02 confirmed 0.960x
+   against random search's in one session, 1.216x in both of the next day's). Where
+   unplaced is no reference in the crosscheck session (rules 5, 7), that session
+   decides: no plan.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from graphs.problem import PlacementProblem
 from placer.measurements import UNPLACED, Protocol, compare
-from placer.results import SESSIONS, Choice, MethodResult, Results, method_name
+from placer.results import SESSIONS, Choice, MethodResult, Ratio, Results, method_name
 from placer.runtime.host_load import busy_cause, busy_note
 from placer.runtime.timing import Measurement
 
-__all__ = ["simplicity", "pick", "fill", "verdict_choice", "unmeasured", "plan_key", "share_measurements",
-           "current", "settle_ratios", "UNMEASURED_FACTOR"]
+__all__ = ["simplicity", "pick", "fill", "verdict_choice", "confirm", "agreed", "unmeasured", "plan_key",
+           "share_measurements", "current", "settle_ratios", "UNMEASURED_FACTOR"]
 
 _KIND_ORDER = {"unplaced": 0, "baseline": 1, "search": 2, "rl": 3}
 UNMEASURED_FACTOR = 10  # unplaced's CI half-width beyond this many times the protocol's target: no reference
@@ -242,8 +251,9 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
     beaten = winner.vs_best_heuristic if confirmed and winner is not None and winner.kind != "unplaced" else None
     if beaten is None or beaten.verdict != "slower":
         return _judged(winner, unplaced, session, shortlist, unplaced_device, confirmed, writes_plan, protocol)
+    sessions = "the crosscheck and confirm sessions" if beaten.earlier else "the confirm session"
     lost = (f"{method_name(winner.method)}, which the final session picked, is {beaten.describe()} the best "
-            f"heuristic ({method_name(beaten.reference)}) in the confirm session")
+            f"heuristic ({method_name(beaten.reference)}) in {sessions}")
     if heuristic is not None and heuristic.method == beaten.reference and heuristic.measured:
         choice = _judged(heuristic, unplaced, session, shortlist, unplaced_device, True, writes_plan, protocol)
         choice.headline = _line(f"{choice.headline} ({lost}, so {method_name(heuristic.method)} was judged in "
@@ -253,6 +263,48 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
     if choice.method == winner.method:  # no claim for it: the faster plan is named first
         choice.headline = _line(f"{lost}: {method_name(beaten.reference)} is the faster plan. {choice.headline}")
     return choice
+
+
+def confirm(winner: MethodResult, heuristic: MethodResult | None, results: Results,
+            measure: Callable[[str, bool], Sequence[MethodResult]], shortlist: Sequence[str], unplaced_device: str,
+            writes_plan: bool = True, protocol: Protocol | None = None) -> Choice:
+    """Rules 3 and 8: judge `winner` in the crosscheck session, then in the confirm session.
+
+    `measure(session, reverse)` measures the winner, `heuristic` (the best heuristic, or
+    None) and unplaced in one fresh session named `session`, in reverse order when
+    `reverse`, fills their rows of `results` (`fill`) and returns the placed rows it
+    filled. After the confirm session each of those rows' ratios carries the verdict
+    both sessions give (`agreed`); the choice is `verdict_choice`'s on them. Where
+    unplaced is no reference in the crosscheck session (rules 5, 7), the choice is made
+    there (no plan) and the confirm session is not held."""
+    def judged(session: str) -> Choice:
+        return verdict_choice(winner, results.unplaced, session, shortlist, unplaced_device,
+                              writes_plan=writes_plan, heuristic=heuristic, protocol=protocol)
+
+    earlier = {row.method: (row.vs_unplaced, row.vs_best_heuristic) for row in measure("crosscheck", True)}
+    if unmeasured(results.unplaced, protocol) is not None:
+        return judged("crosscheck")
+    for row in measure("confirm", False):
+        vs_unplaced, vs_heuristic = earlier.get(row.method, (None, None))
+        row.vs_unplaced = agreed(vs_unplaced, row.vs_unplaced)
+        row.vs_best_heuristic = agreed(vs_heuristic, row.vs_best_heuristic)
+    return judged("confirm")
+
+
+def agreed(earlier: Ratio | None, last: Ratio | None) -> Ratio | None:
+    """Rule 8: `last`, with `earlier` (the same comparison one session before) in its
+    `earlier`, and the verdict both give: "unmeasured" where either is, "tie" where
+    they differ or `earlier` is missing (its plan did not run there).
+
+    >>> agreed(Ratio(1.1, (1.05, 1.15), "faster", "unplaced"), Ratio(1.02, (0.98, 1.06), "tie", "unplaced")).verdict
+    'tie'
+    """
+    if last is None:
+        return None
+    verdicts = {last.verdict, earlier.verdict if earlier is not None else "tie"}
+    verdict = last.verdict if len(verdicts) == 1 else "unmeasured" if "unmeasured" in verdicts else "tie"
+    return replace(last, verdict=verdict, earlier=(*earlier.earlier, replace(earlier, earlier=()))
+                   if earlier is not None else last.earlier)
 
 
 def _judged(winner: MethodResult | None, unplaced: MethodResult | None, session: str | None,

@@ -4,7 +4,8 @@ write the same report as optimize (no plan is written).
 All plans and `unplaced` are measured in one interleaved session (`compare`), each
 row with its speedup over unplaced measured there; the fastest by the choice rules
 (placer.choose) is then measured again with unplaced and the best heuristic in a
-fresh session (`confirm`), from which its claimed speedups come.
+fresh session (`crosscheck`), then again in reverse order (`confirm`), from which its
+claimed speedups come, with the verdicts both sessions give (placer.choose rule 8).
 
 The plans must be for the workload's model, but may be for different devices (a
 plan on `cpu` beside one on `cpu:0,cpu:1`, as optimize writes when unplaced wins):
@@ -32,7 +33,7 @@ from graphs.files import folder_problem
 from graphs.problem import PlacementProblem, build_problem
 from graphs.trace import fingerprint, trace_model
 from graphs.workload import load_workload
-from placer.choose import fill, pick, settle_ratios, verdict_choice
+from placer.choose import confirm, fill, pick, settle_ratios, verdict_choice
 from placer.optimize import bounds_of
 from placer.book import MeasurementBook
 from placer.measurements import UNPLACED, Measurer, Protocol, unplaced_device
@@ -130,12 +131,18 @@ def compare(workload: str, plans: Sequence[str | Path], out_dir: Path | None = N
 
     try:
         winner = pick(rows, session(rows, "compare"), problems, protocol)
-        if winner is not None:
-            judged = {r.method: r for r in (winner, results.best_heuristic) if r is not None and r.kind != "unplaced"}
-            session([rows[0], *judged.values()], "confirm")
-        results.choice = verdict_choice(winner, results.unplaced, "confirm", [r.method for r in rows],
-                                        rows[0].devices[0], writes_plan=False,
-                                        heuristic=results.best_heuristic, protocol=protocol)
+        heuristic, shortlist = results.best_heuristic, [r.method for r in rows]
+        placed = {r.method: r for r in (winner, heuristic) if r is not None and r.kind != "unplaced"}
+        judged = [rows[0], *placed.values()]
+
+        def measure(stage: str, reverse: bool) -> list[MethodResult]:
+            session(judged[::-1] if reverse else judged, stage)
+            return judged[1:]
+
+        results.choice = (verdict_choice(None, results.unplaced, "compare", shortlist, rows[0].devices[0])
+                          if winner is None else
+                          confirm(winner, heuristic, results, measure, shortlist, rows[0].devices[0],
+                                  writes_plan=False, protocol=protocol))
         settle_ratios(results)
         results.notes = list(dict.fromkeys([*results.notes, *(n for r in rows for n in r.notes)]))
     except KeyboardInterrupt:

@@ -36,7 +36,7 @@ from graphs.problem import Candidate, PlacementProblem, build_problem
 from graphs.workload import load_workload
 from placer.baselines import HEURISTICS
 from placer.baselines.common import colocation_units, require_fit
-from placer.choose import fill, pick, settle_ratios, share_measurements, verdict_choice
+from placer.choose import confirm, fill, pick, settle_ratios, share_measurements, verdict_choice
 from placer.interrupts import Terminated, interruption
 from placer.microbatch_policy import microbatches_off
 from placer.book import MeasurementBook, candidate_key
@@ -326,8 +326,9 @@ def _best_measured(results: Results) -> Candidate | None:
 def _choose(results: Results, problem: PlacementProblem, measurer: Measurer, candidates: dict[str, Candidate],
             progress: Progress) -> None:
     """The honest final choice (placer.choose): a fresh `final` session of the
-    shortlist picks the winner, a fresh `confirm` session of the winner, the best
-    heuristic and unplaced judges it. Rows sharing a placement share a measurement."""
+    shortlist picks the winner, fresh `crosscheck` and `confirm` sessions of the
+    winner, the best heuristic and unplaced judge it. Rows sharing a placement share a
+    measurement."""
     heuristic = results.best_heuristic
     measured = sorted((r for r in results.methods if r.measured and r.method in candidates),
                       key=lambda r: r.measured_ms)
@@ -351,10 +352,14 @@ def _choose(results: Results, problem: PlacementProblem, measurer: Measurer, can
     judged = [r for r in (winner, heuristic) if r is not None and r.kind != "unplaced"]
     labels = _labels(judged, candidates)
     entries = [(UNPLACED, None), *((label, candidates[label]) for label in dict.fromkeys(labels.values()))]
-    confirm = measurer.session(entries, "confirm: measuring")
-    _fill_session(results, confirm, labels, "confirm", heuristic.method if heuristic else None, protocol)
-    results.choice = verdict_choice(winner, results.unplaced, "confirm", shortlist, results.unplaced.devices[0],
-                                    heuristic=heuristic, protocol=protocol)
+
+    def measure(session: str, reverse: bool) -> list[MethodResult]:
+        measured = measurer.session(entries[::-1] if reverse else entries, f"{session}: measuring")
+        _fill_session(results, measured, labels, session, heuristic.method if heuristic else None, protocol)
+        return [results.row(method) for method in labels]
+
+    results.choice = confirm(winner, heuristic, results, measure, shortlist, results.unplaced.devices[0],
+                             protocol=protocol)
 
 
 def _labels(rows: Sequence[MethodResult], candidates: dict[str, Candidate]) -> dict[str, str]:

@@ -37,7 +37,7 @@ __all__ = ["SCHEMA", "KINDS", "SESSIONS", "NAMES", "method_name", "Stage", "Prog
 
 SCHEMA = "placer.results/v1"
 KINDS = ("unplaced", "baseline", "search", "rl")
-SESSIONS = ("baselines", "search", "final", "confirm")  # optimize's sessions, least authoritative first
+SESSIONS = ("baselines", "search", "final", "crosscheck", "confirm")  # optimize's sessions, least authoritative first
 NAMES = {
     "unplaced": "unplaced", "single": "single device", "round_robin": "round robin", "expert": "expert",
     "balanced": "balanced", "sequential_fill": "sequential fill", "metis": "METIS", "kernighan_lin": "Kernighan-Lin",
@@ -138,16 +138,20 @@ def _opt_float(value: Any) -> float | None:
 class Ratio:
     """How many times faster a measurement is than a reference (reference median / its
     median: above 1 is faster), with the ratio's confidence interval, and the verdict:
-    "faster", "slower", or "tie" when the interval holds 1."""
+    "faster", "slower", or "tie" when the interval holds 1. A ratio judged in several
+    sessions (placer.choose rule 8) keeps the earlier sessions' ratios in `earlier`, and
+    its verdict is the one they all give ("tie" where they differ)."""
 
     value: float
     ci: tuple[float, float]
     verdict: str
     reference: str  # the reference's method name
+    earlier: tuple["Ratio", ...] = ()
 
     def to_json(self) -> dict:
-        """{"value", "ci": [low, high], "verdict", "reference"}."""
-        return {"value": self.value, "ci": list(self.ci), "verdict": self.verdict, "reference": self.reference}
+        """{"value", "ci": [low, high], "verdict", "reference"}, and "earlier": [...] where there are any."""
+        data = {"value": self.value, "ci": list(self.ci), "verdict": self.verdict, "reference": self.reference}
+        return {**data, "earlier": [r.to_json() for r in self.earlier]} if self.earlier else data
 
     @classmethod
     def from_json(cls, data: Any) -> "Ratio | None":
@@ -155,14 +159,18 @@ class Ratio:
         if not isinstance(data, dict) or _opt_float(data.get("value")) is None:
             return None
         ci = data.get("ci") or [data["value"], data["value"]]
+        earlier = data.get("earlier") if isinstance(data.get("earlier"), list) else []
         return cls(float(data["value"]), (float(ci[0]), float(ci[1])), str(data.get("verdict", "tie")),
-                   str(data.get("reference", "")))
+                   str(data.get("reference", "")), tuple(r for r in map(cls.from_json, earlier) if r is not None))
 
     def describe(self) -> str:
         """"1.12x (CI 1.05-1.19)", "1.00x (tie, CI 0.97-1.03)" when the interval holds 1,
-        "5.37x (no verdict, CI 2.68-28.57)" when the reference could not be measured."""
+        "5.37x (no verdict, CI 2.68-28.57)" when the reference could not be measured;
+        "1.12x (CI 1.05-1.19; the session before: 1.10x, CI 1.04-1.16)" with an earlier session's."""
         tie = {"tie": "tie, ", "unmeasured": "no verdict, "}.get(self.verdict, "")
-        return f"{self.value:.2f}x ({tie}CI {self.ci[0]:.2f}-{self.ci[1]:.2f})"
+        before = "".join(f"; the session before: {r.value:.2f}x, CI {r.ci[0]:.2f}-{r.ci[1]:.2f}"
+                         for r in self.earlier)
+        return f"{self.value:.2f}x ({tie}CI {self.ci[0]:.2f}-{self.ci[1]:.2f}{before})"
 
 
 @dataclass
@@ -176,8 +184,8 @@ class MethodResult:
     feasible : False when it does not fit or could not run (reason says why).
     measured_ms, ci_ms, iqr_ms, runs : median step time (ms), its confidence interval
         [low, high] (ms), interquartile range (ms) and timed steps; None/0 unmeasured.
-    session : the interleaved session that measured it ("baselines", "final", "confirm",
-        "compare", or "search" for a search's own measurements). Rows of one plan share
+    session : the interleaved session that measured it ("baselines", "final", "crosscheck",
+        "confirm", "compare", or "search" for a search's own measurements). Rows of one plan share
         the measurement of the latest of these (placer.choose.share_measurements).
     simulated_ms : the calibrated simulator's step time under the final calibration.
     placement : device index per group (None: not placed by group, e.g. unplaced).
@@ -267,8 +275,8 @@ class Choice:
     Attributes
     ----------
     method : the row plan.json was written from (None: no plan).
-    contender : the plan the final session picked and the confirm session judged
-        against unplaced (it is `method` when it won; unplaced took its place on a tie).
+    contender : the plan the final session picked and the crosscheck and confirm sessions
+        judged against unplaced (it is `method` when it won; unplaced took its place on a tie).
     verdict : "faster" (measurably faster than unplaced), "tie" (no plan is measurably
         faster: unplaced is chosen), "slower" (the contender is measurably slower:
         unplaced is chosen), "unplaced infeasible" (the model cannot run unplaced: the
@@ -279,7 +287,8 @@ class Choice:
     headline : the report's first line.
     session : the session whose measurements the claimed speedups come from.
     shortlist : the methods re-measured together to choose.
-    vs_unplaced, vs_best_heuristic : the chosen plan's speedups, from `session`.
+    vs_unplaced, vs_best_heuristic : the chosen plan's speedups, from `session`, with the
+        crosscheck session's as their `earlier` and the verdict both sessions give.
     """
 
     method: str | None = None

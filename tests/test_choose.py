@@ -1,12 +1,14 @@
 """placer.choose: the honest final choice. A plan wins only when measurably faster;
 ties go to the simpler plan, and unplaced wins every tie."""
 
+from dataclasses import replace
+
 import pytest
 
-from placer.choose import (fill, pick, plan_key, settle_ratios, share_measurements, simplicity, unmeasured,
-                           verdict_choice)
+from placer.choose import (agreed, confirm, fill, pick, plan_key, settle_ratios, share_measurements, simplicity,
+                           unmeasured, verdict_choice)
 from placer.measurements import Protocol, compare
-from placer.results import Choice, MethodResult, Results
+from placer.results import Choice, MethodResult, Ratio, Results
 from placer.runtime.host_load import busy_note
 from placer.runtime.timing import Measurement, summarize
 
@@ -155,6 +157,79 @@ def test_a_winner_that_ties_the_best_heuristic_keeps_its_place():
     r = confirmed(80.0, 80.5)
     choice = verdict_choice(r["rl"], r["unplaced"], "confirm", ["unplaced", "rl"], "cpu", heuristic=r["expert"])
     assert choice.method == "rl" and choice.headline.startswith("RL is measurably faster")
+
+
+def judged_twice(crosscheck: dict[str, Measurement], last: dict[str, Measurement] | None):
+    """confirm() over two fake sessions, each filling unplaced, expert (the best heuristic)
+    and rl (the winner) from its dict: (the choice, the rows, the (session, reverse) calls)."""
+    r, calls = rows(), []
+    del r["single"]
+
+    def measure(session, reverse):
+        calls.append((session, reverse))
+        measured = {"crosscheck": crosscheck, "confirm": last}[session]
+        fill(r["unplaced"], measured["unplaced"], session, None, None, 10.0)
+        fill(r["expert"], measured["expert"], session, measured["unplaced"], None, 10.0, Protocol())
+        fill(r["rl"], measured["rl"], session, measured["unplaced"], ("expert", measured["expert"]), 10.0, Protocol())
+        return [r["expert"], r["rl"]]
+
+    choice = confirm(r["rl"], r["expert"], Results(methods=list(r.values())), measure, ["unplaced", "rl"], "cpu",
+                     protocol=Protocol())
+    return choice, r, calls
+
+
+def test_a_plan_faster_in_one_confirm_session_only_is_no_verdict_and_unplaced_wins():
+    # s22's nmt pick: 0.960x against random search's in one session, 1.216x in both of the next day's.
+    faster = {"unplaced": around(100.0), "expert": around(99.0), "rl": around(90.0)}
+    level = {"unplaced": around(100.0), "expert": around(99.0), "rl": around(100.0, 0.05)}
+    choice, r, calls = judged_twice(faster, level)
+    assert calls == [("crosscheck", True), ("confirm", False)]  # the crosscheck in reverse order, then the confirm
+    assert r["rl"].session == "confirm" and r["rl"].measured_ms == pytest.approx(100.0)
+    assert r["rl"].vs_unplaced.verdict == "tie" and r["rl"].vs_unplaced.earlier[0].verdict == "faster"
+    assert choice.method == "unplaced" and choice.verdict == "tie" and choice.contender == "rl"
+    assert "the session before: 1.11x" in choice.headline
+    choice, r, _ = judged_twice(level, faster)  # the other way round: the same verdict
+    assert choice.method == "unplaced" and r["rl"].vs_unplaced.verdict == "tie"
+
+
+def test_a_plan_faster_in_both_confirm_sessions_is_chosen_with_both_speedups():
+    choice, r, _ = judged_twice({"unplaced": around(100.0), "expert": around(99.0), "rl": around(80.0)},
+                                {"unplaced": around(100.0), "expert": around(99.0), "rl": around(90.0)})
+    assert choice.method == "rl" and choice.verdict == "faster" and choice.session == "confirm"
+    assert choice.vs_unplaced.value == pytest.approx(100 / 90) and choice.vs_unplaced.verdict == "faster"
+    assert [e.value for e in choice.vs_unplaced.earlier] == [pytest.approx(100 / 80)]
+    assert "1.11x (CI 1.11-1.12; the session before: 1.25x, CI 1.24-1.26) unplaced;" in choice.headline
+    assert choice.vs_best_heuristic.verdict == "faster" and len(choice.vs_best_heuristic.earlier) == 1
+
+
+def test_a_winner_gives_way_to_the_heuristic_only_where_both_sessions_find_it_slower():
+    slower = {"unplaced": around(100.0), "expert": around(60.0), "rl": around(80.0)}
+    level = {"unplaced": around(100.0), "expert": around(80.0), "rl": around(80.0, 0.05)}
+    choice, _, _ = judged_twice(slower, slower)
+    assert choice.method == "expert" and "in the crosscheck and confirm sessions, so expert was judged" in \
+        choice.headline
+    choice, r, _ = judged_twice(slower, level)
+    assert choice.method == "rl" and r["rl"].vs_best_heuristic.verdict == "tie"
+
+
+def test_an_unplaced_no_reference_in_the_crosscheck_session_decides_there():
+    busy = {"unplaced": summarize(WIDE), "expert": around(60.0), "rl": around(50.0)}
+    choice, r, calls = judged_twice(busy, None)
+    assert calls == [("crosscheck", True)]  # no confirm session: nothing to confirm
+    assert choice.verdict == "unmeasured" and choice.method is None and choice.contender == "rl"
+    assert "in the crosscheck session" in choice.headline and r["rl"].vs_unplaced.verdict == "unmeasured"
+
+
+def test_agreed_keeps_the_last_sessions_times_and_every_earlier_ratio():
+    first, second = compare(around(80.0), around(100.0), "unplaced"), compare(around(90.0), around(100.0), "unplaced")
+    both = agreed(first, second)
+    assert (both.value, both.ci, both.verdict) == (second.value, second.ci, "faster") and both.earlier == (first,)
+    assert agreed(None, second).verdict == "tie"  # the plan did not run in the session before: no agreement
+    assert agreed(first, None) is None
+    slower = compare(around(110.0), around(100.0), "unplaced")
+    assert agreed(first, slower).verdict == "tie"
+    assert agreed(replace(first, verdict="unmeasured"), second).verdict == "unmeasured"
+    assert Ratio.from_json(both.to_json()) == both and "earlier" not in first.to_json()
 
 
 WIDE = [20.0, 450.0, 40.0, 440.0, 80.0] * 6  # a busy host: median 80 ms, its CI far wider than +-3%

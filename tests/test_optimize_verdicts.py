@@ -90,7 +90,7 @@ def test_no_verdict_over_an_unplaced_timed_on_a_busy_host_and_resume_measures_it
     results = run(workload, out, methods=["single", "expert"])
     assert results.choice.verdict == "unmeasured" and results.best is None and results.unplaced.busy is not None
     assert results.choice.headline.startswith("No verdict: other processes held 1.5 of the ")
-    assert "cores while unplaced was timed in the confirm session" in results.choice.headline
+    assert "cores while unplaced was timed in the crosscheck session" in results.choice.headline
     assert "--resume: it measures unplaced and the final sessions afresh" in results.choice.headline
     assert not (out / "plan.json").exists()
     saved = json.loads((out / "results.json").read_text())

@@ -278,6 +278,16 @@ def test_run_notes_and_interruption_are_reported(results, tmp_path):
     assert notes.index("interrupted") < notes.index("image 75x75") < notes.index("interleaved")
 
 
+def test_a_rows_note_is_reported_once_after_its_method(results, tmp_path):
+    """optimize and compare copy every row's note into the run's notes for the terminal."""
+    note = "the problem has 16 candidates, no more than the search may sample"
+    results["methods"][-1]["notes"] = [note]
+    results["notes"] = [note, "small size: image 75x75, batch 2"]
+    notes = write_report(results, tmp_path)["markdown"].read_text().split("## Notes", 1)[1]
+    assert notes.count(note) == 1 and f"RL: {note}" in notes
+    assert "image 75x75" in notes
+
+
 def test_unversioned_results_with_missing_and_none_values(tmp_path):
     """results.json of earlier placer versions (no schema, no CIs) still renders."""
     results = {"workload": "model.py", "bounds": {"lower_bound_ms": 20.0}, "best": "rl", "methods": [

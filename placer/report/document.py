@@ -41,9 +41,10 @@ NOTES = [
     "row (its session column), with a bootstrap confidence interval; above 1 means faster. A ratio whose "
     "interval holds 1 is a tie: neither is measurably faster.",
     "unplaced is the model as you run it without placer (the whole host, or the fastest single device). "
-    "The chosen plan was re-measured with unplaced and the best heuristic in a fresh session (confirm): "
-    "its speedups come from there, not from the measurements that selected it. Ties go to the simpler plan; "
-    "unplaced wins every tie.",
+    "The chosen plan was re-measured with unplaced and the best heuristic in two fresh sessions (crosscheck, "
+    "then confirm, in reverse order): its speedups come from the confirm session, not from the measurements "
+    "that selected it, and a speedup is a verdict only where both sessions give it (\"the session before\" "
+    "in a speedup is the crosscheck's). Ties go to the simpler plan; unplaced wins every tie.",
     "The lower bound is max(critical path, total work / number of devices) from profiled costs on the "
     "fastest device: no placement can beat it if the profile is right.",
     "Simulated times come from the calibrated simulator that the search optimizes, under the final calibration.",
@@ -150,8 +151,10 @@ def _ms(value: float | None) -> str:
 
 
 def _notes(results: Results) -> list[str]:
-    """The run's own notes (e.g. what a small zoo size shrank) before the standing ones."""
-    notes = [*_reading(results), *(str(note) for note in results.notes)]
+    """The run's own notes (e.g. what a small zoo size shrank) before the standing ones; a row's
+    note, which results.notes repeats for the terminal, once, after the name of its method."""
+    of_rows = {note for row in results.methods for note in row.notes}
+    notes = [*_reading(results), *(str(note) for note in results.notes if note not in of_rows)]
     if results.interrupted:
         word = "terminated" if results.status == "terminated" else "interrupted"
         where = f" during {results.interrupted_at}" if results.interrupted_at else ""
