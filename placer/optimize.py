@@ -354,8 +354,8 @@ def _choose(results: Results, problem: PlacementProblem, measurer: Measurer, can
     entries = [(UNPLACED, None), *((label, candidates[label]) for label in dict.fromkeys(labels.values()))]
 
     def measure(session: str, reverse: bool) -> list[MethodResult]:
-        measured = measurer.session(entries[::-1] if reverse else entries, f"{session}: measuring")
-        _fill_session(results, measured, labels, session, heuristic.method if heuristic else None, protocol)
+        times = measurer.session(entries[::-1] if reverse else entries, f"{session}: measuring")
+        _fill_session(results, times, labels, session, heuristic.method if heuristic else None, protocol)
         return [results.row(method) for method in labels]
 
     results.choice = confirm(winner, heuristic, results, measure, shortlist, results.unplaced.devices[0],

@@ -271,7 +271,8 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             state.remember([warm_start], scored, config.keep_top)
             learn(learner.incumbents, [warm_start], scored)
         if warm_start is not None and not learner.imitated:
-            imitate(policy, [Candidate(warm_start.placement, m) for m in sorted({warm_start.microbatches, *options})], config)
+            counts = sorted({warm_start.microbatches, *options})
+            imitate(policy, [Candidate(warm_start.placement, m) for m in counts], config)
             learner.imitated = True
 
         while budget_left(state, config, clock()):
@@ -294,7 +295,8 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
             state.samples += len(batch)
 
             if seeding:  # -- every count's search starts from its best so far
-                imitate(policy, [c for c in (best_for(learner.incumbents, m) for m in options) if c is not None], config)
+                starts = (best_for(learner.incumbents, m) for m in options)
+                imitate(policy, [c for c in starts if c is not None], config)
                 learner.seeded = True
             else:  # -- RL update
                 rewards = torch.tensor([rule(t) for t in times], dtype=torch.float32)
