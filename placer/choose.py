@@ -251,7 +251,7 @@ def verdict_choice(winner: MethodResult | None, unplaced: MethodResult | None, s
     beaten = winner.vs_best_heuristic if confirmed and winner is not None and winner.kind != "unplaced" else None
     if beaten is None or beaten.verdict != "slower":
         return _judged(winner, unplaced, session, shortlist, unplaced_device, confirmed, writes_plan, protocol)
-    sessions = "the crosscheck and confirm sessions" if beaten.earlier else "the confirm session"
+    sessions = "the crosscheck and confirm sessions" if beaten.earlier else f"the {session} session"
     lost = (f"{method_name(winner.method)}, which the final session picked, is {beaten.describe()} the best "
             f"heuristic ({method_name(beaten.reference)}) in {sessions}")
     if heuristic is not None and heuristic.method == beaten.reference and heuristic.measured:

@@ -4,7 +4,7 @@ write the same report as optimize (no plan is written).
 All plans and `unplaced` are measured in one interleaved session (`compare`), each
 row with its speedup over unplaced measured there; the fastest by the choice rules
 (placer.choose) is then measured again with unplaced and the best heuristic in a
-fresh session (`crosscheck`), then again in reverse order (`confirm`), from which its
+fresh session in reverse order (`crosscheck`), then in order (`confirm`), from which its
 claimed speedups come, with the verdicts both sessions give (placer.choose rule 8).
 
 The plans must be for the workload's model, but may be for different devices (a

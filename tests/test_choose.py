@@ -218,6 +218,9 @@ def test_an_unplaced_no_reference_in_the_crosscheck_session_decides_there():
     assert calls == [("crosscheck", True)]  # no confirm session: nothing to confirm
     assert choice.verdict == "unmeasured" and choice.method is None and choice.contender == "rl"
     assert "in the crosscheck session" in choice.headline and r["rl"].vs_unplaced.verdict == "unmeasured"
+    choice, _, _ = judged_twice({**busy, "rl": around(80.0)}, None)  # rule 4 there names the one session held
+    assert choice.contender == "expert" and "the best heuristic (expert) in the crosscheck session, so" in \
+        choice.headline and "confirm session" not in choice.headline
 
 
 def test_agreed_keeps_the_last_sessions_times_and_every_earlier_ratio():

@@ -288,6 +288,14 @@ def test_a_rows_note_is_reported_once_after_its_method(results, tmp_path):
     assert "image 75x75" in notes
 
 
+def test_a_ratio_judged_in_two_sessions_shows_both_in_the_table(results, tmp_path):
+    crosscheck = ratio(1.02, 0.98, 1.06)
+    results["methods"][-1]["vs_unplaced"] = {**ratio(1.1, 1.05, 1.15), "verdict": "tie", "earlier": [crosscheck]}
+    assert "1.10x tie [1.05, 1.15], before 1.02x [0.98, 1.06]" in format_table(results)
+    assert "1.10x tie [1.05, 1.15], before 1.02x [0.98, 1.06]" in \
+        write_report(results, tmp_path)["markdown"].read_text()
+
+
 def test_unversioned_results_with_missing_and_none_values(tmp_path):
     """results.json of earlier placer versions (no schema, no CIs) still renders."""
     results = {"workload": "model.py", "bounds": {"lower_bound_ms": 20.0}, "best": "rl", "methods": [

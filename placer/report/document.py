@@ -42,9 +42,11 @@ NOTES = [
     "interval holds 1 is a tie: neither is measurably faster.",
     "unplaced is the model as you run it without placer (the whole host, or the fastest single device). "
     "The chosen plan was re-measured with unplaced and the best heuristic in two fresh sessions (crosscheck, "
-    "then confirm, in reverse order): its speedups come from the confirm session, not from the measurements "
-    "that selected it, and a speedup is a verdict only where both sessions give it (\"the session before\" "
-    "in a speedup is the crosscheck's). Ties go to the simpler plan; unplaced wins every tie.",
+    "in reverse order, then confirm): its speedups come from the confirm session, not from the measurements "
+    "that selected it, and a speedup is a verdict only where both sessions give it (\"before\" in a speedup "
+    "is the crosscheck's; a tie whose interval excludes 1 is one the crosscheck did not confirm). Where "
+    "unplaced could not be measured in the crosscheck session, it alone was held, and no plan is chosen. "
+    "Ties go to the simpler plan; unplaced wins every tie.",
     "The lower bound is max(critical path, total work / number of devices) from profiled costs on the "
     "fastest device: no placement can beat it if the profile is right.",
     "Simulated times come from the calibrated simulator that the search optimizes, under the final calibration.",

@@ -57,11 +57,14 @@ def same_plan(results: Results, row: MethodResult) -> MethodResult | None:
 
 def format_ratio(ratio: Ratio | None) -> str:
     """"1.12x [1.05, 1.19]", "1.00x tie [0.97, 1.03]", or "-"; a ratio over a reference
-    that is no verdict in parentheses: "(5.37x [2.68, 28.57]) no verdict"."""
+    that is no verdict in parentheses: "(5.37x [2.68, 28.57]) no verdict"; a ratio judged
+    in an earlier session too (placer.choose rule 8) shows it after its own:
+    "1.10x tie [1.05, 1.15], before 1.02x [0.98, 1.06]"."""
     if ratio is None:
         return MISSING
     tie = " tie" if ratio.verdict == "tie" else ""
-    text = f"{ratio.value:.2f}x{tie} [{ratio.ci[0]:.2f}, {ratio.ci[1]:.2f}]"
+    before = "".join(f", before {r.value:.2f}x [{r.ci[0]:.2f}, {r.ci[1]:.2f}]" for r in ratio.earlier)
+    text = f"{ratio.value:.2f}x{tie} [{ratio.ci[0]:.2f}, {ratio.ci[1]:.2f}]{before}"
     return f"({text}) no verdict" if ratio.verdict == "unmeasured" else text
 
 
