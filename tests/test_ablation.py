@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,13 @@ def test_doctests(ablation, ablation_report):
     for module in (ablation, ablation_report):
         result = doctest.testmod(module)
         assert result.attempted and not result.failed, module.__name__
+
+
+@pytest.mark.parametrize("argv, says", [(["--confirms", "0"], "--confirms 0: give at least 1"),
+                                        (["--reconfirm", "no/such.json"], "--reconfirm no/such.json: no such file")])
+def test_a_refused_argument_is_one_line_before_any_work(ablation, monkeypatch, capsys, argv, says):
+    monkeypatch.setattr(sys, "argv", ["ablation.py", *argv])
+    with pytest.raises(SystemExit) as stopped:
+        ablation.main()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.strip().splitlines()[-1].startswith(f"ablation.py: error: {says}")
