@@ -19,10 +19,13 @@ one of NAME; else nominal.
 - `rl`: the seq2seq policy with its graph encoder, trained as it samples (TrainConfig's
   algorithm, PPO by default), with an incumbent per micro-batch count (placer.rl.trainer);
 - `rl_lr0`: the same search with the policy never updated (lr=0): its first round (the
-  warm start at the other counts, random stage-like candidates) and the imitation of each count's
-  best are the same, then it samples around those: what the search finds without learning;
+  warm start at the other counts, interleaved stages, random stage-like candidates) and the imitation
+  of each count's best are the same, then it samples around those: what the search finds without learning;
 - `random_search`: uniformly random candidates;
 - `local_search`: simulated annealing over single-group moves from the warm start.
+
+With --interleaved-start the warm start is the best of the heuristics and the interleaved stages
+RL's first round scores, so that every search starts where RL's best start is.
 
 Table 1 (always): per problem and method, the best simulated step time, mean and
 spread over the seeds, and its ratio to the warm start's. Beside the lower bound, the
@@ -97,7 +100,9 @@ from placer.measurements import UNPLACED, Measurer, Protocol, compare
 from placer.microbatch_policy import microbatches_off
 from placer.optimize import baseline_rows, bounds_of
 from placer.rl import TrainConfig
+from placer.rl.starts import interleaved_candidates
 from placer.search import overrides, run
+from placer.search.config import microbatch_options
 from placer.search.exhaustive import LIMIT, optimum
 from placer.scorer import Scorer
 from placer.search.scorer import SimulatedScorer
@@ -143,9 +148,15 @@ def heuristics(problem: PlacementProblem) -> dict[str, Candidate]:
     return baseline_rows(problem, list(HEURISTICS), seed=0)[1]
 
 
-def warm_start(problem: PlacementProblem, scorer: SimulatedScorer) -> tuple[str, Candidate, float]:
-    """The best heuristic by simulated step time: (method, candidate, ms)."""
-    scored = [(scorer.score([c])[0], name, c) for name, c in heuristics(problem).items()]
+def warm_start(problem: PlacementProblem, scorer: SimulatedScorer, interleaved: bool = False
+               ) -> tuple[str, Candidate, float]:
+    """The best heuristic by simulated step time: (method, candidate, ms). With `interleaved`, the best
+    of them and the interleaved stages RL's first round scores (placer.rl.starts.interleaved_candidates),
+    method "interleaved": every search then starts where RL's best start is."""
+    starts = list(heuristics(problem).items())
+    if interleaved:
+        starts += [("interleaved", c) for c in interleaved_candidates(problem, microbatch_options(problem))]
+    scored = [(scorer.score([c])[0], name, c) for name, c in starts]
     ms, name, candidate = min(scored, key=lambda s: s[0])
     return name, candidate, ms
 
@@ -224,7 +235,7 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
     refusal = microbatches_off(loaded, problem)
     calibration, book = calibration_for(name, loaded, problem, args)
     scorer = SimulatedScorer(problem, calibration)
-    warm_name, warm, warm_ms = warm_start(problem, scorer)
+    warm_name, warm, warm_ms = warm_start(problem, scorer, args.interleaved_start)
     # The bound optimize's results.json gives; a cluster the host cannot run is bounded as simulated.
     bound_ms = bounds_of(problem, calibration, on_host=measurable(problem))["lower_bound_ms"]
     exact = optimum(problem, scorer, limit=args.optimum_limit)
@@ -430,6 +441,9 @@ def main() -> None:
     parser.add_argument("--reconfirm", type=Path, metavar="JSON",
                         help="confirm the picks of an earlier measured ablation (its results JSON) again, "
                              "nothing else: writes experiments/results/NAME.{json,md}")
+    parser.add_argument("--interleaved-start", action="store_true",
+                        help="every search starts from the best of the heuristics and RL's interleaved starts "
+                             "(a yardstick given RL's start: is the rest of RL's lead its learning?)")
     parser.add_argument("--quick", action="store_true",
                         help="two small problems, 64 samples, one seed, optima of at most 2^16 candidates")
     parser.add_argument("--name", default="ablation", help="results file name (experiments/results/NAME.{json,md})")

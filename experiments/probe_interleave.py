@@ -20,28 +20,15 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 from _record import host_info, host_lines, record  # this folder is on sys.path when run as a script
 from ablation import PROBLEMS, warm_start
 from envs.calibrate import load_calibration
 from graphs.problem import Candidate, PlacementProblem, build_problem
 from graphs.workload import load_workload
-from placer.baselines.common import contiguous_split
-from placer.baselines.repair import repair
+from placer.baselines.pipeline import interleaved_stages
 from placer.book import MeasurementBook
 from placer.measurements import UNPLACED, Measurer, Protocol, compare
 from placer.search.scorer import SimulatedScorer
-
-
-def interleaved(problem: PlacementProblem, chunks: int, microbatches: int) -> Candidate:
-    """The groups cut into chunks x devices contiguous stages of about equal forward +
-    backward time (on device 0's kind), stage i on device i mod devices."""
-    times = problem.costs.fwd_ms[:, 0] + problem.costs.bwd_ms[:, 0]
-    stages = chunks * problem.n_devices
-    blocks = contiguous_split(np.repeat(times[:, None], stages, axis=1), np.zeros(len(times)), np.full(stages, np.inf))
-    placement = repair(problem, np.asarray(blocks) % problem.n_devices)  # colocation may cut across stages
-    return Candidate(tuple(int(d) for d in placement), microbatches)
 
 
 def probe(name: str, args: argparse.Namespace) -> dict:
@@ -53,7 +40,7 @@ def probe(name: str, args: argparse.Namespace) -> dict:
     candidates = {f"{method} (warm start), m={warm.microbatches}": warm}
     for chunks in args.chunks:
         for m in args.microbatches:
-            candidates[f"{chunks} stages a device, m={m}"] = interleaved(problem, chunks, m)
+            candidates[f"{chunks} stages a device, m={m}"] = interleaved_stages(problem, chunks, m)
     simulated = dict(zip(candidates, scorer.score(list(candidates.values()))))
     measurer = Measurer(load_workload(spec), problem, MeasurementBook({"probe_interleave": name}),
                         Protocol(cap_s=args.cap_s))

@@ -201,3 +201,21 @@ def test_a_refused_argument_is_one_line_before_any_work(ablation, monkeypatch, c
         ablation.main()
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.strip().splitlines()[-1].startswith(f"ablation.py: error: {says}")
+
+
+def test_the_interleaved_start_is_the_best_of_the_heuristics_and_rl_s_interleaved_starts(ablation):
+    from graphs.devices import parse_cluster
+    from graphs.problem import PlacementProblem
+    from placer.rl.starts import interleaved_candidates
+    from placer.search.scorer import SimulatedScorer
+    from tests.test_pipeline import chain
+
+    # a chain of 24 equal groups on 4 devices, micro-batches nearly free: interleaved stages shorten the bubble
+    graph = chain([{"cpu": 1.0}] * 24, table={1: 10.0, 2: 10.5, 4: 11.0})
+    problem = PlacementProblem(graph, parse_cluster("cpu:0,cpu:1,cpu:2,cpu:3"))
+    scorer = SimulatedScorer(problem)
+    plain = ablation.warm_start(problem, scorer)
+    name, candidate, ms = ablation.warm_start(problem, scorer, interleaved=True)
+    starts = interleaved_candidates(problem, (1, 2, 4))
+    assert plain[0] == "pipeline" and name == "interleaved"
+    assert candidate in starts and ms == min(scorer.score(starts)) < plain[2]

@@ -250,14 +250,27 @@ def test_block_candidates_are_a_few_contiguous_stages_keeping_colocation():
     assert max(sum(a != b for a, b in zip(c.placement, c.placement[1:])) for c in uniform) >= 2 * problem.n_devices
 
 
-def test_rl_starts_every_micro_batch_count_from_stage_like_and_scattered_candidates():
-    from placer.rl.trainer import seed_candidates
+def test_rl_starts_every_micro_batch_count_from_interleaved_stage_like_and_scattered_candidates():
+    from placer.baselines.pipeline import interleaved_stages
+    from placer.rl.starts import interleaved_candidates, seed_candidates
 
     problem = synthetic(24, tied_pairs=0)
-    batch = seed_candidates(problem, Candidate((0,) * 24), (1, 2, 4), 16, seed=3)
+    batch = seed_candidates(problem, Candidate((0,) * 24), (1, 2, 4), 20, seed=3)
     assert batch[:2] == [Candidate((0,) * 24, 2), Candidate((0,) * 24, 4)]  # the warm start at the other counts
-    rng = np.random.default_rng(3)  # then 7 stage-like candidates and 7 uniformly random ones
-    assert batch[2:] == block_candidates(problem, (1, 2, 4), rng, 7) + random_candidates(problem, (1, 2, 4), rng, 7)
+    # interleaved stages: 2, 3, 4 and 6 stages a device on 3 devices (at most 24 stages), at 2 and 4 micro-batches
+    interleaved = interleaved_candidates(problem, (1, 2, 4))
+    assert set(interleaved) == {interleaved_stages(problem, c, m) for c in (2, 3, 4, 6) for m in (2, 4)}
+    assert len(set(interleaved)) == len(interleaved)  # each plan once
+    k = 2 + len(interleaved)
+    assert batch[2:k] == interleaved
+    rng = np.random.default_rng(3)  # then half stage-like candidates, half uniformly random ones
+    half = (20 - k) // 2
+    assert batch[k:] == (block_candidates(problem, (1, 2, 4), rng, half)
+                         + random_candidates(problem, (1, 2, 4), rng, 20 - k - half))
+    # a restart draws other random candidates, and no interleaved ones (they are scored already)
+    again = seed_candidates(problem, None, (1, 2, 4), 20, seed=3, start=1)
+    rng = np.random.default_rng([3, 1])
+    assert again == block_candidates(problem, (1, 2, 4), rng, 10) + random_candidates(problem, (1, 2, 4), rng, 10)
 
 
 def test_overrides_read_each_field_as_its_type_and_refuse_unknown_ones():

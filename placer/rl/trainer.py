@@ -7,10 +7,11 @@ The loop (`train`), in the order it runs:
    micro-batch count the problem allows, until the policy gives it a mean per-group
    probability of 1 - explore_groups / groups, so that the search starts from the
    heuristic, not from random;
-2. the first round (`seed_candidates`) scores the warm start at the other counts and fills
-   `first_round` batches (at most a quarter of max_samples), half with random stage-like
-   candidates (placer.search.random_search.block_candidates), half with uniformly random
-   ones; then each count's best so far is imitated as in 1. Every count keeps its own
+2. the first round (placer.rl.starts.seed_candidates) scores the warm start at the other
+   counts and interleaved stages, and fills `first_round` batches (at most a quarter of
+   max_samples), half with random stage-like candidates (placer.search.random_search.
+   block_candidates), half with uniformly random ones; then each count's best so far is
+   imitated as in 1. Every count keeps its own
    incumbent (placer.rl.counts): a pipelined plan may want a placement far from an
    unpipelined warm start (spread over every device), which a random one starts nearer.
    Both kinds, because the search, which samples around its incumbents, stays near its
@@ -60,7 +61,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from envs.reward import RewardRule, reference_ms
@@ -68,17 +68,15 @@ from graphs.problem import Candidate, Placement, PlacementProblem
 from placer.rl.checkpoint import read_checkpoint, restore, save_checkpoint, save_policy
 from placer.rl.counts import Incumbents, best_for, draw_weights, fastest_ms, leader, learn, rescore
 from placer.rl.policy import MICROBATCH_CHOICES, Seq2SeqPolicy, microbatch_indices
+from placer.rl.starts import seed_candidates
 from placer.rl.updates import advantage, ppo_update, reinforce_update
 from placer.search.config import SearchConfig, microbatch_options
-from placer.search.random_search import block_candidates, random_candidates
 from placer.search.state import (Clock, SearchResult, SearchState, as_candidate, budget_left, closing_reserve,
                                  final_round, measure_round, refit, round_size)
 
 __all__ = ["TrainConfig", "train", "reward_rule"]
 
 ALGOS = ("reinforce", "ppo")
-
-
 @dataclass
 class TrainConfig(SearchConfig):
     """The RL search's settings: SearchConfig's budget and cadence, and the learner's own."""
@@ -406,20 +404,6 @@ def first_round_batches(config: TrainConfig) -> int:
     """`first_round`, at most a quarter of `max_samples` in whole batches (rounds left to learn in)."""
     cap = math.inf if config.max_samples is None else math.ceil(config.max_samples / (4 * config.batch_size))
     return max(1, min(config.first_round, cap))
-
-
-def seed_candidates(problem: PlacementProblem, warm_start: Candidate | None, options: Sequence[int], n: int,
-                    seed: int, start: int = 0) -> list[Candidate]:
-    """The first round's n candidates: the warm start's placement at each other micro-batch
-    count of `options`, then half random stage-like candidates (placer.search.random_search.
-    block_candidates), half uniformly random ones, so that a count whose good placements
-    lie far from the warm start's (a pipelined plan over every device) starts from one of them.
-    `start` numbers the search's starts (0: the first): each draws other random candidates."""
-    others = [Candidate(warm_start.placement, m) for m in options if m != warm_start.microbatches] if warm_start else []
-    rng = np.random.default_rng(seed if start == 0 else [seed, start])  # start 0 as before restarts existed
-    rest = max(0, n - len(others))
-    blocks = block_candidates(problem, options, rng, rest // 2)
-    return (others + blocks + random_candidates(problem, options, rng, rest - len(blocks)))[:n]
 
 
 def imitate(policy: Seq2SeqPolicy, candidates: Sequence[Candidate], config: TrainConfig) -> None:
