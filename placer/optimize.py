@@ -199,8 +199,14 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     except InfeasibleError as exc:
         raise _no_placement([str(exc)]) from exc
     refusal = microbatches_off(loaded, problem)
-    if refusal and any(m > 1 for m in search.config(budget_s, seed).microbatches or ()):
+    asked = search.config(budget_s, seed).microbatches or ()
+    if refusal and any(m > 1 for m in asked):
         raise PlacerError(f"--search microbatches: {refusal}")
+    missing = sorted(set(asked) - set(microbatch_options(problem)))
+    if missing:  # no step time to simulate them by: every candidate would score infeasible
+        raise PlacerError(f"--search microbatches: the profile has no step time at {', '.join(map(str, missing))} "
+                          f"micro-batch(es) (the model could not run, or was not timed, at batch / m); choose among "
+                          f"{', '.join(map(str, microbatch_options(problem)))}")
     if resume:
         check_resume(book_path, identity, ("fingerprint",))
     book = MeasurementBook(identity, book_path, warn)

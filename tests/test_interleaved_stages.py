@@ -33,3 +33,16 @@ def test_a_group_sharing_a_parameter_keeps_its_partner_s_device():
     leader = problem.colocation_leader
     assert any(leader[g] != g for g in range(36))
     assert all(placement[g] == placement[leader[g]] for g in range(36))
+
+
+def test_rl_scores_interleaved_stages_only_where_they_can_pipeline():
+    from placer.rl.starts import interleaved_candidates
+
+    chain = random_grouped_graph(12, seed=2, tied_pairs=0)
+    two = PlacementProblem(chain, parse_cluster("cpu:0,cpu:1"))
+    assert interleaved_candidates(two, (1,)) == []  # no micro-batches (e.g. BatchNorm): nothing to interleave
+    assert interleaved_candidates(PlacementProblem(chain, parse_cluster("cpu:0")), (1, 2)) == []  # one device
+    # 12 groups on 4 devices hold 2 and 3 stages a device, not 4 or 6
+    four = PlacementProblem(chain, parse_cluster("cpu:0,cpu:1,cpu:2,cpu:3"))
+    assert set(interleaved_candidates(four, (1, 4))) == {interleaved_stages(four, c, 4) for c in (2, 3)}
+    assert all(c.microbatches == 4 for c in interleaved_candidates(two, (1, 4)))

@@ -87,6 +87,18 @@ def test_asking_for_micro_batches_of_a_refused_model_is_one_line(normed, tmp_pat
                      warn=lambda text: None)
 
 
+def test_asking_for_a_micro_batch_count_the_profile_did_not_time_is_one_line(normed, tmp_path):
+    # new-user trial s25: microbatches=3 was an internal error; a count the profile could not run at batch / m
+    # left every RL sample infeasible and the method's row missing without a word
+    accepting = tmp_path / "accepting.py"
+    accepting.write_text(NORMED + "\nmicrobatch_statistics = True\n")
+    with pytest.raises(PlacerError, match=r"--search microbatches: the profile has no step time at 3 micro-batch.*"
+                                          r"choose among 1, 2"):
+        job.optimize(str(accepting), devices="cpu:0,cpu:1", budget_s=5.0, out_dir=tmp_path / "out", methods=["rl"],
+                     protocol=PROTOCOL, search=SearchOptions(overrides=("microbatches=2,3",)),
+                     warn=lambda text: None)
+
+
 LOSS_INSIDE = '''
 import torch
 from torch import nn

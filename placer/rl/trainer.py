@@ -77,6 +77,8 @@ from placer.search.state import (Clock, SearchResult, SearchState, as_candidate,
 __all__ = ["TrainConfig", "train", "reward_rule"]
 
 ALGOS = ("reinforce", "ppo")
+
+
 @dataclass
 class TrainConfig(SearchConfig):
     """The RL search's settings: SearchConfig's budget and cadence, and the learner's own."""
@@ -105,7 +107,8 @@ class TrainConfig(SearchConfig):
     policy gives it less than the target per group (explore_groups): keeps the policy
     sampling around the incumbents."""
     first_round: int = 16
-    """Batches the first round (seed_candidates) scores. The search stays near the start it imitates, so the
+    """Batches the first round (placer.rl.starts.seed_candidates: the warm start at the other micro-batch
+    counts, interleaved stages, random stage-like and uniformly random candidates) scores. The search stays near the start it imitates, so the
     start decides a seed: with one batch (about 3 starts per micro-batch count) RL lost to local_search on 2 of
     3 seeds of transformer@4 and 1 of mlp@4; with 4 or 8 batches on one of them; with 16 on none (simulated)."""
     restart_patience: int | None = 20
