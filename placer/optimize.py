@@ -202,11 +202,12 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     asked = search.config(budget_s, seed).microbatches or ()
     if refusal and any(m > 1 for m in asked):
         raise PlacerError(f"--search microbatches: {refusal}")
-    missing = sorted(set(asked) - set(microbatch_options(problem)))
+    allowed = microbatch_options(problem)
+    missing = sorted(set(asked) - set(allowed))
     if missing:  # no step time to simulate them by: every candidate would score infeasible
         raise PlacerError(f"--search microbatches: the profile has no step time at {', '.join(map(str, missing))} "
                           f"micro-batch(es) (the model could not run, or was not timed, at batch / m); choose among "
-                          f"{', '.join(map(str, microbatch_options(problem)))}")
+                          f"{', '.join(map(str, allowed))}")
     if resume:
         check_resume(book_path, identity, ("fingerprint",))
     book = MeasurementBook(identity, book_path, warn)

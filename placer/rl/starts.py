@@ -21,7 +21,8 @@ __all__ = ["seed_candidates", "interleaved_candidates"]
 INTERLEAVED_CHUNKS = (2, 3, 4, 6)
 """Stages a device of the interleaved plans RL's first round scores. Simulated on 4 devices, the best plan had
 4 (mlp@4, 30% faster than the pipeline heuristic, a plan RL found from random starts on 1 seed of 3), 6 (gpt@4)
-or 3 and 4 (transformer@4, gpt@8) (experiments/results/ablation_clusters_*_s25.md)."""
+or 3 and 4 (transformer@4, gpt@8); docs/results.md, "Larger clusters (simulated), RL starting from interleaved
+stages too"."""
 
 
 def seed_candidates(problem: PlacementProblem, warm_start: Candidate | None, options: Sequence[int], n: int,
