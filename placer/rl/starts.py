@@ -48,6 +48,7 @@ def interleaved_candidates(problem: PlacementProblem, options: Sequence[int],
     stages a device that leaves every stage a group, and each micro-batch count of `options`
     above 1 (without micro-batches, several stages a device only add crossings), each once (a group
     slower than a stage's share leaves stages empty, so two counts of stages may make one plan)."""
+    if problem.n_devices < 2:
+        return []
     return list(dict.fromkeys(interleaved_stages(problem, c, m) for c in chunks
-                              if c * problem.n_devices <= problem.n_groups
-                              for m in options if m > 1 and problem.n_devices > 1))
+                              if c * problem.n_devices <= problem.n_groups for m in options if m > 1))
