@@ -18,7 +18,8 @@ next op of its module, so it belongs to its layer.
       graphs.capture.input_batch_dims reads them; absent without a tensor input); after
       profiling `device_kinds`, `microbatch_step_ms_by_kind` ({kind: {m: m x ms of a
       whole training step at batch/m}} for m in 1, 2, 4, 8 where the batch divides and
-      the model runs), `microbatch_step_ms` (the first kind's table) and
+      the model runs), `microbatch_step_ms` (the first kind's table),
+      `microbatch_absent` ({m: why the first kind's table has no step at m}) and
       `profile_scale` ({kind: the factor every node's time was scaled by so that they
       add up to a measured whole step}), `whole_step_spread` ({kind: the least of the
       whole steps timed at the full batch over their median, <= 1}).
@@ -38,7 +39,7 @@ next op of its module, so it belongs to its layer.
 order of the (acyclic) quotient graph.
   graph attrs: `name`, `fingerprint`, `device_kinds`, `colocate` (list of lists of
       group ids that must share a device), and the OpGraph's `batch_size`,
-      `microbatch_step_ms`, `microbatch_step_ms_by_kind`, `profile_scale` and
+      `microbatch_step_ms`, `microbatch_step_ms_by_kind`, `microbatch_absent`, `profile_scale` and
       `whole_step_spread` where it has them (graphs.group.COPIED_ATTRS: bounds and the
       simulator read them there).
   node attrs: `name` (readable: a module path), `members` (list of op node names),

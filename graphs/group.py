@@ -28,8 +28,8 @@ import networkx as nx
 ZERO_COST_TYPES = frozenset({"input", "output", "param", "reshape"})
 OP_FLOOR_MS = 1e-3  # every op costs at least this much when balancing groups (launch overhead)
 CAP_FACTOR = 2.0  # a group may grow to CAP_FACTOR x the average group cost before merges are last-resort
-COPIED_ATTRS = ("batch_size", "microbatch_step_ms", "microbatch_step_ms_by_kind", "profile_scale",
-                "whole_step_spread")
+COPIED_ATTRS = ("batch_size", "microbatch_step_ms", "microbatch_step_ms_by_kind", "microbatch_absent",
+                "profile_scale", "whole_step_spread")
 
 
 def group(ops: nx.DiGraph, max_groups: int = 256) -> nx.DiGraph:

@@ -14,21 +14,21 @@ How each number is obtained (all on a private copy of the model, so the user's w
 - whole training steps of the model (zero-grad, forward, loss, backward, optimizer step; the median of rounds
   that take every micro-batch count in turn, each sample after a warm-up step: _microbatch_step_samples) give
   the total the node times are scaled to, their least over their median (`whole_step_spread`, for the lower
-  bound), and, run at batch / m for m in MICROBATCHES where the batch (every input's length along its batch
-  dimension: the workload's `batch_dims`, else 0) divides, the cost of m micro-batches:
+  bound), and, run at batch / m for m in MICROBATCHES where the batch (the first input's length along its
+  batch dimension: the workload's `batch_dims`, else 0) divides, the cost of m micro-batches:
   `graph["microbatch_step_ms"] = {m: m x ms of a step at batch / m}` on the first profiled kind
-  (`graph["microbatch_step_ms_by_kind"]`: every kind's), which the simulator scales node costs by.
+  (`graph["microbatch_step_ms_by_kind"]`: every kind's), which the simulator scales node costs by, and
+  `graph["microbatch_absent"] = {m: why no step was timed at batch / m}` (the notes tell users).
 A shared parameter is counted at its first user only. The graph profiled is the one the runtime runs: captured
 again from the private copy the same way (graphs.trace), checked by fingerprint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import networkx as nx
@@ -41,21 +41,20 @@ from graphs.capture import NodeFailure, failure_on_inputs, input_batch_dims
 from graphs.errors import CaptureError, DeviceSpecError, WorkloadError, exit_error
 from graphs.files import cache_dir as default_cache_dir
 from graphs.node_values import as_leaf, rebuilt
+from graphs.timing import cpu_threads, state_kept, time_ms
 from graphs.trace import fingerprint, is_pure, trace_model
 from graphs.workload import Workload, first_line
 
 KINDS = ("cpu", "cuda")
-MIN_SAMPLE_MS = 0.5  # each timing sample runs a node this long at least
-MAX_INNER = 1000  # ... but repeats a tiny node at most this often per sample
-NODE_BUDGET_MS = 200.0  # no further samples once a node's calls (its warm-up too) took this long
 WHOLE_STEP_REPEATS = 3  # rounds of whole steps timed to scale the node times (each may take seconds) ...
 WHOLE_STEP_ROUNDS = 9  # ... and more, up to this many, while the rounds so far took under
 WHOLE_STEP_BUDGET_MS = 1000.0  # this long: a short step is noisy (+-30% step to step on a 2-core VM)
 MICROBATCHES = (1, 2, 4, 8)  # micro-batch counts whose whole-step cost is measured
-CACHE_VERSION = 7  # 2: node times scaled to the measured whole step; 3: export capture, micro-batch steps;
+CACHE_VERSION = 8  # 2: node times scaled to the measured whole step; 3: export capture, micro-batch steps;
 # 4: the scale factor kept (profile_scale); 5: micro-batches sliced along batch_dims (in the key);
 # 6: a slow call's warm-up no longer counted as a sample (time_ms); 7: more rounds of short whole steps,
-# and their least over their median kept (whole_step_spread)
+# and their least over their median kept (whole_step_spread); 8: the batch split as the runtime splits it, and why a
+# micro-batch count is absent (microbatch_absent)
 
 Progress = Callable[[int, int], None]
 
@@ -101,36 +100,6 @@ def profile(ops: nx.DiGraph, workload: Workload, kinds: Sequence[str] = ("cpu",)
     return _annotated(ops, results)
 
 
-def time_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None],
-            budget_ms: float = NODE_BUDGET_MS) -> tuple[float, object]:
-    """(median ms of `fn` over up to `repeats` samples, its last result). A first call
-    warms up and calibrates how many calls one sample needs to last MIN_SAMPLE_MS; it
-    is never a sample, even for a slow `fn` (one call per sample): a first call pays
-    for caches, allocations and an optimizer's first state, and with 3 samples it
-    would make the median the slower of the two real ones (whole steps ~10% high).
-    Sampling stops early, after one sample at least, once the calls (the first
-    included) took `budget_ms`."""
-    result, first_ms = _timed(fn, 1, sync)
-    inner = max(1, min(MAX_INNER, int(MIN_SAMPLE_MS / max(first_ms, 1e-6))))
-    samples: list[float] = []
-    spent_ms = first_ms
-    while len(samples) < max(1, repeats) and not (samples and spent_ms >= budget_ms):
-        result, ms = _timed(fn, inner, sync)
-        samples.append(ms)
-        spent_ms += ms * inner
-    return statistics.median(samples), result
-
-
-def _timed(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> tuple[object, float]:
-    """(last result, ms per call) of `calls` back-to-back calls."""
-    sync()
-    start = time.perf_counter()
-    for _ in range(calls):
-        result = fn()
-    sync()
-    return result, (time.perf_counter() - start) * 1e3 / calls
-
-
 def _measure(ops: nx.DiGraph, workload: Workload, device: torch.device, repeats: int,
              progress: Progress | None) -> dict:
     """{"nodes": {node name: {fwd_ms, bwd_ms, opt_ms, param_bytes, grad_bytes, opt_bytes,
@@ -151,7 +120,7 @@ def _measure(ops: nx.DiGraph, workload: Workload, device: torch.device, repeats:
 
     opt_state_bytes, step_ms = _optimizer_step(model, workload, repeats, sync)
     recorder = _Recorder(gm, model)
-    with _state_kept(model):
+    with state_kept(model):
         try:
             recorder.record(*traced.bind(inputs, {}).values())
         except NodeFailure as failure:  # the model on its inputs (a WorkloadError), or the capture (placer's bug)
@@ -184,19 +153,22 @@ def _measure(ops: nx.DiGraph, workload: Workload, device: torch.device, repeats:
                              "act_bytes": recorder.saved_bytes.get(node.name, 0)}
         if progress is not None:
             progress(done, len(nodes))
-    samples = _microbatch_step_samples(model, workload, inputs, repeats, sync)
+    samples, absent = _microbatch_step_samples(model, workload, inputs, repeats, sync)
     steps = {m: statistics.median(ms) for m, ms in samples.items()}
     scale = _scale_to_whole_step(result, steps[1])
-    return {"nodes": result, "microbatch_step_ms": steps, "profile_scale": scale,
+    return {"nodes": result, "microbatch_step_ms": steps, "microbatch_absent": absent, "profile_scale": scale,
             "whole_step_spread": min(samples[1]) / steps[1] if steps[1] > 0 else 1.0}
 
 
 def _microbatch_step_samples(model: torch.nn.Module, workload: Workload, inputs: tuple, repeats: int,
-                            sync) -> dict[int, list[float]]:
-    """{m: samples of m x ms of one real training step (zero-grad, forward, loss, backward, optimizer step)
-    at batch / m}, on the profiled device, for each m in MICROBATCHES that divides the batch (every input's
-    length along its batch dimension, the workload's `batch_dims` else 0, one for all) and at whose size the
-    model runs (BatchNorm refuses a batch of one, say). m = 1 is the whole step; its failure is a WorkloadError.
+                            sync) -> tuple[dict[int, list[float]], dict[int, str]]:
+    """({m: samples of m x ms of one real training step (zero-grad, forward, loss, backward, optimizer step)
+    at batch / m}, {m: why there is none}), on the profiled device, for each m in MICROBATCHES. The batch is
+    split as the runtime splits it (placer.runtime.microbatch.split_dims): the first input with a batch
+    dimension (the workload's `batch_dims`, else 0) gives its length, every input as long along its own is
+    split, the others go whole to every micro-batch. A count is absent where it does not divide the batch or
+    the model does not run at its size (BatchNorm refuses a batch of one, say). m = 1 is the whole step; its
+    failure is a WorkloadError.
 
     The counts are timed in rounds, each taking every count in turn (one sample after its own warm-up call),
     and the profile keeps each count's median: a burst of load on the host then disturbs one sample of every
@@ -207,11 +179,14 @@ def _microbatch_step_samples(model: torch.nn.Module, workload: Workload, inputs:
     5.96-8.94 ms in three rounds, and a median of three then set the lower bound's costs 20% above the steps
     measured seconds later (tests/test_bounds.py)."""
     dims = input_batch_dims(model, inputs, workload.batch_dims)
-    sizes = {t.shape[d] if t.dim() > d else None for t, d in zip(inputs, dims) if d is not None}
-    batch = sizes.pop() if len(sizes) == 1 else None
-    parts = {m: tuple(t if d is None else t.narrow(d, 0, t.shape[d] // m) for t, d in zip(inputs, dims)) if m > 1
-             else inputs
-             for m in MICROBATCHES if m == 1 or (batch and batch % m == 0)}
+    lengths = [t.shape[d] if d is not None and t.dim() > d else None for t, d in zip(inputs, dims)]
+    batch = next((n for n in lengths if n is not None), None)
+    absent = {m: (f"the batch of {batch} rows does not divide into m" if batch else
+                  "no input has a batch dimension to split (each is 0-dimensional or marked None in batch_dims)")
+              for m in MICROBATCHES if m > 1 and not (batch and batch % m == 0)}
+    parts = {m: tuple(t.narrow(d, 0, n // m) if n is not None and n == batch else t
+                      for t, d, n in zip(inputs, dims, lengths))
+             for m in MICROBATCHES if m not in absent}
     samples: dict[int, list[float]] = {m: [] for m in parts}
     least = max(1, min(repeats, WHOLE_STEP_REPEATS))
     most = WHOLE_STEP_ROUNDS if repeats >= WHOLE_STEP_REPEATS else least
@@ -221,11 +196,13 @@ def _microbatch_step_samples(model: torch.nn.Module, workload: Workload, inputs:
         for m in list(samples):
             try:
                 samples[m].append(m * _whole_step_ms(model, workload, parts[m], 1, sync))
-            except WorkloadError:
+            except WorkloadError as exc:
                 if m == 1:
                     raise
+                cause = exc.__cause__ or exc
+                absent[m] = f"a training step at batch / m fails: {type(cause).__name__}: {first_line(cause)}"
                 del samples[m]
-    return samples
+    return samples, absent
 
 
 def _whole_step_ms(model: torch.nn.Module, workload: Workload, inputs: tuple, repeats: int, sync) -> float:
@@ -238,7 +215,7 @@ def _whole_step_ms(model: torch.nn.Module, workload: Workload, inputs: tuple, re
         workload.loss_fn(model(*inputs), *inputs).backward()
         optimizer.step()
 
-    with _state_kept(model):
+    with state_kept(model):
         try:
             ms, _ = time_ms(step, min(repeats, WHOLE_STEP_REPEATS), sync, budget_ms=float("inf"))
         except WorkloadError:
@@ -251,20 +228,6 @@ def _whole_step_ms(model: torch.nn.Module, workload: Workload, inputs: tuple, re
                                 f"loss_fn(model(*inputs), *inputs).backward(), the optimizer's step): run it there "
                                 f"to find the line") from exc
     return ms
-
-
-@contextlib.contextmanager
-def _state_kept(model: torch.nn.Module):
-    """Restore every parameter and buffer value (a forward may update buffers; a step
-    changes weights) and drop gradients afterwards."""
-    snapshot = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for k, v in model.state_dict(keep_vars=True).items():
-                v.copy_(snapshot[k])
-        model.zero_grad(set_to_none=True)
 
 
 def _scale_to_whole_step(result: dict[str, dict], step_ms: float) -> float:
@@ -384,6 +347,7 @@ def _annotated(ops: nx.DiGraph, results: dict[str, dict]) -> nx.DiGraph:
     by_kind = {kind: dict(r["microbatch_step_ms"]) for kind, r in results.items()}
     g.graph["microbatch_step_ms"] = next(iter(by_kind.values()))  # seam 4: the first kind's
     g.graph["microbatch_step_ms_by_kind"] = by_kind
+    g.graph["microbatch_absent"] = {int(m): why for m, why in next(iter(results.values()))["microbatch_absent"].items()}
     g.graph["profile_scale"] = {kind: float(r["profile_scale"]) for kind, r in results.items()}
     g.graph["whole_step_spread"] = {kind: float(r["whole_step_spread"]) for kind, r in results.items()}
     first = next(iter(results.values()))["nodes"]
@@ -417,18 +381,6 @@ def _cache_key(ops: nx.DiGraph, workload: Workload, kind: str, threads: int | No
 
 
 # --- small helpers -----------------------------------------------------------------
-
-@contextlib.contextmanager
-def cpu_threads(threads: int | None) -> Iterator[None]:
-    """The block run with torch's intra-op thread count at `threads` (None, 0: as it is), restored after."""
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
 
 def _tensors(value) -> list[torch.Tensor]:
     found = []

@@ -17,7 +17,7 @@ from graphs.devices import host_cores
 from graphs.problem import PlacementProblem, build_problem
 from graphs.summary import summarize
 from graphs.workload import Workload, load_workload
-from placer.microbatch_policy import microbatches_off
+from placer.microbatch_policy import microbatch_notes, microbatches_off
 from placer.optimize import bounds_of
 
 __all__ = ["inspect_summary", "bound_as_optimize"]
@@ -43,7 +43,7 @@ def inspect_summary(workload: str, devices: str | None, max_groups: int) -> dict
     return summarize(problem.ops, problem.groups, [d.kind for d in cluster],
                      bound=bound_as_optimize(loaded, problem, calibration),
                      notes=[*loaded.notes, f"lower bound as optimize's report gives it, {basis}",
-                            *([shares] if shares else []), *([f"micro-batches off: {refusal}"] if refusal else [])],
+                            *([shares] if shares else []), *microbatch_notes(problem, refusal)],
                      device_names=[d.name for d in cluster])
 
 

@@ -28,14 +28,17 @@ author can follow before optimizing again.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import fx
 
 from graphs.problem import PlacementProblem
+from graphs.profile import MICROBATCHES
 from graphs.trace import in_mode
 from graphs.trace_inputs import BATCH_FREE, reads_inputs
 from graphs.workload import Workload
 
-__all__ = ["microbatches_off", "scalar_output"]
+__all__ = ["absent_counts", "microbatch_notes", "microbatches_off", "scalar_output"]
 
 
 def microbatches_off(loaded: Workload, problem: PlacementProblem) -> str | None:
@@ -80,6 +83,29 @@ def scalar_output(graph: fx.Graph, source: str) -> str | None:
                     f"inside the model; micro-batches' values of it cannot be gathered: compute it in loss_fn to "
                     f"allow micro-batches")
     return None
+
+
+def absent_counts(problem: PlacementProblem, counts: Iterable[int]) -> str:
+    """Why the profile timed no step at each of `counts` (graphs.profile's `microbatch_absent`: the batch
+    does not divide, or the model fails at batch / m; else that graphs.profile.MICROBATCHES lacks it),
+    one clause per reason: "m = 4, 8: the batch of 6 rows does not divide into m"."""
+    known = problem.groups.graph.get("microbatch_absent") or {}
+    by_reason: dict[str, list[str]] = {}
+    for m in sorted(counts):
+        why = known.get(m) or (f"placer profiles only {', '.join(map(str, MICROBATCHES))}" if m not in MICROBATCHES
+                               else "not profiled (the model could not run, or was not timed, at batch / m)")
+        by_reason.setdefault(why, []).append(str(m))
+    return "; ".join(f"m = {', '.join(ms)}: {why}" for why, ms in by_reason.items())
+
+
+def microbatch_notes(problem: PlacementProblem, refusal: str | None) -> list[str]:
+    """The notes optimize and inspect give about micro-batches: why they are off (`refusal`, from
+    microbatches_off), else which counts the profile could not time and why (absent_counts); [] when
+    every count is open."""
+    if refusal:
+        return [f"micro-batches off: {refusal}"]
+    absent = problem.groups.graph.get("microbatch_absent") or {}
+    return [f"micro-batch counts unavailable: {absent_counts(problem, absent)}"] if absent else []
 
 
 def _only_one(table: dict | None) -> dict | None:

@@ -38,7 +38,7 @@ from placer.baselines import HEURISTICS
 from placer.baselines.common import colocation_units, require_fit
 from placer.choose import confirm, fill, pick, settle_ratios, share_measurements, verdict_choice
 from placer.interrupts import Terminated, interruption
-from placer.microbatch_policy import microbatches_off
+from placer.microbatch_policy import absent_counts, microbatch_notes, microbatches_off
 from placer.book import MeasurementBook, candidate_key
 from placer.measurements import UNPLACED, Measurer, Protocol, unplaced_device, unplaced_plan
 from placer.plan import Plan, make_plan
@@ -205,9 +205,8 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     allowed = microbatch_options(problem)
     missing = sorted(set(asked) - set(allowed))
     if missing:  # no step time to simulate them by: every candidate would score infeasible
-        raise PlacerError(f"--search microbatches: the profile has no step time at {', '.join(map(str, missing))} "
-                          f"micro-batch(es) (the model could not run, or was not timed, at batch / m); choose among "
-                          f"{', '.join(map(str, allowed))}")
+        raise PlacerError(f"--search microbatches: the profile has no step time at {absent_counts(problem, missing)}; "
+                          f"choose among {', '.join(map(str, allowed))}")
     if resume:
         check_resume(book_path, identity, ("fingerprint",))
     book = MeasurementBook(identity, book_path, warn)
@@ -219,7 +218,7 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
                       reward=reward, protocol=protocol.to_json(), environment=environment(command),
                       search=asdict(search.config(budget_s, seed)) if any(n in SEARCHES for n in names) else {},
                       bounds=bounds_of(problem, calibration),
-                      notes=[*loaded.notes, *([f"micro-batches off: {refusal}"] if refusal else [])])
+                      notes=[*loaded.notes, *microbatch_notes(problem, refusal)])
     try:
         with _measurement_pool(spec, problem, workers, protocol, memory) as pool:
             measurer = Measurer(loaded, problem, book, protocol, pool, progress)

@@ -109,7 +109,7 @@ def run_search(method: str, problem: PlacementProblem, scorer: Scorer, budget_s:
     so far) and return what it adds to the results (SearchOutcome). On --resume, the
     earlier run's curve rows and marks of this search (from out/results.json) are kept.
     """
-    from graphs.profile import cpu_threads
+    from graphs.timing import cpu_threads
     from placer.search import run
 
     config = options.config(budget_s, seed)

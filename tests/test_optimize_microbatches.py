@@ -92,8 +92,8 @@ def test_asking_for_a_micro_batch_count_the_profile_did_not_time_is_one_line(nor
     # left every RL sample infeasible and the method's row missing without a word
     accepting = tmp_path / "accepting.py"
     accepting.write_text(NORMED + "\nmicrobatch_statistics = True\n")
-    with pytest.raises(PlacerError, match=r"--search microbatches: the profile has no step time at 3 micro-batch.*"
-                                          r"choose among 1, 2"):
+    with pytest.raises(PlacerError, match=r"--search microbatches: the profile has no step time at m = 3: placer "
+                                          r"profiles only 1, 2, 4, 8; choose among 1, 2"):
         job.optimize(str(accepting), devices="cpu:0,cpu:1", budget_s=5.0, out_dir=tmp_path / "out", methods=["rl"],
                      protocol=PROTOCOL, search=SearchOptions(overrides=("microbatches=2,3",)),
                      warn=lambda text: None)
@@ -149,6 +149,20 @@ def test_inspect_notes_why_micro_batches_are_off_and_bounds_at_one(tmp_path):
     summary = inspect_summary(str(path), "cpu:0,cpu:1", 48)
     assert any(n.startswith("micro-batches off: ") and "loss computed inside" in n for n in summary["notes"])
     assert summary["lower_bound_microbatches"] == 1
+
+
+def test_inspect_notes_which_micro_batch_counts_the_profile_could_not_time_and_why(tmp_path):
+    from placer.inspect_workload import inspect_summary
+
+    path = tmp_path / "four_rows.py"  # BatchNorm fails on 1 row, at m = 4; m = 8 does not divide 4 rows
+    path.write_text(NORMED.replace("torch.randn(16, 16)", "torch.randn(4, 16)") + "\nmicrobatch_statistics = True\n")
+    [note] = [n for n in inspect_summary(str(path), "cpu:0,cpu:1", 48)["notes"] if "micro-batch" in n]
+    assert note.startswith("micro-batch counts unavailable: m = 4: a training step at batch / m fails: ValueError: "
+                           "Expected more than 1 value per channel")
+    assert note.endswith("; m = 8: the batch of 4 rows does not divide into m") and "\n" not in note
+    full = tmp_path / "full.py"
+    full.write_text(NORMED + "\nmicrobatch_statistics = True\n")
+    assert not [n for n in inspect_summary(str(full), "cpu:0,cpu:1", 48)["notes"] if "micro-batch" in n]
 
 
 def test_a_loss_inside_a_model_captured_by_fx_turns_micro_batches_off_too(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import graphs.profile as profile_module
+import graphs.timing as timing
 from graphs.capture import capture
 from graphs.group import COPIED_ATTRS, group
 from graphs.profile import profile
@@ -229,6 +230,10 @@ def spoil_steps(data: dict) -> None:
     del data["microbatch_step_ms"]
 
 
+def spoil_absent(data: dict) -> None:
+    data["microbatch_absent"] = {"4": 12}  # a reason that is not text
+
+
 def spoil_scale(data: dict) -> None:
     data["profile_scale"] = "2"
 
@@ -238,7 +243,7 @@ def spoil_spread(data: dict) -> None:
 
 
 @pytest.mark.parametrize("spoil", [None, spoil_nan, spoil_negative, spoil_string, spoil_missing, spoil_steps,
-                                   spoil_scale, spoil_spread])
+                                   spoil_absent, spoil_scale, spoil_spread])
 def test_a_corrupt_cache_file_is_a_miss_with_a_warning_and_rewritten(tmp_path, spoil):
     w = make_workload()
     ops = capture(w)
@@ -281,6 +286,7 @@ def test_micro_batch_step_times_for_every_count_that_divides_the_batch(tmp_path)
     g = run(make_workload(), tmp_path)  # batch 16
     steps = g.graph["microbatch_step_ms"]
     assert sorted(steps) == [1, 2, 4, 8] and all(ms > 0 for ms in steps.values())
+    assert g.graph["microbatch_absent"] == {}
     assert g.graph["microbatch_step_ms_by_kind"] == {"cpu": steps}
     assert g.graph["profile_scale"]["cpu"] > 0
     assert 0 < g.graph["whole_step_spread"]["cpu"] <= 1
@@ -290,10 +296,41 @@ def test_micro_batch_step_times_for_every_count_that_divides_the_batch(tmp_path)
     assert {k: grouped.graph[k] for k in COPIED_ATTRS} == {k: g.graph[k] for k in COPIED_ATTRS}
     torch.manual_seed(0)
     odd = Workload(name="odd", spec="odd.py", model=TiedMLP(), inputs=(torch.randint(0, 50, (6, 8)),))
-    assert sorted(run(odd, tmp_path).graph["microbatch_step_ms"]) == [1, 2]
+    g = run(odd, tmp_path).graph
+    assert sorted(g["microbatch_step_ms"]) == [1, 2]
+    assert g["microbatch_absent"] == dict.fromkeys((4, 8), "the batch of 6 rows does not divide into m")
     normed = Workload(name="bn", spec="bn.py", model=nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
                       inputs=(torch.randn(2, 4),))
-    assert sorted(run(normed, tmp_path).graph["microbatch_step_ms"]) == [1]  # BatchNorm refuses a batch of one
+    g = run(normed, tmp_path).graph
+    assert sorted(g["microbatch_step_ms"]) == [1]  # BatchNorm refuses a batch of one
+    assert g["microbatch_absent"][2].startswith("a training step at batch / m fails: ValueError: Expected more than 1")
+    assert g["microbatch_absent"][4] == "the batch of 2 rows does not divide into m"
+    cached = run(normed, tmp_path).graph
+    assert cached["microbatch_absent"] == g["microbatch_absent"]
+
+
+class Scaled(nn.Module):
+    """x: [batch, 4]; table: [5, 4], not batched (rows of its own); scale: a 0-dimensional tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x, table, scale):
+        return self.fc(x) @ table * scale
+
+
+def test_inputs_not_as_long_as_the_first_go_whole_to_every_micro_batch_as_the_runtime_splits_them(tmp_path):
+    # new-user trial s25: a second input (a table, a scalar) left a model without micro-batches and without a word
+    torch.manual_seed(0)
+    w = Workload(name="scaled", spec="scaled.py", model=Scaled(),
+                 inputs=(torch.randn(16, 4), torch.randn(5, 4), torch.tensor(2.0)))
+    g = run(w, tmp_path)
+    assert sorted(g.graph["microbatch_step_ms"]) == [1, 2, 4, 8] and g.graph["microbatch_absent"] == {}
+    none = Workload(name="scaled", spec="scaled.py", model=Scaled(), inputs=w.inputs,
+                    batch_dims={"x": None, "table": None})
+    assert run(none, tmp_path).graph["microbatch_absent"] == dict.fromkeys(
+        (2, 4, 8), "no input has a batch dimension to split (each is 0-dimensional or marked None in batch_dims)")
 
 
 class FixedSteps(nn.Module):
@@ -386,7 +423,7 @@ def test_a_slow_first_call_warms_up_and_is_not_a_sample(monkeypatch):
     steps' (2), not the slower of the two real steps beside the warm-up (3). A slow
     node past its budget keeps one real sample, not its warm-up."""
     clock = Clock([10.0, 1.0, 3.0, 2.0])
-    monkeypatch.setattr(profile_module, "time", clock)
+    monkeypatch.setattr(timing, "time", clock)
     model = nn.Linear(3, 2)
     before = [p.detach().clone() for p in model.parameters()]
     w = Workload(name="fake", spec="fake.py", model=model, inputs=(torch.randn(4, 3),),
@@ -396,8 +433,8 @@ def test_a_slow_first_call_warms_up_and_is_not_a_sample(monkeypatch):
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # the steps left no trace
 
     clock = Clock([300.0, 250.0])
-    monkeypatch.setattr(profile_module, "time", clock)
-    assert profile_module.time_ms(clock.call, 5, lambda: None, budget_ms=200.0) == (pytest.approx(250.0), 2)
+    monkeypatch.setattr(timing, "time", clock)
+    assert timing.time_ms(clock.call, 5, lambda: None, budget_ms=200.0) == (pytest.approx(250.0), 2)
 
 
 def test_micro_batch_steps_are_timed_in_rounds_so_a_burst_of_load_disturbs_no_count(monkeypatch):
@@ -415,7 +452,8 @@ def test_micro_batch_steps_are_timed_in_rounds_so_a_burst_of_load_disturbs_no_co
 
     monkeypatch.setattr(profile_module, "_whole_step_ms", step_ms)
     w = make_workload()
-    samples = profile_module._microbatch_step_samples(w.model, w, w.inputs, 5, lambda: None)
+    samples, absent = profile_module._microbatch_step_samples(w.model, w, w.inputs, 5, lambda: None)
+    assert absent == {}
     assert calls == [16, 8, 4, 2] * profile_module.WHOLE_STEP_ROUNDS
     assert {m: statistics.median(ms) for m, ms in samples.items()} == {1: 16.0, 2: 16.0, 4: 16.0, 8: 16.0}
     assert min(samples[1]) == 16.0 and max(samples[1]) == 160.0

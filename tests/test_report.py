@@ -519,3 +519,16 @@ def test_the_measurement_target_names_the_pause_before_each_step(results, tmp_pa
     results["protocol"] = {"target": 0.03, "min_runs": 5, "cap_s": 60.0, "pause_ms": 7.5}
     md = write_report(results, tmp_path)["markdown"].read_text()
     assert "CI half-width 3%, at least 5 steps, at most 60 s a session, a 7.5-ms pause before each step" in md
+
+
+def test_the_vs_best_heuristic_column_appears_only_where_a_row_shows_a_ratio(results):
+    # new-user trial s25: where unplaced wins, its last sessions measure no plan beside the heuristic, and the
+    # column showed "-" on every row
+    from placer.report.table import table_cells
+
+    assert "vs best heuristic" in table_cells(results)[0]
+    for row in results["methods"]:
+        row["vs_best_heuristic"] = None
+    headers, cells = table_cells(results)
+    assert "vs best heuristic" not in headers and "vs unplaced" in headers
+    assert all(len(c) == len(headers) for c in cells)

@@ -439,6 +439,11 @@ def test_every_default_search_options_prints_reads_back_through_search():
     ("microbatches=x", "cannot set 'microbatches=x': microbatches takes counts separated by commas or none, "
                        "e.g. microbatches=1,2,4"),
     ("seed=1.5", "cannot set 'seed=1.5': seed takes an integer, e.g. seed=4"),
+    ("learning_rate=0.1", "cannot set 'learning_rate=0.1': no search setting 'learning_rate'; `placer "
+                          "search-options` lists every key"),  # new-user trial s25: was every key, on one line
+    ("batchsize=8", "cannot set 'batchsize=8': no search setting 'batchsize'; did you mean batch_size? `placer "
+                    "search-options` lists every key"),
+    ("lr", "cannot set 'lr': write key=value (`placer search-options` lists every key)"),
 ])
 def test_a_search_setting_out_of_its_range_or_form_is_one_line_naming_field_value_and_range(run_main, tmp_path,
                                                                                             pair, error):

@@ -78,14 +78,19 @@ def table_cells(results: Results | dict) -> tuple[tuple[str, ...], list[list[str
     A `devices` column appears when the placed rows ran on different device sets
     (placer compare of plans made for different devices), a `micro-batches` column
     ("4 gpipe") when a row is pipelined. A row of another session than unplaced's
-    last shows no ratio (whatever an older results.json stored)."""
+    last shows no ratio (whatever an older results.json stored); the `vs best heuristic`
+    column appears only where a row shows one (where unplaced is chosen, its last
+    sessions measure no other plan beside the heuristic: new-user trial s25 saw the
+    column empty in every run)."""
     results = as_results(results)
     rows = comparison_rows(results)
     mixed = len({tuple(r.devices) for r in rows if r.kind != "unplaced"}) > 1
     simulated = results.command == "baseline" and not any(r.measured for r in rows)  # placer baseline, unmeasured
     headers = [h if h != "x lower bound" or not simulated else "simulated x lower bound" for h in TABLE_HEADERS]
     piped = any(r.microbatches > 1 for r in rows)
-    headers = (headers[0], *(["devices"] if mixed else []), *(["micro-batches"] if piped else []), *headers[1:])
+    versus = any(current(results, r) and r.vs_best_heuristic is not None for r in rows)
+    headers = (headers[0], *(["devices"] if mixed else []), *(["micro-batches"] if piped else []),
+               *(h for h in headers[1:] if versus or h != "vs best heuristic"))
     cells = []
     for r in rows:
         shown = current(results, r)
@@ -99,7 +104,8 @@ def table_cells(results: Results | dict) -> tuple[tuple[str, ...], list[list[str
             *([",".join(r.devices) or MISSING] if mixed else []),
             *([f"{r.microbatches} {r.schedule or 'gpipe'}" if r.microbatches > 1 else "1"] if piped else []),
             _num(r.measured_ms if r.feasible else None, ".2f"), ci, str(r.runs) if r.runs else MISSING,
-            format_ratio(r.vs_unplaced if shown else None), format_ratio(r.vs_best_heuristic if shown else None),
+            format_ratio(r.vs_unplaced if shown else None),
+            *([format_ratio(r.vs_best_heuristic if shown else None)] if versus else []),
             _num(r.simulated_ms, ".2f"),
             _num(r.ratio_to_lower_bound if simulated or r.measured else None, ".2f"), memory or MISSING, _num(r.search_s, ".1f"), r.session or MISSING,
             status,

@@ -10,6 +10,7 @@ command line's `key=value` pairs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,8 +127,13 @@ def overrides(config: C, pairs: Sequence[str]) -> C:
     for pair in pairs:
         key, sep, text = pair.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise ValueError(f"cannot set {pair!r}: write key=value with key one of {', '.join(fields)}")
+        if not sep:
+            raise ValueError(f"cannot set {pair!r}: write key=value (`placer search-options` lists every key)")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ValueError(f"cannot set {pair!r}: no search setting {key!r}; {hint}"
+                             f"`placer search-options` lists every key")
         try:
             changes[key] = _parse(text.strip(), hints[key])
         except ValueError:
