@@ -50,11 +50,13 @@ WHOLE_STEP_REPEATS = 3  # rounds of whole steps timed to scale the node times (e
 WHOLE_STEP_ROUNDS = 9  # ... and more, up to this many, while the rounds so far took under
 WHOLE_STEP_BUDGET_MS = 1000.0  # this long: a short step is noisy (+-30% step to step on a 2-core VM)
 MICROBATCHES = (1, 2, 4, 8)  # micro-batch counts whose whole-step cost is measured
-CACHE_VERSION = 8  # 2: node times scaled to the measured whole step; 3: export capture, micro-batch steps;
+CACHE_VERSION = 7  # 2: node times scaled to the measured whole step; 3: export capture, micro-batch steps;
 # 4: the scale factor kept (profile_scale); 5: micro-batches sliced along batch_dims (in the key);
 # 6: a slow call's warm-up no longer counted as a sample (time_ms); 7: more rounds of short whole steps,
-# and their least over their median kept (whole_step_spread); 8: the batch split as the runtime splits it, and why a
-# micro-batch count is absent (microbatch_absent)
+# and their least over their median kept (whole_step_spread). Since s26 the batch is split as the runtime splits it and
+# the profile says why a count is absent (microbatch_absent); a file without that, with every count, is what the new
+# rule makes (the rules differ only for inputs of unequal lengths, which had no count but 1), one without every count
+# is profiled again (_usable)
 
 Progress = Callable[[int, int], None]
 
@@ -86,7 +88,7 @@ def profile(ops: nx.DiGraph, workload: Workload, kinds: Sequence[str] = ("cpu",)
     results, todo = {}, []
     for kind in available:
         key = _cache_key(ops, workload, kind, threads, repeats)
-        cached = profile_cache.load(cache, key, set(ops.nodes))
+        cached = _usable(profile_cache.load(cache, key, set(ops.nodes)))
         if cached is None:
             todo.append((kind, key))
         else:
@@ -98,6 +100,13 @@ def profile(ops: nx.DiGraph, workload: Workload, kinds: Sequence[str] = ("cpu",)
             results[kind] = _measure(ops, workload, torch.device(kind), repeats, step)
         profile_cache.store(cache, key, results[kind])
     return _annotated(ops, results)
+
+
+def _usable(cached: dict | None) -> dict | None:
+    """A cached profile as the current rule would make it (CACHE_VERSION's note), or None: profile again."""
+    if cached is None or cached["microbatch_absent"] is not None:
+        return cached
+    return {**cached, "microbatch_absent": {}} if set(cached["microbatch_step_ms"]) == set(MICROBATCHES) else None
 
 
 def _measure(ops: nx.DiGraph, workload: Workload, device: torch.device, repeats: int,

@@ -27,8 +27,8 @@ def cache_path(cache: Path, key: dict) -> Path:
 
 def load(cache: Path, key: dict, nodes: set[str]) -> dict | None:
     """{"nodes": {node: {field: number}}, "microbatch_step_ms": {m: ms}, "microbatch_absent":
-    {m: why}, "profile_scale": number, "whole_step_spread": number} cached under `key` for
-    exactly `nodes`, or None (a miss)."""
+    {m: why} (None in a file written before s26), "profile_scale": number, "whole_step_spread":
+    number} cached under `key` for exactly `nodes`, or None (a miss)."""
     path = cache_path(cache, key)
     try:
         if not path.exists():
@@ -42,7 +42,8 @@ def load(cache: Path, key: dict, nodes: set[str]) -> dict | None:
         _warn(f"ignoring the profile cache {path}: {problem}")
         return None
     return {"nodes": data["nodes"], "microbatch_step_ms": {int(m): ms for m, ms in data["microbatch_step_ms"].items()},
-            "microbatch_absent": {int(m): why for m, why in data["microbatch_absent"].items()},
+            "microbatch_absent": ({int(m): why for m, why in data["microbatch_absent"].items()}
+                                  if "microbatch_absent" in data else None),
             "profile_scale": data["profile_scale"], "whole_step_spread": data["whole_step_spread"]}
 
 
@@ -73,7 +74,7 @@ def _problem(data, key: dict, nodes: set[str]) -> str | None:
     if not isinstance(steps, dict) or "1" not in steps or not all(
             m.isdigit() and int(m) >= 1 and _number(ms) for m, ms in steps.items()):
         return "micro-batch step times missing or not finite, non-negative numbers"
-    absent = data.get("microbatch_absent")
+    absent = data.get("microbatch_absent", {})  # None on load where absent: made before s26 (graphs.profile)
     if not isinstance(absent, dict) or not all(m.isdigit() and isinstance(why, str) for m, why in absent.items()):
         return "the reasons for absent micro-batch counts missing"
     if not _number(data.get("profile_scale")):

@@ -462,3 +462,27 @@ def test_micro_batch_steps_are_timed_in_rounds_so_a_burst_of_load_disturbs_no_co
         calls.clear()
         profile_module._microbatch_step_samples(w.model, w, w.inputs, repeats, lambda: None)
         assert len(calls) == 4 * rounds
+
+
+def test_a_cache_file_from_before_the_absent_counts_were_kept_serves_only_with_every_count(tmp_path, monkeypatch):
+    # the rule changed (s26) only for inputs of unequal lengths, which got no count but 1: a file with every count is
+    # what the new rule makes; one without every count is profiled again
+    w = make_workload()
+    first = run(w, tmp_path)
+    torch.manual_seed(0)
+    odd = Workload(name="odd", spec="odd.py", model=TiedMLP(), inputs=(torch.randint(0, 50, (6, 8)),))
+    run(odd, tmp_path)
+    for path in tmp_path.glob("profile-*.json"):
+        data = json.loads(path.read_text())
+        del data["microbatch_absent"]
+        path.write_text(json.dumps(data))
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(profile_module, "time_ms", no_timing)
+    again = run(make_workload(), tmp_path)
+    assert again.graph["microbatch_absent"] == {}
+    assert again.graph["microbatch_step_ms"] == first.graph["microbatch_step_ms"]
+    with pytest.raises(AssertionError, match="timed again"):
+        run(odd, tmp_path)
