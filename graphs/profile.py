@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 
 from graphs import profile_cache
-from graphs.capture import NodeFailure, failure_on_inputs, input_batch_dims
+from graphs.capture import NodeFailure, failure_on_inputs, forward_names, input_batch_dims
 from graphs.errors import CaptureError, DeviceSpecError, WorkloadError, exit_error
 from graphs.files import cache_dir as default_cache_dir
 from graphs.node_values import as_leaf, rebuilt
@@ -190,9 +190,14 @@ def _microbatch_step_samples(model: torch.nn.Module, workload: Workload, inputs:
     dims = input_batch_dims(model, inputs, workload.batch_dims)
     lengths = [t.shape[d] if d is not None and t.dim() > d else None for t, d in zip(inputs, dims)]
     batch = next((n for n in lengths if n is not None), None)
-    absent = {m: (f"the batch of {batch} rows does not divide into m" if batch else
+    names = [name or f"#{i}" for i, name in enumerate(forward_names(model, inputs))]  # as messages name inputs
+    split = [name for name, n in zip(names, lengths) if n is not None and n == batch]
+    absent = {m: (f"the batch ({batch} rows of input {split[0]!r}, the first with a batch dimension) does not divide "
+                  f"into m" if batch else
                   "no input has a batch dimension to split (each is 0-dimensional or marked None in batch_dims)")
               for m in MICROBATCHES if m > 1 and not (batch and batch % m == 0)}
+    by_chance = (f" (inputs split: {', '.join(split)}; one not batched but as long as the batch by chance goes whole "
+                 f"to every micro-batch where the workload's batch_dims marks it None)") if len(split) > 1 else ""
     parts = {m: tuple(t.narrow(d, 0, n // m) if n is not None and n == batch else t
                       for t, d, n in zip(inputs, dims, lengths))
              for m in MICROBATCHES if m not in absent}
@@ -209,7 +214,8 @@ def _microbatch_step_samples(model: torch.nn.Module, workload: Workload, inputs:
                 if m == 1:
                     raise
                 cause = exc.__cause__ or exc
-                absent[m] = f"a training step at batch / m fails: {type(cause).__name__}: {first_line(cause)}"
+                absent[m] = (f"a training step at batch / m fails: {type(cause).__name__}: {first_line(cause)}"
+                             f"{by_chance}")
                 del samples[m]
     return samples, absent
 

@@ -159,7 +159,8 @@ def test_inspect_notes_which_micro_batch_counts_the_profile_could_not_time_and_w
     [note] = [n for n in inspect_summary(str(path), "cpu:0,cpu:1", 48)["notes"] if "micro-batch" in n]
     assert note.startswith("micro-batch counts unavailable: m = 4: a training step at batch / m fails: ValueError: "
                            "Expected more than 1 value per channel")
-    assert note.endswith("; m = 8: the batch of 4 rows does not divide into m") and "\n" not in note
+    assert note.endswith("; m = 8: the batch (4 rows of input 'input', the first with a batch dimension) does not "
+                         "divide into m") and "\n" not in note
     full = tmp_path / "full.py"
     full.write_text(NORMED + "\nmicrobatch_statistics = True\n")
     assert not [n for n in inspect_summary(str(full), "cpu:0,cpu:1", 48)["notes"] if "micro-batch" in n]

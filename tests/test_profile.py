@@ -298,13 +298,14 @@ def test_micro_batch_step_times_for_every_count_that_divides_the_batch(tmp_path)
     odd = Workload(name="odd", spec="odd.py", model=TiedMLP(), inputs=(torch.randint(0, 50, (6, 8)),))
     g = run(odd, tmp_path).graph
     assert sorted(g["microbatch_step_ms"]) == [1, 2]
-    assert g["microbatch_absent"] == dict.fromkeys((4, 8), "the batch of 6 rows does not divide into m")
+    assert g["microbatch_absent"] == dict.fromkeys((4, 8), "the batch (6 rows of input 'tokens', the first with a batch dimension) does not divide into m")
     normed = Workload(name="bn", spec="bn.py", model=nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
                       inputs=(torch.randn(2, 4),))
     g = run(normed, tmp_path).graph
     assert sorted(g["microbatch_step_ms"]) == [1]  # BatchNorm refuses a batch of one
     assert g["microbatch_absent"][2].startswith("a training step at batch / m fails: ValueError: Expected more than 1")
-    assert g["microbatch_absent"][4] == "the batch of 2 rows does not divide into m"
+    assert g["microbatch_absent"][4] == ("the batch (2 rows of input 'input', the first with a batch dimension) "
+                                         "does not divide into m")
     cached = run(normed, tmp_path).graph
     assert cached["microbatch_absent"] == g["microbatch_absent"]
 
@@ -331,6 +332,13 @@ def test_inputs_not_as_long_as_the_first_go_whole_to_every_micro_batch_as_the_ru
                     batch_dims={"x": None, "table": None})
     assert run(none, tmp_path).graph["microbatch_absent"] == dict.fromkeys(
         (2, 4, 8), "no input has a batch dimension to split (each is 0-dimensional or marked None in batch_dims)")
+    # new-user trial s26: a per-feature scale of 4 values beside 4 rows is split with them and breaks the model
+    chance = Workload(name="scaled", spec="scaled.py", model=Scaled(),
+                      inputs=(torch.randn(4, 4), torch.randn(5, 4), torch.randn(4)))
+    why = run(chance, tmp_path).graph["microbatch_absent"][2]
+    assert why.startswith("a training step at batch / m fails: RuntimeError: ")
+    assert why.endswith("(inputs split: x, scale; one not batched but as long as the batch by chance goes whole to "
+                        "every micro-batch where the workload's batch_dims marks it None)")
 
 
 class FixedSteps(nn.Module):

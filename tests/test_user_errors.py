@@ -444,6 +444,7 @@ def test_every_default_search_options_prints_reads_back_through_search():
     ("batchsize=8", "cannot set 'batchsize=8': no search setting 'batchsize'; did you mean batch_size? `placer "
                     "search-options` lists every key"),
     ("lr", "cannot set 'lr': write key=value (`placer search-options` lists every key)"),
+    ("LR=-1", "lr=-1.0: give a value >= 0"),  # read as lr (keys ignore case)
 ])
 def test_a_search_setting_out_of_its_range_or_form_is_one_line_naming_field_value_and_range(run_main, tmp_path,
                                                                                             pair, error):

@@ -126,7 +126,7 @@ def overrides(config: C, pairs: Sequence[str]) -> C:
     changes = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
-        key = key.strip().replace("-", "_")
+        key = key.strip().lower().replace("-", "_")
         if not sep:
             raise ValueError(f"cannot set {pair!r}: write key=value (`placer search-options` lists every key)")
         if key not in fields:
