@@ -227,6 +227,7 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
                                     resume, out, progress)
             if pool is not None:
                 results.notes += pool.events
+        results.notes += _refusals(book)
         plan = _finish(results, problem, scorer, interrupt, seed, protocol)
     except KeyboardInterrupt:  # nothing chosen yet: say what is kept
         warn(_kept(book))
@@ -234,6 +235,15 @@ def optimize(workload: str | None = None, devices: str | None = None, memory: st
     progress(Stage("report"))
     results.paths = {k: str(v) for k, v in publish(results, out, plan, warn).items()}
     return results
+
+
+def _refusals(book: MeasurementBook) -> list[str]:
+    """A note on the candidates the runtime refused to run (placer.runtime.refusals: micro-batches that would
+    change what the model computes), with the first one's reason: a search's row otherwise only says that none of
+    them measured faster (new-user trial s26: a reduction over the batch inside the model)."""
+    refused = [m.reason.removeprefix("refused: ") for m in book.entries.values()
+               if not m.feasible and (m.reason or "").startswith("refused: ")]
+    return [f"{len(refused)} measured candidate(s) refused by the runtime, e.g.: {refused[0]}"] if refused else []
 
 
 def _kept(book: MeasurementBook) -> str:

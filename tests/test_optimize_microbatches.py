@@ -175,3 +175,37 @@ def test_a_loss_inside_a_model_captured_by_fx_turns_micro_batches_off_too(tmp_pa
     assert problem.ops.graph["capture"]["method"] == "fx"
     assert "loss computed inside the model" in job.microbatches_off(loaded, problem)
     assert microbatch_options(problem) == (1,)
+
+
+ROW_MEAN = '''
+import torch
+from torch import nn
+
+class Centred(nn.Module):  # a reduction over the batch inside the model: found only when a plan first runs
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.h = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(64, 4)
+
+    def forward(self, x):
+        x = x - x.mean(0, keepdim=True)
+        return self.h(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))
+
+def build_model():
+    torch.manual_seed(0)
+    return Centred()
+
+def example_inputs():
+    return (torch.randn(16, 16),)
+'''
+
+
+def test_candidates_the_runtime_refuses_are_noted_with_the_reason(tmp_path):
+    # new-user trial s26: every candidate at m = 2 was refused, and the only word was "none measured faster"
+    path = tmp_path / "centred.py"
+    path.write_text(ROW_MEAN)
+    results = job.optimize(str(path), devices="cpu:0,cpu:1", budget_s=5.0, out_dir=tmp_path / "out",
+                           methods=["random_search"], protocol=PROTOCOL,
+                           search=SearchOptions(max_samples=16, overrides=("microbatches=2", "measure_every=1")),
+                           warn=lambda text: None)
+    [note] = [n for n in results.notes if "refused by the runtime" in n]
+    assert "reduces over the batch" in note and "\n" not in note
