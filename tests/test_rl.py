@@ -7,7 +7,6 @@ from dataclasses import replace
 import networkx as nx
 import pytest
 import torch
-from torch import nn
 
 from graphs.synthetic import random_grouped_graph
 from graphs.devices import parse_cluster
@@ -364,30 +363,6 @@ def test_held_exploration_keeps_the_policy_from_collapsing_onto_one_candidate():
     collapsed, _ = late_distinct(False)
     assert held > 5 * collapsed  # the last 200 samples: still exploring, against a handful of repeats
     assert result.policy.temperature > 1.0  # raised to keep it so (never lowered below the configured 1.0)
-
-
-@pytest.mark.parametrize("tied", [0, 1])
-def test_a_uniform_mix_keeps_every_allowed_device_drawable_and_the_distribution_whole(tied):
-    from placer.rl.trainer import target, uniform_mix
-
-    problem = synthetic(4, tied_pairs=tied, seed=5)
-    policy = policy_for(problem)
-    for param in policy.out.parameters():  # a policy sure of device 0 at every group
-        nn.init.zeros_(param)
-    policy.out.bias.data[0], policy.logit_clip = 500.0, 500.0
-    everything = torch.tensor(list(itertools.product(range(2), repeat=4)))
-    with torch.no_grad():
-        sure = policy.log_prob(everything)[0].exp()
-        policy.uniform_mix = 0.2
-        mixed, entropy = policy.log_prob(everything)
-    assert float(sure[everything.sum(1) > 0].sum()) < 1e-3 and (entropy > 0).all()
-    assert float(mixed.exp().sum()) == pytest.approx(1.0, abs=1e-5)
-    free = 4 - tied  # a follower goes with its leader, mix or none
-    assert float(mixed.exp().max()) == pytest.approx(0.9 ** free, rel=1e-4)  # each free group strays 0.2 / 2
-    sample = policy.sample(64, torch.Generator().manual_seed(0))
-    assert torch.allclose(policy.log_prob(sample.placements)[0], sample.logp, atol=1e-4)
-    config = TrainConfig(explore_groups=2.0, uniform_strays=0.5)  # half of the 0.1 held stray probability ...
-    assert uniform_mix(config, synthetic(20)) * (1 - 1 / 2) == pytest.approx(0.5 * (1 - target(config, synthetic(20))))
 
 
 def test_the_exploration_target_follows_the_problem_size():

@@ -20,9 +20,7 @@ for a micro-batch count it is given (the trainer picks the count: placer.rl.trai
   a pipelined candidate can be placed otherwise than an unpipelined one (spread over
   more devices, say); content-based attention over the encoder states lets it look at
   the rest of the graph;
-- logits are clipped as C * tanh(logits / C) and divided by a temperature; the
-  distribution may be mixed with a uniform one over the allowed devices (`uniform_mix`:
-  every group strays with at least that weight, wherever the policy is sure).
+- logits are clipped as C * tanh(logits / C) and divided by a temperature.
 
 A per-step mask forbids a device where the group would certainly exceed the memory
 cap given what is already placed, and makes a group follow the device of an earlier
@@ -36,7 +34,6 @@ policy trained on one workload can start the search on another.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -75,8 +72,8 @@ class GraphLayer(nn.Module):
 
 class Seq2SeqPolicy(nn.Module):
     """max_devices, hidden and graph_layers fix the weights' shapes (a saved policy records
-    them); temperature, logit_clip, masked_logit and uniform_mix only shape the output
-    distribution and may be changed (the trainer sets them from its TrainConfig)."""
+    them); temperature, logit_clip and masked_logit only shape the output distribution
+    and may be changed (the trainer sets them from its TrainConfig)."""
 
     def __init__(self, problem: PlacementProblem | None = None, *, max_devices: int = 8, hidden: int = 64,
                  graph_layers: int = 2, temperature: float = 1.0, logit_clip: float = 5.0,
@@ -87,7 +84,6 @@ class Seq2SeqPolicy(nn.Module):
         self.temperature = temperature
         self.logit_clip = logit_clip
         self.masked_logit = masked_logit  # finite, so that 0 * logp stays 0 in the entropy
-        self.uniform_mix = 0.0  # weight of the uniform distribution over allowed devices, at every group
         self.embed = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.ReLU())
         self.graph = nn.ModuleList(GraphLayer(hidden) for _ in range(graph_layers))
         self.encoder = nn.LSTM(hidden, hidden // 2, batch_first=True, bidirectional=True)
@@ -264,11 +260,7 @@ class Seq2SeqPolicy(nn.Module):
         context = attention @ encoded
         logits = self.out(torch.tanh(self.combine(torch.cat([hidden, context], dim=-1))))
         logits = self.logit_clip * torch.tanh(logits / self.logit_clip) / self.temperature
-        logp = torch.log_softmax(logits.masked_fill(~allowed, self.masked_logit), dim=-1)
-        if self.uniform_mix <= 0:
-            return logp
-        uniform = torch.where(allowed, -allowed.sum(-1, keepdim=True).float().log(), self.masked_logit)
-        return torch.logaddexp(logp + math.log1p(-self.uniform_mix), uniform + math.log(self.uniform_mix))
+        return torch.log_softmax(logits.masked_fill(~allowed, self.masked_logit), dim=-1)
 
     def _allowed(self, used: Tensor, commit: Tensor, leader_device: Tensor, is_follower: Tensor) -> Tensor:
         """Where a group may go ([..., max_devices] bool), given the bytes each device

@@ -159,11 +159,6 @@ class TrainConfig(SearchConfig):
     gpt@8, transformer@4 and mlp@4 3-5% lower, gpt@4's 0.7% higher, every seed ahead of
     local_search and random search (experiments/results/ablation_clusters*.md); with 1, one
     nmt seed stalled at 328.4; falling from 3 (or 2) to 1 as the budget went lost a seed too."""
-    uniform_strays: float = 0.0
-    """The share of the strays (explore_groups) drawn uniformly: every group's device is drawn from
-    the policy mixed with a uniform choice among its allowed devices (Seq2SeqPolicy.uniform_mix), so
-    that each group strays at least that often however sure the policy grows. 0: only where the
-    policy has learned to stray."""
     imitation_target: float | None = None
     """Imitate the warm start (and hold the incumbent) at this mean per-group probability;
     None: from explore_groups. A sample that strays at one group tends to stray for a run
@@ -241,7 +236,6 @@ def train(problem: PlacementProblem, scorer, config: TrainConfig, warm_start: Ca
                                    graph_layers=config.graph_layers)
     policy.attach(problem)
     policy.logit_clip, policy.masked_logit = config.logit_clip, config.masked_logit
-    policy.uniform_mix = uniform_mix(config, problem)
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     state, learner = SearchState(), Learner()
@@ -372,12 +366,6 @@ def hold_temperature(policy: Seq2SeqPolicy, incumbent: Candidate, target: float,
             per_group = math.exp(float(policy.log_prob(placement, microbatch)[0][0]) / len(incumbent.placement))
             lo, hi = (mid, hi) if per_group > target else (lo, mid)
     return math.exp((lo + hi) / 2)
-
-
-def uniform_mix(config: TrainConfig, problem: PlacementProblem) -> float:
-    """The uniform distribution's weight at every group that makes `uniform_strays` of the held per-group stray
-    probability (1 - target) uniform: a uniform draw stays on the incumbent's device 1 / devices of the time."""
-    return config.uniform_strays * (1.0 - target(config, problem)) / (1.0 - 1.0 / max(problem.n_devices, 2))
 
 
 def target(config: TrainConfig, problem: PlacementProblem) -> float:

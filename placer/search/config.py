@@ -91,7 +91,7 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "imitation_steps": (0, None, False), "explore_groups": (0, None, False), "imitation_target": (0, 1, False),
     "temperature": (0, None, True), "logit_clip": (0, None, True), "hidden": (1, None, False),
     "graph_layers": (0, None, False), "max_devices": (1, None, False), "restart_patience": (1, None, False),
-    "restart_gain": (0, 1, False), "uniform_strays": (0, 0.9, False),
+    "restart_gain": (0, 1, False),
 }
 """The values each numeric setting takes, by field name: (low, high or None, whether low
 itself is excluded). A field listed here that a config lacks is skipped; None (no limit,
