@@ -88,7 +88,8 @@ def scalar_output(graph: fx.Graph, source: str) -> str | None:
 def absent_counts(problem: PlacementProblem, counts: Iterable[int]) -> str:
     """Why the profile timed no step at each of `counts` (graphs.profile's `microbatch_absent`: the batch
     does not divide, or the model fails at batch / m; else that graphs.profile.MICROBATCHES lacks it),
-    one clause per reason: "m = 4, 8: the batch of 6 rows does not divide into m"."""
+    one clause per reason: "m = 4, 8: the batch (6 rows of input 'x', the first with a batch dimension)
+    does not divide into m"."""
     known = problem.groups.graph.get("microbatch_absent") or {}
     by_reason: dict[str, list[str]] = {}
     for m in sorted(counts):

@@ -298,7 +298,8 @@ def test_micro_batch_step_times_for_every_count_that_divides_the_batch(tmp_path)
     odd = Workload(name="odd", spec="odd.py", model=TiedMLP(), inputs=(torch.randint(0, 50, (6, 8)),))
     g = run(odd, tmp_path).graph
     assert sorted(g["microbatch_step_ms"]) == [1, 2]
-    assert g["microbatch_absent"] == dict.fromkeys((4, 8), "the batch (6 rows of input 'tokens', the first with a batch dimension) does not divide into m")
+    assert g["microbatch_absent"] == dict.fromkeys(
+        (4, 8), "the batch (6 rows of input 'tokens', the first with a batch dimension) does not divide into m")
     normed = Workload(name="bn", spec="bn.py", model=nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
                       inputs=(torch.randn(2, 4),))
     g = run(normed, tmp_path).graph

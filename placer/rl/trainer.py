@@ -108,9 +108,10 @@ class TrainConfig(SearchConfig):
     sampling around the incumbents."""
     first_round: int = 16
     """Batches the first round (placer.rl.starts.seed_candidates: the warm start at the other micro-batch
-    counts, interleaved stages, random stage-like and uniformly random candidates) scores. The search stays near the start it imitates, so the
-    start decides a seed: with one batch (about 3 starts per micro-batch count) RL lost to local_search on 2 of
-    3 seeds of transformer@4 and 1 of mlp@4; with 4 or 8 batches on one of them; with 16 on none (simulated)."""
+    counts, interleaved stages, random stage-like and uniformly random candidates) scores. The search stays
+    near the start it imitates, so the start decides a seed: with one batch (about 3 starts per micro-batch
+    count) RL lost to local_search on 2 of 3 seeds of transformer@4 and 1 of mlp@4; with 4 or 8 batches on one
+    of them; with 16 on none (simulated)."""
     restart_patience: int | None = 20
     """Rounds in which the best candidate since the search's last start improves by less than
     restart_gain before the search starts again (module docstring, 5), where the budget still
