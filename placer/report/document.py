@@ -38,7 +38,8 @@ NOTES = [
     "target, or the session's time cap; "
     "the CI column is that interval, runs the timed steps behind it.",
     "Speedups (vs unplaced, and vs best heuristic where that column is shown) are ratios of medians "
-    "measured in the same session as the row (its session column), with a bootstrap confidence interval; above 1 means faster. A ratio whose "
+    "measured in the same session as the row (its session column), with a bootstrap confidence interval; "
+    "above 1 means faster. A ratio whose "
     "interval holds 1 is a tie: neither is measurably faster.",
     "unplaced is the model as you run it without placer (the whole host, or the fastest single device). "
     "The chosen plan was re-measured with unplaced and the best heuristic in two fresh sessions (crosscheck, "
