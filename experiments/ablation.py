@@ -177,6 +177,8 @@ def search(problem: PlacementProblem, scorer: Scorer, method: str, config: Train
             "measured": [[list(c.placement), c.microbatches, ms] for c, ms in result.measured],
             "final": [[list(c.placement), c.microbatches, ms] for c, ms in result.final],
             "samples": result.samples, "enumerated": result.enumerated, "seconds": time.perf_counter() - start,
+            # the calibration `top`'s simulated times are under (its last refit where it measured)
+            "calibration": scorer.simulator.calibration.to_json(),
             "curve": [[row["samples"], row["best_sim_ms"]] for row in result.curve]}
 
 
@@ -258,6 +260,8 @@ def ablate(name: str, spec: str, device_list: str, args: argparse.Namespace) -> 
               f"{', '.join(f'{t:.2f}' for t in times)})", flush=True)
     return {"name": name, "workload": spec, "devices": device_list, "groups": problem.n_groups,
             "calibrated": calibration is not None, "measured_during": during,
+            # what every search started from (None: nominal); the profile it applies to is this host's cache
+            "calibration": None if calibration is None else calibration.to_json(),
             "warm_start": {"method": warm_name, "ms": warm_ms, "candidate": [list(warm.placement), warm.microbatches]},
             "lower_bound_ms": bound_ms,
             "optimum": None if exact is None else {"ms": exact.ms, "candidates": exact.candidates, "candidate":
