@@ -60,25 +60,30 @@ from placer.baselines.repair import repair
 from placer.book import MeasurementBook
 from placer.measurements import Measurer, Protocol
 from placer.microbatch_policy import microbatches_off
+from placer.rl.starts import interleaved_candidates
 from placer.search import microbatch_options
 
-KINDS = ("baseline", "fraction", "near", "crossing", "random", "mixed", "split", "pipelined")
+KINDS = ("baseline", "fraction", "near", "crossing", "random", "mixed", "split", "pipelined", "interleaved")
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)  # the first device's share of the compute in the "fraction" splits
 NEAR = 0.10  # the near-optimal subset: measured within this fraction of the fastest candidate
 EVERY_ROUND = 1e-9  # one session's CI target: none is this narrow, so a candidate's steps span the whole session
 
 
 def candidates(problem: PlacementProblem, count: int, rng: np.random.Generator,
-               pipelined: int = 0) -> list[tuple[str, Candidate]]:
-    """`count` distinct (kind, candidate) pairs that span what a search sees, and
-    `pipelined` more of kind "pipelined" where the profile allows: every
+               pipelined: int = 0, interleaved: int = 0) -> list[tuple[str, Candidate]]:
+    """`count` distinct (kind, candidate) pairs that span what a search sees, then
+    `pipelined` more of kind "pipelined" and `interleaved` more of kind "interleaved"
+    where the profile allows: every
     baseline (at most a third of `count`); contiguous splits that give the first
     device FRACTIONS of the compute (the rest shared evenly); then, in turn, "near"
     (the simulator's fastest baseline with 2-10% of its groups moved: what a search
     sees near its end), "crossing" (blocks of 1-4 groups dealt to the devices in
     turn: crossing-heavy), "random", "mixed" (a baseline with 10-50% moved), "split"
     (random contiguous cuts) and "pipelined" (a split or baseline with m > 1, where
-    the profile allows). All repaired to keep colocation and memory."""
+    the profile allows); "interleaved": the interleaved stages RL's first round scores
+    (placer.rl.starts.interleaved_candidates: several stages a device, m > 1), then
+    those with 2-10% of their groups moved, what RL's searches pick from them (s25-s27).
+    All repaired to keep colocation and memory."""
     chosen: dict[Candidate, str] = {}
     baselines = list(dict.fromkeys(tuple(p) for p in run_baselines(problem).values()
                                    if not isinstance(p, InfeasibleError)))
@@ -117,13 +122,21 @@ def candidates(problem: PlacementProblem, count: int, rng: np.random.Generator,
             return fixed[i]
         return (kind := kinds[(i - len(fixed)) % len(kinds)], *makers[kind]())
 
-    total = count + (pipelined if piped else 0)
-    for attempt in itertools.takewhile(lambda _: len(chosen) < total, range(50 * total)):
-        kind, placement, m = draw(attempt)
+    def add(kind: str, placement: np.ndarray, m: int) -> None:
         with contextlib.suppress(InfeasibleError):
             candidate = Candidate(repair(problem, placement), m)
             if not problem.violations(candidate.placement, m):  # m micro-batches in flight need more memory
                 chosen.setdefault(candidate, kind)
+
+    total = count + (pipelined if piped else 0)
+    for attempt in itertools.takewhile(lambda _: len(chosen) < total, range(50 * total)):
+        add(*draw(attempt))
+    stages = interleaved_candidates(problem, microbatch_options(problem)) if interleaved else []
+    total = len(chosen) + (interleaved if stages else 0)
+    for attempt in itertools.takewhile(lambda _: len(chosen) < total, range(50 * max(interleaved, 1))):
+        start = stages[attempt % len(stages)]
+        placement = np.asarray(start.placement)
+        add("interleaved", placement if attempt < len(stages) else moved(placement, 0.02, 0.1), start.microbatches)
     return [(kind, c) for c, kind in chosen.items()]
 
 
@@ -195,7 +208,7 @@ def evaluate_model(name: str, args: argparse.Namespace) -> dict:
     workload = load_workload(spec)
     microbatches_off(workload, problem)  # batch norm: no pipelined candidates, which the runtime would refuse
     rng = np.random.default_rng(args.seed)
-    chosen = candidates(problem, args.placements, rng, args.pipelined)
+    chosen = candidates(problem, args.placements, rng, args.pipelined, args.interleaved)
     chosen = [chosen[i] for i in rng.permutation(len(chosen))]  # no kind gathered in one session
     one = args.design == "one"
     blocks = math.ceil(len(chosen) / args.session)  # the sessions design's count: one session has their time
@@ -443,6 +456,15 @@ def markdown(results: dict) -> str:
               "| model | " + " | ".join(counts) + " |", "| --- | " + " | ".join("---:" for _ in counts) + " |"]
     for m in results["models"]:
         lines.append(f"| {m['workload']} | " + " | ".join(cell(m["diagnosis"][c]) for c in counts) + " |")
+    lines += ["", "Each kind of judged candidate: bias, the median of log(measured / calibrated) (positive: "
+              "the simulator was too fast on these), and median error:", "",
+              "| model | kind | judged | bias | median error |", "| --- | --- | ---: | ---: | ---: |"]
+    for m in results["models"]:
+        judged = [r for r in m["rows"] if r["feasible"] and not r.get("fit")]
+        for kind in (k for k in KINDS if any(r.get("kind") == k for r in judged)):
+            ratios = np.array([r["measured_ms"] / r["calibrated_ms"] for r in judged if r.get("kind") == kind])
+            lines.append(f"| {m['workload']} | {kind} | {len(ratios)} | {float(np.median(np.log(ratios))):+.3f} | "
+                         f"{100 * float(np.median(np.abs(1 / ratios - 1))):.1f}% |")
     return "\n".join(lines + ["", *host_lines(host)]) + "\n"
 
 
@@ -454,6 +476,8 @@ def main() -> None:
     parser.add_argument("--placements", type=int, default=36)
     parser.add_argument("--pipelined", type=int, default=0,
                         help="this many pipelined candidates more (where the model may run micro-batches)")
+    parser.add_argument("--interleaved", type=int, default=0,
+                        help="this many interleaved-stage candidates more, and near them (where it may)")
     parser.add_argument("--session", type=int, default=6, help="candidates measured together, interleaved")
     parser.add_argument("--target", type=float, default=0.03, help="CI half-width target, relative (sessions)")
     parser.add_argument("--cap-s", type=float, default=60.0, help="seconds of timed rounds per session")

@@ -18,7 +18,9 @@ from envs.sim import Calibration, Simulator
 from graphs.devices import Link, parse_cluster
 from graphs.problem import PlacementProblem
 from graphs.synthetic import random_grouped_graph
+from placer.rl.starts import interleaved_candidates
 from placer.runtime.stats import Measurement, median_ci
+from placer.search.config import microbatch_options
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TRUTH = Calibration({"cpu": 1.3}, {"cpu": Link(0.5e-3, 1e9)}, chunk_overhead_ms=0.2)
@@ -121,6 +123,12 @@ def test_candidates_span_fractions_near_optimal_and_crossing_heavy_plans(fidelit
     more = fidelity.candidates(problem, 24, np.random.default_rng(0), pipelined=6)  # and six pipelined ones more
     assert len(more) == 30 and sum(kind == "pipelined" for kind, _ in more[24:]) == 6
     assert all(c.microbatches in (2, 4) for kind, c in more if kind == "pipelined")
+    # and interleaved stages, RL's first-round starts, then plans near them, each at its own count
+    stages = interleaved_candidates(problem, microbatch_options(problem))
+    inter = fidelity.candidates(problem, 24, np.random.default_rng(0), interleaved=len(stages) + 3)
+    added = [c for kind, c in inter[24:] if kind == "interleaved"]
+    assert len(inter) == 24 + len(stages) + 3 and len(added) == len(stages) + 3
+    assert set(stages) - {c for _, c in inter[:24]} <= set(added) and all(c.microbatches > 1 for c in added)
 
 
 def test_the_near_optimal_subset_is_the_judged_rows_within_near_of_the_fastest(fidelity):
