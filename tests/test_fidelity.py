@@ -165,7 +165,7 @@ def test_one_session_measures_every_candidate_together_in_the_sessions_time(fide
     monkeypatch.setattr(fidelity, "Measurer", FakeMeasurer)
     monkeypatch.setattr(FakeMeasurer, "sessions", [])
     args = argparse.Namespace(size="small", devices="cpu:0,cpu:1", max_groups=256, seed=0, placements=12, session=4,
-                              pipelined=0, target=0.03, cap_s=2.0, warmup=1, design=design, save=False,
+                              pipelined=0, interleaved=0, target=0.03, cap_s=2.0, warmup=1, design=design, save=False,
                               estimate="median")
     model = fidelity.evaluate_model("mlp", args)
     assert [len(labels) for labels, _ in FakeMeasurer.sessions] == sessions
