@@ -36,10 +36,10 @@ The loop (`train`), in the order it runs:
    flatter than that, and the hold is idle: simulated (s27: the transformer and gpt@8,
    seed 0), samples differed from their count's incumbent on 17 groups on average (a
    round's mean: on gpt@8 43-58 of 85 in the first rounds, 1-4 in the last), and the
-   temperature was raised in a few rounds only. The search is thus a search around the incumbents that
-   starts wide and narrows as the policy learns which groups to move together and where
-   (a stray group's successors tend to follow it, so whole branches and stage boundaries
-   move in one sample, which single-group moves cannot do);
+   temperature was raised in a few rounds only. The search thus samples around the
+   incumbents, widely at first and more narrowly as the policy learns which groups to
+   move together and where (a stray group's successors tend to follow it, so whole
+   branches and stage boundaries move in one sample, which single-group moves cannot do);
 5. restarts: when the best candidate since the last start has stopped improving for
    `restart_patience` rounds and the budget leaves room for another start, the search
    starts again from a fresh first round of random starts (2, without the warm start),
@@ -157,8 +157,8 @@ class TrainConfig(SearchConfig):
     """About how many groups a sample strays from the incumbent on, at least (module docstring, 4):
     imitation aims at, and hold_exploration caps, a mean per-group probability of
     1 - explore_groups / groups (at least 0.5) for the incumbent, unless imitation_target is
-    set. With 3, RL stalled on nmt@4 at 326.8-327.7 ms (simulated, 1,000 samples, 3 seeds) from 384-640 samples on,
-    behind random search on one seed, while single-group hill climbing from its best still
+    set. With 3, RL stalled on nmt@4 at 326.8-327.7 ms (simulated, 1,000 samples, 3 seeds)
+    from 384-640 samples on, behind random search on one seed, while single-group hill climbing from its best still
     found 319.2: a sample that strays on 3 groups rarely beats an incumbent whose every
     better neighbour is one move away. With 2: 319.5-321.8 there, and RL's mean best on
     gpt@8, transformer@4 and mlp@4 3-5% lower, gpt@4's 0.7% higher, every seed ahead of
