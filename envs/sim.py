@@ -30,10 +30,11 @@ on 2 devices here).
 
 Micro-batch costs: the profile records, per device kind, m -> ms of a whole training step at batch/m, times
 m (OpGraph graph attributes `microbatch_step_ms_by_kind`, and `microbatch_step_ms`, the first kind's, which
-stands for kinds without a table of their own: graphs.bounds.microbatch_table). A micro-batch's op costs on
-a device of kind k are the batch's scaled by table_k[m] / (m * table_k[1]), the table held so that no step
-at a smaller batch costs more than one at a larger batch (a disturbed profile step would otherwise stand for
-every plan with that count), times (1 + pipelined_slowdown) for every m > 1 (`Calibration.pipelined_slowdown`,
+stands for kinds without a table of their own), read through graphs.bounds.microbatch_table: every step
+less its optimizer step, which a pipelined step runs once, and held so that no step at a smaller batch costs
+more than one at a larger batch (a disturbed profile step would otherwise stand for every plan with that
+count). A micro-batch's op costs on a device of kind k are the batch's scaled by table_k[m] / (m * table_k[1]),
+times (1 + pipelined_slowdown) for every m > 1 (`Calibration.pipelined_slowdown`,
 fitted, 0 by default: the profile times whole steps of the eager model at batch/m alone, where a small
 batch's activations stay in cache, gpt-medium's two half-batch steps taking 0.90 of one full step; placed, two
 devices share the caches, and pipelined plans measured 9-22% above the simulator without it). One factor for
@@ -167,10 +168,10 @@ def execution_atoms(problem: PlacementProblem) -> Atoms:
 
 
 def microbatch_tables(problem: PlacementProblem) -> dict[str, dict[int, float] | None]:
-    """Per device kind of the cluster: the profile's {m: m x ms of a whole training step
-    at batch/m} on that kind (graphs.bounds.microbatch_table: its own table, else the
-    flat one; keys read as ints), from the grouped graph or else the OpGraph; None
-    where the profile has no table."""
+    """Per device kind of the cluster: {m: m x ms of a micro-batch's forward and backward
+    at batch/m} on that kind (graphs.bounds.microbatch_table: the profile's whole steps
+    less their optimizer step; its own table, else the flat one), from the grouped graph
+    or else the OpGraph; None where the profile has no table."""
     graphs = [g for g in (problem.groups, problem.ops) if g is not None]
     return {kind: next((t for t in (microbatch_table(g, kind) for g in graphs) if t), None)
             for kind in problem.cluster.kinds}

@@ -20,8 +20,8 @@ gives for that kind (`cost_floor`):
   20% above steps measured seconds later.
 
 With those costs, for m micro-batches (m = 1: no pipelining), where f(m) is the cost of
-a whole step at batch/m, times m, over the step at the full batch (the profile's
-"microbatch_step_ms"; 1 for m = 1):
+a micro-batch's forward and backward at batch/m, times m, over the full batch's
+(`microbatch_table`: the profile's whole steps less their optimizer step; 1 for m = 1):
 
 - critical path: one micro-batch's forward and backward along the heaviest chain of
   groups cannot overlap: cp * f(m) / m;
@@ -77,9 +77,9 @@ def cost_floor(groups: nx.DiGraph, compute_scale: Mapping[str, float] | None = N
 
 
 def microbatch_factor(groups: nx.DiGraph, kind: str, m: int) -> float | None:
-    """f(m) on `kind`: the profiled whole step at batch/m times m over the step at the full
-    batch (graph attributes "microbatch_step_ms_by_kind", {kind: {m: ms}}, else
-    "microbatch_step_ms", {m: ms}, for every kind); 1 for m = 1, and 1 (costs linear in
+    """f(m) on `kind`: `microbatch_table`'s m over its 1 (the profile's whole steps less
+    their optimizer step: graph attributes "microbatch_step_ms_by_kind", {kind: {m: ms}},
+    else "microbatch_step_ms", {m: ms}, for every kind); 1 for m = 1, and 1 (costs linear in
     the batch, as the simulator assumes) when the profile has no such table; None when
     the table lacks m (it could not run at batch/m).
 
@@ -97,8 +97,16 @@ def microbatch_factor(groups: nx.DiGraph, kind: str, m: int) -> float | None:
 
 
 def microbatch_table(graph: nx.DiGraph, kind: str) -> dict[int, float] | None:
-    """{m: ms} of the profile's micro-batch steps on `kind` (keys read as ints: JSON makes
-    them strings), or None when the graph has none.
+    """{m: m x ms of one micro-batch's forward and backward at batch/m} on `kind`, from the
+    profile's whole steps (keys read as ints: JSON makes them strings), or None when the
+    graph has none.
+
+    The profile times whole training steps at batch/m, each with its own optimizer step;
+    a pipelined step runs the optimizer once, whatever m. So the optimizer step (the sum
+    of the nodes' `opt_ms` on the kind that was timed) comes off every step first, never
+    below a tenth of it (graphs.profile scales node times likewise): left in, m = 8
+    priced zoo:mlp:medium's micro-batches 2.5x the whole batch's compute, where 1.9x ran
+    (docs/results.md, "The optimizer step in the micro-batch table").
 
     A training step at a smaller batch costs no more than one at a larger batch, so a
     step at batch/m is held to at most the cheapest step measured at a larger batch:
@@ -110,13 +118,21 @@ def microbatch_table(graph: nx.DiGraph, kind: str) -> dict[int, float] | None:
 
     >>> microbatch_table(nx.DiGraph(microbatch_step_ms={"1": 400.0, "4": 800.0, "8": 2600.0}), "cpu")
     {1: 400.0, 4: 800.0, 8: 1600.0}
+    >>> g = nx.DiGraph(microbatch_step_ms={1: 120.0, 2: 160.0})
+    >>> g.add_node(0, opt_ms={"cpu": 20.0})
+    >>> microbatch_table(g, "cpu")
+    {1: 100.0, 2: 120.0}
     """
-    table = (graph.graph.get("microbatch_step_ms_by_kind") or {}).get(kind) or graph.graph.get("microbatch_step_ms")
+    own = (graph.graph.get("microbatch_step_ms_by_kind") or {}).get(kind)
+    table = own or graph.graph.get("microbatch_step_ms")
     if not table:
         return None
+    timed_on = kind if own else (graph.graph.get("device_kinds") or [kind])[0]  # the flat table is the first kind's
+    optimizer = sum((opt or {}).get(timed_on, 0.0) for _, opt in graph.nodes(data="opt_ms"))
     held: dict[int, float] = {}
     per_step = float("inf")  # the cheapest step so far, at a larger batch
     for m, ms in sorted((int(k), float(v)) for k, v in table.items()):
+        ms = max(ms - m * optimizer, 0.1 * ms)
         held[m] = min(ms, m * per_step)
         per_step = min(per_step, ms / m)
     return held

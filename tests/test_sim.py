@@ -360,6 +360,17 @@ def test_the_pipelined_slowdown_scales_every_micro_batch_count_alike_and_leaves_
     assert sim.simulate([0, 1]).step_ms == pytest.approx(10.0)  # one micro-batch: as without it
 
 
+def test_the_optimizer_step_in_the_profiled_whole_steps_is_paid_once_whatever_the_micro_batches():
+    # compute linear in the batch (8 ms whole, 4 + 4 at m = 2) and a 2-ms optimizer step in every
+    # profiled step: the profile records 8 + 2 = 10 at m = 1 and 2 x (4 + 2) = 12 at m = 2. A
+    # pipelined step runs the optimizer once, so m = 2 on one device costs what m = 1 does.
+    graph = grouped([(2, 2, 1), (2, 2, 1)], {(0, 1): 0})
+    graph.graph["microbatch_step_ms"] = {1: 10.0, 2: 12.0}
+    sim = simulator(graph)
+    assert sim.compute_factors(2) == pytest.approx([0.5, 0.5])
+    assert sim.simulate([0, 0], microbatches=2).step_ms == pytest.approx(sim.simulate([0, 0]).step_ms)
+
+
 def test_a_disturbed_micro_batch_step_of_the_profile_is_held_to_a_larger_batchs():
     # a step at batch/4 recorded at 10 ms (40 / 4), dearer than the 6 ms at batch/2: simulated as 6
     disturbed, held = two_stage({"1": 10.0, "2": 12.0, "4": 40.0}), two_stage({"1": 10.0, "2": 12.0, "4": 24.0})
