@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,19 +33,33 @@ __all__ = ["RESULTS", "host_info", "host_lines", "record"]
 
 def host_info(command: str | None = None) -> dict:
     """The host (placer.results.environment: name, OS, processor, cores, torch,
-    Python, placer, UTC date, command), its `platform` string, and the 1-minute load
-    average at the start and whether it was quiet (load < 1)."""
+    Python, placer, UTC date, command), its `platform` string, the code's git commit,
+    and the 1-minute load average at the start and whether it was quiet (load < 1)."""
     command = command or shlex.join([Path(sys.executable).name, *sys.argv])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {**environment(command), "platform": platform.platform(), "load_1min": load,
-            "quiet": load is not None and load < QUIET_LOAD}
+    return {**environment(command), "platform": platform.platform(), "commit": _commit(),
+            "load_1min": load, "quiet": load is not None and load < QUIET_LOAD}
+
+
+def _commit() -> str | None:
+    """The checkout's commit, with "+changes" where tracked files differ from it (results are compared only
+    between runs of the same code); None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=RESULTS.parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def host_lines(host: dict) -> list[str]:
     """Markdown lines describing `host` (for a results file's footer)."""
     lines = [f"- host: {host.get('host')}, {host.get('processor')}, {host.get('cores')} cores",
              f"- torch {host.get('torch')}, Python {host.get('python')}, placer {host.get('placer')}",
-             f"- date: {host.get('date')}", f"- command: `{host.get('command')}`"]
+             f"- date: {host.get('date')}, commit {host.get('commit') or 'not recorded'}",
+             f"- command: `{host.get('command')}`"]
     load = host.get("load_1min")
     if load is not None:
         quiet = "quiet" if host.get("quiet") else "NOT quiet: numbers are not for the record"

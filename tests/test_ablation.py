@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -185,12 +187,43 @@ def test_the_simulator_s_optimism_is_read_per_method_against_the_warm_start(abla
     assert ablation_report.optimism_lines({"methods": ["rl"], "problems": [{"name": "simulated only"}]}) == []
 
 
-def test_doctests(ablation, ablation_report):
+@pytest.fixture(scope="module")
+def ablation_pool(ablation):
+    return importlib.import_module("ablation_pool")  # on sys.path while `ablation` is
+
+
+def test_doctests(ablation, ablation_report, ablation_pool):
     import doctest
 
-    for module in (ablation, ablation_report):
+    for module in (ablation, ablation_report, ablation_pool):
         result = doctest.testmod(module)
         assert result.attempted and not result.failed, module.__name__
+
+
+def test_the_pool_judges_each_problem_over_its_seeds_and_sessions(ablation_pool, tmp_path, monkeypatch):
+    """Two runs of one problem pool into one verdict per yardstick; a seed's sessions are averaged, the same
+    candidate counts as an exact tie, and a lucky seed does not make a problem faster."""
+    def verdict(*sessions: float) -> dict:
+        return {"speedup": sessions[0], "ci": [0.9, 1.1], "verdict": "tie",
+                "sessions": [{"speedup": s} for s in sessions]}
+    same = {"speedup": 1.0, "ci": None, "verdict": "same candidate"}
+    runs = {"a": {"seeds": [0, 1], "rl_vs": {"local_search": [verdict(1.04, 1.06), verdict(1.05, 1.05)],
+                                             "random_search": [verdict(1.20, 1.20), same]}},
+            "b": {"seeds": [2], "rl_vs": {"local_search": [verdict(1.03, 1.07)], "random_search": [same]}}}
+    for name, run in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"host": {"date": "2026-12-04"}, "seeds": run["seeds"], "problems": [{"name": "p", "rl_vs": run["rl_vs"]}]}))
+    monkeypatch.setattr(ablation_pool, "RESULTS", tmp_path)
+    monkeypatch.setattr(ablation_pool, "record", lambda name, data, md: (tmp_path / "out.json").write_text(
+        json.dumps(data)))
+    monkeypatch.setattr(sys, "argv", ["ablation_pool.py", "--runs", "a", "b", "--name", "out"])
+    ablation_pool.main()
+    pooled = {p["vs"]: p for p in json.loads((tmp_path / "out.json").read_text())["pooled"]}
+    assert pooled["local_search"]["seeds"] == 3 and pooled["local_search"]["verdict"] == "faster"
+    assert pooled["local_search"]["speedup"] == pytest.approx(math.exp(sum(
+        math.log(a * b) / 2 for a, b in [(1.04, 1.06), (1.05, 1.05), (1.03, 1.07)]) / 3))
+    assert pooled["random_search"]["verdict"] == "tie"  # 1.2x on one seed, the same plan on two
+    assert [s["seed"] for s in pooled["random_search"]["per_seed"]] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("argv, says", [(["--confirms", "0"], "--confirms 0: give at least 1"),

@@ -388,11 +388,13 @@ def _stages_on_two(module: str) -> int:
     return 0 if module in ("a", "b") else 1
 
 
-# Chunks of a few ms: a worker's wake-up (tens of us, more on a busy host) must not
-# decide which of two ready tasks it takes first.
+# Chunks of ~10 ms: a worker's wake-up must not decide which of two ready tasks it
+# takes first. Tens of us on an idle host, but on 2 cores shared with another test
+# process a worker can wait a few ms for a core: at width 512 (2.4 ms before a second
+# chunk became ready on cpu:1) half the runs under such load failed, at 1024 none of 10.
 @pytest.mark.parametrize("model, device_of, microbatches", [
-    (lambda: Towers(width=512), _towers_on_two, 1),
-    (SkipChain, _stages_on_two, 2),
+    (lambda: Towers(width=1024), _towers_on_two, 1),
+    (lambda: SkipChain(width=1024), _stages_on_two, 2),
 ], ids=["towers", "pipelined-chain"])
 def test_the_simulators_order_per_device_is_the_runtimes(model, device_of, microbatches, tmp_path, one_thread):
     """A plan through the whole pipeline (capture, profile, group, plan, apply): every
@@ -405,7 +407,7 @@ def test_the_simulators_order_per_device_is_the_runtimes(model, device_of, micro
     from placer.runtime import apply
 
     torch.manual_seed(0)
-    workload = Workload(name="order", spec="test:order", model=model(), inputs=(torch.randn(256, 512),))
+    workload = Workload(name="order", spec="test:order", model=model(), inputs=(torch.randn(256, 1024),))
     problem = build_problem(workload, "cpu:0,cpu:1", cache_dir=str(tmp_path))
     ops = problem.ops
 
