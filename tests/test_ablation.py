@@ -211,8 +211,9 @@ def test_the_pool_judges_each_problem_over_its_seeds_and_sessions(ablation_pool,
                                              "random_search": [verdict(1.20, 1.20), same]}},
             "b": {"seeds": [2], "rl_vs": {"local_search": [verdict(1.03, 1.07)], "random_search": [same]}}}
     for name, run in runs.items():
+        problems = [{"name": "p", "rl_vs": run["rl_vs"]}]
         (tmp_path / f"{name}.json").write_text(json.dumps(
-            {"host": {"date": "2026-12-04"}, "seeds": run["seeds"], "problems": [{"name": "p", "rl_vs": run["rl_vs"]}]}))
+            {"host": {"date": "2026-12-04"}, "seeds": run["seeds"], "problems": problems}))
     monkeypatch.setattr(ablation_pool, "RESULTS", tmp_path)
     monkeypatch.setattr(ablation_pool, "record", lambda name, data, md: (tmp_path / "out.json").write_text(
         json.dumps(data)))
