@@ -26,6 +26,7 @@ from collections import defaultdict
 
 from scipy import stats
 
+from placer.runtime.stats import CONFIDENCE
 from _record import RESULTS, record  # this folder is on sys.path when run as a script
 
 
@@ -45,8 +46,8 @@ def seed_log_speedup(ratio: dict) -> float:
     return statistics.fmean(math.log(s["speedup"]) for s in sessions)
 
 
-def pool(xs: list[float], level: float = 0.95) -> dict:
-    """Mean speedup over seeds (exp of the mean of `xs`), its Student t CI and verdict.
+def pool(xs: list[float], level: float = CONFIDENCE) -> dict:
+    """Mean speedup over seeds (exp of the mean of `xs`), its Student t CI at placer's coverage, and verdict.
 
     >>> r = pool([math.log(1.03), math.log(1.05), math.log(1.04)])
     >>> r["verdict"], round(r["speedup"], 3)
